@@ -1,0 +1,241 @@
+// epcomm: device helpers shared by every kernel family.
+//
+// No CUDA toolkit header is needed to compile a kernel that includes only this file: the
+// conversions below use PTX directly, so plain (non-NVSHMEM) kernels compile with NVRTC alone.
+#pragma once
+
+namespace epcomm {
+
+using i32 = int;
+using u32 = unsigned int;
+using i64 = long long;
+using u64 = unsigned long long;
+using u16 = unsigned short;
+using u8 = unsigned char;
+
+#define EPCOMM_DEVICE __device__ __forceinline__
+
+constexpr int kWarpSize = 32;
+
+// ---------------------------------------------------------------------------------------------
+// Errors and timeouts.  Every kernel that waits on a peer gets an ErrorRecord living in
+// host-mapped pinned memory: the first waiter that gives up claims it (code != 0), records
+// where it stalled, and every other waiter of every kernel sees `code` and stops waiting, so a
+// missing peer ends all kernels within the timeout and the host can raise a precise error
+// instead of hanging.
+// ---------------------------------------------------------------------------------------------
+enum ErrorCode : int {
+  kErrNone = 0,
+  kErrTimeout = 1,
+  kErrOverflow = 2,   // more received tokens than the output has rows (num_worst_tokens)
+  kErrBadInput = 3,   // an index out of range seen on the device
+};
+
+// Where a wait stalled.  Mirrored by epcomm/_errstate.py (PHASES) for the host's messages.
+enum Phase : int {
+  kPhaseLayout = 1,
+  kPhaseDispatchNotifyAck = 10,    // notify: waiting until peers consumed our previous writes
+  kPhaseDispatchNotifyCounts = 11, // notify: waiting for the peers' token counts
+  kPhaseDispatchRecv = 13,         // receive: waiting for a chunk of rows from a peer
+  kPhaseCombineSendAck = 20,       // combine: waiting until peers consumed our previous writes
+  kPhaseCombineRecv = 21,          // combine: waiting for a chunk of rows from a peer
+  kPhaseLLDispatchSendAck = 30,
+  kPhaseLLDispatchRecv = 31,
+  kPhaseLLCombineSendAck = 40,
+  kPhaseLLCombineRecv = 41,
+  kPhaseSmoke = 50,
+};
+
+struct ErrorRecord {
+  int code;
+  int rank;
+  int phase;     // a value of the Phase enum of the family that reported it
+  int channel;   // chunk / block / expert index: which part stalled
+  int peer;      // the rank waited for, or -1
+  int pad;
+  u64 expected;
+  u64 observed;
+};
+
+EPCOMM_DEVICE u64 globaltimer_ns() {
+  u64 t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+EPCOMM_DEVICE int ld_volatile_i32(const int* p) {
+  int v;
+  asm volatile("ld.volatile.global.s32 %0, [%1];" : "=r"(v) : "l"(p));
+  return v;
+}
+
+EPCOMM_DEVICE void report_error(ErrorRecord* err, int code, int rank, int phase, int channel,
+                                int peer, u64 expected, u64 observed) {
+  if (err == nullptr) return;
+  if (atomicCAS(&err->code, 0, -1) == 0) {  // -1: claimed, being written
+    err->rank = rank;
+    err->phase = phase;
+    err->channel = channel;
+    err->peer = peer;
+    err->expected = expected;
+    err->observed = observed;
+    __threadfence_system();
+    atomicExch(&err->code, code);
+    __threadfence_system();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Memory-model helpers (PTX ISA "Memory Consistency Model").  Flags that cross GPUs are
+// written with release semantics at system scope after the data, and read with acquire.
+// ---------------------------------------------------------------------------------------------
+EPCOMM_DEVICE u64 ld_acquire_sys_u64(const u64* p) {
+  u64 v;
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+EPCOMM_DEVICE int ld_acquire_sys_i32(const int* p) {
+  int v;
+  asm volatile("ld.acquire.sys.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+EPCOMM_DEVICE void st_release_sys_u64(u64* p, u64 v) {
+  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+EPCOMM_DEVICE void st_release_sys_i32(int* p, int v) {
+  asm volatile("st.release.sys.global.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+EPCOMM_DEVICE void st_relaxed_sys_i32(int* p, int v) {
+  asm volatile("st.relaxed.sys.global.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+EPCOMM_DEVICE void fence_sys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
+EPCOMM_DEVICE void fence_gpu() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
+
+// Spin until *flag >= target (64-bit tags only grow, so >= tolerates a peer that is ahead).
+// Returns false (after recording where) on timeout, or if another waiter already gave up.
+EPCOMM_DEVICE bool wait_geq_u64(const u64* flag, u64 target, ErrorRecord* err, u64 deadline_ns,
+                                int rank, int phase, int channel, int peer) {
+  u64 v = ld_acquire_sys_u64(flag);
+  if (v >= target) return true;
+  while (true) {
+    v = ld_acquire_sys_u64(flag);
+    if (v >= target) return true;
+    if (err != nullptr && ld_volatile_i32(&err->code) != 0) return false;
+    if (globaltimer_ns() > deadline_ns) {
+      report_error(err, kErrTimeout, rank, phase, channel, peer, target, v);
+      return false;
+    }
+  }
+}
+
+EPCOMM_DEVICE bool aborted(const ErrorRecord* err) {
+  return err != nullptr && ld_volatile_i32(&err->code) != 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Vector memory access.  `ld_nc` is for inputs nobody writes during the kernel; `ld_cg` reads
+// at L2 (the point where NVLink writes from peers land), bypassing a possibly stale L1.
+// ---------------------------------------------------------------------------------------------
+struct alignas(16) V4 {
+  int x, y, z, w;
+};
+
+EPCOMM_DEVICE V4 ld_nc_v4(const V4* p) {
+  V4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+EPCOMM_DEVICE V4 ld_cg_v4(const V4* p) {
+  V4 v;
+  asm volatile("ld.global.cg.v4.s32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+EPCOMM_DEVICE void st_v4(V4* p, const V4& v) {
+  asm volatile("st.global.v4.s32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z),
+               "r"(v.w)
+               : "memory");
+}
+EPCOMM_DEVICE void st_na_v4(V4* p, const V4& v) {
+  asm volatile("st.global.L1::no_allocate.v4.s32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x),
+               "r"(v.y), "r"(v.z), "r"(v.w)
+               : "memory");
+}
+
+// Warp-cooperative copy of `n16` 16-byte words; kUnroll loads in flight per lane.
+template <int kUnroll, bool kSrcPeerWritten>
+EPCOMM_DEVICE void warp_copy_v4(V4* __restrict__ dst, const V4* __restrict__ src, int n16, int lane) {
+  int i = lane;
+  for (; i + (kUnroll - 1) * kWarpSize < n16; i += kUnroll * kWarpSize) {
+    V4 v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      v[u] = kSrcPeerWritten ? ld_cg_v4(src + i + u * kWarpSize) : ld_nc_v4(src + i + u * kWarpSize);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) st_na_v4(dst + i + u * kWarpSize, v[u]);
+  }
+  for (; i < n16; i += kWarpSize) {
+    V4 v = kSrcPeerWritten ? ld_cg_v4(src + i) : ld_nc_v4(src + i);
+    st_na_v4(dst + i, v);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Number formats.  bf16 and e4m3 are handled as raw bits; conversions round to nearest even
+// exactly as ml_dtypes does on the host, so device results can be compared bit for bit with
+// epcomm.reference.
+// ---------------------------------------------------------------------------------------------
+EPCOMM_DEVICE float bf16_to_f32(u16 b) { return __uint_as_float(static_cast<u32>(b) << 16); }
+
+EPCOMM_DEVICE u16 f32_to_bf16(float f) {
+  u16 r;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
+  return r;
+}
+
+// Two floats to two e4m3 bytes (lo in the low byte), round to nearest even, saturating.
+EPCOMM_DEVICE u16 f32x2_to_e4m3x2(float lo, float hi) {
+  u16 r;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+
+constexpr float kFp8Max = 448.0f;
+constexpr float kFp8AmaxFloor = 1e-4f;
+
+// Scale of one 128-channel group: s = max(amax, 1e-4) / 448, rounded up to a power of two if
+// `round_pow2`.  Returns s; *inv receives the multiplier applied before the cast.
+EPCOMM_DEVICE float fp8_group_scale(float amax, bool round_pow2, float* inv) {
+  amax = fmaxf(amax, kFp8AmaxFloor);
+  float s = __fdiv_rn(amax, kFp8Max);
+  if (round_pow2) {
+    u32 b = __float_as_uint(s);
+    if (b & 0x7FFFFFu) b = (b & 0xFF800000u) + 0x800000u;
+    s = __uint_as_float(b);
+    *inv = __uint_as_float((254u - (b >> 23)) << 23);  // exact 1/s for a power of two
+  } else {
+    *inv = __fdiv_rn(kFp8Max, amax);
+  }
+  return s;
+}
+
+EPCOMM_DEVICE u32 ue8m0_of(float pow2_scale) { return (__float_as_uint(pow2_scale) >> 23) & 0xFFu; }
+
+EPCOMM_DEVICE float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+EPCOMM_DEVICE int warp_sum(int v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+EPCOMM_DEVICE int lane_id() { return threadIdx.x & 31; }
+EPCOMM_DEVICE int warp_id() { return threadIdx.x >> 5; }
+
+}  // namespace epcomm

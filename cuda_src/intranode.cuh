@@ -1,0 +1,622 @@
+// High-throughput dispatch and combine among the GPUs of one NVLink domain.
+//
+// Design (see docs/design.md for the measurements behind it):
+// * Every rank owns one buffer, mapped into every peer (CUDA IPC).  It holds, per source rank s,
+//   a fixed staging region sized for the worst case (no ring, no credits inside a call: a
+//   sender never waits for a receiver, so a call cannot deadlock on buffer space), per-chunk
+//   arrival flags, a mailbox for token counts and an acknowledgement word per peer.
+// * A sender writes each token once per destination rank, straight into that rank's staging
+//   region at a slot it computes itself (the token's index among the tokens it sends there),
+//   so rows land in the final receive order and only counts cross in a separate message.
+// * Rows of the rank itself never go through staging: the receive kernel copies them from the
+//   input directly, so receive kernels wait only on *other* GPUs' senders, and senders wait only
+//   on the previous call's acknowledgements: no wait cycle exists inside one GPU.
+// * Flags carry a 64-bit operation tag (the count of operations on this buffer), kept in device
+//   memory and advanced by the kernels themselves, so a captured CUDA graph replays correctly.
+#pragma once
+#include "epcomm_common.cuh"
+
+namespace epcomm {
+
+constexpr int kIntraMaxRanks = 72;  // one NVLink domain (NVL72)
+constexpr int kIntraThreads = 512;
+
+// This rank's private control words (device memory, never read by peers).
+struct IntraCtrl {
+  u64 op_seq;        // tag of the last operation started on this buffer
+  u64 cur_tag;       // tag of the dispatch in flight (set by notify, read by send and receive)
+  int scan_done;     // notify: scan blocks finished
+  int recv_done;     // dispatch receive: blocks finished
+  int comb_done;     // combine: blocks finished
+  int pad;
+};
+
+struct IntraParams {
+  u64 peers[kIntraMaxRanks];  // base address of every rank's buffer, as mapped in this process
+  IntraCtrl* ctrl;
+  ErrorRecord* err;
+  int* host_info;             // host-mapped: [0] ready, [1] total rows, [2, 2+R) rows per source, then L expert counts
+  // Buffer layout: byte offsets inside every rank's buffer (identical on all ranks).
+  u64 ack_off;                // u64 [R]: ack[d] = tag up to which rank d consumed our writes
+  u64 mailbox_tag_off;        // u64 [R]
+  u64 mailbox_off;            // int [R][mailbox_ints]
+  u64 flags_off;              // u64 [R][max_chunks]
+  u64 staging_off;            // [R][region_bytes]
+  u64 region_bytes;
+  // Inputs.
+  const u8* x;                // dispatch: [N, payload]; combine: [num_recv, H] bf16
+  const float* x_scales;      // FP8 dispatch: scales, element (t, g) at t*scale_st + g*scale_sg
+  const i64* topk_idx;        // [N, K] or null
+  const float* topk_weights;  // dispatch: [N, K]; combine: [num_recv, K]; or null
+  const u8* is_token_in_rank; // [N, R]
+  const int* num_tokens_per_expert;  // [E] (dispatch, for the per-expert counts) or null
+  int* send_list;             // [R, N]: tokens sent to each rank, ascending
+  int* send_pos;              // [N, R]: slot of token t at rank d, -1 if not sent
+  int* send_count;            // [R]
+  int* rank_prefix;           // [R + 1]: receive offsets per source rank
+  // Outputs.
+  u8* recv_x;                 // [M, payload]
+  float* recv_scales;         // element (row, g) at row*rscale_st + g*rscale_sg
+  i64* recv_topk_idx;         // [M, K]
+  float* recv_topk_weights;   // [M, K]
+  int* recv_src_idx;          // [M]
+  u16* out;                   // combine: [N, H] bf16
+  float* out_weights;         // combine: [N, K]
+  const u16* bias0;           // combine: [N, H] bf16 or null
+  const u16* bias1;
+  i64 scale_st, scale_sg, rscale_st, rscale_sg;
+  u64 timeout_ns;
+  int rank;
+  int num_ranks;
+  int num_tokens;             // N: tokens of this rank
+  int num_topk;               // K (0: no top-k)
+  int num_experts;
+  int expert_alignment;
+  int out_rows;               // M: rows of the receive outputs
+  int worst_mode;             // 1: M = num_worst_tokens, pad rows past the real ones
+  int chunk_rows;             // rows per chunk flag
+  int row_bytes;              // staging row stride
+  int mailbox_ints;
+  int max_chunks;
+  int cached;                 // dispatch from a handle: no count exchange, no top-k
+  int write_host;             // notify publishes counts to host_info
+  int num_send_blocks;        // combine: blocks [0, S) send, the rest receive
+  int pad;
+};
+
+template <typename T>
+EPCOMM_DEVICE T* at(u64 base, u64 off) {
+  return reinterpret_cast<T*>(base + off);
+}
+
+// Row layout in staging.  Dispatch: [payload][scales G x f32][src idx i32][topk idx K x i32]
+// [weights K x f32]; combine: [payload (bf16)][weights K x f32].  Padded to 16 bytes.
+template <int kHidden, bool kFp8>
+struct DispatchRow {
+  static constexpr int kPayload = kHidden * (kFp8 ? 1 : 2);
+  static constexpr int kGroups = kFp8 ? kHidden / 128 : 0;
+  static constexpr int kScaleOff = kPayload;
+  static constexpr int kMetaOff = kPayload + kGroups * 4;
+  static_assert(kPayload % 16 == 0, "row payload must be a multiple of 16 bytes");
+  static_assert(!kFp8 || kHidden % 128 == 0, "FP8 needs hidden % 128 == 0");
+};
+
+EPCOMM_DEVICE int deadline_phase_wait(const u64* flag, u64 tag, const IntraParams& p, u64 deadline,
+                                      int phase, int channel, int peer) {
+  return wait_geq_u64(flag, tag, p.err, deadline, p.rank, phase, channel, peer) ? 1 : 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// notify: block 0 advances the tag, waits for the previous call's acknowledgements, exchanges
+// counts and publishes them (device and host); blocks 1..R scan is_token_in_rank for one
+// destination each (send list, slots, count).  Launched cooperatively (block 0 waits for the
+// scan blocks).  Cached mode: block 0 only (tag and acknowledgements).
+// ---------------------------------------------------------------------------------------------
+template <int kNumRanks>
+__global__ void __launch_bounds__(1024) intranode_notify(const __grid_constant__ IntraParams p) {
+  const int tid = threadIdx.x;
+  const int R = kNumRanks;
+  const int N = p.num_tokens;
+  __shared__ int s_warp[32];
+  __shared__ int s_counts[kNumRanks];
+  __shared__ int s_ok;
+
+  if (blockIdx.x > 0) {
+    // ---- scan for destination d: ascending token order gives deterministic slots ----
+    const int d = blockIdx.x - 1;
+    int running = 0;
+    for (int base = 0; base < N; base += 1024) {
+      const int t = base + tid;
+      const int in = (t < N && p.is_token_in_rank[static_cast<i64>(t) * R + d]) ? 1 : 0;
+      const unsigned ballot = __ballot_sync(0xffffffffu, in);
+      const int lane = tid & 31, w = tid >> 5;
+      if (lane == 0) s_warp[w] = __popc(ballot);
+      __syncthreads();
+      if (w == 0) {
+        int v = s_warp[lane];
+        int incl = v;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+          const int y = __shfl_up_sync(0xffffffffu, incl, o);
+          if (lane >= o) incl += y;
+        }
+        s_warp[lane] = incl - v;  // exclusive prefix of warp counts
+      }
+      __syncthreads();
+      const int slot = running + s_warp[w] + __popc(ballot & ((1u << lane) - 1u));
+      if (t < N) {
+        p.send_pos[static_cast<i64>(t) * R + d] = in ? slot : -1;
+        if (in) p.send_list[static_cast<i64>(d) * N + slot] = t;
+      }
+      // The block's last thread knows the running total after this tile.
+      if (tid == 1023) s_ok = slot + in;
+      __syncthreads();
+      running = s_ok;
+      __syncthreads();
+    }
+    if (tid == 0) {
+      p.send_count[d] = running;
+      fence_gpu();
+      atomicAdd(&p.ctrl->scan_done, 1);
+    }
+    return;
+  }
+
+  // ---- block 0: control ----
+  __shared__ u64 s_tag;
+  if (tid == 0) {
+    const u64 tag = p.ctrl->op_seq + 1;
+    p.ctrl->op_seq = tag;
+    p.ctrl->cur_tag = tag;
+    s_tag = tag;
+  }
+  __syncthreads();
+  const u64 tag = s_tag;
+  const u64 deadline = globaltimer_ns() + p.timeout_ns;
+  const u64 me_base = p.peers[p.rank];
+
+  // The peers must have consumed what we wrote into them during the previous operation
+  // before we overwrite their mailbox (and, later, their staging) again.
+  for (int d = tid; d < R; d += blockDim.x) {
+    if (d == p.rank) continue;
+    deadline_phase_wait(at<u64>(me_base, p.ack_off) + d, tag - 1, p, deadline,
+                        kPhaseDispatchNotifyAck, -1, d);
+  }
+  if (p.cached) {
+    __syncthreads();
+    return;
+  }
+  // Wait for our own scan blocks (cooperative launch: they are resident).
+  if (tid == 0) {
+    while (ld_volatile_i32(&p.ctrl->scan_done) < R) {
+      if (aborted(p.err)) break;
+    }
+    p.ctrl->scan_done = 0;
+    fence_gpu();
+  }
+  __syncthreads();
+  for (int d = tid; d < R; d += blockDim.x) s_counts[d] = ld_volatile_i32(p.send_count + d);
+  __syncthreads();
+
+  // Mailbox of rank d, slot of this rank: [rows we send to d, then our token count for each
+  // of d's local experts].
+  const int L = p.num_experts / R;
+  const int mb = p.mailbox_ints;
+  for (int i = tid; i < R * (1 + L); i += blockDim.x) {
+    const int d = i / (1 + L), j = i % (1 + L);
+    int* box = at<int>(p.peers[d], p.mailbox_off) + static_cast<i64>(p.rank) * mb;
+    int v;
+    if (j == 0) v = s_counts[d];
+    else v = p.num_tokens_per_expert != nullptr ? p.num_tokens_per_expert[d * L + (j - 1)] : 0;
+    box[j] = v;
+  }
+  __syncthreads();
+  if (tid < R) {
+    fence_sys();
+    st_release_sys_u64(at<u64>(p.peers[tid], p.mailbox_tag_off) + p.rank, tag);
+  }
+  // Wait for every source's mailbox.
+  for (int s = tid; s < R; s += blockDim.x)
+    deadline_phase_wait(at<u64>(me_base, p.mailbox_tag_off) + s, tag, p, deadline,
+                        kPhaseDispatchNotifyCounts, -1, s);
+  __syncthreads();
+  if (tid == 0) s_ok = aborted(p.err) ? 1 : 0;  // block-uniform decision
+  __syncthreads();
+  if (s_ok) return;
+  const int* boxes = at<int>(me_base, p.mailbox_off);
+  if (tid == 0) {
+    int acc = 0;
+    for (int s = 0; s < R; ++s) {
+      const int c = ld_volatile_i32(boxes + static_cast<i64>(s) * mb);
+      p.rank_prefix[s] = acc;
+      if (p.write_host) p.host_info[2 + s] = c;
+      acc += c;
+    }
+    p.rank_prefix[R] = acc;
+    if (p.write_host) p.host_info[1] = acc;
+  }
+  if (p.write_host) {
+    for (int j = tid; j < L; j += blockDim.x) {
+      int c = 0;
+      for (int s = 0; s < R; ++s) c += ld_volatile_i32(boxes + static_cast<i64>(s) * mb + 1 + j);
+      const int a = p.expert_alignment;
+      p.host_info[2 + R + j] = (c + a - 1) / a * a;
+    }
+  }
+  __syncthreads();
+  if (tid == 0 && p.write_host) {
+    fence_sys();
+    st_release_sys_i32(p.host_info, 1);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// dispatch send: rows of this rank's tokens into the other ranks' staging regions.
+// Work items are (destination, chunk), chunk-major and staggered by rank so every link is busy
+// from the start; after a chunk the block publishes its arrival flag with release semantics.
+// ---------------------------------------------------------------------------------------------
+template <int kNumRanks, int kHidden, bool kFp8>
+__global__ void __launch_bounds__(kIntraThreads) intranode_dispatch_send(const __grid_constant__ IntraParams p) {
+  using Row = DispatchRow<kHidden, kFp8>;
+  constexpr int R = kNumRanks;
+  const int lane = lane_id(), warp = warp_id();
+  constexpr int kWarps = kIntraThreads / 32;
+  const u64 tag = *reinterpret_cast<volatile u64*>(&p.ctrl->cur_tag);
+  const int N = p.num_tokens, K = p.num_topk, CR = p.chunk_rows;
+  const int L = p.num_experts / R;
+  int nchunks[R];
+  int max_nc = 0;
+#pragma unroll
+  for (int d = 0; d < R; ++d) {
+    nchunks[d] = d == p.rank ? 0 : (p.send_count[d] + CR - 1) / CR;
+    max_nc = max(max_nc, nchunks[d]);
+  }
+  int item = 0;
+  for (int c = 0; c < max_nc; ++c) {
+    for (int j = 1; j < R; ++j) {
+      const int d = (p.rank + j) % R;
+      if (c >= nchunks[d]) continue;
+      if ((item++ % gridDim.x) != blockIdx.x) continue;
+      const int row_begin = c * CR;
+      const int row_end = min(row_begin + CR, p.send_count[d]);
+      u8* region = at<u8>(p.peers[d], p.staging_off) + static_cast<u64>(p.rank) * p.region_bytes;
+      for (int i = row_begin + warp; i < row_end; i += kWarps) {
+        const int t = p.send_list[static_cast<i64>(d) * N + i];
+        u8* dst = region + static_cast<u64>(i) * p.row_bytes;
+        warp_copy_v4<4, false>(reinterpret_cast<V4*>(dst),
+                               reinterpret_cast<const V4*>(p.x + static_cast<i64>(t) * Row::kPayload),
+                               Row::kPayload / 16, lane);
+        if constexpr (kFp8) {
+          float* ds = reinterpret_cast<float*>(dst + Row::kScaleOff);
+          for (int g = lane; g < Row::kGroups; g += 32)
+            ds[g] = p.x_scales[static_cast<i64>(t) * p.scale_st + static_cast<i64>(g) * p.scale_sg];
+        }
+        int* meta = reinterpret_cast<int*>(dst + Row::kMetaOff);
+        if (lane == 0) meta[0] = t;
+        if (!p.cached && K > 0) {
+          for (int k = lane; k < K; k += 32) {
+            const i64 e = p.topk_idx[static_cast<i64>(t) * K + k];
+            const bool mine = e >= 0 && e < p.num_experts && static_cast<int>(e) / L == d;
+            meta[1 + k] = mine ? static_cast<int>(e) - d * L : -1;
+            reinterpret_cast<float*>(meta + 1 + K)[k] =
+                mine && p.topk_weights != nullptr ? p.topk_weights[static_cast<i64>(t) * K + k] : 0.0f;
+          }
+        }
+      }
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        fence_sys();
+        st_release_sys_u64(at<u64>(p.peers[d], p.flags_off) + static_cast<u64>(p.rank) * p.max_chunks + c, tag);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// dispatch receive: copies rows into the outputs in (source rank, source token) order.  The
+// rank's own rows come from the input directly.  The last block to finish acknowledges every
+// source, releasing its staging region and mailbox for the next operation.
+// ---------------------------------------------------------------------------------------------
+template <int kNumRanks, int kHidden, bool kFp8>
+__global__ void __launch_bounds__(kIntraThreads) intranode_dispatch_recv(const __grid_constant__ IntraParams p) {
+  using Row = DispatchRow<kHidden, kFp8>;
+  constexpr int R = kNumRanks;
+  const int lane = lane_id(), warp = warp_id();
+  constexpr int kWarps = kIntraThreads / 32;
+  const u64 tag = *reinterpret_cast<volatile u64*>(&p.ctrl->cur_tag);
+  const u64 deadline = globaltimer_ns() + p.timeout_ns;
+  const int N = p.num_tokens, K = p.cached ? 0 : p.num_topk, CR = p.chunk_rows;
+  const int L = p.num_experts / R;
+  const u64 me_base = p.peers[p.rank];
+  const u8* my_staging = at<u8>(me_base, p.staging_off);
+  const int M = p.out_rows;
+
+  int prefix[R + 1];
+#pragma unroll
+  for (int s = 0; s <= R; ++s) prefix[s] = ld_volatile_i32(p.rank_prefix + s);
+  const int total = prefix[R];
+  if (total > M && blockIdx.x == 0 && threadIdx.x == 0)
+    report_error(p.err, kErrOverflow, p.rank, kPhaseDispatchRecv, -1, -1, static_cast<u64>(M),
+                 static_cast<u64>(total));
+  int nchunks[R];
+  int max_nc = 0;
+#pragma unroll
+  for (int s = 0; s < R; ++s) {
+    nchunks[s] = (prefix[s + 1] - prefix[s] + CR - 1) / CR;
+    max_nc = max(max_nc, nchunks[s]);
+  }
+  __shared__ int s_go;
+  int item = 0;
+  for (int c = 0; c < max_nc; ++c) {
+    for (int j = 0; j < R; ++j) {
+      const int s = (p.rank + R - j) % R;  // own rows first: they need no waiting
+      if (c >= nchunks[s]) continue;
+      if ((item++ % gridDim.x) != blockIdx.x) continue;
+      const int count = prefix[s + 1] - prefix[s];
+      const int row_begin = c * CR, row_end = min(row_begin + CR, count);
+      if (s != p.rank) {
+        if (threadIdx.x == 0) {
+          const u64* flag = at<u64>(me_base, p.flags_off) + static_cast<u64>(s) * p.max_chunks + c;
+          s_go = wait_geq_u64(flag, tag, p.err, deadline, p.rank, kPhaseDispatchRecv, c, s) ? 1 : 0;
+        }
+        __syncthreads();
+        if (!s_go) return;
+      }
+      for (int i = row_begin + warp; i < row_end; i += kWarps) {
+        const int out_row = prefix[s] + i;
+        if (out_row >= M) continue;
+        u8* dst = p.recv_x + static_cast<i64>(out_row) * Row::kPayload;
+        int src_t;
+        if (s == p.rank) {
+          src_t = p.send_list[static_cast<i64>(s) * N + i];
+          warp_copy_v4<4, false>(reinterpret_cast<V4*>(dst),
+                                 reinterpret_cast<const V4*>(p.x + static_cast<i64>(src_t) * Row::kPayload),
+                                 Row::kPayload / 16, lane);
+          if constexpr (kFp8) {
+            for (int g = lane; g < Row::kGroups; g += 32)
+              p.recv_scales[static_cast<i64>(out_row) * p.rscale_st + static_cast<i64>(g) * p.rscale_sg] =
+                  p.x_scales[static_cast<i64>(src_t) * p.scale_st + static_cast<i64>(g) * p.scale_sg];
+          }
+          for (int k = lane; k < K; k += 32) {
+            const i64 e = p.topk_idx[static_cast<i64>(src_t) * K + k];
+            const bool mine = e >= 0 && e < p.num_experts && static_cast<int>(e) / L == p.rank;
+            p.recv_topk_idx[static_cast<i64>(out_row) * K + k] = mine ? e - static_cast<i64>(p.rank) * L : -1;
+            if (p.recv_topk_weights != nullptr)
+              p.recv_topk_weights[static_cast<i64>(out_row) * K + k] =
+                  mine && p.topk_weights != nullptr ? p.topk_weights[static_cast<i64>(src_t) * K + k] : 0.0f;
+          }
+        } else {
+          const u8* src = my_staging + static_cast<u64>(s) * p.region_bytes + static_cast<u64>(i) * p.row_bytes;
+          warp_copy_v4<4, true>(reinterpret_cast<V4*>(dst), reinterpret_cast<const V4*>(src),
+                                Row::kPayload / 16, lane);
+          if constexpr (kFp8) {
+            const float* ss = reinterpret_cast<const float*>(src + Row::kScaleOff);
+            for (int g = lane; g < Row::kGroups; g += 32)
+              p.recv_scales[static_cast<i64>(out_row) * p.rscale_st + static_cast<i64>(g) * p.rscale_sg] = ss[g];
+          }
+          const int* meta = reinterpret_cast<const int*>(src + Row::kMetaOff);
+          src_t = __shfl_sync(0xffffffffu, lane == 0 ? meta[0] : 0, 0);
+          for (int k = lane; k < K; k += 32) {
+            p.recv_topk_idx[static_cast<i64>(out_row) * K + k] = meta[1 + k];
+            if (p.recv_topk_weights != nullptr)
+              p.recv_topk_weights[static_cast<i64>(out_row) * K + k] =
+                  reinterpret_cast<const float*>(meta + 1 + K)[k];
+          }
+        }
+        if (lane == 0 && p.recv_src_idx != nullptr) p.recv_src_idx[out_row] = src_t;
+      }
+      __syncthreads();
+    }
+  }
+  // Padding rows of the num_worst_tokens mode: top-k -1, weight 0, source -1.
+  if (p.worst_mode) {
+    const int pad_begin = min(total, M);
+    for (int r = pad_begin + blockIdx.x * kIntraThreads + threadIdx.x; r < M; r += gridDim.x * kIntraThreads) {
+      for (int k = 0; k < K; ++k) {
+        p.recv_topk_idx[static_cast<i64>(r) * K + k] = -1;
+        if (p.recv_topk_weights != nullptr) p.recv_topk_weights[static_cast<i64>(r) * K + k] = 0.0f;
+      }
+      if (p.recv_src_idx != nullptr) p.recv_src_idx[r] = -1;
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    fence_gpu();
+    if (atomicAdd(&p.ctrl->recv_done, 1) == static_cast<int>(gridDim.x) - 1) {
+      p.ctrl->recv_done = 0;
+      fence_sys();
+      for (int s = 0; s < R; ++s)
+        if (s != p.rank) st_release_sys_u64(at<u64>(p.peers[s], p.ack_off) + p.rank, tag);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// combine: blocks [0, S) send every row received from source s back into s's staging region
+// (contiguous: the rows of source s are one range in our receive order and map 1:1 onto s's
+// slots); blocks [S, grid) reduce, for each local token, the rows that came back from every
+// rank in ascending rank order (fp32 accumulation, then the biases), as epcomm.reference does.
+// Launched cooperatively.
+// ---------------------------------------------------------------------------------------------
+template <int kNumRanks, int kHidden>
+__global__ void __launch_bounds__(kIntraThreads) intranode_combine(const __grid_constant__ IntraParams p) {
+  constexpr int R = kNumRanks;
+  constexpr int kPayload = kHidden * 2;
+  constexpr int kN16 = kPayload / 16;
+  static_assert(kPayload % 16 == 0, "combine row must be a multiple of 16 bytes");
+  const int lane = lane_id(), warp = warp_id();
+  constexpr int kWarps = kIntraThreads / 32;
+  const int N = p.num_tokens, K = p.num_topk, CR = p.chunk_rows;
+  const u64 me_base = p.peers[p.rank];
+  __shared__ u64 s_tag;
+  __shared__ int s_go;
+  if (threadIdx.x == 0) s_tag = *reinterpret_cast<volatile u64*>(&p.ctrl->op_seq) + 1;
+  __syncthreads();
+  const u64 tag = s_tag;
+  const u64 deadline = globaltimer_ns() + p.timeout_ns;
+  int prefix[R + 1];
+#pragma unroll
+  for (int s = 0; s <= R; ++s) prefix[s] = p.rank_prefix[s];
+
+  if (static_cast<int>(blockIdx.x) < p.num_send_blocks) {
+    // ---- send role ----
+    if (threadIdx.x < R && static_cast<int>(threadIdx.x) != p.rank)
+      deadline_phase_wait(at<u64>(me_base, p.ack_off) + threadIdx.x, tag - 1, p, deadline,
+                          kPhaseCombineSendAck, -1, threadIdx.x);
+    __syncthreads();
+    if (threadIdx.x == 0) s_go = aborted(p.err) ? 0 : 1;
+    __syncthreads();
+    int nchunks[R];
+    int max_nc = 0;
+#pragma unroll
+    for (int s = 0; s < R; ++s) {
+      nchunks[s] = s == p.rank ? 0 : (prefix[s + 1] - prefix[s] + CR - 1) / CR;
+      max_nc = max(max_nc, nchunks[s]);
+    }
+    int item = 0;
+    for (int c = 0; c < max_nc && s_go; ++c) {
+      for (int j = 1; j < R; ++j) {
+        const int s = (p.rank + j) % R;
+        if (c >= nchunks[s]) continue;
+        if ((item++ % p.num_send_blocks) != static_cast<int>(blockIdx.x)) continue;
+        const int count = prefix[s + 1] - prefix[s];
+        const int row_begin = c * CR, row_end = min(row_begin + CR, count);
+        u8* region = at<u8>(p.peers[s], p.staging_off) + static_cast<u64>(p.rank) * p.region_bytes;
+        for (int i = row_begin + warp; i < row_end; i += kWarps) {
+          const i64 src_row = prefix[s] + i;
+          u8* dst = region + static_cast<u64>(i) * p.row_bytes;
+          warp_copy_v4<4, false>(reinterpret_cast<V4*>(dst),
+                                 reinterpret_cast<const V4*>(p.x + src_row * kPayload), kN16, lane);
+          if (p.topk_weights != nullptr) {
+            float* dw = reinterpret_cast<float*>(dst + kPayload);
+            for (int k = lane; k < K; k += 32) dw[k] = p.topk_weights[src_row * K + k];
+          }
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+          fence_sys();
+          st_release_sys_u64(at<u64>(p.peers[s], p.flags_off) + static_cast<u64>(p.rank) * p.max_chunks + c, tag);
+        }
+      }
+    }
+  } else {
+    // ---- receive role: one warp per token, contiguous token ranges per block ----
+    const int nrecv = gridDim.x - p.num_send_blocks;
+    const int rb = blockIdx.x - p.num_send_blocks;
+    const int per = (N + nrecv - 1) / nrecv;
+    const int t_begin = rb * per, t_end = min(N, t_begin + per);
+    const u8* my_staging = at<u8>(me_base, p.staging_off);
+    int known[R];  // last chunk of each rank known to have arrived (slots grow with t)
+#pragma unroll
+    for (int d = 0; d < R; ++d) known[d] = -1;
+    for (int t = t_begin + warp; t < t_end; t += kWarps) {
+      const u8* src[R];
+      bool ok = true;
+#pragma unroll
+      for (int d = 0; d < R; ++d) {
+        const int pos = p.send_pos[static_cast<i64>(t) * R + d];
+        src[d] = nullptr;
+        if (pos < 0) continue;
+        if (d == p.rank) {
+          src[d] = p.x + static_cast<i64>(prefix[d] + pos) * kPayload;
+          continue;
+        }
+        const int c = pos / CR;
+        if (c != known[d]) {
+          int got = 1;
+          if (lane == 0) {
+            const u64* flag = at<u64>(me_base, p.flags_off) + static_cast<u64>(d) * p.max_chunks + c;
+            got = wait_geq_u64(flag, tag, p.err, deadline, p.rank, kPhaseCombineRecv, c, d) ? 1 : 0;
+          }
+          got = __shfl_sync(0xffffffffu, got, 0);
+          if (!got) ok = false;
+          known[d] = c;
+        }
+        src[d] = my_staging + static_cast<u64>(d) * p.region_bytes + static_cast<u64>(pos) * p.row_bytes;
+      }
+      if (!ok) break;
+      const u16* b0 = p.bias0 != nullptr ? p.bias0 + static_cast<i64>(t) * kHidden : nullptr;
+      const u16* b1 = p.bias1 != nullptr ? p.bias1 + static_cast<i64>(t) * kHidden : nullptr;
+      V4* out = reinterpret_cast<V4*>(p.out + static_cast<i64>(t) * kHidden);
+      constexpr int kTV = 2;  // 16-byte words per lane per tile
+      for (int base = 0; base < kN16; base += 32 * kTV) {
+        float acc[kTV][8];
+#pragma unroll
+        for (int u = 0; u < kTV; ++u)
+#pragma unroll
+          for (int e = 0; e < 8; ++e) acc[u][e] = 0.0f;
+#pragma unroll
+        for (int d = 0; d < R; ++d) {
+          if (src[d] == nullptr) continue;
+          const V4* sv = reinterpret_cast<const V4*>(src[d]);
+#pragma unroll
+          for (int u = 0; u < kTV; ++u) {
+            const int idx = base + u * 32 + lane;
+            if (idx >= kN16) continue;
+            const V4 v = d == p.rank ? ld_nc_v4(sv + idx) : ld_cg_v4(sv + idx);
+            const u32 w[4] = {static_cast<u32>(v.x), static_cast<u32>(v.y), static_cast<u32>(v.z), static_cast<u32>(v.w)};
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              acc[u][2 * e] = __fadd_rn(acc[u][2 * e], bf16_to_f32(static_cast<u16>(w[e] & 0xFFFFu)));
+              acc[u][2 * e + 1] = __fadd_rn(acc[u][2 * e + 1], bf16_to_f32(static_cast<u16>(w[e] >> 16)));
+            }
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < kTV; ++u) {
+          const int idx = base + u * 32 + lane;
+          if (idx >= kN16) continue;
+          const u16* bias[2] = {b0, b1};
+#pragma unroll
+          for (int bi = 0; bi < 2; ++bi) {
+            if (bias[bi] == nullptr) continue;
+            const V4 v = ld_nc_v4(reinterpret_cast<const V4*>(bias[bi]) + idx);
+            const u32 w[4] = {static_cast<u32>(v.x), static_cast<u32>(v.y), static_cast<u32>(v.z), static_cast<u32>(v.w)};
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              acc[u][2 * e] = __fadd_rn(acc[u][2 * e], bf16_to_f32(static_cast<u16>(w[e] & 0xFFFFu)));
+              acc[u][2 * e + 1] = __fadd_rn(acc[u][2 * e + 1], bf16_to_f32(static_cast<u16>(w[e] >> 16)));
+            }
+          }
+          V4 o;
+          o.x = static_cast<int>(f32_to_bf16(acc[u][0]) | (static_cast<u32>(f32_to_bf16(acc[u][1])) << 16));
+          o.y = static_cast<int>(f32_to_bf16(acc[u][2]) | (static_cast<u32>(f32_to_bf16(acc[u][3])) << 16));
+          o.z = static_cast<int>(f32_to_bf16(acc[u][4]) | (static_cast<u32>(f32_to_bf16(acc[u][5])) << 16));
+          o.w = static_cast<int>(f32_to_bf16(acc[u][6]) | (static_cast<u32>(f32_to_bf16(acc[u][7])) << 16));
+          st_na_v4(out + idx, o);
+        }
+      }
+      if (p.out_weights != nullptr) {
+        for (int k = lane; k < K; k += 32) {
+          float a = 0.0f;
+#pragma unroll
+          for (int d = 0; d < R; ++d) {
+            if (src[d] == nullptr) continue;
+            float w;
+            if (d == p.rank) {
+              const int pos = p.send_pos[static_cast<i64>(t) * R + d];
+              w = p.topk_weights[static_cast<i64>(prefix[d] + pos) * K + k];
+            } else {
+              w = reinterpret_cast<const float*>(src[d] + kPayload)[k];
+            }
+            a = __fadd_rn(a, w);
+          }
+          p.out_weights[static_cast<i64>(t) * K + k] = a;
+        }
+      }
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    fence_gpu();
+    if (atomicAdd(&p.ctrl->comb_done, 1) == static_cast<int>(gridDim.x) - 1) {
+      p.ctrl->comb_done = 0;
+      p.ctrl->op_seq = tag;
+      fence_sys();
+      for (int s = 0; s < R; ++s)
+        if (s != p.rank) st_release_sys_u64(at<u64>(p.peers[s], p.ack_off) + p.rank, tag);
+    }
+  }
+}
+
+}  // namespace epcomm

@@ -1,0 +1,517 @@
+// Low-latency dispatch and combine (decoding) on the NVSHMEM symmetric heap.
+//
+// Design:
+// * Two buffer slots per operation type, so two micro-batches can be in flight.  Each slot
+//   has its own 64-bit tag (count of uses), advanced by the kernels: graph replays stay valid.
+// * Dispatch sends a token ONCE per destination rank (not once per selected expert): the
+//   message holds the token's K global expert ids, and the receiver expands it into every local
+//   expert it selected.  With top-8 of 256 experts on 2 ranks that is ~4x fewer bytes on the wire.
+//   A source writes the message of token t into slot t of its region at the destination, so no
+//   slot has to be allocated, and the receiver finds valid slots by their tag: the packed
+//   output order (source rank, then token index) is deterministic.
+// * Combine sends one row per (token, expert) back into slot (t, k) of the source's region; the
+//   source reduces the K rows of each token in k order (fp32, no FMA: as epcomm.reference).
+// * Transport per peer: plain stores through the peer's heap pointer when it is reachable over
+//   NVLink (peer_base[pe] != 0), otherwise NVSHMEM puts and signals (the RDMA path).  Both are
+//   compiled; EPCOMM_LL_FORCE_NVSHMEM_PUT routes every peer through puts.
+// * kPhases: 1 = send only (returns at once: the receive hook), 2 = receive only (the hook),
+//   3 = both in one cooperative launch (the default, one launch per call).
+#pragma once
+#include "epcomm_common.cuh"
+#include "epcomm_nvshmem.cuh"
+
+namespace epcomm {
+
+constexpr int kLLMaxRanks = 64;
+constexpr int kLLMaxTopk = 32;
+constexpr int kLLThreads = 512;
+constexpr int kLLWarps = kLLThreads / 32;
+
+struct LLCtrl {
+  u64 disp_seq[2];
+  u64 comb_seq[2];
+  int disp_send_done[2];
+  int disp_recv_done[2];
+  int comb_send_done[2];
+  int comb_recv_done[2];
+  int dest_count[2][kLLMaxRanks];
+};
+
+struct LLParams {
+  u64 peer_base[kLLMaxRanks];  // each rank's heap as mapped here; 0: reach it with NVSHMEM puts
+  u8* heap;                    // this rank's heap (symmetric address: valid as a put target too)
+  LLCtrl* ctrl;
+  ErrorRecord* err;
+  u64 disp_flag_off;           // u64 [2][R]: (tag << 24) | tokens sent to us, from each source
+  u64 comb_flag_off;           // u64 [2][R]: tag, from each expert-side rank
+  u64 disp_ack_off;            // u64 [2][R]: tag up to which each destination consumed our tokens
+  u64 comb_ack_off;            // u64 [2][R]
+  u64 disp_region_off;         // [2][R][T] messages
+  u64 comb_region_off;         // [2][T][K] bf16 rows
+  u64 disp_send_off;           // [2][T] messages: put-path staging
+  u64 comb_send_off;           // [2][L][R*T] bf16 rows: zero-copy / put-path staging
+  const u16* x;                // dispatch: [N, H] bf16; combine: [L, R*T, H] bf16
+  const i64* topk_idx;         // [N, K]
+  const float* topk_weights;   // combine: [N, K]
+  u8* recv_x;                  // [L, R*T, payload]
+  u8* recv_scales;             // f32 [L][G][R*T], or UE8M0 int32 [L][ceil(G/4)][R*T]
+  int* recv_count;             // [L]
+  int* recv_src_info;          // [L, R*T]
+  int* recv_layout_range;      // [L, R, 2]
+  int* recv_src_k;             // [L, R*T]
+  int* cumulative_stats;       // [L] or null
+  const int* h_count;          // combine: the dispatch's recv_count
+  const int* h_range;          // combine: the dispatch's layout range
+  const int* h_src_info;
+  const int* h_src_k;
+  u16* out;                    // combine: [N, H]
+  u64 timeout_ns;
+  int rank;
+  int num_ranks;
+  int num_tokens;
+  int num_topk;
+  int num_experts;
+  int max_tokens;              // T
+  int slot;
+  int msg_bytes;
+  int hdr_bytes;
+  int round_scale;
+  int use_ue8m0;
+  int zero_copy;               // combine: x is the slot's comb_send region
+  int force_put;
+  int any_put;                 // some peer is reached with puts: quiet before signalling
+};
+
+template <int kHidden, bool kFp8>
+struct LLMsg {
+  static constexpr int kPayload = kHidden * (kFp8 ? 1 : 2);
+  static constexpr int kGroups = kHidden / 128;
+};
+
+EPCOMM_DEVICE u8* remote(const LLParams& p, int pe, u64 off) {
+  return reinterpret_cast<u8*>(p.peer_base[pe] + off);
+}
+
+// Signal a flag word at `pe`: plain release store over NVLink, or an NVSHMEM signal.
+EPCOMM_DEVICE void ll_signal(const LLParams& p, int pe, u64 off, u64 value) {
+  if (!p.force_put && p.peer_base[pe] != 0) {
+    st_release_sys_u64(reinterpret_cast<u64*>(remote(p, pe, off)), value);
+  } else {
+    nvshmemx_signal_op(reinterpret_cast<u64*>(p.heap + off), value, NVSHMEM_SIGNAL_SET, pe);
+  }
+}
+
+EPCOMM_DEVICE bool use_put(const LLParams& p, int pe) { return p.force_put || p.peer_base[pe] == 0; }
+
+// Thread r < R of the block waits for flag [slot][r] (at our heap) to reach `tag`.
+EPCOMM_DEVICE bool ll_wait_all(const LLParams& p, u64 flag_off, u64 tag, int shift, int phase, u64 deadline) {
+  __shared__ int s_ok;
+  if (threadIdx.x == 0) s_ok = 1;
+  __syncthreads();
+  const int R = p.num_ranks;
+  for (int r = threadIdx.x; r < R; r += blockDim.x) {
+    const u64* f = reinterpret_cast<const u64*>(p.heap + flag_off) + p.slot * R + r;
+    u64 v = ld_acquire_sys_u64(f);
+    while ((v >> shift) < tag) {
+      if (aborted(p.err)) { s_ok = 0; break; }
+      if (globaltimer_ns() > deadline) {
+        report_error(p.err, kErrTimeout, p.rank, phase, p.slot, r, tag, v >> shift);
+        s_ok = 0;
+        break;
+      }
+      v = ld_acquire_sys_u64(f);
+    }
+  }
+  __syncthreads();
+  return s_ok != 0;
+}
+
+// The block's last finisher (ticket) returns true; counters reset themselves.
+EPCOMM_DEVICE bool last_block(int* counter) {
+  __shared__ int s_last;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    fence_sys();
+    s_last = atomicAdd(counter, 1) == static_cast<int>(gridDim.x) - 1;
+    if (s_last) {
+      *counter = 0;
+      fence_sys();
+    }
+  }
+  __syncthreads();
+  return s_last != 0;
+}
+
+// ------------------------------------------------------------------------------------------
+// Dispatch.
+// ------------------------------------------------------------------------------------------
+template <int kHidden, bool kFp8>
+EPCOMM_DEVICE void ll_dispatch_send(const LLParams& p, u64 tag, u64 deadline) {
+  using Msg = LLMsg<kHidden, kFp8>;
+  const int R = p.num_ranks, K = p.num_topk, N = p.num_tokens, T = p.max_tokens;
+  const int L = p.num_experts / R;
+  const int lane = lane_id(), warp = warp_id();
+  __shared__ int s_cnt[kLLMaxRanks];
+  __shared__ int s_ok;
+  for (int r = threadIdx.x; r < R; r += blockDim.x) s_cnt[r] = 0;
+  if (threadIdx.x == 0) s_ok = 1;
+  __syncthreads();
+  // The destinations must have consumed this slot's previous tokens from us.
+  for (int d = threadIdx.x; d < R; d += blockDim.x) {
+    const u64* ack = reinterpret_cast<const u64*>(p.heap + p.disp_ack_off) + p.slot * R + d;
+    if (!wait_geq_u64(ack, tag - 1, p.err, deadline, p.rank, kPhaseLLDispatchSendAck, p.slot, d)) s_ok = 0;
+  }
+  __syncthreads();
+  const bool ok = s_ok != 0;
+  const u64 region = p.disp_region_off + (static_cast<u64>(p.slot) * R + p.rank) * T * p.msg_bytes;
+  for (int t = blockIdx.x * kLLWarps + warp; ok && t < N; t += gridDim.x * kLLWarps) {
+    // Distinct destination ranks of this token (lane k looks at expert k).
+    i64 e = -1;
+    if (lane < K) e = p.topk_idx[static_cast<i64>(t) * K + lane];
+    const bool valid = lane < K && e >= 0 && e < p.num_experts;
+    const int r = valid ? static_cast<int>(e) / L : -1 - lane;  // invalid lanes never match
+    const unsigned same = __match_any_sync(0xffffffffu, r);
+    const bool leader = valid && (__ffs(same) - 1) == lane;
+    const unsigned dests = __ballot_sync(0xffffffffu, leader);
+    // Message = [tag u64][K int16 global expert ids][pad][payload][scales].
+    const u64 msg_off = region + static_cast<u64>(t) * p.msg_bytes;
+    u8* staging = p.heap + p.disp_send_off + (static_cast<u64>(p.slot) * T + t) * p.msg_bytes;
+    // Every destination gets identical bytes; targets: peer pointers, and the local staging
+    // copy if any destination is reached with puts.
+    u8* tgt[32];
+    int ntgt = 0;
+    bool any_put = false;
+    for (unsigned m = dests; m; m &= m - 1) {
+      const int d = __shfl_sync(0xffffffffu, r, __ffs(m) - 1);
+      if (use_put(p, d)) any_put = true;
+      else tgt[ntgt++] = remote(p, d, msg_off);
+    }
+    if (any_put) tgt[ntgt++] = staging;
+    for (int i = 0; i < ntgt; ++i) {
+      u8* m = tgt[i];
+      if (lane == 0) *reinterpret_cast<u64*>(m) = tag;
+      if (lane < K) reinterpret_cast<short*>(m + 8)[lane] = valid ? static_cast<short>(e) : static_cast<short>(-1);
+    }
+    const u16* xrow = p.x + static_cast<i64>(t) * kHidden;
+    constexpr int kV = kHidden / 8;  // 16-byte words of the bf16 row
+    for (int v = lane; v < ((kV + 31) / 32) * 32; v += 32) {
+      const bool in = v < kV;
+      V4 w = {0, 0, 0, 0};
+      if (in) w = ld_nc_v4(reinterpret_cast<const V4*>(xrow) + v);
+      if constexpr (!kFp8) {
+        if (in)
+          for (int i = 0; i < ntgt; ++i) st_na_v4(reinterpret_cast<V4*>(tgt[i] + p.hdr_bytes) + v, w);
+      } else {
+        const u32 ww[4] = {static_cast<u32>(w.x), static_cast<u32>(w.y), static_cast<u32>(w.z), static_cast<u32>(w.w)};
+        float f[8];
+        float amax = 0.0f;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          f[2 * j] = bf16_to_f32(static_cast<u16>(ww[j] & 0xFFFFu));
+          f[2 * j + 1] = bf16_to_f32(static_cast<u16>(ww[j] >> 16));
+          amax = fmaxf(amax, fmaxf(fabsf(f[2 * j]), fabsf(f[2 * j + 1])));
+        }
+        // 16 lanes hold one 128-channel group.
+#pragma unroll
+        for (int o = 8; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+        float inv;
+        const float s = fp8_group_scale(amax, p.round_scale || p.use_ue8m0, &inv);
+        u32 q[2];
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const u16 lo = f32x2_to_e4m3x2(__fmul_rn(f[4 * j], inv), __fmul_rn(f[4 * j + 1], inv));
+          const u16 hi = f32x2_to_e4m3x2(__fmul_rn(f[4 * j + 2], inv), __fmul_rn(f[4 * j + 3], inv));
+          q[j] = static_cast<u32>(lo) | (static_cast<u32>(hi) << 16);
+        }
+        if (in) {
+          const int g = v / 16;
+          for (int i = 0; i < ntgt; ++i) {
+            u8* m = tgt[i];
+            *reinterpret_cast<uint2*>(m + p.hdr_bytes + static_cast<u64>(v) * 8) = make_uint2(q[0], q[1]);
+            if ((lane & 15) == 0) {
+              u8* sc = m + p.hdr_bytes + Msg::kPayload;
+              if (p.use_ue8m0) sc[g] = static_cast<u8>(ue8m0_of(s));
+              else reinterpret_cast<float*>(sc)[g] = s;
+            }
+          }
+        }
+      }
+    }
+    // Puts from the staging copy, then the count.
+    __syncwarp();
+    for (unsigned m = dests; m; m &= m - 1) {
+      const int d = __shfl_sync(0xffffffffu, r, __ffs(m) - 1);
+      if (use_put(p, d)) {
+        __syncwarp();
+        nvshmemx_putmem_nbi_warp(p.heap + msg_off, staging, p.msg_bytes, d);
+      }
+      if (lane == 0) atomicAdd(&s_cnt[d], 1);
+    }
+  }
+  // Every message's bytes must be delivered before its destination sees the count.
+  if (p.any_put) nvshmem_quiet();
+  __syncthreads();
+  for (int d = threadIdx.x; d < R; d += blockDim.x)
+    if (s_cnt[d]) atomicAdd(&p.ctrl->dest_count[p.slot][d], s_cnt[d]);
+  if (last_block(&p.ctrl->disp_send_done[p.slot])) {
+    for (int d = threadIdx.x; d < R; d += blockDim.x) {
+      const int c = atomicExch(&p.ctrl->dest_count[p.slot][d], 0);
+      ll_signal(p, d, p.disp_flag_off + (static_cast<u64>(p.slot) * R + p.rank) * 8, (tag << 24) | static_cast<u64>(c));
+    }
+  }
+}
+
+template <int kHidden, bool kFp8>
+EPCOMM_DEVICE void ll_dispatch_recv(const LLParams& p, u64 tag, u64 deadline) {
+  using Msg = LLMsg<kHidden, kFp8>;
+  const int R = p.num_ranks, K = p.num_topk, T = p.max_tokens;
+  const int L = p.num_experts / R;
+  const int RT = R * T;
+  const int lane = lane_id(), warp = warp_id();
+  const int NG = (T + 31) / 32;  // 32-slot groups per source
+  extern __shared__ int s_dyn[];
+  int* s_base = s_dyn;  // [R][NG]: counts, then exclusive prefix
+  __shared__ int s_range[kLLMaxRanks][2];
+  if (!ll_wait_all(p, p.disp_flag_off, tag, 24, kPhaseLLDispatchRecv, deadline)) return;
+  const u8* region = p.heap + p.disp_region_off + static_cast<u64>(p.slot) * R * T * p.msg_bytes;
+  for (int j = blockIdx.x; j < L; j += gridDim.x) {
+    const int my_e = p.rank * L + j;
+    // Pass 1: rows per (source, 32-slot group) for this expert.
+    for (int item = warp; item < R * NG; item += kLLWarps) {
+      const int s = item / NG, g = item % NG;
+      const int t = g * 32 + lane;
+      bool hit = false;
+      if (t < T) {
+        const u8* m = region + (static_cast<u64>(s) * T + t) * p.msg_bytes;
+        if (ld_volatile_i32(reinterpret_cast<const int*>(m)) == static_cast<int>(tag & 0xFFFFFFFFu) &&
+            ld_volatile_i32(reinterpret_cast<const int*>(m) + 1) == static_cast<int>(tag >> 32)) {
+          const short* ids = reinterpret_cast<const short*>(m + 8);
+          for (int k = 0; k < K; ++k) hit |= ids[k] == my_e;
+        }
+      }
+      const unsigned b = __ballot_sync(0xffffffffu, hit);
+      if (lane == 0) s_base[item] = __popc(b);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      int acc = 0;
+      for (int s = 0; s < R; ++s) {
+        s_range[s][0] = acc;
+        for (int g = 0; g < NG; ++g) {
+          const int c = s_base[s * NG + g];
+          s_base[s * NG + g] = acc;
+          acc += c;
+        }
+        s_range[s][1] = acc - s_range[s][0];
+      }
+      p.recv_count[j] = acc;
+      if (p.cumulative_stats != nullptr) atomicAdd(p.cumulative_stats + j, acc);
+    }
+    __syncthreads();
+    for (int s = threadIdx.x; s < R; s += blockDim.x) {
+      p.recv_layout_range[(static_cast<i64>(j) * R + s) * 2] = s_range[s][0];
+      p.recv_layout_range[(static_cast<i64>(j) * R + s) * 2 + 1] = s_range[s][1];
+    }
+    // Pass 2: copy the rows to their packed positions.
+    for (int item = warp; item < R * NG; item += kLLWarps) {
+      const int s = item / NG, g = item % NG;
+      const int t = g * 32 + lane;
+      int kk = -1;
+      if (t < T) {
+        const u8* m = region + (static_cast<u64>(s) * T + t) * p.msg_bytes;
+        if (ld_volatile_i32(reinterpret_cast<const int*>(m)) == static_cast<int>(tag & 0xFFFFFFFFu) &&
+            ld_volatile_i32(reinterpret_cast<const int*>(m) + 1) == static_cast<int>(tag >> 32)) {
+          const short* ids = reinterpret_cast<const short*>(m + 8);
+          for (int k = K - 1; k >= 0; --k)
+            if (ids[k] == my_e) kk = k;
+        }
+      }
+      unsigned b = __ballot_sync(0xffffffffu, kk >= 0);
+      const int base = s_base[item];
+      while (b) {
+        const int src_lane = __ffs(b) - 1;
+        b &= b - 1;
+        const int row = base + __popc(__ballot_sync(0xffffffffu, kk >= 0) & ((1u << src_lane) - 1u));
+        const int ts = g * 32 + src_lane;
+        const int ks = __shfl_sync(0xffffffffu, kk, src_lane);
+        const u8* m = region + (static_cast<u64>(s) * T + ts) * p.msg_bytes;
+        const i64 out_row = static_cast<i64>(j) * RT + row;
+        warp_copy_v4<2, true>(reinterpret_cast<V4*>(p.recv_x + out_row * Msg::kPayload),
+                              reinterpret_cast<const V4*>(m + p.hdr_bytes), Msg::kPayload / 16, lane);
+        if constexpr (kFp8) {
+          const u8* sc = m + p.hdr_bytes + Msg::kPayload;
+          if (p.use_ue8m0) {
+            const int nw = (Msg::kGroups + 3) / 4;
+            for (int w = lane; w < nw; w += 32)
+              reinterpret_cast<int*>(p.recv_scales)[(static_cast<i64>(j) * nw + w) * RT + row] =
+                  reinterpret_cast<const int*>(sc)[w];
+          } else {
+            for (int g2 = lane; g2 < Msg::kGroups; g2 += 32)
+              reinterpret_cast<float*>(p.recv_scales)[(static_cast<i64>(j) * Msg::kGroups + g2) * RT + row] =
+                  reinterpret_cast<const float*>(sc)[g2];
+          }
+        }
+        if (lane == 0) {
+          p.recv_src_info[out_row] = ts;
+          p.recv_src_k[out_row] = ks;
+        }
+      }
+    }
+    __syncthreads();
+  }
+  if (last_block(&p.ctrl->disp_recv_done[p.slot])) {
+    for (int s = threadIdx.x; s < R; s += blockDim.x)
+      ll_signal(p, s, p.disp_ack_off + (static_cast<u64>(p.slot) * R + p.rank) * 8, tag);
+    if (threadIdx.x == 0) p.ctrl->disp_seq[p.slot] = tag;
+  }
+}
+
+template <int kHidden, bool kFp8, int kPhases>
+__global__ void __launch_bounds__(kLLThreads) ll_dispatch(const __grid_constant__ LLParams p) {
+  __shared__ u64 s_tag;
+  if (threadIdx.x == 0) s_tag = *reinterpret_cast<volatile u64*>(&p.ctrl->disp_seq[p.slot]) + 1;
+  __syncthreads();
+  const u64 tag = s_tag;
+  const u64 deadline = globaltimer_ns() + p.timeout_ns;
+  if (kPhases & 1) ll_dispatch_send<kHidden, kFp8>(p, tag, deadline);
+  if (kPhases & 2) ll_dispatch_recv<kHidden, kFp8>(p, tag, deadline);
+}
+
+// ------------------------------------------------------------------------------------------
+// Combine.
+// ------------------------------------------------------------------------------------------
+template <int kHidden>
+EPCOMM_DEVICE void ll_combine_send(const LLParams& p, u64 tag, u64 deadline) {
+  const int R = p.num_ranks, K = p.num_topk, T = p.max_tokens;
+  const int L = p.num_experts / R;
+  const int RT = R * T;
+  constexpr int kRow = kHidden * 2;
+  const int lane = lane_id(), warp = warp_id();
+  __shared__ int s_ok;
+  if (threadIdx.x == 0) s_ok = 1;
+  __syncthreads();
+  for (int s = threadIdx.x; s < R; s += blockDim.x) {
+    const u64* ack = reinterpret_cast<const u64*>(p.heap + p.comb_ack_off) + p.slot * R + s;
+    if (!wait_geq_u64(ack, tag - 1, p.err, deadline, p.rank, kPhaseLLCombineSendAck, p.slot, s)) s_ok = 0;
+  }
+  __syncthreads();
+  // Rows of all local experts, flattened so every warp of the grid gets a share.
+  extern __shared__ int s_dyn[];
+  int* s_pre = s_dyn;  // [L + 1] exclusive prefix of the rows per expert
+  if (threadIdx.x == 0) {
+    int acc = 0;
+    for (int j = 0; j < L; ++j) {
+      s_pre[j] = acc;
+      acc += p.h_count[j];
+    }
+    s_pre[L] = acc;
+  }
+  __syncthreads();
+  const int total = s_pre[L];
+  const int gw = blockIdx.x * kLLWarps + warp, nw = gridDim.x * kLLWarps;
+  for (int i = gw; s_ok && i < total; i += nw) {
+    int lo = 0, hi = L - 1;  // last expert j with s_pre[j] <= i
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (s_pre[mid] <= i) lo = mid;
+      else hi = mid - 1;
+    }
+    const int j = lo, r = i - s_pre[j];
+    int s = 0;
+    for (int q = 0; q < R; ++q) {
+      const int b = p.h_range[(static_cast<i64>(j) * R + q) * 2];
+      const int c = p.h_range[(static_cast<i64>(j) * R + q) * 2 + 1];
+      if (r >= b && r < b + c) s = q;
+    }
+    const i64 row = static_cast<i64>(j) * RT + r;
+    const int t = p.h_src_info[row];
+    const int k = p.h_src_k[row];
+    const u64 dst_off = p.comb_region_off + ((static_cast<u64>(p.slot) * T + t) * K + k) * kRow;
+    const u8* src = reinterpret_cast<const u8*>(p.x) + row * kRow;
+    if (!use_put(p, s)) {
+      warp_copy_v4<4, false>(reinterpret_cast<V4*>(remote(p, s, dst_off)), reinterpret_cast<const V4*>(src),
+                             kRow / 16, lane);
+    } else {
+      const u8* sym = src;
+      if (!p.zero_copy) {
+        u8* st = p.heap + p.comb_send_off + (static_cast<u64>(p.slot) * L * RT + row) * kRow;
+        warp_copy_v4<4, false>(reinterpret_cast<V4*>(st), reinterpret_cast<const V4*>(src), kRow / 16, lane);
+        __syncwarp();
+        sym = st;
+      }
+      nvshmemx_putmem_nbi_warp(p.heap + dst_off, sym, kRow, s);
+    }
+  }
+  if (p.any_put) nvshmem_quiet();
+  if (last_block(&p.ctrl->comb_send_done[p.slot])) {
+    for (int s = threadIdx.x; s < R; s += blockDim.x)
+      ll_signal(p, s, p.comb_flag_off + (static_cast<u64>(p.slot) * R + p.rank) * 8, tag);
+  }
+}
+
+template <int kHidden>
+EPCOMM_DEVICE void ll_combine_recv(const LLParams& p, u64 tag, u64 deadline) {
+  const int R = p.num_ranks, K = p.num_topk, N = p.num_tokens, T = p.max_tokens;
+  constexpr int kRow = kHidden * 2;
+  constexpr int kN16 = kRow / 16;
+  const int lane = lane_id(), warp = warp_id();
+  if (!ll_wait_all(p, p.comb_flag_off, tag, 0, kPhaseLLCombineRecv, deadline)) return;
+  const u8* region = p.heap + p.comb_region_off + static_cast<u64>(p.slot) * T * K * kRow;
+  for (int t = blockIdx.x * kLLWarps + warp; t < N; t += gridDim.x * kLLWarps) {
+    constexpr int kTV = 2;
+    for (int base = 0; base < kN16; base += 32 * kTV) {
+      float acc[kTV][8];
+#pragma unroll
+      for (int u = 0; u < kTV; ++u)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[u][e] = 0.0f;
+      for (int k = 0; k < K; ++k) {
+        const i64 e = p.topk_idx[static_cast<i64>(t) * K + k];
+        if (e < 0 || e >= p.num_experts) continue;
+        const float w = p.topk_weights[static_cast<i64>(t) * K + k];
+        const V4* src = reinterpret_cast<const V4*>(region + (static_cast<u64>(t) * K + k) * kRow);
+#pragma unroll
+        for (int u = 0; u < kTV; ++u) {
+          const int idx = base + u * 32 + lane;
+          if (idx >= kN16) continue;
+          const V4 v = ld_cg_v4(src + idx);
+          const u32 ww[4] = {static_cast<u32>(v.x), static_cast<u32>(v.y), static_cast<u32>(v.z), static_cast<u32>(v.w)};
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            acc[u][2 * q] = __fadd_rn(acc[u][2 * q], __fmul_rn(w, bf16_to_f32(static_cast<u16>(ww[q] & 0xFFFFu))));
+            acc[u][2 * q + 1] = __fadd_rn(acc[u][2 * q + 1], __fmul_rn(w, bf16_to_f32(static_cast<u16>(ww[q] >> 16))));
+          }
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kTV; ++u) {
+        const int idx = base + u * 32 + lane;
+        if (idx >= kN16) continue;
+        V4 o;
+        o.x = static_cast<int>(f32_to_bf16(acc[u][0]) | (static_cast<u32>(f32_to_bf16(acc[u][1])) << 16));
+        o.y = static_cast<int>(f32_to_bf16(acc[u][2]) | (static_cast<u32>(f32_to_bf16(acc[u][3])) << 16));
+        o.z = static_cast<int>(f32_to_bf16(acc[u][4]) | (static_cast<u32>(f32_to_bf16(acc[u][5])) << 16));
+        o.w = static_cast<int>(f32_to_bf16(acc[u][6]) | (static_cast<u32>(f32_to_bf16(acc[u][7])) << 16));
+        st_na_v4(reinterpret_cast<V4*>(p.out + static_cast<i64>(t) * kHidden) + idx, o);
+      }
+    }
+  }
+  if (last_block(&p.ctrl->comb_recv_done[p.slot])) {
+    for (int d = threadIdx.x; d < R; d += blockDim.x)
+      ll_signal(p, d, p.comb_ack_off + (static_cast<u64>(p.slot) * R + p.rank) * 8, tag);
+    if (threadIdx.x == 0) p.ctrl->comb_seq[p.slot] = tag;
+  }
+}
+
+template <int kHidden, int kPhases>
+__global__ void __launch_bounds__(kLLThreads) ll_combine(const __grid_constant__ LLParams p) {
+  __shared__ u64 s_tag;
+  if (threadIdx.x == 0) s_tag = *reinterpret_cast<volatile u64*>(&p.ctrl->comb_seq[p.slot]) + 1;
+  __syncthreads();
+  const u64 tag = s_tag;
+  const u64 deadline = globaltimer_ns() + p.timeout_ns;
+  if (kPhases & 1) ll_combine_send<kHidden>(p, tag, deadline);
+  if (kPhases & 2) ll_combine_recv<kHidden>(p, tag, deadline);
+}
+
+}  // namespace epcomm

@@ -1,0 +1,114 @@
+"""Device-side error records and their translation into Python exceptions.
+
+Kernels that wait on peers, or that see bad indices, write an ``ErrorRecord`` (see
+``cuda_src/epcomm_common.cuh``) living in host-mapped pinned memory, so the host can read it
+without synchronising with the GPU.  Each Buffer owns one; standalone functions use one per
+device.
+"""
+from __future__ import annotations
+
+import ctypes
+import threading
+
+from .errors import BufferStateError, EpcommError, EpcommTimeoutError
+
+ERR_NONE, ERR_TIMEOUT, ERR_OVERFLOW, ERR_BAD_INPUT = 0, 1, 2, 3
+
+PHASES = {
+    1: "get_dispatch_layout",
+    10: "dispatch/notify: waiting for the peer to release the buffer (it has not finished its previous call)",
+    11: "dispatch/notify: waiting for the peer's token counts",
+    13: "dispatch/receive: waiting for a chunk of rows from the peer",
+    20: "combine/send: waiting for the peer to release the buffer (it has not finished its previous call)",
+    21: "combine/receive: waiting for a chunk of rows from the peer",
+    30: "low_latency_dispatch/send: waiting for the peer to release the buffer slot",
+    31: "low_latency_dispatch/receive: waiting for the peer's tokens",
+    40: "low_latency_combine/send: waiting for the peer to release the buffer slot",
+    41: "low_latency_combine/receive: waiting for the peer's rows",
+    50: "smoke test",
+}
+
+
+class ErrorRecord(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_int), ("rank", ctypes.c_int), ("phase", ctypes.c_int),
+                ("channel", ctypes.c_int), ("peer", ctypes.c_int), ("pad", ctypes.c_int),
+                ("expected", ctypes.c_uint64), ("observed", ctypes.c_uint64)]
+
+
+class ErrorState:
+    """One host-mapped ErrorRecord: ``dev_ptr`` goes to kernels, :meth:`check` raises."""
+
+    def __init__(self, device_id: int):
+        from . import _cuda
+        self.device_id = device_id
+        with _cuda.on_device(device_id):
+            self.host_ptr, self.dev_ptr = _cuda.host_alloc_mapped(ctypes.sizeof(ErrorRecord))
+        ctypes.memset(self.host_ptr, 0, ctypes.sizeof(ErrorRecord))
+        self.rec = ErrorRecord.from_address(self.host_ptr)
+        self.poisoned: Exception | None = None
+
+    def pending(self) -> bool:
+        return self.rec.code != 0
+
+    def to_exception(self, context: str = "") -> Exception | None:
+        r = self.rec
+        code = r.code
+        if code == 0:
+            return None
+        if code == -1:  # a kernel is writing it right now: report what is there
+            code = ERR_TIMEOUT
+        phase = PHASES.get(r.phase, f"phase {r.phase}")
+        where = f" in {context}" if context else ""
+        if code == ERR_TIMEOUT:
+            return EpcommTimeoutError(
+                f"rank {r.rank}: timed out{where} at {phase}; channel {r.channel}, peer rank "
+                f"{r.peer} (expected flag >= {r.expected}, saw {r.observed}). The peer never arrived: "
+                f"did every rank make the same sequence of calls? (timeout: EPCOMM_TIMEOUT_S)",
+                rank=r.rank, phase=phase, channel=r.channel, peer=r.peer)
+        if code == ERR_OVERFLOW:
+            return EpcommError(
+                f"rank {r.rank}{where}: received {r.observed} tokens but the output has only "
+                f"{r.expected} rows (num_worst_tokens too small); rows past it were dropped")
+        if code == ERR_BAD_INPUT:
+            return ValueError(
+                f"{phase}{where}: topk_idx holds expert index {r.observed} (token {r.channel}), "
+                f"outside [-1, {r.expected}); the kernel skipped it")
+        return EpcommError(f"device error code {code}{where} (phase {phase})")
+
+    def check(self, context: str = "", *, poison_on_timeout: bool = True) -> None:
+        """Raise the recorded error, if any.  Timeouts and overflows poison the owner state."""
+        if self.poisoned is not None:
+            raise BufferStateError(f"unusable after an earlier error: {self.poisoned}")
+        exc = self.to_exception(context)
+        if exc is None:
+            return
+        if isinstance(exc, ValueError) or not poison_on_timeout:
+            self.reset()
+        else:
+            self.poisoned = exc
+        raise exc
+
+    def reset(self) -> None:
+        ctypes.memset(self.host_ptr, 0, ctypes.sizeof(ErrorRecord))
+
+    def free(self) -> None:
+        from . import _cuda
+        if self.host_ptr:
+            try:
+                _cuda.host_free(self.host_ptr)
+            finally:
+                self.host_ptr = self.dev_ptr = 0
+
+
+_DEFAULT: dict[int, ErrorState] = {}
+_LOCK = threading.Lock()
+
+
+def default_state(device_id: int) -> ErrorState:
+    st = _DEFAULT.get(device_id)
+    if st is None:
+        with _LOCK:
+            st = _DEFAULT.get(device_id)
+            if st is None:
+                st = _DEFAULT[device_id] = ErrorState(device_id)
+    return st

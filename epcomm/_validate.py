@@ -1,0 +1,64 @@
+"""Argument checks shared by the public API (all raise before any kernel is launched)."""
+from __future__ import annotations
+
+from . import envs
+
+
+def check_int(name: str, v, *, lo: int | None = None, hi: int | None = None) -> int:
+    if not isinstance(v, int) or isinstance(v, bool):
+        try:
+            import numpy as np
+            if isinstance(v, np.integer):
+                v = int(v)
+            else:
+                raise TypeError
+        except TypeError:
+            raise TypeError(f"{name} must be an int, got {type(v).__name__}") from None
+    if lo is not None and v < lo:
+        raise ValueError(f"{name}={v} must be >= {lo}")
+    if hi is not None and v > hi:
+        raise ValueError(f"{name}={v} must be <= {hi}")
+    return v
+
+
+def index_range(obj, framework: str) -> tuple[int, int] | None:
+    """(min, max) of an integer array on the host, via its own framework (a GPU sync)."""
+    if framework == "torch":
+        if obj.numel() == 0:
+            return None
+        lo, hi = obj.aminmax()
+        return int(lo), int(hi)
+    if framework == "cupy":
+        if obj.size == 0:
+            return None
+        return int(obj.min()), int(obj.max())
+    if framework == "jax":
+        if obj.size == 0:
+            return None
+        import jax.numpy as jnp
+        return int(jnp.min(obj)), int(jnp.max(obj))
+    import numpy as np
+    a = np.asarray(obj)
+    if a.size == 0:
+        return None
+    return int(a.min()), int(a.max())
+
+
+def check_topk_indices(obj, framework: str, num_experts: int, name: str = "topk_idx",
+                       capturing: bool = False) -> None:
+    """Raise ValueError if an index is outside [-1, num_experts).
+
+    Reading the values costs a device synchronisation, so it runs only when EPCOMM_CHECK_INDICES
+    is on (the default) and the stream is not being captured; kernels still check on the device
+    and report through the buffer's error record.
+    """
+    if capturing or not envs.CHECK_INDICES.get():
+        return
+    r = index_range(obj, framework)
+    if r is None:
+        return
+    lo, hi = r
+    if lo < -1 or hi >= num_experts:
+        bad = lo if lo < -1 else hi
+        raise ValueError(f"{name} holds expert index {bad}, outside [-1, {num_experts}) "
+                         f"(num_experts={num_experts}); -1 marks an unused slot")

@@ -1,0 +1,45 @@
+"""Functions that need no Buffer."""
+from __future__ import annotations
+
+from . import _cuda, interop
+from ._errstate import default_state
+from ._validate import check_topk_indices
+from .kernels import layout as K_layout
+
+
+def get_dispatch_layout(topk_idx, num_experts: int, num_ranks: int, *, num_ranks_per_node: int = 8,
+                        stream: int | None = None):
+    """Routing counts of one rank's tokens, on the caller's current stream.
+
+    Args:
+        topk_idx: int64 [N, K] CUDA tensor (torch, CuPy or JAX); -1 marks an unused slot.
+        num_experts: E, a multiple of ``num_ranks``; expert e lives on rank e // (E / num_ranks).
+        num_ranks: R.
+        num_ranks_per_node: ranks per NVLink node; with R above it, per-node counts are returned.
+        stream: raw CUDA stream handle to run on (default: the framework's current stream).
+
+    Returns ``(num_tokens_per_rank int32 [R], num_tokens_per_rdma_rank int32 [R/8] or None,
+    num_tokens_per_expert int32 [E], is_token_in_rank bool [N, R])`` in the caller's framework.
+    A token counts once per rank even if several of its experts live there.
+
+    Raises TypeError/ValueError for a wrong dtype, shape, device or an index outside [-1, E)
+    (the host check is on by default: EPCOMM_CHECK_INDICES).
+    """
+    tr = interop.as_tensor(topk_idx, "topk_idx", dtype="int64", ndim=2, device="cuda")
+    num_nodes = K_layout.check_layout_args(tr.shape[0], num_experts, num_ranks, num_ranks_per_node)
+    fw, dev = tr.framework, tr.device_id
+    with _cuda.on_device(dev):
+        s = interop.current_stream(fw, dev) if stream is None else int(stream)
+        err = default_state(dev)
+        err.check("get_dispatch_layout")
+        check_topk_indices(tr.obj, fw, num_experts, capturing=_cuda.stream_is_capturing(s))
+        N = tr.shape[0]
+        mk = lambda shape, dt: interop.empty(fw, shape, dt, "cuda", dev)  # noqa: E731
+        rank_o = mk((num_ranks,), "int32")
+        rdma_o = mk((num_nodes,), "int32") if num_nodes else None
+        exp_o = mk((num_experts,), "int32")
+        in_o = mk((N, num_ranks), "bool")
+        K_layout.launch_layout(s, dev, tr, num_experts, num_ranks, num_nodes, num_ranks_per_node, rank_o[1],
+                               rdma_o[1] if rdma_o else None, exp_o[1], in_o[1], err.dev_ptr)
+    fin = lambda o: None if o is None else interop.finish(fw, o[0])  # noqa: E731
+    return fin(rank_o), fin(rdma_o), fin(exp_o), fin(in_o)

@@ -1,0 +1,730 @@
+"""The communication buffer: normal (high-throughput) and low-latency expert-parallel
+dispatch/combine.
+
+``Buffer`` is created collectively by every rank of a group (one process per GPU).  The
+normal mode uses an NVLink buffer (``num_nvl_bytes``) mapped into every peer with CUDA IPC;
+the low-latency mode uses the NVSHMEM symmetric heap (see :mod:`epcomm.low_latency`).
+
+Why CUDA IPC and not NVSHMEM peer pointers for the normal mode: it needs no NVSHMEM runtime
+(the training path works where nvshmem4py is not installed), each Buffer owns memory of exactly
+its requested size instead of sizing a process-wide symmetric heap up front, and the kernels
+only ever use plain loads and stores through peer pointers, which both mechanisms provide.
+"""
+from __future__ import annotations
+
+import atexit
+import ctypes
+import time
+import weakref
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import _cuda, envs, interop
+from ._errstate import ErrorState
+from ._validate import check_int, check_topk_indices
+from .config import Config, default_combine_config, default_dispatch_config
+from .errors import BufferStateError, EpcommTimeoutError
+from .event import EventOverlap
+from .group import as_group
+from .jit import loader
+from .jit.launch import launch
+from .kernels import intranode as K_intra
+from .kernels import layout as K_layout
+
+_LIVE_BUFFERS: "weakref.WeakSet[Buffer]" = weakref.WeakSet()
+
+
+@atexit.register
+def _destroy_all() -> None:  # pragma: no cover - exercised at interpreter exit
+    for b in list(_LIVE_BUFFERS):
+        try:
+            b.destroy()
+        except Exception:
+            pass
+
+
+@dataclass(eq=False)
+class DispatchHandle:
+    """Everything a combine (or a cached dispatch) needs to retrace a dispatch.
+
+    Opaque to users; keep it as long as the received tensors.  ``num_recv_tokens`` and
+    ``recv_counts`` (rows per source rank) are None in ``num_worst_tokens`` mode, where they
+    are known only on the GPU.  ``recv_src_idx`` (int32 [rows]) holds the source-token index
+    of every received row (-1 for padding rows).
+    """
+
+    buffer_id: int
+    framework: str
+    device_id: int
+    num_ranks: int
+    rank: int
+    num_tokens: int
+    hidden: int
+    num_experts: int
+    num_topk: int
+    num_worst_tokens: int
+    out_rows: int
+    num_recv_tokens: int | None
+    recv_counts: tuple | None
+    rank_prefix: object
+    send_list: object
+    send_pos: object
+    send_count: object
+    is_token_in_rank: object
+    recv_src_idx: object
+    refs: dict = field(repr=False, default_factory=dict)
+
+
+def _ptr(ref) -> int:
+    return 0 if ref is None else ref.ptr
+
+
+class _IntraState:
+    """This rank's NVLink buffer, its peers' mappings and the private control words."""
+
+    def __init__(self, buf: "Buffer", num_nvl_bytes: int):
+        R = buf.num_ranks
+        self.layout = K_intra.BufferLayout.for_bytes(R, num_nvl_bytes)
+        lay = self.layout
+        dev = buf.device_id
+        self.peers: list[int] = [0] * R
+        self.opened: list[int] = []
+        self.base = self.ctrl = 0
+        self.host_info = 0
+        self.host_info_dev = 0
+        with _cuda.on_device(dev):
+            self.base = _cuda.mem_alloc(lay.total_bytes)
+            s = buf._stream
+            _cuda.memset_d8_async(self.base, 0, lay.staging_off, s)
+            self.ctrl = _cuda.mem_alloc(ctypes.sizeof(K_intra.IntraCtrl))
+            _cuda.memset_d8_async(self.ctrl, 0, ctypes.sizeof(K_intra.IntraCtrl), s)
+            n_info = 2 + R + K_intra.MAX_LOCAL_EXPERTS
+            self.host_info, self.host_info_dev = _cuda.host_alloc_mapped(4 * n_info)
+            ctypes.memset(self.host_info, 0, 4 * n_info)
+            self.info = np.frombuffer((ctypes.c_int32 * n_info).from_address(self.host_info), dtype=np.int32)
+            _cuda.stream_sync(s)
+            handle = _cuda.ipc_get_handle(self.base)
+            handles = buf.group.allgather_bytes(handle)
+            for r in range(R):
+                if r == buf.rank:
+                    self.peers[r] = self.base
+                else:
+                    self.peers[r] = _cuda.ipc_open(handles[r])
+                    self.opened.append(self.peers[r])
+        buf.group.barrier()
+        t = K_intra.IntraParams()
+        for r in range(R):
+            t.peers[r] = self.peers[r]
+        t.ctrl = self.ctrl
+        t.err = buf._err.dev_ptr
+        t.host_info = self.host_info_dev
+        t.ack_off, t.mailbox_tag_off, t.mailbox_off = lay.ack_off, lay.mailbox_tag_off, lay.mailbox_off
+        t.flags_off, t.staging_off, t.region_bytes = lay.flags_off, lay.staging_off, lay.region_bytes
+        t.rank, t.num_ranks = buf.rank, R
+        t.mailbox_ints, t.max_chunks = K_intra.MAILBOX_INTS, K_intra.MAX_CHUNKS
+        self.template = t
+
+    def params(self, timeout_s: float) -> K_intra.IntraParams:
+        p = K_intra.IntraParams()
+        ctypes.pointer(p)[0] = self.template
+        p.timeout_ns = int(timeout_s * 1e9)
+        return p
+
+    def free(self) -> None:
+        for ptr in self.opened:
+            try:
+                _cuda.ipc_close(ptr)
+            except Exception:
+                pass
+        self.opened = []
+        for attr in ("base", "ctrl"):
+            ptr = getattr(self, attr)
+            if ptr:
+                try:
+                    _cuda.mem_free(ptr)
+                except Exception:
+                    pass
+                setattr(self, attr, 0)
+        if self.host_info:
+            try:
+                _cuda.host_free(self.host_info)
+            except Exception:
+                pass
+            self.host_info = 0
+
+
+class Buffer:
+    """Expert-parallel communication buffer, created collectively by every rank of ``group``.
+
+    Args:
+        group: a torch.distributed group, an mpi4py communicator, ``"jax"`` (JAX's distributed
+            runtime), any object with ``rank``/``size``/``allgather_bytes``/``barrier``, or None
+            for the initialised torch.distributed default group.  Used only to exchange handles.
+        num_nvl_bytes: bytes of NVLink buffer per rank for the normal mode (0: no normal mode).
+            :meth:`get_nvl_buffer_size_hint` computes what a token count needs.
+        num_rdma_bytes: bytes of NVSHMEM symmetric heap per rank for the low-latency mode
+            (0: none); :meth:`get_low_latency_rdma_size_hint` computes it.
+        low_latency_mode: create the low-latency (NVSHMEM) state.
+        device: CUDA device ordinal; default: the current device, else ``rank % device_count``.
+
+    Raises ValueError for bad sizes, and EpcommError if peer memory cannot be mapped.
+    The buffer must be used by every rank with the same sequence of calls; :meth:`destroy`
+    (also run at exit) releases it collectively.
+    """
+
+    def __init__(self, group=None, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0, *,
+                 low_latency_mode: bool = False, device: int | None = None):
+        self.group = as_group(group)
+        self.rank, self.num_ranks = self.group.rank, self.group.size
+        check_int("num_nvl_bytes", num_nvl_bytes, lo=0)
+        check_int("num_rdma_bytes", num_rdma_bytes, lo=0)
+        if self.num_ranks < 1:
+            raise ValueError("group has no ranks")
+        n_dev = _cuda.init()
+        if device is None:
+            cur = _cuda.current_device()
+            device = cur if cur >= 0 else self.rank % max(n_dev, 1)
+        check_int("device", device, lo=0, hi=n_dev - 1)
+        self.device_id = device
+        self.timeout_s = float(envs.TIMEOUT_S.get())
+        self._destroyed = False
+        self._intra: _IntraState | None = None
+        self._ll = None
+        with _cuda.on_device(device):
+            self._stream = _cuda.stream_create()
+            self._stream2 = _cuda.stream_create()
+            self._ev_start = _cuda.event_create()
+            self._ev_mid = _cuda.event_create()
+            self._ev_recv = _cuda.event_create()
+        self._err = ErrorState(device)
+        sizes = self.group.allgather_bytes(f"{num_nvl_bytes},{num_rdma_bytes},{int(low_latency_mode)}".encode())
+        if len(set(sizes)) != 1:
+            raise ValueError(f"every rank must create the Buffer with the same sizes and mode; got "
+                             f"{[s.decode() for s in sizes]} (num_nvl_bytes,num_rdma_bytes,low_latency_mode)")
+        buses = self.group.allgather_bytes(_cuda.pci_bus_id(device).encode())
+        if len(set(buses)) != len(buses):
+            raise ValueError(f"two ranks share one GPU ({[b.decode() for b in buses]}); use one GPU per rank")
+        if num_nvl_bytes > 0:
+            if self.num_ranks < 2:
+                raise ValueError("the normal mode needs at least 2 ranks")
+            if self.num_ranks > K_intra.MAX_RANKS:
+                raise ValueError(f"{self.num_ranks} ranks: the NVLink normal mode supports at most "
+                                 f"{K_intra.MAX_RANKS} ranks in one NVLink domain")
+            self._intra = _IntraState(self, num_nvl_bytes)
+        if low_latency_mode or num_rdma_bytes > 0:
+            from .low_latency import LowLatencyState
+            self._ll = LowLatencyState(self, num_rdma_bytes)
+        self._dispatch_config = default_dispatch_config(self.num_ranks)
+        self._combine_config = default_combine_config(self.num_ranks)
+        _LIVE_BUFFERS.add(self)
+
+    # ---- configuration -------------------------------------------------------------------
+    @property
+    def comm_stream(self) -> int:
+        """Raw handle (cudaStream_t) of the stream the normal-mode kernels run on."""
+        return self._stream
+
+    def set_num_sms(self, num_sms: int) -> None:
+        """Bound the SMs of normal-mode dispatch and combine (sending + receiving blocks)."""
+        check_int("num_sms", num_sms, lo=2, hi=_cuda.num_sms(self.device_id))
+        self._dispatch_config = self._dispatch_config.with_sms(num_sms)
+        self._combine_config = self._combine_config.with_sms(num_sms)
+
+    def get_dispatch_config(self) -> Config:
+        return self._dispatch_config
+
+    def get_combine_config(self) -> Config:
+        return self._combine_config
+
+    @staticmethod
+    def get_nvl_buffer_size_hint(hidden: int, num_ranks: int, num_max_tokens_per_rank: int,
+                                 num_topk: int = 8) -> int:
+        """Bytes of ``num_nvl_bytes`` needed to dispatch and combine up to
+        ``num_max_tokens_per_rank`` tokens (BF16 or FP8) of ``hidden`` channels."""
+        return K_intra.nvl_buffer_size_hint(hidden, num_ranks, num_max_tokens_per_rank, num_topk)
+
+    @staticmethod
+    def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int,
+                                       num_ranks: int, num_experts: int) -> int:
+        """Symmetric-heap bytes (``num_rdma_bytes``) for low-latency calls of up to these sizes."""
+        from .kernels.low_latency import rdma_size_hint
+        return rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    def _check_usable(self, what: str) -> None:
+        if self._destroyed:
+            raise BufferStateError(f"{what}: the Buffer was destroyed")
+        self._err.check(what)
+
+    def check(self) -> None:
+        """Raise any error a kernel recorded (timeout, overflow, bad index) since the last call."""
+        self._check_usable("check")
+
+    def synchronize(self) -> None:
+        """Wait for all of this buffer's work, then raise any recorded error."""
+        with _cuda.on_device(self.device_id):
+            _cuda.stream_sync(self._stream)
+            _cuda.stream_sync(self._stream2)
+        self.check()
+
+    def destroy(self) -> None:
+        """Release the buffer's memory (collective: every rank must call it)."""
+        if self._destroyed:
+            return
+        self._destroyed = True
+        _LIVE_BUFFERS.discard(self)
+        with _cuda.on_device(self.device_id):
+            try:
+                _cuda.stream_sync(self._stream)
+                _cuda.stream_sync(self._stream2)
+            except Exception:
+                pass
+            try:
+                self.group.barrier()  # no peer may still write into memory we unmap
+            except Exception:
+                pass
+            if self._intra is not None:
+                self._intra.free()
+                self._intra = None
+            if self._ll is not None:
+                self._ll.free()
+                self._ll = None
+            for ev in (self._ev_start, self._ev_mid, self._ev_recv):
+                try:
+                    _cuda.event_destroy(ev)
+                except Exception:
+                    pass
+            for s in (self._stream, self._stream2):
+                try:
+                    _cuda.stream_destroy(s)
+                except Exception:
+                    pass
+            self._err.free()
+
+    def __del__(self):  # pragma: no cover - depends on GC timing
+        pass  # memory is released by destroy() or at exit; unmapping here could race a peer
+
+    # ---- helpers -------------------------------------------------------------------------
+    def _tensor(self, obj, name, **kw):
+        ref = interop.as_tensor(obj, name, device="cuda", **kw)
+        if ref is not None and ref.device_id != self.device_id:
+            raise ValueError(f"{name}: is on cuda:{ref.device_id} but this Buffer uses cuda:{self.device_id}")
+        return ref
+
+    def _begin(self, fw: str, previous_event: EventOverlap | None) -> tuple[int, bool]:
+        """Order the comm stream after the caller's work; returns (caller stream, capturing)."""
+        caller = interop.current_stream(fw, self.device_id)
+        capturing = _cuda.stream_is_capturing(caller)
+        if previous_event is not None and previous_event.event is not None:
+            _cuda.stream_wait_event(self._stream, previous_event.event)
+        else:
+            _cuda.event_record(self._ev_start, caller)
+            _cuda.stream_wait_event(self._stream, self._ev_start)
+        return caller, capturing
+
+    def _finish(self, fw: str, caller: int, async_finish: bool, outputs: list, inputs: list) -> EventOverlap:
+        ev = _cuda.event_create()
+        _cuda.event_record(ev, self._stream)
+        if async_finish and fw == "torch":
+            import torch
+            cs = torch.cuda.ExternalStream(self._stream, device=self.device_id)
+            cs2 = torch.cuda.ExternalStream(self._stream2, device=self.device_id)
+            for t in outputs + inputs:
+                if t is not None and hasattr(t, "record_stream"):
+                    t.record_stream(cs)
+                    t.record_stream(cs2)
+        if not async_finish:
+            _cuda.stream_wait_event(caller, ev)
+        return EventOverlap(ev, fw, self.device_id, extra=(outputs, inputs) if async_finish else None)
+
+    def _empty(self, fw, shape, dtype):
+        return interop.empty(fw, tuple(int(s) for s in shape), dtype, "cuda", self.device_id)
+
+    # ---- layout --------------------------------------------------------------------------
+    def get_dispatch_layout(self, topk_idx, num_experts: int, previous_event: EventOverlap | None = None,
+                            async_finish: bool = False, allocate_on_comm_stream: bool = False):
+        """Per-rank routing counts of this rank's tokens; see :func:`epcomm.get_dispatch_layout`.
+
+        Returns ``(num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert,
+        is_token_in_rank, event)``.
+        """
+        self._check_usable("get_dispatch_layout")
+        tr = self._tensor(topk_idx, "topk_idx", dtype="int64", ndim=2)
+        num_nodes = K_layout.check_layout_args(tr.shape[0], num_experts, self.num_ranks, 8)
+        with _cuda.on_device(self.device_id):
+            caller, capturing = self._begin(tr.framework, previous_event)
+            check_topk_indices(tr.obj, tr.framework, num_experts, capturing=capturing)
+            outs = self._layout_on_comm(tr, num_experts, num_nodes)
+            ev = self._finish(tr.framework, caller, async_finish, [o[0] for o in outs if o], [tr.obj])
+        res = [interop.finish(tr.framework, o[0]) if o else None for o in outs]
+        return (*res, ev)
+
+    def _layout_on_comm(self, tr, num_experts, num_nodes):
+        fw = tr.framework
+        N = tr.shape[0]
+        R = self.num_ranks
+        rank_o = self._empty(fw, (R,), "int32")
+        rdma_o = self._empty(fw, (num_nodes,), "int32") if num_nodes else None
+        exp_o = self._empty(fw, (num_experts,), "int32")
+        in_o = self._empty(fw, (N, R), "bool")
+        K_layout.launch_layout(self._stream, self.device_id, tr, num_experts, R, num_nodes, 8, rank_o[1],
+                               rdma_o[1] if rdma_o else None, exp_o[1], in_o[1], self._err.dev_ptr)
+        return [rank_o, rdma_o, exp_o, in_o]
+
+    # ---- normal dispatch ------------------------------------------------------------------
+    def dispatch(self, x, handle: DispatchHandle | None = None, num_tokens_per_rank=None,
+                 num_tokens_per_rdma_rank=None, is_token_in_rank=None, num_tokens_per_expert=None,
+                 topk_idx=None, topk_weights=None, expert_alignment: int = 1, num_worst_tokens: int = 0,
+                 config: Config | None = None, previous_event: EventOverlap | None = None,
+                 async_finish: bool = False, allocate_on_comm_stream: bool = False, *,
+                 num_experts: int | None = None):
+        """Send every token once to each rank holding one of its experts (normal mode).
+
+        Args:
+            x: bf16 [N, H], or an FP8 pair ``(float8_e4m3fn [N, H], float32 scales [N, H/128])``
+               whose scales may be row-major or column-major (any strides).
+            handle: a previous dispatch's handle: repeat its route (no top-k, no count exchange,
+               no CPU synchronisation; used for the backward of combine).
+            num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert: from
+               :meth:`get_dispatch_layout` of the same ``topk_idx``; computed here if omitted.
+            topk_idx: int64 [N, K] (-1 = none); topk_weights: float32 [N, K].
+            expert_alignment: each per-expert count is rounded up to a multiple of it.
+            num_worst_tokens: if > 0, outputs have exactly this many rows, padding rows have
+               top-k index -1; nothing synchronises with the CPU and the call can be captured
+               in a CUDA graph; the count list is empty.
+            num_experts: needed only when neither ``num_tokens_per_expert`` nor a handle says it.
+
+        Returns ``(recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list,
+        handle, event)`` with ``recv_x`` in the form of ``x``, rows ordered by source rank, then
+        source token index.  Raises ValueError/TypeError for bad input (before any launch),
+        ValueError if the buffer is too small (with the size needed), EpcommTimeoutError if a
+        peer does not arrive within EPCOMM_TIMEOUT_S.
+        """
+        st = self._intra
+        if st is None:
+            raise BufferStateError("dispatch needs a Buffer created with num_nvl_bytes > 0")
+        self._check_usable("dispatch")
+        R, rank = self.num_ranks, self.rank
+        fp8 = isinstance(x, (tuple, list))
+        if fp8:
+            if len(x) != 2:
+                raise ValueError("x: an FP8 input is a pair (data float8_e4m3fn [N, H], scales float32 [N, H/128])")
+            xr = self._tensor(x[0], "x[0]", dtype="float8_e4m3fn", ndim=2)
+            N, H = xr.shape
+            if H % 128:
+                raise ValueError(f"x[0]: FP8 hidden size {H} must be a multiple of 128 (one scale per 128 channels)")
+            sr = self._tensor(x[1], "x[1]", dtype="float32", ndim=2, shape=(N, H // 128), contiguous=False)
+        else:
+            xr = self._tensor(x, "x", dtype="bfloat16", ndim=2)
+            N, H = xr.shape
+            sr = None
+            if H % 8:
+                raise ValueError(f"x: hidden size {H} must be a multiple of 8 (16-byte rows)")
+        fw = xr.framework
+        check_int("expert_alignment", expert_alignment, lo=1)
+        check_int("num_worst_tokens", num_worst_tokens, lo=0)
+        cfg = config or self._dispatch_config
+        S, Rv = cfg.split()
+        cached = handle is not None
+        tr = wr = None
+        if cached:
+            if not isinstance(handle, DispatchHandle):
+                raise TypeError(f"handle: expected a DispatchHandle, got {type(handle).__name__}")
+            if handle.buffer_id != id(self):
+                raise ValueError("handle: was made by another Buffer")
+            if handle.num_tokens != N:
+                raise ValueError(f"x: has {N} tokens but the handle's dispatch had {handle.num_tokens}")
+            for nm, v in (("topk_idx", topk_idx), ("topk_weights", topk_weights), ("is_token_in_rank", is_token_in_rank),
+                          ("num_tokens_per_rank", num_tokens_per_rank)):
+                if v is not None:
+                    raise ValueError(f"{nm}: must be None for a cached dispatch (the handle holds the route)")
+            E = handle.num_experts
+            Kt = 0
+        else:
+            if topk_idx is not None:
+                tr = self._tensor(topk_idx, "topk_idx", dtype="int64", ndim=2, shape=(N, None))
+                Kt = tr.shape[1]
+                if Kt < 1:
+                    raise ValueError("topk_idx: needs at least one column")
+                wr = self._tensor(topk_weights, "topk_weights", dtype="float32", ndim=2, shape=(N, Kt),
+                                  allow_none=True)
+            else:
+                Kt = 0
+                if topk_weights is not None:
+                    raise ValueError("topk_weights: given without topk_idx")
+                if is_token_in_rank is None:
+                    raise ValueError("is_token_in_rank: required when topk_idx is None")
+            ner = self._tensor(num_tokens_per_expert, "num_tokens_per_expert", dtype="int32", ndim=1,
+                               allow_none=True)
+            if num_experts is None:
+                if ner is None:
+                    if tr is not None:
+                        raise ValueError("num_experts: pass it, or num_tokens_per_expert (from get_dispatch_layout)")
+                    num_experts = R
+                else:
+                    num_experts = ner.shape[0]
+            E = check_int("num_experts", num_experts, lo=1)
+            if E % R:
+                raise ValueError(f"num_experts={E} must be a multiple of the number of ranks {R}")
+            if ner is not None and ner.shape[0] != E:
+                raise ValueError(f"num_tokens_per_expert: has {ner.shape[0]} entries, expected num_experts={E}")
+            if E // R > K_intra.MAX_LOCAL_EXPERTS:
+                raise ValueError(f"{E // R} experts per rank: at most {K_intra.MAX_LOCAL_EXPERTS} supported")
+            itr = self._tensor(is_token_in_rank, "is_token_in_rank", dtype="bool", ndim=2, shape=(N, R),
+                               allow_none=True)
+        lay = st.layout
+        need_row = K_intra.max_row_bytes(H, max(Kt, 0))
+        cap = lay.capacity_rows(need_row)
+        if N > cap:
+            need = K_intra.nvl_buffer_size_hint(H, R, N, Kt)
+            raise ValueError(f"Buffer too small: {N} tokens of hidden {H} need num_nvl_bytes >= {need} "
+                             f"(this buffer holds {cap} tokens per rank, {lay.total_bytes} bytes)")
+        chunk_rows = max(cfg.chunk_rows, -(-lay.capacity_rows(need_row) // K_intra.MAX_CHUNKS))
+        spec = K_intra.IntranodeDispatchSpec(R, H, fp8)
+        spec.validate()
+        with _cuda.on_device(self.device_id):
+            mod = loader.load(spec, self.device_id)
+            caller, capturing = self._begin(fw, previous_event)
+            worst = num_worst_tokens > 0
+            if capturing and not worst and not cached:
+                raise ValueError("dispatch: CUDA-graph capture needs num_worst_tokens > 0 (or a handle): the "
+                                 "default path synchronises with the CPU to size its outputs")
+            if tr is not None:
+                check_topk_indices(tr.obj, fw, E, capturing=capturing)
+            keep = []
+            if cached:
+                h = handle
+                rank_prefix_o, send_list_o, send_pos_o, send_count_o = (h.rank_prefix, h.send_list, h.send_pos,
+                                                                        h.send_count)
+                refs = h.refs
+                itr_obj = h.is_token_in_rank
+                ner_ref = None
+            else:
+                if itr is None or (tr is not None and ner is None):
+                    num_nodes = 0
+                    lay_outs = self._layout_on_comm(tr, E, num_nodes)
+                    keep.append(lay_outs)
+                    if itr is None:
+                        itr = lay_outs[3][1]
+                    if ner is None:
+                        ner = lay_outs[2][1]
+                itr_obj = itr.obj
+                ner_ref = ner
+                rank_prefix_o = self._empty(fw, (R + 1,), "int32")
+                send_list_o = self._empty(fw, (R, max(N, 1)), "int32")
+                send_pos_o = self._empty(fw, (N, R), "int32")
+                send_count_o = self._empty(fw, (R,), "int32")
+                refs = {"rank_prefix": rank_prefix_o[1], "send_list": send_list_o[1], "send_pos": send_pos_o[1],
+                        "send_count": send_count_o[1], "is_token_in_rank": itr}
+                rank_prefix_o, send_list_o, send_pos_o, send_count_o = (rank_prefix_o[0], send_list_o[0],
+                                                                        send_pos_o[0], send_count_o[0])
+            p = st.params(self.timeout_s)
+            p.x = xr.ptr
+            if fp8:
+                p.x_scales, p.scale_st, p.scale_sg = sr.ptr, sr.strides[0], sr.strides[1]
+            p.topk_idx = _ptr(tr)
+            p.topk_weights = _ptr(wr)
+            p.is_token_in_rank = refs["is_token_in_rank"].ptr
+            p.num_tokens_per_expert = _ptr(ner_ref)
+            p.send_list, p.send_pos = refs["send_list"].ptr, refs["send_pos"].ptr
+            p.send_count, p.rank_prefix = refs["send_count"].ptr, refs["rank_prefix"].ptr
+            p.num_tokens, p.num_topk, p.num_experts = N, Kt, E
+            p.expert_alignment = expert_alignment
+            p.chunk_rows = chunk_rows
+            p.row_bytes = K_intra.dispatch_row_bytes(H, fp8, Kt)
+            p.cached = int(cached)
+            p.write_host = int(not worst and not cached)
+            if p.write_host:
+                st.info[0] = 0
+            launch(mod.fn("notify"), 1 if cached else R + 1, K_intra.NOTIFY_THREADS, self._stream, p,
+                   cooperative=not cached)
+            _cuda.event_record(self._ev_mid, self._stream)
+            launch(mod.fn("send"), S, K_intra.THREADS, self._stream, p)
+            _cuda.stream_wait_event(self._stream2, self._ev_mid)
+            # ---- the number of received rows ----
+            expert_list: list[int] = []
+            recv_counts = None
+            if worst:
+                M = num_worst_tokens
+                num_recv = None
+            elif cached:
+                num_recv = handle.num_recv_tokens
+                recv_counts = handle.recv_counts
+                M = num_recv if num_recv is not None else handle.out_rows
+            else:
+                self._wait_host_info("dispatch")
+                num_recv = int(st.info[1])
+                recv_counts = tuple(int(v) for v in st.info[2:2 + R])
+                if tr is not None:
+                    expert_list = [int(v) for v in st.info[2 + R:2 + R + E // R]]
+                M = num_recv
+            # ---- outputs ----
+            G = H // 128
+            rx = self._empty(fw, (M, H), "float8_e4m3fn" if fp8 else "bfloat16")
+            rs = None
+            col_major_scales = fp8 and sr.strides[0] == 1 and sr.shape[1] > 1 and N > 1
+            if fp8:
+                if col_major_scales:
+                    rs = self._empty(fw, (G, M), "float32")
+                    rs_st, rs_sg = 1, M
+                else:
+                    rs = self._empty(fw, (M, G), "float32")
+                    rs_st, rs_sg = G, 1
+            rti = self._empty(fw, (M, Kt), "int64") if Kt else None
+            rtw = self._empty(fw, (M, Kt), "float32") if (Kt and wr is not None) else None
+            if cached:
+                rsrc = None
+            else:
+                rsrc = self._empty(fw, (M,), "int32")
+            p.recv_x = rx[1].ptr
+            if fp8:
+                p.recv_scales, p.rscale_st, p.rscale_sg = rs[1].ptr, rs_st, rs_sg
+            p.recv_topk_idx = rti[1].ptr if rti else 0
+            p.recv_topk_weights = rtw[1].ptr if rtw else 0
+            p.recv_src_idx = rsrc[1].ptr if rsrc else 0
+            p.out_rows = M
+            p.worst_mode = int(worst)
+            launch(mod.fn("recv"), Rv, K_intra.THREADS, self._stream2, p)
+            _cuda.event_record(self._ev_recv, self._stream2)
+            _cuda.stream_wait_event(self._stream, self._ev_recv)
+            outs = [o[0] for o in (rx, rs, rti, rtw, rsrc) if o is not None]
+            ins = [xr.obj, sr.obj if sr else None, tr.obj if tr else None, wr.obj if wr else None]
+            if not cached:
+                ins += [rank_prefix_o, send_list_o, send_pos_o, send_count_o, itr_obj]
+            ev = self._finish(fw, caller, async_finish, outs, ins + keep)
+            if not cached:
+                refs["recv_src_idx"] = rsrc[1]
+                new_handle = DispatchHandle(
+                    buffer_id=id(self), framework=fw, device_id=self.device_id, num_ranks=R, rank=rank,
+                    num_tokens=N, hidden=H, num_experts=E, num_topk=Kt, num_worst_tokens=num_worst_tokens,
+                    out_rows=M, num_recv_tokens=num_recv, recv_counts=recv_counts, rank_prefix=rank_prefix_o,
+                    send_list=send_list_o, send_pos=send_pos_o, send_count=send_count_o,
+                    is_token_in_rank=itr_obj, recv_src_idx=interop.finish(fw, rsrc[0]), refs=refs)
+            else:
+                new_handle = handle
+        fin = lambda o: None if o is None else interop.finish(fw, o[0])  # noqa: E731
+        recv_x = fin(rx)
+        if fp8:
+            scales = fin(rs)
+            if col_major_scales:
+                scales = scales.T
+            recv_x = (recv_x, scales)
+        return recv_x, fin(rti), fin(rtw), expert_list, new_handle, ev
+
+    def _wait_host_info(self, what: str) -> None:
+        """Spin until the notify kernel published the counts (bounded by the timeout)."""
+        info = self._intra.info
+        deadline = time.monotonic() + self.timeout_s + 2.0
+        spins = 0
+        while info[0] == 0:
+            spins += 1
+            if spins & 0xFF == 0:
+                if self._err.pending():
+                    self._err.check(what)
+                if time.monotonic() > deadline:
+                    exc = EpcommTimeoutError(
+                        f"rank {self.rank}: {what}: the token counts of the peers never arrived within "
+                        f"{self.timeout_s:.0f} s (phase notify); a peer did not call {what}, or the GPU is "
+                        f"blocked by earlier work", rank=self.rank, phase="notify")
+                    self._err.poisoned = exc
+                    raise exc
+                if spins > 4096:
+                    time.sleep(0.0001)
+
+    # ---- normal combine ---------------------------------------------------------------------
+    def combine(self, x, handle: DispatchHandle, topk_weights=None, bias=None, config: Config | None = None,
+                previous_event: EventOverlap | None = None, async_finish: bool = False,
+                allocate_on_comm_stream: bool = False):
+        """Reverse a dispatch: every token gets the **unweighted** sum (fp32, in ascending rank
+        order, then the biases) of the rows that came from it, written as bf16.
+
+        Args:
+            x: bf16 [rows, H], rows in the dispatch's receive order (``rows`` = the dispatch's
+               output rows; padding rows are ignored).
+            handle: the dispatch's handle.
+            topk_weights: optional float32 [rows, K], reduced the same way.
+            bias: None, one bf16 [N, H] tensor, or a pair of them, added after the sum.
+
+        Returns ``(combined_x bf16 [N, H], combined_topk_weights float32 [N, K] or None, event)``.
+        Graph-capturable.  Raises like :meth:`dispatch`.
+        """
+        st = self._intra
+        if st is None:
+            raise BufferStateError("combine needs a Buffer created with num_nvl_bytes > 0")
+        self._check_usable("combine")
+        if not isinstance(handle, DispatchHandle):
+            raise TypeError(f"handle: expected a DispatchHandle, got {type(handle).__name__}")
+        if handle.buffer_id != id(self):
+            raise ValueError("handle: was made by another Buffer")
+        R = self.num_ranks
+        H = handle.hidden
+        xr = self._tensor(x, "x", dtype="bfloat16", ndim=2, shape=(handle.out_rows, H))
+        fw = xr.framework
+        N = handle.num_tokens
+        wr = self._tensor(topk_weights, "topk_weights", dtype="float32", ndim=2, shape=(handle.out_rows, None),
+                          allow_none=True)
+        Kt = wr.shape[1] if wr is not None else 0
+        biases = []
+        if bias is not None:
+            blist = list(bias) if isinstance(bias, (tuple, list)) else [bias]
+            if len(blist) > 2:
+                raise ValueError(f"bias: at most two tensors, got {len(blist)}")
+            for i, b in enumerate(blist):
+                biases.append(self._tensor(b, f"bias[{i}]", dtype="bfloat16", ndim=2, shape=(N, H)))
+        cfg = config or self._combine_config
+        S, Rv = cfg.split()
+        lay = st.layout
+        row = K_intra.combine_row_bytes(H, Kt)
+        cap = lay.capacity_rows(row)
+        if handle.recv_counts is not None and max(handle.recv_counts, default=0) > cap:
+            raise ValueError(f"Buffer too small for this combine: {max(handle.recv_counts)} rows from one rank, "
+                             f"capacity {cap}; need num_nvl_bytes >= "
+                             f"{K_intra.nvl_buffer_size_hint(H, R, max(handle.recv_counts), Kt)}")
+        chunk_rows = max(cfg.chunk_rows, -(-lay.capacity_rows(K_intra.max_row_bytes(H, Kt)) // K_intra.MAX_CHUNKS))
+        spec = K_intra.IntranodeCombineSpec(R, H)
+        with _cuda.on_device(self.device_id):
+            mod = loader.load(spec, self.device_id)
+            caller, capturing = self._begin(fw, previous_event)
+            out = self._empty(fw, (N, H), "bfloat16")
+            outw = self._empty(fw, (N, Kt), "float32") if wr is not None else None
+            p = st.params(self.timeout_s)
+            refs = handle.refs
+            p.x = xr.ptr
+            p.topk_weights = _ptr(wr)
+            p.send_pos, p.rank_prefix = refs["send_pos"].ptr, refs["rank_prefix"].ptr
+            p.out = out[1].ptr
+            p.out_weights = outw[1].ptr if outw else 0
+            p.bias0 = biases[0].ptr if len(biases) > 0 else 0
+            p.bias1 = biases[1].ptr if len(biases) > 1 else 0
+            p.num_tokens, p.num_topk, p.num_experts = N, Kt, handle.num_experts
+            p.chunk_rows, p.row_bytes = chunk_rows, row
+            p.num_send_blocks = S
+            launch(mod.fn("combine"), S + Rv, K_intra.THREADS, self._stream, p, cooperative=True)
+            outs = [out[0]] + ([outw[0]] if outw else [])
+            ev = self._finish(fw, caller, async_finish, outs,
+                              [xr.obj, wr.obj if wr else None, handle.send_pos, handle.rank_prefix]
+                              + [b.obj for b in biases])
+        return interop.finish(fw, out[0]), (interop.finish(fw, outw[0]) if outw else None), ev
+
+    # ---- low-latency mode (epcomm.low_latency) -------------------------------------------------
+    def _ll_state(self):
+        if self._ll is None:
+            raise BufferStateError("low-latency calls need a Buffer created with low_latency_mode=True")
+        self._check_usable("low-latency call")
+        return self._ll
+
+    def low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank: int, num_experts: int,
+                             **kw):
+        """See :meth:`epcomm.low_latency.LowLatencyState.dispatch`."""
+        return self._ll_state().dispatch(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, **kw)
+
+    def low_latency_combine(self, x, topk_idx, topk_weights, handle, **kw):
+        """See :meth:`epcomm.low_latency.LowLatencyState.combine`."""
+        return self._ll_state().combine(x, topk_idx, topk_weights, handle, **kw)
+
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
+        self._ll_state().clean(num_max_dispatch_tokens_per_rank, hidden, num_experts)
+
+    def get_next_low_latency_combine_buffer(self, handle):
+        return self._ll_state().next_combine_buffer(handle)

@@ -1,0 +1,47 @@
+"""Launch configuration of the normal (high-throughput) kernels."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from . import envs
+
+
+@dataclass(frozen=True)
+class Config:
+    """SM budget and pipelining of one normal-mode operation.
+
+    * ``num_sms``: SMs the operation may occupy in total (sending + receiving blocks, one block
+      per SM).  The send and receive kernels of a dispatch run concurrently and share it.
+    * ``chunk_rows``: rows per arrival flag; smaller chunks start the receiver earlier,
+      larger ones cost fewer flag round trips.  Raised automatically if a call has more than
+      4096 chunks per source.
+    * ``send_fraction``: share of ``num_sms`` given to sending blocks.
+    """
+
+    num_sms: int = 24
+    chunk_rows: int = 64
+    send_fraction: float = 0.5
+
+    def __post_init__(self):
+        if self.num_sms < 2:
+            raise ValueError(f"Config.num_sms={self.num_sms}: needs at least 2 (one sending, one receiving block)")
+        if self.chunk_rows < 1:
+            raise ValueError(f"Config.chunk_rows={self.chunk_rows}: must be >= 1")
+        if not 0.0 < self.send_fraction < 1.0:
+            raise ValueError(f"Config.send_fraction={self.send_fraction}: must be in (0, 1)")
+
+    def split(self) -> tuple[int, int]:
+        s = min(self.num_sms - 1, max(1, round(self.num_sms * self.send_fraction)))
+        return s, self.num_sms - s
+
+    def with_sms(self, n: int) -> "Config":
+        return replace(self, num_sms=n)
+
+
+def default_dispatch_config(num_ranks: int) -> Config:
+    """Default dispatch config per rank count (EPCOMM_NUM_SMS sets the SM budget)."""
+    return Config(num_sms=envs.NUM_SMS.get(), chunk_rows=64 if num_ranks <= 4 else 32)
+
+
+def default_combine_config(num_ranks: int) -> Config:
+    return Config(num_sms=envs.NUM_SMS.get(), chunk_rows=64 if num_ranks <= 4 else 32)

@@ -1,0 +1,124 @@
+"""Every ``EPCOMM_*`` environment variable, read in one typed place.
+
+Values are read from ``os.environ`` on every access (not at import), so a test or a
+launcher may set a variable at any time before the code that uses it runs.  The README
+table of variables is generated from :data:`KNOBS` (``python -m epcomm.envs`` prints it).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Generic, TypeVar
+
+T = TypeVar("T")
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _parse_bool(name: str, raw: str) -> bool:
+    low = raw.strip().lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise ValueError(f"{name}={raw!r}: expected one of 1/0/true/false/yes/no/on/off")
+
+
+def _parse_float(name: str, raw: str) -> float:
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r}: expected a number") from None
+
+
+def _parse_int(name: str, raw: str) -> int:
+    try:
+        return int(raw, 0)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r}: expected an integer") from None
+
+
+@dataclass(frozen=True)
+class Knob(Generic[T]):
+    name: str
+    default: Callable[[], T]
+    parse: Callable[[str, str], T]
+    doc: str
+    default_doc: str
+
+    def get(self) -> T:
+        raw = os.environ.get(self.name)
+        if raw is None or raw == "" and self.parse is not _parse_bool:
+            return self.default()
+        return self.parse(self.name, raw)
+
+    def is_set(self) -> bool:
+        return self.name in os.environ
+
+
+def _str(name: str, raw: str) -> str:
+    return raw
+
+
+def _default_cache_dir() -> Path:
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".cache"
+    return base / "epcomm"
+
+
+KNOBS: dict[str, Knob] = {}
+
+
+def _knob(name: str, default, parse, doc: str, default_doc: str | None = None) -> Knob:
+    k = Knob(name, default if callable(default) else (lambda d=default: d), parse, doc,
+             default_doc if default_doc is not None else repr(default))
+    KNOBS[name] = k
+    return k
+
+
+CACHE_DIR = _knob("EPCOMM_CACHE_DIR", _default_cache_dir, lambda n, r: Path(r).expanduser(),
+                  "Directory of the on-disk JIT cache (compiled cubins).", "~/.cache/epcomm")
+DISABLE_CACHE = _knob("EPCOMM_DISABLE_CACHE", False, _parse_bool,
+                      "Compile every kernel afresh and write nothing to the disk cache.")
+ARCH = _knob("EPCOMM_ARCH", "", _str,
+             "Target architecture for JIT compiles (e.g. sm_90); default: the current GPU's, "
+             "or sm_90 where no GPU is visible.", "'' (auto)")
+JIT_VERBOSE = _knob("EPCOMM_JIT_VERBOSE", False, _parse_bool,
+                    "Log every compile and cache hit to stderr.")
+DUMP_DIR = _knob("EPCOMM_DUMP_DIR", "", _str,
+                 "If set, write each rendered instantiation source and its compile log here.",
+                 "'' (off)")
+NVSHMEM_HOME = _knob("EPCOMM_NVSHMEM_HOME", "", _str,
+                     "NVSHMEM installation (with include/ and lib/libnvshmem_device.a) to compile "
+                     "and link against; default: the nvidia-nvshmem wheel.", "'' (wheel)")
+CUDA_HOME = _knob("EPCOMM_CUDA_HOME", "", _str,
+                  "CUDA toolkit root whose include/ (and include/cccl) NVRTC should use; "
+                  "default: the nvidia-cuda-runtime/-cccl wheels, then CUDA_HOME, then /usr/local/cuda.",
+                  "'' (auto)")
+TIMEOUT_S = _knob("EPCOMM_TIMEOUT_S", 100.0, _parse_float,
+                  "Seconds a kernel or the host waits for a peer before raising EpcommTimeoutError "
+                  "(names the rank, phase and channel that stalled).")
+COMPILE_JOBS = _knob("EPCOMM_COMPILE_JOBS", 0, _parse_int,
+                     "Parallel compile processes for `epcomm warmup` when -j is not given; 0 = CPU count.")
+LL_FORCE_NVSHMEM_PUT = _knob("EPCOMM_LL_FORCE_NVSHMEM_PUT", False, _parse_bool,
+                             "Low-latency kernels use NVSHMEM puts even to peers reachable over NVLink "
+                             "(the RDMA code path), instead of plain stores through peer pointers.")
+CHECK_INDICES = _knob("EPCOMM_CHECK_INDICES", True, _parse_bool,
+                      "Check on the host, before launching, that top-k expert indices lie in [-1, E) "
+                      "(one device sync per call; skipped under CUDA-graph capture). Kernels always "
+                      "check on the device and report at the next call. Set 0 in production.")
+NUM_SMS = _knob("EPCOMM_NUM_SMS", 24, _parse_int,
+                "Default SM budget of the normal (high-throughput) kernels; Buffer.set_num_sms overrides.")
+
+
+def table_markdown() -> str:
+    rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for k in KNOBS.values():
+        rows.append(f"| `{k.name}` | {k.default_doc} | {k.doc} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(table_markdown())

@@ -1,0 +1,124 @@
+"""On-disk JIT cache.
+
+Layout: ``<EPCOMM_CACHE_DIR>/<family>/<key>.bin`` where one file holds a JSON header and the
+cubin.  An entry is published with a temporary file in the same directory, ``fsync`` and
+``os.replace``, so readers see a whole entry or none.  A per-key ``flock`` makes concurrent
+processes (e.g. 8 ranks starting together) compile a key once: the others wait on the lock and
+then read the published entry.  A truncated or corrupt entry (bad magic, bad header, payload
+hash mismatch) is treated as a miss and overwritten.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import envs
+
+SCHEMA_VERSION = 1
+_MAGIC = b"EPCJIT01"
+
+
+@dataclass
+class CacheEntry:
+    payload: bytes
+    meta: dict
+
+
+def cache_root() -> Path:
+    return Path(envs.CACHE_DIR.get())
+
+
+def make_key(parts: dict) -> str:
+    """sha256 over a canonical JSON of ``parts`` (bytes values are hashed first)."""
+    canon = {}
+    for k, v in parts.items():
+        if isinstance(v, (bytes, bytearray)):
+            canon[k] = hashlib.sha256(bytes(v)).hexdigest()
+        else:
+            canon[k] = v
+    blob = json.dumps(canon, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def entry_path(family: str, key: str) -> Path:
+    return cache_root() / family / f"{key}.bin"
+
+
+def read_entry(path: Path) -> CacheEntry | None:
+    """The entry at ``path``, or None if missing, truncated or corrupt."""
+    try:
+        data = path.read_bytes()
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        return None
+    if len(data) < len(_MAGIC) + 4 or data[: len(_MAGIC)] != _MAGIC:
+        return None
+    (hlen,) = struct.unpack_from("<I", data, len(_MAGIC))
+    start = len(_MAGIC) + 4
+    if len(data) < start + hlen:
+        return None
+    try:
+        meta = json.loads(data[start: start + hlen].decode())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    payload = data[start + hlen:]
+    if not isinstance(meta, dict) or meta.get("payload_sha256") != hashlib.sha256(payload).hexdigest() \
+            or meta.get("payload_len") != len(payload):
+        return None
+    return CacheEntry(payload, meta)
+
+
+def write_entry(path: Path, payload: bytes, meta: dict) -> None:
+    """Publish atomically: temp file, fsync, os.replace, fsync of the directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(meta, payload_sha256=hashlib.sha256(payload).hexdigest(), payload_len=len(payload))
+    header = json.dumps(meta, sort_keys=True).encode()
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(_MAGIC + struct.pack("<I", len(header)) + header + payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+@contextlib.contextmanager
+def key_lock(family: str, key: str):
+    """Exclusive inter-process lock for one key (released if the holder dies)."""
+    lock_dir = cache_root() / family / "locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_dir / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def cache_size_bytes() -> tuple[int, int]:
+    """(number of entries, total bytes) under the cache root."""
+    root = cache_root()
+    n = total = 0
+    if root.is_dir():
+        for p in root.rglob("*.bin"):
+            with contextlib.suppress(OSError):
+                total += p.stat().st_size
+                n += 1
+    return n, total

@@ -1,0 +1,179 @@
+"""Compile a :class:`~epcomm.jit.spec.KernelSpec` to a cubin (NVRTC via ``cuda.core.Program``;
+modules that call NVSHMEM are compiled relocatable and linked with ``libnvshmem_device.a``
+through ``cuda.core.Linker``/nvJitLink), going through the disk cache.
+
+Compiling needs no GPU and no driver: CI compiles every shipped specialization for sm_90.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import envs
+from .._version import __version__
+from ..errors import CompileError, ToolchainError
+from . import cache, toolchain
+from .spec import KernelSpec
+
+
+@dataclass
+class Module:
+    """A compiled (not yet loaded) module."""
+
+    spec: KernelSpec
+    arch: str
+    key: str
+    cubin: bytes
+    symbols: dict[str, str]          # kernel short name -> mangled symbol
+    cached: bool                     # True if read from the disk cache
+    seconds: float                   # wall time of this build (compile or read)
+    meta: dict = field(default_factory=dict)
+
+
+_DIGEST_MEMO: dict[tuple, str] = {}
+
+
+def _sources_digest() -> str:
+    """sha256 over the path and bytes of every file in cuda_src/.
+
+    Memoised on the files' (path, size, mtime_ns), so an edited header is re-read but a
+    launch path does not hash the sources on every call.
+    """
+    root = toolchain.cuda_src_dir()
+    files = toolchain.cuda_src_files()
+    stamp = tuple((str(p), st.st_size, st.st_mtime_ns) for p in files for st in (p.stat(),))
+    d = _DIGEST_MEMO.get(stamp)
+    if d is None:
+        h = hashlib.sha256()
+        for p in files:
+            h.update(str(p.relative_to(root)).encode() + b"\0")
+            h.update(p.read_bytes())
+            h.update(b"\0")
+        d = _DIGEST_MEMO[stamp] = h.hexdigest()
+    return d
+
+
+def _options(spec: KernelSpec, arch: str) -> tuple[dict, list[str]]:
+    """cuda.core ProgramOptions keyword arguments and their canonical string form."""
+    inc = [str(toolchain.cuda_src_dir())]
+    kw: dict = dict(std="c++17", arch=arch, lineinfo=True)
+    if spec.uses_nvshmem:
+        nv = toolchain.nvshmem()
+        inc += [str(nv.include)] + [str(p) for p in toolchain.cuda_include_dirs()]
+        kw.update(relocatable_device_code=True, device_as_default_execution_space=True)
+    kw["include_path"] = inc
+    macros = list(spec.macros())
+    kw["define_macro"] = macros
+    canon = [f"-std={kw['std']}", f"-arch={arch}", "-lineinfo"]
+    canon += [f"-I{p}" for p in inc]
+    canon += [f"-D{k}={v}" for k, v in macros]
+    if spec.uses_nvshmem:
+        canon += ["-rdc=true", "-default-device"]
+    return kw, sorted(canon)
+
+
+def cache_key(spec: KernelSpec, arch: str, source: str | None = None) -> str:
+    source = spec.render() if source is None else source
+    _, canon = _options(spec, arch)
+    parts = {
+        "schema": cache.SCHEMA_VERSION,
+        "epcomm": __version__,
+        "cuda_src": _sources_digest(),
+        "source": source,
+        "options": canon,
+        "arch": arch,
+        "nvrtc": toolchain.nvrtc_version(),
+    }
+    if spec.uses_nvshmem:
+        parts["nvjitlink"] = toolchain.nvjitlink_version()
+        parts["nvshmem"] = toolchain.nvshmem().version
+    return cache.make_key(parts)
+
+
+def _dump(spec: KernelSpec, source: str, log: str, options: list[str]) -> None:
+    d = envs.DUMP_DIR.get()
+    if not d:
+        return
+    p = Path(d)
+    p.mkdir(parents=True, exist_ok=True)
+    safe = "".join(c if c.isalnum() or c in "-_=.," else "_" for c in spec.label())
+    (p / f"{safe}.cu").write_text(source)
+    (p / f"{safe}.log").write_text(" ".join(options) + "\n\n" + log)
+
+
+def compile_uncached(spec: KernelSpec, arch: str) -> tuple[bytes, dict[str, str], str]:
+    """Compile (and link, for NVSHMEM modules).  Returns (cubin, symbols, log).
+
+    Raises CompileError with the log, options and numbered source on failure.
+    """
+    try:
+        from cuda.core import Program, ProgramOptions
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise ToolchainError(f"cuda.core is not installed ({e}); pip install 'epcomm[cu13]'") from e
+    source = spec.render()
+    kw, canon = _options(spec, arch)
+    kdefs = spec.kernels()
+    names = [k.name_expression for k in kdefs]
+    logbuf = io.StringIO()
+    try:
+        obj = Program(source, "c++", ProgramOptions(**kw)).compile("cubin", name_expressions=names,
+                                                                   logs=logbuf)
+    except Exception as e:
+        log = logbuf.getvalue() + str(e)
+        _dump(spec, source, log, canon)
+        raise CompileError("NVRTC compile", log, canon, source, spec.label()) from None
+    symbols = {}
+    for k in kdefs:
+        m = obj.symbol_mapping.get(k.name_expression)
+        if m is None:
+            raise CompileError("NVRTC name lookup", f"no symbol for {k.name_expression}", canon,
+                               source, spec.label())
+        symbols[k.short] = m.decode() if isinstance(m, bytes) else str(m)
+    cubin = obj.code
+    if spec.uses_nvshmem:
+        from cuda.core import Linker, LinkerOptions, ObjectCode
+        lib = ObjectCode.from_library(str(toolchain.nvshmem().device_lib))
+        try:
+            linked = Linker(obj, lib, options=LinkerOptions(arch=arch)).link("cubin")
+        except Exception as e:
+            _dump(spec, source, logbuf.getvalue() + str(e), canon)
+            raise CompileError("nvJitLink link with libnvshmem_device.a", str(e), canon, source,
+                               spec.label()) from None
+        cubin = linked.code
+    _dump(spec, source, logbuf.getvalue(), canon)
+    return bytes(cubin), symbols, logbuf.getvalue()
+
+
+def build(spec: KernelSpec, arch: str | None = None) -> Module:
+    """The compiled module for ``spec``: from the disk cache, or compiled and published."""
+    arch = toolchain.normalize_arch(arch) if arch else toolchain.current_arch()
+    t0 = time.perf_counter()
+    source = spec.render()
+    key = cache_key(spec, arch, source)
+    verbose = envs.JIT_VERBOSE.get()
+    if envs.DISABLE_CACHE.get():
+        cubin, symbols, _ = compile_uncached(spec, arch)
+        return Module(spec, arch, key, cubin, symbols, False, time.perf_counter() - t0)
+    path = cache.entry_path(spec.family, key)
+    ent = cache.read_entry(path)
+    if ent is None:
+        with cache.key_lock(spec.family, key):
+            ent = cache.read_entry(path)  # another process may have published it meanwhile
+            if ent is None:
+                tc = time.perf_counter()
+                cubin, symbols, _ = compile_uncached(spec, arch)
+                meta = {"label": spec.label(), "symbols": symbols, "arch": arch,
+                        "compile_seconds": round(time.perf_counter() - tc, 3), "epcomm": __version__}
+                cache.write_entry(path, cubin, meta)
+                if verbose:
+                    print(f"[epcomm.jit] compiled {spec.label()} ({arch}) in "
+                          f"{meta['compile_seconds']}s -> {path}", file=sys.stderr)
+                return Module(spec, arch, key, cubin, symbols, False, time.perf_counter() - t0, meta)
+    if verbose:
+        print(f"[epcomm.jit] cache hit {spec.label()} ({arch})", file=sys.stderr)
+    return Module(spec, arch, key, ent.payload, dict(ent.meta["symbols"]), True,
+                  time.perf_counter() - t0, ent.meta)

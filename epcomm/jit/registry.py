@@ -1,0 +1,79 @@
+"""The catalogue of kernel specializations: what ``epcomm warmup`` builds and what ships.
+
+``SHIPPED`` is the set CI compiles for sm_90 on every change (tests/test_jit_compile.py); the
+presets name the model shapes users ask for most.  Specializations outside it still compile on
+first use (any hidden size that is a multiple of 128, or of 8 for the BF16 normal mode).
+"""
+from __future__ import annotations
+
+from ..kernels.intranode import IntranodeCombineSpec, IntranodeDispatchSpec
+from ..kernels.layout import LayoutSpec
+from ..kernels.low_latency import LowLatencySpec
+from ..kernels.smoke import SmokeNvshmemSpec, SmokePeerStoreSpec
+from .spec import KernelSpec
+
+MODES = ("normal", "low-latency")
+DTYPES = ("bf16", "fp8")
+
+PRESETS: dict[str, dict] = {
+    # DeepSeek-V3/R1: hidden 7168, 256 routed experts, top-8.
+    "deepseek-v3": dict(hidden=(7168,), ranks=(2, 4, 8), dtypes=DTYPES, modes=MODES),
+    # Qwen3-235B-A22B: hidden 4096, 128 experts, top-8.
+    "qwen3-235b": dict(hidden=(4096,), ranks=(2, 4, 8), dtypes=DTYPES, modes=MODES),
+    # gpt-oss-120b: hidden 2880 (not a multiple of 128: BF16 normal mode only).
+    "gpt-oss": dict(hidden=(2880,), ranks=(2, 4, 8), dtypes=("bf16",), modes=("normal",)),
+    # Shapes of the GPU test suite.
+    "tests": dict(hidden=(2048, 4096, 7168, 2880), ranks=(2, 4, 8), dtypes=DTYPES, modes=MODES),
+}
+
+
+def specs_for(hidden, ranks, dtypes=DTYPES, modes=MODES, *, strict: bool = False) -> list[KernelSpec]:
+    """Every specialization needed for these shapes.  Combinations a kernel cannot support
+    (FP8 or low-latency with hidden % 128 != 0) are skipped, or raise ValueError if ``strict``."""
+    for m in modes:
+        if m not in MODES:
+            raise ValueError(f"mode {m!r}: expected one of {MODES}")
+    for d in dtypes:
+        if d not in DTYPES:
+            raise ValueError(f"dtype {d!r}: expected one of {DTYPES}")
+    out: list[KernelSpec] = [LayoutSpec()]
+
+    def add(spec: KernelSpec) -> None:
+        try:
+            spec.validate()
+        except ValueError:
+            if strict:
+                raise
+            return
+        if spec not in out:
+            out.append(spec)
+
+    for H in hidden:
+        if "normal" in modes:
+            for R in ranks:
+                for d in dtypes:
+                    add(IntranodeDispatchSpec(R, H, d == "fp8"))
+                add(IntranodeCombineSpec(R, H))
+        if "low-latency" in modes:
+            add(LowLatencySpec(H, False))  # combine (and BF16 dispatch) always needed
+            if "fp8" in dtypes:
+                add(LowLatencySpec(H, True))
+    return out
+
+
+def preset(name: str) -> list[KernelSpec]:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    return specs_for(**PRESETS[name])
+
+
+def shipped() -> list[KernelSpec]:
+    """Every specialization of every preset, the layout kernel and the smoke-test kernels."""
+    out: list[KernelSpec] = []
+    for name in PRESETS:
+        for s in preset(name):
+            if s not in out:
+                out.append(s)
+    for s in (SmokePeerStoreSpec(), SmokeNvshmemSpec()):
+        out.append(s)
+    return out

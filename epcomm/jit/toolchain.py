@@ -1,0 +1,185 @@
+"""Locating the CUDA compile toolchain: NVRTC, nvJitLink, headers, NVSHMEM.
+
+Everything is resolved lazily and memoised; none of it needs a GPU or a driver.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import envs
+from ..errors import ToolchainError
+
+
+def cuda_src_dir() -> Path:
+    """The ``cuda_src`` directory: inside the installed package, or beside it in a checkout."""
+    here = Path(__file__).resolve().parent.parent  # .../epcomm
+    for cand in (here / "cuda_src", here.parent / "cuda_src"):
+        if (cand / "epcomm_common.cuh").is_file():
+            return cand
+    raise ToolchainError(f"cuda_src/ not found next to {here}; the installation is incomplete")
+
+
+def cuda_src_files() -> list[Path]:
+    root = cuda_src_dir()
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".cuh", ".h", ".cu"))
+
+
+def _first_dir(*cands) -> Path | None:
+    for c in cands:
+        if c and Path(c).is_dir():
+            return Path(c)
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _pathfinder_header(name: str) -> Path | None:
+    try:
+        from cuda import pathfinder
+    except ImportError:
+        return None
+    try:
+        loc = pathfinder.locate_nvidia_header_directory(name)
+    except Exception:
+        return None
+    return Path(loc.abs_path) if loc is not None else None
+
+
+def _cuda_homes() -> list[Path]:
+    out = []
+    for v in (envs.CUDA_HOME.get(), os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
+              "/usr/local/cuda"):
+        if v:
+            out.append(Path(v))
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_include_dirs() -> tuple[Path, ...]:
+    """Include directories for the CUDA runtime headers and CCCL (``cuda/std/...``).
+
+    Raises ToolchainError naming what was searched if either is missing.
+    """
+    homes = _cuda_homes()
+    if envs.CUDA_HOME.get():
+        rt = _first_dir(Path(envs.CUDA_HOME.get()) / "include")
+    else:
+        rt = _pathfinder_header("cudart") or _first_dir(*(h / "include" for h in homes))
+    if rt is None or not (rt / "cuda_runtime.h").is_file():
+        raise ToolchainError(
+            "CUDA runtime headers (cuda_runtime.h) not found. Install the extra matching your "
+            "CUDA major version (pip install 'epcomm[cu13]' or 'epcomm[cu12]') or set "
+            f"EPCOMM_CUDA_HOME. Searched: wheels, {', '.join(map(str, homes))}")
+    cccl = None
+    for c in (rt / "cccl", _pathfinder_header("cccl"), *(h / "include" / "cccl" for h in homes), rt):
+        if c and (Path(c) / "cuda" / "std" / "version").is_file():
+            cccl = Path(c)
+            break
+    if cccl is None:
+        raise ToolchainError("CCCL headers (cuda/std/version) not found; install nvidia-cuda-cccl")
+    dirs = [rt] if cccl == rt else [rt, cccl]
+    return tuple(dirs)
+
+
+@dataclass(frozen=True)
+class NvshmemInstall:
+    include: Path
+    device_lib: Path
+    version: str
+
+
+@functools.lru_cache(maxsize=None)
+def nvshmem() -> NvshmemInstall:
+    """The NVSHMEM installation to compile and link device code against.
+
+    It must be the one whose host library nvshmem4py loads (the nvidia-nvshmem wheel by
+    default); device and host halves of different NVSHMEM releases do not interoperate.
+    """
+    root = None
+    if envs.NVSHMEM_HOME.get():
+        root = Path(envs.NVSHMEM_HOME.get())
+    else:
+        try:
+            import nvidia.nvshmem as nvs  # type: ignore
+            root = Path(list(nvs.__path__)[0])
+        except Exception:
+            inc = _pathfinder_header("nvshmem")
+            root = inc.parent if inc is not None else None
+    if root is None or not (root / "include" / "nvshmem.h").is_file():
+        raise ToolchainError(
+            "NVSHMEM headers not found: install nvidia-nvshmem-cu13 (or -cu12), or set "
+            f"EPCOMM_NVSHMEM_HOME (looked in {root})")
+    lib = root / "lib" / "libnvshmem_device.a"
+    if not lib.is_file():
+        raise ToolchainError(f"{lib} not found: NVSHMEM device library missing")
+    return NvshmemInstall(root / "include", lib, _nvshmem_version(root / "include"))
+
+
+def _nvshmem_version(inc: Path) -> str:
+    ver = {}
+    for f in (inc / "non_abi" / "nvshmem_version.h", inc / "nvshmem_version.h"):
+        if f.is_file():
+            for m in re.finditer(r"#define\s+NVSHMEM_VENDOR_(MAJOR|MINOR|PATCH)_VERSION\s+(\d+)",
+                                 f.read_text(errors="replace")):
+                ver[m.group(1)] = m.group(2)
+            if ver:
+                break
+    if len(ver) == 3:
+        return f"{ver['MAJOR']}.{ver['MINOR']}.{ver['PATCH']}"
+    try:
+        from importlib.metadata import version
+        for dist in ("nvidia-nvshmem-cu13", "nvidia-nvshmem-cu12"):
+            try:
+                return version(dist)
+            except Exception:
+                pass
+    except Exception:
+        pass
+    return "unknown"
+
+
+@functools.lru_cache(maxsize=None)
+def nvrtc_version() -> str:
+    try:
+        from cuda.bindings import nvrtc
+        err, major, minor = nvrtc.nvrtcVersion()
+        return f"{major}.{minor}"
+    except Exception as e:  # pragma: no cover - depends on the install
+        raise ToolchainError(f"NVRTC is not usable: {e}. Install nvidia-cuda-nvrtc") from e
+
+
+@functools.lru_cache(maxsize=None)
+def nvjitlink_version() -> str:
+    try:
+        from cuda.bindings import nvjitlink
+        major, minor = nvjitlink.version()
+        return f"{major}.{minor}"
+    except Exception:
+        return "unavailable"
+
+
+def current_arch() -> str:
+    """The architecture to compile for: EPCOMM_ARCH, else the current GPU's, else sm_90.
+
+    Only this function (called when a kernel is first needed) may query the driver.
+    """
+    a = envs.ARCH.get()
+    if a:
+        return normalize_arch(a)
+    try:
+        from cuda.core import Device
+        cc = Device().compute_capability
+        return f"sm_{cc.major}{cc.minor}"
+    except Exception:
+        return "sm_90"
+
+
+def normalize_arch(a: str) -> str:
+    a = a.strip().lower()
+    m = re.fullmatch(r"(?:sm_?|compute_?)?(\d{2,3})([af]?)", a)
+    if not m:
+        raise ValueError(f"arch {a!r}: expected e.g. sm_90, sm_90a or 90")
+    return f"sm_{m.group(1)}{m.group(2)}"

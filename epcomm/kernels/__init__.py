@@ -1,0 +1,16 @@
+"""Python launchers of the CUDA kernels, one module per kernel family.
+
+=====================  ============================  =============================
+module                 CUDA source (cuda_src/)       tests
+=====================  ============================  =============================
+kernels.layout         layout.cuh                    tests/test_layout_gpu.py
+kernels.intranode      intranode.cuh                 tests/test_intranode_gpu.py
+kernels.low_latency    low_latency.cuh               tests/test_low_latency_gpu.py
+kernels.smoke          smoke.cuh                     tests/test_smoke_gpu.py
+=====================  ============================  =============================
+
+Each module defines the family's :class:`~epcomm.jit.spec.KernelSpec` subclasses (template
+arguments), the ``ParamsStruct`` mirrors of the C++ parameter structs (runtime parameters) and
+the functions that launch them.  Compile-only coverage of every shipped specialization lives in
+``tests/test_jit_compile.py``.
+"""

@@ -1,0 +1,162 @@
+"""High-throughput dispatch/combine inside one NVLink domain (``cuda_src/intranode.cuh``).
+
+Template arguments (:class:`IntranodeDispatchSpec`, :class:`IntranodeCombineSpec`): rank count,
+hidden size and payload dtype, so the row copies have compile-time trip counts.  Runtime
+parameters: :class:`IntraParams`, the mirror of ``epcomm::IntraParams``.  The orchestration
+(buffers, streams, the CPU synchronisation of the non-graph path) lives in
+:mod:`epcomm.buffer`; this module only describes and launches kernels.
+"""
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+from ..jit.spec import KernelDef, KernelSpec, ParamsStruct
+
+MAX_RANKS = 72          # kIntraMaxRanks: one NVLink domain
+THREADS = 512           # kIntraThreads
+NOTIFY_THREADS = 1024
+MAX_CHUNKS = 4096       # chunk flags per source rank
+MAX_LOCAL_EXPERTS = 1023
+MAILBOX_INTS = 1 + MAX_LOCAL_EXPERTS
+
+_u64, _i64, _i32 = ctypes.c_uint64, ctypes.c_int64, ctypes.c_int32
+
+
+class IntraParams(ParamsStruct):
+    _cname_ = "epcomm::IntraParams"
+    _fields_ = [
+        ("peers", _u64 * MAX_RANKS), ("ctrl", _u64), ("err", _u64), ("host_info", _u64),
+        ("ack_off", _u64), ("mailbox_tag_off", _u64), ("mailbox_off", _u64), ("flags_off", _u64),
+        ("staging_off", _u64), ("region_bytes", _u64),
+        ("x", _u64), ("x_scales", _u64), ("topk_idx", _u64), ("topk_weights", _u64),
+        ("is_token_in_rank", _u64), ("num_tokens_per_expert", _u64),
+        ("send_list", _u64), ("send_pos", _u64), ("send_count", _u64), ("rank_prefix", _u64),
+        ("recv_x", _u64), ("recv_scales", _u64), ("recv_topk_idx", _u64), ("recv_topk_weights", _u64),
+        ("recv_src_idx", _u64), ("out", _u64), ("out_weights", _u64), ("bias0", _u64), ("bias1", _u64),
+        ("scale_st", _i64), ("scale_sg", _i64), ("rscale_st", _i64), ("rscale_sg", _i64),
+        ("timeout_ns", _u64),
+        ("rank", _i32), ("num_ranks", _i32), ("num_tokens", _i32), ("num_topk", _i32),
+        ("num_experts", _i32), ("expert_alignment", _i32), ("out_rows", _i32), ("worst_mode", _i32),
+        ("chunk_rows", _i32), ("row_bytes", _i32), ("mailbox_ints", _i32), ("max_chunks", _i32),
+        ("cached", _i32), ("write_host", _i32), ("num_send_blocks", _i32), ("pad", _i32),
+    ]
+
+
+class IntraCtrl(ctypes.Structure):
+    """Mirror of epcomm::IntraCtrl (size only: the host zeroes it once)."""
+    _fields_ = [("op_seq", _u64), ("cur_tag", _u64), ("scan_done", _i32), ("recv_done", _i32),
+                ("comb_done", _i32), ("pad", _i32)]
+
+
+def _check_ranks(num_ranks: int) -> None:
+    if not 2 <= num_ranks <= MAX_RANKS:
+        raise ValueError(f"num_ranks={num_ranks}: intranode kernels support 2..{MAX_RANKS} ranks")
+
+
+@dataclass(frozen=True)
+class IntranodeDispatchSpec(KernelSpec):
+    """notify + send + receive kernels of one (ranks, hidden, dtype) specialization."""
+
+    family = "intranode_dispatch"
+    header = "intranode.cuh"
+    num_ranks: int
+    hidden: int
+    fp8: bool
+
+    def validate(self) -> None:
+        _check_ranks(self.num_ranks)
+        if self.fp8 and self.hidden % 128:
+            raise ValueError(f"hidden={self.hidden}: FP8 dispatch needs a multiple of 128 (one scale per 128 channels)")
+        if not self.fp8 and self.hidden % 8:
+            raise ValueError(f"hidden={self.hidden}: BF16 dispatch needs a multiple of 8 (16-byte rows)")
+
+    def kernels(self):
+        R, H, f = self.num_ranks, self.hidden, self.fp8
+        return (
+            KernelDef("notify", "epcomm::intranode_notify", (R,), IntraParams),
+            KernelDef("send", "epcomm::intranode_dispatch_send", (R, H, f), IntraParams),
+            KernelDef("recv", "epcomm::intranode_dispatch_recv", (R, H, f), IntraParams),
+        )
+
+
+@dataclass(frozen=True)
+class IntranodeCombineSpec(KernelSpec):
+    family = "intranode_combine"
+    header = "intranode.cuh"
+    num_ranks: int
+    hidden: int
+
+    def validate(self) -> None:
+        _check_ranks(self.num_ranks)
+        if self.hidden % 8:
+            raise ValueError(f"hidden={self.hidden}: combine needs a multiple of 8 (16-byte bf16 rows)")
+
+    def kernels(self):
+        return (KernelDef("combine", "epcomm::intranode_combine", (self.num_ranks, self.hidden), IntraParams),)
+
+
+def _align(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
+def dispatch_row_bytes(hidden: int, fp8: bool, num_topk: int) -> int:
+    """Staging row stride of a dispatch (mirror of DispatchRow in intranode.cuh)."""
+    payload = hidden * (1 if fp8 else 2)
+    groups = hidden // 128 if fp8 else 0
+    return _align(payload + 4 * groups + 4 + 8 * num_topk, 16)
+
+
+def combine_row_bytes(hidden: int, num_topk: int) -> int:
+    return _align(hidden * 2 + 4 * num_topk, 16)
+
+
+def max_row_bytes(hidden: int, num_topk: int) -> int:
+    """Largest row any operation of this hidden size writes (capacity checks use it)."""
+    return max(dispatch_row_bytes(hidden, False, num_topk), dispatch_row_bytes(hidden, True, num_topk)
+               if hidden % 128 == 0 else 0, combine_row_bytes(hidden, num_topk))
+
+
+@dataclass(frozen=True)
+class BufferLayout:
+    """Byte offsets inside each rank's NVLink buffer (identical on every rank)."""
+
+    num_ranks: int
+    ack_off: int
+    mailbox_tag_off: int
+    mailbox_off: int
+    flags_off: int
+    staging_off: int
+    region_bytes: int
+    total_bytes: int
+
+    @staticmethod
+    def header_bytes(num_ranks: int) -> int:
+        R = num_ranks
+        return _align(R * 8 * 2 + R * MAILBOX_INTS * 4 + R * MAX_CHUNKS * 8, 4096)
+
+    @classmethod
+    def for_bytes(cls, num_ranks: int, num_nvl_bytes: int) -> "BufferLayout":
+        R = num_ranks
+        ack = 0
+        mtag = ack + R * 8
+        mbox = mtag + R * 8
+        flags = _align(mbox + R * MAILBOX_INTS * 4, 64)
+        staging = _align(flags + R * MAX_CHUNKS * 8, 4096)
+        region = (num_nvl_bytes - staging) // R // 4096 * 4096
+        if region <= 0:
+            raise ValueError(f"num_nvl_bytes={num_nvl_bytes} is too small for {R} ranks: the control "
+                             f"header alone takes {staging} bytes; use get_nvl_buffer_size_hint()")
+        return cls(R, ack, mtag, mbox, flags, staging, region, staging + R * region)
+
+    def capacity_rows(self, row_bytes: int) -> int:
+        return self.region_bytes // row_bytes
+
+
+def nvl_buffer_size_hint(hidden: int, num_ranks: int, num_max_tokens_per_rank: int, num_topk: int = 8) -> int:
+    """Bytes of NVLink buffer per rank so that up to ``num_max_tokens_per_rank`` tokens of
+    ``hidden`` channels and ``num_topk`` experts can be dispatched and combined (worst case:
+    every token of every rank goes to every rank)."""
+    row = max_row_bytes(hidden, num_topk)
+    region = _align(num_max_tokens_per_rank * row, 4096)
+    return BufferLayout.header_bytes(num_ranks) + num_ranks * region

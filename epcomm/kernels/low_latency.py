@@ -1,0 +1,119 @@
+"""Low-latency dispatch/combine kernels (``cuda_src/low_latency.cuh``), NVSHMEM-linked.
+
+Template arguments (:class:`LowLatencySpec`): hidden size and whether dispatch casts to FP8;
+each module holds the send-only, receive-only and fused variants of dispatch and combine
+(the receive hook launches the receive-only one).  The rank count is a runtime parameter.
+Runtime parameters: :class:`LLParams`.  Orchestration: :mod:`epcomm.low_latency`.
+"""
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+from ..jit.spec import KernelDef, KernelSpec, ParamsStruct
+
+MAX_RANKS = 64
+MAX_TOPK = 32
+THREADS = 512
+WARPS = THREADS // 32
+PHASE_SEND, PHASE_RECV, PHASE_BOTH = 1, 2, 3
+
+_u64, _i32 = ctypes.c_uint64, ctypes.c_int32
+
+
+class LLParams(ParamsStruct):
+    _cname_ = "epcomm::LLParams"
+    _fields_ = [
+        ("peer_base", _u64 * MAX_RANKS), ("heap", _u64), ("ctrl", _u64), ("err", _u64),
+        ("disp_flag_off", _u64), ("comb_flag_off", _u64), ("disp_ack_off", _u64), ("comb_ack_off", _u64),
+        ("disp_region_off", _u64), ("comb_region_off", _u64), ("disp_send_off", _u64), ("comb_send_off", _u64),
+        ("x", _u64), ("topk_idx", _u64), ("topk_weights", _u64),
+        ("recv_x", _u64), ("recv_scales", _u64), ("recv_count", _u64), ("recv_src_info", _u64),
+        ("recv_layout_range", _u64), ("recv_src_k", _u64), ("cumulative_stats", _u64),
+        ("h_count", _u64), ("h_range", _u64), ("h_src_info", _u64), ("h_src_k", _u64), ("out", _u64),
+        ("timeout_ns", _u64),
+        ("rank", _i32), ("num_ranks", _i32), ("num_tokens", _i32), ("num_topk", _i32), ("num_experts", _i32),
+        ("max_tokens", _i32), ("slot", _i32), ("msg_bytes", _i32), ("hdr_bytes", _i32), ("round_scale", _i32),
+        ("use_ue8m0", _i32), ("zero_copy", _i32), ("force_put", _i32), ("any_put", _i32),
+    ]
+
+
+class LLCtrl(ctypes.Structure):
+    _fields_ = [("disp_seq", _u64 * 2), ("comb_seq", _u64 * 2), ("disp_send_done", _i32 * 2),
+                ("disp_recv_done", _i32 * 2), ("comb_send_done", _i32 * 2), ("comb_recv_done", _i32 * 2),
+                ("dest_count", (_i32 * MAX_RANKS) * 2)]
+
+
+@dataclass(frozen=True)
+class LowLatencySpec(KernelSpec):
+    family = "low_latency"
+    header = "low_latency.cuh"
+    uses_nvshmem = True
+    hidden: int
+    fp8: bool
+
+    def validate(self) -> None:
+        if self.hidden % 128:
+            raise ValueError(f"hidden={self.hidden}: the low-latency kernels need a multiple of 128")
+
+    def kernels(self):
+        H, f = self.hidden, self.fp8
+        out = []
+        for name, ph in (("send", PHASE_SEND), ("recv", PHASE_RECV), ("both", PHASE_BOTH)):
+            out.append(KernelDef(f"dispatch_{name}", "epcomm::ll_dispatch", (H, f, ph), LLParams))
+        if not f:  # combine is bf16 whatever the dispatch format: one copy per hidden size
+            for name, ph in (("send", PHASE_SEND), ("recv", PHASE_RECV), ("both", PHASE_BOTH)):
+                out.append(KernelDef(f"combine_{name}", "epcomm::ll_combine", (H, ph), LLParams))
+        return tuple(out)
+
+
+def _align(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
+# The heap layout depends only on (T, H, E, R): messages are sized for the largest form (BF16
+# payload, MAX_TOPK expert ids) and the combine region for MAX_TOPK rows per token, so calls
+# with another dtype or top-k never move a region (stale bytes of another layout could
+# otherwise be misread as a message header).
+HDR_BYTES = 80  # tag (8 bytes) + MAX_TOPK int16 expert ids, rounded up to 16
+
+
+def msg_bytes(hidden: int) -> int:
+    """Message stride: header plus the largest payload (BF16) for ``hidden`` channels."""
+    bf16 = hidden * 2
+    fp8 = hidden + 4 * (hidden // 128)
+    return _align(HDR_BYTES + max(bf16, fp8), 16)
+
+
+@dataclass(frozen=True)
+class HeapLayout:
+    """Byte offsets inside every rank's symmetric heap for one (T, H, K, E, R)."""
+
+    disp_flag_off: int
+    comb_flag_off: int
+    disp_ack_off: int
+    comb_ack_off: int
+    disp_region_off: int
+    comb_region_off: int
+    disp_send_off: int
+    comb_send_off: int
+    total: int
+    msg_bytes: int
+
+    @classmethod
+    def make(cls, T: int, H: int, E: int, R: int) -> "HeapLayout":
+        K = MAX_TOPK
+        ctrl = 2 * R * 8
+        df, cf, da, ca = 0, ctrl, 2 * ctrl, 3 * ctrl
+        m = msg_bytes(H)
+        dr = _align(4 * ctrl, 4096)
+        cr = _align(dr + 2 * R * T * m, 4096)
+        ds = _align(cr + 2 * T * K * H * 2, 4096)
+        cs = _align(ds + 2 * T * m, 4096)
+        total = _align(cs + 2 * E * T * H * 2, 4096)
+        return cls(df, cf, da, ca, dr, cr, ds, cs, total, m)
+
+
+def rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int) -> int:
+    """Symmetric-heap bytes per rank for low-latency calls of up to these sizes (any top-k <= 32)."""
+    return HeapLayout.make(num_max_dispatch_tokens_per_rank, hidden, num_experts, num_ranks).total

@@ -1,0 +1,411 @@
+"""Low-latency mode of :class:`epcomm.Buffer` (decoding): state, host logic and hooks.
+
+Kernels: ``cuda_src/low_latency.cuh`` via :mod:`epcomm.kernels.low_latency`.
+
+Host cost matters here (a decode step is tens of microseconds), so a call does no allocation
+in the common path: the packed dispatch outputs are *double-buffered results* owned by the
+buffer (one set per slot, reused every second dispatch), launch parameters are prebuilt, and a
+call is a single kernel launch (two with the receive hook).
+"""
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass, field
+
+from . import _cuda, envs, interop
+from ._validate import check_int, check_topk_indices
+from .errors import BufferStateError
+from .event import EventOverlap
+from .jit import loader
+from .jit.launch import launch
+from .kernels import low_latency as K
+
+
+@dataclass(eq=False)
+class LowLatencyHandle:
+    """Route of one low-latency dispatch, for its combine.
+
+    ``src_info`` (int32 [L, R*T]): source token index of each packed row; ``layout_range``
+    (int32 [L, R, 2]): (begin, count) of the rows from each source rank inside each local expert.
+    Both are views of the buffer's double-buffered results of ``slot``: they stay valid until the
+    second next dispatch (the combine checks this and raises if they were overwritten).
+    """
+
+    slot: int
+    generation: int
+    framework: str
+    num_max_tokens: int
+    hidden: int
+    num_experts: int
+    num_topk: int
+    num_tokens: int
+    src_info: object
+    layout_range: object
+    refs: dict = field(repr=False, default_factory=dict)
+
+
+class _Results:
+    """The packed outputs of one dispatch slot, in one framework, for one shape."""
+
+    def __init__(self, st: "LowLatencyState", fw: str, T: int, H: int, E: int, fp8: bool, ue8m0: bool):
+        R = st.num_ranks
+        L = E // R
+        RT = R * T
+        G = H // 128
+        self.key = (fw, T, H, E, fp8, ue8m0)
+        mk = st.empty
+        self.x = mk(fw, (L, RT, H), "float8_e4m3fn" if fp8 else "bfloat16")
+        self.scales = None
+        self.scales_view = None
+        if fp8:
+            if ue8m0:
+                nw = (G + 3) // 4
+                self.scales = mk(fw, (L, nw, RT), "int32")
+            else:
+                self.scales = mk(fw, (L, G, RT), "float32")
+        self.count = mk(fw, (L,), "int32")
+        self.src_info = mk(fw, (L, RT), "int32")
+        self.layout_range = mk(fw, (L, R, 2), "int32")
+        self.src_k = mk(fw, (L, RT), "int32")
+        fin = lambda o: interop.finish(fw, o[0])  # noqa: E731
+        self.x_out = fin(self.x)
+        if self.scales is not None:
+            s = fin(self.scales)
+            # Column-major in the last two dims: logical [L, R*T, G], memory [L][G][R*T].
+            self.scales_view = s.transpose(1, 2) if fw == "torch" else s.transpose(0, 2, 1)
+        self.count_out = fin(self.count)
+        self.src_info_out = fin(self.src_info)
+        self.layout_range_out = fin(self.layout_range)
+
+
+class LowLatencyState:
+    """Symmetric heap, peer pointers, control words and per-slot results of one Buffer."""
+
+    def __init__(self, buf, num_rdma_bytes: int):
+        from . import nvshmem_runtime as nvr
+        if buf.num_ranks > K.MAX_RANKS:
+            raise ValueError(f"{buf.num_ranks} ranks: the low-latency mode supports at most {K.MAX_RANKS}")
+        if num_rdma_bytes <= 0:
+            raise ValueError("low_latency_mode needs num_rdma_bytes > 0; see Buffer.get_low_latency_rdma_size_hint")
+        self.buf = buf
+        self.rank, self.num_ranks = buf.rank, buf.num_ranks
+        self.device_id = buf.device_id
+        self.num_rdma_bytes = num_rdma_bytes
+        with _cuda.on_device(self.device_id):
+            nvr.init(buf.group, self.device_id, num_rdma_bytes)
+            self.heap_obj, self.heap = nvr.alloc(num_rdma_bytes)
+            _cuda.memset_d8_async(self.heap, 0, num_rdma_bytes, buf._stream)
+            self.ctrl = _cuda.mem_alloc(ctypes.sizeof(K.LLCtrl))
+            _cuda.memset_d8_async(self.ctrl, 0, ctypes.sizeof(K.LLCtrl), buf._stream)
+            _cuda.stream_sync(buf._stream)
+            self.peers = [self.heap if r == self.rank else nvr.peer_ptr(self.heap_obj, r)
+                          for r in range(self.num_ranks)]
+        buf.group.barrier()  # every heap zeroed before anyone writes into it
+        self.force_put = bool(envs.LL_FORCE_NVSHMEM_PUT.get())
+        t = K.LLParams()
+        for r, ptr in enumerate(self.peers):
+            t.peer_base[r] = ptr
+        t.heap, t.ctrl, t.err = self.heap, self.ctrl, buf._err.dev_ptr
+        t.rank, t.num_ranks = self.rank, self.num_ranks
+        t.hdr_bytes = K.HDR_BYTES
+        t.force_put = int(self.force_put)
+        t.any_put = int(self.force_put or any(p == 0 for p in self.peers))
+        self.template = t
+        self.num_sms = _cuda.num_sms(self.device_id)
+        self._disp_slot = 0
+        self._comb_slot = 0
+        self._disp_gen = [0, 0]
+        self._disp_pending = [False, False]
+        self._comb_pending = [False, False]
+        self._results: list[_Results | None] = [None, None]
+        self._layouts: dict = {}
+        self._coop_limit: dict = {}
+
+    # ---- helpers ---------------------------------------------------------------------------
+    def empty(self, fw, shape, dtype):
+        return interop.empty(fw, tuple(int(s) for s in shape), dtype, "cuda", self.device_id)
+
+    def layout(self, T, H, E) -> K.HeapLayout:
+        key = (T, H, E)
+        lay = self._layouts.get(key)
+        if lay is None:
+            lay = K.HeapLayout.make(T, H, E, self.num_ranks)
+            if lay.total > self.num_rdma_bytes:
+                raise ValueError(
+                    f"Buffer too small for low-latency calls with num_max_dispatch_tokens_per_rank={T}, hidden={H}, "
+                    f"num_experts={E}: need num_rdma_bytes >= {lay.total}, have {self.num_rdma_bytes} "
+                    f"(Buffer.get_low_latency_rdma_size_hint)")
+            self._layouts[key] = lay
+        return lay
+
+    def _params(self, lay: K.HeapLayout, slot: int) -> K.LLParams:
+        p = K.LLParams()
+        ctypes.pointer(p)[0] = self.template
+        p.disp_flag_off, p.comb_flag_off = lay.disp_flag_off, lay.comb_flag_off
+        p.disp_ack_off, p.comb_ack_off = lay.disp_ack_off, lay.comb_ack_off
+        p.disp_region_off, p.comb_region_off = lay.disp_region_off, lay.comb_region_off
+        p.disp_send_off, p.comb_send_off = lay.disp_send_off, lay.comb_send_off
+        p.msg_bytes = lay.msg_bytes
+        p.slot = slot
+        p.timeout_ns = int(self.buf.timeout_s * 1e9)
+        return p
+
+    def _coop_blocks(self, fn, smem: int) -> int:
+        key = (int(fn), smem)
+        n = self._coop_limit.get(key)
+        if n is None:
+            d = _cuda.drv()
+            per_sm = _cuda.check(d.cuOccupancyMaxActiveBlocksPerMultiprocessor(fn, K.THREADS, smem),
+                                 "cuOccupancyMaxActiveBlocksPerMultiprocessor")
+            n = self._coop_limit[key] = max(1, int(per_sm)) * self.num_sms
+        return n
+
+    def _stream_for(self, fw: str, async_finish: bool, previous_event) -> tuple[int, int]:
+        caller = interop.current_stream(fw, self.device_id)
+        if not async_finish and previous_event is None:
+            return caller, caller
+        b = self.buf
+        if previous_event is not None and previous_event.event is not None:
+            _cuda.stream_wait_event(b._stream, previous_event.event)
+        else:
+            _cuda.event_record(b._ev_start, caller)
+            _cuda.stream_wait_event(b._stream, b._ev_start)
+        return caller, b._stream
+
+    def _event(self, fw: str, caller: int, stream: int, async_finish: bool) -> EventOverlap:
+        if stream == caller:
+            return EventOverlap(None, fw, self.device_id)
+        ev = _cuda.event_create()
+        _cuda.event_record(ev, stream)
+        if not async_finish:
+            _cuda.stream_wait_event(caller, ev)
+        return EventOverlap(ev, fw, self.device_id)
+
+    # ---- dispatch ------------------------------------------------------------------------------
+    def dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank: int, num_experts: int, *,
+                 cumulative_local_expert_recv_stats=None, use_fp8: bool = True, round_scale: bool = False,
+                 use_ue8m0: bool = False, async_finish: bool = False, return_recv_hook: bool = False,
+                 previous_event: EventOverlap | None = None):
+        """Low-latency dispatch: one message per (token, destination rank), expanded by the
+        receiver into the expert-major packed layout.
+
+        Args:
+            x: bf16 [N, H] with N <= ``num_max_dispatch_tokens_per_rank`` (T), H % 128 == 0.
+            topk_idx: int64 [N, K], K <= 32, -1 = none.
+            num_experts: E, a multiple of the rank count.
+            cumulative_local_expert_recv_stats: optional int32 [E/R]; received rows are added.
+            use_fp8: cast to e4m3 with one float32 scale per token and 128 channels
+               (scale = max(amax, 1e-4) / 448); ``round_scale``: scales rounded up to powers of
+               two; ``use_ue8m0``: scales packed as exponent bytes, 4 per int32 (needs round_scale).
+            return_recv_hook: only issue the sends and return; ``hook()`` launches the receive.
+               Nothing occupies the GPU in between.
+
+        Returns ``(recv_x, recv_count, handle, event, hook)``.  ``recv_x`` is bf16 [E/R, R*T, H]
+        or, with FP8, ``(e4m3 [E/R, R*T, H], scales)`` with scales float32 [E/R, R*T, H/128]
+        (or int32 [E/R, R*T, ceil(H/512)] with UE8M0) stored column-major in the last two dims.
+        Rows of local expert j: ``[0, recv_count[j])``, ordered by source rank then source token.
+        The results are views of this buffer's double-buffered storage: valid until the second
+        next dispatch.  ``hook`` is None unless ``return_recv_hook``.  CUDA-graph capturable.
+        """
+        R, rank = self.num_ranks, self.rank
+        b = self.buf
+        xr = b._tensor(x, "x", dtype="bfloat16", ndim=2)
+        N, H = xr.shape
+        fw = xr.framework
+        T = check_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, lo=1)
+        if N > T:
+            raise ValueError(f"x: {N} tokens exceed num_max_dispatch_tokens_per_rank={T}")
+        if H % 128:
+            raise ValueError(f"x: hidden size {H} must be a multiple of 128 for the low-latency kernels")
+        E = check_int("num_experts", num_experts, lo=1)
+        if E % R:
+            raise ValueError(f"num_experts={E} must be a multiple of the number of ranks {R}")
+        if E > 32767:
+            raise ValueError(f"num_experts={E}: at most 32767 (expert ids travel as int16)")
+        tr = b._tensor(topk_idx, "topk_idx", dtype="int64", ndim=2, shape=(N, None))
+        Kt = tr.shape[1]
+        if not 1 <= Kt <= K.MAX_TOPK:
+            raise ValueError(f"topk_idx: top-k {Kt} must be in [1, {K.MAX_TOPK}]")
+        if use_ue8m0 and not round_scale:
+            raise ValueError("use_ue8m0=True needs round_scale=True (UE8M0 stores powers of two only)")
+        if (round_scale or use_ue8m0) and not use_fp8:
+            raise ValueError("round_scale/use_ue8m0 apply to FP8 dispatch only (use_fp8=True)")
+        L = E // R
+        stats = b._tensor(cumulative_local_expert_recv_stats, "cumulative_local_expert_recv_stats",
+                          dtype="int32", ndim=1, shape=(L,), allow_none=True)
+        lay = self.layout(T, H, E)
+        slot = self._disp_slot
+        if self._disp_pending[slot]:
+            raise BufferStateError(
+                "low_latency_dispatch: the receive hook of the dispatch two calls ago (same buffer slot) "
+                "was never called; call it before issuing another dispatch")
+        mod = loader.load(K.LowLatencySpec(H, bool(use_fp8)), self.device_id)
+        with _cuda.on_device(self.device_id):
+            caller, stream = self._stream_for(fw, async_finish, previous_event)
+            capturing = _cuda.stream_is_capturing(caller)
+            check_topk_indices(tr.obj, fw, E, capturing=capturing)
+            res = self._results[slot]
+            key = (fw, T, H, E, bool(use_fp8), bool(use_ue8m0))
+            if res is None or res.key != key or fw == "jax":
+                res = self._results[slot] = _Results(self, fw, T, H, E, bool(use_fp8), bool(use_ue8m0))
+            p = self._params(lay, slot)
+            p.x, p.topk_idx = xr.ptr, tr.ptr
+            p.recv_x = res.x[1].ptr
+            p.recv_scales = res.scales[1].ptr if res.scales is not None else 0
+            p.recv_count, p.recv_src_info = res.count[1].ptr, res.src_info[1].ptr
+            p.recv_layout_range, p.recv_src_k = res.layout_range[1].ptr, res.src_k[1].ptr
+            p.cumulative_stats = stats.ptr if stats is not None else 0
+            p.num_tokens, p.num_topk, p.num_experts, p.max_tokens = N, Kt, E, T
+            p.round_scale, p.use_ue8m0 = int(round_scale), int(use_ue8m0)
+            NG = (T + 31) // 32
+            smem = 4 * R * NG
+            send_blocks = max(1, min(self.num_sms, -(-N // K.WARPS)))
+            recv_blocks = max(1, min(self.num_sms, L))
+            if return_recv_hook:
+                launch(mod.fn("dispatch_send"), send_blocks, K.THREADS, stream, p, smem=smem)
+                self._disp_pending[slot] = True
+            else:
+                fn = mod.fn("dispatch_both")
+                grid = min(max(send_blocks, recv_blocks), self._coop_blocks(fn, smem))
+                launch(fn, grid, K.THREADS, stream, p, smem=smem, cooperative=True)
+            self._disp_slot ^= 1
+            self._disp_gen[slot] += 1
+            gen = self._disp_gen[slot]
+            ev = self._event(fw, caller, stream, async_finish)
+        handle = LowLatencyHandle(slot, gen, fw, T, H, E, Kt, N, res.src_info_out, res.layout_range_out,
+                                  refs={"count": res.count[1], "range": res.layout_range[1],
+                                        "src_info": res.src_info[1], "src_k": res.src_k[1], "keep": res})
+        hook = None
+        if return_recv_hook:
+            def hook(_p=p, _stream=stream, _slot=slot, _mod=mod, _grid=recv_blocks, _smem=smem):
+                """Launch the receive half of the dispatch (on the stream of its send)."""
+                if not self._disp_pending[_slot]:
+                    raise BufferStateError("this dispatch's receive hook was already called")
+                with _cuda.on_device(self.device_id):
+                    launch(_mod.fn("dispatch_recv"), _grid, K.THREADS, _stream, _p, smem=_smem)
+                self._disp_pending[_slot] = False
+        recv_x = (res.x_out, res.scales_view) if use_fp8 else res.x_out
+        return recv_x, res.count_out, handle, ev, hook
+
+    # ---- combine ---------------------------------------------------------------------------------
+    def next_combine_buffer(self, handle: LowLatencyHandle):
+        """The bf16 [E/R, R*T, H] tensor the next combine reads when ``zero_copy=True``: write the
+        expert outputs straight into it (it is this rank's symmetric send buffer for that slot)."""
+        if not isinstance(handle, LowLatencyHandle):
+            raise TypeError(f"handle: expected a LowLatencyHandle, got {type(handle).__name__}")
+        lay = self.layout(handle.num_max_tokens, handle.hidden, handle.num_experts)
+        R = self.num_ranks
+        L = handle.num_experts // R
+        RT = R * handle.num_max_tokens
+        slot = self._comb_slot
+        ptr = self.heap + lay.comb_send_off + slot * L * RT * handle.hidden * 2
+        return interop.wrap_pointer(handle.framework, ptr, (L, RT, handle.hidden), "bfloat16", "cuda",
+                                    self.device_id, owner=self)
+
+    def combine(self, x, topk_idx, topk_weights, handle: LowLatencyHandle, *, zero_copy: bool = False,
+                async_finish: bool = False, return_recv_hook: bool = False, out=None,
+                previous_event: EventOverlap | None = None):
+        """Low-latency combine: every expert output row goes back to its source token, which gets
+        the **weighted** sum over its K experts (fp32, k ascending, no FMA), written bf16.
+
+        Args:
+            x: bf16 [E/R, R*T, H] expert outputs in the dispatch's packed layout (with
+               ``zero_copy=True``, the tensor from :meth:`next_combine_buffer`).
+            topk_idx, topk_weights: int64 / float32 [N, K] of this rank's tokens (as dispatched).
+            handle: the dispatch's handle (must not have been overwritten by later dispatches).
+            out: optional bf16 [N, H] output tensor.
+
+        Returns ``(combined_x, event, hook)``.  CUDA-graph capturable.
+        """
+        if not isinstance(handle, LowLatencyHandle):
+            raise TypeError(f"handle: expected a LowLatencyHandle, got {type(handle).__name__}")
+        if self._disp_gen[handle.slot] != handle.generation:
+            raise BufferStateError(
+                "handle: its dispatch results were overwritten by a later dispatch in the same slot "
+                "(at most two low-latency dispatches may be in flight)")
+        if self._disp_pending[handle.slot]:
+            raise BufferStateError("low_latency_combine: call the dispatch's receive hook first")
+        R = self.num_ranks
+        b = self.buf
+        T, H, E = handle.num_max_tokens, handle.hidden, handle.num_experts
+        L = E // R
+        xr = b._tensor(x, "x", dtype="bfloat16", ndim=3, shape=(L, R * T, H))
+        fw = xr.framework
+        N = handle.num_tokens
+        tr = b._tensor(topk_idx, "topk_idx", dtype="int64", ndim=2, shape=(N, handle.num_topk))
+        wr = b._tensor(topk_weights, "topk_weights", dtype="float32", ndim=2, shape=(N, handle.num_topk))
+        Kt = handle.num_topk
+        lay = self.layout(T, H, E)
+        slot = self._comb_slot
+        if zero_copy:
+            expect = self.heap + lay.comb_send_off + slot * L * R * T * H * 2
+            if xr.ptr != expect:
+                raise ValueError("x: with zero_copy=True, pass the tensor from get_next_low_latency_combine_buffer() "
+                                 "(and write the expert outputs into it)")
+        if self._comb_pending[slot]:
+            raise BufferStateError("low_latency_combine: the receive hook of the combine two calls ago was never called")
+        o = b._tensor(out, "out", dtype="bfloat16", ndim=2, shape=(N, H), allow_none=True)
+        mod = loader.load(K.LowLatencySpec(H, False), self.device_id)
+        with _cuda.on_device(self.device_id):
+            caller, stream = self._stream_for(fw, async_finish, previous_event)
+            if o is None:
+                out_obj, o = self.empty(fw, (N, H), "bfloat16")
+            else:
+                out_obj = out
+            p = self._params(lay, slot)
+            p.x, p.topk_idx, p.topk_weights = xr.ptr, tr.ptr, wr.ptr
+            refs = handle.refs
+            p.h_count, p.h_range = refs["count"].ptr, refs["range"].ptr
+            p.h_src_info, p.h_src_k = refs["src_info"].ptr, refs["src_k"].ptr
+            p.out = o.ptr
+            p.num_tokens, p.num_topk, p.num_experts, p.max_tokens = N, Kt, E, T
+            p.zero_copy = int(zero_copy)
+            smem = 4 * (L + 1)
+            send_blocks = self.num_sms
+            recv_blocks = max(1, min(self.num_sms, -(-N // K.WARPS)))
+            if return_recv_hook:
+                launch(mod.fn("combine_send"), send_blocks, K.THREADS, stream, p, smem=smem)
+                self._comb_pending[slot] = True
+            else:
+                fn = mod.fn("combine_both")
+                grid = min(send_blocks, self._coop_blocks(fn, smem))
+                launch(fn, grid, K.THREADS, stream, p, smem=smem, cooperative=True)
+            self._comb_slot ^= 1
+            ev = self._event(fw, caller, stream, async_finish)
+        hook = None
+        if return_recv_hook:
+            def hook(_p=p, _stream=stream, _slot=slot, _mod=mod, _grid=recv_blocks, _smem=smem):
+                """Launch the receive half of the combine (on the stream of its send)."""
+                if not self._comb_pending[_slot]:
+                    raise BufferStateError("this combine's receive hook was already called")
+                with _cuda.on_device(self.device_id):
+                    launch(_mod.fn("combine_recv"), _grid, K.THREADS, _stream, _p, smem=_smem)
+                self._comb_pending[_slot] = False
+        return interop.finish(fw, out_obj), ev, hook
+
+    def clean(self, T: int, H: int, E: int) -> None:
+        """Reset all low-latency flags and sequence numbers (collective; no call may be in flight)."""
+        lay = self.layout(T, H, E)
+        b = self.buf
+        with _cuda.on_device(self.device_id):
+            _cuda.stream_sync(b._stream)
+            b.group.barrier()
+            # Flags, acknowledgements and the dispatch regions (whose message tags restart too).
+            _cuda.memset_d8_async(self.heap, 0, lay.comb_region_off, b._stream)
+            _cuda.memset_d8_async(self.ctrl, 0, ctypes.sizeof(K.LLCtrl), b._stream)
+            _cuda.stream_sync(b._stream)
+            b.group.barrier()
+        self._disp_slot = self._comb_slot = 0
+        self._disp_pending = [False, False]
+        self._comb_pending = [False, False]
+
+    def free(self) -> None:
+        from . import nvshmem_runtime as nvr
+        try:
+            _cuda.mem_free(self.ctrl)
+        except Exception:
+            pass
+        try:
+            nvr.free(self.heap_obj)
+        except Exception:
+            pass
