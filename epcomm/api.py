@@ -41,5 +41,5 @@ def get_dispatch_layout(topk_idx, num_experts: int, num_ranks: int, *, num_ranks
         in_o = mk((N, num_ranks), "bool")
         K_layout.launch_layout(s, dev, tr, num_experts, num_ranks, num_nodes, num_ranks_per_node, rank_o[1],
                                rdma_o[1] if rdma_o else None, exp_o[1], in_o[1], err.dev_ptr)
-    fin = lambda o: None if o is None else interop.finish(fw, o[0])  # noqa: E731
+    fin = lambda o: None if o is None else interop.finish(fw, o[0], s)  # noqa: E731
     return fin(rank_o), fin(rdma_o), fin(exp_o), fin(in_o)

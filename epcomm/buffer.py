@@ -357,7 +357,7 @@ class Buffer:
             check_topk_indices(tr.obj, tr.framework, num_experts, capturing=capturing)
             outs = self._layout_on_comm(tr, num_experts, num_nodes)
             ev = self._finish(tr.framework, caller, async_finish, [o[0] for o in outs if o], [tr.obj])
-        res = [interop.finish(tr.framework, o[0]) if o else None for o in outs]
+        res = [interop.finish(tr.framework, o[0], self._stream) if o else None for o in outs]
         return (*res, ev)
 
     def _layout_on_comm(self, tr, num_experts, num_nodes):
@@ -600,10 +600,10 @@ class Buffer:
                     num_tokens=N, hidden=H, num_experts=E, num_topk=Kt, num_worst_tokens=num_worst_tokens,
                     out_rows=M, num_recv_tokens=num_recv, recv_counts=recv_counts, rank_prefix=rank_prefix_o,
                     send_list=send_list_o, send_pos=send_pos_o, send_count=send_count_o,
-                    is_token_in_rank=itr_obj, recv_src_idx=interop.finish(fw, rsrc[0]), refs=refs)
+                    is_token_in_rank=itr_obj, recv_src_idx=interop.finish(fw, rsrc[0], self._stream), refs=refs)
             else:
                 new_handle = handle
-        fin = lambda o: None if o is None else interop.finish(fw, o[0])  # noqa: E731
+        fin = lambda o: None if o is None else interop.finish(fw, o[0], self._stream)  # noqa: E731
         recv_x = fin(rx)
         if fp8:
             scales = fin(rs)
@@ -705,7 +705,8 @@ class Buffer:
             ev = self._finish(fw, caller, async_finish, outs,
                               [xr.obj, wr.obj if wr else None, handle.send_pos, handle.rank_prefix]
                               + [b.obj for b in biases])
-        return interop.finish(fw, out[0]), (interop.finish(fw, outw[0]) if outw else None), ev
+        return (interop.finish(fw, out[0], self._stream),
+                (interop.finish(fw, outw[0], self._stream) if outw else None), ev)
 
     # ---- low-latency mode (epcomm.low_latency) -------------------------------------------------
     def _ll_state(self):

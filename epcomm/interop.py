@@ -37,11 +37,11 @@ from __future__ import annotations
 import atexit
 import ctypes
 import sys
-import threading
+import weakref
 
 __all__ = [
     "DTYPES", "ITEMSIZE", "TensorRef", "Exporter", "framework_of", "as_tensor", "current_stream",
-    "empty", "zeros", "finish", "to_numpy", "from_numpy",
+    "empty", "zeros", "finish", "wrap_pointer", "to_numpy", "from_numpy",
 ]
 
 DTYPES = ("bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
@@ -148,10 +148,8 @@ def _c_contiguous(shape, strides) -> bool:
     expected = 1
     for i in range(len(shape) - 1, -1, -1):
         n = shape[i]
-        if n == 0:
-            return True
         if n != 1 and strides[i] != expected:
-            return False
+            return 0 in shape  # an empty array is contiguous whatever its strides
         expected *= n
     return True
 
@@ -625,10 +623,12 @@ def as_tensor(obj, name: str, *, dtype=None, ndim=None, shape=None, device: str 
             raise ValueError(f"{name}: inconsistent checks: ndim={ndim} but shape={shape}")
         bad = len(sh) != len(shape)
         if not bad:
-            for want, got in zip(shape, sh):
-                if want.__class__ is int and want != got:
+            i = 0
+            for want in shape:
+                if want.__class__ is int and want != sh[i]:
                     bad = True
                     break
+                i += 1
         if bad:
             raise ValueError(f"{name}: expected shape {_fmt_shape(shape)}, got "
                              f"{_fmt_shape(sh)}")
@@ -692,8 +692,9 @@ def current_stream(framework: str, device_id: int) -> int:
 # =============================================================================================
 # Owned memory and the DLPack exporter (JAX outputs)
 # =============================================================================================
-_owner_lock = threading.Lock()
-_live_owners = 0
+# Live allocations, for tests.  A WeakSet rather than a locked counter: __del__ may run inside
+# a garbage collection triggered anywhere, also on a thread that holds such a lock.
+_OWNERS: "weakref.WeakSet" = weakref.WeakSet()
 
 
 class _Allocation:
@@ -707,7 +708,6 @@ class _Allocation:
     _ALIGN = 256
 
     def __init__(self, nbytes: int, device_type: str, device_id: int):
-        global _live_owners
         self._counted = False
         self.ptr = 0
         self._buf = None
@@ -727,12 +727,10 @@ class _Allocation:
                 self.ptr = _cuda.mem_alloc(self.nbytes)  # 256-byte aligned
         else:
             raise ValueError(f"device_type must be 'cuda' or 'cpu', got {device_type!r}")
-        with _owner_lock:
-            _live_owners += 1
+        _OWNERS.add(self)
         self._counted = True
 
     def __del__(self):
-        global _live_owners
         try:
             if not getattr(self, "_counted", False):
                 return
@@ -743,24 +741,22 @@ class _Allocation:
                     _cuda.mem_free(self.ptr)
             self._buf = None
             self.ptr = 0
-            with _owner_lock:
-                _live_owners -= 1
         except Exception:  # interpreter shutdown, driver gone: nothing useful to do
             pass
 
     @staticmethod
     def live_count() -> int:
-        return _live_owners
+        return len(_OWNERS)
 
 
-# managed-tensor address -> (owner, exporter bookkeeping); popped by the deleter
+# managed-tensor address -> (owner, offset of its deleter field); popped by the deleter.  No
+# lock: single dict operations are atomic, and a lock could deadlock when a garbage collection
+# inside the locked region drops a capsule whose destructor needs the same lock.
 _EXPORTED: dict = {}
-_exported_lock = threading.Lock()
 
 
 def _release_managed(addr: int) -> None:
-    with _exported_lock:
-        entry = _EXPORTED.pop(addr, None)
+    entry = _EXPORTED.pop(addr, None)
     if entry is not None:
         _PyMem_RawFree(addr)
     del entry  # drops the owner (may free memory)
@@ -798,6 +794,7 @@ for _f in (_DELETER_FN, _CAPSULE_DESTRUCTOR_FN):
     _api.Py_IncRef(ctypes.py_object(_f))
 del _f
 
+_RAW_FREE_ADDR = ctypes.cast(_PyMem_RawFree, ctypes.c_void_p).value
 _V_SIZE = ctypes.sizeof(_DLManagedTensorVersioned)
 _L_SIZE = ctypes.sizeof(_DLManagedTensor)
 _V_DELETER_OFF = _DLManagedTensorVersioned.deleter.offset
@@ -806,17 +803,17 @@ _L_DELETER_OFF = _DLManagedTensor.deleter.offset
 
 @atexit.register
 def _disarm_exports() -> None:
-    """At exit, clear the deleter of every still-exported tensor (and keep its memory).
+    """At exit, disarm every still-exported tensor: its owner is kept for good, and its deleter
+    becomes ``PyMem_RawFree`` (which frees just the managed struct and needs no interpreter).
 
-    A consumer that frees the tensor after the interpreter is gone (static destructors) then
-    finds no deleter instead of calling into a finalized Python.
+    A consumer that frees the tensor late (JAX at teardown, C++ static destructors) then never
+    calls into a finalizing Python.  (Not NULL: JAX calls the deleter without checking.)
     """
     try:
-        with _exported_lock:
-            for addr, entry in _EXPORTED.items():
-                ctypes.c_void_p.from_address(addr + entry[1]).value = None
-            _LEAKED.extend(_EXPORTED.values())
-            _EXPORTED.clear()
+        for addr, entry in list(_EXPORTED.items()):
+            ctypes.c_void_p.from_address(addr + entry[1]).value = _RAW_FREE_ADDR
+            _LEAKED.append(entry)
+        _EXPORTED.clear()
     except Exception:  # pragma: no cover
         pass
 
@@ -927,9 +924,7 @@ class Exporter:
                 raise BufferError(f"Exporter lives on {have}, cannot export to {want}")
         if copy:
             raise BufferError("Exporter does not copy (copy=True requested)")
-        if self.device_type == "cpu" and stream is not None:
-            raise BufferError("stream must be None for a CPU array")
-        self._order_before(stream)
+        self._order_before(stream)  # host memory: nothing to order, whatever stream says
 
         versioned = max_version is not None and tuple(max_version)[0] >= 1
         ndim = len(self.shape)
@@ -964,8 +959,7 @@ class Exporter:
                 t.shape = ctypes.cast(addr + head, ctypes.POINTER(ctypes.c_int64))
                 t.strides = ctypes.cast(addr + head + 8 * ndim, ctypes.POINTER(ctypes.c_int64))
             t.byte_offset = 0
-            with _exported_lock:
-                _EXPORTED[addr] = (self.owner, deleter_off)
+            _EXPORTED[addr] = (self.owner, deleter_off)
         except BaseException:
             _PyMem_RawFree(addr)
             raise
@@ -1056,17 +1050,44 @@ def zeros(framework: str, shape, dtype: str, device_type: str = "cuda", device_i
     return _alloc(framework, shape, dtype, device_type, device_id, True)
 
 
-def finish(framework: str, obj):
+def finish(framework: str, obj, stream: int | None = None):
     """The caller-facing result: for 'jax', ``jax.dlpack.from_dlpack(exporter)`` (zero-copy);
-    anything else is returned unchanged.
+    anything else is returned unchanged.  ``stream``: the CUDA stream the kernels wrote the
+    exporter's memory on (JAX's stream is then ordered after it).
 
     With 64-bit types disabled in JAX (the default), JAX converts int64/float64/uint64 results
     to 32 bits (a copy); other dtypes stay zero-copy.
     """
     if framework == "jax" and type(obj) is Exporter:
         import jax.dlpack
+        if stream is not None:
+            obj.stream = stream
         return jax.dlpack.from_dlpack(obj)
     return obj
+
+
+def wrap_pointer(framework: str, ptr: int, shape, dtype: str, device_type: str = "cuda",
+                 device_id: int = 0, owner=None):
+    """A ``framework`` array viewing memory epcomm owns (zero-copy through DLPack).
+
+    ``owner`` is kept alive as long as the array.  For CuPy, bfloat16 / float8 come back as
+    their uint16 / uint8 stand-ins.  Raises ValueError for an unknown framework.
+    """
+    dt = _CUPY_STANDIN.get(dtype, dtype) if framework == "cupy" else dtype
+    ex = Exporter(owner, ptr, shape, dt, device_type, device_id, None)
+    if framework == "torch":
+        import torch
+        return torch.from_dlpack(ex)
+    if framework == "cupy":
+        import cupy
+        return cupy.from_dlpack(ex)
+    if framework == "jax":
+        import jax.dlpack
+        return jax.dlpack.from_dlpack(ex)
+    if framework == "numpy" and device_type == "cpu":
+        import numpy as np
+        return np.from_dlpack(ex)
+    raise ValueError(f"wrap_pointer: unsupported framework {framework!r} for {device_type} memory")
 
 
 # =============================================================================================
@@ -1170,5 +1191,6 @@ def from_numpy(framework: str, arr, device_type: str = "cuda", device_id: int = 
             dev = jax.devices("cpu")[0]
         else:
             dev = [d for d in jax.devices("gpu") if d.local_hardware_id == device_id][0]
-        return jax.device_put(arr, dev)
+        # a private copy: on CPU, device_put may alias the host buffer it is given
+        return jax.device_put(np.array(arr, copy=True), dev)
     raise ValueError(f"unknown framework {framework!r}; expected one of {', '.join(FRAMEWORKS)}")

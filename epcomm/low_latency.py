@@ -56,7 +56,6 @@ class _Results:
         mk = st.empty
         self.x = mk(fw, (L, RT, H), "float8_e4m3fn" if fp8 else "bfloat16")
         self.scales = None
-        self.scales_view = None
         if fp8:
             if ue8m0:
                 nw = (G + 3) // 4
@@ -67,15 +66,24 @@ class _Results:
         self.src_info = mk(fw, (L, RT), "int32")
         self.layout_range = mk(fw, (L, R, 2), "int32")
         self.src_k = mk(fw, (L, RT), "int32")
-        fin = lambda o: interop.finish(fw, o[0])  # noqa: E731
-        self.x_out = fin(self.x)
+        self.fw = fw
+        self._views = None if fw == "jax" else self._make_views(None)
+
+    def _make_views(self, stream):
+        fw = self.fw
+        fin = lambda o: interop.finish(fw, o[0], stream)  # noqa: E731
+        x = fin(self.x)
+        scales = None
         if self.scales is not None:
             s = fin(self.scales)
             # Column-major in the last two dims: logical [L, R*T, G], memory [L][G][R*T].
-            self.scales_view = s.transpose(1, 2) if fw == "torch" else s.transpose(0, 2, 1)
-        self.count_out = fin(self.count)
-        self.src_info_out = fin(self.src_info)
-        self.layout_range_out = fin(self.layout_range)
+            scales = s.transpose(1, 2) if fw == "torch" else s.transpose(0, 2, 1)
+        return x, scales, fin(self.count), fin(self.src_info), fin(self.layout_range)
+
+    def views(self, stream):
+        """Caller-framework arrays (x, scales, count, src_info, layout_range).  JAX arrays are
+        made after the kernel was queued, so JAX's stream is ordered after it."""
+        return self._views if self._views is not None else self._make_views(stream)
 
 
 class LowLatencyState:
@@ -207,7 +215,7 @@ class LowLatencyState:
         The results are views of this buffer's double-buffered storage: valid until the second
         next dispatch.  ``hook`` is None unless ``return_recv_hook``.  CUDA-graph capturable.
         """
-        R, rank = self.num_ranks, self.rank
+        R = self.num_ranks
         b = self.buf
         xr = b._tensor(x, "x", dtype="bfloat16", ndim=2)
         N, H = xr.shape
@@ -228,6 +236,9 @@ class LowLatencyState:
             raise ValueError(f"topk_idx: top-k {Kt} must be in [1, {K.MAX_TOPK}]")
         if use_ue8m0 and not round_scale:
             raise ValueError("use_ue8m0=True needs round_scale=True (UE8M0 stores powers of two only)")
+        if async_finish and return_recv_hook:
+            raise ValueError("async_finish and return_recv_hook cannot both be set: with the hook, the receive "
+                             "runs when hook() is called, on the stream of the send")
         if (round_scale or use_ue8m0) and not use_fp8:
             raise ValueError("round_scale/use_ue8m0 apply to FP8 dispatch only (use_fp8=True)")
         L = E // R
@@ -272,7 +283,8 @@ class LowLatencyState:
             self._disp_gen[slot] += 1
             gen = self._disp_gen[slot]
             ev = self._event(fw, caller, stream, async_finish)
-        handle = LowLatencyHandle(slot, gen, fw, T, H, E, Kt, N, res.src_info_out, res.layout_range_out,
+        vx, vscales, vcount, vsrc, vrange = res.views(stream)
+        handle = LowLatencyHandle(slot, gen, fw, T, H, E, Kt, N, vsrc, vrange,
                                   refs={"count": res.count[1], "range": res.layout_range[1],
                                         "src_info": res.src_info[1], "src_k": res.src_k[1], "keep": res})
         hook = None
@@ -284,8 +296,8 @@ class LowLatencyState:
                 with _cuda.on_device(self.device_id):
                     launch(_mod.fn("dispatch_recv"), _grid, K.THREADS, _stream, _p, smem=_smem)
                 self._disp_pending[_slot] = False
-        recv_x = (res.x_out, res.scales_view) if use_fp8 else res.x_out
-        return recv_x, res.count_out, handle, ev, hook
+        recv_x = (vx, vscales) if use_fp8 else vx
+        return recv_x, vcount, handle, ev, hook
 
     # ---- combine ---------------------------------------------------------------------------------
     def next_combine_buffer(self, handle: LowLatencyHandle):
@@ -344,6 +356,8 @@ class LowLatencyState:
                                  "(and write the expert outputs into it)")
         if self._comb_pending[slot]:
             raise BufferStateError("low_latency_combine: the receive hook of the combine two calls ago was never called")
+        if async_finish and return_recv_hook:
+            raise ValueError("async_finish and return_recv_hook cannot both be set")
         o = b._tensor(out, "out", dtype="bfloat16", ndim=2, shape=(N, H), allow_none=True)
         mod = loader.load(K.LowLatencySpec(H, False), self.device_id)
         with _cuda.on_device(self.device_id):
@@ -381,7 +395,7 @@ class LowLatencyState:
                 with _cuda.on_device(self.device_id):
                     launch(_mod.fn("combine_recv"), _grid, K.THREADS, _stream, _p, smem=_smem)
                 self._comb_pending[_slot] = False
-        return interop.finish(fw, out_obj), ev, hook
+        return interop.finish(fw, out_obj, stream), ev, hook
 
     def clean(self, T: int, H: int, E: int) -> None:
         """Reset all low-latency flags and sequence numbers (collective; no call may be in flight)."""

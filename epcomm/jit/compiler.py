@@ -60,7 +60,9 @@ def _sources_digest() -> str:
 def _options(spec: KernelSpec, arch: str) -> tuple[dict, list[str]]:
     """cuda.core ProgramOptions keyword arguments and their canonical string form."""
     inc = [str(toolchain.cuda_src_dir())]
-    kw: dict = dict(std="c++17", arch=arch, lineinfo=True)
+    # A stable program name keeps the cubin byte-identical across compiles (line info embeds it).
+    name = "".join(c if c.isalnum() else "_" for c in spec.label()) + ".cu"
+    kw: dict = dict(std="c++17", arch=arch, lineinfo=True, name=name, frandom_seed="epcomm")
     if spec.uses_nvshmem:
         nv = toolchain.nvshmem()
         inc += [str(nv.include)] + [str(p) for p in toolchain.cuda_include_dirs()]
@@ -68,7 +70,7 @@ def _options(spec: KernelSpec, arch: str) -> tuple[dict, list[str]]:
     kw["include_path"] = inc
     macros = list(spec.macros())
     kw["define_macro"] = macros
-    canon = [f"-std={kw['std']}", f"-arch={arch}", "-lineinfo"]
+    canon = [f"-std={kw['std']}", f"-arch={arch}", "-lineinfo", "-frandom-seed=epcomm"]
     canon += [f"-I{p}" for p in inc]
     canon += [f"-D{k}={v}" for k, v in macros]
     if spec.uses_nvshmem:

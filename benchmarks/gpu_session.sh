@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One full GPU session on a lent machine (see docs/development.md): installs the carried
+# nvshmem4py wheel, runs `epcomm info`, warms the JIT cache in parallel, runs the GPU test
+# suite and the benchmarks, and leaves logs and JSON under $OUT (default ./gpu-out).
+# Usage: bash benchmarks/gpu_session.sh [tests|bench|all] [pytest -k expression]
+set -uo pipefail
+what=${1:-all}
+kexpr=${2:-}
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+export EPCOMM_CACHE_DIR=${EPCOMM_CACHE_DIR:-/tmp/epcomm-cache}
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+else
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+export EPCOMM_GIT_COMMIT=${EPCOMM_GIT_COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}
+ngpu=$(nvidia-smi -L | wc -l)
+{ nvidia-smi; nvidia-smi topo -m; } > "$OUT/machine.txt" 2>&1
+python3 -m epcomm.cli info 2>&1 | tee "$OUT/info.txt"
+t0=$(date +%s)
+python3 -m epcomm.cli warmup --preset tests --ranks "$ngpu" --smoke -j 16 > "$OUT/warmup.txt" 2>&1
+echo "warmup: $(( $(date +%s) - t0 ))s, $(tail -1 "$OUT/warmup.txt")"
+if [[ $what == tests || $what == all ]]; then
+  python3 -m pytest tests -q -rs -p no:cacheprovider ${kexpr:+-k "$kexpr"} \
+      --junitxml="$OUT/junit.xml" 2>&1 | tee "$OUT/tests.txt" | tail -40
+fi
+if [[ $what == bench || $what == all ]]; then
+  EPCOMM_BENCH_KIND="nvidia-h200-x$ngpu" timeout 560 python3 -m epcomm.cli bench all --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
+fi

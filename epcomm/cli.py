@@ -1,0 +1,211 @@
+"""The ``epcomm`` command: ``warmup``, ``info``, ``selftest``, ``bench``."""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import multiprocessing as mp
+import os
+import sys
+import time
+
+
+def _csv(kind):
+    def parse(s: str):
+        try:
+            return tuple(kind(v) for v in s.split(",") if v.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {s!r}") from None
+    return parse
+
+
+def _build_one(args):
+    spec, arch, env = args
+    os.environ.update(env)
+    from .jit import compiler
+    t0 = time.perf_counter()
+    try:
+        m = compiler.build(spec, arch)
+        return spec.label(), ("cached" if m.cached else "compiled"), time.perf_counter() - t0, ""
+    except Exception as e:  # reported in the table; the exit status says it failed
+        return spec.label(), "FAILED", time.perf_counter() - t0, str(e)
+
+
+def cmd_warmup(a) -> int:
+    from . import envs
+    from .jit import registry, toolchain
+    if a.preset:
+        specs = []
+        for name in a.preset:
+            for s in registry.preset(name):
+                if s not in specs:
+                    specs.append(s)
+    else:
+        specs = registry.specs_for(a.hidden, a.ranks, a.dtype, a.mode)
+    if a.smoke:
+        from .kernels.smoke import SmokeNvshmemSpec, SmokePeerStoreSpec
+        specs += [SmokePeerStoreSpec(), SmokeNvshmemSpec()]
+    arch = toolchain.normalize_arch(a.arch) if a.arch else toolchain.current_arch()
+    jobs = a.jobs or envs.COMPILE_JOBS.get() or os.cpu_count() or 1
+    jobs = max(1, min(jobs, len(specs)))
+    print(f"epcomm warmup: {len(specs)} specializations for {arch}, {jobs} parallel job(s), "
+          f"cache {envs.CACHE_DIR.get()}", flush=True)
+    env = {k: v for k, v in os.environ.items() if k.startswith("EPCOMM_")}
+    t0 = time.perf_counter()
+    rows = []
+    work = [(s, arch, env) for s in specs]
+    if jobs == 1:
+        results = map(_build_one, work)
+        for i, r in enumerate(results, 1):
+            rows.append(r)
+            print(f"  [{i}/{len(specs)}] {r[1]:8s} {r[2]:6.2f}s  {r[0]}", flush=True)
+    else:
+        # spawn: a child must not inherit a CUDA context the parent may have created.
+        with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as ex:
+            futs = [ex.submit(_build_one, w) for w in work]
+            for i, f in enumerate(cf.as_completed(futs), 1):
+                r = f.result()
+                rows.append(r)
+                print(f"  [{i}/{len(specs)}] {r[1]:8s} {r[2]:6.2f}s  {r[0]}", flush=True)
+    order = {s.label(): i for i, s in enumerate(specs)}
+    rows.sort(key=lambda r: order[r[0]])
+    w = max(len(r[0]) for r in rows)
+    print(f"\n{'specialization':<{w}}  {'result':8s}  seconds")
+    print(f"{'-' * w}  {'-' * 8}  -------")
+    for name, how, sec, _ in rows:
+        print(f"{name:<{w}}  {how:8s}  {sec:7.2f}")
+    n_c = sum(r[1] == "compiled" for r in rows)
+    n_h = sum(r[1] == "cached" for r in rows)
+    failed = [r for r in rows if r[1] == "FAILED"]
+    print(f"\n{n_c} compiled, {n_h} cached, {len(failed)} failed in {time.perf_counter() - t0:.1f}s")
+    for name, _, _, err in failed:
+        print(f"\nFAILED {name}:\n{err}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def cmd_info(a) -> int:
+    from . import __version__, envs
+    from .jit import cache, toolchain
+    print(f"epcomm            {__version__}")
+    for dist in ("cuda-core", "cuda-bindings", "cupy-cuda13x", "cupy-cuda12x", "nvshmem4py-cu13",
+                 "nvshmem4py-cu12", "nvidia-nvshmem-cu13", "nvidia-nvshmem-cu12", "torch", "jax", "ml_dtypes"):
+        v = _version(dist)
+        if v != "not installed" or dist in ("cuda-core", "cuda-bindings", "torch", "jax"):
+            print(f"{dist:18s}{v}")
+    try:
+        print(f"{'NVRTC':18s}{toolchain.nvrtc_version()}")
+    except Exception as e:
+        print(f"{'NVRTC':18s}unavailable ({e})")
+    print(f"{'nvJitLink':18s}{toolchain.nvjitlink_version()}")
+    try:
+        nv = toolchain.nvshmem()
+        print(f"{'NVSHMEM (device)':18s}{nv.version} ({nv.device_lib})")
+    except Exception as e:
+        print(f"{'NVSHMEM (device)':18s}unavailable ({str(e).splitlines()[0]})")
+    try:
+        inc = toolchain.cuda_include_dirs()
+        print(f"{'CUDA headers':18s}{', '.join(map(str, inc))}")
+    except Exception as e:
+        print(f"{'CUDA headers':18s}unavailable ({str(e).splitlines()[0]})")
+    n, size = cache.cache_size_bytes()
+    print(f"{'JIT cache':18s}{envs.CACHE_DIR.get()} ({n} entries, {size / 2**20:.1f} MiB)")
+    print(f"{'target arch':18s}{toolchain.current_arch()}")
+    from . import _cuda
+    try:
+        count = _cuda.init()
+    except Exception as e:
+        print(f"GPUs              none visible ({str(e).splitlines()[0]})")
+        return 0
+    print(f"GPUs              {count}")
+    for i in range(count):
+        d = _cuda.drv()
+        dev = _cuda.check(d.cuDeviceGet(i))
+        name = _cuda.check(d.cuDeviceGetName(256, dev))
+        name = (name.decode() if isinstance(name, bytes) else str(name)).strip("\x00")
+        major = _cuda.device_attr(i, "CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR")
+        minor = _cuda.device_attr(i, "CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR")
+        peers = [j for j in range(count) if j != i and _cuda.can_access_peer(i, j)]
+        links = ""
+        try:
+            import pynvml  # type: ignore  # nvidia-ml-py, optional: NVLink link counts
+            pynvml.nvmlInit()
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            n_up = 0
+            for link in range(18 * 2):
+                try:
+                    if pynvml.nvmlDeviceGetNvLinkState(h, link):
+                        n_up += 1
+                except Exception:
+                    break
+            links = f", {n_up} NVLink links up"
+        except Exception:
+            pass
+        print(f"  cuda:{i} {name} sm_{major}{minor}, {_cuda.num_sms(i)} SMs{links}; "
+              f"peer access to {peers if peers else 'none'}")
+    return 0
+
+
+def cmd_selftest(a) -> int:
+    from .selftest import run_selftest
+    return run_selftest(a.gpus, a.timeout)
+
+
+def cmd_bench(a) -> int:
+    from .bench import main as bench_main
+    return bench_main(a)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="epcomm", description="Expert-parallel communication kernels")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    w = sub.add_parser("warmup", help="precompile kernel specializations into the JIT cache (no GPU needed with --arch)")
+    w.add_argument("--preset", type=_csv(str), default=None,
+                   help="comma-separated presets: deepseek-v3, qwen3-235b, gpt-oss, tests")
+    w.add_argument("--hidden", type=_csv(int), default=(7168,))
+    w.add_argument("--ranks", type=_csv(int), default=(2, 4, 8))
+    w.add_argument("--dtype", type=_csv(str), default=("bf16", "fp8"))
+    w.add_argument("--mode", type=_csv(str), default=("normal", "low-latency"))
+    w.add_argument("--arch", default=None, help="e.g. sm_90 (default: the GPU's, else sm_90)")
+    w.add_argument("--smoke", action="store_true", help="also the smoke-test kernels of `epcomm selftest`")
+    w.add_argument("-j", "--jobs", type=int, default=0, help="parallel compile processes (default: CPU count)")
+    w.set_defaults(fn=cmd_warmup)
+
+    i = sub.add_parser("info", help="versions, cache, GPUs and their NVLink peers")
+    i.set_defaults(fn=cmd_info)
+
+    s = sub.add_parser("selftest", help="on this machine's GPUs: peer stores, NVSHMEM, layout, dispatch/combine")
+    s.add_argument("--gpus", type=int, default=0, help="GPUs to use (default: all)")
+    s.add_argument("--timeout", type=float, default=300.0)
+    s.set_defaults(fn=cmd_selftest)
+
+    b = sub.add_parser("bench", help="benchmarks (see epcomm/bench.py)")
+    b.add_argument("what", choices=("normal", "low-latency", "all"))
+    b.add_argument("--gpus", type=int, default=0, help="ranks = GPUs to use (default: all)")
+    b.add_argument("--tokens", type=int, default=None)
+    b.add_argument("--hidden", type=int, default=7168)
+    b.add_argument("--topk", type=int, default=8)
+    b.add_argument("--experts", type=int, default=256)
+    b.add_argument("--sms", type=_csv(int), default=(8, 16, 24, 32))
+    b.add_argument("--iters", type=int, default=30)
+    b.add_argument("--json", default=None, help="write the results here")
+    b.add_argument("--timeout", type=float, default=540.0)
+    b.set_defaults(fn=cmd_bench)
+
+    a = ap.parse_args(argv)
+    try:
+        return a.fn(a)
+    except (ValueError, TypeError) as e:
+        print(f"epcomm {a.cmd}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""Run a function on N GPUs in N processes (tests, benchmarks, ``epcomm selftest``).
+
+Each process gets ``rank``, ``world_size`` and a framework-free :class:`~epcomm.group.FileGroup`
+bootstrap.  Workers announce what they are doing with :func:`phase`; if the run exceeds its
+timeout, the error names every rank that had not finished and the phase it was in (and for how
+long), then all processes are killed: a hang never outlives its timeout.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue as queue_mod
+import shutil
+import tempfile
+import time
+import traceback
+
+# Never let a test or benchmark enable NVLink multicast: on shared hosts it can take the GPUs
+# of the whole machine down.  Callers may still override explicitly.
+SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+_PHASE_FILE: str | None = None
+
+
+def phase(name: str) -> None:
+    """Record what this worker is doing now (shown if the run times out)."""
+    if _PHASE_FILE is None:
+        return
+    tmp = _PHASE_FILE + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{time.time()}\n{name}")
+    os.replace(tmp, _PHASE_FILE)
+
+
+def _read_phase(path: str) -> tuple[str, float]:
+    try:
+        with open(path) as f:
+            ts, name = f.read().split("\n", 1)
+        return name, time.time() - float(ts)
+    except (OSError, ValueError):
+        return "(starting: no phase reported yet)", 0.0
+
+
+def _worker(fn, rank, world, root, args, kwargs, q, env):
+    global _PHASE_FILE
+    os.environ.update(env)
+    os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"] = str(rank), str(world), str(rank)
+    _PHASE_FILE = os.path.join(root, f"phase.{rank}")
+    phase("starting")
+    try:
+        from .group import FileGroup
+        group = FileGroup(os.path.join(root, "group"), rank, world)
+        res = fn(rank, world, group, *args, **kwargs)
+        phase("done")
+        q.put((rank, "ok", res))
+    except BaseException as e:  # noqa: BLE001 - everything is reported to the parent
+        q.put((rank, "error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+
+
+class SpawnError(RuntimeError):
+    pass
+
+
+def run(fn, world_size: int, *args, timeout: float = 300.0, env: dict | None = None, **kwargs) -> list:
+    """Run ``fn(rank, world_size, group, *args, **kwargs)`` in ``world_size`` processes.
+
+    ``fn`` must be importable (module level).  Returns the list of results by rank.  Raises
+    SpawnError with every failing rank's traceback, or, after ``timeout`` seconds, naming each
+    rank that had not finished and its last phase.
+    """
+    ctx = mp.get_context("spawn")
+    root = tempfile.mkdtemp(prefix="epcomm-spawn-")
+    q = ctx.Queue()
+    full_env = dict(SAFE_ENV)
+    full_env.update({k: v for k, v in os.environ.items() if k.startswith("EPCOMM_")})
+    full_env.update(env or {})
+    procs = [ctx.Process(target=_worker, args=(fn, r, world_size, root, args, kwargs, q, full_env), daemon=True)
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results: dict[int, tuple] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(results) < world_size:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                rank, status, payload = q.get(timeout=min(left, 1.0))
+                results[rank] = (status, payload)
+            except queue_mod.Empty:
+                dead = [r for r, p in enumerate(procs) if not p.is_alive() and p.exitcode not in (0, None)
+                        and r not in results]
+                if dead:
+                    time.sleep(0.5)  # let a final queue message arrive
+                    while True:
+                        try:
+                            rank, status, payload = q.get_nowait()
+                            results[rank] = (status, payload)
+                        except queue_mod.Empty:
+                            break
+                    for r in dead:
+                        if r not in results:
+                            results[r] = ("error", f"process died with exit code {procs[r].exitcode} "
+                                                   f"in phase {_read_phase(os.path.join(root, f'phase.{r}'))[0]!r}")
+                    if any(s == "error" for s, _ in results.values()):
+                        break
+        missing = [r for r in range(world_size) if r not in results]
+        errors = {r: p for r, (s, p) in results.items() if s == "error"}
+        if missing or errors:
+            lines = []
+            for r in missing:
+                name, age = _read_phase(os.path.join(root, f"phase.{r}"))
+                lines.append(f"rank {r} did not finish within {timeout:.0f}s: stalled in phase {name!r} "
+                             f"(for {age:.0f}s)" if not errors else
+                             f"rank {r} still running in phase {name!r} when rank(s) {sorted(errors)} failed")
+            for r, tb in sorted(errors.items()):
+                lines.append(f"rank {r} failed: {tb}")
+            raise SpawnError("\n".join(lines))
+        return [results[r][1] for r in range(world_size)]
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        for p in procs:
+            p.join(timeout=5)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def gpu_count() -> int:
+    """Visible CUDA devices, without initialising CUDA in this process (0 on failure)."""
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        try:
+            return pool.apply(_count_devices)
+        except Exception:
+            return 0
+
+
+def _count_devices() -> int:
+    from ._cuda import device_count
+    return device_count()

@@ -1,0 +1,96 @@
+"""Random routings and activations for tests (CPU, numpy only).
+
+Every generator takes an explicit ``numpy.random.Generator`` so a failing test can be rerun
+with the same seed.
+"""
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+
+__all__ = ["random_topk", "random_weights", "random_bf16"]
+
+
+def _count(name: str, v, lo: int) -> int:
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if v < lo:
+        raise ValueError(f"{name}={v} must be >= {lo}")
+    return int(v)
+
+
+def random_topk(rng: np.random.Generator, num_tokens, num_experts, topk, *, drop_prob=0.0, num_ranks=None,
+                only_rank=None) -> np.ndarray:
+    """Random top-k routing.
+
+    Args:
+        rng: numpy Generator.
+        num_tokens: N >= 0.
+        num_experts: E >= 1.
+        topk: K, 1 <= K <= E (K <= L = E // num_ranks with only_rank).
+        drop_prob: probability in [0, 1] that an entry is independently replaced by -1.
+        num_ranks: R, needed with only_rank (E % R == 0).
+        only_rank: if given, every expert is drawn from that rank's experts
+            [only_rank * L, (only_rank + 1) * L) (heavily imbalanced routing).
+
+    Each row holds K distinct experts, a uniformly random subset in random order, before the
+    drops.
+
+    Returns:
+        int64 [N, K].
+
+    Raises:
+        TypeError: non-int sizes.  ValueError: sizes out of range, drop_prob outside [0, 1],
+        only_rank without num_ranks, E % R != 0, K > L with only_rank.
+    """
+    N = _count("num_tokens", num_tokens, 0)
+    E = _count("num_experts", num_experts, 1)
+    K = _count("topk", topk, 1)
+    if not 0.0 <= float(drop_prob) <= 1.0:
+        raise ValueError(f"drop_prob={drop_prob} must be in [0, 1]")
+    lo, pool = 0, E
+    if only_rank is not None:
+        if num_ranks is None:
+            raise ValueError("only_rank needs num_ranks")
+        R = _count("num_ranks", num_ranks, 1)
+        r = _count("only_rank", only_rank, 0)
+        if E % R:
+            raise ValueError(f"num_experts={E} must be a multiple of num_ranks={R}")
+        if r >= R:
+            raise ValueError(f"only_rank={r} must be < num_ranks={R}")
+        pool = E // R
+        lo = r * pool
+    if K > pool:
+        raise ValueError(f"topk={K} exceeds the {pool} experts to choose from")
+    # The K smallest of iid uniform keys form a uniform K-subset; sorting them by key gives a
+    # uniformly random order as well.
+    keys = rng.random((N, pool))
+    pick = np.argpartition(keys, K - 1, axis=1)[:, :K] if K < pool else np.tile(np.arange(pool), (N, 1))
+    order = np.argsort(np.take_along_axis(keys, pick, axis=1), axis=1)
+    idx = np.take_along_axis(pick, order, axis=1).astype(np.int64) + lo
+    if drop_prob > 0:
+        idx[rng.random((N, K)) < drop_prob] = -1
+    return idx
+
+
+def random_weights(rng: np.random.Generator, topk_idx) -> np.ndarray:
+    """Random positive top-k weights in [0.05, 1): float32 of topk_idx's shape, 0 where idx == -1."""
+    idx = np.asarray(topk_idx)
+    w = rng.uniform(0.05, 1.0, size=idx.shape).astype(np.float32)
+    w[idx < 0] = 0.0
+    return w
+
+
+def random_bf16(rng: np.random.Generator, shape, scale=1.0) -> np.ndarray:
+    """Standard normal values times ``scale`` as an ``ml_dtypes.bfloat16`` array of ``shape``.
+
+    Raises ValueError if scale is not a positive finite number, or if every value underflowed
+    to zero (a non-empty result is never all zeros).
+    """
+    scale = float(scale)
+    if not (np.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale={scale} must be positive and finite")
+    a = (rng.standard_normal(shape) * scale).astype(np.float32).astype(ml_dtypes.bfloat16)
+    if a.size and not np.any(a.astype(np.float32)):
+        raise ValueError(f"scale={scale} is so small that every bfloat16 value is zero")
+    return a

@@ -1,0 +1,48 @@
+"""`epcomm warmup` (cold, then warm: all hits) and `epcomm info` without a GPU."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+
+def _run(args, env):
+    return subprocess.run([sys.executable, "-m", "epcomm.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=900)
+
+
+def test_warmup_cold_then_warm(tmp_path):
+    env = dict(os.environ, EPCOMM_CACHE_DIR=str(tmp_path / "c"))
+    args = ["warmup", "--hidden", "2048", "--ranks", "2,4", "--dtype", "bf16,fp8", "--mode", "normal",
+            "--arch", "sm_90", "-j", "2"]
+    cold = _run(args, env)
+    assert cold.returncode == 0, cold.stdout + cold.stderr
+    assert "0 failed" in cold.stdout and " compiled, 0 cached" in cold.stdout
+    n = int(cold.stdout.split("epcomm warmup: ")[1].split()[0])
+    assert n == 1 + 2 * 3  # layout + per rank count (bf16, fp8 dispatch + combine)
+    t0 = time.perf_counter()
+    warm = _run(args, env)
+    dt = time.perf_counter() - t0
+    assert warm.returncode == 0, warm.stdout + warm.stderr
+    assert f"0 compiled, {n} cached, 0 failed" in warm.stdout
+    assert dt < 60
+    for line in warm.stdout.splitlines():
+        if line.startswith("intranode_") or line.startswith("layout["):
+            assert "cached" in line
+
+
+def test_warmup_rejects_bad_arguments(tmp_path):
+    env = dict(os.environ, EPCOMM_CACHE_DIR=str(tmp_path / "c"))
+    r = _run(["warmup", "--mode", "fast", "--arch", "sm_90"], env)
+    assert r.returncode == 2 and "mode 'fast'" in r.stderr
+    r = _run(["warmup", "--preset", "nope", "--arch", "sm_90"], env)
+    assert r.returncode == 2 and "unknown preset" in r.stderr
+
+
+def test_info_runs_without_a_gpu(tmp_path):
+    env = dict(os.environ, EPCOMM_CACHE_DIR=str(tmp_path / "c"))
+    r = _run(["info"], env)
+    assert r.returncode == 0, r.stderr
+    for word in ("epcomm", "cuda-core", "NVRTC", "NVSHMEM", "JIT cache", "GPUs"):
+        assert word in r.stdout

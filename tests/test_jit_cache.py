@@ -1,0 +1,148 @@
+"""The JIT disk cache: hits, misses, invalidation, concurrency, corruption and compile errors."""
+from __future__ import annotations
+
+import ctypes
+import multiprocessing as mp
+import os
+import shutil
+from dataclasses import dataclass
+
+import pytest
+
+from epcomm.errors import CompileError
+from epcomm.jit import cache, compiler, toolchain
+from epcomm.jit.spec import KernelDef, KernelSpec, ParamsStruct
+from epcomm.kernels.smoke import SmokeParams, SmokePeerStoreSpec
+
+
+@pytest.fixture()
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("EPCOMM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("EPCOMM_DISABLE_CACHE", raising=False)
+    return tmp_path / "cache"
+
+
+def test_hit_after_miss_returns_the_same_cubin(cache_dir):
+    spec = SmokePeerStoreSpec(threads=128)
+    a = compiler.build(spec, "sm_90")
+    b = compiler.build(spec, "sm_90")
+    assert (a.cached, b.cached) == (False, True)
+    assert a.cubin == b.cubin and a.symbols == b.symbols and a.key == b.key
+    assert cache.entry_path(spec.family, a.key).is_file()
+
+
+def test_key_depends_on_arch_and_template_arguments(cache_dir):
+    k = lambda s, arch="sm_90": compiler.cache_key(s, arch)  # noqa: E731
+    assert k(SmokePeerStoreSpec(128)) != k(SmokePeerStoreSpec(256))
+    assert k(SmokePeerStoreSpec(128)) != k(SmokePeerStoreSpec(128), "sm_100")
+    assert k(SmokePeerStoreSpec(128)) == k(SmokePeerStoreSpec(128))
+
+
+def test_a_changed_header_byte_is_a_miss(cache_dir, tmp_path, monkeypatch):
+    src = tmp_path / "cuda_src"
+    shutil.copytree(toolchain.cuda_src_dir(), src)
+    monkeypatch.setattr(toolchain, "cuda_src_dir", lambda: src)
+    spec = SmokePeerStoreSpec(threads=64)
+    a = compiler.build(spec, "sm_90")
+    assert compiler.build(spec, "sm_90").cached
+    hdr = src / "epcomm_common.cuh"
+    hdr.write_text(hdr.read_text() + "\n// one more byte of comment\n")
+    c = compiler.build(spec, "sm_90")
+    assert not c.cached and c.key != a.key
+
+
+def test_truncated_or_corrupt_entry_is_a_miss_and_is_rewritten(cache_dir):
+    spec = SmokePeerStoreSpec(threads=96)
+    a = compiler.build(spec, "sm_90")
+    path = cache.entry_path(spec.family, a.key)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])           # truncated
+    b = compiler.build(spec, "sm_90")
+    assert not b.cached and b.cubin == a.cubin
+    assert cache.read_entry(path).payload == a.cubin   # republished whole
+    corrupt = bytearray(data)
+    corrupt[-10] ^= 0xFF                               # payload bit flip: hash mismatch
+    path.write_bytes(bytes(corrupt))
+    assert cache.read_entry(path) is None
+    assert not compiler.build(spec, "sm_90").cached
+    path.write_bytes(b"garbage")
+    assert cache.read_entry(path) is None
+
+
+def _build_in_child(cache_root, q):
+    os.environ["EPCOMM_CACHE_DIR"] = cache_root
+    from epcomm.jit import compiler as c
+    from epcomm.kernels.smoke import SmokeNvshmemSpec
+    m = c.build(SmokeNvshmemSpec(threads=160), "sm_90")  # slow compile: the others must wait for it
+    q.put((m.cached, len(m.cubin), m.key))
+
+
+def test_four_processes_compile_one_key_once(cache_dir):
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_build_in_child, args=(str(cache_dir), q)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    res = [q.get(timeout=600) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    cached = sorted(r[0] for r in res)
+    assert cached == [False, True, True, True], f"expected one compile and three cache hits, got {res}"
+    assert len({(r[1], r[2]) for r in res}) == 1
+    entries = list((cache_dir / "smoke_nvshmem").glob("*.bin"))
+    assert len(entries) == 1 and not list((cache_dir / "smoke_nvshmem").glob("*.tmp"))
+
+
+def test_disable_cache_writes_nothing(cache_dir, monkeypatch):
+    monkeypatch.setenv("EPCOMM_DISABLE_CACHE", "1")
+    m = compiler.build(SmokePeerStoreSpec(threads=32), "sm_90")
+    assert not m.cached and not cache_dir.exists()
+
+
+@dataclass(frozen=True)
+class _BadKernelSpec(KernelSpec):
+    family = "test_bad"
+    header = "smoke.cuh"
+
+    def kernels(self):
+        return (KernelDef("k", "epcomm::no_such_kernel", (1,), SmokeParams),)
+
+
+class _WrongMirror(ParamsStruct):
+    _cname_ = "epcomm::SmokeParams"
+    _fields_ = [("peer", ctypes.c_uint64), ("local", ctypes.c_uint64)]  # swapped and incomplete
+
+
+@dataclass(frozen=True)
+class _WrongMirrorSpec(KernelSpec):
+    family = "test_mirror"
+    header = "smoke.cuh"
+
+    def kernels(self):
+        return (KernelDef("k", "epcomm::smoke_peer_store", (256,), _WrongMirror),)
+
+
+def test_compile_error_carries_log_options_and_numbered_source(cache_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("EPCOMM_DUMP_DIR", str(tmp_path / "dump"))
+    with pytest.raises(CompileError) as ei:
+        compiler.build(_BadKernelSpec(), "sm_90")
+    e = ei.value
+    assert "no_such_kernel" in e.log and "error" in e.log
+    assert any(o.startswith("-arch=sm_90") for o in e.options)
+    assert "epcomm::no_such_kernel<1>" in e.source
+    assert "    2  #include \"smoke.cuh\"" in str(e)       # numbered source in the message
+    assert list((tmp_path / "dump").glob("*.log"))          # EPCOMM_DUMP_DIR keeps the evidence
+    assert not list((cache_dir / "test_bad").glob("*.bin"))  # nothing published
+
+
+def test_params_mirror_mismatch_fails_at_compile_time(cache_dir):
+    with pytest.raises(CompileError, match="differs from its Python mirror"):
+        compiler.build(_WrongMirrorSpec(), "sm_90")
+
+
+def test_rendered_source_is_a_small_explicit_instantiation():
+    src = SmokePeerStoreSpec(threads=256).render()
+    assert '#include "smoke.cuh"' in src
+    assert "template __global__ void epcomm::smoke_peer_store<256>(const __grid_constant__ epcomm::SmokeParams);" in src
+    assert src.count("static_assert") == 1 + len(SmokeParams._fields_)

@@ -1,0 +1,63 @@
+"""Every shipped kernel specialization compiles for sm_90 with NVRTC (NVSHMEM ones also link
+with libnvshmem_device.a through nvJitLink).  No GPU needed; this is what CI runs."""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing as mp
+import os
+
+import pytest
+
+from epcomm.jit import registry
+
+
+def _compile(label_spec):
+    label, spec = label_spec
+    from epcomm.jit import compiler
+    m = compiler.build(spec, "sm_90")
+    assert m.cubin[:4] == b"\x7fELF", label
+    return label, len(m.cubin), sorted(m.symbols)
+
+
+def test_every_shipped_specialization_compiles_for_sm90(tmp_path_factory):
+    specs = registry.shipped()
+    labels = [s.label() for s in specs]
+    assert len(set(labels)) == len(labels), "duplicate specializations in the catalogue"
+    # Families that must be covered: a new kernel family must be added to the catalogue.
+    fams = {s.family for s in specs}
+    assert {"layout", "intranode_dispatch", "intranode_combine", "low_latency", "smoke", "smoke_nvshmem"} <= fams
+    cache = os.environ.get("EPCOMM_CACHE_DIR") or str(tmp_path_factory.mktemp("jit-cache"))
+    os.environ["EPCOMM_CACHE_DIR"] = cache
+    jobs = min(len(specs), max(2, os.cpu_count() or 2))
+    failures = []
+    with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as ex:
+        futs = {ex.submit(_compile, (s.label(), s)): s.label() for s in specs}
+        for f in cf.as_completed(futs):
+            try:
+                label, size, syms = f.result()
+                assert size > 1000 and syms
+            except Exception as e:  # collect all failures, not only the first
+                failures.append(f"{futs[f]}: {e}")
+    assert not failures, "\n\n".join(failures)
+
+
+@pytest.mark.parametrize("spec_name", ["IntranodeDispatchSpec", "IntranodeCombineSpec", "LowLatencySpec"])
+def test_unsupported_hidden_sizes_are_rejected_with_a_reason(spec_name):
+    from epcomm.kernels import intranode, low_latency
+    bad = {"IntranodeDispatchSpec": lambda: intranode.IntranodeDispatchSpec(2, 2880, True),
+           "IntranodeCombineSpec": lambda: intranode.IntranodeCombineSpec(2, 2884),
+           "LowLatencySpec": lambda: low_latency.LowLatencySpec(2880, False)}[spec_name]()
+    with pytest.raises(ValueError, match="hidden=28"):
+        bad.render()
+
+
+def test_catalogue_skips_impossible_combinations_and_strict_mode_raises():
+    specs = registry.specs_for((2880,), (2,), ("bf16", "fp8"), ("normal", "low-latency"))
+    labels = [s.label() for s in specs]
+    assert any("fp8=False" in l and "hidden=2880" in l for l in labels)
+    assert not any("fp8=True" in l for l in labels)
+    assert not any(l.startswith("low_latency") for l in labels)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        registry.specs_for((2880,), (2,), ("fp8",), ("normal",), strict=True)
+    with pytest.raises(ValueError, match="mode"):
+        registry.specs_for((7168,), (2,), ("bf16",), ("bogus",))

@@ -1,0 +1,349 @@
+"""Low-latency dispatch/combine on every visible GPU, against epcomm.reference.
+
+One process per GPU, all cases in one spawn; every rank derives all ranks' inputs from the
+case seed and checks its own outputs bit for bit: packed rows (FP8 bytes and scales included),
+counts, source indices, ranges and combined values.  Each case runs three rounds with new data,
+so both buffer slots are used and reused.  Marked gpu/multigpu.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import numpy as np
+import pytest
+
+from epcomm import spawn
+
+pytestmark = [pytest.mark.gpu, pytest.mark.multigpu]
+
+
+@functools.lru_cache(maxsize=None)
+def _world() -> int:
+    return spawn.gpu_count()
+
+
+needs_gpus = pytest.mark.skipif(_world() < 2, reason="needs 2 or more NVIDIA GPUs (GPU test)")
+
+
+def _case(name, **kw):
+    base = dict(name=name, T=128, N=None, H=7168, E=64, K=8, fp8=True, round_scale=False, ue8m0=False,
+                hook=False, async_=False, zero_copy=False, out=False, stats=False, drop=0.1)
+    base.update(kw)
+    return base
+
+
+CASES = [
+    _case("fp8_t128_h7168_e256_k8", E=256),
+    _case("fp8_t128_h7168_e288_k8_hook", E=288, hook=True),
+    _case("bf16_t128_h4096_e64_k8", H=4096, fp8=False),
+    _case("fp8_round_scale_t256_h2048", T=256, H=2048, round_scale=True),
+    _case("fp8_ue8m0_t256_h7168", T=256, round_scale=True, ue8m0=True, E=128),
+    _case("fp8_t1_k1", T=1, K=1, E=32),
+    _case("fp8_t1_k16_e32", T=1, K=16, E=32),
+    _case("bf16_k16_e32_hook", K=16, E=32, fp8=False, hook=True),
+    _case("fp8_async", E=64, async_=True),
+    _case("fp8_partial_batch_n50_t128", N=50, E=64, stats=True),
+    _case("fp8_zero_copy_out", E=64, zero_copy=True, out=True),
+    _case("fp8_heavy_drop", E=64, drop=0.6),
+    _case("bf16_t256_h2048_e288_k16", T=256, H=2048, E=288, K=16, fp8=False),
+]
+
+
+def _bits(a):
+    a = np.ascontiguousarray(a)
+    return a.view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize])
+
+
+def _assert_bits(name, got, want):
+    g, w = _bits(np.asarray(got)), _bits(np.asarray(want))
+    assert g.shape == w.shape, f"{name}: shape {g.shape} != reference {w.shape}"
+    bad = np.argwhere(g != w)
+    assert bad.size == 0, f"{name}: {len(bad)} elements differ, first at {bad[0].tolist()}"
+
+
+def _np(obj):
+    from epcomm import interop
+    return interop.to_numpy(obj)
+
+
+def _up(a):
+    import ml_dtypes
+    import torch
+    a = np.ascontiguousarray(a)
+    if a.dtype == ml_dtypes.bfloat16:
+        return torch.from_numpy(a.view(np.int16)).cuda().view(torch.bfloat16)
+    return torch.from_numpy(a).cuda()
+
+
+def _round(rank, world, buf, case, it, stats):
+    import ml_dtypes
+    import torch
+
+    from epcomm import reference
+    from epcomm.testing import random_bf16, random_topk, random_weights
+    T, H, E, K = case["T"], case["H"], case["E"], case["K"]
+    L = E // world
+    rng = np.random.default_rng((abs(hash(case["name"])) + 7919 * it) % 2**32)
+    xs, tks, ws = [], [], []
+    for r in range(world):
+        n = case["N"] if case["N"] is not None else T
+        tk = random_topk(rng, n, E, K, drop_prob=case["drop"])
+        tks.append(tk)
+        ws.append(random_weights(rng, tk))
+        xs.append(random_bf16(rng, (n, H)))
+    ref = reference.low_latency_dispatch(xs, tks, T, E, use_fp8=case["fp8"], round_scale=case["round_scale"],
+                                         use_ue8m0=case["ue8m0"])
+    x, topk, w = _up(xs[rank]), _up(tks[rank]), _up(ws[rank])
+    recv, cnt, handle, ev, hook = buf.low_latency_dispatch(
+        x, topk, T, E, use_fp8=case["fp8"], round_scale=case["round_scale"], use_ue8m0=case["ue8m0"],
+        async_finish=case["async_"], return_recv_hook=case["hook"], cumulative_local_expert_recv_stats=stats)
+    if case["hook"]:
+        hook()
+    if case["async_"]:
+        ev.current_stream_wait()
+    rr = ref[rank]
+    got_cnt = _np(cnt)
+    _assert_bits("recv_count", got_cnt, rr.recv_count)
+    _assert_bits("layout_range", _np(handle.layout_range), rr.handle.layout_range)
+    src = _np(handle.src_info)
+    gx = _np(recv[0] if case["fp8"] else recv)
+    gs = _np(recv[1]) if case["fp8"] else None
+    for j in range(L):
+        c = int(rr.recv_count[j])
+        _assert_bits(f"src_info[{j}]", src[j, :c], rr.handle.src_info[j, :c])
+        _assert_bits(f"recv_x[{j}]", gx[j, :c], rr.recv_x[j, :c])
+        if case["fp8"]:
+            _assert_bits(f"recv_x_scales[{j}]", gs[j, :c], rr.recv_x_scales[j, :c])
+    # Expert outputs: y_d = bf16(float32(expert input) * (d + 1.5)).
+    ys = []
+    for d in range(world):
+        r = ref[d]
+        base = r.recv_x.astype(np.float32)
+        if case["fp8"]:
+            sc = r.recv_x_scales
+            if case["ue8m0"]:
+                sc = reference.unpack_ue8m0(sc, H // 128)
+            base = base * np.repeat(sc.astype(np.float32), 128, axis=-1)
+        ys.append((base * np.float32(d + 1.5)).astype(ml_dtypes.bfloat16))
+    cref = reference.low_latency_combine(ys, tks, ws, [r.handle for r in ref])[rank]
+    if case["zero_copy"]:
+        y = buf.get_next_low_latency_combine_buffer(handle)
+        y.copy_(_up(ys[rank]))
+    else:
+        y = _up(ys[rank])
+    out = torch.empty(xs[rank].shape, dtype=torch.bfloat16, device="cuda") if case["out"] else None
+    comb, ev2, hook2 = buf.low_latency_combine(y, topk, w, handle, zero_copy=case["zero_copy"], out=out,
+                                               async_finish=case["async_"], return_recv_hook=case["hook"])
+    if case["hook"]:
+        hook2()
+    if case["async_"]:
+        ev2.current_stream_wait()
+    if out is not None:
+        assert comb.data_ptr() == out.data_ptr(), "out= was not used"
+    _assert_bits("combined", _np(comb), cref)
+    return rr.recv_count
+
+
+def _worker(rank, world, group, cases):
+    import torch
+
+    import epcomm
+    torch.cuda.set_device(rank)
+    need = max(epcomm.Buffer.get_low_latency_rdma_size_hint(c["T"], c["H"], world, c["E"]) for c in cases)
+    buf = epcomm.Buffer(group, 0, need, low_latency_mode=True)
+    results = {}
+    for case in cases:
+        spawn.phase(case["name"])
+        try:
+            stats = torch.zeros(case["E"] // world, dtype=torch.int32, device="cuda") if case["stats"] else None
+            total = 0
+            for it in range(3):
+                total = total + _round(rank, world, buf, case, it, stats)
+            if stats is not None:
+                _assert_bits("cumulative stats", stats.cpu().numpy(), total.astype(np.int32))
+            results[case["name"]] = "ok"
+        except AssertionError as e:
+            results[case["name"]] = f"FAIL: {e}"
+        except Exception as e:
+            import traceback
+            results[case["name"]] = f"ERROR: {type(e).__name__}: {e}\n{traceback.format_exc()}"
+        torch.cuda.synchronize()
+        group.barrier()
+        if results[case["name"]].startswith("ERROR"):
+            break
+    buf.destroy()
+    return results
+
+
+@functools.lru_cache(maxsize=None)
+def _results(force_put: bool):
+    env = {"EPCOMM_LL_FORCE_NVSHMEM_PUT": "1" if force_put else "0"}
+    cases = CASES if not force_put else [c for c in CASES if c["name"] in (
+        "fp8_t128_h7168_e256_k8", "bf16_k16_e32_hook", "fp8_zero_copy_out", "fp8_ue8m0_t256_h7168")]
+    return spawn.run(_worker, _world(), cases, timeout=float(os.environ.get("EPCOMM_TEST_TIMEOUT", 480)), env=env)
+
+
+@needs_gpus
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_low_latency_against_reference(case):
+    for rank, r in enumerate(_results(False)):
+        v = r.get(case["name"], "not run (an earlier case crashed)")
+        assert v == "ok", f"rank {rank}: {v}"
+
+
+@needs_gpus
+@pytest.mark.parametrize("name", ["fp8_t128_h7168_e256_k8", "bf16_k16_e32_hook", "fp8_zero_copy_out",
+                                  "fp8_ue8m0_t256_h7168"])
+def test_low_latency_nvshmem_put_path(name):
+    """EPCOMM_LL_FORCE_NVSHMEM_PUT=1: every peer through NVSHMEM puts/signals (the RDMA code path)."""
+    for rank, r in enumerate(_results(True)):
+        v = r.get(name, "not run (an earlier case crashed)")
+        assert v == "ok", f"rank {rank}: {v}"
+
+
+def _overlap_worker(rank, world, group):
+    """Two micro-batches in flight with hooks, then CUDA graphs replayed with new routing."""
+    import ml_dtypes
+    import torch
+
+    import epcomm
+    from epcomm import reference
+    from epcomm.testing import random_bf16, random_topk, random_weights
+    torch.cuda.set_device(rank)
+    T, H, E, K = 64, 2048, 64, 8
+    buf = epcomm.Buffer(group, 0, epcomm.Buffer.get_low_latency_rdma_size_hint(T, H, world, E), low_latency_mode=True)
+    fails = []
+
+    def data(seed):
+        rng = np.random.default_rng(seed)
+        xs, tks, ws = [], [], []
+        for r in range(world):
+            tk = random_topk(rng, T, E, K, drop_prob=0.1)
+            tks.append(tk); ws.append(random_weights(rng, tk)); xs.append(random_bf16(rng, (T, H)))
+        return xs, tks, ws
+
+    def expected(xs, tks, ws):
+        ref = reference.low_latency_dispatch(xs, tks, T, E, use_fp8=False)
+        ys = [(r.recv_x.astype(np.float32) * 3.0).astype(ml_dtypes.bfloat16) for r in ref]
+        return ref, reference.low_latency_combine(ys, tks, ws, [r.handle for r in ref])[rank]
+
+    spawn.phase("two micro-batches")
+    mbs = [data(11), data(12)]
+    dev = [(_up(xs[rank]), _up(tks[rank]), _up(ws[rank])) for xs, tks, ws in mbs]
+    d = [buf.low_latency_dispatch(x, t, T, E, use_fp8=False, return_recv_hook=True) for x, t, _ in dev]
+    d[0][4]()
+    d[1][4]()
+    ys = [(dd[0].float() * 3.0).to(torch.bfloat16) for dd in d]
+    c = [buf.low_latency_combine(ys[i], dev[i][1], dev[i][2], d[i][2], return_recv_hook=True) for i in range(2)]
+    c[1][2]()
+    c[0][2]()
+    for i in range(2):
+        ref, cref = expected(*mbs[i])
+        try:
+            _assert_bits(f"micro-batch {i} combined", _np(c[i][0]), cref)
+        except AssertionError as e:
+            fails.append(str(e))
+    torch.cuda.synchronize()
+    group.barrier()
+    spawn.phase("graph capture")
+    sx = torch.zeros(T, H, dtype=torch.bfloat16, device="cuda")
+    st = torch.full((T, K), -1, dtype=torch.int64, device="cuda")
+    sw = torch.zeros(T, K, dtype=torch.float32, device="cuda")
+    s = torch.cuda.Stream()
+    holder = {}
+
+    def body():
+        rx, _, h, _, _ = buf.low_latency_dispatch(sx, st, T, E, use_fp8=False)
+        y = (rx.float() * 3.0).to(torch.bfloat16)
+        holder["o"] = buf.low_latency_combine(y, st, sw, h)[0]
+
+    with torch.cuda.stream(s):
+        body()
+        body()
+    torch.cuda.synchronize()
+    group.barrier()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, stream=s):
+        body()
+    torch.cuda.synchronize()
+    group.barrier()
+    for it in range(4):
+        spawn.phase(f"graph replay {it}")
+        xs, tks, ws = data(100 + it)
+        sx.copy_(_up(xs[rank])); st.copy_(_up(tks[rank])); sw.copy_(_up(ws[rank]))
+        torch.cuda.synchronize()
+        group.barrier()
+        g.replay()
+        torch.cuda.synchronize()
+        _, cref = expected(xs, tks, ws)
+        try:
+            _assert_bits(f"graph replay {it}", _np(holder["o"]), cref)
+        except AssertionError as e:
+            fails.append(str(e))
+        group.barrier()
+    buf.destroy()
+    return fails
+
+
+@needs_gpus
+def test_two_micro_batches_with_hooks_and_graph_replays():
+    for rank, fails in enumerate(spawn.run(_overlap_worker, _world(), timeout=240)):
+        assert not fails, f"rank {rank}: {fails}"
+
+
+def _failure_worker(rank, world, group):
+    import time
+
+    import torch
+
+    import epcomm
+    from epcomm.errors import EpcommTimeoutError
+    torch.cuda.set_device(rank)
+    T, H, E, K = 32, 2048, 32, 4
+    buf = epcomm.Buffer(group, 0, epcomm.Buffer.get_low_latency_rdma_size_hint(T, H, world, E), low_latency_mode=True)
+    x = torch.randn(T, H, device="cuda").to(torch.bfloat16)
+    topk = torch.randint(0, E, (T, K), device="cuda")
+    out = {}
+    try:
+        buf.low_latency_dispatch(torch.randn(T + 1, H, device="cuda").to(torch.bfloat16),
+                                 torch.randint(0, E, (T + 1, K), device="cuda"), T, E)
+        out["too_many_tokens"] = "no error"
+    except ValueError as e:
+        out["too_many_tokens"] = "ok" if "exceed" in str(e) else str(e)
+    bad = topk.clone()
+    bad[3, 1] = E
+    try:
+        buf.low_latency_dispatch(x, bad, T, E)
+        out["index_out_of_range"] = "no error"
+    except ValueError as e:
+        out["index_out_of_range"] = "ok" if "outside [-1," in str(e) else str(e)
+    try:
+        buf.low_latency_dispatch(x, topk, 4 * T, 4 * E)
+        out["too_small"] = "no error"
+    except ValueError as e:
+        out["too_small"] = "ok" if "need num_rdma_bytes >=" in str(e) else str(e)
+    group.barrier()
+    if rank == 0:
+        t0 = time.monotonic()
+        buf.low_latency_dispatch(x, topk, T, E)  # the peer never sends: the kernel gives up
+        try:
+            buf.synchronize()
+            out["timeout"] = "no error"
+        except EpcommTimeoutError as e:
+            dt = time.monotonic() - t0
+            ok = "rank 0" in str(e) and "low_latency_dispatch" in str(e) and dt < 30
+            out["timeout"] = "ok" if ok else f"bad: {dt:.1f}s {e}"
+    else:
+        time.sleep(10)
+    group.barrier()
+    return out
+
+
+@needs_gpus
+def test_low_latency_bad_input_and_missing_peer():
+    res = spawn.run(_failure_worker, _world(), timeout=180, env={"EPCOMM_TIMEOUT_S": "4"})
+    for rank, r in enumerate(res):
+        for k, v in r.items():
+            assert v == "ok", f"rank {rank} {k}: {v}"
+    assert "timeout" in res[0]
