@@ -178,7 +178,7 @@ EPCOMM_DEVICE void ll_dispatch_send(const LLParams& p, u64 tag, u64 deadline) {
     u8* staging = p.heap + p.disp_send_off + (static_cast<u64>(p.slot) * T + t) * p.msg_bytes;
     // Every destination gets identical bytes; targets: peer pointers, and the local staging
     // copy if any destination is reached with puts.
-    u8* tgt[32];
+    u8* tgt[kLLMaxTopk + 1];  // distinct destinations (<= K) + the put staging copy
     int ntgt = 0;
     bool any_put = false;
     for (unsigned m = dests; m; m &= m - 1) {
