@@ -7,6 +7,7 @@ hot paths avoid building wrapper objects.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 
 from .errors import EpcommError, ToolchainError
@@ -234,13 +235,16 @@ def host_free(hptr: int) -> None:
 def ipc_get_handle(ptr: int) -> bytes:
     d = drv()
     h = check(d.cuIpcGetMemHandle(d.CUdeviceptr(ptr)), "cuIpcGetMemHandle")
-    return bytes(h.reserved)
+    # The 64 opaque bytes, read through the struct's address (no field accessor is exposed).
+    return ctypes.string_at(h.getPtr(), 64)
 
 
 def ipc_open(handle: bytes) -> int:
     d = drv()
+    if len(handle) != 64:
+        raise ValueError(f"a CUDA IPC handle has 64 bytes, got {len(handle)}")
     h = d.CUipcMemHandle()
-    h.reserved = handle
+    ctypes.memmove(h.getPtr(), handle, 64)
     flags = d.CUipcMem_flags.CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS
     return int(check(d.cuIpcOpenMemHandle(h, flags), "cuIpcOpenMemHandle"))
 

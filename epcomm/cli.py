@@ -128,7 +128,7 @@ def cmd_info(a) -> int:
         d = _cuda.drv()
         dev = _cuda.check(d.cuDeviceGet(i))
         name = _cuda.check(d.cuDeviceGetName(256, dev))
-        name = (name.decode() if isinstance(name, bytes) else str(name)).strip("\x00")
+        name = (name.decode(errors="replace") if isinstance(name, bytes) else str(name)).split("\x00")[0].strip()
         major = _cuda.device_attr(i, "CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR")
         minor = _cuda.device_attr(i, "CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR")
         peers = [j for j in range(count) if j != i and _cuda.can_access_peer(i, j)]

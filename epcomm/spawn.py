@@ -128,15 +128,22 @@ def run(fn, world_size: int, *args, timeout: float = 300.0, env: dict | None = N
 
 
 def gpu_count() -> int:
-    """Visible CUDA devices, without initialising CUDA in this process (0 on failure)."""
-    ctx = mp.get_context("spawn")
-    with ctx.Pool(1) as pool:
-        try:
-            return pool.apply(_count_devices)
-        except Exception:
-            return 0
+    """Visible CUDA devices, without initialising CUDA in this process (0 on failure).
 
-
-def _count_devices() -> int:
-    from ._cuda import device_count
-    return device_count()
+    Asks a fresh interpreter (so a later fork/spawn starts from a process with no CUDA context)
+    and remembers the answer in EPCOMM_VISIBLE_GPUS, which spawned workers inherit: test
+    modules imported again inside a worker then need no second probe.
+    """
+    cached = os.environ.get("EPCOMM_VISIBLE_GPUS")
+    if cached is not None and cached.isdigit():
+        return int(cached)
+    import subprocess
+    import sys
+    try:
+        r = subprocess.run([sys.executable, "-c", "from epcomm._cuda import device_count; print(device_count())"],
+                           capture_output=True, text=True, timeout=120)
+        n = int(r.stdout.strip().splitlines()[-1])
+    except Exception:
+        n = 0
+    os.environ["EPCOMM_VISIBLE_GPUS"] = str(n)
+    return n

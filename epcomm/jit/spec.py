@@ -23,11 +23,11 @@ class ParamsStruct(ctypes.Structure):
     _cname_: ClassVar[str] = ""
 
     @classmethod
-    def layout_asserts(cls) -> str:
+    def layout_asserts(cls, offsets: bool = True) -> str:
         c = cls._cname_
         out = [f'static_assert(sizeof({c}) == {ctypes.sizeof(cls)}, '
                f'"{c}: size differs from its Python mirror {cls.__name__}");']
-        for f in cls._fields_:
+        for f in (cls._fields_ if offsets else ()):
             name = f[0]
             off = getattr(cls, name).offset
             out.append(f'static_assert(__builtin_offsetof({c}, {name}) == {off}, '
@@ -98,8 +98,10 @@ class KernelSpec:
         for k in ks:
             if k.params not in seen:
                 seen.append(k.params)
+        from .toolchain import nvrtc_has_builtin_offsetof
+        offsets = nvrtc_has_builtin_offsetof()
         for p in seen:
-            lines.append(p.layout_asserts())
+            lines.append(p.layout_asserts(offsets))
         lines.append("")
         for k in ks:
             lines.append(f"template __global__ void {k.name_expression}(const __grid_constant__ {k.params._cname_});")

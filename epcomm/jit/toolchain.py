@@ -183,3 +183,20 @@ def normalize_arch(a: str) -> str:
     if not m:
         raise ValueError(f"arch {a!r}: expected e.g. sm_90, sm_90a or 90")
     return f"sm_{m.group(1)}{m.group(2)}"
+
+
+@functools.lru_cache(maxsize=None)
+def nvrtc_has_builtin_offsetof() -> bool:
+    """Whether this NVRTC knows ``__builtin_offsetof`` (13.5 does, 13.0 does not).
+
+    Instantiation sources assert every params field offset with it where available, and only
+    the struct size otherwise (CI's NVRTC still checks the offsets on every change).
+    """
+    try:
+        from cuda.core import Program, ProgramOptions
+        Program("struct S { int a; long long b; };\n"
+                "static_assert(__builtin_offsetof(S, b) == 8, \"\");\n",
+                "c++", ProgramOptions(arch="sm_90", std="c++17")).compile("cubin")
+        return True
+    except Exception:
+        return False
