@@ -12,7 +12,7 @@ def get_dispatch_layout(topk_idx, num_experts: int, num_ranks: int, *, num_ranks
     """Routing counts of one rank's tokens, on the caller's current stream.
 
     Args:
-        topk_idx: int64 [N, K] CUDA tensor (torch, CuPy or JAX); -1 marks an unused slot.
+        topk_idx: int64 (or int32) [N, K] CUDA tensor (torch, CuPy or JAX); -1 marks an unused slot.
         num_experts: E, a multiple of ``num_ranks``; expert e lives on rank e // (E / num_ranks).
         num_ranks: R.
         num_ranks_per_node: ranks per NVLink node; with R above it, per-node counts are returned.
@@ -25,7 +25,7 @@ def get_dispatch_layout(topk_idx, num_experts: int, num_ranks: int, *, num_ranks
     Raises TypeError/ValueError for a wrong dtype, shape, device or an index outside [-1, E)
     (the host check is on by default: EPCOMM_CHECK_INDICES).
     """
-    tr = interop.as_tensor(topk_idx, "topk_idx", dtype="int64", ndim=2, device="cuda")
+    tr = interop.as_index_tensor(topk_idx, "topk_idx", ndim=2, device="cuda")
     num_nodes = K_layout.check_layout_args(tr.shape[0], num_experts, num_ranks, num_ranks_per_node)
     fw, dev = tr.framework, tr.device_id
     with _cuda.on_device(dev):

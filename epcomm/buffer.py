@@ -307,7 +307,13 @@ class Buffer:
 
     # ---- helpers -------------------------------------------------------------------------
     def _tensor(self, obj, name, **kw):
-        ref = interop.as_tensor(obj, name, device="cuda", **kw)
+        if kw.get("dtype") == "index":  # int64 expert indices, int32 widened
+            kw.pop("dtype")
+            if obj is None and kw.pop("allow_none", False):
+                return None
+            ref = interop.as_index_tensor(obj, name, device="cuda", **kw)
+        else:
+            ref = interop.as_tensor(obj, name, device="cuda", **kw)
         if ref is not None and ref.device_id != self.device_id:
             raise ValueError(f"{name}: is on cuda:{ref.device_id} but this Buffer uses cuda:{self.device_id}")
         return ref
@@ -350,13 +356,13 @@ class Buffer:
         is_token_in_rank, event)``.
         """
         self._check_usable("get_dispatch_layout")
-        tr = self._tensor(topk_idx, "topk_idx", dtype="int64", ndim=2)
+        tr = self._tensor(topk_idx, "topk_idx", dtype="index", ndim=2)
         num_nodes = K_layout.check_layout_args(tr.shape[0], num_experts, self.num_ranks, 8)
         with _cuda.on_device(self.device_id):
             caller, capturing = self._begin(tr.framework, previous_event)
             check_topk_indices(tr.obj, tr.framework, num_experts, capturing=capturing)
             outs = self._layout_on_comm(tr, num_experts, num_nodes)
-            ev = self._finish(tr.framework, caller, async_finish, [o[0] for o in outs if o], [tr.obj])
+            ev = self._finish(tr.framework, caller, async_finish, [o[0] for o in outs if o], [tr.obj, tr.keepalive])
         res = [interop.finish(tr.framework, o[0], self._stream) if o else None for o in outs]
         return (*res, ev)
 
@@ -388,7 +394,7 @@ class Buffer:
                no CPU synchronisation; used for the backward of combine).
             num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert: from
                :meth:`get_dispatch_layout` of the same ``topk_idx``; computed here if omitted.
-            topk_idx: int64 [N, K] (-1 = none); topk_weights: float32 [N, K].
+            topk_idx: int64 (or int32) [N, K] (-1 = none); topk_weights: float32 [N, K].
             expert_alignment: each per-expert count is rounded up to a multiple of it.
             num_worst_tokens: if > 0, outputs have exactly this many rows, padding rows have
                top-k index -1; nothing synchronises with the CPU and the call can be captured
@@ -443,7 +449,7 @@ class Buffer:
             Kt = 0
         else:
             if topk_idx is not None:
-                tr = self._tensor(topk_idx, "topk_idx", dtype="int64", ndim=2, shape=(N, None))
+                tr = self._tensor(topk_idx, "topk_idx", dtype="index", ndim=2, shape=(N, None))
                 Kt = tr.shape[1]
                 if Kt < 1:
                     raise ValueError("topk_idx: needs at least one column")
@@ -589,7 +595,8 @@ class Buffer:
             _cuda.event_record(self._ev_recv, self._stream2)
             _cuda.stream_wait_event(self._stream, self._ev_recv)
             outs = [o[0] for o in (rx, rs, rti, rtw, rsrc) if o is not None]
-            ins = [xr.obj, sr.obj if sr else None, tr.obj if tr else None, wr.obj if wr else None]
+            ins = [xr.obj, sr.obj if sr else None, tr.obj if tr else None, wr.obj if wr else None,
+                   tr.keepalive if tr else None]
             if not cached:
                 ins += [rank_prefix_o, send_list_o, send_pos_o, send_count_o, itr_obj]
             ev = self._finish(fw, caller, async_finish, outs, ins + keep)

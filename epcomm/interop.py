@@ -41,7 +41,7 @@ import weakref
 
 __all__ = [
     "DTYPES", "ITEMSIZE", "TensorRef", "Exporter", "framework_of", "as_tensor", "current_stream",
-    "empty", "zeros", "finish", "wrap_pointer", "to_numpy", "from_numpy",
+    "empty", "zeros", "finish", "wrap_pointer", "as_index_tensor", "to_numpy", "from_numpy",
 ]
 
 DTYPES = ("bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
@@ -1064,6 +1064,32 @@ def finish(framework: str, obj, stream: int | None = None):
             obj.stream = stream
         return jax.dlpack.from_dlpack(obj)
     return obj
+
+
+def as_index_tensor(obj, name: str, *, ndim=None, shape=None, device: str = "cuda"):
+    """Like :func:`as_tensor` for int64 expert indices, also accepting int32 (JAX's default
+    integer width when 64-bit mode is off).  An int32 input is widened with a copy made by its
+    own framework (CuPy for JAX arrays), queued on the framework's current stream; the returned
+    ref keeps that copy alive.  Raises like :func:`as_tensor`.
+    """
+    ref = as_tensor(obj, name, dtype=("int64", "int32"), ndim=ndim, shape=shape, device=device)
+    if ref.dtype == "int64":
+        return ref
+    fw = ref.framework
+    if fw == "torch":
+        wide = obj.to(dtype=__import__("torch").int64)
+    elif fw == "numpy":
+        wide = obj.astype("int64")
+    else:  # cupy, and jax / dlpack through CuPy (zero-copy import, then a widening copy)
+        import cupy
+        with cupy.cuda.Device(ref.device_id):
+            src = obj if fw == "cupy" else cupy.from_dlpack(obj)
+            wide = src.astype(cupy.int64)
+    out = as_tensor(wide, name, dtype="int64", ndim=ndim, shape=shape, device=device)
+    out.framework = fw  # outputs still go to the caller's framework
+    out.obj = obj
+    out.keepalive = wide
+    return out
 
 
 def wrap_pointer(framework: str, ptr: int, shape, dtype: str, device_type: str = "cuda",

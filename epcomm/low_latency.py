@@ -199,7 +199,7 @@ class LowLatencyState:
 
         Args:
             x: bf16 [N, H] with N <= ``num_max_dispatch_tokens_per_rank`` (T), H % 128 == 0.
-            topk_idx: int64 [N, K], K <= 32, -1 = none.
+            topk_idx: int64 (or int32) [N, K], K <= 32, -1 = none.
             num_experts: E, a multiple of the rank count.
             cumulative_local_expert_recv_stats: optional int32 [E/R]; received rows are added.
             use_fp8: cast to e4m3 with one float32 scale per token and 128 channels
@@ -230,7 +230,7 @@ class LowLatencyState:
             raise ValueError(f"num_experts={E} must be a multiple of the number of ranks {R}")
         if E > 32767:
             raise ValueError(f"num_experts={E}: at most 32767 (expert ids travel as int16)")
-        tr = b._tensor(topk_idx, "topk_idx", dtype="int64", ndim=2, shape=(N, None))
+        tr = b._tensor(topk_idx, "topk_idx", dtype="index", ndim=2, shape=(N, None))
         Kt = tr.shape[1]
         if not 1 <= Kt <= K.MAX_TOPK:
             raise ValueError(f"topk_idx: top-k {Kt} must be in [1, {K.MAX_TOPK}]")
@@ -344,7 +344,7 @@ class LowLatencyState:
         xr = b._tensor(x, "x", dtype="bfloat16", ndim=3, shape=(L, R * T, H))
         fw = xr.framework
         N = handle.num_tokens
-        tr = b._tensor(topk_idx, "topk_idx", dtype="int64", ndim=2, shape=(N, handle.num_topk))
+        tr = b._tensor(topk_idx, "topk_idx", dtype="index", ndim=2, shape=(N, handle.num_topk))
         wr = b._tensor(topk_weights, "topk_weights", dtype="float32", ndim=2, shape=(N, handle.num_topk))
         Kt = handle.num_topk
         lay = self.layout(T, H, E)
@@ -388,7 +388,7 @@ class LowLatencyState:
             ev = self._event(fw, caller, stream, async_finish)
         hook = None
         if return_recv_hook:
-            def hook(_p=p, _stream=stream, _slot=slot, _mod=mod, _grid=recv_blocks, _smem=smem):
+            def hook(_p=p, _stream=stream, _slot=slot, _mod=mod, _grid=recv_blocks, _smem=smem, _keep=(tr, wr)):
                 """Launch the receive half of the combine (on the stream of its send)."""
                 if not self._comb_pending[_slot]:
                     raise BufferStateError("this combine's receive hook was already called")

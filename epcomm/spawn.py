@@ -41,7 +41,7 @@ def _read_phase(path: str) -> tuple[str, float]:
         return "(starting: no phase reported yet)", 0.0
 
 
-def _worker(fn, rank, world, root, args, kwargs, q, env):
+def _worker(fn, rank, world, root, args, kwargs, q, env, group_timeout):
     global _PHASE_FILE
     os.environ.update(env)
     os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"] = str(rank), str(world), str(rank)
@@ -49,7 +49,9 @@ def _worker(fn, rank, world, root, args, kwargs, q, env):
     phase("starting")
     try:
         from .group import FileGroup
-        group = FileGroup(os.path.join(root, "group"), rank, world)
+        # The bootstrap group waits as long as the whole run may take, independently of
+        # EPCOMM_TIMEOUT_S (tests shorten that one to provoke kernel timeouts).
+        group = FileGroup(os.path.join(root, "group"), rank, world, timeout_s=group_timeout)
         res = fn(rank, world, group, *args, **kwargs)
         phase("done")
         q.put((rank, "ok", res))
@@ -74,7 +76,7 @@ def run(fn, world_size: int, *args, timeout: float = 300.0, env: dict | None = N
     full_env = dict(SAFE_ENV)
     full_env.update({k: v for k, v in os.environ.items() if k.startswith("EPCOMM_")})
     full_env.update(env or {})
-    procs = [ctx.Process(target=_worker, args=(fn, r, world_size, root, args, kwargs, q, full_env), daemon=True)
+    procs = [ctx.Process(target=_worker, args=(fn, r, world_size, root, args, kwargs, q, full_env, timeout), daemon=True)
              for r in range(world_size)]
     for p in procs:
         p.start()
