@@ -283,7 +283,7 @@ __global__ void __launch_bounds__(kIntraThreads) intranode_dispatch_send(const _
       for (int i = row_begin + warp; i < row_end; i += kWarps) {
         const int t = p.send_list[static_cast<i64>(d) * N + i];
         u8* dst = region + static_cast<u64>(i) * p.row_bytes;
-        warp_copy_v4<4, false>(reinterpret_cast<V4*>(dst),
+        warp_copy_v4<8, false>(reinterpret_cast<V4*>(dst),
                                reinterpret_cast<const V4*>(p.x + static_cast<i64>(t) * Row::kPayload),
                                Row::kPayload / 16, lane);
         if constexpr (kFp8) {
@@ -369,7 +369,7 @@ __global__ void __launch_bounds__(kIntraThreads) intranode_dispatch_recv(const _
         int src_t;
         if (s == p.rank) {
           src_t = p.send_list[static_cast<i64>(s) * N + i];
-          warp_copy_v4<4, false>(reinterpret_cast<V4*>(dst),
+          warp_copy_v4<8, false>(reinterpret_cast<V4*>(dst),
                                  reinterpret_cast<const V4*>(p.x + static_cast<i64>(src_t) * Row::kPayload),
                                  Row::kPayload / 16, lane);
           if constexpr (kFp8) {
@@ -387,7 +387,7 @@ __global__ void __launch_bounds__(kIntraThreads) intranode_dispatch_recv(const _
           }
         } else {
           const u8* src = my_staging + static_cast<u64>(s) * p.region_bytes + static_cast<u64>(i) * p.row_bytes;
-          warp_copy_v4<4, true>(reinterpret_cast<V4*>(dst), reinterpret_cast<const V4*>(src),
+          warp_copy_v4<8, true>(reinterpret_cast<V4*>(dst), reinterpret_cast<const V4*>(src),
                                 Row::kPayload / 16, lane);
           if constexpr (kFp8) {
             const float* ss = reinterpret_cast<const float*>(src + Row::kScaleOff);
@@ -485,7 +485,7 @@ __global__ void __launch_bounds__(kIntraThreads) intranode_combine(const __grid_
         for (int i = row_begin + warp; i < row_end; i += kWarps) {
           const i64 src_row = prefix[s] + i;
           u8* dst = region + static_cast<u64>(i) * p.row_bytes;
-          warp_copy_v4<4, false>(reinterpret_cast<V4*>(dst),
+          warp_copy_v4<8, false>(reinterpret_cast<V4*>(dst),
                                  reinterpret_cast<const V4*>(p.x + src_row * kPayload), kN16, lane);
           if (p.topk_weights != nullptr) {
             float* dw = reinterpret_cast<float*>(dst + kPayload);
@@ -538,22 +538,32 @@ __global__ void __launch_bounds__(kIntraThreads) intranode_combine(const __grid_
       const u16* b0 = p.bias0 != nullptr ? p.bias0 + static_cast<i64>(t) * kHidden : nullptr;
       const u16* b1 = p.bias1 != nullptr ? p.bias1 + static_cast<i64>(t) * kHidden : nullptr;
       V4* out = reinterpret_cast<V4*>(p.out + static_cast<i64>(t) * kHidden);
-      constexpr int kTV = 2;  // 16-byte words per lane per tile
+      // 16-byte words per lane per tile: every source's words are loaded before any is added,
+      // so R * kTV loads are in flight per lane (the reduction is latency-bound otherwise).
+      constexpr int kTV = R <= 2 ? 4 : (R <= 4 ? 2 : 1);
       for (int base = 0; base < kN16; base += 32 * kTV) {
         float acc[kTV][8];
 #pragma unroll
         for (int u = 0; u < kTV; ++u)
 #pragma unroll
           for (int e = 0; e < 8; ++e) acc[u][e] = 0.0f;
+        V4 vals[R][kTV];
 #pragma unroll
         for (int d = 0; d < R; ++d) {
-          if (src[d] == nullptr) continue;
           const V4* sv = reinterpret_cast<const V4*>(src[d]);
 #pragma unroll
           for (int u = 0; u < kTV; ++u) {
             const int idx = base + u * 32 + lane;
-            if (idx >= kN16) continue;
-            const V4 v = d == p.rank ? ld_nc_v4(sv + idx) : ld_cg_v4(sv + idx);
+            vals[d][u] = V4{0, 0, 0, 0};
+            if (sv != nullptr && idx < kN16) vals[d][u] = d == p.rank ? ld_nc_v4(sv + idx) : ld_cg_v4(sv + idx);
+          }
+        }
+#pragma unroll
+        for (int d = 0; d < R; ++d) {
+          if (src[d] == nullptr) continue;
+#pragma unroll
+          for (int u = 0; u < kTV; ++u) {
+            const V4 v = vals[d][u];
             const u32 w[4] = {static_cast<u32>(v.x), static_cast<u32>(v.y), static_cast<u32>(v.z), static_cast<u32>(v.w)};
 #pragma unroll
             for (int e = 0; e < 4; ++e) {

@@ -164,7 +164,9 @@ EPCOMM_DEVICE void ll_dispatch_send(const LLParams& p, u64 tag, u64 deadline) {
   __syncthreads();
   const bool ok = s_ok != 0;
   const u64 region = p.disp_region_off + (static_cast<u64>(p.slot) * R + p.rank) * T * p.msg_bytes;
-  for (int t = blockIdx.x * kLLWarps + warp; ok && t < N; t += gridDim.x * kLLWarps) {
+  // Token t goes to warp t / grid of block t % grid: with as many blocks as tokens, every SM
+  // drives its own token's stores.
+  for (int t = warp * gridDim.x + blockIdx.x; ok && t < N; t += gridDim.x * kLLWarps) {
     // Distinct destination ranks of this token (lane k looks at expert k).
     i64 e = -1;
     if (lane < K) e = p.topk_idx[static_cast<i64>(t) * K + lane];
@@ -193,45 +195,58 @@ EPCOMM_DEVICE void ll_dispatch_send(const LLParams& p, u64 tag, u64 deadline) {
       if (lane < K) reinterpret_cast<short*>(m + 8)[lane] = valid ? static_cast<short>(e) : static_cast<short>(-1);
     }
     const u16* xrow = p.x + static_cast<i64>(t) * kHidden;
-    constexpr int kV = kHidden / 8;  // 16-byte words of the bf16 row
-    for (int v = lane; v < ((kV + 31) / 32) * 32; v += 32) {
-      const bool in = v < kV;
-      V4 w = {0, 0, 0, 0};
-      if (in) w = ld_nc_v4(reinterpret_cast<const V4*>(xrow) + v);
-      if constexpr (!kFp8) {
-        if (in)
-          for (int i = 0; i < ntgt; ++i) st_na_v4(reinterpret_cast<V4*>(tgt[i] + p.hdr_bytes) + v, w);
-      } else {
-        const u32 ww[4] = {static_cast<u32>(w.x), static_cast<u32>(w.y), static_cast<u32>(w.z), static_cast<u32>(w.w)};
-        float f[8];
-        float amax = 0.0f;
+    constexpr int kV = kHidden / 8;            // 16-byte words of the bf16 row
+    constexpr int kSteps = (kV + 31) / 32;     // warp-wide steps over the row
+    constexpr int kPipe = 4;                   // steps whose loads are issued together
+    for (int s0 = 0; s0 < kSteps; s0 += kPipe) {
+      V4 wv[kPipe];
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          f[2 * j] = bf16_to_f32(static_cast<u16>(ww[j] & 0xFFFFu));
-          f[2 * j + 1] = bf16_to_f32(static_cast<u16>(ww[j] >> 16));
-          amax = fmaxf(amax, fmaxf(fabsf(f[2 * j]), fabsf(f[2 * j + 1])));
-        }
-        // 16 lanes hold one 128-channel group.
+      for (int u = 0; u < kPipe; ++u) {
+        const int v = (s0 + u) * 32 + lane;
+        wv[u] = V4{0, 0, 0, 0};
+        if (s0 + u < kSteps && v < kV) wv[u] = ld_nc_v4(reinterpret_cast<const V4*>(xrow) + v);
+      }
 #pragma unroll
-        for (int o = 8; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-        float inv;
-        const float s = fp8_group_scale(amax, p.round_scale || p.use_ue8m0, &inv);
-        u32 q[2];
+      for (int u = 0; u < kPipe; ++u) {
+        if (s0 + u >= kSteps) break;  // warp-uniform
+        const int v = (s0 + u) * 32 + lane;
+        const bool in = v < kV;
+        const V4 w = wv[u];
+        if constexpr (!kFp8) {
+          if (in)
+            for (int i = 0; i < ntgt; ++i) st_na_v4(reinterpret_cast<V4*>(tgt[i] + p.hdr_bytes) + v, w);
+        } else {
+          const u32 ww[4] = {static_cast<u32>(w.x), static_cast<u32>(w.y), static_cast<u32>(w.z), static_cast<u32>(w.w)};
+          float f[8];
+          float amax = 0.0f;
 #pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          const u16 lo = f32x2_to_e4m3x2(__fmul_rn(f[4 * j], inv), __fmul_rn(f[4 * j + 1], inv));
-          const u16 hi = f32x2_to_e4m3x2(__fmul_rn(f[4 * j + 2], inv), __fmul_rn(f[4 * j + 3], inv));
-          q[j] = static_cast<u32>(lo) | (static_cast<u32>(hi) << 16);
-        }
-        if (in) {
-          const int g = v / 16;
-          for (int i = 0; i < ntgt; ++i) {
-            u8* m = tgt[i];
-            *reinterpret_cast<uint2*>(m + p.hdr_bytes + static_cast<u64>(v) * 8) = make_uint2(q[0], q[1]);
-            if ((lane & 15) == 0) {
-              u8* sc = m + p.hdr_bytes + Msg::kPayload;
-              if (p.use_ue8m0) sc[g] = static_cast<u8>(ue8m0_of(s));
-              else reinterpret_cast<float*>(sc)[g] = s;
+          for (int j = 0; j < 4; ++j) {
+            f[2 * j] = bf16_to_f32(static_cast<u16>(ww[j] & 0xFFFFu));
+            f[2 * j + 1] = bf16_to_f32(static_cast<u16>(ww[j] >> 16));
+            amax = fmaxf(amax, fmaxf(fabsf(f[2 * j]), fabsf(f[2 * j + 1])));
+          }
+          // 16 lanes hold one 128-channel group.
+#pragma unroll
+          for (int o = 8; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+          float inv;
+          const float sc = fp8_group_scale(amax, p.round_scale || p.use_ue8m0, &inv);
+          u32 q[2];
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            const u16 lo = f32x2_to_e4m3x2(__fmul_rn(f[4 * j], inv), __fmul_rn(f[4 * j + 1], inv));
+            const u16 hi = f32x2_to_e4m3x2(__fmul_rn(f[4 * j + 2], inv), __fmul_rn(f[4 * j + 3], inv));
+            q[j] = static_cast<u32>(lo) | (static_cast<u32>(hi) << 16);
+          }
+          if (in) {
+            const int g = v / 16;
+            for (int i = 0; i < ntgt; ++i) {
+              u8* m = tgt[i];
+              *reinterpret_cast<uint2*>(m + p.hdr_bytes + static_cast<u64>(v) * 8) = make_uint2(q[0], q[1]);
+              if ((lane & 15) == 0) {
+                u8* scp = m + p.hdr_bytes + Msg::kPayload;
+                if (p.use_ue8m0) scp[g] = static_cast<u8>(ue8m0_of(sc));
+                else reinterpret_cast<float*>(scp)[g] = sc;
+              }
             }
           }
         }
@@ -312,7 +327,9 @@ EPCOMM_DEVICE void ll_dispatch_recv(const LLParams& p, u64 tag, u64 deadline) {
       p.recv_layout_range[(static_cast<i64>(j) * R + s) * 2] = s_range[s][0];
       p.recv_layout_range[(static_cast<i64>(j) * R + s) * 2 + 1] = s_range[s][1];
     }
-    // Pass 2: copy the rows to their packed positions.
+    // Pass 2: every matching slot learns its packed position; the (message, k) of each
+    // position goes to shared memory, then all warps copy rows in parallel.
+    u32* s_rows = reinterpret_cast<u32*>(s_dyn + R * NG);  // [R*T]: (s*T + t) << 5 | k
     for (int item = warp; item < R * NG; item += kLLWarps) {
       const int s = item / NG, g = item % NG;
       const int t = g * 32 + lane;
@@ -326,34 +343,34 @@ EPCOMM_DEVICE void ll_dispatch_recv(const LLParams& p, u64 tag, u64 deadline) {
             if (ids[k] == my_e) kk = k;
         }
       }
-      unsigned b = __ballot_sync(0xffffffffu, kk >= 0);
-      const int base = s_base[item];
-      while (b) {
-        const int src_lane = __ffs(b) - 1;
-        b &= b - 1;
-        const int row = base + __popc(__ballot_sync(0xffffffffu, kk >= 0) & ((1u << src_lane) - 1u));
-        const int ts = g * 32 + src_lane;
-        const int ks = __shfl_sync(0xffffffffu, kk, src_lane);
-        const u8* m = region + (static_cast<u64>(s) * T + ts) * p.msg_bytes;
+      const unsigned b = __ballot_sync(0xffffffffu, kk >= 0);
+      if (kk >= 0) {
+        const int row = s_base[item] + __popc(b & ((1u << lane) - 1u));
+        s_rows[row] = (static_cast<u32>(s * T + t) << 5) | static_cast<u32>(kk);
         const i64 out_row = static_cast<i64>(j) * RT + row;
-        warp_copy_v4<2, true>(reinterpret_cast<V4*>(p.recv_x + out_row * Msg::kPayload),
-                              reinterpret_cast<const V4*>(m + p.hdr_bytes), Msg::kPayload / 16, lane);
-        if constexpr (kFp8) {
-          const u8* sc = m + p.hdr_bytes + Msg::kPayload;
-          if (p.use_ue8m0) {
-            const int nw = (Msg::kGroups + 3) / 4;
-            for (int w = lane; w < nw; w += 32)
-              reinterpret_cast<int*>(p.recv_scales)[(static_cast<i64>(j) * nw + w) * RT + row] =
-                  reinterpret_cast<const int*>(sc)[w];
-          } else {
-            for (int g2 = lane; g2 < Msg::kGroups; g2 += 32)
-              reinterpret_cast<float*>(p.recv_scales)[(static_cast<i64>(j) * Msg::kGroups + g2) * RT + row] =
-                  reinterpret_cast<const float*>(sc)[g2];
-          }
-        }
-        if (lane == 0) {
-          p.recv_src_info[out_row] = ts;
-          p.recv_src_k[out_row] = ks;
+        p.recv_src_info[out_row] = t;
+        p.recv_src_k[out_row] = kk;
+      }
+    }
+    __syncthreads();
+    const int nrows = p.recv_count[j];
+    for (int row = warp; row < nrows; row += kLLWarps) {
+      const u32 code = s_rows[row];
+      const u8* m = region + static_cast<u64>(code >> 5) * p.msg_bytes;
+      const i64 out_row = static_cast<i64>(j) * RT + row;
+      warp_copy_v4<8, true>(reinterpret_cast<V4*>(p.recv_x + out_row * Msg::kPayload),
+                            reinterpret_cast<const V4*>(m + p.hdr_bytes), Msg::kPayload / 16, lane);
+      if constexpr (kFp8) {
+        const u8* sc = m + p.hdr_bytes + Msg::kPayload;
+        if (p.use_ue8m0) {
+          const int nw = (Msg::kGroups + 3) / 4;
+          for (int w = lane; w < nw; w += 32)
+            reinterpret_cast<int*>(p.recv_scales)[(static_cast<i64>(j) * nw + w) * RT + row] =
+                reinterpret_cast<const int*>(sc)[w];
+        } else {
+          for (int g2 = lane; g2 < Msg::kGroups; g2 += 32)
+            reinterpret_cast<float*>(p.recv_scales)[(static_cast<i64>(j) * Msg::kGroups + g2) * RT + row] =
+                reinterpret_cast<const float*>(sc)[g2];
         }
       }
     }
@@ -398,13 +415,20 @@ EPCOMM_DEVICE void ll_combine_send(const LLParams& p, u64 tag, u64 deadline) {
   // Rows of all local experts, flattened so every warp of the grid gets a share.
   extern __shared__ int s_dyn[];
   int* s_pre = s_dyn;  // [L + 1] exclusive prefix of the rows per expert
-  if (threadIdx.x == 0) {
-    int acc = 0;
-    for (int j = 0; j < L; ++j) {
-      s_pre[j] = acc;
-      acc += p.h_count[j];
+  if (warp == 0) {
+    int running = 0;
+    for (int base = 0; base < L; base += 32) {
+      const int v = base + lane < L ? p.h_count[base + lane] : 0;
+      int incl = v;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const int y = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += y;
+      }
+      if (base + lane < L) s_pre[base + lane] = running + incl - v;
+      running += __shfl_sync(0xffffffffu, incl, 31);
     }
-    s_pre[L] = acc;
+    if (lane == 0) s_pre[L] = running;
   }
   __syncthreads();
   const int total = s_pre[L];
@@ -429,7 +453,7 @@ EPCOMM_DEVICE void ll_combine_send(const LLParams& p, u64 tag, u64 deadline) {
     const u64 dst_off = p.comb_region_off + ((static_cast<u64>(p.slot) * T + t) * K + k) * kRow;
     const u8* src = reinterpret_cast<const u8*>(p.x) + row * kRow;
     if (!use_put(p, s)) {
-      warp_copy_v4<4, false>(reinterpret_cast<V4*>(remote(p, s, dst_off)), reinterpret_cast<const V4*>(src),
+      warp_copy_v4<8, false>(reinterpret_cast<V4*>(remote(p, s, dst_off)), reinterpret_cast<const V4*>(src),
                              kRow / 16, lane);
     } else {
       const u8* sym = src;
@@ -457,43 +481,55 @@ EPCOMM_DEVICE void ll_combine_recv(const LLParams& p, u64 tag, u64 deadline) {
   const int lane = lane_id(), warp = warp_id();
   if (!ll_wait_all(p, p.comb_flag_off, tag, 0, kPhaseLLCombineRecv, deadline)) return;
   const u8* region = p.heap + p.comb_region_off + static_cast<u64>(p.slot) * T * K * kRow;
-  for (int t = blockIdx.x * kLLWarps + warp; t < N; t += gridDim.x * kLLWarps) {
-    constexpr int kTV = 2;
-    for (int base = 0; base < kN16; base += 32 * kTV) {
-      float acc[kTV][8];
+  // Work items are (token, 256-channel chunk); each lane loads its word of up to 8 experts'
+  // rows at once, then adds them in k order (the reference's order).
+  constexpr int kChunks = (kN16 + 31) / 32;
+  for (int item = blockIdx.x * kLLWarps + warp; item < N * kChunks; item += gridDim.x * kLLWarps) {
+    const int t = item / kChunks;
+    const int idx = (item % kChunks) * 32 + lane;
+    const bool valid = idx < kN16;
+    int use_l = 0;
+    float w_l = 0.0f;
+    if (lane < K) {
+      const i64 e = p.topk_idx[static_cast<i64>(t) * K + lane];
+      use_l = (e >= 0 && e < p.num_experts) ? 1 : 0;
+      w_l = p.topk_weights[static_cast<i64>(t) * K + lane];
+    }
+    float acc[8];
 #pragma unroll
-      for (int u = 0; u < kTV; ++u)
+    for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
+    const V4* rows = reinterpret_cast<const V4*>(region + static_cast<u64>(t) * K * kRow);
+    for (int k0 = 0; k0 < K; k0 += 8) {
+      V4 v[8];
+      int use[8];
+      float wk[8];
 #pragma unroll
-        for (int e = 0; e < 8; ++e) acc[u][e] = 0.0f;
-      for (int k = 0; k < K; ++k) {
-        const i64 e = p.topk_idx[static_cast<i64>(t) * K + k];
-        if (e < 0 || e >= p.num_experts) continue;
-        const float w = p.topk_weights[static_cast<i64>(t) * K + k];
-        const V4* src = reinterpret_cast<const V4*>(region + (static_cast<u64>(t) * K + k) * kRow);
+      for (int q = 0; q < 8; ++q) {
+        const int k = k0 + q;
+        use[q] = __shfl_sync(0xffffffffu, use_l, k & 31) && k < K;
+        wk[q] = __shfl_sync(0xffffffffu, w_l, k & 31);
+        v[q] = V4{0, 0, 0, 0};
+        if (use[q] && valid) v[q] = ld_cg_v4(rows + static_cast<u64>(k) * kN16 + idx);
+      }
 #pragma unroll
-        for (int u = 0; u < kTV; ++u) {
-          const int idx = base + u * 32 + lane;
-          if (idx >= kN16) continue;
-          const V4 v = ld_cg_v4(src + idx);
-          const u32 ww[4] = {static_cast<u32>(v.x), static_cast<u32>(v.y), static_cast<u32>(v.z), static_cast<u32>(v.w)};
+      for (int q = 0; q < 8; ++q) {
+        if (!use[q]) continue;
+        const u32 ww[4] = {static_cast<u32>(v[q].x), static_cast<u32>(v[q].y), static_cast<u32>(v[q].z),
+                           static_cast<u32>(v[q].w)};
 #pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            acc[u][2 * q] = __fadd_rn(acc[u][2 * q], __fmul_rn(w, bf16_to_f32(static_cast<u16>(ww[q] & 0xFFFFu))));
-            acc[u][2 * q + 1] = __fadd_rn(acc[u][2 * q + 1], __fmul_rn(w, bf16_to_f32(static_cast<u16>(ww[q] >> 16))));
-          }
+        for (int r = 0; r < 4; ++r) {
+          acc[2 * r] = __fadd_rn(acc[2 * r], __fmul_rn(wk[q], bf16_to_f32(static_cast<u16>(ww[r] & 0xFFFFu))));
+          acc[2 * r + 1] = __fadd_rn(acc[2 * r + 1], __fmul_rn(wk[q], bf16_to_f32(static_cast<u16>(ww[r] >> 16))));
         }
       }
-#pragma unroll
-      for (int u = 0; u < kTV; ++u) {
-        const int idx = base + u * 32 + lane;
-        if (idx >= kN16) continue;
-        V4 o;
-        o.x = static_cast<int>(f32_to_bf16(acc[u][0]) | (static_cast<u32>(f32_to_bf16(acc[u][1])) << 16));
-        o.y = static_cast<int>(f32_to_bf16(acc[u][2]) | (static_cast<u32>(f32_to_bf16(acc[u][3])) << 16));
-        o.z = static_cast<int>(f32_to_bf16(acc[u][4]) | (static_cast<u32>(f32_to_bf16(acc[u][5])) << 16));
-        o.w = static_cast<int>(f32_to_bf16(acc[u][6]) | (static_cast<u32>(f32_to_bf16(acc[u][7])) << 16));
-        st_na_v4(reinterpret_cast<V4*>(p.out + static_cast<i64>(t) * kHidden) + idx, o);
-      }
+    }
+    if (valid) {
+      V4 o;
+      o.x = static_cast<int>(f32_to_bf16(acc[0]) | (static_cast<u32>(f32_to_bf16(acc[1])) << 16));
+      o.y = static_cast<int>(f32_to_bf16(acc[2]) | (static_cast<u32>(f32_to_bf16(acc[3])) << 16));
+      o.z = static_cast<int>(f32_to_bf16(acc[4]) | (static_cast<u32>(f32_to_bf16(acc[5])) << 16));
+      o.w = static_cast<int>(f32_to_bf16(acc[6]) | (static_cast<u32>(f32_to_bf16(acc[7])) << 16));
+      st_na_v4(reinterpret_cast<V4*>(p.out + static_cast<i64>(t) * kHidden) + idx, o);
     }
   }
   if (last_block(&p.ctrl->comb_recv_done[p.slot])) {

@@ -38,15 +38,15 @@ def _commit() -> str:
         return "unknown"
 
 
-def _time_op(torch, fn, iters: int, warmup: int, barrier, *, sync_each: bool = True) -> list[float]:
-    """Per-iteration event timings (us) of fn() on the current stream."""
+def _time_op(torch, fn, iters: int, warmup: int, align) -> list[float]:
+    """Per-iteration event timings (us) of fn() on the current stream, each started aligned."""
     for _ in range(warmup):
+        align()
         fn()
     torch.cuda.synchronize()
     out = []
     for _ in range(iters):
-        torch.cuda.synchronize()
-        barrier()
+        align()
         s = torch.cuda.Event(enable_timing=True)
         e = torch.cuda.Event(enable_timing=True)
         s.record()
@@ -55,6 +55,30 @@ def _time_op(torch, fn, iters: int, warmup: int, barrier, *, sync_each: bool = T
         e.synchronize()
         out.append(s.elapsed_time(e) * 1e3)
     return out
+
+
+class _Aligner:
+    """Start every rank's timed region at the same moment on the GPUs.
+
+    Host barriers leave ranks milliseconds apart, and a collective op then measures the wait
+    for the slowest host.  Instead: a 1-element NCCL all-reduce (its end is nearly simultaneous
+    on every GPU), then an identical GPU sleep that gives each host time to queue the timed call
+    before the start event is reached.
+    """
+
+    def __init__(self, torch, dist, sleep_us: float = 300.0):
+        self.torch, self.dist = torch, dist
+        self.t = torch.zeros(1, device="cuda")
+        try:
+            mhz = float(torch.cuda.clock_rate())  # via NVML; the SM clock under load
+        except Exception:
+            mhz = 0.0
+        self.cycles = int(sleep_us * (mhz if mhz > 100 else 1980.0))
+
+    def __call__(self):
+        self.torch.cuda.synchronize()
+        self.dist.all_reduce(self.t)
+        self.torch.cuda._sleep(self.cycles)
 
 
 def _nccl_init(torch, rank, world, group):
@@ -67,14 +91,14 @@ def _nccl_init(torch, rank, world, group):
     return dist
 
 
-def _nccl_a2a(torch, dist, numel: int, iters: int, barrier) -> float:
+def _nccl_a2a(torch, dist, numel: int, iters: int, align) -> float:
     x = torch.randn(numel, dtype=torch.bfloat16, device="cuda")
     y = torch.empty_like(x)
-    ts = _time_op(torch, lambda: dist.all_to_all_single(y, x), iters, 5, barrier)
+    ts = _time_op(torch, lambda: dist.all_to_all_single(y, x), iters, 5, align)
     return _median(ts)
 
 
-def _peer_copy(torch, rank, world, group, nbytes: int, iters: int) -> dict:
+def _peer_copy(torch, rank, world, group, nbytes: int, iters: int, align) -> dict:
     """Copy-engine bandwidth into the next rank's memory (CUDA IPC), alone and all at once."""
     from . import _cuda
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
@@ -100,7 +124,7 @@ def _peer_copy(torch, rank, world, group, nbytes: int, iters: int) -> dict:
     if rank == 0:
         res["unidirectional_GBps"] = nbytes / (_median(ts) * 1e-6) / 1e9
     # Everyone at once (each GPU sends and receives).
-    ts = _time_op(torch, copy, iters, 2, group.barrier)
+    ts = _time_op(torch, copy, iters, 2, align)
     res["all_ranks_at_once_GBps_per_gpu"] = nbytes / (_median(ts) * 1e-6) / 1e9
     torch.cuda.synchronize()
     group.barrier()
@@ -120,6 +144,8 @@ def _normal_worker(rank, world, group, args) -> dict:
     N, H, K, E = args["tokens"], args["hidden"], args["topk"], args["experts"]
     iters = args["iters"]
     spawn.phase("setup")
+    dist = _nccl_init(torch, rank, world, group)
+    align = _Aligner(torch, dist)
     nbytes = epcomm.Buffer.get_nvl_buffer_size_hint(H, world, N, K)
     buf = epcomm.Buffer(group, nbytes)
     rng = np.random.default_rng(1234 + rank)
@@ -129,7 +155,7 @@ def _normal_worker(rank, world, group, args) -> dict:
     xq = x.float().clamp(-448, 448).to(torch.float8_e4m3fn)
     xs = torch.rand(N, H // 128, device="cuda") + 0.5
     ntr, _, nte, itr, _ = buf.get_dispatch_layout(topk, E)
-    barrier = group.barrier
+    barrier = align
     out = {"rank": rank, "nvl_buffer_bytes": nbytes, "sms": {}}
     spawn.phase("layout")
     lt = _time_op(torch, lambda: buf.get_dispatch_layout(topk, E), iters, 5, barrier)
@@ -166,11 +192,10 @@ def _normal_worker(rank, world, group, args) -> dict:
             "cached_dispatch_bf16_us": t_cached, "cached_dispatch_bf16_GBps": bf16_bytes / t_cached / 1e3,
         }
     spawn.phase("baselines")
-    dist = _nccl_init(torch, rank, world, group)
-    t_a2a = _nccl_a2a(torch, dist, N * H, iters, barrier)
+    t_a2a = _nccl_a2a(torch, dist, N * H, iters, align)
     out["nccl_all_to_all_us"] = t_a2a
     out["nccl_all_to_all_offrank_GBps"] = N * H * 2 * (world - 1) / world / t_a2a / 1e3
-    out["peer_copy"] = _peer_copy(torch, rank, world, group, 1 << 30, 10)
+    out["peer_copy"] = _peer_copy(torch, rank, world, group, 1 << 30, 10, align)
     dist.destroy_process_group()
     buf.destroy()
     return out
@@ -187,13 +212,15 @@ def _ll_worker(rank, world, group, args) -> dict:
     T, H, K, E = args["tokens"], args["hidden"], args["topk"], args["experts"]
     iters = args["iters"]
     spawn.phase("setup")
+    dist = _nccl_init(torch, rank, world, group)
+    align = _Aligner(torch, dist)
     nbytes = epcomm.Buffer.get_low_latency_rdma_size_hint(T, H, world, E)
     buf = epcomm.Buffer(group, 0, nbytes, low_latency_mode=True)
     rng = np.random.default_rng(99 + rank)
     topk = torch.from_numpy(random_topk(rng, T, E, K)).cuda()
     w = torch.rand(T, K, device="cuda")
     x = torch.randn(T, H, device="cuda").to(torch.bfloat16)
-    barrier = group.barrier
+    barrier = align
     sel = int((topk >= 0).sum())
     fp8_b = sel * (H + H // 128 * 4 + 16)
     bf16_b = sel * H * 2
@@ -294,8 +321,7 @@ def _ll_worker(rank, world, group, args) -> dict:
     for k in ("combine_us", "combine_graph_us"):
         out[k.replace("_us", "_GBps")] = bf16_b / out[k] / 1e3
     spawn.phase("baseline")
-    dist = _nccl_init(torch, rank, world, group)
-    out["nccl_all_to_all_us"] = _nccl_a2a(torch, dist, T * H, iters, barrier)
+    out["nccl_all_to_all_us"] = _nccl_a2a(torch, dist, T * H, iters, align)
     dist.destroy_process_group()
     buf.destroy()
     return out

@@ -262,10 +262,10 @@ class Buffer:
         self._check_usable("check")
 
     def synchronize(self) -> None:
-        """Wait for all of this buffer's work, then raise any recorded error."""
+        """Wait for all work on this buffer's device (low-latency kernels run on the caller's
+        streams), then raise any error a kernel recorded."""
         with _cuda.on_device(self.device_id):
-            _cuda.stream_sync(self._stream)
-            _cuda.stream_sync(self._stream2)
+            _cuda.check(_cuda.drv().cuCtxSynchronize(), "cuCtxSynchronize")
         self.check()
 
     def destroy(self) -> None:

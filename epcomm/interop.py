@@ -1060,8 +1060,13 @@ def finish(framework: str, obj, stream: int | None = None):
     """
     if framework == "jax" and type(obj) is Exporter:
         import jax.dlpack
-        if stream is not None:
-            obj.stream = stream
+        if stream is not None and obj.device_type == "cuda":
+            # JAX may read (or convert: int64 -> int32 without x64) the buffer on a stream it does
+            # not tell us about, so the writes must be complete: synchronise the producer stream.
+            from . import _cuda
+            with _cuda.on_device(obj.device_id):
+                _cuda.stream_sync(stream)
+            obj.stream = None
         return jax.dlpack.from_dlpack(obj)
     return obj
 

@@ -128,6 +128,10 @@ class LowLatencyState:
         self._results: list[_Results | None] = [None, None]
         self._layouts: dict = {}
         self._coop_limit: dict = {}
+        # Fast path (torch, default flags): prepared launches keyed by shapes and slot, so a
+        # steady-state decode call only sets two pointers and launches.
+        self._plans: dict = {}
+        self._torch = None
 
     # ---- helpers ---------------------------------------------------------------------------
     def empty(self, fw, shape, dtype):
@@ -215,6 +219,12 @@ class LowLatencyState:
         The results are views of this buffer's double-buffered storage: valid until the second
         next dispatch.  ``hook`` is None unless ``return_recv_hook``.  CUDA-graph capturable.
         """
+        if (self._torch is not None and cumulative_local_expert_recv_stats is None and not async_finish
+                and not return_recv_hook and previous_event is None):
+            r = self._fast_dispatch(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use_fp8,
+                                    round_scale, use_ue8m0)
+            if r is not None:
+                return r
         R = self.num_ranks
         b = self.buf
         xr = b._tensor(x, "x", dtype="bfloat16", ndim=2)
@@ -259,6 +269,7 @@ class LowLatencyState:
             key = (fw, T, H, E, bool(use_fp8), bool(use_ue8m0))
             if res is None or res.key != key or fw == "jax":
                 res = self._results[slot] = _Results(self, fw, T, H, E, bool(use_fp8), bool(use_ue8m0))
+                self._plans.clear()
             p = self._params(lay, slot)
             p.x, p.topk_idx = xr.ptr, tr.ptr
             p.recv_x = res.x[1].ptr
@@ -269,9 +280,10 @@ class LowLatencyState:
             p.num_tokens, p.num_topk, p.num_experts, p.max_tokens = N, Kt, E, T
             p.round_scale, p.use_ue8m0 = int(round_scale), int(use_ue8m0)
             NG = (T + 31) // 32
-            smem = 4 * R * NG
-            send_blocks = max(1, min(self.num_sms, -(-N // K.WARPS)))
+            smem = 4 * R * NG + 4 * R * T  # per-group row counts + the row list of one expert
+            send_blocks = max(1, min(self.num_sms, N))
             recv_blocks = max(1, min(self.num_sms, L))
+            fn = grid = None
             if return_recv_hook:
                 launch(mod.fn("dispatch_send"), send_blocks, K.THREADS, stream, p, smem=smem)
                 self._disp_pending[slot] = True
@@ -297,7 +309,44 @@ class LowLatencyState:
                     launch(_mod.fn("dispatch_recv"), _grid, K.THREADS, _stream, _p, smem=_smem)
                 self._disp_pending[_slot] = False
         recv_x = (vx, vscales) if use_fp8 else vx
+        if (fw == "torch" and stats is None and not async_finish and not return_recv_hook and previous_event is None
+                and tr.dtype == "int64" and tr.obj is topk_idx):
+            import torch
+            self._torch = torch
+            self._plans[("d", N, H, Kt, T, E, bool(use_fp8), bool(round_scale), bool(use_ue8m0), slot)] = (
+                p, fn, grid, smem, res, recv_x, vcount, vsrc, vrange)
         return recv_x, vcount, handle, ev, hook
+
+    def _fast_dispatch(self, x, topk_idx, T, E, use_fp8, round_scale, use_ue8m0):
+        """The steady-state path: torch tensors, shapes seen before, default flags.  Returns None
+        whenever anything differs (the full path then validates and raises as usual)."""
+        t = self._torch
+        if type(x) is not t.Tensor or type(topk_idx) is not t.Tensor:
+            return None
+        if x.dtype is not t.bfloat16 or topk_idx.dtype is not t.int64 or not x.is_cuda:
+            return None
+        if x.dim() != 2 or topk_idx.dim() != 2 or not x.is_contiguous() or not topk_idx.is_contiguous():
+            return None
+        N, H = x.shape
+        if topk_idx.shape[0] != N or x.device.index != self.device_id or envs.CHECK_INDICES.get():
+            return None
+        slot = self._disp_slot
+        plan = self._plans.get(("d", N, H, topk_idx.shape[1], T, E, bool(use_fp8), bool(round_scale),
+                                bool(use_ue8m0), slot))
+        if plan is None or self._disp_pending[slot] or self.buf._err.rec.code != 0:
+            return None
+        if t.cuda.current_device() != self.device_id or topk_idx.device.index != self.device_id:
+            return None
+        p, fn, grid, smem, res, recv_x, vcount, vsrc, vrange = plan
+        p.x, p.topk_idx = x.data_ptr(), topk_idx.data_ptr()
+        stream = interop.current_stream("torch", self.device_id)
+        launch(fn, grid, K.THREADS, stream, p, smem=smem, cooperative=True)
+        self._disp_slot ^= 1
+        self._disp_gen[slot] += 1
+        handle = LowLatencyHandle(slot, self._disp_gen[slot], "torch", T, H, E, topk_idx.shape[1], N, vsrc, vrange,
+                                  refs={"count": res.count[1], "range": res.layout_range[1],
+                                        "src_info": res.src_info[1], "src_k": res.src_k[1], "keep": res})
+        return recv_x, vcount, handle, EventOverlap(None, "torch", self.device_id), None
 
     # ---- combine ---------------------------------------------------------------------------------
     def next_combine_buffer(self, handle: LowLatencyHandle):
@@ -329,6 +378,11 @@ class LowLatencyState:
 
         Returns ``(combined_x, event, hook)``.  CUDA-graph capturable.
         """
+        if (self._torch is not None and not zero_copy and not async_finish and not return_recv_hook
+                and previous_event is None and type(handle) is LowLatencyHandle):
+            r = self._fast_combine(x, topk_idx, topk_weights, handle, out)
+            if r is not None:
+                return r
         if not isinstance(handle, LowLatencyHandle):
             raise TypeError(f"handle: expected a LowLatencyHandle, got {type(handle).__name__}")
         if self._disp_gen[handle.slot] != handle.generation:
@@ -376,7 +430,8 @@ class LowLatencyState:
             p.zero_copy = int(zero_copy)
             smem = 4 * (L + 1)
             send_blocks = self.num_sms
-            recv_blocks = max(1, min(self.num_sms, -(-N // K.WARPS)))
+            recv_blocks = self.num_sms
+            fn = grid = None
             if return_recv_hook:
                 launch(mod.fn("combine_send"), send_blocks, K.THREADS, stream, p, smem=smem)
                 self._comb_pending[slot] = True
@@ -395,7 +450,41 @@ class LowLatencyState:
                 with _cuda.on_device(self.device_id):
                     launch(_mod.fn("combine_recv"), _grid, K.THREADS, _stream, _p, smem=_smem)
                 self._comb_pending[_slot] = False
+        if (fw == "torch" and not zero_copy and not async_finish and not return_recv_hook and previous_event is None
+                and tr.dtype == "int64" and tr.obj is topk_idx):
+            self._plans[("c", N, H, Kt, T, E, slot, handle.slot, id(handle.refs["keep"]))] = (p, fn, grid, smem)
         return interop.finish(fw, out_obj, stream), ev, hook
+
+    def _fast_combine(self, x, topk_idx, topk_weights, handle, out):
+        """Steady-state combine (torch, shapes seen before, default flags); None otherwise."""
+        t = self._torch
+        if type(x) is not t.Tensor or type(topk_idx) is not t.Tensor or type(topk_weights) is not t.Tensor:
+            return None
+        if self._disp_gen[handle.slot] != handle.generation or self._disp_pending[handle.slot]:
+            return None
+        N, H, T, E, Kt = handle.num_tokens, handle.hidden, handle.num_max_tokens, handle.num_experts, handle.num_topk
+        L, RT = E // self.num_ranks, self.num_ranks * T
+        if (x.dtype is not t.bfloat16 or topk_idx.dtype is not t.int64 or topk_weights.dtype is not t.float32
+                or tuple(x.shape) != (L, RT, H) or tuple(topk_idx.shape) != (N, Kt)
+                or tuple(topk_weights.shape) != (N, Kt) or not x.is_contiguous() or not topk_idx.is_contiguous()
+                or not topk_weights.is_contiguous() or x.device.index != self.device_id):
+            return None
+        slot = self._comb_slot
+        plan = self._plans.get(("c", N, H, Kt, T, E, slot, handle.slot, id(handle.refs["keep"])))
+        if plan is None or self._comb_pending[slot] or self.buf._err.rec.code != 0:
+            return None
+        if out is None:
+            out = t.empty((N, H), dtype=t.bfloat16, device=x.device)
+        elif (type(out) is not t.Tensor or out.dtype is not t.bfloat16 or tuple(out.shape) != (N, H)
+              or not out.is_contiguous() or out.device.index != self.device_id):
+            return None
+        if t.cuda.current_device() != self.device_id:
+            return None
+        p, fn, grid, smem = plan
+        p.x, p.topk_idx, p.topk_weights, p.out = x.data_ptr(), topk_idx.data_ptr(), topk_weights.data_ptr(), out.data_ptr()
+        launch(fn, grid, K.THREADS, interop.current_stream("torch", self.device_id), p, smem=smem, cooperative=True)
+        self._comb_slot ^= 1
+        return out, EventOverlap(None, "torch", self.device_id), None
 
     def clean(self, T: int, H: int, E: int) -> None:
         """Reset all low-latency flags and sequence numbers (collective; no call may be in flight)."""
@@ -410,6 +499,7 @@ class LowLatencyState:
             _cuda.stream_sync(b._stream)
             b.group.barrier()
         self._disp_slot = self._comb_slot = 0
+        self._plans.clear()
         self._disp_pending = [False, False]
         self._comb_pending = [False, False]
 

@@ -70,11 +70,16 @@ def _layout_worker(rank, world, group, shapes, frameworks):
             if "outside [-1, 64)" not in str(e):
                 errs.append(f"bad message: {e}")
         try:
-            epcomm.get_dispatch_layout(interop.from_numpy(fw, bad.astype(np.int32), "cuda", 0), 64, 8)
-            errs.append("int32 topk_idx was accepted")
+            epcomm.get_dispatch_layout(interop.from_numpy(fw, bad.astype(np.float32), "cuda", 0), 64, 8)
+            errs.append("float32 topk_idx was accepted")
         except TypeError as e:
             if "topk_idx" not in str(e):
                 errs.append(f"bad message: {e}")
+        # int32 indices (JAX's default width) are accepted and widened.
+        ok32 = random_topk(rng, 300, 64, 6, drop_prob=0.1)
+        got = epcomm.get_dispatch_layout(interop.from_numpy(fw, ok32.astype(np.int32), "cuda", 0), 64, 8)
+        if not np.array_equal(interop.to_numpy(got[2]), reference.get_dispatch_layout(ok32, 64, 8).num_tokens_per_expert):
+            errs.append("int32 topk_idx gave wrong counts")
         out[fw] = "ok" if not errs else "; ".join(errs)
     return out
 
