@@ -111,19 +111,32 @@ EPCOMM_DEVICE void st_relaxed_sys_i32(int* p, int v) {
 EPCOMM_DEVICE void fence_sys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
 EPCOMM_DEVICE void fence_gpu() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
 
+EPCOMM_DEVICE u64 ld_volatile_u64(const u64* p) {
+  u64 v;
+  asm volatile("ld.volatile.global.u64 %0, [%1];" : "=l"(v) : "l"(p));
+  return v;
+}
+
 // Spin until *flag >= target (64-bit tags only grow, so >= tolerates a peer that is ahead).
 // Returns false (after recording where) on timeout, or if another waiter already gave up.
+// The loop polls with plain volatile loads (served by L2) and takes acquire semantics once at
+// the end; the error record lives in host memory, so it and the timer are read only every
+// 1024 polls: hundreds of spinning warps reading host memory over PCIe slow the whole GPU down.
 EPCOMM_DEVICE bool wait_geq_u64(const u64* flag, u64 target, ErrorRecord* err, u64 deadline_ns,
                                 int rank, int phase, int channel, int peer) {
-  u64 v = ld_acquire_sys_u64(flag);
-  if (v >= target) return true;
-  while (true) {
-    v = ld_acquire_sys_u64(flag);
-    if (v >= target) return true;
-    if (err != nullptr && ld_volatile_i32(&err->code) != 0) return false;
-    if (globaltimer_ns() > deadline_ns) {
-      report_error(err, kErrTimeout, rank, phase, channel, peer, target, v);
-      return false;
+  if (ld_acquire_sys_u64(flag) >= target) return true;
+  for (u32 i = 1;; ++i) {
+    const u64 v = ld_volatile_u64(flag);
+    if (v >= target) {
+      ld_acquire_sys_u64(flag);
+      return true;
+    }
+    if ((i & 1023u) == 0) {
+      if (err != nullptr && ld_volatile_i32(&err->code) != 0) return false;
+      if (globaltimer_ns() > deadline_ns) {
+        report_error(err, kErrTimeout, rank, phase, channel, peer, target, v);
+        return false;
+      }
     }
   }
 }

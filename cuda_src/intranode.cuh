@@ -188,9 +188,8 @@ __global__ void __launch_bounds__(1024) intranode_notify(const __grid_constant__
   }
   // Wait for our own scan blocks (cooperative launch: they are resident).
   if (tid == 0) {
-    while (ld_volatile_i32(&p.ctrl->scan_done) < R) {
-      if (aborted(p.err)) break;
-    }
+    for (u32 i = 1; ld_volatile_i32(&p.ctrl->scan_done) < R; ++i)
+      if ((i & 1023u) == 0 && aborted(p.err)) break;
     p.ctrl->scan_done = 0;
     fence_gpu();
   }

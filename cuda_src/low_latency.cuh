@@ -112,15 +112,19 @@ EPCOMM_DEVICE bool ll_wait_all(const LLParams& p, u64 flag_off, u64 tag, int shi
   for (int r = threadIdx.x; r < R; r += blockDim.x) {
     const u64* f = reinterpret_cast<const u64*>(p.heap + flag_off) + p.slot * R + r;
     u64 v = ld_acquire_sys_u64(f);
-    while ((v >> shift) < tag) {
-      if (aborted(p.err)) { s_ok = 0; break; }
-      if (globaltimer_ns() > deadline) {
-        report_error(p.err, kErrTimeout, p.rank, phase, p.slot, r, tag, v >> shift);
-        s_ok = 0;
-        break;
+    // Cheap L2 polls; host memory (error record) and the timer only every 1024 polls.
+    for (u32 i = 1; (v >> shift) < tag; ++i) {
+      if ((i & 1023u) == 0) {
+        if (aborted(p.err)) { s_ok = 0; break; }
+        if (globaltimer_ns() > deadline) {
+          report_error(p.err, kErrTimeout, p.rank, phase, p.slot, r, tag, v >> shift);
+          s_ok = 0;
+          break;
+        }
       }
-      v = ld_acquire_sys_u64(f);
+      v = ld_volatile_u64(f);
     }
+    if (s_ok) ld_acquire_sys_u64(f);
   }
   __syncthreads();
   return s_ok != 0;

@@ -57,7 +57,10 @@ def _bits(a):
 
 
 def _assert_bits(name, got, want):
-    g, w = _bits(np.asarray(got)), _bits(np.asarray(want))
+    got, want = np.asarray(got), np.asarray(want)
+    if got.dtype.kind in "iu" and want.dtype.kind in "iu" and got.dtype != want.dtype:
+        got, want = got.astype(np.int64), want.astype(np.int64)  # e.g. JAX without x64: int32
+    g, w = _bits(got), _bits(want)
     assert g.shape == w.shape, f"{name}: shape {g.shape} != reference {w.shape}"
     bad = np.argwhere(g != w)
     assert bad.size == 0, f"{name}: {len(bad)} elements differ, first at {bad[0].tolist()}"
