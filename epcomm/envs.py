@@ -109,6 +109,14 @@ CHECK_INDICES = _knob("EPCOMM_CHECK_INDICES", True, _parse_bool,
                       "Check on the host, before launching, that top-k expert indices lie in [-1, E) "
                       "(one device sync per call; skipped under CUDA-graph capture). Kernels always "
                       "check on the device and report at the next call. Set 0 in production.")
+GROUP_DIR = _knob("EPCOMM_GROUP_DIR", "", _str,
+                  "Shared directory for epcomm.group.init_from_env() (with RANK and WORLD_SIZE): a "
+                  "framework-free bootstrap of the ranks of one host.", "'' (unset)")
+VISIBLE_GPUS = _knob("EPCOMM_VISIBLE_GPUS", "", _str,
+                     "Set by epcomm.spawn: the GPU count it probed, inherited by its workers.", "'' (probe)")
+GIT_COMMIT = _knob("EPCOMM_GIT_COMMIT", "", _str,
+                   "Commit recorded in benchmark JSON where `git` is unavailable.", "'' (git)")
+BENCH_KIND = _knob("EPCOMM_BENCH_KIND", "", _str, "Machine kind recorded in benchmark JSON.", "''")
 NUM_SMS = _knob("EPCOMM_NUM_SMS", 24, _parse_int,
                 "Default SM budget of the normal (high-throughput) kernels; Buffer.set_num_sms overrides.")
 

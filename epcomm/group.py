@@ -588,7 +588,9 @@ def init_from_env() -> Group:
     if _torch_dist_initialized():
         return TorchGroup(None)
     names = ("EPCOMM_GROUP_DIR", "RANK", "WORLD_SIZE")
-    vals = {n: os.environ.get(n, "") for n in names}
+    from . import envs
+    vals = {n: os.environ.get(n, "") for n in names[1:]}
+    vals["EPCOMM_GROUP_DIR"] = envs.GROUP_DIR.get()
     missing = [n for n in names if not vals[n]]
     if missing:
         raise RuntimeError(

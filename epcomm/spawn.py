@@ -136,8 +136,9 @@ def gpu_count() -> int:
     and remembers the answer in EPCOMM_VISIBLE_GPUS, which spawned workers inherit: test
     modules imported again inside a worker then need no second probe.
     """
-    cached = os.environ.get("EPCOMM_VISIBLE_GPUS")
-    if cached is not None and cached.isdigit():
+    from . import envs
+    cached = envs.VISIBLE_GPUS.get()
+    if cached.isdigit():
         return int(cached)
     import subprocess
     import sys
