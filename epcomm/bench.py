@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 
-from . import spawn
+from . import envs, spawn
 
 
 def _median(xs):
@@ -28,7 +28,6 @@ def _median(xs):
 
 
 def _commit() -> str:
-    from . import envs
     c = envs.GIT_COMMIT.get()
     if c:
         return c
@@ -345,7 +344,7 @@ def run(what: str, gpus: int, *, tokens=None, hidden=7168, topk=8, experts=256, 
         raise ValueError(f"benchmarks need 2 or more GPUs; {n} visible")
     meta = {"gpus": _gpu_name(), "world_size": n, "commit": _commit(),
             "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "kind": __import__("epcomm.envs", fromlist=["x"]).BENCH_KIND.get()}
+            "kind": envs.BENCH_KIND.get()}
     res = {"meta": meta}
     if what in ("normal", "all"):
         args = dict(tokens=tokens or 4096, hidden=hidden, topk=topk, experts=experts, sms=list(sms), iters=iters)
