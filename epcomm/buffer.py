@@ -189,6 +189,7 @@ class Buffer:
         self.device_id = device
         self.timeout_s = float(envs.TIMEOUT_S.get())
         self._destroyed = False
+        self._alloc_on_comm = False  # set per call by allocate_on_comm_stream (torch only)
         self._intra: _IntraState | None = None
         self._ll = None
         with _cuda.on_device(device):
@@ -345,6 +346,11 @@ class Buffer:
         return EventOverlap(ev, fw, self.device_id, extra=(outputs, inputs) if async_finish else None)
 
     def _empty(self, fw, shape, dtype):
+        if self._alloc_on_comm and fw == "torch":
+            import torch
+            # torch's caching allocator ties a block to the stream it was allocated on.
+            with torch.cuda.stream(torch.cuda.ExternalStream(self._stream, device=self.device_id)):
+                return interop.empty(fw, tuple(int(s) for s in shape), dtype, "cuda", self.device_id)
         return interop.empty(fw, tuple(int(s) for s in shape), dtype, "cuda", self.device_id)
 
     # ---- layout --------------------------------------------------------------------------
@@ -358,6 +364,7 @@ class Buffer:
         self._check_usable("get_dispatch_layout")
         tr = self._tensor(topk_idx, "topk_idx", dtype="index", ndim=2)
         num_nodes = K_layout.check_layout_args(tr.shape[0], num_experts, self.num_ranks, 8)
+        self._alloc_on_comm = bool(allocate_on_comm_stream)
         with _cuda.on_device(self.device_id):
             caller, capturing = self._begin(tr.framework, previous_event)
             check_topk_indices(tr.obj, tr.framework, num_experts, capturing=capturing)
@@ -400,6 +407,8 @@ class Buffer:
                top-k index -1; nothing synchronises with the CPU and the call can be captured
                in a CUDA graph; the count list is empty.
             num_experts: needed only when neither ``num_tokens_per_expert`` nor a handle says it.
+            async_finish / previous_event / allocate_on_comm_stream: as in DeepEP; the last one
+               (torch) allocates the outputs on :attr:`comm_stream`.
 
         Returns ``(recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list,
         handle, event)`` with ``recv_x`` in the form of ``x``, rows ordered by source rank, then
@@ -489,6 +498,7 @@ class Buffer:
         chunk_rows = max(cfg.chunk_rows, -(-lay.capacity_rows(need_row) // K_intra.MAX_CHUNKS))
         spec = K_intra.IntranodeDispatchSpec(R, H, fp8)
         spec.validate()
+        self._alloc_on_comm = bool(allocate_on_comm_stream)
         with _cuda.on_device(self.device_id):
             mod = loader.load(spec, self.device_id)
             caller, capturing = self._begin(fw, previous_event)
@@ -690,6 +700,7 @@ class Buffer:
                              f"{K_intra.nvl_buffer_size_hint(H, R, max(handle.recv_counts), Kt)}")
         chunk_rows = max(cfg.chunk_rows, -(-lay.capacity_rows(K_intra.max_row_bytes(H, Kt)) // K_intra.MAX_CHUNKS))
         spec = K_intra.IntranodeCombineSpec(R, H)
+        self._alloc_on_comm = bool(allocate_on_comm_stream)
         with _cuda.on_device(self.device_id):
             mod = loader.load(spec, self.device_id)
             caller, capturing = self._begin(fw, previous_event)
