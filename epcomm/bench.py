@@ -133,19 +133,24 @@ def _peer_copy(torch, rank, world, group, nbytes: int, iters: int, align) -> dic
     return res
 
 
+def _worker_setup(rank, world, group):
+    """Device, no host index checks (they sync), NCCL for the baselines and the aligner."""
+    import torch
+    torch.cuda.set_device(rank)
+    os.environ["EPCOMM_CHECK_INDICES"] = "0"
+    spawn.phase("setup")
+    dist = _nccl_init(torch, rank, world, group)
+    return torch, dist, _Aligner(torch, dist)
+
+
 def _normal_worker(rank, world, group, args) -> dict:
     import numpy as np
-    import torch
 
     import epcomm
     from epcomm.testing import random_topk
-    torch.cuda.set_device(rank)
-    os.environ["EPCOMM_CHECK_INDICES"] = "0"
+    torch, dist, align = _worker_setup(rank, world, group)
     N, H, K, E = args["tokens"], args["hidden"], args["topk"], args["experts"]
     iters = args["iters"]
-    spawn.phase("setup")
-    dist = _nccl_init(torch, rank, world, group)
-    align = _Aligner(torch, dist)
     nbytes = epcomm.Buffer.get_nvl_buffer_size_hint(H, world, N, K)
     buf = epcomm.Buffer(group, nbytes)
     rng = np.random.default_rng(1234 + rank)
@@ -203,17 +208,12 @@ def _normal_worker(rank, world, group, args) -> dict:
 
 def _ll_worker(rank, world, group, args) -> dict:
     import numpy as np
-    import torch
 
     import epcomm
     from epcomm.testing import random_topk
-    torch.cuda.set_device(rank)
-    os.environ["EPCOMM_CHECK_INDICES"] = "0"
+    torch, dist, align = _worker_setup(rank, world, group)
     T, H, K, E = args["tokens"], args["hidden"], args["topk"], args["experts"]
     iters = args["iters"]
-    spawn.phase("setup")
-    dist = _nccl_init(torch, rank, world, group)
-    align = _Aligner(torch, dist)
     nbytes = epcomm.Buffer.get_low_latency_rdma_size_hint(T, H, world, E)
     buf = epcomm.Buffer(group, 0, nbytes, low_latency_mode=True)
     rng = np.random.default_rng(99 + rank)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from epcomm import spawn
+from gpu_checks import assert_bits as _assert_bits, to_np as _np
 
 pytestmark = [pytest.mark.gpu, pytest.mark.multigpu]
 
@@ -104,27 +105,6 @@ def _fw(case):
 
 
 _DEV = [0]
-
-
-def _np(obj):
-    from epcomm import interop
-    return interop.to_numpy(obj)
-
-
-def _bits(a):
-    """Raw bits for exact comparison whatever the dtype (bf16/fp8 included)."""
-    a = np.ascontiguousarray(a)
-    return a.view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize])
-
-
-def _assert_bits(name, got, want):
-    got, want = np.asarray(got), np.asarray(want)
-    if got.dtype.kind in "iu" and want.dtype.kind in "iu" and got.dtype != want.dtype:
-        got, want = got.astype(np.int64), want.astype(np.int64)  # e.g. JAX without x64: int32
-    g, w = _bits(got), _bits(want)
-    assert g.shape == w.shape, f"{name}: shape {g.shape} != reference {w.shape}"
-    bad = np.argwhere(g != w)
-    assert bad.size == 0, f"{name}: {len(bad)} elements differ from the reference, first at {bad[0].tolist()}"
 
 
 def _run_case(rank, world, buf, case):

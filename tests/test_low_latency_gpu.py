@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from epcomm import spawn
+from gpu_checks import assert_bits as _assert_bits, to_np as _np
 
 pytestmark = [pytest.mark.gpu, pytest.mark.multigpu]
 
@@ -49,26 +50,6 @@ CASES = [
     _case("fp8_heavy_drop", E=64, drop=0.6),
     _case("bf16_t256_h2048_e288_k16", T=256, H=2048, E=288, K=16, fp8=False),
 ]
-
-
-def _bits(a):
-    a = np.ascontiguousarray(a)
-    return a.view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize])
-
-
-def _assert_bits(name, got, want):
-    got, want = np.asarray(got), np.asarray(want)
-    if got.dtype.kind in "iu" and want.dtype.kind in "iu" and got.dtype != want.dtype:
-        got, want = got.astype(np.int64), want.astype(np.int64)  # e.g. JAX without x64: int32
-    g, w = _bits(got), _bits(want)
-    assert g.shape == w.shape, f"{name}: shape {g.shape} != reference {w.shape}"
-    bad = np.argwhere(g != w)
-    assert bad.size == 0, f"{name}: {len(bad)} elements differ, first at {bad[0].tolist()}"
-
-
-def _np(obj):
-    from epcomm import interop
-    return interop.to_numpy(obj)
 
 
 def _up(a):
