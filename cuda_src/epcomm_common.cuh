@@ -108,6 +108,18 @@ EPCOMM_DEVICE void st_release_sys_i32(int* p, int v) {
 EPCOMM_DEVICE void st_relaxed_sys_i32(int* p, int v) {
   asm volatile("st.relaxed.sys.global.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
+EPCOMM_DEVICE void st_relaxed_sys_u64(u64* p, u64 v) {
+  asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+EPCOMM_DEVICE u64 ld_acquire_gpu_u64(const u64* p) {
+  u64 v;
+  asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+EPCOMM_DEVICE void st_release_gpu_u64(u64* p, u64 v) {
+  asm volatile("st.release.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+EPCOMM_DEVICE void fence_sc_sys() { asm volatile("fence.sc.sys;" ::: "memory"); }
 EPCOMM_DEVICE void fence_sys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
 EPCOMM_DEVICE void fence_gpu() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
 
@@ -176,6 +188,32 @@ EPCOMM_DEVICE void st_na_v4(V4* p, const V4& v) {
   asm volatile("st.global.L1::no_allocate.v4.s32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x),
                "r"(v.y), "r"(v.z), "r"(v.w)
                : "memory");
+}
+
+// Warp-cooperative copy of one row of kN16 16-byte words (a compile-time size).  Each round
+// issues all its loads before its stores, at most 14 words (56 registers) per lane, and the trip
+// counts are constants: a row costs ceil(words per lane / 14) memory latencies, where a run-time
+// tail loop would cost one latency per leftover word (the asm stores' "memory" clobber keeps
+// the next load behind them).
+template <int kN16, bool kSrcPeerWritten>
+EPCOMM_DEVICE void warp_copy_row(V4* __restrict__ dst, const V4* __restrict__ src, int lane) {
+  constexpr int kPerLane = (kN16 + kWarpSize - 1) / kWarpSize;
+  constexpr int kRounds = (kPerLane + 13) / 14;
+  constexpr int kRound = (kPerLane + kRounds - 1) / kRounds;
+#pragma unroll
+  for (int r = 0; r < kRounds; ++r) {
+    V4 v[kRound];
+#pragma unroll
+    for (int u = 0; u < kRound; ++u) {
+      const int i = (r * kRound + u) * kWarpSize + lane;
+      if (i < kN16) v[u] = kSrcPeerWritten ? ld_cg_v4(src + i) : ld_nc_v4(src + i);
+    }
+#pragma unroll
+    for (int u = 0; u < kRound; ++u) {
+      const int i = (r * kRound + u) * kWarpSize + lane;
+      if (i < kN16) st_na_v4(dst + i, v[u]);
+    }
+  }
 }
 
 // Warp-cooperative copy of `n16` 16-byte words; kUnroll loads in flight per lane.

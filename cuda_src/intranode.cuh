@@ -29,6 +29,7 @@ struct IntraCtrl {
   int recv_done;     // dispatch receive: blocks finished
   int comb_done;     // combine: blocks finished
   int pad;
+  u64 late_decision; // dispatch receive: block 0's verdict on the late outputs (see LateOutputs)
 };
 
 struct IntraParams {
@@ -82,7 +83,83 @@ struct IntraParams {
   int write_host;             // notify publishes counts to host_info
   int num_send_blocks;        // combine: blocks [0, S) send, the rest receive
   int pad;
+  u64* prof;                  // EPCOMM_PROFILE: per-block globaltimer stamps, or null
+  struct LateOutputs* late;   // dispatch receive launched before its outputs exist, or null
+  u64 late_seq;               // value of late->seq that publishes this call's outputs
+  u64 late_wait_ns;           // how long the receive waits for them before standing down
 };
+
+// Outputs of a CPU-synchronised dispatch, published by the host in mapped memory.  The receive
+// kernel is launched right behind the send, before the host knows the counts, and waits until
+// the host has allocated the outputs (seq == late_seq, written after the fields), so neither
+// the launch nor the host's wake-up sits between the count exchange and the first received row.
+// A host that takes longer than late_wait_ns (an allocator that synchronises the device would
+// otherwise wait on this very kernel) makes the kernel stand down: block 0 writes gave_up,
+// fences, reads seq once more and writes its verdict to `decided` (late_seq * 2 + 1: it goes on,
+// late_seq * 2: it exited).  The host writes seq, fences, and reads gave_up; if the kernel gave
+// up, the host waits for `decided` and, on an exit, launches an ordinary receive (Dekker's
+// handshake: each side stores, fences, then loads the other side's word).
+// out_rows < 0: the host failed before publishing; the kernel exits.
+struct LateOutputs {
+  u64 seq;
+  u64 recv_x, recv_scales, recv_topk_idx, recv_topk_weights, recv_src_idx;
+  i64 rscale_st, rscale_sg;
+  i64 out_rows;
+  u64 gave_up;
+  u64 decided;
+};
+static_assert(sizeof(LateOutputs) == 88, "mirrored by epcomm.kernels.intranode.LateOutputs");
+
+// Block 0 decides (see LateOutputs), the other blocks follow its verdict; returns true and fills
+// *out if the outputs were published.
+EPCOMM_DEVICE bool late_outputs_wait(const IntraParams& p, u64 deadline, LateOutputs* out) {
+  u64 verdict = 0;
+  if (blockIdx.x == 0) {
+    const u64 t0 = globaltimer_ns();
+    bool go = false;
+    for (u32 i = 1;; ++i) {
+      if (ld_acquire_sys_u64(&p.late->seq) == p.late_seq) {
+        go = true;
+        break;
+      }
+      if ((i & 63u) == 0 && (globaltimer_ns() - t0 > p.late_wait_ns || aborted(p.err))) break;
+    }
+    if (!go) {
+      st_relaxed_sys_u64(&p.late->gave_up, p.late_seq);
+      fence_sc_sys();
+      go = ld_acquire_sys_u64(&p.late->seq) == p.late_seq;
+      st_release_sys_u64(&p.late->decided, p.late_seq * 2 + (go ? 1 : 0));
+    }
+    verdict = p.late_seq * 2 + (go ? 1 : 0);
+    st_release_gpu_u64(&p.ctrl->late_decision, verdict);
+  } else {
+    for (u32 i = 1;; ++i) {
+      verdict = ld_acquire_gpu_u64(&p.ctrl->late_decision);
+      if ((verdict >> 1) == p.late_seq) break;
+      if ((i & 1023u) == 0 && (aborted(p.err) || globaltimer_ns() > deadline)) return false;
+    }
+  }
+  if (!(verdict & 1)) return false;
+  const volatile LateOutputs* l = p.late;
+  out->recv_x = l->recv_x;
+  out->recv_scales = l->recv_scales;
+  out->recv_topk_idx = l->recv_topk_idx;
+  out->recv_topk_weights = l->recv_topk_weights;
+  out->recv_src_idx = l->recv_src_idx;
+  out->rscale_st = l->rscale_st;
+  out->rscale_sg = l->rscale_sg;
+  out->out_rows = l->out_rows;
+  return true;
+}
+
+// Profiling (EPCOMM_PROFILE=1): thread 0 of each block stamps its start and end into
+// prof[((kernel * kProfMaxBlocks) + block) * 2 + {0, 1}]; epcomm.buffer reads them back.
+constexpr int kProfMaxBlocks = 256;
+enum ProfKernel { kProfNotify = 0, kProfSend = 1, kProfRecv = 2, kProfCombine = 3 };
+EPCOMM_DEVICE void prof_stamp(const IntraParams& p, int kernel, int which) {
+  if (p.prof != nullptr && threadIdx.x == 0 && blockIdx.x < kProfMaxBlocks)
+    p.prof[(static_cast<u64>(kernel) * kProfMaxBlocks + blockIdx.x) * 2 + which] = globaltimer_ns();
+}
 
 template <typename T>
 EPCOMM_DEVICE T* at(u64 base, u64 off) {
@@ -100,6 +177,47 @@ struct DispatchRow {
   static_assert(kPayload % 16 == 0, "row payload must be a multiple of 16 bytes");
   static_assert(!kFp8 || kHidden % 128 == 0, "FP8 needs hidden % 128 == 0");
 };
+
+// Chunk arrival flags: one per sending warp, so a sending warp publishes its own rows of a chunk
+// and moves on; one flag per chunk needed a block barrier and a system fence per chunk, which
+// stalled every warp of the block (about a fifth of the send time at 8 sending SMs, 2x H200).
+constexpr int kChunkFlagSlots = kIntraThreads / 32;
+
+EPCOMM_DEVICE u64* chunk_flags(u64 base, const IntraParams& p, int src, int chunk) {
+  return at<u64>(base, p.flags_off) + (static_cast<u64>(src) * p.max_chunks + chunk) * kChunkFlagSlots;
+}
+
+// Sending warp: every lane's stores of the chunk are ordered (system scope) before the flag.
+EPCOMM_DEVICE void warp_publish_chunk(u64* flags, int warp, int lane, u64 tag) {
+  fence_sys();
+  __syncwarp();
+  if (lane == 0) st_release_sys_u64(flags + warp, tag);
+}
+
+// Receiving warp: wait until every sending warp published the chunk; all lanes return together,
+// false on timeout (recorded, naming the chunk and source) or if another waiter gave up.
+EPCOMM_DEVICE bool warp_wait_chunk(const u64* flags, u64 tag, const IntraParams& p, u64 deadline, int phase,
+                                   int chunk, int src, int lane) {
+  bool done = lane >= kChunkFlagSlots || ld_volatile_u64(flags + lane) >= tag;
+  for (u32 i = 1; !__all_sync(0xffffffffu, done); ++i) {
+    if (!done) done = ld_volatile_u64(flags + lane) >= tag;
+    if ((i & 1023u) == 0) {
+      int bad = 0;
+      if (lane == 0) bad = aborted(p.err) ? 1 : (globaltimer_ns() > deadline ? 2 : 0);
+      bad = __shfl_sync(0xffffffffu, bad, 0);
+      if (bad) {
+        const unsigned pending = __ballot_sync(0xffffffffu, !done);
+        const int first = pending ? __ffs(pending) - 1 : 0;
+        const u64 seen = __shfl_sync(0xffffffffu, lane < kChunkFlagSlots ? ld_volatile_u64(flags + lane) : 0, first);
+        if (bad == 2 && lane == 0) report_error(p.err, kErrTimeout, p.rank, phase, chunk, src, tag, seen);
+        return false;
+      }
+    }
+  }
+  if (lane < kChunkFlagSlots) ld_acquire_sys_u64(flags + lane);
+  __syncwarp();
+  return true;
+}
 
 EPCOMM_DEVICE int deadline_phase_wait(const u64* flag, u64 tag, const IntraParams& p, u64 deadline,
                                       int phase, int channel, int peer) {
@@ -120,6 +238,7 @@ __global__ void __launch_bounds__(1024) intranode_notify(const __grid_constant__
   __shared__ int s_warp[32];
   __shared__ int s_counts[kNumRanks];
   __shared__ int s_ok;
+  prof_stamp(p, kProfNotify, 0);
 
   if (blockIdx.x > 0) {
     // ---- scan for destination d: ascending token order gives deterministic slots ----
@@ -159,6 +278,7 @@ __global__ void __launch_bounds__(1024) intranode_notify(const __grid_constant__
       fence_gpu();
       atomicAdd(&p.ctrl->scan_done, 1);
     }
+    prof_stamp(p, kProfNotify, 1);
     return;
   }
 
@@ -184,6 +304,7 @@ __global__ void __launch_bounds__(1024) intranode_notify(const __grid_constant__
   }
   if (p.cached) {
     __syncthreads();
+    prof_stamp(p, kProfNotify, 1);
     return;
   }
   // Wait for our own scan blocks (cooperative launch: they are resident).
@@ -247,6 +368,7 @@ __global__ void __launch_bounds__(1024) intranode_notify(const __grid_constant__
     fence_sys();
     st_release_sys_i32(p.host_info, 1);
   }
+  prof_stamp(p, kProfNotify, 1);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -260,6 +382,7 @@ __global__ void __launch_bounds__(kIntraThreads) intranode_dispatch_send(const _
   constexpr int R = kNumRanks;
   const int lane = lane_id(), warp = warp_id();
   constexpr int kWarps = kIntraThreads / 32;
+  prof_stamp(p, kProfSend, 0);
   const u64 tag = *reinterpret_cast<volatile u64*>(&p.ctrl->cur_tag);
   const int N = p.num_tokens, K = p.num_topk, CR = p.chunk_rows;
   const int L = p.num_experts / R;
@@ -279,36 +402,60 @@ __global__ void __launch_bounds__(kIntraThreads) intranode_dispatch_send(const _
       const int row_begin = c * CR;
       const int row_end = min(row_begin + CR, p.send_count[d]);
       u8* region = at<u8>(p.peers[d], p.staging_off) + static_cast<u64>(p.rank) * p.region_bytes;
+      const int* list = p.send_list + static_cast<i64>(d) * N;
+      // Every load a row needs (its token id one row ahead, then top-k entries and scales) is
+      // issued before its payload copy, so a row costs the copy's latencies and little more.
+      int t_next = row_begin + warp < row_end ? list[row_begin + warp] : 0;
       for (int i = row_begin + warp; i < row_end; i += kWarps) {
-        const int t = p.send_list[static_cast<i64>(d) * N + i];
+        const int t = t_next;
+        if (i + kWarps < row_end) t_next = list[i + kWarps];
         u8* dst = region + static_cast<u64>(i) * p.row_bytes;
-        warp_copy_v4<8, false>(reinterpret_cast<V4*>(dst),
-                               reinterpret_cast<const V4*>(p.x + static_cast<i64>(t) * Row::kPayload),
-                               Row::kPayload / 16, lane);
+        const bool meta_lane = !p.cached && lane < K;
+        i64 e = -1;
+        float wgt = 0.0f;
+        if (meta_lane) {
+          e = p.topk_idx[static_cast<i64>(t) * K + lane];
+          if (p.topk_weights != nullptr) wgt = p.topk_weights[static_cast<i64>(t) * K + lane];
+        }
+        constexpr int kScalesPerLane = (Row::kGroups + 31) / 32;
+        float sc[kScalesPerLane > 0 ? kScalesPerLane : 1];
+        if constexpr (kFp8) {
+#pragma unroll
+          for (int j = 0; j < kScalesPerLane; ++j) {
+            const int g = j * 32 + lane;
+            if (g < Row::kGroups)
+              sc[j] = p.x_scales[static_cast<i64>(t) * p.scale_st + static_cast<i64>(g) * p.scale_sg];
+          }
+        }
+        warp_copy_row<Row::kPayload / 16, false>(reinterpret_cast<V4*>(dst),
+                                                 reinterpret_cast<const V4*>(p.x + static_cast<i64>(t) * Row::kPayload),
+                                                 lane);
         if constexpr (kFp8) {
           float* ds = reinterpret_cast<float*>(dst + Row::kScaleOff);
-          for (int g = lane; g < Row::kGroups; g += 32)
-            ds[g] = p.x_scales[static_cast<i64>(t) * p.scale_st + static_cast<i64>(g) * p.scale_sg];
+#pragma unroll
+          for (int j = 0; j < kScalesPerLane; ++j) {
+            const int g = j * 32 + lane;
+            if (g < Row::kGroups) ds[g] = sc[j];
+          }
         }
         int* meta = reinterpret_cast<int*>(dst + Row::kMetaOff);
         if (lane == 0) meta[0] = t;
         if (!p.cached && K > 0) {
           for (int k = lane; k < K; k += 32) {
-            const i64 e = p.topk_idx[static_cast<i64>(t) * K + k];
+            if (k >= 32) {
+              e = p.topk_idx[static_cast<i64>(t) * K + k];
+              wgt = p.topk_weights != nullptr ? p.topk_weights[static_cast<i64>(t) * K + k] : 0.0f;
+            }
             const bool mine = e >= 0 && e < p.num_experts && static_cast<int>(e) / L == d;
             meta[1 + k] = mine ? static_cast<int>(e) - d * L : -1;
-            reinterpret_cast<float*>(meta + 1 + K)[k] =
-                mine && p.topk_weights != nullptr ? p.topk_weights[static_cast<i64>(t) * K + k] : 0.0f;
+            reinterpret_cast<float*>(meta + 1 + K)[k] = mine ? wgt : 0.0f;
           }
         }
       }
-      __syncthreads();
-      if (threadIdx.x == 0) {
-        fence_sys();
-        st_release_sys_u64(at<u64>(p.peers[d], p.flags_off) + static_cast<u64>(p.rank) * p.max_chunks + c, tag);
-      }
+      warp_publish_chunk(chunk_flags(p.peers[d], p, p.rank, c), warp, lane, tag);
     }
   }
+  prof_stamp(p, kProfSend, 1);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -322,13 +469,37 @@ __global__ void __launch_bounds__(kIntraThreads) intranode_dispatch_recv(const _
   constexpr int R = kNumRanks;
   const int lane = lane_id(), warp = warp_id();
   constexpr int kWarps = kIntraThreads / 32;
+  prof_stamp(p, kProfRecv, 0);
   const u64 tag = *reinterpret_cast<volatile u64*>(&p.ctrl->cur_tag);
   const u64 deadline = globaltimer_ns() + p.timeout_ns;
   const int N = p.num_tokens, K = p.cached ? 0 : p.num_topk, CR = p.chunk_rows;
   const int L = p.num_experts / R;
   const u64 me_base = p.peers[p.rank];
   const u8* my_staging = at<u8>(me_base, p.staging_off);
-  const int M = p.out_rows;
+  __shared__ LateOutputs s_out;
+  if (threadIdx.x == 0) {
+    if (p.late != nullptr) {
+      if (!late_outputs_wait(p, deadline, &s_out)) s_out.out_rows = -1;
+    } else {
+      s_out.recv_x = reinterpret_cast<u64>(p.recv_x);
+      s_out.recv_scales = reinterpret_cast<u64>(p.recv_scales);
+      s_out.recv_topk_idx = reinterpret_cast<u64>(p.recv_topk_idx);
+      s_out.recv_topk_weights = reinterpret_cast<u64>(p.recv_topk_weights);
+      s_out.recv_src_idx = reinterpret_cast<u64>(p.recv_src_idx);
+      s_out.rscale_st = p.rscale_st;
+      s_out.rscale_sg = p.rscale_sg;
+      s_out.out_rows = p.out_rows;
+    }
+  }
+  __syncthreads();
+  if (s_out.out_rows < 0) return;
+  u8* const recv_x = reinterpret_cast<u8*>(s_out.recv_x);
+  float* const recv_scales = reinterpret_cast<float*>(s_out.recv_scales);
+  i64* const recv_topk_idx = reinterpret_cast<i64*>(s_out.recv_topk_idx);
+  float* const recv_topk_weights = reinterpret_cast<float*>(s_out.recv_topk_weights);
+  int* const recv_src_idx = reinterpret_cast<int*>(s_out.recv_src_idx);
+  const i64 rscale_st = s_out.rscale_st, rscale_sg = s_out.rscale_sg;
+  const int M = static_cast<int>(s_out.out_rows);
 
   int prefix[R + 1];
 #pragma unroll
@@ -344,67 +515,102 @@ __global__ void __launch_bounds__(kIntraThreads) intranode_dispatch_recv(const _
     nchunks[s] = (prefix[s + 1] - prefix[s] + CR - 1) / CR;
     max_nc = max(max_nc, nchunks[s]);
   }
-  __shared__ int s_go;
+  // Warps work independently (no block barrier per chunk): each waits for the chunk's flags.
+  bool failed = false;
   int item = 0;
-  for (int c = 0; c < max_nc; ++c) {
+  for (int c = 0; c < max_nc && !failed; ++c) {
     for (int j = 0; j < R; ++j) {
       const int s = (p.rank + R - j) % R;  // own rows first: they need no waiting
       if (c >= nchunks[s]) continue;
       if ((item++ % gridDim.x) != blockIdx.x) continue;
       const int count = prefix[s + 1] - prefix[s];
       const int row_begin = c * CR, row_end = min(row_begin + CR, count);
-      if (s != p.rank) {
-        if (threadIdx.x == 0) {
-          const u64* flag = at<u64>(me_base, p.flags_off) + static_cast<u64>(s) * p.max_chunks + c;
-          s_go = wait_geq_u64(flag, tag, p.err, deadline, p.rank, kPhaseDispatchRecv, c, s) ? 1 : 0;
-        }
-        __syncthreads();
-        if (!s_go) return;
+      if (s != p.rank && row_begin + warp < row_end &&
+          !warp_wait_chunk(chunk_flags(me_base, p, s, c), tag, p, deadline, kPhaseDispatchRecv, c, s, lane)) {
+        failed = true;
+        break;
       }
+      const bool own = s == p.rank;
+      const int* list = p.send_list + static_cast<i64>(s) * N;
+      const u8* region = my_staging + static_cast<u64>(s) * p.region_bytes;
+      int t_next = own && row_begin + warp < row_end ? list[row_begin + warp] : 0;
+      constexpr int kScalesPerLane = (Row::kGroups + 31) / 32;
       for (int i = row_begin + warp; i < row_end; i += kWarps) {
         const int out_row = prefix[s] + i;
+        int src_t = t_next;
+        if (own && i + kWarps < row_end) t_next = list[i + kWarps];
         if (out_row >= M) continue;
-        u8* dst = p.recv_x + static_cast<i64>(out_row) * Row::kPayload;
-        int src_t;
-        if (s == p.rank) {
-          src_t = p.send_list[static_cast<i64>(s) * N + i];
-          warp_copy_v4<8, false>(reinterpret_cast<V4*>(dst),
-                                 reinterpret_cast<const V4*>(p.x + static_cast<i64>(src_t) * Row::kPayload),
-                                 Row::kPayload / 16, lane);
-          if constexpr (kFp8) {
-            for (int g = lane; g < Row::kGroups; g += 32)
-              p.recv_scales[static_cast<i64>(out_row) * p.rscale_st + static_cast<i64>(g) * p.rscale_sg] =
-                  p.x_scales[static_cast<i64>(src_t) * p.scale_st + static_cast<i64>(g) * p.scale_sg];
+        // All small loads of the row first (top-k entries, weights, scales, source index), then
+        // the payload copy, then their stores: their latency hides behind the copy's.
+        const u8* src;
+        i64 e = -1;
+        float wgt = 0.0f;
+        float sc[kScalesPerLane > 0 ? kScalesPerLane : 1];
+        if (own) {
+          src = p.x + static_cast<i64>(src_t) * Row::kPayload;
+          if (lane < K) {
+            e = p.topk_idx[static_cast<i64>(src_t) * K + lane];
+            if (p.topk_weights != nullptr) wgt = p.topk_weights[static_cast<i64>(src_t) * K + lane];
           }
-          for (int k = lane; k < K; k += 32) {
-            const i64 e = p.topk_idx[static_cast<i64>(src_t) * K + k];
-            const bool mine = e >= 0 && e < p.num_experts && static_cast<int>(e) / L == p.rank;
-            p.recv_topk_idx[static_cast<i64>(out_row) * K + k] = mine ? e - static_cast<i64>(p.rank) * L : -1;
-            if (p.recv_topk_weights != nullptr)
-              p.recv_topk_weights[static_cast<i64>(out_row) * K + k] =
-                  mine && p.topk_weights != nullptr ? p.topk_weights[static_cast<i64>(src_t) * K + k] : 0.0f;
+          if constexpr (kFp8) {
+#pragma unroll
+            for (int j = 0; j < kScalesPerLane; ++j) {
+              const int g = j * 32 + lane;
+              if (g < Row::kGroups)
+                sc[j] = p.x_scales[static_cast<i64>(src_t) * p.scale_st + static_cast<i64>(g) * p.scale_sg];
+            }
           }
         } else {
-          const u8* src = my_staging + static_cast<u64>(s) * p.region_bytes + static_cast<u64>(i) * p.row_bytes;
-          warp_copy_v4<8, true>(reinterpret_cast<V4*>(dst), reinterpret_cast<const V4*>(src),
-                                Row::kPayload / 16, lane);
+          src = region + static_cast<u64>(i) * p.row_bytes;
+          const int* meta = reinterpret_cast<const int*>(src + Row::kMetaOff);
+          src_t = lane == 0 ? meta[0] : 0;
+          if (lane < K) {
+            e = meta[1 + lane];
+            wgt = reinterpret_cast<const float*>(meta + 1 + K)[lane];
+          }
           if constexpr (kFp8) {
             const float* ss = reinterpret_cast<const float*>(src + Row::kScaleOff);
-            for (int g = lane; g < Row::kGroups; g += 32)
-              p.recv_scales[static_cast<i64>(out_row) * p.rscale_st + static_cast<i64>(g) * p.rscale_sg] = ss[g];
-          }
-          const int* meta = reinterpret_cast<const int*>(src + Row::kMetaOff);
-          src_t = __shfl_sync(0xffffffffu, lane == 0 ? meta[0] : 0, 0);
-          for (int k = lane; k < K; k += 32) {
-            p.recv_topk_idx[static_cast<i64>(out_row) * K + k] = meta[1 + k];
-            if (p.recv_topk_weights != nullptr)
-              p.recv_topk_weights[static_cast<i64>(out_row) * K + k] =
-                  reinterpret_cast<const float*>(meta + 1 + K)[k];
+#pragma unroll
+            for (int j = 0; j < kScalesPerLane; ++j) {
+              const int g = j * 32 + lane;
+              if (g < Row::kGroups) sc[j] = ss[g];
+            }
           }
         }
-        if (lane == 0 && p.recv_src_idx != nullptr) p.recv_src_idx[out_row] = src_t;
+        u8* dst = recv_x + static_cast<i64>(out_row) * Row::kPayload;
+        if (own)
+          warp_copy_row<Row::kPayload / 16, false>(reinterpret_cast<V4*>(dst), reinterpret_cast<const V4*>(src), lane);
+        else
+          warp_copy_row<Row::kPayload / 16, true>(reinterpret_cast<V4*>(dst), reinterpret_cast<const V4*>(src), lane);
+        if constexpr (kFp8) {
+#pragma unroll
+          for (int j = 0; j < kScalesPerLane; ++j) {
+            const int g = j * 32 + lane;
+            if (g < Row::kGroups)
+              recv_scales[static_cast<i64>(out_row) * rscale_st + static_cast<i64>(g) * rscale_sg] = sc[j];
+          }
+        }
+        for (int k = lane; k < K; k += 32) {
+          i64 idx;
+          float wk;
+          if (own) {
+            if (k >= 32) {
+              e = p.topk_idx[static_cast<i64>(src_t) * K + k];
+              wgt = p.topk_weights != nullptr ? p.topk_weights[static_cast<i64>(src_t) * K + k] : 0.0f;
+            }
+            const bool mine = e >= 0 && e < p.num_experts && static_cast<int>(e) / L == p.rank;
+            idx = mine ? e - static_cast<i64>(p.rank) * L : -1;
+            wk = mine ? wgt : 0.0f;
+          } else {
+            const int* meta = reinterpret_cast<const int*>(src + Row::kMetaOff);
+            idx = k >= 32 ? meta[1 + k] : e;
+            wk = k >= 32 ? reinterpret_cast<const float*>(meta + 1 + K)[k] : wgt;
+          }
+          recv_topk_idx[static_cast<i64>(out_row) * K + k] = idx;
+          if (recv_topk_weights != nullptr) recv_topk_weights[static_cast<i64>(out_row) * K + k] = wk;
+        }
+        if (lane == 0 && recv_src_idx != nullptr) recv_src_idx[out_row] = src_t;
       }
-      __syncthreads();
     }
   }
   // Padding rows of the num_worst_tokens mode: top-k -1, weight 0, source -1.
@@ -412,14 +618,14 @@ __global__ void __launch_bounds__(kIntraThreads) intranode_dispatch_recv(const _
     const int pad_begin = min(total, M);
     for (int r = pad_begin + blockIdx.x * kIntraThreads + threadIdx.x; r < M; r += gridDim.x * kIntraThreads) {
       for (int k = 0; k < K; ++k) {
-        p.recv_topk_idx[static_cast<i64>(r) * K + k] = -1;
-        if (p.recv_topk_weights != nullptr) p.recv_topk_weights[static_cast<i64>(r) * K + k] = 0.0f;
+        recv_topk_idx[static_cast<i64>(r) * K + k] = -1;
+        if (recv_topk_weights != nullptr) recv_topk_weights[static_cast<i64>(r) * K + k] = 0.0f;
       }
-      if (p.recv_src_idx != nullptr) p.recv_src_idx[r] = -1;
+      if (recv_src_idx != nullptr) recv_src_idx[r] = -1;
     }
   }
-  __syncthreads();
-  if (threadIdx.x == 0) {
+  // A failed wait (recorded) leaves the peers unacknowledged: the buffer is unusable anyway.
+  if (__syncthreads_or(failed) == 0 && threadIdx.x == 0) {
     fence_gpu();
     if (atomicAdd(&p.ctrl->recv_done, 1) == static_cast<int>(gridDim.x) - 1) {
       p.ctrl->recv_done = 0;
@@ -428,6 +634,7 @@ __global__ void __launch_bounds__(kIntraThreads) intranode_dispatch_recv(const _
         if (s != p.rank) st_release_sys_u64(at<u64>(p.peers[s], p.ack_off) + p.rank, tag);
     }
   }
+  prof_stamp(p, kProfRecv, 1);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -449,6 +656,7 @@ __global__ void __launch_bounds__(kIntraThreads) intranode_combine(const __grid_
   const u64 me_base = p.peers[p.rank];
   __shared__ u64 s_tag;
   __shared__ int s_go;
+  prof_stamp(p, kProfCombine, 0);
   if (threadIdx.x == 0) s_tag = *reinterpret_cast<volatile u64*>(&p.ctrl->op_seq) + 1;
   __syncthreads();
   const u64 tag = s_tag;
@@ -484,31 +692,29 @@ __global__ void __launch_bounds__(kIntraThreads) intranode_combine(const __grid_
         for (int i = row_begin + warp; i < row_end; i += kWarps) {
           const i64 src_row = prefix[s] + i;
           u8* dst = region + static_cast<u64>(i) * p.row_bytes;
-          warp_copy_v4<8, false>(reinterpret_cast<V4*>(dst),
-                                 reinterpret_cast<const V4*>(p.x + src_row * kPayload), kN16, lane);
+          const float wv = p.topk_weights != nullptr && lane < K ? p.topk_weights[src_row * K + lane] : 0.0f;
+          warp_copy_row<kN16, false>(reinterpret_cast<V4*>(dst), reinterpret_cast<const V4*>(p.x + src_row * kPayload),
+                                     lane);
           if (p.topk_weights != nullptr) {
             float* dw = reinterpret_cast<float*>(dst + kPayload);
-            for (int k = lane; k < K; k += 32) dw[k] = p.topk_weights[src_row * K + k];
+            for (int k = lane; k < K; k += 32) dw[k] = k < 32 ? wv : p.topk_weights[src_row * K + k];
           }
         }
-        __syncthreads();
-        if (threadIdx.x == 0) {
-          fence_sys();
-          st_release_sys_u64(at<u64>(p.peers[s], p.flags_off) + static_cast<u64>(p.rank) * p.max_chunks + c, tag);
-        }
+        warp_publish_chunk(chunk_flags(p.peers[s], p, p.rank, c), warp, lane, tag);
       }
     }
   } else {
-    // ---- receive role: one warp per token, contiguous token ranges per block ----
+    // ---- receive role: one warp per token.  Tiles of kWarps tokens are dealt round-robin to
+    // the blocks, so every block advances through the tokens at the pace the peers' rows arrive
+    // (they send in token order); contiguous ranges per block left the last block all its work
+    // after the last arrival. ----
     const int nrecv = gridDim.x - p.num_send_blocks;
     const int rb = blockIdx.x - p.num_send_blocks;
-    const int per = (N + nrecv - 1) / nrecv;
-    const int t_begin = rb * per, t_end = min(N, t_begin + per);
     const u8* my_staging = at<u8>(me_base, p.staging_off);
     int known[R];  // last chunk of each rank known to have arrived (slots grow with t)
 #pragma unroll
     for (int d = 0; d < R; ++d) known[d] = -1;
-    for (int t = t_begin + warp; t < t_end; t += kWarps) {
+    for (int t = rb * kWarps + warp; t < N; t += nrecv * kWarps) {
       const u8* src[R];
       bool ok = true;
 #pragma unroll
@@ -522,13 +728,8 @@ __global__ void __launch_bounds__(kIntraThreads) intranode_combine(const __grid_
         }
         const int c = pos / CR;
         if (c != known[d]) {
-          int got = 1;
-          if (lane == 0) {
-            const u64* flag = at<u64>(me_base, p.flags_off) + static_cast<u64>(d) * p.max_chunks + c;
-            got = wait_geq_u64(flag, tag, p.err, deadline, p.rank, kPhaseCombineRecv, c, d) ? 1 : 0;
-          }
-          got = __shfl_sync(0xffffffffu, got, 0);
-          if (!got) ok = false;
+          if (!warp_wait_chunk(chunk_flags(me_base, p, d, c), tag, p, deadline, kPhaseCombineRecv, c, d, lane))
+            ok = false;
           known[d] = c;
         }
         src[d] = my_staging + static_cast<u64>(d) * p.region_bytes + static_cast<u64>(pos) * p.row_bytes;
@@ -537,16 +738,14 @@ __global__ void __launch_bounds__(kIntraThreads) intranode_combine(const __grid_
       const u16* b0 = p.bias0 != nullptr ? p.bias0 + static_cast<i64>(t) * kHidden : nullptr;
       const u16* b1 = p.bias1 != nullptr ? p.bias1 + static_cast<i64>(t) * kHidden : nullptr;
       V4* out = reinterpret_cast<V4*>(p.out + static_cast<i64>(t) * kHidden);
-      // 16-byte words per lane per tile: every source's words are loaded before any is added,
-      // so R * kTV loads are in flight per lane (the reduction is latency-bound otherwise).
-      constexpr int kTV = R <= 2 ? 4 : (R <= 4 ? 2 : 1);
+      // 16-byte words per lane per round: every source's (and bias's) words are loaded before
+      // any is added, so (R + 2) * kTV loads are in flight per lane; the sums then run word by
+      // word, so only one word's 8 accumulators are live at a time.
+      constexpr int kTV = R <= 2 ? 7 : (R <= 4 ? 4 : 2);
+      const u16* bias[2] = {b0, b1};
       for (int base = 0; base < kN16; base += 32 * kTV) {
-        float acc[kTV][8];
-#pragma unroll
-        for (int u = 0; u < kTV; ++u)
-#pragma unroll
-          for (int e = 0; e < 8; ++e) acc[u][e] = 0.0f;
         V4 vals[R][kTV];
+        V4 bvals[2][kTV];
 #pragma unroll
         for (int d = 0; d < R; ++d) {
           const V4* sv = reinterpret_cast<const V4*>(src[d]);
@@ -558,40 +757,37 @@ __global__ void __launch_bounds__(kIntraThreads) intranode_combine(const __grid_
           }
         }
 #pragma unroll
-        for (int d = 0; d < R; ++d) {
-          if (src[d] == nullptr) continue;
+        for (int bi = 0; bi < 2; ++bi)
 #pragma unroll
           for (int u = 0; u < kTV; ++u) {
-            const V4 v = vals[d][u];
-            const u32 w[4] = {static_cast<u32>(v.x), static_cast<u32>(v.y), static_cast<u32>(v.z), static_cast<u32>(v.w)};
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              acc[u][2 * e] = __fadd_rn(acc[u][2 * e], bf16_to_f32(static_cast<u16>(w[e] & 0xFFFFu)));
-              acc[u][2 * e + 1] = __fadd_rn(acc[u][2 * e + 1], bf16_to_f32(static_cast<u16>(w[e] >> 16)));
-            }
+            const int idx = base + u * 32 + lane;
+            bvals[bi][u] = V4{0, 0, 0, 0};
+            if (bias[bi] != nullptr && idx < kN16) bvals[bi][u] = ld_nc_v4(reinterpret_cast<const V4*>(bias[bi]) + idx);
           }
-        }
 #pragma unroll
         for (int u = 0; u < kTV; ++u) {
           const int idx = base + u * 32 + lane;
           if (idx >= kN16) continue;
-          const u16* bias[2] = {b0, b1};
+          float acc[8];
 #pragma unroll
-          for (int bi = 0; bi < 2; ++bi) {
-            if (bias[bi] == nullptr) continue;
-            const V4 v = ld_nc_v4(reinterpret_cast<const V4*>(bias[bi]) + idx);
+          for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
+          // Ascending rank order, then bias 0, then bias 1: the order epcomm.reference uses.
+#pragma unroll
+          for (int d = 0; d < R + 2; ++d) {
+            if (d < R ? src[d] == nullptr : bias[d - R] == nullptr) continue;
+            const V4 v = d < R ? vals[d][u] : bvals[d - R][u];
             const u32 w[4] = {static_cast<u32>(v.x), static_cast<u32>(v.y), static_cast<u32>(v.z), static_cast<u32>(v.w)};
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-              acc[u][2 * e] = __fadd_rn(acc[u][2 * e], bf16_to_f32(static_cast<u16>(w[e] & 0xFFFFu)));
-              acc[u][2 * e + 1] = __fadd_rn(acc[u][2 * e + 1], bf16_to_f32(static_cast<u16>(w[e] >> 16)));
+              acc[2 * e] = __fadd_rn(acc[2 * e], bf16_to_f32(static_cast<u16>(w[e] & 0xFFFFu)));
+              acc[2 * e + 1] = __fadd_rn(acc[2 * e + 1], bf16_to_f32(static_cast<u16>(w[e] >> 16)));
             }
           }
           V4 o;
-          o.x = static_cast<int>(f32_to_bf16(acc[u][0]) | (static_cast<u32>(f32_to_bf16(acc[u][1])) << 16));
-          o.y = static_cast<int>(f32_to_bf16(acc[u][2]) | (static_cast<u32>(f32_to_bf16(acc[u][3])) << 16));
-          o.z = static_cast<int>(f32_to_bf16(acc[u][4]) | (static_cast<u32>(f32_to_bf16(acc[u][5])) << 16));
-          o.w = static_cast<int>(f32_to_bf16(acc[u][6]) | (static_cast<u32>(f32_to_bf16(acc[u][7])) << 16));
+          o.x = static_cast<int>(f32_to_bf16(acc[0]) | (static_cast<u32>(f32_to_bf16(acc[1])) << 16));
+          o.y = static_cast<int>(f32_to_bf16(acc[2]) | (static_cast<u32>(f32_to_bf16(acc[3])) << 16));
+          o.z = static_cast<int>(f32_to_bf16(acc[4]) | (static_cast<u32>(f32_to_bf16(acc[5])) << 16));
+          o.w = static_cast<int>(f32_to_bf16(acc[6]) | (static_cast<u32>(f32_to_bf16(acc[7])) << 16));
           st_na_v4(out + idx, o);
         }
       }
@@ -626,6 +822,7 @@ __global__ void __launch_bounds__(kIntraThreads) intranode_combine(const __grid_
         if (s != p.rank) st_release_sys_u64(at<u64>(p.peers[s], p.ack_off) + p.rank, tag);
     }
   }
+  prof_stamp(p, kProfCombine, 1);
 }
 
 }  // namespace epcomm

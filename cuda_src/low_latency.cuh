@@ -168,9 +168,10 @@ EPCOMM_DEVICE void ll_dispatch_send(const LLParams& p, u64 tag, u64 deadline) {
   __syncthreads();
   const bool ok = s_ok != 0;
   const u64 region = p.disp_region_off + (static_cast<u64>(p.slot) * R + p.rank) * T * p.msg_bytes;
-  // Token t goes to warp t / grid of block t % grid: with as many blocks as tokens, every SM
-  // drives its own token's stores.
-  for (int t = warp * gridDim.x + blockIdx.x; ok && t < N; t += gridDim.x * kLLWarps) {
+  // Token t is sent by all warps of block t % grid, each taking every kLLWarps-th 32-word step
+  // of the row: a token then costs one or two memory latencies, not the 7 or more of a single
+  // warp walking the whole row (decode batches have fewer tokens than the GPU has SMs).
+  for (int t = blockIdx.x; ok && t < N; t += gridDim.x) {
     // Distinct destination ranks of this token (lane k looks at expert k).
     i64 e = -1;
     if (lane < K) e = p.topk_idx[static_cast<i64>(t) * K + lane];
@@ -193,27 +194,32 @@ EPCOMM_DEVICE void ll_dispatch_send(const LLParams& p, u64 tag, u64 deadline) {
       else tgt[ntgt++] = remote(p, d, msg_off);
     }
     if (any_put) tgt[ntgt++] = staging;
-    for (int i = 0; i < ntgt; ++i) {
-      u8* m = tgt[i];
-      if (lane == 0) *reinterpret_cast<u64*>(m) = tag;
-      if (lane < K) reinterpret_cast<short*>(m + 8)[lane] = valid ? static_cast<short>(e) : static_cast<short>(-1);
+    if (warp == 0) {
+      for (int i = 0; i < ntgt; ++i) {
+        u8* m = tgt[i];
+        if (lane == 0) *reinterpret_cast<u64*>(m) = tag;
+        if (lane < K) reinterpret_cast<short*>(m + 8)[lane] = valid ? static_cast<short>(e) : static_cast<short>(-1);
+      }
     }
     const u16* xrow = p.x + static_cast<i64>(t) * kHidden;
     constexpr int kV = kHidden / 8;            // 16-byte words of the bf16 row
     constexpr int kSteps = (kV + 31) / 32;     // warp-wide steps over the row
-    constexpr int kPipe = 4;                   // steps whose loads are issued together
-    for (int s0 = 0; s0 < kSteps; s0 += kPipe) {
+    constexpr int kPerWarp = (kSteps + kLLWarps - 1) / kLLWarps;
+    constexpr int kPipe = kPerWarp < 4 ? kPerWarp : 4;  // steps whose loads are issued together
+    for (int i0 = 0; i0 < kPerWarp; i0 += kPipe) {
       V4 wv[kPipe];
 #pragma unroll
       for (int u = 0; u < kPipe; ++u) {
-        const int v = (s0 + u) * 32 + lane;
+        const int st = (i0 + u) * kLLWarps + warp;
+        const int v = st * 32 + lane;
         wv[u] = V4{0, 0, 0, 0};
-        if (s0 + u < kSteps && v < kV) wv[u] = ld_nc_v4(reinterpret_cast<const V4*>(xrow) + v);
+        if (i0 + u < kPerWarp && st < kSteps && v < kV) wv[u] = ld_nc_v4(reinterpret_cast<const V4*>(xrow) + v);
       }
 #pragma unroll
       for (int u = 0; u < kPipe; ++u) {
-        if (s0 + u >= kSteps) break;  // warp-uniform
-        const int v = (s0 + u) * 32 + lane;
+        const int st = (i0 + u) * kLLWarps + warp;
+        if (i0 + u >= kPerWarp || st >= kSteps) break;  // warp-uniform
+        const int v = st * 32 + lane;
         const bool in = v < kV;
         const V4 w = wv[u];
         if constexpr (!kFp8) {
@@ -256,15 +262,17 @@ EPCOMM_DEVICE void ll_dispatch_send(const LLParams& p, u64 tag, u64 deadline) {
         }
       }
     }
-    // Puts from the staging copy, then the count.
-    __syncwarp();
-    for (unsigned m = dests; m; m &= m - 1) {
-      const int d = __shfl_sync(0xffffffffu, r, __ffs(m) - 1);
-      if (use_put(p, d)) {
-        __syncwarp();
-        nvshmemx_putmem_nbi_warp(p.heap + msg_off, staging, p.msg_bytes, d);
+    // Puts from the staging copy (written by every warp), then the count.
+    if (any_put) __syncthreads();  // block-uniform: every warp computed the same destinations
+    if (warp == 0) {
+      for (unsigned m = dests; m; m &= m - 1) {
+        const int d = __shfl_sync(0xffffffffu, r, __ffs(m) - 1);
+        if (use_put(p, d)) {
+          __syncwarp();
+          nvshmemx_putmem_nbi_warp(p.heap + msg_off, staging, p.msg_bytes, d);
+        }
+        if (lane == 0) atomicAdd(&s_cnt[d], 1);
       }
-      if (lane == 0) atomicAdd(&s_cnt[d], 1);
     }
   }
   // Every message's bytes must be delivered before its destination sees the count.
@@ -362,8 +370,8 @@ EPCOMM_DEVICE void ll_dispatch_recv(const LLParams& p, u64 tag, u64 deadline) {
       const u32 code = s_rows[row];
       const u8* m = region + static_cast<u64>(code >> 5) * p.msg_bytes;
       const i64 out_row = static_cast<i64>(j) * RT + row;
-      warp_copy_v4<8, true>(reinterpret_cast<V4*>(p.recv_x + out_row * Msg::kPayload),
-                            reinterpret_cast<const V4*>(m + p.hdr_bytes), Msg::kPayload / 16, lane);
+      warp_copy_row<Msg::kPayload / 16, true>(reinterpret_cast<V4*>(p.recv_x + out_row * Msg::kPayload),
+                                              reinterpret_cast<const V4*>(m + p.hdr_bytes), lane);
       if constexpr (kFp8) {
         const u8* sc = m + p.hdr_bytes + Msg::kPayload;
         if (p.use_ue8m0) {
@@ -457,13 +465,13 @@ EPCOMM_DEVICE void ll_combine_send(const LLParams& p, u64 tag, u64 deadline) {
     const u64 dst_off = p.comb_region_off + ((static_cast<u64>(p.slot) * T + t) * K + k) * kRow;
     const u8* src = reinterpret_cast<const u8*>(p.x) + row * kRow;
     if (!use_put(p, s)) {
-      warp_copy_v4<8, false>(reinterpret_cast<V4*>(remote(p, s, dst_off)), reinterpret_cast<const V4*>(src),
-                             kRow / 16, lane);
+      warp_copy_row<kRow / 16, false>(reinterpret_cast<V4*>(remote(p, s, dst_off)), reinterpret_cast<const V4*>(src),
+                                      lane);
     } else {
       const u8* sym = src;
       if (!p.zero_copy) {
         u8* st = p.heap + p.comb_send_off + (static_cast<u64>(p.slot) * L * RT + row) * kRow;
-        warp_copy_v4<4, false>(reinterpret_cast<V4*>(st), reinterpret_cast<const V4*>(src), kRow / 16, lane);
+        warp_copy_row<kRow / 16, false>(reinterpret_cast<V4*>(st), reinterpret_cast<const V4*>(src), lane);
         __syncwarp();
         sym = st;
       }

@@ -133,6 +133,11 @@ def stream_sync(s: int) -> None:
     check(d.cuStreamSynchronize(d.CUstream(s)), "cuStreamSynchronize")
 
 
+def device_sync() -> None:
+    d = drv()
+    check(d.cuCtxSynchronize(), "cuCtxSynchronize")
+
+
 def stream_is_capturing(s: int) -> bool:
     d = drv()
     st = check(d.cuStreamIsCapturing(d.CUstream(s)), "cuStreamIsCapturing")

@@ -63,10 +63,12 @@ class _Aligner:
     Host barriers leave ranks milliseconds apart, and a collective op then measures the wait
     for the slowest host.  Instead: a 1-element NCCL all-reduce (its end is nearly simultaneous
     on every GPU), then an identical GPU sleep that gives each host time to queue the timed call
-    before the start event is reached.
+    before the start event is reached (1.5 ms: a normal dispatch's Python before its first
+    launch took up to ~350 us on a busy host; what the host does after the GPU started, such as
+    the CPU synchronisation inside a dispatch, stays inside the timing).
     """
 
-    def __init__(self, torch, dist, sleep_us: float = 300.0):
+    def __init__(self, torch, dist, sleep_us: float = 1500.0):
         self.torch, self.dist = torch, dist
         self.t = torch.zeros(1, device="cuda")
         try:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import platform
+import threading
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -33,6 +35,24 @@ from .kernels import intranode as K_intra
 from .kernels import layout as K_layout
 
 _LIVE_BUFFERS: "weakref.WeakSet[Buffer]" = weakref.WeakSet()
+
+# Early-launched dispatch receive (epcomm::LateOutputs): the host publishes the outputs with
+# ordered plain stores, which x86 guarantees; elsewhere the receive is launched after allocation.
+_LATE_OUTPUTS_OK = platform.machine().lower() in ("x86_64", "amd64")
+# How long that receive waits for the host before standing down.  Allocating the outputs takes
+# tens of microseconds; only an allocator that has to free memory (a device synchronisation,
+# which would wait for this very kernel) takes longer, and then the kernel must get out of the way.
+_LATE_WAIT_NS = 5_000_000
+_FENCE_LOCK = threading.Lock()
+# Tests only: seconds the host sleeps before publishing, to force the stand-down path.
+_LATE_TEST_DELAY_S = 0.0
+
+
+def _full_fence() -> None:
+    """A full memory barrier on the host (a locked instruction inside the lock's acquire), so
+    the store publishing the outputs is ordered before the load of the kernel's give-up word."""
+    with _FENCE_LOCK:
+        pass
 
 
 @atexit.register
@@ -91,7 +111,7 @@ class _IntraState:
         self.peers: list[int] = [0] * R
         self.opened: list[int] = []
         self.base = self.ctrl = 0
-        self.host_info = 0
+        self.host_info = self.late_host = 0
         self.host_info_dev = 0
         with _cuda.on_device(dev):
             self.base = _cuda.mem_alloc(lay.total_bytes)
@@ -103,6 +123,12 @@ class _IntraState:
             self.host_info, self.host_info_dev = _cuda.host_alloc_mapped(4 * n_info)
             ctypes.memset(self.host_info, 0, 4 * n_info)
             self.info = np.frombuffer((ctypes.c_int32 * n_info).from_address(self.host_info), dtype=np.int32)
+            n_late = ctypes.sizeof(K_intra.LateOutputs)
+            self.late_host, self.late_dev = _cuda.host_alloc_mapped(n_late)
+            ctypes.memset(self.late_host, 0, n_late)
+            self.late = K_intra.LateOutputs.from_address(self.late_host)
+            self.late_seq = 0
+            self.late_fallbacks = 0  # receives relaunched because the early one stood down
             _cuda.stream_sync(s)
             handle = _cuda.ipc_get_handle(self.base)
             handles = buf.group.allgather_bytes(handle)
@@ -123,6 +149,15 @@ class _IntraState:
         t.flags_off, t.staging_off, t.region_bytes = lay.flags_off, lay.staging_off, lay.region_bytes
         t.rank, t.num_ranks = buf.rank, R
         t.mailbox_ints, t.max_chunks = K_intra.MAILBOX_INTS, K_intra.MAX_CHUNKS
+        self.prof = 0
+        self.host_stamps: dict = {}
+        if envs.PROFILE.get():
+            self.prof_bytes = 8 * 2 * K_intra.PROF_MAX_BLOCKS * len(K_intra.PROF_KERNELS)
+            with _cuda.on_device(dev):
+                self.prof = _cuda.mem_alloc(self.prof_bytes)
+                _cuda.memset_d8_async(self.prof, 0, self.prof_bytes, buf._stream)
+                _cuda.stream_sync(buf._stream)
+            t.prof = self.prof
         self.template = t
 
     def params(self, timeout_s: float) -> K_intra.IntraParams:
@@ -138,7 +173,7 @@ class _IntraState:
             except Exception:
                 pass
         self.opened = []
-        for attr in ("base", "ctrl"):
+        for attr in ("base", "ctrl", "prof"):
             ptr = getattr(self, attr)
             if ptr:
                 try:
@@ -146,12 +181,14 @@ class _IntraState:
                 except Exception:
                     pass
                 setattr(self, attr, 0)
-        if self.host_info:
-            try:
-                _cuda.host_free(self.host_info)
-            except Exception:
-                pass
-            self.host_info = 0
+        for attr in ("host_info", "late_host"):
+            ptr = getattr(self, attr, 0)
+            if ptr:
+                try:
+                    _cuda.host_free(ptr)
+                except Exception:
+                    pass
+                setattr(self, attr, 0)
 
 
 class Buffer:
@@ -237,6 +274,28 @@ class Buffer:
 
     def get_combine_config(self) -> Config:
         return self._combine_config
+
+    def profile_stamps(self) -> dict | None:
+        """Per-block (start, end) globaltimer stamps in ns of the last normal-mode kernels.
+
+        Only with ``EPCOMM_PROFILE=1`` at Buffer creation (otherwise returns None).  Returns
+        ``{kernel: int64 array [blocks, 2]}`` for "notify", "send", "recv" and "combine"; rows of
+        blocks that did not run are 0.  Synchronises the device; the stamps are cleared after
+        reading so the next call's kernels start from zero.
+        """
+        st = self._intra
+        if st is None or not st.prof:
+            return None
+        host = np.zeros(st.prof_bytes // 8, dtype=np.int64)
+        with _cuda.on_device(self.device_id):
+            _cuda.device_sync()
+            _cuda.memcpy_dtoh(host.ctypes.data, st.prof, st.prof_bytes)
+            _cuda.memset_d8_async(st.prof, 0, st.prof_bytes, self._stream)
+            _cuda.stream_sync(self._stream)
+        host = host.reshape(len(K_intra.PROF_KERNELS), K_intra.PROF_MAX_BLOCKS, 2)
+        out = {k: host[i] for i, k in enumerate(K_intra.PROF_KERNELS)}
+        out["host"] = dict(st.host_stamps)  # time.time_ns() of the last dispatch's host steps
+        return out
 
     @staticmethod
     def get_nvl_buffer_size_hint(hidden: int, num_ranks: int, num_max_tokens_per_rank: int,
@@ -419,6 +478,10 @@ class Buffer:
         st = self._intra
         if st is None:
             raise BufferStateError("dispatch needs a Buffer created with num_nvl_bytes > 0")
+        hs = st.host_stamps if st.prof else None  # EPCOMM_PROFILE: host side of the timeline
+        if hs is not None:
+            hs.clear()
+            hs["enter"] = time.time_ns()
         self._check_usable("dispatch")
         R, rank = self.num_ranks, self.rank
         fp8 = isinstance(x, (tuple, list))
@@ -558,50 +621,82 @@ class Buffer:
             _cuda.event_record(self._ev_mid, self._stream)
             launch(mod.fn("send"), S, K_intra.THREADS, self._stream, p)
             _cuda.stream_wait_event(self._stream2, self._ev_mid)
-            # ---- the number of received rows ----
-            expert_list: list[int] = []
-            recv_counts = None
-            if worst:
-                M = num_worst_tokens
-                num_recv = None
-            elif cached:
-                num_recv = handle.num_recv_tokens
-                recv_counts = handle.recv_counts
-                M = num_recv if num_recv is not None else handle.out_rows
-            else:
-                self._wait_host_info("dispatch")
-                num_recv = int(st.info[1])
-                recv_counts = tuple(int(v) for v in st.info[2:2 + R])
-                if tr is not None:
-                    expert_list = [int(v) for v in st.info[2 + R:2 + R + E // R]]
-                M = num_recv
-            # ---- outputs ----
-            G = H // 128
-            rx = self._empty(fw, (M, H), "float8_e4m3fn" if fp8 else "bfloat16")
-            rs = None
-            col_major_scales = fp8 and sr.strides[0] == 1 and sr.shape[1] > 1 and N > 1
-            if fp8:
-                if col_major_scales:
-                    rs = self._empty(fw, (G, M), "float32")
-                    rs_st, rs_sg = 1, M
+            if hs is not None:
+                hs["launched"] = time.time_ns()
+            # The CPU-synchronised path launches its receive now, before the counts are known; it
+            # starts copying the moment the outputs are published (epcomm::LateOutputs).
+            late = bool(p.write_host) and _LATE_OUTPUTS_OK
+            if late:
+                st.late_seq += 1
+                p.late, p.late_seq, p.late_wait_ns = st.late_dev, st.late_seq, int(_LATE_WAIT_NS)
+                p.worst_mode = 0
+                launch(mod.fn("recv"), Rv, K_intra.THREADS, self._stream2, p)
+                p.late = 0
+            published = False
+            try:
+                # ---- the number of received rows ----
+                expert_list: list[int] = []
+                recv_counts = None
+                if worst:
+                    M = num_worst_tokens
+                    num_recv = None
+                elif cached:
+                    num_recv = handle.num_recv_tokens
+                    recv_counts = handle.recv_counts
+                    M = num_recv if num_recv is not None else handle.out_rows
                 else:
-                    rs = self._empty(fw, (M, G), "float32")
-                    rs_st, rs_sg = G, 1
-            rti = self._empty(fw, (M, Kt), "int64") if Kt else None
-            rtw = self._empty(fw, (M, Kt), "float32") if (Kt and wr is not None) else None
-            if cached:
-                rsrc = None
-            else:
-                rsrc = self._empty(fw, (M,), "int32")
-            p.recv_x = rx[1].ptr
-            if fp8:
-                p.recv_scales, p.rscale_st, p.rscale_sg = rs[1].ptr, rs_st, rs_sg
-            p.recv_topk_idx = rti[1].ptr if rti else 0
-            p.recv_topk_weights = rtw[1].ptr if rtw else 0
-            p.recv_src_idx = rsrc[1].ptr if rsrc else 0
-            p.out_rows = M
-            p.worst_mode = int(worst)
-            launch(mod.fn("recv"), Rv, K_intra.THREADS, self._stream2, p)
+                    self._wait_host_info("dispatch")
+                    if hs is not None:
+                        hs["counts_seen"] = time.time_ns()
+                    num_recv = int(st.info[1])
+                    recv_counts = tuple(st.info[2:2 + R].tolist())
+                    if tr is not None:
+                        expert_list = st.info[2 + R:2 + R + E // R].tolist()
+                    M = num_recv
+                # ---- outputs ----
+                G = H // 128
+                rx = self._empty(fw, (M, H), "float8_e4m3fn" if fp8 else "bfloat16")
+                if hs is not None:
+                    hs["rx_allocated"] = time.time_ns()
+                rs = None
+                rs_st = rs_sg = 0
+                col_major_scales = fp8 and sr.strides[0] == 1 and sr.shape[1] > 1 and N > 1
+                if fp8:
+                    if col_major_scales:
+                        rs = self._empty(fw, (G, M), "float32")
+                        rs_st, rs_sg = 1, M
+                    else:
+                        rs = self._empty(fw, (M, G), "float32")
+                        rs_st, rs_sg = G, 1
+                rti = self._empty(fw, (M, Kt), "int64") if Kt else None
+                rtw = self._empty(fw, (M, Kt), "float32") if (Kt and wr is not None) else None
+                rsrc = None if cached else self._empty(fw, (M,), "int32")
+                p.recv_x = rx[1].ptr
+                p.recv_scales, p.rscale_st, p.rscale_sg = (rs[1].ptr if rs else 0), rs_st, rs_sg
+                p.recv_topk_idx = rti[1].ptr if rti else 0
+                p.recv_topk_weights = rtw[1].ptr if rtw else 0
+                p.recv_src_idx = rsrc[1].ptr if rsrc else 0
+                p.out_rows = M
+                p.worst_mode = int(worst)
+                if hs is not None:
+                    hs["allocated"] = time.time_ns()
+                if late:
+                    if _LATE_TEST_DELAY_S:
+                        time.sleep(_LATE_TEST_DELAY_S)
+                    published = True
+                    if not self._publish_late(st, p):
+                        st.late_fallbacks += 1
+                        launch(mod.fn("recv"), Rv, K_intra.THREADS, self._stream2, p)
+                else:
+                    launch(mod.fn("recv"), Rv, K_intra.THREADS, self._stream2, p)
+            except BaseException:
+                if late and not published:
+                    # The early receive must not wait for outputs that will never come.
+                    st.late.out_rows = -1
+                    st.late.seq = st.late_seq
+                raise
+            if hs is not None:
+                hs["published"] = time.time_ns()
             _cuda.event_record(self._ev_recv, self._stream2)
             _cuda.stream_wait_event(self._stream, self._ev_recv)
             outs = [o[0] for o in (rx, rs, rti, rtw, rsrc) if o is not None]
@@ -629,11 +724,35 @@ class Buffer:
             recv_x = (recv_x, scales)
         return recv_x, fin(rti), fin(rtw), expert_list, new_handle, ev
 
+    def _publish_late(self, st: "_IntraState", p) -> bool:
+        """Hand the outputs in ``p`` to the receive launched early; False if it stood down (the
+        caller then launches an ordinary one).  Host half of the handshake in LateOutputs."""
+        lo, seq = st.late, st.late_seq
+        lo.recv_x, lo.recv_scales, lo.recv_topk_idx = p.recv_x, p.recv_scales, p.recv_topk_idx
+        lo.recv_topk_weights, lo.recv_src_idx = p.recv_topk_weights, p.recv_src_idx
+        lo.rscale_st, lo.rscale_sg, lo.out_rows = p.rscale_st, p.rscale_sg, p.out_rows
+        lo.seq = seq  # after the fields: x86 keeps stores in order
+        _full_fence()
+        if lo.gave_up != seq:
+            return True  # the kernel had not given up, so it will see seq
+        deadline = time.monotonic() + self.timeout_s
+        while (lo.decided >> 1) != seq:
+            if time.monotonic() > deadline:
+                raise EpcommTimeoutError(f"rank {self.rank}: dispatch: the receive kernel did not report whether it "
+                                         "saw its outputs", rank=self.rank, phase="dispatch_recv")
+        return bool(lo.decided & 1)
+
     def _wait_host_info(self, what: str) -> None:
         """Spin until the notify kernel published the counts (bounded by the timeout)."""
         info = self._intra.info
-        deadline = time.monotonic() + self.timeout_s + 2.0
+        if info[0]:
+            return
+        start = time.monotonic()
+        deadline = start + self.timeout_s + 2.0
         spins = 0
+        # Spin hard first: the receive kernel is launched only after this returns, so every
+        # microsecond here is on the GPU's critical path (a 100 us sleep granularity cost about
+        # that much per dispatch).  Back off to short sleeps only after 20 ms.
         while info[0] == 0:
             spins += 1
             if spins & 0xFF == 0:
@@ -646,8 +765,8 @@ class Buffer:
                         f"blocked by earlier work", rank=self.rank, phase="notify")
                     self._err.poisoned = exc
                     raise exc
-                if spins > 4096:
-                    time.sleep(0.0001)
+                if time.monotonic() - start > 0.02:
+                    time.sleep(0.00002)
 
     # ---- normal combine ---------------------------------------------------------------------
     def combine(self, x, handle: DispatchHandle, topk_weights=None, bias=None, config: Config | None = None,

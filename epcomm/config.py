@@ -14,13 +14,16 @@ class Config:
       per SM).  The send and receive kernels of a dispatch run concurrently and share it.
     * ``chunk_rows``: rows per arrival flag; smaller chunks start the receiver earlier,
       larger ones cost fewer flag round trips.  Raised automatically if a call has more than
-      4096 chunks per source.
-    * ``send_fraction``: share of ``num_sms`` given to sending blocks.
+      1024 chunks per source.
+    * ``send_fraction``: share of ``num_sms`` given to sending blocks.  A third: the receivers
+      copy twice the rows the senders do (the rank's own rows too), and 8 sending SMs already
+      saturate NVLink between two H200s (benchmarks/nvlink_probe.py; profile_normal.py sweeps
+      this: 0.33 was fastest at 12, 24 and 32 SMs for dispatch and combine, 2x H200).
     """
 
     num_sms: int = 24
     chunk_rows: int = 64
-    send_fraction: float = 0.5
+    send_fraction: float = 0.33
 
     def __post_init__(self):
         if self.num_sms < 2:

@@ -119,6 +119,9 @@ GIT_COMMIT = _knob("EPCOMM_GIT_COMMIT", "", _str,
 BENCH_KIND = _knob("EPCOMM_BENCH_KIND", "", _str, "Machine kind recorded in benchmark JSON.", "''")
 NUM_SMS = _knob("EPCOMM_NUM_SMS", 24, _parse_int,
                 "Default SM budget of the normal (high-throughput) kernels; Buffer.set_num_sms overrides.")
+PROFILE = _knob("EPCOMM_PROFILE", False, _parse_bool,
+                "Normal-mode kernels stamp each block's start and end (globaltimer) for "
+                "Buffer.profile_stamps() and benchmarks/profile_normal.py; costs a few stores.")
 
 
 def table_markdown() -> str:

@@ -983,23 +983,45 @@ def live_exports() -> int:
 # =============================================================================================
 # Allocation in the caller's framework
 # =============================================================================================
+_TORCH_DEVICES: dict = {}
+
+
 def _torch_device(device_type: str, device_id: int):
-    return "cpu" if device_type == "cpu" else f"cuda:{device_id}"
+    # A cached torch.device: torch parses a device string on every call (microseconds that sit
+    # on the critical path of a CPU-synchronised dispatch).
+    key = (device_type, device_id)
+    d = _TORCH_DEVICES.get(key)
+    if d is None:
+        import torch
+        d = _TORCH_DEVICES[key] = torch.device("cpu" if device_type == "cpu" else f"cuda:{device_id}")
+    return d
+
+
+def _contiguous_strides(shape: tuple) -> tuple:
+    st = [1] * len(shape)
+    for i in range(len(shape) - 2, -1, -1):
+        st[i] = st[i + 1] * max(shape[i + 1], 1)
+    return tuple(st)
 
 
 def _alloc(framework: str, shape, dtype: str, device_type: str, device_id: int, zero: bool):
-    shape = _shape_tuple(shape)
+    shape = (int(shape),) if isinstance(shape, int) else tuple(shape)
+    if shape and min(shape) < 0:
+        raise ValueError(f"shape {shape}: sizes must be >= 0")
     _check_dtype_name(dtype)
     if device_type not in ("cuda", "cpu"):
         raise ValueError(f"device_type must be 'cuda' or 'cpu', got {device_type!r}")
     if framework == "torch":
+        # Lean on purpose: a CPU-synchronised dispatch allocates its outputs on the critical
+        # path, and the ref of a tensor we just made needs no inspection.
         import torch
         tdt = _torch_tables()[1].get(dtype)
         if tdt is None:
             raise TypeError(f"this torch has no dtype {dtype}")
         f = torch.zeros if zero else torch.empty
         t = f(shape, dtype=tdt, device=_torch_device(device_type, device_id))
-        return t, _ref_torch(t, "out")
+        return t, TensorRef(t.data_ptr(), shape, _contiguous_strides(shape), dtype, device_type,
+                            device_id if device_type == "cuda" else -1, "torch", t)
     if framework == "cupy":
         if device_type != "cuda":
             raise ValueError("cupy arrays live on CUDA devices (device_type='cuda')")

@@ -57,6 +57,10 @@ CASES = [
     _case("fp8_one_rank_async", N=1500, H=7168, E=256, fp8=True, routing="one_rank", async_=True),
     _case("bf16_cupy", N=600, H=2048, E=64, framework="cupy", bias=1),
     _case("bf16_jax", N=400, H=2048, E=64, framework="jax", layout="internal"),
+    # The early-launched receive (epcomm::LateOutputs): forced to stand down (host publishes
+    # after the kernel gave up: an ordinary receive is relaunched), and racing the host.
+    _case("bf16_late_outputs_stand_down", N=1024, H=4096, E=64, late_delay_s=0.02, late_wait_ns=1_000_000),
+    _case("fp8_late_outputs_race", N=2000, H=7168, E=256, fp8=True, late_wait_ns=0),
 ]
 
 
@@ -274,14 +278,22 @@ def _worker(rank, world, group, cases):
             results[case["name"]] = f"SKIP: {e}"
             group.barrier()
             continue
+        import epcomm.buffer as B
+        B._LATE_WAIT_NS = case.get("late_wait_ns", 5_000_000)
+        B._LATE_TEST_DELAY_S = case.get("late_delay_s", 0.0)
+        fallbacks0 = buf._intra.late_fallbacks
         try:
             _run_case(rank, world, buf, case)
+            if case.get("late_delay_s"):
+                # Every CPU-synchronised dispatch of the case must have taken the relaunch path.
+                assert buf._intra.late_fallbacks > fallbacks0, "the early receive never stood down"
             results[case["name"]] = "ok"
         except AssertionError as e:
             results[case["name"]] = f"FAIL: {e}"
         except Exception as e:  # a crash in one case must not hide the others
             import traceback
             results[case["name"]] = f"ERROR: {type(e).__name__}: {e}\n{traceback.format_exc()}"
+        B._LATE_WAIT_NS, B._LATE_TEST_DELAY_S = 5_000_000, 0.0
         torch.cuda.synchronize()
         group.barrier()
         if not results[case["name"]].startswith(("ok", "SKIP", "FAIL")):

@@ -16,9 +16,12 @@ from ..jit.spec import KernelDef, KernelSpec, ParamsStruct
 MAX_RANKS = 72          # kIntraMaxRanks: one NVLink domain
 THREADS = 512           # kIntraThreads
 NOTIFY_THREADS = 1024
-MAX_CHUNKS = 4096       # chunk flags per source rank
+MAX_CHUNKS = 1024       # chunks per source rank (chunk_rows grows for larger capacities)
+CHUNK_FLAG_SLOTS = THREADS // 32  # kChunkFlagSlots: one arrival flag per sending warp
 MAX_LOCAL_EXPERTS = 1023
 MAILBOX_INTS = 1 + MAX_LOCAL_EXPERTS
+PROF_MAX_BLOCKS = 256   # kProfMaxBlocks
+PROF_KERNELS = ("notify", "send", "recv", "combine")  # ProfKernel order
 
 _u64, _i64, _i32 = ctypes.c_uint64, ctypes.c_int64, ctypes.c_int32
 
@@ -40,13 +43,21 @@ class IntraParams(ParamsStruct):
         ("num_experts", _i32), ("expert_alignment", _i32), ("out_rows", _i32), ("worst_mode", _i32),
         ("chunk_rows", _i32), ("row_bytes", _i32), ("mailbox_ints", _i32), ("max_chunks", _i32),
         ("cached", _i32), ("write_host", _i32), ("num_send_blocks", _i32), ("pad", _i32),
+        ("prof", _u64), ("late", _u64), ("late_seq", _u64), ("late_wait_ns", _u64),
     ]
+
+
+class LateOutputs(ctypes.Structure):
+    """Mirror of epcomm::LateOutputs (host-mapped; the host fills it, seq last)."""
+    _fields_ = [("seq", _u64), ("recv_x", _u64), ("recv_scales", _u64), ("recv_topk_idx", _u64),
+                ("recv_topk_weights", _u64), ("recv_src_idx", _u64), ("rscale_st", _i64), ("rscale_sg", _i64),
+                ("out_rows", _i64), ("gave_up", _u64), ("decided", _u64)]
 
 
 class IntraCtrl(ctypes.Structure):
     """Mirror of epcomm::IntraCtrl (size only: the host zeroes it once)."""
     _fields_ = [("op_seq", _u64), ("cur_tag", _u64), ("scan_done", _i32), ("recv_done", _i32),
-                ("comb_done", _i32), ("pad", _i32)]
+                ("comb_done", _i32), ("pad", _i32), ("late_decision", _u64)]
 
 
 def _check_ranks(num_ranks: int) -> None:
@@ -133,7 +144,7 @@ class BufferLayout:
     @staticmethod
     def header_bytes(num_ranks: int) -> int:
         R = num_ranks
-        return _align(R * 8 * 2 + R * MAILBOX_INTS * 4 + R * MAX_CHUNKS * 8, 4096)
+        return _align(_align(R * 8 * 2 + R * MAILBOX_INTS * 4, 64) + R * MAX_CHUNKS * CHUNK_FLAG_SLOTS * 8, 4096)
 
     @classmethod
     def for_bytes(cls, num_ranks: int, num_nvl_bytes: int) -> "BufferLayout":
@@ -142,7 +153,7 @@ class BufferLayout:
         mtag = ack + R * 8
         mbox = mtag + R * 8
         flags = _align(mbox + R * MAILBOX_INTS * 4, 64)
-        staging = _align(flags + R * MAX_CHUNKS * 8, 4096)
+        staging = _align(flags + R * MAX_CHUNKS * CHUNK_FLAG_SLOTS * 8, 4096)
         region = (num_nvl_bytes - staging) // R // 4096 * 4096
         if region <= 0:
             raise ValueError(f"num_nvl_bytes={num_nvl_bytes} is too small for {R} ranks: the control "

@@ -1,0 +1,179 @@
+"""Timeline of the normal-mode kernels (which side limits a dispatch or combine).
+
+With EPCOMM_PROFILE=1 every block stamps its start and end (globaltimer); this script runs
+dispatch (cached, BF16, FP8) and combine at the DeepSeek-V3 setting for several launch configs
+and prints, per op, the CUDA-event time and the kernels' spans relative to the op's first
+stamp: notify, send (first start, last end, median block busy time) and receive.  Compare
+configs by the event time; read the spans to see which side finishes last.
+
+    EPCOMM_PROFILE=1 python benchmarks/profile_normal.py --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+os.environ.setdefault("EPCOMM_PROFILE", "1")
+
+
+def _spans(stamps: dict) -> dict:
+    """Spans relative to the first GPU stamp.  Host stamps (time.time_ns) are put on the same
+    axis assuming %globaltimer counts Unix-epoch nanoseconds, which it does on the drivers we
+    saw (check: 'launched' should precede the first kernel start by a few microseconds)."""
+    import numpy as np
+    host = stamps.pop("host", {})
+    t0 = min(int(a[a[:, 0] > 0, 0].min()) for a in stamps.values() if (a[:, 0] > 0).any())
+    out = {"host": {k: (v - t0) / 1e3 for k, v in host.items()}}
+    for k, a in stamps.items():
+        a = a[a[:, 0] > 0]
+        if not len(a):
+            continue
+        ends = a[:, 1][a[:, 1] > 0]
+        out[k] = {"blocks": int(len(a)), "first_start_us": (int(a[:, 0].min()) - t0) / 1e3,
+                  "last_start_us": (int(a[:, 0].max()) - t0) / 1e3,
+                  "last_end_us": (int(ends.max()) - t0) / 1e3 if len(ends) else float("nan"),
+                  "median_busy_us": float(np.median((a[:, 1] - a[:, 0])[a[:, 1] > 0])) / 1e3 if len(ends) else float("nan")}
+    return out
+
+
+def _worker(rank, world, group, args):
+    import numpy as np
+
+    import epcomm
+    from epcomm.bench import _time_op, _worker_setup
+    from epcomm.config import Config
+    from epcomm.testing import random_topk
+    torch, dist, align = _worker_setup(rank, world, group)
+    N, H, K, E = 4096, 7168, 8, 256
+    buf = epcomm.Buffer(group, epcomm.Buffer.get_nvl_buffer_size_hint(H, world, N, K))
+    rng = np.random.default_rng(1234 + rank)
+    topk = torch.from_numpy(random_topk(rng, N, E, K)).cuda()
+    w = torch.rand(N, K, device="cuda")
+    x = torch.randn(N, H, device="cuda").to(torch.bfloat16)
+    xq = x.float().clamp(-448, 448).to(torch.float8_e4m3fn)
+    xs = (torch.rand(H // 128, N, device="cuda") + 0.5).t()  # column-major, as DeepGEMM wants
+    ntr, _, nte, itr, _ = buf.get_dispatch_layout(topk, E)
+    res = []
+    for sms, frac, chunk in args["configs"]:
+        cfg = Config(num_sms=sms, send_fraction=frac, chunk_rows=chunk)
+        st = {}
+
+        def disp_bf16():
+            st["r"] = buf.dispatch(x, num_tokens_per_rank=ntr, is_token_in_rank=itr, num_tokens_per_expert=nte,
+                                   topk_idx=topk, topk_weights=w, config=cfg)
+
+        def disp_fp8():
+            buf.dispatch((xq, xs), num_tokens_per_rank=ntr, is_token_in_rank=itr, num_tokens_per_expert=nte,
+                         topk_idx=topk, topk_weights=w, config=cfg)
+        disp_bf16()
+        handle = st["r"][4]
+        y = st["r"][0].clone()
+        ops = {"dispatch_bf16": disp_bf16, "dispatch_fp8": disp_fp8,
+               "cached_bf16": lambda: buf.dispatch(x, handle=handle, config=cfg),
+               "combine": lambda: buf.combine(y, handle, config=cfg)}
+        for name, fn in ops.items():
+            ev = statistics.median(_time_op(torch, fn, 20, 5, align))
+            spans, host = [], []
+            for _ in range(5):
+                align()
+                t = time.perf_counter()
+                fn()
+                host.append((time.perf_counter() - t) * 1e6)
+                spans.append(_spans(buf.profile_stamps()))
+            med = {}
+            for k in spans[0]:
+                med[k] = {f: statistics.median(s[k][f] for s in spans if k in s and f in s[k]) for f in spans[0][k]}
+            res.append({"sms": sms, "send_fraction": frac, "chunk_rows": chunk, "op": name, "event_us": ev,
+                        "host_call_us": statistics.median(host), "spans": med})
+    # What one output allocation costs on this host (it sits on the CPU-synchronised path).
+    from epcomm import interop
+    alloc = {"PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
+             "backend": torch.cuda.get_allocator_backend()}
+    M = int(st["r"][0].shape[0])
+    for nm, shape, dt in (("recv_x", (M, H), "bfloat16"), ("topk_idx", (M, K), "int64"),
+                          ("src_idx", (M,), "int32")):
+        keep = [interop.empty("torch", shape, dt, "cuda", rank) for _ in range(2)]
+        t = time.perf_counter()
+        for i in range(200):
+            keep[i % 2] = interop.empty("torch", shape, dt, "cuda", rank)
+        alloc[nm + "_interop_us"] = (time.perf_counter() - t) / 200 * 1e6
+        t = time.perf_counter()
+        for i in range(200):
+            keep[i % 2] = torch.empty(shape, dtype=getattr(torch, dt), device="cuda")
+        alloc[nm + "_torch_us"] = (time.perf_counter() - t) / 200 * 1e6
+        del keep
+    # Host cost: cProfile over full BF16 dispatches (both ranks call, rank 0 reports).
+    import cProfile
+    import io
+    import pstats
+    cfg = Config(num_sms=24, send_fraction=0.33)
+    prof = cProfile.Profile()
+    for i in range(25):
+        align()
+        if i >= 5:
+            prof.enable()
+        r = buf.dispatch(x, num_tokens_per_rank=ntr, is_token_in_rank=itr, num_tokens_per_expert=nte,
+                         topk_idx=topk, topk_weights=w, config=cfg)
+        buf.dispatch(x, handle=r[4], config=cfg)
+        buf.combine(r[0], r[4], config=cfg)
+        if i >= 5:
+            prof.disable()
+    sio = io.StringIO()
+    pstats.Stats(prof, stream=sio).sort_stats("tottime").print_stats(30)
+    # Resource usage of the kernels (registers, local memory = spills).
+    from epcomm.jit import loader
+    from epcomm.kernels import intranode as K
+    attrs = {}
+    for spec in (K.IntranodeDispatchSpec(world, H, False), K.IntranodeDispatchSpec(world, H, True),
+                 K.IntranodeCombineSpec(world, H)):
+        mod = loader.load(spec, rank)
+        for kd in spec.kernels():
+            key = f"{spec.family}/{kd.short}/fp8={getattr(spec, 'fp8', None)}"
+            try:
+                from cuda.bindings import driver as drv
+                f = mod.fn(kd.short)
+                attrs[key] = {
+                    "regs": drv.cuFuncGetAttribute(drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_NUM_REGS, f)[1],
+                    "local_bytes": drv.cuFuncGetAttribute(
+                        drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES, f)[1]}
+            except Exception as e:  # noqa: BLE001 - informational only
+                attrs[key] = repr(e)
+    dist.destroy_process_group()
+    buf.destroy()
+    return {"records": res, "cprofile": sio.getvalue(), "attrs": attrs, "alloc": alloc}
+
+
+def main():
+    from epcomm import spawn
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json")
+    ap.add_argument("--configs", default="24:0.5:64,24:0.33:64,24:0.25:64,24:0.33:32,24:0.33:128,12:0.33:64")
+    a = ap.parse_args()
+    configs = [(int(s), float(f), int(c)) for s, f, c in (t.split(":") for t in a.configs.split(","))]
+    world = spawn.gpu_count()
+    out = spawn.run(_worker, world, {"configs": configs}, timeout=500)
+    print(out[0]["cprofile"])
+    print(json.dumps(out[0]["attrs"]))
+    print(json.dumps(out[0]["alloc"], indent=1))
+    for rec in out[0]["records"]:
+        sp = rec["spans"]
+        line = (f"sms={rec['sms']:2d} f={rec['send_fraction']:.2f} chunk={rec['chunk_rows']:3d} {rec['op']:14s} "
+                f"event {rec['event_us']:7.1f} us host {rec['host_call_us']:6.1f} |")
+        if sp.get("host"):
+            line += " host " + " ".join(f"{k}={v:.0f}" for k, v in sp["host"].items()) + " |"
+        for k in ("notify", "send", "recv", "combine"):
+            if k in sp:
+                s = sp[k]
+                line += (f" {k} {s['first_start_us']:.0f}..{s['last_end_us']:.0f} "
+                         f"(busy {s['median_busy_us']:.0f}, last start {s['last_start_us']:.0f}) |")
+        print(line, flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
