@@ -18,7 +18,8 @@ class Config:
     * ``send_fraction``: share of ``num_sms`` given to sending blocks.  A third: the receivers
       copy twice the rows the senders do (the rank's own rows too), and 8 sending SMs already
       saturate NVLink between two H200s (benchmarks/nvlink_probe.py; profile_normal.py sweeps
-      this: 0.33 was fastest at 12, 24 and 32 SMs for dispatch and combine, 2x H200).
+      this: 0.33 was fastest at 12, 24 and 32 SMs for dispatch and combine, 2x H200; the
+      per-rank-count defaults below use 0.5 from 4 ranks on).
     """
 
     num_sms: int = 24
@@ -41,10 +42,19 @@ class Config:
         return replace(self, num_sms=n)
 
 
+def _send_fraction(num_ranks: int) -> float:
+    # Measured with benchmarks/profile_normal.py at 24 SMs: a third was fastest on 2x H200; on
+    # 4x H200 (three peers to write to, the receivers' share of own rows smaller) a half was
+    # 10-15% faster for every operation.  8 ranks: not measured, the 4-rank choice is kept.
+    return 0.33 if num_ranks <= 2 else 0.5
+
+
 def default_dispatch_config(num_ranks: int) -> Config:
     """Default dispatch config per rank count (EPCOMM_NUM_SMS sets the SM budget)."""
-    return Config(num_sms=envs.NUM_SMS.get(), chunk_rows=64 if num_ranks <= 4 else 32)
+    return Config(num_sms=envs.NUM_SMS.get(), chunk_rows=64 if num_ranks <= 4 else 32,
+                  send_fraction=_send_fraction(num_ranks))
 
 
 def default_combine_config(num_ranks: int) -> Config:
-    return Config(num_sms=envs.NUM_SMS.get(), chunk_rows=64 if num_ranks <= 4 else 32)
+    return Config(num_sms=envs.NUM_SMS.get(), chunk_rows=64 if num_ranks <= 4 else 32,
+                  send_fraction=_send_fraction(num_ranks))
