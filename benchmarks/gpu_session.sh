@@ -3,6 +3,8 @@
 # nvshmem4py wheel, runs `epcomm info`, warms the JIT cache in parallel, runs the GPU test
 # suite and the benchmarks, and leaves logs and JSON under $OUT (default ./gpu-out).
 # Usage: bash benchmarks/gpu_session.sh [tests|bench|all] [pytest -k expression]
+# Set EPCOMM_GIT_COMMIT when the machine's copy of the repository has a stale git HEAD (seen on
+# the lent machines): the benchmark JSON records it.
 set -uo pipefail
 what=${1:-all}
 kexpr=${2:-}

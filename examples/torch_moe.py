@@ -39,11 +39,13 @@ def worker(rank, world, group):
     out = combine(buf, y.to(torch.bfloat16), handle)
     out.float().square().mean().backward()
 
-    # Dense reference of the same layer on this rank's tokens.
+    # Dense reference of the same layer on this rank's tokens (gradients through the experts and,
+    # as in the epcomm path, through the routing weights into the router's input).
     xr = x.detach().float().requires_grad_(True)
+    wr = torch.softmax(xr @ router, dim=-1).gather(1, idx)
     ref = torch.zeros(N, H, device="cuda")
     for k in range(K):
-        ref = ref + w[:, k:k + 1].detach() * torch.einsum("nh,nhd->nd", xr, W[idx[:, k]])
+        ref = ref + wr[:, k:k + 1] * torch.einsum("nh,nhd->nd", xr, W[idx[:, k]])
     ref.square().mean().backward()
     err = ((out.float() - ref).norm() / ref.norm()).item()
     gerr = ((x.grad.float() - xr.grad).norm() / xr.grad.norm()).item()

@@ -36,6 +36,8 @@ def _fake_buffer(normal=True):
     if normal:
         class _St:
             layout = K_intra.BufferLayout.for_bytes(2, 64 << 20)
+            prof = 0  # EPCOMM_PROFILE off
+            host_stamps: dict = {}
         b._intra = _St()
     return b
 
