@@ -216,24 +216,6 @@ EPCOMM_DEVICE void warp_copy_row(V4* __restrict__ dst, const V4* __restrict__ sr
   }
 }
 
-// Warp-cooperative copy of `n16` 16-byte words; kUnroll loads in flight per lane.
-template <int kUnroll, bool kSrcPeerWritten>
-EPCOMM_DEVICE void warp_copy_v4(V4* __restrict__ dst, const V4* __restrict__ src, int n16, int lane) {
-  int i = lane;
-  for (; i + (kUnroll - 1) * kWarpSize < n16; i += kUnroll * kWarpSize) {
-    V4 v[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u)
-      v[u] = kSrcPeerWritten ? ld_cg_v4(src + i + u * kWarpSize) : ld_nc_v4(src + i + u * kWarpSize);
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) st_na_v4(dst + i + u * kWarpSize, v[u]);
-  }
-  for (; i < n16; i += kWarpSize) {
-    V4 v = kSrcPeerWritten ? ld_cg_v4(src + i) : ld_nc_v4(src + i);
-    st_na_v4(dst + i, v);
-  }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Number formats.  bf16 and e4m3 are handled as raw bits; conversions round to nearest even
 // exactly as ml_dtypes does on the host, so device results can be compared bit for bit with

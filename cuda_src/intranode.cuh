@@ -371,6 +371,17 @@ __global__ void __launch_bounds__(1024) intranode_notify(const __grid_constant__
   prof_stamp(p, kProfNotify, 1);
 }
 
+// Token t's FP8 scales from the input (any strides); lane l gets groups l, l + 32, ... in sc[0], sc[1], ...
+template <typename Row>
+EPCOMM_DEVICE void load_input_scales(const IntraParams& p, int t, int lane, float* sc) {
+  constexpr int kPerLane = (Row::kGroups + 31) / 32;
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) {
+    const int g = j * 32 + lane;
+    if (g < Row::kGroups) sc[j] = p.x_scales[static_cast<i64>(t) * p.scale_st + static_cast<i64>(g) * p.scale_sg];
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // dispatch send: rows of this rank's tokens into the other ranks' staging regions.
 // Work items are (destination, chunk), chunk-major and staggered by rank so every link is busy
@@ -419,14 +430,7 @@ __global__ void __launch_bounds__(kIntraThreads) intranode_dispatch_send(const _
         }
         constexpr int kScalesPerLane = (Row::kGroups + 31) / 32;
         float sc[kScalesPerLane > 0 ? kScalesPerLane : 1];
-        if constexpr (kFp8) {
-#pragma unroll
-          for (int j = 0; j < kScalesPerLane; ++j) {
-            const int g = j * 32 + lane;
-            if (g < Row::kGroups)
-              sc[j] = p.x_scales[static_cast<i64>(t) * p.scale_st + static_cast<i64>(g) * p.scale_sg];
-          }
-        }
+        if constexpr (kFp8) load_input_scales<Row>(p, t, lane, sc);
         warp_copy_row<Row::kPayload / 16, false>(reinterpret_cast<V4*>(dst),
                                                  reinterpret_cast<const V4*>(p.x + static_cast<i64>(t) * Row::kPayload),
                                                  lane);
@@ -552,14 +556,7 @@ __global__ void __launch_bounds__(kIntraThreads) intranode_dispatch_recv(const _
             e = p.topk_idx[static_cast<i64>(src_t) * K + lane];
             if (p.topk_weights != nullptr) wgt = p.topk_weights[static_cast<i64>(src_t) * K + lane];
           }
-          if constexpr (kFp8) {
-#pragma unroll
-            for (int j = 0; j < kScalesPerLane; ++j) {
-              const int g = j * 32 + lane;
-              if (g < Row::kGroups)
-                sc[j] = p.x_scales[static_cast<i64>(src_t) * p.scale_st + static_cast<i64>(g) * p.scale_sg];
-            }
-          }
+          if constexpr (kFp8) load_input_scales<Row>(p, src_t, lane, sc);
         } else {
           src = region + static_cast<u64>(i) * p.row_bytes;
           const int* meta = reinterpret_cast<const int*>(src + Row::kMetaOff);

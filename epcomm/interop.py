@@ -997,17 +997,8 @@ def _torch_device(device_type: str, device_id: int):
     return d
 
 
-def _contiguous_strides(shape: tuple) -> tuple:
-    st = [1] * len(shape)
-    for i in range(len(shape) - 2, -1, -1):
-        st[i] = st[i + 1] * max(shape[i + 1], 1)
-    return tuple(st)
-
-
 def _alloc(framework: str, shape, dtype: str, device_type: str, device_id: int, zero: bool):
-    shape = (int(shape),) if isinstance(shape, int) else tuple(shape)
-    if shape and min(shape) < 0:
-        raise ValueError(f"shape {shape}: sizes must be >= 0")
+    shape = _shape_tuple(shape)
     _check_dtype_name(dtype)
     if device_type not in ("cuda", "cpu"):
         raise ValueError(f"device_type must be 'cuda' or 'cpu', got {device_type!r}")
@@ -1020,7 +1011,7 @@ def _alloc(framework: str, shape, dtype: str, device_type: str, device_id: int, 
             raise TypeError(f"this torch has no dtype {dtype}")
         f = torch.zeros if zero else torch.empty
         t = f(shape, dtype=tdt, device=_torch_device(device_type, device_id))
-        return t, TensorRef(t.data_ptr(), shape, _contiguous_strides(shape), dtype, device_type,
+        return t, TensorRef(t.data_ptr(), shape, t.stride(), dtype, device_type,
                             device_id if device_type == "cuda" else -1, "torch", t)
     if framework == "cupy":
         if device_type != "cuda":

@@ -1,7 +1,22 @@
-"""Bit-exact comparison helpers shared by the GPU test modules (imported in spawned workers too)."""
+"""Helpers shared by the GPU test modules (imported in spawned workers too): the GPU count and
+the multi-GPU skip marker, bit-exact comparisons."""
 from __future__ import annotations
 
+import functools
+
 import numpy as np
+import pytest
+
+from epcomm import spawn
+
+
+@functools.lru_cache(maxsize=None)
+def world() -> int:
+    """GPUs visible to the tests (probed once, in a subprocess)."""
+    return spawn.gpu_count()
+
+
+needs_gpus = pytest.mark.skipif(world() < 2, reason="needs 2 or more NVIDIA GPUs (GPU test)")
 
 
 def to_np(obj):

@@ -16,17 +16,9 @@ import numpy as np
 import pytest
 
 from epcomm import spawn
-from gpu_checks import assert_bits as _assert_bits, to_np as _np
+from gpu_checks import assert_bits as _assert_bits, needs_gpus, to_np as _np, world as _world
 
 pytestmark = [pytest.mark.gpu, pytest.mark.multigpu]
-
-
-@functools.lru_cache(maxsize=None)
-def _world() -> int:
-    return spawn.gpu_count()
-
-
-needs_gpus = pytest.mark.skipif(_world() < 2, reason="needs 2 or more NVIDIA GPUs (GPU test)")
 
 
 def _case(name, **kw):
@@ -118,7 +110,7 @@ def _run_case(rank, world, buf, case):
     up = _fw(case)
     ins = _inputs(case, world)
     me = ins[rank]
-    E, K, H = case["E"], case["K"], case["H"]
+    E, H = case["E"], case["H"]
     fw = case["framework"]
     if fw == "torch":
         import torch
