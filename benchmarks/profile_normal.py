@@ -54,7 +54,10 @@ def _worker(rank, world, group, args):
     w = torch.rand(N, K, device="cuda")
     x = torch.randn(N, H, device="cuda").to(torch.bfloat16)
     xq = x.float().clamp(-448, 448).to(torch.float8_e4m3fn)
-    xs = (torch.rand(H // 128, N, device="cuda") + 0.5).t()  # column-major, as DeepGEMM wants
+    if args["fp8_scales"] == "col":
+        xs = (torch.rand(H // 128, N, device="cuda") + 0.5).t()  # column-major, as DeepGEMM wants
+    else:
+        xs = torch.rand(N, H // 128, device="cuda") + 0.5  # row-major, as `epcomm bench` uses
     ntr, _, nte, itr, _ = buf.get_dispatch_layout(topk, E)
     res = []
     for sms, frac, chunk in args["configs"]:
@@ -141,9 +144,12 @@ def _worker(rank, world, group, args):
                         drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES, f)[1]}
             except Exception as e:  # noqa: BLE001 - informational only
                 attrs[key] = repr(e)
+    st = buf._intra
+    counters = {"speculative_hits": st.spec_hits, "speculative_misses": st.spec_misses,
+                "receive_relaunches": st.late_fallbacks}
     dist.destroy_process_group()
     buf.destroy()
-    return {"records": res, "cprofile": sio.getvalue(), "attrs": attrs, "alloc": alloc}
+    return {"records": res, "cprofile": sio.getvalue(), "attrs": attrs, "alloc": alloc, "counters": counters}
 
 
 def main():
@@ -151,13 +157,16 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
     ap.add_argument("--configs", default="24:0.5:64,24:0.33:64,24:0.25:64,24:0.33:32,24:0.33:128,12:0.33:64")
+    ap.add_argument("--fp8-scales", choices=("row", "col"), default="row",
+                    help="layout of the FP8 input scales (column-major outputs are never speculative)")
     a = ap.parse_args()
     configs = [(int(s), float(f), int(c)) for s, f, c in (t.split(":") for t in a.configs.split(","))]
     world = spawn.gpu_count()
-    out = spawn.run(_worker, world, {"configs": configs}, timeout=500)
+    out = spawn.run(_worker, world, {"configs": configs, "fp8_scales": a.fp8_scales}, timeout=500)
     print(out[0]["cprofile"])
     print(json.dumps(out[0]["attrs"]))
     print(json.dumps(out[0]["alloc"], indent=1))
+    print("counters per rank:", [o["counters"] for o in out])
     for rec in out[0]["records"]:
         sp = rec["spans"]
         line = (f"sms={rec['sms']:2d} f={rec['send_fraction']:.2f} chunk={rec['chunk_rows']:3d} {rec['op']:14s} "

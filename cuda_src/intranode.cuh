@@ -100,6 +100,11 @@ struct IntraParams {
 // up, the host waits for `decided` and, on an exit, launches an ordinary receive (Dekker's
 // handshake: each side stores, fences, then loads the other side's word).
 // out_rows < 0: the host failed before publishing; the kernel exits.
+// Usually the host publishes before it knows the counts (speculative outputs sized from the
+// previous calls, so the host's allocation is off the critical path); a receive with more rows
+// than out_rows then leaves, and the host, seeing the same counts, launches one with exact
+// outputs.  Alternate calls use alternate records (the previous call's receive may not have
+// read its record yet when the next call publishes).
 struct LateOutputs {
   u64 seq;
   u64 recv_x, recv_scales, recv_topk_idx, recv_topk_weights, recv_src_idx;
@@ -509,6 +514,9 @@ __global__ void __launch_bounds__(kIntraThreads) intranode_dispatch_recv(const _
 #pragma unroll
   for (int s = 0; s <= R; ++s) prefix[s] = ld_volatile_i32(p.rank_prefix + s);
   const int total = prefix[R];
+  // Outputs published before the counts were known (speculative) that are too small: every
+  // block leaves, the host sees the same counts and launches a receive with exact outputs.
+  if (total > M && p.late != nullptr) return;
   if (total > M && blockIdx.x == 0 && threadIdx.x == 0)
     report_error(p.err, kErrOverflow, p.rank, kPhaseDispatchRecv, -1, -1, static_cast<u64>(M),
                  static_cast<u64>(total));

@@ -123,12 +123,21 @@ class _IntraState:
             self.host_info, self.host_info_dev = _cuda.host_alloc_mapped(4 * n_info)
             ctypes.memset(self.host_info, 0, 4 * n_info)
             self.info = np.frombuffer((ctypes.c_int32 * n_info).from_address(self.host_info), dtype=np.int32)
+            # Two LateOutputs records, used by alternate calls: outputs published before the
+            # counts are known (speculative) may be written while the previous call's receive
+            # has not read its record yet; it has always read it before the next call but one.
             n_late = ctypes.sizeof(K_intra.LateOutputs)
-            self.late_host, self.late_dev = _cuda.host_alloc_mapped(n_late)
-            ctypes.memset(self.late_host, 0, n_late)
-            self.late = K_intra.LateOutputs.from_address(self.late_host)
+            self.late_host, self.late_dev = _cuda.host_alloc_mapped(2 * n_late)
+            ctypes.memset(self.late_host, 0, 2 * n_late)
+            self.late_slots = [K_intra.LateOutputs.from_address(self.late_host + i * n_late) for i in range(2)]
             self.late_seq = 0
             self.late_fallbacks = 0  # receives relaunched because the early one stood down
+            self.spec_hits = 0       # receives written into outputs allocated before the counts
+            self.spec_misses = 0     # speculative outputs too small: exact ones allocated after the counts
+            # Receive rows of the last CPU-synchronised dispatches, per (tokens, experts): the
+            # size of the next call's speculative outputs.
+            self.recv_history: dict = {}
+            self.speculation = float(envs.RECV_SPECULATION.get())
             _cuda.stream_sync(s)
             handle = _cuda.ipc_get_handle(self.base)
             handles = buf.group.allgather_bytes(handle)
@@ -626,14 +635,59 @@ class Buffer:
             # The CPU-synchronised path launches its receive now, before the counts are known; it
             # starts copying the moment the outputs are published (epcomm::LateOutputs).
             late = bool(p.write_host) and _LATE_OUTPUTS_OK
+            G = H // 128
+            col_major_scales = fp8 and sr.strides[0] == 1 and sr.shape[1] > 1 and N > 1
+            spec_key = (N, E)
+            spec_rows = self._speculative_rows(st, spec_key) if late and not col_major_scales else 0
             if late:
                 st.late_seq += 1
-                p.late, p.late_seq, p.late_wait_ns = st.late_dev, st.late_seq, int(_LATE_WAIT_NS)
+                lo = st.late_slots[st.late_seq & 1]
+                p.late = st.late_dev + (st.late_seq & 1) * ctypes.sizeof(K_intra.LateOutputs)
+                p.late_seq, p.late_wait_ns = st.late_seq, int(_LATE_WAIT_NS)
                 p.worst_mode = 0
                 launch(mod.fn("recv"), Rv, K_intra.THREADS, self._stream2, p)
                 p.late = 0
+
+            def allocate(M):
+                """The outputs for M rows; fills their pointers into p."""
+                rx = self._empty(fw, (M, H), "float8_e4m3fn" if fp8 else "bfloat16")
+                if hs is not None:
+                    hs["rx_allocated"] = time.time_ns()
+                rs = None
+                rs_st = rs_sg = 0
+                if fp8:
+                    if col_major_scales:
+                        rs = self._empty(fw, (G, M), "float32")
+                        rs_st, rs_sg = 1, M
+                    else:
+                        rs = self._empty(fw, (M, G), "float32")
+                        rs_st, rs_sg = G, 1
+                rti = self._empty(fw, (M, Kt), "int64") if Kt else None
+                rtw = self._empty(fw, (M, Kt), "float32") if (Kt and wr is not None) else None
+                rsrc = None if cached else self._empty(fw, (M,), "int32")
+                p.recv_x = rx[1].ptr
+                p.recv_scales, p.rscale_st, p.rscale_sg = (rs[1].ptr if rs else 0), rs_st, rs_sg
+                p.recv_topk_idx = rti[1].ptr if rti else 0
+                p.recv_topk_weights = rtw[1].ptr if rtw else 0
+                p.recv_src_idx = rsrc[1].ptr if rsrc else 0
+                p.out_rows = M
+                p.worst_mode = int(worst)
+                if hs is not None:
+                    hs["allocated"] = time.time_ns()
+                return [rx, rs, rti, rtw, rsrc]
+
             published = False
+            outputs = None
             try:
+                if spec_rows:
+                    # Speculative outputs, published now: the GPU is usually still behind the
+                    # host here, so the receive finds them ready and the host's allocation is off
+                    # the critical path.  The kernel stands down by itself if the rows do not fit.
+                    outputs = allocate(spec_rows)
+                    if _LATE_TEST_DELAY_S:
+                        time.sleep(_LATE_TEST_DELAY_S)
+                    published = True
+                    spec_ok = self._publish_late(lo, st.late_seq, p)
                 # ---- the number of received rows ----
                 expert_list: list[int] = []
                 recv_counts = None
@@ -654,47 +708,41 @@ class Buffer:
                         expert_list = st.info[2 + R:2 + R + E // R].tolist()
                     M = num_recv
                 # ---- outputs ----
-                G = H // 128
-                rx = self._empty(fw, (M, H), "float8_e4m3fn" if fp8 else "bfloat16")
-                if hs is not None:
-                    hs["rx_allocated"] = time.time_ns()
-                rs = None
-                rs_st = rs_sg = 0
-                col_major_scales = fp8 and sr.strides[0] == 1 and sr.shape[1] > 1 and N > 1
-                if fp8:
-                    if col_major_scales:
-                        rs = self._empty(fw, (G, M), "float32")
-                        rs_st, rs_sg = 1, M
+                if spec_rows:
+                    hist = st.recv_history.setdefault(spec_key, [])
+                    hist.append(M)
+                    del hist[:-4]
+                    fits = M <= spec_rows
+                    if fits:
+                        st.spec_hits += 1
+                        outputs = [None if o is None else interop.narrow_rows(o, M) for o in outputs]
                     else:
-                        rs = self._empty(fw, (M, G), "float32")
-                        rs_st, rs_sg = G, 1
-                rti = self._empty(fw, (M, Kt), "int64") if Kt else None
-                rtw = self._empty(fw, (M, Kt), "float32") if (Kt and wr is not None) else None
-                rsrc = None if cached else self._empty(fw, (M,), "int32")
-                p.recv_x = rx[1].ptr
-                p.recv_scales, p.rscale_st, p.rscale_sg = (rs[1].ptr if rs else 0), rs_st, rs_sg
-                p.recv_topk_idx = rti[1].ptr if rti else 0
-                p.recv_topk_weights = rtw[1].ptr if rtw else 0
-                p.recv_src_idx = rsrc[1].ptr if rsrc else 0
-                p.out_rows = M
-                p.worst_mode = int(worst)
-                if hs is not None:
-                    hs["allocated"] = time.time_ns()
-                if late:
+                        st.spec_misses += 1
+                        outputs = allocate(M)
+                    if not (fits and spec_ok):
+                        st.late_fallbacks += 1
+                        launch(mod.fn("recv"), Rv, K_intra.THREADS, self._stream2, p)
+                elif late:
+                    hist = st.recv_history.setdefault(spec_key, [])
+                    hist.append(M)
+                    del hist[:-4]
+                    outputs = allocate(M)
                     if _LATE_TEST_DELAY_S:
                         time.sleep(_LATE_TEST_DELAY_S)
                     published = True
-                    if not self._publish_late(st, p):
+                    if not self._publish_late(lo, st.late_seq, p):
                         st.late_fallbacks += 1
                         launch(mod.fn("recv"), Rv, K_intra.THREADS, self._stream2, p)
                 else:
+                    outputs = allocate(M)
                     launch(mod.fn("recv"), Rv, K_intra.THREADS, self._stream2, p)
             except BaseException:
                 if late and not published:
                     # The early receive must not wait for outputs that will never come.
-                    st.late.out_rows = -1
-                    st.late.seq = st.late_seq
+                    lo.out_rows = -1
+                    lo.seq = st.late_seq
                 raise
+            rx, rs, rti, rtw, rsrc = outputs
             if hs is not None:
                 hs["published"] = time.time_ns()
             _cuda.event_record(self._ev_recv, self._stream2)
@@ -724,10 +772,20 @@ class Buffer:
             recv_x = (recv_x, scales)
         return recv_x, fin(rti), fin(rtw), expert_list, new_handle, ev
 
-    def _publish_late(self, st: "_IntraState", p) -> bool:
-        """Hand the outputs in ``p`` to the receive launched early; False if it stood down (the
-        caller then launches an ordinary one).  Host half of the handshake in LateOutputs."""
-        lo, seq = st.late, st.late_seq
+    def _speculative_rows(self, st: "_IntraState", key) -> int:
+        """Rows of the outputs to allocate before the counts are known: the largest of the last
+        four receives of this shape plus EPCOMM_RECV_SPECULATION, rounded up to 64 rows; 0 (no
+        speculation) for a shape not seen yet or with the knob negative."""
+        hist = st.recv_history.get(key)
+        if not hist or st.speculation < 0:
+            return 0
+        rows = int(max(hist) * (1.0 + st.speculation)) + 1
+        return max(64, -(-rows // 64) * 64)
+
+    def _publish_late(self, lo, seq: int, p) -> bool:
+        """Hand the outputs in ``p`` to the receive launched early, through the LateOutputs
+        record ``lo`` it polls for ``seq``; False if it stood down (the caller then launches an
+        ordinary one).  Host half of the handshake in LateOutputs."""
         lo.recv_x, lo.recv_scales, lo.recv_topk_idx = p.recv_x, p.recv_scales, p.recv_topk_idx
         lo.recv_topk_weights, lo.recv_src_idx = p.recv_topk_weights, p.recv_src_idx
         lo.rscale_st, lo.rscale_sg, lo.out_rows = p.rscale_st, p.rscale_sg, p.out_rows

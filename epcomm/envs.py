@@ -119,6 +119,12 @@ GIT_COMMIT = _knob("EPCOMM_GIT_COMMIT", "", _str,
 BENCH_KIND = _knob("EPCOMM_BENCH_KIND", "", _str, "Machine kind recorded in benchmark JSON.", "''")
 NUM_SMS = _knob("EPCOMM_NUM_SMS", 24, _parse_int,
                 "Default SM budget of the normal (high-throughput) kernels; Buffer.set_num_sms overrides.")
+RECV_SPECULATION = _knob("EPCOMM_RECV_SPECULATION", 0.0625, _parse_float,
+                        "CPU-synchronised normal dispatch: allocate the outputs before the counts are "
+                        "known, with this fraction of rows more than the largest receive of the last "
+                        "four calls of the same shape, so the receive kernel never waits for the host "
+                        "(the outputs are then row views of that allocation). A receive that does not "
+                        "fit falls back to exact outputs allocated after the counts. Negative: off.")
 PROFILE = _knob("EPCOMM_PROFILE", False, _parse_bool,
                 "Normal-mode kernels stamp each block's start and end (globaltimer) for "
                 "Buffer.profile_stamps() and benchmarks/profile_normal.py; costs a few stores.")

@@ -1063,6 +1063,28 @@ def zeros(framework: str, shape, dtype: str, device_type: str = "cuda", device_i
     return _alloc(framework, shape, dtype, device_type, device_id, True)
 
 
+def narrow_rows(out: tuple, rows: int) -> tuple:
+    """The first ``rows`` rows of an output made by :func:`empty`: ``(array, TensorRef)`` in,
+    the same pair for the row view out (same pointer and strides; the view keeps the whole
+    allocation alive).  ``rows`` equal to the allocation's returns ``out`` unchanged.  Raises
+    ValueError if ``rows`` is negative or larger than the allocation."""
+    obj, ref = out
+    have = ref.shape[0]
+    if not 0 <= rows <= have:
+        raise ValueError(f"narrow_rows: {rows} rows of an allocation of {have}")
+    if rows == have:
+        return out
+    shape = (rows,) + tuple(ref.shape[1:])
+    if type(obj) is Exporter:
+        view = Exporter(obj.owner, obj.ptr, shape, obj.dtype, obj.device_type, obj.device_id, obj.stream)
+        keep = obj.owner
+    else:  # torch, cupy and numpy slice the same way
+        view = obj[:rows]
+        keep = ref.keepalive
+    return view, TensorRef(ref.ptr, shape, ref.strides, ref.dtype, ref.device_type, ref.device_id,
+                           ref.framework, view, keep)
+
+
 def finish(framework: str, obj, stream: int | None = None):
     """The caller-facing result: for 'jax', ``jax.dlpack.from_dlpack(exporter)`` (zero-copy);
     anything else is returned unchanged.  ``stream``: the CUDA stream the kernels wrote the

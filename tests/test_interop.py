@@ -568,6 +568,30 @@ def test_zeros_cpu(fw):
     assert np.array_equal(I.to_numpy(res), np.zeros((7, 3), np.float32))
 
 
+@needs_ml_dtypes
+@pytest.mark.parametrize("fw", _frameworks_cpu())
+def test_narrow_rows_is_a_row_view_of_the_allocation(fw):
+    # Speculative dispatch outputs: written through the whole allocation's pointer, returned
+    # as a view of the first rows.
+    src = _known_bits("bfloat16", (6, 4), seed=9)
+    out, ref = I.empty(fw, (6, 4), "bfloat16", "cpu")
+    _write(ref, src)
+    view, vref = I.narrow_rows((out, ref), 4)
+    assert vref.shape == (4, 4) and vref.strides == ref.strides and vref.ptr == ref.ptr
+    assert vref.dtype == "bfloat16" and vref.framework == ref.framework
+    res = I.finish(fw, view)
+    assert I.framework_of(res) == fw
+    back = I.to_numpy(res)
+    assert back.shape == (4, 4) and back.tobytes() == src[:4].tobytes()
+    assert I.narrow_rows((out, ref), 6) == (out, ref)
+    empty_view, eref = I.narrow_rows((out, ref), 0)
+    assert eref.shape == (0, 4)
+    with pytest.raises(ValueError, match="7 rows of an allocation of 6"):
+        I.narrow_rows((out, ref), 7)
+    with pytest.raises(ValueError):
+        I.narrow_rows((out, ref), -1)
+
+
 def test_alloc_errors():
     with pytest.raises(ValueError):
         I.empty("numpy", (2,), "float32", "cuda")

@@ -53,6 +53,10 @@ CASES = [
     # after the kernel gave up: an ordinary receive is relaunched), and racing the host.
     _case("bf16_late_outputs_stand_down", N=1024, H=4096, E=64, late_delay_s=0.02, late_wait_ns=1_000_000),
     _case("fp8_late_outputs_race", N=2000, H=7168, E=256, fp8=True, late_wait_ns=0),
+    # Speculative outputs (allocated before the counts, sized from the last calls of the same
+    # shape): every rank but 0 receives nothing, then a random routing (more rows than guessed:
+    # the early receive stands down, exact outputs), then nothing again (rows fit, with room).
+    _case("bf16_speculative_outputs", N=1111, H=4096, E=64, sequence=("one_rank", "random", "one_rank")),
 ]
 
 
@@ -274,8 +278,18 @@ def _worker(rank, world, group, cases):
         B._LATE_WAIT_NS = case.get("late_wait_ns", 5_000_000)
         B._LATE_TEST_DELAY_S = case.get("late_delay_s", 0.0)
         fallbacks0 = buf._intra.late_fallbacks
+        hits0, misses0 = buf._intra.spec_hits, buf._intra.spec_misses
         try:
-            _run_case(rank, world, buf, case)
+            for i, routing in enumerate(case.get("sequence", (case["routing"],))):
+                _run_case(rank, world, buf, dict(case, routing=routing, name=f"{case['name']}/{i}")
+                          if "sequence" in case else case)
+            if "sequence" in case and B._LATE_OUTPUTS_OK:
+                hits, misses = buf._intra.spec_hits - hits0, buf._intra.spec_misses - misses0
+                assert hits >= 1, "no dispatch used speculative outputs"
+                if rank == 0:
+                    assert misses == 0, f"rank 0 receives fewer rows after its first call, yet {misses} misses"
+                else:
+                    assert misses >= 1, "the random routing's receive fit outputs sized for zero rows"
             if case.get("late_delay_s"):
                 # Every CPU-synchronised dispatch of the case must have taken the relaunch path.
                 assert buf._intra.late_fallbacks > fallbacks0, "the early receive never stood down"

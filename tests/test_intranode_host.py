@@ -60,7 +60,7 @@ def _buf():
 
 def test_late_outputs_publish_when_the_kernel_is_still_waiting():
     st = _St(5)
-    assert _buf()._publish_late(st, _P()) is True
+    assert _buf()._publish_late(st.late, st.late_seq, _P()) is True
     lo = st.late
     assert (lo.seq, lo.recv_x, lo.recv_topk_idx, lo.recv_src_idx, lo.out_rows) == (5, 0x1000, 0x2000, 0x4000, 77)
 
@@ -68,13 +68,13 @@ def test_late_outputs_publish_when_the_kernel_is_still_waiting():
 def test_late_outputs_kernel_gave_up_and_left_or_stayed():
     st = _St(6)
     st.late.gave_up, st.late.decided = 6, 6 * 2  # stood down: the host must relaunch
-    assert _buf()._publish_late(st, _P()) is False
+    assert _buf()._publish_late(st.late, st.late_seq, _P()) is False
     st = _St(7)
     st.late.gave_up, st.late.decided = 7, 7 * 2 + 1  # gave up but then saw seq: it goes on
-    assert _buf()._publish_late(st, _P()) is True
+    assert _buf()._publish_late(st.late, st.late_seq, _P()) is True
     st = _St(8)
     st.late.gave_up, st.late.decided = 7, 7 * 2  # an older call's words: not this call's
-    assert _buf()._publish_late(st, _P()) is True
+    assert _buf()._publish_late(st.late, st.late_seq, _P()) is True
 
 
 def test_late_outputs_missing_verdict_times_out():
@@ -82,4 +82,21 @@ def test_late_outputs_missing_verdict_times_out():
     st = _St(9)
     st.late.gave_up = 9  # gave up, verdict never written
     with pytest.raises(EpcommTimeoutError, match="did not report"):
-        _buf()._publish_late(st, _P())
+        _buf()._publish_late(st.late, st.late_seq, _P())
+
+
+class _SpecSt:
+    def __init__(self, speculation, hist=None):
+        self.speculation = speculation
+        self.recv_history = {} if hist is None else {(4096, 256): hist}
+
+
+def test_speculative_rows_cover_the_largest_recent_receive_with_slack():
+    b = _buf()
+    assert b._speculative_rows(_SpecSt(0.0625), (4096, 256)) == 0  # shape never seen: no guess
+    rows = b._speculative_rows(_SpecSt(0.0625, [8000, 8150, 7990]), (4096, 256))
+    assert rows % 64 == 0 and rows >= 8150 * 1.0625 and rows < 8150 * 1.0625 + 65
+    assert b._speculative_rows(_SpecSt(0.0625, [0]), (4096, 256)) == 64  # never below one tile
+    assert b._speculative_rows(_SpecSt(-1.0, [8000]), (4096, 256)) == 0  # knob negative: off
+    assert b._speculative_rows(_SpecSt(0.0625, [8000]), (128, 256)) == 0  # another shape
+
