@@ -75,6 +75,9 @@ def _worker(rank, world, group, args):
         handle = st["r"][4]
         y = st["r"][0].clone()
         ops = {"dispatch_bf16": disp_bf16, "dispatch_fp8": disp_fp8,
+               # Without top-k (no metadata in the rows): isolates what the top-k entries cost.
+               "dispatch_bf16_notopk": lambda: buf.dispatch(x, num_tokens_per_rank=ntr, is_token_in_rank=itr,
+                                                            num_experts=E, config=cfg),
                "cached_bf16": lambda: buf.dispatch(x, handle=handle, config=cfg),
                "combine": lambda: buf.combine(y, handle, config=cfg)}
         for name, fn in ops.items():

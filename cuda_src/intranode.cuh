@@ -172,7 +172,8 @@ EPCOMM_DEVICE T* at(u64 base, u64 off) {
 }
 
 // Row layout in staging.  Dispatch: [payload][scales G x f32][src idx i32][topk idx K x i32]
-// [weights K x f32]; combine: [payload (bf16)][weights K x f32].  Padded to 16 bytes.
+// [weights K x f32]; combine: [payload (bf16)][weights K x f32].  Strides are padded to 128 bytes
+// (epcomm.kernels.intranode.ROW_ALIGN) so row copies write whole lines.
 template <int kHidden, bool kFp8>
 struct DispatchRow {
   static constexpr int kPayload = kHidden * (kFp8 ? 1 : 2);

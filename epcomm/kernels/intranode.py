@@ -111,15 +111,21 @@ def _align(n: int, a: int) -> int:
     return (n + a - 1) // a * a
 
 
+# Staging rows start on 128-byte lines: a row stride that is only 16-byte aligned makes every
+# 512-byte warp store of a row touch five lines instead of four, two of them partial writes
+# over NVLink.
+ROW_ALIGN = 128
+
+
 def dispatch_row_bytes(hidden: int, fp8: bool, num_topk: int) -> int:
     """Staging row stride of a dispatch (mirror of DispatchRow in intranode.cuh)."""
     payload = hidden * (1 if fp8 else 2)
     groups = hidden // 128 if fp8 else 0
-    return _align(payload + 4 * groups + 4 + 8 * num_topk, 16)
+    return _align(payload + 4 * groups + 4 + 8 * num_topk, ROW_ALIGN)
 
 
 def combine_row_bytes(hidden: int, num_topk: int) -> int:
-    return _align(hidden * 2 + 4 * num_topk, 16)
+    return _align(hidden * 2 + 4 * num_topk, ROW_ALIGN)
 
 
 def max_row_bytes(hidden: int, num_topk: int) -> int:
