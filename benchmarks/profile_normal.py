@@ -71,6 +71,13 @@ def _worker(rank, world, group, args):
         def disp_fp8():
             buf.dispatch((xq, xs), num_tokens_per_rank=ntr, is_token_in_rank=itr, num_tokens_per_expert=nte,
                          topk_idx=topk, topk_weights=w, config=cfg)
+        def cached_alt():
+            st["c"] = buf.dispatch(x, handle=handle, config=cfg)
+
+        def disp_reuse():
+            st.pop("r2", None)
+            st["r2"] = buf.dispatch(x, num_tokens_per_rank=ntr, is_token_in_rank=itr, num_tokens_per_expert=nte,
+                                    topk_idx=topk, topk_weights=w, config=cfg)
         disp_bf16()
         handle = st["r"][4]
         y = st["r"][0].clone()
@@ -79,6 +86,11 @@ def _worker(rank, world, group, args):
                "dispatch_bf16_notopk": lambda: buf.dispatch(x, num_tokens_per_rank=ntr, is_token_in_rank=itr,
                                                             num_experts=E, config=cfg),
                "cached_bf16": lambda: buf.dispatch(x, handle=handle, config=cfg),
+               # Memory placement: the ops above either keep their last outputs alive while the
+               # next call allocates (dispatch: two output blocks alternate, as in `epcomm
+               # bench` and DeepEP's tests) or drop them at once (cached: one block reused).
+               "cached_bf16_alternating": cached_alt,
+               "dispatch_bf16_reusing": disp_reuse,
                "combine": lambda: buf.combine(y, handle, config=cfg)}
         for name, fn in ops.items():
             ev = statistics.median(_time_op(torch, fn, 20, 5, align))
