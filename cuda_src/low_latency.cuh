@@ -288,6 +288,34 @@ EPCOMM_DEVICE void ll_dispatch_send(const LLParams& p, u64 tag, u64 deadline) {
   }
 }
 
+// Component c (compile-time after unrolling) of a 16-byte word.
+EPCOMM_DEVICE int v4_get(const V4& v, int c) { return c == 0 ? v.x : c == 1 ? v.y : c == 2 ? v.z : v.w; }
+
+// Does the message at m carry this round's tag, and which of its K expert ids (lowest k) is
+// my_e?  Returns that k, or -1.  The tag and every id are loaded together (five 16-byte loads
+// at most, at L2 where peers' writes land) so a slot costs one memory latency, not two.
+EPCOMM_DEVICE int ll_msg_match(const u8* m, u64 tag, int K, int my_e) {
+  constexpr int kHdrWords = (8 + 2 * kLLMaxTopk + 15) / 16;
+  const int nw = (8 + 2 * K + 15) / 16;
+  V4 w[kHdrWords];
+#pragma unroll
+  for (int i = 0; i < kHdrWords; ++i)
+    if (i < nw) w[i] = ld_cg_v4(reinterpret_cast<const V4*>(m) + i);
+  const u64 got = static_cast<u64>(static_cast<u32>(w[0].x)) | (static_cast<u64>(static_cast<u32>(w[0].y)) << 32);
+  if (got != tag) return -1;
+  int kk = -1;
+#pragma unroll
+  for (int k = kLLMaxTopk - 1; k >= 0; --k) {
+    if (k < K) {
+      const int word = 2 + k / 2;  // id k sits at byte 8 + 2k
+      const int v = v4_get(w[word / 4], word % 4);
+      const short id = static_cast<short>((k & 1) ? (v >> 16) : (v & 0xFFFF));
+      if (id == my_e) kk = k;
+    }
+  }
+  return kk;
+}
+
 template <int kHidden, bool kFp8>
 EPCOMM_DEVICE void ll_dispatch_recv(const LLParams& p, u64 tag, u64 deadline) {
   using Msg = LLMsg<kHidden, kFp8>;
@@ -296,27 +324,28 @@ EPCOMM_DEVICE void ll_dispatch_recv(const LLParams& p, u64 tag, u64 deadline) {
   const int RT = R * T;
   const int lane = lane_id(), warp = warp_id();
   const int NG = (T + 31) / 32;  // 32-slot groups per source
+  // Dynamic shared memory (epcomm.low_latency.dispatch_smem_bytes): [R*NG] row counts then
+  // prefixes, [R*T] packed row list, [R*T] matching k of every slot (-1: none).
   extern __shared__ int s_dyn[];
-  int* s_base = s_dyn;  // [R][NG]: counts, then exclusive prefix
+  int* s_base = s_dyn;
+  u32* s_rows = reinterpret_cast<u32*>(s_dyn + R * NG);
+  signed char* s_kk = reinterpret_cast<signed char*>(s_rows + RT);
   __shared__ int s_range[kLLMaxRanks][2];
+  __shared__ int s_total;
   if (!ll_wait_all(p, p.disp_flag_off, tag, 24, kPhaseLLDispatchRecv, deadline)) return;
   const u8* region = p.heap + p.disp_region_off + static_cast<u64>(p.slot) * R * T * p.msg_bytes;
   for (int j = blockIdx.x; j < L; j += gridDim.x) {
     const int my_e = p.rank * L + j;
-    // Pass 1: rows per (source, 32-slot group) for this expert.
+    // Pass 1 (global memory): the matching k of every slot, and rows per (source, 32-slot group).
     for (int item = warp; item < R * NG; item += kLLWarps) {
       const int s = item / NG, g = item % NG;
       const int t = g * 32 + lane;
-      bool hit = false;
+      int kk = -1;
       if (t < T) {
-        const u8* m = region + (static_cast<u64>(s) * T + t) * p.msg_bytes;
-        if (ld_volatile_i32(reinterpret_cast<const int*>(m)) == static_cast<int>(tag & 0xFFFFFFFFu) &&
-            ld_volatile_i32(reinterpret_cast<const int*>(m) + 1) == static_cast<int>(tag >> 32)) {
-          const short* ids = reinterpret_cast<const short*>(m + 8);
-          for (int k = 0; k < K; ++k) hit |= ids[k] == my_e;
-        }
+        kk = ll_msg_match(region + (static_cast<u64>(s) * T + t) * p.msg_bytes, tag, K, my_e);
+        s_kk[s * T + t] = static_cast<signed char>(kk);
       }
-      const unsigned b = __ballot_sync(0xffffffffu, hit);
+      const unsigned b = __ballot_sync(0xffffffffu, kk >= 0);
       if (lane == 0) s_base[item] = __popc(b);
     }
     __syncthreads();
@@ -331,6 +360,7 @@ EPCOMM_DEVICE void ll_dispatch_recv(const LLParams& p, u64 tag, u64 deadline) {
         }
         s_range[s][1] = acc - s_range[s][0];
       }
+      s_total = acc;
       p.recv_count[j] = acc;
       if (p.cumulative_stats != nullptr) atomicAdd(p.cumulative_stats + j, acc);
     }
@@ -339,22 +369,12 @@ EPCOMM_DEVICE void ll_dispatch_recv(const LLParams& p, u64 tag, u64 deadline) {
       p.recv_layout_range[(static_cast<i64>(j) * R + s) * 2] = s_range[s][0];
       p.recv_layout_range[(static_cast<i64>(j) * R + s) * 2 + 1] = s_range[s][1];
     }
-    // Pass 2: every matching slot learns its packed position; the (message, k) of each
-    // position goes to shared memory, then all warps copy rows in parallel.
-    u32* s_rows = reinterpret_cast<u32*>(s_dyn + R * NG);  // [R*T]: (s*T + t) << 5 | k
+    // Pass 2 (shared memory): every matching slot learns its packed position; the (message, k)
+    // of each position goes to the row list, then all warps copy rows in parallel.
     for (int item = warp; item < R * NG; item += kLLWarps) {
       const int s = item / NG, g = item % NG;
       const int t = g * 32 + lane;
-      int kk = -1;
-      if (t < T) {
-        const u8* m = region + (static_cast<u64>(s) * T + t) * p.msg_bytes;
-        if (ld_volatile_i32(reinterpret_cast<const int*>(m)) == static_cast<int>(tag & 0xFFFFFFFFu) &&
-            ld_volatile_i32(reinterpret_cast<const int*>(m) + 1) == static_cast<int>(tag >> 32)) {
-          const short* ids = reinterpret_cast<const short*>(m + 8);
-          for (int k = K - 1; k >= 0; --k)
-            if (ids[k] == my_e) kk = k;
-        }
-      }
+      const int kk = t < T ? s_kk[s * T + t] : -1;
       const unsigned b = __ballot_sync(0xffffffffu, kk >= 0);
       if (kk >= 0) {
         const int row = s_base[item] + __popc(b & ((1u << lane) - 1u));
@@ -365,7 +385,7 @@ EPCOMM_DEVICE void ll_dispatch_recv(const LLParams& p, u64 tag, u64 deadline) {
       }
     }
     __syncthreads();
-    const int nrows = p.recv_count[j];
+    const int nrows = s_total;
     for (int row = warp; row < nrows; row += kLLWarps) {
       const u32 code = s_rows[row];
       const u8* m = region + static_cast<u64>(code >> 5) * p.msg_bytes;

@@ -20,6 +20,8 @@ from .jit import loader
 from .jit.launch import launch
 from .kernels import low_latency as K
 
+_DEFAULT_SMEM = 48 * 1024  # dynamic shared memory a kernel may use without opting in
+
 
 @dataclass(eq=False)
 class LowLatencyHandle:
@@ -128,6 +130,7 @@ class LowLatencyState:
         self._results: list[_Results | None] = [None, None]
         self._layouts: dict = {}
         self._coop_limit: dict = {}
+        self._smem_ok: set = set()
         # Fast path (torch, default flags): prepared launches keyed by shapes and slot, so a
         # steady-state decode call only sets two pointers and launches.
         self._plans: dict = {}
@@ -161,6 +164,22 @@ class LowLatencyState:
         p.slot = slot
         p.timeout_ns = int(self.buf.timeout_s * 1e9)
         return p
+
+    def _allow_smem(self, mod, names, smem: int) -> None:
+        """Let the kernels ``names`` of ``mod`` use ``smem`` bytes of dynamic shared memory (above
+        the 48 KiB every kernel gets); ValueError if the device has less per block."""
+        key = (id(mod), smem)
+        if key in self._smem_ok:
+            return
+        cap = _cuda.device_attr(self.device_id, "CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN")
+        if smem > cap:
+            raise ValueError(f"low-latency dispatch: num_ranks * num_max_dispatch_tokens_per_rank is too large: the "
+                             f"receive needs {smem} bytes of shared memory per block, the device has {cap}")
+        d = _cuda.drv()
+        attr = d.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+        for n in names:
+            _cuda.check(d.cuFuncSetAttribute(mod.fn(n), attr, smem), f"cuFuncSetAttribute({n}, smem={smem})")
+        self._smem_ok.add(key)
 
     def _coop_blocks(self, fn, smem: int) -> int:
         key = (int(fn), smem)
@@ -279,8 +298,9 @@ class LowLatencyState:
             p.cumulative_stats = stats.ptr if stats is not None else 0
             p.num_tokens, p.num_topk, p.num_experts, p.max_tokens = N, Kt, E, T
             p.round_scale, p.use_ue8m0 = int(round_scale), int(use_ue8m0)
-            NG = (T + 31) // 32
-            smem = 4 * R * NG + 4 * R * T  # per-group row counts + the row list of one expert
+            smem = K.dispatch_smem_bytes(R, T)
+            if smem > _DEFAULT_SMEM:
+                self._allow_smem(mod, ("dispatch_send", "dispatch_recv", "dispatch_both"), smem)
             send_blocks = max(1, min(self.num_sms, N))
             recv_blocks = max(1, min(self.num_sms, L))
             fn = grid = None

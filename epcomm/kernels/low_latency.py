@@ -78,6 +78,14 @@ def _align(n: int, a: int) -> int:
 HDR_BYTES = 80  # tag (8 bytes) + MAX_TOPK int16 expert ids, rounded up to 16
 
 
+def dispatch_smem_bytes(num_ranks: int, max_tokens: int) -> int:
+    """Dynamic shared memory of the dispatch receive (layout in ll_dispatch_recv): per 32-slot
+    group a count, per slot a packed-row entry (4 bytes) and its matching k (1 byte)."""
+    slots = num_ranks * max_tokens
+    groups = num_ranks * ((max_tokens + 31) // 32)
+    return _align(4 * groups + 4 * slots + slots, 16)
+
+
 def msg_bytes(hidden: int) -> int:
     """Message stride: header plus the largest payload (BF16) for ``hidden`` channels."""
     bf16 = hidden * 2
