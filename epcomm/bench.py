@@ -62,25 +62,47 @@ class _Aligner:
 
     Host barriers leave ranks milliseconds apart, and a collective op then measures the wait
     for the slowest host.  Instead: a 1-element NCCL all-reduce (its end is nearly simultaneous
-    on every GPU), then an identical GPU sleep that gives each host time to queue the timed call
+    on every GPU), then an identical GPU wait that gives each host time to queue the timed call
     before the start event is reached (1.5 ms: a normal dispatch's Python before its first
     launch took up to ~350 us on a busy host; what the host does after the GPU started, such as
     the CPU synchronisation inside a dispatch, stays inside the timing).
+
+    mode "wall" (default) waits on %globaltimer (epcomm::spin_wait_ns), so every GPU leaves the
+    wait the same wall time after the all-reduce.  mode "cycles" is the old wait,
+    ``torch.cuda._sleep`` of 1.5 ms times the clock rate torch reports: a count of SM cycles,
+    which ends earlier on a GPU whose clock runs faster (1% of 1.5 ms is 15 us of skew, inside
+    the timing of a collective op); kept to measure that difference.
     """
 
-    def __init__(self, torch, dist, sleep_us: float = 1500.0):
-        self.torch, self.dist = torch, dist
+    def __init__(self, torch, dist, sleep_us: float = 1500.0, mode: str = "wall"):
+        if mode not in ("wall", "cycles"):
+            raise ValueError(f"aligner mode {mode!r}: expected 'wall' or 'cycles'")
+        self.torch, self.dist, self.mode = torch, dist, mode
         self.t = torch.zeros(1, device="cuda")
-        try:
-            mhz = float(torch.cuda.clock_rate())  # via NVML; the SM clock under load
-        except Exception:
-            mhz = 0.0
-        self.cycles = int(sleep_us * (mhz if mhz > 100 else 1980.0))
+        if mode == "cycles":
+            try:
+                mhz = float(torch.cuda.clock_rate())  # via NVML; the SM clock under load
+            except Exception:
+                mhz = 0.0
+            self.cycles = int(sleep_us * (mhz if mhz > 100 else 1980.0))
+        else:
+            from .jit import loader
+            from .kernels.timing import SpinParams, SpinWaitSpec
+            dev = torch.cuda.current_device()
+            spec = SpinWaitSpec()
+            self._fn = loader.load(spec, dev).fn("spin_wait_ns")
+            self._threads = spec.threads
+            self._p = SpinParams()
+            self._p.ns = int(sleep_us * 1e3)
 
     def __call__(self):
         self.torch.cuda.synchronize()
         self.dist.all_reduce(self.t)
-        self.torch.cuda._sleep(self.cycles)
+        if self.mode == "cycles":
+            self.torch.cuda._sleep(self.cycles)
+        else:
+            from .jit.launch import launch
+            launch(self._fn, 1, self._threads, self.torch.cuda.current_stream().cuda_stream, self._p)
 
 
 def _nccl_init(torch, rank, world, group):
@@ -198,6 +220,9 @@ def _normal_worker(rank, world, group, args) -> dict:
             "combine_us": t_comb, "combine_GBps": bf16_bytes / t_comb / 1e3,
             "cached_dispatch_bf16_us": t_cached, "cached_dispatch_bf16_GBps": bf16_bytes / t_cached / 1e3,
         }
+    st = buf._intra
+    out["speculative_outputs"] = {"hits": st.spec_hits, "misses": st.spec_misses,
+                                  "receive_relaunches": st.late_fallbacks}
     spawn.phase("baselines")
     t_a2a = _nccl_a2a(torch, dist, N * H, iters, align)
     out["nccl_all_to_all_us"] = t_a2a
@@ -233,6 +258,8 @@ def _ll_worker(rank, world, group, args) -> dict:
         st["d"] = buf.low_latency_dispatch(x, topk, T, E, use_fp8=True)
     spawn.phase("ll dispatch")
     out["dispatch_us"] = _median(_time_op(torch, disp, iters, 10, barrier))
+    # The same, started by the old SM-cycle wait: how much start skew that aligner left in.
+    out["dispatch_us_cycles_aligner"] = _median(_time_op(torch, disp, iters, 10, _Aligner(torch, dist, mode="cycles")))
     recv, cnt, handle, _, _ = st["d"]
     L = E // world
     y = torch.randn(L, world * T, H, device="cuda").to(torch.bfloat16)

@@ -43,7 +43,8 @@ def cmd_warmup(a) -> int:
         specs = registry.specs_for(a.hidden, a.ranks, a.dtype, a.mode)
     if a.smoke:
         from .kernels.smoke import SmokeNvshmemSpec, SmokePeerStoreSpec
-        specs += [SmokePeerStoreSpec(), SmokeNvshmemSpec()]
+        from .kernels.timing import SpinWaitSpec
+        specs += [SmokePeerStoreSpec(), SmokeNvshmemSpec(), SpinWaitSpec()]
     arch = toolchain.normalize_arch(a.arch) if a.arch else toolchain.current_arch()
     jobs = a.jobs or envs.COMPILE_JOBS.get() or os.cpu_count() or 1
     jobs = max(1, min(jobs, len(specs)))

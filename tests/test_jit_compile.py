@@ -25,7 +25,8 @@ def test_every_shipped_specialization_compiles_for_sm90(tmp_path_factory):
     assert len(set(labels)) == len(labels), "duplicate specializations in the catalogue"
     # Families that must be covered: a new kernel family must be added to the catalogue.
     fams = {s.family for s in specs}
-    assert {"layout", "intranode_dispatch", "intranode_combine", "low_latency", "smoke", "smoke_nvshmem"} <= fams
+    assert {"layout", "intranode_dispatch", "intranode_combine", "low_latency", "smoke", "smoke_nvshmem",
+            "timing"} <= fams
     cache = os.environ.get("EPCOMM_CACHE_DIR") or str(tmp_path_factory.mktemp("jit-cache"))
     os.environ["EPCOMM_CACHE_DIR"] = cache
     jobs = min(len(specs), max(2, os.cpu_count() or 2))

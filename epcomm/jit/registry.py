@@ -10,6 +10,7 @@ from ..kernels.intranode import IntranodeCombineSpec, IntranodeDispatchSpec
 from ..kernels.layout import LayoutSpec
 from ..kernels.low_latency import LowLatencySpec
 from ..kernels.smoke import SmokeNvshmemSpec, SmokePeerStoreSpec
+from ..kernels.timing import SpinWaitSpec
 from .spec import KernelSpec
 
 MODES = ("normal", "low-latency")
@@ -68,12 +69,13 @@ def preset(name: str) -> list[KernelSpec]:
 
 
 def shipped() -> list[KernelSpec]:
-    """Every specialization of every preset, the layout kernel and the smoke-test kernels."""
+    """Every specialization of every preset, the layout kernel, the smoke-test kernels and the
+    benchmark's wait kernel."""
     out: list[KernelSpec] = []
     for name in PRESETS:
         for s in preset(name):
             if s not in out:
                 out.append(s)
-    for s in (SmokePeerStoreSpec(), SmokeNvshmemSpec()):
+    for s in (SmokePeerStoreSpec(), SmokeNvshmemSpec(), SpinWaitSpec()):
         out.append(s)
     return out
