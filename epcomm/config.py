@@ -45,25 +45,32 @@ class Config:
 def _send_fraction(num_ranks: int) -> float:
     # Measured with benchmarks/profile_normal.py at 24 SMs: a third was fastest on 2x H200; on
     # 4x H200 (three peers to write to, the receivers' share of own rows smaller) a half was
-    # 10-15% faster for every operation.  8 ranks: not measured, the 4-rank choice is kept.
+    # 10-15% faster for every operation; a later sweep there (dispatch BF16 / FP8 / combine, us):
+    # 0.4 714 / 457 / 608, 0.5 667 / 428 / 567, 0.6 670 / 413 / 633.  8 ranks: not measured, the
+    # 4-rank choice is kept.
     return 0.33 if num_ranks <= 2 else 0.5
 
 
-def _chunk_rows(num_ranks: int) -> int:
-    # 2x H200, 24 SMs, benchmarks/profile_normal.py with outputs allocated ahead, dispatch BF16 /
-    # FP8 / combine: 64-row chunks 342 / 271 / 269 us, 128-row 324 / 238 / 217 (one run); an
-    # earlier run: 64 349 / 260 / 224, 128 349 / 249 / 212, 256 377 / 263 / 240.  At 2 ranks half
-    # the receive is the rank's own rows, which need no flag, so a later first chunk costs
-    # little.  More ranks: 128 not measured yet, kept smaller.
-    return 128 if num_ranks <= 2 else (64 if num_ranks <= 4 else 32)
+def _chunk_rows(num_ranks: int, op: str) -> int:
+    # benchmarks/profile_normal.py, 24 SMs, outputs allocated ahead (dispatch BF16 / FP8 / combine):
+    # 2x H200: 64-row chunks 342 / 271 / 269 us, 128-row 324 / 238 / 217 (one run); an earlier
+    #   run: 64 349 / 260 / 224, 128 349 / 249 / 212, 256 377 / 263 / 240.
+    # 4x H200 (send share 0.5): 64 667 / 428 / 567, 128 650 / 396 / 578: the dispatch gains,
+    #   the combine does not (within the run-to-run noise), so it keeps 64 there.
+    # 8 ranks: not measured; smaller chunks keep the first arrival early with more sources.
+    if num_ranks <= 2:
+        return 128
+    if num_ranks <= 4:
+        return 128 if op == "dispatch" else 64
+    return 32
 
 
 def default_dispatch_config(num_ranks: int) -> Config:
     """Default dispatch config per rank count (EPCOMM_NUM_SMS sets the SM budget)."""
-    return Config(num_sms=envs.NUM_SMS.get(), chunk_rows=_chunk_rows(num_ranks),
+    return Config(num_sms=envs.NUM_SMS.get(), chunk_rows=_chunk_rows(num_ranks, "dispatch"),
                   send_fraction=_send_fraction(num_ranks))
 
 
 def default_combine_config(num_ranks: int) -> Config:
-    return Config(num_sms=envs.NUM_SMS.get(), chunk_rows=_chunk_rows(num_ranks),
+    return Config(num_sms=envs.NUM_SMS.get(), chunk_rows=_chunk_rows(num_ranks, "combine"),
                   send_fraction=_send_fraction(num_ranks))
