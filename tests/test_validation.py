@@ -112,8 +112,11 @@ def test_buffer_size_hints_cover_the_worst_case():
 def test_envs_parse_and_document():
     from epcomm import envs as e
     table = e.table_markdown()
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     for k in e.KNOBS:
         assert f"`{k}`" in table
+        assert f"`{k}`" in readme, f"README's configuration table lacks {k}"
     import os
     os.environ["EPCOMM_TIMEOUT_S"] = "abc"
     try:
