@@ -480,7 +480,10 @@ class Buffer:
 
         Returns ``(recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list,
         handle, event)`` with ``recv_x`` in the form of ``x``, rows ordered by source rank, then
-        source token index.  Raises ValueError/TypeError for bad input (before any launch),
+        source token index.  In the CPU-synchronised path the outputs are usually row views of
+        an allocation made before the counts were known (up to EPCOMM_RECV_SPECULATION more rows
+        than the largest of the last four receives of this shape; its extra rows are never
+        written).  Raises ValueError/TypeError for bad input (before any launch),
         ValueError if the buffer is too small (with the size needed), EpcommTimeoutError if a
         peer does not arrive within EPCOMM_TIMEOUT_S.
         """
