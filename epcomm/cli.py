@@ -175,7 +175,8 @@ def main(argv=None) -> int:
     w.add_argument("--dtype", type=_csv(str), default=("bf16", "fp8"))
     w.add_argument("--mode", type=_csv(str), default=("normal", "low-latency"))
     w.add_argument("--arch", default=None, help="e.g. sm_90 (default: the GPU's, else sm_90)")
-    w.add_argument("--smoke", action="store_true", help="also the smoke-test kernels of `epcomm selftest`")
+    w.add_argument("--smoke", action="store_true",
+                   help="also the smoke-test kernels of `epcomm selftest` and the wait kernel of `epcomm bench`")
     w.add_argument("-j", "--jobs", type=int, default=0, help="parallel compile processes (default: CPU count)")
     w.set_defaults(fn=cmd_warmup)
 

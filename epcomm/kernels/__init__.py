@@ -1,13 +1,14 @@
 """Python launchers of the CUDA kernels, one module per kernel family.
 
-=====================  ============================  =============================
+=====================  ============================  ========================================
 module                 CUDA source (cuda_src/)       tests
-=====================  ============================  =============================
+=====================  ============================  ========================================
 kernels.layout         layout.cuh                    tests/test_layout_gpu.py
 kernels.intranode      intranode.cuh                 tests/test_intranode_gpu.py
 kernels.low_latency    low_latency.cuh               tests/test_low_latency_gpu.py
 kernels.smoke          smoke.cuh                     tests/test_smoke_gpu.py
-=====================  ============================  =============================
+kernels.timing         timing.cuh                    tests/test_timing.py, test_timing_gpu.py
+=====================  ============================  ========================================
 
 Each module defines the family's :class:`~epcomm.jit.spec.KernelSpec` subclasses (template
 arguments), the ``ParamsStruct`` mirrors of the C++ parameter structs (runtime parameters) and
