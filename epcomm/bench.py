@@ -87,7 +87,9 @@ class _Aligner:
             self.cycles = int(sleep_us * (mhz if mhz > 100 else 1980.0))
         else:
             from .jit import loader
+            from .jit.launch import launch
             from .kernels.timing import SpinParams, SpinWaitSpec
+            self._launch = launch
             dev = torch.cuda.current_device()
             spec = SpinWaitSpec()
             self._fn = loader.load(spec, dev).fn("spin_wait_ns")
@@ -101,8 +103,7 @@ class _Aligner:
         if self.mode == "cycles":
             self.torch.cuda._sleep(self.cycles)
         else:
-            from .jit.launch import launch
-            launch(self._fn, 1, self._threads, self.torch.cuda.current_stream().cuda_stream, self._p)
+            self._launch(self._fn, 1, self._threads, self.torch.cuda.current_stream().cuda_stream, self._p)
 
 
 def _nccl_init(torch, rank, world, group):

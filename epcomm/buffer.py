@@ -130,6 +130,7 @@ class _IntraState:
             self.late_host, self.late_dev = _cuda.host_alloc_mapped(2 * n_late)
             ctypes.memset(self.late_host, 0, 2 * n_late)
             self.late_slots = [K_intra.LateOutputs.from_address(self.late_host + i * n_late) for i in range(2)]
+            self.late_slot_devs = [self.late_dev + i * n_late for i in range(2)]
             self.late_seq = 0
             self.late_fallbacks = 0  # receives relaunched because the early one stood down
             self.spec_hits = 0       # receives written into outputs allocated before the counts
@@ -645,7 +646,7 @@ class Buffer:
             if late:
                 st.late_seq += 1
                 lo = st.late_slots[st.late_seq & 1]
-                p.late = st.late_dev + (st.late_seq & 1) * ctypes.sizeof(K_intra.LateOutputs)
+                p.late = st.late_slot_devs[st.late_seq & 1]
                 p.late_seq, p.late_wait_ns = st.late_seq, int(_LATE_WAIT_NS)
                 p.worst_mode = 0
                 launch(mod.fn("recv"), Rv, K_intra.THREADS, self._stream2, p)
@@ -711,10 +712,11 @@ class Buffer:
                         expert_list = st.info[2 + R:2 + R + E // R].tolist()
                     M = num_recv
                 # ---- outputs ----
-                if spec_rows:
+                if late:
                     hist = st.recv_history.setdefault(spec_key, [])
                     hist.append(M)
                     del hist[:-4]
+                if spec_rows:
                     fits = M <= spec_rows
                     if fits:
                         st.spec_hits += 1
@@ -726,9 +728,6 @@ class Buffer:
                         st.late_fallbacks += 1
                         launch(mod.fn("recv"), Rv, K_intra.THREADS, self._stream2, p)
                 elif late:
-                    hist = st.recv_history.setdefault(spec_key, [])
-                    hist.append(M)
-                    del hist[:-4]
                     outputs = allocate(M)
                     if _LATE_TEST_DELAY_S:
                         time.sleep(_LATE_TEST_DELAY_S)

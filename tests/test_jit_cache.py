@@ -15,12 +15,6 @@ from epcomm.jit.spec import KernelDef, KernelSpec, ParamsStruct
 from epcomm.kernels.smoke import SmokeParams, SmokePeerStoreSpec
 
 
-@pytest.fixture()
-def cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("EPCOMM_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("EPCOMM_DISABLE_CACHE", raising=False)
-    return tmp_path / "cache"
-
 
 def test_hit_after_miss_returns_the_same_cubin(cache_dir):
     spec = SmokePeerStoreSpec(threads=128)

@@ -11,12 +11,6 @@ from epcomm.jit import compiler, registry
 from epcomm.kernels.timing import SpinParams, SpinWaitSpec
 
 
-@pytest.fixture()
-def cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("EPCOMM_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("EPCOMM_DISABLE_CACHE", raising=False)
-    return tmp_path / "cache"
-
 
 def test_spin_wait_kernel_compiles_for_sm90(cache_dir):
     spec = SpinWaitSpec()
