@@ -29,7 +29,7 @@ echo "warmup: $(( $(date +%s) - t0 ))s, $(tail -1 "$OUT/warmup.txt")"
 if [[ $what == tests || $what == all ]]; then
   timeout ${TEST_TIMEOUT:-520} python3 -m pytest -q -rs -p no:cacheprovider ${kexpr:+-k "$kexpr"} \
       --junitxml="$OUT/junit.xml" ${TEST_FILES:-tests/test_smoke_gpu.py tests/test_layout_gpu.py \
-      tests/test_interop.py tests/test_intranode_gpu.py tests/test_low_latency_gpu.py} 2>&1 | tee "$OUT/tests.txt" | tail -60
+      tests/test_interop.py tests/test_timing_gpu.py tests/test_intranode_gpu.py tests/test_low_latency_gpu.py} 2>&1 | tee "$OUT/tests.txt" | tail -60
 fi
 if [[ $what == bench || $what == all ]]; then
   EPCOMM_BENCH_KIND="nvidia-h200-x$ngpu" timeout 560 python3 -m epcomm.cli bench all --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
