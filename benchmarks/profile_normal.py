@@ -27,15 +27,24 @@ def _spans(stamps: dict) -> dict:
     host = stamps.pop("host", {})
     t0 = min(int(a[a[:, 0] > 0, 0].min()) for a in stamps.values() if (a[:, 0] > 0).any())
     out = {"host": {k: (v - t0) / 1e3 for k, v in host.items()}}
+    sms = {}
     for k, a in stamps.items():
         a = a[a[:, 0] > 0]
         if not len(a):
             continue
-        ends = a[:, 1][a[:, 1] > 0]
+        done = a[a[:, 1] > 0]
+        sms[k] = set(int(v) for v in a[:, 2])
         out[k] = {"blocks": int(len(a)), "first_start_us": (int(a[:, 0].min()) - t0) / 1e3,
                   "last_start_us": (int(a[:, 0].max()) - t0) / 1e3,
-                  "last_end_us": (int(ends.max()) - t0) / 1e3 if len(ends) else float("nan"),
-                  "median_busy_us": float(np.median((a[:, 1] - a[:, 0])[a[:, 1] > 0])) / 1e3 if len(ends) else float("nan")}
+                  "last_end_us": (int(done[:, 1].max()) - t0) / 1e3 if len(done) else float("nan"),
+                  "median_busy_us": float(np.median(done[:, 1] - done[:, 0])) / 1e3 if len(done) else float("nan"),
+                  # SM clock while the block ran: cycles / ns
+                  "median_sm_mhz": float(np.median(done[:, 3] / np.maximum(done[:, 1] - done[:, 0], 1))) * 1e3
+                  if len(done) else float("nan"),
+                  "distinct_sms": len(sms[k])}
+    # Blocks of the concurrent send and receive kernels on one SM share its issue slots.
+    if "send" in sms and "recv" in sms:
+        out["send"]["sms_shared_with_recv"] = len(sms["send"] & sms["recv"])
     return out
 
 
@@ -74,6 +83,19 @@ def _worker(rank, world, group, args):
         def cached_alt():
             st["c"] = buf.dispatch(x, handle=handle, config=cfg)
 
+        def disp_worst():
+            # No CPU synchronisation at all: outputs sized for every token of every rank.
+            st["r4"] = buf.dispatch(x, num_tokens_per_rank=ntr, is_token_in_rank=itr, num_tokens_per_expert=nte,
+                                    topk_idx=topk, topk_weights=w, config=cfg, num_worst_tokens=N * world)
+
+        def disp_nospec():
+            # No speculative outputs: the receive is launched after the host saw the counts.
+            keep, buf._intra.speculation = buf._intra.speculation, -1.0
+            try:
+                disp_bf16()
+            finally:
+                buf._intra.speculation = keep
+
         def disp_reuse():
             st.pop("r2", None)
             st["r2"] = buf.dispatch(x, num_tokens_per_rank=ntr, is_token_in_rank=itr, num_tokens_per_expert=nte,
@@ -86,6 +108,8 @@ def _worker(rank, world, group, args):
                "dispatch_bf16_notopk": lambda: buf.dispatch(x, num_tokens_per_rank=ntr, is_token_in_rank=itr,
                                                             num_experts=E, config=cfg),
                "cached_bf16": lambda: buf.dispatch(x, handle=handle, config=cfg),
+               "dispatch_bf16_worst": disp_worst,
+               "dispatch_bf16_nospec": disp_nospec,
                # Memory placement: the ops above either keep their last outputs alive while the
                # next call allocates (dispatch: two output blocks alternate, as in `epcomm
                # bench` and DeepEP's tests) or drop them at once (cached: one block reused).
@@ -93,6 +117,8 @@ def _worker(rank, world, group, args):
                "dispatch_bf16_reusing": disp_reuse,
                "combine": lambda: buf.combine(y, handle, config=cfg)}
         for name, fn in ops.items():
+            if args.get("ops") and name not in args["ops"]:
+                continue
             ev = statistics.median(_time_op(torch, fn, 20, 5, align))
             spans, host = [], []
             for _ in range(5):
@@ -104,7 +130,7 @@ def _worker(rank, world, group, args):
             med = {}
             for k in spans[0]:
                 med[k] = {f: statistics.median(s[k][f] for s in spans if k in s and f in s[k]) for f in spans[0][k]}
-            res.append({"sms": sms, "send_fraction": frac, "chunk_rows": chunk, "op": name, "event_us": ev,
+            res.append({"rank": rank, "sms": sms, "send_fraction": frac, "chunk_rows": chunk, "op": name, "event_us": ev,
                         "host_call_us": statistics.median(host), "spans": med})
     # What one output allocation costs on this host (it sits on the CPU-synchronised path).
     from epcomm import interop
@@ -160,8 +186,7 @@ def _worker(rank, world, group, args):
             except Exception as e:  # noqa: BLE001 - informational only
                 attrs[key] = repr(e)
     st = buf._intra
-    counters = {"speculative_hits": st.spec_hits, "speculative_misses": st.spec_misses,
-                "receive_relaunches": st.late_fallbacks}
+    counters = {"speculative_hits": st.spec_hits, "speculative_misses": st.spec_misses}
     dist.destroy_process_group()
     buf.destroy()
     return {"records": res, "cprofile": sio.getvalue(), "attrs": attrs, "alloc": alloc, "counters": counters}
@@ -174,17 +199,19 @@ def main():
     ap.add_argument("--configs", default="24:0.5:64,24:0.33:64,24:0.25:64,24:0.33:32,24:0.33:128,12:0.33:64")
     ap.add_argument("--fp8-scales", choices=("row", "col"), default="row",
                     help="layout of the FP8 input scales (column-major outputs are never speculative)")
+    ap.add_argument("--ops", default="", help="comma-separated subset of the ops (default: all)")
     a = ap.parse_args()
     configs = [(int(s), float(f), int(c)) for s, f, c in (t.split(":") for t in a.configs.split(","))]
     world = spawn.gpu_count()
-    out = spawn.run(_worker, world, {"configs": configs, "fp8_scales": a.fp8_scales}, timeout=500)
+    out = spawn.run(_worker, world, {"configs": configs, "fp8_scales": a.fp8_scales,
+                                           "ops": [o for o in a.ops.split(",") if o]}, timeout=500)
     print(out[0]["cprofile"])
     print(json.dumps(out[0]["attrs"]))
     print(json.dumps(out[0]["alloc"], indent=1))
     print("counters per rank:", [o["counters"] for o in out])
-    for rec in out[0]["records"]:
+    for rec in (r for o in out for r in o["records"]):
         sp = rec["spans"]
-        line = (f"sms={rec['sms']:2d} f={rec['send_fraction']:.2f} chunk={rec['chunk_rows']:3d} {rec['op']:14s} "
+        line = (f"r{rec.get('rank', '?')} sms={rec['sms']:2d} f={rec['send_fraction']:.2f} chunk={rec['chunk_rows']:3d} {rec['op']:14s} "
                 f"event {rec['event_us']:7.1f} us host {rec['host_call_us']:6.1f} |")
         if sp.get("host"):
             line += " host " + " ".join(f"{k}={v:.0f}" for k, v in sp["host"].items()) + " |"
@@ -192,7 +219,10 @@ def main():
             if k in sp:
                 s = sp[k]
                 line += (f" {k} {s['first_start_us']:.0f}..{s['last_end_us']:.0f} "
-                         f"(busy {s['median_busy_us']:.0f}, last start {s['last_start_us']:.0f}) |")
+                         f"(busy {s['median_busy_us']:.0f}, last start {s['last_start_us']:.0f}, "
+                         f"{s['median_sm_mhz']:.0f} MHz, {s['distinct_sms']} SMs"
+                         + (f", {s['sms_shared_with_recv']:.0f} shared with recv" if "sms_shared_with_recv" in s else "")
+                         + ") |")
         print(line, flush=True)
     if a.json:
         with open(a.json, "w") as f:

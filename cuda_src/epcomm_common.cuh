@@ -63,6 +63,12 @@ EPCOMM_DEVICE u64 globaltimer_ns() {
   return t;
 }
 
+EPCOMM_DEVICE u32 smid() {
+  u32 v;
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(v));
+  return v;
+}
+
 EPCOMM_DEVICE int ld_volatile_i32(const int* p) {
   int v;
   asm volatile("ld.volatile.global.s32 %0, [%1];" : "=r"(v) : "l"(p));

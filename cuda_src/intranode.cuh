@@ -29,7 +29,6 @@ struct IntraCtrl {
   int recv_done;     // dispatch receive: blocks finished
   int comb_done;     // combine: blocks finished
   int pad;
-  u64 late_decision; // dispatch receive: block 0's verdict on the late outputs (see LateOutputs)
 };
 
 struct IntraParams {
@@ -82,88 +81,31 @@ struct IntraParams {
   int cached;                 // dispatch from a handle: no count exchange, no top-k
   int write_host;             // notify publishes counts to host_info
   int num_send_blocks;        // combine: blocks [0, S) send, the rest receive
-  int pad;
-  u64* prof;                  // EPCOMM_PROFILE: per-block globaltimer stamps, or null
-  struct LateOutputs* late;   // dispatch receive launched before its outputs exist, or null
-  u64 late_seq;               // value of late->seq that publishes this call's outputs
-  u64 late_wait_ns;           // how long the receive waits for them before standing down
+  int speculative;            // dispatch receive: outputs sized before the counts were known
+  u64* prof;                  // EPCOMM_PROFILE: per-block stamps, or null
 };
 
-// Outputs of a CPU-synchronised dispatch, published by the host in mapped memory.  The receive
-// kernel is launched right behind the send, before the host knows the counts, and waits until
-// the host has allocated the outputs (seq == late_seq, written after the fields), so neither
-// the launch nor the host's wake-up sits between the count exchange and the first received row.
-// A host that takes longer than late_wait_ns (an allocator that synchronises the device would
-// otherwise wait on this very kernel) makes the kernel stand down: block 0 writes gave_up,
-// fences, reads seq once more and writes its verdict to `decided` (late_seq * 2 + 1: it goes on,
-// late_seq * 2: it exited).  The host writes seq, fences, and reads gave_up; if the kernel gave
-// up, the host waits for `decided` and, on an exit, launches an ordinary receive (Dekker's
-// handshake: each side stores, fences, then loads the other side's word).
-// out_rows < 0: the host failed before publishing; the kernel exits.
-// Usually the host publishes before it knows the counts (speculative outputs sized from the
-// previous calls, so the host's allocation is off the critical path); a receive with more rows
-// than out_rows then leaves, and the host, seeing the same counts, launches one with exact
-// outputs.  Alternate calls use alternate records (the previous call's receive may not have
-// read its record yet when the next call publishes).
-struct LateOutputs {
-  u64 seq;
-  u64 recv_x, recv_scales, recv_topk_idx, recv_topk_weights, recv_src_idx;
-  i64 rscale_st, rscale_sg;
-  i64 out_rows;
-  u64 gave_up;
-  u64 decided;
-};
-static_assert(sizeof(LateOutputs) == 88, "mirrored by epcomm.kernels.intranode.LateOutputs");
-
-// Block 0 decides (see LateOutputs), the other blocks follow its verdict; returns true and fills
-// *out if the outputs were published.
-EPCOMM_DEVICE bool late_outputs_wait(const IntraParams& p, u64 deadline, LateOutputs* out) {
-  u64 verdict = 0;
-  if (blockIdx.x == 0) {
-    const u64 t0 = globaltimer_ns();
-    bool go = false;
-    for (u32 i = 1;; ++i) {
-      if (ld_acquire_sys_u64(&p.late->seq) == p.late_seq) {
-        go = true;
-        break;
-      }
-      if ((i & 63u) == 0 && (globaltimer_ns() - t0 > p.late_wait_ns || aborted(p.err))) break;
-    }
-    if (!go) {
-      st_relaxed_sys_u64(&p.late->gave_up, p.late_seq);
-      fence_sc_sys();
-      go = ld_acquire_sys_u64(&p.late->seq) == p.late_seq;
-      st_release_sys_u64(&p.late->decided, p.late_seq * 2 + (go ? 1 : 0));
-    }
-    verdict = p.late_seq * 2 + (go ? 1 : 0);
-    st_release_gpu_u64(&p.ctrl->late_decision, verdict);
-  } else {
-    for (u32 i = 1;; ++i) {
-      verdict = ld_acquire_gpu_u64(&p.ctrl->late_decision);
-      if ((verdict >> 1) == p.late_seq) break;
-      if ((i & 1023u) == 0 && (aborted(p.err) || globaltimer_ns() > deadline)) return false;
-    }
-  }
-  if (!(verdict & 1)) return false;
-  const volatile LateOutputs* l = p.late;
-  out->recv_x = l->recv_x;
-  out->recv_scales = l->recv_scales;
-  out->recv_topk_idx = l->recv_topk_idx;
-  out->recv_topk_weights = l->recv_topk_weights;
-  out->recv_src_idx = l->recv_src_idx;
-  out->rscale_st = l->rscale_st;
-  out->rscale_sg = l->rscale_sg;
-  out->out_rows = l->out_rows;
-  return true;
-}
-
-// Profiling (EPCOMM_PROFILE=1): thread 0 of each block stamps its start and end into
-// prof[((kernel * kProfMaxBlocks) + block) * 2 + {0, 1}]; epcomm.buffer reads them back.
+// Profiling (EPCOMM_PROFILE=1): thread 0 of each block records, at
+// prof[((kernel * kProfMaxBlocks) + block) * kProfSlots + i]: i = 0 start, 1 end (globaltimer ns),
+// 2 the SM it ran on, 3 SM clock cycles between start and end (with the ns span: the clock rate;
+// with the SM ids: whether blocks of concurrent kernels shared an SM).  epcomm.buffer reads them.
 constexpr int kProfMaxBlocks = 256;
+constexpr int kProfSlots = 4;
 enum ProfKernel { kProfNotify = 0, kProfSend = 1, kProfRecv = 2, kProfCombine = 3 };
 EPCOMM_DEVICE void prof_stamp(const IntraParams& p, int kernel, int which) {
-  if (p.prof != nullptr && threadIdx.x == 0 && blockIdx.x < kProfMaxBlocks)
-    p.prof[(static_cast<u64>(kernel) * kProfMaxBlocks + blockIdx.x) * 2 + which] = globaltimer_ns();
+  if (p.prof != nullptr && threadIdx.x == 0 && blockIdx.x < kProfMaxBlocks) {
+    u64* s = p.prof + (static_cast<u64>(kernel) * kProfMaxBlocks + blockIdx.x) * kProfSlots;
+    const u64 now = globaltimer_ns();
+    const u64 clk = static_cast<u64>(clock64());
+    if (which == 0) {
+      s[0] = now;
+      s[2] = smid();
+      s[3] = clk;
+    } else {
+      s[1] = now;
+      s[3] = clk - s[3];
+    }
+  }
 }
 
 template <typename T>
@@ -486,38 +428,22 @@ __global__ void __launch_bounds__(kIntraThreads) intranode_dispatch_recv(const _
   const int L = p.num_experts / R;
   const u64 me_base = p.peers[p.rank];
   const u8* my_staging = at<u8>(me_base, p.staging_off);
-  __shared__ LateOutputs s_out;
-  if (threadIdx.x == 0) {
-    if (p.late != nullptr) {
-      if (!late_outputs_wait(p, deadline, &s_out)) s_out.out_rows = -1;
-    } else {
-      s_out.recv_x = reinterpret_cast<u64>(p.recv_x);
-      s_out.recv_scales = reinterpret_cast<u64>(p.recv_scales);
-      s_out.recv_topk_idx = reinterpret_cast<u64>(p.recv_topk_idx);
-      s_out.recv_topk_weights = reinterpret_cast<u64>(p.recv_topk_weights);
-      s_out.recv_src_idx = reinterpret_cast<u64>(p.recv_src_idx);
-      s_out.rscale_st = p.rscale_st;
-      s_out.rscale_sg = p.rscale_sg;
-      s_out.out_rows = p.out_rows;
-    }
-  }
-  __syncthreads();
-  if (s_out.out_rows < 0) return;
-  u8* const recv_x = reinterpret_cast<u8*>(s_out.recv_x);
-  float* const recv_scales = reinterpret_cast<float*>(s_out.recv_scales);
-  i64* const recv_topk_idx = reinterpret_cast<i64*>(s_out.recv_topk_idx);
-  float* const recv_topk_weights = reinterpret_cast<float*>(s_out.recv_topk_weights);
-  int* const recv_src_idx = reinterpret_cast<int*>(s_out.recv_src_idx);
-  const i64 rscale_st = s_out.rscale_st, rscale_sg = s_out.rscale_sg;
-  const int M = static_cast<int>(s_out.out_rows);
+  u8* const recv_x = p.recv_x;
+  float* const recv_scales = p.recv_scales;
+  i64* const recv_topk_idx = p.recv_topk_idx;
+  float* const recv_topk_weights = p.recv_topk_weights;
+  int* const recv_src_idx = p.recv_src_idx;
+  const i64 rscale_st = p.rscale_st, rscale_sg = p.rscale_sg;
+  const int M = p.out_rows;
 
   int prefix[R + 1];
 #pragma unroll
   for (int s = 0; s <= R; ++s) prefix[s] = ld_volatile_i32(p.rank_prefix + s);
   const int total = prefix[R];
-  // Outputs published before the counts were known (speculative) that are too small: every
-  // block leaves, the host sees the same counts and launches a receive with exact outputs.
-  if (total > M && p.late != nullptr) return;
+  // Speculative outputs (allocated before the counts were known, from the sizes of earlier
+  // calls) that are too small: every block leaves before writing anything and without
+  // acknowledging; the host sees the same counts and launches a receive with exact outputs.
+  if (total > M && p.speculative) return;
   if (total > M && blockIdx.x == 0 && threadIdx.x == 0)
     report_error(p.err, kErrOverflow, p.rank, kPhaseDispatchRecv, -1, -1, static_cast<u64>(M),
                  static_cast<u64>(total));

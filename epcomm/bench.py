@@ -61,49 +61,70 @@ class _Aligner:
     """Start every rank's timed region at the same moment on the GPUs.
 
     Host barriers leave ranks milliseconds apart, and a collective op then measures the wait
-    for the slowest host.  Instead: a 1-element NCCL all-reduce (its end is nearly simultaneous
-    on every GPU), then an identical GPU wait that gives each host time to queue the timed call
-    before the start event is reached (1.5 ms: a normal dispatch's Python before its first
-    launch took up to ~350 us on a busy host; what the host does after the GPU started, such as
-    the CPU synchronisation inside a dispatch, stays inside the timing).
+    for the slowest host.  Instead the GPUs wait, after a 1-element NCCL all-reduce, long enough
+    for every host to queue the timed call before the start event is reached (1.5 ms: a normal
+    dispatch's Python before its first launch took up to ~350 us on a busy host; what the host
+    does after the GPU started, such as the CPU synchronisation inside a dispatch, stays inside
+    the timing).  How the wait ends is the mode:
 
-    mode "wall" (default) waits on %globaltimer (epcomm::spin_wait_ns), so every GPU leaves the
-    wait the same wall time after the all-reduce.  mode "cycles" is the old wait,
-    ``torch.cuda._sleep`` of 1.5 ms times the clock rate torch reports: a count of SM cycles,
-    which ends earlier on a GPU whose clock runs faster (1% of 1.5 ms is 15 us of skew, inside
-    the timing of a collective op); kept to measure that difference.
+    * "clock" (default): every GPU stamps %globaltimer + 1.5 ms, the all-reduce takes the maximum
+      and every GPU waits until its %globaltimer reaches it (epcomm::deadline_stamp and
+      epcomm::spin_wait_ns), so the GPUs leave the wait together however unevenly the all-reduce
+      ended (it did end tens of us apart on 2x H200, and the late rank's op then measured only
+      its own part).  Assumes the GPUs' %globaltimer agree, as they do on one host.
+    * "wall": a fixed 1.5 ms %globaltimer wait after the all-reduce: inherits its uneven end.
+    * "cycles": ``torch.cuda._sleep`` of 1.5 ms times the clock rate torch reports, a count of
+      SM cycles, which also ends earlier on a GPU whose clock runs faster.
+    The last two are kept to measure the difference.
     """
 
-    def __init__(self, torch, dist, sleep_us: float = 1500.0, mode: str = "wall"):
-        if mode not in ("wall", "cycles"):
-            raise ValueError(f"aligner mode {mode!r}: expected 'wall' or 'cycles'")
+    MODES = ("clock", "wall", "cycles")
+
+    def __init__(self, torch, dist, sleep_us: float = 1500.0, mode: str = "clock"):
+        if mode not in self.MODES:
+            raise ValueError(f"aligner mode {mode!r}: expected one of {self.MODES}")
         self.torch, self.dist, self.mode = torch, dist, mode
-        self.t = torch.zeros(1, device="cuda")
         if mode == "cycles":
+            self.t = torch.zeros(1, device="cuda")
             try:
                 mhz = float(torch.cuda.clock_rate())  # via NVML; the SM clock under load
             except Exception:
                 mhz = 0.0
             self.cycles = int(sleep_us * (mhz if mhz > 100 else 1980.0))
+            return
+        from .jit import loader
+        from .jit.launch import launch
+        from .kernels.timing import SpinParams, SpinWaitSpec
+        self._launch = launch
+        spec = SpinWaitSpec()
+        mod = loader.load(spec, torch.cuda.current_device())
+        self._wait, self._threads = mod.fn("spin_wait_ns"), spec.threads
+        self._p = SpinParams()
+        self._p.ns = int(sleep_us * 1e3)
+        if mode == "clock":
+            self._stamp = mod.fn("deadline_stamp")
+            self.t = torch.zeros(1, dtype=torch.int64, device="cuda")
+            self._p.deadline = self.t.data_ptr()
+            self._wait_p = SpinParams()
+            self._wait_p.ns = 4 * self._p.ns  # at most: a deadline far off cannot hang the run
+            self._wait_p.deadline = self.t.data_ptr()
         else:
-            from .jit import loader
-            from .jit.launch import launch
-            from .kernels.timing import SpinParams, SpinWaitSpec
-            self._launch = launch
-            dev = torch.cuda.current_device()
-            spec = SpinWaitSpec()
-            self._fn = loader.load(spec, dev).fn("spin_wait_ns")
-            self._threads = spec.threads
-            self._p = SpinParams()
-            self._p.ns = int(sleep_us * 1e3)
+            self.t = torch.zeros(1, device="cuda")
 
     def __call__(self):
-        self.torch.cuda.synchronize()
+        torch = self.torch
+        torch.cuda.synchronize()
+        stream = torch.cuda.current_stream().cuda_stream
+        if self.mode == "clock":
+            self._launch(self._stamp, 1, self._threads, stream, self._p)
+            self.dist.all_reduce(self.t, op=self.dist.ReduceOp.MAX)
+            self._launch(self._wait, 1, self._threads, stream, self._wait_p)
+            return
         self.dist.all_reduce(self.t)
         if self.mode == "cycles":
-            self.torch.cuda._sleep(self.cycles)
+            torch.cuda._sleep(self.cycles)
         else:
-            self._launch(self._fn, 1, self._threads, self.torch.cuda.current_stream().cuda_stream, self._p)
+            self._launch(self._wait, 1, self._threads, stream, self._p)
 
 
 def _nccl_init(torch, rank, world, group):
@@ -222,8 +243,7 @@ def _normal_worker(rank, world, group, args) -> dict:
             "cached_dispatch_bf16_us": t_cached, "cached_dispatch_bf16_GBps": bf16_bytes / t_cached / 1e3,
         }
     st = buf._intra
-    out["speculative_outputs"] = {"hits": st.spec_hits, "misses": st.spec_misses,
-                                  "receive_relaunches": st.late_fallbacks}
+    out["speculative_outputs"] = {"hits": st.spec_hits, "misses": st.spec_misses}
     spawn.phase("baselines")
     t_a2a = _nccl_a2a(torch, dist, N * H, iters, align)
     out["nccl_all_to_all_us"] = t_a2a
@@ -259,8 +279,8 @@ def _ll_worker(rank, world, group, args) -> dict:
         st["d"] = buf.low_latency_dispatch(x, topk, T, E, use_fp8=True)
     spawn.phase("ll dispatch")
     out["dispatch_us"] = _median(_time_op(torch, disp, iters, 10, barrier))
-    # The same, started by the old SM-cycle wait: how much start skew that aligner left in.
-    out["dispatch_us_cycles_aligner"] = _median(_time_op(torch, disp, iters, 10, _Aligner(torch, dist, mode="cycles")))
+    # The same, started by the fixed wait after the all-reduce: how much start skew it leaves in.
+    out["dispatch_us_wall_aligner"] = _median(_time_op(torch, disp, iters, 10, _Aligner(torch, dist, mode="wall")))
     recv, cnt, handle, _, _ = st["d"]
     L = E // world
     y = torch.randn(L, world * T, H, device="cuda").to(torch.bfloat16)
@@ -434,7 +454,7 @@ def print_table(res: dict) -> None:
             return statistics.mean(r[k] for r in r0)
         print(f"\nlow-latency: {a['tokens']} tokens/rank, hidden {a['hidden']}, top-{a['topk']}, {a['experts']} "
               f"experts, FP8 dispatch, BF16 combine (mean over ranks of medians)")
-        for k in ("dispatch_us", "dispatch_us_cycles_aligner", "dispatch_graph_us", "dispatch_graph_us_back_to_back",
+        for k in ("dispatch_us", "dispatch_us_wall_aligner", "dispatch_graph_us", "dispatch_graph_us_back_to_back",
                   "dispatch_send_us", "dispatch_recv_us", "combine_us", "combine_graph_us",
                   "combine_graph_us_back_to_back", "combine_send_us", "combine_recv_us", "host_us_per_dispatch",
                   "host_us_per_combine_plus_dispatch", "nccl_all_to_all_us"):

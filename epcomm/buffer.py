@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import atexit
 import ctypes
-import platform
-import threading
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -35,25 +33,6 @@ from .kernels import intranode as K_intra
 from .kernels import layout as K_layout
 
 _LIVE_BUFFERS: "weakref.WeakSet[Buffer]" = weakref.WeakSet()
-
-# Early-launched dispatch receive (epcomm::LateOutputs): the host publishes the outputs with
-# ordered plain stores, which x86 guarantees; elsewhere the receive is launched after allocation.
-_LATE_OUTPUTS_OK = platform.machine().lower() in ("x86_64", "amd64")
-# How long that receive waits for the host before standing down.  Allocating the outputs takes
-# tens of microseconds; only an allocator that has to free memory (a device synchronisation,
-# which would wait for this very kernel) takes longer, and then the kernel must get out of the way.
-_LATE_WAIT_NS = 5_000_000
-_FENCE_LOCK = threading.Lock()
-# Tests only: seconds the host sleeps before publishing, to force the stand-down path.
-_LATE_TEST_DELAY_S = 0.0
-
-
-def _full_fence() -> None:
-    """A full memory barrier on the host (a locked instruction inside the lock's acquire), so
-    the store publishing the outputs is ordered before the load of the kernel's give-up word."""
-    with _FENCE_LOCK:
-        pass
-
 
 @atexit.register
 def _destroy_all() -> None:  # pragma: no cover - exercised at interpreter exit
@@ -111,7 +90,7 @@ class _IntraState:
         self.peers: list[int] = [0] * R
         self.opened: list[int] = []
         self.base = self.ctrl = 0
-        self.host_info = self.late_host = 0
+        self.host_info = 0
         self.host_info_dev = 0
         with _cuda.on_device(dev):
             self.base = _cuda.mem_alloc(lay.total_bytes)
@@ -123,18 +102,9 @@ class _IntraState:
             self.host_info, self.host_info_dev = _cuda.host_alloc_mapped(4 * n_info)
             ctypes.memset(self.host_info, 0, 4 * n_info)
             self.info = np.frombuffer((ctypes.c_int32 * n_info).from_address(self.host_info), dtype=np.int32)
-            # Two LateOutputs records, used by alternate calls: outputs published before the
-            # counts are known (speculative) may be written while the previous call's receive
-            # has not read its record yet; it has always read it before the next call but one.
-            n_late = ctypes.sizeof(K_intra.LateOutputs)
-            self.late_host, self.late_dev = _cuda.host_alloc_mapped(2 * n_late)
-            ctypes.memset(self.late_host, 0, 2 * n_late)
-            self.late_slots = [K_intra.LateOutputs.from_address(self.late_host + i * n_late) for i in range(2)]
-            self.late_slot_devs = [self.late_dev + i * n_late for i in range(2)]
-            self.late_seq = 0
-            self.late_fallbacks = 0  # receives relaunched because the early one stood down
             self.spec_hits = 0       # receives written into outputs allocated before the counts
-            self.spec_misses = 0     # speculative outputs too small: exact ones allocated after the counts
+            self.spec_misses = 0     # speculative outputs too small: that receive stood down, exact ones relaunched
+            self.orphans: list = []  # speculative outputs of calls interrupted before the counts arrived
             # Receive rows of the last CPU-synchronised dispatches, per (tokens, experts): the
             # size of the next call's speculative outputs.
             self.recv_history: dict = {}
@@ -162,7 +132,7 @@ class _IntraState:
         self.prof = 0
         self.host_stamps: dict = {}
         if envs.PROFILE.get():
-            self.prof_bytes = 8 * 2 * K_intra.PROF_MAX_BLOCKS * len(K_intra.PROF_KERNELS)
+            self.prof_bytes = 8 * K_intra.PROF_SLOTS * K_intra.PROF_MAX_BLOCKS * len(K_intra.PROF_KERNELS)
             with _cuda.on_device(dev):
                 self.prof = _cuda.mem_alloc(self.prof_bytes)
                 _cuda.memset_d8_async(self.prof, 0, self.prof_bytes, buf._stream)
@@ -191,7 +161,7 @@ class _IntraState:
                 except Exception:
                     pass
                 setattr(self, attr, 0)
-        for attr in ("host_info", "late_host"):
+        for attr in ("host_info",):
             ptr = getattr(self, attr, 0)
             if ptr:
                 try:
@@ -286,11 +256,12 @@ class Buffer:
         return self._combine_config
 
     def profile_stamps(self) -> dict | None:
-        """Per-block (start, end) globaltimer stamps in ns of the last normal-mode kernels.
+        """Per-block stamps of the last normal-mode kernels.
 
         Only with ``EPCOMM_PROFILE=1`` at Buffer creation (otherwise returns None).  Returns
-        ``{kernel: int64 array [blocks, 2]}`` for "notify", "send", "recv" and "combine"; rows of
-        blocks that did not run are 0.  Synchronises the device; the stamps are cleared after
+        ``{kernel: int64 array [blocks, 4]}`` for "notify", "send", "recv" and "combine", columns
+        (start ns, end ns, SM id, SM clock cycles from start to end), globaltimer nanoseconds;
+        rows of blocks that did not run are 0.  Synchronises the device; the stamps are cleared after
         reading so the next call's kernels start from zero.
         """
         st = self._intra
@@ -302,9 +273,10 @@ class Buffer:
             _cuda.memcpy_dtoh(host.ctypes.data, st.prof, st.prof_bytes)
             _cuda.memset_d8_async(st.prof, 0, st.prof_bytes, self._stream)
             _cuda.stream_sync(self._stream)
-        host = host.reshape(len(K_intra.PROF_KERNELS), K_intra.PROF_MAX_BLOCKS, 2)
+        host = host.reshape(len(K_intra.PROF_KERNELS), K_intra.PROF_MAX_BLOCKS, K_intra.PROF_SLOTS)
         out = {k: host[i] for i, k in enumerate(K_intra.PROF_KERNELS)}
         out["host"] = dict(st.host_stamps)  # time.time_ns() of the last dispatch's host steps
+        st.host_stamps.clear()
         return out
 
     @staticmethod
@@ -636,27 +608,15 @@ class Buffer:
             _cuda.stream_wait_event(self._stream2, self._ev_mid)
             if hs is not None:
                 hs["launched"] = time.time_ns()
-            # The CPU-synchronised path launches its receive now, before the counts are known; it
-            # starts copying the moment the outputs are published (epcomm::LateOutputs).
-            late = bool(p.write_host) and _LATE_OUTPUTS_OK
             G = H // 128
             col_major_scales = fp8 and sr.strides[0] == 1 and sr.shape[1] > 1 and N > 1
             spec_key = (N, E)
-            spec_rows = self._speculative_rows(st, spec_key) if late and not col_major_scales else 0
-            if late:
-                st.late_seq += 1
-                lo = st.late_slots[st.late_seq & 1]
-                p.late = st.late_slot_devs[st.late_seq & 1]
-                p.late_seq, p.late_wait_ns = st.late_seq, int(_LATE_WAIT_NS)
-                p.worst_mode = 0
-                launch(mod.fn("recv"), Rv, K_intra.THREADS, self._stream2, p)
-                p.late = 0
+            spec_rows = (self._speculative_rows(st, spec_key)
+                         if p.write_host and not col_major_scales else 0)
 
             def allocate(M):
                 """The outputs for M rows; fills their pointers into p."""
                 rx = self._empty(fw, (M, H), "float8_e4m3fn" if fp8 else "bfloat16")
-                if hs is not None:
-                    hs["rx_allocated"] = time.time_ns()
                 rs = None
                 rs_st = rs_sg = 0
                 if fp8:
@@ -680,73 +640,59 @@ class Buffer:
                     hs["allocated"] = time.time_ns()
                 return [rx, rs, rti, rtw, rsrc]
 
-            published = False
             outputs = None
-            try:
-                if spec_rows:
-                    # Speculative outputs, published now: the GPU is usually still behind the
-                    # host here, so the receive finds them ready and the host's allocation is off
-                    # the critical path.  The kernel stands down by itself if the rows do not fit.
-                    outputs = allocate(spec_rows)
-                    if _LATE_TEST_DELAY_S:
-                        time.sleep(_LATE_TEST_DELAY_S)
-                    published = True
-                    spec_ok = self._publish_late(lo, st.late_seq, p)
-                # ---- the number of received rows ----
-                expert_list: list[int] = []
-                recv_counts = None
-                if worst:
-                    M = num_worst_tokens
-                    num_recv = None
-                elif cached:
-                    num_recv = handle.num_recv_tokens
-                    recv_counts = handle.recv_counts
-                    M = num_recv if num_recv is not None else handle.out_rows
-                else:
+            if spec_rows:
+                # Speculative outputs, sized from the last calls of this shape, and the receive
+                # launched on them now, before the counts exist: the receive starts copying as
+                # soon as the counts cross, with no host round trip in between.  If the rows do
+                # not fit it leaves without writing; the host sees the same counts below.
+                # (The outputs travel as kernel arguments: a receive that read them from
+                # host-mapped memory made the concurrent send ~20% slower, docs/design.md.)
+                outputs = allocate(spec_rows)
+                p.speculative = 1
+                launch(mod.fn("recv"), Rv, K_intra.THREADS, self._stream2, p)
+                p.speculative = 0
+            # ---- the number of received rows ----
+            expert_list: list[int] = []
+            recv_counts = None
+            if worst:
+                M = num_worst_tokens
+                num_recv = None
+            elif cached:
+                num_recv = handle.num_recv_tokens
+                recv_counts = handle.recv_counts
+                M = num_recv if num_recv is not None else handle.out_rows
+            else:
+                try:
                     self._wait_host_info("dispatch")
-                    if hs is not None:
-                        hs["counts_seen"] = time.time_ns()
-                    num_recv = int(st.info[1])
-                    recv_counts = tuple(st.info[2:2 + R].tolist())
-                    if tr is not None:
-                        expert_list = st.info[2 + R:2 + R + E // R].tolist()
-                    M = num_recv
-                # ---- outputs ----
-                if late:
-                    hist = st.recv_history.setdefault(spec_key, [])
-                    hist.append(M)
-                    del hist[:-4]
+                except BaseException:
+                    if outputs is not None:
+                        # The speculative receive is queued on these outputs and may still
+                        # write them once the counts arrive: they must outlive it.
+                        st.orphans.append(outputs)
+                    raise
+                if hs is not None:
+                    hs["counts_seen"] = time.time_ns()
+                num_recv = int(st.info[1])
+                recv_counts = tuple(st.info[2:2 + R].tolist())
+                if tr is not None:
+                    expert_list = st.info[2 + R:2 + R + E // R].tolist()
+                M = num_recv
+                hist = st.recv_history.setdefault(spec_key, [])
+                hist.append(M)
+                del hist[:-4]
+            # ---- outputs ----
+            if spec_rows and M <= spec_rows:
+                st.spec_hits += 1
+                outputs = [None if o is None else interop.narrow_rows(o, M) for o in outputs]
+            else:
                 if spec_rows:
-                    fits = M <= spec_rows
-                    if fits:
-                        st.spec_hits += 1
-                        outputs = [None if o is None else interop.narrow_rows(o, M) for o in outputs]
-                    else:
-                        st.spec_misses += 1
-                        outputs = allocate(M)
-                    if not (fits and spec_ok):
-                        st.late_fallbacks += 1
-                        launch(mod.fn("recv"), Rv, K_intra.THREADS, self._stream2, p)
-                elif late:
-                    outputs = allocate(M)
-                    if _LATE_TEST_DELAY_S:
-                        time.sleep(_LATE_TEST_DELAY_S)
-                    published = True
-                    if not self._publish_late(lo, st.late_seq, p):
-                        st.late_fallbacks += 1
-                        launch(mod.fn("recv"), Rv, K_intra.THREADS, self._stream2, p)
-                else:
-                    outputs = allocate(M)
-                    launch(mod.fn("recv"), Rv, K_intra.THREADS, self._stream2, p)
-            except BaseException:
-                if late and not published:
-                    # The early receive must not wait for outputs that will never come.
-                    lo.out_rows = -1
-                    lo.seq = st.late_seq
-                raise
+                    st.spec_misses += 1
+                outputs = allocate(M)
+                launch(mod.fn("recv"), Rv, K_intra.THREADS, self._stream2, p)
             rx, rs, rti, rtw, rsrc = outputs
             if hs is not None:
-                hs["published"] = time.time_ns()
+                hs["outputs_ready"] = time.time_ns()
             _cuda.event_record(self._ev_recv, self._stream2)
             _cuda.stream_wait_event(self._stream, self._ev_recv)
             outs = [o[0] for o in (rx, rs, rti, rtw, rsrc) if o is not None]
@@ -783,24 +729,6 @@ class Buffer:
             return 0
         rows = int(max(hist) * (1.0 + st.speculation)) + 1
         return max(64, -(-rows // 64) * 64)
-
-    def _publish_late(self, lo, seq: int, p) -> bool:
-        """Hand the outputs in ``p`` to the receive launched early, through the LateOutputs
-        record ``lo`` it polls for ``seq``; False if it stood down (the caller then launches an
-        ordinary one).  Host half of the handshake in LateOutputs."""
-        lo.recv_x, lo.recv_scales, lo.recv_topk_idx = p.recv_x, p.recv_scales, p.recv_topk_idx
-        lo.recv_topk_weights, lo.recv_src_idx = p.recv_topk_weights, p.recv_src_idx
-        lo.rscale_st, lo.rscale_sg, lo.out_rows = p.rscale_st, p.rscale_sg, p.out_rows
-        lo.seq = seq  # after the fields: x86 keeps stores in order
-        _full_fence()
-        if lo.gave_up != seq:
-            return True  # the kernel had not given up, so it will see seq
-        deadline = time.monotonic() + self.timeout_s
-        while (lo.decided >> 1) != seq:
-            if time.monotonic() > deadline:
-                raise EpcommTimeoutError(f"rank {self.rank}: dispatch: the receive kernel did not report whether it "
-                                         "saw its outputs", rank=self.rank, phase="dispatch_recv")
-        return bool(lo.decided & 1)
 
     def _wait_host_info(self, what: str) -> None:
         """Spin until the notify kernel published the counts (bounded by the timeout)."""

@@ -21,6 +21,7 @@ CHUNK_FLAG_SLOTS = THREADS // 32  # kChunkFlagSlots: one arrival flag per sendin
 MAX_LOCAL_EXPERTS = 1023
 MAILBOX_INTS = 1 + MAX_LOCAL_EXPERTS
 PROF_MAX_BLOCKS = 256   # kProfMaxBlocks
+PROF_SLOTS = 4          # kProfSlots: start ns, end ns, SM id, clock cycles
 PROF_KERNELS = ("notify", "send", "recv", "combine")  # ProfKernel order
 
 _u64, _i64, _i32 = ctypes.c_uint64, ctypes.c_int64, ctypes.c_int32
@@ -42,22 +43,15 @@ class IntraParams(ParamsStruct):
         ("rank", _i32), ("num_ranks", _i32), ("num_tokens", _i32), ("num_topk", _i32),
         ("num_experts", _i32), ("expert_alignment", _i32), ("out_rows", _i32), ("worst_mode", _i32),
         ("chunk_rows", _i32), ("row_bytes", _i32), ("mailbox_ints", _i32), ("max_chunks", _i32),
-        ("cached", _i32), ("write_host", _i32), ("num_send_blocks", _i32), ("pad", _i32),
-        ("prof", _u64), ("late", _u64), ("late_seq", _u64), ("late_wait_ns", _u64),
+        ("cached", _i32), ("write_host", _i32), ("num_send_blocks", _i32), ("speculative", _i32),
+        ("prof", _u64),
     ]
-
-
-class LateOutputs(ctypes.Structure):
-    """Mirror of epcomm::LateOutputs (host-mapped; the host fills it, seq last)."""
-    _fields_ = [("seq", _u64), ("recv_x", _u64), ("recv_scales", _u64), ("recv_topk_idx", _u64),
-                ("recv_topk_weights", _u64), ("recv_src_idx", _u64), ("rscale_st", _i64), ("rscale_sg", _i64),
-                ("out_rows", _i64), ("gave_up", _u64), ("decided", _u64)]
 
 
 class IntraCtrl(ctypes.Structure):
     """Mirror of epcomm::IntraCtrl (size only: the host zeroes it once)."""
     _fields_ = [("op_seq", _u64), ("cur_tag", _u64), ("scan_done", _i32), ("recv_done", _i32),
-                ("comb_done", _i32), ("pad", _i32), ("late_decision", _u64)]
+                ("comb_done", _i32), ("pad", _i32)]
 
 
 def _check_ranks(num_ranks: int) -> None:
