@@ -2,7 +2,8 @@
 the same run (NCCL all-to-all of the same payload, raw copy-engine peer bandwidth).
 
 Method: random data (never zeros), random routing, warm-up, then per iteration: device sync,
-host barrier, CUDA events around one call on the caller's stream, median of the iterations.
+a start barrier that lets every GPU leave at the same wall time (:class:`_Aligner`), CUDA events
+around one call on the caller's stream; the median of the iterations, then the mean over ranks.
 GB/s (DeepEP's accounting, docs/benchmarks.md):
 * normal dispatch: bytes of all received rows (the rank's own included) / time; FP8 counts data
   plus scales;
@@ -61,70 +62,95 @@ class _Aligner:
     """Start every rank's timed region at the same moment on the GPUs.
 
     Host barriers leave ranks milliseconds apart, and a collective op then measures the wait
-    for the slowest host.  Instead the GPUs wait, after a 1-element NCCL all-reduce, long enough
-    for every host to queue the timed call before the start event is reached (1.5 ms: a normal
-    dispatch's Python before its first launch took up to ~350 us on a busy host; what the host
-    does after the GPU started, such as the CPU synchronisation inside a dispatch, stays inside
-    the timing).  How the wait ends is the mode:
+    for the slowest host.  Instead the GPUs wait, on the caller's stream, long enough for every
+    host to queue the timed call before the start event is reached (1.5 ms: a normal dispatch's
+    Python before its first launch took up to ~350 us on a busy host; what the host does after
+    the GPU started, such as the CPU synchronisation inside a dispatch, stays inside the
+    timing).  How every GPU knows when to leave is the mode:
 
-    * "clock" (default): every GPU stamps %globaltimer + 1.5 ms, the all-reduce takes the maximum
-      and every GPU waits until its %globaltimer reaches it (epcomm::deadline_stamp and
-      epcomm::spin_wait_ns), so the GPUs leave the wait together however unevenly the all-reduce
-      ended (it did end tens of us apart on 2x H200, and the late rank's op then measured only
-      its own part).  Assumes the GPUs' %globaltimer agree, as they do on one host.
-    * "wall": a fixed 1.5 ms %globaltimer wait after the all-reduce: inherits its uneven end.
-    * "cycles": ``torch.cuda._sleep`` of 1.5 ms times the clock rate torch reports, a count of
-      SM cycles, which also ends earlier on a GPU whose clock runs faster.
-    The last two are kept to measure the difference.
+    * "clock" (default): epcomm::start_barrier.  Rank 0 measures every GPU's %globaltimer offset
+      against its own over peer memory (NTP-style, about 1 us of error over NVLink), picks
+      a start 1.5 ms ahead and sends it to every GPU in that GPU's clock.  The clocks of the
+      GPUs do not agree (about 0.5 ms apart on 2x H200), so a deadline in one clock cannot be
+      shared as is.  Needs CUDA IPC between the ranks (one node).
+    * "wall": a 1-element NCCL all-reduce, then a fixed 1.5 ms %globaltimer wait: the GPUs leave
+      as unevenly as the all-reduce ended (tens of us apart on 2x H200; the late rank's op then
+      measures only its own part, the early rank's also the wait).  Kept to measure that.
     """
 
-    MODES = ("clock", "wall", "cycles")
+    MODES = ("clock", "wall")
 
-    def __init__(self, torch, dist, sleep_us: float = 1500.0, mode: str = "clock"):
+    def __init__(self, torch, dist, group=None, sleep_us: float = 1500.0, mode: str = "clock"):
         if mode not in self.MODES:
             raise ValueError(f"aligner mode {mode!r}: expected one of {self.MODES}")
-        self.torch, self.dist, self.mode = torch, dist, mode
-        if mode == "cycles":
-            self.t = torch.zeros(1, device="cuda")
-            try:
-                mhz = float(torch.cuda.clock_rate())  # via NVML; the SM clock under load
-            except Exception:
-                mhz = 0.0
-            self.cycles = int(sleep_us * (mhz if mhz > 100 else 1980.0))
-            return
+        if mode == "clock" and group is None:
+            raise ValueError("aligner mode 'clock' needs the epcomm group (CUDA IPC handles are exchanged)")
         from .jit import loader
         from .jit.launch import launch
-        from .kernels.timing import SpinParams, SpinWaitSpec
+        from .kernels import timing as K
+        self.torch, self.dist, self.mode = torch, dist, mode
         self._launch = launch
-        spec = SpinWaitSpec()
-        mod = loader.load(spec, torch.cuda.current_device())
-        self._wait, self._threads = mod.fn("spin_wait_ns"), spec.threads
-        self._p = SpinParams()
-        self._p.ns = int(sleep_us * 1e3)
-        if mode == "clock":
-            self._stamp = mod.fn("deadline_stamp")
-            self.t = torch.zeros(1, dtype=torch.int64, device="cuda")
-            self._p.deadline = self.t.data_ptr()
-            self._wait_p = SpinParams()
-            self._wait_p.ns = 4 * self._p.ns  # at most: a deadline far off cannot hang the run
-            self._wait_p.deadline = self.t.data_ptr()
-        else:
+        dev = torch.cuda.current_device()
+        mod = loader.load(K.SpinWaitSpec(), dev)
+        if mode == "wall":
             self.t = torch.zeros(1, device="cuda")
+            self._fn, self._threads = mod.fn("spin_wait_ns"), K.SpinWaitSpec().threads
+            self._p = K.SpinParams()
+            self._p.ns = int(sleep_us * 1e3)
+            return
+        from . import _cuda
+        self._cuda = _cuda
+        self._fn, self._threads = mod.fn("start_barrier"), K.ALIGN_THREADS
+        self.chan = _cuda.mem_alloc(K.ALIGN_CHANNEL_BYTES)
+        _cuda.memset_d8_async(self.chan, 0, K.ALIGN_CHANNEL_BYTES, torch.cuda.current_stream().cuda_stream)
+        torch.cuda.synchronize()
+        handles = group.allgather_bytes(_cuda.ipc_get_handle(self.chan))
+        self.opened = []
+        p = K.AlignParams()
+        for r, h in enumerate(handles):
+            if r == group.rank:
+                p.chan[r] = self.chan
+            else:
+                p.chan[r] = _cuda.ipc_open(h)
+                self.opened.append(p.chan[r])
+        self.report = torch.zeros(3, dtype=torch.int64, device="cuda")
+        p.lead_ns, p.cap_ns = int(sleep_us * 1e3), 200_000_000
+        p.report = self.report.data_ptr()
+        p.rank, p.num_ranks = group.rank, group.size
+        self._p = p
+        self.reports: list[tuple[int, int, int]] = []
+        group.barrier()  # every channel zeroed before anyone pings
 
     def __call__(self):
         torch = self.torch
         torch.cuda.synchronize()
         stream = torch.cuda.current_stream().cuda_stream
-        if self.mode == "clock":
-            self._launch(self._stamp, 1, self._threads, stream, self._p)
-            self.dist.all_reduce(self.t, op=self.dist.ReduceOp.MAX)
-            self._launch(self._wait, 1, self._threads, stream, self._wait_p)
-            return
-        self.dist.all_reduce(self.t)
-        if self.mode == "cycles":
-            torch.cuda._sleep(self.cycles)
+        if self.mode == "wall":
+            self.dist.all_reduce(self.t)
         else:
-            self._launch(self._wait, 1, self._threads, stream, self._p)
+            if self._p.seq:
+                self.reports.append(tuple(int(v) for v in self.report.tolist()))
+            self._p.seq += 1
+        self._launch(self._fn, 1, self._threads, stream, self._p)
+
+    def summary(self) -> dict:
+        """Clock offset of this GPU vs rank 0's, best round trip and how many barriers aligned."""
+        if self.mode != "clock" or not self.reports:
+            return {}
+        offs = [r[0] for r in self.reports if r[2]]
+        rtts = [r[1] for r in self.reports if r[2]]
+        return {"barriers": len(self.reports), "aligned": sum(r[2] for r in self.reports),
+                "clock_offset_us_vs_rank0": _median(offs) / 1e3 if offs else None,
+                "clock_offset_spread_us": (max(offs) - min(offs)) / 1e3 if offs else None,
+                "round_trip_us": _median(rtts) / 1e3 if rtts else None}
+
+    def close(self) -> None:
+        if self.mode == "clock":
+            self.torch.cuda.synchronize()
+            for ptr in self.opened:
+                self._cuda.ipc_close(ptr)
+            self._cuda.mem_free(self.chan)
+            self.opened, self.chan = [], 0
 
 
 def _nccl_init(torch, rank, world, group):
@@ -186,7 +212,7 @@ def _worker_setup(rank, world, group):
     os.environ["EPCOMM_CHECK_INDICES"] = "0"
     spawn.phase("setup")
     dist = _nccl_init(torch, rank, world, group)
-    return torch, dist, _Aligner(torch, dist)
+    return torch, dist, _Aligner(torch, dist, group)
 
 
 def _normal_worker(rank, world, group, args) -> dict:
@@ -249,6 +275,8 @@ def _normal_worker(rank, world, group, args) -> dict:
     out["nccl_all_to_all_us"] = t_a2a
     out["nccl_all_to_all_offrank_GBps"] = N * H * 2 * (world - 1) / world / t_a2a / 1e3
     out["peer_copy"] = _peer_copy(torch, rank, world, group, 1 << 30, 10, align)
+    out["aligner"] = align.summary()
+    align.close()
     dist.destroy_process_group()
     buf.destroy()
     return out
@@ -393,6 +421,8 @@ def _ll_worker(rank, world, group, args) -> dict:
         out[k.replace("_us", "_GBps")] = bf16_b / out[k] / 1e3
     spawn.phase("baseline")
     out["nccl_all_to_all_us"] = _nccl_a2a(torch, dist, T * H, iters, align)
+    out["aligner"] = align.summary()
+    align.close()
     dist.destroy_process_group()
     buf.destroy()
     return out

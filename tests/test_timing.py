@@ -8,35 +8,43 @@ import ctypes
 import pytest
 
 from epcomm.jit import compiler, registry
-from epcomm.kernels.timing import SpinParams, SpinWaitSpec
+from epcomm.kernels.timing import ALIGN_CHANNEL_BYTES, ALIGN_MAX_RANKS, AlignParams, SpinParams, SpinWaitSpec
 
 
 
-def test_spin_wait_kernel_compiles_for_sm90(cache_dir):
+def test_timing_kernels_compile_for_sm90(cache_dir):
     spec = SpinWaitSpec()
     m = compiler.build(spec, "sm_90")
     assert m.cubin[:4] == b"\x7fELF"
-    assert set(m.symbols) == {"spin_wait_ns", "deadline_stamp"}
-    # The rendered source carries static_asserts of the mirror's size (and field offsets where
-    # NVRTC has __builtin_offsetof), so the compile above also checked the params layout.
-    assert "sizeof(epcomm::SpinParams) == 16" in spec.render()
+    assert set(m.symbols) == {"spin_wait_ns", "start_barrier"}
+    # The rendered source carries static_asserts of the mirrors' sizes (and field offsets where
+    # NVRTC has __builtin_offsetof), so the compile above also checked the params layouts.
+    src = spec.render()
+    assert "sizeof(epcomm::SpinParams) == 8" in src
+    assert f"sizeof(epcomm::AlignParams) == {ctypes.sizeof(AlignParams)}" in src
 
 
-def test_spin_params_mirror_is_nanoseconds_then_a_deadline_pointer():
-    assert ctypes.sizeof(SpinParams) == 16
-    assert SpinParams.ns.offset == 0 and SpinParams.deadline.offset == 8
+def test_params_mirrors():
+    assert ctypes.sizeof(SpinParams) == 8
     p = SpinParams()
-    p.ns, p.deadline = 1_500_000, 0x7F0000001000
-    assert (p.ns, p.deadline) == (1_500_000, 0x7F0000001000)
+    p.ns = 1_500_000
+    assert p.ns == 1_500_000
+    # chan[72], lead, cap, seq, report, rank, num_ranks
+    assert ctypes.sizeof(AlignParams) == 8 * ALIGN_MAX_RANKS + 4 * 8 + 2 * 4
+    assert AlignParams.rank.offset == 8 * ALIGN_MAX_RANKS + 32
+    # The leader's pong words of the last rank fit the channel.
+    assert ALIGN_CHANNEL_BYTES >= 8 * (9 + 2 * (ALIGN_MAX_RANKS - 1) + 1)
 
 
-def test_wait_kernel_is_in_the_shipped_catalogue():
+def test_timing_kernels_are_in_the_shipped_catalogue():
     # tests/test_jit_compile.py compiles every shipped specialization; `epcomm warmup --smoke`
     # adds the same spec.
     assert SpinWaitSpec() in registry.shipped()
 
 
-def test_aligner_rejects_an_unknown_mode_before_touching_the_gpu():
+def test_aligner_rejects_bad_arguments_before_touching_the_gpu():
     from epcomm.bench import _Aligner
     with pytest.raises(ValueError, match="aligner mode"):
         _Aligner(object(), object(), mode="sm-cycles")
+    with pytest.raises(ValueError, match="needs the epcomm group"):
+        _Aligner(object(), object(), group=None, mode="clock")

@@ -1,8 +1,8 @@
-"""The benchmark's wait kernels on one GPU: ``epcomm::spin_wait_ns`` waits the requested wall
+"""The benchmark's timing kernels. On one GPU: ``epcomm::spin_wait_ns`` waits the requested wall
 time, neither less (the aligner must give every host time to queue its timed call) nor much
 more (a wait that overran by a clock-dependent amount would bring back the start skew it
-exists to remove); with a deadline stamped by ``epcomm::deadline_stamp`` it waits until that
-%globaltimer value, and never longer than its cap."""
+exists to remove).  On two GPUs: ``epcomm::start_barrier`` aligns them (every barrier aligned,
+consistent clock offsets, no early exit) and gives up after its cap when a peer never comes."""
 from __future__ import annotations
 
 import pytest
@@ -41,22 +41,6 @@ def _spin_worker(rank, world, group):
         # Events bracket the kernel on the GPU; the host clock checks the same wait against an
         # independent wall clock.
         out[us] = (a.elapsed_time(b) * 1e3, (time.perf_counter() - t0) * 1e6)
-    # Deadline mode: stamp now + lead, wait for it (cap far away); then a deadline 1 s ahead
-    # with a 300 us cap.
-    stamp = loader.load(spec, rank).fn("deadline_stamp")
-    dl = torch.zeros(1, dtype=torch.int64, device="cuda")
-    for lead_us, cap_us in ((700, 100_000), (1_000_000, 300)):
-        sp, wp = SpinParams(), SpinParams()
-        sp.ns, sp.deadline = lead_us * 1000, dl.data_ptr()
-        wp.ns, wp.deadline = cap_us * 1000, dl.data_ptr()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        a.record()
-        launch(stamp, 1, spec.threads, stream, sp)
-        launch(fn, 1, spec.threads, stream, wp)
-        b.record()
-        b.synchronize()
-        out[("deadline", lead_us, cap_us)] = (a.elapsed_time(b) * 1e3, None)
     return out
 
 
@@ -64,12 +48,52 @@ def _spin_worker(rank, world, group):
 def test_benchmark_wait_kernel_waits_the_requested_wall_time():
     from epcomm import spawn
     res = spawn.run(_spin_worker, 1, timeout=120)[0]
-    for key, (gpu_us, host_us) in res.items():
-        if isinstance(key, tuple):  # deadline mode: the earlier of the deadline and the cap
-            _, lead_us, cap_us = key
-            us = min(lead_us, cap_us)
-            assert us <= gpu_us < us + 500, (key, gpu_us)
-            continue
-        us = key
+    for us, (gpu_us, host_us) in res.items():
         assert us <= gpu_us < us + 500, (us, gpu_us)
         assert host_us >= us, (us, host_us)
+
+
+def _barrier_worker(rank, world, group):
+    import torch
+
+    from epcomm.bench import _Aligner
+    torch.cuda.set_device(rank)
+    torch.zeros(1, device="cuda")
+    al = _Aligner(torch, None, group, sleep_us=500.0)
+    times = []
+    for _ in range(6):
+        al()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        al()  # timed: the barrier itself (500 us lead after the exchange)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3)
+    al()  # collects the last report
+    out = {"times": times, "summary": al.summary()}
+    # A peer that never comes: rank 0 alone, the barrier gives up after its cap.
+    group.barrier()
+    if rank == 0:
+        al._p.cap_ns = 2_000_000
+        al()
+        torch.cuda.synchronize()
+        out["alone"] = [int(v) for v in al.report.tolist()]
+    group.barrier()
+    al.close()
+    return out
+
+
+@pytest.mark.skipif(_world() < 2, reason="needs 2 GPUs (GPU test)")
+def test_start_barrier_aligns_two_gpus_and_gives_up_on_a_missing_peer():
+    from epcomm import spawn
+    res = spawn.run(_barrier_worker, 2, timeout=180)
+    for r, out in enumerate(res):
+        s = out["summary"]
+        assert s["barriers"] == 12 and s["aligned"] == 12, s
+        assert 0 < s["round_trip_us"] < 100, s
+        # Offsets measured by independent barriers agree: the clocks are compared, not guessed.
+        assert s["clock_offset_spread_us"] < 20, s
+        # Nobody leaves before the lead (500 us after the exchange; the bound above only catches a hang).
+        assert all(450 <= t < 50_000 for t in out["times"]), (r, out["times"])
+    assert res[0]["summary"]["clock_offset_us_vs_rank0"] == 0
+    assert res[0]["alone"][2] == 0  # not aligned: the peer never answered

@@ -10,7 +10,19 @@ from ..jit.spec import KernelDef, KernelSpec, ParamsStruct
 
 class SpinParams(ParamsStruct):
     _cname_ = "epcomm::SpinParams"
-    _fields_ = [("ns", ctypes.c_uint64), ("deadline", ctypes.c_uint64)]
+    _fields_ = [("ns", ctypes.c_uint64)]
+
+
+ALIGN_MAX_RANKS = 72   # kAlignMaxRanks
+ALIGN_THREADS = 128    # start_barrier's block: one leader thread per peer
+ALIGN_CHANNEL_BYTES = 8 * (8 + 2 * ALIGN_MAX_RANKS)
+
+
+class AlignParams(ParamsStruct):
+    _cname_ = "epcomm::AlignParams"
+    _fields_ = [("chan", ctypes.c_uint64 * ALIGN_MAX_RANKS), ("lead_ns", ctypes.c_uint64),
+                ("cap_ns", ctypes.c_uint64), ("seq", ctypes.c_uint64), ("report", ctypes.c_uint64),
+                ("rank", ctypes.c_int32), ("num_ranks", ctypes.c_int32)]
 
 
 @dataclass(frozen=True)
@@ -21,4 +33,4 @@ class SpinWaitSpec(KernelSpec):
 
     def kernels(self):
         return (KernelDef("spin_wait_ns", "epcomm::spin_wait_ns", (self.threads,), SpinParams),
-                KernelDef("deadline_stamp", "epcomm::deadline_stamp", (self.threads,), SpinParams))
+                KernelDef("start_barrier", "epcomm::start_barrier", (ALIGN_THREADS,), AlignParams))
