@@ -114,7 +114,7 @@ __global__ void __launch_bounds__(kThreads) start_barrier(const __grid_constant_
         p.report[2] = s_ok;
       }
     }
-    if (t == 1 && p.report != nullptr) p.report[1] = static_cast<i64>(best);
+    if (t == 1 && p.num_ranks >= 2 && p.report != nullptr) p.report[1] = static_cast<i64>(best);
     return;
   }
   if (t != 0) return;
