@@ -52,11 +52,15 @@ struct AlignParams {
   int num_ranks;
 };
 
-EPCOMM_DEVICE bool spin_until_eq(const u64* w, u64 v, u64 give_up_at) {
-  while (ld_volatile_u64(w) != v)
-    if (globaltimer_ns() > give_up_at) return false;
-  ld_acquire_sys_u64(w);
-  return true;
+// Tags only grow, so the library's flag wait serves (no error record: a wait that hits the cap
+// just returns false).
+EPCOMM_DEVICE bool wait_tag(const u64* w, u64 tag, u64 give_up_at) {
+  return wait_geq_u64(w, tag, nullptr, give_up_at, -1, 0, -1, -1);
+}
+
+EPCOMM_DEVICE void spin_until_ns(u64 t, u64 give_up_at) {
+  for (u64 now = globaltimer_ns(); now < t && now < give_up_at; now = globaltimer_ns()) {
+  }
 }
 
 template <int kThreads>
@@ -67,7 +71,7 @@ __global__ void __launch_bounds__(kThreads) start_barrier(const __grid_constant_
   u64* const me = reinterpret_cast<u64*>(p.chan[p.rank]);
   const u64 tag0 = p.seq * 16;
   __shared__ int s_ok;
-  __shared__ u64 s_t0;
+  __shared__ u64 s_t0, s_rtt;
   if (t == 0) s_ok = 1;
   __syncthreads();
   if (p.rank == 0) {
@@ -81,7 +85,7 @@ __global__ void __launch_bounds__(kThreads) start_barrier(const __grid_constant_
         const u64 tag = tag0 + 1 + i;
         const u64 t1 = globaltimer_ns();
         st_release_sys_u64(peer + 0, tag);
-        if (!spin_until_eq(me + 8 + 2 * r, tag, give_up_at)) {
+        if (!wait_tag(me + 8 + 2 * r, tag, give_up_at)) {
           s_ok = 0;
           break;
         }
@@ -93,6 +97,7 @@ __global__ void __launch_bounds__(kThreads) start_barrier(const __grid_constant_
         }
       }
     }
+    if (r == 1) s_rtt = best;
     __syncthreads();
     if (t == 0) s_t0 = globaltimer_ns() + p.lead_ns;
     __syncthreads();
@@ -104,17 +109,13 @@ __global__ void __launch_bounds__(kThreads) start_barrier(const __grid_constant_
       st_release_sys_u64(peer + 2, tag0);
     }
     if (t == 0) {
-      if (s_ok) {
-        while (globaltimer_ns() < s_t0 && globaltimer_ns() < give_up_at) {
-        }
-      }
+      if (s_ok) spin_until_ns(s_t0, give_up_at);
       if (p.report != nullptr) {
         p.report[0] = 0;
-        if (p.num_ranks < 2) p.report[1] = 0;  // else thread 1 writes its round trip
+        p.report[1] = p.num_ranks >= 2 ? static_cast<i64>(s_rtt) : 0;
         p.report[2] = s_ok;
       }
     }
-    if (t == 1 && p.num_ranks >= 2 && p.report != nullptr) p.report[1] = static_cast<i64>(best);
     return;
   }
   if (t != 0) return;
@@ -123,19 +124,14 @@ __global__ void __launch_bounds__(kThreads) start_barrier(const __grid_constant_
   bool ok = true;
   for (int i = 0; i < kAlignRounds && ok; ++i) {
     const u64 tag = tag0 + 1 + i;
-    ok = spin_until_eq(me + 0, tag, give_up_at);
+    ok = wait_tag(me + 0, tag, give_up_at);
     if (!ok) break;
     const u64 t2 = globaltimer_ns();
     st_relaxed_sys_u64(leader + 9 + 2 * p.rank, t2);
     st_release_sys_u64(leader + 8 + 2 * p.rank, tag);
   }
-  u64 dl = 0;
-  if (ok) ok = spin_until_eq(me + 2, tag0, give_up_at);
-  if (ok) {
-    dl = ld_volatile_u64(me + 1);
-    while (globaltimer_ns() < dl && globaltimer_ns() < give_up_at) {
-    }
-  }
+  if (ok) ok = wait_tag(me + 2, tag0, give_up_at);
+  if (ok) spin_until_ns(ld_volatile_u64(me + 1), give_up_at);
   if (p.report != nullptr) {
     p.report[0] = ok ? static_cast<i64>(ld_volatile_u64(me + 3)) : 0;
     p.report[1] = ok ? static_cast<i64>(ld_volatile_u64(me + 4)) : 0;
