@@ -29,6 +29,7 @@ struct IntraCtrl {
   int recv_done;     // dispatch receive: blocks finished
   int comb_done;     // combine: blocks finished
   int pad;
+  int recv_heads[kIntraMaxRanks];  // dispatch receive: next item of each source's queue
 };
 
 struct IntraParams {
@@ -414,153 +415,226 @@ __global__ void __launch_bounds__(kIntraThreads) intranode_dispatch_send(const _
 // dispatch receive: copies rows into the outputs in (source rank, source token) order.  The
 // rank's own rows come from the input directly.  The last block to finish acknowledges every
 // source, releasing its staging region and mailbox for the next operation.
+//
+// Work is taken by each warp from per-source queues (counters in IntraCtrl, zero between calls):
+// a peer item is what one sending warp published for one chunk (its flag), an own item is
+// kOwnItemRows consecutive own rows.  A warp takes an arrived peer item if one is at the head of
+// a queue, otherwise own rows, otherwise the next peer item of some source, on which it waits.
+// With a fixed assignment (the previous design: whole chunks dealt round-robin to blocks) half
+// of the blocks held all the own rows and the other half all the peer chunks; the chunks the
+// senders finished last (one per sending block, all at about the same time) were then copied by
+// one block each, which left a tail of one chunk's copy time (~45 us for 128 BF16 rows of
+// 7168 channels at ~44 GB/s per SM, 2x H200 profile) after the last arrival.  Now every
+// receiving warp shares that last wave.  Rows have fixed output positions, so which warp copies
+// a row does not change the result (bitwise deterministic).
 // ---------------------------------------------------------------------------------------------
+constexpr int kOwnItemRows = 8;
+
+// Copy rows begin, begin + step, ... < end of source s (staging for a peer, the input for this
+// rank) to output rows out_base + i.  Every small load of a row (top-k entries, weights, scales,
+// source index) is issued before its payload copy, so their latency hides behind the copy's.
+template <typename Row>
+EPCOMM_DEVICE void recv_rows(const IntraParams& p, int s, int begin, int end, int step, int out_base,
+                             const u8* region, int K, int L, int lane) {
+  const bool own = s == p.rank;
+  const int M = p.out_rows;
+  const int* list = p.send_list + static_cast<i64>(s) * p.num_tokens;
+  constexpr int kScalesPerLane = (Row::kGroups + 31) / 32;
+  int t_next = own && begin < end ? list[begin] : 0;
+  for (int i = begin; i < end; i += step) {
+    const int out_row = out_base + i;
+    int src_t = t_next;
+    if (own && i + step < end) t_next = list[i + step];
+    if (out_row >= M) continue;
+    const u8* src;
+    i64 e = -1;
+    float wgt = 0.0f;
+    float sc[kScalesPerLane > 0 ? kScalesPerLane : 1];
+    if (own) {
+      src = p.x + static_cast<i64>(src_t) * Row::kPayload;
+      if (lane < K) {
+        e = p.topk_idx[static_cast<i64>(src_t) * K + lane];
+        if (p.topk_weights != nullptr) wgt = p.topk_weights[static_cast<i64>(src_t) * K + lane];
+      }
+      if constexpr (Row::kGroups > 0) load_input_scales<Row>(p, src_t, lane, sc);
+    } else {
+      src = region + static_cast<u64>(i) * p.row_bytes;
+      const int* meta = reinterpret_cast<const int*>(src + Row::kMetaOff);
+      src_t = lane == 0 ? meta[0] : 0;
+      if (lane < K) {
+        e = meta[1 + lane];
+        wgt = reinterpret_cast<const float*>(meta + 1 + K)[lane];
+      }
+      if constexpr (Row::kGroups > 0) {
+        const float* ss = reinterpret_cast<const float*>(src + Row::kScaleOff);
+#pragma unroll
+        for (int j = 0; j < kScalesPerLane; ++j) {
+          const int g = j * 32 + lane;
+          if (g < Row::kGroups) sc[j] = ss[g];
+        }
+      }
+    }
+    u8* dst = p.recv_x + static_cast<i64>(out_row) * Row::kPayload;
+    if (own)
+      warp_copy_row<Row::kPayload / 16, false>(reinterpret_cast<V4*>(dst), reinterpret_cast<const V4*>(src), lane);
+    else
+      warp_copy_row<Row::kPayload / 16, true>(reinterpret_cast<V4*>(dst), reinterpret_cast<const V4*>(src), lane);
+    if constexpr (Row::kGroups > 0) {
+#pragma unroll
+      for (int j = 0; j < kScalesPerLane; ++j) {
+        const int g = j * 32 + lane;
+        if (g < Row::kGroups)
+          p.recv_scales[static_cast<i64>(out_row) * p.rscale_st + static_cast<i64>(g) * p.rscale_sg] = sc[j];
+      }
+    }
+    for (int k = lane; k < K; k += 32) {
+      i64 idx;
+      float wk;
+      if (own) {
+        if (k >= 32) {
+          e = p.topk_idx[static_cast<i64>(src_t) * K + k];
+          wgt = p.topk_weights != nullptr ? p.topk_weights[static_cast<i64>(src_t) * K + k] : 0.0f;
+        }
+        const bool mine = e >= 0 && e < p.num_experts && static_cast<int>(e) / L == p.rank;
+        idx = mine ? e - static_cast<i64>(p.rank) * L : -1;
+        wk = mine ? wgt : 0.0f;
+      } else {
+        const int* meta = reinterpret_cast<const int*>(src + Row::kMetaOff);
+        idx = k >= 32 ? meta[1 + k] : e;
+        wk = k >= 32 ? reinterpret_cast<const float*>(meta + 1 + K)[k] : wgt;
+      }
+      p.recv_topk_idx[static_cast<i64>(out_row) * K + k] = idx;
+      if (p.recv_topk_weights != nullptr) p.recv_topk_weights[static_cast<i64>(out_row) * K + k] = wk;
+    }
+    if (lane == 0 && p.recv_src_idx != nullptr) p.recv_src_idx[out_row] = src_t;
+  }
+}
+
 template <int kNumRanks, int kHidden, bool kFp8>
 __global__ void __launch_bounds__(kIntraThreads) intranode_dispatch_recv(const __grid_constant__ IntraParams p) {
   using Row = DispatchRow<kHidden, kFp8>;
   constexpr int R = kNumRanks;
-  const int lane = lane_id(), warp = warp_id();
   constexpr int kWarps = kIntraThreads / 32;
+  const int lane = lane_id(), warp = warp_id();
+  __shared__ int s_prefix[R + 1];
+  __shared__ int s_items[R];  // queue length per source
   prof_stamp(p, kProfRecv, 0);
   const u64 tag = *reinterpret_cast<volatile u64*>(&p.ctrl->cur_tag);
   const u64 deadline = globaltimer_ns() + p.timeout_ns;
-  const int N = p.num_tokens, K = p.cached ? 0 : p.num_topk, CR = p.chunk_rows;
+  const int K = p.cached ? 0 : p.num_topk, CR = p.chunk_rows;
   const int L = p.num_experts / R;
   const u64 me_base = p.peers[p.rank];
   const u8* my_staging = at<u8>(me_base, p.staging_off);
-  u8* const recv_x = p.recv_x;
-  float* const recv_scales = p.recv_scales;
-  i64* const recv_topk_idx = p.recv_topk_idx;
-  float* const recv_topk_weights = p.recv_topk_weights;
-  int* const recv_src_idx = p.recv_src_idx;
-  const i64 rscale_st = p.rscale_st, rscale_sg = p.rscale_sg;
   const int M = p.out_rows;
+  int* const heads = p.ctrl->recv_heads;
 
-  int prefix[R + 1];
-#pragma unroll
-  for (int s = 0; s <= R; ++s) prefix[s] = ld_volatile_i32(p.rank_prefix + s);
-  const int total = prefix[R];
+  for (int s = threadIdx.x; s <= R; s += blockDim.x) s_prefix[s] = ld_volatile_i32(p.rank_prefix + s);
+  __syncthreads();
+  for (int s = threadIdx.x; s < R; s += blockDim.x) {
+    const int count = s_prefix[s + 1] - s_prefix[s];
+    s_items[s] = s == p.rank ? (count + kOwnItemRows - 1) / kOwnItemRows : (count + CR - 1) / CR * kWarps;
+  }
+  __syncthreads();
+  const int total = s_prefix[R];
   // Speculative outputs (allocated before the counts were known, from the sizes of earlier
-  // calls) that are too small: every block leaves before writing anything and without
-  // acknowledging; the host sees the same counts and launches a receive with exact outputs.
+  // calls) that are too small: every block leaves before writing anything (and before taking
+  // work) and without acknowledging; the host sees the same counts and launches a receive with
+  // exact outputs.
   if (total > M && p.speculative) return;
   if (total > M && blockIdx.x == 0 && threadIdx.x == 0)
     report_error(p.err, kErrOverflow, p.rank, kPhaseDispatchRecv, -1, -1, static_cast<u64>(M),
                  static_cast<u64>(total));
-  int nchunks[R];
-  int max_nc = 0;
-#pragma unroll
-  for (int s = 0; s < R; ++s) {
-    nchunks[s] = (prefix[s + 1] - prefix[s] + CR - 1) / CR;
-    max_nc = max(max_nc, nchunks[s]);
-  }
-  // Warps work independently (no block barrier per chunk): each waits for the chunk's flags.
-  bool failed = false;
-  int item = 0;
-  for (int c = 0; c < max_nc && !failed; ++c) {
-    for (int j = 0; j < R; ++j) {
-      const int s = (p.rank + R - j) % R;  // own rows first: they need no waiting
-      if (c >= nchunks[s]) continue;
-      if ((item++ % gridDim.x) != blockIdx.x) continue;
-      const int count = prefix[s + 1] - prefix[s];
-      const int row_begin = c * CR, row_end = min(row_begin + CR, count);
-      if (s != p.rank && row_begin + warp < row_end &&
-          !warp_wait_chunk(chunk_flags(me_base, p, s, c), tag, p, deadline, kPhaseDispatchRecv, c, s, lane)) {
-        failed = true;
-        break;
+
+  const int gwarp = blockIdx.x * kWarps + warp;
+  bool failed = false, own_left = true;
+  for (int round = 0;; ++round) {
+    int s = -1, h = -1;
+    // 1. An arrived peer item at the head of a queue (lane q looks at source b + q).
+    for (int b = 0; b < R && s < 0; b += 32) {
+      const int src = b + lane;
+      int hh = 0;
+      bool ready = false;
+      if (src < R && src != p.rank) {
+        hh = ld_volatile_i32(heads + src);
+        if (hh < s_items[src])
+          ready = ld_volatile_u64(chunk_flags(me_base, p, src, hh / kWarps) + hh % kWarps) >= tag;
       }
-      const bool own = s == p.rank;
-      const int* list = p.send_list + static_cast<i64>(s) * N;
-      const u8* region = my_staging + static_cast<u64>(s) * p.region_bytes;
-      int t_next = own && row_begin + warp < row_end ? list[row_begin + warp] : 0;
-      constexpr int kScalesPerLane = (Row::kGroups + 31) / 32;
-      for (int i = row_begin + warp; i < row_end; i += kWarps) {
-        const int out_row = prefix[s] + i;
-        int src_t = t_next;
-        if (own && i + kWarps < row_end) t_next = list[i + kWarps];
-        if (out_row >= M) continue;
-        // All small loads of the row first (top-k entries, weights, scales, source index), then
-        // the payload copy, then their stores: their latency hides behind the copy's.
-        const u8* src;
-        i64 e = -1;
-        float wgt = 0.0f;
-        float sc[kScalesPerLane > 0 ? kScalesPerLane : 1];
-        if (own) {
-          src = p.x + static_cast<i64>(src_t) * Row::kPayload;
-          if (lane < K) {
-            e = p.topk_idx[static_cast<i64>(src_t) * K + lane];
-            if (p.topk_weights != nullptr) wgt = p.topk_weights[static_cast<i64>(src_t) * K + lane];
-          }
-          if constexpr (kFp8) load_input_scales<Row>(p, src_t, lane, sc);
-        } else {
-          src = region + static_cast<u64>(i) * p.row_bytes;
-          const int* meta = reinterpret_cast<const int*>(src + Row::kMetaOff);
-          src_t = lane == 0 ? meta[0] : 0;
-          if (lane < K) {
-            e = meta[1 + lane];
-            wgt = reinterpret_cast<const float*>(meta + 1 + K)[lane];
-          }
-          if constexpr (kFp8) {
-            const float* ss = reinterpret_cast<const float*>(src + Row::kScaleOff);
-#pragma unroll
-            for (int j = 0; j < kScalesPerLane; ++j) {
-              const int g = j * 32 + lane;
-              if (g < Row::kGroups) sc[j] = ss[g];
-            }
-          }
+      for (unsigned m = __ballot_sync(0xffffffffu, ready); m != 0u; m &= m - 1u) {
+        const int q = __ffs(m) - 1;
+        const int want = __shfl_sync(0xffffffffu, hh, q);
+        int got = 0;
+        if (lane == 0) got = atomicCAS(heads + b + q, want, want + 1);
+        if (__shfl_sync(0xffffffffu, got, 0) == want) {
+          s = b + q;
+          h = want;
+          break;
         }
-        u8* dst = recv_x + static_cast<i64>(out_row) * Row::kPayload;
-        if (own)
-          warp_copy_row<Row::kPayload / 16, false>(reinterpret_cast<V4*>(dst), reinterpret_cast<const V4*>(src), lane);
-        else
-          warp_copy_row<Row::kPayload / 16, true>(reinterpret_cast<V4*>(dst), reinterpret_cast<const V4*>(src), lane);
-        if constexpr (kFp8) {
-#pragma unroll
-          for (int j = 0; j < kScalesPerLane; ++j) {
-            const int g = j * 32 + lane;
-            if (g < Row::kGroups)
-              recv_scales[static_cast<i64>(out_row) * rscale_st + static_cast<i64>(g) * rscale_sg] = sc[j];
-          }
-        }
-        for (int k = lane; k < K; k += 32) {
-          i64 idx;
-          float wk;
-          if (own) {
-            if (k >= 32) {
-              e = p.topk_idx[static_cast<i64>(src_t) * K + k];
-              wgt = p.topk_weights != nullptr ? p.topk_weights[static_cast<i64>(src_t) * K + k] : 0.0f;
-            }
-            const bool mine = e >= 0 && e < p.num_experts && static_cast<int>(e) / L == p.rank;
-            idx = mine ? e - static_cast<i64>(p.rank) * L : -1;
-            wk = mine ? wgt : 0.0f;
-          } else {
-            const int* meta = reinterpret_cast<const int*>(src + Row::kMetaOff);
-            idx = k >= 32 ? meta[1 + k] : e;
-            wk = k >= 32 ? reinterpret_cast<const float*>(meta + 1 + K)[k] : wgt;
-          }
-          recv_topk_idx[static_cast<i64>(out_row) * K + k] = idx;
-          if (recv_topk_weights != nullptr) recv_topk_weights[static_cast<i64>(out_row) * K + k] = wk;
-        }
-        if (lane == 0 && recv_src_idx != nullptr) recv_src_idx[out_row] = src_t;
       }
     }
+    // 2. Own rows: they need no waiting.
+    if (s < 0 && own_left) {
+      int got = 0;
+      if (lane == 0) got = atomicAdd(heads + p.rank, 1);
+      got = __shfl_sync(0xffffffffu, got, 0);
+      if (got < s_items[p.rank]) {
+        s = p.rank;
+        h = got;
+      } else {
+        own_left = false;
+      }
+    }
+    // 3. The next peer item of some source (warps start at different sources), then wait for it.
+    if (s < 0) {
+      for (int j = 0; j < R - 1 && s < 0; ++j) {
+        const int src = (p.rank + 1 + (gwarp + round + j) % (R - 1)) % R;
+        int got = 0;
+        if (lane == 0) got = atomicAdd(heads + src, 1);
+        got = __shfl_sync(0xffffffffu, got, 0);
+        if (got < s_items[src]) {
+          s = src;
+          h = got;
+        }
+      }
+      if (s < 0) break;  // every queue is empty
+    }
+    const int count = s_prefix[s + 1] - s_prefix[s];
+    if (s == p.rank) {
+      recv_rows<Row>(p, s, h * kOwnItemRows, min(h * kOwnItemRows + kOwnItemRows, count), 1, s_prefix[s],
+                     nullptr, K, L, lane);
+      continue;
+    }
+    const int c = h / kWarps, w = h % kWarps;
+    const int begin = c * CR + w, end = min(c * CR + CR, count);
+    if (begin >= end) continue;  // that sending warp had no rows in this chunk
+    const u64* flag = chunk_flags(me_base, p, s, c) + w;
+    int ok = 1;
+    if (lane == 0) ok = wait_geq_u64(flag, tag, p.err, deadline, p.rank, kPhaseDispatchRecv, c, s) ? 1 : 0;
+    __syncwarp();
+    if (__shfl_sync(0xffffffffu, ok, 0) == 0) {
+      failed = true;
+      break;
+    }
+    recv_rows<Row>(p, s, begin, end, kWarps, s_prefix[s], my_staging + static_cast<u64>(s) * p.region_bytes, K,
+                   L, lane);
   }
   // Padding rows of the num_worst_tokens mode: top-k -1, weight 0, source -1.
   if (p.worst_mode) {
     const int pad_begin = min(total, M);
     for (int r = pad_begin + blockIdx.x * kIntraThreads + threadIdx.x; r < M; r += gridDim.x * kIntraThreads) {
       for (int k = 0; k < K; ++k) {
-        recv_topk_idx[static_cast<i64>(r) * K + k] = -1;
-        if (recv_topk_weights != nullptr) recv_topk_weights[static_cast<i64>(r) * K + k] = 0.0f;
+        p.recv_topk_idx[static_cast<i64>(r) * K + k] = -1;
+        if (p.recv_topk_weights != nullptr) p.recv_topk_weights[static_cast<i64>(r) * K + k] = 0.0f;
       }
-      if (recv_src_idx != nullptr) recv_src_idx[r] = -1;
+      if (p.recv_src_idx != nullptr) p.recv_src_idx[r] = -1;
     }
   }
-  // A failed wait (recorded) leaves the peers unacknowledged: the buffer is unusable anyway.
+  // A failed wait (recorded) leaves the peers unacknowledged and the queues dirty: the buffer is
+  // unusable anyway.  The last block resets the queues (every warp has stopped taking work).
   if (__syncthreads_or(failed) == 0 && threadIdx.x == 0) {
     fence_gpu();
     if (atomicAdd(&p.ctrl->recv_done, 1) == static_cast<int>(gridDim.x) - 1) {
       p.ctrl->recv_done = 0;
+      for (int s = 0; s < R; ++s) heads[s] = 0;
       fence_sys();
       for (int s = 0; s < R; ++s)
         if (s != p.rank) st_release_sys_u64(at<u64>(p.peers[s], p.ack_off) + p.rank, tag);

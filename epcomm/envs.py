@@ -125,6 +125,14 @@ RECV_SPECULATION = _knob("EPCOMM_RECV_SPECULATION", 0.0625, _parse_float,
                         "four calls of the same shape, so the receive kernel never waits for the host "
                         "(the outputs are then row views of that allocation). A receive that does not "
                         "fit falls back to exact outputs allocated after the counts. Negative: off.")
+SHARE_GPU = _knob("EPCOMM_SHARE_GPU", False, _parse_bool,
+                  "Testing only: let normal-mode ranks share one GPU (the kernels of different "
+                  "processes then take turns, so it is slow and says nothing about speed). The "
+                  "normal-mode GPU tests use it to run 2 ranks on a one-GPU machine. The "
+                  "low-latency mode never allows it (NVSHMEM needs one GPU per rank).")
+TEST_RANKS = _knob("EPCOMM_TEST_RANKS", 0, _parse_int,
+                   "Normal-mode GPU tests: ranks to spawn (0: one per GPU, or 2 on a one-GPU machine "
+                   "with EPCOMM_SHARE_GPU=1). More ranks than GPUs needs EPCOMM_SHARE_GPU=1.", "0")
 PROFILE = _knob("EPCOMM_PROFILE", False, _parse_bool,
                 "Normal-mode kernels stamp each block's start and end (globaltimer) for "
                 "Buffer.profile_stamps() and benchmarks/profile_normal.py; costs a few stores.")

@@ -19,6 +19,30 @@ def world() -> int:
 needs_gpus = pytest.mark.skipif(world() < 2, reason="needs 2 or more NVIDIA GPUs (GPU test)")
 
 
+def normal_ranks() -> int:
+    """Ranks the normal-mode GPU tests spawn: EPCOMM_TEST_RANKS if set, else one per GPU, or 2
+    sharing the only GPU when EPCOMM_SHARE_GPU=1.  Ranks that share a GPU take turns on it:
+    a correctness run (e.g. 4 or 8 ranks on a smaller machine), never a speed one."""
+    from epcomm import envs
+    n, want = world(), envs.TEST_RANKS.get()
+    if n == 0:
+        return 0
+    if want > 0:
+        if want > n and not envs.SHARE_GPU.get():
+            raise RuntimeError(f"EPCOMM_TEST_RANKS={want} exceeds the {n} visible GPUs: set EPCOMM_SHARE_GPU=1")
+        return want
+    return 2 if n == 1 and envs.SHARE_GPU.get() else n
+
+
+needs_ranks = pytest.mark.skipif(normal_ranks() < 2, reason="needs 2 or more NVIDIA GPUs, or 1 with "
+                                 "EPCOMM_SHARE_GPU=1 (GPU test)")
+
+
+def device_of(rank: int) -> int:
+    """The GPU of a spawned worker (ranks share GPUs round-robin under EPCOMM_SHARE_GPU)."""
+    return rank % max(world(), 1)
+
+
 def to_np(obj):
     """Host numpy copy of any framework's array."""
     from epcomm import interop

@@ -69,12 +69,15 @@ class KernelSpec:
     * ``header``: the ``cuda_src/`` header holding the kernels' templates;
     * ``uses_nvshmem``: whether the module calls NVSHMEM device functions (then it is compiled
       relocatable and linked with ``libnvshmem_device.a``);
-    * :meth:`kernels`: the kernels of the module.
+    * :meth:`kernels`: the kernels of the module;
+    * ``mirrors`` (optional): other :class:`ParamsStruct` mirrors the module's kernels share
+      with the host (control words the host allocates), layout-checked like the parameters.
     """
 
     family: ClassVar[str] = ""
     header: ClassVar[str] = ""
     uses_nvshmem: ClassVar[bool] = False
+    mirrors: ClassVar[tuple] = ()
 
     def kernels(self) -> tuple[KernelDef, ...]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -94,7 +97,7 @@ class KernelSpec:
         ks = self.kernels()
         lines = [f"// epcomm instantiation source for {self.label()}",
                  f'#include "{self.header}"', ""]
-        seen = []
+        seen = list(self.mirrors)
         for k in ks:
             if k.params not in seen:
                 seen.append(k.params)

@@ -48,10 +48,11 @@ class IntraParams(ParamsStruct):
     ]
 
 
-class IntraCtrl(ctypes.Structure):
-    """Mirror of epcomm::IntraCtrl (size only: the host zeroes it once)."""
+class IntraCtrl(ParamsStruct):
+    """Mirror of epcomm::IntraCtrl: the host allocates and zeroes it once; the kernels keep it."""
+    _cname_ = "epcomm::IntraCtrl"
     _fields_ = [("op_seq", _u64), ("cur_tag", _u64), ("scan_done", _i32), ("recv_done", _i32),
-                ("comb_done", _i32), ("pad", _i32)]
+                ("comb_done", _i32), ("pad", _i32), ("recv_heads", _i32 * MAX_RANKS)]
 
 
 def _check_ranks(num_ranks: int) -> None:
@@ -65,6 +66,7 @@ class IntranodeDispatchSpec(KernelSpec):
 
     family = "intranode_dispatch"
     header = "intranode.cuh"
+    mirrors = (IntraCtrl,)
     num_ranks: int
     hidden: int
     fp8: bool
@@ -89,6 +91,7 @@ class IntranodeDispatchSpec(KernelSpec):
 class IntranodeCombineSpec(KernelSpec):
     family = "intranode_combine"
     header = "intranode.cuh"
+    mirrors = (IntraCtrl,)
     num_ranks: int
     hidden: int
 
