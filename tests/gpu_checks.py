@@ -43,6 +43,27 @@ def device_of(rank: int) -> int:
     return rank % max(world(), 1)
 
 
+def run_once(fn):
+    """Like functools.lru_cache, but also remembers an exception: the cases of one spawn are
+    checked by many tests, and a spawn that failed (a rank crashed or timed out) must fail each
+    of them at once, not run again for every one (a hanging spawn would then cost its timeout
+    once per test)."""
+    memo = {}
+
+    @functools.wraps(fn)
+    def wrapper(*args):
+        if args not in memo:
+            try:
+                memo[args] = (True, fn(*args))
+            except Exception as e:  # noqa: BLE001 - re-raised below, for every caller
+                memo[args] = (False, e)
+        ok, value = memo[args]
+        if not ok:
+            raise value
+        return value
+    return wrapper
+
+
 def to_np(obj):
     """Host numpy copy of any framework's array."""
     from epcomm import interop

@@ -9,7 +9,6 @@ EPCOMM_SHARE_GPU=1, which runs 2 ranks on a single GPU (correctness only: their 
 """
 from __future__ import annotations
 
-import functools
 import zlib
 import os
 
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 
 from epcomm import spawn
-from gpu_checks import assert_bits as _assert_bits, device_of, needs_ranks, normal_ranks as _world, to_np as _np
+from gpu_checks import assert_bits as _assert_bits, device_of, needs_ranks, normal_ranks as _world, run_once, to_np as _np
 
 pytestmark = [pytest.mark.gpu, pytest.mark.multigpu]
 
@@ -303,7 +302,7 @@ def _worker(rank, world, group, cases):
     return results
 
 
-@functools.lru_cache(maxsize=None)
+@run_once
 def _results():
     return spawn.run(_worker, _world(), CASES, timeout=float(os.environ.get("EPCOMM_TEST_TIMEOUT", 480)))
 

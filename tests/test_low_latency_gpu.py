@@ -7,7 +7,6 @@ so both buffer slots are used and reused.  Marked gpu/multigpu.
 """
 from __future__ import annotations
 
-import functools
 import zlib
 import os
 
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 
 from epcomm import spawn
-from gpu_checks import assert_bits as _assert_bits, needs_gpus, to_np as _np, world as _world
+from gpu_checks import assert_bits as _assert_bits, needs_gpus, run_once, to_np as _np, world as _world
 
 pytestmark = [pytest.mark.gpu, pytest.mark.multigpu]
 
@@ -153,7 +152,7 @@ def _worker(rank, world, group, cases):
     return results
 
 
-@functools.lru_cache(maxsize=None)
+@run_once
 def _results(force_put: bool):
     env = {"EPCOMM_LL_FORCE_NVSHMEM_PUT": "1" if force_put else "0"}
     cases = CASES if not force_put else [c for c in CASES if c["name"] in (
