@@ -136,6 +136,29 @@ EPCOMM_DEVICE u64* chunk_flags(u64 base, const IntraParams& p, int src, int chun
   return at<u64>(base, p.flags_off) + (static_cast<u64>(src) * p.max_chunks + chunk) * kChunkFlagSlots;
 }
 
+// Dispatch chunks of one (source, destination) pair of n rows: chunks of CR rows, except that the
+// last rows form `tail` chunks of CR / 4 rows.  Every sending block finishes its last chunk at about
+// the same time, and those rows only become visible then, so the receive has that whole last
+// wave still to copy after the last arrival; with small last chunks that wave is a quarter of
+// the size.  Sender and receiver derive the same plan from the same count and rank count (the
+// number of small chunks covers a last wave of up to 16 sending blocks).
+// epcomm.kernels.intranode.dispatch_tail_chunks mirrors kTailChunks.
+template <int R>
+constexpr int kTailChunks = (16 + R - 2) / (R - 1) > 2 ? (16 + R - 2) / (R - 1) : 2;
+
+struct ChunkPlan {
+  int n, cr, n_big, nc_big, cr_small, nchunks;
+  EPCOMM_DEVICE ChunkPlan(int rows, int CR, int tail) : n(rows), cr(CR) {
+    cr_small = max(CR / 4, 1);
+    const int n_small = min(rows, tail * cr_small);
+    n_big = rows - n_small;
+    nc_big = (n_big + CR - 1) / CR;
+    nchunks = nc_big + (n_small + cr_small - 1) / cr_small;
+  }
+  EPCOMM_DEVICE int begin(int c) const { return c < nc_big ? c * cr : n_big + (c - nc_big) * cr_small; }
+  EPCOMM_DEVICE int end(int c) const { return c < nc_big ? min((c + 1) * cr, n_big) : min(begin(c) + cr_small, n); }
+};
+
 // Sending warp: every lane's stores of the chunk are ordered (system scope) before the flag.
 EPCOMM_DEVICE void warp_publish_chunk(u64* flags, int warp, int lane, u64 tag) {
   fence_sys();
@@ -346,21 +369,19 @@ __global__ void __launch_bounds__(kIntraThreads) intranode_dispatch_send(const _
   const u64 tag = *reinterpret_cast<volatile u64*>(&p.ctrl->cur_tag);
   const int N = p.num_tokens, K = p.num_topk, CR = p.chunk_rows;
   const int L = p.num_experts / R;
-  int nchunks[R];
   int max_nc = 0;
 #pragma unroll
-  for (int d = 0; d < R; ++d) {
-    nchunks[d] = d == p.rank ? 0 : (p.send_count[d] + CR - 1) / CR;
-    max_nc = max(max_nc, nchunks[d]);
-  }
+  for (int d = 0; d < R; ++d)
+    if (d != p.rank) max_nc = max(max_nc, ChunkPlan(p.send_count[d], CR, kTailChunks<R>).nchunks);
   int item = 0;
   for (int c = 0; c < max_nc; ++c) {
     for (int j = 1; j < R; ++j) {
       const int d = (p.rank + j) % R;
-      if (c >= nchunks[d]) continue;
+      const ChunkPlan plan(p.send_count[d], CR, kTailChunks<R>);
+      if (c >= plan.nchunks) continue;
       if ((item++ % gridDim.x) != blockIdx.x) continue;
-      const int row_begin = c * CR;
-      const int row_end = min(row_begin + CR, p.send_count[d]);
+      const int row_begin = plan.begin(c);
+      const int row_end = plan.end(c);
       u8* region = at<u8>(p.peers[d], p.staging_off) + static_cast<u64>(p.rank) * p.region_bytes;
       const int* list = p.send_list + static_cast<i64>(d) * N;
       // Every load a row needs (its token id one row ahead, then top-k entries and scales) is
@@ -532,7 +553,8 @@ __global__ void __launch_bounds__(kIntraThreads) intranode_dispatch_recv(const _
   __syncthreads();
   for (int s = threadIdx.x; s < R; s += blockDim.x) {
     const int count = s_prefix[s + 1] - s_prefix[s];
-    s_items[s] = s == p.rank ? (count + kOwnItemRows - 1) / kOwnItemRows : (count + CR - 1) / CR * kWarps;
+    s_items[s] = s == p.rank ? (count + kOwnItemRows - 1) / kOwnItemRows
+                             : ChunkPlan(count, CR, kTailChunks<R>).nchunks * kWarps;
   }
   __syncthreads();
   const int total = s_prefix[R];
@@ -604,7 +626,8 @@ __global__ void __launch_bounds__(kIntraThreads) intranode_dispatch_recv(const _
       continue;
     }
     const int c = h / kWarps, w = h % kWarps;
-    const int begin = c * CR + w, end = min(c * CR + CR, count);
+    const ChunkPlan plan(count, CR, kTailChunks<R>);
+    const int begin = plan.begin(c) + w, end = plan.end(c);
     if (begin >= end) continue;  // that sending warp had no rows in this chunk
     const u64* flag = chunk_flags(me_base, p, s, c) + w;
     int ok = 1;

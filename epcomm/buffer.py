@@ -545,7 +545,7 @@ class Buffer:
             need = K_intra.nvl_buffer_size_hint(H, R, N, Kt)
             raise ValueError(f"Buffer too small: {N} tokens of hidden {H} need num_nvl_bytes >= {need} "
                              f"(this buffer holds {cap} tokens per rank, {lay.total_bytes} bytes)")
-        chunk_rows = max(cfg.chunk_rows, -(-lay.capacity_rows(need_row) // K_intra.MAX_CHUNKS))
+        chunk_rows = K_intra.dispatch_chunk_rows(cfg.chunk_rows, lay.capacity_rows(need_row), R)
         spec = K_intra.IntranodeDispatchSpec(R, H, fp8)
         spec.validate()
         self._alloc_on_comm = bool(allocate_on_comm_stream)

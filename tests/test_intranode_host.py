@@ -32,6 +32,24 @@ def test_constants_shared_with_the_cuda_source():
     assert re.search(rf"constexpr int kProfSlots = {K.PROF_SLOTS};", src)
 
 
+@pytest.mark.parametrize("ranks", [2, 3, 4, 8, 72])
+def test_dispatch_chunks_cover_every_row_once_and_fit_the_flags(ranks):
+    src = SRC.read_text()
+    assert "kTailChunks" in src and "struct ChunkPlan" in src
+    for cfg_rows in (1, 32, 64, 128):
+        for capacity in (1, 7, 100, 4096, 8192, 65536, 10**6):
+            cr = K.dispatch_chunk_rows(cfg_rows, capacity, ranks)
+            assert cr >= cfg_rows
+            # the fullest region (every staged row from one source) fits in MAX_CHUNKS flags
+            assert len(K.dispatch_chunk_ranges(capacity, cr, ranks)) <= K.MAX_CHUNKS
+            for rows in {0, 1, 5, cr, 4 * cr + 3, capacity}:
+                ranges = K.dispatch_chunk_ranges(rows, cr, ranks)
+                assert [r for b, e in ranges for r in range(b, e)] == list(range(rows))
+                assert all(e > b for b, e in ranges)
+                small = [e - b for b, e in ranges][-K.dispatch_tail_chunks(ranks):]
+                assert all(n <= max(cr // 4, 1) for n in small) or rows == 0
+
+
 def test_default_sm_split_per_rank_count():
     assert default_dispatch_config(2).split() == (8, 16)
     assert default_combine_config(2).split() == (8, 16)

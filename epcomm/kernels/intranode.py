@@ -78,6 +78,12 @@ class IntranodeDispatchSpec(KernelSpec):
         if not self.fp8 and self.hidden % 8:
             raise ValueError(f"hidden={self.hidden}: BF16 dispatch needs a multiple of 8 (16-byte rows)")
 
+    def render(self) -> str:
+        # The host sizes chunks with the Python mirror of kTailChunks: the compiler checks it.
+        t = dispatch_tail_chunks(self.num_ranks)
+        return super().render() + (f"static_assert(epcomm::kTailChunks<{self.num_ranks}> == {t}, "
+                                   f'"kTailChunks differs from dispatch_tail_chunks()");\n')
+
     def kernels(self):
         R, H, f = self.num_ranks, self.hidden, self.fp8
         return (
@@ -102,6 +108,29 @@ class IntranodeCombineSpec(KernelSpec):
 
     def kernels(self):
         return (KernelDef("combine", "epcomm::intranode_combine", (self.num_ranks, self.hidden), IntraParams),)
+
+
+def dispatch_tail_chunks(num_ranks: int) -> int:
+    """Small chunks at the end of each (source, destination) pair of a dispatch (mirror of
+    kTailChunks in intranode.cuh): enough for a last wave of 16 sending blocks."""
+    return max(2, -(-16 // (num_ranks - 1)))
+
+
+def dispatch_chunk_ranges(rows: int, chunk_rows: int, num_ranks: int) -> list[tuple[int, int]]:
+    """Row ranges of the chunks (one arrival flag per sending warp each) of a dispatch of
+    ``rows`` rows from one rank to another (mirror of ChunkPlan in intranode.cuh): chunks of
+    chunk_rows, the last rows in dispatch_tail_chunks(num_ranks) chunks of chunk_rows // 4."""
+    small = max(chunk_rows // 4, 1)
+    n_small = min(rows, dispatch_tail_chunks(num_ranks) * small)
+    n_big = rows - n_small
+    out = [(b, min(b + chunk_rows, n_big)) for b in range(0, n_big, chunk_rows)]
+    return out + [(b, min(b + small, rows)) for b in range(n_big, rows, small)]
+
+
+def dispatch_chunk_rows(config_chunk_rows: int, capacity_rows: int, num_ranks: int) -> int:
+    """Rows per (big) chunk of a dispatch: the config's, or more where a staging region of
+    ``capacity_rows`` rows would otherwise need more than MAX_CHUNKS chunk flags."""
+    return max(config_chunk_rows, -(-capacity_rows // (MAX_CHUNKS - dispatch_tail_chunks(num_ranks))))
 
 
 def _align(n: int, a: int) -> int:
