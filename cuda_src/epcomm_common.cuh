@@ -29,6 +29,7 @@ enum ErrorCode : int {
   kErrTimeout = 1,
   kErrOverflow = 2,   // more received tokens than the output has rows (num_worst_tokens)
   kErrBadInput = 3,   // an index out of range seen on the device
+  kErrMismatch = 4,   // ranks called a collective with different shapes (channel: which field)
 };
 
 // Where a wait stalled.  Mirrored by epcomm/_errstate.py (PHASES) for the host's messages.

@@ -25,6 +25,7 @@ constexpr int kIntraThreads = 512;
 struct IntraCtrl {
   u64 op_seq;        // tag of the last operation started on this buffer
   u64 cur_tag;       // tag of the dispatch in flight (set by notify, read by send and receive)
+  u64 ok_tag;        // = cur_tag once notify succeeded; send and receive run only then
   int scan_done;     // notify: scan blocks finished
   int recv_done;     // dispatch receive: blocks finished
   int comb_done;     // combine: blocks finished
@@ -79,6 +80,8 @@ struct IntraParams {
   int row_bytes;              // staging row stride
   int mailbox_ints;
   int max_chunks;
+  int hidden;                 // dispatch: H (compared across ranks in the mailbox)
+  int fp8;                    // dispatch: 1 for an FP8 payload
   int cached;                 // dispatch from a handle: no count exchange, no top-k
   int write_host;             // notify publishes counts to host_info
   int num_send_blocks;        // combine: blocks [0, S) send, the rest receive
@@ -146,14 +149,20 @@ EPCOMM_DEVICE u64* chunk_flags(u64 base, const IntraParams& p, int src, int chun
 template <int R>
 constexpr int kTailChunks = (16 + R - 2) / (R - 1) > 2 ? (16 + R - 2) / (R - 1) : 2;
 
+// An aggregate (no constructor) so that kernels can keep one per peer in shared memory, built
+// once per block instead of once per work item.
 struct ChunkPlan {
   int n, cr, n_big, nc_big, cr_small, nchunks;
-  EPCOMM_DEVICE ChunkPlan(int rows, int CR, int tail) : n(rows), cr(CR) {
-    cr_small = max(CR / 4, 1);
-    const int n_small = min(rows, tail * cr_small);
-    n_big = rows - n_small;
-    nc_big = (n_big + CR - 1) / CR;
-    nchunks = nc_big + (n_small + cr_small - 1) / cr_small;
+  static EPCOMM_DEVICE ChunkPlan make(int rows, int CR, int tail) {
+    ChunkPlan c;
+    c.n = rows;
+    c.cr = CR;
+    c.cr_small = max(CR / 4, 1);
+    const int n_small = min(rows, tail * c.cr_small);
+    c.n_big = rows - n_small;
+    c.nc_big = (c.n_big + CR - 1) / CR;
+    c.nchunks = c.nc_big + (n_small + c.cr_small - 1) / c.cr_small;
+    return c;
   }
   EPCOMM_DEVICE int begin(int c) const { return c < nc_big ? c * cr : n_big + (c - nc_big) * cr_small; }
   EPCOMM_DEVICE int end(int c) const { return c < nc_big ? min((c + 1) * cr, n_big) : min(begin(c) + cr_small, n); }
@@ -194,6 +203,19 @@ EPCOMM_DEVICE bool warp_wait_chunk(const u64* flags, u64 tag, const IntraParams&
 EPCOMM_DEVICE int deadline_phase_wait(const u64* flag, u64 tag, const IntraParams& p, u64 deadline,
                                       int phase, int channel, int peer) {
   return wait_geq_u64(flag, tag, p.err, deadline, p.rank, phase, channel, peer) ? 1 : 0;
+}
+
+// The words of the mailbox every rank must agree on (a dispatch's shape); their order is
+// epcomm.kernels.intranode.MAILBOX_AGREE_FIELDS, which names them in the host's error message.
+constexpr int kMailboxAgree = 5;
+EPCOMM_DEVICE int mailbox_agree_field(const IntraParams& p, int f) {
+  switch (f) {
+    case 0: return p.hidden;
+    case 1: return p.fp8;
+    case 2: return p.num_topk;
+    case 3: return p.num_experts;
+    default: return p.chunk_rows;  // last: the host derives it from the others and the Config
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -269,13 +291,14 @@ __global__ void __launch_bounds__(1024) intranode_notify(const __grid_constant__
 
   // The peers must have consumed what we wrote into them during the previous operation
   // before we overwrite their mailbox (and, later, their staging) again.
+  int ack_failed = 0;
   for (int d = tid; d < R; d += blockDim.x) {
     if (d == p.rank) continue;
-    deadline_phase_wait(at<u64>(me_base, p.ack_off) + d, tag - 1, p, deadline,
-                        kPhaseDispatchNotifyAck, -1, d);
+    if (!deadline_phase_wait(at<u64>(me_base, p.ack_off) + d, tag - 1, p, deadline, kPhaseDispatchNotifyAck, -1, d))
+      ack_failed = 1;
   }
   if (p.cached) {
-    __syncthreads();
+    if (__syncthreads_or(ack_failed) == 0 && tid == 0) p.ctrl->ok_tag = tag;
     prof_stamp(p, kProfNotify, 1);
     return;
   }
@@ -290,16 +313,18 @@ __global__ void __launch_bounds__(1024) intranode_notify(const __grid_constant__
   for (int d = tid; d < R; d += blockDim.x) s_counts[d] = ld_volatile_i32(p.send_count + d);
   __syncthreads();
 
-  // Mailbox of rank d, slot of this rank: [rows we send to d, then our token count for each
-  // of d's local experts].
+  // Mailbox of rank d, slot of this rank: [rows we send to d, the call's shape (kMailboxAgree
+  // words), then our token count for each of d's local experts].
   const int L = p.num_experts / R;
   const int mb = p.mailbox_ints;
-  for (int i = tid; i < R * (1 + L); i += blockDim.x) {
-    const int d = i / (1 + L), j = i % (1 + L);
+  constexpr int kHead = 1 + kMailboxAgree;
+  for (int i = tid; i < R * (kHead + L); i += blockDim.x) {
+    const int d = i / (kHead + L), j = i % (kHead + L);
     int* box = at<int>(p.peers[d], p.mailbox_off) + static_cast<i64>(p.rank) * mb;
     int v;
     if (j == 0) v = s_counts[d];
-    else v = p.num_tokens_per_expert != nullptr ? p.num_tokens_per_expert[d * L + (j - 1)] : 0;
+    else if (j < kHead) v = mailbox_agree_field(p, j - 1);
+    else v = p.num_tokens_per_expert != nullptr ? p.num_tokens_per_expert[d * L + (j - kHead)] : 0;
     box[j] = v;
   }
   __syncthreads();
@@ -311,11 +336,28 @@ __global__ void __launch_bounds__(1024) intranode_notify(const __grid_constant__
   for (int s = tid; s < R; s += blockDim.x)
     deadline_phase_wait(at<u64>(me_base, p.mailbox_tag_off) + s, tag, p, deadline,
                         kPhaseDispatchNotifyCounts, -1, s);
+  const int* boxes = at<int>(me_base, p.mailbox_off);
+  __syncthreads();
+  // Ranks that disagree on the shape would read each other's rows with the wrong layout or wait
+  // for chunks that are never sent: every rank compares every peer's words with its own (so all
+  // of them stop here, and none sends); a peer's first differing word (in field order, root
+  // causes before chunk_rows, which follows from them) is reported.
+  for (int s = tid; s < R; s += blockDim.x) {
+    if (s == p.rank) continue;
+    for (int f = 0; f < kMailboxAgree; ++f) {
+      const int mine = mailbox_agree_field(p, f);
+      const int theirs = ld_volatile_i32(boxes + static_cast<i64>(s) * mb + 1 + f);
+      if (theirs != mine) {
+        report_error(p.err, kErrMismatch, p.rank, kPhaseDispatchNotifyCounts, f, s,
+                     static_cast<u64>(static_cast<u32>(mine)), static_cast<u64>(static_cast<u32>(theirs)));
+        break;
+      }
+    }
+  }
   __syncthreads();
   if (tid == 0) s_ok = aborted(p.err) ? 1 : 0;  // block-uniform decision
   __syncthreads();
   if (s_ok) return;
-  const int* boxes = at<int>(me_base, p.mailbox_off);
   if (tid == 0) {
     int acc = 0;
     for (int s = 0; s < R; ++s) {
@@ -330,15 +372,18 @@ __global__ void __launch_bounds__(1024) intranode_notify(const __grid_constant__
   if (p.write_host) {
     for (int j = tid; j < L; j += blockDim.x) {
       int c = 0;
-      for (int s = 0; s < R; ++s) c += ld_volatile_i32(boxes + static_cast<i64>(s) * mb + 1 + j);
+      for (int s = 0; s < R; ++s) c += ld_volatile_i32(boxes + static_cast<i64>(s) * mb + kHead + j);
       const int a = p.expert_alignment;
       p.host_info[2 + R + j] = (c + a - 1) / a * a;
     }
   }
   __syncthreads();
-  if (tid == 0 && p.write_host) {
-    fence_sys();
-    st_release_sys_i32(p.host_info, 1);
+  if (tid == 0) {
+    p.ctrl->ok_tag = tag;
+    if (p.write_host) {
+      fence_sys();
+      st_release_sys_i32(p.host_info, 1);
+    }
   }
   prof_stamp(p, kProfNotify, 1);
 }
@@ -367,17 +412,21 @@ __global__ void __launch_bounds__(kIntraThreads) intranode_dispatch_send(const _
   constexpr int kWarps = kIntraThreads / 32;
   prof_stamp(p, kProfSend, 0);
   const u64 tag = *reinterpret_cast<volatile u64*>(&p.ctrl->cur_tag);
+  // notify failed (recorded): the counts or the peers' consent are missing, so send nothing.
+  if (*reinterpret_cast<volatile u64*>(&p.ctrl->ok_tag) != tag) return;
   const int N = p.num_tokens, K = p.num_topk, CR = p.chunk_rows;
   const int L = p.num_experts / R;
+  __shared__ ChunkPlan s_plan[R];
+  for (int d = threadIdx.x; d < R; d += blockDim.x)
+    s_plan[d] = ChunkPlan::make(d == p.rank ? 0 : p.send_count[d], CR, kTailChunks<R>);
+  __syncthreads();
   int max_nc = 0;
-#pragma unroll
-  for (int d = 0; d < R; ++d)
-    if (d != p.rank) max_nc = max(max_nc, ChunkPlan(p.send_count[d], CR, kTailChunks<R>).nchunks);
+  for (int d = 0; d < R; ++d) max_nc = max(max_nc, s_plan[d].nchunks);
   int item = 0;
   for (int c = 0; c < max_nc; ++c) {
     for (int j = 1; j < R; ++j) {
       const int d = (p.rank + j) % R;
-      const ChunkPlan plan(p.send_count[d], CR, kTailChunks<R>);
+      const ChunkPlan& plan = s_plan[d];
       if (c >= plan.nchunks) continue;
       if ((item++ % gridDim.x) != blockIdx.x) continue;
       const int row_begin = plan.begin(c);
@@ -539,8 +588,11 @@ __global__ void __launch_bounds__(kIntraThreads) intranode_dispatch_recv(const _
   const int lane = lane_id(), warp = warp_id();
   __shared__ int s_prefix[R + 1];
   __shared__ int s_items[R];  // queue length per source
+  __shared__ ChunkPlan s_plan[R];
   prof_stamp(p, kProfRecv, 0);
   const u64 tag = *reinterpret_cast<volatile u64*>(&p.ctrl->cur_tag);
+  // notify failed (recorded): rank_prefix was never written, so touch nothing.
+  if (*reinterpret_cast<volatile u64*>(&p.ctrl->ok_tag) != tag) return;
   const u64 deadline = globaltimer_ns() + p.timeout_ns;
   const int K = p.cached ? 0 : p.num_topk, CR = p.chunk_rows;
   const int L = p.num_experts / R;
@@ -553,8 +605,8 @@ __global__ void __launch_bounds__(kIntraThreads) intranode_dispatch_recv(const _
   __syncthreads();
   for (int s = threadIdx.x; s < R; s += blockDim.x) {
     const int count = s_prefix[s + 1] - s_prefix[s];
-    s_items[s] = s == p.rank ? (count + kOwnItemRows - 1) / kOwnItemRows
-                             : ChunkPlan(count, CR, kTailChunks<R>).nchunks * kWarps;
+    s_plan[s] = ChunkPlan::make(count, CR, kTailChunks<R>);
+    s_items[s] = s == p.rank ? (count + kOwnItemRows - 1) / kOwnItemRows : s_plan[s].nchunks * kWarps;
   }
   __syncthreads();
   const int total = s_prefix[R];
@@ -626,7 +678,7 @@ __global__ void __launch_bounds__(kIntraThreads) intranode_dispatch_recv(const _
       continue;
     }
     const int c = h / kWarps, w = h % kWarps;
-    const ChunkPlan plan(count, CR, kTailChunks<R>);
+    const ChunkPlan& plan = s_plan[s];
     const int begin = plan.begin(c) + w, end = plan.end(c);
     if (begin >= end) continue;  // that sending warp had no rows in this chunk
     const u64* flag = chunk_flags(me_base, p, s, c) + w;

@@ -25,6 +25,7 @@ _LAZY = {
     "CompileError": ("epcomm.errors", "CompileError"),
     "ToolchainError": ("epcomm.errors", "ToolchainError"),
     "BufferStateError": ("epcomm.errors", "BufferStateError"),
+    "RankMismatchError": ("epcomm.errors", "RankMismatchError"),
     "reference": ("epcomm.reference", None),
     "interop": ("epcomm.interop", None),
     "envs": ("epcomm.envs", None),

@@ -10,9 +10,9 @@ from __future__ import annotations
 import ctypes
 import threading
 
-from .errors import BufferStateError, EpcommError, EpcommTimeoutError
+from .errors import BufferStateError, EpcommError, EpcommTimeoutError, RankMismatchError
 
-ERR_NONE, ERR_TIMEOUT, ERR_OVERFLOW, ERR_BAD_INPUT = 0, 1, 2, 3
+ERR_NONE, ERR_TIMEOUT, ERR_OVERFLOW, ERR_BAD_INPUT, ERR_MISMATCH = 0, 1, 2, 3, 4
 
 PHASES = {
     1: "get_dispatch_layout",
@@ -73,6 +73,18 @@ class ErrorState:
             return ValueError(
                 f"{phase}{where}: topk_idx holds expert index {r.observed} (token {r.channel}), "
                 f"outside [-1, {r.expected}); the kernel skipped it")
+        if code == ERR_MISMATCH:
+            from .kernels.intranode import MAILBOX_AGREE_FIELDS
+            field = MAILBOX_AGREE_FIELDS[r.channel] if 0 <= r.channel < len(MAILBOX_AGREE_FIELDS) else f"#{r.channel}"
+            mine, theirs = ctypes.c_int32(r.expected).value, ctypes.c_int32(r.observed).value
+            what = {"chunk_rows": "chunk_rows (from Config.chunk_rows and the buffer's capacity)",
+                    "fp8": "fp8 (1: x is an FP8 pair)", "num_topk": "num_topk (columns of topk_idx; 0: none)"}
+            return RankMismatchError(
+                f"rank {r.rank}{where}: rank {r.peer} called it with a different shape: "
+                f"{what.get(field, field)} is {mine} here and {theirs} there. Every rank must pass the same "
+                f"hidden size, dtype, top-k width, num_experts and Config; nothing was sent, and this Buffer "
+                f"is unusable now (create a new one).",
+                rank=r.rank, peer=r.peer, field=field, mine=mine, theirs=theirs)
         return EpcommError(f"device error code {code}{where} (phase {phase})")
 
     def check(self, context: str = "", *, poison_on_timeout: bool = True) -> None:

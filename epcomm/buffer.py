@@ -461,7 +461,11 @@ class Buffer:
         than the largest of the last four receives of this shape; its extra rows are never
         written).  Raises ValueError/TypeError for bad input (before any launch),
         ValueError if the buffer is too small (with the size needed), EpcommTimeoutError if a
-        peer does not arrive within EPCOMM_TIMEOUT_S.
+        peer does not arrive within EPCOMM_TIMEOUT_S, RankMismatchError if another rank's call
+        has a different hidden size, dtype, top-k width, num_experts or chunk_rows (every rank
+        raises it and nothing is sent; the Buffer is unusable afterwards).  With
+        ``num_worst_tokens`` these device-side errors are raised by the next call or
+        :meth:`synchronize`.
         """
         st = self._intra
         if st is None:
@@ -600,6 +604,7 @@ class Buffer:
             p.expert_alignment = expert_alignment
             p.chunk_rows = chunk_rows
             p.row_bytes = K_intra.dispatch_row_bytes(H, fp8, Kt)
+            p.hidden, p.fp8 = H, int(fp8)
             p.cached = int(cached)
             p.write_host = int(not worst and not cached)
             if p.write_host:

@@ -34,5 +34,16 @@ class EpcommTimeoutError(EpcommError, TimeoutError):
         super().__init__(message)
 
 
+class RankMismatchError(EpcommError):
+    """Ranks made the same collective call with different shapes (hidden size, dtype, top-k
+    width, number of experts or chunk size).  ``rank``/``peer`` are the two ranks compared,
+    ``field`` the first difference, ``mine``/``theirs`` its two values."""
+
+    def __init__(self, message: str, *, rank: int = -1, peer: int = -1, field: str = "", mine: int = 0,
+                 theirs: int = 0):
+        self.rank, self.peer, self.field, self.mine, self.theirs = rank, peer, field, mine, theirs
+        super().__init__(message)
+
+
 class BufferStateError(EpcommError):
     """The buffer is unusable (destroyed, or poisoned by an earlier timeout or overflow)."""

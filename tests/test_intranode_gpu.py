@@ -473,3 +473,69 @@ def test_missing_peer_times_out_with_rank_and_phase_and_too_small_buffer_raises(
         for k, v in r.items():
             assert v == "ok", f"rank {rank} {k}: {v}"
     assert "timeout" in res[0] and "poisoned" in res[0]
+
+
+def _mismatch_worker(rank, world, group):
+    import time
+
+    import torch
+
+    import epcomm
+    from epcomm.errors import BufferStateError, RankMismatchError
+    torch.cuda.set_device(device_of(rank))
+    torch.manual_seed(rank)
+    N, E = 256, 64
+    size = epcomm.Buffer.get_nvl_buffer_size_hint(4096, world, N, 8)
+    last = world - 1  # the rank that calls with a different shape
+    # (what differs, kwargs of every rank, kwargs of the last rank, CPU-synchronised?)
+    cases = [
+        ("num_topk", dict(H=2048, K=8), dict(H=2048, K=4), True),
+        ("hidden", dict(H=2048, K=8), dict(H=4096, K=8), True),
+        ("chunk_rows", dict(H=2048, K=8, chunk=64), dict(H=2048, K=8, chunk=32), False),
+    ]
+    out = {}
+    for field, kw, kw_last, sync in cases:
+        a = kw_last if rank == last else kw
+        H, K = a["H"], a["K"]
+        cfg = epcomm.Config(num_sms=8, chunk_rows=a.get("chunk", 64))
+        buf = epcomm.Buffer(group, size)
+        x = torch.randn(N, H, device="cuda").to(torch.bfloat16)
+        topk = torch.randint(0, E, (N, K), device="cuda")
+        t0 = time.monotonic()
+        try:
+            buf.dispatch(x, topk_idx=topk, num_experts=E, config=cfg,
+                         num_worst_tokens=0 if sync else N * world)
+            buf.synchronize()  # the num_worst_tokens path reports device errors here
+            out[field] = "no error"
+        except RankMismatchError as e:
+            dt = time.monotonic() - t0
+            ok = e.field == field and e.rank == rank and dt < 20 and (rank == last or e.peer == last)
+            out[field] = "ok" if ok else f"bad: {dt:.1f}s field={e.field} rank={e.rank} peer={e.peer}: {e}"
+        except Exception as e:  # noqa: BLE001 - reported per rank below
+            out[field] = f"{type(e).__name__}: {e}"
+        try:
+            buf.dispatch(x, topk_idx=topk, num_experts=E, config=cfg)
+            out[field + "_poisoned"] = "no error"
+        except BufferStateError:
+            out[field + "_poisoned"] = "ok"
+        buf.destroy()
+        group.barrier()
+    # A fresh Buffer with matching shapes works after all that.
+    buf = epcomm.Buffer(group, size)
+    x = torch.randn(N, 2048, device="cuda").to(torch.bfloat16)
+    topk = torch.randint(0, E, (N, 8), device="cuda")
+    rx, *_ = buf.dispatch(x, topk_idx=topk, num_experts=E)
+    torch.cuda.synchronize()
+    out["fresh_buffer"] = "ok" if rx.shape[1] == 2048 else f"bad shape {tuple(rx.shape)}"
+    buf.destroy()
+    group.barrier()
+    return out
+
+
+@needs_ranks
+def test_ranks_calling_dispatch_with_different_shapes_all_raise_naming_the_field():
+    # EPCOMM_TIMEOUT_S large: the error must come from the shape check, not from a timeout.
+    res = spawn.run(_mismatch_worker, _world(), timeout=240, env={"EPCOMM_TIMEOUT_S": "60"})
+    bad = [f"rank {rank} {k}: {v}" for rank, r in enumerate(res) for k, v in r.items() if v != "ok"]
+    assert not bad, "\n".join(bad)
+    assert len(res[0]) == 7

@@ -19,7 +19,10 @@ NOTIFY_THREADS = 1024
 MAX_CHUNKS = 1024       # chunks per source rank (chunk_rows grows for larger capacities)
 CHUNK_FLAG_SLOTS = THREADS // 32  # kChunkFlagSlots: one arrival flag per sending warp
 MAX_LOCAL_EXPERTS = 1023
-MAILBOX_INTS = 1 + MAX_LOCAL_EXPERTS
+# Words of a dispatch that every rank must agree on, exchanged in the mailbox with the counts
+# (mailbox_agree_field in intranode.cuh, same order); a difference raises RankMismatchError.
+MAILBOX_AGREE_FIELDS = ("hidden", "fp8", "num_topk", "num_experts", "chunk_rows")
+MAILBOX_INTS = 1 + len(MAILBOX_AGREE_FIELDS) + MAX_LOCAL_EXPERTS
 PROF_MAX_BLOCKS = 256   # kProfMaxBlocks
 PROF_SLOTS = 4          # kProfSlots: start ns, end ns, SM id, clock cycles
 PROF_KERNELS = ("notify", "send", "recv", "combine")  # ProfKernel order
@@ -43,6 +46,7 @@ class IntraParams(ParamsStruct):
         ("rank", _i32), ("num_ranks", _i32), ("num_tokens", _i32), ("num_topk", _i32),
         ("num_experts", _i32), ("expert_alignment", _i32), ("out_rows", _i32), ("worst_mode", _i32),
         ("chunk_rows", _i32), ("row_bytes", _i32), ("mailbox_ints", _i32), ("max_chunks", _i32),
+        ("hidden", _i32), ("fp8", _i32),
         ("cached", _i32), ("write_host", _i32), ("num_send_blocks", _i32), ("speculative", _i32),
         ("prof", _u64),
     ]
@@ -51,7 +55,7 @@ class IntraParams(ParamsStruct):
 class IntraCtrl(ParamsStruct):
     """Mirror of epcomm::IntraCtrl: the host allocates and zeroes it once; the kernels keep it."""
     _cname_ = "epcomm::IntraCtrl"
-    _fields_ = [("op_seq", _u64), ("cur_tag", _u64), ("scan_done", _i32), ("recv_done", _i32),
+    _fields_ = [("op_seq", _u64), ("cur_tag", _u64), ("ok_tag", _u64), ("scan_done", _i32), ("recv_done", _i32),
                 ("comb_done", _i32), ("pad", _i32), ("recv_heads", _i32 * MAX_RANKS)]
 
 
@@ -82,7 +86,9 @@ class IntranodeDispatchSpec(KernelSpec):
         # The host sizes chunks with the Python mirror of kTailChunks: the compiler checks it.
         t = dispatch_tail_chunks(self.num_ranks)
         return super().render() + (f"static_assert(epcomm::kTailChunks<{self.num_ranks}> == {t}, "
-                                   f'"kTailChunks differs from dispatch_tail_chunks()");\n')
+                                   f'"kTailChunks differs from dispatch_tail_chunks()");\n'
+                                   f"static_assert(epcomm::kMailboxAgree == {len(MAILBOX_AGREE_FIELDS)}, "
+                                   f'"kMailboxAgree differs from MAILBOX_AGREE_FIELDS");\n')
 
     def kernels(self):
         R, H, f = self.num_ranks, self.hidden, self.fp8

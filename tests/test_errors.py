@@ -1,0 +1,80 @@
+"""Device error records become precise Python exceptions (epcomm._errstate), on the CPU.
+
+The kernels write an ErrorRecord into host-mapped memory; here the record lives in ordinary
+host memory, filled the way cuda_src/epcomm_common.cuh's report_error fills it."""
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+
+from epcomm import _errstate
+from epcomm.errors import BufferStateError, EpcommError, EpcommTimeoutError, RankMismatchError
+from epcomm.kernels import intranode as K_intra
+
+
+def _state(code, rank=1, phase=11, channel=-1, peer=0, expected=0, observed=0):
+    st = object.__new__(_errstate.ErrorState)
+    st.device_id = 0
+    st.rec = _errstate.ErrorRecord(code, rank, phase, channel, peer, 0, expected, observed)
+    st.host_ptr = ctypes.addressof(st.rec)
+    st.dev_ptr = 0
+    st.poisoned = None
+    return st
+
+
+def test_error_record_matches_the_device_struct():
+    # u32 x 6 then two u64: the layout report_error writes.
+    assert ctypes.sizeof(_errstate.ErrorRecord) == 40
+    assert _errstate.ErrorRecord.expected.offset == 24
+
+
+def test_timeout_names_rank_phase_channel_peer_and_poisons():
+    st = _state(_errstate.ERR_TIMEOUT, rank=3, phase=13, channel=7, peer=2, expected=5, observed=4)
+    with pytest.raises(EpcommTimeoutError) as ei:
+        st.check("dispatch")
+    msg = str(ei.value)
+    assert "rank 3" in msg and "waiting for a chunk of rows" in msg and "channel 7" in msg and "peer rank 2" in msg
+    assert (ei.value.rank, ei.value.channel, ei.value.peer) == (3, 7, 2)
+    with pytest.raises(BufferStateError, match="unusable after an earlier error"):
+        st.check("combine")
+
+
+@pytest.mark.parametrize("field", K_intra.MAILBOX_AGREE_FIELDS)
+def test_shape_mismatch_names_the_field_both_values_and_poisons(field):
+    f = K_intra.MAILBOX_AGREE_FIELDS.index(field)
+    st = _state(_errstate.ERR_MISMATCH, rank=0, phase=11, channel=f, peer=1, expected=8,
+                observed=ctypes.c_uint32(-1).value)
+    with pytest.raises(RankMismatchError) as ei:
+        st.check("dispatch")
+    e = ei.value
+    assert (e.rank, e.peer, e.field, e.mine, e.theirs) == (0, 1, field, 8, -1)
+    assert f"{field}" in str(e) and "is 8 here and -1 there" in str(e) and "rank 1" in str(e)
+    with pytest.raises(BufferStateError):
+        st.check("dispatch")
+
+
+def test_bad_input_is_a_value_error_and_leaves_the_state_usable():
+    st = _state(_errstate.ERR_BAD_INPUT, rank=0, phase=1, channel=12, peer=-1, expected=64, observed=99)
+    with pytest.raises(ValueError, match="expert index 99 .token 12., outside \\[-1, 64\\)"):
+        st.check()
+    assert st.rec.code == 0 and st.poisoned is None
+    st.check()  # nothing pending any more
+
+
+def test_overflow_and_unknown_codes():
+    with pytest.raises(EpcommError, match="received 900 tokens but the output has only 512 rows"):
+        _state(_errstate.ERR_OVERFLOW, rank=0, phase=13, expected=512, observed=900).check()
+    with pytest.raises(EpcommError, match="device error code 77"):
+        _state(77).check()
+
+
+def test_every_device_phase_has_a_host_description():
+    import re
+    from pathlib import Path
+    src = (Path(__file__).resolve().parents[1] / "cuda_src" / "epcomm_common.cuh").read_text()
+    phases = {int(v) for v in re.findall(r"kPhase\w+ = (\d+)", src)}
+    assert phases and phases <= set(_errstate.PHASES)
+    codes = dict(re.findall(r"(kErr\w+) = (\d+)", src))
+    assert int(codes["kErrMismatch"]) == _errstate.ERR_MISMATCH
+    assert int(codes["kErrTimeout"]) == _errstate.ERR_TIMEOUT
