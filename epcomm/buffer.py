@@ -843,10 +843,13 @@ class Buffer:
 
     # ---- low-latency mode (epcomm.low_latency) -------------------------------------------------
     def _ll_state(self):
-        if self._ll is None:
+        ll, err = self._ll, self._err
+        if ll is not None and not self._destroyed and err.poisoned is None and err.rec.code == 0:
+            return ll  # the common case, checked cheaply (a decode step is tens of microseconds)
+        if ll is None:
             raise BufferStateError("low-latency calls need a Buffer created with low_latency_mode=True")
         self._check_usable("low-latency call")
-        return self._ll
+        return ll
 
     def low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank: int, num_experts: int,
                              **kw):

@@ -57,6 +57,20 @@ class Knob(Generic[T]):
     def is_set(self) -> bool:
         return self.name in os.environ
 
+    def get_memo(self) -> T:
+        """:meth:`get`, parsed again only when the variable's text changed (per-call hot paths:
+        the low-latency fast paths read EPCOMM_CHECK_INDICES on every call)."""
+        raw = os.environ.get(self.name)
+        memo = _MEMO.get(self.name)
+        if memo is not None and memo[0] == raw:
+            return memo[1]
+        v = self.get()
+        _MEMO[self.name] = (raw, v)
+        return v
+
+
+_MEMO: dict = {}
+
 
 def _str(name: str, raw: str) -> str:
     return raw

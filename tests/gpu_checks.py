@@ -38,6 +38,24 @@ needs_ranks = pytest.mark.skipif(normal_ranks() < 2, reason="needs 2 or more NVI
                                  "EPCOMM_SHARE_GPU=1 (GPU test)")
 
 
+def ll_ranks() -> int:
+    """Ranks the low-latency GPU tests spawn: EPCOMM_TEST_RANKS if set, else one per GPU.  NVSHMEM
+    needs a GPU per rank, so ranks never share one; a single GPU runs them with one rank (one PE:
+    the host paths and the kernels' local stores, no NVLink)."""
+    from epcomm import envs
+    n, want = world(), envs.TEST_RANKS.get()
+    if want > 0:
+        if want > n:
+            raise RuntimeError(f"EPCOMM_TEST_RANKS={want} exceeds the {n} visible GPUs (the low-latency mode "
+                               f"needs one GPU per rank)")
+        return want
+    return n
+
+
+needs_ll_ranks = pytest.mark.skipif(ll_ranks() < 1, reason="needs an NVIDIA GPU (GPU test)")
+needs_two_ll_ranks = pytest.mark.skipif(ll_ranks() < 2, reason="needs 2 or more NVIDIA GPUs (GPU test)")
+
+
 def device_of(rank: int) -> int:
     """The GPU of a spawned worker (ranks share GPUs round-robin under EPCOMM_SHARE_GPU)."""
     return rank % max(world(), 1)

@@ -3,7 +3,8 @@
 One process per GPU, all cases in one spawn; every rank derives all ranks' inputs from the
 case seed and checks its own outputs bit for bit: packed rows (FP8 bytes and scales included),
 counts, source indices, ranges and combined values.  Each case runs three rounds with new data,
-so both buffer slots are used and reused.  Marked gpu/multigpu.
+so both buffer slots are used and reused.  Marked gpu/multigpu.  With one GPU the tests run
+with one rank (NVSHMEM needs a GPU per rank; EPCOMM_TEST_RANKS picks fewer ranks than GPUs).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 from epcomm import spawn
-from gpu_checks import assert_bits as _assert_bits, needs_gpus, run_once, to_np as _np, world as _world
+from gpu_checks import assert_bits as _assert_bits, ll_ranks as _world, needs_ll_ranks, needs_two_ll_ranks, run_once, to_np as _np
 
 pytestmark = [pytest.mark.gpu, pytest.mark.multigpu]
 
@@ -38,6 +39,7 @@ CASES = [
     _case("fp8_async", E=64, async_=True),
     _case("fp8_partial_batch_n50_t128", N=50, E=64, stats=True),
     _case("fp8_zero_copy_out", E=64, zero_copy=True, out=True),
+    _case("fp8_out", E=64, out=True),
     _case("fp8_heavy_drop", E=64, drop=0.6),
     _case("bf16_t256_h2048_e288_k16", T=256, H=2048, E=288, K=16, fp8=False),
 ]
@@ -121,7 +123,7 @@ def _round(rank, world, buf, case, it, stats):
     return rr.recv_count
 
 
-def _worker(rank, world, group, cases):
+def _worker(rank, world, group, cases, rounds=3):
     import torch
 
     import epcomm
@@ -134,8 +136,10 @@ def _worker(rank, world, group, cases):
         try:
             stats = torch.zeros(case["E"] // world, dtype=torch.int32, device="cuda") if case["stats"] else None
             total = 0
-            for it in range(3):
+            fast0 = buf._ll.fast_calls
+            for it in range(rounds):
                 total = total + _round(rank, world, buf, case, it, stats)
+            results["fast_calls:" + case["name"]] = buf._ll.fast_calls - fast0
             if stats is not None:
                 _assert_bits("cumulative stats", stats.cpu().numpy(), total.astype(np.int32))
             results[case["name"]] = "ok"
@@ -160,7 +164,31 @@ def _results(force_put: bool):
     return spawn.run(_worker, _world(), cases, timeout=float(os.environ.get("EPCOMM_TEST_TIMEOUT", 480)), env=env)
 
 
-@needs_gpus
+# The steady-state fast paths (torch, default flags, shapes seen before) serve calls only with
+# EPCOMM_CHECK_INDICES=0 (as in `epcomm bench` and in production); 4 rounds: the first two
+# prepare both slots, the last two (one per slot) go through the fast paths.
+FAST_CASES = ["fp8_t128_h7168_e256_k8", "bf16_t128_h4096_e64_k8", "fp8_ue8m0_t256_h7168", "fp8_t1_k1",
+              "fp8_out", "bf16_t256_h2048_e288_k16"]
+
+
+@run_once
+def _results_fast():
+    cases = [c for c in CASES if c["name"] in FAST_CASES]
+    return spawn.run(_worker, _world(), cases, 4, timeout=float(os.environ.get("EPCOMM_TEST_TIMEOUT", 480)),
+                     env={"EPCOMM_CHECK_INDICES": "0"})
+
+
+@needs_ll_ranks
+@pytest.mark.parametrize("name", FAST_CASES)
+def test_low_latency_fast_paths_against_reference(name):
+    for rank, r in enumerate(_results_fast()):
+        v = r.get(name, "not run (an earlier case crashed)")
+        assert v == "ok", f"rank {rank}: {v}"
+        # rounds 3 and 4: dispatch and combine each through the fast path
+        assert r["fast_calls:" + name] == 4, f"rank {rank}: {r['fast_calls:' + name]} fast-path calls, expected 4"
+
+
+@needs_ll_ranks
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
 def test_low_latency_against_reference(case):
     for rank, r in enumerate(_results(False)):
@@ -168,7 +196,7 @@ def test_low_latency_against_reference(case):
         assert v == "ok", f"rank {rank}: {v}"
 
 
-@needs_gpus
+@needs_ll_ranks
 @pytest.mark.parametrize("name", ["fp8_t128_h7168_e256_k8", "bf16_k16_e32_hook", "fp8_zero_copy_out",
                                   "fp8_ue8m0_t256_h7168"])
 def test_low_latency_nvshmem_put_path(name):
@@ -262,7 +290,7 @@ def _overlap_worker(rank, world, group):
     return fails
 
 
-@needs_gpus
+@needs_ll_ranks
 def test_two_micro_batches_with_hooks_and_graph_replays():
     for rank, fails in enumerate(spawn.run(_overlap_worker, _world(), timeout=240)):
         assert not fails, f"rank {rank}: {fails}"
@@ -316,7 +344,7 @@ def _failure_worker(rank, world, group):
     return out
 
 
-@needs_gpus
+@needs_two_ll_ranks
 def test_low_latency_bad_input_and_missing_peer():
     res = spawn.run(_failure_worker, _world(), timeout=180, env={"EPCOMM_TIMEOUT_S": "4"})
     for rank, r in enumerate(res):

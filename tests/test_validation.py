@@ -125,3 +125,17 @@ def test_envs_parse_and_document():
     finally:
         del os.environ["EPCOMM_TIMEOUT_S"]
     assert e.TIMEOUT_S.get() == 100.0
+
+
+def test_memoised_knob_follows_changes_of_the_variable(monkeypatch):
+    from epcomm import envs as e
+    monkeypatch.setenv("EPCOMM_CHECK_INDICES", "0")
+    assert e.CHECK_INDICES.get_memo() is False
+    assert e.CHECK_INDICES.get_memo() is False
+    monkeypatch.setenv("EPCOMM_CHECK_INDICES", "yes")
+    assert e.CHECK_INDICES.get_memo() is True
+    monkeypatch.delenv("EPCOMM_CHECK_INDICES")
+    assert e.CHECK_INDICES.get_memo() is True  # the default
+    monkeypatch.setenv("EPCOMM_CHECK_INDICES", "maybe")
+    with pytest.raises(ValueError, match="EPCOMM_CHECK_INDICES"):
+        e.CHECK_INDICES.get_memo()
