@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One full GPU session on a lent machine (see docs/development.md): installs the carried
+# One full GPU session on a lent machine: installs the carried
 # nvshmem4py wheel, runs `epcomm info`, warms the JIT cache in parallel, runs the GPU test
 # suite and the benchmarks, and leaves logs and JSON under $OUT (default ./gpu-out).
 # Usage: bash benchmarks/gpu_session.sh [tests|bench|all] [pytest -k expression]
