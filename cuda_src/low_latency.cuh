@@ -46,6 +46,7 @@ struct LLParams {
   u64 comb_flag_off;           // u64 [2][R]: tag, from each expert-side rank
   u64 disp_ack_off;            // u64 [2][R]: tag up to which each destination consumed our tokens
   u64 comb_ack_off;            // u64 [2][R]
+  u64 disp_shape_off;          // u64 [2][R]: the shape word of each source's last dispatch
   u64 disp_region_off;         // [2][R][T] messages
   u64 comb_region_off;         // [2][T][K] bf16 rows
   u64 disp_send_off;           // [2][T] messages: put-path staging
@@ -66,6 +67,7 @@ struct LLParams {
   const int* h_src_k;
   u16* out;                    // combine: [N, H]
   u64 timeout_ns;
+  u64 shape_word;              // this call's (T, H, E, K, FP8 format): epcomm.kernels.low_latency.shape_word
   int rank;
   int num_ranks;
   int num_tokens;
@@ -80,6 +82,7 @@ struct LLParams {
   int zero_copy;               // combine: x is the slot's comb_send region
   int force_put;
   int any_put;                 // some peer is reached with puts: quiet before signalling
+  int check_shape;             // dispatch receive: compare every source's shape word with ours
 };
 
 template <int kHidden, bool kFp8>
@@ -130,6 +133,27 @@ EPCOMM_DEVICE bool ll_wait_all(const LLParams& p, u64 flag_off, u64 tag, int shi
   return s_ok != 0;
 }
 
+// After ll_wait_all on the dispatch flags (thread r acquired source r's flag, so it sees the
+// shape word written before it): does every source's dispatch have our shape?  A source with
+// another T, H, E, top-k or format wrote its messages with another layout; the first difference
+// is recorded (kErrMismatch: both words, decoded by the host) and the block reads nothing.  The
+// host asks for it on the first dispatch of each shape in each slot (not in the fast paths).
+EPCOMM_DEVICE bool ll_shapes_agree(const LLParams& p) {
+  __shared__ int s_bad;
+  if (threadIdx.x == 0) s_bad = 0;
+  __syncthreads();
+  const int R = p.num_ranks;
+  for (int r = threadIdx.x; r < R; r += blockDim.x) {
+    const u64 theirs = ld_volatile_u64(reinterpret_cast<const u64*>(p.heap + p.disp_shape_off) + p.slot * R + r);
+    if (theirs != p.shape_word) {
+      report_error(p.err, kErrMismatch, p.rank, kPhaseLLDispatchRecv, p.slot, r, p.shape_word, theirs);
+      s_bad = 1;
+    }
+  }
+  __syncthreads();
+  return s_bad == 0;
+}
+
 // The block's last finisher (ticket) returns true; counters reset themselves.
 EPCOMM_DEVICE bool last_block(int* counter) {
   __shared__ int s_last;
@@ -167,6 +191,15 @@ EPCOMM_DEVICE void ll_dispatch_send(const LLParams& p, u64 tag, u64 deadline) {
   }
   __syncthreads();
   const bool ok = s_ok != 0;
+  // Our shape word at every destination (it consumed the previous one: acknowledged above); it
+  // is published with the count like the messages (put peers: before the quiet below).
+  if (ok && blockIdx.x == 0) {
+    const u64 at = p.disp_shape_off + (static_cast<u64>(p.slot) * R + p.rank) * 8;
+    for (int d = threadIdx.x; d < R; d += blockDim.x) {
+      if (use_put(p, d)) nvshmem_uint64_p(reinterpret_cast<u64*>(p.heap + at), p.shape_word, d);
+      else *reinterpret_cast<u64*>(remote(p, d, at)) = p.shape_word;
+    }
+  }
   const u64 region = p.disp_region_off + (static_cast<u64>(p.slot) * R + p.rank) * T * p.msg_bytes;
   // Token t is sent by all warps of block t % grid, each taking every kLLWarps-th 32-word step
   // of the row: a token then costs one or two memory latencies, not the 7 or more of a single
@@ -333,6 +366,7 @@ EPCOMM_DEVICE void ll_dispatch_recv(const LLParams& p, u64 tag, u64 deadline) {
   __shared__ int s_range[kLLMaxRanks][2];
   __shared__ int s_total;
   if (!ll_wait_all(p, p.disp_flag_off, tag, 24, kPhaseLLDispatchRecv, deadline)) return;
+  if (p.check_shape && !ll_shapes_agree(p)) return;
   const u8* region = p.heap + p.disp_region_off + static_cast<u64>(p.slot) * R * T * p.msg_bytes;
   for (int j = blockIdx.x; j < L; j += gridDim.x) {
     const int my_e = p.rank * L + j;

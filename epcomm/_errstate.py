@@ -73,6 +73,17 @@ class ErrorState:
             return ValueError(
                 f"{phase}{where}: topk_idx holds expert index {r.observed} (token {r.channel}), "
                 f"outside [-1, {r.expected}); the kernel skipped it")
+        if code == ERR_MISMATCH and r.phase == 31:  # kPhaseLLDispatchRecv: shape words
+            from .kernels.low_latency import unpack_shape_word
+            mine, theirs = unpack_shape_word(r.expected), unpack_shape_word(r.observed)
+            diff = [f"{k} is {mine[k]} here and {theirs[k]} there" for k in mine if mine[k] != theirs[k]]
+            field = next((k for k in mine if mine[k] != theirs[k]), "")
+            return RankMismatchError(
+                f"rank {r.rank}{where}: rank {r.peer} called low_latency_dispatch with a different shape: "
+                f"{'; '.join(diff) or 'unreadable shape word'}. Every rank must pass the same "
+                f"num_max_dispatch_tokens_per_rank, hidden size, num_experts, top-k width and FP8 flags; the "
+                f"received rows were not read, and this Buffer is unusable now (create a new one).",
+                rank=r.rank, peer=r.peer, field=field, mine=mine.get(field, 0), theirs=theirs.get(field, 0))
         if code == ERR_MISMATCH:
             from .kernels.intranode import MAILBOX_AGREE_FIELDS
             field = MAILBOX_AGREE_FIELDS[r.channel] if 0 <= r.channel < len(MAILBOX_AGREE_FIELDS) else f"#{r.channel}"

@@ -149,6 +149,7 @@ class LowLatencyState:
         self._get_device = None      # torch's current-device query
         self._no_event = EventOverlap(None, "torch", self.device_id)  # what a synchronous call returns
         self.fast_calls = 0          # calls served by the fast paths (tests check they are taken)
+        self._shapes_checked: set = set()  # (slot, shape word) whose receive compared the sources' shapes
 
     # ---- helpers ---------------------------------------------------------------------------
     def empty(self, fw, shape, dtype):
@@ -172,6 +173,7 @@ class LowLatencyState:
         ctypes.pointer(p)[0] = self.template
         p.disp_flag_off, p.comb_flag_off = lay.disp_flag_off, lay.comb_flag_off
         p.disp_ack_off, p.comb_ack_off = lay.disp_ack_off, lay.comb_ack_off
+        p.disp_shape_off = lay.disp_shape_off
         p.disp_region_off, p.comb_region_off = lay.disp_region_off, lay.comb_region_off
         p.disp_send_off, p.comb_send_off = lay.disp_send_off, lay.comb_send_off
         p.msg_bytes = lay.msg_bytes
@@ -284,6 +286,7 @@ class LowLatencyState:
                              "runs when hook() is called, on the stream of the send")
         if (round_scale or use_ue8m0) and not use_fp8:
             raise ValueError("round_scale/use_ue8m0 apply to FP8 dispatch only (use_fp8=True)")
+        shape = K.shape_word(T, H, E, Kt, bool(use_fp8), bool(round_scale), bool(use_ue8m0))
         L = E // R
         stats = b._tensor(cumulative_local_expert_recv_stats, "cumulative_local_expert_recv_stats",
                           dtype="int32", ndim=1, shape=(L,), allow_none=True)
@@ -317,6 +320,10 @@ class LowLatencyState:
             p.cumulative_stats = stats.ptr if stats is not None else 0
             p.num_tokens, p.num_topk, p.num_experts, p.max_tokens = N, Kt, E, T
             p.round_scale, p.use_ue8m0 = int(round_scale), int(use_ue8m0)
+            # Ranks must agree on the shape: the receive compares every source's word with ours
+            # on the first dispatch of each shape in each slot (outside graph capture).
+            p.shape_word = shape
+            p.check_shape = int(not capturing and (slot, shape) not in self._shapes_checked)
             smem = K.dispatch_smem_bytes(R, T)
             if smem > _DEFAULT_SMEM:
                 self._allow_smem(mod, ("dispatch_send", "dispatch_recv", "dispatch_both"), smem)
@@ -330,6 +337,8 @@ class LowLatencyState:
                 fn = mod.fn("dispatch_both")
                 grid = min(max(send_blocks, recv_blocks), self._coop_blocks(fn, smem))
                 launch(fn, grid, K.THREADS, stream, p, smem=smem, cooperative=True)
+            if p.check_shape:
+                self._shapes_checked.add((slot, shape))
             self._disp_slot ^= 1
             self._disp_gen[slot] += 1
             gen = self._disp_gen[slot]
@@ -351,6 +360,7 @@ class LowLatencyState:
         if (fw == "torch" and stats is None and not async_finish and not return_recv_hook and previous_event is None
                 and tr.dtype == "int64" and tr.obj is topk_idx):
             self._enable_fast_paths()
+            p.check_shape = 0  # launched already; the plan's later launches need no check
             self._plans[("d", N, H, Kt, T, E, bool(use_fp8), bool(round_scale), bool(use_ue8m0), slot)] = _Plan(
                 p, fn, grid, smem, out=(recv_x, vcount, vsrc, vrange, handle.refs))
         return recv_x, vcount, handle, ev, hook

@@ -78,3 +78,21 @@ def test_every_device_phase_has_a_host_description():
     codes = dict(re.findall(r"(kErr\w+) = (\d+)", src))
     assert int(codes["kErrMismatch"]) == _errstate.ERR_MISMATCH
     assert int(codes["kErrTimeout"]) == _errstate.ERR_TIMEOUT
+
+
+def test_low_latency_shape_words_round_trip_and_name_the_difference():
+    from epcomm.kernels import low_latency as K_ll
+    mine = K_ll.shape_word(128, 7168, 256, 8, True, True, False)
+    theirs = K_ll.shape_word(256, 7168, 256, 8, True, True, False)
+    assert K_ll.unpack_shape_word(mine) == {"num_max_dispatch_tokens_per_rank": 128, "hidden": 7168,
+                                            "num_experts": 256, "num_topk": 8, "use_fp8": 1, "round_scale": 1,
+                                            "use_ue8m0": 0}
+    with pytest.raises(ValueError, match="num_max_dispatch_tokens_per_rank=1048576"):
+        K_ll.shape_word(1 << 20, 7168, 256, 8, True, False, False)
+    st = _state(_errstate.ERR_MISMATCH, rank=0, phase=31, channel=1, peer=1, expected=mine, observed=theirs)
+    with pytest.raises(RankMismatchError) as ei:
+        st.check("low-latency call")
+    e = ei.value
+    assert (e.field, e.mine, e.theirs, e.peer) == ("num_max_dispatch_tokens_per_rank", 128, 256, 1)
+    assert "num_max_dispatch_tokens_per_rank is 128 here and 256 there" in str(e)
+    assert "hidden" not in str(e).split("Every rank")[0]  # only the fields that differ

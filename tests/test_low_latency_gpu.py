@@ -351,3 +351,45 @@ def test_low_latency_bad_input_and_missing_peer():
         for k, v in r.items():
             assert v == "ok", f"rank {rank} {k}: {v}"
     assert "timeout" in res[0]
+
+
+def _shape_mismatch_worker(rank, world, group):
+    import time
+
+    import torch
+
+    import epcomm
+    from epcomm.errors import BufferStateError, RankMismatchError
+    torch.cuda.set_device(rank)
+    T, H, E, K = 32, 2048, 32, 4
+    last = world - 1  # passes twice the T of the others
+    buf = epcomm.Buffer(group, 0, epcomm.Buffer.get_low_latency_rdma_size_hint(2 * T, H, world, E),
+                        low_latency_mode=True)
+    x = torch.randn(T, H, device="cuda").to(torch.bfloat16)
+    topk = torch.randint(0, E, (T, K), device="cuda")
+    out = {}
+    t0 = time.monotonic()
+    try:
+        buf.low_latency_dispatch(x, topk, 2 * T if rank == last else T, E)
+        buf.synchronize()  # the receive found the mismatch; the host raises at the next check
+        out["mismatch"] = "no error"
+    except RankMismatchError as e:
+        dt = time.monotonic() - t0
+        ok = (e.field == "num_max_dispatch_tokens_per_rank" and e.rank == rank and dt < 20
+              and (rank == last or e.peer == last) and f"is {2 * T if rank == last else T} here" in str(e))
+        out["mismatch"] = "ok" if ok else f"bad: {dt:.1f}s field={e.field} peer={e.peer}: {e}"
+    try:
+        buf.low_latency_dispatch(x, topk, T, E)
+        out["poisoned"] = "no error"
+    except BufferStateError:
+        out["poisoned"] = "ok"
+    group.barrier()
+    buf.destroy()
+    return out
+
+
+@needs_two_ll_ranks
+def test_low_latency_ranks_with_different_shapes_raise_naming_the_field():
+    res = spawn.run(_shape_mismatch_worker, _world(), timeout=180, env={"EPCOMM_TIMEOUT_S": "60"})
+    bad = [f"rank {rank} {k}: {v}" for rank, r in enumerate(res) for k, v in r.items() if v != "ok"]
+    assert not bad, "\n".join(bad)

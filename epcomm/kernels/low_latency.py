@@ -26,15 +26,16 @@ class LLParams(ParamsStruct):
     _fields_ = [
         ("peer_base", _u64 * MAX_RANKS), ("heap", _u64), ("ctrl", _u64), ("err", _u64),
         ("disp_flag_off", _u64), ("comb_flag_off", _u64), ("disp_ack_off", _u64), ("comb_ack_off", _u64),
+        ("disp_shape_off", _u64),
         ("disp_region_off", _u64), ("comb_region_off", _u64), ("disp_send_off", _u64), ("comb_send_off", _u64),
         ("x", _u64), ("topk_idx", _u64), ("topk_weights", _u64),
         ("recv_x", _u64), ("recv_scales", _u64), ("recv_count", _u64), ("recv_src_info", _u64),
         ("recv_layout_range", _u64), ("recv_src_k", _u64), ("cumulative_stats", _u64),
         ("h_count", _u64), ("h_range", _u64), ("h_src_info", _u64), ("h_src_k", _u64), ("out", _u64),
-        ("timeout_ns", _u64),
+        ("timeout_ns", _u64), ("shape_word", _u64),
         ("rank", _i32), ("num_ranks", _i32), ("num_tokens", _i32), ("num_topk", _i32), ("num_experts", _i32),
         ("max_tokens", _i32), ("slot", _i32), ("msg_bytes", _i32), ("hdr_bytes", _i32), ("round_scale", _i32),
-        ("use_ue8m0", _i32), ("zero_copy", _i32), ("force_put", _i32), ("any_put", _i32),
+        ("use_ue8m0", _i32), ("zero_copy", _i32), ("force_put", _i32), ("any_put", _i32), ("check_shape", _i32),
     ]
 
 
@@ -101,6 +102,7 @@ class HeapLayout:
     comb_flag_off: int
     disp_ack_off: int
     comb_ack_off: int
+    disp_shape_off: int
     disp_region_off: int
     comb_region_off: int
     disp_send_off: int
@@ -112,14 +114,46 @@ class HeapLayout:
     def make(cls, T: int, H: int, E: int, R: int) -> "HeapLayout":
         K = MAX_TOPK
         ctrl = 2 * R * 8
-        df, cf, da, ca = 0, ctrl, 2 * ctrl, 3 * ctrl
+        # Flags, acknowledgements and shape words first: their offsets do not depend on T, H
+        # or E, so ranks that disagree on those still meet there (and detect it).
+        df, cf, da, ca, sh = 0, ctrl, 2 * ctrl, 3 * ctrl, 4 * ctrl
         m = msg_bytes(H)
-        dr = _align(4 * ctrl, 4096)
+        dr = _align(5 * ctrl, 4096)
         cr = _align(dr + 2 * R * T * m, 4096)
         ds = _align(cr + 2 * T * K * H * 2, 4096)
         cs = _align(ds + 2 * T * m, 4096)
         total = _align(cs + 2 * E * T * H * 2, 4096)
-        return cls(df, cf, da, ca, dr, cr, ds, cs, total, m)
+        return cls(df, cf, da, ca, sh, dr, cr, ds, cs, total, m)
+
+
+# Shape word of a dispatch (LLParams.shape_word): every field a receiver needs to read a
+# source's messages, packed exactly so the host can name the fields that differ.
+_SHAPE_FIELDS = (("num_max_dispatch_tokens_per_rank", 20), ("hidden/128", 10), ("num_experts", 15),
+                 ("num_topk", 6), ("use_fp8", 1), ("round_scale", 1), ("use_ue8m0", 1))
+
+
+def shape_word(T: int, H: int, E: int, K: int, fp8: bool, round_scale: bool, ue8m0: bool) -> int:
+    """Pack a dispatch's shape (T < 2**20, H % 128 == 0 and H < 2**17, E < 2**15, K < 64)."""
+    vals = (T, H // 128, E, K, int(fp8), int(round_scale), int(ue8m0))
+    w, shift = 0, 0
+    for (name, bits), v in zip(_SHAPE_FIELDS, vals):
+        if not 0 <= v < (1 << bits):
+            raise ValueError(f"{name}={v} does not fit the low-latency kernels' {bits}-bit field")
+        w |= v << shift
+        shift += bits
+    return w
+
+
+def unpack_shape_word(w: int) -> dict[str, int]:
+    """The fields of a shape word, by argument name (hidden in channels)."""
+    out, shift = {}, 0
+    for name, bits in _SHAPE_FIELDS:
+        v = (w >> shift) & ((1 << bits) - 1)
+        if name == "hidden/128":
+            name, v = "hidden", v * 128
+        out[name] = v
+        shift += bits
+    return out
 
 
 def rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int) -> int:
