@@ -79,7 +79,8 @@ EPCOMM_DEVICE int ld_volatile_i32(const int* p) {
 EPCOMM_DEVICE void report_error(ErrorRecord* err, int code, int rank, int phase, int channel,
                                 int peer, u64 expected, u64 observed) {
   if (err == nullptr) return;
-  if (atomicCAS(&err->code, 0, -1) == 0) {  // -1: claimed, being written
+  // -1: claimed, being written (-2 for a bad index: see aborted()).
+  if (atomicCAS(&err->code, 0, code == kErrBadInput ? -2 : -1) == 0) {
     err->rank = rank;
     err->phase = phase;
     err->channel = channel;
@@ -160,8 +161,12 @@ EPCOMM_DEVICE bool wait_geq_u64(const u64* flag, u64 target, ErrorRecord* err, u
   }
 }
 
+// Should a waiter give up?  Yes once a wait failed or ranks disagree; not for a bad expert
+// index, which the kernels skip (the call completes on every rank, the host raises ValueError).
 EPCOMM_DEVICE bool aborted(const ErrorRecord* err) {
-  return err != nullptr && ld_volatile_i32(&err->code) != 0;
+  if (err == nullptr) return false;
+  const int c = ld_volatile_i32(&err->code);
+  return c != 0 && c != kErrBadInput && c != -2;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -736,10 +736,15 @@ __global__ void __launch_bounds__(kIntraThreads) intranode_combine(const __grid_
   const int N = p.num_tokens, K = p.num_topk, CR = p.chunk_rows;
   const u64 me_base = p.peers[p.rank];
   __shared__ u64 s_tag;
-  __shared__ int s_go;
+  __shared__ int s_go, s_dead;
   prof_stamp(p, kProfCombine, 0);
-  if (threadIdx.x == 0) s_tag = *reinterpret_cast<volatile u64*>(&p.ctrl->op_seq) + 1;
+  if (threadIdx.x == 0) {
+    s_tag = *reinterpret_cast<volatile u64*>(&p.ctrl->op_seq) + 1;
+    // The last dispatch's notify failed (recorded): its receive offsets were never written.
+    s_dead = *reinterpret_cast<volatile u64*>(&p.ctrl->ok_tag) != *reinterpret_cast<volatile u64*>(&p.ctrl->cur_tag);
+  }
   __syncthreads();
+  if (s_dead) return;
   const u64 tag = s_tag;
   const u64 deadline = globaltimer_ns() + p.timeout_ns;
   int prefix[R + 1];

@@ -35,14 +35,21 @@ struct LLCtrl {
   int comb_send_done[2];
   int comb_recv_done[2];
   int dest_count[2][kLLMaxRanks];
+  int failed;  // a receive gave up or found another shape: later kernels do nothing
+  int pad;
 };
+
+// Low bits of a dispatch flag: the token count (< 2**20, epcomm.kernels.low_latency.shape_word),
+// and this bit: the source asks every receiver to compare shape words (its first dispatch of
+// this shape in this slot), so a rank that changes shape alone is caught by its peers too.
+constexpr u64 kShapeCheckBit = 1ull << 23;
 
 struct LLParams {
   u64 peer_base[kLLMaxRanks];  // each rank's heap as mapped here; 0: reach it with NVSHMEM puts
   u8* heap;                    // this rank's heap (symmetric address: valid as a put target too)
   LLCtrl* ctrl;
   ErrorRecord* err;
-  u64 disp_flag_off;           // u64 [2][R]: (tag << 24) | tokens sent to us, from each source
+  u64 disp_flag_off;           // u64 [2][R]: (tag << 24) | kShapeCheckBit? | tokens sent to us, from each source
   u64 comb_flag_off;           // u64 [2][R]: tag, from each expert-side rank
   u64 disp_ack_off;            // u64 [2][R]: tag up to which each destination consumed our tokens
   u64 comb_ack_off;            // u64 [2][R]
@@ -107,7 +114,9 @@ EPCOMM_DEVICE void ll_signal(const LLParams& p, int pe, u64 off, u64 value) {
 EPCOMM_DEVICE bool use_put(const LLParams& p, int pe) { return p.force_put || p.peer_base[pe] == 0; }
 
 // Thread r < R of the block waits for flag [slot][r] (at our heap) to reach `tag`.
-EPCOMM_DEVICE bool ll_wait_all(const LLParams& p, u64 flag_off, u64 tag, int shift, int phase, u64 deadline) {
+// With `req`, a flag carrying kShapeCheckBit sets *req (shared) to 1.
+EPCOMM_DEVICE bool ll_wait_all(const LLParams& p, u64 flag_off, u64 tag, int shift, int phase, u64 deadline,
+                               int* req = nullptr) {
   __shared__ int s_ok;
   if (threadIdx.x == 0) s_ok = 1;
   __syncthreads();
@@ -127,7 +136,10 @@ EPCOMM_DEVICE bool ll_wait_all(const LLParams& p, u64 flag_off, u64 tag, int shi
       }
       v = ld_volatile_u64(f);
     }
-    if (s_ok) ld_acquire_sys_u64(f);
+    if (s_ok) {
+      v = ld_acquire_sys_u64(f);
+      if (req != nullptr && (v & kShapeCheckBit)) *req = 1;
+    }
   }
   __syncthreads();
   return s_ok != 0;
@@ -137,7 +149,8 @@ EPCOMM_DEVICE bool ll_wait_all(const LLParams& p, u64 flag_off, u64 tag, int shi
 // shape word written before it): does every source's dispatch have our shape?  A source with
 // another T, H, E, top-k or format wrote its messages with another layout; the first difference
 // is recorded (kErrMismatch: both words, decoded by the host) and the block reads nothing.  The
-// host asks for it on the first dispatch of each shape in each slot (not in the fast paths).
+// host asks for it on the first dispatch of each shape in each slot (not in the fast paths), and
+// so does any source whose flag carries kShapeCheckBit.
 EPCOMM_DEVICE bool ll_shapes_agree(const LLParams& p) {
   __shared__ int s_bad;
   if (threadIdx.x == 0) s_bad = 0;
@@ -191,15 +204,6 @@ EPCOMM_DEVICE void ll_dispatch_send(const LLParams& p, u64 tag, u64 deadline) {
   }
   __syncthreads();
   const bool ok = s_ok != 0;
-  // Our shape word at every destination (it consumed the previous one: acknowledged above); it
-  // is published with the count like the messages (put peers: before the quiet below).
-  if (ok && blockIdx.x == 0) {
-    const u64 at = p.disp_shape_off + (static_cast<u64>(p.slot) * R + p.rank) * 8;
-    for (int d = threadIdx.x; d < R; d += blockDim.x) {
-      if (use_put(p, d)) nvshmem_uint64_p(reinterpret_cast<u64*>(p.heap + at), p.shape_word, d);
-      else *reinterpret_cast<u64*>(remote(p, d, at)) = p.shape_word;
-    }
-  }
   const u64 region = p.disp_region_off + (static_cast<u64>(p.slot) * R + p.rank) * T * p.msg_bytes;
   // Token t is sent by all warps of block t % grid, each taking every kLLWarps-th 32-word step
   // of the row: a token then costs one or two memory latencies, not the 7 or more of a single
@@ -314,9 +318,19 @@ EPCOMM_DEVICE void ll_dispatch_send(const LLParams& p, u64 tag, u64 deadline) {
   for (int d = threadIdx.x; d < R; d += blockDim.x)
     if (s_cnt[d]) atomicAdd(&p.ctrl->dest_count[p.slot][d], s_cnt[d]);
   if (last_block(&p.ctrl->disp_send_done[p.slot])) {
+    const u64 shape_at = p.disp_shape_off + (static_cast<u64>(p.slot) * R + p.rank) * 8;
+    const u64 req = p.check_shape ? kShapeCheckBit : 0;
     for (int d = threadIdx.x; d < R; d += blockDim.x) {
       const int c = atomicExch(&p.ctrl->dest_count[p.slot][d], 0);
-      ll_signal(p, d, p.disp_flag_off + (static_cast<u64>(p.slot) * R + p.rank) * 8, (tag << 24) | static_cast<u64>(c));
+      // Our shape word, then the flag, by the same thread: visible to whoever sees the flag.
+      if (use_put(p, d)) {
+        nvshmem_uint64_p(reinterpret_cast<u64*>(p.heap + shape_at), p.shape_word, d);
+        nvshmem_fence();
+      } else {
+        *reinterpret_cast<u64*>(remote(p, d, shape_at)) = p.shape_word;
+      }
+      ll_signal(p, d, p.disp_flag_off + (static_cast<u64>(p.slot) * R + p.rank) * 8,
+                (tag << 24) | req | static_cast<u64>(c));
     }
   }
 }
@@ -365,8 +379,14 @@ EPCOMM_DEVICE void ll_dispatch_recv(const LLParams& p, u64 tag, u64 deadline) {
   signed char* s_kk = reinterpret_cast<signed char*>(s_rows + RT);
   __shared__ int s_range[kLLMaxRanks][2];
   __shared__ int s_total;
-  if (!ll_wait_all(p, p.disp_flag_off, tag, 24, kPhaseLLDispatchRecv, deadline)) return;
-  if (p.check_shape && !ll_shapes_agree(p)) return;
+  __shared__ int s_req;
+  if (threadIdx.x == 0) s_req = 0;
+  if (!ll_wait_all(p, p.disp_flag_off, tag, 24, kPhaseLLDispatchRecv, deadline, &s_req) ||
+      ((p.check_shape || s_req) && !ll_shapes_agree(p))) {
+    // Recorded; the outputs were not written, so no later kernel may use them.
+    if (threadIdx.x == 0) p.ctrl->failed = 1;
+    return;
+  }
   const u8* region = p.heap + p.disp_region_off + static_cast<u64>(p.slot) * R * T * p.msg_bytes;
   for (int j = blockIdx.x; j < L; j += gridDim.x) {
     const int my_e = p.rank * L + j;
@@ -452,8 +472,13 @@ EPCOMM_DEVICE void ll_dispatch_recv(const LLParams& p, u64 tag, u64 deadline) {
 template <int kHidden, bool kFp8, int kPhases>
 __global__ void __launch_bounds__(kLLThreads) ll_dispatch(const __grid_constant__ LLParams p) {
   __shared__ u64 s_tag;
-  if (threadIdx.x == 0) s_tag = *reinterpret_cast<volatile u64*>(&p.ctrl->disp_seq[p.slot]) + 1;
+  __shared__ int s_failed;
+  if (threadIdx.x == 0) {
+    s_tag = *reinterpret_cast<volatile u64*>(&p.ctrl->disp_seq[p.slot]) + 1;
+    s_failed = *reinterpret_cast<volatile int*>(&p.ctrl->failed);
+  }
   __syncthreads();
+  if (s_failed) return;
   const u64 tag = s_tag;
   const u64 deadline = globaltimer_ns() + p.timeout_ns;
   if (kPhases & 1) ll_dispatch_send<kHidden, kFp8>(p, tag, deadline);
@@ -545,7 +570,10 @@ EPCOMM_DEVICE void ll_combine_recv(const LLParams& p, u64 tag, u64 deadline) {
   constexpr int kRow = kHidden * 2;
   constexpr int kN16 = kRow / 16;
   const int lane = lane_id(), warp = warp_id();
-  if (!ll_wait_all(p, p.comb_flag_off, tag, 0, kPhaseLLCombineRecv, deadline)) return;
+  if (!ll_wait_all(p, p.comb_flag_off, tag, 0, kPhaseLLCombineRecv, deadline)) {
+    if (threadIdx.x == 0) p.ctrl->failed = 1;
+    return;
+  }
   const u8* region = p.heap + p.comb_region_off + static_cast<u64>(p.slot) * T * K * kRow;
   // Work items are (token, 256-channel chunk); each lane loads its word of up to 8 experts'
   // rows at once, then adds them in k order (the reference's order).
@@ -608,8 +636,15 @@ EPCOMM_DEVICE void ll_combine_recv(const LLParams& p, u64 tag, u64 deadline) {
 template <int kHidden, int kPhases>
 __global__ void __launch_bounds__(kLLThreads) ll_combine(const __grid_constant__ LLParams p) {
   __shared__ u64 s_tag;
-  if (threadIdx.x == 0) s_tag = *reinterpret_cast<volatile u64*>(&p.ctrl->comb_seq[p.slot]) + 1;
+  __shared__ int s_failed;
+  if (threadIdx.x == 0) {
+    s_tag = *reinterpret_cast<volatile u64*>(&p.ctrl->comb_seq[p.slot]) + 1;
+    // A failed dispatch receive left its routing outputs unwritten: combining them would send
+    // rows to arbitrary addresses.
+    s_failed = *reinterpret_cast<volatile int*>(&p.ctrl->failed);
+  }
   __syncthreads();
+  if (s_failed) return;
   const u64 tag = s_tag;
   const u64 deadline = globaltimer_ns() + p.timeout_ns;
   if (kPhases & 1) ll_combine_send<kHidden>(p, tag, deadline);

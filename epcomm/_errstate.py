@@ -50,6 +50,11 @@ class ErrorState:
     def pending(self) -> bool:
         return self.rec.code != 0
 
+    def aborting(self) -> bool:
+        """A recorded error that makes the kernels give up (not a skipped bad index, which the
+        call survives and the next check reports): the host's mirror of the device's aborted()."""
+        return self.rec.code not in (0, ERR_BAD_INPUT, -2)
+
     def to_exception(self, context: str = "") -> Exception | None:
         r = self.rec
         code = r.code
@@ -57,6 +62,8 @@ class ErrorState:
             return None
         if code == -1:  # a kernel is writing it right now: report what is there
             code = ERR_TIMEOUT
+        elif code == -2:  # the same, for a bad index
+            code = ERR_BAD_INPUT
         phase = PHASES.get(r.phase, f"phase {r.phase}")
         where = f" in {context}" if context else ""
         if code == ERR_TIMEOUT:

@@ -752,7 +752,9 @@ class Buffer:
         while info[0] == 0:
             spins += 1
             if spins & 0xFF == 0:
-                if self._err.pending():
+                # Only an error that stops the kernels ends this wait: a bad index (skipped by
+                # the kernels) is raised at the next call, after this one completed everywhere.
+                if self._err.aborting():
                     self._err.check(what)
                 if time.monotonic() > deadline:
                     exc = EpcommTimeoutError(

@@ -96,3 +96,13 @@ def test_low_latency_shape_words_round_trip_and_name_the_difference():
     assert (e.field, e.mine, e.theirs, e.peer) == ("num_max_dispatch_tokens_per_rank", 128, 256, 1)
     assert "num_max_dispatch_tokens_per_rank is 128 here and 256 there" in str(e)
     assert "hidden" not in str(e).split("Every rank")[0]  # only the fields that differ
+
+
+def test_only_errors_that_stop_the_kernels_abort_a_wait():
+    # mirrors aborted() in epcomm_common.cuh: a skipped bad index (or its record being written,
+    # -2) lets the call finish on every rank; timeouts, overflows and mismatches do not
+    for code, stops in ((0, False), (_errstate.ERR_BAD_INPUT, False), (-2, False), (-1, True),
+                        (_errstate.ERR_TIMEOUT, True), (_errstate.ERR_OVERFLOW, True), (_errstate.ERR_MISMATCH, True)):
+        assert _state(code).aborting() is stops, code
+    with pytest.raises(ValueError, match="expert index"):
+        _state(-2, phase=1, channel=3, expected=64, observed=70).check()

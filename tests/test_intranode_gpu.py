@@ -539,3 +539,37 @@ def test_ranks_calling_dispatch_with_different_shapes_all_raise_naming_the_field
     bad = [f"rank {rank} {k}: {v}" for rank, r in enumerate(res) for k, v in r.items() if v != "ok"]
     assert not bad, "\n".join(bad)
     assert len(res[0]) == 7
+
+
+def _bad_index_worker(rank, world, group):
+    import torch
+
+    import epcomm
+    torch.cuda.set_device(device_of(rank))
+    N, H, E = 128, 2048, 64
+    buf = epcomm.Buffer(group, epcomm.Buffer.get_nvl_buffer_size_hint(H, world, N, 8))
+    x = torch.randn(N, H, device="cuda").to(torch.bfloat16)
+    topk = torch.randint(0, E, (N, 8), device="cuda")
+    bad = topk.clone()
+    if rank == 0:
+        bad[5, 2] = E  # out of range, seen only on the device (EPCOMM_CHECK_INDICES=0)
+    out = {}
+    rx, *_ = buf.dispatch(x, topk_idx=bad, num_experts=E)  # the kernels skip it; every rank completes
+    torch.cuda.synchronize()
+    try:
+        buf.check()
+        out["reported"] = "no error" if rank == 0 else "ok"
+    except ValueError as e:
+        out["reported"] = "ok" if rank == 0 and "expert index 64 (token 5)" in str(e) else f"{e}"
+    rx, *_ = buf.dispatch(x, topk_idx=topk, num_experts=E)  # the buffer is still usable everywhere
+    torch.cuda.synchronize()
+    out["usable"] = "ok" if rx.shape[1] == H else f"bad shape {tuple(rx.shape)}"
+    buf.destroy()
+    return out
+
+
+@needs_ranks
+def test_bad_expert_index_seen_on_the_device_is_reported_and_the_call_completes_everywhere():
+    res = spawn.run(_bad_index_worker, _world(), timeout=120, env={"EPCOMM_CHECK_INDICES": "0", "EPCOMM_TIMEOUT_S": "20"})
+    bad = [f"rank {rank} {k}: {v}" for rank, r in enumerate(res) for k, v in r.items() if v != "ok"]
+    assert not bad, "\n".join(bad)

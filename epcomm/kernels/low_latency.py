@@ -42,7 +42,7 @@ class LLParams(ParamsStruct):
 class LLCtrl(ctypes.Structure):
     _fields_ = [("disp_seq", _u64 * 2), ("comb_seq", _u64 * 2), ("disp_send_done", _i32 * 2),
                 ("disp_recv_done", _i32 * 2), ("comb_send_done", _i32 * 2), ("comb_recv_done", _i32 * 2),
-                ("dest_count", (_i32 * MAX_RANKS) * 2)]
+                ("dest_count", (_i32 * MAX_RANKS) * 2), ("failed", _i32), ("pad", _i32)]
 
 
 @dataclass(frozen=True)
