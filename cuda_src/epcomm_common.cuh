@@ -56,7 +56,15 @@ struct ErrorRecord {
   int pad;
   u64 expected;
   u64 observed;
+  // A bad expert index seen on the device has its own slot: the kernels skip the index and go
+  // on, so it must neither stop waiters nor keep a later timeout or mismatch from being recorded
+  // above (first writer wins there).  bad_code: 0, -1 (being written) or kErrBadInput.
+  int bad_code;
+  int bad_token;
+  u64 bad_limit;   // num_experts
+  u64 bad_value;   // the index seen
 };
+static_assert(sizeof(ErrorRecord) == 64, "ErrorRecord is mirrored by epcomm/_errstate.py");
 
 EPCOMM_DEVICE u64 globaltimer_ns() {
   u64 t;
@@ -79,8 +87,18 @@ EPCOMM_DEVICE int ld_volatile_i32(const int* p) {
 EPCOMM_DEVICE void report_error(ErrorRecord* err, int code, int rank, int phase, int channel,
                                 int peer, u64 expected, u64 observed) {
   if (err == nullptr) return;
-  // -1: claimed, being written (-2 for a bad index: see aborted()).
-  if (atomicCAS(&err->code, 0, code == kErrBadInput ? -2 : -1) == 0) {
+  if (code == kErrBadInput) {
+    if (atomicCAS(&err->bad_code, 0, -1) == 0) {
+      err->bad_token = channel;
+      err->bad_limit = expected;
+      err->bad_value = observed;
+      __threadfence_system();
+      atomicExch(&err->bad_code, code);
+      __threadfence_system();
+    }
+    return;
+  }
+  if (atomicCAS(&err->code, 0, -1) == 0) {  // -1: claimed, being written
     err->rank = rank;
     err->phase = phase;
     err->channel = channel;
@@ -161,12 +179,10 @@ EPCOMM_DEVICE bool wait_geq_u64(const u64* flag, u64 target, ErrorRecord* err, u
   }
 }
 
-// Should a waiter give up?  Yes once a wait failed or ranks disagree; not for a bad expert
-// index, which the kernels skip (the call completes on every rank, the host raises ValueError).
+// Should a waiter give up?  Yes once a wait failed or ranks disagreed (`code`); a bad expert
+// index (`bad_code`) stops nothing: the kernels skip it and the host raises ValueError later.
 EPCOMM_DEVICE bool aborted(const ErrorRecord* err) {
-  if (err == nullptr) return false;
-  const int c = ld_volatile_i32(&err->code);
-  return c != 0 && c != kErrBadInput && c != -2;
+  return err != nullptr && ld_volatile_i32(&err->code) != 0;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -32,7 +32,10 @@ PHASES = {
 class ErrorRecord(ctypes.Structure):
     _fields_ = [("code", ctypes.c_int), ("rank", ctypes.c_int), ("phase", ctypes.c_int),
                 ("channel", ctypes.c_int), ("peer", ctypes.c_int), ("pad", ctypes.c_int),
-                ("expected", ctypes.c_uint64), ("observed", ctypes.c_uint64)]
+                ("expected", ctypes.c_uint64), ("observed", ctypes.c_uint64),
+                # a bad expert index seen on the device (its own slot: it stops nothing)
+                ("bad_code", ctypes.c_int), ("bad_token", ctypes.c_int),
+                ("bad_limit", ctypes.c_uint64), ("bad_value", ctypes.c_uint64)]
 
 
 class ErrorState:
@@ -48,22 +51,25 @@ class ErrorState:
         self.poisoned: Exception | None = None
 
     def pending(self) -> bool:
-        return self.rec.code != 0
+        return self.rec.code != 0 or self.rec.bad_code > 0
 
     def aborting(self) -> bool:
         """A recorded error that makes the kernels give up (not a skipped bad index, which the
         call survives and the next check reports): the host's mirror of the device's aborted()."""
-        return self.rec.code not in (0, ERR_BAD_INPUT, -2)
+        return self.rec.code != 0
 
     def to_exception(self, context: str = "") -> Exception | None:
         r = self.rec
         code = r.code
         if code == 0:
-            return None
+            if r.bad_code <= 0:  # nothing, or a bad index still being written (seen next time)
+                return None
+            return ValueError(
+                f"{PHASES[1]}{' in ' + context if context else ''}: topk_idx holds expert index "
+                f"{ctypes.c_int64(r.bad_value).value} (token {r.bad_token}), outside [-1, {r.bad_limit}); "
+                f"the kernels skipped it")
         if code == -1:  # a kernel is writing it right now: report what is there
             code = ERR_TIMEOUT
-        elif code == -2:  # the same, for a bad index
-            code = ERR_BAD_INPUT
         phase = PHASES.get(r.phase, f"phase {r.phase}")
         where = f" in {context}" if context else ""
         if code == ERR_TIMEOUT:
@@ -112,7 +118,10 @@ class ErrorState:
         exc = self.to_exception(context)
         if exc is None:
             return
-        if isinstance(exc, ValueError) or not poison_on_timeout:
+        if self.rec.code == 0:  # a bad index (its own slot): reported once, the state stays usable
+            off = ErrorRecord.bad_code.offset
+            ctypes.memset(self.host_ptr + off, 0, ctypes.sizeof(ErrorRecord) - off)
+        elif isinstance(exc, ValueError) or not poison_on_timeout:
             self.reset()
         else:
             self.poisoned = exc

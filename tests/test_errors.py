@@ -24,9 +24,11 @@ def _state(code, rank=1, phase=11, channel=-1, peer=0, expected=0, observed=0):
 
 
 def test_error_record_matches_the_device_struct():
-    # u32 x 6 then two u64: the layout report_error writes.
-    assert ctypes.sizeof(_errstate.ErrorRecord) == 40
+    # u32 x 6, two u64, then the bad-index slot: the layout report_error writes (the device
+    # side static_asserts the size).
+    assert ctypes.sizeof(_errstate.ErrorRecord) == 64
     assert _errstate.ErrorRecord.expected.offset == 24
+    assert _errstate.ErrorRecord.bad_code.offset == 40 and _errstate.ErrorRecord.bad_value.offset == 56
 
 
 def test_timeout_names_rank_phase_channel_peer_and_poisons():
@@ -54,12 +56,29 @@ def test_shape_mismatch_names_the_field_both_values_and_poisons(field):
         st.check("dispatch")
 
 
+def _bad(st, token, limit, value, code=_errstate.ERR_BAD_INPUT):
+    st.rec.bad_code, st.rec.bad_token, st.rec.bad_limit, st.rec.bad_value = code, token, limit, value
+    return st
+
+
 def test_bad_input_is_a_value_error_and_leaves_the_state_usable():
-    st = _state(_errstate.ERR_BAD_INPUT, rank=0, phase=1, channel=12, peer=-1, expected=64, observed=99)
+    st = _bad(_state(0), 12, 64, 99)
+    assert st.pending() and not st.aborting()
     with pytest.raises(ValueError, match="expert index 99 .token 12., outside \\[-1, 64\\)"):
         st.check()
-    assert st.rec.code == 0 and st.poisoned is None
+    assert st.rec.bad_code == 0 and st.poisoned is None
     st.check()  # nothing pending any more
+    assert _bad(_state(0), 1, 64, 70, code=-1).to_exception() is None  # still being written
+
+
+def test_a_timeout_after_a_bad_index_is_recorded_and_poisons():
+    # the bad index has its own slot, so the record of a later timeout is not lost behind it
+    st = _bad(_state(_errstate.ERR_TIMEOUT, rank=0, phase=13, channel=2, peer=1), 5, 64, 64)
+    assert st.aborting()
+    with pytest.raises(EpcommTimeoutError):
+        st.check()
+    with pytest.raises(BufferStateError):
+        st.check()
 
 
 def test_overflow_and_unknown_codes():
@@ -99,10 +118,8 @@ def test_low_latency_shape_words_round_trip_and_name_the_difference():
 
 
 def test_only_errors_that_stop_the_kernels_abort_a_wait():
-    # mirrors aborted() in epcomm_common.cuh: a skipped bad index (or its record being written,
-    # -2) lets the call finish on every rank; timeouts, overflows and mismatches do not
-    for code, stops in ((0, False), (_errstate.ERR_BAD_INPUT, False), (-2, False), (-1, True),
-                        (_errstate.ERR_TIMEOUT, True), (_errstate.ERR_OVERFLOW, True), (_errstate.ERR_MISMATCH, True)):
+    # mirrors aborted() in epcomm_common.cuh: only the main record's code stops waiters
+    for code, stops in ((0, False), (-1, True), (_errstate.ERR_TIMEOUT, True), (_errstate.ERR_OVERFLOW, True),
+                        (_errstate.ERR_MISMATCH, True)):
         assert _state(code).aborting() is stops, code
-    with pytest.raises(ValueError, match="expert index"):
-        _state(-2, phase=1, channel=3, expected=64, observed=70).check()
+        assert _bad(_state(code), 3, 64, 70).aborting() is stops, code

@@ -544,26 +544,46 @@ def test_ranks_calling_dispatch_with_different_shapes_all_raise_naming_the_field
 def _bad_index_worker(rank, world, group):
     import torch
 
+    from epcomm import reference
+    from epcomm.testing import random_bf16, random_topk, random_weights
+
     import epcomm
     torch.cuda.set_device(device_of(rank))
-    N, H, E = 128, 2048, 64
-    buf = epcomm.Buffer(group, epcomm.Buffer.get_nvl_buffer_size_hint(H, world, N, 8))
-    x = torch.randn(N, H, device="cuda").to(torch.bfloat16)
-    topk = torch.randint(0, E, (N, 8), device="cuda")
-    bad = topk.clone()
+    N, H, E, K = 128, 2048, 64, 8
+    rng = np.random.default_rng(11)
+    xs, tks, ws = [], [], []
+    for _ in range(world):
+        tk = random_topk(rng, N, E, K, drop_prob=0.1)
+        tks.append(tk)
+        ws.append(random_weights(rng, tk))
+        xs.append(random_bf16(rng, (N, H)))
+    up = lambda a: torch.from_numpy(np.ascontiguousarray(a)).cuda()  # noqa: E731
+    x = up(xs[rank].view(np.int16)).view(torch.bfloat16)
+    bt = int(np.nonzero(tks[0][:, 2] >= 0)[0][0])  # a token whose third choice is an expert
+    bad = tks[rank].copy()
     if rank == 0:
-        bad[5, 2] = E  # out of range, seen only on the device (EPCOMM_CHECK_INDICES=0)
+        bad[bt, 2] = E  # out of range, seen only on the device (EPCOMM_CHECK_INDICES=0)
+    buf = epcomm.Buffer(group, epcomm.Buffer.get_nvl_buffer_size_hint(H, world, N, K))
     out = {}
-    rx, *_ = buf.dispatch(x, topk_idx=bad, num_experts=E)  # the kernels skip it; every rank completes
-    torch.cuda.synchronize()
-    try:
-        buf.check()
-        out["reported"] = "no error" if rank == 0 else "ok"
-    except ValueError as e:
-        out["reported"] = "ok" if rank == 0 and "expert index 64 (token 5)" in str(e) else f"{e}"
-    rx, *_ = buf.dispatch(x, topk_idx=topk, num_experts=E)  # the buffer is still usable everywhere
-    torch.cuda.synchronize()
-    out["usable"] = "ok" if rx.shape[1] == H else f"bad shape {tuple(rx.shape)}"
+    # The kernels skip the index as if it were -1, and every rank completes the call.
+    skipped = [t.copy() for t in tks]
+    skipped[0][bt, 2] = -1
+    for name, topk, ref_topk in (("with_bad_index", bad, skipped), ("next_call", tks[rank], tks)):
+        rx, rt, rw, _, _, _ = buf.dispatch(x, topk_idx=up(topk), topk_weights=up(ws[rank]), num_experts=E)
+        torch.cuda.synchronize()
+        ref = reference.dispatch(xs, E, topk_idx=ref_topk, topk_weights=ws)[rank]
+        try:
+            _assert_bits(f"{name} recv_x", rx.view(torch.int16).cpu().numpy(), ref.recv_x.view(np.int16))
+            _assert_bits(f"{name} recv_topk_idx", rt.cpu().numpy(), ref.recv_topk_idx)
+            out[name] = "ok"
+        except AssertionError as e:
+            out[name] = str(e)
+        if name == "with_bad_index":
+            try:
+                buf.check()
+                out["reported"] = "no error" if rank == 0 else "ok"
+            except ValueError as e:
+                out["reported"] = "ok" if rank == 0 and f"expert index 64 (token {bt})" in str(e) else f"{e}"
     buf.destroy()
     return out
 
