@@ -107,3 +107,21 @@ def assert_bits(name, got, want):
     assert g.shape == w.shape, f"{name}: shape {g.shape} != reference {w.shape}"
     bad = np.argwhere(g != w)
     assert bad.size == 0, f"{name}: {len(bad)} elements differ from the reference, first at {bad[0].tolist()}"
+
+
+def assert_every_rank_ok(res):
+    """``res``: one {check: "ok" or what went wrong} per rank (a spawned worker's results)."""
+    bad = [f"rank {rank} {k}: {v}" for rank, r in enumerate(res) for k, v in r.items() if v != "ok"]
+    assert not bad, "\n".join(bad)
+
+
+def random_job(rng, world, N, H, E, K, drop_prob):
+    """Every rank's bf16 tokens, top-k indices and weights, in the order the tests draw them."""
+    from epcomm.testing import random_bf16, random_topk, random_weights
+    xs, tks, ws = [], [], []
+    for _ in range(world):
+        tk = random_topk(rng, N, E, K, drop_prob=drop_prob)
+        tks.append(tk)
+        ws.append(random_weights(rng, tk))
+        xs.append(random_bf16(rng, (N, H)))
+    return xs, tks, ws

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from epcomm import spawn
-from gpu_checks import assert_bits as _assert_bits, device_of, needs_ranks, normal_ranks as _world, run_once, to_np as _np
+from gpu_checks import (assert_bits as _assert_bits, assert_every_rank_ok, device_of, needs_ranks,
+                        normal_ranks as _world, random_job, run_once, to_np as _np)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.multigpu]
 
@@ -352,7 +353,6 @@ def _graph_worker(rank, world, group):
 
     import epcomm
     from epcomm import reference
-    from epcomm.testing import random_bf16, random_topk, random_weights
     torch.cuda.set_device(device_of(rank))
     N, H, E, K = 512, 4096, 64, 8
     buf = epcomm.Buffer(group, epcomm.Buffer.get_nvl_buffer_size_hint(H, world, N, K))
@@ -385,13 +385,7 @@ def _graph_worker(rank, world, group):
     fails = []
     for it in range(4):
         spawn.phase(f"graph replay {it}")
-        rng = np.random.default_rng(1000 + it)
-        xs, tks, ws = [], [], []
-        for r in range(world):
-            tk = random_topk(rng, N, E, K, drop_prob=0.2)
-            tks.append(tk)
-            ws.append(random_weights(rng, tk))
-            xs.append(random_bf16(rng, (N, H)))
+        xs, tks, ws = random_job(np.random.default_rng(1000 + it), world, N, H, E, K, 0.2)
         sx.copy_(torch.from_numpy(xs[rank].view(np.int16)).cuda().view(torch.bfloat16))
         st.copy_(torch.from_numpy(tks[rank]).cuda())
         sw.copy_(torch.from_numpy(ws[rank]).cuda())
@@ -536,8 +530,7 @@ def _mismatch_worker(rank, world, group):
 def test_ranks_calling_dispatch_with_different_shapes_all_raise_naming_the_field():
     # EPCOMM_TIMEOUT_S large: the error must come from the shape check, not from a timeout.
     res = spawn.run(_mismatch_worker, _world(), timeout=240, env={"EPCOMM_TIMEOUT_S": "60"})
-    bad = [f"rank {rank} {k}: {v}" for rank, r in enumerate(res) for k, v in r.items() if v != "ok"]
-    assert not bad, "\n".join(bad)
+    assert_every_rank_ok(res)
     assert len(res[0]) == 7
 
 
@@ -545,18 +538,11 @@ def _bad_index_worker(rank, world, group):
     import torch
 
     from epcomm import reference
-    from epcomm.testing import random_bf16, random_topk, random_weights
 
     import epcomm
     torch.cuda.set_device(device_of(rank))
     N, H, E, K = 128, 2048, 64, 8
-    rng = np.random.default_rng(11)
-    xs, tks, ws = [], [], []
-    for _ in range(world):
-        tk = random_topk(rng, N, E, K, drop_prob=0.1)
-        tks.append(tk)
-        ws.append(random_weights(rng, tk))
-        xs.append(random_bf16(rng, (N, H)))
+    xs, tks, ws = random_job(np.random.default_rng(11), world, N, H, E, K, 0.1)
     up = lambda a: torch.from_numpy(np.ascontiguousarray(a)).cuda()  # noqa: E731
     x = up(xs[rank].view(np.int16)).view(torch.bfloat16)
     bt = int(np.nonzero(tks[0][:, 2] >= 0)[0][0])  # a token whose third choice is an expert
@@ -591,5 +577,4 @@ def _bad_index_worker(rank, world, group):
 @needs_ranks
 def test_bad_expert_index_seen_on_the_device_is_reported_and_the_call_completes_everywhere():
     res = spawn.run(_bad_index_worker, _world(), timeout=120, env={"EPCOMM_CHECK_INDICES": "0", "EPCOMM_TIMEOUT_S": "20"})
-    bad = [f"rank {rank} {k}: {v}" for rank, r in enumerate(res) for k, v in r.items() if v != "ok"]
-    assert not bad, "\n".join(bad)
+    assert_every_rank_ok(res)

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from epcomm import spawn
-from gpu_checks import assert_bits as _assert_bits, ll_ranks as _world, needs_ll_ranks, needs_two_ll_ranks, run_once, to_np as _np
+from gpu_checks import (assert_bits as _assert_bits, assert_every_rank_ok, ll_ranks as _world, needs_ll_ranks,
+                        needs_two_ll_ranks, run_once, to_np as _np)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.multigpu]
 
@@ -391,5 +392,4 @@ def _shape_mismatch_worker(rank, world, group):
 @needs_two_ll_ranks
 def test_low_latency_ranks_with_different_shapes_raise_naming_the_field():
     res = spawn.run(_shape_mismatch_worker, _world(), timeout=180, env={"EPCOMM_TIMEOUT_S": "60"})
-    bad = [f"rank {rank} {k}: {v}" for rank, r in enumerate(res) for k, v in r.items() if v != "ok"]
-    assert not bad, "\n".join(bad)
+    assert_every_rank_ok(res)

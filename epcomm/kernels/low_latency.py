@@ -8,6 +8,7 @@ Runtime parameters: :class:`LLParams`.  Orchestration: :mod:`epcomm.low_latency`
 from __future__ import annotations
 
 import ctypes
+import functools
 from dataclasses import dataclass
 
 from ..jit.spec import KernelDef, KernelSpec, ParamsStruct
@@ -132,6 +133,7 @@ _SHAPE_FIELDS = (("num_max_dispatch_tokens_per_rank", 20), ("hidden/128", 10), (
                  ("num_topk", 6), ("use_fp8", 1), ("round_scale", 1), ("use_ue8m0", 1))
 
 
+@functools.lru_cache(maxsize=256)  # every full-path dispatch (the hook path included) asks
 def shape_word(T: int, H: int, E: int, K: int, fp8: bool, round_scale: bool, ue8m0: bool) -> int:
     """Pack a dispatch's shape (T < 2**20, H % 128 == 0 and H < 2**17, E < 2**15, K < 64)."""
     vals = (T, H // 128, E, K, int(fp8), int(round_scale), int(ue8m0))
