@@ -44,6 +44,7 @@ enum Phase : int {
   kPhaseLLDispatchRecv = 31,
   kPhaseLLCombineSendAck = 40,
   kPhaseLLCombineRecv = 41,
+  kPhaseLLCombineWeights = 42,   // combine send: waiting for a source's weights (partials)
   kPhaseSmoke = 50,
 };
 

@@ -9,13 +9,17 @@
 //   A source writes the message of token t into slot t of its region at the destination, so no
 //   slot has to be allocated, and the receiver finds valid slots by their tag: the packed
 //   output order (source rank, then token index) is deterministic.
-// * Combine sends one row per (token, expert) back into slot (t, k) of the source's region; the
-//   source reduces the K rows of each token in k order (fp32, no FMA: as epcomm.reference).
+// * Combine: the expert side reduces a token's rows that it holds into one fp32 partial over
+//   NVLink (see "Combine" below); otherwise one row per (token, expert) goes back into slot
+//   (t, k) of the source's region.  The source adds in k order (fp32, no FMA: as
+//   epcomm.reference.low_latency_combine).
 // * Transport per peer: plain stores through the peer's heap pointer when it is reachable over
 //   NVLink (peer_base[pe] != 0), otherwise NVSHMEM puts and signals (the RDMA path).  Both are
 //   compiled; EPCOMM_LL_FORCE_NVSHMEM_PUT routes every peer through puts.
-// * kPhases: 1 = send only (returns at once: the receive hook), 2 = receive only (the hook),
-//   3 = both in one cooperative launch (the default, one launch per call).
+// * kPhases: 1 = send only (the call with the receive hook), 2 = receive only (the hook),
+//   3 = both in one cooperative launch (the default, one launch per call).  A send half waits
+//   for nothing but the slot's acknowledgements, except the combine's with partials: it also
+//   waits for each NVLink peer's combine to have published its weights.
 #pragma once
 #include "epcomm_common.cuh"
 #include "epcomm_nvshmem.cuh"
@@ -58,6 +62,8 @@ struct LLParams {
   u64 comb_region_off;         // [2][T][K] bf16 rows
   u64 disp_send_off;           // [2][T] messages: put-path staging
   u64 comb_send_off;           // [2][L][R*T] bf16 rows: zero-copy / put-path staging
+  u64 comb_wflag_off;          // u64 [2][R]: tag, when each source's combine weights are here
+  u64 comb_w_off;              // f32 [2][R][T][K]: each NVLink source's combine weights
   const u16* x;                // dispatch: [N, H] bf16; combine: [L, R*T, H] bf16
   const i64* topk_idx;         // [N, K]
   const float* topk_weights;   // combine: [N, K]
@@ -67,11 +73,15 @@ struct LLParams {
   int* recv_src_info;          // [L, R*T]
   int* recv_layout_range;      // [L, R, 2]
   int* recv_src_k;             // [L, R*T]
+  int* recv_tok_rows;          // [R*T, K]: packed row (j * R*T + row) of each local (source token, k)
+  u64* recv_tok_meta;          // [R*T]: (u32 tag << 32) | mask of the k on this rank, per source token
   int* cumulative_stats;       // [L] or null
   const int* h_count;          // combine: the dispatch's recv_count
   const int* h_range;          // combine: the dispatch's layout range
   const int* h_src_info;
   const int* h_src_k;
+  const int* h_tok_rows;       // combine: the dispatch's recv_tok_rows / recv_tok_meta
+  const u64* h_tok_meta;
   u16* out;                    // combine: [N, H]
   u64 timeout_ns;
   u64 shape_word;              // this call's (T, H, E, K, FP8 format): epcomm.kernels.low_latency.shape_word
@@ -90,6 +100,8 @@ struct LLParams {
   int force_put;
   int any_put;                 // some peer is reached with puts: quiet before signalling
   int check_shape;             // dispatch receive: compare every source's shape word with ours
+  int h_slot;                  // combine: the dispatch slot of the handle
+  int partials;                // combine: reduce a token's rows on the expert side (see ll_combine_send)
 };
 
 template <int kHidden, bool kFp8>
@@ -339,9 +351,10 @@ EPCOMM_DEVICE void ll_dispatch_send(const LLParams& p, u64 tag, u64 deadline) {
 EPCOMM_DEVICE int v4_get(const V4& v, int c) { return c == 0 ? v.x : c == 1 ? v.y : c == 2 ? v.z : v.w; }
 
 // Does the message at m carry this round's tag, and which of its K expert ids (lowest k) is
-// my_e?  Returns that k, or -1.  The tag and every id are loaded together (five 16-byte loads
-// at most, at L2 where peers' writes land) so a slot costs one memory latency, not two.
-EPCOMM_DEVICE int ll_msg_match(const u8* m, u64 tag, int K, int my_e) {
+// my_e?  Returns that k, or -1; *local gets the mask of the k whose expert lies in [lo, hi)
+// (this rank's experts).  The tag and every id are loaded together (five 16-byte loads at
+// most, at L2 where peers' writes land) so a slot costs one memory latency, not two.
+EPCOMM_DEVICE int ll_msg_match(const u8* m, u64 tag, int K, int my_e, int lo, int hi, u32* local) {
   constexpr int kHdrWords = (8 + 2 * kLLMaxTopk + 15) / 16;
   const int nw = (8 + 2 * K + 15) / 16;
   V4 w[kHdrWords];
@@ -349,8 +362,10 @@ EPCOMM_DEVICE int ll_msg_match(const u8* m, u64 tag, int K, int my_e) {
   for (int i = 0; i < kHdrWords; ++i)
     if (i < nw) w[i] = ld_cg_v4(reinterpret_cast<const V4*>(m) + i);
   const u64 got = static_cast<u64>(static_cast<u32>(w[0].x)) | (static_cast<u64>(static_cast<u32>(w[0].y)) << 32);
+  *local = 0;
   if (got != tag) return -1;
   int kk = -1;
+  u32 mask = 0;
 #pragma unroll
   for (int k = kLLMaxTopk - 1; k >= 0; --k) {
     if (k < K) {
@@ -358,8 +373,10 @@ EPCOMM_DEVICE int ll_msg_match(const u8* m, u64 tag, int K, int my_e) {
       const int v = v4_get(w[word / 4], word % 4);
       const short id = static_cast<short>((k & 1) ? (v >> 16) : (v & 0xFFFF));
       if (id == my_e) kk = k;
+      if (id >= lo && id < hi) mask |= 1u << k;
     }
   }
+  *local = mask;
   return kk;
 }
 
@@ -396,8 +413,13 @@ EPCOMM_DEVICE void ll_dispatch_recv(const LLParams& p, u64 tag, u64 deadline) {
       const int t = g * 32 + lane;
       int kk = -1;
       if (t < T) {
-        kk = ll_msg_match(region + (static_cast<u64>(s) * T + t) * p.msg_bytes, tag, K, my_e);
+        u32 local;
+        kk = ll_msg_match(region + (static_cast<u64>(s) * T + t) * p.msg_bytes, tag, K, my_e, p.rank * L,
+                          p.rank * L + L, &local);
         s_kk[s * T + t] = static_cast<signed char>(kk);
+        // The block of the token's first local expert records which k are here, for the combine.
+        if (kk >= 0 && kk == __ffs(local) - 1)
+          p.recv_tok_meta[s * T + t] = (static_cast<u64>(static_cast<u32>(tag)) << 32) | local;
       }
       const unsigned b = __ballot_sync(0xffffffffu, kk >= 0);
       if (lane == 0) s_base[item] = __popc(b);
@@ -436,6 +458,7 @@ EPCOMM_DEVICE void ll_dispatch_recv(const LLParams& p, u64 tag, u64 deadline) {
         const i64 out_row = static_cast<i64>(j) * RT + row;
         p.recv_src_info[out_row] = t;
         p.recv_src_k[out_row] = kk;
+        p.recv_tok_rows[(static_cast<i64>(s) * T + t) * K + kk] = static_cast<int>(out_row);
       }
     }
     __syncthreads();
@@ -487,74 +510,238 @@ __global__ void __launch_bounds__(kLLThreads) ll_dispatch(const __grid_constant_
 
 // ------------------------------------------------------------------------------------------
 // Combine.
+//
+// A source token (s, t) has c of its K experts on this rank.  With c >= 2 and the source
+// reached over NVLink ("partials", the default), this rank reduces those c rows itself,
+// weighted (fp32, k ascending, no FMA), and sends one fp32 partial row: channels [0, H/2) into
+// slot (t, k1) of the source's region, [H/2, H) into slot (t, k2), k1 < k2 the two lowest such
+// k (a bf16 row slot holds H/2 fp32).  That is never more bytes than the c bf16 rows, and c/2
+// times fewer (top-8 of 256 experts on 2 ranks: c ~ 4, half the NVLink bytes).  The weights
+// are the source's combine arguments: block 0 of every rank's combine copies its [N, K]
+// weights into each NVLink peer first and raises a flag there.  A token with c == 1, and every
+// peer reached with NVSHMEM puts, gets one bf16 row per (token, k) in slot (t, k), as DeepEP's
+// low-latency combine does; the source then adds everything in k order, a partial at its k1.
 // ------------------------------------------------------------------------------------------
+
+// Does the expert-side rank `peer` (or, at the expert side, the source `peer`) reduce a token's
+// c rows into one partial?  Both ends decide alike: `partials` and force_put are in the
+// dispatch's shape word (ranks that differ raise there), and NVLink reachability is symmetric.
+EPCOMM_DEVICE bool ll_partial(const LLParams& p, int peer, int c) {
+  return p.partials && c >= 2 && !use_put(p, peer);
+}
+
+EPCOMM_DEVICE V4 f32x4_as_v4(float a, float b, float c, float d) {
+  return V4{__float_as_int(a), __float_as_int(b), __float_as_int(c), __float_as_int(d)};
+}
+
+// NVSHMEM puts of a source token's whole rows (the RDMA path), from the symmetric send buffer
+// (staged there unless zero_copy).  Out of line: it would take registers from the NVLink paths.
+template <int kHidden>
+__device__ __noinline__ void ll_combine_put_rows(const LLParams& p, int s, u32 mask, int rowk, u64 tok_off) {
+  constexpr int kRow = kHidden * 2;
+  const int lane = lane_id();
+  const i64 nrows = static_cast<i64>(p.num_experts / p.num_ranks) * p.num_ranks * p.max_tokens;
+  for (u32 rem = mask; rem; rem &= rem - 1) {
+    const int k = __ffs(rem) - 1;
+    const int row = __shfl_sync(0xffffffffu, rowk, k);
+    if (row < 0) continue;
+    const u8* src = reinterpret_cast<const u8*>(p.x) + static_cast<i64>(row) * kRow;
+    const u8* sym = src;
+    if (!p.zero_copy) {
+      u8* stg = p.heap + p.comb_send_off + (static_cast<u64>(p.slot) * nrows + row) * kRow;
+      warp_copy_row<kRow / 16, false>(reinterpret_cast<V4*>(stg), reinterpret_cast<const V4*>(src), lane);
+      __syncwarp();
+      sym = stg;
+    }
+    nvshmemx_putmem_nbi_warp(p.heap + tok_off + static_cast<u64>(k) * kRow, sym, kRow, s);
+  }
+}
+
 template <int kHidden>
 EPCOMM_DEVICE void ll_combine_send(const LLParams& p, u64 tag, u64 deadline) {
-  const int R = p.num_ranks, K = p.num_topk, T = p.max_tokens;
+  const int R = p.num_ranks, K = p.num_topk, N = p.num_tokens, T = p.max_tokens;
   const int L = p.num_experts / R;
-  const int RT = R * T;
+  const i64 nrows = static_cast<i64>(L) * R * T;
   constexpr int kRow = kHidden * 2;
+  constexpr int kN16 = kRow / 16;            // 16-byte words of a bf16 row
+  constexpr int kChunks = (kN16 + 31) / 32;  // a work item: 256 channels of one source token
+  constexpr int kHalf = kHidden / 2;         // channels of a partial in each of its two slots
+  constexpr int kBatch = 8;                  // rows loaded at once
   const int lane = lane_id(), warp = warp_id();
+  const int NG = (T + 31) / 32;
+  // Dynamic shared memory (epcomm.kernels.low_latency.combine_smem_bytes): per 32-token group
+  // of each source the mask of tokens with rows here and its prefix, then the ordered list.
+  extern __shared__ int s_dyn[];
+  u32* s_gmask = reinterpret_cast<u32*>(s_dyn);
+  int* s_gbase = s_dyn + R * NG;
+  u32* s_list = reinterpret_cast<u32*>(s_dyn + 2 * R * NG);
   __shared__ int s_ok;
-  if (threadIdx.x == 0) s_ok = 1;
+  __shared__ int s_total;
+  __shared__ u32 s_dtag;
+  if (threadIdx.x == 0) {
+    s_ok = 1;
+    s_dtag = static_cast<u32>(ld_volatile_u64(&p.ctrl->disp_seq[p.h_slot]));
+  }
   __syncthreads();
   for (int s = threadIdx.x; s < R; s += blockDim.x) {
     const u64* ack = reinterpret_cast<const u64*>(p.heap + p.comb_ack_off) + p.slot * R + s;
     if (!wait_geq_u64(ack, tag - 1, p.err, deadline, p.rank, kPhaseLLCombineSendAck, p.slot, s)) s_ok = 0;
   }
   __syncthreads();
-  // Rows of all local experts, flattened so every warp of the grid gets a share.
-  extern __shared__ int s_dyn[];
-  int* s_pre = s_dyn;  // [L + 1] exclusive prefix of the rows per expert
+  if (p.partials && blockIdx.x == 0 && s_ok) {
+    // Our weights to every NVLink peer, before this block waits for anything.
+    const u64 w_off = p.comb_w_off + (static_cast<u64>(p.slot) * R + p.rank) * T * K * 4;
+    const int nw = N * K;
+    for (int d = 0; d < R; ++d) {
+      if (d == p.rank || use_put(p, d)) continue;
+      float* dst = reinterpret_cast<float*>(remote(p, d, w_off));
+      for (int i = threadIdx.x; i < nw; i += blockDim.x) dst[i] = p.topk_weights[i];
+    }
+    __syncthreads();
+    for (int d = threadIdx.x; d < R; d += blockDim.x) {
+      if (d == p.rank || use_put(p, d)) continue;
+      fence_sys();
+      ll_signal(p, d, p.comb_wflag_off + (static_cast<u64>(p.slot) * R + p.rank) * 8, tag);
+    }
+  }
+  // The source tokens with rows here (the dispatch recorded them with its tag), in order.
+  for (int item = warp; item < R * NG; item += kLLWarps) {
+    const int s = item / NG, t = (item % NG) * 32 + lane;
+    bool here = false;
+    if (t < T) {
+      const u64 m = p.h_tok_meta[static_cast<i64>(s) * T + t];
+      here = static_cast<u32>(m >> 32) == s_dtag && static_cast<u32>(m) != 0;
+    }
+    const u32 b = __ballot_sync(0xffffffffu, here);
+    if (lane == 0) s_gmask[item] = b;
+  }
+  __syncthreads();
   if (warp == 0) {
     int running = 0;
-    for (int base = 0; base < L; base += 32) {
-      const int v = base + lane < L ? p.h_count[base + lane] : 0;
+    for (int base = 0; base < R * NG; base += 32) {
+      const int v = base + lane < R * NG ? __popc(s_gmask[base + lane]) : 0;
       int incl = v;
 #pragma unroll
       for (int o = 1; o < 32; o <<= 1) {
         const int y = __shfl_up_sync(0xffffffffu, incl, o);
         if (lane >= o) incl += y;
       }
-      if (base + lane < L) s_pre[base + lane] = running + incl - v;
+      if (base + lane < R * NG) s_gbase[base + lane] = running + incl - v;
       running += __shfl_sync(0xffffffffu, incl, 31);
     }
-    if (lane == 0) s_pre[L] = running;
+    if (lane == 0) s_total = running;
   }
   __syncthreads();
-  const int total = s_pre[L];
-  const int gw = blockIdx.x * kLLWarps + warp, nw = gridDim.x * kLLWarps;
-  for (int i = gw; s_ok && i < total; i += nw) {
-    int lo = 0, hi = L - 1;  // last expert j with s_pre[j] <= i
-    while (lo < hi) {
-      const int mid = (lo + hi + 1) / 2;
-      if (s_pre[mid] <= i) lo = mid;
-      else hi = mid - 1;
+  for (int item = warp; item < R * NG; item += kLLWarps) {
+    const u32 b = s_gmask[item];
+    if ((b >> lane) & 1u) {
+      const int s = item / NG, t = (item % NG) * 32 + lane;
+      s_list[s_gbase[item] + __popc(b & ((1u << lane) - 1u))] = static_cast<u32>(s * T + t);
     }
-    const int j = lo, r = i - s_pre[j];
-    int s = 0;
-    for (int q = 0; q < R; ++q) {
-      const int b = p.h_range[(static_cast<i64>(j) * R + q) * 2];
-      const int c = p.h_range[(static_cast<i64>(j) * R + q) * 2 + 1];
-      if (r >= b && r < b + c) s = q;
+  }
+  __syncthreads();
+  const int items = s_total * kChunks;
+  const float* wbase = reinterpret_cast<const float*>(p.heap + p.comb_w_off) + static_cast<i64>(p.slot) * R * T * K;
+  const V4* xv = reinterpret_cast<const V4*>(p.x);
+  volatile int* ok = &s_ok;
+  // Sources whose weights this warp has acquired (each warp acquires the flag itself, so its
+  // loads of the weights are ordered after it).  Warp-uniform.
+  unsigned long long have_w = 1ull << p.rank;
+  for (int i = blockIdx.x * kLLWarps + warp; i < items; i += gridDim.x * kLLWarps) {
+    if (!__shfl_sync(0xffffffffu, *ok, 0)) break;  // lane 0's view: the warp leaves together
+    const u32 st = s_list[i / kChunks];
+    const int s = static_cast<int>(st) / T, t = static_cast<int>(st) % T;
+    const u32 mask = static_cast<u32>(p.h_tok_meta[st]);
+    int rowk = -1;
+    if (lane < K && ((mask >> lane) & 1u)) {
+      const int r = p.h_tok_rows[static_cast<i64>(st) * K + lane];
+      // In range whatever the entry holds: a repeated expert id in a token's top-k (invalid
+      // input, unchecked on the device) leaves a stale entry, which may only garble that token.
+      rowk = (r >= 0 && r < nrows) ? r : -1;
     }
-    const i64 row = static_cast<i64>(j) * RT + r;
-    const int t = p.h_src_info[row];
-    const int k = p.h_src_k[row];
-    const u64 dst_off = p.comb_region_off + ((static_cast<u64>(p.slot) * T + t) * K + k) * kRow;
-    const u8* src = reinterpret_cast<const u8*>(p.x) + row * kRow;
-    if (!use_put(p, s)) {
-      warp_copy_row<kRow / 16, false>(reinterpret_cast<V4*>(remote(p, s, dst_off)), reinterpret_cast<const V4*>(src),
-                                      lane);
-    } else {
-      const u8* sym = src;
-      if (!p.zero_copy) {
-        u8* st = p.heap + p.comb_send_off + (static_cast<u64>(p.slot) * L * RT + row) * kRow;
-        warp_copy_row<kRow / 16, false>(reinterpret_cast<V4*>(st), reinterpret_cast<const V4*>(src), lane);
-        __syncwarp();
-        sym = st;
+    const int idx = (i % kChunks) * 32 + lane;
+    const bool in = idx < kN16;
+    const u64 tok_off = p.comb_region_off + (static_cast<u64>(p.slot) * T + t) * K * kRow;  // slot (t, 0)
+    if (ll_partial(p, s, __popc(mask))) {
+      float wk = 0.0f;
+      if (s == p.rank) {
+        if (lane < K) wk = p.topk_weights[static_cast<i64>(t) * K + lane];
+      } else {
+        if (!((have_w >> s) & 1ull)) {
+          int got = 0;
+          if (lane == 0) {
+            const u64* f = reinterpret_cast<const u64*>(p.heap + p.comb_wflag_off) + p.slot * R + s;
+            got = wait_geq_u64(f, tag, p.err, deadline, p.rank, kPhaseLLCombineWeights, p.slot, s) ? 1 : 0;
+            if (!got) *ok = 0;
+          }
+          __syncwarp();  // lane 0 acquired the flag: the other lanes' loads are ordered after it
+          if (!__shfl_sync(0xffffffffu, got, 0)) break;
+          have_w |= 1ull << s;
+        }
+        if (lane < K) wk = __ldcg(wbase + (static_cast<i64>(s) * T + t) * K + lane);
       }
-      nvshmemx_putmem_nbi_warp(p.heap + dst_off, sym, kRow, s);
+      float acc[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
+      for (u32 rem = mask; rem;) {  // the rows in k order, kBatch loads in flight
+        V4 v[kBatch];
+        float wq[kBatch];
+        bool use[kBatch];
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u) {
+          const int k = rem ? __ffs(rem) - 1 : 0;
+          use[u] = rem != 0;
+          rem &= rem - 1;
+          const int row = __shfl_sync(0xffffffffu, rowk, k);
+          wq[u] = __shfl_sync(0xffffffffu, wk, k);
+          use[u] = use[u] && row >= 0;
+          v[u] = V4{0, 0, 0, 0};
+          if (use[u] && in) v[u] = ld_nc_v4(xv + static_cast<i64>(row) * kN16 + idx);
+        }
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u) {
+          if (!use[u]) continue;
+          const u32 ww[4] = {static_cast<u32>(v[u].x), static_cast<u32>(v[u].y), static_cast<u32>(v[u].z),
+                             static_cast<u32>(v[u].w)};
+#pragma unroll
+          for (int r = 0; r < 4; ++r) {
+            acc[2 * r] = __fadd_rn(acc[2 * r], __fmul_rn(wq[u], bf16_to_f32(static_cast<u16>(ww[r] & 0xFFFFu))));
+            acc[2 * r + 1] = __fadd_rn(acc[2 * r + 1], __fmul_rn(wq[u], bf16_to_f32(static_cast<u16>(ww[r] >> 16))));
+          }
+        }
+      }
+      if (in) {
+        const int k1 = __ffs(mask) - 1, k2 = __ffs(mask & (mask - 1)) - 1;
+        const int ch = idx * 8;
+        const int kd = ch < kHalf ? k1 : k2;
+        V4* dst = reinterpret_cast<V4*>(remote(p, s, tok_off + static_cast<u64>(kd) * kRow) +
+                                        static_cast<u64>(ch < kHalf ? ch : ch - kHalf) * 4);
+        st_na_v4(dst, f32x4_as_v4(acc[0], acc[1], acc[2], acc[3]));
+        st_na_v4(dst + 1, f32x4_as_v4(acc[4], acc[5], acc[6], acc[7]));
+      }
+    } else if (!use_put(p, s)) {
+      // One bf16 row per k: this item's 256 channels of each, kBatch loads in flight.
+      for (u32 rem = mask; rem;) {
+        V4 v[kBatch];
+        int kq[kBatch];
+        bool use[kBatch];
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u) {
+          kq[u] = rem ? __ffs(rem) - 1 : 0;
+          use[u] = rem != 0;
+          rem &= rem - 1;
+          const int row = __shfl_sync(0xffffffffu, rowk, kq[u]);
+          use[u] = use[u] && row >= 0;
+          v[u] = V4{0, 0, 0, 0};
+          if (use[u] && in) v[u] = ld_nc_v4(xv + static_cast<i64>(row) * kN16 + idx);
+        }
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u)
+          if (use[u] && in)
+            st_na_v4(reinterpret_cast<V4*>(remote(p, s, tok_off + static_cast<u64>(kq[u]) * kRow)) + idx, v[u]);
+      }
+    } else if (i % kChunks == 0) {
+      ll_combine_put_rows<kHidden>(p, s, mask, rowk, tok_off);
     }
   }
   if (p.any_put) nvshmem_quiet();
@@ -567,8 +754,10 @@ EPCOMM_DEVICE void ll_combine_send(const LLParams& p, u64 tag, u64 deadline) {
 template <int kHidden>
 EPCOMM_DEVICE void ll_combine_recv(const LLParams& p, u64 tag, u64 deadline) {
   const int R = p.num_ranks, K = p.num_topk, N = p.num_tokens, T = p.max_tokens;
+  const int L = p.num_experts / R;
   constexpr int kRow = kHidden * 2;
   constexpr int kN16 = kRow / 16;
+  constexpr int kHalf = kHidden / 2;
   const int lane = lane_id(), warp = warp_id();
   if (!ll_wait_all(p, p.comb_flag_off, tag, 0, kPhaseLLCombineRecv, deadline)) {
     if (threadIdx.x == 0) p.ctrl->failed = 1;
@@ -576,44 +765,79 @@ EPCOMM_DEVICE void ll_combine_recv(const LLParams& p, u64 tag, u64 deadline) {
   }
   const u8* region = p.heap + p.comb_region_off + static_cast<u64>(p.slot) * T * K * kRow;
   // Work items are (token, 256-channel chunk); each lane loads its word of up to 8 experts'
-  // rows at once, then adds them in k order (the reference's order).
+  // rows (or partials) at once, then adds them in k order, a partial at its lowest k.
   constexpr int kChunks = (kN16 + 31) / 32;
   for (int item = blockIdx.x * kLLWarps + warp; item < N * kChunks; item += gridDim.x * kLLWarps) {
     const int t = item / kChunks;
     const int idx = (item % kChunks) * 32 + lane;
     const bool valid = idx < kN16;
-    int use_l = 0;
+    int rk = -1 - lane;  // expert-side rank of lane k's expert; unique if none
     float w_l = 0.0f;
+    bool has = false;
     if (lane < K) {
       const i64 e = p.topk_idx[static_cast<i64>(t) * K + lane];
-      use_l = (e >= 0 && e < p.num_experts) ? 1 : 0;
+      has = e >= 0 && e < p.num_experts;
+      if (has) rk = static_cast<int>(e) / L;
       w_l = p.topk_weights[static_cast<i64>(t) * K + lane];
+    }
+    const unsigned same = __match_any_sync(0xffffffffu, rk);
+    // How lane k's row arrives: 0 not at all, 1 a bf16 row in slot k, 2 the partial of its rank
+    // (k is that rank's lowest k; the other half sits in slot k2_l), 3 inside another k's partial.
+    int how_l = 0, k2_l = 0;
+    if (has) {
+      if (ll_partial(p, rk, __popc(same))) {
+        how_l = (__ffs(same) - 1 == lane) ? 2 : 3;
+        k2_l = __ffs(same & (same - 1)) - 1;
+      } else {
+        how_l = 1;
+      }
     }
     float acc[8];
 #pragma unroll
     for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
-    const V4* rows = reinterpret_cast<const V4*>(region + static_cast<u64>(t) * K * kRow);
+    const u8* tok = region + static_cast<u64>(t) * K * kRow;
+    const int ch = idx * 8;
     for (int k0 = 0; k0 < K; k0 += 8) {
-      V4 v[8];
-      int use[8];
+      V4 a[8], b[8];
+      int how[8];
       float wk[8];
 #pragma unroll
       for (int q = 0; q < 8; ++q) {
         const int k = k0 + q;
-        use[q] = __shfl_sync(0xffffffffu, use_l, k & 31) && k < K;
+        how[q] = __shfl_sync(0xffffffffu, how_l, k & 31);
+        if (k >= K) how[q] = 0;
         wk[q] = __shfl_sync(0xffffffffu, w_l, k & 31);
-        v[q] = V4{0, 0, 0, 0};
-        if (use[q] && valid) v[q] = ld_cg_v4(rows + static_cast<u64>(k) * kN16 + idx);
+        const int k2 = __shfl_sync(0xffffffffu, k2_l, k & 31);
+        a[q] = V4{0, 0, 0, 0};
+        b[q] = V4{0, 0, 0, 0};
+        if (valid && how[q] == 1) {
+          a[q] = ld_cg_v4(reinterpret_cast<const V4*>(tok + static_cast<u64>(k) * kRow) + idx);
+        } else if (valid && how[q] == 2) {
+          const V4* src = reinterpret_cast<const V4*>(tok + static_cast<u64>(ch < kHalf ? k : k2) * kRow +
+                                                      static_cast<u64>(ch < kHalf ? ch : ch - kHalf) * 4);
+          a[q] = ld_cg_v4(src);
+          b[q] = ld_cg_v4(src + 1);
+        }
       }
 #pragma unroll
       for (int q = 0; q < 8; ++q) {
-        if (!use[q]) continue;
-        const u32 ww[4] = {static_cast<u32>(v[q].x), static_cast<u32>(v[q].y), static_cast<u32>(v[q].z),
-                           static_cast<u32>(v[q].w)};
+        if (how[q] == 1) {
+          const u32 ww[4] = {static_cast<u32>(a[q].x), static_cast<u32>(a[q].y), static_cast<u32>(a[q].z),
+                             static_cast<u32>(a[q].w)};
 #pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          acc[2 * r] = __fadd_rn(acc[2 * r], __fmul_rn(wk[q], bf16_to_f32(static_cast<u16>(ww[r] & 0xFFFFu))));
-          acc[2 * r + 1] = __fadd_rn(acc[2 * r + 1], __fmul_rn(wk[q], bf16_to_f32(static_cast<u16>(ww[r] >> 16))));
+          for (int r = 0; r < 4; ++r) {
+            acc[2 * r] = __fadd_rn(acc[2 * r], __fmul_rn(wk[q], bf16_to_f32(static_cast<u16>(ww[r] & 0xFFFFu))));
+            acc[2 * r + 1] = __fadd_rn(acc[2 * r + 1], __fmul_rn(wk[q], bf16_to_f32(static_cast<u16>(ww[r] >> 16))));
+          }
+        } else if (how[q] == 2) {
+          acc[0] = __fadd_rn(acc[0], __int_as_float(a[q].x));
+          acc[1] = __fadd_rn(acc[1], __int_as_float(a[q].y));
+          acc[2] = __fadd_rn(acc[2], __int_as_float(a[q].z));
+          acc[3] = __fadd_rn(acc[3], __int_as_float(a[q].w));
+          acc[4] = __fadd_rn(acc[4], __int_as_float(b[q].x));
+          acc[5] = __fadd_rn(acc[5], __int_as_float(b[q].y));
+          acc[6] = __fadd_rn(acc[6], __int_as_float(b[q].z));
+          acc[7] = __fadd_rn(acc[7], __int_as_float(b[q].w));
         }
       }
     }

@@ -25,6 +25,7 @@ PHASES = {
     31: "low_latency_dispatch/receive: waiting for the peer's tokens",
     40: "low_latency_combine/send: waiting for the peer to release the buffer slot",
     41: "low_latency_combine/receive: waiting for the peer's rows",
+    42: "low_latency_combine/send: waiting for the peer's combine weights",
     50: "smoke test",
 }
 
@@ -90,7 +91,8 @@ class ErrorState:
             return RankMismatchError(
                 f"rank {r.rank}{where}: rank {r.peer} called low_latency_dispatch with a different shape: "
                 f"{'; '.join(diff) or 'unreadable shape word'}. Every rank must pass the same "
-                f"num_max_dispatch_tokens_per_rank, hidden size, num_experts, top-k width and FP8 flags; the "
+                f"num_max_dispatch_tokens_per_rank, hidden size, num_experts, top-k width and FP8 flags, and run "
+                f"with the same EPCOMM_LL_* settings; the "
                 f"received rows were not read, and this Buffer is unusable now (create a new one).",
                 rank=r.rank, peer=r.peer, field=field, mine=mine.get(field, 0), theirs=theirs.get(field, 0))
         if code == ERR_MISMATCH:

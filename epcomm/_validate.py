@@ -44,13 +44,38 @@ def index_range(obj, framework: str) -> tuple[int, int] | None:
     return int(a.min()), int(a.max())
 
 
+def first_repeated_expert(obj, framework: str) -> int | None:
+    """Index of the first row of a [N, K] index array that lists an expert (>= 0) twice, or
+    None (a GPU sync)."""
+    if framework == "torch":
+        if obj.numel() == 0 or obj.shape[1] < 2:
+            return None
+        srt = obj.sort(dim=1).values
+        dup = ((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any(dim=1)
+        return int(dup.to(dtype=obj.dtype).argmax()) if bool(dup.any()) else None
+    if framework == "cupy":
+        import cupy as xp
+    elif framework == "jax":
+        import jax.numpy as xp
+    else:
+        import numpy as xp
+        obj = xp.asarray(obj)
+    if obj.size == 0 or obj.shape[1] < 2:
+        return None
+    srt = xp.sort(obj, axis=1)
+    dup = ((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any(axis=1)
+    return int(xp.argmax(dup)) if bool(dup.any()) else None
+
+
 def check_topk_indices(obj, framework: str, num_experts: int, name: str = "topk_idx",
-                       capturing: bool = False) -> None:
+                       capturing: bool = False, unique: bool = False) -> None:
     """Raise ValueError if an index is outside [-1, num_experts).
 
-    Reading the values costs a device synchronisation, so it runs only when EPCOMM_CHECK_INDICES
-    is on (the default) and the stream is not being captured; kernels still check on the device
-    and report through the buffer's error record.
+    With ``unique``, also raise if a row lists the same expert twice (the low-latency kernels
+    send a token once per expert and would garble its combine).  Reading the values costs a
+    device synchronisation, so it runs only when EPCOMM_CHECK_INDICES is on (the default) and the
+    stream is not being captured; kernels still check the range on the device and report through
+    the buffer's error record.
     """
     if capturing or not envs.CHECK_INDICES.get():
         return
@@ -62,3 +87,8 @@ def check_topk_indices(obj, framework: str, num_experts: int, name: str = "topk_
         bad = lo if lo < -1 else hi
         raise ValueError(f"{name} holds expert index {bad}, outside [-1, {num_experts}) "
                          f"(num_experts={num_experts}); -1 marks an unused slot")
+    if unique:
+        t = first_repeated_expert(obj, framework)
+        if t is not None:
+            raise ValueError(f"{name} row {t} lists the same expert twice; each expert may appear once per token "
+                             f"(-1 marks unused slots)")

@@ -396,6 +396,42 @@ def _ll_worker(rank, world, group, args) -> dict:
     out["dispatch_graph_us_back_to_back"] = back_to_back(g1.replay)
     pair = back_to_back(lambda: (g1.replay(), g2.replay()))
     out["combine_graph_us_back_to_back"] = pair - out["dispatch_graph_us_back_to_back"]
+    # The baseline in the same run: the combine without expert-side partials (one bf16 row per
+    # (token, expert), as DeepEP's), measured the same three ways.
+    spawn.phase("ll combine without partials")
+    rows_ab = hasattr(buf._ll, "set_combine_partials")  # False when run against an older epcomm (A/B)
+    if rows_ab:
+        buf._ll.set_combine_partials(False)
+        ts, sc, rc = [], [], []
+        for i in range(iters + 10):
+            disp()
+            torch.cuda.synchronize(); barrier()
+            ev = [torch.cuda.Event(enable_timing=True) for _ in range(6)]
+            ev[0].record(); buf.low_latency_combine(y, topk, w, st["d"][2]); ev[1].record(); ev[1].synchronize()
+            _, _, h, _, hook = buf.low_latency_dispatch(x, topk, T, E, use_fp8=True, return_recv_hook=True)
+            hook()
+            torch.cuda.synchronize(); barrier()
+            ev[2].record()
+            _, _, hook = buf.low_latency_combine(y, topk, w, h, return_recv_hook=True)
+            ev[3].record(); ev[3].synchronize(); barrier()
+            ev[4].record(); hook(); ev[5].record(); ev[5].synchronize()
+            if i >= 10:
+                ts.append(ev[0].elapsed_time(ev[1]) * 1e3)
+                sc.append(ev[2].elapsed_time(ev[3]) * 1e3); rc.append(ev[4].elapsed_time(ev[5]) * 1e3)
+        out.update(combine_rows_us=_median(ts), combine_rows_send_us=_median(sc), combine_rows_recv_us=_median(rc))
+        with torch.cuda.stream(s):
+            disp(); torch.cuda.synchronize()
+            g1r = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g1r, stream=s):
+                disp()
+            h_r = st["d"][2]
+            g2r = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g2r, stream=s):
+                buf.low_latency_combine(y, topk, w, h_r)
+        torch.cuda.synchronize(); barrier()
+        d_r = back_to_back(g1r.replay)
+        out["combine_rows_graph_us_back_to_back"] = back_to_back(lambda: (g1r.replay(), g2r.replay())) - d_r
+        buf._ll.set_combine_partials(True)
     # Host cost per call (not captured, no sync inside the loop).
     spawn.phase("ll host cost")
     torch.cuda.synchronize(); barrier()
@@ -417,8 +453,10 @@ def _ll_worker(rank, world, group, args) -> dict:
     out["host_us_per_combine_plus_dispatch"] = (t3 - t2) / n * 1e6
     for k in ("dispatch_us", "dispatch_graph_us", "dispatch_graph_us_back_to_back"):
         out[k.replace("_us", "_GBps")] = fp8_b / out[k] / 1e3
-    for k in ("combine_us", "combine_graph_us", "combine_graph_us_back_to_back"):
-        out[k.replace("_us", "_GBps")] = bf16_b / out[k] / 1e3
+    for k in ("combine_us", "combine_graph_us", "combine_graph_us_back_to_back", "combine_rows_us",
+              "combine_rows_graph_us_back_to_back"):
+        if k in out:
+            out[k.replace("_us", "_GBps")] = bf16_b / out[k] / 1e3
     spawn.phase("baseline")
     out["nccl_all_to_all_us"] = _nccl_a2a(torch, dist, T * H, iters, align)
     out["aligner"] = align.summary()
@@ -441,8 +479,11 @@ def _gpu_name() -> str:
 def run(what: str, gpus: int, *, tokens=None, hidden=7168, topk=8, experts=256, sms=(8, 16, 24, 32),
         iters=30, timeout=540.0) -> dict:
     n = gpus or spawn.gpu_count()
-    if n < 2:
-        raise ValueError(f"benchmarks need 2 or more GPUs; {n} visible")
+    if n < 2 and what != "low-latency":
+        raise ValueError(f"the normal-mode benchmark needs 2 or more GPUs; {n} visible "
+                         f"(`epcomm bench low-latency` runs one rank on one GPU: local traffic only)")
+    if n < 1:
+        raise ValueError("no GPU visible")
     meta = {"gpus": _gpu_name(), "world_size": n, "commit": _commit(),
             "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "kind": envs.BENCH_KIND.get()}
@@ -486,7 +527,9 @@ def print_table(res: dict) -> None:
               f"experts, FP8 dispatch, BF16 combine (mean over ranks of medians)")
         for k in ("dispatch_us", "dispatch_us_wall_aligner", "dispatch_graph_us", "dispatch_graph_us_back_to_back",
                   "dispatch_send_us", "dispatch_recv_us", "combine_us", "combine_graph_us",
-                  "combine_graph_us_back_to_back", "combine_send_us", "combine_recv_us", "host_us_per_dispatch",
+                  "combine_graph_us_back_to_back", "combine_send_us", "combine_recv_us", "combine_rows_us",
+                  "combine_rows_graph_us_back_to_back", "combine_rows_send_us", "combine_rows_recv_us",
+                  "host_us_per_dispatch",
                   "host_us_per_combine_plus_dispatch", "nccl_all_to_all_us"):
             if k not in r0[0]:
                 continue

@@ -78,6 +78,11 @@ class _Results:
         self.src_info = mk(fw, (L, RT), "int32")
         self.layout_range = mk(fw, (L, R, 2), "int32")
         self.src_k = mk(fw, (L, RT), "int32")
+        # For the combine (not returned): each source token's packed rows by k, and the mask of
+        # its k on this rank with the dispatch's tag (zeroed once: no stale entry can match).
+        self.tok_rows = mk(fw, (RT, K.MAX_TOPK), "int32")
+        self.tok_meta = mk(fw, (RT,), "int64")
+        self.fresh = True
         self.fw = fw
         self._views = None if fw == "jax" else self._make_views(None)
 
@@ -120,8 +125,16 @@ class LowLatencyState:
             _cuda.stream_sync(buf._stream)
             self.peers = [self.heap if r == self.rank else nvr.peer_ptr(self.heap_obj, r)
                           for r in range(self.num_ranks)]
-        buf.group.barrier()  # every heap zeroed before anyone writes into it
+        # Both ends of a pair must pick the same transport (the combine's row format depends on
+        # it): a pair reachable over NVLink one way only uses puts both ways.  The all-gather
+        # also orders every heap's zeroing before anyone writes into it.
+        reach = buf.group.allgather_bytes(bytes(int(p != 0) for p in self.peers))
+        for r in range(self.num_ranks):
+            if r != self.rank and not reach[r][self.rank]:
+                self.peers[r] = 0
+        buf.group.barrier()
         self.force_put = bool(envs.LL_FORCE_NVSHMEM_PUT.get())
+        self.partials = bool(envs.LL_COMBINE_PARTIALS.get())
         t = K.LLParams()
         for r, ptr in enumerate(self.peers):
             t.peer_base[r] = ptr
@@ -130,6 +143,7 @@ class LowLatencyState:
         t.hdr_bytes = K.HDR_BYTES
         t.force_put = int(self.force_put)
         t.any_put = int(self.force_put or any(p == 0 for p in self.peers))
+        t.partials = int(self.partials)
         self.template = t
         self.num_sms = _cuda.num_sms(self.device_id)
         self._disp_slot = 0
@@ -150,6 +164,19 @@ class LowLatencyState:
         self._no_event = EventOverlap(None, "torch", self.device_id)  # what a synchronous call returns
         self.fast_calls = 0          # calls served by the fast paths (tests check they are taken)
         self._shapes_checked: set = set()  # (slot, shape word) whose receive compared the sources' shapes
+
+    def set_combine_partials(self, on: bool) -> None:
+        """Switch the combine's expert-side partial sums (EPCOMM_LL_COMBINE_PARTIALS) for later
+        calls, e.g. for an A/B benchmark.  Collective: every rank must switch between the same
+        two calls, before a dispatch (its shape word carries the setting, and ranks that
+        differ raise RankMismatchError there).  Drops the prepared plans; graphs captured
+        before keep the old setting."""
+        on = bool(on)
+        if on != self.partials:
+            self.partials = on
+            self.template.partials = int(on)
+            self._plans.clear()
+            self._shapes_checked.clear()
 
     # ---- helpers ---------------------------------------------------------------------------
     def empty(self, fw, shape, dtype):
@@ -174,6 +201,7 @@ class LowLatencyState:
         p.disp_flag_off, p.comb_flag_off = lay.disp_flag_off, lay.comb_flag_off
         p.disp_ack_off, p.comb_ack_off = lay.disp_ack_off, lay.comb_ack_off
         p.disp_shape_off = lay.disp_shape_off
+        p.comb_wflag_off, p.comb_w_off = lay.comb_wflag_off, lay.comb_w_off
         p.disp_region_off, p.comb_region_off = lay.disp_region_off, lay.comb_region_off
         p.disp_send_off, p.comb_send_off = lay.disp_send_off, lay.comb_send_off
         p.msg_bytes = lay.msg_bytes
@@ -184,13 +212,14 @@ class LowLatencyState:
     def _allow_smem(self, mod, names, smem: int) -> None:
         """Let the kernels ``names`` of ``mod`` use ``smem`` bytes of dynamic shared memory (above
         the 48 KiB every kernel gets); ValueError if the device has less per block."""
-        key = (id(mod), smem)
+        key = (id(mod), tuple(names), smem)
         if key in self._smem_ok:
             return
         cap = _cuda.device_attr(self.device_id, "CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN")
         if smem > cap:
-            raise ValueError(f"low-latency dispatch: num_ranks * num_max_dispatch_tokens_per_rank is too large: the "
-                             f"receive needs {smem} bytes of shared memory per block, the device has {cap}")
+            raise ValueError(f"low-latency {names[0].split('_')[0]}: num_ranks * num_max_dispatch_tokens_per_rank is "
+                             f"too large: the kernel needs {smem} bytes of shared memory per block, the device "
+                             f"has {cap}")
         d = _cuda.drv()
         attr = d.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
         for n in names:
@@ -286,7 +315,8 @@ class LowLatencyState:
                              "runs when hook() is called, on the stream of the send")
         if (round_scale or use_ue8m0) and not use_fp8:
             raise ValueError("round_scale/use_ue8m0 apply to FP8 dispatch only (use_fp8=True)")
-        shape = K.shape_word(T, H, E, Kt, bool(use_fp8), bool(round_scale), bool(use_ue8m0))
+        shape = K.shape_word(T, H, E, Kt, bool(use_fp8), bool(round_scale), bool(use_ue8m0), self.force_put,
+                             self.partials)
         L = E // R
         stats = b._tensor(cumulative_local_expert_recv_stats, "cumulative_local_expert_recv_stats",
                           dtype="int32", ndim=1, shape=(L,), allow_none=True)
@@ -300,7 +330,7 @@ class LowLatencyState:
         with _cuda.on_device(self.device_id):
             caller, stream = self._stream_for(fw, async_finish, previous_event)
             capturing = _cuda.stream_is_capturing(caller)
-            check_topk_indices(tr.obj, fw, E, capturing=capturing)
+            check_topk_indices(tr.obj, fw, E, capturing=capturing, unique=True)
             res = self._results[slot]
             key = (fw, T, H, E, bool(use_fp8), bool(use_ue8m0))
             if res is None or res.key != key or fw == "jax":
@@ -317,6 +347,12 @@ class LowLatencyState:
             p.recv_scales = res.scales[1].ptr if res.scales is not None else 0
             p.recv_count, p.recv_src_info = res.count[1].ptr, res.src_info[1].ptr
             p.recv_layout_range, p.recv_src_k = res.layout_range[1].ptr, res.src_k[1].ptr
+            p.recv_tok_rows, p.recv_tok_meta = res.tok_rows[1].ptr, res.tok_meta[1].ptr
+            if res.fresh:
+                # Zeroed on the kernel's stream before its first dispatch; under capture the
+                # memset is only in the graph, so the next eager dispatch zeroes again.
+                _cuda.memset_d8_async(res.tok_meta[1].ptr, 0, R * T * 8, stream)
+                res.fresh = capturing
             p.cumulative_stats = stats.ptr if stats is not None else 0
             p.num_tokens, p.num_topk, p.num_experts, p.max_tokens = N, Kt, E, T
             p.round_scale, p.use_ue8m0 = int(round_scale), int(use_ue8m0)
@@ -346,7 +382,8 @@ class LowLatencyState:
         vx, vscales, vcount, vsrc, vrange = res.views(stream)
         handle = LowLatencyHandle(slot, gen, fw, T, H, E, Kt, N, vsrc, vrange,
                                   refs={"count": res.count[1], "range": res.layout_range[1],
-                                        "src_info": res.src_info[1], "src_k": res.src_k[1], "keep": res})
+                                        "src_info": res.src_info[1], "src_k": res.src_k[1],
+                                        "tok_rows": res.tok_rows[1], "tok_meta": res.tok_meta[1], "keep": res})
         hook = None
         if return_recv_hook:
             def hook(_p=p, _stream=stream, _slot=slot, _mod=mod, _grid=recv_blocks, _smem=smem):
@@ -420,8 +457,13 @@ class LowLatencyState:
     def combine(self, x, topk_idx, topk_weights, handle: LowLatencyHandle, *, zero_copy: bool = False,
                 async_finish: bool = False, return_recv_hook: bool = False, out=None,
                 previous_event: EventOverlap | None = None):
-        """Low-latency combine: every expert output row goes back to its source token, which gets
-        the **weighted** sum over its K experts (fp32, k ascending, no FMA), written bf16.
+        """Low-latency combine: every source token gets the **weighted** sum of its K experts'
+        output rows (fp32, no FMA), written bf16.  A rank that holds 2 or more of a token's
+        experts and reaches its source over NVLink sums them first and sends one fp32 partial
+        (EPCOMM_LL_COMBINE_PARTIALS, on by default: fewer bytes); the order of every addition is
+        fixed (``epcomm.reference.low_latency_combine``), so results are bitwise reproducible.
+        With partials the send half (the call with ``return_recv_hook``) also waits until every
+        NVLink peer's combine has started (it publishes the weights the partials need).
 
         Args:
             x: bf16 [E/R, R*T, H] expert outputs in the dispatch's packed layout (with
@@ -479,10 +521,14 @@ class LowLatencyState:
             refs = handle.refs
             p.h_count, p.h_range = refs["count"].ptr, refs["range"].ptr
             p.h_src_info, p.h_src_k = refs["src_info"].ptr, refs["src_k"].ptr
+            p.h_tok_rows, p.h_tok_meta = refs["tok_rows"].ptr, refs["tok_meta"].ptr
+            p.h_slot = handle.slot
             p.out = o.ptr
             p.num_tokens, p.num_topk, p.num_experts, p.max_tokens = N, Kt, E, T
             p.zero_copy = int(zero_copy)
-            smem = 4 * (L + 1)
+            smem = K.combine_smem_bytes(R, T)
+            if smem > _DEFAULT_SMEM:
+                self._allow_smem(mod, ("combine_send", "combine_recv", "combine_both"), smem)
             send_blocks = self.num_sms
             recv_blocks = self.num_sms
             fn = grid = None
@@ -559,7 +605,14 @@ class LowLatencyState:
             _cuda.memset_d8_async(self.ctrl, 0, ctypes.sizeof(K.LLCtrl), b._stream)
             _cuda.stream_sync(b._stream)
             b.group.barrier()
+            # Dispatch tags restart: the combine records of earlier dispatches could match them.
+            for res in self._results:
+                if res is not None:
+                    _cuda.memset_d8_async(res.tok_meta[1].ptr, 0, res.tok_meta[1].nbytes, b._stream)
+            _cuda.stream_sync(b._stream)
         self._disp_slot = self._comb_slot = 0
+        # Handles of earlier dispatches refer to records just erased: combines with them raise.
+        self._disp_gen = [g + 1 for g in self._disp_gen]
         self._plans.clear()
         self._shapes_checked.clear()
         self._disp_pending = [False, False]

@@ -784,7 +784,7 @@ def low_latency_dispatch(x, topk_idx, num_max_tokens, num_experts, *, use_fp8=Tr
     return results
 
 
-def low_latency_combine(x, topk_idx, topk_weights, handles) -> list[np.ndarray]:
+def low_latency_combine(x, topk_idx, topk_weights, handles, *, partials: bool = True) -> list[np.ndarray]:
     """Low-latency combine: weighted sum of each token's expert outputs on its source rank.
 
     Args:
@@ -794,12 +794,19 @@ def low_latency_combine(x, topk_idx, topk_weights, handles) -> list[np.ndarray]:
         topk_weights: list of float32 [N_s, K].
         handles: list over ranks of the :class:`LowLatencyHandle` from the dispatch.
 
-    Order of operations (part of the contract): for source s and token t, acc = float32 0;
-    for k = 0..K-1 with e = topk_idx[s][t, k] >= 0, with d = e // L, j = e % L and row the
-    packed row of (s, t) in expert j of rank d:
-    acc = float32(acc + float32(float32(w[t, k]) * float32(x[d][j, row]))) (the product is
-    rounded before the sum: no fused multiply-add); the output is bfloat16(acc).  Tokens
-    without experts give 0.
+        partials: model the expert-side partial sums (EPCOMM_LL_COMBINE_PARTIALS, between ranks
+            linked by NVLink); False: one row per (token, expert), as with NVSHMEM puts.
+
+    Order of operations (part of the contract): for source s and token t, with for each k
+    (e = topk_idx[s][t, k] >= 0) d = e // L, j = e % L, row the packed row of (s, t) in expert
+    j of rank d and p_k = float32(float32(w[t, k]) * float32(x[d][j, row])) (the product is
+    rounded before any sum: no fused multiply-add):
+    if ``partials`` and rank d holds 2 or more of the token's experts, those k form a group
+    whose partial is P = float32 0, then P = float32(P + p_k) over the group's k ascending.
+    Then acc = float32 0 and for k = 0..K-1: acc = float32(acc + p_k) for k in no group,
+    acc = float32(acc + P) at the lowest k of a group, nothing at its other k.  The output is
+    bfloat16(acc); tokens without experts give 0.  With one rank (or partials=False) this is
+    the plain k-ascending sum.
 
     Returns:
         bfloat16 [N_s, H] per rank.
@@ -853,18 +860,37 @@ def low_latency_combine(x, topk_idx, topk_weights, handles) -> list[np.ndarray]:
         J_map = np.full((N, K), -1, dtype=_I64)
         R_map[t, k], D_map[t, k], J_map[t, k] = row, d_of, j_of
 
-        acc = np.zeros((N, H), dtype=_F32)
-        for kk in range(K):
-            toks = np.flatnonzero(idx[s][:, kk] >= 0)
-            if toks.size == 0:
-                continue
+        def product(kk, toks):
             vals = np.empty((toks.size, H), dtype=_F32)
             dk = D_map[toks, kk]
             for d in np.unique(dk):
                 sub = dk == d
                 vals[sub] = xs[int(d)][J_map[toks[sub], kk], R_map[toks[sub], kk]].astype(_F32)
             # Two separate float32 numpy ops: the product is rounded before the add.
-            prod = w[s][toks, kk][:, None] * vals
-            acc[toks] = acc[toks] + prod
+            return w[s][toks, kk][:, None] * vals
+
+        # Which k travel inside a partial: their rank holds 2 or more of the token's experts.
+        valid = idx[s] >= 0
+        in_part = np.zeros((N, K), dtype=bool)
+        first = np.zeros((N, K), dtype=bool)
+        part = {}
+        if partials:
+            for d in range(R):
+                on_d = valid & (D_map == d)
+                grouped = on_d & (on_d.sum(axis=1, keepdims=True) >= 2)
+                in_part |= grouped
+                first |= grouped & (np.cumsum(grouped, axis=1) == 1)
+            for kk in range(K):
+                toks = np.flatnonzero(in_part[:, kk])
+                for t_, v in zip(toks, product(kk, toks)):
+                    key = (int(t_), int(D_map[t_, kk]))
+                    part[key] = (part[key] + v) if key in part else (_F32(0) + v)
+        acc = np.zeros((N, H), dtype=_F32)
+        for kk in range(K):
+            toks = np.flatnonzero(valid[:, kk] & ~in_part[:, kk])
+            if toks.size:
+                acc[toks] = acc[toks] + product(kk, toks)
+            for t_ in np.flatnonzero(first[:, kk]):
+                acc[t_] = acc[t_] + part[(int(t_), int(D_map[t_, kk]))]
         out.append(acc.astype(BF16))
     return out

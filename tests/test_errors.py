@@ -105,7 +105,13 @@ def test_low_latency_shape_words_round_trip_and_name_the_difference():
     theirs = K_ll.shape_word(256, 7168, 256, 8, True, True, False)
     assert K_ll.unpack_shape_word(mine) == {"num_max_dispatch_tokens_per_rank": 128, "hidden": 7168,
                                             "num_experts": 256, "num_topk": 8, "use_fp8": 1, "round_scale": 1,
-                                            "use_ue8m0": 0}
+                                            "use_ue8m0": 0, "EPCOMM_LL_FORCE_NVSHMEM_PUT": 0,
+                                            "EPCOMM_LL_COMBINE_PARTIALS": 1}
+    # the transport settings decide how combine rows travel: ranks must agree on them too
+    other = K_ll.shape_word(128, 7168, 256, 8, True, True, False, False, False)
+    st2 = _state(_errstate.ERR_MISMATCH, rank=1, phase=31, channel=0, peer=0, expected=mine, observed=other)
+    with pytest.raises(RankMismatchError, match="EPCOMM_LL_COMBINE_PARTIALS is 1 here and 0 there"):
+        st2.check("low-latency call")
     with pytest.raises(ValueError, match="num_max_dispatch_tokens_per_rank=1048576"):
         K_ll.shape_word(1 << 20, 7168, 256, 8, True, False, False)
     st = _state(_errstate.ERR_MISMATCH, rank=0, phase=31, channel=1, peer=1, expected=mine, observed=theirs)

@@ -94,8 +94,10 @@ def _round(rank, world, buf, case, it, stats):
         _assert_bits(f"recv_x[{j}]", gx[j, :c], rr.recv_x[j, :c])
         if case["fp8"]:
             _assert_bits(f"recv_x_scales[{j}]", gs[j, :c], rr.recv_x_scales[j, :c])
-    # Expert outputs: y_d = bf16(float32(expert input) * (d + 1.5)).
+    # Expert outputs: y_d[j] = bf16(float32(expert input) * (d + 1.5) * (1 + j / 64)): every
+    # expert's row differs, so the order of a combine's additions shows.
     ys = []
+    fac = (1 + np.arange(L, dtype=np.float32) / 64)[:, None, None]
     for d in range(world):
         r = ref[d]
         base = r.recv_x.astype(np.float32)
@@ -104,8 +106,10 @@ def _round(rank, world, buf, case, it, stats):
             if case["ue8m0"]:
                 sc = reference.unpack_ue8m0(sc, H // 128)
             base = base * np.repeat(sc.astype(np.float32), 128, axis=-1)
-        ys.append((base * np.float32(d + 1.5)).astype(ml_dtypes.bfloat16))
-    cref = reference.low_latency_combine(ys, tks, ws, [r.handle for r in ref])[rank]
+        ys.append((base * np.float32(d + 1.5) * fac).astype(ml_dtypes.bfloat16))
+    from epcomm import envs
+    partials = envs.LL_COMBINE_PARTIALS.get() and not envs.LL_FORCE_NVSHMEM_PUT.get()
+    cref = reference.low_latency_combine(ys, tks, ws, [r.handle for r in ref], partials=partials)[rank]
     if case["zero_copy"]:
         y = buf.get_next_low_latency_combine_buffer(handle)
         y.copy_(_up(ys[rank]))
@@ -157,11 +161,18 @@ def _worker(rank, world, group, cases, rounds=3):
     return results
 
 
+PUT_CASES = ["fp8_t128_h7168_e256_k8", "bf16_k16_e32_hook", "fp8_zero_copy_out", "fp8_ue8m0_t256_h7168"]
+ROWS_CASES = ["fp8_t128_h7168_e256_k8", "bf16_k16_e32_hook", "fp8_zero_copy_out", "fp8_t1_k16_e32"]
+
+
 @run_once
-def _results(force_put: bool):
-    env = {"EPCOMM_LL_FORCE_NVSHMEM_PUT": "1" if force_put else "0"}
-    cases = CASES if not force_put else [c for c in CASES if c["name"] in (
-        "fp8_t128_h7168_e256_k8", "bf16_k16_e32_hook", "fp8_zero_copy_out", "fp8_ue8m0_t256_h7168")]
+def _results(mode: str):
+    """mode: "nvlink" (defaults), "put" (EPCOMM_LL_FORCE_NVSHMEM_PUT=1) or "rows"
+    (EPCOMM_LL_COMBINE_PARTIALS=0: one combine row per (token, expert) over NVLink)."""
+    env = {"EPCOMM_LL_FORCE_NVSHMEM_PUT": "1" if mode == "put" else "0",
+           "EPCOMM_LL_COMBINE_PARTIALS": "0" if mode == "rows" else "1"}
+    names = {"put": PUT_CASES, "rows": ROWS_CASES}.get(mode)
+    cases = CASES if names is None else [c for c in CASES if c["name"] in names]
     return spawn.run(_worker, _world(), cases, timeout=float(os.environ.get("EPCOMM_TEST_TIMEOUT", 480)), env=env)
 
 
@@ -192,17 +203,26 @@ def test_low_latency_fast_paths_against_reference(name):
 @needs_ll_ranks
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
 def test_low_latency_against_reference(case):
-    for rank, r in enumerate(_results(False)):
+    for rank, r in enumerate(_results("nvlink")):
         v = r.get(case["name"], "not run (an earlier case crashed)")
         assert v == "ok", f"rank {rank}: {v}"
 
 
 @needs_ll_ranks
-@pytest.mark.parametrize("name", ["fp8_t128_h7168_e256_k8", "bf16_k16_e32_hook", "fp8_zero_copy_out",
-                                  "fp8_ue8m0_t256_h7168"])
+@pytest.mark.parametrize("name", PUT_CASES)
 def test_low_latency_nvshmem_put_path(name):
     """EPCOMM_LL_FORCE_NVSHMEM_PUT=1: every peer through NVSHMEM puts/signals (the RDMA code path)."""
-    for rank, r in enumerate(_results(True)):
+    for rank, r in enumerate(_results("put")):
+        v = r.get(name, "not run (an earlier case crashed)")
+        assert v == "ok", f"rank {rank}: {v}"
+
+
+@needs_ll_ranks
+@pytest.mark.parametrize("name", ROWS_CASES)
+def test_low_latency_combine_without_partials(name):
+    """EPCOMM_LL_COMBINE_PARTIALS=0: the combine sends one bf16 row per (token, expert) over
+    NVLink and the source adds them in k order."""
+    for rank, r in enumerate(_results("rows")):
         v = r.get(name, "not run (an earlier case crashed)")
         assert v == "ok", f"rank {rank}: {v}"
 

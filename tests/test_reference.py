@@ -615,7 +615,7 @@ def test_ll_dispatch_layout_matches_bruteforce(mode):
     assert sum(int(r.recv_count.sum()) for r in res) == sum(int((a >= 0).sum()) for a in idx)
 
 
-def slow_ll_combine(y, idx, w, handles):
+def slow_ll_combine(y, idx, w, handles, partials=True):
     R = len(y)
     E = handles[0].num_experts
     L = E // R
@@ -624,7 +624,7 @@ def slow_ll_combine(y, idx, w, handles):
         N, H = idx[s].shape[0], y[0].shape[2]
         o = np.zeros((N, H), BF16)
         for t in range(N):
-            acc = np.zeros(H, np.float32)
+            prods, groups = {}, {}
             for k in range(idx[s].shape[1]):
                 e = int(idx[s][t, k])
                 if e < 0:
@@ -632,8 +632,18 @@ def slow_ll_combine(y, idx, w, handles):
                 d, j = e // L, e % L
                 b, c = handles[d].layout_range[j, s]
                 (row,) = [b + i for i in range(c) if handles[d].src_info[j, b + i] == t]
-                prod = (np.float32(w[s][t, k]) * y[d][j, row].astype(np.float32)).astype(np.float32)
-                acc = (acc + prod).astype(np.float32)
+                prods[k] = (np.float32(w[s][t, k]) * y[d][j, row].astype(np.float32)).astype(np.float32)
+                groups.setdefault(d, []).append(k)
+            acc = np.zeros(H, np.float32)
+            for k in sorted(prods):
+                g = groups[int(idx[s][t, k]) // L]
+                if not partials or len(g) == 1:
+                    acc = (acc + prods[k]).astype(np.float32)
+                elif k == g[0]:  # the expert side's partial enters at its lowest k
+                    part = np.zeros(H, np.float32)
+                    for kk in g:
+                        part = (part + prods[kk]).astype(np.float32)
+                    acc = (acc + part).astype(np.float32)
             o[t] = acc.astype(BF16)
         out.append(o)
     return out
@@ -668,10 +678,31 @@ def test_ll_combine_matches_scalar_loop():
     res = ref.low_latency_dispatch(x, idx, T, E, use_fp8=False)
     handles = [r.handle for r in res]
     y = [random_bf16(rng, (L, R * T, H), scale=float(10.0 ** rng.integers(-2, 3))) for _ in range(R)]
-    got = ref.low_latency_combine(y, idx, w, handles)
-    exp = slow_ll_combine(y, idx, w, handles)
-    for s in range(R):
-        assert_bits_equal(got[s], exp[s], f"rank {s}")
+    for partials in (True, False):
+        got = ref.low_latency_combine(y, idx, w, handles, partials=partials)
+        exp = slow_ll_combine(y, idx, w, handles, partials=partials)
+        for s in range(R):
+            assert_bits_equal(got[s], exp[s], f"rank {s} partials={partials}")
+
+
+def test_ll_combine_partials_sum_each_ranks_experts_first():
+    # Experts 0, 1 on rank 0 and 2, 3 on rank 1; the token picks 0, 2, 1 (ranks 0, 1, 0) with
+    # outputs 1, 2**-30, -1.  In k order 1 + 2**-30 rounds to 1 and the result is 0; with the
+    # expert side's partials rank 0 sends 1 + (-1) = 0 (entering at k = 0), then 2**-30 is added.
+    x = [np.ones((1, 8), BF16), np.ones((1, 8), BF16)]
+    idx = [np.array([[0, 2, 1]], np.int64), np.full((1, 3), -1, np.int64)]
+    res = ref.low_latency_dispatch(x, idx, 1, 4, use_fp8=False)
+    hs = [r.handle for r in res]
+    y = [np.zeros((2, 2, 8), np.float32), np.zeros((2, 2, 8), np.float32)]
+    y[0][0, hs[0].layout_range[0, 0, 0]] = 1.0
+    y[0][1, hs[0].layout_range[1, 0, 0]] = -1.0
+    y[1][0, hs[1].layout_range[0, 0, 0]] = 2.0 ** -30
+    y = [a.astype(BF16) for a in y]
+    w = [np.ones((1, 3), np.float32), np.ones((1, 3), np.float32)]
+    with_p = ref.low_latency_combine(y, idx, w, hs)[0]
+    without = ref.low_latency_combine(y, idx, w, hs, partials=False)[0]
+    assert np.all(with_p.astype(np.float32) == 2.0 ** -30)
+    assert np.all(without.astype(np.float32) == 0.0)
 
 
 def test_ll_combine_rounds_product_before_sum():

@@ -98,6 +98,20 @@ def test_expert_index_range_checked_on_host(monkeypatch):
     check_topk_indices(torch.tensor([[0, 8]]), "torch", 8, capturing=True)
 
 
+@pytest.mark.parametrize("fw", ["torch", "numpy", "jax"])
+def test_repeated_experts_rejected_when_unique_is_asked(fw):
+    import numpy as np
+    rows = np.array([[0, 5, -1, -1], [3, 1, 2, 0], [4, 6, 4, -1], [7, 2, 7, 7]])
+    arr = {"torch": torch.from_numpy, "numpy": lambda a: a}.get(fw)
+    if arr is None:
+        jnp = pytest.importorskip("jax.numpy")
+        arr = jnp.asarray
+    check_topk_indices(arr(rows[:2]), fw, 8, unique=True)  # repeated -1 is fine
+    check_topk_indices(arr(rows), fw, 8)                    # not asked: range only
+    with pytest.raises(ValueError, match="topk_idx row 2 lists the same expert twice"):
+        check_topk_indices(arr(rows), fw, 8, unique=True)
+
+
 def test_buffer_size_hints_cover_the_worst_case():
     need = Buffer.get_nvl_buffer_size_hint(7168, 2, 4096, 8)
     lay = K_intra.BufferLayout.for_bytes(2, need)

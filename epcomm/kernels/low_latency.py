@@ -29,14 +29,18 @@ class LLParams(ParamsStruct):
         ("disp_flag_off", _u64), ("comb_flag_off", _u64), ("disp_ack_off", _u64), ("comb_ack_off", _u64),
         ("disp_shape_off", _u64),
         ("disp_region_off", _u64), ("comb_region_off", _u64), ("disp_send_off", _u64), ("comb_send_off", _u64),
+        ("comb_wflag_off", _u64), ("comb_w_off", _u64),
         ("x", _u64), ("topk_idx", _u64), ("topk_weights", _u64),
         ("recv_x", _u64), ("recv_scales", _u64), ("recv_count", _u64), ("recv_src_info", _u64),
-        ("recv_layout_range", _u64), ("recv_src_k", _u64), ("cumulative_stats", _u64),
-        ("h_count", _u64), ("h_range", _u64), ("h_src_info", _u64), ("h_src_k", _u64), ("out", _u64),
+        ("recv_layout_range", _u64), ("recv_src_k", _u64), ("recv_tok_rows", _u64), ("recv_tok_meta", _u64),
+        ("cumulative_stats", _u64),
+        ("h_count", _u64), ("h_range", _u64), ("h_src_info", _u64), ("h_src_k", _u64),
+        ("h_tok_rows", _u64), ("h_tok_meta", _u64), ("out", _u64),
         ("timeout_ns", _u64), ("shape_word", _u64),
         ("rank", _i32), ("num_ranks", _i32), ("num_tokens", _i32), ("num_topk", _i32), ("num_experts", _i32),
         ("max_tokens", _i32), ("slot", _i32), ("msg_bytes", _i32), ("hdr_bytes", _i32), ("round_scale", _i32),
         ("use_ue8m0", _i32), ("zero_copy", _i32), ("force_put", _i32), ("any_put", _i32), ("check_shape", _i32),
+        ("h_slot", _i32), ("partials", _i32),
     ]
 
 
@@ -88,6 +92,13 @@ def dispatch_smem_bytes(num_ranks: int, max_tokens: int) -> int:
     return _align(4 * groups + 4 * slots + slots, 16)
 
 
+def combine_smem_bytes(num_ranks: int, max_tokens: int) -> int:
+    """Dynamic shared memory of the combine send (layout in ll_combine_send): per 32-token group
+    of each source a mask and a prefix (8 bytes), per source token a list entry (4 bytes)."""
+    groups = num_ranks * ((max_tokens + 31) // 32)
+    return _align(8 * groups + 4 * num_ranks * max_tokens, 16)
+
+
 def msg_bytes(hidden: int) -> int:
     """Message stride: header plus the largest payload (BF16) for ``hidden`` channels."""
     bf16 = hidden * 2
@@ -104,7 +115,9 @@ class HeapLayout:
     disp_ack_off: int
     comb_ack_off: int
     disp_shape_off: int
+    comb_wflag_off: int
     disp_region_off: int
+    comb_w_off: int
     comb_region_off: int
     disp_send_off: int
     comb_send_off: int
@@ -117,26 +130,31 @@ class HeapLayout:
         ctrl = 2 * R * 8
         # Flags, acknowledgements and shape words first: their offsets do not depend on T, H
         # or E, so ranks that disagree on those still meet there (and detect it).
-        df, cf, da, ca, sh = 0, ctrl, 2 * ctrl, 3 * ctrl, 4 * ctrl
+        df, cf, da, ca, sh, wf = 0, ctrl, 2 * ctrl, 3 * ctrl, 4 * ctrl, 5 * ctrl
         m = msg_bytes(H)
-        dr = _align(5 * ctrl, 4096)
-        cr = _align(dr + 2 * R * T * m, 4096)
+        dr = _align(6 * ctrl, 4096)
+        cw = _align(dr + 2 * R * T * m, 4096)    # combine weights of each source: f32 [2][R][T][K]
+        cr = _align(cw + 2 * R * T * K * 4, 4096)
         ds = _align(cr + 2 * T * K * H * 2, 4096)
         cs = _align(ds + 2 * T * m, 4096)
         total = _align(cs + 2 * E * T * H * 2, 4096)
-        return cls(df, cf, da, ca, sh, dr, cr, ds, cs, total, m)
+        return cls(df, cf, da, ca, sh, wf, dr, cw, cr, ds, cs, total, m)
 
 
 # Shape word of a dispatch (LLParams.shape_word): every field a receiver needs to read a
 # source's messages, packed exactly so the host can name the fields that differ.
+# The last two are the buffers' transport settings, which decide how combine rows travel.
 _SHAPE_FIELDS = (("num_max_dispatch_tokens_per_rank", 20), ("hidden/128", 10), ("num_experts", 15),
-                 ("num_topk", 6), ("use_fp8", 1), ("round_scale", 1), ("use_ue8m0", 1))
+                 ("num_topk", 6), ("use_fp8", 1), ("round_scale", 1), ("use_ue8m0", 1),
+                 ("EPCOMM_LL_FORCE_NVSHMEM_PUT", 1), ("EPCOMM_LL_COMBINE_PARTIALS", 1))
 
 
 @functools.lru_cache(maxsize=256)  # every full-path dispatch (the hook path included) asks
-def shape_word(T: int, H: int, E: int, K: int, fp8: bool, round_scale: bool, ue8m0: bool) -> int:
-    """Pack a dispatch's shape (T < 2**20, H % 128 == 0 and H < 2**17, E < 2**15, K < 64)."""
-    vals = (T, H // 128, E, K, int(fp8), int(round_scale), int(ue8m0))
+def shape_word(T: int, H: int, E: int, K: int, fp8: bool, round_scale: bool, ue8m0: bool,
+               force_put: bool = False, partials: bool = True) -> int:
+    """Pack a dispatch's shape (T < 2**20, H % 128 == 0 and H < 2**17, E < 2**15, K < 64) and
+    the buffer's transport settings."""
+    vals = (T, H // 128, E, K, int(fp8), int(round_scale), int(ue8m0), int(force_put), int(partials))
     w, shift = 0, 0
     for (name, bits), v in zip(_SHAPE_FIELDS, vals):
         if not 0 <= v < (1 << bits):
