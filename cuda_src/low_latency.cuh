@@ -38,14 +38,13 @@ struct LLCtrl {
   int disp_recv_done[2];
   int comb_send_done[2];
   int comb_recv_done[2];
-  int dest_count[2][kLLMaxRanks];
   int failed;  // a receive gave up or found another shape: later kernels do nothing
   int pad;
 };
 
-// Low bits of a dispatch flag: the token count (< 2**20, epcomm.kernels.low_latency.shape_word),
-// and this bit: the source asks every receiver to compare shape words (its first dispatch of
-// this shape in this slot), so a rank that changes shape alone is caught by its peers too.
+// Low bits of a dispatch flag: this bit, set when the source asks every receiver to compare
+// shape words (its first dispatch of this shape in this slot), so a rank that changes shape
+// alone is caught by its peers too.  (Receivers find messages by their tags, not by a count.)
 constexpr u64 kShapeCheckBit = 1ull << 23;
 
 struct LLParams {
@@ -53,7 +52,7 @@ struct LLParams {
   u8* heap;                    // this rank's heap (symmetric address: valid as a put target too)
   LLCtrl* ctrl;
   ErrorRecord* err;
-  u64 disp_flag_off;           // u64 [2][R]: (tag << 24) | kShapeCheckBit? | tokens sent to us, from each source
+  u64 disp_flag_off;           // u64 [2][R]: (tag << 24) | kShapeCheckBit?, from each source
   u64 comb_flag_off;           // u64 [2][R]: tag, from each expert-side rank
   u64 disp_ack_off;            // u64 [2][R]: tag up to which each destination consumed our tokens
   u64 comb_ack_off;            // u64 [2][R]
@@ -102,7 +101,19 @@ struct LLParams {
   int check_shape;             // dispatch receive: compare every source's shape word with ours
   int h_slot;                  // combine: the dispatch slot of the handle
   int partials;                // combine: reduce a token's rows on the expert side (see ll_combine_send)
+  u64* prof;                   // EPCOMM_PROFILE: per-block phase stamps, or null
 };
+
+// Profiling (EPCOMM_PROFILE=1): thread 0 of block b stamps (globaltimer ns) the end of phase i
+// of kernel k (0 dispatch, 1 combine) at prof[(k * kLLProfBlocks + b) * kLLProfSlots + i], when
+// the block gets there (after a __syncthreads, so for the whole block).  Phases: see
+// epcomm.kernels.low_latency.PROF_PHASES.  Costs one predictable branch per phase otherwise.
+constexpr int kLLProfBlocks = 512;
+constexpr int kLLProfSlots = 8;
+EPCOMM_DEVICE void ll_stamp(const LLParams& p, int kernel, int phase) {
+  if (p.prof != nullptr && threadIdx.x == 0 && blockIdx.x < kLLProfBlocks)
+    p.prof[(static_cast<u64>(kernel) * kLLProfBlocks + blockIdx.x) * kLLProfSlots + phase] = globaltimer_ns();
+}
 
 template <int kHidden, bool kFp8>
 struct LLMsg {
@@ -204,9 +215,7 @@ EPCOMM_DEVICE void ll_dispatch_send(const LLParams& p, u64 tag, u64 deadline) {
   const int R = p.num_ranks, K = p.num_topk, N = p.num_tokens, T = p.max_tokens;
   const int L = p.num_experts / R;
   const int lane = lane_id(), warp = warp_id();
-  __shared__ int s_cnt[kLLMaxRanks];
   __shared__ int s_ok;
-  for (int r = threadIdx.x; r < R; r += blockDim.x) s_cnt[r] = 0;
   if (threadIdx.x == 0) s_ok = 1;
   __syncthreads();
   // The destinations must have consumed this slot's previous tokens from us.
@@ -215,6 +224,7 @@ EPCOMM_DEVICE void ll_dispatch_send(const LLParams& p, u64 tag, u64 deadline) {
     if (!wait_geq_u64(ack, tag - 1, p.err, deadline, p.rank, kPhaseLLDispatchSendAck, p.slot, d)) s_ok = 0;
   }
   __syncthreads();
+  ll_stamp(p, 0, 1);
   const bool ok = s_ok != 0;
   const u64 region = p.disp_region_off + (static_cast<u64>(p.slot) * R + p.rank) * T * p.msg_bytes;
   // Token t is sent by all warps of block t % grid, each taking every kLLWarps-th 32-word step
@@ -311,29 +321,28 @@ EPCOMM_DEVICE void ll_dispatch_send(const LLParams& p, u64 tag, u64 deadline) {
         }
       }
     }
-    // Puts from the staging copy (written by every warp), then the count.
-    if (any_put) __syncthreads();  // block-uniform: every warp computed the same destinations
-    if (warp == 0) {
-      for (unsigned m = dests; m; m &= m - 1) {
-        const int d = __shfl_sync(0xffffffffu, r, __ffs(m) - 1);
-        if (use_put(p, d)) {
-          __syncwarp();
-          nvshmemx_putmem_nbi_warp(p.heap + msg_off, staging, p.msg_bytes, d);
+    // Puts from the staging copy (written by every warp).
+    if (any_put) {  // block-uniform: every warp computed the same destinations
+      __syncthreads();
+      if (warp == 0) {
+        for (unsigned m = dests; m; m &= m - 1) {
+          const int d = __shfl_sync(0xffffffffu, r, __ffs(m) - 1);
+          if (use_put(p, d)) {
+            __syncwarp();
+            nvshmemx_putmem_nbi_warp(p.heap + msg_off, staging, p.msg_bytes, d);
+          }
         }
-        if (lane == 0) atomicAdd(&s_cnt[d], 1);
       }
     }
   }
-  // Every message's bytes must be delivered before its destination sees the count.
+  // Every message's bytes must be delivered before its destination sees the flag.
   if (p.any_put) nvshmem_quiet();
   __syncthreads();
-  for (int d = threadIdx.x; d < R; d += blockDim.x)
-    if (s_cnt[d]) atomicAdd(&p.ctrl->dest_count[p.slot][d], s_cnt[d]);
+  ll_stamp(p, 0, 2);
   if (last_block(&p.ctrl->disp_send_done[p.slot])) {
     const u64 shape_at = p.disp_shape_off + (static_cast<u64>(p.slot) * R + p.rank) * 8;
     const u64 req = p.check_shape ? kShapeCheckBit : 0;
     for (int d = threadIdx.x; d < R; d += blockDim.x) {
-      const int c = atomicExch(&p.ctrl->dest_count[p.slot][d], 0);
       // Our shape word, then the flag, by the same thread: visible to whoever sees the flag.
       if (use_put(p, d)) {
         nvshmem_uint64_p(reinterpret_cast<u64*>(p.heap + shape_at), p.shape_word, d);
@@ -341,10 +350,10 @@ EPCOMM_DEVICE void ll_dispatch_send(const LLParams& p, u64 tag, u64 deadline) {
       } else {
         *reinterpret_cast<u64*>(remote(p, d, shape_at)) = p.shape_word;
       }
-      ll_signal(p, d, p.disp_flag_off + (static_cast<u64>(p.slot) * R + p.rank) * 8,
-                (tag << 24) | req | static_cast<u64>(c));
+      ll_signal(p, d, p.disp_flag_off + (static_cast<u64>(p.slot) * R + p.rank) * 8, (tag << 24) | req);
     }
   }
+  ll_stamp(p, 0, 3);
 }
 
 // Component c (compile-time after unrolling) of a 16-byte word.
@@ -404,6 +413,7 @@ EPCOMM_DEVICE void ll_dispatch_recv(const LLParams& p, u64 tag, u64 deadline) {
     if (threadIdx.x == 0) p.ctrl->failed = 1;
     return;
   }
+  ll_stamp(p, 0, 4);
   const u8* region = p.heap + p.disp_region_off + static_cast<u64>(p.slot) * R * T * p.msg_bytes;
   for (int j = blockIdx.x; j < L; j += gridDim.x) {
     const int my_e = p.rank * L + j;
@@ -425,6 +435,7 @@ EPCOMM_DEVICE void ll_dispatch_recv(const LLParams& p, u64 tag, u64 deadline) {
       if (lane == 0) s_base[item] = __popc(b);
     }
     __syncthreads();
+    ll_stamp(p, 0, 5);
     if (threadIdx.x == 0) {
       int acc = 0;
       for (int s = 0; s < R; ++s) {
@@ -462,6 +473,7 @@ EPCOMM_DEVICE void ll_dispatch_recv(const LLParams& p, u64 tag, u64 deadline) {
       }
     }
     __syncthreads();
+    ll_stamp(p, 0, 6);
     const int nrows = s_total;
     for (int row = warp; row < nrows; row += kLLWarps) {
       const u32 code = s_rows[row];
@@ -490,6 +502,7 @@ EPCOMM_DEVICE void ll_dispatch_recv(const LLParams& p, u64 tag, u64 deadline) {
       ll_signal(p, s, p.disp_ack_off + (static_cast<u64>(p.slot) * R + p.rank) * 8, tag);
     if (threadIdx.x == 0) p.ctrl->disp_seq[p.slot] = tag;
   }
+  ll_stamp(p, 0, 7);
 }
 
 template <int kHidden, bool kFp8, int kPhases>
@@ -502,6 +515,7 @@ __global__ void __launch_bounds__(kLLThreads) ll_dispatch(const __grid_constant_
   }
   __syncthreads();
   if (s_failed) return;
+  ll_stamp(p, 0, 0);
   const u64 tag = s_tag;
   const u64 deadline = globaltimer_ns() + p.timeout_ns;
   if (kPhases & 1) ll_dispatch_send<kHidden, kFp8>(p, tag, deadline);
@@ -529,6 +543,10 @@ __global__ void __launch_bounds__(kLLThreads) ll_dispatch(const __grid_constant_
 EPCOMM_DEVICE bool ll_partial(const LLParams& p, int peer, int c) {
   return p.partials && c >= 2 && !use_put(p, peer);
 }
+
+// 16-byte words per lane in a combine work item (both halves): 2 = 512 channels, so a decode
+// batch has about as many items as the GPU has warps (fewer rounds of memory latency).
+constexpr int kLLCombW = 2;
 
 EPCOMM_DEVICE V4 f32x4_as_v4(float a, float b, float c, float d) {
   return V4{__float_as_int(a), __float_as_int(b), __float_as_int(c), __float_as_int(d)};
@@ -564,9 +582,9 @@ EPCOMM_DEVICE void ll_combine_send(const LLParams& p, u64 tag, u64 deadline) {
   const i64 nrows = static_cast<i64>(L) * R * T;
   constexpr int kRow = kHidden * 2;
   constexpr int kN16 = kRow / 16;            // 16-byte words of a bf16 row
-  constexpr int kChunks = (kN16 + 31) / 32;  // a work item: 256 channels of one source token
+  constexpr int kChunks = (kN16 + 32 * kLLCombW - 1) / (32 * kLLCombW);  // items per source token
   constexpr int kHalf = kHidden / 2;         // channels of a partial in each of its two slots
-  constexpr int kBatch = 8;                  // rows loaded at once
+  constexpr int kBatch = 4;                  // rows loaded at once (x kLLCombW words per lane)
   const int lane = lane_id(), warp = warp_id();
   const int NG = (T + 31) / 32;
   // Dynamic shared memory (epcomm.kernels.low_latency.combine_smem_bytes): per 32-token group
@@ -588,6 +606,7 @@ EPCOMM_DEVICE void ll_combine_send(const LLParams& p, u64 tag, u64 deadline) {
     if (!wait_geq_u64(ack, tag - 1, p.err, deadline, p.rank, kPhaseLLCombineSendAck, p.slot, s)) s_ok = 0;
   }
   __syncthreads();
+  ll_stamp(p, 1, 1);
   if (p.partials && blockIdx.x == 0 && s_ok) {
     // Our weights to every NVLink peer, before this block waits for anything.
     const u64 w_off = p.comb_w_off + (static_cast<u64>(p.slot) * R + p.rank) * T * K * 4;
@@ -640,6 +659,7 @@ EPCOMM_DEVICE void ll_combine_send(const LLParams& p, u64 tag, u64 deadline) {
     }
   }
   __syncthreads();
+  ll_stamp(p, 1, 2);
   const int items = s_total * kChunks;
   const float* wbase = reinterpret_cast<const float*>(p.heap + p.comb_w_off) + static_cast<i64>(p.slot) * R * T * K;
   const V4* xv = reinterpret_cast<const V4*>(p.x);
@@ -659,8 +679,7 @@ EPCOMM_DEVICE void ll_combine_send(const LLParams& p, u64 tag, u64 deadline) {
       // input, unchecked on the device) leaves a stale entry, which may only garble that token.
       rowk = (r >= 0 && r < nrows) ? r : -1;
     }
-    const int idx = (i % kChunks) * 32 + lane;
-    const bool in = idx < kN16;
+    const int idx0 = (i % kChunks) * 32 * kLLCombW + lane;  // word w of the lane: idx0 + 32 w
     const u64 tok_off = p.comb_region_off + (static_cast<u64>(p.slot) * T + t) * K * kRow;  // slot (t, 0)
     if (ll_partial(p, s, __popc(mask))) {
       float wk = 0.0f;
@@ -680,11 +699,13 @@ EPCOMM_DEVICE void ll_combine_send(const LLParams& p, u64 tag, u64 deadline) {
         }
         if (lane < K) wk = __ldcg(wbase + (static_cast<i64>(s) * T + t) * K + lane);
       }
-      float acc[8];
+      float acc[kLLCombW][8];
 #pragma unroll
-      for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
-      for (u32 rem = mask; rem;) {  // the rows in k order, kBatch loads in flight
-        V4 v[kBatch];
+      for (int w = 0; w < kLLCombW; ++w)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[w][e] = 0.0f;
+      for (u32 rem = mask; rem;) {  // the rows in k order, kBatch x kLLCombW loads in flight
+        V4 v[kBatch][kLLCombW];
         float wq[kBatch];
         bool use[kBatch];
 #pragma unroll
@@ -695,34 +716,46 @@ EPCOMM_DEVICE void ll_combine_send(const LLParams& p, u64 tag, u64 deadline) {
           const int row = __shfl_sync(0xffffffffu, rowk, k);
           wq[u] = __shfl_sync(0xffffffffu, wk, k);
           use[u] = use[u] && row >= 0;
-          v[u] = V4{0, 0, 0, 0};
-          if (use[u] && in) v[u] = ld_nc_v4(xv + static_cast<i64>(row) * kN16 + idx);
+#pragma unroll
+          for (int w = 0; w < kLLCombW; ++w) {
+            const int idx = idx0 + 32 * w;
+            v[u][w] = V4{0, 0, 0, 0};
+            if (use[u] && idx < kN16) v[u][w] = ld_nc_v4(xv + static_cast<i64>(row) * kN16 + idx);
+          }
         }
 #pragma unroll
         for (int u = 0; u < kBatch; ++u) {
           if (!use[u]) continue;
-          const u32 ww[4] = {static_cast<u32>(v[u].x), static_cast<u32>(v[u].y), static_cast<u32>(v[u].z),
-                             static_cast<u32>(v[u].w)};
 #pragma unroll
-          for (int r = 0; r < 4; ++r) {
-            acc[2 * r] = __fadd_rn(acc[2 * r], __fmul_rn(wq[u], bf16_to_f32(static_cast<u16>(ww[r] & 0xFFFFu))));
-            acc[2 * r + 1] = __fadd_rn(acc[2 * r + 1], __fmul_rn(wq[u], bf16_to_f32(static_cast<u16>(ww[r] >> 16))));
+          for (int w = 0; w < kLLCombW; ++w) {
+            const u32 ww[4] = {static_cast<u32>(v[u][w].x), static_cast<u32>(v[u][w].y),
+                               static_cast<u32>(v[u][w].z), static_cast<u32>(v[u][w].w)};
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+              acc[w][2 * r] =
+                  __fadd_rn(acc[w][2 * r], __fmul_rn(wq[u], bf16_to_f32(static_cast<u16>(ww[r] & 0xFFFFu))));
+              acc[w][2 * r + 1] =
+                  __fadd_rn(acc[w][2 * r + 1], __fmul_rn(wq[u], bf16_to_f32(static_cast<u16>(ww[r] >> 16))));
+            }
           }
         }
       }
-      if (in) {
-        const int k1 = __ffs(mask) - 1, k2 = __ffs(mask & (mask - 1)) - 1;
+      const int k1 = __ffs(mask) - 1, k2 = __ffs(mask & (mask - 1)) - 1;
+#pragma unroll
+      for (int w = 0; w < kLLCombW; ++w) {
+        const int idx = idx0 + 32 * w;
+        if (idx >= kN16) continue;
         const int ch = idx * 8;
         const int kd = ch < kHalf ? k1 : k2;
         V4* dst = reinterpret_cast<V4*>(remote(p, s, tok_off + static_cast<u64>(kd) * kRow) +
                                         static_cast<u64>(ch < kHalf ? ch : ch - kHalf) * 4);
-        st_na_v4(dst, f32x4_as_v4(acc[0], acc[1], acc[2], acc[3]));
-        st_na_v4(dst + 1, f32x4_as_v4(acc[4], acc[5], acc[6], acc[7]));
+        st_na_v4(dst, f32x4_as_v4(acc[w][0], acc[w][1], acc[w][2], acc[w][3]));
+        st_na_v4(dst + 1, f32x4_as_v4(acc[w][4], acc[w][5], acc[w][6], acc[w][7]));
       }
     } else if (!use_put(p, s)) {
-      // One bf16 row per k: this item's 256 channels of each, kBatch loads in flight.
+      // One bf16 row per k: this item's channels of each, kBatch x kLLCombW loads in flight.
       for (u32 rem = mask; rem;) {
-        V4 v[kBatch];
+        V4 v[kBatch][kLLCombW];
         int kq[kBatch];
         bool use[kBatch];
 #pragma unroll
@@ -732,23 +765,33 @@ EPCOMM_DEVICE void ll_combine_send(const LLParams& p, u64 tag, u64 deadline) {
           rem &= rem - 1;
           const int row = __shfl_sync(0xffffffffu, rowk, kq[u]);
           use[u] = use[u] && row >= 0;
-          v[u] = V4{0, 0, 0, 0};
-          if (use[u] && in) v[u] = ld_nc_v4(xv + static_cast<i64>(row) * kN16 + idx);
+#pragma unroll
+          for (int w = 0; w < kLLCombW; ++w) {
+            const int idx = idx0 + 32 * w;
+            v[u][w] = V4{0, 0, 0, 0};
+            if (use[u] && idx < kN16) v[u][w] = ld_nc_v4(xv + static_cast<i64>(row) * kN16 + idx);
+          }
         }
 #pragma unroll
-        for (int u = 0; u < kBatch; ++u)
-          if (use[u] && in)
-            st_na_v4(reinterpret_cast<V4*>(remote(p, s, tok_off + static_cast<u64>(kq[u]) * kRow)) + idx, v[u]);
+        for (int u = 0; u < kBatch; ++u) {
+          if (!use[u]) continue;
+          V4* dst = reinterpret_cast<V4*>(remote(p, s, tok_off + static_cast<u64>(kq[u]) * kRow));
+#pragma unroll
+          for (int w = 0; w < kLLCombW; ++w)
+            if (idx0 + 32 * w < kN16) st_na_v4(dst + idx0 + 32 * w, v[u][w]);
+        }
       }
     } else if (i % kChunks == 0) {
       ll_combine_put_rows<kHidden>(p, s, mask, rowk, tok_off);
     }
   }
   if (p.any_put) nvshmem_quiet();
+  if (threadIdx.x == 0) ll_stamp(p, 1, 3);  // thread 0's warp done (others may still be busy)
   if (last_block(&p.ctrl->comb_send_done[p.slot])) {
     for (int s = threadIdx.x; s < R; s += blockDim.x)
       ll_signal(p, s, p.comb_flag_off + (static_cast<u64>(p.slot) * R + p.rank) * 8, tag);
   }
+  ll_stamp(p, 1, 4);
 }
 
 template <int kHidden>
@@ -763,14 +806,15 @@ EPCOMM_DEVICE void ll_combine_recv(const LLParams& p, u64 tag, u64 deadline) {
     if (threadIdx.x == 0) p.ctrl->failed = 1;
     return;
   }
+  ll_stamp(p, 1, 5);
   const u8* region = p.heap + p.comb_region_off + static_cast<u64>(p.slot) * T * K * kRow;
-  // Work items are (token, 256-channel chunk); each lane loads its word of up to 8 experts'
-  // rows (or partials) at once, then adds them in k order, a partial at its lowest k.
-  constexpr int kChunks = (kN16 + 31) / 32;
+  // Work items are (token, 512 channels); each lane loads its words of up to kRB arriving rows
+  // (or partials) at once, then adds them in k order, a partial at its lowest k.
+  constexpr int kChunks = (kN16 + 32 * kLLCombW - 1) / (32 * kLLCombW);
+  constexpr int kRB = 4;
   for (int item = blockIdx.x * kLLWarps + warp; item < N * kChunks; item += gridDim.x * kLLWarps) {
     const int t = item / kChunks;
-    const int idx = (item % kChunks) * 32 + lane;
-    const bool valid = idx < kN16;
+    const int idx0 = (item % kChunks) * 32 * kLLCombW + lane;
     int rk = -1 - lane;  // expert-side rank of lane k's expert; unique if none
     float w_l = 0.0f;
     bool has = false;
@@ -792,69 +836,88 @@ EPCOMM_DEVICE void ll_combine_recv(const LLParams& p, u64 tag, u64 deadline) {
         how_l = 1;
       }
     }
-    float acc[8];
+    float acc[kLLCombW][8];
 #pragma unroll
-    for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
+    for (int w = 0; w < kLLCombW; ++w)
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[w][e] = 0.0f;
     const u8* tok = region + static_cast<u64>(t) * K * kRow;
-    const int ch = idx * 8;
-    for (int k0 = 0; k0 < K; k0 += 8) {
-      V4 a[8], b[8];
-      int how[8];
-      float wk[8];
+    for (u32 rem = __ballot_sync(0xffffffffu, how_l == 1 || how_l == 2); rem;) {  // k ascending
+      V4 a[kRB][kLLCombW], b[kRB][kLLCombW];
+      int how[kRB];
+      float wk[kRB];
 #pragma unroll
-      for (int q = 0; q < 8; ++q) {
-        const int k = k0 + q;
-        how[q] = __shfl_sync(0xffffffffu, how_l, k & 31);
-        if (k >= K) how[q] = 0;
-        wk[q] = __shfl_sync(0xffffffffu, w_l, k & 31);
-        const int k2 = __shfl_sync(0xffffffffu, k2_l, k & 31);
-        a[q] = V4{0, 0, 0, 0};
-        b[q] = V4{0, 0, 0, 0};
-        if (valid && how[q] == 1) {
-          a[q] = ld_cg_v4(reinterpret_cast<const V4*>(tok + static_cast<u64>(k) * kRow) + idx);
-        } else if (valid && how[q] == 2) {
-          const V4* src = reinterpret_cast<const V4*>(tok + static_cast<u64>(ch < kHalf ? k : k2) * kRow +
-                                                      static_cast<u64>(ch < kHalf ? ch : ch - kHalf) * 4);
-          a[q] = ld_cg_v4(src);
-          b[q] = ld_cg_v4(src + 1);
+      for (int q = 0; q < kRB; ++q) {
+        const int k = rem ? __ffs(rem) - 1 : 0;
+        const bool any = rem != 0;
+        rem &= rem - 1;
+        how[q] = __shfl_sync(0xffffffffu, how_l, k);
+        if (!any) how[q] = 0;
+        wk[q] = __shfl_sync(0xffffffffu, w_l, k);
+        const int k2 = __shfl_sync(0xffffffffu, k2_l, k);
+#pragma unroll
+        for (int w = 0; w < kLLCombW; ++w) {
+          const int idx = idx0 + 32 * w;
+          a[q][w] = V4{0, 0, 0, 0};
+          b[q][w] = V4{0, 0, 0, 0};
+          if (idx >= kN16) continue;
+          if (how[q] == 1) {
+            a[q][w] = ld_cg_v4(reinterpret_cast<const V4*>(tok + static_cast<u64>(k) * kRow) + idx);
+          } else if (how[q] == 2) {
+            const int ch = idx * 8;
+            const V4* src = reinterpret_cast<const V4*>(tok + static_cast<u64>(ch < kHalf ? k : k2) * kRow +
+                                                        static_cast<u64>(ch < kHalf ? ch : ch - kHalf) * 4);
+            a[q][w] = ld_cg_v4(src);
+            b[q][w] = ld_cg_v4(src + 1);
+          }
         }
       }
 #pragma unroll
-      for (int q = 0; q < 8; ++q) {
-        if (how[q] == 1) {
-          const u32 ww[4] = {static_cast<u32>(a[q].x), static_cast<u32>(a[q].y), static_cast<u32>(a[q].z),
-                             static_cast<u32>(a[q].w)};
+      for (int q = 0; q < kRB; ++q) {
 #pragma unroll
-          for (int r = 0; r < 4; ++r) {
-            acc[2 * r] = __fadd_rn(acc[2 * r], __fmul_rn(wk[q], bf16_to_f32(static_cast<u16>(ww[r] & 0xFFFFu))));
-            acc[2 * r + 1] = __fadd_rn(acc[2 * r + 1], __fmul_rn(wk[q], bf16_to_f32(static_cast<u16>(ww[r] >> 16))));
+        for (int w = 0; w < kLLCombW; ++w) {
+          if (how[q] == 1) {
+            const u32 ww[4] = {static_cast<u32>(a[q][w].x), static_cast<u32>(a[q][w].y),
+                               static_cast<u32>(a[q][w].z), static_cast<u32>(a[q][w].w)};
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+              acc[w][2 * r] =
+                  __fadd_rn(acc[w][2 * r], __fmul_rn(wk[q], bf16_to_f32(static_cast<u16>(ww[r] & 0xFFFFu))));
+              acc[w][2 * r + 1] =
+                  __fadd_rn(acc[w][2 * r + 1], __fmul_rn(wk[q], bf16_to_f32(static_cast<u16>(ww[r] >> 16))));
+            }
+          } else if (how[q] == 2) {
+            acc[w][0] = __fadd_rn(acc[w][0], __int_as_float(a[q][w].x));
+            acc[w][1] = __fadd_rn(acc[w][1], __int_as_float(a[q][w].y));
+            acc[w][2] = __fadd_rn(acc[w][2], __int_as_float(a[q][w].z));
+            acc[w][3] = __fadd_rn(acc[w][3], __int_as_float(a[q][w].w));
+            acc[w][4] = __fadd_rn(acc[w][4], __int_as_float(b[q][w].x));
+            acc[w][5] = __fadd_rn(acc[w][5], __int_as_float(b[q][w].y));
+            acc[w][6] = __fadd_rn(acc[w][6], __int_as_float(b[q][w].z));
+            acc[w][7] = __fadd_rn(acc[w][7], __int_as_float(b[q][w].w));
           }
-        } else if (how[q] == 2) {
-          acc[0] = __fadd_rn(acc[0], __int_as_float(a[q].x));
-          acc[1] = __fadd_rn(acc[1], __int_as_float(a[q].y));
-          acc[2] = __fadd_rn(acc[2], __int_as_float(a[q].z));
-          acc[3] = __fadd_rn(acc[3], __int_as_float(a[q].w));
-          acc[4] = __fadd_rn(acc[4], __int_as_float(b[q].x));
-          acc[5] = __fadd_rn(acc[5], __int_as_float(b[q].y));
-          acc[6] = __fadd_rn(acc[6], __int_as_float(b[q].z));
-          acc[7] = __fadd_rn(acc[7], __int_as_float(b[q].w));
         }
       }
     }
-    if (valid) {
+#pragma unroll
+    for (int w = 0; w < kLLCombW; ++w) {
+      const int idx = idx0 + 32 * w;
+      if (idx >= kN16) continue;
       V4 o;
-      o.x = static_cast<int>(f32_to_bf16(acc[0]) | (static_cast<u32>(f32_to_bf16(acc[1])) << 16));
-      o.y = static_cast<int>(f32_to_bf16(acc[2]) | (static_cast<u32>(f32_to_bf16(acc[3])) << 16));
-      o.z = static_cast<int>(f32_to_bf16(acc[4]) | (static_cast<u32>(f32_to_bf16(acc[5])) << 16));
-      o.w = static_cast<int>(f32_to_bf16(acc[6]) | (static_cast<u32>(f32_to_bf16(acc[7])) << 16));
+      o.x = static_cast<int>(f32_to_bf16(acc[w][0]) | (static_cast<u32>(f32_to_bf16(acc[w][1])) << 16));
+      o.y = static_cast<int>(f32_to_bf16(acc[w][2]) | (static_cast<u32>(f32_to_bf16(acc[w][3])) << 16));
+      o.z = static_cast<int>(f32_to_bf16(acc[w][4]) | (static_cast<u32>(f32_to_bf16(acc[w][5])) << 16));
+      o.w = static_cast<int>(f32_to_bf16(acc[w][6]) | (static_cast<u32>(f32_to_bf16(acc[w][7])) << 16));
       st_na_v4(reinterpret_cast<V4*>(p.out + static_cast<i64>(t) * kHidden) + idx, o);
     }
   }
+  if (threadIdx.x == 0) ll_stamp(p, 1, 6);  // thread 0's warp done
   if (last_block(&p.ctrl->comb_recv_done[p.slot])) {
     for (int d = threadIdx.x; d < R; d += blockDim.x)
       ll_signal(p, d, p.comb_ack_off + (static_cast<u64>(p.slot) * R + p.rank) * 8, tag);
     if (threadIdx.x == 0) p.ctrl->comb_seq[p.slot] = tag;
   }
+  ll_stamp(p, 1, 7);
 }
 
 template <int kHidden, int kPhases>
@@ -869,6 +932,7 @@ __global__ void __launch_bounds__(kLLThreads) ll_combine(const __grid_constant__
   }
   __syncthreads();
   if (s_failed) return;
+  ll_stamp(p, 1, 0);
   const u64 tag = s_tag;
   const u64 deadline = globaltimer_ns() + p.timeout_ns;
   if (kPhases & 1) ll_combine_send<kHidden>(p, tag, deadline);

@@ -152,8 +152,9 @@ TEST_RANKS = _knob("EPCOMM_TEST_RANKS", 0, _parse_int,
                    "Normal-mode GPU tests: ranks to spawn (0: one per GPU, or 2 on a one-GPU machine "
                    "with EPCOMM_SHARE_GPU=1). More ranks than GPUs needs EPCOMM_SHARE_GPU=1.", "0")
 PROFILE = _knob("EPCOMM_PROFILE", False, _parse_bool,
-                "Normal-mode kernels stamp each block's start and end (globaltimer) for "
-                "Buffer.profile_stamps() and benchmarks/profile_normal.py; costs a few stores.")
+                "Kernels stamp each block's phases (globaltimer): normal mode for "
+                "Buffer.profile_stamps() and benchmarks/profile_normal.py, low-latency mode for "
+                "benchmarks/profile_low_latency.py; costs a few stores.")
 
 
 def table_markdown() -> str:

@@ -144,6 +144,14 @@ class LowLatencyState:
         t.force_put = int(self.force_put)
         t.any_put = int(self.force_put or any(p == 0 for p in self.peers))
         t.partials = int(self.partials)
+        self.prof = 0
+        if envs.PROFILE.get():
+            self.prof_bytes = 2 * K.PROF_BLOCKS * K.PROF_SLOTS * 8
+            with _cuda.on_device(self.device_id):
+                self.prof = _cuda.mem_alloc(self.prof_bytes)
+                _cuda.memset_d8_async(self.prof, 0, self.prof_bytes, buf._stream)
+                _cuda.stream_sync(buf._stream)
+            t.prof = self.prof
         self.template = t
         self.num_sms = _cuda.num_sms(self.device_id)
         self._disp_slot = 0
@@ -164,6 +172,23 @@ class LowLatencyState:
         self._no_event = EventOverlap(None, "torch", self.device_id)  # what a synchronous call returns
         self.fast_calls = 0          # calls served by the fast paths (tests check they are taken)
         self._shapes_checked: set = set()  # (slot, shape word) whose receive compared the sources' shapes
+
+    def profile_stamps(self) -> dict | None:
+        """Per-block phase stamps of the last low-latency kernels (EPCOMM_PROFILE=1 at Buffer
+        creation; otherwise None): ``{"dispatch"|"combine": int64 [blocks, 8]}`` of globaltimer
+        ns, phases in ``epcomm.kernels.low_latency.PROF_PHASES``, 0 where a block did not get
+        there.  Synchronises the device and clears the stamps."""
+        if not self.prof:
+            return None
+        import numpy as np
+        host = np.zeros(self.prof_bytes // 8, dtype=np.int64)
+        with _cuda.on_device(self.device_id):
+            _cuda.device_sync()
+            _cuda.memcpy_dtoh(host.ctypes.data, self.prof, self.prof_bytes)
+            _cuda.memset_d8_async(self.prof, 0, self.prof_bytes, self.buf._stream)
+            _cuda.stream_sync(self.buf._stream)
+        host = host.reshape(2, K.PROF_BLOCKS, K.PROF_SLOTS)
+        return {"dispatch": host[0], "combine": host[1]}
 
     def set_combine_partials(self, on: bool) -> None:
         """Switch the combine's expert-side partial sums (EPCOMM_LL_COMBINE_PARTIALS) for later
@@ -622,6 +647,8 @@ class LowLatencyState:
         from . import nvshmem_runtime as nvr
         try:
             _cuda.mem_free(self.ctrl)
+            if self.prof:
+                _cuda.mem_free(self.prof)
         except Exception:
             pass
         try:

@@ -40,14 +40,25 @@ class LLParams(ParamsStruct):
         ("rank", _i32), ("num_ranks", _i32), ("num_tokens", _i32), ("num_topk", _i32), ("num_experts", _i32),
         ("max_tokens", _i32), ("slot", _i32), ("msg_bytes", _i32), ("hdr_bytes", _i32), ("round_scale", _i32),
         ("use_ue8m0", _i32), ("zero_copy", _i32), ("force_put", _i32), ("any_put", _i32), ("check_shape", _i32),
-        ("h_slot", _i32), ("partials", _i32),
+        ("h_slot", _i32), ("partials", _i32), ("prof", _u64),
     ]
+
+
+# EPCOMM_PROFILE stamps (ll_stamp in low_latency.cuh): per kernel, block and phase, the
+# globaltimer when the block finished that phase.
+PROF_BLOCKS, PROF_SLOTS = 512, 8
+PROF_PHASES = {
+    "dispatch": ("start", "send: acks waited", "send: tokens written", "send: flags raised (last block)",
+                 "recv: flags arrived", "recv: headers scanned", "recv: rows placed", "end"),
+    "combine": ("start", "send: acks waited", "send: token list built", "send: items done (warp 0)",
+                "send: flags raised (last block)", "recv: flags arrived", "recv: items done (warp 0)", "end"),
+}
 
 
 class LLCtrl(ctypes.Structure):
     _fields_ = [("disp_seq", _u64 * 2), ("comb_seq", _u64 * 2), ("disp_send_done", _i32 * 2),
                 ("disp_recv_done", _i32 * 2), ("comb_send_done", _i32 * 2), ("comb_recv_done", _i32 * 2),
-                ("dest_count", (_i32 * MAX_RANKS) * 2), ("failed", _i32), ("pad", _i32)]
+                ("failed", _i32), ("pad", _i32)]
 
 
 @dataclass(frozen=True)
