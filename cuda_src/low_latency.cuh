@@ -34,26 +34,38 @@ constexpr int kLLWarps = kLLThreads / 32;
 struct LLCtrl {
   u64 disp_seq[2];
   u64 comb_seq[2];
-  int disp_send_done[2];
+  u64 disp_base[2][kLLMaxRanks];  // each source's dispatch arrival counter at its last completion
+  u64 comb_base[2][kLLMaxRanks];  // the same for the combine
   int disp_recv_done[2];
-  int comb_send_done[2];
   int comb_recv_done[2];
   int failed;  // a receive gave up or found another shape: later kernels do nothing
   int pad;
 };
 
-// Low bits of a dispatch flag: this bit, set when the source asks every receiver to compare
-// shape words (its first dispatch of this shape in this slot), so a rank that changes shape
-// alone is caught by its peers too.  (Receivers find messages by their tags, not by a count.)
-constexpr u64 kShapeCheckBit = 1ull << 23;
+// Hand-off from a sending grid to each receiver (the dispatch and combine flags): no grid-wide
+// ticket.  Every sending block, once its writes are done, adds 1 + (G << 32) to the flag of
+// each destination (G: its grid size; block 0 adds kArrivalReq too when it asks receivers to
+// compare shape words).  With n blocks arrived since the last completion the sum is
+// n + (n G << 32) (+ kArrivalReq): complete iff n G == n n, i.e. n == G, so a receiver needs
+// no grid size in advance (grids follow the token count).  The receiver's last block stores
+// the counter as the new base (LLCtrl.*_base) before acknowledging; the counter never resets
+// (modular differences stay exact).  The flag then lands as soon as the slowest block's writes
+// do, not after every block has also queued on one counter and a last block re-signalled.
+constexpr u64 kArrivalReq = 1ull << 63;
+
+EPCOMM_DEVICE bool ll_arrived(u64 delta) {
+  const u64 n = delta & 0xffffffffull;
+  const u64 ng = (delta >> 32) & 0x7fffffffull;
+  return n != 0 && ng == n * n;
+}
 
 struct LLParams {
   u64 peer_base[kLLMaxRanks];  // each rank's heap as mapped here; 0: reach it with NVSHMEM puts
   u8* heap;                    // this rank's heap (symmetric address: valid as a put target too)
   LLCtrl* ctrl;
   ErrorRecord* err;
-  u64 disp_flag_off;           // u64 [2][R]: (tag << 24) | kShapeCheckBit?, from each source
-  u64 comb_flag_off;           // u64 [2][R]: tag, from each expert-side rank
+  u64 disp_flag_off;           // u64 [2][R]: arrival counter of each source (see ll_arrived)
+  u64 comb_flag_off;           // u64 [2][R]: arrival counter of each expert-side rank
   u64 disp_ack_off;            // u64 [2][R]: tag up to which each destination consumed our tokens
   u64 comb_ack_off;            // u64 [2][R]
   u64 disp_shape_off;          // u64 [2][R]: the shape word of each source's last dispatch
@@ -136,23 +148,44 @@ EPCOMM_DEVICE void ll_signal(const LLParams& p, int pe, u64 off, u64 value) {
 
 EPCOMM_DEVICE bool use_put(const LLParams& p, int pe) { return p.force_put || p.peer_base[pe] == 0; }
 
-// Thread r < R of the block waits for flag [slot][r] (at our heap) to reach `tag`.
-// With `req`, a flag carrying kShapeCheckBit sets *req (shared) to 1.
-EPCOMM_DEVICE bool ll_wait_all(const LLParams& p, u64 flag_off, u64 tag, int shift, int phase, u64 deadline,
-                               int* req = nullptr) {
+// This block's arrival at every destination's flag [slot][rank] (after its writes; a put
+// destination after nvshmem_quiet).  `before(d)`, if given, runs first in the signalling thread.
+template <typename Before>
+EPCOMM_DEVICE void ll_arrive(const LLParams& p, u64 flag_off, bool req, Before before) {
+  __syncthreads();  // the block's writes are done
+  const int R = p.num_ranks;
+  const u64 v = 1ull + (static_cast<u64>(gridDim.x) << 32) + (req && blockIdx.x == 0 ? kArrivalReq : 0);
+  const u64 off = flag_off + (static_cast<u64>(p.slot) * R + p.rank) * 8;
+  for (int d = threadIdx.x; d < R; d += blockDim.x) {
+    before(d);
+    if (use_put(p, d)) {
+      nvshmemx_signal_op(reinterpret_cast<u64*>(p.heap + off), v, NVSHMEM_SIGNAL_ADD, d);
+    } else {
+      fence_sys();  // the whole block's writes (ordered by the barrier) before the count
+      red_release_sys_add_u64(reinterpret_cast<u64*>(remote(p, d, off)), v);
+    }
+  }
+}
+
+// Thread r < R of the block waits until every block of source r's current call has arrived at
+// flag [slot][r] (base: the counters at the previous completion).  A source whose block 0
+// asked for the shape check sets *req (shared) to 1.
+EPCOMM_DEVICE bool ll_wait_arrivals(const LLParams& p, u64 flag_off, const u64* base, u64 tag, int phase,
+                                    u64 deadline, int* req = nullptr) {
   __shared__ int s_ok;
   if (threadIdx.x == 0) s_ok = 1;
   __syncthreads();
   const int R = p.num_ranks;
   for (int r = threadIdx.x; r < R; r += blockDim.x) {
     const u64* f = reinterpret_cast<const u64*>(p.heap + flag_off) + p.slot * R + r;
+    const u64 b = base[p.slot * kLLMaxRanks + r];
     u64 v = ld_acquire_sys_u64(f);
     // Cheap L2 polls; host memory (error record) and the timer only every 1024 polls.
-    for (u32 i = 1; (v >> shift) < tag; ++i) {
+    for (u32 i = 1; !ll_arrived(v - b); ++i) {
       if ((i & 1023u) == 0) {
         if (aborted(p.err)) { s_ok = 0; break; }
-        if (globaltimer_ns() > deadline) {
-          report_error(p.err, kErrTimeout, p.rank, phase, p.slot, r, tag, v >> shift);
+        if (globaltimer_ns() > deadline) {  // observed: how many of the peer's blocks arrived
+          report_error(p.err, kErrTimeout, p.rank, phase, p.slot, r, tag, (v - b) & 0xffffffffull);
           s_ok = 0;
           break;
         }
@@ -161,19 +194,27 @@ EPCOMM_DEVICE bool ll_wait_all(const LLParams& p, u64 flag_off, u64 tag, int shi
     }
     if (s_ok) {
       v = ld_acquire_sys_u64(f);
-      if (req != nullptr && (v & kShapeCheckBit)) *req = 1;
+      if (req != nullptr && ((v - b) & kArrivalReq)) *req = 1;
     }
   }
   __syncthreads();
   return s_ok != 0;
 }
 
-// After ll_wait_all on the dispatch flags (thread r acquired source r's flag, so it sees the
-// shape word written before it): does every source's dispatch have our shape?  A source with
+// The receiver's last block, before acknowledging: the counters as they stand now (complete,
+// and no source adds more before our acknowledgement) are the next call's bases.
+EPCOMM_DEVICE void ll_rebase(const LLParams& p, u64 flag_off, u64* base) {
+  const int R = p.num_ranks;
+  for (int r = threadIdx.x; r < R; r += blockDim.x)
+    base[p.slot * kLLMaxRanks + r] = ld_volatile_u64(reinterpret_cast<const u64*>(p.heap + flag_off) + p.slot * R + r);
+}
+
+// After ll_wait_arrivals on the dispatch flags (thread r acquired source r's flag, so it sees
+// the shape words its blocks wrote before arriving): does every source's dispatch have our shape?  A source with
 // another T, H, E, top-k or format wrote its messages with another layout; the first difference
 // is recorded (kErrMismatch: both words, decoded by the host) and the block reads nothing.  The
 // host asks for it on the first dispatch of each shape in each slot (not in the fast paths), and
-// so does any source whose flag carries kShapeCheckBit.
+// so does any source whose block 0 added kArrivalReq.
 EPCOMM_DEVICE bool ll_shapes_agree(const LLParams& p) {
   __shared__ int s_bad;
   if (threadIdx.x == 0) s_bad = 0;
@@ -339,20 +380,16 @@ EPCOMM_DEVICE void ll_dispatch_send(const LLParams& p, u64 tag, u64 deadline) {
   if (p.any_put) nvshmem_quiet();
   __syncthreads();
   ll_stamp(p, 0, 2);
-  if (last_block(&p.ctrl->disp_send_done[p.slot])) {
-    const u64 shape_at = p.disp_shape_off + (static_cast<u64>(p.slot) * R + p.rank) * 8;
-    const u64 req = p.check_shape ? kShapeCheckBit : 0;
-    for (int d = threadIdx.x; d < R; d += blockDim.x) {
-      // Our shape word, then the flag, by the same thread: visible to whoever sees the flag.
-      if (use_put(p, d)) {
-        nvshmem_uint64_p(reinterpret_cast<u64*>(p.heap + shape_at), p.shape_word, d);
-        nvshmem_fence();
-      } else {
-        *reinterpret_cast<u64*>(remote(p, d, shape_at)) = p.shape_word;
-      }
-      ll_signal(p, d, p.disp_flag_off + (static_cast<u64>(p.slot) * R + p.rank) * 8, (tag << 24) | req);
+  // Our shape word (every block writes the same), then the arrival, by the same thread.
+  const u64 shape_at = p.disp_shape_off + (static_cast<u64>(p.slot) * R + p.rank) * 8;
+  ll_arrive(p, p.disp_flag_off, p.check_shape != 0, [&](int d) {
+    if (use_put(p, d)) {
+      nvshmem_uint64_p(reinterpret_cast<u64*>(p.heap + shape_at), p.shape_word, d);
+      nvshmem_fence();
+    } else {
+      *reinterpret_cast<u64*>(remote(p, d, shape_at)) = p.shape_word;
     }
-  }
+  });
   ll_stamp(p, 0, 3);
 }
 
@@ -407,7 +444,8 @@ EPCOMM_DEVICE void ll_dispatch_recv(const LLParams& p, u64 tag, u64 deadline) {
   __shared__ int s_total;
   __shared__ int s_req;
   if (threadIdx.x == 0) s_req = 0;
-  if (!ll_wait_all(p, p.disp_flag_off, tag, 24, kPhaseLLDispatchRecv, deadline, &s_req) ||
+  if (!ll_wait_arrivals(p, p.disp_flag_off, &p.ctrl->disp_base[0][0], tag, kPhaseLLDispatchRecv, deadline,
+                        &s_req) ||
       ((p.check_shape || s_req) && !ll_shapes_agree(p))) {
     // Recorded; the outputs were not written, so no later kernel may use them.
     if (threadIdx.x == 0) p.ctrl->failed = 1;
@@ -498,6 +536,7 @@ EPCOMM_DEVICE void ll_dispatch_recv(const LLParams& p, u64 tag, u64 deadline) {
     __syncthreads();
   }
   if (last_block(&p.ctrl->disp_recv_done[p.slot])) {
+    ll_rebase(p, p.disp_flag_off, &p.ctrl->disp_base[0][0]);
     for (int s = threadIdx.x; s < R; s += blockDim.x)
       ll_signal(p, s, p.disp_ack_off + (static_cast<u64>(p.slot) * R + p.rank) * 8, tag);
     if (threadIdx.x == 0) p.ctrl->disp_seq[p.slot] = tag;
@@ -787,10 +826,7 @@ EPCOMM_DEVICE void ll_combine_send(const LLParams& p, u64 tag, u64 deadline) {
   }
   if (p.any_put) nvshmem_quiet();
   if (threadIdx.x == 0) ll_stamp(p, 1, 3);  // thread 0's warp done (others may still be busy)
-  if (last_block(&p.ctrl->comb_send_done[p.slot])) {
-    for (int s = threadIdx.x; s < R; s += blockDim.x)
-      ll_signal(p, s, p.comb_flag_off + (static_cast<u64>(p.slot) * R + p.rank) * 8, tag);
-  }
+  ll_arrive(p, p.comb_flag_off, false, [](int) {});
   ll_stamp(p, 1, 4);
 }
 
@@ -802,7 +838,7 @@ EPCOMM_DEVICE void ll_combine_recv(const LLParams& p, u64 tag, u64 deadline) {
   constexpr int kN16 = kRow / 16;
   constexpr int kHalf = kHidden / 2;
   const int lane = lane_id(), warp = warp_id();
-  if (!ll_wait_all(p, p.comb_flag_off, tag, 0, kPhaseLLCombineRecv, deadline)) {
+  if (!ll_wait_arrivals(p, p.comb_flag_off, &p.ctrl->comb_base[0][0], tag, kPhaseLLCombineRecv, deadline)) {
     if (threadIdx.x == 0) p.ctrl->failed = 1;
     return;
   }
@@ -913,6 +949,7 @@ EPCOMM_DEVICE void ll_combine_recv(const LLParams& p, u64 tag, u64 deadline) {
   }
   if (threadIdx.x == 0) ll_stamp(p, 1, 6);  // thread 0's warp done
   if (last_block(&p.ctrl->comb_recv_done[p.slot])) {
+    ll_rebase(p, p.comb_flag_off, &p.ctrl->comb_base[0][0]);
     for (int d = threadIdx.x; d < R; d += blockDim.x)
       ll_signal(p, d, p.comb_ack_off + (static_cast<u64>(p.slot) * R + p.rank) * 8, tag);
     if (threadIdx.x == 0) p.ctrl->comb_seq[p.slot] = tag;

@@ -74,9 +74,12 @@ class ErrorState:
         phase = PHASES.get(r.phase, f"phase {r.phase}")
         where = f" in {context}" if context else ""
         if code == ERR_TIMEOUT:
+            # The low-latency receives count the sending blocks (ll_arrived in low_latency.cuh).
+            seen = (f"call {r.expected} of that slot, {r.observed} of the peer's blocks had arrived"
+                    if r.phase in (31, 41) else f"expected flag >= {r.expected}, saw {r.observed}")
             return EpcommTimeoutError(
                 f"rank {r.rank}: timed out{where} at {phase}; channel {r.channel}, peer rank "
-                f"{r.peer} (expected flag >= {r.expected}, saw {r.observed}). The peer never arrived: "
+                f"{r.peer} ({seen}). The peer never arrived: "
                 f"did every rank make the same sequence of calls? (timeout: EPCOMM_TIMEOUT_S)",
                 rank=r.rank, phase=phase, channel=r.channel, peer=r.peer)
         if code == ERR_OVERFLOW:

@@ -55,9 +55,11 @@ PROF_PHASES = {
 }
 
 
-class LLCtrl(ctypes.Structure):
-    _fields_ = [("disp_seq", _u64 * 2), ("comb_seq", _u64 * 2), ("disp_send_done", _i32 * 2),
-                ("disp_recv_done", _i32 * 2), ("comb_send_done", _i32 * 2), ("comb_recv_done", _i32 * 2),
+class LLCtrl(ParamsStruct):
+    """Mirror of epcomm::LLCtrl (device control words; the host allocates and zeroes it)."""
+    _cname_ = "epcomm::LLCtrl"
+    _fields_ = [("disp_seq", _u64 * 2), ("comb_seq", _u64 * 2), ("disp_base", (_u64 * MAX_RANKS) * 2),
+                ("comb_base", (_u64 * MAX_RANKS) * 2), ("disp_recv_done", _i32 * 2), ("comb_recv_done", _i32 * 2),
                 ("failed", _i32), ("pad", _i32)]
 
 
@@ -66,6 +68,7 @@ class LowLatencySpec(KernelSpec):
     family = "low_latency"
     header = "low_latency.cuh"
     uses_nvshmem = True
+    mirrors = (LLCtrl,)
     hidden: int
     fp8: bool
 
