@@ -132,9 +132,6 @@ EPCOMM_DEVICE void st_release_sys_u64(u64* p, u64 v) {
 EPCOMM_DEVICE void st_release_sys_i32(int* p, int v) {
   asm volatile("st.release.sys.global.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
-EPCOMM_DEVICE void red_release_sys_add_u64(u64* p, u64 v) {
-  asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
 EPCOMM_DEVICE void st_relaxed_sys_i32(int* p, int v) {
   asm volatile("st.relaxed.sys.global.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }

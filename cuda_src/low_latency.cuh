@@ -36,6 +36,8 @@ struct LLCtrl {
   u64 comb_seq[2];
   u64 disp_base[2][kLLMaxRanks];  // each source's dispatch arrival counter at its last completion
   u64 comb_base[2][kLLMaxRanks];  // the same for the combine
+  int disp_send_done[2];          // tickets of the put destinations' arrivals (ll_arrive)
+  int comb_send_done[2];
   int disp_recv_done[2];
   int comb_recv_done[2];
   int failed;  // a receive gave up or found another shape: later kernels do nothing
@@ -148,21 +150,47 @@ EPCOMM_DEVICE void ll_signal(const LLParams& p, int pe, u64 off, u64 value) {
 
 EPCOMM_DEVICE bool use_put(const LLParams& p, int pe) { return p.force_put || p.peer_base[pe] == 0; }
 
-// This block's arrival at every destination's flag [slot][rank] (after its writes; a put
-// destination after nvshmem_quiet).  `before(d)`, if given, runs first in the signalling thread.
-template <typename Before>
-EPCOMM_DEVICE void ll_arrive(const LLParams& p, u64 flag_off, bool req, Before before) {
+// The block's last finisher (ticket) returns true; counters reset themselves.
+EPCOMM_DEVICE bool last_block(int* counter) {
+  __shared__ int s_last;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    fence_sys();
+    s_last = atomicAdd(counter, 1) == static_cast<int>(gridDim.x) - 1;
+    if (s_last) {
+      *counter = 0;
+      fence_sys();
+    }
+  }
+  __syncthreads();
+  return s_last != 0;
+}
+
+// This block's arrival at every destination's flag [slot][rank], once its writes are done (a
+// put destination's after nvshmem_quiet).  NVLink destinations get one add per block, after a
+// system fence that orders the whole block's stores (through the barrier) before it; the add
+// is NVSHMEM's signal, which uses a native atomic where the two GPUs have them (NVLink) and its
+// proxy otherwise.  Put destinations get one add per call, of the whole grid's count, from the
+// block that finishes last (a ticket on `counter`): R network signals per call, not R per block.
+// `word(d)` runs first, in the signalling thread, in block 0 (NVLink: a receiver that saw every
+// block arrive saw block 0's word) or in the ticket's last block (puts): the dispatch's shape word.
+template <typename Word>
+EPCOMM_DEVICE void ll_arrive(const LLParams& p, u64 flag_off, bool req, int* counter, Word word) {
   __syncthreads();  // the block's writes are done
   const int R = p.num_ranks;
-  const u64 v = 1ull + (static_cast<u64>(gridDim.x) << 32) + (req && blockIdx.x == 0 ? kArrivalReq : 0);
-  const u64 off = flag_off + (static_cast<u64>(p.slot) * R + p.rank) * 8;
+  const u64 G = gridDim.x;
+  u64* sig = reinterpret_cast<u64*>(p.heap + flag_off + (static_cast<u64>(p.slot) * R + p.rank) * 8);
   for (int d = threadIdx.x; d < R; d += blockDim.x) {
-    before(d);
-    if (use_put(p, d)) {
-      nvshmemx_signal_op(reinterpret_cast<u64*>(p.heap + off), v, NVSHMEM_SIGNAL_ADD, d);
-    } else {
-      fence_sys();  // the whole block's writes (ordered by the barrier) before the count
-      red_release_sys_add_u64(reinterpret_cast<u64*>(remote(p, d, off)), v);
+    if (use_put(p, d)) continue;
+    if (blockIdx.x == 0) word(d);
+    fence_sys();
+    nvshmemx_signal_op(sig, 1ull + (G << 32) + (req && blockIdx.x == 0 ? kArrivalReq : 0), NVSHMEM_SIGNAL_ADD, d);
+  }
+  if (p.any_put && last_block(counter)) {
+    for (int d = threadIdx.x; d < R; d += blockDim.x) {
+      if (!use_put(p, d)) continue;
+      word(d);
+      nvshmemx_signal_op(sig, G + ((G * G) << 32) + (req ? kArrivalReq : 0), NVSHMEM_SIGNAL_ADD, d);
     }
   }
 }
@@ -170,8 +198,8 @@ EPCOMM_DEVICE void ll_arrive(const LLParams& p, u64 flag_off, bool req, Before b
 // Thread r < R of the block waits until every block of source r's current call has arrived at
 // flag [slot][r] (base: the counters at the previous completion).  A source whose block 0
 // asked for the shape check sets *req (shared) to 1.
-EPCOMM_DEVICE bool ll_wait_arrivals(const LLParams& p, u64 flag_off, const u64* base, u64 tag, int phase,
-                                    u64 deadline, int* req = nullptr) {
+EPCOMM_DEVICE bool ll_wait_arrivals(const LLParams& p, u64 flag_off, const u64* base, int phase, u64 deadline,
+                                    int* req = nullptr) {
   __shared__ int s_ok;
   if (threadIdx.x == 0) s_ok = 1;
   __syncthreads();
@@ -184,8 +212,9 @@ EPCOMM_DEVICE bool ll_wait_arrivals(const LLParams& p, u64 flag_off, const u64* 
     for (u32 i = 1; !ll_arrived(v - b); ++i) {
       if ((i & 1023u) == 0) {
         if (aborted(p.err)) { s_ok = 0; break; }
-        if (globaltimer_ns() > deadline) {  // observed: how many of the peer's blocks arrived
-          report_error(p.err, kErrTimeout, p.rank, phase, p.slot, r, tag, (v - b) & 0xffffffffull);
+        if (globaltimer_ns() > deadline) {  // the peer's blocks: expected (0: unknown), arrived
+          const u64 n = (v - b) & 0xffffffffull;
+          report_error(p.err, kErrTimeout, p.rank, phase, p.slot, r, n ? (((v - b) >> 32) & 0x7fffffffull) / n : 0, n);
           s_ok = 0;
           break;
         }
@@ -202,11 +231,12 @@ EPCOMM_DEVICE bool ll_wait_arrivals(const LLParams& p, u64 flag_off, const u64* 
 }
 
 // The receiver's last block, before acknowledging: the counters as they stand now (complete,
-// and no source adds more before our acknowledgement) are the next call's bases.
+// and no source adds more before our acknowledgement) are the next call's bases.  Thread r
+// reads flag r and then sends rank r's acknowledgement (the acquire orders the two).
 EPCOMM_DEVICE void ll_rebase(const LLParams& p, u64 flag_off, u64* base) {
   const int R = p.num_ranks;
   for (int r = threadIdx.x; r < R; r += blockDim.x)
-    base[p.slot * kLLMaxRanks + r] = ld_volatile_u64(reinterpret_cast<const u64*>(p.heap + flag_off) + p.slot * R + r);
+    base[p.slot * kLLMaxRanks + r] = ld_acquire_sys_u64(reinterpret_cast<const u64*>(p.heap + flag_off) + p.slot * R + r);
 }
 
 // After ll_wait_arrivals on the dispatch flags (thread r acquired source r's flag, so it sees
@@ -229,22 +259,6 @@ EPCOMM_DEVICE bool ll_shapes_agree(const LLParams& p) {
   }
   __syncthreads();
   return s_bad == 0;
-}
-
-// The block's last finisher (ticket) returns true; counters reset themselves.
-EPCOMM_DEVICE bool last_block(int* counter) {
-  __shared__ int s_last;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    fence_sys();
-    s_last = atomicAdd(counter, 1) == static_cast<int>(gridDim.x) - 1;
-    if (s_last) {
-      *counter = 0;
-      fence_sys();
-    }
-  }
-  __syncthreads();
-  return s_last != 0;
 }
 
 // ------------------------------------------------------------------------------------------
@@ -380,9 +394,12 @@ EPCOMM_DEVICE void ll_dispatch_send(const LLParams& p, u64 tag, u64 deadline) {
   if (p.any_put) nvshmem_quiet();
   __syncthreads();
   ll_stamp(p, 0, 2);
-  // Our shape word (every block writes the same), then the arrival, by the same thread.
+  // A block whose acknowledgement wait failed does not arrive: its destinations time out and
+  // report, rather than count it into a call (or the previous one, not yet rebased).
+  if (!ok) return;
+  // Our shape word, then the arrival, by the same thread.
   const u64 shape_at = p.disp_shape_off + (static_cast<u64>(p.slot) * R + p.rank) * 8;
-  ll_arrive(p, p.disp_flag_off, p.check_shape != 0, [&](int d) {
+  ll_arrive(p, p.disp_flag_off, p.check_shape != 0, &p.ctrl->disp_send_done[p.slot], [&](int d) {
     if (use_put(p, d)) {
       nvshmem_uint64_p(reinterpret_cast<u64*>(p.heap + shape_at), p.shape_word, d);
       nvshmem_fence();
@@ -444,8 +461,7 @@ EPCOMM_DEVICE void ll_dispatch_recv(const LLParams& p, u64 tag, u64 deadline) {
   __shared__ int s_total;
   __shared__ int s_req;
   if (threadIdx.x == 0) s_req = 0;
-  if (!ll_wait_arrivals(p, p.disp_flag_off, &p.ctrl->disp_base[0][0], tag, kPhaseLLDispatchRecv, deadline,
-                        &s_req) ||
+  if (!ll_wait_arrivals(p, p.disp_flag_off, &p.ctrl->disp_base[0][0], kPhaseLLDispatchRecv, deadline, &s_req) ||
       ((p.check_shape || s_req) && !ll_shapes_agree(p))) {
     // Recorded; the outputs were not written, so no later kernel may use them.
     if (threadIdx.x == 0) p.ctrl->failed = 1;
@@ -826,7 +842,9 @@ EPCOMM_DEVICE void ll_combine_send(const LLParams& p, u64 tag, u64 deadline) {
   }
   if (p.any_put) nvshmem_quiet();
   if (threadIdx.x == 0) ll_stamp(p, 1, 3);  // thread 0's warp done (others may still be busy)
-  ll_arrive(p, p.comb_flag_off, false, [](int) {});
+  __syncthreads();
+  if (!s_ok) return;  // an acknowledgement or weights wait failed: do not arrive (see dispatch)
+  ll_arrive(p, p.comb_flag_off, false, &p.ctrl->comb_send_done[p.slot], [](int) {});
   ll_stamp(p, 1, 4);
 }
 
@@ -838,7 +856,7 @@ EPCOMM_DEVICE void ll_combine_recv(const LLParams& p, u64 tag, u64 deadline) {
   constexpr int kN16 = kRow / 16;
   constexpr int kHalf = kHidden / 2;
   const int lane = lane_id(), warp = warp_id();
-  if (!ll_wait_arrivals(p, p.comb_flag_off, &p.ctrl->comb_base[0][0], tag, kPhaseLLCombineRecv, deadline)) {
+  if (!ll_wait_arrivals(p, p.comb_flag_off, &p.ctrl->comb_base[0][0], kPhaseLLCombineRecv, deadline)) {
     if (threadIdx.x == 0) p.ctrl->failed = 1;
     return;
   }

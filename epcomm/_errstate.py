@@ -75,7 +75,7 @@ class ErrorState:
         where = f" in {context}" if context else ""
         if code == ERR_TIMEOUT:
             # The low-latency receives count the sending blocks (ll_arrived in low_latency.cuh).
-            seen = (f"call {r.expected} of that slot, {r.observed} of the peer's blocks had arrived"
+            seen = (f"{r.observed} of the peer's {r.expected or 'unknown number of'} blocks had arrived"
                     if r.phase in (31, 41) else f"expected flag >= {r.expected}, saw {r.observed}")
             return EpcommTimeoutError(
                 f"rank {r.rank}: timed out{where} at {phase}; channel {r.channel}, peer rank "

@@ -48,10 +48,10 @@ class LLParams(ParamsStruct):
 # globaltimer when the block finished that phase.
 PROF_BLOCKS, PROF_SLOTS = 512, 8
 PROF_PHASES = {
-    "dispatch": ("start", "send: acks waited", "send: tokens written", "send: flags raised (last block)",
+    "dispatch": ("start", "send: acks waited", "send: tokens written", "send: arrived at destinations",
                  "recv: flags arrived", "recv: headers scanned", "recv: rows placed", "end"),
     "combine": ("start", "send: acks waited", "send: token list built", "send: items done (warp 0)",
-                "send: flags raised (last block)", "recv: flags arrived", "recv: items done (warp 0)", "end"),
+                "send: arrived at destinations", "recv: flags arrived", "recv: items done (warp 0)", "end"),
 }
 
 
@@ -59,7 +59,8 @@ class LLCtrl(ParamsStruct):
     """Mirror of epcomm::LLCtrl (device control words; the host allocates and zeroes it)."""
     _cname_ = "epcomm::LLCtrl"
     _fields_ = [("disp_seq", _u64 * 2), ("comb_seq", _u64 * 2), ("disp_base", (_u64 * MAX_RANKS) * 2),
-                ("comb_base", (_u64 * MAX_RANKS) * 2), ("disp_recv_done", _i32 * 2), ("comb_recv_done", _i32 * 2),
+                ("comb_base", (_u64 * MAX_RANKS) * 2), ("disp_send_done", _i32 * 2), ("comb_send_done", _i32 * 2),
+                ("disp_recv_done", _i32 * 2), ("comb_recv_done", _i32 * 2),
                 ("failed", _i32), ("pad", _i32)]
 
 
