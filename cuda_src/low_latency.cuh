@@ -207,8 +207,10 @@ EPCOMM_DEVICE bool ll_wait_arrivals(const LLParams& p, u64 flag_off, const u64* 
   for (int r = threadIdx.x; r < R; r += blockDim.x) {
     const u64* f = reinterpret_cast<const u64*>(p.heap + flag_off) + p.slot * R + r;
     const u64 b = base[p.slot * kLLMaxRanks + r];
+    // Acquire polls (the value that completes the wait is already acquired: no second round
+    // trip after it, ~0.5 us of the hand-off); host memory (the error record) and the timer
+    // only every 1024 polls.
     u64 v = ld_acquire_sys_u64(f);
-    // Cheap L2 polls; host memory (error record) and the timer only every 1024 polls.
     for (u32 i = 1; !ll_arrived(v - b); ++i) {
       if ((i & 1023u) == 0) {
         if (aborted(p.err)) { s_ok = 0; break; }
@@ -219,12 +221,9 @@ EPCOMM_DEVICE bool ll_wait_arrivals(const LLParams& p, u64 flag_off, const u64* 
           break;
         }
       }
-      v = ld_volatile_u64(f);
-    }
-    if (s_ok) {
       v = ld_acquire_sys_u64(f);
-      if (req != nullptr && ((v - b) & kArrivalReq)) *req = 1;
     }
+    if (s_ok && req != nullptr && ((v - b) & kArrivalReq)) *req = 1;
   }
   __syncthreads();
   return s_ok != 0;
@@ -726,32 +725,34 @@ EPCOMM_DEVICE void ll_combine_send(const LLParams& p, u64 tag, u64 deadline) {
     if (!__shfl_sync(0xffffffffu, *ok, 0)) break;  // lane 0's view: the warp leaves together
     const u32 st = s_list[i / kChunks];
     const int s = static_cast<int>(st) / T, t = static_cast<int>(st) % T;
+    // The record and every k's row entry are loaded together (one memory latency, not two);
+    // entries of k not on this rank are stale and masked out.
+    const int r_any = lane < K ? p.h_tok_rows[static_cast<i64>(st) * K + lane] : -1;
+    // Weights too, where already known to be here (ours, or a source whose flag this warp saw).
+    const bool w_ready = s == p.rank || ((have_w >> s) & 1ull);
+    float w_pre = 0.0f;
+    if (lane < K && w_ready)
+      w_pre = s == p.rank ? p.topk_weights[static_cast<i64>(t) * K + lane]
+                          : __ldcg(wbase + (static_cast<i64>(s) * T + t) * K + lane);
     const u32 mask = static_cast<u32>(p.h_tok_meta[st]);
     int rowk = -1;
-    if (lane < K && ((mask >> lane) & 1u)) {
-      const int r = p.h_tok_rows[static_cast<i64>(st) * K + lane];
-      // In range whatever the entry holds: a repeated expert id in a token's top-k (invalid
-      // input, unchecked on the device) leaves a stale entry, which may only garble that token.
-      rowk = (r >= 0 && r < nrows) ? r : -1;
-    }
+    // In range whatever the entry holds: a repeated expert id in a token's top-k (invalid
+    // input, unchecked on the device) leaves a stale entry, which may only garble that token.
+    if (lane < K && ((mask >> lane) & 1u) && r_any >= 0 && r_any < nrows) rowk = r_any;
     const int idx0 = (i % kChunks) * 32 * kLLCombW + lane;  // word w of the lane: idx0 + 32 w
     const u64 tok_off = p.comb_region_off + (static_cast<u64>(p.slot) * T + t) * K * kRow;  // slot (t, 0)
     if (ll_partial(p, s, __popc(mask))) {
-      float wk = 0.0f;
-      if (s == p.rank) {
-        if (lane < K) wk = p.topk_weights[static_cast<i64>(t) * K + lane];
-      } else {
-        if (!((have_w >> s) & 1ull)) {
-          int got = 0;
-          if (lane == 0) {
-            const u64* f = reinterpret_cast<const u64*>(p.heap + p.comb_wflag_off) + p.slot * R + s;
-            got = wait_geq_u64(f, tag, p.err, deadline, p.rank, kPhaseLLCombineWeights, p.slot, s) ? 1 : 0;
-            if (!got) *ok = 0;
-          }
-          __syncwarp();  // lane 0 acquired the flag: the other lanes' loads are ordered after it
-          if (!__shfl_sync(0xffffffffu, got, 0)) break;
-          have_w |= 1ull << s;
+      float wk = w_pre;
+      if (!w_ready) {  // a remote source's weights are read only after this warp acquired its flag
+        int got = 0;
+        if (lane == 0) {
+          const u64* f = reinterpret_cast<const u64*>(p.heap + p.comb_wflag_off) + p.slot * R + s;
+          got = wait_geq_u64(f, tag, p.err, deadline, p.rank, kPhaseLLCombineWeights, p.slot, s) ? 1 : 0;
+          if (!got) *ok = 0;
         }
+        __syncwarp();  // lane 0 acquired the flag: the other lanes' loads are ordered after it
+        if (!__shfl_sync(0xffffffffu, got, 0)) break;
+        have_w |= 1ull << s;
         if (lane < K) wk = __ldcg(wbase + (static_cast<i64>(s) * T + t) * K + lane);
       }
       float acc[kLLCombW][8];
