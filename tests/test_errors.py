@@ -123,6 +123,18 @@ def test_low_latency_shape_words_round_trip_and_name_the_difference():
     assert "hidden" not in str(e).split("Every rank")[0]  # only the fields that differ
 
 
+def test_low_latency_receive_timeouts_count_the_peers_blocks():
+    st = _state(_errstate.ERR_TIMEOUT, rank=1, phase=41, channel=0, peer=0, expected=132, observed=57)
+    with pytest.raises(EpcommTimeoutError, match="57 of the peer's 132 blocks had arrived"):
+        st.check("low-latency call")
+    st = _state(_errstate.ERR_TIMEOUT, rank=1, phase=31, channel=1, peer=0, expected=0, observed=0)
+    with pytest.raises(EpcommTimeoutError, match="0 of the peer's unknown number of blocks had arrived"):
+        st.check("low-latency call")
+    st = _state(_errstate.ERR_TIMEOUT, rank=1, phase=40, channel=1, peer=0, expected=7, observed=6)
+    with pytest.raises(EpcommTimeoutError, match="expected flag >= 7, saw 6"):
+        st.check("low-latency call")
+
+
 def test_only_errors_that_stop_the_kernels_abort_a_wait():
     # mirrors aborted() in epcomm_common.cuh: only the main record's code stops waiters
     for code, stops in ((0, False), (-1, True), (_errstate.ERR_TIMEOUT, True), (_errstate.ERR_OVERFLOW, True),

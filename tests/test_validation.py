@@ -123,6 +123,30 @@ def test_buffer_size_hints_cover_the_worst_case():
     assert Buffer.get_low_latency_rdma_size_hint(128, 7168, 2, 256) < 1908 * 10**6  # DeepEP's hint for this shape
 
 
+@pytest.mark.parametrize("R,T,H,E", [(1, 128, 7168, 256), (2, 128, 7168, 288), (8, 256, 2048, 64), (64, 1, 128, 64)])
+def test_low_latency_heap_regions_are_disjoint_and_flags_come_first(R, T, H, E):
+    from epcomm.kernels import low_latency as K_ll
+    lay = K_ll.HeapLayout.make(T, H, E, R)
+    ctrl = 2 * R * 8
+    # Flag words (arrival counters, acks, shape words, combine-weight flags) at offsets that do
+    # not depend on T, H or E, so ranks that disagree on those still meet there.
+    flags = sorted([lay.disp_flag_off, lay.comb_flag_off, lay.disp_ack_off, lay.comb_ack_off, lay.disp_shape_off,
+                    lay.comb_wflag_off])
+    assert flags == [i * ctrl for i in range(6)]
+    regions = [(lay.disp_region_off, 2 * R * T * lay.msg_bytes), (lay.comb_w_off, 2 * R * T * K_ll.MAX_TOPK * 4),
+               (lay.comb_region_off, 2 * T * K_ll.MAX_TOPK * H * 2), (lay.disp_send_off, 2 * T * lay.msg_bytes),
+               (lay.comb_send_off, 2 * E * T * H * 2)]
+    end = 6 * ctrl
+    for off, size in regions:  # in this order, each after the previous one
+        assert off >= end and off % 4096 == 0
+        end = off + size
+    assert lay.total >= end
+    # clean() zeroes [0, comb_region_off): every flag, the dispatch messages and the weights.
+    assert lay.comb_w_off + 2 * R * T * K_ll.MAX_TOPK * 4 <= lay.comb_region_off
+    # the combine send's dynamic shared memory: group masks and prefixes, then one entry per token
+    assert K_ll.combine_smem_bytes(R, T) >= 8 * R * ((T + 31) // 32) + 4 * R * T
+
+
 def test_envs_parse_and_document():
     from epcomm import envs as e
     table = e.table_markdown()
