@@ -413,3 +413,40 @@ def _shape_mismatch_worker(rank, world, group):
 def test_low_latency_ranks_with_different_shapes_raise_naming_the_field():
     res = spawn.run(_shape_mismatch_worker, _world(), timeout=180, env={"EPCOMM_TIMEOUT_S": "60"})
     assert_every_rank_ok(res)
+
+
+def _partials_mismatch_worker(rank, world, group):
+    import time
+
+    import torch
+
+    import epcomm
+    from epcomm.errors import RankMismatchError
+    torch.cuda.set_device(rank)
+    T, H, E, K = 32, 2048, 32, 4
+    buf = epcomm.Buffer(group, 0, epcomm.Buffer.get_low_latency_rdma_size_hint(T, H, world, E),
+                        low_latency_mode=True)
+    buf._ll.set_combine_partials(rank != 0)  # rank 0 alone sends one row per (token, expert)
+    x = torch.randn(T, H, device="cuda").to(torch.bfloat16)
+    topk = torch.randint(0, E, (T, K), device="cuda")
+    out = {}
+    t0 = time.monotonic()
+    try:
+        buf.low_latency_dispatch(x, topk, T, E)
+        buf.synchronize()
+        out["mismatch"] = "no error"
+    except RankMismatchError as e:
+        dt = time.monotonic() - t0
+        ok = e.field == "EPCOMM_LL_COMBINE_PARTIALS" and dt < 20 and (rank == 0 or e.peer == 0)
+        out["mismatch"] = "ok" if ok else f"bad: {dt:.1f}s field={e.field} peer={e.peer}: {e}"
+    group.barrier()
+    buf.destroy()
+    return out
+
+
+@needs_two_ll_ranks
+def test_low_latency_ranks_with_different_combine_settings_raise_at_the_dispatch():
+    """The combine's row format depends on EPCOMM_LL_COMBINE_PARTIALS: ranks that differ must
+    not combine; the dispatch's shape word carries the setting and every rank raises."""
+    res = spawn.run(_partials_mismatch_worker, _world(), timeout=180, env={"EPCOMM_TIMEOUT_S": "60"})
+    assert_every_rank_ok(res)
