@@ -32,8 +32,8 @@ if [[ $what == tests || $what == all ]]; then
       tests/test_interop.py tests/test_timing_gpu.py tests/test_intranode_gpu.py tests/test_low_latency_gpu.py} 2>&1 | tee "$OUT/tests.txt" | tail -60
 fi
 if [[ $what == bench || $what == all ]]; then
-  if (( ngpu >= 2 )); then which=all; else which=low-latency; fi  # normal mode needs 2+ GPUs
-  EPCOMM_BENCH_KIND="nvidia-h200-x$ngpu" timeout 560 python3 -m epcomm.cli bench $which --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
+  if (( ngpu >= 2 )); then which=all; kind="nvidia-h200-x$ngpu"; else which=low-latency; kind=nvidia-h200; fi
+  EPCOMM_BENCH_KIND="$kind" timeout 560 python3 -m epcomm.cli bench $which --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
   # Per-phase timeline of the low-latency kernels (docs/design.md)
   EPCOMM_PROFILE=1 timeout 200 python3 benchmarks/profile_low_latency.py --json "$OUT/profile_low_latency.json" 2>&1 | tail -30
 fi
