@@ -48,11 +48,13 @@ def first_repeated_expert(obj, framework: str) -> int | None:
     """Index of the first row of a [N, K] index array that lists an expert (>= 0) twice, or
     None (a GPU sync)."""
     if framework == "torch":
+        import torch
         if obj.numel() == 0 or obj.shape[1] < 2:
             return None
         srt = obj.sort(dim=1).values
-        dup = ((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any(dim=1)
-        return int(dup.to(dtype=obj.dtype).argmax()) if bool(dup.any()) else None
+        dup = ((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any(dim=1).to(dtype=obj.dtype)
+        t = int(torch.where(dup.any(), dup.argmax(), -1))  # one device sync
+        return None if t < 0 else t
     if framework == "cupy":
         import cupy as xp
     elif framework == "jax":
@@ -64,7 +66,8 @@ def first_repeated_expert(obj, framework: str) -> int | None:
         return None
     srt = xp.sort(obj, axis=1)
     dup = ((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any(axis=1)
-    return int(xp.argmax(dup)) if bool(dup.any()) else None
+    t = int(xp.where(dup.any(), xp.argmax(dup), -1))  # one device sync
+    return None if t < 0 else t
 
 
 def check_topk_indices(obj, framework: str, num_experts: int, name: str = "topk_idx",

@@ -873,24 +873,26 @@ def low_latency_combine(x, topk_idx, topk_weights, handles, *, partials: bool = 
         valid = idx[s] >= 0
         in_part = np.zeros((N, K), dtype=bool)
         first = np.zeros((N, K), dtype=bool)
-        part = {}
         if partials:
             for d in range(R):
                 on_d = valid & (D_map == d)
                 grouped = on_d & (on_d.sum(axis=1, keepdims=True) >= 2)
                 in_part |= grouped
                 first |= grouped & (np.cumsum(grouped, axis=1) == 1)
-            for kk in range(K):
-                toks = np.flatnonzero(in_part[:, kk])
-                for t_, v in zip(toks, product(kk, toks)):
-                    key = (int(t_), int(D_map[t_, kk]))
-                    part[key] = (part[key] + v) if key in part else (_F32(0) + v)
+        # Each (token, rank) partial, summed over k ascending (a token has one rank per k).
+        part = np.zeros((N, R, H), dtype=_F32) if in_part.any() else None
+        for kk in range(K):
+            toks = np.flatnonzero(in_part[:, kk])
+            if toks.size:
+                d = D_map[toks, kk]
+                part[toks, d] = part[toks, d] + product(kk, toks)
         acc = np.zeros((N, H), dtype=_F32)
         for kk in range(K):
             toks = np.flatnonzero(valid[:, kk] & ~in_part[:, kk])
             if toks.size:
                 acc[toks] = acc[toks] + product(kk, toks)
-            for t_ in np.flatnonzero(first[:, kk]):
-                acc[t_] = acc[t_] + part[(int(t_), int(D_map[t_, kk]))]
+            lead = np.flatnonzero(first[:, kk])
+            if lead.size:
+                acc[lead] = acc[lead] + part[lead, D_map[lead, kk]]
         out.append(acc.astype(BF16))
     return out
