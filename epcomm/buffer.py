@@ -221,11 +221,10 @@ class Buffer:
             raise ValueError(f"every rank must create the Buffer with the same sizes and mode; got "
                              f"{[s.decode() for s in sizes]} (num_nvl_bytes,num_rdma_bytes,low_latency_mode)")
         buses = self.group.allgather_bytes(_cuda.pci_bus_id(device).encode())
-        nvshmem = low_latency_mode or num_rdma_bytes > 0  # NVSHMEM: one GPU per rank, always
-        if len(set(buses)) != len(buses) and (nvshmem or not envs.SHARE_GPU.get()):
+        self.shares_gpu = len(set(buses)) != len(buses)
+        if self.shares_gpu and not envs.SHARE_GPU.get():
             raise ValueError(f"two ranks share one GPU ({[b.decode() for b in buses]}); use one GPU per rank"
-                             + ("" if nvshmem else
-                                " (EPCOMM_SHARE_GPU=1 allows it for correctness tests of the normal mode)"))
+                             " (EPCOMM_SHARE_GPU=1 allows it for correctness tests)")
         if num_nvl_bytes > 0:
             if self.num_ranks < 2:
                 raise ValueError("the normal mode needs at least 2 ranks")

@@ -144,13 +144,13 @@ RECV_SPECULATION = _knob("EPCOMM_RECV_SPECULATION", 0.0625, _parse_float,
                         "(the outputs are then row views of that allocation). A receive that does not "
                         "fit falls back to exact outputs allocated after the counts. Negative: off.")
 SHARE_GPU = _knob("EPCOMM_SHARE_GPU", False, _parse_bool,
-                  "Testing only: let normal-mode ranks share one GPU (the kernels of different "
-                  "processes then take turns, so it is slow and says nothing about speed). The "
-                  "normal-mode GPU tests use it to run 2 ranks on a one-GPU machine. The "
-                  "low-latency mode never allows it (NVSHMEM needs one GPU per rank).")
+                  "Testing only: let ranks share one GPU (the kernels of different processes then "
+                  "take turns, so it is slow and says nothing about speed). The GPU tests use it to "
+                  "run 2 ranks on a one-GPU machine; in the low-latency mode NVSHMEM then runs "
+                  "several PEs per GPU (its limited MPG mode, without MPS).")
 TEST_RANKS = _knob("EPCOMM_TEST_RANKS", 0, _parse_int,
-                   "Normal-mode GPU tests: ranks to spawn (0: one per GPU, or 2 on a one-GPU machine "
-                   "with EPCOMM_SHARE_GPU=1). More ranks than GPUs needs EPCOMM_SHARE_GPU=1.", "0")
+                   "GPU tests: ranks to spawn (0: one per GPU, or 2 on a one-GPU machine with "
+                   "EPCOMM_SHARE_GPU=1). More ranks than GPUs needs EPCOMM_SHARE_GPU=1.", "0")
 PROFILE = _knob("EPCOMM_PROFILE", False, _parse_bool,
                 "Kernels stamp each block's phases (globaltimer): normal mode for "
                 "Buffer.profile_stamps() and benchmarks/profile_normal.py, low-latency mode for "

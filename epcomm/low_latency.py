@@ -117,7 +117,7 @@ class LowLatencyState:
         self.device_id = buf.device_id
         self.num_rdma_bytes = num_rdma_bytes
         with _cuda.on_device(self.device_id):
-            nvr.init(buf.group, self.device_id, num_rdma_bytes)
+            nvr.init(buf.group, self.device_id, num_rdma_bytes, shared_gpu=getattr(buf, "shares_gpu", False))
             self.heap_obj, self.heap = nvr.alloc(num_rdma_bytes)
             _cuda.memset_d8_async(self.heap, 0, num_rdma_bytes, buf._stream)
             self.ctrl = _cuda.mem_alloc(ctypes.sizeof(K.LLCtrl))

@@ -1,6 +1,6 @@
 """NVSHMEM bootstrap and the symmetric heap, through nvshmem4py.
 
-NVSHMEM is initialised once per process (one GPU per process), from epcomm's group abstraction
+NVSHMEM is initialised once per process (one GPU per process; tests may share one), from epcomm's group abstraction
 (rank 0's unique id is broadcast with ``Group.broadcast_bytes``), so JAX, CuPy and MPI users
 need no torch.  NVLink multicast (NVLS) is disabled unless the caller set
 ``NVSHMEM_DISABLE_NVLS`` otherwise: epcomm never needs it, and on shared machines it can put the
@@ -32,10 +32,13 @@ def is_initialized() -> bool:
     return _STATE["initialized"]
 
 
-def init(group, device_id: int, heap_bytes: int) -> None:
+def init(group, device_id: int, heap_bytes: int, shared_gpu: bool = False) -> None:
     """Initialise NVSHMEM on ``device_id`` for every rank of ``group`` (collective).
 
     ``heap_bytes`` sizes the symmetric heap (NVSHMEM_SYMMETRIC_SIZE) unless already set.
+    ``shared_gpu``: some ranks share a GPU (EPCOMM_SHARE_GPU tests).  NVSHMEM then runs its
+    limited multiple-PEs-per-GPU mode: point-to-point operations and barrier_all, which is all
+    epcomm uses, but not NCCL (switched off here so NVSHMEM does not warn about it).
     Raises EpcommError if NVSHMEM was initialised before for another device or group size.
     """
     with _LOCK:
@@ -46,6 +49,8 @@ def init(group, device_id: int, heap_bytes: int) -> None:
                     f"{_STATE['nranks']} ranks; one process drives one GPU")
             return
         os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
+        if shared_gpu:
+            os.environ.setdefault("NVSHMEM_DISABLE_NCCL", "1")
         # Room for the requested buffer plus NVSHMEM's own bookkeeping.
         want = int(heap_bytes * 1.1) + (256 << 20)
         os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", str(want))

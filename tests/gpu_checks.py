@@ -39,22 +39,27 @@ needs_ranks = pytest.mark.skipif(normal_ranks() < 2, reason="needs 2 or more NVI
 
 
 def ll_ranks() -> int:
-    """Ranks the low-latency GPU tests spawn: EPCOMM_TEST_RANKS if set, else one per GPU.  NVSHMEM
-    needs a GPU per rank, so ranks never share one; a single GPU runs them with one rank (one PE:
-    the host paths and the kernels' local stores, no NVLink)."""
+    """Ranks the low-latency GPU tests spawn: EPCOMM_TEST_RANKS if set, else one per GPU.  A
+    single GPU runs them with one rank (one PE: the host paths and the kernels' local stores), or
+    with 2 ranks sharing it under EPCOMM_SHARE_GPU=1 (NVSHMEM's limited multiple-PEs-per-GPU
+    mode: the peer paths, the NVSHMEM puts and the hand-offs between ranks run, their kernels
+    taking turns on the GPU; a correctness run, never a speed one)."""
     from epcomm import envs
-    n, want = world(), envs.TEST_RANKS.get()
+    n, want, share = world(), envs.TEST_RANKS.get(), envs.SHARE_GPU.get()
+    if n == 0:
+        return 0
     if want > 0:
-        return want if want <= n else 0  # more ranks than GPUs: the normal-mode tests share GPUs, these skip
-    return n
+        return want if want <= n or share else 0
+    return 2 if n == 1 and share else n
 
 
 def _ll_reason(need: int) -> str:
     from epcomm import envs
     want = envs.TEST_RANKS.get()
-    if want > world():
-        return f"EPCOMM_TEST_RANKS={want} exceeds the {world()} visible GPUs and the low-latency mode needs one GPU per rank"
-    return "needs an NVIDIA GPU (GPU test)" if need == 1 else f"needs {need} or more NVIDIA GPUs (GPU test)"
+    if want > world() > 0:
+        return f"EPCOMM_TEST_RANKS={want} exceeds the {world()} visible GPUs: set EPCOMM_SHARE_GPU=1 to share them"
+    return ("needs an NVIDIA GPU (GPU test)" if need == 1 else
+            f"needs {need} or more NVIDIA GPUs, or 1 with EPCOMM_SHARE_GPU=1 (GPU test)")
 
 
 needs_ll_ranks = pytest.mark.skipif(ll_ranks() < 1, reason=_ll_reason(1))
