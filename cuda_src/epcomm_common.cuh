@@ -42,9 +42,11 @@ enum Phase : int {
   kPhaseCombineRecv = 21,          // combine: waiting for a chunk of rows from a peer
   kPhaseLLDispatchSendAck = 30,
   kPhaseLLDispatchRecv = 31,
+  kPhaseLLDispatchSend = 32,     // a bad expert index seen by the send (its record only)
   kPhaseLLCombineSendAck = 40,
   kPhaseLLCombineRecv = 41,
   kPhaseLLCombineWeights = 42,   // combine send: waiting for a source's weights (partials)
+  kPhaseLLCombineReduce = 43,    // a bad expert index seen by the combine's reduction
   kPhaseSmoke = 50,
 };
 
@@ -91,7 +93,8 @@ EPCOMM_DEVICE void report_error(ErrorRecord* err, int code, int rank, int phase,
   if (code == kErrBadInput) {
     if (atomicCAS(&err->bad_code, 0, -1) == 0) {
       err->bad_token = channel;
-      err->bad_limit = expected;
+      // The record has no spare field for the phase: it rides above num_experts (< 2^32).
+      err->bad_limit = expected | (static_cast<u64>(phase) << 32);
       err->bad_value = observed;
       __threadfence_system();
       atomicExch(&err->bad_code, code);

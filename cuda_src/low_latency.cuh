@@ -289,6 +289,11 @@ EPCOMM_DEVICE void ll_dispatch_send(const LLParams& p, u64 tag, u64 deadline) {
     i64 e = -1;
     if (lane < K) e = p.topk_idx[static_cast<i64>(t) * K + lane];
     const bool valid = lane < K && e >= 0 && e < p.num_experts;
+    // Out of range: skipped like -1, and recorded for the host's next check (the host check
+    // is off in production: EPCOMM_CHECK_INDICES=0).
+    if (warp == 0 && (e < -1 || e >= p.num_experts))
+      report_error(p.err, kErrBadInput, p.rank, kPhaseLLDispatchSend, t, -1, static_cast<u64>(p.num_experts),
+                   static_cast<u64>(e));
     const int r = valid ? static_cast<int>(e) / L : -1 - lane;  // invalid lanes never match
     const unsigned same = __match_any_sync(0xffffffffu, r);
     const bool leader = valid && (__ffs(same) - 1) == lane;
@@ -878,6 +883,9 @@ EPCOMM_DEVICE void ll_combine_recv(const LLParams& p, u64 tag, u64 deadline) {
       has = e >= 0 && e < p.num_experts;
       if (has) rk = static_cast<int>(e) / L;
       w_l = p.topk_weights[static_cast<i64>(t) * K + lane];
+      if (item % kChunks == 0 && (e < -1 || e >= p.num_experts))
+        report_error(p.err, kErrBadInput, p.rank, kPhaseLLCombineReduce, t, -1,
+                     static_cast<u64>(p.num_experts), static_cast<u64>(e));
     }
     const unsigned same = __match_any_sync(0xffffffffu, rk);
     // How lane k's row arrives: 0 not at all, 1 a bf16 row in slot k, 2 the partial of its rank

@@ -23,11 +23,17 @@ PHASES = {
     21: "combine/receive: waiting for a chunk of rows from the peer",
     30: "low_latency_dispatch/send: waiting for the peer to release the buffer slot",
     31: "low_latency_dispatch/receive: waiting for the peer's tokens",
+    32: "low_latency_dispatch/send (a bad expert index)",
     40: "low_latency_combine/send: waiting for the peer to release the buffer slot",
     41: "low_latency_combine/receive: waiting for the peer's rows",
     42: "low_latency_combine/send: waiting for the peer's combine weights",
+    43: "low_latency_combine/receive (a bad expert index)",
     50: "smoke test",
 }
+
+# Kernels that skip a bad expert index and record it (the phase travels in bad_limit >> 32).
+BAD_INDEX_SEEN_BY = {0: "get_dispatch_layout", 1: "get_dispatch_layout", 32: "low_latency_dispatch",
+                     43: "low_latency_combine"}
 
 
 class ErrorRecord(ctypes.Structure):
@@ -65,10 +71,12 @@ class ErrorState:
         if code == 0:
             if r.bad_code <= 0:  # nothing, or a bad index still being written (seen next time)
                 return None
+            # bad_limit: num_experts, and the phase in the high half (0: get_dispatch_layout).
+            limit, ph = r.bad_limit & 0xFFFFFFFF, r.bad_limit >> 32
             return ValueError(
-                f"{PHASES[1]}{' in ' + context if context else ''}: topk_idx holds expert index "
-                f"{ctypes.c_int64(r.bad_value).value} (token {r.bad_token}), outside [-1, {r.bad_limit}); "
-                f"the kernels skipped it")
+                f"{BAD_INDEX_SEEN_BY.get(ph, PHASES[1])}{' (reported in ' + context + ')' if context else ''}: "
+                f"topk_idx holds expert index {ctypes.c_int64(r.bad_value).value} (token {r.bad_token}), "
+                f"outside [-1, {limit}); the kernels skipped it")
         if code == -1:  # a kernel is writing it right now: report what is there
             code = ERR_TIMEOUT
         phase = PHASES.get(r.phase, f"phase {r.phase}")

@@ -21,6 +21,30 @@ def check_int(name: str, v, *, lo: int | None = None, hi: int | None = None) -> 
     return v
 
 
+def check_bool(name: str, v) -> bool:
+    """A flag: bool (or NumPy bool, or the ints 0 and 1); anything else raises TypeError (a
+    string such as "no" would otherwise count as True)."""
+    if isinstance(v, bool):
+        return v
+    try:
+        import numpy as np
+        if isinstance(v, np.bool_):
+            return bool(v)
+    except ImportError:
+        pass
+    if isinstance(v, int) and v in (0, 1):
+        return bool(v)
+    raise TypeError(f"{name} must be a bool, got {type(v).__name__} {v!r}")
+
+
+def check_event(previous_event) -> None:
+    """``previous_event`` must be None or an EventOverlap (what async calls return)."""
+    from .event import EventOverlap
+    if previous_event is not None and not isinstance(previous_event, EventOverlap):
+        raise TypeError(f"previous_event: expected an EventOverlap (the event an epcomm call returned) or None, "
+                        f"got {type(previous_event).__name__}")
+
+
 def index_range(obj, framework: str) -> tuple[int, int] | None:
     """(min, max) of an integer array on the host, via its own framework (a GPU sync)."""
     if framework == "torch":

@@ -23,10 +23,13 @@ def get_dispatch_layout(topk_idx, num_experts: int, num_ranks: int, *, num_ranks
     A token counts once per rank even if several of its experts live there.
 
     Raises TypeError/ValueError for a wrong dtype, shape, device or an index outside [-1, E)
-    (the host check is on by default: EPCOMM_CHECK_INDICES).
+    (the host check is on by default: EPCOMM_CHECK_INDICES), and ValueError if E + R + nodes
+    exceeds 12288 (the kernel's counters in 48 KiB of shared memory).
     """
     tr = interop.as_index_tensor(topk_idx, "topk_idx", ndim=2, device="cuda")
     num_nodes = K_layout.check_layout_args(tr.shape[0], num_experts, num_ranks, num_ranks_per_node)
+    num_experts, num_ranks = int(num_experts), int(num_ranks)  # NumPy ints: checked above
+    num_ranks_per_node = int(num_ranks_per_node)
     fw, dev = tr.framework, tr.device_id
     with _cuda.on_device(dev):
         s = interop.current_stream(fw, dev) if stream is None else int(stream)

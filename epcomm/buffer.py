@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import itertools
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ import numpy as np
 
 from . import _cuda, envs, interop
 from ._errstate import ErrorState
-from ._validate import check_int, check_topk_indices
+from ._validate import check_event, check_int, check_topk_indices
 from .config import Config, default_combine_config, default_dispatch_config
 from .errors import BufferStateError, EpcommTimeoutError
 from .event import EventOverlap
@@ -33,6 +34,9 @@ from .kernels import intranode as K_intra
 from .kernels import layout as K_layout
 
 _LIVE_BUFFERS: "weakref.WeakSet[Buffer]" = weakref.WeakSet()
+# Every Buffer's number in this process, recorded in its handles: unlike id(), never reused by a
+# later Buffer after this one is collected, so a stale handle cannot pass for one of its own.
+_BUFFER_SERIALS = itertools.count(1)
 
 @atexit.register
 def _destroy_all() -> None:  # pragma: no cover - exercised at interpreter exit
@@ -47,7 +51,8 @@ def _destroy_all() -> None:  # pragma: no cover - exercised at interpreter exit
 class DispatchHandle:
     """Everything a combine (or a cached dispatch) needs to retrace a dispatch.
 
-    Opaque to users; keep it as long as the received tensors.  ``num_recv_tokens`` and
+    Opaque to users; keep it as long as the received tensors.  ``buffer_id`` is the serial of
+    the Buffer that made it (``Buffer._serial``).  ``num_recv_tokens`` and
     ``recv_counts`` (rows per source rank) are None in ``num_worst_tokens`` mode, where they
     are known only on the GPU.  ``recv_src_idx`` (int32 [rows]) holds the source-token index
     of every received row (-1 for padding rows).
@@ -192,6 +197,7 @@ class Buffer:
 
     def __init__(self, group=None, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0, *,
                  low_latency_mode: bool = False, device: int | None = None):
+        self._serial = next(_BUFFER_SERIALS)
         self.group = as_group(group)
         self.rank, self.num_ranks = self.group.rank, self.group.size
         check_int("num_nvl_bytes", num_nvl_bytes, lo=0)
@@ -246,10 +252,35 @@ class Buffer:
         return self._stream
 
     def set_num_sms(self, num_sms: int) -> None:
-        """Bound the SMs of normal-mode dispatch and combine (sending + receiving blocks)."""
-        check_int("num_sms", num_sms, lo=2, hi=_cuda.num_sms(self.device_id))
-        self._dispatch_config = self._dispatch_config.with_sms(num_sms)
-        self._combine_config = self._combine_config.with_sms(num_sms)
+        """Bound the SMs of normal-mode dispatch and combine (sending + receiving blocks).
+
+        ``num_sms``: an int (NumPy ints accepted) in [2, the device's SM count]; TypeError /
+        ValueError otherwise, with the configs unchanged."""
+        n = check_int("num_sms", num_sms, lo=2, hi=self._device_sm_count())
+        self._dispatch_config = self._dispatch_config.with_sms(n)
+        self._combine_config = self._combine_config.with_sms(n)
+
+    def _device_sm_count(self) -> int:
+        """SMs of this Buffer's GPU (queried once)."""
+        n = getattr(self, "_device_sms", None)
+        if n is None:
+            n = self._device_sms = _cuda.num_sms(self.device_id)
+        return n
+
+    def _call_config(self, config, default: Config, what: str) -> Config:
+        """The Config of one call: ``config`` or the default; TypeError for anything but a Config
+        or None, ValueError if it asks for more SMs than the GPU has (the send and receive
+        kernels run concurrently and the combine is a cooperative launch: blocks that cannot be
+        resident would stall or fail the launch after other kernels of the call started)."""
+        if config is None:
+            config = default
+        elif not isinstance(config, Config):
+            raise TypeError(f"config: expected an epcomm.Config or None, got {type(config).__name__}")
+        n = self._device_sm_count()
+        if config.num_sms > n:
+            raise ValueError(f"{what}: config.num_sms={config.num_sms} exceeds the {n} SMs of cuda:{self.device_id} "
+                             f"(Buffer.set_num_sms / EPCOMM_NUM_SMS set the default)")
+        return config
 
     def get_dispatch_config(self) -> Config:
         return self._dispatch_config
@@ -285,7 +316,19 @@ class Buffer:
     def get_nvl_buffer_size_hint(hidden: int, num_ranks: int, num_max_tokens_per_rank: int,
                                  num_topk: int = 8) -> int:
         """Bytes of ``num_nvl_bytes`` needed to dispatch and combine up to
-        ``num_max_tokens_per_rank`` tokens (BF16 or FP8) of ``hidden`` channels."""
+        ``num_max_tokens_per_rank`` tokens (BF16 or FP8) of ``hidden`` channels with ``num_topk``
+        experts per token (0: dispatches without top-k).
+
+        Raises TypeError for non-int arguments (NumPy ints are accepted), ValueError for
+        ``hidden`` not a positive multiple of 8 (the dispatch's rule for BF16; FP8 needs
+        multiples of 128), ``num_ranks`` outside [2, 72], ``num_max_tokens_per_rank`` < 1 or
+        ``num_topk`` < 0."""
+        hidden = check_int("hidden", hidden, lo=8)
+        if hidden % 8:
+            raise ValueError(f"hidden={hidden} must be a multiple of 8 (16-byte rows)")
+        num_ranks = check_int("num_ranks", num_ranks, lo=2, hi=K_intra.MAX_RANKS)
+        num_max_tokens_per_rank = check_int("num_max_tokens_per_rank", num_max_tokens_per_rank, lo=1)
+        num_topk = check_int("num_topk", num_topk, lo=0)
         return K_intra.nvl_buffer_size_hint(hidden, num_ranks, num_max_tokens_per_rank, num_topk)
 
     @staticmethod
@@ -350,17 +393,37 @@ class Buffer:
         pass  # memory is released by destroy() or at exit; unmapping here could race a peer
 
     # ---- helpers -------------------------------------------------------------------------
-    def _tensor(self, obj, name, **kw):
+    def _tensor(self, obj, name, *, framework: str | None = None, writable: bool = False, **kw):
+        """A borrowed view of ``obj`` on this Buffer's GPU.  ``framework``: the framework of the
+        call's first array (x); another one raises TypeError, since only that framework's stream
+        is ordered with the kernels.  ``writable``: the kernel writes into it (read-only arrays,
+        e.g. JAX's, raise ValueError)."""
         if kw.get("dtype") == "index":  # int64 expert indices, int32 widened
             kw.pop("dtype")
             if obj is None and kw.pop("allow_none", False):
                 return None
+            if framework is not None and obj is not None:
+                self._same_framework(obj, name, framework)
             ref = interop.as_index_tensor(obj, name, device="cuda", **kw)
         else:
+            if framework is not None and obj is not None:
+                self._same_framework(obj, name, framework)
             ref = interop.as_tensor(obj, name, device="cuda", **kw)
         if ref is not None and ref.device_id != self.device_id:
             raise ValueError(f"{name}: is on cuda:{ref.device_id} but this Buffer uses cuda:{self.device_id}")
+        if ref is not None and writable and ref.readonly:
+            raise ValueError(f"{name}: is read-only (a {ref.framework} array) but is written in place")
         return ref
+
+    @staticmethod
+    def _same_framework(obj, name: str, framework: str) -> None:
+        try:
+            fw = interop.framework_of(obj)
+        except (TypeError, ValueError):
+            return  # not an array: as_tensor raises the usual TypeError
+        if fw != framework:
+            raise TypeError(f"{name}: is a {fw} array but x is a {framework} one; pass every array of a call "
+                            f"in one framework")
 
     def _begin(self, fw: str, previous_event: EventOverlap | None) -> tuple[int, bool]:
         """Order the comm stream after the caller's work; returns (caller stream, capturing)."""
@@ -376,6 +439,16 @@ class Buffer:
     def _finish(self, fw: str, caller: int, async_finish: bool, outputs: list, inputs: list) -> EventOverlap:
         ev = _cuda.event_create()
         _cuda.event_record(ev, self._stream)
+        if self._alloc_on_comm and fw == "torch":
+            import torch
+            # Outputs allocated on the comm stream belong to its pool: once the caller frees
+            # them, the next allocation there could reuse the memory while the caller's stream
+            # still reads it (a call with previous_event does not wait for the caller's stream).
+            # Recording the caller's stream makes the allocator wait for it, as DeepEP does.
+            cur = torch.cuda.current_stream(self.device_id)
+            for t in outputs:
+                if t is not None and hasattr(t, "record_stream"):
+                    t.record_stream(cur)
         if async_finish and fw == "torch":
             import torch
             cs = torch.cuda.ExternalStream(self._stream, device=self.device_id)
@@ -401,12 +474,27 @@ class Buffer:
                             async_finish: bool = False, allocate_on_comm_stream: bool = False):
         """Per-rank routing counts of this rank's tokens; see :func:`epcomm.get_dispatch_layout`.
 
-        Returns ``(num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert,
-        is_token_in_rank, event)``.
+        Args:
+            topk_idx: int64 (or int32) [N, K] (-1 = no expert).
+            num_experts: E, an int (NumPy ints accepted), a multiple of the rank count R, with
+               E + R <= 12288 (the layout kernel's counters in 48 KiB of shared memory).
+
+        Returns ``(num_tokens_per_rank int32 [R], num_tokens_per_rdma_rank, num_tokens_per_expert
+        int32 [E], is_token_in_rank bool [N, R], event)``.  ``num_tokens_per_rdma_rank`` is always
+        None: the normal mode runs within one NVLink domain of up to 72 ranks, which is one
+        "node" in DeepEP's terms (DeepEP returns None within a node), whatever R is, so every R
+        that :meth:`dispatch` accepts is accepted here.  Per-node counts for another partition:
+        :func:`epcomm.get_dispatch_layout` with ``num_ranks_per_node``.
+
+        Raises TypeError/ValueError before any launch (wrong dtype, shape, framework, an index
+        outside [-1, E), or ``previous_event`` not an EventOverlap).
         """
         self._check_usable("get_dispatch_layout")
+        check_event(previous_event)
         tr = self._tensor(topk_idx, "topk_idx", dtype="index", ndim=2)
-        num_nodes = K_layout.check_layout_args(tr.shape[0], num_experts, self.num_ranks, 8)
+        num_experts = check_int("num_experts", num_experts, lo=1)
+        # One NVLink domain: ranks_per_node = R, so no per-node counts (num_nodes = 0), as in dispatch.
+        num_nodes = K_layout.check_layout_args(tr.shape[0], num_experts, self.num_ranks, self.num_ranks)
         self._alloc_on_comm = bool(allocate_on_comm_stream)
         with _cuda.on_device(self.device_id):
             caller, capturing = self._begin(tr.framework, previous_event)
@@ -424,7 +512,7 @@ class Buffer:
         rdma_o = self._empty(fw, (num_nodes,), "int32") if num_nodes else None
         exp_o = self._empty(fw, (num_experts,), "int32")
         in_o = self._empty(fw, (N, R), "bool")
-        K_layout.launch_layout(self._stream, self.device_id, tr, num_experts, R, num_nodes, 8, rank_o[1],
+        K_layout.launch_layout(self._stream, self.device_id, tr, num_experts, R, num_nodes, R, rank_o[1],
                                rdma_o[1] if rdma_o else None, exp_o[1], in_o[1], self._err.dev_ptr)
         return [rank_o, rdma_o, exp_o, in_o]
 
@@ -439,19 +527,36 @@ class Buffer:
 
         Args:
             x: bf16 [N, H], or an FP8 pair ``(float8_e4m3fn [N, H], float32 scales [N, H/128])``
-               whose scales may be row-major or column-major (any strides).
-            handle: a previous dispatch's handle: repeat its route (no top-k, no count exchange,
-               no CPU synchronisation; used for the backward of combine).
-            num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert: from
-               :meth:`get_dispatch_layout` of the same ``topk_idx``; computed here if omitted.
+               whose scales may be row-major or column-major (any strides).  Every other array
+               argument must be of the same framework as ``x`` (TypeError otherwise: only that
+               framework's stream is ordered with the kernels).
+            handle: a previous dispatch's handle (of this Buffer): repeat its route (no top-k, no
+               count exchange, no CPU synchronisation; used for the backward of combine).  With a
+               handle, every routing argument (``num_tokens_per_rank``,
+               ``num_tokens_per_rdma_rank``, ``is_token_in_rank``, ``num_tokens_per_expert``,
+               ``topk_idx``, ``topk_weights``, ``num_experts``) must be None and
+               ``expert_alignment`` 1: the handle holds the route (ValueError otherwise).
+            num_tokens_per_rank: None or int32 [R], from :meth:`get_dispatch_layout`.  Checked
+               (dtype, shape, framework) but not read: the kernels count the rows per rank from
+               ``is_token_in_rank``.
+            num_tokens_per_rdma_rank: None (what :meth:`get_dispatch_layout` returns: one NVLink
+               domain), or int32 [R / ranks_per_node] from :func:`epcomm.get_dispatch_layout`;
+               checked like ``num_tokens_per_rank`` and not read (no RDMA ranks here).
+            is_token_in_rank, num_tokens_per_expert: bool [N, R] and int32 [E] from
+               :meth:`get_dispatch_layout` of the same ``topk_idx``; computed here if omitted
+               (then E + R <= 12288, the layout kernel's shared memory).
             topk_idx: int64 (or int32) [N, K] (-1 = none); topk_weights: float32 [N, K].
-            expert_alignment: each per-expert count is rounded up to a multiple of it.
+            expert_alignment: int in [1, 2**20]: each per-expert count is rounded up to a
+               multiple of it (the bound keeps the kernel's 32-bit rounding from overflowing).
             num_worst_tokens: if > 0, outputs have exactly this many rows, padding rows have
                top-k index -1; nothing synchronises with the CPU and the call can be captured
                in a CUDA graph; the count list is empty.
             num_experts: needed only when neither ``num_tokens_per_expert`` nor a handle says it.
-            async_finish / previous_event / allocate_on_comm_stream: as in DeepEP; the last one
-               (torch) allocates the outputs on :attr:`comm_stream`.
+            config: None (the Buffer's dispatch config) or a :class:`Config` whose ``num_sms``
+               does not exceed the GPU's SM count.
+            async_finish / previous_event / allocate_on_comm_stream: as in DeepEP
+               (``previous_event``: None or an EventOverlap); the last one (torch) allocates the
+               outputs on :attr:`comm_stream` and records the caller's stream on them.
 
         Returns ``(recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list,
         handle, event)`` with ``recv_x`` in the form of ``x``, rows ordered by source rank, then
@@ -459,65 +564,73 @@ class Buffer:
         an allocation made before the counts were known (up to EPCOMM_RECV_SPECULATION more rows
         than the largest of the last four receives of this shape; its extra rows are never
         written).  Raises ValueError/TypeError for bad input (before any launch),
-        ValueError if the buffer is too small (with the size needed), EpcommTimeoutError if a
+        ValueError if the buffer is too small (with the size needed), BufferStateError if the
+        Buffer was destroyed or has no NVLink buffer, EpcommTimeoutError if a
         peer does not arrive within EPCOMM_TIMEOUT_S, RankMismatchError if another rank's call
         has a different hidden size, dtype, top-k width, num_experts or chunk_rows (every rank
         raises it and nothing is sent; the Buffer is unusable afterwards).  With
         ``num_worst_tokens`` these device-side errors are raised by the next call or
         :meth:`synchronize`.
         """
+        # Destroyed first: destroy() also drops the NVLink state, which would otherwise be
+        # reported as a Buffer created without one.
+        self._check_usable("dispatch")
         st = self._intra
         if st is None:
             raise BufferStateError("dispatch needs a Buffer created with num_nvl_bytes > 0")
-        hs = st.host_stamps if st.prof else None  # EPCOMM_PROFILE: host side of the timeline
-        if hs is not None:
-            hs.clear()
-            hs["enter"] = time.time_ns()
-        self._check_usable("dispatch")
+        t_enter = time.time_ns() if st.prof else 0  # EPCOMM_PROFILE: host side of the timeline
+        check_event(previous_event)
         R, rank = self.num_ranks, self.rank
         fp8 = isinstance(x, (tuple, list))
         if fp8:
             if len(x) != 2:
                 raise ValueError("x: an FP8 input is a pair (data float8_e4m3fn [N, H], scales float32 [N, H/128])")
             xr = self._tensor(x[0], "x[0]", dtype="float8_e4m3fn", ndim=2)
+            fw = xr.framework
             N, H = xr.shape
             if H % 128:
                 raise ValueError(f"x[0]: FP8 hidden size {H} must be a multiple of 128 (one scale per 128 channels)")
-            sr = self._tensor(x[1], "x[1]", dtype="float32", ndim=2, shape=(N, H // 128), contiguous=False)
+            sr = self._tensor(x[1], "x[1]", dtype="float32", ndim=2, shape=(N, H // 128), contiguous=False,
+                              framework=fw)
         else:
             xr = self._tensor(x, "x", dtype="bfloat16", ndim=2)
+            fw = xr.framework
             N, H = xr.shape
             sr = None
             if H % 8:
                 raise ValueError(f"x: hidden size {H} must be a multiple of 8 (16-byte rows)")
-        fw = xr.framework
-        check_int("expert_alignment", expert_alignment, lo=1)
-        check_int("num_worst_tokens", num_worst_tokens, lo=0)
-        cfg = config or self._dispatch_config
+        expert_alignment = check_int("expert_alignment", expert_alignment, lo=1, hi=K_intra.MAX_EXPERT_ALIGNMENT)
+        num_worst_tokens = check_int("num_worst_tokens", num_worst_tokens, lo=0)
+        cfg = self._call_config(config, self._dispatch_config, "dispatch")
         S, Rv = cfg.split()
         cached = handle is not None
         tr = wr = None
         if cached:
             if not isinstance(handle, DispatchHandle):
                 raise TypeError(f"handle: expected a DispatchHandle, got {type(handle).__name__}")
-            if handle.buffer_id != id(self):
+            if handle.buffer_id != self._serial:
                 raise ValueError("handle: was made by another Buffer")
             if handle.num_tokens != N:
                 raise ValueError(f"x: has {N} tokens but the handle's dispatch had {handle.num_tokens}")
             for nm, v in (("topk_idx", topk_idx), ("topk_weights", topk_weights), ("is_token_in_rank", is_token_in_rank),
-                          ("num_tokens_per_rank", num_tokens_per_rank)):
+                          ("num_tokens_per_rank", num_tokens_per_rank),
+                          ("num_tokens_per_rdma_rank", num_tokens_per_rdma_rank),
+                          ("num_tokens_per_expert", num_tokens_per_expert), ("num_experts", num_experts)):
                 if v is not None:
                     raise ValueError(f"{nm}: must be None for a cached dispatch (the handle holds the route)")
+            if expert_alignment != 1:
+                raise ValueError(f"expert_alignment={expert_alignment}: a cached dispatch returns no per-expert "
+                                 f"counts, so it must be 1 (the default)")
             E = handle.num_experts
             Kt = 0
         else:
             if topk_idx is not None:
-                tr = self._tensor(topk_idx, "topk_idx", dtype="index", ndim=2, shape=(N, None))
+                tr = self._tensor(topk_idx, "topk_idx", dtype="index", ndim=2, shape=(N, None), framework=fw)
                 Kt = tr.shape[1]
                 if Kt < 1:
                     raise ValueError("topk_idx: needs at least one column")
                 wr = self._tensor(topk_weights, "topk_weights", dtype="float32", ndim=2, shape=(N, Kt),
-                                  allow_none=True)
+                                  allow_none=True, framework=fw)
             else:
                 Kt = 0
                 if topk_weights is not None:
@@ -525,7 +638,7 @@ class Buffer:
                 if is_token_in_rank is None:
                     raise ValueError("is_token_in_rank: required when topk_idx is None")
             ner = self._tensor(num_tokens_per_expert, "num_tokens_per_expert", dtype="int32", ndim=1,
-                               allow_none=True)
+                               allow_none=True, framework=fw)
             if num_experts is None:
                 if ner is None:
                     if tr is not None:
@@ -541,7 +654,18 @@ class Buffer:
             if E // R > K_intra.MAX_LOCAL_EXPERTS:
                 raise ValueError(f"{E // R} experts per rank: at most {K_intra.MAX_LOCAL_EXPERTS} supported")
             itr = self._tensor(is_token_in_rank, "is_token_in_rank", dtype="bool", ndim=2, shape=(N, R),
-                               allow_none=True)
+                               allow_none=True, framework=fw)
+            # Not read by the kernels (the notify kernel counts from is_token_in_rank), but a
+            # wrong one is a caller's bug worth reporting rather than ignoring.
+            self._tensor(num_tokens_per_rank, "num_tokens_per_rank", dtype="int32", ndim=1, shape=(R,),
+                         allow_none=True, framework=fw)
+            nrr = self._tensor(num_tokens_per_rdma_rank, "num_tokens_per_rdma_rank", dtype="int32", ndim=1,
+                               allow_none=True, framework=fw)
+            if nrr is not None and (nrr.shape[0] < 1 or R % nrr.shape[0]):
+                raise ValueError(f"num_tokens_per_rdma_rank: has {nrr.shape[0]} entries, expected "
+                                 f"num_ranks / ranks_per_node (num_ranks={R}), or None")
+            if itr is None or (tr is not None and ner is None):
+                K_layout.check_layout_smem(E, R)  # the layout kernel runs below
         lay = st.layout
         need_row = K_intra.max_row_bytes(H, max(Kt, 0))
         cap = lay.capacity_rows(need_row)
@@ -552,6 +676,10 @@ class Buffer:
         chunk_rows = K_intra.dispatch_chunk_rows(cfg.chunk_rows, lay.capacity_rows(need_row), R)
         spec = K_intra.IntranodeDispatchSpec(R, H, fp8)
         spec.validate()
+        hs = st.host_stamps if st.prof else None
+        if hs is not None:
+            hs.clear()
+            hs["enter"] = t_enter
         self._alloc_on_comm = bool(allocate_on_comm_stream)
         with _cuda.on_device(self.device_id):
             mod = loader.load(spec, self.device_id)
@@ -711,7 +839,7 @@ class Buffer:
             if not cached:
                 refs["recv_src_idx"] = rsrc[1]
                 new_handle = DispatchHandle(
-                    buffer_id=id(self), framework=fw, device_id=self.device_id, num_ranks=R, rank=rank,
+                    buffer_id=self._serial, framework=fw, device_id=self.device_id, num_ranks=R, rank=rank,
                     num_tokens=N, hidden=H, num_experts=E, num_topk=Kt, num_worst_tokens=num_worst_tokens,
                     out_rows=M, num_recv_tokens=num_recv, recv_counts=recv_counts, rank_prefix=rank_prefix_o,
                     send_list=send_list_o, send_pos=send_pos_o, send_count=send_count_o,
@@ -775,20 +903,27 @@ class Buffer:
         Args:
             x: bf16 [rows, H], rows in the dispatch's receive order (``rows`` = the dispatch's
                output rows; padding rows are ignored).
-            handle: the dispatch's handle.
-            topk_weights: optional float32 [rows, K], reduced the same way.
-            bias: None, one bf16 [N, H] tensor, or a pair of them, added after the sum.
+            handle: the dispatch's handle (of this Buffer).
+            topk_weights: None, or float32 [rows, K] with K the dispatch's top-k width
+               (``handle.num_topk``, as in DeepEP: the dispatch's ``recv_topk_weights`` or their
+               gradient), reduced the same way.  A dispatch without top-k takes none.
+            bias: None, one bf16 [N, H] tensor, or a pair of them (either may be None), added
+               after the sum.
+            config: None (the Buffer's combine config) or a :class:`Config` whose ``num_sms``
+               does not exceed the GPU's SM count.
+            previous_event: None or an EventOverlap.  Every array must be of ``x``'s framework.
 
         Returns ``(combined_x bf16 [N, H], combined_topk_weights float32 [N, K] or None, event)``.
-        Graph-capturable.  Raises like :meth:`dispatch`.
+        Graph-capturable.  Raises like :meth:`dispatch`, all before any launch.
         """
+        self._check_usable("combine")  # first: destroy() also drops the NVLink state
         st = self._intra
         if st is None:
             raise BufferStateError("combine needs a Buffer created with num_nvl_bytes > 0")
-        self._check_usable("combine")
+        check_event(previous_event)
         if not isinstance(handle, DispatchHandle):
             raise TypeError(f"handle: expected a DispatchHandle, got {type(handle).__name__}")
-        if handle.buffer_id != id(self):
+        if handle.buffer_id != self._serial:
             raise ValueError("handle: was made by another Buffer")
         R = self.num_ranks
         H = handle.hidden
@@ -796,20 +931,35 @@ class Buffer:
         fw = xr.framework
         N = handle.num_tokens
         wr = self._tensor(topk_weights, "topk_weights", dtype="float32", ndim=2, shape=(handle.out_rows, None),
-                          allow_none=True)
+                          allow_none=True, framework=fw)
         Kt = wr.shape[1] if wr is not None else 0
+        # The combine row carries K weights; the dispatch checked the buffer's capacity (and
+        # every rank agreed) for its own K only, so any other width could overrun a peer's
+        # staging region.
+        if wr is not None and Kt != handle.num_topk:
+            if handle.num_topk == 0:
+                raise ValueError(f"topk_weights: has {Kt} columns but the dispatch had no top-k "
+                                 f"(handle.num_topk=0): pass None")
+            raise ValueError(f"topk_weights: has {Kt} columns but the dispatch's top-k width is "
+                             f"handle.num_topk={handle.num_topk}; pass [rows, {handle.num_topk}]")
         biases = []
         if bias is not None:
             blist = list(bias) if isinstance(bias, (tuple, list)) else [bias]
             if len(blist) > 2:
                 raise ValueError(f"bias: at most two tensors, got {len(blist)}")
             for i, b in enumerate(blist):
-                biases.append(self._tensor(b, f"bias[{i}]", dtype="bfloat16", ndim=2, shape=(N, H)))
-        cfg = config or self._combine_config
+                if b is not None:  # DeepEP's pair may hold None in either place
+                    biases.append(self._tensor(b, f"bias[{i}]", dtype="bfloat16", ndim=2, shape=(N, H),
+                                               framework=fw))
+        cfg = self._call_config(config, self._combine_config, "combine")
         S, Rv = cfg.split()
         lay = st.layout
         row = K_intra.combine_row_bytes(H, Kt)
         cap = lay.capacity_rows(row)
+        # Rows sent to one source rank <= that rank's dispatched tokens, which its dispatch
+        # checked against capacity_rows(max_row_bytes(H, K)) of the same layout (equal on every
+        # rank), and max_row_bytes >= combine_row_bytes: this holds in the num_worst_tokens mode
+        # too, where the counts are unknown here.  The check below repeats it where they are known.
         if handle.recv_counts is not None and max(handle.recv_counts, default=0) > cap:
             raise ValueError(f"Buffer too small for this combine: {max(handle.recv_counts)} rows from one rank, "
                              f"capacity {cap}; need num_nvl_bytes >= "
@@ -845,8 +995,10 @@ class Buffer:
     # ---- low-latency mode (epcomm.low_latency) -------------------------------------------------
     def _ll_state(self):
         ll, err = self._ll, self._err
-        if ll is not None and not self._destroyed and err.poisoned is None and err.rec.code == 0:
+        if ll is not None and not self._destroyed and err.poisoned is None and not err.pending():
             return ll  # the common case, checked cheaply (a decode step is tens of microseconds)
+        if self._destroyed:
+            raise BufferStateError("low-latency call: the Buffer was destroyed")
         if ll is None:
             raise BufferStateError("low-latency calls need a Buffer created with low_latency_mode=True")
         self._check_usable("low-latency call")

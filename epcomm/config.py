@@ -1,9 +1,12 @@
 """Launch configuration of the normal (high-throughput) kernels."""
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, replace
 
 from . import envs
+from ._validate import check_int
+from .kernels.intranode import MAX_CHUNK_ROWS
 
 
 @dataclass(frozen=True)
@@ -20,6 +23,12 @@ class Config:
       saturate NVLink between two H200s (benchmarks/nvlink_probe.py; profile_normal.py sweeps
       this: 0.33 was fastest at 12, 24 and 32 SMs for dispatch and combine, 2x H200; the
       per-rank-count defaults below use 0.5 from 4 ranks on).
+
+    Raises TypeError if ``num_sms`` or ``chunk_rows`` is not an int (NumPy ints are accepted and
+    stored as int) or ``send_fraction`` not a real number, ValueError if ``num_sms`` < 2,
+    ``chunk_rows`` is outside [1, 2**24] (a 32-bit kernel field; see MAX_CHUNK_ROWS) or
+    ``send_fraction`` outside (0, 1).  A ``num_sms`` above the GPU's SM count is rejected when a
+    call uses the config (the device is not known here).
     """
 
     num_sms: int = 24
@@ -27,12 +36,21 @@ class Config:
     send_fraction: float = 0.33
 
     def __post_init__(self):
-        if self.num_sms < 2:
-            raise ValueError(f"Config.num_sms={self.num_sms}: needs at least 2 (one sending, one receiving block)")
-        if self.chunk_rows < 1:
-            raise ValueError(f"Config.chunk_rows={self.chunk_rows}: must be >= 1")
-        if not 0.0 < self.send_fraction < 1.0:
-            raise ValueError(f"Config.send_fraction={self.send_fraction}: must be in (0, 1)")
+        # Store plain Python numbers: the values end up in ctypes fields and launch grids, which
+        # reject NumPy scalars (after other kernels of the same call were launched).
+        n = check_int("Config.num_sms", self.num_sms)
+        if n < 2:
+            raise ValueError(f"Config.num_sms={n}: needs at least 2 (one sending, one receiving block)")
+        c = check_int("Config.chunk_rows", self.chunk_rows, lo=1, hi=MAX_CHUNK_ROWS)
+        f = self.send_fraction
+        if isinstance(f, bool) or not isinstance(f, numbers.Real):
+            raise TypeError(f"Config.send_fraction must be a real number, got {type(f).__name__}")
+        f = float(f)
+        if not 0.0 < f < 1.0:  # also rejects NaN
+            raise ValueError(f"Config.send_fraction={f}: must be in (0, 1)")
+        object.__setattr__(self, "num_sms", n)  # frozen dataclass
+        object.__setattr__(self, "chunk_rows", c)
+        object.__setattr__(self, "send_fraction", f)
 
     def split(self) -> tuple[int, int]:
         s = min(self.num_sms - 1, max(1, round(self.num_sms * self.send_fraction)))

@@ -10,16 +10,18 @@ call is a single kernel launch (two with the receive hook).
 from __future__ import annotations
 
 import ctypes
+import itertools
 from dataclasses import dataclass, field
 
 from . import _cuda, envs, interop
-from ._validate import check_int, check_topk_indices
+from ._validate import check_bool, check_event, check_int, check_topk_indices
 from .errors import BufferStateError
 from .event import EventOverlap
 from .jit import loader
 from .jit.launch import launch, launch_args, launch_prepared
 from .kernels import low_latency as K
 
+_SERIALS = itertools.count(1)
 _DEFAULT_SMEM = 48 * 1024  # dynamic shared memory a kernel may use without opting in
 
 
@@ -65,6 +67,7 @@ class _Results:
         RT = R * T
         G = H // 128
         self.key = (fw, T, H, E, fp8, ue8m0)
+        self.owner = st.serial  # handles carry this object: which Buffer made them
         mk = st.empty
         self.x = mk(fw, (L, RT, H), "float8_e4m3fn" if fp8 else "bfloat16")
         self.scales = None
@@ -113,6 +116,7 @@ class LowLatencyState:
         if num_rdma_bytes <= 0:
             raise ValueError("low_latency_mode needs num_rdma_bytes > 0; see Buffer.get_low_latency_rdma_size_hint")
         self.buf = buf
+        self.serial = next(_SERIALS)
         self.rank, self.num_ranks = buf.rank, buf.num_ranks
         self.device_id = buf.device_id
         self.num_rdma_bytes = num_rdma_bytes
@@ -273,14 +277,25 @@ class LowLatencyState:
             _cuda.stream_wait_event(b._stream, b._ev_start)
         return caller, b._stream
 
-    def _event(self, fw: str, caller: int, stream: int, async_finish: bool) -> EventOverlap:
+    def _event(self, fw: str, caller: int, stream: int, async_finish: bool, refs=()) -> EventOverlap:
+        """The call's event.  With ``async_finish`` the kernel still reads ``refs`` (TensorRefs of
+        the inputs, e.g. an int32 topk_idx widened into a temporary) after the call returns:
+        the event keeps them alive, and torch's allocator is told they are in use on ``stream``."""
         if stream == caller:
             return EventOverlap(None, fw, self.device_id)
         ev = _cuda.event_create()
         _cuda.event_record(ev, stream)
         if not async_finish:
             _cuda.stream_wait_event(caller, ev)
-        return EventOverlap(ev, fw, self.device_id)
+            return EventOverlap(ev, fw, self.device_id)
+        keep = [o for r in refs if r is not None for o in (r.obj, r.keepalive) if o is not None]
+        if fw == "torch":
+            import torch
+            cs = torch.cuda.ExternalStream(stream, device=self.device_id)
+            for o in keep:
+                if isinstance(o, torch.Tensor):
+                    o.record_stream(cs)
+        return EventOverlap(ev, fw, self.device_id, extra=keep)
 
     # ---- dispatch ------------------------------------------------------------------------------
     def dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank: int, num_experts: int, *,
@@ -316,20 +331,25 @@ class LowLatencyState:
                 return r
         R = self.num_ranks
         b = self.buf
+        check_event(previous_event)
+        use_fp8, round_scale, use_ue8m0 = (check_bool("use_fp8", use_fp8), check_bool("round_scale", round_scale),
+                                           check_bool("use_ue8m0", use_ue8m0))
+        async_finish = check_bool("async_finish", async_finish)
+        return_recv_hook = check_bool("return_recv_hook", return_recv_hook)
         xr = b._tensor(x, "x", dtype="bfloat16", ndim=2)
         N, H = xr.shape
         fw = xr.framework
         T = check_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, lo=1)
         if N > T:
             raise ValueError(f"x: {N} tokens exceed num_max_dispatch_tokens_per_rank={T}")
-        if H % 128:
-            raise ValueError(f"x: hidden size {H} must be a multiple of 128 for the low-latency kernels")
+        if H % 128 or H == 0:
+            raise ValueError(f"x: hidden size {H} must be a positive multiple of 128 for the low-latency kernels")
         E = check_int("num_experts", num_experts, lo=1)
         if E % R:
             raise ValueError(f"num_experts={E} must be a multiple of the number of ranks {R}")
         if E > 32767:
             raise ValueError(f"num_experts={E}: at most 32767 (expert ids travel as int16)")
-        tr = b._tensor(topk_idx, "topk_idx", dtype="index", ndim=2, shape=(N, None))
+        tr = b._tensor(topk_idx, "topk_idx", dtype="index", ndim=2, shape=(N, None), framework=fw)
         Kt = tr.shape[1]
         if not 1 <= Kt <= K.MAX_TOPK:
             raise ValueError(f"topk_idx: top-k {Kt} must be in [1, {K.MAX_TOPK}]")
@@ -344,7 +364,7 @@ class LowLatencyState:
                              self.partials)
         L = E // R
         stats = b._tensor(cumulative_local_expert_recv_stats, "cumulative_local_expert_recv_stats",
-                          dtype="int32", ndim=1, shape=(L,), allow_none=True)
+                          dtype="int32", ndim=1, shape=(L,), allow_none=True, framework=fw, writable=True)
         lay = self.layout(T, H, E)
         slot = self._disp_slot
         if self._disp_pending[slot]:
@@ -352,7 +372,10 @@ class LowLatencyState:
                 "low_latency_dispatch: the receive hook of the dispatch two calls ago (same buffer slot) "
                 "was never called; call it before issuing another dispatch")
         mod = loader.load(K.LowLatencySpec(H, bool(use_fp8)), self.device_id)
+        smem = K.dispatch_smem_bytes(R, T)
         with _cuda.on_device(self.device_id):
+            if smem > _DEFAULT_SMEM:  # may raise: before anything below changes state
+                self._allow_smem(mod, ("dispatch_send", "dispatch_recv", "dispatch_both"), smem)
             caller, stream = self._stream_for(fw, async_finish, previous_event)
             capturing = _cuda.stream_is_capturing(caller)
             check_topk_indices(tr.obj, fw, E, capturing=capturing, unique=True)
@@ -385,9 +408,6 @@ class LowLatencyState:
             # on the first dispatch of each shape in each slot (outside graph capture).
             p.shape_word = shape
             p.check_shape = int(not capturing and (slot, shape) not in self._shapes_checked)
-            smem = K.dispatch_smem_bytes(R, T)
-            if smem > _DEFAULT_SMEM:
-                self._allow_smem(mod, ("dispatch_send", "dispatch_recv", "dispatch_both"), smem)
             send_blocks = max(1, min(self.num_sms, N))
             recv_blocks = max(1, min(self.num_sms, L))
             fn = grid = None
@@ -403,7 +423,7 @@ class LowLatencyState:
             self._disp_slot ^= 1
             self._disp_gen[slot] += 1
             gen = self._disp_gen[slot]
-            ev = self._event(fw, caller, stream, async_finish)
+            ev = self._event(fw, caller, stream, async_finish, (xr, tr, stats))
         vx, vscales, vcount, vsrc, vrange = res.views(stream)
         handle = LowLatencyHandle(slot, gen, fw, T, H, E, Kt, N, vsrc, vrange,
                                   refs={"count": res.count[1], "range": res.layout_range[1],
@@ -450,7 +470,7 @@ class LowLatencyState:
             return None
         slot = self._disp_slot
         plan = self._plans.get(("d", xs[0], xs[1], ts[1], T, E, use_fp8, round_scale, use_ue8m0, slot))
-        if (plan is None or self._disp_pending[slot] or self.buf._err.rec.code != 0 or x.get_device() != dev
+        if (plan is None or self._disp_pending[slot] or self.buf._err.pending() or x.get_device() != dev
                 or topk_idx.get_device() != dev or self._get_device() != dev):
             return None
         p = plan.p
@@ -465,11 +485,24 @@ class LowLatencyState:
         return recv_x, vcount, handle, self._no_event, None
 
     # ---- combine ---------------------------------------------------------------------------------
-    def next_combine_buffer(self, handle: LowLatencyHandle):
-        """The bf16 [E/R, R*T, H] tensor the next combine reads when ``zero_copy=True``: write the
-        expert outputs straight into it (it is this rank's symmetric send buffer for that slot)."""
+    def _check_handle(self, handle, what: str) -> None:
+        """The handle must come from this Buffer's dispatch whose results are still in place."""
         if not isinstance(handle, LowLatencyHandle):
             raise TypeError(f"handle: expected a LowLatencyHandle, got {type(handle).__name__}")
+        keep = handle.refs.get("keep")
+        if getattr(keep, "owner", None) != self.serial:
+            raise ValueError("handle: was made by another Buffer's low_latency_dispatch")
+        if self._disp_gen[handle.slot] != handle.generation or keep is not self._results[handle.slot]:
+            raise BufferStateError(
+                f"{what}: the handle's dispatch results were overwritten by a later dispatch in the same slot "
+                "(at most two low-latency dispatches may be in flight), or by clean_low_latency_buffer")
+
+    def next_combine_buffer(self, handle: LowLatencyHandle):
+        """The bf16 [E/R, R*T, H] tensor the next combine reads when ``zero_copy=True``: write the
+        expert outputs straight into it (it is this rank's symmetric send buffer for that slot).
+        Raises TypeError/ValueError for a handle not made by this Buffer, BufferStateError for a
+        handle whose dispatch results were overwritten."""
+        self._check_handle(handle, "get_next_low_latency_combine_buffer")
         lay = self.layout(handle.num_max_tokens, handle.hidden, handle.num_experts)
         R = self.num_ranks
         L = handle.num_experts // R
@@ -504,12 +537,10 @@ class LowLatencyState:
             r = self._fast_combine(x, topk_idx, topk_weights, handle, out)
             if r is not None:
                 return r
-        if not isinstance(handle, LowLatencyHandle):
-            raise TypeError(f"handle: expected a LowLatencyHandle, got {type(handle).__name__}")
-        if self._disp_gen[handle.slot] != handle.generation:
-            raise BufferStateError(
-                "handle: its dispatch results were overwritten by a later dispatch in the same slot "
-                "(at most two low-latency dispatches may be in flight)")
+        self._check_handle(handle, "low_latency_combine")
+        check_event(previous_event)
+        zero_copy, async_finish = check_bool("zero_copy", zero_copy), check_bool("async_finish", async_finish)
+        return_recv_hook = check_bool("return_recv_hook", return_recv_hook)
         if self._disp_pending[handle.slot]:
             raise BufferStateError("low_latency_combine: call the dispatch's receive hook first")
         R = self.num_ranks
@@ -519,8 +550,9 @@ class LowLatencyState:
         xr = b._tensor(x, "x", dtype="bfloat16", ndim=3, shape=(L, R * T, H))
         fw = xr.framework
         N = handle.num_tokens
-        tr = b._tensor(topk_idx, "topk_idx", dtype="index", ndim=2, shape=(N, handle.num_topk))
-        wr = b._tensor(topk_weights, "topk_weights", dtype="float32", ndim=2, shape=(N, handle.num_topk))
+        tr = b._tensor(topk_idx, "topk_idx", dtype="index", ndim=2, shape=(N, handle.num_topk), framework=fw)
+        wr = b._tensor(topk_weights, "topk_weights", dtype="float32", ndim=2, shape=(N, handle.num_topk),
+                       framework=fw)
         Kt = handle.num_topk
         lay = self.layout(T, H, E)
         slot = self._comb_slot
@@ -533,10 +565,14 @@ class LowLatencyState:
             raise BufferStateError("low_latency_combine: the receive hook of the combine two calls ago was never called")
         if async_finish and return_recv_hook:
             raise ValueError("async_finish and return_recv_hook cannot both be set")
-        o = b._tensor(out, "out", dtype="bfloat16", ndim=2, shape=(N, H), allow_none=True)
+        o = b._tensor(out, "out", dtype="bfloat16", ndim=2, shape=(N, H), allow_none=True, framework=fw,
+                      writable=True)
         mod = loader.load(K.LowLatencySpec(H, False), self.device_id)
         with _cuda.on_device(self.device_id):
             caller, stream = self._stream_for(fw, async_finish, previous_event)
+            # The same indices as the dispatch's: a repeated or out-of-range one would garble
+            # the token's sum (one device sync; EPCOMM_CHECK_INDICES=0 skips it).
+            check_topk_indices(tr.obj, fw, E, capturing=_cuda.stream_is_capturing(caller), unique=True)
             if o is None:
                 out_obj, o = self.empty(fw, (N, H), "bfloat16")
             else:
@@ -565,7 +601,7 @@ class LowLatencyState:
                 grid = min(send_blocks, self._coop_blocks(fn, smem))
                 launch(fn, grid, K.THREADS, stream, p, smem=smem, cooperative=True)
             self._comb_slot ^= 1
-            ev = self._event(fw, caller, stream, async_finish)
+            ev = self._event(fw, caller, stream, async_finish, (xr, tr, wr, o))
         hook = None
         if return_recv_hook:
             def hook(_p=p, _stream=stream, _slot=slot, _mod=mod, _grid=recv_blocks, _smem=smem, _keep=(tr, wr)):
@@ -595,7 +631,7 @@ class LowLatencyState:
         N, Kt = handle.num_tokens, handle.num_topk
         # The dispatch results object identifies T, H and E (plans are dropped when it changes).
         plan = self._plans.get(("c", N, Kt, slot, hs, id(handle.refs["keep"])))
-        if plan is None or self._comb_pending[slot] or self.buf._err.rec.code != 0:
+        if plan is None or self._comb_pending[slot] or self.buf._err.pending():
             return None
         ks = (N, Kt)
         if (x.dtype is not t.bfloat16 or topk_idx.dtype is not t.int64 or topk_weights.dtype is not t.float32
@@ -619,14 +655,25 @@ class LowLatencyState:
         return out, self._no_event, None
 
     def clean(self, T: int, H: int, E: int) -> None:
-        """Reset all low-latency flags and sequence numbers (collective; no call may be in flight)."""
+        """Reset all low-latency flags and sequence numbers (collective; no call may be in flight).
+
+        ``T, H, E``: the largest shape the next calls use (as for the size hint).  Raises
+        TypeError/ValueError for a shape the kernels cannot run or the heap cannot hold, and
+        BufferStateError while a receive hook is pending (call it first): the checks run before
+        the collective, so every rank raises alike.  Handles of earlier dispatches become stale.
+        """
+        T, H, E, _ = K.check_shape(T, H, E, self.num_ranks)
         lay = self.layout(T, H, E)
+        if any(self._disp_pending) or any(self._comb_pending):
+            raise BufferStateError("clean_low_latency_buffer: a low-latency receive hook is pending; call it first")
+        # Message tags restart: zero the dispatch regions of every shape used so far too.
+        end = max([lay.comb_region_off] + [ly.comb_region_off for ly in self._layouts.values()])
         b = self.buf
         with _cuda.on_device(self.device_id):
             _cuda.stream_sync(b._stream)
             b.group.barrier()
             # Flags, acknowledgements and the dispatch regions (whose message tags restart too).
-            _cuda.memset_d8_async(self.heap, 0, lay.comb_region_off, b._stream)
+            _cuda.memset_d8_async(self.heap, 0, end, b._stream)
             _cuda.memset_d8_async(self.ctrl, 0, ctypes.sizeof(K.LLCtrl), b._stream)
             _cuda.stream_sync(b._stream)
             b.group.barrier()

@@ -51,15 +51,39 @@ class _Combine(torch.autograd.Function):
 def dispatch(buffer, x, topk_idx, topk_weights, num_experts: int, **kwargs):
     """Differentiable :meth:`epcomm.Buffer.dispatch` (BF16 ``x``; gradients flow to ``x`` and
     ``topk_weights``).  Returns ``(recv_x, recv_topk_idx, recv_topk_weights,
-    num_recv_tokens_per_expert_list, handle)``; extra keyword arguments go to ``dispatch``."""
-    f = _Dispatch.apply(x, topk_weights, buffer, topk_idx, num_experts, kwargs)
-    recv_x, recv_idx, recv_w = f
-    counts, handle = recv_x.grad_fn.extra if recv_x.grad_fn is not None else (None, None)
-    if handle is None:  # no input needed gradients: the Function ran without a graph node
-        raise RuntimeError("epcomm.torch_autograd.dispatch: use Buffer.dispatch when nothing needs gradients")
+    num_recv_tokens_per_expert_list, handle)``; extra keyword arguments go to ``dispatch``.
+
+    With gradients disabled (``torch.no_grad()``, inference) or when neither ``x`` nor
+    ``topk_weights`` requires grad, this is a plain ``Buffer.dispatch`` with the same return
+    value and nothing recorded for backward, like any torch operation; a model can then run
+    the same code in training and evaluation.
+
+    Raises, before anything is dispatched: TypeError if ``x`` is not a torch tensor (an FP8
+    ``(data, scales)`` pair has no gradient: use ``Buffer.dispatch`` for it), ValueError for
+    ``async_finish=True`` (autograd uses the outputs on the current stream at once and has no
+    place for the event: use ``Buffer.dispatch`` to overlap), and what ``Buffer.dispatch`` raises.
+    """
+    if isinstance(x, (tuple, list)):
+        raise TypeError("x: epcomm.torch_autograd.dispatch takes a bf16 tensor; an FP8 (data, scales) pair "
+                        "is not differentiable: dispatch it with Buffer.dispatch")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if kwargs.get("async_finish"):
+        raise ValueError("async_finish: not supported by epcomm.torch_autograd.dispatch (its outputs are used "
+                         "on the current stream at once and the event would be lost); use Buffer.dispatch "
+                         "with async_finish=True to overlap communication")
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or (isinstance(topk_weights, torch.Tensor) and topk_weights.requires_grad))
+    if not needs_grad:
+        recv_x, recv_idx, recv_w, counts, handle, _ = buffer.dispatch(
+            x, topk_idx=topk_idx, topk_weights=topk_weights, num_experts=num_experts, **kwargs)
+        return recv_x, recv_idx, recv_w, counts, handle
+    recv_x, recv_idx, recv_w = _Dispatch.apply(x, topk_weights, buffer, topk_idx, num_experts, kwargs)
+    counts, handle = recv_x.grad_fn.extra  # some input requires grad: recv_x has the graph node
     return recv_x, recv_idx, recv_w, counts, handle
 
 
 def combine(buffer, x, handle):
-    """Differentiable :meth:`epcomm.Buffer.combine` (unweighted sum of each token's rows)."""
+    """Differentiable :meth:`epcomm.Buffer.combine` (unweighted sum of each token's rows); with
+    gradients disabled, a plain combine."""
     return _Combine.apply(x, buffer, handle)

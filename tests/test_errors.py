@@ -71,6 +71,15 @@ def test_bad_input_is_a_value_error_and_leaves_the_state_usable():
     assert _bad(_state(0), 1, 64, 70, code=-1).to_exception() is None  # still being written
 
 
+def test_a_bad_index_names_the_kernel_that_saw_it():
+    # report_error puts the phase above num_experts in bad_limit (the record has no spare field)
+    for phase, name in ((0, "get_dispatch_layout"), (1, "get_dispatch_layout"), (32, "low_latency_dispatch"),
+                        (43, "low_latency_combine")):
+        st = _bad(_state(0), 7, 288 | (phase << 32), -3)
+        with pytest.raises(ValueError, match=f"^{name}.*expert index -3 .token 7., outside \\[-1, 288\\)"):
+            st.check()
+
+
 def test_a_timeout_after_a_bad_index_is_recorded_and_poisons():
     # the bad index has its own slot, so the record of a later timeout is not lost behind it
     st = _bad(_state(_errstate.ERR_TIMEOUT, rank=0, phase=13, channel=2, peer=1), 5, 64, 64)

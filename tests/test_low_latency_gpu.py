@@ -457,3 +457,75 @@ def test_low_latency_ranks_with_different_combine_settings_raise_at_the_dispatch
     not combine; the dispatch's shape word carries the setting and every rank raises."""
     res = spawn.run(_partials_mismatch_worker, _world(), timeout=180, env={"EPCOMM_TIMEOUT_S": "60"})
     assert_every_rank_ok(res)
+
+
+def _bad_index_worker(rank, world, group):
+    """Rank 0 passes an out-of-range expert id with the host check off: the kernels skip it as
+    if it were -1, every rank completes, and rank 0's next check names the kernel and token."""
+    import ml_dtypes
+    import torch
+
+    import epcomm
+    from epcomm import reference
+    from epcomm.testing import random_bf16, random_topk, random_weights
+    torch.cuda.set_device(device_of(rank))
+    T, H, E, K = 32, 2048, 8 * world, 4
+    rng = np.random.default_rng(5)
+    tks = [random_topk(rng, T, E, K) for _ in range(world)]
+    ws = [random_weights(rng, t) for t in tks]
+    xs = [random_bf16(rng, (T, H)) for _ in range(world)]
+    skipped = [t.copy() for t in tks]
+    skipped[0][3, 1] = -1
+    bad = tks[rank].copy()
+    if rank == 0:
+        bad[3, 1] = E + 5
+    buf = epcomm.Buffer(group, 0, epcomm.Buffer.get_low_latency_rdma_size_hint(T, H, world, E), low_latency_mode=True)
+    out = {}
+    ref = reference.low_latency_dispatch(xs, skipped, T, E, use_fp8=False)
+    recv, cnt, handle, _, _ = buf.low_latency_dispatch(_up(xs[rank]), _up(bad), T, E, use_fp8=False)
+    torch.cuda.synchronize()
+    try:
+        rr = ref[rank]
+        _assert_bits("recv_count", _np(cnt), rr.recv_count)
+        gx = _np(recv)
+        for j in range(E // world):
+            c = int(rr.recv_count[j])
+            _assert_bits(f"recv_x[{j}]", gx[j, :c], rr.recv_x[j, :c])
+        out["dispatch"] = "ok"
+    except AssertionError as e:
+        out["dispatch"] = str(e)
+    for name, kernel in (("dispatch_report", "low_latency_dispatch"), ("combine_report", "low_latency_combine")):
+        if name == "combine_report":
+            ys = [(r.recv_x.astype(np.float32) * np.float32(d + 1.5)).astype(ml_dtypes.bfloat16) for d, r in enumerate(ref)]
+            cref = reference.low_latency_combine(ys, skipped, ws, [r.handle for r in ref],
+                                                 partials=buf._ll.partials and not buf._ll.force_put)[rank]
+            comb, _, _ = buf.low_latency_combine(_up(ys[rank]), _up(bad), _up(ws[rank]), handle)
+            torch.cuda.synchronize()
+            try:
+                _assert_bits("combined", _np(comb), cref)
+                out["combine"] = "ok"
+            except AssertionError as e:
+                out["combine"] = str(e)
+        try:
+            buf.check()
+            out[name] = "ok" if rank != 0 else "no error"
+        except ValueError as e:
+            msg = str(e)
+            ok = rank == 0 and msg.startswith(kernel) and f"expert index {E + 5} (token 3)" in msg
+            out[name] = "ok" if ok else f"bad: {msg}"
+        group.barrier()
+    # The buffer stays usable: a clean round trip.
+    recv, cnt, handle, _, _ = buf.low_latency_dispatch(_up(xs[rank]), _up(tks[rank]), T, E, use_fp8=False)
+    torch.cuda.synchronize()
+    out["usable"] = "ok" if int(_np(cnt).sum()) == int(reference.low_latency_dispatch(
+        xs, tks, T, E, use_fp8=False)[rank].recv_count.sum()) else "bad counts"
+    group.barrier()
+    buf.destroy()
+    return out
+
+
+@needs_ll_ranks
+def test_low_latency_bad_expert_index_seen_on_the_device_is_reported_and_skipped():
+    res = spawn.run(_bad_index_worker, _world(), timeout=180,
+                    env={"EPCOMM_CHECK_INDICES": "0", "EPCOMM_TIMEOUT_S": "20"})
+    assert_every_rank_ok(res)

@@ -60,3 +60,37 @@ def test_gradients_flow_through_dispatch_and_combine():
     want_gw = (x.detach().sum(1, keepdim=True) * (idx >= 0)) * routed[:, None]
     assert torch.allclose(w.grad, want_gw)
     assert sum(counts) == int((idx >= 0).sum())
+
+
+class _CountingBuffer(OneRankBuffer):
+    def __init__(self):
+        self.dispatches = 0
+
+    def dispatch(self, x, **kw):
+        self.dispatches += 1
+        return super().dispatch(x, **kw)
+
+
+def test_without_gradients_dispatch_is_a_plain_dispatch():
+    idx = torch.tensor([[0, 1], [1, -1], [-1, -1]])
+    w = torch.rand(3, 2)
+    for x, grad in ((torch.randn(3, 8), True), (torch.randn(3, 8, requires_grad=True), False)):
+        buf = _CountingBuffer()
+        with torch.set_grad_enabled(grad):
+            rx, ridx, rw, counts, handle = dispatch(buf, x, idx, w, 4)
+        assert buf.dispatches == 1 and rx.grad_fn is None and handle is not None
+        assert rx.shape == (2, 8) and sum(counts) == 3
+        assert combine(buf, rx, handle).shape == (3, 8)
+
+
+def test_unsupported_arguments_raise_before_the_collective():
+    buf = _CountingBuffer()
+    idx = torch.tensor([[0, 1]])
+    x = torch.randn(1, 128, requires_grad=True)
+    with pytest.raises(ValueError, match="async_finish: not supported"):
+        dispatch(buf, x, idx, None, 4, async_finish=True)  # the event would be lost
+    with pytest.raises(TypeError, match="an FP8 \\(data, scales\\) pair is not differentiable"):
+        dispatch(buf, (x.detach(), torch.ones(1, 1, requires_grad=True)), idx, None, 4)
+    with pytest.raises(TypeError, match="x: expected a torch.Tensor"):
+        dispatch(buf, x.detach().numpy(), idx, None, 4)
+    assert buf.dispatches == 0

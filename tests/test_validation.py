@@ -20,6 +20,7 @@ from epcomm.kernels.layout import check_layout_args  # noqa: E402
 
 class _NoErr:
     poisoned = None
+    dev_ptr = 0
 
     def check(self, *a, **k):
         pass
@@ -177,3 +178,347 @@ def test_memoised_knob_follows_changes_of_the_variable(monkeypatch):
     monkeypatch.setenv("EPCOMM_CHECK_INDICES", "maybe")
     with pytest.raises(ValueError, match="EPCOMM_CHECK_INDICES"):
         e.CHECK_INDICES.get_memo()
+
+
+# ---- normal mode through the whole call: driver calls recorded instead of made ----------------
+# A Buffer without its constructor, CPU tensors standing in for CUDA ones, and every call that
+# would reach the driver (launches, memsets, stream/event operations) replaced by a recorder
+# (monkeypatch, undone after each test).  "Nothing launched" below means the error came first.
+
+class _Rig:
+    def __init__(self, monkeypatch):
+        import contextlib
+
+        from epcomm import _cuda, interop
+        from epcomm import buffer as B
+        from epcomm.jit import loader
+        from epcomm.kernels import layout as K_layout
+        self.log = []
+        orig_as_tensor, orig_empty = interop.as_tensor, interop.empty
+
+        def as_tensor(obj, name, **kw):
+            kw.pop("device", None)
+            ref = orig_as_tensor(obj, name, device="any", **kw)
+            if ref is not None:
+                ref.device_type, ref.device_id = "cuda", 0
+            return ref
+
+        class _Mod:
+            def fn(self, n):
+                return n
+
+        def launch(fn, grid, threads, stream, p, smem=0, cooperative=False):
+            self.log.append((fn, grid, {f: getattr(p, f, None) for f in ("expert_alignment", "num_topk")}))
+
+        monkeypatch.setattr(interop, "as_tensor", as_tensor)
+        monkeypatch.setattr(interop, "current_stream", lambda fw, d: 0)
+        monkeypatch.setattr(interop, "empty", lambda fw, shape, dtype, *a: orig_empty(fw, shape, dtype, "cpu", 0))
+        for name, fn in (("on_device", lambda d: contextlib.nullcontext()), ("stream_is_capturing", lambda s: False),
+                         ("event_create", lambda *a: 1), ("event_record", lambda *a: None),
+                         ("stream_wait_event", lambda *a: None), ("memset_d32_async", lambda *a: None),
+                         ("stream_sync", lambda *a: None), ("event_destroy", lambda *a: None),
+                         ("num_sms", lambda d: 132)):
+            monkeypatch.setattr(_cuda, name, fn)
+        monkeypatch.setattr(loader, "load", lambda spec, dev: _Mod())
+        monkeypatch.setattr(B, "launch", launch)
+        monkeypatch.setattr(K_layout, "launch", launch)
+
+    def launched(self):
+        return [e[0] for e in self.log]
+
+    def buffer(self, R=2, recv_per_rank=4):
+        from epcomm import buffer as B
+        b = _fake_buffer()
+        b.num_ranks, b._serial, b._device_sms = R, next(B._BUFFER_SERIALS), 132
+        b.timeout_s, b._alloc_on_comm = 1.0, False
+        b._stream = b._stream2 = b._ev_start = b._ev_mid = b._ev_recv = 0
+
+        class _St:
+            layout = K_intra.BufferLayout.for_bytes(R, 64 << 20)
+            prof, host_stamps = 0, {}
+            info = np.zeros(2 + R + K_intra.MAX_LOCAL_EXPERTS, np.int32)
+            recv_history: dict = {}
+            speculation, orphans, spec_hits, spec_misses = -1.0, [], 0, 0
+
+            def params(self, timeout_s):
+                return K_intra.IntraParams()
+
+        b._intra = st = _St()
+
+        def counts_arrived(what):  # what the notify kernel would publish
+            st.info[1] = recv_per_rank * R
+            st.info[2:2 + R] = recv_per_rank
+            st.info[0] = 1
+        b._wait_host_info = counts_arrived
+        return b
+
+
+@pytest.fixture
+def rig(monkeypatch):
+    return _Rig(monkeypatch)
+
+
+_BF = torch.bfloat16
+_IDX = torch.tensor([[0, 1], [1, 2], [2, 3], [3, -1]])
+
+
+def _dispatch(b, **kw):
+    kw.setdefault("topk_idx", _IDX)
+    kw.setdefault("num_experts", 4)
+    return b.dispatch(torch.zeros(4, 128, dtype=_BF), **kw)
+
+
+def test_combine_topk_weights_must_have_the_dispatch_topk_width(rig):
+    b = rig.buffer()
+    h = _dispatch(b, topk_weights=torch.ones(4, 2))[4]
+    x = torch.zeros(h.out_rows, 128, dtype=_BF)
+    rig.log.clear()
+    # Wider rows than the dispatch checked the capacity for could overrun a peer's region.
+    with pytest.raises(ValueError, match=r"topk_weights: has 3 columns .* handle.num_topk=2"):
+        b.combine(x, h, topk_weights=torch.zeros(h.out_rows, 3))
+    with pytest.raises(ValueError, match="has 1 columns"):
+        b.combine(x, h, topk_weights=torch.zeros(h.out_rows, 1))
+    # A dispatch without top-k (num_worst_tokens: no counts known to check against) takes none.
+    hw = b.dispatch(torch.zeros(4, 128, dtype=_BF), is_token_in_rank=torch.ones(4, 2, dtype=torch.bool),
+                    num_worst_tokens=8)[4]
+    assert hw.recv_counts is None and hw.num_topk == 0
+    rig.log.clear()
+    with pytest.raises(ValueError, match=r"dispatch had no top-k \(handle.num_topk=0\)"):
+        b.combine(torch.zeros(8, 128, dtype=_BF), hw, topk_weights=torch.zeros(8, 64))
+    assert rig.launched() == []
+    out, w, _ = b.combine(x, h, topk_weights=torch.zeros(h.out_rows, 2))
+    assert tuple(w.shape) == (4, 2) and rig.launched() == ["combine"]
+
+
+def test_config_fields_are_typed_bounded_and_stored_as_python_numbers():
+    c = Config(num_sms=np.int64(24), chunk_rows=np.int32(64), send_fraction=np.float32(0.5))
+    assert type(c.num_sms) is int and type(c.chunk_rows) is int and type(c.send_fraction) is float
+    assert c.split() == (12, 12)
+    with pytest.raises(TypeError, match="Config.num_sms must be an int"):
+        Config(num_sms=24.0)
+    with pytest.raises(TypeError, match="Config.num_sms must be an int"):
+        Config(num_sms="24")
+    with pytest.raises(TypeError, match="Config.chunk_rows must be an int"):
+        Config(chunk_rows=100.5)
+    with pytest.raises(TypeError, match="Config.send_fraction must be a real number"):
+        Config(send_fraction="0.5")
+    with pytest.raises(ValueError, match="Config.send_fraction=nan"):
+        Config(send_fraction=float("nan"))
+    Config(chunk_rows=K_intra.MAX_CHUNK_ROWS)
+    with pytest.raises(ValueError, match=f"Config.chunk_rows={K_intra.MAX_CHUNK_ROWS + 1} must be <="):
+        Config(chunk_rows=K_intra.MAX_CHUNK_ROWS + 1)  # an int32 field, with int32 arithmetic on it
+    with pytest.raises(ValueError, match="Config.chunk_rows=2147483648"):
+        Config(chunk_rows=2**31)
+
+
+def test_set_num_sms_stores_an_int_within_the_device(rig):
+    b = rig.buffer()
+    b.set_num_sms(np.int64(20))
+    assert type(b.get_dispatch_config().num_sms) is int and b.get_combine_config().num_sms == 20
+    with pytest.raises(ValueError, match="num_sms=133 must be <= 132"):
+        b.set_num_sms(133)
+    assert b.get_dispatch_config().num_sms == 20  # unchanged
+    _dispatch(b)
+    assert rig.launched() == ["layout", "notify", "send", "recv"]
+
+
+def test_config_argument_is_checked_at_call_time(rig):
+    b = rig.buffer()
+    h = _dispatch(b)[4]
+    x = torch.zeros(h.out_rows, 128, dtype=_BF)
+    rig.log.clear()
+    with pytest.raises(TypeError, match="config: expected an epcomm.Config or None, got int"):
+        _dispatch(b, config=24)
+    with pytest.raises(TypeError, match="config: expected an epcomm.Config"):
+        b.combine(x, h, config={"num_sms": 24})
+    with pytest.raises(ValueError, match="dispatch: config.num_sms=200 exceeds the 132 SMs"):
+        _dispatch(b, config=Config(num_sms=200))
+    with pytest.raises(ValueError, match="combine: config.num_sms=200 exceeds the 132 SMs"):
+        b.combine(x, h, config=Config(num_sms=200))
+    assert rig.launched() == []
+    b.combine(x, h, config=Config(num_sms=132))
+    assert rig.log[-1][:2] == ("combine", 132)
+
+
+def test_destroyed_buffer_says_so_before_anything_else():
+    b = _fake_buffer()
+    b._destroyed, b._intra = True, None  # what destroy() leaves
+    with pytest.raises(BufferStateError, match="dispatch: the Buffer was destroyed"):
+        b.dispatch(torch.zeros(4, 128, dtype=torch.bfloat16))
+    with pytest.raises(BufferStateError, match="combine: the Buffer was destroyed"):
+        b.combine(torch.zeros(4, 128, dtype=torch.bfloat16), handle=object())
+    with pytest.raises(BufferStateError, match="get_dispatch_layout: the Buffer was destroyed"):
+        b.get_dispatch_layout(torch.zeros(4, 2, dtype=torch.long), 4)
+
+
+def test_every_array_of_a_call_is_in_the_framework_of_x(rig):
+    b = rig.buffer()
+    itr, nte = torch.ones(4, 2, dtype=torch.bool), torch.zeros(4, dtype=torch.int32)
+    cases = {"topk_idx": dict(topk_idx=_IDX.numpy()),
+             "topk_weights": dict(topk_weights=np.ones((4, 2), np.float32)),
+             "is_token_in_rank": dict(is_token_in_rank=itr.numpy(), num_tokens_per_expert=nte),
+             "num_tokens_per_expert": dict(is_token_in_rank=itr, num_tokens_per_expert=nte.numpy()),
+             "num_tokens_per_rank": dict(num_tokens_per_rank=np.zeros(2, np.int32))}
+    for name, kw in cases.items():
+        with pytest.raises(TypeError, match=f"{name}: is a numpy array but x is a torch one"):
+            _dispatch(b, **kw)
+    with pytest.raises(TypeError, match=r"x\[1\]: is a numpy array but x is a torch one"):
+        b.dispatch((torch.zeros(4, 128, dtype=torch.float8_e4m3fn), np.ones((4, 1), np.float32)),
+                   topk_idx=_IDX, num_experts=4)
+    h = _dispatch(b, topk_weights=torch.ones(4, 2))[4]
+    x = torch.zeros(h.out_rows, 128, dtype=_BF)
+    rig.log.clear()
+    with pytest.raises(TypeError, match="topk_weights: is a numpy array"):
+        b.combine(x, h, topk_weights=np.zeros((h.out_rows, 2), np.float32))
+    with pytest.raises(TypeError, match=r"bias\[0\]: is a numpy array"):
+        b.combine(x, h, bias=np.zeros((4, 128), np.float32))
+    assert rig.launched() == []
+
+
+def test_previous_event_must_be_an_event(rig):
+    b = rig.buffer()
+    h = _dispatch(b)[4]
+    rig.log.clear()
+    for call in (lambda: b.get_dispatch_layout(_IDX, 4, previous_event="x"),
+                 lambda: _dispatch(b, previous_event="x"),
+                 lambda: b.combine(torch.zeros(h.out_rows, 128, dtype=_BF), h, previous_event=object())):
+        with pytest.raises(TypeError, match="previous_event: expected an EventOverlap"):
+            call()
+    assert rig.launched() == []
+
+
+def test_layout_shared_memory_is_bounded(rig):
+    from epcomm.kernels.layout import LAYOUT_MAX_COUNTERS
+    assert LAYOUT_MAX_COUNTERS == 12288
+    check_layout_args(4, 16 * 767, 16, 16)  # 12272 experts + 16 ranks: fits
+    with pytest.raises(ValueError, match="12304 experts, ranks and nodes in shared memory, at most 12288"):
+        check_layout_args(4, 16 * 768, 16, 16)
+    b = rig.buffer(R=16)
+    idx = torch.zeros(4, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match="at most 12288"):
+        b.get_dispatch_layout(idx, 16 * 768)
+    with pytest.raises(ValueError, match="at most 12288"):  # dispatch would run the layout kernel itself
+        b.dispatch(torch.zeros(4, 128, dtype=_BF), topk_idx=idx, num_experts=16 * 768)
+    assert rig.launched() == []
+    # Both arrays given: no layout kernel, so no such limit.
+    b.dispatch(torch.zeros(4, 128, dtype=_BF), topk_idx=idx, num_experts=16 * 768,
+               is_token_in_rank=torch.ones(4, 16, dtype=torch.bool),
+               num_tokens_per_expert=torch.zeros(16 * 768, dtype=torch.int32))
+    assert rig.launched() == ["notify", "send", "recv"]
+
+
+@pytest.mark.parametrize("R", [12, 16, 72])
+def test_buffer_layout_accepts_every_rank_count_of_dispatch(rig, R):
+    b = rig.buffer(R=R)
+    ntr, nrdma, nte, itr, _ = b.get_dispatch_layout(torch.zeros(4, 2, dtype=torch.long), 2 * R)
+    assert nrdma is None  # one NVLink domain
+    assert tuple(ntr.shape) == (R,) and tuple(nte.shape) == (2 * R,) and tuple(itr.shape) == (4, R)
+    assert rig.launched() == ["layout"]
+    _dispatch(b, topk_idx=torch.zeros(4, 2, dtype=torch.long), num_experts=2 * R, num_tokens_per_rank=ntr,
+              num_tokens_per_rdma_rank=nrdma, is_token_in_rank=itr, num_tokens_per_expert=nte)
+
+
+def test_expert_alignment_is_bounded(rig):
+    b = rig.buffer()
+    with pytest.raises(ValueError, match="expert_alignment=2147483648 must be <= 1048576"):
+        _dispatch(b, expert_alignment=2**31)  # would wrap in the kernel's 32-bit field
+    with pytest.raises(TypeError, match="expert_alignment must be an int"):
+        _dispatch(b, expert_alignment=4.0)
+    assert rig.launched() == []
+    _dispatch(b, expert_alignment=np.int64(K_intra.MAX_EXPERT_ALIGNMENT))
+    assert rig.log[-1][2]["expert_alignment"] == K_intra.MAX_EXPERT_ALIGNMENT
+
+
+def test_layout_counts_are_checked_when_given_and_cached_dispatch_takes_no_routing(rig):
+    b = rig.buffer()
+    with pytest.raises(TypeError, match="num_tokens_per_rank: expected a"):
+        _dispatch(b, num_tokens_per_rank="garbage")
+    with pytest.raises(TypeError, match="num_tokens_per_rank: expected dtype int32"):
+        _dispatch(b, num_tokens_per_rank=torch.zeros(2))
+    with pytest.raises(ValueError, match=r"num_tokens_per_rank: expected shape \(2,\)"):
+        _dispatch(b, num_tokens_per_rank=torch.zeros(7, dtype=torch.int32))
+    with pytest.raises(TypeError, match="num_tokens_per_rdma_rank: expected a"):
+        _dispatch(b, num_tokens_per_rdma_rank="garbage")
+    with pytest.raises(ValueError, match="num_tokens_per_rdma_rank: has 3 entries"):
+        _dispatch(b, num_tokens_per_rdma_rank=torch.zeros(3, dtype=torch.int32))
+    assert rig.launched() == []
+    h = _dispatch(b, num_tokens_per_rank=torch.zeros(2, dtype=torch.int32),
+                  num_tokens_per_rdma_rank=torch.zeros(1, dtype=torch.int32))[4]
+    rig.log.clear()
+    x = torch.zeros(4, 128, dtype=_BF)
+    for kw in (dict(num_tokens_per_expert=torch.zeros(4, dtype=torch.int32)), dict(num_experts=4),
+               dict(num_tokens_per_rdma_rank=torch.zeros(1, dtype=torch.int32))):
+        with pytest.raises(ValueError, match=f"{next(iter(kw))}: must be None for a cached dispatch"):
+            b.dispatch(x, handle=h, **kw)
+    with pytest.raises(ValueError, match="expert_alignment=4: a cached dispatch"):
+        b.dispatch(x, handle=h, expert_alignment=4)
+    assert rig.launched() == []
+    b.dispatch(x, handle=h)
+    assert rig.launched() == ["notify", "send", "recv"]
+
+
+def test_nvl_buffer_size_hint_checks_its_arguments():
+    assert Buffer.get_nvl_buffer_size_hint(np.int64(7168), 2, 4096) == Buffer.get_nvl_buffer_size_hint(7168, 2, 4096)
+    for args, exc, msg in (((7168, 2, -5), ValueError, "num_max_tokens_per_rank=-5 must be >= 1"),
+                           ((7168, 2, 0), ValueError, "num_max_tokens_per_rank=0"),
+                           ((0, 2, 4096), ValueError, "hidden=0 must be >= 8"),
+                           ((100, 2, 10), ValueError, "hidden=100 must be a multiple of 8"),
+                           ((7168.0, 2, 4096), TypeError, "hidden must be an int"),
+                           ((7168, 1, 4096), ValueError, "num_ranks=1 must be >= 2"),
+                           ((7168, 100, 4096), ValueError, "num_ranks=100 must be <= 72"),
+                           ((7168, 2, 4096, -8), ValueError, "num_topk=-8 must be >= 0"),
+                           ((7168, 2, 4096, 8.0), TypeError, "num_topk must be an int")):
+        with pytest.raises(exc, match=msg):
+            Buffer.get_nvl_buffer_size_hint(*args)
+
+
+def test_handles_belong_to_their_buffer_by_serial_not_address(rig):
+    b1, b2 = rig.buffer(), rig.buffer()
+    assert b1._serial != b2._serial
+    h = _dispatch(b1)[4]
+    assert h.buffer_id == b1._serial
+    with pytest.raises(ValueError, match="handle: was made by another Buffer"):
+        b2.combine(torch.zeros(h.out_rows, 128, dtype=_BF), h)
+    # id() of a collected Buffer can be that of a new one: a handle must not pass for its own.
+    h.buffer_id = id(b2)
+    rig.log.clear()
+    with pytest.raises(ValueError, match="handle: was made by another Buffer"):
+        b2.combine(torch.zeros(h.out_rows, 128, dtype=_BF), h)
+    with pytest.raises(ValueError, match="handle: was made by another Buffer"):
+        b2.dispatch(torch.zeros(4, 128, dtype=_BF), handle=h)
+    assert rig.launched() == []
+
+
+def test_numpy_num_experts_and_half_empty_bias_pairs(rig):
+    b = rig.buffer()
+    ntr, _, nte, _, _ = b.get_dispatch_layout(_IDX, np.int64(4))
+    assert tuple(nte.shape) == (4,)
+    h = _dispatch(b)[4]
+    x = torch.zeros(h.out_rows, 128, dtype=_BF)
+    bias = torch.zeros(4, 128, dtype=_BF)
+    for pair in ((bias, None), (None, bias), (None, None)):
+        b.combine(x, h, bias=pair)
+    with pytest.raises(TypeError, match=r"bias\[1\]: expected dtype bfloat16"):
+        b.combine(x, h, bias=(None, torch.zeros(4, 128)))
+
+
+def test_outputs_allocated_on_the_comm_stream_record_the_callers_stream(rig, monkeypatch):
+    b = rig.buffer()
+    caller = object()
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: caller)
+
+    class _Out:
+        def __init__(self):
+            self.streams = []
+
+        def record_stream(self, s):
+            self.streams.append(s)
+
+    outs = [_Out(), None, _Out()]
+    b._alloc_on_comm = True
+    b._finish("torch", 0, False, outs, [])
+    assert outs[0].streams == [caller] and outs[2].streams == [caller]
+    b._alloc_on_comm = False  # allocated on the caller's stream: nothing to record
+    plain = _Out()
+    b._finish("torch", 0, False, [plain], [])
+    assert plain.streams == []

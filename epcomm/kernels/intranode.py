@@ -19,6 +19,15 @@ NOTIFY_THREADS = 1024
 MAX_CHUNKS = 1024       # chunks per source rank (chunk_rows grows for larger capacities)
 CHUNK_FLAG_SLOTS = THREADS // 32  # kChunkFlagSlots: one arrival flag per sending warp
 MAX_LOCAL_EXPERTS = 1023
+# Upper bounds of two int32 fields of IntraParams, where the kernels compute in 32 bits:
+# * chunk_rows: ChunkPlan (intranode.cuh) forms rows + CR - 1 and tail * (CR / 4) with
+#   tail = kTailChunks <= 16; 2**24 rows keeps both far from 2**31 for any row count a staging
+#   region can realistically hold, and a larger chunk would only mean one chunk per source.
+# * expert_alignment: the notify kernel rounds each per-expert count c up as (c + a - 1) / a * a;
+#   2**20 keeps that below 2**31 for every count below 2**31 - 2**20 (the alignments in use are
+#   GEMM tile heights, 1 to a few hundred rows).
+MAX_CHUNK_ROWS = 1 << 24
+MAX_EXPERT_ALIGNMENT = 1 << 20
 # Words of a dispatch that every rank must agree on, exchanged in the mailbox with the counts
 # (mailbox_agree_field in intranode.cuh, same order); a difference raises RankMismatchError.
 MAILBOX_AGREE_FIELDS = ("hidden", "fp8", "num_topk", "num_experts", "chunk_rows")

@@ -6,6 +6,7 @@ import ctypes
 from dataclasses import dataclass
 
 from .. import _cuda, interop
+from .._validate import check_int
 from ..jit import loader
 from ..jit.launch import launch
 from ..jit.spec import KernelDef, KernelSpec, ParamsStruct
@@ -32,20 +33,44 @@ class LayoutSpec(KernelSpec):
         return (KernelDef("layout", "epcomm::get_dispatch_layout_kernel", (self.threads,), LayoutParams),)
 
 
+# The kernel keeps one int counter per expert, rank and node in dynamic shared memory.  48 KiB
+# is what every kernel may use without an opt-in on every GPU; the loader does opt every kernel
+# in to the device's whole shared memory, but no launch above 48 KiB has run on a GPU yet, so
+# larger counts raise a clear error instead of being tried (README, Limits).
+LAYOUT_MAX_SMEM = 48 * 1024
+LAYOUT_MAX_COUNTERS = LAYOUT_MAX_SMEM // 4
+
+
+def check_layout_smem(num_experts: int, num_ranks: int, num_nodes: int = 0) -> None:
+    """ValueError if the layout kernel's counters (E + R + nodes ints) exceed LAYOUT_MAX_SMEM."""
+    n = num_experts + num_ranks + num_nodes
+    if n > LAYOUT_MAX_COUNTERS:
+        raise ValueError(f"num_experts={num_experts} with num_ranks={num_ranks}: the layout kernel counts "
+                         f"{n} experts, ranks and nodes in shared memory, at most {LAYOUT_MAX_COUNTERS} "
+                         f"({LAYOUT_MAX_SMEM // 1024} KiB); compute is_token_in_rank and num_tokens_per_expert "
+                         f"yourself and pass them to dispatch")
+
+
 def check_layout_args(num_tokens: int, num_experts: int, num_ranks: int, num_ranks_per_node: int) -> int:
-    """Validate the integer arguments; returns the number of nodes (0 within one node)."""
-    for name, v in (("num_experts", num_experts), ("num_ranks", num_ranks),
-                    ("num_ranks_per_node", num_ranks_per_node)):
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    """Validate the integer arguments; returns the number of nodes (0 within one node).
+
+    Accepts Python and NumPy ints (callers convert with check_int before using the values);
+    raises TypeError for other types, ValueError for non-positive sizes, E not a multiple of R,
+    R above ``num_ranks_per_node`` but not a multiple of it, or E + R + nodes above
+    LAYOUT_MAX_COUNTERS (the kernel's shared memory)."""
+    num_experts = check_int("num_experts", num_experts, lo=1)
+    num_ranks = check_int("num_ranks", num_ranks, lo=1)
+    num_ranks_per_node = check_int("num_ranks_per_node", num_ranks_per_node, lo=1)
     if num_experts % num_ranks:
         raise ValueError(f"num_experts={num_experts} must be a multiple of num_ranks={num_ranks}")
+    nodes = 0
     if num_ranks > num_ranks_per_node:
         if num_ranks % num_ranks_per_node:
             raise ValueError(f"num_ranks={num_ranks} spans nodes but is not a multiple of "
                              f"num_ranks_per_node={num_ranks_per_node}")
-        return num_ranks // num_ranks_per_node
-    return 0
+        nodes = num_ranks // num_ranks_per_node
+    check_layout_smem(num_experts, num_ranks, nodes)
+    return nodes
 
 
 def launch_layout(stream: int, device_id: int, topk: interop.TensorRef, num_experts: int, num_ranks: int,

@@ -191,6 +191,25 @@ def unpack_shape_word(w: int) -> dict[str, int]:
     return out
 
 
+def check_shape(T, H, E, R) -> tuple[int, int, int, int]:
+    """Validate a low-latency shape against the kernels' limits (those of the shape word):
+    1 <= T < 2**20 tokens per rank, hidden H a multiple of 128 below 2**17, 1 <= R <= 64 ranks,
+    E a multiple of R below 2**15.  Returns (T, H, E, R) as ints; raises TypeError/ValueError
+    naming the argument."""
+    from .._validate import check_int
+    T = check_int("num_max_dispatch_tokens_per_rank", T, lo=1, hi=(1 << 20) - 1)
+    H = check_int("hidden", H, lo=128, hi=128 * 1023)
+    if H % 128:
+        raise ValueError(f"hidden={H} must be a multiple of 128 for the low-latency kernels")
+    R = check_int("num_ranks", R, lo=1, hi=MAX_RANKS)
+    E = check_int("num_experts", E, lo=1, hi=32767)
+    if E % R:
+        raise ValueError(f"num_experts={E} must be a multiple of the number of ranks {R}")
+    return T, H, E, R
+
+
 def rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int) -> int:
-    """Symmetric-heap bytes per rank for low-latency calls of up to these sizes (any top-k <= 32)."""
-    return HeapLayout.make(num_max_dispatch_tokens_per_rank, hidden, num_experts, num_ranks).total
+    """Symmetric-heap bytes per rank for low-latency calls of up to these sizes (any top-k <= 32).
+    Raises TypeError/ValueError for a shape the kernels cannot run (:func:`check_shape`)."""
+    T, H, E, R = check_shape(num_max_dispatch_tokens_per_rank, hidden, num_experts, num_ranks)
+    return HeapLayout.make(T, H, E, R).total

@@ -1,0 +1,283 @@
+"""Low-latency API: bad input raises a clear error naming the argument before any kernel is
+launched and before any state changes (buffer slots, generations, pending hooks).
+
+No GPU here: a LowLatencyState is built without its constructor, the driver calls it would make
+are replaced by recorders (monkeypatch, undone after each test), and CPU tensors stand in for
+CUDA ones.  Every check below must fire before the code could reach the recorded launches.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from epcomm import interop  # noqa: E402
+from epcomm import low_latency as LLm  # noqa: E402
+from epcomm.buffer import Buffer  # noqa: E402
+from epcomm.errors import BufferStateError  # noqa: E402
+from epcomm.event import EventOverlap  # noqa: E402
+from epcomm.kernels import low_latency as K  # noqa: E402
+from epcomm.low_latency import LowLatencyState  # noqa: E402
+
+H, E = 256, 8
+
+
+class _Err:
+    poisoned = None
+    dev_ptr = 0
+
+    class rec:
+        code = 0
+        bad_code = 0
+
+    def pending(self):
+        return False
+
+    def check(self, *a, **k):
+        pass
+
+
+class _Rig:
+    """Recorders for what would reach the driver: kernel launches, memsets, barriers."""
+
+    def __init__(self, monkeypatch):
+        self.log = []
+        orig = interop.as_tensor
+
+        def as_tensor(obj, name, **kw):
+            kw.pop("device", None)
+            ref = orig(obj, name, device="any", **kw)
+            if ref is not None:
+                ref.device_type, ref.device_id = "cuda", 0
+            return ref
+
+        rig = self
+
+        class _Cuda:
+            @contextlib.contextmanager
+            def on_device(self, d):
+                yield
+
+            def stream_is_capturing(self, s):
+                return False
+
+            def memset_d8_async(self, ptr, value, nbytes, stream):
+                rig.log.append(("memset", ptr, nbytes))
+
+            def stream_sync(self, *a):
+                pass
+
+            def event_record(self, *a):
+                pass
+
+            def stream_wait_event(self, *a):
+                pass
+
+            def event_create(self):
+                return 1
+
+        class _Mod:
+            def fn(self, n):
+                return n
+
+        def launch(fn, grid, threads, stream, p, smem=0, cooperative=False):
+            rig.log.append(("launch", fn))
+
+        def wrap_pointer(fw, ptr, shape, dtype, device_type="cuda", device_id=0, owner=None):
+            return torch.zeros(shape, dtype=torch.bfloat16)
+
+        monkeypatch.setattr(interop, "as_tensor", as_tensor)
+        monkeypatch.setattr(interop, "current_stream", lambda fw, d: 0)
+        monkeypatch.setattr(interop, "wrap_pointer", wrap_pointer)
+        monkeypatch.setattr(LLm, "_cuda", _Cuda())
+        monkeypatch.setattr(LLm, "launch", launch)
+        monkeypatch.setattr(LLm.loader, "load", lambda spec, dev: _Mod())
+        monkeypatch.setattr(LowLatencyState, "_allow_smem", lambda self, *a: None)
+        monkeypatch.setattr(LowLatencyState, "_coop_blocks", lambda self, fn, smem: 132)
+        monkeypatch.setattr(LowLatencyState, "empty",
+                            lambda self, fw, shape, dtype: interop.empty(fw, tuple(shape), dtype, "cpu", 0))
+
+    def launches(self):
+        return [e for e in self.log if e[0] == "launch"]
+
+    def buffer(self, R=2, rdma=1 << 30):
+        b = object.__new__(Buffer)
+        b.rank, b.num_ranks, b.device_id = 0, R, 0
+        b._destroyed, b._err, b.timeout_s, b._stream, b._ev_start = False, _Err(), 1.0, 7, 0
+        b.group = type("G", (), {"barrier": lambda _: self.log.append(("barrier",))})()
+        st = object.__new__(LowLatencyState)
+        st.buf, st.serial = b, next(LLm._SERIALS)
+        st.rank, st.num_ranks, st.device_id, st.num_rdma_bytes = 0, R, 0, rdma
+        st.heap, st.ctrl, st.peers = 1 << 40, 0, [1] * R
+        st.force_put, st.partials, st.prof = False, True, 0
+        st.template, st.num_sms = K.LLParams(), 132
+        st._disp_slot = st._comb_slot = 0
+        st._disp_gen, st._disp_pending, st._comb_pending = [0, 0], [False, False], [False, False]
+        st._results, st._layouts, st._coop_limit, st._smem_ok = [None, None], {}, {}, set()
+        st._plans, st._torch, st._tdev, st._get_device = {}, None, None, None
+        st._no_event, st.fast_calls, st._shapes_checked = EventOverlap(None, "torch", 0), 0, set()
+        b._ll = st
+        return b, st
+
+
+@pytest.fixture
+def rig(monkeypatch):
+    return _Rig(monkeypatch)
+
+
+def _inputs(N=4, Kt=2, idx_dtype=torch.int64):
+    x = torch.zeros(N, H, dtype=torch.bfloat16)
+    topk = (torch.arange(N * Kt).reshape(N, Kt) % E).to(idx_dtype)
+    w = torch.ones(N, Kt, dtype=torch.float32)
+    return x, topk, w
+
+
+def _state(st):
+    return (st._disp_slot, st._comb_slot, list(st._disp_gen), list(st._disp_pending), list(st._comb_pending))
+
+
+def test_combine_rejects_a_handle_of_another_buffer_and_a_stale_one(rig):
+    b1, st1 = rig.buffer()
+    b2, st2 = rig.buffer()
+    x, topk, w = _inputs()
+    _, _, h1, _, _ = b1.low_latency_dispatch(x, topk, 8, E, use_fp8=False)
+    b2.low_latency_dispatch(x, topk, 8, E, use_fp8=False)  # same slot and generation numbers as b1's
+    y = torch.zeros(E // 2, 2 * 8, H, dtype=torch.bfloat16)
+    n, before = len(rig.launches()), _state(st2)
+    with pytest.raises(ValueError, match="handle: was made by another Buffer"):
+        b2.low_latency_combine(y, topk, w, h1)
+    with pytest.raises(ValueError, match="handle: was made by another Buffer"):
+        b2.get_next_low_latency_combine_buffer(h1)
+    assert len(rig.launches()) == n and _state(st2) == before
+    # Two more dispatches reuse h1's slot: its results are gone.
+    b1.low_latency_dispatch(x, topk, 8, E, use_fp8=False)
+    b1.low_latency_dispatch(x, topk, 8, E, use_fp8=False)
+    n = len(rig.launches())
+    with pytest.raises(BufferStateError, match="overwritten"):
+        b1.low_latency_combine(y, topk, w, h1)
+    with pytest.raises(BufferStateError, match="overwritten"):
+        b1.get_next_low_latency_combine_buffer(h1)
+    assert len(rig.launches()) == n
+
+
+def test_combine_checks_the_indices_and_frameworks_before_launch(rig):
+    b, st = rig.buffer()
+    x, topk, w = _inputs()
+    _, _, h, _, _ = b.low_latency_dispatch(x, topk, 8, E, use_fp8=False)
+    y = torch.zeros(E // 2, 2 * 8, H, dtype=torch.bfloat16)
+    n, before = len(rig.launches()), _state(st)
+    bad = topk.clone()
+    bad[1, 1] = E
+    with pytest.raises(ValueError, match=r"outside \[-1, 8\)"):
+        b.low_latency_combine(y, bad, w, h)
+    rep = topk.clone()
+    rep[2, 1] = rep[2, 0]
+    with pytest.raises(ValueError, match="row 2 lists the same expert twice"):
+        b.low_latency_combine(y, rep, w, h)
+    with pytest.raises(TypeError, match="topk_weights: is a numpy array but x is a torch one"):
+        b.low_latency_combine(y, topk, w.numpy(), h)
+    with pytest.raises(TypeError, match="previous_event: expected an EventOverlap"):
+        b.low_latency_combine(y, topk, w, h, previous_event="yes")
+    with pytest.raises(TypeError, match="zero_copy must be a bool"):
+        b.low_latency_combine(y, topk, w, h, zero_copy="no")
+    assert len(rig.launches()) == n and _state(st) == before
+    b.low_latency_combine(y, topk, w, h)  # the same call with good arguments goes through
+    assert len(rig.launches()) == n + 1
+
+
+def test_dispatch_rejects_mixed_frameworks_flags_events_and_empty_rows(rig):
+    b, st = rig.buffer()
+    x, topk, _ = _inputs()
+    before = _state(st)
+    with pytest.raises(TypeError, match="topk_idx: is a numpy array but x is a torch one"):
+        b.low_latency_dispatch(x, topk.numpy(), 8, E)
+    with pytest.raises(TypeError, match="use_fp8 must be a bool"):
+        b.low_latency_dispatch(x, topk, 8, E, use_fp8="no")
+    with pytest.raises(TypeError, match="previous_event: expected an EventOverlap"):
+        b.low_latency_dispatch(x, topk, 8, E, previous_event=object())
+    with pytest.raises(ValueError, match="hidden size 0 must be a positive multiple of 128"):
+        b.low_latency_dispatch(torch.zeros(4, 0, dtype=torch.bfloat16), topk, 8, E)
+    with pytest.raises(TypeError, match="cumulative_local_expert_recv_stats: is a numpy array"):
+        b.low_latency_dispatch(x, topk, 8, E, cumulative_local_expert_recv_stats=np.zeros(E // 2, np.int32))
+    assert rig.launches() == [] and _state(st) == before and st._results == [None, None]
+
+
+def test_a_shared_memory_error_leaves_the_slots_alone(rig, monkeypatch):
+    b, st = rig.buffer(rdma=1 << 34)
+
+    def no_room(self, mod, names, smem):
+        raise ValueError(f"low-latency dispatch: the kernel needs {smem} bytes of shared memory per block")
+
+    monkeypatch.setattr(LowLatencyState, "_allow_smem", no_room)
+    T = 8192  # dispatch_smem_bytes(2, 8192) is above the 48 KiB default
+    assert K.dispatch_smem_bytes(2, T) > LLm._DEFAULT_SMEM
+    x, topk, _ = _inputs()
+    with pytest.raises(ValueError, match="shared memory"):
+        b.low_latency_dispatch(x, topk, T, E, use_fp8=False)
+    assert rig.launches() == [] and st._results == [None, None] and _state(st) == (0, 0, [0, 0], [False, False],
+                                                                                   [False, False])
+
+
+def test_async_finish_keeps_the_inputs_alive_and_in_use_on_the_comm_stream(rig, monkeypatch):
+    b, st = rig.buffer()
+    recorded = []
+    monkeypatch.setattr(torch.cuda, "ExternalStream", lambda s, device=None: ("comm", s))
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, s: recorded.append((self.data_ptr(), s)),
+                        raising=False)
+    x, topk32, _ = _inputs(idx_dtype=torch.int32)  # widened into a temporary int64 copy
+    _, _, _, ev, _ = b.low_latency_dispatch(x, topk32, 8, E, use_fp8=False, async_finish=True)
+    wide = [o for o in ev.extra if isinstance(o, torch.Tensor) and o.dtype == torch.int64]
+    assert len(wide) == 1 and torch.equal(wide[0], topk32.long())
+    assert (wide[0].data_ptr(), ("comm", b._stream)) in recorded
+    assert any(o is x for o in ev.extra)
+
+
+def test_clean_checks_its_shape_and_pending_hooks_before_the_collective(rig):
+    b, st = rig.buffer()
+    for args, exc in (((0, 7168, 8), ValueError), ((-1, 7168, 8), ValueError), ((8, 100, 8), ValueError),
+                      ((8, 256, 7), ValueError), ((8.0, 256, 8), TypeError), ((8, 256, 0), ValueError)):
+        with pytest.raises(exc):
+            b.clean_low_latency_buffer(*args)
+    assert rig.log == []
+    x, topk, _ = _inputs()
+    _, _, _, _, hook = b.low_latency_dispatch(x, topk, 8, E, use_fp8=False, return_recv_hook=True)
+    with pytest.raises(BufferStateError, match="receive hook is pending"):
+        b.clean_low_latency_buffer(8, H, E)
+    assert ("barrier",) not in rig.log
+    hook()
+    # A larger shape was used before: its dispatch regions are zeroed too (message tags restart).
+    b.low_latency_dispatch(torch.zeros(4, 1024, dtype=torch.bfloat16), topk, 64, E, use_fp8=False)
+    rig.log.clear()
+    b.clean_low_latency_buffer(8, H, E)
+    heap_sets = [e[2] for e in rig.log if e[0] == "memset" and e[1] == st.heap]
+    assert heap_sets == [K.HeapLayout.make(64, 1024, E, 2).comb_region_off]
+    assert st._disp_gen == [2, 2] and not any(st._disp_pending)
+
+
+def test_rdma_size_hint_rejects_shapes_the_kernels_cannot_run():
+    hint = Buffer.get_low_latency_rdma_size_hint
+    assert hint(128, 7168, 2, 256) == K.HeapLayout.make(128, 7168, 256, 2).total
+    for args, exc, msg in (((-5, 7168, 2, 256), ValueError, "num_max_dispatch_tokens_per_rank"),
+                           ((128.5, 7168, 2, 256), TypeError, "num_max_dispatch_tokens_per_rank"),
+                           ((0, 7168, 2, 256), ValueError, "num_max_dispatch_tokens_per_rank"),
+                           ((128, 100, 2, 256), ValueError, "hidden=100"),
+                           ((128, 0, 2, 256), ValueError, "hidden"),
+                           ((128, 7168, 2, 255), ValueError, "multiple of the number of ranks"),
+                           ((128, 7168, 0, 256), ValueError, "num_ranks"),
+                           ((128, 7168, 65, 260), ValueError, "num_ranks"),
+                           ((128, 7168, 2, -8), ValueError, "num_experts"),
+                           ((2**20, 7168, 2, 256), ValueError, "num_max_dispatch_tokens_per_rank")):
+        with pytest.raises(exc, match=msg):
+            hint(*args)
+
+
+def test_read_only_arrays_are_refused_where_the_kernels_write(rig):
+    jnp = pytest.importorskip("jax.numpy")
+    b, _ = rig.buffer()
+    a = jnp.zeros((4, 128), dtype=jnp.float32)
+    assert b._tensor(a, "a", dtype="float32") is not None  # reading is fine
+    with pytest.raises(ValueError, match="out: is read-only"):
+        b._tensor(a, "out", dtype="float32", writable=True)
