@@ -64,7 +64,7 @@ struct ErrorRecord {
   // above (first writer wins there).  bad_code: 0, -1 (being written) or kErrBadInput.
   int bad_code;
   int bad_token;
-  u64 bad_limit;   // num_experts
+  u64 bad_limit;   // num_experts, and the phase in the high 32 bits
   u64 bad_value;   // the index seen
 };
 static_assert(sizeof(ErrorRecord) == 64, "ErrorRecord is mirrored by epcomm/_errstate.py");

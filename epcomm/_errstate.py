@@ -120,8 +120,13 @@ class ErrorState:
                 rank=r.rank, peer=r.peer, field=field, mine=mine, theirs=theirs)
         return EpcommError(f"device error code {code}{where} (phase {phase})")
 
-    def check(self, context: str = "", *, poison_on_timeout: bool = True) -> None:
-        """Raise the recorded error, if any.  Timeouts and overflows poison the owner state."""
+    def check(self, context: str = "", *, poison_on_timeout: bool = True, collective: bool = False) -> None:
+        """Raise the recorded error, if any.  Timeouts and overflows poison the owner state.
+
+        A bad expert index (which the kernels skipped: the call that saw it completed on every
+        rank) is reported once: raised as ValueError, or, with ``collective`` (the start of a
+        call every rank makes), issued as a RuntimeWarning so that this rank still joins the
+        call (raising would leave its peers waiting until they time out)."""
         if self.poisoned is not None:
             raise BufferStateError(f"unusable after an earlier error: {self.poisoned}")
         exc = self.to_exception(context)
@@ -130,6 +135,11 @@ class ErrorState:
         if self.rec.code == 0:  # a bad index (its own slot): reported once, the state stays usable
             off = ErrorRecord.bad_code.offset
             ctypes.memset(self.host_ptr + off, 0, ctypes.sizeof(ErrorRecord) - off)
+            if collective:
+                import warnings
+                warnings.warn(f"{exc} (Buffer.check() raises this as ValueError when called before the next call)",
+                              RuntimeWarning, stacklevel=4)
+                return
         elif isinstance(exc, ValueError) or not poison_on_timeout:
             self.reset()
         else:

@@ -339,10 +339,12 @@ class Buffer:
         return rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
 
     # ---- lifecycle ---------------------------------------------------------------------------
-    def _check_usable(self, what: str) -> None:
+    def _check_usable(self, what: str, collective: bool = False) -> None:
+        """Raise if destroyed or a kernel recorded an error.  ``collective``: the start of a call
+        every rank makes, where a skipped bad index only warns (see ErrorState.check)."""
         if self._destroyed:
             raise BufferStateError(f"{what}: the Buffer was destroyed")
-        self._err.check(what)
+        self._err.check(what, collective=collective)
 
     def check(self) -> None:
         """Raise any error a kernel recorded (timeout, overflow, bad index) since the last call."""
@@ -425,13 +427,15 @@ class Buffer:
             raise TypeError(f"{name}: is a {fw} array but x is a {framework} one; pass every array of a call "
                             f"in one framework")
 
-    def _begin(self, fw: str, previous_event: EventOverlap | None) -> tuple[int, bool]:
-        """Order the comm stream after the caller's work; returns (caller stream, capturing)."""
+    def _begin(self, fw: str, previous_event: EventOverlap | None, caller_work: bool = False) -> tuple[int, bool]:
+        """Order the comm stream after the caller's work (or only after ``previous_event``,
+        unless ``caller_work``: epcomm queued work on the caller's stream for this call, e.g.
+        an int32 top-k widened to int64); returns (caller stream, capturing)."""
         caller = interop.current_stream(fw, self.device_id)
         capturing = _cuda.stream_is_capturing(caller)
         if previous_event is not None and previous_event.event is not None:
             _cuda.stream_wait_event(self._stream, previous_event.event)
-        else:
+        if previous_event is None or previous_event.event is None or caller_work:
             _cuda.event_record(self._ev_start, caller)
             _cuda.stream_wait_event(self._stream, self._ev_start)
         return caller, capturing
@@ -448,15 +452,15 @@ class Buffer:
             cur = torch.cuda.current_stream(self.device_id)
             for t in outputs:
                 if t is not None and hasattr(t, "record_stream"):
-                    t.record_stream(cur)
+                    interop.record_stream(t, cur)
         if async_finish and fw == "torch":
             import torch
             cs = torch.cuda.ExternalStream(self._stream, device=self.device_id)
             cs2 = torch.cuda.ExternalStream(self._stream2, device=self.device_id)
             for t in outputs + inputs:
                 if t is not None and hasattr(t, "record_stream"):
-                    t.record_stream(cs)
-                    t.record_stream(cs2)
+                    interop.record_stream(t, cs)
+                    interop.record_stream(t, cs2)
         if not async_finish:
             _cuda.stream_wait_event(caller, ev)
         return EventOverlap(ev, fw, self.device_id, extra=(outputs, inputs) if async_finish else None)
@@ -497,7 +501,7 @@ class Buffer:
         num_nodes = K_layout.check_layout_args(tr.shape[0], num_experts, self.num_ranks, self.num_ranks)
         self._alloc_on_comm = bool(allocate_on_comm_stream)
         with _cuda.on_device(self.device_id):
-            caller, capturing = self._begin(tr.framework, previous_event)
+            caller, capturing = self._begin(tr.framework, previous_event, caller_work=tr.widened)
             check_topk_indices(tr.obj, tr.framework, num_experts, capturing=capturing)
             outs = self._layout_on_comm(tr, num_experts, num_nodes)
             ev = self._finish(tr.framework, caller, async_finish, [o[0] for o in outs if o], [tr.obj, tr.keepalive])
@@ -574,7 +578,7 @@ class Buffer:
         """
         # Destroyed first: destroy() also drops the NVLink state, which would otherwise be
         # reported as a Buffer created without one.
-        self._check_usable("dispatch")
+        self._check_usable("dispatch", collective=True)
         st = self._intra
         if st is None:
             raise BufferStateError("dispatch needs a Buffer created with num_nvl_bytes > 0")
@@ -683,7 +687,7 @@ class Buffer:
         self._alloc_on_comm = bool(allocate_on_comm_stream)
         with _cuda.on_device(self.device_id):
             mod = loader.load(spec, self.device_id)
-            caller, capturing = self._begin(fw, previous_event)
+            caller, capturing = self._begin(fw, previous_event, caller_work=tr is not None and tr.widened)
             worst = num_worst_tokens > 0
             if capturing and not worst and not cached:
                 raise ValueError("dispatch: CUDA-graph capture needs num_worst_tokens > 0 (or a handle): the "
@@ -916,7 +920,7 @@ class Buffer:
         Returns ``(combined_x bf16 [N, H], combined_topk_weights float32 [N, K] or None, event)``.
         Graph-capturable.  Raises like :meth:`dispatch`, all before any launch.
         """
-        self._check_usable("combine")  # first: destroy() also drops the NVLink state
+        self._check_usable("combine", collective=True)  # first: destroy() also drops the NVLink state
         st = self._intra
         if st is None:
             raise BufferStateError("combine needs a Buffer created with num_nvl_bytes > 0")
@@ -1001,7 +1005,7 @@ class Buffer:
             raise BufferStateError("low-latency call: the Buffer was destroyed")
         if ll is None:
             raise BufferStateError("low-latency calls need a Buffer created with low_latency_mode=True")
-        self._check_usable("low-latency call")
+        self._check_usable("low-latency call", collective=True)
         return ll
 
     def low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank: int, num_experts: int,

@@ -125,8 +125,11 @@ LL_COMBINE_PARTIALS = _knob("EPCOMM_LL_COMBINE_PARTIALS", True, _parse_bool,
                             "0 sends one bf16 row per (token, expert) as DeepEP does. Must agree on all ranks.")
 CHECK_INDICES = _knob("EPCOMM_CHECK_INDICES", True, _parse_bool,
                       "Check on the host, before launching, that top-k expert indices lie in [-1, E) "
-                      "(one device sync per call; skipped under CUDA-graph capture). Kernels always "
-                      "check on the device and report at the next call. Set 0 in production.")
+                      "(one device sync per call; skipped under CUDA-graph capture; the low-latency "
+                      "calls also reject repeated experts in a row). Kernels always skip an index "
+                      "outside [-1, E) and record it: Buffer.check() raises it as ValueError, or the "
+                      "next dispatch/combine issues a RuntimeWarning (and still runs, so no peer is "
+                      "left waiting). Set 0 in production.")
 GROUP_DIR = _knob("EPCOMM_GROUP_DIR", "", _str,
                   "Shared directory for epcomm.group.init_from_env() (with RANK and WORLD_SIZE): a "
                   "framework-free bootstrap of the ranks of one host.", "'' (unset)")

@@ -85,7 +85,7 @@ class TensorRef:
     """
 
     __slots__ = ("ptr", "shape", "strides", "dtype", "device_type", "device_id", "framework",
-                 "obj", "keepalive", "readonly")
+                 "obj", "keepalive", "readonly", "widened")
 
     def __init__(self, ptr: int, shape: tuple, strides: tuple, dtype: str, device_type: str,
                  device_id: int, framework: str, obj=None, keepalive=None, readonly: bool = False):
@@ -99,6 +99,9 @@ class TensorRef:
         self.obj = obj
         self.keepalive = keepalive
         self.readonly = readonly
+        # True when ptr is a widening copy queued on the caller's stream (as_index_tensor): a
+        # kernel on another stream must then wait for the caller's stream, not only an event.
+        self.widened = False
 
     @property
     def itemsize(self) -> int:
@@ -1129,7 +1132,20 @@ def as_index_tensor(obj, name: str, *, ndim=None, shape=None, device: str = "cud
     out.framework = fw  # outputs still go to the caller's framework
     out.obj = obj
     out.keepalive = wide
+    out.widened = True
     return out
+
+
+def record_stream(t, stream) -> None:
+    """``t.record_stream(stream)`` for a torch tensor: its memory is not reused before the work
+    queued on ``stream`` so far is done.  A tensor torch's allocator does not own (e.g. a DLPack
+    view of epcomm's own memory) is skipped by the default allocator but makes the
+    cudaMallocAsync backend raise; that is ignored, since such memory is not the allocator's
+    to reuse anyway."""
+    try:
+        t.record_stream(stream)
+    except RuntimeError:
+        pass
 
 
 def wrap_pointer(framework: str, ptr: int, shape, dtype: str, device_type: str = "cuda",

@@ -265,14 +265,17 @@ class LowLatencyState:
             n = self._coop_limit[key] = max(1, int(per_sm)) * self.num_sms
         return n
 
-    def _stream_for(self, fw: str, async_finish: bool, previous_event) -> tuple[int, int]:
+    def _stream_for(self, fw: str, async_finish: bool, previous_event, caller_work: bool = False) -> tuple[int, int]:
+        """(caller stream, kernel stream).  With ``previous_event`` the kernel stream waits only
+        for it, unless ``caller_work`` (this call queued work on the caller's stream: an int32
+        top-k widened to int64)."""
         caller = interop.current_stream(fw, self.device_id)
         if not async_finish and previous_event is None:
             return caller, caller
         b = self.buf
         if previous_event is not None and previous_event.event is not None:
             _cuda.stream_wait_event(b._stream, previous_event.event)
-        else:
+        if previous_event is None or previous_event.event is None or caller_work:
             _cuda.event_record(b._ev_start, caller)
             _cuda.stream_wait_event(b._stream, b._ev_start)
         return caller, b._stream
@@ -294,7 +297,7 @@ class LowLatencyState:
             cs = torch.cuda.ExternalStream(stream, device=self.device_id)
             for o in keep:
                 if isinstance(o, torch.Tensor):
-                    o.record_stream(cs)
+                    interop.record_stream(o, cs)
         return EventOverlap(ev, fw, self.device_id, extra=keep)
 
     # ---- dispatch ------------------------------------------------------------------------------
@@ -376,7 +379,7 @@ class LowLatencyState:
         with _cuda.on_device(self.device_id):
             if smem > _DEFAULT_SMEM:  # may raise: before anything below changes state
                 self._allow_smem(mod, ("dispatch_send", "dispatch_recv", "dispatch_both"), smem)
-            caller, stream = self._stream_for(fw, async_finish, previous_event)
+            caller, stream = self._stream_for(fw, async_finish, previous_event, caller_work=tr.widened)
             capturing = _cuda.stream_is_capturing(caller)
             check_topk_indices(tr.obj, fw, E, capturing=capturing, unique=True)
             res = self._results[slot]
@@ -569,7 +572,7 @@ class LowLatencyState:
                       writable=True)
         mod = loader.load(K.LowLatencySpec(H, False), self.device_id)
         with _cuda.on_device(self.device_id):
-            caller, stream = self._stream_for(fw, async_finish, previous_event)
+            caller, stream = self._stream_for(fw, async_finish, previous_event, caller_work=tr.widened)
             # The same indices as the dispatch's: a repeated or out-of-range one would garble
             # the token's sum (one device sync; EPCOMM_CHECK_INDICES=0 skips it).
             check_topk_indices(tr.obj, fw, E, capturing=_cuda.stream_is_capturing(caller), unique=True)
@@ -601,7 +604,8 @@ class LowLatencyState:
                 grid = min(send_blocks, self._coop_blocks(fn, smem))
                 launch(fn, grid, K.THREADS, stream, p, smem=smem, cooperative=True)
             self._comb_slot ^= 1
-            ev = self._event(fw, caller, stream, async_finish, (xr, tr, wr, o))
+            # zero_copy: x is this buffer's own heap, not the caller's allocator's to track.
+            ev = self._event(fw, caller, stream, async_finish, (None if zero_copy else xr, tr, wr, o))
         hook = None
         if return_recv_hook:
             def hook(_p=p, _stream=stream, _slot=slot, _mod=mod, _grid=recv_blocks, _smem=smem, _keep=(tr, wr)):
@@ -622,8 +626,9 @@ class LowLatencyState:
         """Steady-state combine (torch, shapes seen before, default flags); None otherwise."""
         t = self._torch
         tensor, dev = t.Tensor, self.device_id
-        if type(x) is not tensor or type(topk_idx) is not tensor or type(topk_weights) is not tensor:
-            return None
+        if (type(x) is not tensor or type(topk_idx) is not tensor or type(topk_weights) is not tensor
+                or envs.CHECK_INDICES.get_memo()):
+            return None  # anything unusual, or the host index check on: the full path
         hs = handle.slot
         if self._disp_gen[hs] != handle.generation or self._disp_pending[hs]:
             return None

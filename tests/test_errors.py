@@ -71,6 +71,19 @@ def test_bad_input_is_a_value_error_and_leaves_the_state_usable():
     assert _bad(_state(0), 1, 64, 70, code=-1).to_exception() is None  # still being written
 
 
+def test_a_bad_index_only_warns_at_the_start_of_a_collective_call():
+    # The call that saw it completed on every rank; raising at the start of the next collective
+    # call would strand this rank's peers in it until their timeout.
+    st = _bad(_state(0), 12, 64 | (32 << 32), 99)
+    with pytest.warns(RuntimeWarning, match="low_latency_dispatch.*expert index 99 .token 12."):
+        st.check("low-latency call", collective=True)
+    assert st.rec.bad_code == 0 and st.poisoned is None
+    st.check()  # reported once
+    # a recorded timeout still raises there
+    with pytest.raises(EpcommTimeoutError):
+        _state(_errstate.ERR_TIMEOUT, rank=0, phase=31, channel=0, peer=1).check("x", collective=True)
+
+
 def test_a_bad_index_names_the_kernel_that_saw_it():
     # report_error puts the phase above num_experts in bad_limit (the record has no spare field)
     for phase, name in ((0, "get_dispatch_layout"), (1, "get_dispatch_layout"), (32, "low_latency_dispatch"),

@@ -281,3 +281,43 @@ def test_read_only_arrays_are_refused_where_the_kernels_write(rig):
     assert b._tensor(a, "a", dtype="float32") is not None  # reading is fine
     with pytest.raises(ValueError, match="out: is read-only"):
         b._tensor(a, "out", dtype="float32", writable=True)
+
+
+def test_fast_combine_is_off_while_the_host_index_check_is_on(rig, monkeypatch):
+    import epcomm.envs as envs
+    b, st = rig.buffer()
+    x, topk, w = _inputs()
+    y = torch.zeros(E // 2, 2 * 8, H, dtype=torch.bfloat16)
+    monkeypatch.setenv("EPCOMM_CHECK_INDICES", "1")
+    envs.CHECK_INDICES.get_memo()
+    _, _, h, _, _ = b.low_latency_dispatch(x, topk, 8, E, use_fp8=False)
+    # Let the CPU tensors pass the fast path's device tests, and record its launches.
+    monkeypatch.setattr(st, "_torch", torch)
+    st._tdev, st._get_device = "cpu", lambda: 0
+    monkeypatch.setattr(torch.Tensor, "get_device", lambda self: 0)
+    monkeypatch.setattr(LLm, "launch_prepared", lambda *a: rig.log.append(("launch", "prepared")))
+    b.low_latency_combine(y, topk, w, h)
+    b.low_latency_combine(y, topk, w, h)
+    rep = topk.clone()
+    rep[2, 1] = rep[2, 0]
+    with pytest.raises(ValueError, match="lists the same expert twice"):
+        b.low_latency_combine(y, rep, w, h)
+    assert st.fast_calls == 0
+    monkeypatch.setenv("EPCOMM_CHECK_INDICES", "0")  # production: the prepared plan serves
+    b.low_latency_combine(y, topk, w, h)
+    assert st.fast_calls == 1
+
+
+def test_int32_indices_after_previous_event_order_the_kernel_after_the_widening(rig, monkeypatch):
+    b, st = rig.buffer()
+    waits = []
+    monkeypatch.setattr(LLm._cuda, "stream_wait_event", lambda s, e: waits.append((s, e)), raising=False)
+    x, topk32, _ = _inputs(idx_dtype=torch.int32)
+    prev = EventOverlap(99, "torch", 0, owned=False)
+    b.low_latency_dispatch(x, topk32, 8, E, use_fp8=False, previous_event=prev)
+    # the event, and the caller's stream (where the int64 copy was queued)
+    assert (b._stream, 99) in waits and (b._stream, b._ev_start) in waits
+    waits.clear()
+    _, topk64, _ = _inputs()
+    b.low_latency_dispatch(x, topk64, 8, E, use_fp8=False, previous_event=prev)
+    assert [wt for wt in waits if wt[0] == b._stream] == [(b._stream, 99)]  # the event only
