@@ -33,14 +33,25 @@ def _build_one(args):
 def cmd_warmup(a) -> int:
     from . import envs
     from .jit import registry, toolchain
-    if a.preset:
+    if a.jobs < 0:
+        raise ValueError(f"-j/--jobs {a.jobs}: expected 0 (the CPU count) or more")
+    if a.preset is not None:
+        if not a.preset:
+            raise ValueError("--preset: empty list (known presets: " + ", ".join(registry.PRESETS) + ")")
         specs = []
         for name in a.preset:
             for s in registry.preset(name):
                 if s not in specs:
                     specs.append(s)
     else:
-        specs = registry.specs_for(a.hidden, a.ranks, a.dtype, a.mode)
+        skipped: list = []
+        specs = registry.specs_for(a.hidden, a.ranks, a.dtype, a.mode, skipped=skipped)
+        for label, why in skipped:
+            print(f"epcomm warmup: skipping {label}: {why}", file=sys.stderr)
+        if len(specs) <= 1:  # the layout kernel alone: nothing asked for can be built
+            raise ValueError(f"no kernel specialization fits --hidden {','.join(map(str, a.hidden))} "
+                             f"--ranks {','.join(map(str, a.ranks))} --dtype {','.join(a.dtype)} "
+                             f"--mode {','.join(a.mode)} (see the reasons above)")
     if a.smoke:
         from .kernels.smoke import SmokeNvshmemSpec, SmokePeerStoreSpec
         from .kernels.timing import SpinWaitSpec

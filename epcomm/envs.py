@@ -78,7 +78,8 @@ def _str(name: str, raw: str) -> str:
 
 def _default_cache_dir() -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".cache"
+    # The XDG spec: a relative XDG_CACHE_HOME is invalid and ignored.
+    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
     return base / "epcomm"
 
 
@@ -92,8 +93,9 @@ def _knob(name: str, default, parse, doc: str, default_doc: str | None = None) -
     return k
 
 
-CACHE_DIR = _knob("EPCOMM_CACHE_DIR", _default_cache_dir, lambda n, r: Path(r).expanduser(),
-                  "Directory of the on-disk JIT cache (compiled cubins).", "~/.cache/epcomm")
+CACHE_DIR = _knob("EPCOMM_CACHE_DIR", _default_cache_dir, lambda n, r: Path(r).expanduser().absolute(),
+                  "Directory of the on-disk JIT cache (compiled cubins); a relative path is taken "
+                  "from the current directory when read.", "~/.cache/epcomm")
 DISABLE_CACHE = _knob("EPCOMM_DISABLE_CACHE", False, _parse_bool,
                       "Compile every kernel afresh and write nothing to the disk cache.")
 ARCH = _knob("EPCOMM_ARCH", "", _str,

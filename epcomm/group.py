@@ -17,6 +17,7 @@ results or a timeout.
 from __future__ import annotations
 
 import base64
+import itertools
 import os
 import sys
 import tempfile
@@ -221,6 +222,9 @@ class MPIGroup:
 
 # ---------------------------------------------------------------------------- JaxGroup
 
+_JAX_GROUPS = itertools.count()
+
+
 class JaxGroup:
     """All processes of JAX's distributed runtime, talking through its key-value store.
 
@@ -234,7 +238,7 @@ class JaxGroup:
     Raises RuntimeError if the distributed runtime is not initialized.
     """
 
-    def __init__(self, client: Any = None, prefix: str = "epcomm", timeout_s: float | None = None):
+    def __init__(self, client: Any = None, prefix: str | None = None, timeout_s: float | None = None):
         import jax
         if client is None:
             from jax._src import distributed
@@ -243,7 +247,10 @@ class JaxGroup:
                 raise RuntimeError("JaxGroup: JAX's distributed runtime is not initialized "
                                    "(call jax.distributed.initialize first)")
         self.client = client
-        self.prefix = prefix
+        # Each group of a process gets its own key space ("epcomm/<n>": the n-th JaxGroup made
+        # here; ranks make them in the same order, as they create Buffers collectively), so a
+        # normal-mode and a low-latency Buffer of one job do not collide in the key-value store.
+        self.prefix = prefix if prefix is not None else f"epcomm/{next(_JAX_GROUPS)}"
         self.timeout_s = timeout_s
         self.rank = int(jax.process_index())
         self.size = int(jax.process_count())
@@ -382,13 +389,16 @@ class FileGroup:
 
     def __init__(self, path: str | os.PathLike, rank: int, size: int,
                  timeout_s: float | None = None):
+        from ._validate import check_int
+        size = check_int("FileGroup size", size)
+        rank = check_int("FileGroup rank", rank)
         if size < 1:
             raise ValueError(f"FileGroup: size must be >= 1, got {size}")
         if not 0 <= rank < size:
             raise ValueError(f"FileGroup: rank {rank} is out of range for size {size}")
         self.path = os.fspath(path)
-        self.rank = int(rank)
-        self.size = int(size)
+        self.rank = rank
+        self.size = size
         self.timeout_s = timeout_s
         self._seq = 0
         self._own_files: list[tuple[int, str]] = []
@@ -397,6 +407,17 @@ class FileGroup:
         if stale:
             raise ValueError(f"FileGroup: {self.path} already holds files of rank {self.rank} "
                              f"(e.g. {stale[0]}), left by an earlier job; use a fresh directory")
+        # Claim the rank: a second job (or a rerun, or a crashed earlier job's leftovers) in the
+        # same directory would otherwise mix its rounds with ours.  Every rank claims before
+        # its first collective, so some rank of a second job always refuses here.
+        try:
+            os.close(os.open(self._claim(self.rank), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            raise ValueError(f"FileGroup: rank {self.rank} of {self.path} is already taken by another job "
+                             f"(or an earlier one); use a fresh directory per job") from None
+
+    def _claim(self, rank: int) -> str:
+        return os.path.join(self.path, f".rank{rank}.claim")
 
     def _find_own_files(self) -> list[str]:
         found = []
@@ -544,6 +565,9 @@ def as_group(obj: Any = None) -> Group:
             "not initialized; pass a group explicitly (" + _ACCEPTED + "), or use "
             "epcomm.group.init_from_env()")
     if _is_group(obj):
+        if obj.size < 1 or not 0 <= obj.rank < obj.size:
+            raise ValueError(f"as_group: {type(obj).__name__} has rank {obj.rank} and size {obj.size}; "
+                             f"a group needs size >= 1 and 0 <= rank < size")
         return obj
     if isinstance(obj, str):
         if obj == "jax":

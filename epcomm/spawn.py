@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue as queue_mod
 import shutil
+import signal
 import tempfile
 import time
 import traceback
@@ -41,8 +43,26 @@ def _read_phase(path: str) -> tuple[str, float]:
         return "(starting: no phase reported yet)", 0.0
 
 
-def _worker(fn, rank, world, root, args, kwargs, q, env, group_timeout):
+def _die_with_parent() -> None:
+    """Leave no orphan: the worker gets SIGKILL when the parent dies (Linux), and leads its own
+    process group, so the parent can kill what the worker started too (compilers, helpers)."""
+    try:
+        os.setpgid(0, 0)
+    except OSError:
+        pass
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+def _worker(fn, rank, world, root, args, kwargs, q, env, group_timeout, parent_pid=None):
     global _PHASE_FILE
+    _die_with_parent()
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os._exit(1)  # the parent died before the death signal was armed
     os.environ.update(env)
     os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"] = str(rank), str(world), str(rank)
     _PHASE_FILE = os.path.join(root, f"phase.{rank}")
@@ -54,6 +74,10 @@ def _worker(fn, rank, world, root, args, kwargs, q, env, group_timeout):
         group = FileGroup(os.path.join(root, "group"), rank, world, timeout_s=group_timeout)
         res = fn(rank, world, group, *args, **kwargs)
         phase("done")
+        try:
+            pickle.dumps(res)  # the queue pickles in a thread, where a failure would be lost
+        except Exception as e:
+            raise TypeError(f"the worker's result cannot be sent to the parent: {type(e).__name__}: {e}") from e
         q.put((rank, "ok", res))
     except BaseException as e:  # noqa: BLE001 - everything is reported to the parent
         q.put((rank, "error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
@@ -66,17 +90,23 @@ class SpawnError(RuntimeError):
 def run(fn, world_size: int, *args, timeout: float = 300.0, env: dict | None = None, **kwargs) -> list:
     """Run ``fn(rank, world_size, group, *args, **kwargs)`` in ``world_size`` processes.
 
-    ``fn`` must be importable (module level).  Returns the list of results by rank.  Raises
-    SpawnError with every failing rank's traceback, or, after ``timeout`` seconds, naming each
-    rank that had not finished and its last phase.
+    ``fn`` must be importable (module level) and return something picklable.  Returns the list
+    of results by rank.  Raises ValueError for ``world_size`` < 1, SpawnError with every failing
+    rank's traceback (a few seconds after the first failure: the other ranks are then killed,
+    since they may wait for the failed one), or, after ``timeout`` seconds, naming each rank
+    that had not finished and its last phase.  Workers die with the parent, and the processes
+    a worker started die with it.
     """
+    from ._validate import check_int
+    world_size = check_int("world_size", world_size, lo=1)
     ctx = mp.get_context("spawn")
     root = tempfile.mkdtemp(prefix="epcomm-spawn-")
     q = ctx.Queue()
     full_env = dict(SAFE_ENV)
     full_env.update({k: v for k, v in os.environ.items() if k.startswith("EPCOMM_")})
     full_env.update(env or {})
-    procs = [ctx.Process(target=_worker, args=(fn, r, world_size, root, args, kwargs, q, full_env, timeout), daemon=True)
+    procs = [ctx.Process(target=_worker, args=(fn, r, world_size, root, args, kwargs, q, full_env, timeout,
+                                               os.getpid()), daemon=True)
              for r in range(world_size)]
     for p in procs:
         p.start()
@@ -90,9 +120,11 @@ def run(fn, world_size: int, *args, timeout: float = 300.0, env: dict | None = N
             try:
                 rank, status, payload = q.get(timeout=min(left, 1.0))
                 results[rank] = (status, payload)
+                if status == "error":  # the others may wait for this rank: a short grace, then stop
+                    deadline = min(deadline, time.monotonic() + _ERROR_GRACE_S)
             except queue_mod.Empty:
-                dead = [r for r, p in enumerate(procs) if not p.is_alive() and p.exitcode not in (0, None)
-                        and r not in results]
+                # Finished without a result (exit code 0 included: e.g. os._exit) or killed.
+                dead = [r for r, p in enumerate(procs) if not p.is_alive() and r not in results]
                 if dead:
                     time.sleep(0.5)  # let a final queue message arrive
                     while True:
@@ -103,8 +135,9 @@ def run(fn, world_size: int, *args, timeout: float = 300.0, env: dict | None = N
                             break
                     for r in dead:
                         if r not in results:
-                            results[r] = ("error", f"process died with exit code {procs[r].exitcode} "
-                                                   f"in phase {_read_phase(os.path.join(root, f'phase.{r}'))[0]!r}")
+                            results[r] = ("error", f"process {_exit_reason(procs[r].exitcode)} without reporting a "
+                                                   f"result, in phase "
+                                                   f"{_read_phase(os.path.join(root, f'phase.{r}'))[0]!r}")
                     if any(s == "error" for s, _ in results.values()):
                         break
         missing = [r for r in range(world_size) if r not in results]
@@ -122,11 +155,29 @@ def run(fn, world_size: int, *args, timeout: float = 300.0, env: dict | None = N
         return [results[r][1] for r in range(world_size)]
     finally:
         for p in procs:
+            if p.pid is not None:
+                try:  # the worker's process group: what it started goes too
+                    os.killpg(p.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError, OSError):
+                    pass
             if p.is_alive():
                 p.kill()
         for p in procs:
             p.join(timeout=5)
         shutil.rmtree(root, ignore_errors=True)
+
+
+_ERROR_GRACE_S = 5.0
+
+
+def _exit_reason(code) -> str:
+    if code is not None and code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"was killed by {name}" + (" (out of memory?)" if -code == signal.SIGKILL else "")
+    return f"exited with code {code}"
 
 
 def gpu_count() -> int:

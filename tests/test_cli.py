@@ -38,6 +38,16 @@ def test_warmup_rejects_bad_arguments(tmp_path):
     assert r.returncode == 2 and "mode 'fast'" in r.stderr
     r = _run(["warmup", "--preset", "nope", "--arch", "sm_90"], env)
     assert r.returncode == 2 and "unknown preset" in r.stderr
+    # nothing that was asked for can be built: an error naming why, not a silent layout-only run
+    for args, why in ((["--mode", "normal", "--ranks", "1"], "num_ranks"), (["--mode", "normal", "--ranks", "100"], "num_ranks"),
+                      (["--mode", "low-latency", "--hidden", "100"], "multiple of 128"),
+                      (["--mode", "low-latency", "--hidden", "0"], "hidden=0")):
+        r = _run(["warmup", *args, "--arch", "sm_90"], env)
+        assert r.returncode == 2 and "no kernel specialization fits" in r.stderr and why in r.stderr, r.stderr
+    r = _run(["warmup", "--preset", ",", "--arch", "sm_90"], env)
+    assert r.returncode == 2 and "--preset: empty list" in r.stderr
+    r = _run(["warmup", "-j", "-3", "--arch", "sm_90"], env)
+    assert r.returncode == 2 and "-j/--jobs -3" in r.stderr
 
 
 def test_info_runs_without_a_gpu(tmp_path):

@@ -132,8 +132,9 @@ def test_file_group_four_processes(tmp_path):
     res = _run_ranks(_file_worker, 4, (str(d), 4, "file"), timeout=40)
     last = res[0] - 1
     assert set(res.values()) == {res[0]}
-    # every round before the last barrier has been read by all ranks and must be gone
-    assert sorted(os.listdir(d)) == [str(last)]
+    # every round before the last barrier has been read by all ranks and must be gone; the
+    # ranks' claim files stay (the directory belongs to this job)
+    assert sorted(os.listdir(d)) == [f".rank{r}.claim" for r in range(4)] + [str(last)]
 
 
 def test_file_group_timeout_names_rank_round_and_missing(tmp_path):
@@ -184,7 +185,24 @@ def test_file_group_size_one_cleans_up(tmp_path):
     g = FileGroup(tmp_path, 0, 1, timeout_s=1)
     for i in range(5):
         assert g.allgather_bytes(bytes([i])) == [bytes([i])]
-    assert sorted(os.listdir(tmp_path)) == ["4"]
+    assert sorted(os.listdir(tmp_path)) == [".rank0.claim", "4"]
+
+
+def test_file_group_refuses_a_second_job_in_the_same_directory(tmp_path):
+    # Job A's rank 0 is up; job B (or a rerun, or a crashed job's leftovers) must not mix its
+    # rounds with A's: its rank 0 refuses at once, before any data is read.
+    FileGroup(tmp_path, 0, 2, timeout_s=1)
+    with pytest.raises(ValueError, match="rank 0 .* already taken by another job"):
+        FileGroup(tmp_path, 0, 2, timeout_s=1)
+    FileGroup(tmp_path, 1, 2, timeout_s=1)  # job A's rank 1 joins fine
+    with pytest.raises(ValueError, match="rank 1 .* already taken"):
+        FileGroup(tmp_path, 1, 2, timeout_s=1)
+
+
+def test_file_group_rank_and_size_are_ints(tmp_path):
+    for rank, size, exc in ((1.7, 2, TypeError), (0, 2.5, TypeError), (True, 2, TypeError), ("0", 2, TypeError)):
+        with pytest.raises(exc, match="FileGroup"):
+            FileGroup(tmp_path / "x", rank, size)
 
 
 # --------------------------------------------------------------------------- LocalGroup / as_group
@@ -200,6 +218,16 @@ def test_local_group():
         g.broadcast_bytes(b"z", root=1)
     g.barrier()
     assert as_group(g) is g
+
+
+def test_as_group_checks_the_rank_of_a_custom_group():
+    class G(LocalGroup):
+        pass
+    for rank, size in ((5, 2), (-1, 2), (0, 0)):
+        g = G()
+        g.rank, g.size = rank, size
+        with pytest.raises(ValueError, match=f"rank {rank} and size {size}"):
+            as_group(g)
 
 
 def test_as_group_rejects_int_listing_accepted():
@@ -302,6 +330,12 @@ def _jax_worker(rank, port, size):
         for obj in ("jax", jax.distributed):
             a = as_group(obj)
             assert isinstance(a, JaxGroup) and a.rank == rank
+        # every group of a process has its own keys: two live groups (two Buffers of one job,
+        # e.g. normal and low-latency) interleave their rounds without colliding
+        a, a2 = as_group("jax"), as_group("jax")
+        for i in range(3):
+            assert a.allgather_bytes(b"a%d%d" % (i, rank)) == [b"a%d0" % i, b"a%d1" % i]
+            assert a2.allgather_bytes(b"b%d%d" % (i, rank)) == [b"b%d0" % i, b"b%d1" % i]
         # jaxlibs without the *_bytes methods go through base64 strings; force that path
         b = JaxGroup(prefix="epcomm-b64", timeout_s=20)
         b._raw = False

@@ -63,6 +63,38 @@ def test_truncated_or_corrupt_entry_is_a_miss_and_is_rewritten(cache_dir):
     assert cache.read_entry(path) is None
 
 
+def test_an_entry_of_another_key_or_with_bad_symbols_is_a_miss(cache_dir):
+    a_spec, b_spec = SmokePeerStoreSpec(threads=32), SmokePeerStoreSpec(threads=160)
+    a = compiler.build(a_spec, "sm_90")
+    b_key = compiler.cache_key(b_spec, "sm_90")
+    # a's entry copied (or renamed) to b's path: same kernel names, a different kernel
+    b_path = cache.entry_path(b_spec.family, b_key)
+    shutil.copyfile(cache.entry_path(a_spec.family, a.key), b_path)
+    assert cache.read_entry(b_path, b_key) is None
+    b = compiler.build(b_spec, "sm_90")
+    assert not b.cached and b.cubin != a.cubin and b.meta["key"] == b_key
+    # a whole, correctly hashed entry whose metadata lacks a kernel's symbol: a miss, not a KeyError
+    a_path = cache.entry_path(a_spec.family, a.key)
+    ent = cache.read_entry(a_path, a.key)
+    cache.write_entry(a_path, ent.payload, dict(ent.meta, symbols=["not", "a", "dict"]))
+    again = compiler.build(a_spec, "sm_90")
+    assert not again.cached and again.symbols == a.symbols
+
+
+def test_an_unwritable_cache_compiles_in_memory_with_one_warning(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("EPCOMM_CACHE_DIR", str(blocker / "cache"))  # can never be created
+    monkeypatch.setattr(compiler, "_WARNED_UNWRITABLE", [False])
+    with pytest.warns(RuntimeWarning, match="cannot be written"):
+        m = compiler.build(SmokePeerStoreSpec(threads=224), "sm_90")
+    assert not m.cached and m.cubin and m.symbols
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process
+        compiler.build(SmokePeerStoreSpec(threads=224), "sm_90")
+
+
 def _build_in_child(cache_root, q):
     os.environ["EPCOMM_CACHE_DIR"] = cache_root
     from epcomm.jit import compiler as c

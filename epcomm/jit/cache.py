@@ -5,7 +5,9 @@ cubin.  An entry is published with a temporary file in the same directory, ``fsy
 ``os.replace``, so readers see a whole entry or none.  A per-key ``flock`` makes concurrent
 processes (e.g. 8 ranks starting together) compile a key once: the others wait on the lock and
 then read the published entry.  A truncated or corrupt entry (bad magic, bad header, payload
-hash mismatch) is treated as a miss and overwritten.
+hash mismatch, or a header naming another key: a file copied or renamed into place) is treated
+as a miss and overwritten.  A cache directory that cannot be written is no error either: the
+compiler then keeps the module in memory (compiler.build warns once).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from pathlib import Path
 
 from .. import envs
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the header names its key
 _MAGIC = b"EPCJIT01"
 
 
@@ -51,11 +53,12 @@ def entry_path(family: str, key: str) -> Path:
     return cache_root() / family / f"{key}.bin"
 
 
-def read_entry(path: Path) -> CacheEntry | None:
-    """The entry at ``path``, or None if missing, truncated or corrupt."""
+def read_entry(path: Path, key: str | None = None) -> CacheEntry | None:
+    """The entry at ``path``, or None if missing, unreadable, truncated, corrupt, or (with
+    ``key``) written for another key."""
     try:
         data = path.read_bytes()
-    except (FileNotFoundError, IsADirectoryError, PermissionError):
+    except OSError:
         return None
     if len(data) < len(_MAGIC) + 4 or data[: len(_MAGIC)] != _MAGIC:
         return None
@@ -70,6 +73,8 @@ def read_entry(path: Path) -> CacheEntry | None:
     payload = data[start + hlen:]
     if not isinstance(meta, dict) or meta.get("payload_sha256") != hashlib.sha256(payload).hexdigest() \
             or meta.get("payload_len") != len(payload):
+        return None
+    if key is not None and meta.get("key") != key:
         return None
     return CacheEntry(payload, meta)
 

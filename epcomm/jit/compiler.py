@@ -101,10 +101,13 @@ def _dump(spec: KernelSpec, source: str, log: str, options: list[str]) -> None:
     if not d:
         return
     p = Path(d)
-    p.mkdir(parents=True, exist_ok=True)
     safe = "".join(c if c.isalnum() or c in "-_=.," else "_" for c in spec.label())
-    (p / f"{safe}.cu").write_text(source)
-    (p / f"{safe}.log").write_text(" ".join(options) + "\n\n" + log)
+    try:  # a debugging aid: never let it hide the compile error or fail a good compile
+        p.mkdir(parents=True, exist_ok=True)
+        (p / f"{safe}.cu").write_text(source)
+        (p / f"{safe}.log").write_text(" ".join(options) + "\n\n" + log)
+    except OSError as e:
+        print(f"[epcomm.jit] EPCOMM_DUMP_DIR={d}: could not write the dump ({e})", file=sys.stderr)
 
 
 def compile_uncached(spec: KernelSpec, arch: str) -> tuple[bytes, dict[str, str], str]:
@@ -161,21 +164,55 @@ def build(spec: KernelSpec, arch: str | None = None) -> Module:
         cubin, symbols, _ = compile_uncached(spec, arch)
         return Module(spec, arch, key, cubin, symbols, False, time.perf_counter() - t0)
     path = cache.entry_path(spec.family, key)
-    ent = cache.read_entry(path)
+    ent = _usable(cache.read_entry(path, key), spec)
     if ent is None:
-        with cache.key_lock(spec.family, key):
-            ent = cache.read_entry(path)  # another process may have published it meanwhile
+        try:
+            lock = cache.key_lock(spec.family, key)
+            lock.__enter__()
+        except OSError as e:  # read-only or full cache directory: compile in memory
+            _warn_unwritable(e)
+            cubin, symbols, _ = compile_uncached(spec, arch)
+            return Module(spec, arch, key, cubin, symbols, False, time.perf_counter() - t0)
+        try:
+            ent = _usable(cache.read_entry(path, key), spec)  # another process may have published it
             if ent is None:
                 tc = time.perf_counter()
                 cubin, symbols, _ = compile_uncached(spec, arch)
-                meta = {"label": spec.label(), "symbols": symbols, "arch": arch,
+                meta = {"key": key, "label": spec.label(), "symbols": symbols, "arch": arch,
                         "compile_seconds": round(time.perf_counter() - tc, 3), "epcomm": __version__}
-                cache.write_entry(path, cubin, meta)
+                try:
+                    cache.write_entry(path, cubin, meta)
+                except OSError as e:
+                    _warn_unwritable(e)
                 if verbose:
                     print(f"[epcomm.jit] compiled {spec.label()} ({arch}) in "
                           f"{meta['compile_seconds']}s -> {path}", file=sys.stderr)
                 return Module(spec, arch, key, cubin, symbols, False, time.perf_counter() - t0, meta)
+        finally:
+            lock.__exit__(None, None, None)
     if verbose:
         print(f"[epcomm.jit] cache hit {spec.label()} ({arch})", file=sys.stderr)
     return Module(spec, arch, key, ent.payload, dict(ent.meta["symbols"]), True,
                   time.perf_counter() - t0, ent.meta)
+
+
+def _usable(ent: "cache.CacheEntry | None", spec: KernelSpec) -> "cache.CacheEntry | None":
+    """``ent`` if its metadata names a symbol (str) for every kernel of ``spec``; else a miss."""
+    if ent is None:
+        return None
+    sym = ent.meta.get("symbols")
+    if not isinstance(sym, dict) or not all(isinstance(sym.get(k.short), str) for k in spec.kernels()):
+        return None
+    return ent
+
+
+_WARNED_UNWRITABLE = [False]
+
+
+def _warn_unwritable(e: OSError) -> None:
+    if not _WARNED_UNWRITABLE[0]:
+        _WARNED_UNWRITABLE[0] = True
+        import warnings
+        warnings.warn(f"epcomm JIT cache {cache.cache_root()} cannot be written ({e}); kernels are compiled in "
+                      f"memory for this process (set EPCOMM_CACHE_DIR to a writable directory)", RuntimeWarning,
+                      stacklevel=3)

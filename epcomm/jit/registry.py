@@ -28,9 +28,11 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def specs_for(hidden, ranks, dtypes=DTYPES, modes=MODES, *, strict: bool = False) -> list[KernelSpec]:
+def specs_for(hidden, ranks, dtypes=DTYPES, modes=MODES, *, strict: bool = False,
+              skipped: list | None = None) -> list[KernelSpec]:
     """Every specialization needed for these shapes.  Combinations a kernel cannot support
-    (FP8 or low-latency with hidden % 128 != 0) are skipped, or raise ValueError if ``strict``."""
+    (FP8 or low-latency with hidden % 128 != 0, a rank count outside the kernels' range) are
+    skipped, or raise ValueError if ``strict``; ``skipped`` collects (label, reason) of each."""
     for m in modes:
         if m not in MODES:
             raise ValueError(f"mode {m!r}: expected one of {MODES}")
@@ -42,9 +44,11 @@ def specs_for(hidden, ranks, dtypes=DTYPES, modes=MODES, *, strict: bool = False
     def add(spec: KernelSpec) -> None:
         try:
             spec.validate()
-        except ValueError:
+        except ValueError as e:
             if strict:
                 raise
+            if skipped is not None:
+                skipped.append((spec.label(), str(e)))
             return
         if spec not in out:
             out.append(spec)

@@ -86,6 +86,8 @@ class IntranodeDispatchSpec(KernelSpec):
 
     def validate(self) -> None:
         _check_ranks(self.num_ranks)
+        if self.hidden <= 0:
+            raise ValueError(f"hidden={self.hidden}: must be positive")
         if self.fp8 and self.hidden % 128:
             raise ValueError(f"hidden={self.hidden}: FP8 dispatch needs a multiple of 128 (one scale per 128 channels)")
         if not self.fp8 and self.hidden % 8:
@@ -118,7 +120,7 @@ class IntranodeCombineSpec(KernelSpec):
 
     def validate(self) -> None:
         _check_ranks(self.num_ranks)
-        if self.hidden % 8:
+        if self.hidden <= 0 or self.hidden % 8:
             raise ValueError(f"hidden={self.hidden}: combine needs a multiple of 8 (16-byte bf16 rows)")
 
     def kernels(self):

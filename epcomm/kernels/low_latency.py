@@ -74,7 +74,7 @@ class LowLatencySpec(KernelSpec):
     fp8: bool
 
     def validate(self) -> None:
-        if self.hidden % 128:
+        if self.hidden <= 0 or self.hidden % 128:
             raise ValueError(f"hidden={self.hidden}: the low-latency kernels need a multiple of 128")
 
     def kernels(self):
