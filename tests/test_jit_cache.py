@@ -32,6 +32,19 @@ def test_key_depends_on_arch_and_template_arguments(cache_dir):
     assert k(SmokePeerStoreSpec(128)) == k(SmokePeerStoreSpec(128))
 
 
+def test_key_covers_the_toolchain_outside_cuda_src(cache_dir, monkeypatch):
+    from epcomm.kernels.smoke import SmokeNvshmemSpec
+    spec = SmokeNvshmemSpec(threads=128)
+    base = compiler.cache_key(spec, "sm_90")
+    for name, fake in (("header_versions", lambda: {"cudart": "1", "cccl": "2"}),
+                       ("nvshmem_device_lib_stamp", lambda: "another build"),
+                       ("compiler_dist_versions", lambda: {"nvidia-cuda-nvrtc": "0.0.1"})):
+        with monkeypatch.context() as m:
+            m.setattr(toolchain, name, fake)
+            assert compiler.cache_key(spec, "sm_90") != base, name
+    assert compiler.cache_key(spec, "sm_90") == base
+
+
 def test_a_changed_header_byte_is_a_miss(cache_dir, tmp_path, monkeypatch):
     src = tmp_path / "cuda_src"
     shutil.copytree(toolchain.cuda_src_dir(), src)

@@ -89,10 +89,13 @@ def cache_key(spec: KernelSpec, arch: str, source: str | None = None) -> str:
         "options": canon,
         "arch": arch,
         "nvrtc": toolchain.nvrtc_version(),
+        "compiler_wheels": toolchain.compiler_dist_versions(),
     }
     if spec.uses_nvshmem:
         parts["nvjitlink"] = toolchain.nvjitlink_version()
         parts["nvshmem"] = toolchain.nvshmem().version
+        parts["nvshmem_device_lib"] = toolchain.nvshmem_device_lib_stamp()
+        parts["headers"] = toolchain.header_versions()
     return cache.make_key(parts)
 
 

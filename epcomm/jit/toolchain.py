@@ -142,6 +142,57 @@ def _nvshmem_version(inc: Path) -> str:
 
 
 @functools.lru_cache(maxsize=None)
+def header_versions() -> dict[str, str]:
+    """Versions of the headers NVSHMEM modules include besides epcomm's own: CUDART_VERSION of
+    the runtime headers and CCCL_VERSION (they come from separate wheels, upgraded separately;
+    part of the JIT cache key).  "unknown" where a macro is not found."""
+    out = {}
+    try:
+        dirs = cuda_include_dirs()
+    except ToolchainError:
+        return {"cudart": "unknown", "cccl": "unknown"}
+    for name, rel, macro in (("cudart", "cuda_runtime_api.h", "CUDART_VERSION"),
+                             ("cccl", "cuda/std/__cccl/version.h", "CCCL_VERSION")):
+        v = "unknown"
+        for d in dirs:
+            f = d / rel
+            if f.is_file():
+                m = re.search(rf"#define\s+{macro}\s+(\d+)", f.read_text(errors="replace"))
+                if m:
+                    v = m.group(1)
+                    break
+        out[name] = v
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def compiler_dist_versions() -> dict[str, str]:
+    """Installed versions of the NVRTC and nvJitLink wheels (their patch level, which
+    nvrtcVersion() does not report); empty for a toolkit outside pip.  Part of the cache key."""
+    from importlib.metadata import PackageNotFoundError, version
+    out = {}
+    for dist in ("nvidia-cuda-nvrtc", "nvidia-cuda-nvrtc-cu12", "nvidia-nvjitlink", "nvidia-nvjitlink-cu12"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def nvshmem_device_lib_stamp() -> str:
+    """sha256 of the NVSHMEM device library linked into NVSHMEM modules (a few MB, hashed once
+    per process): a rebuilt library of the same version (EPCOMM_NVSHMEM_HOME) changes the cache
+    key too, and the same file gives the same key on every machine."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(nvshmem().device_lib, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=None)
 def nvrtc_version() -> str:
     try:
         from cuda.bindings import nvrtc
