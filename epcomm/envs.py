@@ -77,7 +77,7 @@ def _str(name: str, raw: str) -> str:
 
 
 def _default_cache_dir() -> Path:
-    xdg = os.environ.get("XDG_CACHE_HOME")
+    xdg = os.environ.get("XDG_CACHE_HOME")  # listed in EXTERNAL
     # The XDG spec: a relative XDG_CACHE_HOME is invalid and ignored.
     base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
     return base / "epcomm"
@@ -162,10 +162,31 @@ PROFILE = _knob("EPCOMM_PROFILE", False, _parse_bool,
                 "benchmarks/profile_low_latency.py; costs a few stores.")
 
 
+# Variables of other tools that epcomm reads (as text, "" when unset): where CUDA lives, and
+# the launcher's rank variables for epcomm.group.init_from_env.  XDG_CACHE_HOME is read by
+# _default_cache_dir above.
+EXTERNAL = {
+    "CUDA_HOME": "a CUDA toolkit to search for headers (after EPCOMM_CUDA_HOME and the wheels)",
+    "CUDA_PATH": "the same, as some installers name it",
+    "RANK": "this process's rank, for epcomm.group.init_from_env (with EPCOMM_GROUP_DIR)",
+    "WORLD_SIZE": "the number of processes, for epcomm.group.init_from_env",
+    "XDG_CACHE_HOME": "base of the default EPCOMM_CACHE_DIR when absolute",
+}
+
+
+def external(name: str) -> str:
+    """The text of a variable of :data:`EXTERNAL` ("" when unset); KeyError for any other."""
+    if name not in EXTERNAL:
+        raise KeyError(f"{name} is not an external variable epcomm reads (see epcomm.envs.EXTERNAL)")
+    return os.environ.get(name, "")
+
+
 def table_markdown() -> str:
     rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
     for k in KNOBS.values():
         rows.append(f"| `{k.name}` | {k.default_doc} | {k.doc} |")
+    for name, doc in EXTERNAL.items():
+        rows.append(f"| `{name}` | unset | Not epcomm's own: {doc}. |")
     return "\n".join(rows)
 
 

@@ -613,7 +613,7 @@ def init_from_env() -> Group:
         return TorchGroup(None)
     names = ("EPCOMM_GROUP_DIR", "RANK", "WORLD_SIZE")
     from . import envs
-    vals = {n: os.environ.get(n, "") for n in names[1:]}
+    vals = {n: envs.external(n) for n in names[1:]}
     vals["EPCOMM_GROUP_DIR"] = envs.GROUP_DIR.get()
     missing = [n for n in names if not vals[n]]
     if missing:

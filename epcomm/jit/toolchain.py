@@ -50,7 +50,7 @@ def _pathfinder_header(name: str) -> Path | None:
 
 def _cuda_homes() -> list[Path]:
     out = []
-    for v in (envs.CUDA_HOME.get(), os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
+    for v in (envs.CUDA_HOME.get(), envs.external("CUDA_HOME"), envs.external("CUDA_PATH"),
               "/usr/local/cuda"):
         if v:
             out.append(Path(v))
