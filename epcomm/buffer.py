@@ -371,8 +371,11 @@ class Buffer:
                 pass
             try:
                 self.group.barrier()  # no peer may still write into memory we unmap
-            except Exception:
-                pass
+            except Exception as e:
+                import warnings
+                warnings.warn(f"Buffer.destroy on rank {self.rank}: the barrier with the other ranks failed "
+                              f"({type(e).__name__}: {e}); releasing the memory anyway (a peer that still "
+                              f"writes into it would fault)", RuntimeWarning, stacklevel=2)
             if self._intra is not None:
                 self._intra.free()
                 self._intra = None

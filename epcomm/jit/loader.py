@@ -32,7 +32,8 @@ def _load(spec: KernelSpec, device_id: int, arch: str | None) -> LoadedModule:
     from cuda.core import ObjectCode
 
     from .. import _cuda
-    mod = compiler.build(spec, arch)
+    from . import toolchain
+    mod = compiler.build(spec, arch or toolchain.current_arch(device_id))
     d = _cuda.drv()
     with _cuda.on_device(device_id):
         obj = ObjectCode.from_cubin(mod.cubin, name=spec.label())

@@ -212,8 +212,9 @@ def nvjitlink_version() -> str:
         return "unavailable"
 
 
-def current_arch() -> str:
-    """The architecture to compile for: EPCOMM_ARCH, else the current GPU's, else sm_90.
+def current_arch(device_id: int | None = None) -> str:
+    """The architecture to compile for: EPCOMM_ARCH, else that of GPU ``device_id`` (default:
+    the current one; GPUs of a host may differ), else sm_90.
 
     Only this function (called when a kernel is first needed) may query the driver.
     """
@@ -222,7 +223,7 @@ def current_arch() -> str:
         return normalize_arch(a)
     try:
         from cuda.core import Device
-        cc = Device().compute_capability
+        cc = (Device() if device_id is None else Device(device_id)).compute_capability
         return f"sm_{cc.major}{cc.minor}"
     except Exception:
         return "sm_90"
