@@ -478,7 +478,12 @@ def _gpu_name() -> str:
 
 def run(what: str, gpus: int, *, tokens=None, hidden=7168, topk=8, experts=256, sms=(8, 16, 24, 32),
         iters=30, timeout=540.0) -> dict:
-    n = gpus or spawn.gpu_count()
+    visible = spawn.gpu_count()
+    if gpus < 0 or gpus > visible:
+        raise ValueError(f"--gpus {gpus}: {visible} GPU(s) visible (one rank per GPU; 0 = all)")
+    if tokens is not None and tokens < 1:
+        raise ValueError(f"--tokens {tokens}: expected >= 1 (omit it for the defaults: 4096 normal, 128 low-latency)")
+    n = gpus or visible
     if n < 2 and what != "low-latency":
         raise ValueError(f"the normal-mode benchmark needs 2 or more GPUs; {n} visible "
                          f"(`epcomm bench low-latency` runs one rank on one GPU: local traffic only)")

@@ -50,6 +50,14 @@ def test_warmup_rejects_bad_arguments(tmp_path):
     assert r.returncode == 2 and "-j/--jobs -3" in r.stderr
 
 
+def test_bench_refuses_more_gpus_than_visible_before_spawning(tmp_path):
+    env = dict(os.environ, EPCOMM_CACHE_DIR=str(tmp_path / "c"), EPCOMM_VISIBLE_GPUS="0")
+    r = _run(["bench", "low-latency", "--gpus", "4"], env)
+    assert r.returncode == 2 and "--gpus 4: 0 GPU(s) visible" in r.stderr, r.stdout + r.stderr
+    r = _run(["bench", "low-latency", "--tokens", "0"], env)
+    assert r.returncode == 2 and "--tokens 0" in r.stderr, r.stdout + r.stderr
+
+
 def test_info_runs_without_a_gpu(tmp_path):
     env = dict(os.environ, EPCOMM_CACHE_DIR=str(tmp_path / "c"))
     r = _run(["info"], env)
