@@ -473,7 +473,8 @@ class LowLatencyState:
             return None
         slot = self._disp_slot
         plan = self._plans.get(("d", xs[0], xs[1], ts[1], T, E, use_fp8, round_scale, use_ue8m0, slot))
-        if (plan is None or self._disp_pending[slot] or self.buf._err.pending() or x.get_device() != dev
+        # No error-record check here: Buffer._ll_state, the only way in, made it just before.
+        if (plan is None or self._disp_pending[slot] or x.get_device() != dev
                 or topk_idx.get_device() != dev or self._get_device() != dev):
             return None
         p = plan.p
@@ -636,7 +637,7 @@ class LowLatencyState:
         N, Kt = handle.num_tokens, handle.num_topk
         # The dispatch results object identifies T, H and E (plans are dropped when it changes).
         plan = self._plans.get(("c", N, Kt, slot, hs, id(handle.refs["keep"])))
-        if plan is None or self._comb_pending[slot] or self.buf._err.pending():
+        if plan is None or self._comb_pending[slot]:  # the error record: checked by Buffer._ll_state
             return None
         ks = (N, Kt)
         if (x.dtype is not t.bfloat16 or topk_idx.dtype is not t.int64 or topk_weights.dtype is not t.float32

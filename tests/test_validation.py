@@ -193,25 +193,14 @@ class _Rig:
         from epcomm import buffer as B
         from epcomm.jit import loader
         from epcomm.kernels import layout as K_layout
+        from fake_driver import FakeModule, cpu_arrays_as_cuda
         self.log = []
-        orig_as_tensor, orig_empty = interop.as_tensor, interop.empty
-
-        def as_tensor(obj, name, **kw):
-            kw.pop("device", None)
-            ref = orig_as_tensor(obj, name, device="any", **kw)
-            if ref is not None:
-                ref.device_type, ref.device_id = "cuda", 0
-            return ref
-
-        class _Mod:
-            def fn(self, n):
-                return n
+        orig_empty = interop.empty
 
         def launch(fn, grid, threads, stream, p, smem=0, cooperative=False):
             self.log.append((fn, grid, {f: getattr(p, f, None) for f in ("expert_alignment", "num_topk")}))
 
-        monkeypatch.setattr(interop, "as_tensor", as_tensor)
-        monkeypatch.setattr(interop, "current_stream", lambda fw, d: 0)
+        cpu_arrays_as_cuda(monkeypatch)
         monkeypatch.setattr(interop, "empty", lambda fw, shape, dtype, *a: orig_empty(fw, shape, dtype, "cpu", 0))
         for name, fn in (("on_device", lambda d: contextlib.nullcontext()), ("stream_is_capturing", lambda s: False),
                          ("event_create", lambda *a: 1), ("event_record", lambda *a: None),
@@ -219,7 +208,7 @@ class _Rig:
                          ("stream_sync", lambda *a: None), ("event_destroy", lambda *a: None),
                          ("num_sms", lambda d: 132)):
             monkeypatch.setattr(_cuda, name, fn)
-        monkeypatch.setattr(loader, "load", lambda spec, dev: _Mod())
+        monkeypatch.setattr(loader, "load", lambda spec, dev: FakeModule())
         monkeypatch.setattr(B, "launch", launch)
         monkeypatch.setattr(K_layout, "launch", launch)
 

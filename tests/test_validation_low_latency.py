@@ -21,6 +21,7 @@ from epcomm.errors import BufferStateError  # noqa: E402
 from epcomm.event import EventOverlap  # noqa: E402
 from epcomm.kernels import low_latency as K  # noqa: E402
 from epcomm.low_latency import LowLatencyState  # noqa: E402
+from fake_driver import FakeModule, cpu_arrays_as_cuda  # noqa: E402
 
 H, E = 256, 8
 
@@ -45,15 +46,6 @@ class _Rig:
 
     def __init__(self, monkeypatch):
         self.log = []
-        orig = interop.as_tensor
-
-        def as_tensor(obj, name, **kw):
-            kw.pop("device", None)
-            ref = orig(obj, name, device="any", **kw)
-            if ref is not None:
-                ref.device_type, ref.device_id = "cuda", 0
-            return ref
-
         rig = self
 
         class _Cuda:
@@ -79,22 +71,17 @@ class _Rig:
             def event_create(self):
                 return 1
 
-        class _Mod:
-            def fn(self, n):
-                return n
-
         def launch(fn, grid, threads, stream, p, smem=0, cooperative=False):
             rig.log.append(("launch", fn))
 
         def wrap_pointer(fw, ptr, shape, dtype, device_type="cuda", device_id=0, owner=None):
             return torch.zeros(shape, dtype=torch.bfloat16)
 
-        monkeypatch.setattr(interop, "as_tensor", as_tensor)
-        monkeypatch.setattr(interop, "current_stream", lambda fw, d: 0)
+        cpu_arrays_as_cuda(monkeypatch)
         monkeypatch.setattr(interop, "wrap_pointer", wrap_pointer)
         monkeypatch.setattr(LLm, "_cuda", _Cuda())
         monkeypatch.setattr(LLm, "launch", launch)
-        monkeypatch.setattr(LLm.loader, "load", lambda spec, dev: _Mod())
+        monkeypatch.setattr(LLm.loader, "load", lambda spec, dev: FakeModule())
         monkeypatch.setattr(LowLatencyState, "_allow_smem", lambda self, *a: None)
         monkeypatch.setattr(LowLatencyState, "_coop_blocks", lambda self, fn, smem: 132)
         monkeypatch.setattr(LowLatencyState, "empty",
