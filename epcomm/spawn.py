@@ -201,3 +201,31 @@ def gpu_count() -> int:
         n = 0
     os.environ["EPCOMM_VISIBLE_GPUS"] = str(n)
     return n
+
+
+def device_of(rank: int) -> int:
+    """The GPU of a spawned rank: rank modulo the visible GPUs (ranks share GPUs round-robin when
+    there are more ranks than GPUs, under EPCOMM_SHARE_GPU=1)."""
+    return rank % max(gpu_count(), 1)
+
+
+def example_world(min_ranks: int = 2) -> int:
+    """Ranks an example should spawn: one per visible GPU.  Under EPCOMM_SHARE_GPU=1, a single
+    GPU or fewer GPUs than ``min_ranks`` run ``max(min_ranks, 2)`` ranks sharing them (their
+    kernels take turns: a correctness run, not a speed one).
+
+    Raises SystemExit with a message saying what is missing (no GPU, or too few GPUs and
+    EPCOMM_SHARE_GPU unset) instead of letting a worker fail inside the Buffer.
+    """
+    from . import envs
+    n = gpu_count()
+    if n == 0:
+        raise SystemExit("this example needs an NVIDIA GPU: none is visible")
+    share = envs.SHARE_GPU.get()
+    if n >= min_ranks and not (share and n == 1):
+        return n
+    if share:
+        return max(min_ranks, 2)
+    raise SystemExit(f"this example needs {min_ranks} ranks but {n} GPU{'s' if n > 1 else ''} "
+                     f"{'are' if n > 1 else 'is'} visible; set EPCOMM_SHARE_GPU=1 to run {min_ranks} ranks "
+                     f"sharing {'them' if n > 1 else 'it'} (a correctness run, not a speed one)")

@@ -2,7 +2,8 @@
 
 Bootstrap through epcomm's own FileGroup (epcomm.spawn), toy experts (expert e scales its rows
 by (e + 1) / E), and a check against epcomm.reference.  CuPy has no bfloat16: bf16 data travel
-as uint16 arrays holding the bits.  Run: python examples/cupy_moe.py   (needs 2+ GPUs)
+as uint16 arrays holding the bits.  Run: python examples/cupy_moe.py   (needs 2+ GPUs, or one
+with EPCOMM_SHARE_GPU=1: 2 ranks then share it)
 """
 import numpy as np
 
@@ -25,10 +26,10 @@ def inputs(world):
 def worker(rank, world, group):
     import cupy as cp
     import ml_dtypes
-    cp.cuda.Device(rank).use()
+    cp.cuda.Device(spawn.device_of(rank)).use()
     ins = inputs(world)
     x, topk, w = ins[rank]
-    buf = epcomm.Buffer(group, epcomm.Buffer.get_nvl_buffer_size_hint(H, world, N, K), device=rank)
+    buf = epcomm.Buffer(group, epcomm.Buffer.get_nvl_buffer_size_hint(H, world, N, K), device=spawn.device_of(rank))
     xd = cp.asarray(x.view(np.uint16))
     recv_x, recv_idx, recv_w, counts, handle, _ = buf.dispatch(xd, topk_idx=cp.asarray(topk), topk_weights=cp.asarray(w),
                                                               num_experts=E)
@@ -51,7 +52,7 @@ def worker(rank, world, group):
 
 
 if __name__ == "__main__":
-    res = spawn.run(worker, spawn.gpu_count(), timeout=300)
+    res = spawn.run(worker, spawn.example_world(2), timeout=300)
     for r in res:
         print(r)
     print("PASS" if all(r["ok"] for r in res) else "FAIL")

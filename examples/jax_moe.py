@@ -1,8 +1,9 @@
 """Dispatch and combine with JAX arrays (no torch): JAX in, JAX out, through DLPack.
 
 JAX's default int32 expert indices are accepted.  Outputs are JAX arrays that alias memory
-epcomm allocated.  Checked against epcomm.reference.  Run: python examples/jax_moe.py (2+ GPUs;
-XLA_PYTHON_CLIENT_PREALLOCATE=false is set so JAX leaves GPU memory for epcomm).
+epcomm allocated.  Checked against epcomm.reference.  Run: python examples/jax_moe.py (2+ GPUs,
+or one with EPCOMM_SHARE_GPU=1: 2 ranks then share it; XLA_PYTHON_CLIENT_PREALLOCATE=false is
+set so JAX leaves GPU memory for epcomm).
 """
 import os
 
@@ -28,9 +29,9 @@ def worker(rank, world, group):
         topk = random_topk(rng, N, E, K)
         ins.append((random_bf16(rng, (N, H)), topk, random_weights(rng, topk)))
     x, topk, w = ins[rank]
-    dev = [d for d in jax.devices("gpu") if d.local_hardware_id == rank][0]
+    dev = [d for d in jax.devices("gpu") if d.local_hardware_id == spawn.device_of(rank)][0]
     xd, td, wd = (jax.device_put(a, dev) for a in (jnp.asarray(x), jnp.asarray(topk.astype(np.int32)), jnp.asarray(w)))
-    buf = epcomm.Buffer(group, epcomm.Buffer.get_nvl_buffer_size_hint(H, world, N, K), device=rank)
+    buf = epcomm.Buffer(group, epcomm.Buffer.get_nvl_buffer_size_hint(H, world, N, K), device=spawn.device_of(rank))
     recv_x, recv_idx, recv_w, counts, handle, _ = buf.dispatch(xd, topk_idx=td, topk_weights=wd, num_experts=E)
     y = (recv_x.astype(jnp.float32) * 2.0).astype(jnp.bfloat16)   # the "experts" double their input
     out, out_w, _ = buf.combine(y, handle, topk_weights=recv_w)
@@ -44,7 +45,7 @@ def worker(rank, world, group):
 
 
 if __name__ == "__main__":
-    res = spawn.run(worker, spawn.gpu_count(), timeout=300)
+    res = spawn.run(worker, spawn.example_world(2), timeout=300)
     for r in res:
         print(r)
     print("PASS" if all(r["ok"] for r in res) else "FAIL")

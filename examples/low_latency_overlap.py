@@ -6,7 +6,8 @@ communication of one micro-batch overlaps the computation of the other while no 
     hook1(); experts(mb1)
     combine(mb0, hook)   combine(mb1, hook); hooks
 
-Checked against epcomm.reference.  Run: python examples/low_latency_overlap.py  (2+ GPUs, torch)
+Checked against epcomm.reference.  Run: python examples/low_latency_overlap.py  (torch; one rank
+per GPU, or 2 ranks sharing one GPU with EPCOMM_SHARE_GPU=1)
 """
 import numpy as np
 import torch
@@ -20,7 +21,7 @@ T, H, E, K = 128, 7168, 64, 8
 
 def worker(rank, world, group):
     import ml_dtypes
-    torch.cuda.set_device(rank)
+    torch.cuda.set_device(spawn.device_of(rank))
     buf = epcomm.Buffer(group, 0, epcomm.Buffer.get_low_latency_rdma_size_hint(T, H, world, E), low_latency_mode=True)
     mbs = []
     for m in range(2):
@@ -55,7 +56,7 @@ def worker(rank, world, group):
 
 
 if __name__ == "__main__":
-    res = spawn.run(worker, spawn.gpu_count(), timeout=300)
+    res = spawn.run(worker, spawn.example_world(1), timeout=300)
     for r in res:
         print(r)
     print("PASS" if all(r["ok"] for r in res) else "FAIL")

@@ -3,7 +3,8 @@
 Each rank routes its tokens to top-2 of 16 experts, dispatches them with epcomm (autograd:
 dispatch backward = combine, combine backward = cached dispatch), runs its local experts and
 combines.  The result and the input gradient are checked against the same layer computed densely
-on one GPU.  Run: python examples/torch_moe.py   (needs 2+ GPUs and torch)
+on one GPU.  Run: python examples/torch_moe.py   (needs torch and 2+ GPUs,
+or one with EPCOMM_SHARE_GPU=1: 2 ranks then share it)
 """
 import torch
 
@@ -20,7 +21,7 @@ def layer_weights():
 
 
 def worker(rank, world, group):
-    torch.cuda.set_device(rank)
+    torch.cuda.set_device(spawn.device_of(rank))
     W, router = layer_weights()
     x = torch.randn(N, H, generator=torch.Generator().manual_seed(100 + rank)).cuda().to(torch.bfloat16)
     x.requires_grad_(True)
@@ -55,7 +56,7 @@ def worker(rank, world, group):
 
 
 if __name__ == "__main__":
-    res = spawn.run(worker, spawn.gpu_count(), timeout=300)
+    res = spawn.run(worker, spawn.example_world(2), timeout=300)
     for r in res:
         print(r)
     print("PASS" if all(r["ok"] for r in res) else "FAIL")

@@ -68,7 +68,7 @@ needs_two_ll_ranks = pytest.mark.skipif(ll_ranks() < 2, reason=_ll_reason(2))
 
 def device_of(rank: int) -> int:
     """The GPU of a spawned worker (ranks share GPUs round-robin under EPCOMM_SHARE_GPU)."""
-    return rank % max(world(), 1)
+    return spawn.device_of(rank)
 
 
 def run_once(fn):

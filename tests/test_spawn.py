@@ -103,3 +103,23 @@ def test_world_size_is_checked():
         spawn.run(_unpicklable, 0)
     with pytest.raises(TypeError, match="world_size"):
         spawn.run(_unpicklable, 2.0)
+
+
+@pytest.mark.parametrize("gpus, share, min_ranks, want", [
+    ("4", "0", 2, 4), ("2", "0", 2, 2), ("1", "1", 2, 2), ("1", "1", 1, 2), ("1", "0", 1, 1),
+    ("2", "1", 4, 4), ("8", "1", 2, 8),
+])
+def test_example_world_runs_one_rank_per_gpu_or_shares_under_the_knob(monkeypatch, gpus, share, min_ranks, want):
+    monkeypatch.setenv("EPCOMM_VISIBLE_GPUS", gpus)
+    monkeypatch.setenv("EPCOMM_SHARE_GPU", share)
+    assert spawn.example_world(min_ranks) == want
+    assert [spawn.device_of(r) for r in range(want)] == [r % int(gpus) for r in range(want)]
+
+
+@pytest.mark.parametrize("gpus, min_ranks, words", [("0", 2, "needs an NVIDIA GPU"), ("1", 2, "EPCOMM_SHARE_GPU=1"),
+                                                     ("2", 4, "4 ranks but 2 GPUs are visible")])
+def test_example_world_says_what_is_missing(monkeypatch, gpus, min_ranks, words):
+    monkeypatch.setenv("EPCOMM_VISIBLE_GPUS", gpus)
+    monkeypatch.setenv("EPCOMM_SHARE_GPU", "0")
+    with pytest.raises(SystemExit, match=words):
+        spawn.example_world(min_ranks)
