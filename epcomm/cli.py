@@ -164,6 +164,28 @@ def cmd_info(a) -> int:
     return 0
 
 
+def cmd_cache(a) -> int:
+    from . import envs
+    from .jit import cache
+    root = envs.CACHE_DIR.get()
+    if a.action == "clear":
+        n, freed = cache.clear()
+        print(f"removed {n} files ({freed / 2**20:.1f} MiB) from {root}")
+        return 0
+    entries = cache.list_entries()
+    total = 0
+    for p, meta in entries:
+        size = p.stat().st_size if p.exists() else 0
+        total += size
+        if meta is None:
+            print(f"{p.parent.name:14s} {'(corrupt or unreadable: a miss, rebuilt on use)':60s} {size / 2**10:8.0f} KiB  {p.name}")
+        else:
+            print(f"{p.parent.name:14s} {str(meta.get('label', '?')):44s} {str(meta.get('arch', '?')):7s} "
+                  f"epcomm {str(meta.get('epcomm', '?')):7s} {size / 2**10:8.0f} KiB  {p.name[:16]}")
+    print(f"{len(entries)} entries, {total / 2**20:.1f} MiB in {root}")
+    return 0
+
+
 def cmd_selftest(a) -> int:
     from .selftest import run_selftest
     return run_selftest(a.gpus, a.timeout)
@@ -193,6 +215,10 @@ def main(argv=None) -> int:
 
     i = sub.add_parser("info", help="versions, cache, GPUs and their NVLink peers")
     i.set_defaults(fn=cmd_info)
+
+    c = sub.add_parser("cache", help="list the JIT cache's entries, or clear them")
+    c.add_argument("action", nargs="?", choices=("list", "clear"), default="list")
+    c.set_defaults(fn=cmd_cache)
 
     s = sub.add_parser("selftest", help="on this machine's GPUs: peer stores, NVSHMEM, layout, dispatch/combine")
     s.add_argument("--gpus", type=int, default=0, help="GPUs to use (default: all)")

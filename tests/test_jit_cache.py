@@ -185,3 +185,35 @@ def test_rendered_source_is_a_small_explicit_instantiation():
     assert '#include "smoke.cuh"' in src
     assert "template __global__ void epcomm::smoke_peer_store<256>(const __grid_constant__ epcomm::SmokeParams);" in src
     assert src.count("static_assert") == 1 + len(SmokeParams._fields_)
+
+
+def test_cache_list_and_clear_touch_only_epcomm_files(cache_dir, capsys):
+    from epcomm.cli import main
+    spec = SmokePeerStoreSpec(threads=128)
+    m = compiler.build(spec, "sm_90")
+    path = cache.entry_path(spec.family, m.key)
+    bad = path.with_name("0" * 64 + ".bin")
+    bad.write_bytes(b"not an entry")
+    stale_tmp = path.with_name(path.name + ".abc.tmp")
+    fresh_tmp = path.with_name(path.name + ".def.tmp")
+    stale_tmp.write_bytes(b"x")
+    fresh_tmp.write_bytes(b"y")
+    os.utime(stale_tmp, (1, 1))
+    mine = cache.cache_root() / "notes.txt"          # the user's file in a shared directory
+    mine.write_text("keep me")
+    theirs = path.parent / "README"
+    theirs.write_text("keep me too")
+    assert main(["cache", "list"]) == 0
+    out = capsys.readouterr().out
+    assert spec.label() in out and "sm_90" in out and "corrupt" in out and "2 entries" in out
+    locks = list((path.parent / "locks").glob("*.lock"))
+    assert locks, "a build leaves its lock file"
+    with cache.key_lock("other", "held"):              # a build in progress keeps its lock
+        assert main(["cache", "clear"]) == 0
+        assert (cache.cache_root() / "other" / "locks" / "held.lock").exists()
+    out = capsys.readouterr().out
+    assert out.startswith(f"removed {2 + 1 + len(locks)} files")
+    assert not path.exists() and not bad.exists() and not stale_tmp.exists()
+    assert fresh_tmp.exists() and mine.read_text() == "keep me" and theirs.exists()
+    assert not any(p.exists() for p in locks)
+    assert compiler.build(spec, "sm_90").cached is False   # a clean miss after clearing

@@ -18,6 +18,7 @@ import json
 import os
 import struct
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,3 +128,70 @@ def cache_size_bytes() -> tuple[int, int]:
                 total += p.stat().st_size
                 n += 1
     return n, total
+
+
+def _families(root: Path):
+    # Only epcomm's own layout (<root>/<family>/<key>.bin, locks/, temp files) is touched: the
+    # root may be a directory the user shares with other things.
+    if not root.is_dir():
+        return
+    for d in sorted(root.iterdir()):
+        if d.is_dir() and not d.is_symlink():
+            yield d
+
+
+def list_entries() -> list[tuple[Path, dict | None]]:
+    """Every entry file under the cache root with its header, or None for an unreadable or
+    corrupt one (which a build treats as a miss)."""
+    out = []
+    for d in _families(cache_root()):
+        for p in sorted(d.glob("*.bin")):
+            ent = read_entry(p, p.stem)
+            out.append((p, ent.meta if ent is not None else None))
+    return out
+
+
+def clear() -> tuple[int, int]:
+    """Remove every entry, every temp file left by an interrupted publish (older than ten
+    minutes) and every lock that no process holds.  Returns (files removed, bytes freed).  Files epcomm did not name
+    are left alone.  Safe while other processes build: a build that loses its entry compiles
+    again, and publishing is atomic either way."""
+    n = freed = 0
+
+    def rm(p: Path) -> None:
+        nonlocal n, freed
+        with contextlib.suppress(OSError):
+            size = p.stat().st_size
+            p.unlink()
+            n += 1
+            freed += size
+
+    now = time.time()
+    for d in _families(cache_root()):
+        for p in d.glob("*.bin"):
+            rm(p)
+        for p in d.glob("*.bin.*.tmp"):
+            # a fresh one may be a publish in progress in another process
+            with contextlib.suppress(OSError):
+                if now - p.stat().st_mtime > 600:
+                    rm(p)
+        locks = d / "locks"
+        for p in (locks.glob("*.lock") if locks.is_dir() else ()):
+            try:
+                fd = os.open(p, os.O_RDWR)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # held by a build in progress
+                os.close(fd)
+                continue
+            try:
+                rm(p)
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)
+        for sub in (locks, d):
+            with contextlib.suppress(OSError):
+                sub.rmdir()  # only if empty
+    return n, freed
