@@ -23,11 +23,10 @@ export EPCOMM_GIT_COMMIT=${EPCOMM_GIT_COMMIT:-$(git rev-parse --short=12 HEAD 2>
 ngpu=$(nvidia-smi -L | wc -l)
 # One GPU: the multi-rank tests of both modes run 2 ranks sharing it (correctness, not speed).
 if (( ngpu == 1 )); then export EPCOMM_SHARE_GPU=${EPCOMM_SHARE_GPU:-1}; fi
-ranks=$ngpu; if (( ngpu == 1 )) && [[ $EPCOMM_SHARE_GPU == 1 ]]; then ranks=2; fi
 { nvidia-smi; nvidia-smi topo -m; } > "$OUT/machine.txt" 2>&1
 python3 -m epcomm.cli info 2>&1 | tee "$OUT/info.txt"
 t0=$(date +%s)
-python3 -m epcomm.cli warmup --preset tests --ranks "$ranks" --smoke -j 16 > "$OUT/warmup.txt" 2>&1
+python3 -m epcomm.cli warmup --preset tests --smoke -j 16 > "$OUT/warmup.txt" 2>&1
 echo "warmup: $(( $(date +%s) - t0 ))s, $(tail -1 "$OUT/warmup.txt")"
 if [[ $what == tests || $what == all ]]; then
   timeout ${TEST_TIMEOUT:-520} python3 -m pytest -q -rs -p no:cacheprovider ${kexpr:+-k "$kexpr"} \

@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 
 os.environ.setdefault("EPCOMM_PROFILE", "1")
 
@@ -104,7 +105,14 @@ def main() -> int:
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--json", default="")
     a = ap.parse_args()
-    n = a.gpus or spawn.gpu_count()
+    visible = spawn.gpu_count()
+    n = a.gpus or visible
+    if visible == 0:
+        print("profile_low_latency.py needs a GPU; none visible", file=sys.stderr)
+        return 2
+    if not 1 <= n <= visible:
+        print(f"profile_low_latency.py: --gpus {a.gpus}: {visible} GPU(s) visible (one rank per GPU)", file=sys.stderr)
+        return 2
     args = dict(tokens=a.tokens, hidden=a.hidden, topk=a.topk, experts=a.experts, iters=a.iters)
     out = spawn.run(_worker, n, args, timeout=400)
     for r in out:

@@ -203,6 +203,8 @@ def main():
     a = ap.parse_args()
     configs = [(int(s), float(f), int(c)) for s, f, c in (t.split(":") for t in a.configs.split(","))]
     world = spawn.gpu_count()
+    if world < 2:
+        raise SystemExit(f"profile_normal.py needs 2 or more GPUs (normal mode); {world} visible")
     out = spawn.run(_worker, world, {"configs": configs, "fp8_scales": a.fp8_scales,
                                            "ops": [o for o in a.ops.split(",") if o]}, timeout=500)
     print(out[0]["cprofile"])

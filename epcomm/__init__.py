@@ -29,6 +29,7 @@ _LAZY = {
     "reference": ("epcomm.reference", None),
     "interop": ("epcomm.interop", None),
     "envs": ("epcomm.envs", None),
+    "torch_autograd": ("epcomm.torch_autograd", None),
 }
 
 __all__ = ["__version__", *_LAZY]

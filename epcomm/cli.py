@@ -36,6 +36,10 @@ def cmd_warmup(a) -> int:
     if a.jobs < 0:
         raise ValueError(f"-j/--jobs {a.jobs}: expected 0 (the CPU count) or more")
     if a.preset is not None:
+        given = [f"--{k}" for k in ("hidden", "ranks", "dtype", "mode") if getattr(a, k) is not None]
+        if given:
+            raise ValueError(f"--preset names its own shapes; {' and '.join(given)} cannot narrow it "
+                             "(drop --preset to build the shapes you list)")
         if not a.preset:
             raise ValueError("--preset: empty list (known presets: " + ", ".join(registry.PRESETS) + ")")
         specs = []
@@ -44,6 +48,10 @@ def cmd_warmup(a) -> int:
                 if s not in specs:
                     specs.append(s)
     else:
+        a.hidden = a.hidden or (7168,)
+        a.ranks = a.ranks or (2, 4, 8)
+        a.dtype = a.dtype or registry.DTYPES
+        a.mode = a.mode or registry.MODES
         skipped: list = []
         specs = registry.specs_for(a.hidden, a.ranks, a.dtype, a.mode, skipped=skipped)
         for label, why in skipped:
@@ -57,6 +65,10 @@ def cmd_warmup(a) -> int:
         from .kernels.timing import SpinWaitSpec
         specs += [SmokePeerStoreSpec(), SmokeNvshmemSpec(), SpinWaitSpec()]
     arch = toolchain.normalize_arch(a.arch) if a.arch else toolchain.current_arch()
+    envs.check_all()  # a malformed EPCOMM_* value: one error here, not one per kernel
+    if envs.DISABLE_CACHE.get():
+        print("epcomm warmup: EPCOMM_DISABLE_CACHE is set, so nothing is kept: the kernels are "
+              "compiled to check them, and compiled again at first use", file=sys.stderr)
     jobs = a.jobs or envs.COMPILE_JOBS.get() or os.cpu_count() or 1
     jobs = max(1, min(jobs, len(specs)))
     print(f"epcomm warmup: {len(specs)} specializations for {arch}, {jobs} parallel job(s), "
@@ -110,7 +122,7 @@ def cmd_info(a) -> int:
                  "nvshmem4py-cu12", "nvidia-nvshmem-cu13", "nvidia-nvshmem-cu12", "torch", "jax", "ml_dtypes"):
         v = _version(dist)
         if v != "not installed" or dist in ("cuda-core", "cuda-bindings", "torch", "jax"):
-            print(f"{dist:18s}{v}")
+            print(f"{dist:20s}{v}")
     try:
         print(f"{'NVRTC':18s}{toolchain.nvrtc_version()}")
     except Exception as e:
@@ -200,17 +212,19 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="epcomm", description="Expert-parallel communication kernels")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    w = sub.add_parser("warmup", help="precompile kernel specializations into the JIT cache (no GPU needed with --arch)")
+    w = sub.add_parser("warmup", help="precompile kernel specializations into the JIT cache (no GPU needed: "
+                       "the target is --arch, else the GPU's, else sm_90)")
     w.add_argument("--preset", type=_csv(str), default=None,
                    help="comma-separated presets: deepseek-v3, qwen3-235b, gpt-oss, tests")
-    w.add_argument("--hidden", type=_csv(int), default=(7168,))
-    w.add_argument("--ranks", type=_csv(int), default=(2, 4, 8))
-    w.add_argument("--dtype", type=_csv(str), default=("bf16", "fp8"))
-    w.add_argument("--mode", type=_csv(str), default=("normal", "low-latency"))
-    w.add_argument("--arch", default=None, help="e.g. sm_90 (default: the GPU's, else sm_90)")
+    w.add_argument("--hidden", type=_csv(int), default=None, help="hidden sizes (default 7168)")
+    w.add_argument("--ranks", type=_csv(int), default=None, help="rank counts of the normal mode (default 2,4,8)")
+    w.add_argument("--dtype", type=_csv(str), default=None, help="bf16,fp8 or one of them (default both)")
+    w.add_argument("--mode", type=_csv(str), default=None,
+                   help="normal,low-latency or one of them (default both)")
+    w.add_argument("--arch", default=None, help="e.g. sm_90 (default: EPCOMM_ARCH, else the GPU's, else sm_90)")
     w.add_argument("--smoke", action="store_true",
                    help="also the smoke-test kernels of `epcomm selftest` and the wait kernel of `epcomm bench`")
-    w.add_argument("-j", "--jobs", type=int, default=0, help="parallel compile processes (default: CPU count)")
+    w.add_argument("-j", "--jobs", type=int, default=0, help="parallel compile processes (default: EPCOMM_COMPILE_JOBS, else the CPU count)")
     w.set_defaults(fn=cmd_warmup)
 
     i = sub.add_parser("info", help="versions, cache, GPUs and their NVLink peers")
@@ -220,7 +234,7 @@ def main(argv=None) -> int:
     c.add_argument("action", nargs="?", choices=("list", "clear"), default="list")
     c.set_defaults(fn=cmd_cache)
 
-    s = sub.add_parser("selftest", help="on this machine's GPUs: peer stores, NVSHMEM, layout, dispatch/combine")
+    s = sub.add_parser("selftest", help="on this machine's GPUs (2+): peer stores, NVSHMEM puts/signals, the layout kernel")
     s.add_argument("--gpus", type=int, default=0, help="GPUs to use (default: all)")
     s.add_argument("--timeout", type=float, default=300.0)
     s.set_defaults(fn=cmd_selftest)
@@ -228,7 +242,7 @@ def main(argv=None) -> int:
     b = sub.add_parser("bench", help="benchmarks (see epcomm/bench.py)")
     b.add_argument("what", choices=("normal", "low-latency", "all"))
     b.add_argument("--gpus", type=int, default=0, help="ranks = GPUs to use (default: all)")
-    b.add_argument("--tokens", type=int, default=None)
+    b.add_argument("--tokens", type=int, default=None, help="tokens per rank (default 4096 normal, 128 low-latency)")
     b.add_argument("--hidden", type=int, default=7168)
     b.add_argument("--topk", type=int, default=8)
     b.add_argument("--experts", type=int, default=256)

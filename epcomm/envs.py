@@ -156,6 +156,9 @@ SHARE_GPU = _knob("EPCOMM_SHARE_GPU", False, _parse_bool,
 TEST_RANKS = _knob("EPCOMM_TEST_RANKS", 0, _parse_int,
                    "GPU tests: ranks to spawn (0: one per GPU, or 2 on a one-GPU machine with "
                    "EPCOMM_SHARE_GPU=1). More ranks than GPUs needs EPCOMM_SHARE_GPU=1.", "0")
+TEST_TIMEOUT = _knob("EPCOMM_TEST_TIMEOUT", 480.0, _parse_float,
+                     "GPU tests: seconds one multi-rank spawn may take before it is ended and the "
+                     "ranks still running are named.")
 PROFILE = _knob("EPCOMM_PROFILE", False, _parse_bool,
                 "Kernels stamp each block's phases (globaltimer): normal mode for "
                 "Buffer.profile_stamps() and benchmarks/profile_normal.py, low-latency mode for "
@@ -171,7 +174,27 @@ EXTERNAL = {
     "RANK": "this process's rank, for epcomm.group.init_from_env (with EPCOMM_GROUP_DIR)",
     "WORLD_SIZE": "the number of processes, for epcomm.group.init_from_env",
     "XDG_CACHE_HOME": "base of the default EPCOMM_CACHE_DIR when absolute",
+    # Set by epcomm (setdefault_external) before NVSHMEM starts, only when unset: a value the
+    # user exported wins.
+    "NVSHMEM_SYMMETRIC_SIZE": "set by epcomm when unset, to the low-latency buffer's size x 1.1 + 256 MiB "
+                              "(a smaller value you export makes the buffer allocation fail)",
+    "NVSHMEM_DISABLE_NVLS": "set to 1 by epcomm when unset: epcomm never needs NVLink multicast",
+    "NVSHMEM_DISABLE_NCCL": "set to 1 by epcomm when unset and ranks share a GPU (EPCOMM_SHARE_GPU)",
 }
+
+
+def setdefault_external(name: str, value: str) -> str:
+    """Set a variable of :data:`EXTERNAL` unless it is set; return its value."""
+    if name not in EXTERNAL:
+        raise KeyError(f"{name} is not an external variable epcomm reads (see epcomm.envs.EXTERNAL)")
+    return os.environ.setdefault(name, value)
+
+
+def check_all() -> None:
+    """Parse every knob that is set; raise the first ValueError (a malformed value named)."""
+    for k in KNOBS.values():
+        if k.is_set():
+            k.get()
 
 
 def external(name: str) -> str:

@@ -8,10 +8,10 @@ GPUs of a host out of service.
 """
 from __future__ import annotations
 
-import os
 import pickle
 import threading
 
+from . import envs
 from .errors import EpcommError, ToolchainError
 
 _LOCK = threading.Lock()
@@ -48,12 +48,12 @@ def init(group, device_id: int, heap_bytes: int, shared_gpu: bool = False) -> No
                     f"NVSHMEM is already initialised in this process for device {_STATE['device']} and "
                     f"{_STATE['nranks']} ranks; one process drives one GPU")
             return
-        os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
+        envs.setdefault_external("NVSHMEM_DISABLE_NVLS", "1")
         if shared_gpu:
-            os.environ.setdefault("NVSHMEM_DISABLE_NCCL", "1")
+            envs.setdefault_external("NVSHMEM_DISABLE_NCCL", "1")
         # Room for the requested buffer plus NVSHMEM's own bookkeeping.
         want = int(heap_bytes * 1.1) + (256 << 20)
-        os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", str(want))
+        envs.setdefault_external("NVSHMEM_SYMMETRIC_SIZE", str(want))
         nv = _nv()
         from cuda.core import Device
         dev = Device(device_id)

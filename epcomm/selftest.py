@@ -107,12 +107,24 @@ def _smoke_worker(rank: int, world: int, group, n: int = 1 << 20) -> dict:
 
 
 def run_selftest(gpus: int = 0, timeout: float = 300.0) -> int:
-    n = gpus or spawn.gpu_count()
+    """Run the checks on ``gpus`` GPUs (0 = every visible one), one process each.  Returns 0 if
+    all pass, 1 if a check fails or a rank fails (its error printed), 2 if the machine or the
+    arguments cannot run it (fewer than 2 GPUs, more asked for than visible)."""
+    visible = spawn.gpu_count()
+    if gpus < 0 or gpus > visible:
+        print(f"epcomm selftest: --gpus {gpus}: {visible} GPU(s) visible (0 = all)", file=sys.stderr)
+        return 2
+    n = gpus or visible
     if n < 2:
-        print(f"epcomm selftest needs 2 or more GPUs; {n} visible", file=sys.stderr)
-        return 1
+        print(f"epcomm selftest needs 2 or more GPUs; {visible} visible"
+              f"{' (--gpus 1)' if gpus == 1 else ''}", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
-    results = spawn.run(_smoke_worker, n, timeout=timeout)
+    try:
+        results = spawn.run(_smoke_worker, n, timeout=timeout)
+    except spawn.SpawnError as e:
+        print(f"epcomm selftest: FAIL\n{e}", file=sys.stderr)
+        return 1
     bad = 0
     for r, res in enumerate(results):
         print(f"rank {r}: {res}")

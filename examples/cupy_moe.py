@@ -5,6 +5,8 @@ by (e + 1) / E), and a check against epcomm.reference.  CuPy has no bfloat16: bf
 as uint16 arrays holding the bits.  Run: python examples/cupy_moe.py   (needs 2+ GPUs, or one
 with EPCOMM_SHARE_GPU=1: 2 ranks then share it)
 """
+import sys
+
 import numpy as np
 
 import epcomm
@@ -55,4 +57,6 @@ if __name__ == "__main__":
     res = spawn.run(worker, spawn.example_world(2), timeout=300)
     for r in res:
         print(r)
-    print("PASS" if all(r["ok"] for r in res) else "FAIL")
+    ok = all(r["ok"] for r in res)
+    print("PASS" if ok else "FAIL")
+    sys.exit(0 if ok else 1)

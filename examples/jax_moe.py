@@ -6,6 +6,7 @@ or one with EPCOMM_SHARE_GPU=1: 2 ranks then share it; XLA_PYTHON_CLIENT_PREALLO
 set so JAX leaves GPU memory for epcomm).
 """
 import os
+import sys
 
 import numpy as np
 
@@ -48,4 +49,6 @@ if __name__ == "__main__":
     res = spawn.run(worker, spawn.example_world(2), timeout=300)
     for r in res:
         print(r)
-    print("PASS" if all(r["ok"] for r in res) else "FAIL")
+    ok = all(r["ok"] for r in res)
+    print("PASS" if ok else "FAIL")
+    sys.exit(0 if ok else 1)

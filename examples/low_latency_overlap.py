@@ -9,6 +9,8 @@ communication of one micro-batch overlaps the computation of the other while no 
 Checked against epcomm.reference.  Run: python examples/low_latency_overlap.py  (torch; one rank
 per GPU, or 2 ranks sharing one GPU with EPCOMM_SHARE_GPU=1)
 """
+import sys
+
 import numpy as np
 import torch
 
@@ -59,4 +61,6 @@ if __name__ == "__main__":
     res = spawn.run(worker, spawn.example_world(1), timeout=300)
     for r in res:
         print(r)
-    print("PASS" if all(r["ok"] for r in res) else "FAIL")
+    ok = all(r["ok"] for r in res)
+    print("PASS" if ok else "FAIL")
+    sys.exit(0 if ok else 1)

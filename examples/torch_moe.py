@@ -6,6 +6,8 @@ combines.  The result and the input gradient are checked against the same layer 
 on one GPU.  Run: python examples/torch_moe.py   (needs torch and 2+ GPUs,
 or one with EPCOMM_SHARE_GPU=1: 2 ranks then share it)
 """
+import sys
+
 import torch
 
 import epcomm
@@ -59,4 +61,6 @@ if __name__ == "__main__":
     res = spawn.run(worker, spawn.example_world(2), timeout=300)
     for r in res:
         print(r)
-    print("PASS" if all(r["ok"] for r in res) else "FAIL")
+    ok = all(r["ok"] for r in res)
+    print("PASS" if ok else "FAIL")
+    sys.exit(0 if ok else 1)

@@ -64,3 +64,33 @@ def test_info_runs_without_a_gpu(tmp_path):
     assert r.returncode == 0, r.stderr
     for word in ("epcomm", "cuda-core", "NVRTC", "NVSHMEM", "JIT cache", "GPUs"):
         assert word in r.stdout
+
+
+def test_warmup_preset_refuses_shape_flags_it_would_ignore(tmp_path):
+    env = dict(os.environ, EPCOMM_CACHE_DIR=str(tmp_path / "c"))
+    r = _run(["warmup", "--preset", "gpt-oss", "--ranks", "2", "--hidden", "4096", "--arch", "sm_90"], env)
+    assert r.returncode == 2 and "--hidden and --ranks cannot narrow it" in r.stderr, r.stderr
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_malformed_knob_is_one_error_before_any_compile(tmp_path):
+    env = dict(os.environ, EPCOMM_CACHE_DIR=str(tmp_path / "c"), EPCOMM_DISABLE_CACHE="maybe")
+    r = _run(["warmup", "--mode", "low-latency", "--dtype", "bf16", "--arch", "sm_90", "-j", "1"], env)
+    assert r.returncode == 2 and r.stderr.count("EPCOMM_DISABLE_CACHE") == 1 and "FAILED" not in r.stdout, r
+
+
+def test_selftest_checks_the_gpu_count_before_spawning(tmp_path):
+    env = dict(os.environ, EPCOMM_CACHE_DIR=str(tmp_path / "c"), EPCOMM_VISIBLE_GPUS="1")
+    for args, words in ((["--gpus", "2"], "--gpus 2: 1 GPU(s) visible"), (["--gpus", "-1"], "--gpus -1: 1 GPU(s)"),
+                        ([], "needs 2 or more GPUs; 1 visible")):
+        r = _run(["selftest", *args], env)
+        assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_info_columns_do_not_run_together(tmp_path):
+    env = dict(os.environ, EPCOMM_CACHE_DIR=str(tmp_path / "c"))
+    r = _run(["info"], env)
+    for line in r.stdout.splitlines():
+        name = line.split()[0] if line.split() else ""
+        if name.startswith(("nvidia-", "cuda-", "cupy-", "nvshmem4py")):
+            assert len(line.split()) >= 2, line
