@@ -95,17 +95,21 @@ def first_repeated_expert(obj, framework: str) -> int | None:
 
 
 def check_topk_indices(obj, framework: str, num_experts: int, name: str = "topk_idx",
-                       capturing: bool = False, unique: bool = False) -> None:
+                       capturing: bool = False, unique: bool = False, previous_event=None) -> None:
     """Raise ValueError if an index is outside [-1, num_experts).
 
     With ``unique``, also raise if a row lists the same expert twice (the low-latency kernels
     send a token once per expert and would garble its combine).  Reading the values costs a
     device synchronisation, so it runs only when EPCOMM_CHECK_INDICES is on (the default) and the
     stream is not being captured; kernels still check the range on the device and report through
-    the buffer's error record.
+    the buffer's error record.  ``previous_event`` (an EventOverlap): the host first waits for
+    it, since the indices may be written on a stream that only that event orders (the values
+    are read through the framework's current stream, which does not wait for it).
     """
     if capturing or not envs.CHECK_INDICES.get():
         return
+    if previous_event is not None:
+        previous_event.synchronize()
     r = index_range(obj, framework)
     if r is None:
         return

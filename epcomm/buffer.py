@@ -398,18 +398,20 @@ class Buffer:
         pass  # memory is released by destroy() or at exit; unmapping here could race a peer
 
     # ---- helpers -------------------------------------------------------------------------
-    def _tensor(self, obj, name, *, framework: str | None = None, writable: bool = False, **kw):
+    def _tensor(self, obj, name, *, framework: str | None = None, writable: bool = False, previous_event=None, **kw):
         """A borrowed view of ``obj`` on this Buffer's GPU.  ``framework``: the framework of the
         call's first array (x); another one raises TypeError, since only that framework's stream
         is ordered with the kernels.  ``writable``: the kernel writes into it (read-only arrays,
-        e.g. JAX's, raise ValueError)."""
+        e.g. JAX's, raise ValueError).  ``previous_event``: the call's, which an int32 top-k's
+        widening copy must wait for (``interop.as_index_tensor``)."""
         if kw.get("dtype") == "index":  # int64 expert indices, int32 widened
             kw.pop("dtype")
             if obj is None and kw.pop("allow_none", False):
                 return None
             if framework is not None and obj is not None:
                 self._same_framework(obj, name, framework)
-            ref = interop.as_index_tensor(obj, name, device="cuda", **kw)
+            after = previous_event.event if isinstance(previous_event, EventOverlap) else None
+            ref = interop.as_index_tensor(obj, name, device="cuda", after_event=after, **kw)
         else:
             if framework is not None and obj is not None:
                 self._same_framework(obj, name, framework)
@@ -498,14 +500,14 @@ class Buffer:
         """
         self._check_usable("get_dispatch_layout")
         check_event(previous_event)
-        tr = self._tensor(topk_idx, "topk_idx", dtype="index", ndim=2)
+        tr = self._tensor(topk_idx, "topk_idx", dtype="index", ndim=2, previous_event=previous_event)
         num_experts = check_int("num_experts", num_experts, lo=1)
         # One NVLink domain: ranks_per_node = R, so no per-node counts (num_nodes = 0), as in dispatch.
         num_nodes = K_layout.check_layout_args(tr.shape[0], num_experts, self.num_ranks, self.num_ranks)
         self._alloc_on_comm = bool(allocate_on_comm_stream)
         with _cuda.on_device(self.device_id):
             caller, capturing = self._begin(tr.framework, previous_event, caller_work=tr.widened)
-            check_topk_indices(tr.obj, tr.framework, num_experts, capturing=capturing)
+            check_topk_indices(tr.obj, tr.framework, num_experts, capturing=capturing, previous_event=previous_event)
             outs = self._layout_on_comm(tr, num_experts, num_nodes)
             ev = self._finish(tr.framework, caller, async_finish, [o[0] for o in outs if o], [tr.obj, tr.keepalive])
         res = [interop.finish(tr.framework, o[0], self._stream) if o else None for o in outs]
@@ -632,7 +634,8 @@ class Buffer:
             Kt = 0
         else:
             if topk_idx is not None:
-                tr = self._tensor(topk_idx, "topk_idx", dtype="index", ndim=2, shape=(N, None), framework=fw)
+                tr = self._tensor(topk_idx, "topk_idx", dtype="index", ndim=2, shape=(N, None), framework=fw,
+                                  previous_event=previous_event)
                 Kt = tr.shape[1]
                 if Kt < 1:
                     raise ValueError("topk_idx: needs at least one column")
@@ -696,7 +699,7 @@ class Buffer:
                 raise ValueError("dispatch: CUDA-graph capture needs num_worst_tokens > 0 (or a handle): the "
                                  "default path synchronises with the CPU to size its outputs")
             if tr is not None:
-                check_topk_indices(tr.obj, fw, E, capturing=capturing)
+                check_topk_indices(tr.obj, fw, E, capturing=capturing, previous_event=previous_event)
             keep = []
             if cached:
                 h = handle

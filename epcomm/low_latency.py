@@ -352,7 +352,8 @@ class LowLatencyState:
             raise ValueError(f"num_experts={E} must be a multiple of the number of ranks {R}")
         if E > 32767:
             raise ValueError(f"num_experts={E}: at most 32767 (expert ids travel as int16)")
-        tr = b._tensor(topk_idx, "topk_idx", dtype="index", ndim=2, shape=(N, None), framework=fw)
+        tr = b._tensor(topk_idx, "topk_idx", dtype="index", ndim=2, shape=(N, None), framework=fw,
+                       previous_event=previous_event)
         Kt = tr.shape[1]
         if not 1 <= Kt <= K.MAX_TOPK:
             raise ValueError(f"topk_idx: top-k {Kt} must be in [1, {K.MAX_TOPK}]")
@@ -381,7 +382,7 @@ class LowLatencyState:
                 self._allow_smem(mod, ("dispatch_send", "dispatch_recv", "dispatch_both"), smem)
             caller, stream = self._stream_for(fw, async_finish, previous_event, caller_work=tr.widened)
             capturing = _cuda.stream_is_capturing(caller)
-            check_topk_indices(tr.obj, fw, E, capturing=capturing, unique=True)
+            check_topk_indices(tr.obj, fw, E, capturing=capturing, unique=True, previous_event=previous_event)
             res = self._results[slot]
             key = (fw, T, H, E, bool(use_fp8), bool(use_ue8m0))
             if res is None or res.key != key or fw == "jax":
@@ -554,7 +555,8 @@ class LowLatencyState:
         xr = b._tensor(x, "x", dtype="bfloat16", ndim=3, shape=(L, R * T, H))
         fw = xr.framework
         N = handle.num_tokens
-        tr = b._tensor(topk_idx, "topk_idx", dtype="index", ndim=2, shape=(N, handle.num_topk), framework=fw)
+        tr = b._tensor(topk_idx, "topk_idx", dtype="index", ndim=2, shape=(N, handle.num_topk), framework=fw,
+                       previous_event=previous_event)
         wr = b._tensor(topk_weights, "topk_weights", dtype="float32", ndim=2, shape=(N, handle.num_topk),
                        framework=fw)
         Kt = handle.num_topk
@@ -576,7 +578,8 @@ class LowLatencyState:
             caller, stream = self._stream_for(fw, async_finish, previous_event, caller_work=tr.widened)
             # The same indices as the dispatch's: a repeated or out-of-range one would garble
             # the token's sum (one device sync; EPCOMM_CHECK_INDICES=0 skips it).
-            check_topk_indices(tr.obj, fw, E, capturing=_cuda.stream_is_capturing(caller), unique=True)
+            check_topk_indices(tr.obj, fw, E, capturing=_cuda.stream_is_capturing(caller), unique=True,
+                               previous_event=previous_event)
             if o is None:
                 out_obj, o = self.empty(fw, (N, H), "bfloat16")
             else:

@@ -298,13 +298,29 @@ def test_fast_combine_is_off_while_the_host_index_check_is_on(rig, monkeypatch):
 def test_int32_indices_after_previous_event_order_the_kernel_after_the_widening(rig, monkeypatch):
     b, st = rig.buffer()
     waits = []
+    syncs = []
+    import contextlib
+
+    from epcomm import _cuda as real_cuda  # interop and EventOverlap call the module itself
     monkeypatch.setattr(LLm._cuda, "stream_wait_event", lambda s, e: waits.append((s, e)), raising=False)
+    monkeypatch.setattr(real_cuda, "stream_wait_event", lambda s, e: waits.append((s, e)))
+    monkeypatch.setattr(real_cuda, "on_device", lambda d: contextlib.nullcontext())
+    monkeypatch.setattr(real_cuda, "event_sync", lambda e: syncs.append(e))
     x, topk32, _ = _inputs(idx_dtype=torch.int32)
     prev = EventOverlap(99, "torch", 0, owned=False)
     b.low_latency_dispatch(x, topk32, 8, E, use_fp8=False, previous_event=prev)
-    # the event, and the caller's stream (where the int64 copy was queued)
+    # The indices may be written on a stream only the event orders: the widening copy's stream
+    # (the caller's) waits for it first, then the kernel stream waits for the event and that copy.
+    assert waits[0][1] == 99 and waits[0][0] != b._stream
     assert (b._stream, 99) in waits and (b._stream, b._ev_start) in waits
+    assert syncs == [99]  # the host index check read the values only after the event
     waits.clear()
+    syncs.clear()
     _, topk64, _ = _inputs()
     b.low_latency_dispatch(x, topk64, 8, E, use_fp8=False, previous_event=prev)
     assert [wt for wt in waits if wt[0] == b._stream] == [(b._stream, 99)]  # the event only
+    assert syncs == [99]
+    syncs.clear()
+    monkeypatch.setenv("EPCOMM_CHECK_INDICES", "0")
+    b.low_latency_dispatch(x, topk64, 8, E, use_fp8=False, previous_event=prev)
+    assert syncs == []  # no host check, no host wait
