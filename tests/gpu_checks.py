@@ -1,5 +1,6 @@
-"""Helpers shared by the GPU test modules (imported in spawned workers too): the GPU count and
-the multi-GPU skip marker, bit-exact comparisons."""
+"""Helpers shared by the GPU test modules (imported in spawned workers too): the GPU count, the
+rank counts the tests spawn and their skip markers (never an error at collection: a count that
+cannot run skips, saying why), bit-exact comparisons."""
 from __future__ import annotations
 
 import functools
@@ -22,20 +23,30 @@ needs_gpus = pytest.mark.skipif(world() < 2, reason="needs 2 or more NVIDIA GPUs
 def normal_ranks() -> int:
     """Ranks the normal-mode GPU tests spawn: EPCOMM_TEST_RANKS if set, else one per GPU, or 2
     sharing the only GPU when EPCOMM_SHARE_GPU=1.  Ranks that share a GPU take turns on it:
-    a correctness run (e.g. 4 or 8 ranks on a smaller machine), never a speed one."""
+    a correctness run (e.g. 4 or 8 ranks on a smaller machine), never a speed one.  0 (the
+    tests skip, saying why: see ``needs_ranks``) when EPCOMM_TEST_RANKS exceeds the GPUs
+    without EPCOMM_SHARE_GPU, as ``ll_ranks`` does: an error here would be one at collection."""
     from epcomm import envs
-    n, want = world(), envs.TEST_RANKS.get()
+    n, want, share = world(), envs.TEST_RANKS.get(), envs.SHARE_GPU.get()
     if n == 0:
         return 0
     if want > 0:
-        if want > n and not envs.SHARE_GPU.get():
-            raise RuntimeError(f"EPCOMM_TEST_RANKS={want} exceeds the {n} visible GPUs: set EPCOMM_SHARE_GPU=1")
-        return want
-    return 2 if n == 1 and envs.SHARE_GPU.get() else n
+        return want if want <= n or share else 0
+    return 2 if n == 1 and share else n
 
 
-needs_ranks = pytest.mark.skipif(normal_ranks() < 2, reason="needs 2 or more NVIDIA GPUs, or 1 with "
-                                 "EPCOMM_SHARE_GPU=1 (GPU test)")
+def _reason(need: int) -> str:
+    from epcomm import envs
+    want = envs.TEST_RANKS.get()
+    if want > world() > 0 and not envs.SHARE_GPU.get():
+        return f"EPCOMM_TEST_RANKS={want} exceeds the {world()} visible GPUs: set EPCOMM_SHARE_GPU=1 to share them"
+    if 0 < want < need:
+        return f"EPCOMM_TEST_RANKS={want}: needs {need} or more ranks"
+    return ("needs an NVIDIA GPU (GPU test)" if need == 1 else
+            f"needs {need} or more NVIDIA GPUs, or 1 with EPCOMM_SHARE_GPU=1 (GPU test)")
+
+
+needs_ranks = pytest.mark.skipif(normal_ranks() < 2, reason=_reason(2))
 
 
 def ll_ranks() -> int:
@@ -53,17 +64,8 @@ def ll_ranks() -> int:
     return 2 if n == 1 and share else n
 
 
-def _ll_reason(need: int) -> str:
-    from epcomm import envs
-    want = envs.TEST_RANKS.get()
-    if want > world() > 0:
-        return f"EPCOMM_TEST_RANKS={want} exceeds the {world()} visible GPUs: set EPCOMM_SHARE_GPU=1 to share them"
-    return ("needs an NVIDIA GPU (GPU test)" if need == 1 else
-            f"needs {need} or more NVIDIA GPUs, or 1 with EPCOMM_SHARE_GPU=1 (GPU test)")
-
-
-needs_ll_ranks = pytest.mark.skipif(ll_ranks() < 1, reason=_ll_reason(1))
-needs_two_ll_ranks = pytest.mark.skipif(ll_ranks() < 2, reason=_ll_reason(2))
+needs_ll_ranks = pytest.mark.skipif(ll_ranks() < 1, reason=_reason(1))
+needs_two_ll_ranks = pytest.mark.skipif(ll_ranks() < 2, reason=_reason(2))
 
 
 def device_of(rank: int) -> int:

@@ -3,48 +3,86 @@
 One process per GPU, all cases in one spawn; every rank derives all ranks' inputs from the
 case seed and checks its own outputs bit for bit: packed rows (FP8 bytes and scales included),
 counts, source indices, ranges and combined values.  Each case runs three rounds with new data,
-so both buffer slots are used and reused.  Marked gpu/multigpu.  With one GPU the tests run
-with one rank, or with 2 sharing it under EPCOMM_SHARE_GPU=1 (correctness only);
-EPCOMM_TEST_RANKS picks another number of ranks.
+so both buffer slots are used and reused.  What makes the checks bite:
+
+* poison: before each dispatch the slot it will overwrite (the dispatch two calls back, no
+  longer needed) has its packed outputs filled with bytes no output can hold (0x7F: counts and
+  indices 2139062143, e4m3 NaN, bf16/f32 3.4e38; scales 0xFF: NaN, a NaN UE8M0 exponent), and
+  ``out=`` tensors are filled with bf16 0x7F7F; so a row, count or range a kernel forgets to
+  write fails, however the rounds before left the memory;
+* the combine's input rows past ``recv_count`` are bf16 NaN (the reference never reads them):
+  a combine that reads one fails;
+* receive hooks: the device is synchronised and the ranks barrier between the send call and
+  ``hook()``, so the send half must complete with no receive kernel running on any rank;
+* ``previous_event``: the input is written by a side stream after a ~0.1 s sleep and only the
+  event orders it, so a call that does not wait for the event reads poison; right after the
+  call nothing may have finished (the async event, or the caller's stream, is still pending).
+  These calls run with EPCOMM_CHECK_INDICES=0 (the host check would wait for the event first);
+* ``clean_low_latency_buffer`` runs halfway through each spawn: a handle from before it must
+  raise BufferStateError, and the cases after it prove the buffer works on.
+
+Coverage: the dispatch kernels (bf16 and FP8 at hidden 2048/4096/7168) in both the one-kernel
+and the send/receive (hook) form, T in {1, 128, 256}, top-k 1/8/16, 32 to 288 experts, a rank
+with no tokens, stats (also with the hook), async, zero_copy (also with the hook), out=,
+previous_event (sync and async); the same cases with every peer through NVSHMEM puts (a
+subset), with one combine row per (token, expert), and on the steady-state fast paths; two
+micro-batches in flight with hooks and CUDA graphs (bf16, then FP8 with UE8M0 scales) replayed
+with new routing and eager calls in between, in the NVLink and the put spawns.
+
+Marked gpu/multigpu.  With one GPU the tests run with one rank, or with 2 sharing it under
+EPCOMM_SHARE_GPU=1 (correctness only); EPCOMM_TEST_RANKS picks another number of ranks.  The
+test ids end in ``-R<ranks>``: with one rank no peer path runs (every message is a local
+store, or an NVSHMEM put to itself), so an ``-R1`` pass says nothing about peers.
 """
 from __future__ import annotations
 
+import contextlib
 import zlib
 import os
 
 import numpy as np
 import pytest
 
-from epcomm import spawn
+from epcomm import envs, spawn
 from gpu_checks import (assert_bits as _assert_bits, assert_every_rank_ok, device_of, ll_ranks as _world,
                         needs_ll_ranks, needs_two_ll_ranks, run_once, to_np as _np)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.multigpu]
 
+# Test ids carry the world size: a one-rank run (the default on one GPU) exercises no peer.
+_R = f"-R{_world()}" if _world() else ""
+
 
 def _case(name, **kw):
     base = dict(name=name, T=128, N=None, H=7168, E=64, K=8, fp8=True, round_scale=False, ue8m0=False,
-                hook=False, async_=False, zero_copy=False, out=False, stats=False, drop=0.1)
+                hook=False, async_=False, zero_copy=False, out=False, stats=False, drop=0.1,
+                empty_rank0=False, prev_event=False)
     base.update(kw)
+    assert not (base["prev_event"] and (base["hook"] or base["zero_copy"])), name
     return base
 
 
 CASES = [
     _case("fp8_t128_h7168_e256_k8", E=256),
-    _case("fp8_t128_h7168_e288_k8_hook", E=288, hook=True),
+    _case("fp8_t128_h7168_e288_k8_hook_stats", E=288, hook=True, stats=True),
     _case("bf16_t128_h4096_e64_k8", H=4096, fp8=False),
     _case("fp8_round_scale_t256_h2048", T=256, H=2048, round_scale=True),
     _case("fp8_ue8m0_t256_h7168", T=256, round_scale=True, ue8m0=True, E=128),
     _case("fp8_t1_k1", T=1, K=1, E=32),
     _case("fp8_t1_k16_e32", T=1, K=16, E=32),
-    _case("bf16_k16_e32_hook", K=16, E=32, fp8=False, hook=True),
-    _case("fp8_async", E=64, async_=True),
-    _case("fp8_partial_batch_n50_t128", N=50, E=64, stats=True),
+    _case("bf16_k16_e32_hook_zero_copy", K=16, E=32, fp8=False, hook=True, zero_copy=True),
+    _case("fp8_h4096_async_previous_event", H=4096, E=64, async_=True, prev_event=True),
+    _case("fp8_partial_batch_n50_t128_stats_previous_event", N=50, E=64, stats=True, prev_event=True),
     _case("fp8_zero_copy_out", E=64, zero_copy=True, out=True),
-    _case("fp8_out", E=64, out=True),
-    _case("fp8_heavy_drop", E=64, drop=0.6),
+    _case("fp8_k1_out", E=64, K=1, out=True),
+    _case("fp8_h4096_heavy_drop_hook_rank0_empty", H=4096, E=64, drop=0.6, hook=True, empty_rank0=True, out=True),
     _case("bf16_t256_h2048_e288_k16", T=256, H=2048, E=288, K=16, fp8=False),
+    _case("bf16_t1_h7168_e288_k8_async", T=1, E=288, fp8=False, async_=True),  # async without previous_event
+    _case("fp8_t128_h2048_hook", H=2048, hook=True),
 ]
+
+# Pseudo-case run last in the NVLink and put spawns (see _overlap).
+OVERLAP = dict(name="overlap", T=64, H=2048, E=64, K=8)
 
 
 def _up(a):
@@ -56,11 +94,82 @@ def _up(a):
     return torch.from_numpy(a).cuda()
 
 
-def _round(rank, world, buf, case, it, stats):
+def _poison_slot(ll, slot):
+    """Fill the packed dispatch outputs of one buffer slot with bytes no output holds: 0x7F
+    (counts, indices and ranges 2139062143, e4m3 NaN, bf16 3.4e38), scales 0xFF (float32 NaN,
+    UE8M0 exponent 0xFF = NaN; a 0x7F UE8M0 byte would be the valid scale 1.0).  Only on the
+    caller's stream, which every later kernel of the slot follows (the previous_event test
+    orders its side stream after it too).  Safe: the fast-path plans keep pointing at the same
+    tensors, and tok_rows/tok_meta/src_k (the combine's records, not outputs) stay untouched."""
+    import torch
+    res = ll._results[slot]
+    if res is None or res.key[0] != "torch":
+        return
+    for a, byte in ((res.x, 0x7F), (res.scales, 0xFF), (res.count, 0x7F), (res.src_info, 0x7F),
+                    (res.layout_range, 0x7F)):
+        if a is not None:
+            a[0].view(torch.uint8).fill_(byte)
+
+
+def _late(t):
+    """``(late, event)``: a copy of ``t`` that a side stream writes after a ~0.1 s sleep, and the
+    EventOverlap of that write.  The current stream never waits for it, so only a call that waits
+    for ``previous_event`` reads ``t``; one that does not reads the 0x7F poison (the side stream
+    starts after everything queued so far, poison included)."""
+    import torch
+
+    from epcomm._cuda import event_create, event_record
+    from epcomm.event import EventOverlap
+    late = torch.empty_like(t)
+    late.view(torch.uint8).fill_(0x7F)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(200_000_000)  # ~0.1 s at H200 clocks
+        late.copy_(t)
+    late.record_stream(side)
+    e = event_create()
+    event_record(e, side.cuda_stream)
+    return late, EventOverlap(e, "torch", torch.cuda.current_device())
+
+
+@contextlib.contextmanager
+def _host_index_check_off(on=True):
+    """EPCOMM_CHECK_INDICES=0 around one previous_event call (``on``): with the check on, the
+    host reads the indices, first waiting for previous_event (the indices may be written on the
+    stream it orders), so by the launch the input is ready and the ordering test says nothing."""
+    old = os.environ.get("EPCOMM_CHECK_INDICES")
+    if on:
+        os.environ["EPCOMM_CHECK_INDICES"] = "0"
+    try:
+        yield
+    finally:
+        if on:
+            if old is None:
+                os.environ.pop("EPCOMM_CHECK_INDICES", None)
+            else:
+                os.environ["EPCOMM_CHECK_INDICES"] = old
+
+
+def _assert_pending(what, ev, async_):
+    """Right after a call ordered after a _late event nothing of it can have finished: the async
+    call's event, or (synchronous call) the caller's stream, which must wait for the kernel."""
+    import torch
+    if async_:
+        done = ev.query()
+    else:
+        probe = torch.cuda.Event()
+        probe.record()
+        done = probe.query()
+    assert not done, (f"{what} with previous_event: finished while the event it must wait for was still pending "
+                      f"(the call blocked, or did not wait for the event)")
+
+
+def _round(rank, world, group, buf, case, it, stats):
     import ml_dtypes
     import torch
 
-    from epcomm import reference
+    from epcomm import envs, reference
     from epcomm.testing import random_bf16, random_topk, random_weights
     T, H, E, K = case["T"], case["H"], case["E"], case["K"]
     L = E // world
@@ -68,6 +177,8 @@ def _round(rank, world, buf, case, it, stats):
     xs, tks, ws = [], [], []
     for r in range(world):
         n = case["N"] if case["N"] is not None else T
+        if case["empty_rank0"] and r == 0:
+            n = 0
         tk = random_topk(rng, n, E, K, drop_prob=case["drop"])
         tks.append(tk)
         ws.append(random_weights(rng, tk))
@@ -75,10 +186,23 @@ def _round(rank, world, buf, case, it, stats):
     ref = reference.low_latency_dispatch(xs, tks, T, E, use_fp8=case["fp8"], round_scale=case["round_scale"],
                                          use_ue8m0=case["ue8m0"])
     x, topk, w = _up(xs[rank]), _up(tks[rank]), _up(ws[rank])
-    recv, cnt, handle, ev, hook = buf.low_latency_dispatch(
-        x, topk, T, E, use_fp8=case["fp8"], round_scale=case["round_scale"], use_ue8m0=case["ue8m0"],
-        async_finish=case["async_"], return_recv_hook=case["hook"], cumulative_local_expert_recv_stats=stats)
+    # The slot this dispatch overwrites holds the dispatch of two calls back, checked already.
+    _poison_slot(buf._ll, buf._ll._disp_slot)
+    kw = {}
+    if case["prev_event"]:
+        x, kw["previous_event"] = _late(x)
+    with _host_index_check_off(case["prev_event"]):
+        recv, cnt, handle, ev, hook = buf.low_latency_dispatch(
+            x, topk, T, E, use_fp8=case["fp8"], round_scale=case["round_scale"], use_ue8m0=case["ue8m0"],
+            async_finish=case["async_"], return_recv_hook=case["hook"], cumulative_local_expert_recv_stats=stats,
+            **kw)
+    if case["prev_event"] and it > 0:  # (round 0 may load the kernel module, eating into the sleep)
+        _assert_pending("low_latency_dispatch", ev, case["async_"])
     if case["hook"]:
+        # The send half completes on every rank with no receive kernel running anywhere
+        # ("nothing occupies the GPU in between"); a send waiting for a receive times out here.
+        torch.cuda.synchronize()
+        group.barrier()
         hook()
     if case["async_"]:
         ev.current_stream_wait()
@@ -96,7 +220,8 @@ def _round(rank, world, buf, case, it, stats):
         if case["fp8"]:
             _assert_bits(f"recv_x_scales[{j}]", gs[j, :c], rr.recv_x_scales[j, :c])
     # Expert outputs: y_d[j] = bf16(float32(expert input) * (d + 1.5) * (1 + j / 64)): every
-    # expert's row differs, so the order of a combine's additions shows.
+    # expert's row differs, so the order of a combine's additions shows.  Rows past the count
+    # are NaN: the reference never reads them, a combine that does fails.
     ys = []
     fac = (1 + np.arange(L, dtype=np.float32) / 64)[:, None, None]
     for d in range(world):
@@ -107,8 +232,10 @@ def _round(rank, world, buf, case, it, stats):
             if case["ue8m0"]:
                 sc = reference.unpack_ue8m0(sc, H // 128)
             base = base * np.repeat(sc.astype(np.float32), 128, axis=-1)
-        ys.append((base * np.float32(d + 1.5) * fac).astype(ml_dtypes.bfloat16))
-    from epcomm import envs
+        y_d = (base * np.float32(d + 1.5) * fac).astype(ml_dtypes.bfloat16)
+        for j in range(L):
+            y_d[j, int(r.recv_count[j]):] = np.nan
+        ys.append(y_d)
     partials = envs.LL_COMBINE_PARTIALS.get() and not envs.LL_FORCE_NVSHMEM_PUT.get()
     cref = reference.low_latency_combine(ys, tks, ws, [r.handle for r in ref], partials=partials)[rank]
     if case["zero_copy"]:
@@ -116,17 +243,57 @@ def _round(rank, world, buf, case, it, stats):
         y.copy_(_up(ys[rank]))
     else:
         y = _up(ys[rank])
-    out = torch.empty(xs[rank].shape, dtype=torch.bfloat16, device="cuda") if case["out"] else None
-    comb, ev2, hook2 = buf.low_latency_combine(y, topk, w, handle, zero_copy=case["zero_copy"], out=out,
-                                               async_finish=case["async_"], return_recv_hook=case["hook"])
+    if case["out"]:
+        out = torch.empty(xs[rank].shape, dtype=torch.bfloat16, device="cuda")
+        out.view(torch.int16).fill_(0x7F7F)
+    else:
+        out = None
+        # Best effort: the combine's own output most likely reuses this freed, poisoned block.
+        torch.empty(xs[rank].shape, dtype=torch.bfloat16, device="cuda").view(torch.int16).fill_(0x7F7F)
+    kw = {}
+    if case["prev_event"]:
+        y, kw["previous_event"] = _late(y)
+    with _host_index_check_off(case["prev_event"]):
+        comb, ev2, hook2 = buf.low_latency_combine(y, topk, w, handle, zero_copy=case["zero_copy"], out=out,
+                                                   async_finish=case["async_"], return_recv_hook=case["hook"], **kw)
+    if case["prev_event"] and it > 0:
+        _assert_pending("low_latency_combine", ev2, case["async_"])
     if case["hook"]:
+        torch.cuda.synchronize()
+        group.barrier()
         hook2()
     if case["async_"]:
         ev2.current_stream_wait()
     if out is not None:
         assert comb.data_ptr() == out.data_ptr(), "out= was not used"
     _assert_bits("combined", _np(comb), cref)
-    return rr.recv_count
+    return rr.recv_count, (handle, y, topk, w)
+
+
+def _hint(c, world):
+    import epcomm
+    return epcomm.Buffer.get_low_latency_rdma_size_hint(c["T"], c["H"], world, c["E"])
+
+
+def _check_clean(buf, shape, stale):
+    """clean_low_latency_buffer with the spawn's largest shape; the last handle from before it
+    must then raise BufferStateError (its records were erased) in the combine and in
+    get_next_low_latency_combine_buffer, without launching anything."""
+    from epcomm.errors import BufferStateError
+    buf.clean_low_latency_buffer(*shape)
+    if stale is None:
+        return "FAIL: no handle from the case before (it failed)"
+    handle, y, topk, w = stale
+    for what, call in (("low_latency_combine", lambda: buf.low_latency_combine(y, topk, w, handle)),
+                       ("get_next_low_latency_combine_buffer",
+                        lambda: buf.get_next_low_latency_combine_buffer(handle))):
+        try:
+            call()
+            return f"FAIL: {what} with a handle from before clean_low_latency_buffer did not raise"
+        except BufferStateError as e:
+            if "clean_low_latency_buffer" not in str(e):
+                return f"FAIL: {what}: {e}"
+    return "ok"
 
 
 def _worker(rank, world, group, cases, rounds=3):
@@ -134,21 +301,32 @@ def _worker(rank, world, group, cases, rounds=3):
 
     import epcomm
     torch.cuda.set_device(device_of(rank))
-    need = max(epcomm.Buffer.get_low_latency_rdma_size_hint(c["T"], c["H"], world, c["E"]) for c in cases)
+    real = [c for c in cases if c["name"] != "overlap"]
+    # clean_low_latency_buffer halfway, with the largest shape (the one that sizes the heap).
+    big = max(real, key=lambda c: _hint(c, world))
+    clean_after = real[max(len(real) // 2 - 1, 0)]["name"]
+    need = max(_hint(c, world) for c in cases)
     buf = epcomm.Buffer(group, 0, need, low_latency_mode=True)
     results = {}
     for case in cases:
         spawn.phase(case["name"])
+        stale = None
         try:
-            stats = torch.zeros(case["E"] // world, dtype=torch.int32, device="cuda") if case["stats"] else None
-            total = 0
-            fast0 = buf._ll.fast_calls
-            for it in range(rounds):
-                total = total + _round(rank, world, buf, case, it, stats)
-            results["fast_calls:" + case["name"]] = buf._ll.fast_calls - fast0
-            if stats is not None:
-                _assert_bits("cumulative stats", stats.cpu().numpy(), total.astype(np.int32))
-            results[case["name"]] = "ok"
+            if case["name"] == "overlap":
+                fails = _overlap(rank, world, group, buf)
+                results["overlap"] = "ok" if not fails else "FAIL: " + "; ".join(fails)
+            else:
+                stats = (torch.zeros(case["E"] // world, dtype=torch.int32, device="cuda") if case["stats"]
+                         else None)
+                total = 0
+                fast0 = buf._ll.fast_calls
+                for it in range(rounds):
+                    cnt, stale = _round(rank, world, group, buf, case, it, stats)
+                    total = total + cnt
+                results["fast_calls:" + case["name"]] = buf._ll.fast_calls - fast0
+                if stats is not None:
+                    _assert_bits("cumulative stats", stats.cpu().numpy(), total.astype(np.int32))
+                results[case["name"]] = "ok"
         except AssertionError as e:
             results[case["name"]] = f"FAIL: {e}"
         except Exception as e:
@@ -158,87 +336,36 @@ def _worker(rank, world, group, cases, rounds=3):
         group.barrier()
         if results[case["name"]].startswith("ERROR"):
             break
+        if case["name"] == clean_after:
+            spawn.phase("clean_low_latency_buffer")
+            try:
+                results["clean_low_latency_buffer"] = _check_clean(buf, (big["T"], big["H"], big["E"]), stale)
+            except Exception as e:
+                import traceback
+                results["clean_low_latency_buffer"] = f"ERROR: {type(e).__name__}: {e}\n{traceback.format_exc()}"
+            torch.cuda.synchronize()
+            group.barrier()
     buf.destroy()
     return results
 
 
-PUT_CASES = ["fp8_t128_h7168_e256_k8", "bf16_k16_e32_hook", "fp8_zero_copy_out", "fp8_ue8m0_t256_h7168"]
-ROWS_CASES = ["fp8_t128_h7168_e256_k8", "bf16_k16_e32_hook", "fp8_zero_copy_out", "fp8_t1_k16_e32"]
-
-
-@run_once
-def _results(mode: str):
-    """mode: "nvlink" (defaults), "put" (EPCOMM_LL_FORCE_NVSHMEM_PUT=1) or "rows"
-    (EPCOMM_LL_COMBINE_PARTIALS=0: one combine row per (token, expert) over NVLink)."""
-    env = {"EPCOMM_LL_FORCE_NVSHMEM_PUT": "1" if mode == "put" else "0",
-           "EPCOMM_LL_COMBINE_PARTIALS": "0" if mode == "rows" else "1"}
-    names = {"put": PUT_CASES, "rows": ROWS_CASES}.get(mode)
-    cases = CASES if names is None else [c for c in CASES if c["name"] in names]
-    return spawn.run(_worker, _world(), cases, timeout=float(os.environ.get("EPCOMM_TEST_TIMEOUT", 480)), env=env)
-
-
-# The steady-state fast paths (torch, default flags, shapes seen before) serve calls only with
-# EPCOMM_CHECK_INDICES=0 (as in `epcomm bench` and in production); 4 rounds: the first two
-# prepare both slots, the last two (one per slot) go through the fast paths.
-FAST_CASES = ["fp8_t128_h7168_e256_k8", "bf16_t128_h4096_e64_k8", "fp8_ue8m0_t256_h7168", "fp8_t1_k1",
-              "fp8_out", "bf16_t256_h2048_e288_k16"]
-
-
-@run_once
-def _results_fast():
-    cases = [c for c in CASES if c["name"] in FAST_CASES]
-    return spawn.run(_worker, _world(), cases, 4, timeout=float(os.environ.get("EPCOMM_TEST_TIMEOUT", 480)),
-                     env={"EPCOMM_CHECK_INDICES": "0"})
-
-
-@needs_ll_ranks
-@pytest.mark.parametrize("name", FAST_CASES)
-def test_low_latency_fast_paths_against_reference(name):
-    for rank, r in enumerate(_results_fast()):
-        v = r.get(name, "not run (an earlier case crashed)")
-        assert v == "ok", f"rank {rank}: {v}"
-        # rounds 3 and 4: dispatch and combine each through the fast path
-        assert r["fast_calls:" + name] == 4, f"rank {rank}: {r['fast_calls:' + name]} fast-path calls, expected 4"
-
-
-@needs_ll_ranks
-@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
-def test_low_latency_against_reference(case):
-    for rank, r in enumerate(_results("nvlink")):
-        v = r.get(case["name"], "not run (an earlier case crashed)")
-        assert v == "ok", f"rank {rank}: {v}"
-
-
-@needs_ll_ranks
-@pytest.mark.parametrize("name", PUT_CASES)
-def test_low_latency_nvshmem_put_path(name):
-    """EPCOMM_LL_FORCE_NVSHMEM_PUT=1: every peer through NVSHMEM puts/signals (the RDMA code path)."""
-    for rank, r in enumerate(_results("put")):
-        v = r.get(name, "not run (an earlier case crashed)")
-        assert v == "ok", f"rank {rank}: {v}"
-
-
-@needs_ll_ranks
-@pytest.mark.parametrize("name", ROWS_CASES)
-def test_low_latency_combine_without_partials(name):
-    """EPCOMM_LL_COMBINE_PARTIALS=0: the combine sends one bf16 row per (token, expert) over
-    NVLink and the source adds them in k order."""
-    for rank, r in enumerate(_results("rows")):
-        v = r.get(name, "not run (an earlier case crashed)")
-        assert v == "ok", f"rank {rank}: {v}"
-
-
-def _overlap_worker(rank, world, group):
-    """Two micro-batches in flight with hooks, then CUDA graphs replayed with new routing."""
+def _overlap(rank, world, group, buf):
+    """Two micro-batches in flight with hooks (twice: fresh slots, then both poisoned), then a
+    bf16 CUDA graph replayed 4 times with new routing and two eager dispatch+combine rounds
+    between replays 1 and 2 (one in each slot: the graph's results are reused and its tags
+    move on), then an FP8 graph (round_scale + UE8M0) replayed twice.  Every dispatch output
+    (counts, ranges, source indices, rows, scales) and every combine is compared.  Returns the
+    failures."""
     import ml_dtypes
     import torch
 
-    import epcomm
     from epcomm import reference
     from epcomm.testing import random_bf16, random_topk, random_weights
-    torch.cuda.set_device(device_of(rank))
-    T, H, E, K = 64, 2048, 64, 8
-    buf = epcomm.Buffer(group, 0, epcomm.Buffer.get_low_latency_rdma_size_hint(T, H, world, E), low_latency_mode=True)
+    T, H, E, K = OVERLAP["T"], OVERLAP["H"], OVERLAP["E"], OVERLAP["K"]
+    L = E // world
+    ll = buf._ll
+    partials = ll.partials and not ll.force_put
+    fp8kw = dict(use_fp8=True, round_scale=True, use_ue8m0=True)
     fails = []
 
     def data(seed):
@@ -249,73 +376,220 @@ def _overlap_worker(rank, world, group):
             tks.append(tk); ws.append(random_weights(rng, tk)); xs.append(random_bf16(rng, (T, H)))
         return xs, tks, ws
 
-    def expected(xs, tks, ws):
-        ref = reference.low_latency_dispatch(xs, tks, T, E, use_fp8=False)
+    def expected(xs, tks, ws, fp8=False):
+        ref = reference.low_latency_dispatch(xs, tks, T, E, **(fp8kw if fp8 else dict(use_fp8=False)))
         ys = [(r.recv_x.astype(np.float32) * 3.0).astype(ml_dtypes.bfloat16) for r in ref]
-        return ref, reference.low_latency_combine(ys, tks, ws, [r.handle for r in ref])[rank]
+        return ref[rank], reference.low_latency_combine(ys, tks, ws, [r.handle for r in ref], partials=partials)[rank]
 
-    spawn.phase("two micro-batches")
-    mbs = [data(11), data(12)]
-    dev = [(_up(xs[rank]), _up(tks[rank]), _up(ws[rank])) for xs, tks, ws in mbs]
-    d = [buf.low_latency_dispatch(x, t, T, E, use_fp8=False, return_recv_hook=True) for x, t, _ in dev]
-    d[0][4]()
-    d[1][4]()
-    ys = [(dd[0].float() * 3.0).to(torch.bfloat16) for dd in d]
-    c = [buf.low_latency_combine(ys[i], dev[i][1], dev[i][2], d[i][2], return_recv_hook=True) for i in range(2)]
-    c[1][2]()
-    c[0][2]()
-    for i in range(2):
-        ref, cref = expected(*mbs[i])
+    def expert(rx, cnt):
+        """bf16(float32(row) * 3) on rows below the count, NaN past it (graph-capturable)."""
+        x = rx[0] if isinstance(rx, tuple) else rx
+        valid = torch.arange(x.shape[1], device=x.device)[None, :] < cnt[:, None]
+        return torch.where(valid[:, :, None], x.float() * 3.0, float("nan")).to(torch.bfloat16)
+
+    def check(what, inputs, rx, cnt, h, comb, fp8=False):
+        rr, cref = expected(*inputs, fp8=fp8)
         try:
-            _assert_bits(f"micro-batch {i} combined", _np(c[i][0]), cref)
+            _assert_bits(f"{what} recv_count", _np(cnt), rr.recv_count)
+            _assert_bits(f"{what} layout_range", _np(h.layout_range), rr.handle.layout_range)
+            src = _np(h.src_info)
+            gx = _np(rx[0] if fp8 else rx)
+            gs = _np(rx[1]) if fp8 else None
+            for j in range(L):
+                c = int(rr.recv_count[j])
+                _assert_bits(f"{what} src_info[{j}]", src[j, :c], rr.handle.src_info[j, :c])
+                _assert_bits(f"{what} recv_x[{j}]", gx[j, :c], rr.recv_x[j, :c])
+                if fp8:
+                    _assert_bits(f"{what} recv_x_scales[{j}]", gs[j, :c], rr.recv_x_scales[j, :c])
+            _assert_bits(f"{what} combined", _np(comb), cref)
         except AssertionError as e:
             fails.append(str(e))
-    torch.cuda.synchronize()
-    group.barrier()
-    spawn.phase("graph capture")
+
+    for rep in range(2):
+        spawn.phase(f"two micro-batches ({rep})")
+        if rep:
+            _poison_slot(ll, 0)
+            _poison_slot(ll, 1)
+        mbs = [data(11 + 2 * rep), data(12 + 2 * rep)]
+        dev = [(_up(xs[rank]), _up(tks[rank]), _up(ws[rank])) for xs, tks, ws in mbs]
+        d = [buf.low_latency_dispatch(x, t, T, E, use_fp8=False, return_recv_hook=True) for x, t, _ in dev]
+        # Both micro-batches' send halves complete on every rank before any receive starts.
+        torch.cuda.synchronize()
+        group.barrier()
+        d[0][4]()
+        d[1][4]()
+        ys = [expert(dd[0], dd[1]) for dd in d]
+        c = [buf.low_latency_combine(ys[i], dev[i][1], dev[i][2], d[i][2], return_recv_hook=True) for i in range(2)]
+        torch.cuda.synchronize()
+        group.barrier()
+        c[1][2]()
+        c[0][2]()
+        torch.cuda.synchronize()
+        for i in range(2):
+            check(f"micro-batch {i} ({rep})", mbs[i], d[i][0], d[i][1], d[i][2], c[i][0])
+        group.barrier()
+
     sx = torch.zeros(T, H, dtype=torch.bfloat16, device="cuda")
     st = torch.full((T, K), -1, dtype=torch.int64, device="cuda")
     sw = torch.zeros(T, K, dtype=torch.float32, device="cuda")
     s = torch.cuda.Stream()
     holder = {}
 
-    def body():
-        rx, _, h, _, _ = buf.low_latency_dispatch(sx, st, T, E, use_fp8=False)
-        y = (rx.float() * 3.0).to(torch.bfloat16)
-        holder["o"] = buf.low_latency_combine(y, st, sw, h)[0]
+    def body(kw):
+        rx, cnt, h, _, _ = buf.low_latency_dispatch(sx, st, T, E, **kw)
+        holder.update(rx=rx, cnt=cnt, h=h, o=buf.low_latency_combine(expert(rx, cnt), st, sw, h)[0])
 
-    with torch.cuda.stream(s):
-        body()
-        body()
-    torch.cuda.synchronize()
-    group.barrier()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, stream=s):
-        body()
-    torch.cuda.synchronize()
-    group.barrier()
-    for it in range(4):
-        spawn.phase(f"graph replay {it}")
-        xs, tks, ws = data(100 + it)
+    def capture(kw):
+        spawn.phase("graph capture")
+        # s must follow the current stream, where sx/st/sw were made and filled (torch's side
+        # streams do not wait for it): without this, st's fill could still be pending when a
+        # warm-up reads it, which once made one rank's host index check see poison and stop
+        # while its peer's dispatch waited for it.
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            body(kw)
+            body(kw)
+        torch.cuda.synchronize()
+        group.barrier()
+        slot = ll._disp_slot  # the slot the graph's dispatch writes at every replay
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, stream=s):
+            body(kw)
+        torch.cuda.synchronize()
+        group.barrier()
+        return g, slot
+
+    def replay(g, slot, seed, what, fp8):
+        spawn.phase(what)
+        inputs = data(seed)
+        xs, tks, ws = inputs
         sx.copy_(_up(xs[rank])); st.copy_(_up(tks[rank])); sw.copy_(_up(ws[rank]))
+        _poison_slot(ll, slot)
+        holder["o"].view(torch.int16).fill_(0x7F7F)
         torch.cuda.synchronize()
         group.barrier()
         g.replay()
         torch.cuda.synchronize()
-        _, cref = expected(xs, tks, ws)
-        try:
-            _assert_bits(f"graph replay {it}", _np(holder["o"]), cref)
-        except AssertionError as e:
-            fails.append(str(e))
+        check(what, inputs, holder["rx"], holder["cnt"], holder["h"], holder["o"], fp8=fp8)
         group.barrier()
-    buf.destroy()
+
+    g, slot = capture(dict(use_fp8=False))
+    for it in range(4):
+        if it == 2:
+            # Eager rounds between replays, one per slot: the second reuses the graph's results
+            # (same shape: same tensors) and advances its slot's tags before replay 2.
+            for e in range(2):
+                spawn.phase(f"eager round {e} between graph replays")
+                inputs = data(300 + e)
+                xs, tks, ws = inputs
+                x, t, w = _up(xs[rank]), _up(tks[rank]), _up(ws[rank])
+                _poison_slot(ll, ll._disp_slot)
+                rx, cnt, h, _, _ = buf.low_latency_dispatch(x, t, T, E, use_fp8=False)
+                o = buf.low_latency_combine(expert(rx, cnt), t, w, h)[0]
+                torch.cuda.synchronize()
+                check(f"eager round {e} between replays", inputs, rx, cnt, h, o)
+                group.barrier()
+        replay(g, slot, 100 + it, f"graph replay {it}", False)
+    # The FP8 warm-up replaces both slots' results (another dtype): the bf16 graph, whose
+    # kernels point into them, must never run again.
+    del g
+    holder.clear()
+    g, slot = capture(fp8kw)
+    for it in range(2):
+        replay(g, slot, 200 + it, f"fp8 graph replay {it}", True)
+    del g
     return fails
 
 
+PUT_CASES = ["fp8_t128_h7168_e256_k8", "bf16_k16_e32_hook_zero_copy", "fp8_zero_copy_out", "fp8_ue8m0_t256_h7168",
+             "fp8_h4096_async_previous_event", "fp8_partial_batch_n50_t128_stats_previous_event", "fp8_t1_k1",
+             "bf16_t256_h2048_e288_k16"]
+ROWS_CASES = ["fp8_t128_h7168_e256_k8", "bf16_k16_e32_hook_zero_copy", "fp8_zero_copy_out", "fp8_t1_k16_e32"]
+
+
+@run_once
+def _results(mode: str):
+    """mode: "nvlink" (defaults), "put" (EPCOMM_LL_FORCE_NVSHMEM_PUT=1) or "rows"
+    (EPCOMM_LL_COMBINE_PARTIALS=0: one combine row per (token, expert) over NVLink).  The
+    NVLink and put spawns end with the overlap pseudo-case."""
+    env = {"EPCOMM_LL_FORCE_NVSHMEM_PUT": "1" if mode == "put" else "0",
+           "EPCOMM_LL_COMBINE_PARTIALS": "0" if mode == "rows" else "1"}
+    names = {"put": PUT_CASES, "rows": ROWS_CASES}.get(mode)
+    cases = CASES if names is None else [c for c in CASES if c["name"] in names]
+    if mode in ("nvlink", "put"):
+        cases = cases + [OVERLAP]
+    return spawn.run(_worker, _world(), cases, timeout=envs.TEST_TIMEOUT.get(), env=env)
+
+
+# The steady-state fast paths (torch, default flags, shapes seen before) serve calls only with
+# EPCOMM_CHECK_INDICES=0 (as in `epcomm bench` and in production); 4 rounds: the first two
+# prepare both slots, the last two (one per slot) go through the fast paths.  Poisoning the
+# slots in between is fine: the plans keep pointing at the same tensors.
+FAST_CASES = ["fp8_t128_h7168_e256_k8", "bf16_t128_h4096_e64_k8", "fp8_ue8m0_t256_h7168", "fp8_t1_k1",
+              "fp8_k1_out", "bf16_t256_h2048_e288_k16"]
+
+
+@run_once
+def _results_fast():
+    cases = [c for c in CASES if c["name"] in FAST_CASES]
+    return spawn.run(_worker, _world(), cases, 4, timeout=envs.TEST_TIMEOUT.get(),
+                     env={"EPCOMM_CHECK_INDICES": "0"})
+
+
+def _assert_case(res, name):
+    # Every rank's outcome: the first rank's error is often a timeout waiting for a peer whose
+    # own error is the cause.
+    bad = [f"rank {rank}: {v}" for rank, r in enumerate(res)
+           if (v := r.get(name, "not run (an earlier case crashed)")) != "ok"]
+    assert not bad, "\n".join(bad)
+
+
 @needs_ll_ranks
-def test_two_micro_batches_with_hooks_and_graph_replays():
-    for rank, fails in enumerate(spawn.run(_overlap_worker, _world(), timeout=240)):
-        assert not fails, f"rank {rank}: {fails}"
+@pytest.mark.parametrize("name", FAST_CASES, ids=[n + _R for n in FAST_CASES])
+def test_low_latency_fast_paths_against_reference(name):
+    res = _results_fast()
+    _assert_case(res, name)
+    for rank, r in enumerate(res):
+        # rounds 3 and 4: dispatch and combine each through the fast path
+        assert r["fast_calls:" + name] == 4, f"rank {rank}: {r['fast_calls:' + name]} fast-path calls, expected 4"
+
+
+@needs_ll_ranks
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] + _R for c in CASES])
+def test_low_latency_against_reference(case):
+    _assert_case(_results("nvlink"), case["name"])
+
+
+@needs_ll_ranks
+@pytest.mark.parametrize("name", PUT_CASES, ids=[n + _R for n in PUT_CASES])
+def test_low_latency_nvshmem_put_path(name):
+    """EPCOMM_LL_FORCE_NVSHMEM_PUT=1: every peer through NVSHMEM puts/signals (the RDMA code path;
+    with one rank only puts to itself)."""
+    _assert_case(_results("put"), name)
+
+
+@needs_ll_ranks
+@pytest.mark.parametrize("name", ROWS_CASES, ids=[n + _R for n in ROWS_CASES])
+def test_low_latency_combine_without_partials(name):
+    """EPCOMM_LL_COMBINE_PARTIALS=0: the combine sends one bf16 row per (token, expert) over
+    NVLink and the source adds them in k order."""
+    _assert_case(_results("rows"), name)
+
+
+@needs_ll_ranks
+@pytest.mark.parametrize("mode", ["nvlink", "put"], ids=["nvlink" + _R, "put" + _R])
+def test_two_micro_batches_with_hooks_and_graph_replays(mode):
+    """The overlap pseudo-case at the end of the NVLink and the put spawns (see _overlap)."""
+    _assert_case(_results(mode), "overlap")
+
+
+@needs_ll_ranks
+@pytest.mark.parametrize("mode", ["nvlink", "put", "rows", "fast"],
+                         ids=[m + _R for m in ("nvlink", "put", "rows", "fast")])
+def test_low_latency_clean_buffer_then_calls_go_on(mode):
+    """clean_low_latency_buffer halfway through each spawn: a handle from before it raises
+    BufferStateError; the cases after it (their own tests) prove the buffer works on."""
+    _assert_case(_results_fast() if mode == "fast" else _results(mode), "clean_low_latency_buffer")
 
 
 def _unique_topk(n, E, K):
@@ -514,11 +788,27 @@ def _bad_index_worker(rank, world, group):
             ok = rank == 0 and msg.startswith(kernel) and f"expert index {E + 5} (token 3)" in msg
             out[name] = "ok" if ok else f"bad: {msg}"
         group.barrier()
-    # The buffer stays usable: a clean round trip.
+    # The buffer stays usable: a clean round trip, every output compared.
+    ref = reference.low_latency_dispatch(xs, tks, T, E, use_fp8=False)
     recv, cnt, handle, _, _ = buf.low_latency_dispatch(_up(xs[rank]), _up(tks[rank]), T, E, use_fp8=False)
+    ys = [(r.recv_x.astype(np.float32) * np.float32(d + 2.5)).astype(ml_dtypes.bfloat16) for d, r in enumerate(ref)]
+    cref = reference.low_latency_combine(ys, tks, ws, [r.handle for r in ref],
+                                         partials=buf._ll.partials and not buf._ll.force_put)[rank]
+    comb, _, _ = buf.low_latency_combine(_up(ys[rank]), _up(tks[rank]), _up(ws[rank]), handle)
     torch.cuda.synchronize()
-    out["usable"] = "ok" if int(_np(cnt).sum()) == int(reference.low_latency_dispatch(
-        xs, tks, T, E, use_fp8=False)[rank].recv_count.sum()) else "bad counts"
+    try:
+        rr = ref[rank]
+        _assert_bits("usable recv_count", _np(cnt), rr.recv_count)
+        _assert_bits("usable layout_range", _np(handle.layout_range), rr.handle.layout_range)
+        gx, src = _np(recv), _np(handle.src_info)
+        for j in range(E // world):
+            c = int(rr.recv_count[j])
+            _assert_bits(f"usable src_info[{j}]", src[j, :c], rr.handle.src_info[j, :c])
+            _assert_bits(f"usable recv_x[{j}]", gx[j, :c], rr.recv_x[j, :c])
+        _assert_bits("usable combined", _np(comb), cref)
+        out["usable"] = "ok"
+    except AssertionError as e:
+        out["usable"] = str(e)
     group.barrier()
     buf.destroy()
     return out

@@ -511,3 +511,18 @@ def test_outputs_allocated_on_the_comm_stream_record_the_callers_stream(rig, mon
     plain = _Out()
     b._finish("torch", 0, False, [plain], [])
     assert plain.streams == []
+
+
+def test_fp8_hidden_size_not_a_multiple_of_128_raises_before_any_launch(rig):
+    # H=2880 (gpt-oss) runs in BF16 only: its 2880 / 128 = 22.5 scale groups have no FP8 layout.
+    # The check comes before the scales are looked at (their shape here does not matter).
+    b = rig.buffer()
+    fp8 = torch.float8_e4m3fn
+    with pytest.raises(ValueError, match="FP8 hidden size 2880 must be a multiple of 128"):
+        b.dispatch((torch.zeros(4, 2880, dtype=fp8), torch.ones(4, 22)), topk_idx=_IDX, num_experts=4)
+    assert rig.launched() == []
+    # The same call is accepted in BF16 at 2880 and in FP8 at a multiple of 128 (so the error
+    # above is about FP8 at 2880, not about the call).
+    b.dispatch(torch.zeros(4, 2880, dtype=_BF), topk_idx=_IDX, num_experts=4)
+    b.dispatch((torch.zeros(4, 2944, dtype=fp8), torch.ones(4, 23)), topk_idx=_IDX, num_experts=4)
+    assert rig.launched().count("send") == 2
