@@ -1037,3 +1037,37 @@ def test_multigpu_device_ids():
     assert out.device.index == 1 and ref.device_id == 1
     e, ref = I.empty("jax", (3,), "float32", "cuda", 1)
     assert ref.device_id == 1 and e.__dlpack_device__() == (2, 1)
+
+
+# ---- found by mutation testing: each fails if the check it names is removed or loosened ----
+
+
+def test_shape_check_counts_dimensions():
+    with pytest.raises(ValueError, match="x: expected shape"):
+        I.as_tensor(np.zeros((2, 3, 4), np.float32), "x", shape=(2, 3), device="cpu")
+    with pytest.raises(ValueError, match="x: expected shape"):
+        I.as_tensor(np.zeros((2,), np.float32), "x", shape=(2, 3), device="cpu")
+
+
+def test_dlpack_read_only_flag_is_kept():
+    a = np.zeros((2, 3), np.float32)
+    a.flags.writeable = False
+    r = I.as_tensor(_Versioned(a), "x", device="cpu")
+    assert r.framework == "dlpack" and r.readonly
+    assert not I.as_tensor(_Versioned(np.zeros(3, np.float32)), "y", device="cpu").readonly
+
+
+def test_dlpack_device_other_than_cpu_or_cuda_is_refused():
+    import ctypes
+
+    class _OpenCL(_Versioned):  # a numpy export relabelled as device type 4 (OpenCL)
+        def __dlpack__(self, **kw):
+            cap = self.a.__dlpack__(**kw)
+            get = ctypes.pythonapi.PyCapsule_GetPointer
+            get.restype, get.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+            ptr = get(cap, b"dltensor_versioned")
+            I._DLManagedTensorVersioned.from_address(ptr).dl_tensor.device.device_type = 4
+            return cap
+
+    with pytest.raises(ValueError, match="x: expected a CUDA or CPU tensor, got DLPack device type 4"):
+        I.as_tensor(_OpenCL(np.zeros(3, np.float32)), "x", device="any")

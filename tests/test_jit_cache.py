@@ -187,6 +187,50 @@ def test_rendered_source_is_a_small_explicit_instantiation():
     assert src.count("static_assert") == 1 + len(SmokeParams._fields_)
 
 
+# ---- found by mutation testing: each fails if the check it names is removed or loosened ----
+
+
+def test_bad_magic_or_unparsable_header_is_a_miss(cache_dir):
+    import struct
+    path = cache_dir / "fam" / "k.bin"
+    cache.write_entry(path, b"payload", {"key": "k"})
+    assert cache.read_entry(path, "k").payload == b"payload"
+    data = path.read_bytes()
+    path.write_bytes(b"X" + data[1:])                      # another format's magic
+    assert cache.read_entry(path, "k") is None
+    hdr = b"{not json"                                     # valid UTF-8, invalid JSON
+    path.write_bytes(cache._MAGIC + struct.pack("<I", len(hdr)) + hdr + b"payload")
+    assert cache.read_entry(path, "k") is None
+
+
+def test_make_key_is_canonical():
+    assert cache.make_key({"a": 1, "b": [2, 3]}) == cache.make_key({"b": [2, 3], "a": 1})
+    assert cache.make_key({"a": b"xy"}) != cache.make_key({"a": b"xz"})
+
+
+def test_a_reader_never_sees_a_partial_entry_while_it_is_republished(cache_dir):
+    import threading
+    path = cache_dir / "fam" / "k.bin"
+    payload = os.urandom(8 << 20)
+    cache.write_entry(path, payload, {"key": "k"})
+    stop, misses = threading.Event(), []
+
+    def reader():
+        while not stop.is_set():
+            if cache.read_entry(path, "k") is None:
+                misses.append(1)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        for _ in range(40):
+            cache.write_entry(path, payload, {"key": "k"})
+    finally:
+        stop.set()
+        t.join()
+    assert not misses, f"{len(misses)} reads saw no whole entry"
+
+
 def test_cache_list_and_clear_touch_only_epcomm_files(cache_dir, capsys):
     from epcomm.cli import main
     spec = SmokePeerStoreSpec(threads=128)

@@ -62,3 +62,25 @@ def test_catalogue_skips_impossible_combinations_and_strict_mode_raises():
         registry.specs_for((2880,), (2,), ("fp8",), ("normal",), strict=True)
     with pytest.raises(ValueError, match="mode"):
         registry.specs_for((7168,), (2,), ("bf16",), ("bogus",))
+
+
+# ---- found by mutation testing: each fails if the check it names is removed or loosened ----
+
+
+def test_catalogue_holds_every_operation_of_a_shape_and_the_shipped_extras():
+    from epcomm.kernels.intranode import IntranodeCombineSpec, IntranodeDispatchSpec
+    from epcomm.kernels.layout import LayoutSpec
+    from epcomm.kernels.low_latency import LowLatencySpec
+    from epcomm.kernels.smoke import SmokeNvshmemSpec, SmokePeerStoreSpec
+    from epcomm.kernels.timing import SpinWaitSpec
+    got = registry.specs_for((7168,), (2, 4))
+    want = [LayoutSpec()] + [s for R in (2, 4) for s in (IntranodeDispatchSpec(R, 7168, False),
+                                                         IntranodeDispatchSpec(R, 7168, True),
+                                                         IntranodeCombineSpec(R, 7168))]
+    want += [LowLatencySpec(7168, False), LowLatencySpec(7168, True)]
+    assert sorted(map(repr, got)) == sorted(map(repr, want))
+    shipped = registry.shipped()
+    for name in registry.PRESETS:
+        assert all(s in shipped for s in registry.preset(name)), name
+    for s in (SmokePeerStoreSpec(), SmokeNvshmemSpec(), SpinWaitSpec()):
+        assert s in shipped

@@ -845,3 +845,100 @@ def test_low_latency_validation_errors():
     other[0][0] = [next(e for e in range(4) if e not in idx[0][0]), -1]
     with pytest.raises(ValueError, match=r"topk_idx\[0\].*dispatched"):
         ref.low_latency_combine(y, other, w, hs)
+
+
+# ---- found by mutation testing: each fails if the check it names is removed or loosened ----
+
+
+def test_dispatch_rejects_topk_widths_that_differ_between_ranks():
+    rng = np.random.default_rng(70)
+    x, idx = _normal_inputs(rng)
+    with pytest.raises(ValueError, match=r"topk_idx\[1\]"):
+        ref.dispatch(x, 4, topk_idx=[idx[0], np.concatenate([idx[1], np.full((3, 1), -1, np.int64)], axis=1)])
+
+
+def test_combine_rejects_a_send_pos_pointing_at_the_next_sources_rows():
+    # Both ranks send token rows to rank 1; bump rank 0's last send_pos to rank 1 by one: it
+    # then names the first row rank 1 received from rank 1, inside rank 1's received rows.
+    x = [np.ones((2, 8), BF16), np.ones((2, 8), BF16)]
+    idx = [np.array([[2], [3]], np.int64), np.array([[2], [3]], np.int64)]
+    res = ref.dispatch(x, 4, topk_idx=idx)
+    hs = [r.handle for r in res]
+    assert hs[1].rank_prefix.tolist() == [0, 2, 4]
+    hs[0].send_pos[1, 1] += 1
+    with pytest.raises(ValueError, match="send_pos"):
+        ref.combine([r.recv_x for r in res], hs)
+
+
+def test_pack_ue8m0_rejects_inf_nan_and_subnormals():
+    for v in (np.inf, np.nan, 2.0 ** -130, 0.0, -2.0):
+        with pytest.raises(ValueError, match="power of two"):
+            ref.pack_ue8m0(np.array([[1.0, v]], np.float32))
+
+
+def test_ll_combine_group_partial_enters_at_its_lowest_k():
+    # R=3, L=2.  Token picks experts 0 (rank 0), 2 (rank 1), 4 (rank 2), 1 (rank 0): k=0 and k=3
+    # form rank 0's partial P = 1 + 2**-8, the others give 2**-24 each.  Contract: P enters at
+    # k=0: ((P + 2**-24) + 2**-24) = 1 + 2**-8 -> bf16 tie -> 1.0.  Entering at k=3 instead
+    # adds 2**-24 + 2**-24 first and ends at 1 + 2**-7.
+    x = [np.ones((1, 8), BF16)] + [np.zeros((0, 8), BF16)] * 2
+    idx = [np.array([[0, 2, 4, 1]], np.int64)] + [np.zeros((0, 4), np.int64)] * 2
+    res = ref.low_latency_dispatch(x, idx, 1, 6, use_fp8=False)
+    hs = [r.handle for r in res]
+    y = [np.zeros((2, 3, 8), np.float32) for _ in range(3)]
+    y[0][0, hs[0].layout_range[0, 0, 0]] = 1.0
+    y[0][1, hs[0].layout_range[1, 0, 0]] = 2.0 ** -8
+    y[1][0, hs[1].layout_range[0, 0, 0]] = 2.0 ** -24
+    y[2][0, hs[2].layout_range[0, 0, 0]] = 2.0 ** -24
+    y = [a.astype(BF16) for a in y]
+    w = [np.ones((1, 4), np.float32)] + [np.zeros((0, 4), np.float32)] * 2
+    out = ref.low_latency_combine(y, idx, w, hs)[0]
+    assert np.all(out.astype(np.float32) == 1.0)
+
+
+def _ll_two_rank_dispatch():
+    # R=2, E=2 (one expert per rank), T=2: rank 0's token 0 and rank 1's token 1 pick expert 0.
+    x = [np.ones((2, 128), BF16), np.ones((2, 128), BF16)]
+    idx = [np.array([[0], [-1]], np.int64), np.array([[-1], [0]], np.int64)]
+    res = ref.low_latency_dispatch(x, idx, 2, 2, use_fp8=False)
+    return idx, [r.recv_x for r in res], [r.handle for r in res]
+
+
+def test_ll_combine_rejects_a_routing_with_other_counts_even_if_src_info_agrees():
+    idx, y, hs = _ll_two_rank_dispatch()
+    w = [np.ones((2, 1), np.float32)] * 2
+    ref.low_latency_combine(y, idx, w, hs)
+    # Rank 0 now claims both its tokens chose expert 0: rows 0 and 1 of expert 0, whose
+    # src_info is [0, 1], but row 1 came from rank 1 (layout_range count is 1, not 2).
+    other = [np.array([[0], [0]], np.int64), idx[1]]
+    with pytest.raises(ValueError, match=r"topk_idx\[0\].*dispatched"):
+        ref.low_latency_combine(y, other, w, hs)
+
+
+def test_ll_combine_rejects_tokens_swapped_between_experts():
+    # Same counts per expert, other tokens: only src_info can tell.
+    x = [np.ones((2, 128), BF16), np.zeros((0, 128), BF16)]
+    idx = [np.array([[0], [1]], np.int64), np.zeros((0, 1), np.int64)]
+    res = ref.low_latency_dispatch(x, idx, 2, 2, use_fp8=False)
+    y, hs = [r.recv_x for r in res], [r.handle for r in res]
+    w = [np.ones((2, 1), np.float32), np.zeros((0, 1), np.float32)]
+    swapped = [np.array([[1], [0]], np.int64), idx[1]]
+    with pytest.raises(ValueError, match=r"topk_idx\[0\].*dispatched"):
+        ref.low_latency_combine(y, swapped, w, hs)
+
+
+def test_ll_combine_rejects_more_tokens_than_num_max_tokens():
+    idx, y, hs = _ll_two_rank_dispatch()
+    longer = [np.concatenate([idx[0], [[-1]]]), idx[1]]
+    w = [np.ones((3, 1), np.float32), np.ones((2, 1), np.float32)]
+    with pytest.raises(ValueError, match=r"topk_idx\[0\].*num_max_tokens"):
+        ref.low_latency_combine(y, longer, w, hs)
+
+
+def test_ll_combine_rejects_handles_of_another_hidden_size():
+    import dataclasses
+    idx, y, hs = _ll_two_rank_dispatch()
+    w = [np.ones((2, 1), np.float32)] * 2
+    bad = [hs[0], dataclasses.replace(hs[1], hidden=256)]
+    with pytest.raises(ValueError, match=r"handles\[1\]"):
+        ref.low_latency_combine(y, idx, w, bad)

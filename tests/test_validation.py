@@ -513,6 +513,133 @@ def test_outputs_allocated_on_the_comm_stream_record_the_callers_stream(rig, mon
     assert plain.streams == []
 
 
+# ---- found by mutation testing: each fails if the check it names is removed or loosened ----
+
+
+def test_check_int_and_check_bool_refuse_bools_and_other_ints():
+    from epcomm._validate import check_bool
+    with pytest.raises(TypeError, match="n must be an int"):
+        check_int("n", True)
+    with pytest.raises(TypeError, match="n must be an int"):
+        check_int("n", np.bool_(True))
+    assert check_int("n", 5, lo=1, hi=5) == 5
+    assert check_bool("f", 1) is True and check_bool("f", np.bool_(False)) is False
+    for v in (2, -1, "yes", 1.0):
+        with pytest.raises(TypeError, match="f must be a bool"):
+            check_bool("f", v)
+
+
+def test_dispatch_hidden_and_local_expert_limits(rig):
+    b = rig.buffer()
+    with pytest.raises(ValueError, match="hidden size 100 must be a multiple of 8"):
+        b.dispatch(torch.zeros(4, 100, dtype=_BF), topk_idx=_IDX, num_experts=4)
+    M = K_intra.MAX_LOCAL_EXPERTS
+    with pytest.raises(ValueError, match=f"{M + 1} experts per rank: at most {M}"):
+        _dispatch(b, num_experts=2 * (M + 1))
+    assert rig.launched() == []
+    _dispatch(b, num_experts=2 * M)
+
+
+def test_cached_dispatch_checks_the_token_count_and_combine_the_bias_count(rig):
+    b = rig.buffer()
+    h = _dispatch(b)[4]
+    rig.log.clear()
+    with pytest.raises(ValueError, match="x: has 3 tokens but the handle's dispatch had 4"):
+        b.dispatch(torch.zeros(3, 128, dtype=_BF), handle=h)
+    x = torch.zeros(h.out_rows, 128, dtype=_BF)
+    bias = torch.zeros(4, 128, dtype=_BF)
+    with pytest.raises(ValueError, match="bias: at most two tensors, got 3"):
+        b.combine(x, h, bias=(bias, bias, bias))
+    assert rig.launched() == []
+
+
+def test_num_tokens_per_expert_must_have_num_experts_entries(rig):
+    b = rig.buffer()
+    with pytest.raises(ValueError, match="num_tokens_per_expert: has 6 entries, expected num_experts=4"):
+        _dispatch(b, num_tokens_per_expert=torch.zeros(6, dtype=torch.int32))
+    assert rig.launched() == []
+
+
+def test_dispatch_refuses_one_token_more_than_the_buffer_holds(rig):
+    b = rig.buffer()
+    b._intra.layout = lay = K_intra.BufferLayout.for_bytes(2, K_intra.BufferLayout.header_bytes(2) + 2 * 4096)
+    cap = lay.capacity_rows(K_intra.max_row_bytes(128, 2))
+    idx = torch.zeros(cap + 1, 2, dtype=torch.long)
+    idx[:, 1] = 1
+    with pytest.raises(ValueError, match=f"Buffer too small: {cap + 1} tokens"):
+        b.dispatch(torch.zeros(cap + 1, 128, dtype=_BF), topk_idx=idx, num_experts=4)
+    assert rig.launched() == []
+    b.dispatch(torch.zeros(cap, 128, dtype=_BF), topk_idx=idx[:cap], num_experts=4)
+
+
+def test_layout_shared_memory_bound_is_exact():
+    from epcomm.kernels.layout import LAYOUT_MAX_COUNTERS
+    check_layout_args(4, LAYOUT_MAX_COUNTERS - 1, 1, 1)
+    with pytest.raises(ValueError, match=f"{LAYOUT_MAX_COUNTERS + 1} experts, ranks and nodes"):
+        check_layout_args(4, LAYOUT_MAX_COUNTERS, 1, 1)
+
+
+@pytest.mark.parametrize("H", [128, 2880, 4096, 7168])
+@pytest.mark.parametrize("K", [0, 1, 8, 32])
+def test_nvl_size_hint_holds_the_largest_row_of_every_operation(H, K):
+    need = Buffer.get_nvl_buffer_size_hint(H, 4, 1000, K)
+    lay = K_intra.BufferLayout.for_bytes(4, need)
+    rows = [K_intra.dispatch_row_bytes(H, False, K), K_intra.combine_row_bytes(H, K)]
+    if H % 128 == 0:
+        rows.append(K_intra.dispatch_row_bytes(H, True, K))
+    assert all(lay.capacity_rows(r) >= 1000 for r in rows)
+
+
+def test_intranode_specs_reject_one_rank():
+    for spec in (K_intra.IntranodeDispatchSpec(1, 7168, False), K_intra.IntranodeCombineSpec(1, 7168)):
+        with pytest.raises(ValueError, match="num_ranks=1"):
+            spec.validate()
+    K_intra.IntranodeDispatchSpec(2, 7168, False).validate()
+
+
+def test_dispatch_tail_chunks_equals_the_cuda_expression():
+    from pathlib import Path
+    src = (Path(__file__).resolve().parents[1] / "cuda_src" / "intranode.cuh").read_text()
+    assert "constexpr int kTailChunks = (16 + R - 2) / (R - 1) > 2 ? (16 + R - 2) / (R - 1) : 2;" in src
+    for R in range(2, K_intra.MAX_RANKS + 1):
+        c = (16 + R - 2) // (R - 1)  # C integer division of positive ints
+        assert K_intra.dispatch_tail_chunks(R) == (c if c > 2 else 2), R
+
+
+def test_config_split_keeps_a_receiving_block_and_defaults_per_op():
+    from epcomm.config import default_combine_config, default_dispatch_config
+    assert Config(num_sms=2, send_fraction=0.9).split() == (1, 1)
+    assert Config(num_sms=10, send_fraction=0.01).split() == (1, 9)
+    with pytest.raises(ValueError, match="Config.send_fraction=0.0"):
+        Config(send_fraction=0.0)
+    with pytest.raises(ValueError, match="Config.send_fraction=1.0"):
+        Config(send_fraction=1.0)
+    assert default_dispatch_config(4).chunk_rows == 128 and default_combine_config(4).chunk_rows == 64
+
+
+def test_envs_parse_every_spelling(monkeypatch, tmp_path):
+    from epcomm import envs as e
+    for raw, want in (("1", True), ("true", True), ("YES", True), (" on ", True), ("0", False),
+                      ("false", False), ("No", False), ("off\n", False), ("", False)):
+        monkeypatch.setenv("EPCOMM_CHECK_INDICES", raw)
+        assert e.CHECK_INDICES.get() is want, raw
+    monkeypatch.setenv("EPCOMM_NUM_SMS", "0x10")
+    assert e.NUM_SMS.get() == 16
+    monkeypatch.setenv("EPCOMM_NUM_SMS", "")
+    assert e.NUM_SMS.get() == 24  # empty: the default, for every knob that is not a flag
+    monkeypatch.setenv("EPCOMM_NUM_SMS", "2.5")
+    with pytest.raises(ValueError, match="EPCOMM_NUM_SMS"):
+        e.NUM_SMS.get()
+    monkeypatch.delenv("EPCOMM_CACHE_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/dir")
+    assert e.CACHE_DIR.get() == tmp_path / ".cache" / "epcomm"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert e.CACHE_DIR.get() == tmp_path / "xdg" / "epcomm"
+    monkeypatch.setenv("EPCOMM_CACHE_DIR", "~/jit")
+    assert e.CACHE_DIR.get() == tmp_path / "jit"
+
+
 def test_fp8_hidden_size_not_a_multiple_of_128_raises_before_any_launch(rig):
     # H=2880 (gpt-oss) runs in BF16 only: its 2880 / 128 = 22.5 scale groups have no FP8 layout.
     # The check comes before the scales are looked at (their shape here does not matter).

@@ -324,3 +324,42 @@ def test_int32_indices_after_previous_event_order_the_kernel_after_the_widening(
     monkeypatch.setenv("EPCOMM_CHECK_INDICES", "0")
     b.low_latency_dispatch(x, topk64, 8, E, use_fp8=False, previous_event=prev)
     assert syncs == []  # no host check, no host wait
+
+
+# ---- found by mutation testing: each fails if the check it names is removed or loosened ----
+
+
+def test_dispatch_rejects_bad_shapes_and_flag_combinations_before_launch(rig):
+    b, st = rig.buffer()
+    x, topk, _ = _inputs()
+    before = _state(st)
+    with pytest.raises(ValueError, match="x: 4 tokens exceed num_max_dispatch_tokens_per_rank=3"):
+        b.low_latency_dispatch(x, topk, 3, E)
+    with pytest.raises(ValueError, match="num_experts=32768: at most 32767"):
+        b.low_latency_dispatch(x, topk, 8, 32768)
+    with pytest.raises(ValueError, match=rf"top-k {K.MAX_TOPK + 1} must be in \[1, {K.MAX_TOPK}\]"):
+        b.low_latency_dispatch(x, torch.full((4, K.MAX_TOPK + 1), -1, dtype=torch.int64), 8, 64)
+    dup = topk.clone()
+    dup[1] = torch.tensor([3, 3])
+    with pytest.raises(ValueError, match="topk_idx row 1 lists the same expert twice"):
+        b.low_latency_dispatch(x, dup, 8, E)
+    with pytest.raises(ValueError, match="use_ue8m0=True needs round_scale=True"):
+        b.low_latency_dispatch(x, topk, 8, E, use_ue8m0=True)
+    with pytest.raises(ValueError, match="async_finish and return_recv_hook cannot both be set"):
+        b.low_latency_dispatch(x, topk, 8, E, async_finish=True, return_recv_hook=True)
+    assert rig.launches() == [] and _state(st) == before and st._results == [None, None]
+
+
+def test_rdma_size_hint_bounds_are_exact():
+    hint = Buffer.get_low_latency_rdma_size_hint
+    hint(1, 128 * 1023, 1, 32767)
+    with pytest.raises(ValueError, match="hidden"):
+        hint(1, 128 * 1024, 1, 8)
+    with pytest.raises(ValueError, match="num_experts"):
+        hint(1, 128, 1, 32768)
+
+
+def test_dispatch_shared_memory_holds_a_count_per_group_and_an_entry_and_k_per_slot():
+    for R, T in ((1, 1), (2, 128), (8, 256), (64, 1)):
+        slots = R * T
+        assert K.dispatch_smem_bytes(R, T) >= 4 * R * ((T + 31) // 32) + 4 * slots + slots
