@@ -564,8 +564,11 @@ class Buffer:
             config: None (the Buffer's dispatch config) or a :class:`Config` whose ``num_sms``
                does not exceed the GPU's SM count.
             async_finish / previous_event / allocate_on_comm_stream: as in DeepEP
-               (``previous_event``: None or an EventOverlap); the last one (torch) allocates the
-               outputs on :attr:`comm_stream` and records the caller's stream on them.
+               (``previous_event``: None or an EventOverlap: the kernels wait for it instead of
+               the caller's stream; the host index check (EPCOMM_CHECK_INDICES) first waits for
+               it on the host, and an int32 top-k's widening copy on the caller's stream waits
+               for it too); the last one (torch) allocates the outputs on :attr:`comm_stream`
+               and records the caller's stream on them.
 
         Returns ``(recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list,
         handle, event)`` with ``recv_x`` in the form of ``x``, rows ordered by source rank, then
