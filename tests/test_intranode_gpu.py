@@ -286,9 +286,6 @@ def _bias_arg(biases, form):
 def _run_case(rank, world, buf, case):
     if case["framework"] == "autograd":
         return _run_autograd(rank, world, buf, case)
-    import ml_dtypes
-
-    from epcomm import Config, reference
     up = _fw(case)
     ins = _inputs(case, world)
     me = ins[rank]
@@ -296,7 +293,26 @@ def _run_case(rank, world, buf, case):
     fw = case["framework"]
     async_ = case["async_"]
     _poison(case, world, buf)
-    late = _Late(rank) if case["prev_event"] else None
+    if case["prev_event"]:
+        # With the host index check on, the call waits on the host for previous_event before
+        # reading topk_idx, so by the launch every late input is ready and the case would prove
+        # nothing about the kernels' ordering: it runs with the check off (indices are valid).
+        old = os.environ.get("EPCOMM_CHECK_INDICES")
+        os.environ["EPCOMM_CHECK_INDICES"] = "0"
+        try:
+            return _run_case_body(rank, world, buf, case, up, ins, me, E, H, fw, async_, _Late(rank))
+        finally:
+            if old is None:
+                os.environ.pop("EPCOMM_CHECK_INDICES", None)
+            else:
+                os.environ["EPCOMM_CHECK_INDICES"] = old
+    return _run_case_body(rank, world, buf, case, up, ins, me, E, H, fw, async_, None)
+
+
+def _run_case_body(rank, world, buf, case, up, ins, me, E, H, fw, async_, late):
+    import ml_dtypes
+
+    from epcomm import Config, reference
     # Every call's flags; the repeats run with another config (_REPEAT_CONFIG).
     call = dict(async_finish=async_, allocate_on_comm_stream=case["alloc_comm"])
     cfg = Config(num_sms=case["sms"]) if case["sms"] else None
@@ -337,9 +353,8 @@ def _run_case(rank, world, buf, case):
         else:
             lay_kw = dict(call)
             if late:
-                # The layout reads only topk_idx, which the host checks on the caller's stream
-                # (EPCOMM_CHECK_INDICES): its previous_event is a bare sleep, and the layout must
-                # not finish before it.
+                # The layout's previous_event is a bare sleep (topk_idx itself is on time: the
+                # dispatch below reads the same tensor): the layout must not finish before it.
                 lay_kw["previous_event"], t0 = late.sleep()
             ntr, nrr, nte, itr, lev = buf.get_dispatch_layout(topk, E, **lay_kw)
             if late:
