@@ -139,18 +139,28 @@ class LocalGroup:
 
 # ---------------------------------------------------------------------------- TorchGroup
 
-class TorchGroup:
-    """A torch.distributed process group (any backend with object collectives: gloo, nccl).
+_TORCH_GROUPS: dict = {}  # global ranks of a group -> TorchGroups made for them in this process
 
-    ``pg=None`` means the default group.  With nccl, objects travel through the current
-    CUDA device (``torch.cuda.current_device()``), which must be this rank's GPU --
-    torch's own rule for object collectives.
+
+class TorchGroup:
+    """A torch.distributed process group (any backend: gloo, nccl, ...).
+
+    ``pg=None`` means the default group.  The bytes travel through the job's store (the
+    TCPStore or FileStore that ``init_process_group`` set up), not through the backend: no
+    communicator is created for them, no GPU is involved, and every wait is bounded by
+    ``timeout_s`` (default ``EPCOMM_TIMEOUT_S``): a rank that never arrives makes the others
+    raise EpcommTimeoutError naming it, instead of waiting for torch's process-group timeout
+    (10 to 30 minutes).  Keys are ``epcomm/torch/<group>/<n>/<round>/<rank>``, ``<n>``
+    counting the TorchGroups made in this process for the same ranks (ranks make them in the
+    same order, as they create Buffers collectively); each rank deletes its keys once every
+    rank has read them.  Where torch offers no default store (a private torch API; other
+    versions), the object collectives are used, bounded by torch's own timeout.
 
     Raises RuntimeError if torch.distributed is not initialized, ValueError if this
     process is not a member of ``pg``.
     """
 
-    def __init__(self, pg: Any = None):
+    def __init__(self, pg: Any = None, timeout_s: float | None = None):
         import torch.distributed as dist
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("TorchGroup: torch.distributed is not initialized "
@@ -163,34 +173,130 @@ class TorchGroup:
         self.size = dist.get_world_size(pg)
         if self.rank < 0:
             raise ValueError("TorchGroup: this process is not a member of the given group")
+        self.timeout_s = timeout_s
+        self._store = None
+        self._seq = 0
+        self._own_keys: list[tuple[int, str]] = []
+        try:
+            from torch.distributed import distributed_c10d as c10d
+            store = c10d._get_default_store()
+            if pg is None or pg is dist.GroupMember.WORLD:
+                ranks = tuple(range(dist.get_world_size()))
+            else:
+                ranks = tuple(int(r) for r in dist.get_process_group_ranks(pg))
+            if not (hasattr(store, "wait") and hasattr(store, "check")):
+                raise AttributeError("store without wait/check")
+        except Exception:
+            return  # the object collectives
+        n = _TORCH_GROUPS.get(ranks, 0)
+        _TORCH_GROUPS[ranks] = n + 1
+        import hashlib
+        tag = hashlib.sha1(",".join(map(str, ranks)).encode()).hexdigest()[:12]
+        self._store = store
+        self.prefix = f"epcomm/torch/{tag}/{n}"
+
+    # ---- through the store ----
+    def _key(self, seq: int, rank: int) -> str:
+        return f"{self.prefix}/{seq}/{rank}"
+
+    def _publish(self, seq: int, data: bytes) -> None:
+        key = self._key(seq, self.rank)
+        self._store.set(key, data)
+        self._own_keys.append((seq, key))
+
+    def _wait(self, seq: int, ranks: list[int], phase: str) -> list[bytes]:
+        import datetime
+        timeout = _timeout_s(self.timeout_s)
+        keys = [self._key(seq, r) for r in ranks]
+        try:
+            self._store.wait(keys, datetime.timedelta(seconds=timeout))
+        except Exception as e:  # DistStoreError / RuntimeError, by torch version
+            missing = []
+            for r, k in zip(ranks, keys):
+                try:
+                    if not self._store.check([k]):
+                        missing.append(r)
+                except Exception:
+                    missing.append(r)
+            raise _timeout_error(self.rank, phase, missing, timeout, f"{type(e).__name__}: {e}") from e
+        return [bytes(self._store.get(k)) for k in keys]
+
+    def _collect_garbage(self, seq: int) -> None:
+        # every rank has written round `seq` (allgather, barrier), so all of them finished
+        # reading the rounds before it
+        keep = []
+        for s, key in self._own_keys:
+            if s < seq:
+                try:
+                    self._store.delete_key(key)
+                except Exception:
+                    pass  # best effort: a leftover key only costs store memory
+            else:
+                keep.append((s, key))
+        self._own_keys = keep
+
+    def _next(self) -> int:
+        seq = self._seq
+        self._seq += 1
+        return seq
 
     def allgather_bytes(self, data: bytes) -> list[bytes]:
-        """Return every rank's ``data``, indexed by group rank."""
-        import torch.distributed as dist
-        out: list[Any] = [None] * self.size
-        dist.all_gather_object(out, _as_bytes(data, "allgather_bytes"), group=self.pg)
-        return [bytes(b) for b in out]
+        """Return every rank's ``data``, indexed by group rank.
+
+        Raises EpcommTimeoutError if some rank does not contribute within the timeout.
+        """
+        data = _as_bytes(data, "allgather_bytes")
+        if self._store is None:
+            import torch.distributed as dist
+            out: list[Any] = [None] * self.size
+            dist.all_gather_object(out, data, group=self.pg)
+            return [bytes(b) for b in out]
+        seq = self._next()
+        self._publish(seq, data)
+        out_b = self._wait(seq, list(range(self.size)), f"group allgather round {seq}")
+        self._collect_garbage(seq)
+        return out_b
 
     def broadcast_bytes(self, data: bytes | None, root: int = 0) -> bytes:
-        """Return ``data`` of group rank ``root`` on every rank."""
-        import torch.distributed as dist
+        """Return ``data`` of group rank ``root`` on every rank.
+
+        Raises EpcommTimeoutError on a non-root if the root does not publish in time.
+        """
         _check_root(root, self.size)
-        payload = [_root_payload(data, self.rank, root)]
-        # object collectives take the *global* rank as src
-        if self.pg is None or self.pg is dist.GroupMember.WORLD:
-            src = root
-        else:
-            src = dist.get_global_rank(self.pg, root)
-        dist.broadcast_object_list(payload, src=src, group=self.pg)
-        return bytes(payload[0])
+        payload = _root_payload(data, self.rank, root)
+        if self._store is None:
+            import torch.distributed as dist
+            box = [payload]
+            # object collectives take the *global* rank as src
+            if self.pg is None or self.pg is dist.GroupMember.WORLD:
+                src = root
+            else:
+                src = dist.get_global_rank(self.pg, root)
+            dist.broadcast_object_list(box, src=src, group=self.pg)
+            return bytes(box[0])
+        seq = self._next()
+        if payload is not None:
+            self._publish(seq, payload)
+            return payload
+        return self._wait(seq, [root], f"group broadcast round {seq} from rank {root}")[0]
 
     def barrier(self) -> None:
-        """Return once every rank of the group has entered the barrier."""
-        import torch.distributed as dist
-        dist.barrier(group=self.pg)
+        """Return once every rank of the group has entered the barrier.
+
+        Raises EpcommTimeoutError naming the ranks that did not arrive within the timeout.
+        """
+        if self._store is None:
+            import torch.distributed as dist
+            dist.barrier(group=self.pg)
+            return
+        seq = self._next()
+        self._publish(seq, b"")
+        self._wait(seq, list(range(self.size)), f"group barrier round {seq}")
+        self._collect_garbage(seq)
 
     def __repr__(self) -> str:
-        return f"TorchGroup(rank={self.rank}, size={self.size})"
+        how = "store" if self._store is not None else "object collectives"
+        return f"TorchGroup(rank={self.rank}, size={self.size}, {how})"
 
 
 # ---------------------------------------------------------------------------- MPIGroup

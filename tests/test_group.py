@@ -276,8 +276,12 @@ def _torch_worker(rank, port, size):
                             rank=rank, world_size=size)
     try:
         g = TorchGroup()
-        assert (g.rank, g.size) == (rank, size)
+        assert (g.rank, g.size) == (rank, size) and g._store is not None
         _check_collectives(g, "torch", root=1)
+        # the fallback where torch offers no default store: the object collectives
+        f = TorchGroup()
+        f._store = None
+        _check_collectives(f, "torch objects", root=1)
         d = as_group(None)
         assert isinstance(d, TorchGroup) and d.rank == rank
         assert d.broadcast_bytes(b"r0" if rank == 0 else None) == b"r0"
@@ -306,6 +310,47 @@ def _torch_worker(rank, port, size):
 def test_torch_group_gloo_two_processes():
     pytest.importorskip("torch.distributed")
     _run_ranks(_torch_worker, 2, (_free_port(), 2), timeout=50)
+
+
+def _torch_missing_peer_worker(rank, port, size):
+    import torch.distributed as dist
+    from epcomm.group import TorchGroup
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+    try:
+        g = TorchGroup(timeout_s=2.0)
+        assert g._store is not None, "this torch offers a default store: the bounded path must be used"
+        assert g.allgather_bytes(b"x%d" % rank) == [b"x0", b"x1", b"x2"]
+        if rank == 2:
+            time.sleep(8)  # never joins the next collectives
+            return "absent"
+        t0 = time.monotonic()
+        try:
+            g.allgather_bytes(b"y")
+        except EpcommTimeoutError as e:
+            dt = time.monotonic() - t0
+            assert dt < 6, f"took {dt:.1f} s for a 2 s timeout"
+            assert e.rank == rank and "group allgather round 1" in str(e) and "[2]" in str(e), str(e)
+        else:
+            raise AssertionError("allgather returned without rank 2")
+        if rank == 1:
+            try:
+                g.broadcast_bytes(None, root=2)
+            except EpcommTimeoutError as e:
+                assert "broadcast round 2 from rank 2" in str(e) and "[2]" in str(e), str(e)
+            else:
+                raise AssertionError("broadcast returned without its root")
+        return "timed out as expected"
+    finally:
+        if rank != 2:
+            time.sleep(7)  # let rank 2 wake up before the store's owner (rank 0) goes away
+        dist.destroy_process_group()
+
+
+def test_torch_group_names_a_missing_rank_within_its_timeout():
+    pytest.importorskip("torch.distributed")
+    res = _run_ranks(_torch_missing_peer_worker, 3, (_free_port(), 3), timeout=60)
+    assert res == {0: "timed out as expected", 1: "timed out as expected", 2: "absent"}
 
 
 # --------------------------------------------------------------------------- JaxGroup
