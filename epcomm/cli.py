@@ -48,10 +48,13 @@ def cmd_warmup(a) -> int:
                 if s not in specs:
                     specs.append(s)
     else:
-        a.hidden = a.hidden or (7168,)
-        a.ranks = a.ranks or (2, 4, 8)
-        a.dtype = a.dtype or registry.DTYPES
-        a.mode = a.mode or registry.MODES
+        for flag, default in (("hidden", (7168,)), ("ranks", (2, 4, 8)), ("dtype", registry.DTYPES),
+                              ("mode", registry.MODES)):
+            v = getattr(a, flag)
+            if v is None:
+                setattr(a, flag, default)
+            elif not v:
+                raise ValueError(f"--{flag}: empty list")
         skipped: list = []
         specs = registry.specs_for(a.hidden, a.ranks, a.dtype, a.mode, skipped=skipped)
         for label, why in skipped:
@@ -186,8 +189,7 @@ def cmd_cache(a) -> int:
         return 0
     entries = cache.list_entries()
     total = 0
-    for p, meta in entries:
-        size = p.stat().st_size if p.exists() else 0
+    for p, meta, size in entries:
         total += size
         if meta is None:
             print(f"{p.parent.name:14s} {'(corrupt or unreadable: a miss, rebuilt on use)':60s} {size / 2**10:8.0f} KiB  {p.name}")

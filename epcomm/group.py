@@ -184,16 +184,16 @@ class TorchGroup:
                 ranks = tuple(range(dist.get_world_size()))
             else:
                 ranks = tuple(int(r) for r in dist.get_process_group_ranks(pg))
-            if not (hasattr(store, "wait") and hasattr(store, "check")):
-                raise AttributeError("store without wait/check")
+            # A real call, not hasattr: the MPI backend's placeholder store has every method
+            # and implements none.
+            store.check(["epcomm/torch/probe"])
         except Exception:
             return  # the object collectives
-        n = _TORCH_GROUPS.get(ranks, 0)
-        _TORCH_GROUPS[ranks] = n + 1
         import hashlib
-        tag = hashlib.sha1(",".join(map(str, ranks)).encode()).hexdigest()[:12]
+        self._ranks = ranks
+        self._tag = hashlib.sha1(",".join(map(str, ranks)).encode()).hexdigest()[:12]
         self._store = store
-        self.prefix = f"epcomm/torch/{tag}/{n}"
+        self.prefix: str | None = None  # taken at the first collective (_next)
 
     # ---- through the store ----
     def _key(self, seq: int, rank: int) -> str:
@@ -201,25 +201,42 @@ class TorchGroup:
 
     def _publish(self, seq: int, data: bytes) -> None:
         key = self._key(seq, self.rank)
-        self._store.set(key, data)
+        try:
+            self._store.set(key, data)
+        except Exception as e:
+            from epcomm.errors import EpcommError
+            raise EpcommError(f"rank {self.rank}: torch.distributed's store failed in round {seq} "
+                              f"({type(e).__name__}: {e}); is the process that hosts it (rank 0 of the "
+                              "job) still running?") from e
         self._own_keys.append((seq, key))
 
     def _wait(self, seq: int, ranks: list[int], phase: str) -> list[bytes]:
         import datetime
+
+        from epcomm.errors import EpcommError
         timeout = _timeout_s(self.timeout_s)
         keys = [self._key(seq, r) for r in ranks]
+        t0 = time.monotonic()
         try:
             self._store.wait(keys, datetime.timedelta(seconds=timeout))
+            return [bytes(self._store.get(k)) for k in keys]
         except Exception as e:  # DistStoreError / RuntimeError, by torch version
+            cause = f"{type(e).__name__}: {e}"
+            if time.monotonic() - t0 < 0.9 * timeout:
+                # not the wait's timeout: the store itself failed (its host, rank 0 of the
+                # job, exited; a network error)
+                raise EpcommError(f"rank {self.rank}: torch.distributed's store failed in {phase} ({cause}); "
+                                  "is the process that hosts it (rank 0 of the job) still running?") from e
             missing = []
             for r, k in zip(ranks, keys):
+                if r == self.rank:
+                    continue
                 try:
                     if not self._store.check([k]):
                         missing.append(r)
                 except Exception:
                     missing.append(r)
-            raise _timeout_error(self.rank, phase, missing, timeout, f"{type(e).__name__}: {e}") from e
-        return [bytes(self._store.get(k)) for k in keys]
+            raise _timeout_error(self.rank, phase, missing, timeout, cause) from e
 
     def _collect_garbage(self, seq: int) -> None:
         # every rank has written round `seq` (allgather, barrier), so all of them finished
@@ -236,6 +253,13 @@ class TorchGroup:
         self._own_keys = keep
 
     def _next(self) -> int:
+        if self._store is not None and self.prefix is None:
+            # The n-th TorchGroup of these ranks *used* in this process: counted at the first
+            # collective, so a group made and never used (e.g. as_group(None) to print it) on
+            # one rank does not shift the keys of the next Buffer.
+            n = _TORCH_GROUPS.get(self._ranks, 0)
+            _TORCH_GROUPS[self._ranks] = n + 1
+            self.prefix = f"epcomm/torch/{self._tag}/{n}"
         seq = self._seq
         self._seq += 1
         return seq

@@ -209,10 +209,13 @@ def device_of(rank: int) -> int:
     return rank % max(gpu_count(), 1)
 
 
-def example_world(min_ranks: int = 2) -> int:
+def example_world(min_ranks: int = 2, divides: int = 0) -> int:
     """Ranks an example should spawn: one per visible GPU.  Under EPCOMM_SHARE_GPU=1, a single
     GPU or fewer GPUs than ``min_ranks`` run ``max(min_ranks, 2)`` ranks sharing them (their
     kernels take turns: a correctness run, not a speed one).
+
+    ``divides``: the count must divide it (an example's expert count: experts are split evenly
+    over the ranks), so 3, 5, 6 or 7 GPUs run the largest count below that does.
 
     Raises SystemExit with a message saying what is missing (no GPU, or too few GPUs and
     EPCOMM_SHARE_GPU unset) instead of letting a worker fail inside the Buffer.
@@ -223,6 +226,8 @@ def example_world(min_ranks: int = 2) -> int:
         raise SystemExit("this example needs an NVIDIA GPU: none is visible")
     share = envs.SHARE_GPU.get()
     if n >= min_ranks and not (share and n == 1):
+        while divides and divides % n and n > min_ranks:
+            n -= 1
         return n
     if share:
         return max(min_ranks, 2)

@@ -58,7 +58,7 @@ def worker(rank, world, group):
 
 
 if __name__ == "__main__":
-    res = spawn.run(worker, spawn.example_world(2), timeout=300)
+    res = spawn.run(worker, spawn.example_world(2, divides=E), timeout=300)
     for r in res:
         print(r)
     ok = all(r["ok"] for r in res)

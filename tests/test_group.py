@@ -347,6 +347,78 @@ def _torch_missing_peer_worker(rank, port, size):
         dist.destroy_process_group()
 
 
+def _torch_store_worker(rank, port, size):
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d
+
+    from epcomm.errors import EpcommError
+    from epcomm.group import TorchGroup
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+    # A group made and never used on one rank (e.g. printed) does not shift the next one's keys.
+    if rank == 1:
+        repr(as_group(None))
+    g = TorchGroup(timeout_s=20.0)
+    assert g.allgather_bytes(b"%d" % rank) == [b"0", b"1"]
+
+    class Placeholder:  # the MPI backend's store: every method present, none implemented
+        def __getattr__(self, name):
+            def fail(*a, **k):
+                raise RuntimeError("Not implemented")
+            return fail
+
+    real = c10d._get_default_store
+    c10d._get_default_store = lambda: Placeholder()
+    try:
+        f = TorchGroup()
+        assert f._store is None, "a store whose calls fail must leave the object collectives"
+    finally:
+        c10d._get_default_store = real
+    assert f.allgather_bytes(b"o%d" % rank) == [b"o0", b"o1"]
+    g.barrier()
+    if rank == 0:
+        time.sleep(1)
+        os._exit(0)  # the store's host goes away without a word
+    time.sleep(3)
+    t0 = time.monotonic()
+    try:
+        g.allgather_bytes(b"late")
+    except EpcommTimeoutError as e:
+        raise AssertionError(f"a dead store reported as a timeout: {e}")
+    except EpcommError as e:
+        assert "store failed" in str(e) and "rank 0 of the job" in str(e), str(e)
+        assert time.monotonic() - t0 < 15
+    else:
+        raise AssertionError("allgather returned with the store's host gone")
+    return "dead store named"
+
+
+def test_torch_group_store_keys_survive_unused_groups_and_a_dead_store_is_named():
+    pytest.importorskip("torch.distributed")
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_entry, args=(_torch_store_worker, r, (port, 2), q), daemon=True) for r in range(2)]
+    for p in procs:
+        p.start()
+    reports = {}
+    deadline = time.monotonic() + 60
+    while 1 not in reports and time.monotonic() < deadline:
+        try:
+            rank, status, detail = q.get(timeout=0.5)
+            reports[rank] = (status, detail)
+        except queue_mod.Empty:
+            if not procs[1].is_alive():
+                break
+    for p in procs:
+        p.join(5)
+        if p.is_alive():
+            p.kill()
+    # rank 0 leaves with os._exit (no report); rank 1 reports what it saw
+    assert 0 not in reports, reports[0]
+    assert reports.get(1) == ("ok", "dead store named"), reports
+
+
 def test_torch_group_names_a_missing_rank_within_its_timeout():
     pytest.importorskip("torch.distributed")
     res = _run_ranks(_torch_missing_peer_worker, 3, (_free_port(), 3), timeout=60)

@@ -247,17 +247,28 @@ def test_cache_list_and_clear_touch_only_epcomm_files(cache_dir, capsys):
     mine.write_text("keep me")
     theirs = path.parent / "README"
     theirs.write_text("keep me too")
+    other_tool = cache.cache_root() / "models"       # another tool's directory with a .bin
+    other_tool.mkdir()
+    (other_tool / "model.bin").write_bytes(b"weights")
+    (cache.cache_root() / "empty_dir_of_theirs").mkdir()
+    outside = cache.cache_root().parent / "outside"
+    outside.mkdir()
+    (outside / ("a" * 64 + ".bin")).write_bytes(b"not under the cache")
+    (cache.cache_root() / "link").symlink_to(outside)  # never followed
     assert main(["cache", "list"]) == 0
     out = capsys.readouterr().out
     assert spec.label() in out and "sm_90" in out and "corrupt" in out and "2 entries" in out
     locks = list((path.parent / "locks").glob("*.lock"))
     assert locks, "a build leaves its lock file"
-    with cache.key_lock("other", "held"):              # a build in progress keeps its lock
+    held = "b" * 64
+    with cache.key_lock("other", held):                # a build in progress keeps its lock
         assert main(["cache", "clear"]) == 0
-        assert (cache.cache_root() / "other" / "locks" / "held.lock").exists()
+        assert (cache.cache_root() / "other" / "locks" / f"{held}.lock").exists()
     out = capsys.readouterr().out
     assert out.startswith(f"removed {2 + 1 + len(locks)} files")
     assert not path.exists() and not bad.exists() and not stale_tmp.exists()
     assert fresh_tmp.exists() and mine.read_text() == "keep me" and theirs.exists()
+    assert (other_tool / "model.bin").read_bytes() == b"weights" and (cache.cache_root() / "empty_dir_of_theirs").is_dir()
+    assert (outside / ("a" * 64 + ".bin")).exists()
     assert not any(p.exists() for p in locks)
     assert compiler.build(spec, "sm_90").cached is False   # a clean miss after clearing

@@ -116,6 +116,13 @@ def test_example_world_runs_one_rank_per_gpu_or_shares_under_the_knob(monkeypatc
     assert [spawn.device_of(r) for r in range(want)] == [r % int(gpus) for r in range(want)]
 
 
+@pytest.mark.parametrize("gpus, divides, want", [("8", 16, 8), ("7", 16, 4), ("6", 16, 4), ("3", 64, 2), ("5", 64, 4)])
+def test_example_world_keeps_the_expert_count_divisible(monkeypatch, gpus, divides, want):
+    monkeypatch.setenv("EPCOMM_VISIBLE_GPUS", gpus)
+    monkeypatch.setenv("EPCOMM_SHARE_GPU", "0")
+    assert spawn.example_world(2, divides=divides) == want
+
+
 @pytest.mark.parametrize("gpus, min_ranks, words", [("0", 2, "needs an NVIDIA GPU"), ("1", 2, "EPCOMM_SHARE_GPU=1"),
                                                      ("2", 4, "4 ranks but 2 GPUs are visible")])
 def test_example_world_says_what_is_missing(monkeypatch, gpus, min_ranks, words):

@@ -16,6 +16,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import struct
 import tempfile
 import time
@@ -119,79 +120,108 @@ def key_lock(family: str, key: str):
 
 
 def cache_size_bytes() -> tuple[int, int]:
-    """(number of entries, total bytes) under the cache root."""
-    root = cache_root()
+    """(number of entries, total bytes) under the cache root (files named like entries; not read)."""
     n = total = 0
-    if root.is_dir():
-        for p in root.rglob("*.bin"):
-            with contextlib.suppress(OSError):
-                total += p.stat().st_size
-                n += 1
+    for d in _families(cache_root()):
+        for p in d.iterdir():
+            if _KEY_BIN.match(p.name) and _is_file(p):
+                with contextlib.suppress(OSError):
+                    total += p.stat().st_size
+                    n += 1
     return n, total
 
 
+_KEY_BIN = re.compile(r"^[0-9a-f]{64}\.bin$")
+_KEY_TMP = re.compile(r"^[0-9a-f]{64}\.bin\..+\.tmp$")
+_KEY_LOCK = re.compile(r"^[0-9a-f]{64}\.lock$")
+
+
+def _is_file(p: Path) -> bool:
+    return p.is_file() and not p.is_symlink()
+
+
 def _families(root: Path):
-    # Only epcomm's own layout (<root>/<family>/<key>.bin, locks/, temp files) is touched: the
-    # root may be a directory the user shares with other things.
-    if not root.is_dir():
+    # Only epcomm's own layout is touched (<root>/<family>/<64-hex key>.bin, its temp files and
+    # locks/<key>.lock): the root may be a directory the user shares with other things.
+    if not root.is_dir() or root.is_symlink():
         return
     for d in sorted(root.iterdir()):
         if d.is_dir() and not d.is_symlink():
             yield d
 
 
-def list_entries() -> list[tuple[Path, dict | None]]:
-    """Every entry file under the cache root with its header, or None for an unreadable or
-    corrupt one (which a build treats as a miss)."""
+def list_entries() -> list[tuple[Path, dict | None, int]]:
+    """Every entry file under the cache root (named by its 64-hex key) with its header, or None
+    for an unreadable or corrupt one (which a build treats as a miss), and its size."""
     out = []
     for d in _families(cache_root()):
-        for p in sorted(d.glob("*.bin")):
+        for p in sorted(d.iterdir()):
+            if not (_KEY_BIN.match(p.name) and _is_file(p)):
+                continue
+            try:
+                size = p.stat().st_size
+            except OSError:
+                continue  # removed meanwhile
             ent = read_entry(p, p.stem)
-            out.append((p, ent.meta if ent is not None else None))
+            out.append((p, ent.meta if ent is not None else None, size))
     return out
 
 
 def clear() -> tuple[int, int]:
     """Remove every entry, every temp file left by an interrupted publish (older than ten
-    minutes) and every lock that no process holds.  Returns (files removed, bytes freed).  Files epcomm did not name
-    are left alone.  Safe while other processes build: a build that loses its entry compiles
-    again, and publishing is atomic either way."""
+    minutes) and every lock that no process holds.  Returns (files removed, bytes freed).  Only
+    files named like epcomm's (a 64-hex key) are touched, never through a symlink, and a
+    directory is removed only when it held epcomm's files and is now empty.  Safe while other
+    processes build: a build that loses its entry compiles again, and publishing is atomic."""
     n = freed = 0
 
-    def rm(p: Path) -> None:
+    def rm(p: Path) -> bool:
         nonlocal n, freed
-        with contextlib.suppress(OSError):
+        try:
             size = p.stat().st_size
             p.unlink()
-            n += 1
-            freed += size
+        except OSError:
+            return False
+        n += 1
+        freed += size
+        return True
 
     now = time.time()
     for d in _families(cache_root()):
-        for p in d.glob("*.bin"):
-            rm(p)
-        for p in d.glob("*.bin.*.tmp"):
-            # a fresh one may be a publish in progress in another process
-            with contextlib.suppress(OSError):
-                if now - p.stat().st_mtime > 600:
-                    rm(p)
+        ours = False
+        for p in list(d.iterdir()):
+            if not _is_file(p):
+                continue
+            if _KEY_BIN.match(p.name):
+                ours |= rm(p)
+            elif _KEY_TMP.match(p.name):
+                # a fresh one may be a publish in progress in another process
+                with contextlib.suppress(OSError):
+                    if now - p.stat().st_mtime > 600:
+                        ours |= rm(p)
         locks = d / "locks"
-        for p in (locks.glob("*.lock") if locks.is_dir() else ()):
-            try:
-                fd = os.open(p, os.O_RDWR)
-            except OSError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:  # held by a build in progress
-                os.close(fd)
-                continue
-            try:
-                rm(p)
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-                os.close(fd)
-        for sub in (locks, d):
+        if locks.is_dir() and not locks.is_symlink():
+            for p in list(locks.iterdir()):
+                if not (_KEY_LOCK.match(p.name) and _is_file(p)):
+                    continue
+                try:
+                    fd = os.open(p, os.O_RDWR)
+                except OSError:
+                    continue
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:  # held by a build in progress
+                    os.close(fd)
+                    continue
+                try:
+                    ours |= rm(p)
+                finally:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                    os.close(fd)
+            if ours:
+                with contextlib.suppress(OSError):
+                    locks.rmdir()  # only if empty
+        if ours:
             with contextlib.suppress(OSError):
-                sub.rmdir()  # only if empty
+                d.rmdir()  # only if empty
     return n, freed
