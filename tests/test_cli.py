@@ -82,7 +82,7 @@ def test_a_malformed_knob_is_one_error_before_any_compile(tmp_path):
 def test_selftest_checks_the_gpu_count_before_spawning(tmp_path):
     env = dict(os.environ, EPCOMM_CACHE_DIR=str(tmp_path / "c"), EPCOMM_VISIBLE_GPUS="1")
     for args, words in ((["--gpus", "2"], "--gpus 2: 1 GPU(s) visible"), (["--gpus", "-1"], "--gpus -1: 1 GPU(s)"),
-                        ([], "needs 2 or more GPUs; 1 visible")):
+                        ([], "needs 2 or more GPUs (or one with EPCOMM_SHARE_GPU=1); 1 visible")):
         r = _run(["selftest", *args], env)
         assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
 
