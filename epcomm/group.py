@@ -377,10 +377,11 @@ class JaxGroup:
                 raise RuntimeError("JaxGroup: JAX's distributed runtime is not initialized "
                                    "(call jax.distributed.initialize first)")
         self.client = client
-        # Each group of a process gets its own key space ("epcomm/<n>": the n-th JaxGroup made
-        # here; ranks make them in the same order, as they create Buffers collectively), so a
+        # Each group of a process gets its own key space ("epcomm/<n>": the n-th JaxGroup used
+        # here; ranks use them in the same order, as they create Buffers collectively), so a
         # normal-mode and a low-latency Buffer of one job do not collide in the key-value store.
-        self.prefix = prefix if prefix is not None else f"epcomm/{next(_JAX_GROUPS)}"
+        # Taken at the first collective: a group made and never used on one rank shifts nothing.
+        self.prefix: str | None = prefix
         self.timeout_s = timeout_s
         self.rank = int(jax.process_index())
         self.size = int(jax.process_count())
@@ -414,6 +415,8 @@ class JaxGroup:
             return False
 
     def _next(self) -> int:
+        if self.prefix is None:
+            self.prefix = f"epcomm/{next(_JAX_GROUPS)}"
         seq = self._seq
         self._seq += 1
         return seq
