@@ -116,6 +116,12 @@ CUDA_HOME = _knob("EPCOMM_CUDA_HOME", "", _str,
 TIMEOUT_S = _knob("EPCOMM_TIMEOUT_S", 100.0, _parse_float,
                   "Seconds a kernel or the host waits for a peer before raising EpcommTimeoutError "
                   "(names the rank, phase and channel that stalled).")
+GROUP_TIMEOUT_S = _knob("EPCOMM_GROUP_TIMEOUT_S", 600.0, _parse_float,
+                        "Seconds a process-group exchange (a Buffer's set-up and teardown, through "
+                        "torch.distributed's store, JAX's key-value store or a shared directory) waits "
+                        "for every rank before raising EpcommTimeoutError naming the missing ones; "
+                        "longer than EPCOMM_TIMEOUT_S because ranks may reach the set-up minutes apart "
+                        "(model loading).")
 COMPILE_JOBS = _knob("EPCOMM_COMPILE_JOBS", 0, _parse_int,
                      "Parallel compile processes for `epcomm warmup` when -j is not given; 0 = CPU count.")
 LL_FORCE_NVSHMEM_PUT = _knob("EPCOMM_LL_FORCE_NVSHMEM_PUT", False, _parse_bool,

@@ -93,7 +93,7 @@ def _timeout_s(timeout_s: float | None) -> float:
     if timeout_s is not None:
         return float(timeout_s)
     from epcomm import envs
-    return float(envs.TIMEOUT_S.get())
+    return float(envs.GROUP_TIMEOUT_S.get())
 
 
 def _timeout_error(rank: int, phase: str, missing: list[int], timeout_s: float,
@@ -148,13 +148,15 @@ class TorchGroup:
     ``pg=None`` means the default group.  The bytes travel through the job's store (the
     TCPStore or FileStore that ``init_process_group`` set up), not through the backend: no
     communicator is created for them, no GPU is involved, and every wait is bounded by
-    ``timeout_s`` (default ``EPCOMM_TIMEOUT_S``): a rank that never arrives makes the others
+    ``timeout_s`` (default ``EPCOMM_GROUP_TIMEOUT_S``): a rank that never arrives makes the others
     raise EpcommTimeoutError naming it, instead of waiting for torch's process-group timeout
-    (10 to 30 minutes).  Keys are ``epcomm/torch/<group>/<n>/<round>/<rank>``, ``<n>``
-    counting the TorchGroups made in this process for the same ranks (ranks make them in the
-    same order, as they create Buffers collectively); each rank deletes its keys once every
-    rank has read them.  Where torch offers no default store (a private torch API; other
-    versions), the object collectives are used, bounded by torch's own timeout.
+    (10 to 30 minutes; NCCL's watchdog may abort the process instead).  Keys are
+    ``epcomm/torch/<group>/<n>/<round>/<rank>``, ``<n>`` counting the TorchGroups of the same
+    ranks used in this process (taken at the first collective; ranks use them in the same
+    order, as they create Buffers collectively); each rank deletes its keys once every rank
+    has read them.  Where torch offers no usable default store (a private torch API; the MPI
+    backend's placeholder), the object collectives are used, bounded by torch's own timeout.
+    A store that fails (its host exited) raises EpcommError saying so.
 
     Raises RuntimeError if torch.distributed is not initialized, ValueError if this
     process is not a member of ``pg``.
@@ -362,7 +364,7 @@ class JaxGroup:
     ``DistributedRuntimeClient``).  ``rank = jax.process_index()``, ``size =
     jax.process_count()``.  Keys are ``f"{prefix}/{seq}/{rank}"`` with ``seq`` counting
     this group's collectives, so two groups alive at once in one job must use different
-    ``prefix`` values.  Waits are bounded by ``timeout_s`` (default ``EPCOMM_TIMEOUT_S``);
+    ``prefix`` values.  Waits are bounded by ``timeout_s`` (default ``EPCOMM_GROUP_TIMEOUT_S``);
     on expiry EpcommTimeoutError is raised naming the ranks that did not arrive.
 
     Raises RuntimeError if the distributed runtime is not initialized.
@@ -512,7 +514,7 @@ class FileGroup:
     unique to this job: files left by an earlier job would be read as this job's data
     (the constructor refuses a directory that already holds a file of this rank).
 
-    Every wait is bounded by ``timeout_s`` (default ``EPCOMM_TIMEOUT_S``); on expiry
+    Every wait is bounded by ``timeout_s`` (default ``EPCOMM_GROUP_TIMEOUT_S``); on expiry
     :class:`~epcomm.errors.EpcommTimeoutError` names this rank, the phase (e.g.
     ``"group allgather round 3"``) and the ranks that did not arrive.
     """

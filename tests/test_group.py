@@ -151,7 +151,8 @@ def test_file_group_timeout_names_rank_round_and_missing(tmp_path):
 
 
 def test_file_group_broadcast_timeout_and_env_default(tmp_path, monkeypatch):
-    monkeypatch.setenv("EPCOMM_TIMEOUT_S", "0.2")
+    monkeypatch.setenv("EPCOMM_GROUP_TIMEOUT_S", "0.2")
+    monkeypatch.setenv("EPCOMM_TIMEOUT_S", "1000")  # the kernels' timeout: not the groups'
     g = FileGroup(tmp_path, 0, 3)
     with pytest.raises(EpcommTimeoutError) as ei:
         g.broadcast_bytes(None, root=2)
