@@ -165,6 +165,10 @@ TEST_RANKS = _knob("EPCOMM_TEST_RANKS", 0, _parse_int,
 TEST_TIMEOUT = _knob("EPCOMM_TEST_TIMEOUT", 480.0, _parse_float,
                      "GPU tests: seconds one multi-rank spawn may take before it is ended and the "
                      "ranks still running are named.")
+TEST_LOG_DIR = _knob("EPCOMM_TEST_LOG_DIR", "", _str,
+                     "GPU tests: a directory where each multi-rank spawn's failures are written as "
+                     "soon as the spawn ends (they survive a pytest killed by an outer time limit).",
+                     "'' (off)")
 PROFILE = _knob("EPCOMM_PROFILE", False, _parse_bool,
                 "Kernels stamp each block's phases (globaltimer): normal mode for "
                 "Buffer.profile_stamps() and benchmarks/profile_normal.py, low-latency mode for "

@@ -73,6 +73,29 @@ def device_of(rank: int) -> int:
     return spawn.device_of(rank)
 
 
+def _log_spawn(name, args, ok, value) -> None:
+    """Write what went wrong in a spawn to EPCOMM_TEST_LOG_DIR at once: pytest reports failures
+    only at its end, which an outer time limit may never let it reach."""
+    import os
+
+    from epcomm import envs
+    d = envs.TEST_LOG_DIR.get()
+    if not d:
+        return
+    if ok:
+        bad = [f"rank {r} {k}: {v}" for r, res in enumerate(value if isinstance(value, list) else [])
+               if isinstance(res, dict) for k, v in res.items() if isinstance(v, str) and v != "ok"]
+        if not bad:
+            return
+        text = "\n".join(bad)
+    else:
+        text = f"{type(value).__name__}: {value}"
+    os.makedirs(d, exist_ok=True)
+    tag = "".join(c if c.isalnum() else "_" for c in f"{name}{args}")[:120]
+    with open(os.path.join(d, f"spawn-{tag}.txt"), "w") as f:
+        f.write(text + "\n")
+
+
 def run_once(fn):
     """Like functools.lru_cache, but also remembers an exception: the cases of one spawn are
     checked by many tests, and a spawn that failed (a rank crashed or timed out) must fail each
@@ -87,6 +110,7 @@ def run_once(fn):
                 memo[args] = (True, fn(*args))
             except Exception as e:  # noqa: BLE001 - re-raised below, for every caller
                 memo[args] = (False, e)
+            _log_spawn(fn.__name__, args, *memo[args])
         ok, value = memo[args]
         if not ok:
             raise value
