@@ -572,7 +572,9 @@ class Buffer:
 
         Returns ``(recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list,
         handle, event)`` with ``recv_x`` in the form of ``x``, rows ordered by source rank, then
-        source token index.  In the CPU-synchronised path the outputs are usually row views of
+        source token index; the count list counts top-k slots (a row naming a local expert
+        twice counts twice, as in DeepEP), and with ``num_worst_tokens`` the padding rows of
+        ``recv_x`` and its scales are unwritten.  In the CPU-synchronised path the outputs are usually row views of
         an allocation made before the counts were known (up to EPCOMM_RECV_SPECULATION more rows
         than the largest of the last four receives of this shape; its extra rows are never
         written).  Raises ValueError/TypeError for bad input (before any launch),

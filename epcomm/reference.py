@@ -233,7 +233,8 @@ class DispatchResult:
         recv_topk_idx: int64 [rows, K] with local expert indices (-1 elsewhere), or None
             without topk_idx.
         recv_topk_weights: float32 [rows, K], or None without topk_weights.
-        num_recv_tokens_per_expert_list: L Python ints (rows per local expert, rounded up to
+        num_recv_tokens_per_expert_list: L Python ints (received top-k slots naming each local
+            expert, i.e. rows, a row naming an expert twice counting twice; rounded up to
             expert_alignment); empty without topk_idx or with num_worst_tokens.
         handle: the :class:`DispatchHandle` for :func:`combine`.
     """
@@ -262,7 +263,9 @@ def dispatch(x, num_experts, *, topk_idx=None, topk_weights=None, x_scales=None,
             may be given but must equal the routing derived from topk_idx.
         expert_alignment: >= 1; each per-expert count is rounded up to a multiple of it.
         num_worst_tokens: if > 0, every output has exactly this many rows: the M real rows,
-            then padding (zeros for x and scales, -1 for indices, 0 for weights).
+            then padding (-1 for indices and source indices, 0 for weights; x and scales are
+            zeros here, but the kernels leave those padding rows unwritten, as DeepEP does:
+            their contents are unspecified).
 
     On destination d, received rows are ordered by source rank, then by source token index.
     Data and scales are copied bit for bit.  recv_topk_idx keeps e - d*L for the experts of
@@ -372,11 +375,10 @@ def dispatch(x, num_experts, *, topk_idx=None, topk_weights=None, x_scales=None,
             if w is not None:
                 recv_w = np.where(keep, raw_w, _F32(0)).astype(_F32)
             if not worst:
-                # A row counts once per local expert, even if its top-k names that expert twice.
-                hit = np.zeros((M, L), dtype=bool)
-                rr, kk = np.nonzero(keep[:M])
-                hit[rr, recv_idx[rr, kk]] = True
-                per_expert = hit.sum(axis=0, dtype=_I64)
+                # Per top-k slot, as get_dispatch_layout counts num_tokens_per_expert (which the
+                # kernel sums over sources) and as DeepEP does: a row naming a local expert twice
+                # counts twice.
+                per_expert = np.bincount(recv_idx[:M][keep[:M]], minlength=L).astype(_I64)
                 count_list = [int(c) for c in (per_expert + align - 1) // align * align]
 
         handle = DispatchHandle(rank_prefix=prefix.astype(_I32), send_pos=send_pos[d],
@@ -637,7 +639,8 @@ class LowLatencyHandle:
     """What one rank keeps from a low-latency dispatch.
 
     Attributes:
-        src_info: int32 [L, R*T]; source token index of every packed row, -1 past recv_count.
+        src_info: int32 [L, R*T]; source token index of every packed row, -1 past recv_count
+            (here; the GPU results are reused slots, unspecified past recv_count).
         layout_range: int32 [L, R, 2]; (begin, count) of the rows from source rank s inside
             local expert j.
         num_max_tokens: T.  num_experts: E.  hidden: H.
@@ -655,9 +658,11 @@ class LowLatencyDispatchResult:
     """One rank's output of :func:`low_latency_dispatch`.
 
     Attributes:
-        recv_x: [L, R*T, H], bfloat16, or float8_e4m3fn with use_fp8; rows past recv_count are 0.
+        recv_x: [L, R*T, H], bfloat16, or float8_e4m3fn with use_fp8; rows past recv_count are 0
+            here (unspecified on the GPU).
         recv_x_scales: float32 [L, R*T, H // 128] with use_fp8, int32 [L, R*T, ceil(H / 512)]
-            (packed UE8M0) with use_ue8m0, else None; rows past recv_count are 0.
+            (packed UE8M0) with use_ue8m0, else None; rows past recv_count are 0 here (unspecified
+            on the GPU).
         recv_count: int32 [L], rows received per local expert.
         handle: the :class:`LowLatencyHandle` for :func:`low_latency_combine`.
     """

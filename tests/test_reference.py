@@ -942,3 +942,20 @@ def test_ll_combine_rejects_handles_of_another_hidden_size():
     bad = [hs[0], dataclasses.replace(hs[1], hidden=256)]
     with pytest.raises(ValueError, match=r"handles\[1\]"):
         ref.low_latency_combine(y, idx, w, bad)
+
+
+@pytest.mark.parametrize("align", [1, 4])
+def test_dispatch_count_list_counts_top_k_slots_like_the_layout(align):
+    # A row naming a local expert twice counts twice: the kernel sums the layout's
+    # num_tokens_per_expert (per slot) over the sources, as DeepEP does.
+    E, R, H = 8, 2, 128
+    tk = [np.array([[0, 0, 5, -1], [1, 2, 3, 4]]), np.array([[4, 4, 4, 1]])]
+    xs = [np.zeros((len(t), H), dtype=ml_dtypes.bfloat16) for t in tk]
+    res = ref.dispatch(xs, E, topk_idx=tk, expert_alignment=align)
+    lays = [ref.get_dispatch_layout(t, E, R) for t in tk]
+    L = E // R
+    for d in range(R):
+        want = sum(lay.num_tokens_per_expert[d * L:(d + 1) * L] for lay in lays)
+        want = (want + align - 1) // align * align
+        assert res[d].num_recv_tokens_per_expert_list == [int(c) for c in want]
+    assert res[1].num_recv_tokens_per_expert_list[:2] == ([4, 1] if align == 1 else [4, 4])
