@@ -123,3 +123,31 @@ def check_topk_indices(obj, framework: str, num_experts: int, name: str = "topk_
         if t is not None:
             raise ValueError(f"{name} row {t} lists the same expert twice; each expert may appear once per token "
                              f"(-1 marks unused slots)")
+
+
+def index_copy(obj, framework: str):
+    """A private copy of an index array (the caller may change its own in place later)."""
+    if framework == "torch":
+        return obj.clone()
+    if framework == "cupy":
+        return obj.copy()
+    if framework == "jax":
+        return obj  # immutable
+    import numpy as np
+    return np.array(obj, copy=True)
+
+
+def same_indices(a, b, framework: str) -> bool:
+    """Whether two index arrays of one framework hold the same values (any integer widths; a
+    GPU sync)."""
+    if framework == "torch":
+        import torch
+        return a.shape == b.shape and bool(torch.equal(a.to(torch.int64), b.to(torch.int64)))
+    if framework == "cupy":
+        import cupy
+        return bool(cupy.array_equal(a, b))
+    if framework == "jax":
+        import jax.numpy as jnp
+        return bool(jnp.array_equal(a, b))
+    import numpy as np
+    return bool(np.array_equal(np.asarray(a), np.asarray(b)))

@@ -14,7 +14,7 @@ import itertools
 from dataclasses import dataclass, field
 
 from . import _cuda, envs, interop
-from ._validate import check_bool, check_event, check_int, check_topk_indices
+from ._validate import check_bool, check_event, check_int, check_topk_indices, index_copy, same_indices
 from .errors import BufferStateError
 from .event import EventOverlap
 from .jit import loader
@@ -383,6 +383,9 @@ class LowLatencyState:
             caller, stream = self._stream_for(fw, async_finish, previous_event, caller_work=tr.widened)
             capturing = _cuda.stream_is_capturing(caller)
             check_topk_indices(tr.obj, fw, E, capturing=capturing, unique=True, previous_event=previous_event)
+            # With the check on, the combine compares its top-k with this one (a copy: callers
+            # may change theirs in place, e.g. to mask an expert, which this combine cannot do).
+            topk_copy = index_copy(tr.obj, fw) if envs.CHECK_INDICES.get() and not capturing else None
             res = self._results[slot]
             key = (fw, T, H, E, bool(use_fp8), bool(use_ue8m0))
             if res is None or res.key != key or fw == "jax":
@@ -432,7 +435,8 @@ class LowLatencyState:
         handle = LowLatencyHandle(slot, gen, fw, T, H, E, Kt, N, vsrc, vrange,
                                   refs={"count": res.count[1], "range": res.layout_range[1],
                                         "src_info": res.src_info[1], "src_k": res.src_k[1],
-                                        "tok_rows": res.tok_rows[1], "tok_meta": res.tok_meta[1], "keep": res})
+                                        "tok_rows": res.tok_rows[1], "tok_meta": res.tok_meta[1], "keep": res,
+                                        "topk": topk_copy})
         hook = None
         if return_recv_hook:
             def hook(_p=p, _stream=stream, _slot=slot, _mod=mod, _grid=recv_blocks, _smem=smem):
@@ -578,8 +582,15 @@ class LowLatencyState:
             caller, stream = self._stream_for(fw, async_finish, previous_event, caller_work=tr.widened)
             # The same indices as the dispatch's: a repeated or out-of-range one would garble
             # the token's sum (one device sync; EPCOMM_CHECK_INDICES=0 skips it).
-            check_topk_indices(tr.obj, fw, E, capturing=_cuda.stream_is_capturing(caller), unique=True,
-                               previous_event=previous_event)
+            capturing = _cuda.stream_is_capturing(caller)
+            check_topk_indices(tr.obj, fw, E, capturing=capturing, unique=True, previous_event=previous_event)
+            sent = handle.refs.get("topk")
+            if (sent is not None and envs.CHECK_INDICES.get() and not capturing
+                    and not same_indices(tr.obj, sent, fw)):
+                raise ValueError("topk_idx: differs from the dispatch's that made this handle; the combine "
+                                 "must get the same expert indices (its partial sums and rows were routed by "
+                                 "them). To drop an expert's contribution, give it weight 0 instead "
+                                 "(EPCOMM_CHECK_INDICES=1 checks this; it costs a device sync)")
             if o is None:
                 out_obj, o = self.empty(fw, (N, H), "bfloat16")
             else:

@@ -363,3 +363,24 @@ def test_dispatch_shared_memory_holds_a_count_per_group_and_an_entry_and_k_per_s
     for R, T in ((1, 1), (2, 128), (8, 256), (64, 1)):
         slots = R * T
         assert K.dispatch_smem_bytes(R, T) >= 4 * R * ((T + 31) // 32) + 4 * slots + slots
+
+
+def test_combine_refuses_top_k_other_than_the_dispatch_s(rig, monkeypatch):
+    b, st = rig.buffer()
+    x, topk, w = _inputs()
+    y = torch.zeros(E // 2, 2 * 8, H, dtype=torch.bfloat16)
+    h = b.low_latency_dispatch(x, topk, 8, E, use_fp8=False)[2]
+    topk[0, 0] = -1  # masked in place after the dispatch, as DeepEP code may do
+    n, before = len(rig.launches()), _state(st)
+    with pytest.raises(ValueError, match="differs from the dispatch's"):
+        b.low_latency_combine(y, topk, w, h)
+    assert len(rig.launches()) == n and _state(st) == before
+    topk[0, 0] = h.refs["topk"][0, 0]
+    b.low_latency_combine(y, topk.to(torch.int32), w, h)  # the same values in another width
+    # Without the host check nothing is kept or compared (production).
+    monkeypatch.setenv("EPCOMM_CHECK_INDICES", "0")
+    h2 = b.low_latency_dispatch(x, topk, 8, E, use_fp8=False)[2]
+    assert h2.refs.get("topk") is None
+    other = topk.clone()
+    other[0, 0] = -1
+    b.low_latency_combine(y, other, w, h2)
