@@ -365,8 +365,9 @@ class Buffer:
         _LIVE_BUFFERS.discard(self)
         with _cuda.on_device(self.device_id):
             try:
-                _cuda.stream_sync(self._stream)
-                _cuda.stream_sync(self._stream2)
+                # Every stream of the device: low-latency kernels usually run on the caller's
+                # streams, and a peer's still-queued one would write into memory freed below.
+                _cuda.device_sync()
             except Exception:
                 pass
             try:
@@ -717,7 +718,7 @@ class Buffer:
                 if itr is None or (tr is not None and ner is None):
                     num_nodes = 0
                     lay_outs = self._layout_on_comm(tr, E, num_nodes)
-                    keep.append(lay_outs)
+                    keep += [o[0] for o in lay_outs if o]  # the notify kernel reads them
                     if itr is None:
                         itr = lay_outs[3][1]
                     if ner is None:
@@ -846,10 +847,12 @@ class Buffer:
             _cuda.event_record(self._ev_recv, self._stream2)
             _cuda.stream_wait_event(self._stream, self._ev_recv)
             outs = [o[0] for o in (rx, rs, rti, rtw, rsrc) if o is not None]
+            # Everything the kernels read, kept alive and recorded on the comm streams: a cached
+            # dispatch reads the handle's tensors (autograd drops the handle right after the
+            # call), and notify reads the caller's num_tokens_per_expert.
             ins = [xr.obj, sr.obj if sr else None, tr.obj if tr else None, wr.obj if wr else None,
-                   tr.keepalive if tr else None]
-            if not cached:
-                ins += [rank_prefix_o, send_list_o, send_pos_o, send_count_o, itr_obj]
+                   tr.keepalive if tr else None, getattr(ner_ref, "obj", None),
+                   rank_prefix_o, send_list_o, send_pos_o, send_count_o, itr_obj]
             ev = self._finish(fw, caller, async_finish, outs, ins + keep)
             if not cached:
                 refs["recv_src_idx"] = rsrc[1]

@@ -690,7 +690,10 @@ class LowLatencyState:
         end = max([lay.comb_region_off] + [ly.comb_region_off for ly in self._layouts.values()])
         b = self.buf
         with _cuda.on_device(self.device_id):
-            _cuda.stream_sync(b._stream)
+            # The whole device, not only the comm stream: low-latency kernels usually run on the
+            # caller's streams, and one still queued there (here or, past the barrier, at a
+            # peer) would write flags and rows after they are zeroed.
+            _cuda.device_sync()
             b.group.barrier()
             # Flags, acknowledgements and the dispatch regions (whose message tags restart too).
             _cuda.memset_d8_async(self.heap, 0, end, b._stream)

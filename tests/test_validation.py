@@ -653,3 +653,31 @@ def test_fp8_hidden_size_not_a_multiple_of_128_raises_before_any_launch(rig):
     b.dispatch(torch.zeros(4, 2880, dtype=_BF), topk_idx=_IDX, num_experts=4)
     b.dispatch((torch.zeros(4, 2944, dtype=fp8), torch.ones(4, 23)), topk_idx=_IDX, num_experts=4)
     assert rig.launched().count("send") == 2
+
+
+def test_async_dispatch_keeps_everything_its_kernels_read(rig, monkeypatch):
+    from epcomm import reference
+    from epcomm.buffer import Buffer
+    from epcomm.event import EventOverlap
+    seen = []
+
+    def finish(self, fw, caller, async_finish, outputs, inputs):
+        seen.append(inputs)  # kept alive by the event and recorded on the comm streams
+        return EventOverlap(None, fw, 0)
+
+    b = rig.buffer()
+    h = _dispatch(b, topk_weights=torch.ones(4, 2))[4]
+    monkeypatch.setattr(Buffer, "_finish", finish)
+    x = torch.zeros(4, 128, dtype=_BF)
+    b.dispatch(x, handle=h, async_finish=True)
+    # a cached dispatch reads the handle's tensors (autograd drops the handle right after)
+    for t in (h.send_list, h.rank_prefix, h.send_count, h.send_pos, h.is_token_in_rank):
+        assert any(k is t for k in seen[-1])
+    lay = reference.get_dispatch_layout(_IDX.numpy(), 4, b.num_ranks)
+    ner = torch.from_numpy(lay.num_tokens_per_expert)
+    b.dispatch(x, topk_idx=_IDX, num_tokens_per_expert=ner, is_token_in_rank=torch.from_numpy(lay.is_token_in_rank),
+               num_tokens_per_rank=torch.from_numpy(lay.num_tokens_per_rank), num_worst_tokens=8, async_finish=True)
+    assert any(k is ner for k in seen[-1])  # notify reads it after the call returned
+    b.dispatch(x, topk_idx=_IDX, num_experts=4, num_worst_tokens=8, async_finish=True)
+    assert all(not isinstance(k, (list, tuple)) for k in seen[-1])  # its own layout's outputs, one by one
+    assert sum(isinstance(k, torch.Tensor) for k in seen[-1]) >= 8

@@ -68,6 +68,9 @@ class _Rig:
             def stream_wait_event(self, *a):
                 pass
 
+            def device_sync(self):
+                rig.log.append(("device_sync",))
+
             def event_create(self):
                 return 1
 
@@ -241,6 +244,8 @@ def test_clean_checks_its_shape_and_pending_hooks_before_the_collective(rig):
     b.clean_low_latency_buffer(8, H, E)
     heap_sets = [e[2] for e in rig.log if e[0] == "memset" and e[1] == st.heap]
     assert heap_sets == [K.HeapLayout.make(64, 1024, E, 2).comb_region_off]
+    # Kernels still queued on any stream (the caller's, usually) finish before the barrier.
+    assert rig.log.index(("device_sync",)) < rig.log.index(("barrier",))
     assert st._disp_gen == [2, 2] and not any(st._disp_pending)
 
 
