@@ -280,6 +280,16 @@ class LowLatencyState:
             _cuda.stream_wait_event(b._stream, b._ev_start)
         return caller, b._stream
 
+    def _order_caller_after(self, fw: str, stream: int) -> None:
+        """A hook's receive ran on epcomm's stream (the call had a previous_event): the caller's
+        current stream, where its results are read, waits for it, as the call's own event made
+        it wait for the send half."""
+        caller = interop.current_stream(fw, self.device_id)
+        if stream == caller:
+            return
+        _cuda.event_record(self.buf._ev_start, stream)
+        _cuda.stream_wait_event(caller, self.buf._ev_start)
+
     def _event(self, fw: str, caller: int, stream: int, async_finish: bool, refs=()) -> EventOverlap:
         """The call's event.  With ``async_finish`` the kernel still reads ``refs`` (TensorRefs of
         the inputs, e.g. an int32 topk_idx widened into a temporary) after the call returns:
@@ -445,6 +455,7 @@ class LowLatencyState:
                     raise BufferStateError("this dispatch's receive hook was already called")
                 with _cuda.on_device(self.device_id):
                     launch(_mod.fn("dispatch_recv"), _grid, K.THREADS, _stream, _p, smem=_smem)
+                    self._order_caller_after(fw, _stream)
                 self._disp_pending[_slot] = False
         recv_x = (vx, vscales) if use_fp8 else vx
         if (fw == "torch" and stats is None and not async_finish and not return_recv_hook and previous_event is None
@@ -629,6 +640,7 @@ class LowLatencyState:
                     raise BufferStateError("this combine's receive hook was already called")
                 with _cuda.on_device(self.device_id):
                     launch(_mod.fn("combine_recv"), _grid, K.THREADS, _stream, _p, smem=_smem)
+                    self._order_caller_after(fw, _stream)
                 self._comb_pending[_slot] = False
         if (fw == "torch" and not zero_copy and not async_finish and not return_recv_hook and previous_event is None
                 and tr.dtype == "int64" and tr.obj is topk_idx):

@@ -389,3 +389,27 @@ def test_combine_refuses_top_k_other_than_the_dispatch_s(rig, monkeypatch):
     other = topk.clone()
     other[0, 0] = -1
     b.low_latency_combine(y, other, w, h2)
+
+
+def test_a_hook_after_previous_event_orders_the_caller_after_the_receive(rig, monkeypatch):
+    b, st = rig.buffer()
+    calls = []
+    monkeypatch.setattr(LLm._cuda, "stream_wait_event", lambda s, e: calls.append(("wait", s, e)), raising=False)
+    monkeypatch.setattr(LLm._cuda, "event_record", lambda e, s: calls.append(("record", e, s)), raising=False)
+    monkeypatch.setattr(LLm, "launch", lambda fn, grid, threads, stream, p, smem=0, cooperative=False:
+                        calls.append(("launch", stream)))
+    monkeypatch.setenv("EPCOMM_CHECK_INDICES", "0")
+    x, topk, w = _inputs()
+    prev = EventOverlap(99, "torch", 0, owned=False)
+    _, _, h, _, hook = b.low_latency_dispatch(x, topk, 8, E, use_fp8=False, return_recv_hook=True,
+                                               previous_event=prev)
+    calls.clear()
+    hook()
+    # the receive runs on epcomm's stream (it followed the event), then the caller's stream waits
+    assert calls[0] == ("launch", b._stream)
+    assert calls[1] == ("record", b._ev_start, b._stream) and calls[2][0] == "wait" and calls[2][1] != b._stream
+    y = torch.zeros(E // 2, 2 * 8, H, dtype=torch.bfloat16)
+    _, _, chook = b.low_latency_combine(y, topk, w, h, return_recv_hook=True, previous_event=prev)
+    calls.clear()
+    chook()
+    assert calls[0] == ("launch", b._stream) and calls[2][0] == "wait" and calls[2][1] != b._stream
