@@ -33,6 +33,14 @@ def get_dispatch_layout(topk_idx, num_experts: int, num_ranks: int, *, num_ranks
     fw, dev = tr.framework, tr.device_id
     with _cuda.on_device(dev):
         s = interop.current_stream(fw, dev) if stream is None else int(stream)
+        widen_s = interop.current_stream("torch" if fw == "torch" else "cupy", dev) if tr.widened else s
+        if widen_s != s:
+            # An int32 top-k was widened on the current stream: the kernel on `stream` follows
+            # that copy (and the copy is kept until the kernel is done, below).
+            ev = _cuda.event_create()
+            _cuda.event_record(ev, widen_s)
+            _cuda.stream_wait_event(s, ev)
+            _cuda.event_destroy(ev)
         err = default_state(dev)
         err.check("get_dispatch_layout")
         check_topk_indices(tr.obj, fw, num_experts, capturing=_cuda.stream_is_capturing(s))
@@ -44,5 +52,7 @@ def get_dispatch_layout(topk_idx, num_experts: int, num_ranks: int, *, num_ranks
         in_o = mk((N, num_ranks), "bool")
         K_layout.launch_layout(s, dev, tr, num_experts, num_ranks, num_nodes, num_ranks_per_node, rank_o[1],
                                rdma_o[1] if rdma_o else None, exp_o[1], in_o[1], err.dev_ptr)
+        if widen_s != s:
+            _cuda.stream_sync(s)  # the widened copy (allocated on the current stream) may go now
     fin = lambda o: None if o is None else interop.finish(fw, o[0], s)  # noqa: E731
     return fin(rank_o), fin(rdma_o), fin(exp_o), fin(in_o)
