@@ -80,6 +80,19 @@ def _layout_worker(rank, world, group, shapes, frameworks):
         got = epcomm.get_dispatch_layout(interop.from_numpy(fw, ok32.astype(np.int32), "cuda", 0), 64, 8)
         if not np.array_equal(interop.to_numpy(got[2]), reference.get_dispatch_layout(ok32, 64, 8).num_tokens_per_expert):
             errs.append("int32 topk_idx gave wrong counts")
+        if fw == "torch":
+            # On an explicit stream that does not follow the current one: the kernel must still
+            # see the widened copy made on the current stream (queued behind a long sleep here).
+            side = torch.cuda.Stream()
+            t32 = torch.from_numpy(ok32.astype(np.int32)).cuda()
+            torch.cuda.synchronize()
+            torch.cuda._sleep(200_000_000)
+            got = epcomm.get_dispatch_layout(t32, 64, 8, stream=side.cuda_stream)
+            side.synchronize()
+            torch.cuda.synchronize()
+            if not np.array_equal(interop.to_numpy(got[2]),
+                                  reference.get_dispatch_layout(ok32, 64, 8).num_tokens_per_expert):
+                errs.append("int32 topk_idx on an explicit stream gave wrong counts")
         out[fw] = "ok" if not errs else "; ".join(errs)
     return out
 
