@@ -699,11 +699,13 @@ class Buffer:
         self._alloc_on_comm = bool(allocate_on_comm_stream)
         with _cuda.on_device(self.device_id):
             mod = loader.load(spec, self.device_id)
-            caller, capturing = self._begin(fw, previous_event, caller_work=tr is not None and tr.widened)
             worst = num_worst_tokens > 0
-            if capturing and not worst and not cached:
+            # Before _begin: it makes the comm stream wait for the caller's, which under capture
+            # joins it to the capture, and a capture left with a forked stream is lost.
+            if not worst and not cached and _cuda.stream_is_capturing(interop.current_stream(fw, self.device_id)):
                 raise ValueError("dispatch: CUDA-graph capture needs num_worst_tokens > 0 (or a handle): the "
                                  "default path synchronises with the CPU to size its outputs")
+            caller, capturing = self._begin(fw, previous_event, caller_work=tr is not None and tr.widened)
             if tr is not None:
                 check_topk_indices(tr.obj, fw, E, capturing=capturing, previous_event=previous_event)
             keep = []

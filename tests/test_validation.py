@@ -681,3 +681,16 @@ def test_async_dispatch_keeps_everything_its_kernels_read(rig, monkeypatch):
     b.dispatch(x, topk_idx=_IDX, num_experts=4, num_worst_tokens=8, async_finish=True)
     assert all(not isinstance(k, (list, tuple)) for k in seen[-1])  # its own layout's outputs, one by one
     assert sum(isinstance(k, torch.Tensor) for k in seen[-1]) >= 8
+
+
+def test_a_cpu_synchronised_dispatch_under_capture_raises_before_touching_any_stream(rig, monkeypatch):
+    from epcomm import _cuda
+    b = rig.buffer()
+    touched = []
+    monkeypatch.setattr(_cuda, "stream_is_capturing", lambda s: True)
+    monkeypatch.setattr(_cuda, "event_record", lambda *a: touched.append(("record", a)))
+    monkeypatch.setattr(_cuda, "stream_wait_event", lambda *a: touched.append(("wait", a)))
+    with pytest.raises(ValueError, match="capture needs num_worst_tokens"):
+        _dispatch(b)
+    # the comm stream never joined the caller's capture (a capture left forked is lost)
+    assert touched == []
