@@ -352,6 +352,10 @@ class LowLatencyState:
         xr = b._tensor(x, "x", dtype="bfloat16", ndim=2)
         N, H = xr.shape
         fw = xr.framework
+        if return_recv_hook and fw == "jax":
+            raise ValueError("return_recv_hook=True with JAX arrays: JAX has no stream that could be ordered "
+                             "after the hook's receive, so its outputs would be read before they are written; "
+                             "use the default (one call) or async_finish=True")
         T = check_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, lo=1)
         if N > T:
             raise ValueError(f"x: {N} tokens exceed num_max_dispatch_tokens_per_rank={T}")
@@ -569,6 +573,10 @@ class LowLatencyState:
         L = E // R
         xr = b._tensor(x, "x", dtype="bfloat16", ndim=3, shape=(L, R * T, H))
         fw = xr.framework
+        if return_recv_hook and fw == "jax":
+            raise ValueError("return_recv_hook=True with JAX arrays: JAX has no stream that could be ordered "
+                             "after the hook's receive, so its outputs would be read before they are written; "
+                             "use the default (one call) or async_finish=True")
         N = handle.num_tokens
         tr = b._tensor(topk_idx, "topk_idx", dtype="index", ndim=2, shape=(N, handle.num_topk), framework=fw,
                        previous_event=previous_event)

@@ -413,3 +413,14 @@ def test_a_hook_after_previous_event_orders_the_caller_after_the_receive(rig, mo
     calls.clear()
     chook()
     assert calls[0] == ("launch", b._stream) and calls[2][0] == "wait" and calls[2][1] != b._stream
+
+
+def test_hooks_are_refused_for_jax_arrays(rig):
+    jnp = pytest.importorskip("jax.numpy")
+    b, st = rig.buffer()
+    x, topk, _ = _inputs()
+    before = _state(st)
+    with pytest.raises(ValueError, match="return_recv_hook=True with JAX arrays"):
+        b.low_latency_dispatch(jnp.zeros((4, H), dtype=jnp.bfloat16), jnp.asarray(topk.numpy()), 8, E,
+                               use_fp8=False, return_recv_hook=True)
+    assert _state(st) == before and rig.launches() == []
