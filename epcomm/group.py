@@ -106,6 +106,24 @@ def _timeout_error(rank: int, phase: str, missing: list[int], timeout_s: float,
     return EpcommTimeoutError(msg, rank=rank, phase=phase, peer=missing[0] if missing else -1)
 
 
+def _delete_keys_before(own_keys: list[tuple[int, str]], seq: int, delete) -> list[tuple[int, str]]:
+    """Delete this rank's keys of rounds before ``seq`` with ``delete(key)``; return the rest.
+
+    Called once a collective that every rank writes into (allgather) or enters (barrier) at
+    round ``seq`` completed: that proves every rank finished reading all earlier rounds.
+    """
+    keep = []
+    for s, key in own_keys:
+        if s < seq:
+            try:
+                delete(key)
+            except Exception:
+                pass  # best effort: a leftover key only costs the store's memory
+        else:
+            keep.append((s, key))
+    return keep
+
+
 def _is_group(obj: Any) -> bool:
     return (isinstance(getattr(obj, "rank", None), int)
             and isinstance(getattr(obj, "size", None), int)
@@ -241,18 +259,7 @@ class TorchGroup:
             raise _timeout_error(self.rank, phase, missing, timeout, cause) from e
 
     def _collect_garbage(self, seq: int) -> None:
-        # every rank has written round `seq` (allgather, barrier), so all of them finished
-        # reading the rounds before it
-        keep = []
-        for s, key in self._own_keys:
-            if s < seq:
-                try:
-                    self._store.delete_key(key)
-                except Exception:
-                    pass  # best effort: a leftover key only costs store memory
-            else:
-                keep.append((s, key))
-        self._own_keys = keep
+        self._own_keys = _delete_keys_before(self._own_keys, seq, self._store.delete_key)
 
     def _next(self) -> int:
         if self._store is not None and self.prefix is None:
@@ -441,18 +448,7 @@ class JaxGroup:
         return out
 
     def _collect_garbage(self, seq: int) -> None:
-        # completing a collective that every rank writes into (allgather) or enters
-        # (barrier) at round `seq` proves every rank has finished all rounds < seq
-        keep = []
-        for s, key in self._own_keys:
-            if s < seq:
-                try:
-                    self.client.key_value_delete(key)
-                except Exception:
-                    pass  # best effort: a leftover key only costs coordinator memory
-            else:
-                keep.append((s, key))
-        self._own_keys = keep
+        self._own_keys = _delete_keys_before(self._own_keys, seq, self.client.key_value_delete)
 
     def allgather_bytes(self, data: bytes) -> list[bytes]:
         """Return every rank's ``data``, indexed by process index.

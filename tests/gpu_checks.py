@@ -3,7 +3,9 @@ rank counts the tests spawn and their skip markers (never an error at collection
 cannot run skips, saying why), bit-exact comparisons."""
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 
 import numpy as np
 import pytest
@@ -94,6 +96,24 @@ def _log_spawn(name, args, ok, value) -> None:
     tag = "".join(c if c.isalnum() else "_" for c in f"{name}{args}")[:120]
     with open(os.path.join(d, f"spawn-{tag}.txt"), "w") as f:
         f.write(text + "\n")
+
+
+@contextlib.contextmanager
+def env_var(name: str, value: str | None):
+    """Set (or, with None, leave untouched) one environment variable inside the block, then
+    restore it as it was."""
+    if value is None:
+        yield
+        return
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 def run_once(fn):

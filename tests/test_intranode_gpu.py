@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 
 from epcomm import envs, spawn
-from gpu_checks import (assert_bits as _assert_bits, assert_every_rank_ok, device_of, needs_ranks,
+from gpu_checks import (env_var, assert_bits as _assert_bits, assert_every_rank_ok, device_of, needs_ranks,
                         normal_ranks as _world, random_job, run_once, to_np as _np)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.multigpu]
@@ -297,15 +297,8 @@ def _run_case(rank, world, buf, case):
         # With the host index check on, the call waits on the host for previous_event before
         # reading topk_idx, so by the launch every late input is ready and the case would prove
         # nothing about the kernels' ordering: it runs with the check off (indices are valid).
-        old = os.environ.get("EPCOMM_CHECK_INDICES")
-        os.environ["EPCOMM_CHECK_INDICES"] = "0"
-        try:
+        with env_var("EPCOMM_CHECK_INDICES", "0"):
             return _run_case_body(rank, world, buf, case, up, ins, me, E, H, fw, async_, _Late(rank))
-        finally:
-            if old is None:
-                os.environ.pop("EPCOMM_CHECK_INDICES", None)
-            else:
-                os.environ["EPCOMM_CHECK_INDICES"] = old
     return _run_case_body(rank, world, buf, case, up, ins, me, E, H, fw, async_, None)
 
 

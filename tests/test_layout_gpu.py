@@ -87,16 +87,9 @@ def _layout_worker(rank, world, group, shapes, frameworks):
             t32 = torch.from_numpy(ok32.astype(np.int32)).cuda()
             torch.cuda.synchronize()
             torch.cuda._sleep(200_000_000)
-            import os
-            old = os.environ.get("EPCOMM_CHECK_INDICES")
-            os.environ["EPCOMM_CHECK_INDICES"] = "0"  # the host check would wait for the sleep
-            try:
+            from gpu_checks import env_var
+            with env_var("EPCOMM_CHECK_INDICES", "0"):  # the host check would wait for the sleep
                 got = epcomm.get_dispatch_layout(t32, 64, 8, stream=side.cuda_stream)
-            finally:
-                if old is None:
-                    os.environ.pop("EPCOMM_CHECK_INDICES", None)
-                else:
-                    os.environ["EPCOMM_CHECK_INDICES"] = old
             side.synchronize()
             torch.cuda.synchronize()
             if not np.array_equal(interop.to_numpy(got[2]),

@@ -36,15 +36,13 @@ store, or an NVSHMEM put to itself), so an ``-R1`` pass says nothing about peers
 """
 from __future__ import annotations
 
-import contextlib
 import zlib
-import os
 
 import numpy as np
 import pytest
 
 from epcomm import envs, spawn
-from gpu_checks import (assert_bits as _assert_bits, assert_every_rank_ok, device_of, ll_ranks as _world,
+from gpu_checks import (env_var, assert_bits as _assert_bits, assert_every_rank_ok, device_of, ll_ranks as _world,
                         needs_ll_ranks, needs_two_ll_ranks, run_once, to_np as _np)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.multigpu]
@@ -133,22 +131,11 @@ def _late(t):
     return late, EventOverlap(e, "torch", torch.cuda.current_device())
 
 
-@contextlib.contextmanager
 def _host_index_check_off(on=True):
     """EPCOMM_CHECK_INDICES=0 around one previous_event call (``on``): with the check on, the
     host reads the indices, first waiting for previous_event (the indices may be written on the
     stream it orders), so by the launch the input is ready and the ordering test says nothing."""
-    old = os.environ.get("EPCOMM_CHECK_INDICES")
-    if on:
-        os.environ["EPCOMM_CHECK_INDICES"] = "0"
-    try:
-        yield
-    finally:
-        if on:
-            if old is None:
-                os.environ.pop("EPCOMM_CHECK_INDICES", None)
-            else:
-                os.environ["EPCOMM_CHECK_INDICES"] = old
+    return env_var("EPCOMM_CHECK_INDICES", "0" if on else None)
 
 
 def _assert_pending(what, ev, async_):
