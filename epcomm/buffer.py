@@ -439,9 +439,14 @@ class Buffer:
         an int32 top-k widened to int64); returns (caller stream, capturing)."""
         caller = interop.current_stream(fw, self.device_id)
         capturing = _cuda.stream_is_capturing(caller)
-        if previous_event is not None and previous_event.event is not None:
+        waited = previous_event is not None and previous_event.event is not None
+        if waited:
             _cuda.stream_wait_event(self._stream, previous_event.event)
-        if previous_event is None or previous_event.event is None or caller_work:
+        # Under capture, a previous_event recorded before the capture began orders nothing
+        # in the graph, and the comm stream would stay outside the capture: the kernel would
+        # run once, now, and be missing from every replay.  Joining the caller's stream
+        # brings the comm stream into the capture.
+        if not waited or caller_work or (capturing and not _cuda.stream_is_capturing(self._stream)):
             _cuda.event_record(self._ev_start, caller)
             _cuda.stream_wait_event(self._stream, self._ev_start)
         return caller, capturing

@@ -163,7 +163,8 @@ class LowLatencyState:
         self._disp_gen = [0, 0]
         self._disp_pending = [False, False]
         self._comb_pending = [False, False]
-        self._results: list[_Results | None] = [None, None]
+        self._results: list[_Results | None] = [None, None]   # each slot's latest dispatch's
+        self._kept: dict = {}   # (slot, results key) -> _Results, for every shape used (not JAX's)
         self._layouts: dict = {}
         self._coop_limit: dict = {}
         self._smem_ok: set = set()
@@ -266,19 +267,13 @@ class LowLatencyState:
         return n
 
     def _stream_for(self, fw: str, async_finish: bool, previous_event, caller_work: bool = False) -> tuple[int, int]:
-        """(caller stream, kernel stream).  With ``previous_event`` the kernel stream waits only
-        for it, unless ``caller_work`` (this call queued work on the caller's stream: an int32
-        top-k widened to int64)."""
-        caller = interop.current_stream(fw, self.device_id)
+        """(caller stream, kernel stream): the caller's own, or with ``async_finish`` or
+        ``previous_event`` the comm stream, ordered as in Buffer._begin."""
         if not async_finish and previous_event is None:
+            caller = interop.current_stream(fw, self.device_id)
             return caller, caller
-        b = self.buf
-        if previous_event is not None and previous_event.event is not None:
-            _cuda.stream_wait_event(b._stream, previous_event.event)
-        if previous_event is None or previous_event.event is None or caller_work:
-            _cuda.event_record(b._ev_start, caller)
-            _cuda.stream_wait_event(b._stream, b._ev_start)
-        return caller, b._stream
+        caller, _ = self.buf._begin(fw, previous_event, caller_work)
+        return caller, self.buf._stream
 
     def _order_caller_after(self, fw: str, stream: int) -> None:
         """A hook's receive ran on epcomm's stream (the call had a previous_event): the caller's
@@ -334,7 +329,8 @@ class LowLatencyState:
         (or int32 [E/R, R*T, ceil(H/512)] with UE8M0) stored column-major in the last two dims.
         Rows of local expert j: ``[0, recv_count[j])``, ordered by source rank then source token.
         The results are views of this buffer's double-buffered storage: valid until the second
-        next dispatch.  ``hook`` is None unless ``return_recv_hook``.  CUDA-graph capturable.
+        next dispatch.  Each (slot, framework, shape, dtype) keeps its storage for the buffer's
+        life, so graphs captured with different shapes stay replayable.  ``hook`` is None unless ``return_recv_hook``.  CUDA-graph capturable.
         """
         if (self._torch is not None and cumulative_local_expert_recv_stats is None and not async_finish
                 and not return_recv_hook and previous_event is None):
@@ -402,14 +398,17 @@ class LowLatencyState:
             topk_copy = index_copy(tr.obj, fw) if envs.CHECK_INDICES.get() and not capturing else None
             res = self._results[slot]
             key = (fw, T, H, E, bool(use_fp8), bool(use_ue8m0))
-            if res is None or res.key != key or fw == "jax":
-                if res is not None:
-                    # Plans that point into the replaced results go; the other slot's stay, so
-                    # with a new shape the fast paths serve every call from the third on.
-                    gone = id(res)
-                    self._plans = {k: v for k, v in self._plans.items()
-                                   if not ((k[0] == "d" and k[-1] == slot) or (k[0] == "c" and k[-1] == gone))}
+            if fw == "jax":
+                # JAX arrays are immutable once handed out: every dispatch gets new storage.
                 res = self._results[slot] = _Results(self, fw, T, H, E, bool(use_fp8), bool(use_ue8m0))
+            elif res is None or res.key != key:
+                # The results of every shape stay with the buffer: a CUDA graph captured with
+                # another shape writes into them at every replay, and its prepared plans stay
+                # valid.  Memory: one set per (slot, framework, shape, dtype) ever used.
+                res = self._kept.get((slot, key))
+                if res is None:
+                    res = self._kept[(slot, key)] = _Results(self, fw, T, H, E, bool(use_fp8), bool(use_ue8m0))
+                self._results[slot] = res
             p = self._params(lay, slot)
             p.x, p.topk_idx = xr.ptr, tr.ptr
             p.recv_x = res.x[1].ptr
@@ -462,8 +461,10 @@ class LowLatencyState:
                     self._order_caller_after(fw, _stream)
                 self._disp_pending[_slot] = False
         recv_x = (vx, vscales) if use_fp8 else vx
+        # Not while the results are still to be zeroed (a capture's memset runs only at replay):
+        # the fast path skips that.
         if (fw == "torch" and stats is None and not async_finish and not return_recv_hook and previous_event is None
-                and tr.dtype == "int64" and tr.obj is topk_idx):
+                and tr.dtype == "int64" and tr.obj is topk_idx and not res.fresh):
             self._enable_fast_paths()
             p.check_shape = 0  # launched already; the plan's later launches need no check
             self._plans[("d", N, H, Kt, T, E, bool(use_fp8), bool(round_scale), bool(use_ue8m0), slot)] = _Plan(
@@ -505,6 +506,7 @@ class LowLatencyState:
         self.fast_calls += 1
         gen = self._disp_gen[slot] = self._disp_gen[slot] + 1
         recv_x, vcount, vsrc, vrange, refs = plan.out
+        self._results[slot] = refs["keep"]  # the slot may have served another shape since
         handle = LowLatencyHandle(slot, gen, "torch", T, xs[1], E, ts[1], xs[0], vsrc, vrange, refs=refs)
         return recv_x, vcount, handle, self._no_event, None
 
@@ -721,9 +723,8 @@ class LowLatencyState:
             _cuda.stream_sync(b._stream)
             b.group.barrier()
             # Dispatch tags restart: the combine records of earlier dispatches could match them.
-            for res in self._results:
-                if res is not None:
-                    _cuda.memset_d8_async(res.tok_meta[1].ptr, 0, res.tok_meta[1].nbytes, b._stream)
+            for res in {id(r): r for r in (*self._results, *self._kept.values()) if r is not None}.values():
+                _cuda.memset_d8_async(res.tok_meta[1].ptr, 0, res.tok_meta[1].nbytes, b._stream)
             _cuda.stream_sync(b._stream)
         self._disp_slot = self._comb_slot = 0
         # Handles of earlier dispatches refer to records just erased: combines with them raise.

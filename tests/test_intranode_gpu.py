@@ -681,7 +681,8 @@ def _graph_worker(rank, world, group):
 
     * BF16: layout, dispatch (num_worst_tokens), combine with weights and a bias passed as the
       pair (b, None), and a cached dispatch of new data through the captured handle;
-    * FP8 with column-major scales and no weights: layout, dispatch, unweighted combine.
+    * FP8 with column-major scales and no weights: layout (async, its previous_event recorded
+      before the capture), dispatch (after the layout's event), unweighted combine.
 
     Before every replay the graphs' outputs are filled with 0x7F bytes (a replay writes into the
     tensors of the capture; an unwritten element, a padding row's -1 / 0 / -1 included, shows), so
@@ -695,6 +696,8 @@ def _graph_worker(rank, world, group):
 
     import epcomm
     from epcomm import reference
+    from epcomm._cuda import event_create, event_record
+    from epcomm.event import EventOverlap
     from epcomm.testing import random_topk
     torch.cuda.set_device(device_of(rank))
     N, H, E, K = 512, 4096, 64, 8
@@ -722,10 +725,14 @@ def _graph_worker(rank, world, group):
         c2 = buf.dispatch((sx.float() * -0.5).to(torch.bfloat16), handle=h)[0]
         outs.update(rx=rx, rt=rt, rw=rw, o=o, ow=ow, src=h.recv_src_idx, c2=c2, rp=h.rank_prefix, sp=h.send_pos)
 
-    def fbody():
-        ntr, _, nte, itr, _ = buf.get_dispatch_layout(ft, E)
+    def fbody(pre=None):
+        # pre: an event recorded before the capture, as the layout's previous_event (DeepEP's
+        # chain: layout async, the dispatch after the layout's event).  It orders nothing inside
+        # the graph, and the layout must still be captured, not run once at capture time.
+        ntr, _, nte, itr, lev = buf.get_dispatch_layout(ft, E, previous_event=pre, async_finish=pre is not None)
         (rq, rs), rt, _, _, h, _ = buf.dispatch((fq, fs.T), num_tokens_per_rank=ntr, is_token_in_rank=itr,
-                                                num_tokens_per_expert=nte, topk_idx=ft, num_worst_tokens=worst)
+                                                num_tokens_per_expert=nte, topk_idx=ft, num_worst_tokens=worst,
+                                                previous_event=lev if pre is not None else None)
         o, _, _ = buf.combine((rq.float() * 2.0).to(torch.bfloat16), h)
         fouts.update(rq=rq, rs=rs, rt=rt, o=o, src=h.recv_src_idx)
 
@@ -733,14 +740,19 @@ def _graph_worker(rank, world, group):
     for name, fn in (("bf16", body), ("fp8", fbody)):
         spawn.phase(f"graph warmup {name}")
         s.wait_stream(torch.cuda.current_stream())  # the static inputs were made on the current stream
+        args = ()
+        if fn is fbody:
+            pre = EventOverlap(event_create(), "torch", torch.cuda.current_device())
+            event_record(pre.event, s.cuda_stream)
+            args = (pre,)
         with torch.cuda.stream(s):
-            fn()
+            fn(*args)
         torch.cuda.synchronize()
         group.barrier()
         spawn.phase(f"graph capture {name}")
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, stream=s):
-            fn()
+            fn(*args)
         torch.cuda.synchronize()
         group.barrier()
         graphs.append(g)

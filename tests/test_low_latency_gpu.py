@@ -99,8 +99,12 @@ def _poison_slot(ll, slot):
     caller's stream, which every later kernel of the slot follows (the previous_event test
     orders its side stream after it too).  Safe: the fast-path plans keep pointing at the same
     tensors, and tok_rows/tok_meta/src_k (the combine's records, not outputs) stay untouched."""
+    _poison_results(ll._results[slot])
+
+
+def _poison_results(res):
+    """_poison_slot's fill, of one results object (e.g. a captured graph's)."""
     import torch
-    res = ll._results[slot]
     if res is None or res.key[0] != "torch":
         return
     for a, byte in ((res.x, 0x7F), (res.scales, 0xFF), (res.count, 0x7F), (res.src_info, 0x7F),
@@ -340,13 +344,16 @@ def _overlap(rank, world, group, buf):
     """Two micro-batches in flight with hooks (twice: fresh slots, then both poisoned), then a
     bf16 CUDA graph replayed 4 times with new routing and two eager dispatch+combine rounds
     between replays 1 and 2 (one in each slot: the graph's results are reused and its tags
-    move on), then an FP8 graph (round_scale + UE8M0) replayed twice.  Every dispatch output
-    (counts, ranges, source indices, rows, scales) and every combine is compared.  Returns the
-    failures."""
+    move on), then an FP8 graph (round_scale + UE8M0) replayed in turn with the bf16 one (whose
+    results another dtype's dispatches must not free), then a graph whose dispatch's
+    previous_event was recorded before the capture.  Every dispatch output (counts, ranges,
+    source indices, rows, scales) and every combine is compared.  Returns the failures."""
     import ml_dtypes
     import torch
 
     from epcomm import reference
+    from epcomm._cuda import event_create, event_record
+    from epcomm.event import EventOverlap
     from epcomm.testing import random_bf16, random_topk, random_weights
     T, H, E, K = OVERLAP["T"], OVERLAP["H"], OVERLAP["E"], OVERLAP["K"]
     L = E // world
@@ -422,45 +429,59 @@ def _overlap(rank, world, group, buf):
     s = torch.cuda.Stream()
     holder = {}
 
-    def body(kw):
-        rx, cnt, h, _, _ = buf.low_latency_dispatch(sx, st, T, E, **kw)
-        holder.update(rx=rx, cnt=cnt, h=h, o=buf.low_latency_combine(expert(rx, cnt), st, sw, h)[0])
+    def body(kw, pre=None):
+        """pre: an event recorded before the capture, as the dispatch's previous_event; the
+        combine then gets one recorded inside it, after the expert (its only input)."""
+        rx, cnt, h, _, _ = buf.low_latency_dispatch(sx, st, T, E, previous_event=pre, **kw)
+        y = expert(rx, cnt)
+        cev = None
+        if pre is not None:
+            cev = EventOverlap(event_create(), "torch", torch.cuda.current_device())
+            event_record(cev.event, torch.cuda.current_stream().cuda_stream)
+        holder.update(rx=rx, cnt=cnt, h=h, o=buf.low_latency_combine(y, st, sw, h, previous_event=cev)[0])
 
-    def capture(kw):
+    def capture(kw, pre=False):
         spawn.phase("graph capture")
         # s must follow the current stream, where sx/st/sw were made and filled (torch's side
         # streams do not wait for it): without this, st's fill could still be pending when a
         # warm-up reads it, which once made one rank's host index check see poison and stop
         # while its peer's dispatch waited for it.
         s.wait_stream(torch.cuda.current_stream())
+        ev = None
+        if pre:
+            # Recorded before the capture: it orders nothing in the graph, and the kernels must
+            # still be captured (not run once, now, on a comm stream left outside the capture).
+            ev = EventOverlap(event_create(), "torch", torch.cuda.current_device())
+            event_record(ev.event, s.cuda_stream)
         with torch.cuda.stream(s):
-            body(kw)
-            body(kw)
+            body(kw, ev)
+            body(kw, ev)
         torch.cuda.synchronize()
         group.barrier()
         slot = ll._disp_slot  # the slot the graph's dispatch writes at every replay
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, stream=s):
-            body(kw)
+            body(kw, ev)
         torch.cuda.synchronize()
         group.barrier()
-        return g, slot
+        return g, slot, dict(holder)
 
-    def replay(g, slot, seed, what, fp8):
+    def replay(g, slot, seed, what, fp8, hold=None):
         spawn.phase(what)
+        hold = holder if hold is None else hold
         inputs = data(seed)
         xs, tks, ws = inputs
         sx.copy_(_up(xs[rank])); st.copy_(_up(tks[rank])); sw.copy_(_up(ws[rank]))
-        _poison_slot(ll, slot)
-        holder["o"].view(torch.int16).fill_(0x7F7F)
+        _poison_results(hold["h"].refs["keep"])
+        hold["o"].view(torch.int16).fill_(0x7F7F)
         torch.cuda.synchronize()
         group.barrier()
         g.replay()
         torch.cuda.synchronize()
-        check(what, inputs, holder["rx"], holder["cnt"], holder["h"], holder["o"], fp8=fp8)
+        check(what, inputs, hold["rx"], hold["cnt"], hold["h"], hold["o"], fp8=fp8)
         group.barrier()
 
-    g, slot = capture(dict(use_fp8=False))
+    g, slot, hold16 = capture(dict(use_fp8=False))
     for it in range(4):
         if it == 2:
             # Eager rounds between replays, one per slot: the second reuses the graph's results
@@ -477,14 +498,19 @@ def _overlap(rank, world, group, buf):
                 check(f"eager round {e} between replays", inputs, rx, cnt, h, o)
                 group.barrier()
         replay(g, slot, 100 + it, f"graph replay {it}", False)
-    # The FP8 warm-up replaces both slots' results (another dtype): the bf16 graph, whose
-    # kernels point into them, must never run again.
-    del g
-    holder.clear()
-    g, slot = capture(fp8kw)
+    # The FP8 dispatches use other results (another dtype); the bf16 graph's stay with the
+    # buffer, so both graphs replay in turn.  Then a graph whose dispatch's previous_event was
+    # recorded before the capture.
+    g8, slot8, hold8 = capture(fp8kw)
     for it in range(2):
-        replay(g, slot, 200 + it, f"fp8 graph replay {it}", True)
-    del g
+        replay(g8, slot8, 200 + it, f"fp8 graph replay {it}", True, hold8)
+        replay(g, slot, 400 + it, f"bf16 graph replay {it} after the fp8 capture", False, hold16)
+    gp, slotp, holdp = capture(dict(use_fp8=False), pre=True)
+    for it in range(2):
+        replay(gp, slotp, 500 + it, f"replay {it} of a graph captured with an earlier previous_event", False,
+               holdp)
+    replay(g8, slot8, 600, "fp8 graph replay after the previous_event graph", True, hold8)
+    del g, g8, gp
     return fails
 
 

@@ -15,6 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from epcomm import interop  # noqa: E402
+from epcomm import buffer as Bm  # noqa: E402
 from epcomm import low_latency as LLm  # noqa: E402
 from epcomm.buffer import Buffer  # noqa: E402
 from epcomm.errors import BufferStateError  # noqa: E402
@@ -46,6 +47,9 @@ class _Rig:
 
     def __init__(self, monkeypatch):
         self.log = []
+        self.capturing = set()      # streams in a CUDA-graph capture
+        self.recorded_on = {}       # event -> stream it was last recorded on
+        self.launch_streams = []    # (stream, capturing) of each launch
         rig = self
 
         class _Cuda:
@@ -54,7 +58,7 @@ class _Rig:
                 yield
 
             def stream_is_capturing(self, s):
-                return False
+                return s in rig.capturing
 
             def memset_d8_async(self, ptr, value, nbytes, stream):
                 rig.log.append(("memset", ptr, nbytes))
@@ -62,11 +66,13 @@ class _Rig:
             def stream_sync(self, *a):
                 pass
 
-            def event_record(self, *a):
-                pass
+            def event_record(self, ev, s):
+                rig.recorded_on[ev] = s
 
-            def stream_wait_event(self, *a):
-                pass
+            def stream_wait_event(self, s, ev):
+                # CUDA's rule: a stream that waits for an event recorded in a capture joins it.
+                if rig.recorded_on.get(ev) in rig.capturing:
+                    rig.capturing.add(s)
 
             def device_sync(self):
                 rig.log.append(("device_sync",))
@@ -76,13 +82,16 @@ class _Rig:
 
         def launch(fn, grid, threads, stream, p, smem=0, cooperative=False):
             rig.log.append(("launch", fn))
+            rig.launch_streams.append((stream, stream in rig.capturing))
 
         def wrap_pointer(fw, ptr, shape, dtype, device_type="cuda", device_id=0, owner=None):
             return torch.zeros(shape, dtype=torch.bfloat16)
 
         cpu_arrays_as_cuda(monkeypatch)
         monkeypatch.setattr(interop, "wrap_pointer", wrap_pointer)
-        monkeypatch.setattr(LLm, "_cuda", _Cuda())
+        cuda = _Cuda()
+        monkeypatch.setattr(LLm, "_cuda", cuda)
+        monkeypatch.setattr(Bm, "_cuda", cuda)  # Buffer._begin orders the comm stream
         monkeypatch.setattr(LLm, "launch", launch)
         monkeypatch.setattr(LLm.loader, "load", lambda spec, dev: FakeModule())
         monkeypatch.setattr(LowLatencyState, "_allow_smem", lambda self, *a: None)
@@ -107,6 +116,7 @@ class _Rig:
         st._disp_slot = st._comb_slot = 0
         st._disp_gen, st._disp_pending, st._comb_pending = [0, 0], [False, False], [False, False]
         st._results, st._layouts, st._coop_limit, st._smem_ok = [None, None], {}, {}, set()
+        st._kept = {}
         st._plans, st._torch, st._tdev, st._get_device = {}, None, None, None
         st._no_event, st.fast_calls, st._shapes_checked = EventOverlap(None, "torch", 0), 0, set()
         b._ll = st
@@ -424,3 +434,70 @@ def test_hooks_are_refused_for_jax_arrays(rig):
         b.low_latency_dispatch(jnp.zeros((4, H), dtype=jnp.bfloat16), jnp.asarray(topk.numpy()), 8, E,
                                use_fp8=False, return_recv_hook=True)
     assert _state(st) == before and rig.launches() == []
+
+
+def test_a_previous_event_from_before_a_capture_still_brings_the_comm_stream_into_it(rig, monkeypatch):
+    """The event orders nothing inside the graph; the comm stream must join the capture through
+    the caller's stream, or the kernel runs once now and is missing from every replay."""
+    b, st = rig.buffer()
+    monkeypatch.setenv("EPCOMM_CHECK_INDICES", "0")
+    # async_finish's event would tell torch's allocator about the comm stream (needs CUDA)
+    monkeypatch.setattr(LowLatencyState, "_event", lambda self, fw, *a: EventOverlap(None, fw, 0))
+    x, topk, w = _inputs()
+    rig.recorded_on[55] = 3  # recorded on some stream before the capture began
+    prev = EventOverlap(55, "torch", 0, owned=False)
+    rig.capturing.add(0)      # the caller's stream (cpu_arrays_as_cuda: stream 0) is capturing
+    _, _, h, _, _ = b.low_latency_dispatch(x, topk, 8, E, use_fp8=False, async_finish=True, previous_event=prev)
+    assert rig.launch_streams[-1] == (b._stream, True)
+    rig.capturing.discard(b._stream)  # the capture ended (the comm stream rejoined the caller)
+    y = torch.zeros(E // 2, 2 * 8, H, dtype=torch.bfloat16)
+    b.low_latency_combine(y, topk, w, h, async_finish=True, previous_event=prev)
+    assert rig.launch_streams[-1] == (b._stream, True)
+    # Outside a capture the event alone orders the comm stream (no wait for the caller's).
+    rig.capturing.clear()
+    b.low_latency_dispatch(x, topk, 8, E, use_fp8=False, async_finish=True, previous_event=prev)
+    assert rig.launch_streams[-1] == (b._stream, False)
+    rig.capturing.add(3)  # an event recorded inside the capture: the comm stream joins through it
+    rig.capturing.add(0)
+    st._disp_pending = [False, False]
+    b._begin("torch", prev)
+    assert b._stream in rig.capturing
+
+
+def test_results_of_every_shape_stay_with_the_buffer(rig):
+    """A graph captured with one shape writes into that shape's results at every replay: a
+    dispatch of another shape in the same slot must not free them."""
+    b, st = rig.buffer()
+    x, topk, _ = _inputs()
+    b.low_latency_dispatch(x, topk, 8, E, use_fp8=False)          # slot 0, bf16
+    first = st._results[0]
+    b.low_latency_dispatch(x, topk, 8, E, use_fp8=False)          # slot 1
+    b.low_latency_dispatch(x, topk, 8, E, use_fp8=True)           # slot 0, another dtype
+    assert st._results[0] is not first and st._kept[(0, first.key)] is first
+    b.low_latency_dispatch(x, topk, 8, E, use_fp8=False)          # slot 1 again: same storage
+    h = b.low_latency_dispatch(x, topk, 8, E, use_fp8=False)[2]   # slot 0: the first results again
+    assert st._results[0] is first and h.refs["keep"] is first
+    assert len(st._kept) == 3
+    # clean_low_latency_buffer zeroes the combine records of every kept set (message tags restart).
+    rig.log.clear()
+    b.clean_low_latency_buffer(8, H, E)
+    zeroed = {e[1] for e in rig.log if e[0] == "memset"}
+    assert all(r.tok_meta[1].ptr in zeroed for r in st._kept.values())
+
+
+def test_a_dispatch_captured_first_leaves_no_fast_path_that_skips_zeroing(rig, monkeypatch):
+    """The first dispatch into new results zeroes their combine records; under capture that
+    memset runs only at replay, so the next eager call must take the full path and zero them."""
+    b, st = rig.buffer()
+    monkeypatch.setenv("EPCOMM_CHECK_INDICES", "0")
+    x, topk, _ = _inputs()
+    rig.capturing.add(0)
+    b.low_latency_dispatch(x, topk, 8, E, use_fp8=False)
+    res = st._results[0]
+    assert res.fresh and st._plans == {}
+    rig.capturing.clear()
+    b.low_latency_dispatch(x, topk, 8, E, use_fp8=False)  # slot 1
+    rig.log.clear()
+    b.low_latency_dispatch(x, topk, 8, E, use_fp8=False)  # slot 0, eager: zeroes, then plans
+    assert ("memset", res.tok_meta[1].ptr, res.tok_meta[1].nbytes) in rig.log
+    assert not res.fresh and any(k[0] == "d" and k[-1] == 0 for k in st._plans)
