@@ -38,6 +38,18 @@ _LIVE_BUFFERS: "weakref.WeakSet[Buffer]" = weakref.WeakSet()
 # later Buffer after this one is collected, so a stale handle cannot pass for one of its own.
 _BUFFER_SERIALS = itertools.count(1)
 
+# Comm streams of destroyed Buffers, per device, for the next Buffer.  Never destroyed: torch's
+# allocator records an event on every stream a tensor was record_stream()ed on (async_finish
+# does that with the comm streams) when the tensor is freed, which may be after the Buffer is
+# gone; on a destroyed stream that fails inside a destructor and aborts the process.
+_SPARE_STREAMS: dict[int, list[int]] = {}
+
+
+def _take_stream(device: int) -> int:
+    spare = _SPARE_STREAMS.get(device)
+    return spare.pop() if spare else _cuda.stream_create()
+
+
 @atexit.register
 def _destroy_all() -> None:  # pragma: no cover - exercised at interpreter exit
     for b in list(_LIVE_BUFFERS):
@@ -216,8 +228,8 @@ class Buffer:
         self._intra: _IntraState | None = None
         self._ll = None
         with _cuda.on_device(device):
-            self._stream = _cuda.stream_create()
-            self._stream2 = _cuda.stream_create()
+            self._stream = _take_stream(device)
+            self._stream2 = _take_stream(device)
             self._ev_start = _cuda.event_create()
             self._ev_mid = _cuda.event_create()
             self._ev_recv = _cuda.event_create()
@@ -388,11 +400,7 @@ class Buffer:
                     _cuda.event_destroy(ev)
                 except Exception:
                     pass
-            for s in (self._stream, self._stream2):
-                try:
-                    _cuda.stream_destroy(s)
-                except Exception:
-                    pass
+            _SPARE_STREAMS.setdefault(self.device_id, []).extend((self._stream, self._stream2))
             self._err.free()
 
     def __del__(self):  # pragma: no cover - depends on GC timing

@@ -23,6 +23,7 @@ which runs 2 ranks on a single GPU (correctness only: their kernels take turns).
 """
 from __future__ import annotations
 
+import gc
 import time
 import zlib
 import os
@@ -847,7 +848,18 @@ def _graph_worker(rank, world, group):
                 fails.append(f"eager call after replay 1: {e}")
             torch.cuda.synchronize()
             group.barrier()
+    # Tensors that async_finish recorded on the comm streams outlive the Buffer: torch records an
+    # event on those streams when it frees them, which must not fail (it would abort the process
+    # from a destructor).  Then the graphs' tensors go too.
+    spawn.phase("free tensors after destroy")
+    kept = buf.get_dispatch_layout(st, E, async_finish=True)
+    kept[4].current_stream_wait()
     buf.destroy()
+    del kept, g, fg, graphs
+    outs.clear()
+    fouts.clear()
+    gc.collect()
+    torch.cuda.synchronize()
     return fails
 
 

@@ -694,3 +694,28 @@ def test_a_cpu_synchronised_dispatch_under_capture_raises_before_touching_any_st
         _dispatch(b)
     # the comm stream never joined the caller's capture (a capture left forked is lost)
     assert touched == []
+
+
+def test_destroy_keeps_the_comm_streams_for_the_next_buffer(monkeypatch):
+    """torch records an event on every stream a freed tensor was record_stream()ed on, and
+    async_finish records the caller's tensors on the comm streams: those may be freed after
+    destroy(), so the streams must stay valid (a later Buffer of the device reuses them)."""
+    import contextlib
+
+    from epcomm import _cuda
+    from epcomm import buffer as B
+    made, destroyed = [], []
+    for name, fn in (("on_device", lambda d: contextlib.nullcontext()), ("device_sync", lambda: None),
+                     ("event_destroy", lambda *a: None), ("stream_destroy", destroyed.append),
+                     ("stream_create", lambda *a: made.append(100 + len(made)) or made[-1])):
+        monkeypatch.setattr(_cuda, name, fn)
+    monkeypatch.setattr(B, "_SPARE_STREAMS", {})
+    b = _fake_buffer(normal=False)
+    b._stream, b._stream2 = B._take_stream(0), B._take_stream(0)
+    b._ev_start = b._ev_mid = b._ev_recv = 0
+    b._err.free = lambda: None
+    b.group = type("G", (), {"barrier": lambda self: None})()
+    b.destroy()
+    assert destroyed == [] and sorted(B._SPARE_STREAMS[0]) == [100, 101]
+    assert {B._take_stream(0), B._take_stream(0)} == {100, 101} and made == [100, 101]
+    assert B._take_stream(0) == 102 and B._take_stream(1) == 103
