@@ -719,3 +719,36 @@ def test_destroy_keeps_the_comm_streams_for_the_next_buffer(monkeypatch):
     assert destroyed == [] and sorted(B._SPARE_STREAMS[0]) == [100, 101]
     assert {B._take_stream(0), B._take_stream(0)} == {100, 101} and made == [100, 101]
     assert B._take_stream(0) == 102 and B._take_stream(1) == 103
+
+
+def test_a_dropped_pending_event_keeps_its_arrays_until_the_operation_finished(monkeypatch):
+    """CuPy's and JAX's allocators do not know the comm stream reads an async call's inputs:
+    dropping the EventOverlap early must not free them before the kernel is done."""
+    import gc
+    import weakref
+
+    from epcomm import _cuda
+    from epcomm import event as E_
+    done, destroyed = set(), []
+    monkeypatch.setattr(_cuda, "event_query", lambda e: e in done)
+    monkeypatch.setattr(_cuda, "event_destroy", destroyed.append)
+    monkeypatch.setattr(E_, "_DEFERRED", [])
+
+    class Arr:
+        pass
+
+    a, b = Arr(), Arr()
+    wa, wb = weakref.ref(a), weakref.ref(b)
+    e7 = E_.EventOverlap(7, "cupy", 0, extra=[a])
+    e8 = E_.EventOverlap(8, "cupy", 0, extra=[b])
+    done.add(8)  # 8 finished before it was dropped: destroyed at once
+    del a, b, e7, e8
+    gc.collect()
+    assert wa() is not None and wb() is None and destroyed == [8]
+    e9 = E_.EventOverlap(9, "cupy", 0, extra=[])   # another async call: 7 still pending
+    assert wa() is not None and destroyed == [8] and E_._DEFERRED[0][0] == 7
+    done.add(7)
+    e10 = E_.EventOverlap(10, "cupy", 0, extra=[])
+    gc.collect()
+    assert wa() is None and destroyed == [8, 7] and E_._DEFERRED == []
+    del e9, e10
