@@ -72,6 +72,13 @@ def cmd_warmup(a) -> int:
     if envs.DISABLE_CACHE.get():
         print("epcomm warmup: EPCOMM_DISABLE_CACHE is set, so nothing is kept: the kernels are "
               "compiled to check them, and compiled again at first use", file=sys.stderr)
+    else:
+        from .jit import cache
+        why = cache.unwritable_reason()
+        if why is not None:
+            # Compiling for minutes to keep nothing (e.g. in an image build) is worse than failing.
+            raise ValueError(f"the JIT cache {cache.cache_root()} cannot be written ({why}): warmup would "
+                             "keep nothing; set EPCOMM_CACHE_DIR to a writable directory")
     jobs = a.jobs or envs.COMPILE_JOBS.get() or os.cpu_count() or 1
     jobs = max(1, min(jobs, len(specs)))
     print(f"epcomm warmup: {len(specs)} specializations for {arch}, {jobs} parallel job(s), "

@@ -94,3 +94,13 @@ def test_info_columns_do_not_run_together(tmp_path):
         name = line.split()[0] if line.split() else ""
         if name.startswith(("nvidia-", "cuda-", "cupy-", "nvshmem4py")):
             assert len(line.split()) >= 2, line
+
+
+def test_warmup_fails_at_once_when_the_cache_cannot_be_written(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")  # a file where the cache directory should go
+    env = dict(os.environ, EPCOMM_CACHE_DIR=str(blocker / "c"))
+    t0 = time.perf_counter()
+    r = _run(["warmup", "--mode", "low-latency", "--dtype", "bf16", "--arch", "sm_90", "-j", "1"], env)
+    assert r.returncode == 2 and "cannot be written" in r.stderr and "EPCOMM_CACHE_DIR" in r.stderr, r
+    assert "compiled" not in r.stdout and time.perf_counter() - t0 < 60

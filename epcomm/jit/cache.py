@@ -7,7 +7,8 @@ processes (e.g. 8 ranks starting together) compile a key once: the others wait o
 then read the published entry.  A truncated or corrupt entry (bad magic, bad header, payload
 hash mismatch, or a header naming another key: a file copied or renamed into place) is treated
 as a miss and overwritten.  A cache directory that cannot be written is no error either: the
-compiler then keeps the module in memory (compiler.build warns once).
+compiler then keeps the module in memory (compiler.build warns once); only `epcomm warmup`,
+whose purpose is to fill the cache, refuses to run.
 """
 from __future__ import annotations
 
@@ -117,6 +118,20 @@ def key_lock(family: str, key: str):
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def unwritable_reason() -> str | None:
+    """Why entries cannot be published under the cache root (the OSError's text), or None if a
+    file can be created there."""
+    root = cache_root()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".probe.", suffix=".tmp", dir=root)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        return str(e)
+    return None
 
 
 def cache_size_bytes() -> tuple[int, int]:
