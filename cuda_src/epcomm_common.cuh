@@ -37,6 +37,7 @@ enum Phase : int {
   kPhaseLayout = 1,
   kPhaseDispatchNotifyAck = 10,    // notify: waiting until peers consumed our previous writes
   kPhaseDispatchNotifyCounts = 11, // notify: waiting for the peers' token counts
+  kPhaseDispatch = 12,             // a bad expert index seen by the dispatch (its record only)
   kPhaseDispatchRecv = 13,         // receive: waiting for a chunk of rows from a peer
   kPhaseCombineSendAck = 20,       // combine: waiting until peers consumed our previous writes
   kPhaseCombineRecv = 21,          // combine: waiting for a chunk of rows from a peer

@@ -112,6 +112,15 @@ EPCOMM_DEVICE void prof_stamp(const IntraParams& p, int kernel, int which) {
   }
 }
 
+// An expert index outside [-1, E): skipped like -1 by the dispatch, and recorded for the host's
+// next check, as the layout kernel does (a caller may pass a layout computed elsewhere, and the
+// host check is off in production).  The first one wins the record.
+EPCOMM_DEVICE void note_bad_index(const IntraParams& p, i64 e, int t) {
+  if (e < -1 || e >= p.num_experts)
+    report_error(p.err, kErrBadInput, -1, kPhaseDispatch, t, -1, static_cast<u64>(p.num_experts),
+                 static_cast<u64>(e));
+}
+
 template <typename T>
 EPCOMM_DEVICE T* at(u64 base, u64 off) {
   return reinterpret_cast<T*>(base + off);
@@ -446,6 +455,7 @@ __global__ void __launch_bounds__(kIntraThreads) intranode_dispatch_send(const _
         if (meta_lane) {
           e = p.topk_idx[static_cast<i64>(t) * K + lane];
           if (p.topk_weights != nullptr) wgt = p.topk_weights[static_cast<i64>(t) * K + lane];
+          note_bad_index(p, e, t);
         }
         constexpr int kScalesPerLane = (Row::kGroups + 31) / 32;
         float sc[kScalesPerLane > 0 ? kScalesPerLane : 1];
@@ -468,6 +478,7 @@ __global__ void __launch_bounds__(kIntraThreads) intranode_dispatch_send(const _
             if (k >= 32) {
               e = p.topk_idx[static_cast<i64>(t) * K + k];
               wgt = p.topk_weights != nullptr ? p.topk_weights[static_cast<i64>(t) * K + k] : 0.0f;
+              note_bad_index(p, e, t);
             }
             const bool mine = e >= 0 && e < p.num_experts && static_cast<int>(e) / L == d;
             meta[1 + k] = mine ? static_cast<int>(e) - d * L : -1;
@@ -565,6 +576,7 @@ EPCOMM_DEVICE void recv_rows(const IntraParams& p, int s, int begin, int end, in
           e = p.topk_idx[static_cast<i64>(src_t) * K + k];
           wgt = p.topk_weights != nullptr ? p.topk_weights[static_cast<i64>(src_t) * K + k] : 0.0f;
         }
+        note_bad_index(p, e, src_t);
         const bool mine = e >= 0 && e < p.num_experts && static_cast<int>(e) / L == p.rank;
         idx = mine ? e - static_cast<i64>(p.rank) * L : -1;
         wk = mine ? wgt : 0.0f;

@@ -40,8 +40,8 @@ __global__ void __launch_bounds__(kThreads) get_dispatch_layout_kernel(const __g
     for (int r = 0; r < p.num_ranks; ++r) in_rank[r] = 0;
     for (int k = 0; k < K; ++k) {
       const i64 e = row[k];
-      if (e < 0) continue;
-      if (e >= p.num_experts) {
+      if (e == -1) continue;
+      if (e < 0 || e >= p.num_experts) {
         report_error(p.err, kErrBadInput, -1, kPhaseLayout, t, -1, static_cast<u64>(p.num_experts),
                      static_cast<u64>(e));
         continue;

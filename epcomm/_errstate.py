@@ -18,6 +18,7 @@ PHASES = {
     1: "get_dispatch_layout",
     10: "dispatch/notify: waiting for the peer to release the buffer (it has not finished its previous call)",
     11: "dispatch/notify: waiting for the peer's token counts",
+    12: "dispatch (a bad expert index)",
     13: "dispatch/receive: waiting for a chunk of rows from the peer",
     20: "combine/send: waiting for the peer to release the buffer (it has not finished its previous call)",
     21: "combine/receive: waiting for a chunk of rows from the peer",
@@ -32,7 +33,7 @@ PHASES = {
 }
 
 # Kernels that skip a bad expert index and record it (the phase travels in bad_limit >> 32).
-BAD_INDEX_SEEN_BY = {0: "get_dispatch_layout", 1: "get_dispatch_layout", 32: "low_latency_dispatch",
+BAD_INDEX_SEEN_BY = {0: "get_dispatch_layout", 1: "get_dispatch_layout", 12: "dispatch", 32: "low_latency_dispatch",
                      43: "low_latency_combine"}
 
 

@@ -1023,6 +1023,32 @@ def _bad_index_worker(rank, world, group):
                 out["reported"] = "no error" if rank == 0 else "ok"
             except ValueError as e:
                 out["reported"] = "ok" if rank == 0 and f"expert index 64 (token {bt})" in str(e) else f"{e}"
+    # A layout computed elsewhere (as if the index were -1): the dispatch kernels themselves
+    # skip and record it, here a negative index other than -1.
+    spawn.phase("dispatch with a precomputed layout")
+    neg = tks[rank].copy()
+    if rank == 0:
+        neg[bt, 2] = -5
+    lay = reference.get_dispatch_layout(skipped[rank], E, world)
+    rx, rt, _, _, _, _ = buf.dispatch(x, num_tokens_per_rank=up(lay.num_tokens_per_rank),
+                                      is_token_in_rank=up(lay.is_token_in_rank),
+                                      num_tokens_per_expert=up(lay.num_tokens_per_expert), topk_idx=up(neg),
+                                      topk_weights=up(ws[rank]))
+    torch.cuda.synchronize()
+    ref = reference.dispatch(xs, E, topk_idx=skipped, topk_weights=ws)[rank]
+    try:
+        _assert_bits("precomputed layout recv_x", rx.view(torch.int16).cpu().numpy(), ref.recv_x.view(np.int16))
+        _assert_bits("precomputed layout recv_topk_idx", rt.cpu().numpy(), ref.recv_topk_idx)
+        out["precomputed_layout"] = "ok"
+    except AssertionError as e:
+        out["precomputed_layout"] = str(e)
+    try:
+        buf.check()
+        out["reported_by_dispatch"] = "no error" if rank == 0 else "ok"
+    except ValueError as e:
+        msg = str(e)
+        out["reported_by_dispatch"] = ("ok" if rank == 0 and msg.startswith("dispatch") and
+                                       f"expert index -5 (token {bt})" in msg else msg)
     buf.destroy()
     return out
 

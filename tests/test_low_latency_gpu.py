@@ -668,6 +668,59 @@ def test_low_latency_bad_input_and_missing_peer():
     assert "timeout" in res[0]
 
 
+def _buffers_worker(rank, world, group):
+    """Low-latency Buffers one after another in one process, each larger than the NVSHMEM heap
+    reserved by the first (NVSHMEM is initialised once per process): a larger one while the
+    first lives, then, both destroyed, one larger still.  Each runs a checked round."""
+    import torch
+
+    import epcomm
+    torch.cuda.set_device(device_of(rank))
+    small = _case("buffers_small", T=16, H=2048, E=32, K=4)
+    large = _case("buffers_large", T=256, H=7168, E=256)
+    out = {}
+
+    def go(what, buf, case, it):
+        spawn.phase(what)
+        try:
+            _round(rank, world, group, buf, case, it, None)
+            out[what] = "ok"
+        except Exception as e:
+            out[what] = f"{type(e).__name__}: {e}"
+        torch.cuda.synchronize()
+        group.barrier()
+
+    def make(what, nbytes):
+        spawn.phase(what)
+        try:
+            return epcomm.Buffer(group, 0, nbytes, low_latency_mode=True)
+        except Exception as e:
+            out[what] = f"{type(e).__name__}: {e}"
+            return None
+
+    a = make("first buffer", _hint(small, world))
+    go("round on the first buffer", a, small, 0)
+    b = make("larger buffer while the first lives", _hint(large, world))
+    if b is not None:
+        go("round on the larger buffer", b, large, 0)
+        go("the first buffer again", a, small, 1)
+        b.destroy()
+    a.destroy()
+    c = make("a buffer larger still, after both", 2 * _hint(large, world))
+    if c is not None:
+        go("round on the last buffer", c, large, 1)
+        c.destroy()
+    return out
+
+
+@needs_ll_ranks
+def test_low_latency_buffers_of_growing_size_in_one_process():
+    res = spawn.run(_buffers_worker, _world(), timeout=240)
+    for rank, r in enumerate(res):
+        bad = {k: v for k, v in r.items() if v != "ok"}
+        assert not bad and len(r) == 5, f"rank {rank}: {r}"
+
+
 def _shape_mismatch_worker(rank, world, group):
     import time
 
