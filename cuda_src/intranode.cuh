@@ -411,7 +411,8 @@ EPCOMM_DEVICE void load_input_scales(const IntraParams& p, int t, int lane, floa
 // ---------------------------------------------------------------------------------------------
 // dispatch send: rows of this rank's tokens into the other ranks' staging regions.
 // Work items are (destination, chunk), chunk-major and staggered by rank so every link is busy
-// from the start; after a chunk the block publishes its arrival flag with release semantics.
+// from the start; after a chunk each sending warp publishes its own arrival flag (fence, then a
+// release store).
 // ---------------------------------------------------------------------------------------------
 template <int kNumRanks, int kHidden, bool kFp8>
 __global__ void __launch_bounds__(kIntraThreads) intranode_dispatch_send(const __grid_constant__ IntraParams p) {

@@ -44,10 +44,12 @@ struct LLCtrl {
   int pad;
 };
 
-// Hand-off from a sending grid to each receiver (the dispatch and combine flags): no grid-wide
-// ticket.  Every sending block, once its writes are done, adds 1 + (G << 32) to the flag of
-// each destination (G: its grid size; block 0 adds kArrivalReq too when it asks receivers to
-// compare shape words).  With n blocks arrived since the last completion the sum is
+// Hand-off from a sending grid to each receiver (the dispatch and combine flags).  NVLink
+// destinations: no grid-wide ticket; every sending block, once its writes are done, adds
+// 1 + (G << 32) to the flag of each such destination (G: its grid size; block 0 adds kArrivalReq
+// too when it asks receivers to compare shape words).  Put destinations: one add per call of
+// the whole grid's count, G + (G G << 32), from the block that takes the last ticket on
+// `*_send_done` (see ll_arrive).  With n blocks arrived since the last completion the sum is
 // n + (n G << 32) (+ kArrivalReq): complete iff n G == n n, i.e. n == G, so a receiver needs
 // no grid size in advance (grids follow the token count).  The receiver's last block stores
 // the counter as the new base (LLCtrl.*_base) before acknowledging; the counter never resets

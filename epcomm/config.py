@@ -63,16 +63,21 @@ class Config:
 def _send_fraction(num_ranks: int) -> float:
     # Measured with benchmarks/profile_normal.py at 24 SMs: a third was fastest on 2x H200; on
     # 4x H200 (three peers to write to, the receivers' share of own rows smaller) a half was
-    # 10-15% faster for every operation; a later sweep there (dispatch BF16 / FP8 / combine, us):
-    # 0.4 714 / 457 / 608, 0.5 667 / 428 / 567, 0.6 670 / 413 / 633.  8 ranks: not measured, the
-    # 4-rank choice is kept.
+    # 5-11% faster than a third for every operation (mean of 4 ranks; 92f5eb5's run, file since
+    # overwritten: git show 92f5eb5:benchmarks/results/profile-normal-h200-x4.json); a later
+    # sweep there (benchmarks/results/profile-normal-h200-x4.json, rank 0, dispatch BF16 / FP8 /
+    # combine, us): 0.4 714 / 457 / 608, 0.5 667 / 428 / 567, 0.6 670 / 413 / 633.  Mean of the
+    # 4 ranks: 0.4 slower for every operation, 0.6 slower for the combine (686 vs 605) but about
+    # equal for BF16 (697 vs 700) and faster for FP8 (442 vs 458): 0.5 is the compromise.
+    # 8 ranks: not measured, the 4-rank choice is kept.
     return 0.33 if num_ranks <= 2 else 0.5
 
 
 def _chunk_rows(num_ranks: int, op: str) -> int:
-    # benchmarks/profile_normal.py, 24 SMs, outputs allocated ahead (dispatch BF16 / FP8 / combine):
+    # benchmarks/profile_normal.py, 24 SMs, outputs allocated ahead (dispatch BF16 / FP8 / combine),
+    # rank 0 of benchmarks/results/profile-normal-h200-x2.json / -x4.json:
     # 2x H200: 64-row chunks 342 / 271 / 269 us, 128-row 324 / 238 / 217 (one run); an earlier
-    #   run: 64 349 / 260 / 224, 128 349 / 249 / 212, 256 377 / 263 / 240.
+    #   run (no result file kept): 64 349 / 260 / 224, 128 349 / 249 / 212, 256 377 / 263 / 240.
     # 4x H200 (send share 0.5): 64 667 / 428 / 567, 128 650 / 396 / 578: the dispatch gains,
     #   the combine does not (within the run-to-run noise), so it keeps 64 there.
     # 8 ranks: not measured; smaller chunks keep the first arrival early with more sources.

@@ -1,6 +1,6 @@
 """The catalogue of kernel specializations: what ``epcomm warmup`` builds and what ships.
 
-``SHIPPED`` is the set CI compiles for sm_90 on every change (tests/test_jit_compile.py); the
+:func:`shipped` is the set CI compiles for sm_90 on every change (tests/test_jit_compile.py); the
 presets name the model shapes users ask for most.  Specializations outside it still compile on
 first use (any hidden size that is a multiple of 128, or of 8 for the BF16 normal mode).
 """

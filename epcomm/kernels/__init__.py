@@ -1,4 +1,4 @@
-"""Python launchers of the CUDA kernels, one module per kernel family.
+"""Python descriptions of the CUDA kernels, one module per kernel family.
 
 =====================  ============================  ========================================
 module                 CUDA source (cuda_src/)       tests
@@ -11,7 +11,9 @@ kernels.timing         timing.cuh                    tests/test_timing.py, test_
 =====================  ============================  ========================================
 
 Each module defines the family's :class:`~epcomm.jit.spec.KernelSpec` subclasses (template
-arguments), the ``ParamsStruct`` mirrors of the C++ parameter structs (runtime parameters) and
-the functions that launch them.  Compile-only coverage of every shipped specialization lives in
-``tests/test_jit_compile.py``.
+arguments) and the ``ParamsStruct`` mirrors of the C++ parameter structs (runtime parameters);
+only ``kernels.layout`` also has the function that launches its kernel.  The other families are
+launched by :mod:`epcomm.buffer` (intranode), :mod:`epcomm.low_latency` (low-latency),
+:mod:`epcomm.selftest` (smoke) and :mod:`epcomm.bench` (timing).  Compile-only coverage of every
+shipped specialization lives in ``tests/test_jit_compile.py``.
 """

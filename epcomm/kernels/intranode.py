@@ -4,7 +4,8 @@ Template arguments (:class:`IntranodeDispatchSpec`, :class:`IntranodeCombineSpec
 hidden size and payload dtype, so the row copies have compile-time trip counts.  Runtime
 parameters: :class:`IntraParams`, the mirror of ``epcomm::IntraParams``.  The orchestration
 (buffers, streams, the CPU synchronisation of the non-graph path) lives in
-:mod:`epcomm.buffer`; this module only describes and launches kernels.
+:mod:`epcomm.buffer`, which also launches the kernels; this module only describes them (specs,
+parameter mirrors, layout sizes).
 """
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
 """``get_dispatch_layout`` (``cuda_src/layout.cuh``): per-token destination ranks and the
-per-rank, per-node and per-expert token counts, computed on the caller's stream."""
+per-rank, per-node and per-expert token counts, computed on the caller's stream (the standalone
+``epcomm.get_dispatch_layout``, or its ``stream=``) or on the Buffer's communication stream
+(``Buffer.get_dispatch_layout`` and the layout inside ``Buffer.dispatch``)."""
 from __future__ import annotations
 
 import ctypes

@@ -1,9 +1,10 @@
 """Low-latency dispatch/combine kernels (``cuda_src/low_latency.cuh``), NVSHMEM-linked.
 
 Template arguments (:class:`LowLatencySpec`): hidden size and whether dispatch casts to FP8;
-each module holds the send-only, receive-only and fused variants of dispatch and combine
-(the receive hook launches the receive-only one).  The rank count is a runtime parameter.
-Runtime parameters: :class:`LLParams`.  Orchestration: :mod:`epcomm.low_latency`.
+each module holds the send-only, receive-only and fused variants of dispatch and, in the BF16
+module only, of combine (the receive hook launches the receive-only one).  The rank count is a
+runtime parameter.  Runtime parameters: :class:`LLParams`.  Orchestration:
+:mod:`epcomm.low_latency`.
 """
 from __future__ import annotations
 
@@ -123,7 +124,8 @@ def msg_bytes(hidden: int) -> int:
 
 @dataclass(frozen=True)
 class HeapLayout:
-    """Byte offsets inside every rank's symmetric heap for one (T, H, K, E, R)."""
+    """Byte offsets inside every rank's symmetric heap for one (T, H, E, R) (K is fixed at
+    MAX_TOPK)."""
 
     disp_flag_off: int
     comb_flag_off: int
