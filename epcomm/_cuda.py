@@ -138,6 +138,17 @@ def device_sync() -> None:
     check(d.cuCtxSynchronize(), "cuCtxSynchronize")
 
 
+def capture_id(s: int) -> int:
+    """0 when stream ``s`` is not capturing, else its capture sequence's id (unique in the
+    process: streams joined into one capture share it)."""
+    d = drv()
+    r = d.cuStreamGetCaptureInfo(d.CUstream(s))
+    check((r[0],), "cuStreamGetCaptureInfo")
+    if r[1] != d.CUstreamCaptureStatus.CU_STREAM_CAPTURE_STATUS_ACTIVE:
+        return 0
+    return int(r[2])
+
+
 def stream_is_capturing(s: int) -> bool:
     d = drv()
     st = check(d.cuStreamIsCapturing(d.CUstream(s)), "cuStreamIsCapturing")

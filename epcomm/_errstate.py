@@ -66,9 +66,12 @@ class ErrorState:
         call survives and the next check reports): the host's mirror of the device's aborted()."""
         return self.rec.code != 0
 
-    def to_exception(self, context: str = "") -> Exception | None:
+    def to_exception(self, context: str = "", code: int | None = None) -> Exception | None:
+        """The recorded error as an exception (None if there is none).  ``code``: the record's
+        code as the caller already read it (a kernel may write the record meanwhile)."""
         r = self.rec
-        code = r.code
+        if code is None:
+            code = r.code
         if code == 0:
             if r.bad_code <= 0:  # nothing, or a bad index still being written (seen next time)
                 return None
@@ -130,10 +133,13 @@ class ErrorState:
         call (raising would leave its peers waiting until they time out)."""
         if self.poisoned is not None:
             raise BufferStateError(f"unusable after an earlier error: {self.poisoned}")
-        exc = self.to_exception(context)
+        # One read decides: a timeout recorded while a bad index is reported stays for the next
+        # check (the bad index's reset below clears its own slot only).
+        code = self.rec.code
+        exc = self.to_exception(context, code)
         if exc is None:
             return
-        if self.rec.code == 0:  # a bad index (its own slot): reported once, the state stays usable
+        if code == 0:  # a bad index (its own slot): reported once, the state stays usable
             off = ErrorRecord.bad_code.offset
             ctypes.memset(self.host_ptr + off, 0, ctypes.sizeof(ErrorRecord) - off)
             if collective:

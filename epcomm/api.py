@@ -17,6 +17,9 @@ def get_dispatch_layout(topk_idx, num_experts: int, num_ranks: int, *, num_ranks
         num_ranks: R.
         num_ranks_per_node: ranks per NVLink node; with R above it, per-node counts are returned.
         stream: raw CUDA stream handle to run on (default: the framework's current stream).
+            The outputs are allocated on it (torch, CuPy); it must be ordered after the work
+            that writes topk_idx, and the host index check (EPCOMM_CHECK_INDICES) reads
+            topk_idx on the current stream.
 
     Returns ``(num_tokens_per_rank int32 [R], num_tokens_per_rdma_rank int32 [R/8] or None,
     num_tokens_per_expert int32 [E], is_token_in_rank bool [N, R])`` in the caller's framework.
@@ -45,14 +48,34 @@ def get_dispatch_layout(topk_idx, num_experts: int, num_ranks: int, *, num_ranks
         err.check("get_dispatch_layout")
         check_topk_indices(tr.obj, fw, num_experts, capturing=_cuda.stream_is_capturing(s))
         N = tr.shape[0]
-        mk = lambda shape, dt: interop.empty(fw, shape, dt, "cuda", dev)  # noqa: E731
-        rank_o = mk((num_ranks,), "int32")
-        rdma_o = mk((num_nodes,), "int32") if num_nodes else None
-        exp_o = mk((num_experts,), "int32")
-        in_o = mk((N, num_ranks), "bool")
+        with _on_stream(fw, dev, s, stream is not None):
+            # Allocated on `s`, which writes them: a caller that drops one at once (an unused
+            # output) must not hand its memory to work on another stream before `s` is done.
+            mk = lambda shape, dt: interop.empty(fw, shape, dt, "cuda", dev)  # noqa: E731
+            rank_o = mk((num_ranks,), "int32")
+            rdma_o = mk((num_nodes,), "int32") if num_nodes else None
+            exp_o = mk((num_experts,), "int32")
+            in_o = mk((N, num_ranks), "bool")
         K_layout.launch_layout(s, dev, tr, num_experts, num_ranks, num_nodes, num_ranks_per_node, rank_o[1],
                                rdma_o[1] if rdma_o else None, exp_o[1], in_o[1], err.dev_ptr)
         if widen_s != s:
-            _cuda.stream_sync(s)  # the widened copy (allocated on the current stream) may go now
+            # The widened copy (allocated on the current stream) is read on `s`.
+            if fw == "torch":
+                import torch
+                interop.record_stream(tr.keepalive, torch.cuda.ExternalStream(s, device=dev))
+            else:
+                _cuda.stream_sync(s)  # CuPy's pool has no record_stream: the copy may go once `s` is done
     fin = lambda o: None if o is None else interop.finish(fw, o[0], s)  # noqa: E731
     return fin(rank_o), fin(rdma_o), fin(exp_o), fin(in_o)
+
+
+def _on_stream(fw: str, dev: int, s: int, explicit: bool):
+    """A context in which ``fw`` allocates on raw stream ``s`` (torch, CuPy), or a no-op."""
+    import contextlib
+    if not explicit or fw not in ("torch", "cupy"):
+        return contextlib.nullcontext()
+    if fw == "torch":
+        import torch
+        return torch.cuda.stream(torch.cuda.ExternalStream(s, device=dev))
+    import cupy
+    return cupy.cuda.ExternalStream(s, device_id=dev)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import _cuda, envs, interop
+from . import event as event_mod
 from ._errstate import ErrorState
 from ._validate import check_event, check_int, check_topk_indices
 from .config import Config, default_combine_config, default_dispatch_config
@@ -227,6 +228,20 @@ class Buffer:
         self._alloc_on_comm = False  # set per call by allocate_on_comm_stream (torch only)
         self._intra: _IntraState | None = None
         self._ll = None
+        self._stream = self._stream2 = self._ev_start = self._ev_mid = self._ev_recv = 0
+        self._err = None
+        try:
+            self._setup(device, num_nvl_bytes, num_rdma_bytes, low_latency_mode)
+        except BaseException:
+            # Nothing of a Buffer that never existed stays allocated (e.g. a 2 GiB NVLink buffer
+            # and its peers' mappings, when the low-latency part then fails).
+            self._destroyed = True
+            with _cuda.on_device(device):
+                self._free_local()
+            raise
+        _LIVE_BUFFERS.add(self)
+
+    def _setup(self, device: int, num_nvl_bytes: int, num_rdma_bytes: int, low_latency_mode: bool) -> None:
         with _cuda.on_device(device):
             self._stream = _take_stream(device)
             self._stream2 = _take_stream(device)
@@ -243,6 +258,9 @@ class Buffer:
         if self.shares_gpu and not envs.SHARE_GPU.get():
             raise ValueError(f"two ranks share one GPU ({[b.decode() for b in buses]}); use one GPU per rank"
                              " (EPCOMM_SHARE_GPU=1 allows it for correctness tests)")
+        if low_latency_mode or num_rdma_bytes > 0:
+            from .low_latency import LowLatencyState
+            LowLatencyState.check_args(self.num_ranks, num_rdma_bytes)  # before any allocation
         if num_nvl_bytes > 0:
             if self.num_ranks < 2:
                 raise ValueError("the normal mode needs at least 2 ranks")
@@ -255,7 +273,6 @@ class Buffer:
             self._ll = LowLatencyState(self, num_rdma_bytes)
         self._dispatch_config = default_dispatch_config(self.num_ranks)
         self._combine_config = default_combine_config(self.num_ranks)
-        _LIVE_BUFFERS.add(self)
 
     # ---- configuration -------------------------------------------------------------------
     @property
@@ -389,18 +406,28 @@ class Buffer:
                 warnings.warn(f"Buffer.destroy on rank {self.rank}: the barrier with the other ranks failed "
                               f"({type(e).__name__}: {e}); releasing the memory anyway (a peer that still "
                               f"writes into it would fault)", RuntimeWarning, stacklevel=2)
-            if self._intra is not None:
-                self._intra.free()
-                self._intra = None
-            if self._ll is not None:
-                self._ll.free()
-                self._ll = None
-            for ev in (self._ev_start, self._ev_mid, self._ev_recv):
-                try:
+            self._free_local()
+
+    def _free_local(self) -> None:
+        """Release what this process holds (no collective): destroy()'s end, and what a
+        constructor that raised had made so far."""
+        if self._intra is not None:
+            self._intra.free()
+            self._intra = None
+        if self._ll is not None:
+            self._ll.free()
+            self._ll = None
+        for ev in (self._ev_start, self._ev_mid, self._ev_recv):
+            try:
+                if ev:
                     _cuda.event_destroy(ev)
-                except Exception:
-                    pass
-            _SPARE_STREAMS.setdefault(self.device_id, []).extend((self._stream, self._stream2))
+            except Exception:
+                pass
+        self._ev_start = self._ev_mid = self._ev_recv = 0
+        spare = [s for s in (self._stream, self._stream2) if s]
+        _SPARE_STREAMS.setdefault(self.device_id, []).extend(spare)
+        self._stream = self._stream2 = 0
+        if self._err is not None:
             self._err.free()
 
     def __del__(self):  # pragma: no cover - depends on GC timing
@@ -419,7 +446,7 @@ class Buffer:
                 return None
             if framework is not None and obj is not None:
                 self._same_framework(obj, name, framework)
-            after = previous_event.event if isinstance(previous_event, EventOverlap) else None
+            after = previous_event if isinstance(previous_event, EventOverlap) else None
             ref = interop.as_index_tensor(obj, name, device="cuda", after_event=after, **kw)
         else:
             if framework is not None and obj is not None:
@@ -446,22 +473,23 @@ class Buffer:
         unless ``caller_work``: epcomm queued work on the caller's stream for this call, e.g.
         an int32 top-k widened to int64); returns (caller stream, capturing)."""
         caller = interop.current_stream(fw, self.device_id)
-        capturing = _cuda.stream_is_capturing(caller)
-        waited = previous_event is not None and previous_event.event is not None
-        if waited:
-            _cuda.stream_wait_event(self._stream, previous_event.event)
+        cap = _cuda.capture_id(caller)
+        waited = event_mod.wait_for(self._stream, previous_event, cap)
         # Under capture, a previous_event recorded before the capture began orders nothing
-        # in the graph, and the comm stream would stay outside the capture: the kernel would
-        # run once, now, and be missing from every replay.  Joining the caller's stream
-        # brings the comm stream into the capture.
-        if not waited or caller_work or (capturing and not _cuda.stream_is_capturing(self._stream)):
+        # in the graph (wait_for skips it), and the comm stream would stay outside the capture:
+        # the kernel would run once, now, and be missing from every replay.  Joining the
+        # caller's stream brings the comm stream into the capture.
+        if not waited or caller_work or (cap and _cuda.capture_id(self._stream) != cap):
             _cuda.event_record(self._ev_start, caller)
             _cuda.stream_wait_event(self._stream, self._ev_start)
-        return caller, capturing
+        return caller, bool(cap)
 
     def _finish(self, fw: str, caller: int, async_finish: bool, outputs: list, inputs: list) -> EventOverlap:
         ev = _cuda.event_create()
         _cuda.event_record(ev, self._stream)
+        cap = _cuda.capture_id(self._stream)
+        if event_mod._DEFERRED and not cap:
+            event_mod.release_finished()
         if self._alloc_on_comm and fw == "torch":
             import torch
             # Outputs allocated on the comm stream belong to its pool: once the caller frees
@@ -482,7 +510,7 @@ class Buffer:
                     interop.record_stream(t, cs2)
         if not async_finish:
             _cuda.stream_wait_event(caller, ev)
-        return EventOverlap(ev, fw, self.device_id, extra=(outputs, inputs) if async_finish else None)
+        return EventOverlap(ev, fw, self.device_id, extra=(outputs, inputs) if async_finish else None, capture=cap)
 
     def _empty(self, fw, shape, dtype):
         if self._alloc_on_comm and fw == "torch":

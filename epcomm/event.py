@@ -3,21 +3,23 @@ from __future__ import annotations
 
 from . import _cuda, interop
 
-# (event, kept objects) of async operations whose EventOverlap was dropped before they finished.
-# torch's allocator learns of the comm stream through record_stream, but CuPy's and JAX's do not:
-# an input freed with its event still pending could be handed to a new array on the caller's
-# stream and overwritten while the kernel reads it.  Released once their event completed
-# (checked whenever another async operation makes an event).
+# (event, kept objects) of CuPy/JAX async operations whose EventOverlap was dropped before it was
+# known to be finished.  torch's allocator learns of the comm stream through record_stream, but
+# CuPy's and JAX's do not: an input freed with its event still pending could be handed to a new
+# array on the caller's stream and overwritten while the kernel reads it.  Released once their
+# event completed, checked by the next async call made outside a CUDA-graph capture (querying an
+# event during a capture would invalidate it).
 _DEFERRED: list = []
 
 
-def _release_finished() -> None:
+def release_finished() -> None:
+    """Drop the deferred objects whose operation finished.  Call only outside graph capture."""
     keep = []
     for ev, extra in _DEFERRED:
         try:
             done = _cuda.event_query(ev)
         except Exception:
-            done = True  # a failed context: nothing will read the objects any more
+            done = False  # an error is no proof the kernels stopped reading: keep them
         if done:
             try:
                 _cuda.event_destroy(ev)
@@ -28,26 +30,66 @@ def _release_finished() -> None:
     _DEFERRED[:] = keep
 
 
+def wait_for(stream: int, previous_event: "EventOverlap | None", capture: int) -> bool:
+    """Make ``stream`` wait for ``previous_event`` (None or event-less: nothing to wait for);
+    True if it did.  ``capture``: the capture id of the call (its caller's stream; 0 for none).
+    Inside a capture an event known to be recorded outside it is skipped: it is complete before
+    any replay, so it orders nothing in the graph, and waiting for it from a capturing stream
+    would invalidate the capture.  An event of unknown origin is waited for."""
+    if previous_event is None or previous_event.event is None:
+        return False
+    if capture and previous_event.capture is not None and previous_event.capture != capture:
+        return False
+    _cuda.stream_wait_event(stream, previous_event.event)
+    return True
+
+
 class EventOverlap:
     """A CUDA event recorded on epcomm's communication stream after an operation.
 
     ``current_stream_wait()`` makes the caller's current stream (of the framework the operation
     was called with) wait for it; used as a context manager, it does so on exit, which lets code
-    inside the ``with`` block overlap with the communication.  ``extra`` keeps tensors alive
-    until the event is dropped, or, if it is dropped before the operation finished, until then.
+    inside the ``with`` block overlap with the communication.  ``extra`` keeps arrays alive until
+    the event is dropped, and for CuPy and JAX, if it is dropped early, until the operation
+    finished.
+
+    ``capture``: the CUDA-graph capture the event was recorded in (its id, 0 for none), which
+    lets a call inside a capture tell an event of that capture (a dependency in the graph) from
+    one recorded before it (already complete; it orders nothing in the graph).  None when
+    unknown, for an event made outside epcomm; :meth:`record` makes one that knows.
     """
 
-    __slots__ = ("event", "framework", "device_id", "extra", "_owned")
+    __slots__ = ("event", "framework", "device_id", "extra", "_owned", "capture")
 
     def __init__(self, event: int | None = None, framework: str = "torch", device_id: int = 0,
-                 extra=None, owned: bool = True):
+                 extra=None, owned: bool = True, capture: int | None = None):
         self.event = event
         self.framework = framework
         self.device_id = device_id
         self.extra = extra
         self._owned = owned
-        if extra is not None and _DEFERRED:
-            _release_finished()
+        self.capture = capture
+
+    @classmethod
+    def record(cls, framework: str = "torch", device_id: int | None = None) -> "EventOverlap":
+        """An event recorded now on the current stream of ``framework`` ("torch" or "cupy") on
+        ``device_id`` (default: the framework's current device), for ``previous_event`` (as
+        DeepEP's ``EventOverlap(EventHandle())``)."""
+        if framework not in ("torch", "cupy"):
+            raise ValueError(f"framework: expected 'torch' or 'cupy' (JAX has no stream to record on), "
+                             f"got {framework!r}")
+        if device_id is None:
+            if framework == "torch":
+                import torch
+                device_id = torch.cuda.current_device()
+            else:
+                import cupy
+                device_id = cupy.cuda.Device().id
+        with _cuda.on_device(device_id):
+            s = interop.current_stream(framework, device_id)
+            ev = _cuda.event_create()
+            _cuda.event_record(ev, s)
+            return cls(ev, framework, device_id, capture=_cuda.capture_id(s))
 
     def current_stream_wait(self) -> None:
         if self.event is None:
@@ -72,14 +114,12 @@ class EventOverlap:
 
     def __del__(self):
         if self._owned and self.event is not None:
-            if self.extra is not None:
-                try:
-                    if not _cuda.event_query(self.event):
-                        _DEFERRED.append((self.event, self.extra))
-                        self.event = self.extra = None
-                        return
-                except Exception:
-                    pass
+            # No query here: this may run inside a capture.  Captured events go at once (a
+            # graph's arrays are the caller's to keep), as do torch's (record_stream).
+            if self.extra is not None and self.framework != "torch" and self.capture == 0:
+                _DEFERRED.append((self.event, self.extra))
+                self.event = self.extra = None
+                return
             try:
                 _cuda.event_destroy(self.event)  # safe while pending: freed when it completes
             except Exception:

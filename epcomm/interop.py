@@ -1109,13 +1109,14 @@ def finish(framework: str, obj, stream: int | None = None):
     return obj
 
 
-def as_index_tensor(obj, name: str, *, ndim=None, shape=None, device: str = "cuda", after_event: int | None = None):
+def as_index_tensor(obj, name: str, *, ndim=None, shape=None, device: str = "cuda", after_event=None):
     """Like :func:`as_tensor` for int64 expert indices, also accepting int32 (JAX's default
     integer width when 64-bit mode is off).  An int32 input is widened with a copy made by its
     own framework (CuPy for JAX arrays), queued on the framework's current stream; the returned
-    ref keeps that copy alive.  ``after_event`` (a raw CUDA event, a call's previous_event): the
+    ref keeps that copy alive.  ``after_event`` (the call's previous_event, an EventOverlap): the
     input may be written on a stream only that event orders, so the widening stream first waits
-    for it (and with it the caller's later work on that stream).  Raises like :func:`as_tensor`.
+    for it (and with it the caller's later work on that stream; inside a graph capture, not for
+    one recorded before the capture: see event.wait_for).  Raises like :func:`as_tensor`.
     """
     ref = as_tensor(obj, name, dtype=("int64", "int32"), ndim=ndim, shape=shape, device=device)
     if ref.dtype == "int64":
@@ -1123,8 +1124,10 @@ def as_index_tensor(obj, name: str, *, ndim=None, shape=None, device: str = "cud
     fw = ref.framework
     if after_event is not None and ref.device_id >= 0:
         from . import _cuda
+        from .event import wait_for
         with _cuda.on_device(ref.device_id):
-            _cuda.stream_wait_event(current_stream("torch" if fw == "torch" else "cupy", ref.device_id), after_event)
+            s = current_stream("torch" if fw == "torch" else "cupy", ref.device_id)
+            wait_for(s, after_event, _cuda.capture_id(s))
     if fw == "torch":
         wide = obj.to(dtype=__import__("torch").int64)
     elif fw == "numpy":

@@ -2,10 +2,14 @@
 
 Kernels: ``cuda_src/low_latency.cuh`` via :mod:`epcomm.kernels.low_latency`.
 
-Host cost matters here (a decode step is tens of microseconds), so a call does no allocation
-in the common path: the packed dispatch outputs are *double-buffered results* owned by the
-buffer (one set per slot, reused every second dispatch), launch parameters are prebuilt, and a
-call is a single kernel launch (two with the receive hook).
+Host cost matters here (a decode step is tens of microseconds), so the steady state allocates
+little: the packed dispatch outputs are *double-buffered results* owned by the buffer (one set
+per slot, reused every second dispatch), launch parameters are prebuilt, and a call is a single
+kernel launch (two with the receive hook).  A dispatch of a shape already used, with int64
+indices and EPCOMM_CHECK_INDICES=0, allocates no device memory (the default check copies the
+indices and costs a device sync; int32 indices are widened into a copy; JAX results get new
+storage every call); the combine allocates only its ``[N, H]`` output, which ``out=`` avoids
+(not with JAX, whose arrays are read-only).
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import itertools
 from dataclasses import dataclass, field
 
 from . import _cuda, envs, interop
+from . import event as event_mod
 from ._validate import check_bool, check_event, check_int, check_topk_indices, index_copy, same_indices
 from .errors import BufferStateError
 from .event import EventOverlap
@@ -109,12 +114,27 @@ class _Results:
 class LowLatencyState:
     """Symmetric heap, peer pointers, control words and per-slot results of one Buffer."""
 
-    def __init__(self, buf, num_rdma_bytes: int):
-        from . import nvshmem_runtime as nvr
-        if buf.num_ranks > K.MAX_RANKS:
-            raise ValueError(f"{buf.num_ranks} ranks: the low-latency mode supports at most {K.MAX_RANKS}")
+    @staticmethod
+    def check_args(num_ranks: int, num_rdma_bytes: int) -> None:
+        """ValueError for a rank count or heap size the low-latency mode cannot use."""
+        if num_ranks > K.MAX_RANKS:
+            raise ValueError(f"{num_ranks} ranks: the low-latency mode supports at most {K.MAX_RANKS}")
         if num_rdma_bytes <= 0:
             raise ValueError("low_latency_mode needs num_rdma_bytes > 0; see Buffer.get_low_latency_rdma_size_hint")
+
+    def __init__(self, buf, num_rdma_bytes: int):
+        self.check_args(buf.num_ranks, num_rdma_bytes)
+        self.heap_obj, self.ctrl, self.prof = None, 0, 0  # what free() may find half made
+        try:
+            self._setup(buf, num_rdma_bytes)
+        except BaseException:
+            # A half-made state (e.g. NVSHMEM could not map the heap) frees what it holds.
+            with _cuda.on_device(buf.device_id):
+                self.free()
+            raise
+
+    def _setup(self, buf, num_rdma_bytes: int) -> None:
+        from . import nvshmem_runtime as nvr
         self.buf = buf
         self.serial = next(_SERIALS)
         self.rank, self.num_ranks = buf.rank, buf.num_ranks
@@ -293,9 +313,12 @@ class LowLatencyState:
             return EventOverlap(None, fw, self.device_id)
         ev = _cuda.event_create()
         _cuda.event_record(ev, stream)
+        cap = _cuda.capture_id(stream)
         if not async_finish:
             _cuda.stream_wait_event(caller, ev)
-            return EventOverlap(ev, fw, self.device_id)
+            return EventOverlap(ev, fw, self.device_id, capture=cap)
+        if event_mod._DEFERRED and not cap:
+            event_mod.release_finished()
         keep = [o for r in refs if r is not None for o in (r.obj, r.keepalive) if o is not None]
         if fw == "torch":
             import torch
@@ -303,7 +326,7 @@ class LowLatencyState:
             for o in keep:
                 if isinstance(o, torch.Tensor):
                     interop.record_stream(o, cs)
-        return EventOverlap(ev, fw, self.device_id, extra=keep)
+        return EventOverlap(ev, fw, self.device_id, extra=keep, capture=cap)
 
     # ---- dispatch ------------------------------------------------------------------------------
     def dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank: int, num_experts: int, *,
@@ -452,8 +475,11 @@ class LowLatencyState:
                                         "topk": topk_copy})
         hook = None
         if return_recv_hook:
-            def hook(_p=p, _stream=stream, _slot=slot, _mod=mod, _grid=recv_blocks, _smem=smem):
-                """Launch the receive half of the dispatch (on the stream of its send)."""
+            def hook(_p=p, _stream=stream, _slot=slot, _mod=mod, _grid=recv_blocks, _smem=smem, _keep=(stats,)):
+                """Launch the receive half of the dispatch (on the stream of its send); it adds
+                into cumulative_local_expert_recv_stats, kept alive until then."""
+                if self.buf._destroyed:
+                    raise BufferStateError("low_latency_dispatch receive hook: the Buffer was destroyed")
                 if not self._disp_pending[_slot]:
                     raise BufferStateError("this dispatch's receive hook was already called")
                 with _cuda.on_device(self.device_id):
@@ -646,6 +672,8 @@ class LowLatencyState:
         if return_recv_hook:
             def hook(_p=p, _stream=stream, _slot=slot, _mod=mod, _grid=recv_blocks, _smem=smem, _keep=(tr, wr)):
                 """Launch the receive half of the combine (on the stream of its send)."""
+                if self.buf._destroyed:
+                    raise BufferStateError("low_latency_combine receive hook: the Buffer was destroyed")
                 if not self._comb_pending[_slot]:
                     raise BufferStateError("this combine's receive hook was already called")
                 with _cuda.on_device(self.device_id):
@@ -736,13 +764,16 @@ class LowLatencyState:
 
     def free(self) -> None:
         from . import nvshmem_runtime as nvr
+        for ptr in (self.ctrl, self.prof):
+            try:
+                if ptr:
+                    _cuda.mem_free(ptr)
+            except Exception:
+                pass
+        self.ctrl = self.prof = 0
         try:
-            _cuda.mem_free(self.ctrl)
-            if self.prof:
-                _cuda.mem_free(self.prof)
+            if self.heap_obj is not None:
+                nvr.free(self.heap_obj)
         except Exception:
             pass
-        try:
-            nvr.free(self.heap_obj)
-        except Exception:
-            pass
+        self.heap_obj = None

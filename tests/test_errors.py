@@ -163,3 +163,23 @@ def test_only_errors_that_stop_the_kernels_abort_a_wait():
                         (_errstate.ERR_MISMATCH, True)):
         assert _state(code).aborting() is stops, code
         assert _bad(_state(code), 3, 64, 70).aborting() is stops, code
+
+
+def test_a_timeout_recorded_while_a_bad_index_is_reported_is_not_lost(monkeypatch):
+    """check() decides from one read of the code: a kernel recording a timeout just after it
+    (while the bad index is being reported) must find it still there at the next check."""
+    st = _state(0)
+    _bad(st, token=3, limit=64, value=70)
+    orig = _errstate.ErrorState.to_exception
+
+    def racing(self, context="", code=None):
+        exc = orig(self, context, code)
+        self.rec.code, self.rec.rank, self.rec.phase = _errstate.ERR_TIMEOUT, 1, 13  # the kernel, meanwhile
+        return exc
+
+    monkeypatch.setattr(_errstate.ErrorState, "to_exception", racing)
+    with pytest.raises(ValueError, match="expert index 70"):
+        st.check("dispatch")
+    monkeypatch.setattr(_errstate.ErrorState, "to_exception", orig)
+    with pytest.raises(EpcommTimeoutError):
+        st.check("dispatch")

@@ -697,7 +697,6 @@ def _graph_worker(rank, world, group):
 
     import epcomm
     from epcomm import reference
-    from epcomm._cuda import event_create, event_record
     from epcomm.event import EventOverlap
     from epcomm.testing import random_topk
     torch.cuda.set_device(device_of(rank))
@@ -730,6 +729,10 @@ def _graph_worker(rank, world, group):
         # pre: an event recorded before the capture, as the layout's previous_event (DeepEP's
         # chain: layout async, the dispatch after the layout's event).  It orders nothing inside
         # the graph, and the layout must still be captured, not run once at capture time.
+        if pre is not None:
+            # Twice: in the capture, the second call finds the comm stream in it already, where
+            # a wait for an event from before the capture would invalidate the capture.
+            buf.get_dispatch_layout(ft, E, previous_event=pre, async_finish=True)
         ntr, _, nte, itr, lev = buf.get_dispatch_layout(ft, E, previous_event=pre, async_finish=pre is not None)
         (rq, rs), rt, _, _, h, _ = buf.dispatch((fq, fs.T), num_tokens_per_rank=ntr, is_token_in_rank=itr,
                                                 num_tokens_per_expert=nte, topk_idx=ft, num_worst_tokens=worst,
@@ -743,9 +746,8 @@ def _graph_worker(rank, world, group):
         s.wait_stream(torch.cuda.current_stream())  # the static inputs were made on the current stream
         args = ()
         if fn is fbody:
-            pre = EventOverlap(event_create(), "torch", torch.cuda.current_device())
-            event_record(pre.event, s.cuda_stream)
-            args = (pre,)
+            with torch.cuda.stream(s):
+                args = (EventOverlap.record(),)
         with torch.cuda.stream(s):
             fn(*args)
         torch.cuda.synchronize()

@@ -95,6 +95,22 @@ def _layout_worker(rank, world, group, shapes, frameworks):
             if not np.array_equal(interop.to_numpy(got[2]),
                                   reference.get_dispatch_layout(ok32, 64, 8).num_tokens_per_expert):
                 errs.append("int32 topk_idx on an explicit stream gave wrong counts")
+            # Outputs dropped at once while the kernel on `stream` is still queued (behind a
+            # sleep): their memory must not go to a new tensor of the current stream, which the
+            # kernel would then overwrite.
+            t64 = torch.from_numpy(ok32).cuda()
+            torch.cuda.synchronize()
+            with torch.cuda.stream(side):
+                torch.cuda._sleep(200_000_000)
+            with env_var("EPCOMM_CHECK_INDICES", "0"):
+                nte = epcomm.get_dispatch_layout(t64, 64, 8, stream=side.cuda_stream)[2]
+            fresh = torch.full((300, 8), 7, dtype=torch.uint8, device="cuda")  # is_token_in_rank's size
+            side.synchronize()
+            torch.cuda.synchronize()
+            if not bool((fresh == 7).all()):
+                errs.append("a dropped output of get_dispatch_layout(stream=) was overwritten in a new tensor")
+            if not np.array_equal(interop.to_numpy(nte), reference.get_dispatch_layout(ok32, 64, 8).num_tokens_per_expert):
+                errs.append("int64 topk_idx on an explicit stream gave wrong counts")
         out[fw] = "ok" if not errs else "; ".join(errs)
     return out
 

@@ -352,7 +352,6 @@ def _overlap(rank, world, group, buf):
     import torch
 
     from epcomm import reference
-    from epcomm._cuda import event_create, event_record
     from epcomm.event import EventOverlap
     from epcomm.testing import random_bf16, random_topk, random_weights
     T, H, E, K = OVERLAP["T"], OVERLAP["H"], OVERLAP["E"], OVERLAP["K"]
@@ -434,10 +433,7 @@ def _overlap(rank, world, group, buf):
         combine then gets one recorded inside it, after the expert (its only input)."""
         rx, cnt, h, _, _ = buf.low_latency_dispatch(sx, st, T, E, previous_event=pre, **kw)
         y = expert(rx, cnt)
-        cev = None
-        if pre is not None:
-            cev = EventOverlap(event_create(), "torch", torch.cuda.current_device())
-            event_record(cev.event, torch.cuda.current_stream().cuda_stream)
+        cev = EventOverlap.record() if pre is not None else None
         holder.update(rx=rx, cnt=cnt, h=h, o=buf.low_latency_combine(y, st, sw, h, previous_event=cev)[0])
 
     def capture(kw, pre=False):
@@ -448,12 +444,11 @@ def _overlap(rank, world, group, buf):
         # while its peer's dispatch waited for it.
         s.wait_stream(torch.cuda.current_stream())
         ev = None
-        if pre:
-            # Recorded before the capture: it orders nothing in the graph, and the kernels must
-            # still be captured (not run once, now, on a comm stream left outside the capture).
-            ev = EventOverlap(event_create(), "torch", torch.cuda.current_device())
-            event_record(ev.event, s.cuda_stream)
         with torch.cuda.stream(s):
+            if pre:
+                # Recorded before the capture: it orders nothing in the graph, and the kernels
+                # must still be captured (not run once, now, on a comm stream left outside it).
+                ev = EventOverlap.record()
             body(kw, ev)
             body(kw, ev)
         torch.cuda.synchronize()

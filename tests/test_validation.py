@@ -203,6 +203,7 @@ class _Rig:
         cpu_arrays_as_cuda(monkeypatch)
         monkeypatch.setattr(interop, "empty", lambda fw, shape, dtype, *a: orig_empty(fw, shape, dtype, "cpu", 0))
         for name, fn in (("on_device", lambda d: contextlib.nullcontext()), ("stream_is_capturing", lambda s: False),
+                         ("capture_id", lambda s: 0),
                          ("event_create", lambda *a: 1), ("event_record", lambda *a: None),
                          ("stream_wait_event", lambda *a: None), ("memset_d32_async", lambda *a: None),
                          ("stream_sync", lambda *a: None), ("event_destroy", lambda *a: None),
@@ -688,6 +689,7 @@ def test_a_cpu_synchronised_dispatch_under_capture_raises_before_touching_any_st
     b = rig.buffer()
     touched = []
     monkeypatch.setattr(_cuda, "stream_is_capturing", lambda s: True)
+    monkeypatch.setattr(_cuda, "capture_id", lambda s: 5)
     monkeypatch.setattr(_cuda, "event_record", lambda *a: touched.append(("record", a)))
     monkeypatch.setattr(_cuda, "stream_wait_event", lambda *a: touched.append(("wait", a)))
     with pytest.raises(ValueError, match="capture needs num_worst_tokens"):
@@ -723,32 +725,117 @@ def test_destroy_keeps_the_comm_streams_for_the_next_buffer(monkeypatch):
 
 def test_a_dropped_pending_event_keeps_its_arrays_until_the_operation_finished(monkeypatch):
     """CuPy's and JAX's allocators do not know the comm stream reads an async call's inputs:
-    dropping the EventOverlap early must not free them before the kernel is done."""
+    dropping the EventOverlap early keeps them until the operation is seen finished.  Dropping
+    never queries (it may happen inside a graph capture, which a query would invalidate); torch's
+    (record_stream) and captured events are destroyed at once."""
     import gc
     import weakref
 
     from epcomm import _cuda
     from epcomm import event as E_
-    done, destroyed = set(), []
-    monkeypatch.setattr(_cuda, "event_query", lambda e: e in done)
+    done, destroyed, queried = set(), [], []
+
+    def query(e):
+        queried.append(e)
+        if e == 13:
+            raise RuntimeError("capture invalidated")
+        return e in done
+
+    monkeypatch.setattr(_cuda, "event_query", query)
     monkeypatch.setattr(_cuda, "event_destroy", destroyed.append)
     monkeypatch.setattr(E_, "_DEFERRED", [])
 
     class Arr:
         pass
 
-    a, b = Arr(), Arr()
-    wa, wb = weakref.ref(a), weakref.ref(b)
-    e7 = E_.EventOverlap(7, "cupy", 0, extra=[a])
-    e8 = E_.EventOverlap(8, "cupy", 0, extra=[b])
-    done.add(8)  # 8 finished before it was dropped: destroyed at once
-    del a, b, e7, e8
+    a, b, c, d = Arr(), Arr(), Arr(), Arr()
+    wa, wb, wc, wd = (weakref.ref(o) for o in (a, b, c, d))
+    e7 = E_.EventOverlap(7, "cupy", 0, extra=[a], capture=0)
+    e8 = E_.EventOverlap(8, "torch", 0, extra=[b], capture=0)   # record_stream covers torch
+    e9 = E_.EventOverlap(9, "cupy", 0, extra=[c], capture=3)    # recorded in a capture
+    e13 = E_.EventOverlap(13, "jax", 0, extra=[d], capture=0)
+    del a, b, c, d, e7, e8, e9, e13
     gc.collect()
-    assert wa() is not None and wb() is None and destroyed == [8]
-    e9 = E_.EventOverlap(9, "cupy", 0, extra=[])   # another async call: 7 still pending
-    assert wa() is not None and destroyed == [8] and E_._DEFERRED[0][0] == 7
+    assert queried == [] and destroyed == [8, 9]
+    assert wa() is not None and wb() is None and wc() is None and wd() is not None
+    E_.release_finished()  # 7 pending; 13's query fails: no proof it finished, kept
+    assert wa() is not None and wd() is not None and destroyed == [8, 9]
     done.add(7)
-    e10 = E_.EventOverlap(10, "cupy", 0, extra=[])
+    E_.release_finished()
     gc.collect()
-    assert wa() is None and destroyed == [8, 7] and E_._DEFERRED == []
-    del e9, e10
+    assert wa() is None and wd() is not None and destroyed == [8, 9, 7] and [e for e, _ in E_._DEFERRED] == [13]
+
+
+def test_wait_for_skips_only_an_event_known_to_be_from_outside_the_capture(monkeypatch):
+    from epcomm import _cuda
+    from epcomm import event as E_
+    waits = []
+    monkeypatch.setattr(_cuda, "stream_wait_event", lambda s, e: waits.append((s, e)))
+    EO = E_.EventOverlap
+    assert not E_.wait_for(1, None, 0) and not E_.wait_for(1, EO(None), 5)
+    for ev, cap, expect in ((EO(10, owned=False, capture=0), 0, True), (EO(11, owned=False, capture=5), 0, True),
+                            (EO(12, owned=False, capture=0), 5, False), (EO(13, owned=False, capture=4), 5, False),
+                            (EO(14, owned=False, capture=5), 5, True), (EO(15, owned=False), 5, True)):
+        assert E_.wait_for(1, ev, cap) is expect, (ev.event, cap)
+    assert waits == [(1, 10), (1, 11), (1, 14), (1, 15)]
+
+
+def test_a_constructor_that_fails_frees_what_it_made(monkeypatch):
+    """Buffer.__init__: low-latency arguments are checked before the NVLink buffer exists, and
+    a later failure frees what was made (NVLink state, events, error record; streams kept)."""
+    import contextlib
+
+    from epcomm import _cuda
+    from epcomm import buffer as B
+    from epcomm import low_latency as LLm
+    made = {"intra": 0, "intra_freed": 0, "events": 0, "events_freed": 0, "err_freed": 0}
+    for name, fn in (("init", lambda: 1), ("current_device", lambda: 0),
+                     ("on_device", lambda d: contextlib.nullcontext()),
+                     ("stream_create", lambda *a: 500), ("pci_bus_id", lambda d: "0000:01:00.0"),
+                     ("event_create", lambda *a: made.__setitem__("events", made["events"] + 1) or 9),
+                     ("event_destroy", lambda e: made.__setitem__("events_freed", made["events_freed"] + 1))):
+        monkeypatch.setattr(_cuda, name, fn)
+
+    class Err:
+        def __init__(self, dev):
+            pass
+
+        def free(self):
+            made["err_freed"] += 1
+
+    class Intra:
+        def __init__(self, buf, n):
+            made["intra"] += 1
+
+        def free(self):
+            made["intra_freed"] += 1
+
+    class G:
+        rank, size = 0, 2
+
+        def allgather_bytes(self, b):
+            return [b, b]
+
+        def broadcast_bytes(self, b, root=0):
+            return b
+
+        def barrier(self):
+            pass
+
+    monkeypatch.setattr(B, "ErrorState", Err)
+    monkeypatch.setattr(B, "_IntraState", Intra)
+    monkeypatch.setattr(B, "_SPARE_STREAMS", {})
+    monkeypatch.setenv("EPCOMM_SHARE_GPU", "1")
+    with pytest.raises(ValueError, match="num_rdma_bytes > 0"):
+        B.Buffer(G(), 1 << 20, 0, low_latency_mode=True)
+    assert made["intra"] == 0 and made["events"] == made["events_freed"] == 3 and made["err_freed"] == 1
+    assert B._SPARE_STREAMS[0] == [500, 500]
+
+    def broken(self, buf, n):
+        raise RuntimeError("NVSHMEM could not map the heap")
+
+    monkeypatch.setattr(LLm.LowLatencyState, "__init__", broken)
+    with pytest.raises(RuntimeError, match="could not map"):
+        B.Buffer(G(), 1 << 20, 1 << 20, low_latency_mode=True)
+    assert made["intra"] == made["intra_freed"] == 1 and made["events_freed"] == 6 and made["err_freed"] == 2
+    assert not any(isinstance(b, B.Buffer) and b.group.__class__ is G for b in B._LIVE_BUFFERS)

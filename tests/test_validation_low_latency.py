@@ -15,7 +15,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from epcomm import interop  # noqa: E402
+import epcomm  # noqa: E402
 from epcomm import buffer as Bm  # noqa: E402
+from epcomm import event as Em  # noqa: E402
 from epcomm import low_latency as LLm  # noqa: E402
 from epcomm.buffer import Buffer  # noqa: E402
 from epcomm.errors import BufferStateError  # noqa: E402
@@ -48,8 +50,10 @@ class _Rig:
     def __init__(self, monkeypatch):
         self.log = []
         self.capturing = set()      # streams in a CUDA-graph capture
+        self.capture = 42           # its id
         self.recorded_on = {}       # event -> stream it was last recorded on
         self.launch_streams = []    # (stream, capturing) of each launch
+        self.waits = []             # (stream, event) of each stream wait
         rig = self
 
         class _Cuda:
@@ -59,6 +63,9 @@ class _Rig:
 
             def stream_is_capturing(self, s):
                 return s in rig.capturing
+
+            def capture_id(self, s):
+                return rig.capture if s in rig.capturing else 0
 
             def memset_d8_async(self, ptr, value, nbytes, stream):
                 rig.log.append(("memset", ptr, nbytes))
@@ -70,12 +77,16 @@ class _Rig:
                 rig.recorded_on[ev] = s
 
             def stream_wait_event(self, s, ev):
+                rig.waits.append((s, ev))
                 # CUDA's rule: a stream that waits for an event recorded in a capture joins it.
                 if rig.recorded_on.get(ev) in rig.capturing:
                     rig.capturing.add(s)
 
             def device_sync(self):
                 rig.log.append(("device_sync",))
+
+            def event_sync(self, ev):
+                pass
 
             def event_create(self):
                 return 1
@@ -92,6 +103,8 @@ class _Rig:
         cuda = _Cuda()
         monkeypatch.setattr(LLm, "_cuda", cuda)
         monkeypatch.setattr(Bm, "_cuda", cuda)  # Buffer._begin orders the comm stream
+        monkeypatch.setattr(Em, "_cuda", cuda)  # event.wait_for
+        monkeypatch.setattr(epcomm, "_cuda", cuda)  # `from . import _cuda` inside functions (interop)
         monkeypatch.setattr(LLm, "launch", launch)
         monkeypatch.setattr(LLm.loader, "load", lambda spec, dev: FakeModule())
         monkeypatch.setattr(LowLatencyState, "_allow_smem", lambda self, *a: None)
@@ -501,3 +514,56 @@ def test_a_dispatch_captured_first_leaves_no_fast_path_that_skips_zeroing(rig, m
     b.low_latency_dispatch(x, topk, 8, E, use_fp8=False)  # slot 0, eager: zeroes, then plans
     assert ("memset", res.tok_meta[1].ptr, res.tok_meta[1].nbytes) in rig.log
     assert not res.fresh and any(k[0] == "d" and k[-1] == 0 for k in st._plans)
+
+
+def test_inside_a_capture_an_event_from_before_it_is_not_waited_for(rig, monkeypatch):
+    """Waiting for an event recorded before a capture from a stream in the capture invalidates
+    it: a known pre-capture previous_event is skipped (it orders nothing in the graph), also in
+    the capture's later calls, whose comm stream is already in it, and in the int32 widening."""
+    b, st = rig.buffer()
+    monkeypatch.setenv("EPCOMM_CHECK_INDICES", "0")
+    monkeypatch.setattr(LowLatencyState, "_event", lambda self, fw, *a: EventOverlap(None, fw, 0))
+    x, topk, w = _inputs()
+    pre = EventOverlap(55, "torch", 0, owned=False, capture=0)
+    rig.capturing.add(0)
+    for idx in (topk, topk.to(torch.int32)):
+        for _ in range(2):  # the second call finds the comm stream in the capture already
+            b.low_latency_dispatch(x, idx, 8, E, use_fp8=False, async_finish=True, previous_event=pre)
+            assert rig.launch_streams[-1] == (b._stream, True)
+    assert not any(ev == 55 for _, ev in rig.waits)
+    # An event of this capture is waited for; one of unknown origin too (the caller's promise).
+    for ev in (EventOverlap(56, "torch", 0, owned=False, capture=rig.capture),
+               EventOverlap(57, "torch", 0, owned=False)):
+        b.low_latency_dispatch(x, topk, 8, E, use_fp8=False, async_finish=True, previous_event=ev)
+        assert (b._stream, ev.event) in rig.waits
+    # Outside a capture the pre-capture event is waited for as usual.
+    rig.capturing.clear()
+    b.low_latency_dispatch(x, topk, 8, E, use_fp8=False, async_finish=True, previous_event=pre)
+    assert rig.waits[-1] == (b._stream, 55)
+
+
+def test_receive_hooks_refuse_after_destroy_and_keep_the_stats_alive(rig):
+    import gc
+    import weakref
+    b, st = rig.buffer()
+    x, topk, w = _inputs()
+    stats = torch.zeros(E // 2, dtype=torch.int32)
+    ws = weakref.ref(stats)
+    _, _, h, _, hook = b.low_latency_dispatch(x, topk, 8, E, use_fp8=False, return_recv_hook=True,
+                                              cumulative_local_expert_recv_stats=stats)
+    del stats
+    gc.collect()
+    assert ws() is not None  # the receive adds into it: kept until the hook is gone
+    hook()
+    y = torch.zeros(E // 2, 2 * 8, H, dtype=torch.bfloat16)
+    _, _, h2, _, dhook = b.low_latency_dispatch(x, topk, 8, E, use_fp8=False, return_recv_hook=True)
+    _, _, chook = b.low_latency_combine(y, topk, w, h, return_recv_hook=True)
+    n = len(rig.launches())
+    b._destroyed = True  # what destroy() leaves (its heap, control words and error record freed)
+    for hk in (dhook, chook):
+        with pytest.raises(BufferStateError, match="the Buffer was destroyed"):
+            hk()
+    assert len(rig.launches()) == n
+    del hook
+    gc.collect()
+    assert ws() is None
