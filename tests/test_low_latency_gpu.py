@@ -713,7 +713,7 @@ def test_low_latency_buffers_of_growing_size_in_one_process():
     res = spawn.run(_buffers_worker, _world(), timeout=240)
     for rank, r in enumerate(res):
         bad = {k: v for k, v in r.items() if v != "ok"}
-        assert not bad and len(r) == 5, f"rank {rank}: {r}"
+        assert not bad and len(r) == 4, f"rank {rank}: {r}"  # the four rounds (a failed Buffer adds its entry)
 
 
 def _shape_mismatch_worker(rank, world, group):
