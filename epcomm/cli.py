@@ -1,4 +1,4 @@
-"""The ``epcomm`` command: ``warmup``, ``info``, ``selftest``, ``bench``."""
+"""The ``epcomm`` command: ``warmup``, ``info``, ``cache``, ``selftest``, ``bench``."""
 from __future__ import annotations
 
 import argparse
