@@ -42,7 +42,7 @@ def _batches(fn, calls: int, batches: int, sync, name: str = "") -> float:
     return ts[len(ts) // 2]
 
 
-def _worker(rank, world, group, T, H, K, E, calls, batches):
+def _worker(rank, world, group, T, H, K, E, calls, batches, profile=False):
     import torch
 
     import epcomm
@@ -138,7 +138,7 @@ def _worker(rank, world, group, T, H, K, E, calls, batches):
     parts["torch: one.zero_() (torch's own launch path)"] = _batches(one.zero_, calls, batches, sync)
     parts["ll._fast_dispatch"] = _batches(lambda: ll._fast_dispatch(x, topk, T, E, True, False, False), calls,
                                           batches, sync)
-    if os.environ.get("HOST_OVERHEAD_PROFILE"):
+    if profile:
         import cProfile
         import pstats
         state["h"] = disp()[2]
@@ -185,9 +185,10 @@ def main() -> int:
     ap.add_argument("--calls", type=int, default=100, help="calls per timed batch")
     ap.add_argument("--batches", type=int, default=21)
     ap.add_argument("--json")
+    ap.add_argument("--profile", action="store_true", help="also print a cProfile of 500 combine+dispatch pairs")
     a = ap.parse_args()
     os.environ["EPCOMM_CHECK_INDICES"] = "0"  # as `epcomm bench`: the fast paths need it off
-    from epcomm import spawn
+    from epcomm import envs, spawn
     n = a.gpus
     if n <= 0:
         import torch
@@ -195,7 +196,7 @@ def main() -> int:
     if n < 1:
         print("host_overhead.py needs a GPU", file=sys.stderr)
         return 2
-    res = spawn.run(_worker, n, a.tokens, a.hidden, a.topk, a.experts, a.calls, a.batches, timeout=300)
+    res = spawn.run(_worker, n, a.tokens, a.hidden, a.topk, a.experts, a.calls, a.batches, a.profile, timeout=300)
     for r in res:
         print(f"rank {r['rank']}/{r['world']}: median: dispatch {r['dispatch_us']:.2f} us, combine "
               f"{r['combine_us']:.2f} us (combine + dispatch {r['combine_plus_dispatch_us']:.2f} us); fastest batch: "
@@ -204,7 +205,7 @@ def main() -> int:
             print(f"    {k:48s} {v if isinstance(v, str) else f'{v:7.2f} us'}")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"commit": os.environ.get("EPCOMM_GIT_COMMIT", ""), "ranks": res}, f, indent=1)
+            json.dump({"commit": envs.GIT_COMMIT.get(), "ranks": res}, f, indent=1)
     return 0
 
 
