@@ -45,53 +45,32 @@ def check_event(previous_event) -> None:
                         f"got {type(previous_event).__name__}")
 
 
-def index_range(obj, framework: str) -> tuple[int, int] | None:
-    """(min, max) of an integer array on the host, via its own framework (a GPU sync)."""
-    if framework == "torch":
-        if obj.numel() == 0:
-            return None
-        lo, hi = obj.aminmax()
-        return int(lo), int(hi)
-    if framework == "cupy":
-        if obj.size == 0:
-            return None
-        return int(obj.min()), int(obj.max())
-    if framework == "jax":
-        if obj.size == 0:
-            return None
-        import jax.numpy as jnp
-        return int(jnp.min(obj)), int(jnp.max(obj))
+def to_host(obj, framework: str):
+    """A NumPy copy of an array of any framework (for a device array: one copy and one sync)."""
     import numpy as np
-    a = np.asarray(obj)
+    if framework == "torch":
+        return obj.detach().cpu().numpy()
+    if framework == "cupy":
+        return obj.get()
+    return np.asarray(obj)
+
+
+def index_range(a) -> tuple[int, int] | None:
+    """(min, max) of a NumPy integer array, None if it is empty."""
     if a.size == 0:
         return None
     return int(a.min()), int(a.max())
 
 
-def first_repeated_expert(obj, framework: str) -> int | None:
-    """Index of the first row of a [N, K] index array that lists an expert (>= 0) twice, or
-    None (a GPU sync)."""
-    if framework == "torch":
-        import torch
-        if obj.numel() == 0 or obj.shape[1] < 2:
-            return None
-        srt = obj.sort(dim=1).values
-        dup = ((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any(dim=1).to(dtype=obj.dtype)
-        t = int(torch.where(dup.any(), dup.argmax(), -1))  # one device sync
-        return None if t < 0 else t
-    if framework == "cupy":
-        import cupy as xp
-    elif framework == "jax":
-        import jax.numpy as xp
-    else:
-        import numpy as xp
-        obj = xp.asarray(obj)
-    if obj.size == 0 or obj.shape[1] < 2:
+def first_repeated_expert(a) -> int | None:
+    """Index of the first row of a NumPy [N, K] index array that lists an expert (>= 0) twice,
+    or None."""
+    import numpy as np
+    if a.size == 0 or a.shape[1] < 2:
         return None
-    srt = xp.sort(obj, axis=1)
+    srt = np.sort(a, axis=1)
     dup = ((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any(axis=1)
-    t = int(xp.where(dup.any(), xp.argmax(dup), -1))  # one device sync
-    return None if t < 0 else t
+    return int(np.argmax(dup)) if dup.any() else None
 
 
 def check_topk_indices(obj, framework: str, num_experts: int, name: str = "topk_idx",
@@ -110,7 +89,10 @@ def check_topk_indices(obj, framework: str, num_experts: int, name: str = "topk_
         return
     if previous_event is not None:
         previous_event.synchronize()
-    r = index_range(obj, framework)
+    # One copy to the host (one device sync), then every check there: cheaper than a sync per
+    # reduction, and the indices are small (N x K).
+    a = to_host(obj, framework)
+    r = index_range(a)
     if r is None:
         return
     lo, hi = r
@@ -119,7 +101,7 @@ def check_topk_indices(obj, framework: str, num_experts: int, name: str = "topk_
         raise ValueError(f"{name} holds expert index {bad}, outside [-1, {num_experts}) "
                          f"(num_experts={num_experts}); -1 marks an unused slot")
     if unique:
-        t = first_repeated_expert(obj, framework)
+        t = first_repeated_expert(a)
         if t is not None:
             raise ValueError(f"{name} row {t} lists the same expert twice; each expert may appear once per token "
                              f"(-1 marks unused slots)")
