@@ -46,6 +46,7 @@ import time
 import numpy as np
 
 from . import envs, spawn
+from .testing import bit_mismatch
 
 DEFAULT_SMS = (8, 12, 16, 24, 32)
 FP8_GROUP = 128
@@ -637,24 +638,8 @@ def _diff(name: str, got, exp) -> list[str]:
     if not isinstance(got, np.ndarray):
         import torch
         got = _to_numpy(torch, got)
-    got, exp = np.ascontiguousarray(got), np.ascontiguousarray(np.asarray(exp))
-    if got.shape != exp.shape:
-        return [f"{name}: shape {got.shape}, expected {exp.shape}"]
-    if got.dtype.kind in "iub" and exp.dtype.kind in "iub":
-        ne = got.astype(np.int64) != exp.astype(np.int64)
-    elif got.dtype.itemsize == exp.dtype.itemsize:
-        it = np.dtype(_INT_OF_WIDTH[got.dtype.itemsize])
-        if got.dtype != exp.dtype:  # e.g. e4m3 bytes as uint8: show both as bits
-            got, exp = got.view(it), exp.view(it)
-        ne = got.view(it) != exp.view(it)
-    else:
-        return [f"{name}: dtype {got.dtype}, expected {exp.dtype}"]
-    n = int(ne.sum())
-    if not n:
-        return []
-    first = tuple(int(v) for v in np.argwhere(ne)[0])
-    return [f"{name}: {n} of {ne.size} elements differ (first at {first}: got {got[first]}, "
-            f"expected {exp[first]})"]
+    bad = bit_mismatch(name, got, exp)
+    return [bad] if bad else []
 
 
 def _verdict(problems: list[str]) -> str:

@@ -94,3 +94,27 @@ def random_bf16(rng: np.random.Generator, shape, scale=1.0) -> np.ndarray:
     if a.size and not np.any(a.astype(np.float32)):
         raise ValueError(f"scale={scale} is so small that every bfloat16 value is zero")
     return a
+
+
+_UINT_OF_WIDTH = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+def bit_mismatch(name: str, got, want) -> str | None:
+    """None if two host arrays are equal bit for bit (bf16/e4m3 included; integer arrays of
+    different widths, e.g. JAX's int32 without x64, compared by value), else one line: how many
+    elements differ and the first.  Used by the GPU tests and the benchmark's checks."""
+    got, want = np.ascontiguousarray(np.asarray(got)), np.ascontiguousarray(np.asarray(want))
+    if got.shape != want.shape:
+        return f"{name}: shape {got.shape}, expected {want.shape}"
+    if got.dtype.kind in "iub" and want.dtype.kind in "iub":
+        ne = got.astype(np.int64) != want.astype(np.int64)
+    elif got.dtype.itemsize == want.dtype.itemsize:
+        ne = got.view(_UINT_OF_WIDTH[got.dtype.itemsize]) != want.view(_UINT_OF_WIDTH[want.dtype.itemsize])
+    else:
+        return f"{name}: dtype {got.dtype}, expected {want.dtype}"
+    n = int(ne.sum())
+    if not n:
+        return None
+    first = tuple(int(v) for v in np.argwhere(ne)[0])
+    return (f"{name}: {n} of {ne.size} elements differ from the reference (first at {list(first)}: got "
+            f"{got[first]}, expected {want[first]})")

@@ -151,13 +151,9 @@ def bits(a):
 
 
 def assert_bits(name, got, want):
-    got, want = np.asarray(got), np.asarray(want)
-    if got.dtype.kind in "iu" and want.dtype.kind in "iu" and got.dtype != want.dtype:
-        got, want = got.astype(np.int64), want.astype(np.int64)  # e.g. JAX without x64: int32
-    g, w = bits(got), bits(want)
-    assert g.shape == w.shape, f"{name}: shape {g.shape} != reference {w.shape}"
-    bad = np.argwhere(g != w)
-    assert bad.size == 0, f"{name}: {len(bad)} elements differ from the reference, first at {bad[0].tolist()}"
+    from epcomm.testing import bit_mismatch
+    bad = bit_mismatch(name, got, want)
+    assert bad is None, bad
 
 
 def assert_every_rank_ok(res):

@@ -516,7 +516,7 @@ def test_diff_and_check_records():
     assert bench._diff("a", a, a.astype(np.int64)) == []   # integers of different widths: by value
     b = a.copy()
     b[1, 2] = 0
-    assert bench._diff("a", b, a) == ["a: 1 of 6 elements differ (first at (1, 2): got 0, expected 5)"]
+    assert bench._diff("a", b, a) == ["a: 1 of 6 elements differ from the reference (first at [1, 2]: got 0, expected 5)"]
     assert bench._diff("a", a[:1], a)[0].startswith("a: shape")
     f = np.array([0.0, np.nan], dtype=np.float32)
     assert bench._diff("f", f, f.copy()) == [] and bench._diff("f", -f, f) != []  # bitwise: -0 != +0

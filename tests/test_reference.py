@@ -959,3 +959,19 @@ def test_dispatch_count_list_counts_top_k_slots_like_the_layout(align):
         want = (want + align - 1) // align * align
         assert res[d].num_recv_tokens_per_expert_list == [int(c) for c in want]
     assert res[1].num_recv_tokens_per_expert_list[:2] == ([4, 1] if align == 1 else [4, 4])
+
+
+def test_bit_mismatch_compares_bits_and_integer_values():
+    import ml_dtypes
+
+    from epcomm.testing import bit_mismatch
+    a = np.array([1.0, -0.0, 2.5], dtype=ml_dtypes.bfloat16)
+    assert bit_mismatch("x", a, a.copy()) is None
+    b = a.copy()
+    b[1] = 0.0  # equal as numbers, not as bits
+    assert "1 of 3 elements differ" in bit_mismatch("x", b, a) and "[1]" in bit_mismatch("x", b, a)
+    assert bit_mismatch("i", np.array([3, -1], np.int32), np.array([3, -1], np.int64)) is None
+    assert "shape" in bit_mismatch("s", np.zeros((2, 3)), np.zeros((3, 2)))
+    assert "dtype" in bit_mismatch("d", np.zeros(2, np.float32), np.zeros(2, np.float64))
+    n = np.array([np.nan], np.float32)
+    assert bit_mismatch("n", n, n.copy()) is None  # the same NaN bits are equal
