@@ -114,7 +114,8 @@ EPCOMM_DEVICE void prof_stamp(const IntraParams& p, int kernel, int which) {
 
 // An expert index outside [-1, E): skipped like -1 by the dispatch, and recorded for the host's
 // next check, as the layout kernel does (a caller may pass a layout computed elsewhere, and the
-// host check is off in production).  The first one wins the record.
+// host check is off in production).  The first one wins the record.  Only tokens that go to some
+// rank are read here: one whose every entry is -1 or bad is seen by the layout kernel alone.
 EPCOMM_DEVICE void note_bad_index(const IntraParams& p, i64 e, int t) {
   if (e < -1 || e >= p.num_experts)
     report_error(p.err, kErrBadInput, -1, kPhaseDispatch, t, -1, static_cast<u64>(p.num_experts),

@@ -144,9 +144,25 @@ def capture_id(s: int) -> int:
     d = drv()
     r = d.cuStreamGetCaptureInfo(d.CUstream(s))
     check((r[0],), "cuStreamGetCaptureInfo")
-    if r[1] != d.CUstreamCaptureStatus.CU_STREAM_CAPTURE_STATUS_ACTIVE:
+    st = d.CUstreamCaptureStatus
+    if r[1] == st.CU_STREAM_CAPTURE_STATUS_NONE:
         return 0
+    if r[1] != st.CU_STREAM_CAPTURE_STATUS_ACTIVE:
+        return -1  # an invalidated capture: still "capturing" (no host syncs; its end reports it)
     return int(r[2])
+
+
+@contextlib.contextmanager
+def relaxed_capture_mode():
+    """Let this thread make calls that a capture in global mode (torch's default) forbids, such
+    as event queries, while another stream or thread captures (as PyTorch does for its own)."""
+    d = drv()
+    mode = d.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_RELAXED
+    prev = check(d.cuThreadExchangeStreamCaptureMode(mode), "cuThreadExchangeStreamCaptureMode")
+    try:
+        yield
+    finally:
+        d.cuThreadExchangeStreamCaptureMode(prev)
 
 
 def stream_is_capturing(s: int) -> bool:

@@ -17,9 +17,10 @@ def get_dispatch_layout(topk_idx, num_experts: int, num_ranks: int, *, num_ranks
         num_ranks: R.
         num_ranks_per_node: ranks per NVLink node; with R above it, per-node counts are returned.
         stream: raw CUDA stream handle to run on (default: the framework's current stream).
-            The outputs are allocated on it (torch, CuPy); it must be ordered after the work
-            that writes topk_idx, and the host index check (EPCOMM_CHECK_INDICES) reads
-            topk_idx on the current stream.
+            It must be ordered after the work that writes topk_idx (the host index check,
+            EPCOMM_CHECK_INDICES, reads topk_idx on the current stream), and the caller orders
+            its readers of the outputs after it.  torch outputs are recorded on it
+            (record_stream); CuPy outputs are allocated on it.
 
     Returns ``(num_tokens_per_rank int32 [R], num_tokens_per_rdma_rank int32 [R/8] or None,
     num_tokens_per_expert int32 [E], is_token_in_rank bool [N, R])`` in the caller's framework.
@@ -49,13 +50,19 @@ def get_dispatch_layout(topk_idx, num_experts: int, num_ranks: int, *, num_ranks
         check_topk_indices(tr.obj, fw, num_experts, capturing=_cuda.stream_is_capturing(s))
         N = tr.shape[0]
         with _on_stream(fw, dev, s, stream is not None):
-            # Allocated on `s`, which writes them: a caller that drops one at once (an unused
-            # output) must not hand its memory to work on another stream before `s` is done.
             mk = lambda shape, dt: interop.empty(fw, shape, dt, "cuda", dev)  # noqa: E731
             rank_o = mk((num_ranks,), "int32")
             rdma_o = mk((num_nodes,), "int32") if num_nodes else None
             exp_o = mk((num_experts,), "int32")
             in_o = mk((N, num_ranks), "bool")
+        if stream is not None and fw == "torch" and s != interop.current_stream(fw, dev):
+            # Written on `s`, read on the caller's stream: torch's allocator must wait for both
+            # before reusing one (a caller may drop an unused output at once).
+            import torch
+            es = torch.cuda.ExternalStream(s, device=dev)
+            for o in (rank_o, rdma_o, exp_o, in_o):
+                if o is not None:
+                    interop.record_stream(o[0], es)
         K_layout.launch_layout(s, dev, tr, num_experts, num_ranks, num_nodes, num_ranks_per_node, rank_o[1],
                                rdma_o[1] if rdma_o else None, exp_o[1], in_o[1], err.dev_ptr)
         if widen_s != s:
@@ -70,12 +77,11 @@ def get_dispatch_layout(topk_idx, num_experts: int, num_ranks: int, *, num_ranks
 
 
 def _on_stream(fw: str, dev: int, s: int, explicit: bool):
-    """A context in which ``fw`` allocates on raw stream ``s`` (torch, CuPy), or a no-op."""
+    """CuPy, with an explicit stream: a context in which CuPy allocates on raw stream ``s``,
+    which writes the outputs (CuPy has no record_stream; the caller's consumers must then be
+    done before ``s`` allocates again).  Otherwise a no-op (torch: record_stream, see above)."""
     import contextlib
-    if not explicit or fw not in ("torch", "cupy"):
+    if not explicit or fw != "cupy":
         return contextlib.nullcontext()
-    if fw == "torch":
-        import torch
-        return torch.cuda.stream(torch.cuda.ExternalStream(s, device=dev))
     import cupy
     return cupy.cuda.ExternalStream(s, device_id=dev)

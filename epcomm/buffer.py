@@ -107,9 +107,17 @@ class _IntraState:
         dev = buf.device_id
         self.peers: list[int] = [0] * R
         self.opened: list[int] = []
-        self.base = self.ctrl = 0
+        self.base = self.ctrl = self.prof = 0
         self.host_info = 0
         self.host_info_dev = 0
+        try:
+            self._setup(buf, lay, dev, R)
+        except BaseException:
+            with _cuda.on_device(dev):
+                self.free()  # what was made so far: memory, pinned words, peers' mappings
+            raise
+
+    def _setup(self, buf: "Buffer", lay, dev: int, R: int) -> None:
         with _cuda.on_device(dev):
             self.base = _cuda.mem_alloc(lay.total_bytes)
             s = buf._stream
@@ -407,10 +415,12 @@ class Buffer:
                               f"({type(e).__name__}: {e}); releasing the memory anyway (a peer that still "
                               f"writes into it would fault)", RuntimeWarning, stacklevel=2)
             self._free_local()
+            event_mod.release_finished()  # the device is idle: CuPy/JAX arrays of dropped events go
 
     def _free_local(self) -> None:
-        """Release what this process holds (no collective): destroy()'s end, and what a
-        constructor that raised had made so far."""
+        """Release what this process holds: destroy()'s end (after its barrier), and what a
+        constructor that raised had made so far (then without the symmetric heap, whose free is
+        collective: see LowLatencyState.free)."""
         if self._intra is not None:
             self._intra.free()
             self._intra = None

@@ -13,21 +13,32 @@ _DEFERRED: list = []
 
 
 def release_finished() -> None:
-    """Drop the deferred objects whose operation finished.  Call only outside graph capture."""
+    """Drop the deferred objects whose operation finished.  Call only where this thread is not
+    capturing (the queries run in relaxed capture mode, so another thread's capture survives)."""
+    n = len(_DEFERRED)
+    if not n:
+        return
+    # Taken out first: another thread calling this meanwhile sees none of them twice.
+    items = _DEFERRED[:n]
+    del _DEFERRED[:n]
     keep = []
-    for ev, extra in _DEFERRED:
-        try:
-            done = _cuda.event_query(ev)
-        except Exception:
-            done = False  # an error is no proof the kernels stopped reading: keep them
-        if done:
-            try:
-                _cuda.event_destroy(ev)
-            except Exception:
-                pass
-        else:
-            keep.append((ev, extra))
-    _DEFERRED[:] = keep
+    try:
+        with _cuda.relaxed_capture_mode():
+            for ev, extra in items:
+                try:
+                    done = _cuda.event_query(ev)
+                except Exception:
+                    done = False  # an error is no proof the kernels stopped reading: keep them
+                if done:
+                    try:
+                        _cuda.event_destroy(ev)
+                    except Exception:
+                        pass
+                else:
+                    keep.append((ev, extra))
+    except Exception:
+        keep = items  # the mode switch failed: keep everything for a later call
+    _DEFERRED.extend(keep)
 
 
 def wait_for(stream: int, previous_event: "EventOverlap | None", capture: int) -> bool:
@@ -35,10 +46,13 @@ def wait_for(stream: int, previous_event: "EventOverlap | None", capture: int) -
     True if it did.  ``capture``: the capture id of the call (its caller's stream; 0 for none).
     Inside a capture an event known to be recorded outside it is skipped: it is complete before
     any replay, so it orders nothing in the graph, and waiting for it from a capturing stream
-    would invalidate the capture.  An event of unknown origin is waited for."""
+    would invalidate the capture.  Outside a capture an event recorded in one is skipped too
+    (the driver refuses the wait).  An event of unknown origin is waited for."""
     if previous_event is None or previous_event.event is None:
         return False
-    if capture and previous_event.capture is not None and previous_event.capture != capture:
+    if previous_event.capture is not None and previous_event.capture != capture:
+        # Recorded outside this capture (before it) or in another one (which the driver will
+        # not let an outside stream wait for; its replays order themselves).
         return False
     _cuda.stream_wait_event(stream, previous_event.event)
     return True
@@ -99,9 +113,11 @@ class EventOverlap:
 
     def synchronize(self) -> None:
         """Block the host until the operation finished."""
-        if self.event is not None:
+        if self.event is not None and self.capture in (None, 0):  # a captured event: nothing ran
             with _cuda.on_device(self.device_id):
                 _cuda.event_sync(self.event)
+                if _DEFERRED and not _cuda.capture_id(interop.current_stream(self.framework, self.device_id)):
+                    release_finished()
 
     def query(self) -> bool:
         return self.event is None or _cuda.event_query(self.event)

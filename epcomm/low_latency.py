@@ -128,9 +128,11 @@ class LowLatencyState:
         try:
             self._setup(buf, num_rdma_bytes)
         except BaseException:
-            # A half-made state (e.g. NVSHMEM could not map the heap) frees what it holds.
+            # A half-made state frees its private memory.  Not the symmetric heap: its free is
+            # collective (a barrier), which the peers, stuck elsewhere or gone, would never
+            # join; it stays until NVSHMEM is finalised.
             with _cuda.on_device(buf.device_id):
-                self.free()
+                self.free(collective=False)
             raise
 
     def _setup(self, buf, num_rdma_bytes: int) -> None:
@@ -762,7 +764,9 @@ class LowLatencyState:
         self._disp_pending = [False, False]
         self._comb_pending = [False, False]
 
-    def free(self) -> None:
+    def free(self, collective: bool = True) -> None:
+        """Free the control words and profile stamps, and with ``collective`` (every rank
+        calls it: Buffer.destroy) the symmetric heap."""
         from . import nvshmem_runtime as nvr
         for ptr in (self.ctrl, self.prof):
             try:
@@ -771,6 +775,8 @@ class LowLatencyState:
             except Exception:
                 pass
         self.ctrl = self.prof = 0
+        if not collective:
+            return
         try:
             if self.heap_obj is not None:
                 nvr.free(self.heap_obj)

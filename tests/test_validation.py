@@ -728,6 +728,7 @@ def test_a_dropped_pending_event_keeps_its_arrays_until_the_operation_finished(m
     dropping the EventOverlap early keeps them until the operation is seen finished.  Dropping
     never queries (it may happen inside a graph capture, which a query would invalidate); torch's
     (record_stream) and captured events are destroyed at once."""
+    import contextlib
     import gc
     import weakref
 
@@ -743,6 +744,7 @@ def test_a_dropped_pending_event_keeps_its_arrays_until_the_operation_finished(m
 
     monkeypatch.setattr(_cuda, "event_query", query)
     monkeypatch.setattr(_cuda, "event_destroy", destroyed.append)
+    monkeypatch.setattr(_cuda, "relaxed_capture_mode", contextlib.nullcontext)
     monkeypatch.setattr(E_, "_DEFERRED", [])
 
     class Arr:
@@ -773,11 +775,11 @@ def test_wait_for_skips_only_an_event_known_to_be_from_outside_the_capture(monke
     monkeypatch.setattr(_cuda, "stream_wait_event", lambda s, e: waits.append((s, e)))
     EO = E_.EventOverlap
     assert not E_.wait_for(1, None, 0) and not E_.wait_for(1, EO(None), 5)
-    for ev, cap, expect in ((EO(10, owned=False, capture=0), 0, True), (EO(11, owned=False, capture=5), 0, True),
+    for ev, cap, expect in ((EO(10, owned=False, capture=0), 0, True), (EO(11, owned=False, capture=5), 0, False),
                             (EO(12, owned=False, capture=0), 5, False), (EO(13, owned=False, capture=4), 5, False),
                             (EO(14, owned=False, capture=5), 5, True), (EO(15, owned=False), 5, True)):
         assert E_.wait_for(1, ev, cap) is expect, (ev.event, cap)
-    assert waits == [(1, 10), (1, 11), (1, 14), (1, 15)]
+    assert waits == [(1, 10), (1, 14), (1, 15)]
 
 
 def test_a_constructor_that_fails_frees_what_it_made(monkeypatch):
@@ -839,3 +841,87 @@ def test_a_constructor_that_fails_frees_what_it_made(monkeypatch):
         B.Buffer(G(), 1 << 20, 1 << 20, low_latency_mode=True)
     assert made["intra"] == made["intra_freed"] == 1 and made["events_freed"] == 6 and made["err_freed"] == 2
     assert not any(isinstance(b, B.Buffer) and b.group.__class__ is G for b in B._LIVE_BUFFERS)
+
+
+def test_deferred_arrays_are_released_in_relaxed_capture_mode_and_once(monkeypatch):
+    """The queries may run while another thread captures in global mode: relaxed mode keeps that
+    capture valid.  Entries are taken out before querying, so nothing is destroyed twice."""
+    import contextlib
+
+    from epcomm import _cuda
+    from epcomm import event as E_
+    modes, destroyed = [], []
+
+    @contextlib.contextmanager
+    def relaxed():
+        modes.append("relaxed")
+        yield
+
+    monkeypatch.setattr(_cuda, "relaxed_capture_mode", relaxed)
+    monkeypatch.setattr(_cuda, "event_query", lambda e: e != 2)
+    monkeypatch.setattr(_cuda, "event_destroy", destroyed.append)
+    monkeypatch.setattr(E_, "_DEFERRED", [(1, "a"), (2, "b")])
+    E_.release_finished()
+    assert modes == ["relaxed"] and destroyed == [1] and E_._DEFERRED == [(2, "b")]
+    E_.release_finished()
+    assert destroyed == [1] and E_._DEFERRED == [(2, "b")]
+
+
+def test_a_failed_low_latency_setup_does_not_free_the_heap_collectively(monkeypatch):
+    """nvshmem_free has a barrier: a rank whose setup failed (its peers stuck in another
+    collective, or gone) must not enter it.  Its private memory is freed."""
+    import contextlib
+
+    from epcomm import _cuda
+    from epcomm import low_latency as LLm
+    from epcomm import nvshmem_runtime as nvr
+    freed, heap_freed = [], []
+    monkeypatch.setattr(nvr, "init", lambda *a, **k: None)
+    monkeypatch.setattr(nvr, "alloc", lambda n: ("heap", 1 << 40))
+    monkeypatch.setattr(nvr, "free", heap_freed.append)
+    monkeypatch.setattr(_cuda, "on_device", lambda d: contextlib.nullcontext())
+    monkeypatch.setattr(_cuda, "memset_d8_async", lambda *a: None)
+    allocs = iter([77])
+
+    def mem_alloc(n):
+        try:
+            return next(allocs)
+        except StopIteration:
+            raise MemoryError("out of device memory") from None
+
+    monkeypatch.setattr(_cuda, "mem_alloc", mem_alloc)
+    monkeypatch.setattr(_cuda, "mem_free", freed.append)
+    monkeypatch.setattr(_cuda, "stream_sync", lambda s: (_ for _ in ()).throw(RuntimeError("peer gone")))
+    b = _fake_buffer(normal=False)
+    b._stream, b.group = 0, None
+    with pytest.raises(RuntimeError, match="peer gone"):
+        LLm.LowLatencyState(b, 1 << 20)
+    assert freed == [77] and heap_freed == []
+
+
+def test_a_failed_nvlink_setup_frees_what_it_made(monkeypatch):
+    import contextlib
+    import ctypes
+
+    from epcomm import _cuda
+    from epcomm import buffer as B
+    freed, host_freed, closed = [], [], []
+    ptrs = iter([100, 200])
+    for name, fn in (("on_device", lambda d: contextlib.nullcontext()), ("mem_alloc", lambda n: next(ptrs)),
+                     ("memset_d8_async", lambda *a: None), ("host_alloc_mapped", lambda n: (0, 0)),
+                     ("stream_sync", lambda s: None), ("ipc_get_handle", lambda p: b"h"),
+                     ("mem_free", freed.append), ("host_free", host_freed.append), ("ipc_close", closed.append)):
+        monkeypatch.setattr(_cuda, name, fn)
+    host = ctypes.create_string_buffer(4 * (2 + 2 + B.K_intra.MAX_LOCAL_EXPERTS))
+    monkeypatch.setattr(_cuda, "host_alloc_mapped", lambda n: (ctypes.addressof(host), 300))
+
+    def ipc_open(h):
+        raise RuntimeError("cannot map the peer's memory")
+
+    monkeypatch.setattr(_cuda, "ipc_open", ipc_open)
+    b = _fake_buffer(normal=False)
+    b._stream = 0
+    b.group = type("G", (), {"allgather_bytes": lambda self, x: [x, x], "barrier": lambda self: None})()
+    with pytest.raises(RuntimeError, match="cannot map"):
+        B._IntraState(b, 64 << 20)
+    assert sorted(freed) == [100, 200] and host_freed == [ctypes.addressof(host)]
