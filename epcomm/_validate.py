@@ -46,13 +46,18 @@ def check_event(previous_event) -> None:
 
 
 def to_host(obj, framework: str):
-    """A NumPy copy of an array of any framework (for a device array: one copy and one sync)."""
+    """A NumPy copy of an array of any framework (for a device array: one copy and one sync),
+    never a view of the caller's memory (the low-latency combine compares a later call's
+    indices with it)."""
     import numpy as np
     if framework == "torch":
-        return obj.detach().cpu().numpy()
+        a = obj.detach().cpu().numpy()
+        return a.copy() if obj.device.type == "cpu" else a
     if framework == "cupy":
         return obj.get()
-    return np.asarray(obj)
+    if framework == "jax":
+        return np.asarray(obj)  # immutable: a view cannot change
+    return np.array(obj, copy=True)
 
 
 def index_range(a) -> tuple[int, int] | None:
@@ -74,8 +79,9 @@ def first_repeated_expert(a) -> int | None:
 
 
 def check_topk_indices(obj, framework: str, num_experts: int, name: str = "topk_idx",
-                       capturing: bool = False, unique: bool = False, previous_event=None) -> None:
-    """Raise ValueError if an index is outside [-1, num_experts).
+                       capturing: bool = False, unique: bool = False, previous_event=None):
+    """Raise ValueError if an index is outside [-1, num_experts); return the host copy the
+    check read (a NumPy array), or None when the check did not run.
 
     With ``unique``, also raise if a row lists the same expert twice (the low-latency kernels
     send a token once per expert and would garble its combine).  Reading the values costs a
@@ -86,7 +92,7 @@ def check_topk_indices(obj, framework: str, num_experts: int, name: str = "topk_
     are read through the framework's current stream, which does not wait for it).
     """
     if capturing or not envs.CHECK_INDICES.get():
-        return
+        return None
     if previous_event is not None:
         previous_event.synchronize()
     # One copy to the host (one device sync), then every check there: cheaper than a sync per
@@ -94,7 +100,7 @@ def check_topk_indices(obj, framework: str, num_experts: int, name: str = "topk_
     a = to_host(obj, framework)
     r = index_range(a)
     if r is None:
-        return
+        return a
     lo, hi = r
     if lo < -1 or hi >= num_experts:
         bad = lo if lo < -1 else hi
@@ -105,31 +111,4 @@ def check_topk_indices(obj, framework: str, num_experts: int, name: str = "topk_
         if t is not None:
             raise ValueError(f"{name} row {t} lists the same expert twice; each expert may appear once per token "
                              f"(-1 marks unused slots)")
-
-
-def index_copy(obj, framework: str):
-    """A private copy of an index array (the caller may change its own in place later)."""
-    if framework == "torch":
-        return obj.clone()
-    if framework == "cupy":
-        return obj.copy()
-    if framework == "jax":
-        return obj  # immutable
-    import numpy as np
-    return np.array(obj, copy=True)
-
-
-def same_indices(a, b, framework: str) -> bool:
-    """Whether two index arrays of one framework hold the same values (any integer widths; a
-    GPU sync)."""
-    if framework == "torch":
-        import torch
-        return a.shape == b.shape and bool(torch.equal(a.to(torch.int64), b.to(torch.int64)))
-    if framework == "cupy":
-        import cupy
-        return bool(cupy.array_equal(a, b))
-    if framework == "jax":
-        import jax.numpy as jnp
-        return bool(jnp.array_equal(a, b))
-    import numpy as np
-    return bool(np.array_equal(np.asarray(a), np.asarray(b)))
+    return a

@@ -17,9 +17,11 @@ import ctypes
 import itertools
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from . import _cuda, envs, interop
 from . import event as event_mod
-from ._validate import check_bool, check_event, check_int, check_topk_indices, index_copy, same_indices
+from ._validate import check_bool, check_event, check_int, check_topk_indices
 from .errors import BufferStateError
 from .event import EventOverlap
 from .jit import loader
@@ -417,10 +419,11 @@ class LowLatencyState:
                 self._allow_smem(mod, ("dispatch_send", "dispatch_recv", "dispatch_both"), smem)
             caller, stream = self._stream_for(fw, async_finish, previous_event, caller_work=tr.widened)
             capturing = _cuda.stream_is_capturing(caller)
-            check_topk_indices(tr.obj, fw, E, capturing=capturing, unique=True, previous_event=previous_event)
-            # With the check on, the combine compares its top-k with this one (a copy: callers
-            # may change theirs in place, e.g. to mask an expert, which this combine cannot do).
-            topk_copy = index_copy(tr.obj, fw) if envs.CHECK_INDICES.get() and not capturing else None
+            # With the check on, the combine compares its top-k with this one: the host copy the
+            # check read (callers may change theirs in place, e.g. to mask an expert, which
+            # this combine cannot do).
+            topk_copy = check_topk_indices(tr.obj, fw, E, capturing=capturing, unique=True,
+                                           previous_event=previous_event)
             res = self._results[slot]
             key = (fw, T, H, E, bool(use_fp8), bool(use_ue8m0))
             if fw == "jax":
@@ -632,10 +635,9 @@ class LowLatencyState:
             # The same indices as the dispatch's: a repeated or out-of-range one would garble
             # the token's sum (one device sync; EPCOMM_CHECK_INDICES=0 skips it).
             capturing = _cuda.stream_is_capturing(caller)
-            check_topk_indices(tr.obj, fw, E, capturing=capturing, unique=True, previous_event=previous_event)
+            mine = check_topk_indices(tr.obj, fw, E, capturing=capturing, unique=True, previous_event=previous_event)
             sent = handle.refs.get("topk")
-            if (sent is not None and envs.CHECK_INDICES.get() and not capturing
-                    and not same_indices(tr.obj, sent, fw)):
+            if sent is not None and mine is not None and not np.array_equal(mine, sent):
                 raise ValueError("topk_idx: differs from the dispatch's that made this handle; the combine "
                                  "must get the same expert indices (its partial sums and rows were routed by "
                                  "them). To drop an expert's contribution, give it weight 0 instead "
