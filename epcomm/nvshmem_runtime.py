@@ -8,8 +8,11 @@ GPUs of a host out of service.
 """
 from __future__ import annotations
 
+import contextlib
 import pickle
+import sys
 import threading
+import time
 
 from . import envs
 from .errors import EpcommError, ToolchainError
@@ -26,6 +29,28 @@ def _nv():
             "nvshmem4py is not installed: the low-latency mode needs it (pip install 'epcomm[cu13]', "
             "which brings nvshmem4py-cu13 and nvidia-nvshmem-cu13)") from e
     return nv
+
+
+@contextlib.contextmanager
+def _stall_report(what: str, rank: int, size: int):
+    """NVSHMEM's collectives (its bootstrap, a symmetric allocation) cannot be interrupted or
+    bounded from here: if ``what`` is still running after EPCOMM_GROUP_TIMEOUT_S, say so on
+    stderr, naming this rank and the phase, instead of waiting in silence."""
+    timeout = float(envs.GROUP_TIMEOUT_S.get())
+    t0 = time.monotonic()
+
+    def report():
+        print(f"epcomm: rank {rank} of {size}: {what} still waiting after {time.monotonic() - t0:.0f} s "
+              f"(EPCOMM_GROUP_TIMEOUT_S={timeout:g}): a peer may have died or not reached the same call; "
+              f"NVSHMEM cannot be interrupted, so this process stays blocked", file=sys.stderr, flush=True)
+
+    timer = threading.Timer(timeout, report)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 def is_initialized() -> bool:
@@ -61,14 +86,17 @@ def init(group, device_id: int, heap_bytes: int, shared_gpu: bool = False) -> No
         uid = nv.get_unique_id(empty=(group.rank != 0))
         blob = group.broadcast_bytes(pickle.dumps(uid) if group.rank == 0 else None, root=0)
         uid = pickle.loads(blob)
-        nv.init(device=dev, uid=uid, rank=group.rank, nranks=group.size, initializer_method="uid")
+        with _stall_report("NVSHMEM initialisation (nvshmem.core.init)", group.rank, group.size):
+            nv.init(device=dev, uid=uid, rank=group.rank, nranks=group.size, initializer_method="uid")
         _STATE.update(initialized=True, device=device_id, nranks=group.size, rank=group.rank)
 
 
 def alloc(nbytes: int):
     """A symmetric buffer (collective).  Returns (buffer object, device pointer)."""
     nv = _nv()
-    buf = nv.buffer(int(nbytes))
+    with _stall_report(f"the symmetric heap allocation of {int(nbytes)} bytes (collective)",
+                       _STATE.get("rank", -1), _STATE.get("nranks", -1)):
+        buf = nv.buffer(int(nbytes))
     return buf, int(buf.handle)
 
 

@@ -183,3 +183,18 @@ def test_a_timeout_recorded_while_a_bad_index_is_reported_is_not_lost(monkeypatc
     monkeypatch.setattr(_errstate.ErrorState, "to_exception", orig)
     with pytest.raises(EpcommTimeoutError):
         st.check("dispatch")
+
+
+def test_a_stalled_nvshmem_collective_is_reported_with_rank_and_phase(monkeypatch, capsys):
+    import time
+
+    from epcomm import nvshmem_runtime as nvr
+    monkeypatch.setenv("EPCOMM_GROUP_TIMEOUT_S", "0.05")
+    with nvr._stall_report("NVSHMEM initialisation (nvshmem.core.init)", 3, 4):
+        time.sleep(0.3)  # a peer that never arrives
+    err = capsys.readouterr().err
+    assert "rank 3 of 4: NVSHMEM initialisation (nvshmem.core.init) still waiting" in err
+    with nvr._stall_report("quick", 0, 2):
+        pass
+    time.sleep(0.1)
+    assert capsys.readouterr().err == ""  # finished in time: nothing said
