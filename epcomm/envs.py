@@ -121,7 +121,8 @@ GROUP_TIMEOUT_S = _knob("EPCOMM_GROUP_TIMEOUT_S", 600.0, _parse_float,
                         "torch.distributed's store, JAX's key-value store or a shared directory) waits "
                         "for every rank before raising EpcommTimeoutError naming the missing ones; "
                         "longer than EPCOMM_TIMEOUT_S because ranks may reach the set-up minutes apart "
-                        "(model loading).")
+                        "(model loading). NVSHMEM's initialisation and heap allocation, which cannot be "
+                        "bounded, report on stderr when they take longer.")
 COMPILE_JOBS = _knob("EPCOMM_COMPILE_JOBS", 0, _parse_int,
                      "Parallel compile processes for `epcomm warmup` when -j is not given; 0 = CPU count.")
 LL_FORCE_NVSHMEM_PUT = _knob("EPCOMM_LL_FORCE_NVSHMEM_PUT", False, _parse_bool,
