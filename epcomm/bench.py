@@ -1430,14 +1430,20 @@ _NORMAL_OPS = ("dispatch_bf16", "cached_dispatch_bf16", "dispatch_fp8", "dispatc
                "cached_dispatch_fp8", "combine")
 
 
-def _print_normal(res: dict) -> None:
-    e = res["normal"]
+def _print_mode_header(res: dict, key: str, title: str, detail: str) -> tuple[dict, list]:
+    """Print a mode's heading (shape, ``detail``) and its error if any; (entry, ranks)."""
+    e = res[key]
     a = e.get("args") or {}
     ranks = [r for r in e.get("ranks") or () if r]
-    print(f"\nnormal mode: {a.get('tokens')} tokens/rank, hidden {a.get('hidden')}, top-{a.get('topk')}, "
-          f"{a.get('experts')} experts; per rank the median of {a.get('iters')} iterations; "
-          f"mean [min-max] over {len(ranks)} rank(s)")
-    _print_error("normal", e)
+    print(f"\n{title}: {a.get('tokens')} tokens/rank, hidden {a.get('hidden')}, top-{a.get('topk')}, "
+          f"{a.get('experts')} experts{detail}; mean [min-max] over {len(ranks)} rank(s)")
+    _print_error(key, e)
+    return e, ranks
+
+
+def _print_normal(res: dict) -> None:
+    iters = (res["normal"].get("args") or {}).get("iters")
+    e, ranks = _print_mode_header(res, "normal", "normal mode", f"; per rank the median of {iters} iterations")
     if not ranks:
         return
     print(f"{'SMs':>4} {'operation':24s} {'us':>24s} {'GB/s':>20s}")
@@ -1493,15 +1499,10 @@ _LL_FIELDS = ("dispatch_us", "dispatch_us_wall_aligner", "dispatch_us_cycles_ali
 
 
 def _print_ll(res: dict) -> None:
-    e = res["low_latency"]
-    a = e.get("args") or {}
-    ranks = [r for r in e.get("ranks") or () if r]
-    print(f"\nlow-latency: {a.get('tokens')} tokens/rank, hidden {a.get('hidden')}, top-{a.get('topk')}, "
-          f"{a.get('experts')} experts, FP8 dispatch, BF16 combine; per rank the median; mean [min-max] over "
-          f"{len(ranks)} rank(s)")
-    _print_error("low_latency", e)
+    e, ranks = _print_mode_header(res, "low_latency", "low-latency", ", FP8 dispatch, BF16 combine; per rank the median")
     if not ranks:
         return
+    a = e.get("args") or {}
     for k in _LL_FIELDS:
         vals = [r.get(k) for r in ranks]
         if not _nums(vals):

@@ -290,14 +290,16 @@ class LowLatencyState:
             n = self._coop_limit[key] = max(1, int(per_sm)) * self.num_sms
         return n
 
-    def _stream_for(self, fw: str, async_finish: bool, previous_event, caller_work: bool = False) -> tuple[int, int]:
-        """(caller stream, kernel stream): the caller's own, or with ``async_finish`` or
-        ``previous_event`` the comm stream, ordered as in Buffer._begin."""
+    def _stream_for(self, fw: str, async_finish: bool, previous_event,
+                    caller_work: bool = False) -> tuple[int, int, bool]:
+        """(caller stream, kernel stream, capturing): the caller's own stream, or with
+        ``async_finish`` or ``previous_event`` the comm stream, ordered as in Buffer._begin;
+        ``capturing``: the caller's stream is in a CUDA-graph capture."""
         if not async_finish and previous_event is None:
             caller = interop.current_stream(fw, self.device_id)
-            return caller, caller
-        caller, _ = self.buf._begin(fw, previous_event, caller_work)
-        return caller, self.buf._stream
+            return caller, caller, _cuda.stream_is_capturing(caller)
+        caller, capturing = self.buf._begin(fw, previous_event, caller_work)
+        return caller, self.buf._stream, capturing
 
     def _order_caller_after(self, fw: str, stream: int) -> None:
         """A hook's receive ran on epcomm's stream (the call had a previous_event): the caller's
@@ -417,8 +419,7 @@ class LowLatencyState:
         with _cuda.on_device(self.device_id):
             if smem > _DEFAULT_SMEM:  # may raise: before anything below changes state
                 self._allow_smem(mod, ("dispatch_send", "dispatch_recv", "dispatch_both"), smem)
-            caller, stream = self._stream_for(fw, async_finish, previous_event, caller_work=tr.widened)
-            capturing = _cuda.stream_is_capturing(caller)
+            caller, stream, capturing = self._stream_for(fw, async_finish, previous_event, caller_work=tr.widened)
             # With the check on, the combine compares its top-k with this one: the host copy the
             # check read (callers may change theirs in place, e.g. to mask an expert, which
             # this combine cannot do).
@@ -631,10 +632,9 @@ class LowLatencyState:
                       writable=True)
         mod = loader.load(K.LowLatencySpec(H, False), self.device_id)
         with _cuda.on_device(self.device_id):
-            caller, stream = self._stream_for(fw, async_finish, previous_event, caller_work=tr.widened)
+            caller, stream, capturing = self._stream_for(fw, async_finish, previous_event, caller_work=tr.widened)
             # The same indices as the dispatch's: a repeated or out-of-range one would garble
             # the token's sum (one device sync; EPCOMM_CHECK_INDICES=0 skips it).
-            capturing = _cuda.stream_is_capturing(caller)
             mine = check_topk_indices(tr.obj, fw, E, capturing=capturing, unique=True, previous_event=previous_event)
             sent = handle.refs.get("topk")
             if sent is not None and mine is not None and not np.array_equal(mine, sent):
