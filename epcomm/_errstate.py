@@ -66,12 +66,28 @@ class ErrorState:
         call survives and the next check reports): the host's mirror of the device's aborted()."""
         return self.rec.code != 0
 
+    def settled_code(self, wait_s: float = 0.1) -> int:
+        """The record's code, read again while a kernel is writing the record (code -1: claimed,
+        fields being filled, the code written last), for up to ``wait_s``.  A writer needs
+        microseconds; a code still -1 after that stays -1 (the kernel died mid-write).
+        Reading -1 as final reported a rank mismatch as a timeout with the mismatch's fields
+        (seen on 2x H200: the host polls the record while it waits for the counts)."""
+        code = self.rec.code
+        if code != -1:
+            return code
+        import time
+        end = time.monotonic() + wait_s
+        while code == -1 and time.monotonic() < end:
+            time.sleep(0)
+            code = self.rec.code
+        return code
+
     def to_exception(self, context: str = "", code: int | None = None) -> Exception | None:
         """The recorded error as an exception (None if there is none).  ``code``: the record's
         code as the caller already read it (a kernel may write the record meanwhile)."""
         r = self.rec
         if code is None:
-            code = r.code
+            code = self.settled_code()
         if code == 0:
             if r.bad_code <= 0:  # nothing, or a bad index still being written (seen next time)
                 return None
@@ -81,7 +97,7 @@ class ErrorState:
                 f"{BAD_INDEX_SEEN_BY.get(ph, PHASES[1])}{' (reported in ' + context + ')' if context else ''}: "
                 f"topk_idx holds expert index {ctypes.c_int64(r.bad_value).value} (token {r.bad_token}), "
                 f"outside [-1, {limit}); the kernels skipped it")
-        if code == -1:  # a kernel is writing it right now: report what is there
+        if code == -1:  # still being written after settled_code's wait: report what is there
             code = ERR_TIMEOUT
         phase = PHASES.get(r.phase, f"phase {r.phase}")
         where = f" in {context}" if context else ""
@@ -135,7 +151,7 @@ class ErrorState:
             raise BufferStateError(f"unusable after an earlier error: {self.poisoned}")
         # One read decides: a timeout recorded while a bad index is reported stays for the next
         # check (the bad index's reset below clears its own slot only).
-        code = self.rec.code
+        code = self.settled_code()
         exc = self.to_exception(context, code)
         if exc is None:
             return

@@ -56,6 +56,32 @@ def test_shape_mismatch_names_the_field_both_values_and_poisons(field):
         st.check("dispatch")
 
 
+def test_a_record_being_written_is_read_once_its_code_is_final():
+    # report_error claims the record (code -1), fills the fields, then writes the code: a host
+    # that polls in between must not take the claim for a timeout (seen on 2x H200: a
+    # num_topk mismatch raised as EpcommTimeoutError with the mismatch's fields).
+    import threading
+    import time
+    f = K_intra.MAILBOX_AGREE_FIELDS.index("num_topk")
+    st = _state(-1, rank=1, phase=11, channel=f, peer=0, expected=4, observed=8)
+    assert st.aborting()
+    writer = threading.Timer(0.02, lambda: setattr(st.rec, "code", _errstate.ERR_MISMATCH))
+    t0 = time.monotonic()
+    writer.start()
+    with pytest.raises(RankMismatchError) as ei:
+        st.check("dispatch")
+    writer.join()
+    assert ei.value.field == "num_topk" and (ei.value.mine, ei.value.theirs) == (4, 8)
+    assert time.monotonic() - t0 < 0.1 + 0.05
+
+
+def test_a_record_left_claimed_is_reported_after_a_bounded_wait():
+    # A kernel that died mid-write leaves -1: reported as what the fields say, not a hang.
+    st = _state(-1, rank=2, phase=13, channel=3, peer=1, expected=5, observed=4)
+    with pytest.raises(EpcommTimeoutError, match="channel 3, peer rank 1"):
+        st.check("dispatch")
+
+
 def _bad(st, token, limit, value, code=_errstate.ERR_BAD_INPUT):
     st.rec.bad_code, st.rec.bad_token, st.rec.bad_limit, st.rec.bad_value = code, token, limit, value
     return st
