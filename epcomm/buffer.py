@@ -844,7 +844,21 @@ class Buffer:
                     hs["allocated"] = time.time_ns()
                 return [rx, rs, rti, rtw, rsrc]
 
-            outputs = None
+            # Everything the kernels read, kept alive and recorded on the comm streams: a cached
+            # dispatch reads the handle's tensors (autograd drops the handle right after the
+            # call), and notify reads the caller's num_tokens_per_expert.
+            ins = [xr.obj, sr.obj if sr else None, tr.obj if tr else None, wr.obj if wr else None,
+                   tr.keepalive if tr else None, getattr(ner_ref, "obj", None),
+                   rank_prefix_o, send_list_o, send_pos_o, send_count_o, itr_obj] + keep
+
+            def order_after_recv(outputs) -> EventOverlap:
+                """Join the receive stream into the comm stream, then the event and the caller's
+                wait (``_finish``) for the receive launched last, on ``outputs``."""
+                _cuda.event_record(self._ev_recv, self._stream2)
+                _cuda.stream_wait_event(self._stream, self._ev_recv)
+                return self._finish(fw, caller, async_finish, [o[0] for o in outputs if o is not None], ins)
+
+            outputs = ev = None
             if spec_rows:
                 # Speculative outputs, sized from the last calls of this shape, and the receive
                 # launched on them now, before the counts exist: the receive starts copying as
@@ -856,6 +870,11 @@ class Buffer:
                 p.speculative = 1
                 launch(mod.fn("recv"), Rv, K_intra.THREADS, self._stream2, p)
                 p.speculative = 0
+                # The stream joins, the event and the record_stream calls do not depend on the
+                # counts, so they are done while the notify kernel runs: after the counts the
+                # host only narrows the outputs and builds the handle (the end of the call is
+                # on the GPU's critical path when the kernels are quick, e.g. FP8).
+                ev = order_after_recv(outputs)
             # ---- the number of received rows ----
             expert_list: list[int] = []
             recv_counts = None
@@ -877,10 +896,11 @@ class Buffer:
                     raise
                 if hs is not None:
                     hs["counts_seen"] = time.time_ns()
-                num_recv = int(st.info[1])
-                recv_counts = tuple(st.info[2:2 + R].tolist())
+                info = st.info
+                num_recv = int(info[1])
+                recv_counts = tuple(info[2:2 + R].tolist())
                 if tr is not None:
-                    expert_list = st.info[2 + R:2 + R + E // R].tolist()
+                    expert_list = info[2 + R:2 + R + E // R].tolist()
                 M = num_recv
                 hist = st.recv_history.setdefault(spec_key, [])
                 hist.append(M)
@@ -888,25 +908,21 @@ class Buffer:
             # ---- outputs ----
             if spec_rows and M <= spec_rows:
                 st.spec_hits += 1
-                outputs = [None if o is None else interop.narrow_rows(o, M) for o in outputs]
+                rx, rs, rti, rtw, rsrc = outputs
+                # Only the handle needs a TensorRef of its row view; the rest are the caller's.
+                rx, rs, rti, rtw = (None if o is None else (interop.narrow_obj(o[0], M),) for o in (rx, rs, rti, rtw))
+                rsrc = None if rsrc is None else interop.narrow_rows(rsrc, M)
             else:
                 if spec_rows:
+                    # The speculative receive stood down without writing; ``ev`` (already made)
+                    # orders nothing of the exact receive, so the order is made again below.
                     st.spec_misses += 1
                 outputs = allocate(M)
                 launch(mod.fn("recv"), Rv, K_intra.THREADS, self._stream2, p)
-            rx, rs, rti, rtw, rsrc = outputs
+                ev = order_after_recv(outputs)
+                rx, rs, rti, rtw, rsrc = outputs
             if hs is not None:
                 hs["outputs_ready"] = time.time_ns()
-            _cuda.event_record(self._ev_recv, self._stream2)
-            _cuda.stream_wait_event(self._stream, self._ev_recv)
-            outs = [o[0] for o in (rx, rs, rti, rtw, rsrc) if o is not None]
-            # Everything the kernels read, kept alive and recorded on the comm streams: a cached
-            # dispatch reads the handle's tensors (autograd drops the handle right after the
-            # call), and notify reads the caller's num_tokens_per_expert.
-            ins = [xr.obj, sr.obj if sr else None, tr.obj if tr else None, wr.obj if wr else None,
-                   tr.keepalive if tr else None, getattr(ner_ref, "obj", None),
-                   rank_prefix_o, send_list_o, send_pos_o, send_count_o, itr_obj]
-            ev = self._finish(fw, caller, async_finish, outs, ins + keep)
             if not cached:
                 refs["recv_src_idx"] = rsrc[1]
                 new_handle = DispatchHandle(

@@ -1066,6 +1066,23 @@ def zeros(framework: str, shape, dtype: str, device_type: str = "cuda", device_i
     return _alloc(framework, shape, dtype, device_type, device_id, True)
 
 
+def narrow_obj(obj, rows: int):
+    """The first ``rows`` rows of an array made by :func:`empty` (torch, CuPy, NumPy or an
+    :class:`Exporter`), as a view of the same memory; ``obj`` itself when it has that many
+    rows.  The caller guarantees 0 <= rows <= the array's rows (:func:`narrow_rows` checks);
+    used where a dispatch's outputs are cut to the received rows, which is on the GPU's
+    critical path (no TensorRef is built)."""
+    if type(obj) is Exporter:
+        if rows == obj.shape[0]:
+            return obj
+        return Exporter(obj.owner, obj.ptr, (rows,) + obj.shape[1:], obj.dtype, obj.device_type, obj.device_id,
+                        obj.stream)
+    if rows == obj.shape[0]:
+        return obj
+    narrow = getattr(obj, "narrow", None)  # torch: cheaper than __getitem__
+    return narrow(0, 0, rows) if narrow is not None else obj[:rows]
+
+
 def narrow_rows(out: tuple, rows: int) -> tuple:
     """The first ``rows`` rows of an output made by :func:`empty`: ``(array, TensorRef)`` in,
     the same pair for the row view out (same pointer and strides; the view keeps the whole
@@ -1078,12 +1095,8 @@ def narrow_rows(out: tuple, rows: int) -> tuple:
     if rows == have:
         return out
     shape = (rows,) + tuple(ref.shape[1:])
-    if type(obj) is Exporter:
-        view = Exporter(obj.owner, obj.ptr, shape, obj.dtype, obj.device_type, obj.device_id, obj.stream)
-        keep = obj.owner
-    else:  # torch, cupy and numpy slice the same way
-        view = obj[:rows]
-        keep = ref.keepalive
+    view = narrow_obj(obj, rows)
+    keep = obj.owner if type(obj) is Exporter else ref.keepalive
     return view, TensorRef(ref.ptr, shape, ref.strides, ref.dtype, ref.device_type, ref.device_id,
                            ref.framework, view, keep)
 

@@ -592,6 +592,24 @@ def test_narrow_rows_is_a_row_view_of_the_allocation(fw):
         I.narrow_rows((out, ref), -1)
 
 
+@needs_ml_dtypes
+@pytest.mark.parametrize("fw", _frameworks_cpu())
+def test_narrow_obj_matches_narrow_rows(fw):
+    # The dispatch's hit path cuts four outputs with narrow_obj (no TensorRef): same rows,
+    # same memory, same framework as narrow_rows' view.
+    src = _known_bits("bfloat16", (6, 4), seed=11)
+    out, ref = I.empty(fw, (6, 4), "bfloat16", "cpu")
+    _write(ref, src)
+    view = I.narrow_obj(out, 3)
+    assert I.as_tensor(view, "view", device="cpu").ptr == ref.ptr
+    res = I.finish(fw, view)
+    assert I.framework_of(res) == fw
+    back = I.to_numpy(res)
+    assert back.shape == (3, 4) and back.tobytes() == src[:3].tobytes()
+    assert I.narrow_obj(out, 6) is out
+    assert I.to_numpy(I.finish(fw, I.narrow_obj(out, 0))).shape == (0, 4)
+
+
 def test_alloc_errors():
     with pytest.raises(ValueError):
         I.empty("numpy", (2,), "float32", "cuda")
