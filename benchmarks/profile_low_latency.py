@@ -53,6 +53,7 @@ def _worker(rank, world, group, args):
     x = torch.randn(T, H, device="cuda").to(torch.bfloat16)
     y = torch.randn(E // world, world * T, H, device="cuda").to(torch.bfloat16)
     res = {"rank": rank}
+    default = ll.partials
     for partials in (True, False):
         ll.set_combine_partials(partials)
         rows = {"dispatch": [], "combine": []}
@@ -87,7 +88,7 @@ def _worker(rank, world, group, args):
             res[f"{op}_{key}" if op == "combine" else op] = {"event_us": statistics.median(ev_us[op]),
                                                                  "phases": ph}
         spawn.phase(f"partials={partials} done")
-    ll.set_combine_partials(True)
+    ll.set_combine_partials(default)
     align.close()
     dist.destroy_process_group()
     buf.destroy()

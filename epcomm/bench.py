@@ -780,8 +780,8 @@ class _LLCheck:
     of the combine's additions shows; rows past recv_count are zeros (the combine never reads
     them).  :attr:`y` is this rank's input (None if the reference could not be computed: every
     check then returns :attr:`error`).  The expected combine is computed with the partial sums
-    as the buffer sends them (``partials``, see reference.low_latency_combine) and without them
-    (the benchmark's rows A/B)."""
+    as the buffer sends them (``partials``, see reference.low_latency_combine) and the other way
+    (the benchmark's A/B of the two combine formats)."""
 
     def __init__(self, torch, gather, rank: int, world: int, x, topk, w, T: int, E: int, partials: bool):
         self.torch, self.rank, self.partials = torch, rank, bool(partials)
@@ -812,7 +812,7 @@ class _LLCheck:
             ys.append(y)
         handles = [r.handle for r in ref]
         self.expected = {p: reference.low_latency_combine(ys, tks, ws, handles, partials=p)[self.rank]
-                         for p in {self.partials, False}}
+                         for p in (False, True)}
         me = self.me = ref[self.rank]
         self.mask_np = np.arange(R * T)[None, :] < me.recv_count[:, None]
         self.mask = torch.from_numpy(self.mask_np).to(x.device)
@@ -1119,13 +1119,16 @@ def _ll_worker(rank, world, group, args) -> dict:
     torch.cuda.synchronize()
     _record_check(out["check"], "dispatch_graph_back_to_back", chk.dispatch(g1_out[0], g1_out[1], h_g))
     _record_check(out["check"], "combine_graph_back_to_back", chk.combine(g2_out))
-    # The baseline in the same run: the combine without expert-side partials (one bf16 row per
-    # (token, expert), as DeepEP's), measured the same three ways.
-    prog("ll combine without partials")
+    # The baseline in the same run: the combine in its other format (EPCOMM_LL_COMBINE_PARTIALS:
+    # rows, one bf16 row per (token, expert) as DeepEP's, the default; or expert-side partial
+    # sums), measured the same three ways under combine_rows_* or combine_partials_*.
     rows_ab = hasattr(buf._ll, "set_combine_partials")  # False when run against an older epcomm (A/B)
     if rows_ab:
         partials_before = buf._ll.partials
-        buf._ll.set_combine_partials(False)
+        alt_partials = not partials_before
+        alt = "combine_partials" if alt_partials else "combine_rows"
+        prog(f"ll {alt}")
+        buf._ll.set_combine_partials(alt_partials)
         ts, sc, rc = [], [], []
         for i in range(iters + 10):
             disp()
@@ -1142,11 +1145,11 @@ def _ll_worker(rank, world, group, args) -> dict:
             if i >= 10:
                 ts.append(ev[0].elapsed_time(ev[1]) * 1e3)
                 sc.append(ev[2].elapsed_time(ev[3]) * 1e3); rc.append(ev[4].elapsed_time(ev[5]) * 1e3)
-        out.update(combine_rows_us=_median(ts), combine_rows_send_us=_median(sc), combine_rows_recv_us=_median(rc))
+        out.update({f"{alt}_us": _median(ts), f"{alt}_send_us": _median(sc), f"{alt}_recv_us": _median(rc)})
         disp()
         got = buf.low_latency_combine(y, topk, w, st["d"][2])[0]
         torch.cuda.synchronize()
-        _record_check(out["check"], "combine_rows", chk.combine(got, partials=False))
+        _record_check(out["check"], alt, chk.combine(got, partials=alt_partials and not buf._ll.force_put))
         with torch.cuda.stream(s):
             disp(); torch.cuda.synchronize()
             g1r = torch.cuda.CUDAGraph()
@@ -1158,8 +1161,8 @@ def _ll_worker(rank, world, group, args) -> dict:
                 buf.low_latency_combine(y, topk, w, h_r)
         torch.cuda.synchronize(); barrier()
         d_r = back_to_back(g1r.replay)
-        out["combine_rows_graph_us_back_to_back"] = back_to_back(lambda: (g1r.replay(), g2r.replay())) - d_r
-        buf._ll.set_combine_partials(partials_before)  # (EPCOMM_LL_COMBINE_PARTIALS may have set it off)
+        out[f"{alt}_graph_us_back_to_back"] = back_to_back(lambda: (g1r.replay(), g2r.replay())) - d_r
+        buf._ll.set_combine_partials(partials_before)
     # Host cost per call (not captured, no sync inside the loop), with EPCOMM_CHECK_INDICES=0
     # (the fast paths); the combine's is (combine + dispatch) pairs minus dispatch alone, since
     # a combine needs a live dispatch handle.
@@ -1202,7 +1205,7 @@ def _ll_worker(rank, world, group, args) -> dict:
     for k in ("dispatch_us", "dispatch_graph_us", "dispatch_graph_us_back_to_back"):
         out[k.replace("_us", "_GBps")] = gbps(fp8_b, out[k])
     for k in ("combine_us", "combine_graph_us", "combine_graph_us_back_to_back", "combine_rows_us",
-              "combine_rows_graph_us_back_to_back"):
+              "combine_rows_graph_us_back_to_back", "combine_partials_us", "combine_partials_graph_us_back_to_back"):
         if k in out:
             out[k.replace("_us", "_GBps")] = gbps(bf16_b, out[k])
     prog("ll baselines")
@@ -1493,7 +1496,8 @@ _LL_FIELDS = ("dispatch_us", "dispatch_us_wall_aligner", "dispatch_us_cycles_ali
               "dispatch_graph_us_back_to_back", "dispatch_send_us", "dispatch_recv_us", "combine_us",
               "combine_graph_us", "combine_graph_us_back_to_back", "combine_send_us", "combine_recv_us",
               "combine_rows_us", "combine_rows_graph_us_back_to_back", "combine_rows_send_us",
-              "combine_rows_recv_us", "host_us_per_dispatch", "host_us_per_combine",
+              "combine_rows_recv_us", "combine_partials_us", "combine_partials_graph_us_back_to_back",
+              "combine_partials_send_us", "combine_partials_recv_us", "host_us_per_dispatch", "host_us_per_combine",
               "host_us_per_combine_plus_dispatch", "host_us_per_dispatch_check_indices_on",
               "nccl_dispatch_us", "nccl_combine_us", "nccl_even_a2a_us", "nccl_all_to_all_us")
 
