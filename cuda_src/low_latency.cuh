@@ -804,16 +804,33 @@ EPCOMM_DEVICE void ll_combine_send(const LLParams& p, u64 tag, u64 deadline) {
         }
       }
       const int k1 = __ffs(mask) - 1, k2 = __ffs(mask & (mask - 1)) - 1;
+      // Lane l holds channels 8 idx .. 8 idx + 7 of word w: 32 fp32 bytes.  Stored as they are,
+      // each warp store would write 16 of every 32 bytes over 1 KB, and half-filled sectors
+      // cross NVLink at about half the rate.  So each store instruction h writes 512
+      // contiguous bytes, lane l the 4 channels of lane 16 h + l / 2 (its half l & 1),
+      // fetched by shuffles; every lane computes its own destination (the two halves of a
+      // row may meet inside one store).
 #pragma unroll
       for (int w = 0; w < kLLCombW; ++w) {
-        const int idx = idx0 + 32 * w;
-        if (idx >= kN16) continue;
-        const int ch = idx * 8;
-        const int kd = ch < kHalf ? k1 : k2;
-        V4* dst = reinterpret_cast<V4*>(remote(p, s, tok_off + static_cast<u64>(kd) * kRow) +
-                                        static_cast<u64>(ch < kHalf ? ch : ch - kHalf) * 4);
-        st_na_v4(dst, f32x4_as_v4(acc[w][0], acc[w][1], acc[w][2], acc[w][3]));
-        st_na_v4(dst + 1, f32x4_as_v4(acc[w][4], acc[w][5], acc[w][6], acc[w][7]));
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int from = 16 * h + (lane >> 1);
+          const bool hi = lane & 1;
+          float q[4];
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const float lo_v = __shfl_sync(0xffffffffu, acc[w][e], from);
+            const float hi_v = __shfl_sync(0xffffffffu, acc[w][4 + e], from);
+            q[e] = hi ? hi_v : lo_v;
+          }
+          const int idx = idx0 - lane + from + 32 * w;  // the source lane's word
+          if (idx >= kN16) continue;
+          const int ch = idx * 8 + (hi ? 4 : 0);
+          const int kd = ch < kHalf ? k1 : k2;
+          V4* dst = reinterpret_cast<V4*>(remote(p, s, tok_off + static_cast<u64>(kd) * kRow) +
+                                          static_cast<u64>(ch < kHalf ? ch : ch - kHalf) * 4);
+          st_na_v4(dst, f32x4_as_v4(q[0], q[1], q[2], q[3]));
+        }
       }
     } else if (!use_put(p, s)) {
       // One bf16 row per k: this item's channels of each, kBatch x kLLCombW loads in flight.
