@@ -576,8 +576,8 @@ class LowLatencyState:
         """Low-latency combine: every source token gets the **weighted** sum of its K experts'
         output rows (fp32, no FMA), written bf16.  A rank that holds 2 or more of a token's
         experts and reaches its source over NVLink sums them first and sends one fp32 partial
-        (EPCOMM_LL_COMBINE_PARTIALS=1; off by default: measured slower on 2x H200); the order of
-        every addition is fixed (``epcomm.reference.low_latency_combine``), so results are bitwise
+        (EPCOMM_LL_COMBINE_PARTIALS, on by default: fewer NVLink bytes); the order of every
+        addition is fixed (``epcomm.reference.low_latency_combine``), so results are bitwise
         reproducible.  With partials the send half (the call with ``return_recv_hook``) also waits until every
         NVLink peer's combine has started (it publishes the weights the partials need).
 

@@ -512,17 +512,17 @@ def _overlap(rank, world, group, buf):
 PUT_CASES = ["fp8_t128_h7168_e256_k8", "bf16_k16_e32_hook_zero_copy", "fp8_zero_copy_out", "fp8_ue8m0_t256_h7168",
              "fp8_h4096_async_previous_event", "fp8_partial_batch_n50_t128_stats_previous_event", "fp8_t1_k1",
              "bf16_t256_h2048_e288_k16"]
-PARTIALS_CASES = ["fp8_t128_h7168_e256_k8", "bf16_k16_e32_hook_zero_copy", "fp8_zero_copy_out", "fp8_t1_k16_e32"]
+ROWS_CASES = ["fp8_t128_h7168_e256_k8", "bf16_k16_e32_hook_zero_copy", "fp8_zero_copy_out", "fp8_t1_k16_e32"]
 
 
 @run_once
 def _results(mode: str):
-    """mode: "nvlink" (defaults: one combine row per (token, expert)), "put"
-    (EPCOMM_LL_FORCE_NVSHMEM_PUT=1) or "partials" (EPCOMM_LL_COMBINE_PARTIALS=1: expert-side
-    partial sums over NVLink).  The NVLink and put spawns end with the overlap pseudo-case."""
+    """mode: "nvlink" (defaults), "put" (EPCOMM_LL_FORCE_NVSHMEM_PUT=1) or "rows"
+    (EPCOMM_LL_COMBINE_PARTIALS=0: one combine row per (token, expert) over NVLink).  The
+    NVLink and put spawns end with the overlap pseudo-case."""
     env = {"EPCOMM_LL_FORCE_NVSHMEM_PUT": "1" if mode == "put" else "0",
-           "EPCOMM_LL_COMBINE_PARTIALS": "1" if mode == "partials" else "0"}
-    names = {"put": PUT_CASES, "partials": PARTIALS_CASES}.get(mode)
+           "EPCOMM_LL_COMBINE_PARTIALS": "0" if mode == "rows" else "1"}
+    names = {"put": PUT_CASES, "rows": ROWS_CASES}.get(mode)
     cases = CASES if names is None else [c for c in CASES if c["name"] in names]
     if mode in ("nvlink", "put"):
         cases = cases + [OVERLAP]
@@ -577,11 +577,11 @@ def test_low_latency_nvshmem_put_path(name):
 
 
 @needs_ll_ranks
-@pytest.mark.parametrize("name", PARTIALS_CASES, ids=[n + _R for n in PARTIALS_CASES])
-def test_low_latency_combine_with_partials(name):
-    """EPCOMM_LL_COMBINE_PARTIALS=1: a rank holding 2 or more of a token's experts sends one fp32
-    partial sum over NVLink, and the source adds in k order, a partial at its lowest k."""
-    _assert_case(_results("partials"), name)
+@pytest.mark.parametrize("name", ROWS_CASES, ids=[n + _R for n in ROWS_CASES])
+def test_low_latency_combine_without_partials(name):
+    """EPCOMM_LL_COMBINE_PARTIALS=0: the combine sends one bf16 row per (token, expert) over
+    NVLink and the source adds them in k order."""
+    _assert_case(_results("rows"), name)
 
 
 @needs_ll_ranks
@@ -592,8 +592,8 @@ def test_two_micro_batches_with_hooks_and_graph_replays(mode):
 
 
 @needs_ll_ranks
-@pytest.mark.parametrize("mode", ["nvlink", "put", "partials", "fast"],
-                         ids=[m + _R for m in ("nvlink", "put", "partials", "fast")])
+@pytest.mark.parametrize("mode", ["nvlink", "put", "rows", "fast"],
+                         ids=[m + _R for m in ("nvlink", "put", "rows", "fast")])
 def test_low_latency_clean_buffer_then_calls_go_on(mode):
     """clean_low_latency_buffer halfway through each spawn: a handle from before it raises
     BufferStateError; the cases after it (their own tests) prove the buffer works on."""
