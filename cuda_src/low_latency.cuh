@@ -684,9 +684,16 @@ EPCOMM_DEVICE void ll_combine_send(const LLParams& p, u64 tag, u64 deadline) {
       ll_signal(p, d, p.comb_wflag_off + (static_cast<u64>(p.slot) * R + p.rank) * 8, tag);
     }
   }
-  // The source tokens with rows here (the dispatch recorded them with its tag), in order.
+  // The source tokens with rows here (the dispatch recorded them with its tag), this rank's
+  // own tokens first, then rank + 1, ...: with partials, a peer's items wait for its weights
+  // (published by its block 0 a few us in), ours do not, so the first wave of warps should
+  // hold ours.  On 2x H200 rank 1 (peer first in source order) finished its sending items
+  // 2.3 us after rank 0 (last block 19.6 vs 17.2 us, profile-low-latency-h200-x2-coalesced.json),
+  // and every receive waits for the slower rank.  Any order gives the same result (the source
+  // adds in k order).
+  const auto src_of = [&](int item) { return (p.rank + item / NG) % R; };
   for (int item = warp; item < R * NG; item += kLLWarps) {
-    const int s = item / NG, t = (item % NG) * 32 + lane;
+    const int s = src_of(item), t = (item % NG) * 32 + lane;
     bool here = false;
     if (t < T) {
       const u64 m = p.h_tok_meta[static_cast<i64>(s) * T + t];
@@ -715,7 +722,7 @@ EPCOMM_DEVICE void ll_combine_send(const LLParams& p, u64 tag, u64 deadline) {
   for (int item = warp; item < R * NG; item += kLLWarps) {
     const u32 b = s_gmask[item];
     if ((b >> lane) & 1u) {
-      const int s = item / NG, t = (item % NG) * 32 + lane;
+      const int s = src_of(item), t = (item % NG) * 32 + lane;
       s_list[s_gbase[item] + __popc(b & ((1u << lane) - 1u))] = static_cast<u32>(s * T + t);
     }
   }
