@@ -330,8 +330,10 @@ def _commit() -> str:
         return "unknown"
 
 
-def _time_op(torch, fn, iters: int, warmup: int, align) -> list[float]:
-    """Per-iteration event timings (us) of fn() on the current stream, each started aligned."""
+def _time_op(torch, fn, iters: int, warmup: int, align, host: list | None = None) -> list[float]:
+    """Per-iteration event timings (us) of fn() on the current stream, each started aligned.
+    ``host``: a list that receives each timed call's host time (us, perf_counter around fn():
+    for a CPU-synchronised dispatch this includes the wait for the GPU's counts)."""
     for _ in range(warmup):
         align()
         fn()
@@ -342,10 +344,14 @@ def _time_op(torch, fn, iters: int, warmup: int, align) -> list[float]:
         s = torch.cuda.Event(enable_timing=True)
         e = torch.cuda.Event(enable_timing=True)
         s.record()
+        t0 = time.perf_counter()
         fn()
+        t1 = time.perf_counter()
         e.record()
         e.synchronize()
         out.append(s.elapsed_time(e) * 1e3)
+        if host is not None:
+            host.append((t1 - t0) * 1e6)
     return out
 
 
@@ -890,12 +896,18 @@ def _normal_worker(rank, world, group, args) -> dict:
 
         def measure(name, fn, nb):
             prog(f"{name} sms={sms}")
+            host: list[float] = []
             try:
-                t = _median(_time_op(torch, fn, iters, 5, align))
+                ts = _time_op(torch, fn, iters, 5, align, host)
             except (ValueError, TypeError) as e:  # raised before any launch, alike on every rank
                 res[f"{name}_error"] = f"{type(e).__name__}: {e}"
                 return
+            t = _median(ts)
             res[f"{name}_us"] = t
+            # For the rank-to-rank spread of the CPU-synchronised dispatch (whose end waits for
+            # the host): the slowest iterations and the host's time per call, in the JSON only.
+            res[f"{name}_us_p90"] = float(np.percentile(ts, 90))
+            res[f"{name}_host_us"] = _median(host)
             if nb is not None:
                 res[f"{name}_GBps"] = gbps(nb, t)
 

@@ -314,6 +314,30 @@ class _FakeCuda:
         return SimpleNamespace(cuda_stream=7)
 
 
+def test_time_op_records_event_and_host_times_per_timed_call():
+    import time
+
+    class _Ev:
+        def __init__(self, enable_timing=False):
+            pass
+
+        def record(self):
+            pass
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, other):
+            return 0.25  # ms
+
+    torch = SimpleNamespace(cuda=SimpleNamespace(Event=_Ev, synchronize=lambda: None))
+    calls, aligned, host = [], [], []
+    ts = bench._time_op(torch, lambda: (calls.append(1), time.sleep(0.002)), 3, 2, lambda: aligned.append(1), host)
+    assert ts == [250.0] * 3 and len(calls) == 5 and len(aligned) == 5
+    assert len(host) == 3 and all(h >= 2000.0 for h in host)  # the timed calls only, in us
+    assert bench._time_op(torch, lambda: None, 2, 0, lambda: None) == [250.0] * 2  # host is optional
+
+
 def _fake_aligner(aligned_here, aligned_peer, dist):
     """A 'clock' aligner with its GPU parts replaced: reports say aligned or not, launches are
     recorded, the group all-gather returns this rank's count and the peer's."""
