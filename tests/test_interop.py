@@ -568,20 +568,31 @@ def test_zeros_cpu(fw):
     assert np.array_equal(I.to_numpy(res), np.zeros((7, 3), np.float32))
 
 
+def _six_known_rows(fw, seed):
+    """A (6, 4) bf16 allocation of ``fw`` on the CPU filled with known bits: (src, out, ref)."""
+    src = _known_bits("bfloat16", (6, 4), seed=seed)
+    out, ref = I.empty(fw, (6, 4), "bfloat16", "cpu")
+    _write(ref, src)
+    return src, out, ref
+
+
+def _finished_numpy(fw, view):
+    """What the caller gets for ``view`` (of framework ``fw``), as NumPy."""
+    res = I.finish(fw, view)
+    assert I.framework_of(res) == fw
+    return I.to_numpy(res)
+
+
 @needs_ml_dtypes
 @pytest.mark.parametrize("fw", _frameworks_cpu())
 def test_narrow_rows_is_a_row_view_of_the_allocation(fw):
     # Speculative dispatch outputs: written through the whole allocation's pointer, returned
     # as a view of the first rows.
-    src = _known_bits("bfloat16", (6, 4), seed=9)
-    out, ref = I.empty(fw, (6, 4), "bfloat16", "cpu")
-    _write(ref, src)
+    src, out, ref = _six_known_rows(fw, 9)
     view, vref = I.narrow_rows((out, ref), 4)
     assert vref.shape == (4, 4) and vref.strides == ref.strides and vref.ptr == ref.ptr
     assert vref.dtype == "bfloat16" and vref.framework == ref.framework
-    res = I.finish(fw, view)
-    assert I.framework_of(res) == fw
-    back = I.to_numpy(res)
+    back = _finished_numpy(fw, view)
     assert back.shape == (4, 4) and back.tobytes() == src[:4].tobytes()
     assert I.narrow_rows((out, ref), 6) == (out, ref)
     empty_view, eref = I.narrow_rows((out, ref), 0)
@@ -597,14 +608,10 @@ def test_narrow_rows_is_a_row_view_of_the_allocation(fw):
 def test_narrow_obj_matches_narrow_rows(fw):
     # The dispatch's hit path cuts four outputs with narrow_obj (no TensorRef): same rows,
     # same memory, same framework as narrow_rows' view.
-    src = _known_bits("bfloat16", (6, 4), seed=11)
-    out, ref = I.empty(fw, (6, 4), "bfloat16", "cpu")
-    _write(ref, src)
+    src, out, ref = _six_known_rows(fw, 11)
     view = I.narrow_obj(out, 3)
     assert I.as_tensor(view, "view", device="cpu").ptr == ref.ptr
-    res = I.finish(fw, view)
-    assert I.framework_of(res) == fw
-    back = I.to_numpy(res)
+    back = _finished_numpy(fw, view)
     assert back.shape == (3, 4) and back.tobytes() == src[:3].tobytes()
     assert I.narrow_obj(out, 6) is out
     assert I.to_numpy(I.finish(fw, I.narrow_obj(out, 0))).shape == (0, 4)
