@@ -733,6 +733,32 @@ __global__ void __launch_bounds__(kIntraThreads) intranode_dispatch_recv(const _
 }
 
 // ---------------------------------------------------------------------------------------------
+// Column-major FP8 scales of a speculative receive.  The receive ran before the row count was
+// known, so it wrote the scales as [G, src_ld] (src_ld = the speculative allocation's rows).
+// The caller gets [G, M] with leading dimension exactly M, as from a receive into exact outputs
+// (GEMM scale loaders check that stride), so once M is known the host queues this kernel
+// behind the receive to pack the M valid entries of each of the G rows into a fresh array.
+// ---------------------------------------------------------------------------------------------
+struct CompactScalesParams {
+  const float* src;  // [groups, src_ld]
+  float* dst;        // [groups, rows]
+  i64 src_ld;
+  i64 rows;
+  int groups;
+  int pad;
+};
+
+template <int kThreads>
+__global__ void __launch_bounds__(kThreads) intranode_compact_scales(const __grid_constant__ CompactScalesParams p) {
+  const i64 n = p.rows * p.groups;
+  const i64 stride = static_cast<i64>(gridDim.x) * kThreads;
+  for (i64 i = static_cast<i64>(blockIdx.x) * kThreads + threadIdx.x; i < n; i += stride) {
+    const i64 g = i / p.rows;
+    p.dst[i] = p.src[g * p.src_ld + (i - g * p.rows)];
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // combine: blocks [0, S) send every row received from source s back into s's staging region
 // (contiguous: the rows of source s are one range in our receive order and map 1:1 onto s's
 // slots); blocks [S, grid) reduce, for each local token, the rows that came back from every

@@ -815,8 +815,7 @@ class Buffer:
             G = H // 128
             col_major_scales = fp8 and sr.strides[0] == 1 and sr.shape[1] > 1 and N > 1
             spec_key = (N, E)
-            spec_rows = (self._speculative_rows(st, spec_key)
-                         if p.write_host and not col_major_scales else 0)
+            spec_rows = self._speculative_rows(st, spec_key) if p.write_host else 0
 
             def allocate(M):
                 """The outputs for M rows; fills their pointers into p."""
@@ -873,8 +872,10 @@ class Buffer:
                 # The stream joins, the event and the record_stream calls do not depend on the
                 # counts, so they are done while the notify kernel runs: after the counts the
                 # host only narrows the outputs and builds the handle (the end of the call is
-                # on the GPU's critical path when the kernels are quick, e.g. FP8).
-                ev = order_after_recv(outputs)
+                # on the GPU's critical path when the kernels are quick, e.g. FP8).  Column-major
+                # scales are packed after the counts (below), so their order is made then.
+                if not col_major_scales:
+                    ev = order_after_recv(outputs)
             # ---- the number of received rows ----
             expert_list: list[int] = []
             recv_counts = None
@@ -909,13 +910,21 @@ class Buffer:
             if spec_rows and M <= spec_rows:
                 st.spec_hits += 1
                 rx, rs, rti, rtw, rsrc = outputs
+                if col_major_scales:
+                    # The receive wrote [G, spec_rows]; the caller gets [G, M] (leading
+                    # dimension M, as from exact outputs), packed on the receive's stream.
+                    rs = self._compact_scales(fw, mod, rs, G, M, spec_rows)
+                    ev = order_after_recv(outputs + [rs])  # the [G, spec_rows] array lives until then
+                    rs = (rs[0],)
+                else:
+                    rs = None if rs is None else (interop.narrow_obj(rs[0], M),)
                 # Only the handle needs a TensorRef of its row view; the rest are the caller's.
-                rx, rs, rti, rtw = (None if o is None else (interop.narrow_obj(o[0], M),) for o in (rx, rs, rti, rtw))
+                rx, rti, rtw = (None if o is None else (interop.narrow_obj(o[0], M),) for o in (rx, rti, rtw))
                 rsrc = None if rsrc is None else interop.narrow_rows(rsrc, M)
             else:
                 if spec_rows:
-                    # The speculative receive stood down without writing; ``ev`` (already made)
-                    # orders nothing of the exact receive, so the order is made again below.
+                    # The speculative receive stood down without writing; ``ev`` (if already
+                    # made) orders nothing of the exact receive, so the order is made again below.
                     st.spec_misses += 1
                 outputs = allocate(M)
                 launch(mod.fn("recv"), Rv, K_intra.THREADS, self._stream2, p)
@@ -941,6 +950,18 @@ class Buffer:
                 scales = scales.T
             recv_x = (recv_x, scales)
         return recv_x, fin(rti), fin(rtw), expert_list, new_handle, ev
+
+    def _compact_scales(self, fw: str, mod, scratch, G: int, M: int, ld: int):
+        """A new float32 [G, M] array (``_empty``'s (obj, ref) pair) holding the first M columns
+        of ``scratch`` ([G, ld], written by the speculative receive), filled by a kernel queued
+        on the receive's stream (nothing to queue when M is 0)."""
+        out = self._empty(fw, (G, M), "float32")
+        if M:
+            cp = K_intra.CompactScalesParams(scratch[1].ptr, out[1].ptr, ld, M, G, 0)
+            T = K_intra.COMPACT_THREADS
+            grid = min(-(-(G * M) // T), 4 * self._device_sm_count())
+            launch(mod.fn("compact_scales"), grid, T, self._stream2, cp)
+        return out
 
     def _speculative_rows(self, st: "_IntraState", key) -> int:
         """Rows of the outputs to allocate before the counts are known: the largest of the last

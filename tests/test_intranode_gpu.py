@@ -90,6 +90,10 @@ CASES = [
     # random routing reaches rank 0 with ~3/4 of the tokens of 2 ranks; with top-8 almost all).
     _case("bf16_speculative_outputs", N=1111, H=4096, E=64, sequence=("one_rank", "random", "one_rank")),
     _case("fp8_speculative_outputs", N=1500, H=7168, E=256, K=2, fp8=True, sequence=("random", "random", "one_rank")),
+    # The same with column-major scales: a hit packs the receive's [G, guessed rows] scales into
+    # [G, M] (compact_scales); the stride check above holds for every call.
+    _case("fp8_col_speculative_outputs", N=1500, H=4096, E=256, K=2, fp8=True, scales="col",
+          sequence=("random", "random", "one_rank")),
 ]
 
 # The repeat of every call (dispatch, combine, cached dispatch) runs with this config, unless
@@ -385,7 +389,9 @@ def _run_case_body(rank, world, buf, case, up, ins, me, E, H, fw, async_, late):
             _assert_bits(f"{what} recv_x_scales", gs_[:n_real], rr.recv_x_scales[:n_real])
             assert gs_.shape == (M, H // 128), f"{what} scales shape {gs_.shape}"
             if case["scales"] == "col" and fw == "torch" and me["N"] > 1:
-                assert rx_[1].stride()[0] == 1, f"{what}: column-major scales in, column-major out"
+                # leading dimension exactly M, also from a speculative receive (buffer.py)
+                st_ = rx_[1].stride()
+                assert st_[0] == 1 and (M <= 1 or st_[1] == M), f"{what}: column-major scales out, strides {st_}"
         else:
             gx_ = _np(rx_)
             assert gx_.shape == (M, H), f"{what} recv_x shape {gx_.shape}, expected {(M, H)}"

@@ -198,7 +198,8 @@ class _Rig:
         orig_empty = interop.empty
 
         def launch(fn, grid, threads, stream, p, smem=0, cooperative=False):
-            self.log.append((fn, grid, {f: getattr(p, f, None) for f in ("expert_alignment", "num_topk")}))
+            self.log.append((fn, grid, {f: getattr(p, f, None) for f in ("expert_alignment", "num_topk", "src_ld",
+                                                                          "rows", "groups", "speculative")}))
 
         cpu_arrays_as_cuda(monkeypatch)
         monkeypatch.setattr(interop, "empty", lambda fw, shape, dtype, *a: orig_empty(fw, shape, dtype, "cpu", 0))
@@ -639,6 +640,34 @@ def test_envs_parse_every_spelling(monkeypatch, tmp_path):
     assert e.CACHE_DIR.get() == tmp_path / "xdg" / "epcomm"
     monkeypatch.setenv("EPCOMM_CACHE_DIR", "~/jit")
     assert e.CACHE_DIR.get() == tmp_path / "jit"
+
+
+def test_fp8_column_major_scales_take_the_speculative_receive_and_come_back_with_leading_dimension_m(rig):
+    # The first dispatch of a shape receives into exact outputs; the next ones into outputs
+    # allocated before the counts (speculative).  With column-major scales the receive then
+    # writes [G, spec_rows], and the host packs the M valid columns into a fresh [G, M] array
+    # (kernel "compact_scales", after the receive): the caller sees strides (1, M) either way.
+    b = rig.buffer(recv_per_rank=4)  # 8 rows arrive (4 from each rank)
+    b._intra.speculation = 0.0625
+    fp8 = torch.float8_e4m3fn
+    for scales, want_strides in (("col", (1, 8)), ("row", (2, 1))):
+        b._intra.recv_history.clear()
+        s = torch.ones(2, 4).T if scales == "col" else torch.ones(4, 2)
+        for call in range(3):
+            rig.log.clear()
+            (rq, rs), *_ = b.dispatch((torch.zeros(4, 256, dtype=fp8), s), topk_idx=_IDX, num_experts=4)
+            assert tuple(rq.shape) == (8, 256) and tuple(rs.shape) == (8, 2), (scales, call)
+            assert rs.stride() == want_strides, (scales, call, rs.stride())
+            recv = [e for e in rig.log if e[0] == "recv"]
+            assert len(recv) == 1 and recv[0][2]["speculative"] == (1 if call else 0), (scales, call)
+            compact = [e for e in rig.log if e[0] == "compact_scales"]
+            if scales == "col" and call:
+                # after the receive; the receive's leading dimension is the speculative rows
+                assert [e[0] for e in rig.log][-1] == "compact_scales"
+                assert compact[0][2]["src_ld"] == 64 and compact[0][2]["rows"] == 8 and compact[0][2]["groups"] == 2
+            else:
+                assert compact == [], (scales, call)
+    assert b._intra.spec_hits == 4 and b._intra.spec_misses == 0
 
 
 def test_fp8_hidden_size_not_a_multiple_of_128_raises_before_any_launch(rig):

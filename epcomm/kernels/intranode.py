@@ -62,6 +62,15 @@ class IntraParams(ParamsStruct):
     ]
 
 
+class CompactScalesParams(ParamsStruct):
+    """Mirror of epcomm::CompactScalesParams (column-major scales of a speculative receive)."""
+    _cname_ = "epcomm::CompactScalesParams"
+    _fields_ = [("src", _u64), ("dst", _u64), ("src_ld", _i64), ("rows", _i64), ("groups", _i32), ("pad", _i32)]
+
+
+COMPACT_THREADS = 256
+
+
 class IntraCtrl(ParamsStruct):
     """Mirror of epcomm::IntraCtrl: the host allocates and zeroes it once; the kernels keep it."""
     _cname_ = "epcomm::IntraCtrl"
@@ -104,11 +113,15 @@ class IntranodeDispatchSpec(KernelSpec):
 
     def kernels(self):
         R, H, f = self.num_ranks, self.hidden, self.fp8
-        return (
+        ks = (
             KernelDef("notify", "epcomm::intranode_notify", (R,), IntraParams),
             KernelDef("send", "epcomm::intranode_dispatch_send", (R, H, f), IntraParams),
             KernelDef("recv", "epcomm::intranode_dispatch_recv", (R, H, f), IntraParams),
         )
+        if f:
+            ks += (KernelDef("compact_scales", "epcomm::intranode_compact_scales", (COMPACT_THREADS,),
+                             CompactScalesParams),)
+        return ks
 
 
 @dataclass(frozen=True)
