@@ -478,12 +478,16 @@ class Buffer:
             raise TypeError(f"{name}: is a {fw} array but x is a {framework} one; pass every array of a call "
                             f"in one framework")
 
-    def _begin(self, fw: str, previous_event: EventOverlap | None, caller_work: bool = False) -> tuple[int, bool]:
+    def _begin(self, fw: str, previous_event: EventOverlap | None, caller_work: bool = False,
+               caller: int | None = None, cap: int | None = None) -> tuple[int, int]:
         """Order the comm stream after the caller's work (or only after ``previous_event``,
         unless ``caller_work``: epcomm queued work on the caller's stream for this call, e.g.
-        an int32 top-k widened to int64); returns (caller stream, capturing)."""
-        caller = interop.current_stream(fw, self.device_id)
-        cap = _cuda.capture_id(caller)
+        an int32 top-k widened to int64); returns (caller stream, its capture id: 0 when not
+        capturing, see _cuda.capture_id).  ``caller`` and ``cap``: both, if the call already
+        read them (each is a driver query on the hot path)."""
+        if caller is None or cap is None:
+            caller = interop.current_stream(fw, self.device_id)
+            cap = _cuda.capture_id(caller)
         waited = event_mod.wait_for(self._stream, previous_event, cap)
         # Under capture, a previous_event recorded before the capture began orders nothing
         # in the graph (wait_for skips it), and the comm stream would stay outside the capture:
@@ -492,12 +496,17 @@ class Buffer:
         if not waited or caller_work or (cap and _cuda.capture_id(self._stream) != cap):
             _cuda.event_record(self._ev_start, caller)
             _cuda.stream_wait_event(self._stream, self._ev_start)
-        return caller, bool(cap)
+        return caller, cap
 
-    def _finish(self, fw: str, caller: int, async_finish: bool, outputs: list, inputs: list) -> EventOverlap:
+    def _finish(self, fw: str, caller: int, async_finish: bool, outputs: list, inputs: list,
+                cap: int | None = None) -> EventOverlap:
+        """The call's event on the comm stream (the caller waits for it unless ``async_finish``).
+        ``cap``: _begin's capture id of the call; 0 skips querying the comm stream's (which
+        _begin left outside any capture then)."""
         ev = _cuda.event_create()
         _cuda.event_record(ev, self._stream)
-        cap = _cuda.capture_id(self._stream)
+        if cap != 0:
+            cap = _cuda.capture_id(self._stream)
         if event_mod._DEFERRED and not cap:
             event_mod.release_finished()
         if self._alloc_on_comm and fw == "torch":
@@ -558,10 +567,11 @@ class Buffer:
         num_nodes = K_layout.check_layout_args(tr.shape[0], num_experts, self.num_ranks, self.num_ranks)
         self._alloc_on_comm = bool(allocate_on_comm_stream)
         with _cuda.on_device(self.device_id):
-            caller, capturing = self._begin(tr.framework, previous_event, caller_work=tr.widened)
-            check_topk_indices(tr.obj, tr.framework, num_experts, capturing=capturing, previous_event=previous_event)
+            caller, cap = self._begin(tr.framework, previous_event, caller_work=tr.widened)
+            check_topk_indices(tr.obj, tr.framework, num_experts, capturing=bool(cap), previous_event=previous_event)
             outs = self._layout_on_comm(tr, num_experts, num_nodes)
-            ev = self._finish(tr.framework, caller, async_finish, [o[0] for o in outs if o], [tr.obj, tr.keepalive])
+            ev = self._finish(tr.framework, caller, async_finish, [o[0] for o in outs if o], [tr.obj, tr.keepalive],
+                              cap)
         res = [interop.finish(tr.framework, o[0], self._stream) if o else None for o in outs]
         return (*res, ev)
 
@@ -753,12 +763,15 @@ class Buffer:
             worst = num_worst_tokens > 0
             # Before _begin: it makes the comm stream wait for the caller's, which under capture
             # joins it to the capture, and a capture left with a forked stream is lost.
-            if not worst and not cached and _cuda.stream_is_capturing(interop.current_stream(fw, self.device_id)):
+            caller = interop.current_stream(fw, self.device_id)
+            cap = _cuda.capture_id(caller)
+            if not worst and not cached and cap:
                 raise ValueError("dispatch: CUDA-graph capture needs num_worst_tokens > 0 (or a handle): the "
                                  "default path synchronises with the CPU to size its outputs")
-            caller, capturing = self._begin(fw, previous_event, caller_work=tr is not None and tr.widened)
+            caller, cap = self._begin(fw, previous_event, caller_work=tr is not None and tr.widened,
+                                      caller=caller, cap=cap)
             if tr is not None:
-                check_topk_indices(tr.obj, fw, E, capturing=capturing, previous_event=previous_event)
+                check_topk_indices(tr.obj, fw, E, capturing=bool(cap), previous_event=previous_event)
             keep = []
             if cached:
                 h = handle
@@ -855,7 +868,7 @@ class Buffer:
                 wait (``_finish``) for the receive launched last, on ``outputs``."""
                 _cuda.event_record(self._ev_recv, self._stream2)
                 _cuda.stream_wait_event(self._stream, self._ev_recv)
-                return self._finish(fw, caller, async_finish, [o[0] for o in outputs if o is not None], ins)
+                return self._finish(fw, caller, async_finish, [o[0] for o in outputs if o is not None], ins, cap)
 
             outputs = ev = None
             if spec_rows:
@@ -1077,7 +1090,7 @@ class Buffer:
         self._alloc_on_comm = bool(allocate_on_comm_stream)
         with _cuda.on_device(self.device_id):
             mod = loader.load(spec, self.device_id)
-            caller, capturing = self._begin(fw, previous_event)
+            caller, cap = self._begin(fw, previous_event)
             out = self._empty(fw, (N, H), "bfloat16")
             outw = self._empty(fw, (N, Kt), "float32") if wr is not None else None
             p = st.params(self.timeout_s)
@@ -1096,7 +1109,7 @@ class Buffer:
             outs = [out[0]] + ([outw[0]] if outw else [])
             ev = self._finish(fw, caller, async_finish, outs,
                               [xr.obj, wr.obj if wr else None, handle.send_pos, handle.rank_prefix]
-                              + [b.obj for b in biases])
+                              + [b.obj for b in biases], cap)
         return (interop.finish(fw, out[0], self._stream),
                 (interop.finish(fw, outw[0], self._stream) if outw else None), ev)
 

@@ -113,6 +113,13 @@ class _Results:
         return self._views if self._views is not None else self._make_views(stream)
 
 
+def _check_hook_framework(return_recv_hook: bool, fw: str) -> None:
+    if return_recv_hook and fw == "jax":
+        raise ValueError("return_recv_hook=True with JAX arrays: JAX has no stream that could be ordered "
+                         "after the hook's receive, so its outputs would be read before they are written; "
+                         "use the default (one call) or async_finish=True")
+
+
 class LowLatencyState:
     """Symmetric heap, peer pointers, control words and per-slot results of one Buffer."""
 
@@ -298,8 +305,8 @@ class LowLatencyState:
         if not async_finish and previous_event is None:
             caller = interop.current_stream(fw, self.device_id)
             return caller, caller, _cuda.stream_is_capturing(caller)
-        caller, capturing = self.buf._begin(fw, previous_event, caller_work)
-        return caller, self.buf._stream, capturing
+        caller, cap = self.buf._begin(fw, previous_event, caller_work)
+        return caller, self.buf._stream, bool(cap)
 
     def _order_caller_after(self, fw: str, stream: int) -> None:
         """A hook's receive ran on epcomm's stream (the call had a previous_event): the caller's
@@ -377,10 +384,7 @@ class LowLatencyState:
         xr = b._tensor(x, "x", dtype="bfloat16", ndim=2)
         N, H = xr.shape
         fw = xr.framework
-        if return_recv_hook and fw == "jax":
-            raise ValueError("return_recv_hook=True with JAX arrays: JAX has no stream that could be ordered "
-                             "after the hook's receive, so its outputs would be read before they are written; "
-                             "use the default (one call) or async_finish=True")
+        _check_hook_framework(return_recv_hook, fw)
         T = check_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, lo=1)
         if N > T:
             raise ValueError(f"x: {N} tokens exceed num_max_dispatch_tokens_per_rank={T}")
@@ -607,10 +611,7 @@ class LowLatencyState:
         L = E // R
         xr = b._tensor(x, "x", dtype="bfloat16", ndim=3, shape=(L, R * T, H))
         fw = xr.framework
-        if return_recv_hook and fw == "jax":
-            raise ValueError("return_recv_hook=True with JAX arrays: JAX has no stream that could be ordered "
-                             "after the hook's receive, so its outputs would be read before they are written; "
-                             "use the default (one call) or async_finish=True")
+        _check_hook_framework(return_recv_hook, fw)
         N = handle.num_tokens
         tr = b._tensor(topk_idx, "topk_idx", dtype="index", ndim=2, shape=(N, handle.num_topk), framework=fw,
                        previous_event=previous_event)

@@ -691,7 +691,7 @@ def test_async_dispatch_keeps_everything_its_kernels_read(rig, monkeypatch):
     from epcomm.event import EventOverlap
     seen = []
 
-    def finish(self, fw, caller, async_finish, outputs, inputs):
+    def finish(self, fw, caller, async_finish, outputs, inputs, cap=None):
         seen.append(inputs)  # kept alive by the event and recorded on the comm streams
         return EventOverlap(None, fw, 0)
 
