@@ -45,7 +45,8 @@ import time
 
 import numpy as np
 
-from . import envs, spawn
+from . import envs, interop, spawn
+from .nvshmem_runtime import default_symmetric_size
 from .testing import bit_mismatch
 
 DEFAULT_SMS = (8, 12, 16, 24, 32)
@@ -226,7 +227,7 @@ def _normal_bars(entry: dict, world: int) -> dict:
                     if s > max_sms:
                         continue
                     vals = [_sms_entry(r, s).get(field) for r in ranks]
-                    if len(vals) < world or any(not isinstance(v, (int, float)) or math.isnan(v) for v in vals):
+                    if not _complete(vals, world):
                         continue
                     if best is None or min(vals) > best[0]:
                         best = (min(vals), s, vals)
@@ -242,6 +243,11 @@ def _normal_bars(entry: dict, world: int) -> dict:
     return out
 
 
+def _complete(vals: list, world: int) -> bool:
+    """Whether ``vals`` (one per rank) holds a number, not NaN, for each of the ``world`` ranks."""
+    return len(vals) >= world and all(isinstance(v, (int, float)) and not math.isnan(v) for v in vals)
+
+
 def _ll_value(ranks: list, field: str, world: int):
     """The slowest rank's value of ``field`` (None unless every rank has it)."""
     vals = []
@@ -252,7 +258,7 @@ def _ll_value(ranks: list, field: str, world: int):
         if v is None and field == "nvshmem_symmetric_size":
             v = (r.get("heap") or {}).get("nvshmem_symmetric_size")
         vals.append(v)
-    if len(vals) < world or any(not isinstance(v, (int, float)) or math.isnan(v) for v in vals):
+    if not _complete(vals, world):
         return None, vals
     return max(vals), vals
 
@@ -592,34 +598,11 @@ class _Progress:
         spawn.phase(name)
 
     def save(self) -> None:
-        if self.path is None:
-            return
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.out, f, default=str)
-        os.replace(tmp, self.path)
+        if self.path is not None:
+            write_json(self.out, self.path)
 
 
 # --------------------------------------------------------------------------- checks
-
-
-def _to_numpy(torch, t) -> np.ndarray:
-    """A host copy of a torch tensor; bf16 and e4m3 as ml_dtypes arrays (bit for bit)."""
-    import ml_dtypes
-    t = t.detach().contiguous()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).cpu().numpy().view(ml_dtypes.bfloat16)
-    if t.dtype == torch.float8_e4m3fn:
-        return t.view(torch.uint8).cpu().numpy().view(ml_dtypes.float8_e4m3fn)
-    return t.cpu().numpy()
-
-
-def _from_numpy(torch, a: np.ndarray, device):
-    import ml_dtypes
-    a = np.ascontiguousarray(a)
-    if a.dtype == ml_dtypes.bfloat16:
-        return torch.from_numpy(a.view(np.int16)).to(device).view(torch.bfloat16)
-    return torch.from_numpy(a).to(device)
 
 
 _INT_OF_WIDTH = {1: "uint8", 2: "int16", 4: "int32", 8: "int64"}
@@ -643,14 +626,25 @@ def _diff(name: str, got, exp) -> list[str]:
         first = tuple(int(v) for v in ne.nonzero()[0].tolist())
         return [f"{name}: {n} of {ne.numel()} elements differ (first at {first})"]
     if not isinstance(got, np.ndarray):
-        import torch
-        got = _to_numpy(torch, got)
+        got = interop.to_numpy(got)
     bad = bit_mismatch(name, got, exp)
     return [bad] if bad else []
 
 
 def _verdict(problems: list[str]) -> str:
     return "ok" if not problems else "; ".join(problems)[:600]
+
+
+def _checked(error: str | None, problems, *args) -> str:
+    """A check's verdict: ``error`` (the reference could not be computed) if set, else that of
+    ``problems(*args)`` (a list of problems), or what it raised: a check never stops the
+    benchmark."""
+    if error:
+        return error
+    try:
+        return _verdict(problems(*args))
+    except Exception as e:  # noqa: BLE001
+        return f"check raised {type(e).__name__}: {e}"
 
 
 def _record_check(checks: dict, op: str, verdict: str, where: str = "") -> None:
@@ -709,7 +703,7 @@ class _NormalCheck:
         _, N, H = x_all.shape
         dev = x.device
         self.cols = torch.arange(0, H, max(1, H // 64), device=dev)
-        xsl = [_to_numpy(torch, x_all[r][:, self.cols]) for r in range(R)]
+        xsl = [interop.to_numpy(x_all[r][:, self.cols]) for r in range(R)]
         refs = reference.dispatch(xsl, E, topk_idx=[topk_all[r] for r in range(R)],
                                   topk_weights=[w_all[r] for r in range(R)])
         me = self.me = refs[self.rank]
@@ -731,12 +725,7 @@ class _NormalCheck:
     def dispatch(self, result, fp8: bool, meta: bool) -> str:
         """``result``: a dispatch's return tuple.  ``meta``: also the handle, top-k and counts
         (a full dispatch's; a cached dispatch returns none of them)."""
-        if self.error:
-            return self.error
-        try:
-            return _verdict(self._dispatch(result, fp8, meta))
-        except Exception as e:  # noqa: BLE001 - a check never stops the benchmark
-            return f"check raised {type(e).__name__}: {e}"
+        return _checked(self.error, self._dispatch, result, fp8, meta)
 
     def _dispatch(self, result, fp8, meta):
         torch = self.torch
@@ -767,14 +756,9 @@ class _NormalCheck:
 
     def combine(self, combined) -> str:
         """``combined``: the combine's output for the input :meth:`combine_input` made."""
-        if self.error:
-            return self.error
-        try:
-            return _verdict(_diff("combined_x", combined, self.comb_full)
-                            + _diff("combined_x sampled columns vs reference.combine", combined[:, self.cols],
-                                    self.comb_cols))
-        except Exception as e:  # noqa: BLE001
-            return f"check raised {type(e).__name__}: {e}"
+        return _checked(self.error, lambda: _diff("combined_x", combined, self.comb_full)
+                        + _diff("combined_x sampled columns vs reference.combine", combined[:, self.cols],
+                                self.comb_cols))
 
 
 class _LLCheck:
@@ -804,7 +788,7 @@ class _LLCheck:
     def _prepare(self, x, x_all, topk_all, w_all, R, T, E):
         from . import reference
         torch = self.torch
-        xs = [_to_numpy(torch, x_all[r]) for r in range(R)]
+        xs = [interop.to_numpy(x_all[r]) for r in range(R)]
         tks = [topk_all[r] for r in range(R)]
         ws = [w_all[r] for r in range(R)]
         ref = reference.low_latency_dispatch(xs, tks, T, E, use_fp8=True)
@@ -822,36 +806,29 @@ class _LLCheck:
         me = self.me = ref[self.rank]
         self.mask_np = np.arange(R * T)[None, :] < me.recv_count[:, None]
         self.mask = torch.from_numpy(self.mask_np).to(x.device)
-        self.y = _from_numpy(torch, ys[self.rank], x.device)
+        self.y = interop.from_numpy("torch", ys[self.rank], x.device.type, x.device.index or 0)
 
     def dispatch(self, recv_x, recv_count, handle) -> str:
         """An FP8 dispatch's ``(data, scales)``, counts and handle, against the reference: the
         rows below each expert's count (bytes, scales, source token), the counts and ranges."""
-        if self.error:
-            return self.error
-        try:
-            torch, me, m, mn = self.torch, self.me, self.mask, self.mask_np
-            data, scales = recv_x
-            p = _diff("recv_count", recv_count, me.recv_count)
-            if not p:
-                p += _diff("recv_x rows (e4m3 bytes)", data.view(torch.uint8)[m], me.recv_x[mn])
-                p += _diff("recv_x_scales rows", scales[m], me.recv_x_scales[mn])
-                p += _diff("src_info rows", handle.src_info[m], me.handle.src_info[mn])
-                p += _diff("layout_range", handle.layout_range, me.handle.layout_range)
-            return _verdict(p)
-        except Exception as e:  # noqa: BLE001
-            return f"check raised {type(e).__name__}: {e}"
+        return _checked(self.error, self._dispatch, recv_x, recv_count, handle)
+
+    def _dispatch(self, recv_x, recv_count, handle) -> list[str]:
+        torch, me, m, mn = self.torch, self.me, self.mask, self.mask_np
+        data, scales = recv_x
+        p = _diff("recv_count", recv_count, me.recv_count)
+        if not p:
+            p += _diff("recv_x rows (e4m3 bytes)", data.view(torch.uint8)[m], me.recv_x[mn])
+            p += _diff("recv_x_scales rows", scales[m], me.recv_x_scales[mn])
+            p += _diff("src_info rows", handle.src_info[m], me.handle.src_info[mn])
+            p += _diff("layout_range", handle.layout_range, me.handle.layout_range)
+        return p
 
     def combine(self, combined, partials: bool | None = None) -> str:
         """A combine's output for input :attr:`y` (``partials``: the setting it ran with;
         default the buffer's)."""
-        if self.error:
-            return self.error
-        try:
-            p = self.partials if partials is None else bool(partials)
-            return _verdict(_diff("combined_x", combined, self.expected[p]))
-        except Exception as e:  # noqa: BLE001
-            return f"check raised {type(e).__name__}: {e}"
+        p = self.partials if partials is None else bool(partials)
+        return _checked(self.error, lambda: _diff("combined_x", combined, self.expected[p]))
 
 
 # --------------------------------------------------------------------------- normal mode
@@ -922,21 +899,23 @@ def _normal_worker(rank, world, group, args) -> dict:
         res["recv_rows"] = rows
         res["dispatch_bf16_GBps"] = gbps(bf16_b, res["dispatch_bf16_us"])
         y = chk.combine_input(recv_x)
-        measure("dispatch_fp8", lambda: buf.dispatch((xq, xs), **route), fp8_b)
-        measure("dispatch_fp8_colmajor", lambda: buf.dispatch((xq, xs_col), **route), fp8_b)
+        # (name, call, bytes, FP8, returns the handle/top-k/counts): timed in this order with the
+        # combine after the first two, then checked.
+        calls = (("dispatch_fp8", lambda: buf.dispatch((xq, xs), **route), fp8_b, True, True),
+                 ("dispatch_fp8_colmajor", lambda: buf.dispatch((xq, xs_col), **route), fp8_b, True, True),
+                 ("cached_dispatch_bf16", lambda: buf.dispatch(x, handle=handle), bf16_b, False, False),
+                 ("cached_dispatch_fp8", lambda: buf.dispatch((xq, xs), handle=handle), fp8_b, True, False))
+        for name, call, nbytes, _, _ in calls[:2]:
+            measure(name, call, nbytes)
         measure("combine", lambda: buf.combine(y, handle), bf16_b)
-        measure("cached_dispatch_bf16", lambda: buf.dispatch(x, handle=handle), bf16_b)
-        measure("cached_dispatch_fp8", lambda: buf.dispatch((xq, xs), handle=handle), fp8_b)
+        for name, call, nbytes, _, _ in calls[2:]:
+            measure(name, call, nbytes)
         # Checks, untimed: the timed BF16 dispatch's last outputs, then one more call of each
         # other operation (every rank makes the same calls, whatever its comparisons find).
         prog(f"check sms={sms}")
-        calls = (("dispatch_fp8", lambda: buf.dispatch((xq, xs), **route), True, True),
-                 ("dispatch_fp8_colmajor", lambda: buf.dispatch((xq, xs_col), **route), True, True),
-                 ("cached_dispatch_bf16", lambda: buf.dispatch(x, handle=handle), False, False),
-                 ("cached_dispatch_fp8", lambda: buf.dispatch((xq, xs), handle=handle), True, False))
         torch.cuda.synchronize()
         _record_check(out["check"], "dispatch_bf16", chk.dispatch(st["r"], False, True), f"sms={sms}")
-        for name, call, fp8, meta in calls:
+        for name, call, _, fp8, meta in calls:
             if f"{name}_error" in res:
                 continue
             got = call()
@@ -978,7 +957,7 @@ def _heap_report(T: int, H: int, E: int, world: int, nbytes: int) -> dict:
     raw = envs.external("NVSHMEM_SYMMETRIC_SIZE")
     return {"rdma_bytes": nbytes, "nvshmem_symmetric_size_text": raw,
             "nvshmem_symmetric_size": _parse_size(raw),
-            "epcomm_default_symmetric_size": int(nbytes * 1.1) + (256 << 20),
+            "epcomm_default_symmetric_size": default_symmetric_size(nbytes),
             "layout": heap_breakdown(T, H, E, world),
             "deepep_rdma_size_hint": deepep_ll_rdma_size_hint(T, H, world, E)}
 
@@ -1309,11 +1288,7 @@ def _summarize_mode(res: dict, key: str) -> None:
     checks: dict = {}
     for r in ranks:
         for op, v in (r.get("check") or {}).items():
-            if v == "ok":
-                checks.setdefault(op, "ok")
-            else:
-                prev = checks.get(op, "ok")
-                checks[op] = (f"rank {r.get('rank')}: {v}" if prev == "ok" else prev)
+            _record_check(checks, op, v, f"rank {r.get('rank')}")
     if checks:
         entry["check"] = checks
     if ranks and "env" in ranks[0]:

@@ -53,6 +53,12 @@ def _stall_report(what: str, rank: int, size: int):
         timer.cancel()
 
 
+def default_symmetric_size(heap_bytes: int) -> int:
+    """NVSHMEM_SYMMETRIC_SIZE that epcomm sets when it is unset: room for the requested buffer
+    plus NVSHMEM's own bookkeeping."""
+    return int(heap_bytes * 1.1) + (256 << 20)
+
+
 def is_initialized() -> bool:
     return _STATE["initialized"]
 
@@ -76,8 +82,7 @@ def init(group, device_id: int, heap_bytes: int, shared_gpu: bool = False) -> No
         envs.setdefault_external("NVSHMEM_DISABLE_NVLS", "1")
         if shared_gpu:
             envs.setdefault_external("NVSHMEM_DISABLE_NCCL", "1")
-        # Room for the requested buffer plus NVSHMEM's own bookkeeping.
-        want = int(heap_bytes * 1.1) + (256 << 20)
+        want = default_symmetric_size(heap_bytes)
         envs.setdefault_external("NVSHMEM_SYMMETRIC_SIZE", str(want))
         nv = _nv()
         from cuda.core import Device

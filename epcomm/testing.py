@@ -106,7 +106,7 @@ def bit_mismatch(name: str, got, want) -> str | None:
     got, want = np.ascontiguousarray(np.asarray(got)), np.ascontiguousarray(np.asarray(want))
     if got.shape != want.shape:
         return f"{name}: shape {got.shape}, expected {want.shape}"
-    if got.dtype.kind in "iub" and want.dtype.kind in "iub":
+    if got.dtype.kind in "iub" and want.dtype.kind in "iub" and got.dtype != want.dtype:
         ne = got.astype(np.int64) != want.astype(np.int64)
     elif got.dtype.itemsize == want.dtype.itemsize:
         ne = got.view(_UINT_OF_WIDTH[got.dtype.itemsize]) != want.view(_UINT_OF_WIDTH[want.dtype.itemsize])

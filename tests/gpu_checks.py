@@ -7,7 +7,6 @@ import contextlib
 import functools
 import os
 
-import numpy as np
 import pytest
 
 from epcomm import spawn
@@ -142,12 +141,6 @@ def to_np(obj):
     """Host numpy copy of any framework's array."""
     from epcomm import interop
     return interop.to_numpy(obj)
-
-
-def bits(a):
-    """Raw bits for exact comparison whatever the dtype (bf16/fp8 included)."""
-    a = np.ascontiguousarray(a)
-    return a.view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize])
 
 
 def assert_bits(name, got, want):

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from epcomm import bench, reference, spawn
+from epcomm import bench, interop, reference, spawn
 from epcomm.testing import random_topk
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -395,7 +395,7 @@ def _torch():
 
 
 def _bf16_np(torch, t):
-    return bench._to_numpy(torch, t)
+    return interop.to_numpy(t)
 
 
 def _normal_job(torch, R=2, N=48, H=256, E=8, K=4, seed=3):
@@ -415,7 +415,7 @@ def _normal_job(torch, R=2, N=48, H=256, E=8, K=4, seed=3):
 
 def _as_result(torch, r: reference.DispatchResult, fp8: bool, col_scales: bool = False):
     """A reference result in the form Buffer.dispatch returns (torch tensors, a handle-like)."""
-    data = bench._from_numpy(torch, r.recv_x.view(np.uint8) if fp8 else r.recv_x, "cpu")
+    data = interop.from_numpy("torch", r.recv_x.view(np.uint8) if fp8 else r.recv_x, "cpu")
     if fp8:
         data = data.view(torch.float8_e4m3fn)
         sc = torch.from_numpy(np.ascontiguousarray(r.recv_x_scales.T)).T if col_scales else \
@@ -437,7 +437,7 @@ def test_normal_check_accepts_the_reference_and_catches_differences():
     assert chk.error is None
     kw = dict(topk_idx=[p["topk"].numpy() for p in per], topk_weights=[p["w"].numpy() for p in per])
     ref = reference.dispatch([_bf16_np(torch, p["x"]) for p in per], E, **kw)
-    ref8 = reference.dispatch([bench._to_numpy(torch, p["xq"]) for p in per], E,
+    ref8 = reference.dispatch([interop.to_numpy(p["xq"]) for p in per], E,
                               x_scales=[p["xs"].numpy() for p in per], **kw)
     good = _as_result(torch, ref[rank], False)
     assert chk.dispatch(good, False, True) == "ok"
@@ -466,7 +466,7 @@ def test_normal_check_accepts_the_reference_and_catches_differences():
     y = chk.combine_input(good[0])
     assert torch.equal(y.float(), good[0].float() * 2 ** rank)
     ys = [(r.recv_x.astype(np.float32) * np.float32(2.0 ** d)).astype(reference.BF16) for d, r in enumerate(ref)]
-    comb = bench._from_numpy(torch, reference.combine(ys, [r.handle for r in ref])[rank][0], "cpu")
+    comb = interop.from_numpy("torch", reference.combine(ys, [r.handle for r in ref])[rank][0], "cpu")
     assert chk.combine(comb) == "ok"
     comb.view(torch.int16)[7, 100] ^= 1
     assert chk.combine(comb).startswith("combined_x: 1 of")
@@ -529,7 +529,7 @@ def test_low_latency_check_accepts_the_reference_and_catches_differences():
     assert np.array_equal(_bf16_np(torch, chk.y).view(np.int16), ys[rank].view(np.int16))
     for partials in (True, False):
         cref = reference.low_latency_combine(ys, tks, ws, [x.handle for x in ref], partials=partials)[rank]
-        got = bench._from_numpy(torch, cref, "cpu")
+        got = interop.from_numpy("torch", cref, "cpu")
         assert chk.combine(got, partials=partials) == "ok"
         got.view(torch.int16)[2, 3] ^= 1
         assert chk.combine(got, partials=partials).startswith("combined_x: 1 of")
