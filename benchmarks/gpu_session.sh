@@ -44,13 +44,13 @@ ngpu=$(nvidia-smi -L | wc -l)
 # One GPU: the multi-rank tests of both modes run 2 ranks sharing it (correctness, not speed).
 if (( ngpu == 1 )); then export EPCOMM_SHARE_GPU=${EPCOMM_SHARE_GPU:-1}; fi
 { nvidia-smi; nvidia-smi topo -m; } > "$OUT/machine.txt" 2>&1
-timeout 60 python3 -m epcomm.cli info 2>&1 | tee "$OUT/info.txt"
+timeout 60 python3 -m epcomm.tools.cli info 2>&1 | tee "$OUT/info.txt"
 t0=$SECONDS
 # bench needs only the DeepSeek-V3 shapes (and the wait kernels of --smoke); the tests need all.
 preset=tests; [[ $what == bench ]] && preset=deepseek-v3
 # The warm-up may take at most what leaves the benchmark 330 s (a cold cache: ~10 s with -j 16).
 wto=$(min 120 $(( $(left) - 330 ))); (( wto < 30 )) && wto=30
-timeout "$wto" python3 -m epcomm.cli warmup --preset "$preset" --smoke -j 16 > "$OUT/warmup.txt" 2>&1
+timeout "$wto" python3 -m epcomm.tools.cli warmup --preset "$preset" --smoke -j 16 > "$OUT/warmup.txt" 2>&1
 wrc=$?
 echo "warmup: $(( SECONDS - t0 ))s (limit ${wto}s, exit $wrc), $(tail -1 "$OUT/warmup.txt")"
 # One GPU with ranks sharing it: the normal-mode files take ~2.5 min and the low-latency file
@@ -77,7 +77,7 @@ if [[ $what == bench || $what == all ]]; then
   bto=$(min 460 $(( $(left) - 20 )))
   sto=$(min 200 $(( (bto - 40) / nmodes )))
   echo "bench: outer limit ${bto}s, each mode's spawn ${sto}s ($(left)s left of ${budget}s)"
-  EPCOMM_BENCH_KIND="$kind" timeout -k 10 "$bto" python3 -m epcomm.cli bench $which --timeout "$sto" \
+  EPCOMM_BENCH_KIND="$kind" timeout -k 10 "$bto" python3 -m epcomm.tools.cli bench $which --timeout "$sto" \
       --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
   # What limits the normal mode (per-block timeline, docs/design.md), at the benchmark's default
   # launch config (config.py: send share 0.33 on 2 ranks, 0.5 on more; 128-row dispatch chunks)

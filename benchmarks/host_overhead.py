@@ -151,7 +151,7 @@ def _worker(rank, world, group, T, H, K, E, calls, batches, profile=False):
         sync()
         pstats.Stats(pr).sort_stats("tottime").print_stats(22)
     from epcomm import envs
-    from epcomm.event import EventOverlap
+    from epcomm.runtime.event import EventOverlap
     from epcomm.low_latency import LowLatencyHandle
     parts["interop.current_stream"] = _batches(lambda: interop.current_stream("torch", dev), calls, batches, sync)
     parts["torch.cuda.current_device"] = _batches(torch.cuda.current_device, calls, batches, sync)
@@ -188,7 +188,8 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true", help="also print a cProfile of 500 combine+dispatch pairs")
     a = ap.parse_args()
     os.environ["EPCOMM_CHECK_INDICES"] = "0"  # as `epcomm bench`: the fast paths need it off
-    from epcomm import envs, spawn
+    from epcomm import envs
+    from epcomm.tools import spawn
     n = a.gpus
     if n <= 0:
         import torch

@@ -111,7 +111,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--blocks", default="4,8,12,16,24,32")
     args = ap.parse_args()
-    from epcomm import spawn
+    from epcomm.tools import spawn
     if spawn.gpu_count() < 2:
         raise SystemExit(f"nvlink_probe.py needs 2 GPUs (it copies between GPUs 0 and 1); {spawn.gpu_count()} visible")
     import cupy as cp

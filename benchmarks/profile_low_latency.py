@@ -38,8 +38,8 @@ def _worker(rank, world, group, args):
     import numpy as np
 
     import epcomm
-    from epcomm import spawn
-    from epcomm.bench import _worker_setup
+    from epcomm.tools import spawn
+    from epcomm.tools.bench import _worker_setup
     from epcomm.kernels.low_latency import PROF_PHASES
     from epcomm.testing import random_topk
     torch, dist, align = _worker_setup(rank, world, group)
@@ -96,7 +96,7 @@ def _worker(rank, world, group, args):
 
 
 def main() -> int:
-    from epcomm import spawn
+    from epcomm.tools import spawn
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gpus", type=int, default=0)
     ap.add_argument("--tokens", type=int, default=128)

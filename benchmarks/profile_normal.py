@@ -52,7 +52,7 @@ def _worker(rank, world, group, args):
     import numpy as np
 
     import epcomm
-    from epcomm.bench import _time_op, _worker_setup
+    from epcomm.tools.bench import _time_op, _worker_setup
     from epcomm.config import Config
     from epcomm.testing import random_topk
     torch, dist, align = _worker_setup(rank, world, group)
@@ -193,7 +193,7 @@ def _worker(rank, world, group, args):
 
 
 def main():
-    from epcomm import spawn
+    from epcomm.tools import spawn
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
     ap.add_argument("--configs", default="24:0.5:64,24:0.33:64,24:0.25:64,24:0.33:32,24:0.33:128,12:0.33:64")

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import importlib
 
-from ._version import __version__
+from epcomm._version import __version__
 
 _LAZY = {
     "Buffer": ("epcomm.buffer", "Buffer"),
     "DispatchHandle": ("epcomm.buffer", "DispatchHandle"),
     "LowLatencyHandle": ("epcomm.low_latency", "LowLatencyHandle"),
-    "EventOverlap": ("epcomm.event", "EventOverlap"),
+    "EventOverlap": ("epcomm.runtime.event", "EventOverlap"),
     "Config": ("epcomm.config", "Config"),
     "get_dispatch_layout": ("epcomm.api", "get_dispatch_layout"),
-    "as_group": ("epcomm.group", "as_group"),
+    "as_group": ("epcomm.runtime.group", "as_group"),
     "EpcommError": ("epcomm.errors", "EpcommError"),
     "EpcommTimeoutError": ("epcomm.errors", "EpcommTimeoutError"),
     "CompileError": ("epcomm.errors", "CompileError"),

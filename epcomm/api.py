@@ -1,10 +1,11 @@
 """Functions that need no Buffer."""
 from __future__ import annotations
 
-from . import _cuda, interop
-from ._errstate import default_state
-from ._validate import check_topk_indices
-from .kernels import layout as K_layout
+from epcomm.runtime import driver
+from epcomm import interop
+from epcomm.runtime.errstate import default_state
+from epcomm.validate import check_topk_indices
+from epcomm.kernels import layout as K_layout
 
 
 def get_dispatch_layout(topk_idx, num_experts: int, num_ranks: int, *, num_ranks_per_node: int = 8,
@@ -35,19 +36,19 @@ def get_dispatch_layout(topk_idx, num_experts: int, num_ranks: int, *, num_ranks
     num_experts, num_ranks = int(num_experts), int(num_ranks)  # NumPy ints: checked above
     num_ranks_per_node = int(num_ranks_per_node)
     fw, dev = tr.framework, tr.device_id
-    with _cuda.on_device(dev):
+    with driver.on_device(dev):
         s = interop.current_stream(fw, dev) if stream is None else int(stream)
         widen_s = interop.current_stream("torch" if fw == "torch" else "cupy", dev) if tr.widened else s
         if widen_s != s:
             # An int32 top-k was widened on the current stream: the kernel on `stream` follows
             # that copy (and the copy is kept until the kernel is done, below).
-            ev = _cuda.event_create()
-            _cuda.event_record(ev, widen_s)
-            _cuda.stream_wait_event(s, ev)
-            _cuda.event_destroy(ev)
+            ev = driver.event_create()
+            driver.event_record(ev, widen_s)
+            driver.stream_wait_event(s, ev)
+            driver.event_destroy(ev)
         err = default_state(dev)
         err.check("get_dispatch_layout")
-        check_topk_indices(tr.obj, fw, num_experts, capturing=_cuda.stream_is_capturing(s))
+        check_topk_indices(tr.obj, fw, num_experts, capturing=driver.stream_is_capturing(s))
         N = tr.shape[0]
         with _on_stream(fw, dev, s, stream is not None):
             mk = lambda shape, dt: interop.empty(fw, shape, dt, "cuda", dev)  # noqa: E731
@@ -71,7 +72,7 @@ def get_dispatch_layout(topk_idx, num_experts: int, num_ranks: int, *, num_ranks
                 import torch
                 interop.record_stream(tr.keepalive, torch.cuda.ExternalStream(s, device=dev))
             else:
-                _cuda.stream_sync(s)  # CuPy's pool has no record_stream: the copy may go once `s` is done
+                driver.stream_sync(s)  # CuPy's pool has no record_stream: the copy may go once `s` is done
     fin = lambda o: None if o is None else interop.finish(fw, o[0], s)  # noqa: E731
     return fin(rank_o), fin(rdma_o), fin(exp_o), fin(in_o)
 

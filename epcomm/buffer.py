@@ -21,18 +21,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import _cuda, envs, interop
-from . import event as event_mod
-from ._errstate import ErrorState
-from ._validate import check_event, check_int, check_topk_indices
-from .config import Config, default_combine_config, default_dispatch_config
-from .errors import BufferStateError, EpcommTimeoutError
-from .event import EventOverlap
-from .group import as_group
-from .jit import loader
-from .jit.launch import launch
-from .kernels import intranode as K_intra
-from .kernels import layout as K_layout
+from epcomm.runtime import driver
+from epcomm import envs, interop
+from epcomm.runtime import event as event_mod
+from epcomm.runtime.errstate import ErrorState
+from epcomm.validate import check_event, check_int, check_topk_indices
+from epcomm.config import Config, default_combine_config, default_dispatch_config
+from epcomm.errors import BufferStateError, EpcommTimeoutError
+from epcomm.runtime.event import EventOverlap
+from epcomm.runtime.group import as_group
+from epcomm.jit import loader
+from epcomm.jit.launch import launch
+from epcomm.kernels import intranode as K_intra
+from epcomm.kernels import layout as K_layout
 
 _LIVE_BUFFERS: "weakref.WeakSet[Buffer]" = weakref.WeakSet()
 # Every Buffer's number in this process, recorded in its handles: unlike id(), never reused by a
@@ -48,7 +49,7 @@ _SPARE_STREAMS: dict[int, list[int]] = {}
 
 def _take_stream(device: int) -> int:
     spare = _SPARE_STREAMS.get(device)
-    return spare.pop() if spare else _cuda.stream_create()
+    return spare.pop() if spare else driver.stream_create()
 
 
 @atexit.register
@@ -113,19 +114,19 @@ class _IntraState:
         try:
             self._setup(buf, lay, dev, R)
         except BaseException:
-            with _cuda.on_device(dev):
+            with driver.on_device(dev):
                 self.free()  # what was made so far: memory, pinned words, peers' mappings
             raise
 
     def _setup(self, buf: "Buffer", lay, dev: int, R: int) -> None:
-        with _cuda.on_device(dev):
-            self.base = _cuda.mem_alloc(lay.total_bytes)
+        with driver.on_device(dev):
+            self.base = driver.mem_alloc(lay.total_bytes)
             s = buf._stream
-            _cuda.memset_d8_async(self.base, 0, lay.staging_off, s)
-            self.ctrl = _cuda.mem_alloc(ctypes.sizeof(K_intra.IntraCtrl))
-            _cuda.memset_d8_async(self.ctrl, 0, ctypes.sizeof(K_intra.IntraCtrl), s)
+            driver.memset_d8_async(self.base, 0, lay.staging_off, s)
+            self.ctrl = driver.mem_alloc(ctypes.sizeof(K_intra.IntraCtrl))
+            driver.memset_d8_async(self.ctrl, 0, ctypes.sizeof(K_intra.IntraCtrl), s)
             n_info = 2 + R + K_intra.MAX_LOCAL_EXPERTS
-            self.host_info, self.host_info_dev = _cuda.host_alloc_mapped(4 * n_info)
+            self.host_info, self.host_info_dev = driver.host_alloc_mapped(4 * n_info)
             ctypes.memset(self.host_info, 0, 4 * n_info)
             self.info = np.frombuffer((ctypes.c_int32 * n_info).from_address(self.host_info), dtype=np.int32)
             self.spec_hits = 0       # receives written into outputs allocated before the counts
@@ -135,14 +136,14 @@ class _IntraState:
             # size of the next call's speculative outputs.
             self.recv_history: dict = {}
             self.speculation = float(envs.RECV_SPECULATION.get())
-            _cuda.stream_sync(s)
-            handle = _cuda.ipc_get_handle(self.base)
+            driver.stream_sync(s)
+            handle = driver.ipc_get_handle(self.base)
             handles = buf.group.allgather_bytes(handle)
             for r in range(R):
                 if r == buf.rank:
                     self.peers[r] = self.base
                 else:
-                    self.peers[r] = _cuda.ipc_open(handles[r])
+                    self.peers[r] = driver.ipc_open(handles[r])
                     self.opened.append(self.peers[r])
         buf.group.barrier()
         t = K_intra.IntraParams()
@@ -159,10 +160,10 @@ class _IntraState:
         self.host_stamps: dict = {}
         if envs.PROFILE.get():
             self.prof_bytes = 8 * K_intra.PROF_SLOTS * K_intra.PROF_MAX_BLOCKS * len(K_intra.PROF_KERNELS)
-            with _cuda.on_device(dev):
-                self.prof = _cuda.mem_alloc(self.prof_bytes)
-                _cuda.memset_d8_async(self.prof, 0, self.prof_bytes, buf._stream)
-                _cuda.stream_sync(buf._stream)
+            with driver.on_device(dev):
+                self.prof = driver.mem_alloc(self.prof_bytes)
+                driver.memset_d8_async(self.prof, 0, self.prof_bytes, buf._stream)
+                driver.stream_sync(buf._stream)
             t.prof = self.prof
         self.template = t
 
@@ -175,7 +176,7 @@ class _IntraState:
     def free(self) -> None:
         for ptr in self.opened:
             try:
-                _cuda.ipc_close(ptr)
+                driver.ipc_close(ptr)
             except Exception:
                 pass
         self.opened = []
@@ -183,7 +184,7 @@ class _IntraState:
             ptr = getattr(self, attr)
             if ptr:
                 try:
-                    _cuda.mem_free(ptr)
+                    driver.mem_free(ptr)
                 except Exception:
                     pass
                 setattr(self, attr, 0)
@@ -191,7 +192,7 @@ class _IntraState:
             ptr = getattr(self, attr, 0)
             if ptr:
                 try:
-                    _cuda.host_free(ptr)
+                    driver.host_free(ptr)
                 except Exception:
                     pass
                 setattr(self, attr, 0)
@@ -225,9 +226,9 @@ class Buffer:
         check_int("num_rdma_bytes", num_rdma_bytes, lo=0)
         if self.num_ranks < 1:
             raise ValueError("group has no ranks")
-        n_dev = _cuda.init()
+        n_dev = driver.init()
         if device is None:
-            cur = _cuda.current_device()
+            cur = driver.current_device()
             device = cur if cur >= 0 else self.rank % max(n_dev, 1)
         check_int("device", device, lo=0, hi=n_dev - 1)
         self.device_id = device
@@ -244,30 +245,30 @@ class Buffer:
             # Nothing of a Buffer that never existed stays allocated (e.g. a 2 GiB NVLink buffer
             # and its peers' mappings, when the low-latency part then fails).
             self._destroyed = True
-            with _cuda.on_device(device):
+            with driver.on_device(device):
                 self._free_local()
             raise
         _LIVE_BUFFERS.add(self)
 
     def _setup(self, device: int, num_nvl_bytes: int, num_rdma_bytes: int, low_latency_mode: bool) -> None:
-        with _cuda.on_device(device):
+        with driver.on_device(device):
             self._stream = _take_stream(device)
             self._stream2 = _take_stream(device)
-            self._ev_start = _cuda.event_create()
-            self._ev_mid = _cuda.event_create()
-            self._ev_recv = _cuda.event_create()
+            self._ev_start = driver.event_create()
+            self._ev_mid = driver.event_create()
+            self._ev_recv = driver.event_create()
         self._err = ErrorState(device)
         sizes = self.group.allgather_bytes(f"{num_nvl_bytes},{num_rdma_bytes},{int(low_latency_mode)}".encode())
         if len(set(sizes)) != 1:
             raise ValueError(f"every rank must create the Buffer with the same sizes and mode; got "
                              f"{[s.decode() for s in sizes]} (num_nvl_bytes,num_rdma_bytes,low_latency_mode)")
-        buses = self.group.allgather_bytes(_cuda.pci_bus_id(device).encode())
+        buses = self.group.allgather_bytes(driver.pci_bus_id(device).encode())
         self.shares_gpu = len(set(buses)) != len(buses)
         if self.shares_gpu and not envs.SHARE_GPU.get():
             raise ValueError(f"two ranks share one GPU ({[b.decode() for b in buses]}); use one GPU per rank"
                              " (EPCOMM_SHARE_GPU=1 allows it for correctness tests)")
         if low_latency_mode or num_rdma_bytes > 0:
-            from .low_latency import LowLatencyState
+            from epcomm.low_latency import LowLatencyState
             LowLatencyState.check_args(self.num_ranks, num_rdma_bytes)  # before any allocation
         if num_nvl_bytes > 0:
             if self.num_ranks < 2:
@@ -277,7 +278,7 @@ class Buffer:
                                  f"{K_intra.MAX_RANKS} ranks in one NVLink domain")
             self._intra = _IntraState(self, num_nvl_bytes)
         if low_latency_mode or num_rdma_bytes > 0:
-            from .low_latency import LowLatencyState
+            from epcomm.low_latency import LowLatencyState
             self._ll = LowLatencyState(self, num_rdma_bytes)
         self._dispatch_config = default_dispatch_config(self.num_ranks)
         self._combine_config = default_combine_config(self.num_ranks)
@@ -301,7 +302,7 @@ class Buffer:
         """SMs of this Buffer's GPU (queried once)."""
         n = getattr(self, "_device_sms", None)
         if n is None:
-            n = self._device_sms = _cuda.num_sms(self.device_id)
+            n = self._device_sms = driver.num_sms(self.device_id)
         return n
 
     def _call_config(self, config, default: Config, what: str) -> Config:
@@ -338,11 +339,11 @@ class Buffer:
         if st is None or not st.prof:
             return None
         host = np.zeros(st.prof_bytes // 8, dtype=np.int64)
-        with _cuda.on_device(self.device_id):
-            _cuda.device_sync()
-            _cuda.memcpy_dtoh(host.ctypes.data, st.prof, st.prof_bytes)
-            _cuda.memset_d8_async(st.prof, 0, st.prof_bytes, self._stream)
-            _cuda.stream_sync(self._stream)
+        with driver.on_device(self.device_id):
+            driver.device_sync()
+            driver.memcpy_dtoh(host.ctypes.data, st.prof, st.prof_bytes)
+            driver.memset_d8_async(st.prof, 0, st.prof_bytes, self._stream)
+            driver.stream_sync(self._stream)
         host = host.reshape(len(K_intra.PROF_KERNELS), K_intra.PROF_MAX_BLOCKS, K_intra.PROF_SLOTS)
         out = {k: host[i] for i, k in enumerate(K_intra.PROF_KERNELS)}
         out["host"] = dict(st.host_stamps)  # time.time_ns() of the last dispatch's host steps
@@ -372,7 +373,7 @@ class Buffer:
     def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int,
                                        num_ranks: int, num_experts: int) -> int:
         """Symmetric-heap bytes (``num_rdma_bytes``) for low-latency calls of up to these sizes."""
-        from .kernels.low_latency import rdma_size_hint
+        from epcomm.kernels.low_latency import rdma_size_hint
         return rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
 
     # ---- lifecycle ---------------------------------------------------------------------------
@@ -390,8 +391,8 @@ class Buffer:
     def synchronize(self) -> None:
         """Wait for all work on this buffer's device (low-latency kernels run on the caller's
         streams), then raise any error a kernel recorded."""
-        with _cuda.on_device(self.device_id):
-            _cuda.check(_cuda.drv().cuCtxSynchronize(), "cuCtxSynchronize")
+        with driver.on_device(self.device_id):
+            driver.check(driver.drv().cuCtxSynchronize(), "cuCtxSynchronize")
         self.check()
 
     def destroy(self) -> None:
@@ -400,11 +401,11 @@ class Buffer:
             return
         self._destroyed = True
         _LIVE_BUFFERS.discard(self)
-        with _cuda.on_device(self.device_id):
+        with driver.on_device(self.device_id):
             try:
                 # Every stream of the device: low-latency kernels usually run on the caller's
                 # streams, and a peer's still-queued one would write into memory freed below.
-                _cuda.device_sync()
+                driver.device_sync()
             except Exception:
                 pass
             try:
@@ -430,7 +431,7 @@ class Buffer:
         for ev in (self._ev_start, self._ev_mid, self._ev_recv):
             try:
                 if ev:
-                    _cuda.event_destroy(ev)
+                    driver.event_destroy(ev)
             except Exception:
                 pass
         self._ev_start = self._ev_mid = self._ev_recv = 0
@@ -483,19 +484,19 @@ class Buffer:
         """Order the comm stream after the caller's work (or only after ``previous_event``,
         unless ``caller_work``: epcomm queued work on the caller's stream for this call, e.g.
         an int32 top-k widened to int64); returns (caller stream, its capture id: 0 when not
-        capturing, see _cuda.capture_id).  ``caller`` and ``cap``: both, if the call already
+        capturing, see driver.capture_id).  ``caller`` and ``cap``: both, if the call already
         read them (each is a driver query on the hot path)."""
         if caller is None or cap is None:
             caller = interop.current_stream(fw, self.device_id)
-            cap = _cuda.capture_id(caller)
+            cap = driver.capture_id(caller)
         waited = event_mod.wait_for(self._stream, previous_event, cap)
         # Under capture, a previous_event recorded before the capture began orders nothing
         # in the graph (wait_for skips it), and the comm stream would stay outside the capture:
         # the kernel would run once, now, and be missing from every replay.  Joining the
         # caller's stream brings the comm stream into the capture.
-        if not waited or caller_work or (cap and _cuda.capture_id(self._stream) != cap):
-            _cuda.event_record(self._ev_start, caller)
-            _cuda.stream_wait_event(self._stream, self._ev_start)
+        if not waited or caller_work or (cap and driver.capture_id(self._stream) != cap):
+            driver.event_record(self._ev_start, caller)
+            driver.stream_wait_event(self._stream, self._ev_start)
         return caller, cap
 
     def _finish(self, fw: str, caller: int, async_finish: bool, outputs: list, inputs: list,
@@ -503,10 +504,10 @@ class Buffer:
         """The call's event on the comm stream (the caller waits for it unless ``async_finish``).
         ``cap``: _begin's capture id of the call; 0 skips querying the comm stream's (which
         _begin left outside any capture then)."""
-        ev = _cuda.event_create()
-        _cuda.event_record(ev, self._stream)
+        ev = driver.event_create()
+        driver.event_record(ev, self._stream)
         if cap != 0:
-            cap = _cuda.capture_id(self._stream)
+            cap = driver.capture_id(self._stream)
         if event_mod._DEFERRED and not cap:
             event_mod.release_finished()
         if self._alloc_on_comm and fw == "torch":
@@ -528,7 +529,7 @@ class Buffer:
                     interop.record_stream(t, cs)
                     interop.record_stream(t, cs2)
         if not async_finish:
-            _cuda.stream_wait_event(caller, ev)
+            driver.stream_wait_event(caller, ev)
         return EventOverlap(ev, fw, self.device_id, extra=(outputs, inputs) if async_finish else None, capture=cap)
 
     def _empty(self, fw, shape, dtype):
@@ -566,7 +567,7 @@ class Buffer:
         # One NVLink domain: ranks_per_node = R, so no per-node counts (num_nodes = 0), as in dispatch.
         num_nodes = K_layout.check_layout_args(tr.shape[0], num_experts, self.num_ranks, self.num_ranks)
         self._alloc_on_comm = bool(allocate_on_comm_stream)
-        with _cuda.on_device(self.device_id):
+        with driver.on_device(self.device_id):
             caller, cap = self._begin(tr.framework, previous_event, caller_work=tr.widened)
             check_topk_indices(tr.obj, tr.framework, num_experts, capturing=bool(cap), previous_event=previous_event)
             outs = self._layout_on_comm(tr, num_experts, num_nodes)
@@ -758,13 +759,13 @@ class Buffer:
             hs.clear()
             hs["enter"] = t_enter
         self._alloc_on_comm = bool(allocate_on_comm_stream)
-        with _cuda.on_device(self.device_id):
+        with driver.on_device(self.device_id):
             mod = loader.load(spec, self.device_id)
             worst = num_worst_tokens > 0
             # Before _begin: it makes the comm stream wait for the caller's, which under capture
             # joins it to the capture, and a capture left with a forked stream is lost.
             caller = interop.current_stream(fw, self.device_id)
-            cap = _cuda.capture_id(caller)
+            cap = driver.capture_id(caller)
             if not worst and not cached and cap:
                 raise ValueError("dispatch: CUDA-graph capture needs num_worst_tokens > 0 (or a handle): the "
                                  "default path synchronises with the CPU to size its outputs")
@@ -820,9 +821,9 @@ class Buffer:
                 st.info[0] = 0
             launch(mod.fn("notify"), 1 if cached else R + 1, K_intra.NOTIFY_THREADS, self._stream, p,
                    cooperative=not cached)
-            _cuda.event_record(self._ev_mid, self._stream)
+            driver.event_record(self._ev_mid, self._stream)
             launch(mod.fn("send"), S, K_intra.THREADS, self._stream, p)
-            _cuda.stream_wait_event(self._stream2, self._ev_mid)
+            driver.stream_wait_event(self._stream2, self._ev_mid)
             if hs is not None:
                 hs["launched"] = time.time_ns()
             G = H // 128
@@ -866,8 +867,8 @@ class Buffer:
             def order_after_recv(outputs) -> EventOverlap:
                 """Join the receive stream into the comm stream, then the event and the caller's
                 wait (``_finish``) for the receive launched last, on ``outputs``."""
-                _cuda.event_record(self._ev_recv, self._stream2)
-                _cuda.stream_wait_event(self._stream, self._ev_recv)
+                driver.event_record(self._ev_recv, self._stream2)
+                driver.stream_wait_event(self._stream, self._ev_recv)
                 return self._finish(fw, caller, async_finish, [o[0] for o in outputs if o is not None], ins, cap)
 
             outputs = ev = None
@@ -1088,7 +1089,7 @@ class Buffer:
         chunk_rows = max(cfg.chunk_rows, -(-lay.capacity_rows(K_intra.max_row_bytes(H, Kt)) // K_intra.MAX_CHUNKS))
         spec = K_intra.IntranodeCombineSpec(R, H)
         self._alloc_on_comm = bool(allocate_on_comm_stream)
-        with _cuda.on_device(self.device_id):
+        with driver.on_device(self.device_id):
             mod = loader.load(spec, self.device_id)
             caller, cap = self._begin(fw, previous_event)
             out = self._empty(fw, (N, H), "bfloat16")

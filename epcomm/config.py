@@ -4,9 +4,9 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass, replace
 
-from . import envs
-from ._validate import check_int
-from .kernels.intranode import MAX_CHUNK_ROWS
+from epcomm import envs
+from epcomm.validate import check_int
+from epcomm.kernels.intranode import MAX_CHUNK_ROWS
 
 
 @dataclass(frozen=True)

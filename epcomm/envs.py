@@ -141,10 +141,10 @@ CHECK_INDICES = _knob("EPCOMM_CHECK_INDICES", True, _parse_bool,
                       "next dispatch/combine issues a RuntimeWarning (and still runs, so no peer is "
                       "left waiting). Set 0 in production.")
 GROUP_DIR = _knob("EPCOMM_GROUP_DIR", "", _str,
-                  "Shared directory for epcomm.group.init_from_env() (with RANK and WORLD_SIZE): a "
+                  "Shared directory for epcomm.runtime.group.init_from_env() (with RANK and WORLD_SIZE): a "
                   "framework-free bootstrap of the ranks of one host.", "'' (unset)")
 VISIBLE_GPUS = _knob("EPCOMM_VISIBLE_GPUS", "", _str,
-                     "Set by epcomm.spawn: the GPU count it probed, inherited by its workers.", "'' (probe)")
+                     "Set by epcomm.tools.spawn: the GPU count it probed, inherited by its workers.", "'' (probe)")
 GIT_COMMIT = _knob("EPCOMM_GIT_COMMIT", "", _str,
                    "Commit recorded in benchmark JSON where `git` is unavailable.", "'' (git)")
 BENCH_KIND = _knob("EPCOMM_BENCH_KIND", "", _str, "Machine kind recorded in benchmark JSON.", "''")
@@ -178,13 +178,13 @@ PROFILE = _knob("EPCOMM_PROFILE", False, _parse_bool,
 
 
 # Variables of other tools that epcomm reads (as text, "" when unset): where CUDA lives, and
-# the launcher's rank variables for epcomm.group.init_from_env.  XDG_CACHE_HOME is read by
+# the launcher's rank variables for epcomm.runtime.group.init_from_env.  XDG_CACHE_HOME is read by
 # _default_cache_dir above.
 EXTERNAL = {
     "CUDA_HOME": "a CUDA toolkit to search for headers (after EPCOMM_CUDA_HOME and the wheels)",
     "CUDA_PATH": "the same, as some installers name it",
-    "RANK": "this process's rank, for epcomm.group.init_from_env (with EPCOMM_GROUP_DIR)",
-    "WORLD_SIZE": "the number of processes, for epcomm.group.init_from_env",
+    "RANK": "this process's rank, for epcomm.runtime.group.init_from_env (with EPCOMM_GROUP_DIR)",
+    "WORLD_SIZE": "the number of processes, for epcomm.runtime.group.init_from_env",
     "XDG_CACHE_HOME": "base of the default EPCOMM_CACHE_DIR when absolute",
     # Set by epcomm (setdefault_external) before NVSHMEM starts, only when unset: a value the
     # user exported wins.

@@ -1,6 +1,6 @@
 """Dispatch and combine with CuPy arrays (no torch): CuPy in, CuPy out.
 
-Bootstrap through epcomm's own FileGroup (epcomm.spawn), toy experts (expert e scales its rows
+Bootstrap through epcomm's own FileGroup (epcomm.tools.spawn), toy experts (expert e scales its rows
 by (e + 1) / E), and a check against epcomm.reference.  CuPy has no bfloat16: bf16 data travel
 as uint16 arrays holding the bits.  Run: python examples/cupy_moe.py   (needs 2+ GPUs, or one
 with EPCOMM_SHARE_GPU=1: 2 ranks then share it)
@@ -10,7 +10,8 @@ import sys
 import numpy as np
 
 import epcomm
-from epcomm import reference, spawn
+from epcomm import reference
+from epcomm.tools import spawn
 from epcomm.testing import random_bf16, random_topk, random_weights
 
 N, H, E, K = 256, 2048, 16, 4

@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 
-from epcomm import spawn
+from epcomm.tools import spawn
 
 N, H, E, K = 256, 2048, 16, 4
 

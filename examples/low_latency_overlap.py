@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 import epcomm
-from epcomm import reference, spawn
+from epcomm import reference
+from epcomm.tools import spawn
 from epcomm.testing import random_bf16, random_topk, random_weights
 
 T, H, E, K = 128, 7168, 64, 8

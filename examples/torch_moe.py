@@ -11,7 +11,7 @@ import sys
 import torch
 
 import epcomm
-from epcomm import spawn
+from epcomm.tools import spawn
 from epcomm.torch_autograd import combine, dispatch
 
 N, H, E, K = 512, 1024, 16, 2

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from epcomm import spawn
+from epcomm.tools import spawn
 
 
 @functools.lru_cache(maxsize=None)

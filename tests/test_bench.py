@@ -15,7 +15,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from epcomm import bench, interop, reference, spawn
+from epcomm.tools import bench, spawn
+from epcomm import interop, reference
 from epcomm.testing import random_topk
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -246,7 +247,7 @@ def test_run_rejects_bad_arguments_before_spawning(monkeypatch, two_fake_gpus):
 
 def test_cli_default_sm_sweep_includes_12():
     assert bench.DEFAULT_SMS == (8, 12, 16, 24, 32)
-    r = subprocess.run([sys.executable, "-m", "epcomm.cli", "bench", "--help"], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "epcomm.tools.cli", "bench", "--help"], capture_output=True, text=True,
                        cwd=ROOT, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert r.returncode == 0 and "8,12,16,24,32" in r.stdout and "--aligner" in r.stdout
 

@@ -8,7 +8,7 @@ import time
 
 
 def _run(args, env):
-    return subprocess.run([sys.executable, "-m", "epcomm.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "epcomm.tools.cli", *args], capture_output=True, text=True,
                           env=env, timeout=900)
 
 

@@ -1,4 +1,4 @@
-"""Device error records become precise Python exceptions (epcomm._errstate), on the CPU.
+"""Device error records become precise Python exceptions (epcomm.runtime.errstate), on the CPU.
 
 The kernels write an ErrorRecord into host-mapped memory; here the record lives in ordinary
 host memory, filled the way cuda_src/epcomm_common.cuh's report_error fills it."""
@@ -8,15 +8,15 @@ import ctypes
 
 import pytest
 
-from epcomm import _errstate
+from epcomm.runtime import errstate
 from epcomm.errors import BufferStateError, EpcommError, EpcommTimeoutError, RankMismatchError
 from epcomm.kernels import intranode as K_intra
 
 
 def _state(code, rank=1, phase=11, channel=-1, peer=0, expected=0, observed=0):
-    st = object.__new__(_errstate.ErrorState)
+    st = object.__new__(errstate.ErrorState)
     st.device_id = 0
-    st.rec = _errstate.ErrorRecord(code, rank, phase, channel, peer, 0, expected, observed)
+    st.rec = errstate.ErrorRecord(code, rank, phase, channel, peer, 0, expected, observed)
     st.host_ptr = ctypes.addressof(st.rec)
     st.dev_ptr = 0
     st.poisoned = None
@@ -26,13 +26,13 @@ def _state(code, rank=1, phase=11, channel=-1, peer=0, expected=0, observed=0):
 def test_error_record_matches_the_device_struct():
     # u32 x 6, two u64, then the bad-index slot: the layout report_error writes (the device
     # side static_asserts the size).
-    assert ctypes.sizeof(_errstate.ErrorRecord) == 64
-    assert _errstate.ErrorRecord.expected.offset == 24
-    assert _errstate.ErrorRecord.bad_code.offset == 40 and _errstate.ErrorRecord.bad_value.offset == 56
+    assert ctypes.sizeof(errstate.ErrorRecord) == 64
+    assert errstate.ErrorRecord.expected.offset == 24
+    assert errstate.ErrorRecord.bad_code.offset == 40 and errstate.ErrorRecord.bad_value.offset == 56
 
 
 def test_timeout_names_rank_phase_channel_peer_and_poisons():
-    st = _state(_errstate.ERR_TIMEOUT, rank=3, phase=13, channel=7, peer=2, expected=5, observed=4)
+    st = _state(errstate.ERR_TIMEOUT, rank=3, phase=13, channel=7, peer=2, expected=5, observed=4)
     with pytest.raises(EpcommTimeoutError) as ei:
         st.check("dispatch")
     msg = str(ei.value)
@@ -45,7 +45,7 @@ def test_timeout_names_rank_phase_channel_peer_and_poisons():
 @pytest.mark.parametrize("field", K_intra.MAILBOX_AGREE_FIELDS)
 def test_shape_mismatch_names_the_field_both_values_and_poisons(field):
     f = K_intra.MAILBOX_AGREE_FIELDS.index(field)
-    st = _state(_errstate.ERR_MISMATCH, rank=0, phase=11, channel=f, peer=1, expected=8,
+    st = _state(errstate.ERR_MISMATCH, rank=0, phase=11, channel=f, peer=1, expected=8,
                 observed=ctypes.c_uint32(-1).value)
     with pytest.raises(RankMismatchError) as ei:
         st.check("dispatch")
@@ -65,7 +65,7 @@ def test_a_record_being_written_is_read_once_its_code_is_final():
     f = K_intra.MAILBOX_AGREE_FIELDS.index("num_topk")
     st = _state(-1, rank=1, phase=11, channel=f, peer=0, expected=4, observed=8)
     assert st.aborting()
-    writer = threading.Timer(0.02, lambda: setattr(st.rec, "code", _errstate.ERR_MISMATCH))
+    writer = threading.Timer(0.02, lambda: setattr(st.rec, "code", errstate.ERR_MISMATCH))
     t0 = time.monotonic()
     writer.start()
     with pytest.raises(RankMismatchError) as ei:
@@ -82,7 +82,7 @@ def test_a_record_left_claimed_is_reported_after_a_bounded_wait():
         st.check("dispatch")
 
 
-def _bad(st, token, limit, value, code=_errstate.ERR_BAD_INPUT):
+def _bad(st, token, limit, value, code=errstate.ERR_BAD_INPUT):
     st.rec.bad_code, st.rec.bad_token, st.rec.bad_limit, st.rec.bad_value = code, token, limit, value
     return st
 
@@ -107,7 +107,7 @@ def test_a_bad_index_only_warns_at_the_start_of_a_collective_call():
     st.check()  # reported once
     # a recorded timeout still raises there
     with pytest.raises(EpcommTimeoutError):
-        _state(_errstate.ERR_TIMEOUT, rank=0, phase=31, channel=0, peer=1).check("x", collective=True)
+        _state(errstate.ERR_TIMEOUT, rank=0, phase=31, channel=0, peer=1).check("x", collective=True)
 
 
 def test_a_bad_index_names_the_kernel_that_saw_it():
@@ -121,7 +121,7 @@ def test_a_bad_index_names_the_kernel_that_saw_it():
 
 def test_a_timeout_after_a_bad_index_is_recorded_and_poisons():
     # the bad index has its own slot, so the record of a later timeout is not lost behind it
-    st = _bad(_state(_errstate.ERR_TIMEOUT, rank=0, phase=13, channel=2, peer=1), 5, 64, 64)
+    st = _bad(_state(errstate.ERR_TIMEOUT, rank=0, phase=13, channel=2, peer=1), 5, 64, 64)
     assert st.aborting()
     with pytest.raises(EpcommTimeoutError):
         st.check()
@@ -131,7 +131,7 @@ def test_a_timeout_after_a_bad_index_is_recorded_and_poisons():
 
 def test_overflow_and_unknown_codes():
     with pytest.raises(EpcommError, match="received 900 tokens but the output has only 512 rows"):
-        _state(_errstate.ERR_OVERFLOW, rank=0, phase=13, expected=512, observed=900).check()
+        _state(errstate.ERR_OVERFLOW, rank=0, phase=13, expected=512, observed=900).check()
     with pytest.raises(EpcommError, match="device error code 77"):
         _state(77).check()
 
@@ -141,10 +141,10 @@ def test_every_device_phase_has_a_host_description():
     from pathlib import Path
     src = (Path(__file__).resolve().parents[1] / "cuda_src" / "epcomm_common.cuh").read_text()
     phases = {int(v) for v in re.findall(r"kPhase\w+ = (\d+)", src)}
-    assert phases and phases <= set(_errstate.PHASES)
+    assert phases and phases <= set(errstate.PHASES)
     codes = dict(re.findall(r"(kErr\w+) = (\d+)", src))
-    assert int(codes["kErrMismatch"]) == _errstate.ERR_MISMATCH
-    assert int(codes["kErrTimeout"]) == _errstate.ERR_TIMEOUT
+    assert int(codes["kErrMismatch"]) == errstate.ERR_MISMATCH
+    assert int(codes["kErrTimeout"]) == errstate.ERR_TIMEOUT
 
 
 def test_low_latency_shape_words_round_trip_and_name_the_difference():
@@ -157,12 +157,12 @@ def test_low_latency_shape_words_round_trip_and_name_the_difference():
                                             "EPCOMM_LL_COMBINE_PARTIALS": 1}
     # the transport settings decide how combine rows travel: ranks must agree on them too
     other = K_ll.shape_word(128, 7168, 256, 8, True, True, False, False, False)
-    st2 = _state(_errstate.ERR_MISMATCH, rank=1, phase=31, channel=0, peer=0, expected=mine, observed=other)
+    st2 = _state(errstate.ERR_MISMATCH, rank=1, phase=31, channel=0, peer=0, expected=mine, observed=other)
     with pytest.raises(RankMismatchError, match="EPCOMM_LL_COMBINE_PARTIALS is 1 here and 0 there"):
         st2.check("low-latency call")
     with pytest.raises(ValueError, match="num_max_dispatch_tokens_per_rank=1048576"):
         K_ll.shape_word(1 << 20, 7168, 256, 8, True, False, False)
-    st = _state(_errstate.ERR_MISMATCH, rank=0, phase=31, channel=1, peer=1, expected=mine, observed=theirs)
+    st = _state(errstate.ERR_MISMATCH, rank=0, phase=31, channel=1, peer=1, expected=mine, observed=theirs)
     with pytest.raises(RankMismatchError) as ei:
         st.check("low-latency call")
     e = ei.value
@@ -172,21 +172,21 @@ def test_low_latency_shape_words_round_trip_and_name_the_difference():
 
 
 def test_low_latency_receive_timeouts_count_the_peers_blocks():
-    st = _state(_errstate.ERR_TIMEOUT, rank=1, phase=41, channel=0, peer=0, expected=132, observed=57)
+    st = _state(errstate.ERR_TIMEOUT, rank=1, phase=41, channel=0, peer=0, expected=132, observed=57)
     with pytest.raises(EpcommTimeoutError, match="57 of the peer's 132 blocks had arrived"):
         st.check("low-latency call")
-    st = _state(_errstate.ERR_TIMEOUT, rank=1, phase=31, channel=1, peer=0, expected=0, observed=0)
+    st = _state(errstate.ERR_TIMEOUT, rank=1, phase=31, channel=1, peer=0, expected=0, observed=0)
     with pytest.raises(EpcommTimeoutError, match="0 of the peer's unknown number of blocks had arrived"):
         st.check("low-latency call")
-    st = _state(_errstate.ERR_TIMEOUT, rank=1, phase=40, channel=1, peer=0, expected=7, observed=6)
+    st = _state(errstate.ERR_TIMEOUT, rank=1, phase=40, channel=1, peer=0, expected=7, observed=6)
     with pytest.raises(EpcommTimeoutError, match="expected flag >= 7, saw 6"):
         st.check("low-latency call")
 
 
 def test_only_errors_that_stop_the_kernels_abort_a_wait():
     # mirrors aborted() in epcomm_common.cuh: only the main record's code stops waiters
-    for code, stops in ((0, False), (-1, True), (_errstate.ERR_TIMEOUT, True), (_errstate.ERR_OVERFLOW, True),
-                        (_errstate.ERR_MISMATCH, True)):
+    for code, stops in ((0, False), (-1, True), (errstate.ERR_TIMEOUT, True), (errstate.ERR_OVERFLOW, True),
+                        (errstate.ERR_MISMATCH, True)):
         assert _state(code).aborting() is stops, code
         assert _bad(_state(code), 3, 64, 70).aborting() is stops, code
 
@@ -196,17 +196,17 @@ def test_a_timeout_recorded_while_a_bad_index_is_reported_is_not_lost(monkeypatc
     (while the bad index is being reported) must find it still there at the next check."""
     st = _state(0)
     _bad(st, token=3, limit=64, value=70)
-    orig = _errstate.ErrorState.to_exception
+    orig = errstate.ErrorState.to_exception
 
     def racing(self, context="", code=None):
         exc = orig(self, context, code)
-        self.rec.code, self.rec.rank, self.rec.phase = _errstate.ERR_TIMEOUT, 1, 13  # the kernel, meanwhile
+        self.rec.code, self.rec.rank, self.rec.phase = errstate.ERR_TIMEOUT, 1, 13  # the kernel, meanwhile
         return exc
 
-    monkeypatch.setattr(_errstate.ErrorState, "to_exception", racing)
+    monkeypatch.setattr(errstate.ErrorState, "to_exception", racing)
     with pytest.raises(ValueError, match="expert index 70"):
         st.check("dispatch")
-    monkeypatch.setattr(_errstate.ErrorState, "to_exception", orig)
+    monkeypatch.setattr(errstate.ErrorState, "to_exception", orig)
     with pytest.raises(EpcommTimeoutError):
         st.check("dispatch")
 
@@ -214,7 +214,7 @@ def test_a_timeout_recorded_while_a_bad_index_is_reported_is_not_lost(monkeypatc
 def test_a_stalled_nvshmem_collective_is_reported_with_rank_and_phase(monkeypatch, capsys):
     import time
 
-    from epcomm import nvshmem_runtime as nvr
+    from epcomm.runtime import nvshmem as nvr
     monkeypatch.setenv("EPCOMM_GROUP_TIMEOUT_S", "0.05")
     with nvr._stall_report("NVSHMEM initialisation (nvshmem.core.init)", 3, 4):
         time.sleep(0.3)  # a peer that never arrives

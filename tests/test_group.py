@@ -1,4 +1,4 @@
-"""Tests of epcomm.group on CPU: FileGroup, TorchGroup (gloo), JaxGroup, MPIGroup, as_group.
+"""Tests of epcomm.runtime.group on CPU: FileGroup, TorchGroup (gloo), JaxGroup, MPIGroup, as_group.
 
 Multi-process tests spawn one process per rank; each rank checks its own results and
 reports ("ok" | "fail" | "skip", detail) on a queue.  Every run has a hard deadline:
@@ -18,7 +18,7 @@ import traceback
 import pytest
 
 from epcomm.errors import EpcommTimeoutError
-from epcomm.group import FileGroup, LocalGroup, as_group, init_from_env
+from epcomm.runtime.group import FileGroup, LocalGroup, as_group, init_from_env
 
 # --------------------------------------------------------------------------- harness
 
@@ -271,7 +271,7 @@ def test_init_from_env(tmp_path, monkeypatch):
 
 def _torch_worker(rank, port, size):
     import torch.distributed as dist
-    from epcomm.group import TorchGroup
+    from epcomm.runtime.group import TorchGroup
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
                             rank=rank, world_size=size)
@@ -315,7 +315,7 @@ def test_torch_group_gloo_two_processes():
 
 def _torch_missing_peer_worker(rank, port, size):
     import torch.distributed as dist
-    from epcomm.group import TorchGroup
+    from epcomm.runtime.group import TorchGroup
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
     try:
@@ -353,7 +353,7 @@ def _torch_store_worker(rank, port, size):
     from torch.distributed import distributed_c10d as c10d
 
     from epcomm.errors import EpcommError
-    from epcomm.group import TorchGroup
+    from epcomm.runtime.group import TorchGroup
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
     # A group made and never used on one rank (e.g. printed) does not shift the next one's keys.
@@ -432,7 +432,7 @@ def test_torch_group_names_a_missing_rank_within_its_timeout():
 def _jax_worker(rank, port, size):
     os.environ["JAX_PLATFORMS"] = "cpu"
     import jax
-    from epcomm.group import JaxGroup
+    from epcomm.runtime.group import JaxGroup
 
     try:
         jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}",
@@ -486,7 +486,7 @@ def test_jax_group_two_processes():
 
 def test_mpi_group_single_process():
     MPI = pytest.importorskip("mpi4py.MPI", reason="mpi4py is not installed")
-    from epcomm.group import MPIGroup
+    from epcomm.runtime.group import MPIGroup
 
     g = as_group(MPI.COMM_WORLD)
     assert isinstance(g, MPIGroup)

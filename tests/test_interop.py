@@ -809,15 +809,15 @@ def test_from_to_numpy_cpu(fw, dtype):
 # GPU (run on a machine with an NVIDIA GPU)
 # =============================================================================================
 def _htod(ptr: int, src: np.ndarray) -> None:
-    from epcomm import _cuda
-    _cuda.memcpy_htod(ptr, src.ctypes.data, src.nbytes)
+    from epcomm.runtime import driver
+    driver.memcpy_htod(ptr, src.ctypes.data, src.nbytes)
 
 
 def _dtoh(ptr: int, nbytes: int) -> bytes:
-    from epcomm import _cuda
+    from epcomm.runtime import driver
     buf = np.empty(nbytes, np.uint8)
-    _cuda.check(_cuda.drv().cuCtxSynchronize(), "cuCtxSynchronize")
-    _cuda.memcpy_dtoh(buf.ctypes.data, ptr, nbytes)
+    driver.check(driver.drv().cuCtxSynchronize(), "cuCtxSynchronize")
+    driver.memcpy_dtoh(buf.ctypes.data, ptr, nbytes)
     return buf.tobytes()
 
 
@@ -997,18 +997,18 @@ def test_gpu_exporter_into_jax(dtype):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float8_e4m3fn"])
 def test_gpu_exporter_into_torch_with_streams(dtype):
     th = _torch_cuda()
-    from epcomm import _cuda
+    from epcomm.runtime import driver
     base = _live()
     src = _known_bits(dtype, (64, 128), seed=13)
     e = I.Exporter.allocate((64, 128), dtype, "cuda", 0)
     owner = weakref.ref(e.owner)
-    producer = _cuda.stream_create()
+    producer = driver.stream_create()
     try:
         # the producer writes on its own stream; torch's consumer stream must wait for it
         host = th.from_numpy(src.view(np.uint8).copy()).pin_memory()
-        _cuda.check(_cuda.drv().cuMemcpyHtoDAsync(_cuda.drv().CUdeviceptr(e.ptr),
+        driver.check(driver.drv().cuMemcpyHtoDAsync(driver.drv().CUdeviceptr(e.ptr),
                                                   host.data_ptr(), src.nbytes,
-                                                  _cuda.drv().CUstream(producer)),
+                                                  driver.drv().CUstream(producer)),
                     "cuMemcpyHtoDAsync")
         e.stream = producer
         consumer = th.cuda.Stream()
@@ -1020,10 +1020,10 @@ def test_gpu_exporter_into_torch_with_streams(dtype):
         assert raw.cpu().numpy().tobytes() == src.tobytes()
         t2 = th.from_dlpack(e)  # default stream consumer (DLPack stream 1)
         assert t2.data_ptr() == e.ptr
-        _cuda.stream_sync(producer)
+        driver.stream_sync(producer)
     finally:
-        _cuda.stream_sync(producer)
-        _cuda.stream_destroy(producer)
+        driver.stream_sync(producer)
+        driver.stream_destroy(producer)
     del e
     gc.collect()
     assert owner() is not None

@@ -31,7 +31,8 @@ import os
 import numpy as np
 import pytest
 
-from epcomm import envs, spawn
+from epcomm import envs
+from epcomm.tools import spawn
 from gpu_checks import (env_var, assert_bits as _assert_bits, assert_every_rank_ok, device_of, needs_ranks,
                         normal_ranks as _world, random_job, run_once, to_np as _np)
 
@@ -221,8 +222,8 @@ class _Late:
         self.fails = []  # the timing checks' findings, asserted at the end of the case
 
     def _event(self):
-        from epcomm._cuda import event_create, event_record
-        from epcomm.event import EventOverlap
+        from epcomm.runtime.driver import event_create, event_record
+        from epcomm.runtime.event import EventOverlap
         e = event_create()
         event_record(e, self.side.cuda_stream)
         return EventOverlap(e, "torch", self.dev)
@@ -703,7 +704,7 @@ def _graph_worker(rank, world, group):
 
     import epcomm
     from epcomm import reference
-    from epcomm.event import EventOverlap
+    from epcomm.runtime.event import EventOverlap
     from epcomm.testing import random_topk
     torch.cuda.set_device(device_of(rank))
     N, H, E, K = 512, 4096, 64, 8

@@ -232,7 +232,7 @@ def test_a_reader_never_sees_a_partial_entry_while_it_is_republished(cache_dir):
 
 
 def test_cache_list_and_clear_touch_only_epcomm_files(cache_dir, capsys):
-    from epcomm.cli import main
+    from epcomm.tools.cli import main
     spec = SmokePeerStoreSpec(threads=128)
     m = compiler.build(spec, "sm_90")
     path = cache.entry_path(spec.family, m.key)

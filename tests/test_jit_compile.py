@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from epcomm.jit import registry
+from epcomm.kernels import catalogue
 
 
 def _compile(label_spec):
@@ -20,7 +20,7 @@ def _compile(label_spec):
 
 
 def test_every_shipped_specialization_compiles_for_sm90(tmp_path_factory):
-    specs = registry.shipped()
+    specs = catalogue.shipped()
     labels = [s.label() for s in specs]
     assert len(set(labels)) == len(labels), "duplicate specializations in the catalogue"
     # Families that must be covered: a new kernel family must be added to the catalogue.
@@ -53,15 +53,15 @@ def test_unsupported_hidden_sizes_are_rejected_with_a_reason(spec_name):
 
 
 def test_catalogue_skips_impossible_combinations_and_strict_mode_raises():
-    specs = registry.specs_for((2880,), (2,), ("bf16", "fp8"), ("normal", "low-latency"))
+    specs = catalogue.specs_for((2880,), (2,), ("bf16", "fp8"), ("normal", "low-latency"))
     labels = [s.label() for s in specs]
     assert any("fp8=False" in l and "hidden=2880" in l for l in labels)
     assert not any("fp8=True" in l for l in labels)
     assert not any(l.startswith("low_latency") for l in labels)
     with pytest.raises(ValueError, match="multiple of 128"):
-        registry.specs_for((2880,), (2,), ("fp8",), ("normal",), strict=True)
+        catalogue.specs_for((2880,), (2,), ("fp8",), ("normal",), strict=True)
     with pytest.raises(ValueError, match="mode"):
-        registry.specs_for((7168,), (2,), ("bf16",), ("bogus",))
+        catalogue.specs_for((7168,), (2,), ("bf16",), ("bogus",))
 
 
 # ---- found by mutation testing: each fails if the check it names is removed or loosened ----
@@ -73,14 +73,14 @@ def test_catalogue_holds_every_operation_of_a_shape_and_the_shipped_extras():
     from epcomm.kernels.low_latency import LowLatencySpec
     from epcomm.kernels.smoke import SmokeNvshmemSpec, SmokePeerStoreSpec
     from epcomm.kernels.timing import SpinWaitSpec
-    got = registry.specs_for((7168,), (2, 4))
+    got = catalogue.specs_for((7168,), (2, 4))
     want = [LayoutSpec()] + [s for R in (2, 4) for s in (IntranodeDispatchSpec(R, 7168, False),
                                                          IntranodeDispatchSpec(R, 7168, True),
                                                          IntranodeCombineSpec(R, 7168))]
     want += [LowLatencySpec(7168, False), LowLatencySpec(7168, True)]
     assert sorted(map(repr, got)) == sorted(map(repr, want))
-    shipped = registry.shipped()
-    for name in registry.PRESETS:
-        assert all(s in shipped for s in registry.preset(name)), name
+    shipped = catalogue.shipped()
+    for name in catalogue.PRESETS:
+        assert all(s in shipped for s in catalogue.preset(name)), name
     for s in (SmokePeerStoreSpec(), SmokeNvshmemSpec(), SpinWaitSpec()):
         assert s in shipped

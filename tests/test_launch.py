@@ -5,7 +5,7 @@ import ctypes
 
 import pytest
 
-from epcomm import _cuda
+from epcomm.runtime import driver
 from epcomm.errors import EpcommError
 from epcomm.jit import launch as L
 
@@ -44,7 +44,7 @@ class _FakeDriver:
 @pytest.fixture
 def fake(monkeypatch):
     d = _FakeDriver()
-    monkeypatch.setattr(_cuda, "drv", lambda: d)
+    monkeypatch.setattr(driver, "drv", lambda: d)
     monkeypatch.setattr(L, "_SUCCESS", [None])
     return d
 

@@ -6,7 +6,7 @@ import functools
 import numpy as np
 import pytest
 
-from epcomm import spawn
+from epcomm.tools import spawn
 
 pytestmark = pytest.mark.gpu
 
@@ -26,8 +26,8 @@ def _layout_worker(rank, world, group, shapes, frameworks):
     import epcomm
     from epcomm import interop, reference
     from epcomm.testing import random_topk
-    from epcomm import _cuda
-    _cuda.set_device(0)
+    from epcomm.runtime import driver
+    driver.set_device(0)
     out = {}
     for fw in frameworks:
         try:

@@ -41,7 +41,8 @@ import zlib
 import numpy as np
 import pytest
 
-from epcomm import envs, spawn
+from epcomm import envs
+from epcomm.tools import spawn
 from gpu_checks import (env_var, assert_bits as _assert_bits, assert_every_rank_ok, device_of, ll_ranks as _world,
                         needs_ll_ranks, needs_two_ll_ranks, run_once, to_np as _np)
 
@@ -120,8 +121,8 @@ def _late(t):
     starts after everything queued so far, poison included)."""
     import torch
 
-    from epcomm._cuda import event_create, event_record
-    from epcomm.event import EventOverlap
+    from epcomm.runtime.driver import event_create, event_record
+    from epcomm.runtime.event import EventOverlap
     late = torch.empty_like(t)
     late.view(torch.uint8).fill_(0x7F)
     side = torch.cuda.Stream()
@@ -352,7 +353,7 @@ def _overlap(rank, world, group, buf):
     import torch
 
     from epcomm import reference
-    from epcomm.event import EventOverlap
+    from epcomm.runtime.event import EventOverlap
     from epcomm.testing import random_bf16, random_topk, random_weights
     T, H, E, K = OVERLAP["T"], OVERLAP["H"], OVERLAP["E"], OVERLAP["K"]
     L = E // world

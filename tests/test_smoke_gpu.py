@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from epcomm import selftest, spawn
+from epcomm.tools import selftest, spawn
 from gpu_checks import needs_ranks, normal_ranks
 
 pytestmark = [pytest.mark.gpu, pytest.mark.multigpu]

@@ -1,4 +1,4 @@
-"""epcomm.spawn on the CPU: failures come back fast and precise, and nothing outlives a run.
+"""epcomm.tools.spawn on the CPU: failures come back fast and precise, and nothing outlives a run.
 
 The workers here need no GPU (the GPU tests use the same runner with one process per GPU).
 """
@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from epcomm import spawn
+from epcomm.tools import spawn
 
 
 def _raise_on_rank0(rank, world, group):

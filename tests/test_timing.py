@@ -1,4 +1,4 @@
-"""The benchmark's wait kernels (``cuda_src/timing.cuh``, epcomm.bench's start aligner) without a
+"""The benchmark's wait kernels (``cuda_src/timing.cuh``, epcomm.tools.bench's start aligner) without a
 GPU: they compile for sm_90, the parameter mirror matches the C++ struct, they are in the shipped
 catalogue, and the aligner accepts only its modes."""
 from __future__ import annotations
@@ -7,7 +7,8 @@ import ctypes
 
 import pytest
 
-from epcomm.jit import compiler, registry
+from epcomm.jit import compiler
+from epcomm.kernels import catalogue
 from epcomm.kernels.timing import ALIGN_CHANNEL_BYTES, ALIGN_MAX_RANKS, AlignParams, SpinParams, SpinWaitSpec
 
 
@@ -39,11 +40,11 @@ def test_params_mirrors():
 def test_timing_kernels_are_in_the_shipped_catalogue():
     # tests/test_jit_compile.py compiles every shipped specialization; `epcomm warmup --smoke`
     # adds the same spec.
-    assert SpinWaitSpec() in registry.shipped()
+    assert SpinWaitSpec() in catalogue.shipped()
 
 
 def test_aligner_rejects_bad_arguments_before_touching_the_gpu():
-    from epcomm.bench import _Aligner
+    from epcomm.tools.bench import _Aligner
     with pytest.raises(ValueError, match="aligner mode"):
         _Aligner(object(), object(), mode="sm-cycles")
     with pytest.raises(ValueError, match="needs the epcomm group"):

@@ -46,7 +46,7 @@ def _spin_worker(rank, world, group):
 
 @needs_gpu
 def test_benchmark_wait_kernel_waits_the_requested_wall_time():
-    from epcomm import spawn
+    from epcomm.tools import spawn
     res = spawn.run(_spin_worker, 1, timeout=120)[0]
     for us, (gpu_us, host_us) in res.items():
         assert us <= gpu_us < us + 500, (us, gpu_us)
@@ -56,7 +56,7 @@ def test_benchmark_wait_kernel_waits_the_requested_wall_time():
 def _barrier_worker(rank, world, group):
     import torch
 
-    from epcomm.bench import _Aligner
+    from epcomm.tools.bench import _Aligner
     torch.cuda.set_device(rank)
     torch.zeros(1, device="cuda")
     al = _Aligner(torch, None, group, sleep_us=500.0)
@@ -85,7 +85,7 @@ def _barrier_worker(rank, world, group):
 
 @pytest.mark.skipif(_world() < 2, reason="needs 2 GPUs (GPU test)")
 def test_start_barrier_aligns_two_gpus_and_gives_up_on_a_missing_peer():
-    from epcomm import spawn
+    from epcomm.tools import spawn
     res = spawn.run(_barrier_worker, 2, timeout=180)
     for r, out in enumerate(res):
         s = out["summary"]

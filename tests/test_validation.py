@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from epcomm import envs  # noqa: E402
-from epcomm._validate import check_int, check_topk_indices  # noqa: E402
+from epcomm.validate import check_int, check_topk_indices  # noqa: E402
 from epcomm.buffer import Buffer, DispatchHandle  # noqa: E402
 from epcomm.config import Config  # noqa: E402
 from epcomm.errors import BufferStateError  # noqa: E402
@@ -189,7 +189,8 @@ class _Rig:
     def __init__(self, monkeypatch):
         import contextlib
 
-        from epcomm import _cuda, interop
+        from epcomm.runtime import driver
+        from epcomm import interop
         from epcomm import buffer as B
         from epcomm.jit import loader
         from epcomm.kernels import layout as K_layout
@@ -209,7 +210,7 @@ class _Rig:
                          ("stream_wait_event", lambda *a: None), ("memset_d32_async", lambda *a: None),
                          ("stream_sync", lambda *a: None), ("event_destroy", lambda *a: None),
                          ("num_sms", lambda d: 132)):
-            monkeypatch.setattr(_cuda, name, fn)
+            monkeypatch.setattr(driver, name, fn)
         monkeypatch.setattr(loader, "load", lambda spec, dev: FakeModule())
         monkeypatch.setattr(B, "launch", launch)
         monkeypatch.setattr(K_layout, "launch", launch)
@@ -519,7 +520,7 @@ def test_outputs_allocated_on_the_comm_stream_record_the_callers_stream(rig, mon
 
 
 def test_check_int_and_check_bool_refuse_bools_and_other_ints():
-    from epcomm._validate import check_bool
+    from epcomm.validate import check_bool
     with pytest.raises(TypeError, match="n must be an int"):
         check_int("n", True)
     with pytest.raises(TypeError, match="n must be an int"):
@@ -688,7 +689,7 @@ def test_fp8_hidden_size_not_a_multiple_of_128_raises_before_any_launch(rig):
 def test_async_dispatch_keeps_everything_its_kernels_read(rig, monkeypatch):
     from epcomm import reference
     from epcomm.buffer import Buffer
-    from epcomm.event import EventOverlap
+    from epcomm.runtime.event import EventOverlap
     seen = []
 
     def finish(self, fw, caller, async_finish, outputs, inputs, cap=None):
@@ -714,13 +715,13 @@ def test_async_dispatch_keeps_everything_its_kernels_read(rig, monkeypatch):
 
 
 def test_a_cpu_synchronised_dispatch_under_capture_raises_before_touching_any_stream(rig, monkeypatch):
-    from epcomm import _cuda
+    from epcomm.runtime import driver
     b = rig.buffer()
     touched = []
-    monkeypatch.setattr(_cuda, "stream_is_capturing", lambda s: True)
-    monkeypatch.setattr(_cuda, "capture_id", lambda s: 5)
-    monkeypatch.setattr(_cuda, "event_record", lambda *a: touched.append(("record", a)))
-    monkeypatch.setattr(_cuda, "stream_wait_event", lambda *a: touched.append(("wait", a)))
+    monkeypatch.setattr(driver, "stream_is_capturing", lambda s: True)
+    monkeypatch.setattr(driver, "capture_id", lambda s: 5)
+    monkeypatch.setattr(driver, "event_record", lambda *a: touched.append(("record", a)))
+    monkeypatch.setattr(driver, "stream_wait_event", lambda *a: touched.append(("wait", a)))
     with pytest.raises(ValueError, match="capture needs num_worst_tokens"):
         _dispatch(b)
     # the comm stream never joined the caller's capture (a capture left forked is lost)
@@ -733,13 +734,13 @@ def test_destroy_keeps_the_comm_streams_for_the_next_buffer(monkeypatch):
     destroy(), so the streams must stay valid (a later Buffer of the device reuses them)."""
     import contextlib
 
-    from epcomm import _cuda
+    from epcomm.runtime import driver
     from epcomm import buffer as B
     made, destroyed = [], []
     for name, fn in (("on_device", lambda d: contextlib.nullcontext()), ("device_sync", lambda: None),
                      ("event_destroy", lambda *a: None), ("stream_destroy", destroyed.append),
                      ("stream_create", lambda *a: made.append(100 + len(made)) or made[-1])):
-        monkeypatch.setattr(_cuda, name, fn)
+        monkeypatch.setattr(driver, name, fn)
     monkeypatch.setattr(B, "_SPARE_STREAMS", {})
     b = _fake_buffer(normal=False)
     b._stream, b._stream2 = B._take_stream(0), B._take_stream(0)
@@ -761,8 +762,8 @@ def test_a_dropped_pending_event_keeps_its_arrays_until_the_operation_finished(m
     import gc
     import weakref
 
-    from epcomm import _cuda
-    from epcomm import event as E_
+    from epcomm.runtime import driver
+    from epcomm.runtime import event as E_
     done, destroyed, queried = set(), [], []
 
     def query(e):
@@ -771,9 +772,9 @@ def test_a_dropped_pending_event_keeps_its_arrays_until_the_operation_finished(m
             raise RuntimeError("capture invalidated")
         return e in done
 
-    monkeypatch.setattr(_cuda, "event_query", query)
-    monkeypatch.setattr(_cuda, "event_destroy", destroyed.append)
-    monkeypatch.setattr(_cuda, "relaxed_capture_mode", contextlib.nullcontext)
+    monkeypatch.setattr(driver, "event_query", query)
+    monkeypatch.setattr(driver, "event_destroy", destroyed.append)
+    monkeypatch.setattr(driver, "relaxed_capture_mode", contextlib.nullcontext)
     monkeypatch.setattr(E_, "_DEFERRED", [])
 
     class Arr:
@@ -798,10 +799,10 @@ def test_a_dropped_pending_event_keeps_its_arrays_until_the_operation_finished(m
 
 
 def test_wait_for_skips_only_an_event_known_to_be_from_outside_the_capture(monkeypatch):
-    from epcomm import _cuda
-    from epcomm import event as E_
+    from epcomm.runtime import driver
+    from epcomm.runtime import event as E_
     waits = []
-    monkeypatch.setattr(_cuda, "stream_wait_event", lambda s, e: waits.append((s, e)))
+    monkeypatch.setattr(driver, "stream_wait_event", lambda s, e: waits.append((s, e)))
     EO = E_.EventOverlap
     assert not E_.wait_for(1, None, 0) and not E_.wait_for(1, EO(None), 5)
     for ev, cap, expect in ((EO(10, owned=False, capture=0), 0, True), (EO(11, owned=False, capture=5), 0, False),
@@ -816,7 +817,7 @@ def test_a_constructor_that_fails_frees_what_it_made(monkeypatch):
     a later failure frees what was made (NVLink state, events, error record; streams kept)."""
     import contextlib
 
-    from epcomm import _cuda
+    from epcomm.runtime import driver
     from epcomm import buffer as B
     from epcomm import low_latency as LLm
     made = {"intra": 0, "intra_freed": 0, "events": 0, "events_freed": 0, "err_freed": 0}
@@ -825,7 +826,7 @@ def test_a_constructor_that_fails_frees_what_it_made(monkeypatch):
                      ("stream_create", lambda *a: 500), ("pci_bus_id", lambda d: "0000:01:00.0"),
                      ("event_create", lambda *a: made.__setitem__("events", made["events"] + 1) or 9),
                      ("event_destroy", lambda e: made.__setitem__("events_freed", made["events_freed"] + 1))):
-        monkeypatch.setattr(_cuda, name, fn)
+        monkeypatch.setattr(driver, name, fn)
 
     class Err:
         def __init__(self, dev):
@@ -877,8 +878,8 @@ def test_deferred_arrays_are_released_in_relaxed_capture_mode_and_once(monkeypat
     capture valid.  Entries are taken out before querying, so nothing is destroyed twice."""
     import contextlib
 
-    from epcomm import _cuda
-    from epcomm import event as E_
+    from epcomm.runtime import driver
+    from epcomm.runtime import event as E_
     modes, destroyed = [], []
 
     @contextlib.contextmanager
@@ -886,9 +887,9 @@ def test_deferred_arrays_are_released_in_relaxed_capture_mode_and_once(monkeypat
         modes.append("relaxed")
         yield
 
-    monkeypatch.setattr(_cuda, "relaxed_capture_mode", relaxed)
-    monkeypatch.setattr(_cuda, "event_query", lambda e: e != 2)
-    monkeypatch.setattr(_cuda, "event_destroy", destroyed.append)
+    monkeypatch.setattr(driver, "relaxed_capture_mode", relaxed)
+    monkeypatch.setattr(driver, "event_query", lambda e: e != 2)
+    monkeypatch.setattr(driver, "event_destroy", destroyed.append)
     monkeypatch.setattr(E_, "_DEFERRED", [(1, "a"), (2, "b")])
     E_.release_finished()
     assert modes == ["relaxed"] and destroyed == [1] and E_._DEFERRED == [(2, "b")]
@@ -901,15 +902,15 @@ def test_a_failed_low_latency_setup_does_not_free_the_heap_collectively(monkeypa
     collective, or gone) must not enter it.  Its private memory is freed."""
     import contextlib
 
-    from epcomm import _cuda
+    from epcomm.runtime import driver
     from epcomm import low_latency as LLm
-    from epcomm import nvshmem_runtime as nvr
+    from epcomm.runtime import nvshmem as nvr
     freed, heap_freed = [], []
     monkeypatch.setattr(nvr, "init", lambda *a, **k: None)
     monkeypatch.setattr(nvr, "alloc", lambda n: ("heap", 1 << 40))
     monkeypatch.setattr(nvr, "free", heap_freed.append)
-    monkeypatch.setattr(_cuda, "on_device", lambda d: contextlib.nullcontext())
-    monkeypatch.setattr(_cuda, "memset_d8_async", lambda *a: None)
+    monkeypatch.setattr(driver, "on_device", lambda d: contextlib.nullcontext())
+    monkeypatch.setattr(driver, "memset_d8_async", lambda *a: None)
     allocs = iter([77])
 
     def mem_alloc(n):
@@ -918,9 +919,9 @@ def test_a_failed_low_latency_setup_does_not_free_the_heap_collectively(monkeypa
         except StopIteration:
             raise MemoryError("out of device memory") from None
 
-    monkeypatch.setattr(_cuda, "mem_alloc", mem_alloc)
-    monkeypatch.setattr(_cuda, "mem_free", freed.append)
-    monkeypatch.setattr(_cuda, "stream_sync", lambda s: (_ for _ in ()).throw(RuntimeError("peer gone")))
+    monkeypatch.setattr(driver, "mem_alloc", mem_alloc)
+    monkeypatch.setattr(driver, "mem_free", freed.append)
+    monkeypatch.setattr(driver, "stream_sync", lambda s: (_ for _ in ()).throw(RuntimeError("peer gone")))
     b = _fake_buffer(normal=False)
     b._stream, b.group = 0, None
     with pytest.raises(RuntimeError, match="peer gone"):
@@ -932,7 +933,7 @@ def test_a_failed_nvlink_setup_frees_what_it_made(monkeypatch):
     import contextlib
     import ctypes
 
-    from epcomm import _cuda
+    from epcomm.runtime import driver
     from epcomm import buffer as B
     freed, host_freed, closed = [], [], []
     ptrs = iter([100, 200])
@@ -940,14 +941,14 @@ def test_a_failed_nvlink_setup_frees_what_it_made(monkeypatch):
                      ("memset_d8_async", lambda *a: None), ("host_alloc_mapped", lambda n: (0, 0)),
                      ("stream_sync", lambda s: None), ("ipc_get_handle", lambda p: b"h"),
                      ("mem_free", freed.append), ("host_free", host_freed.append), ("ipc_close", closed.append)):
-        monkeypatch.setattr(_cuda, name, fn)
+        monkeypatch.setattr(driver, name, fn)
     host = ctypes.create_string_buffer(4 * (2 + 2 + B.K_intra.MAX_LOCAL_EXPERTS))
-    monkeypatch.setattr(_cuda, "host_alloc_mapped", lambda n: (ctypes.addressof(host), 300))
+    monkeypatch.setattr(driver, "host_alloc_mapped", lambda n: (ctypes.addressof(host), 300))
 
     def ipc_open(h):
         raise RuntimeError("cannot map the peer's memory")
 
-    monkeypatch.setattr(_cuda, "ipc_open", ipc_open)
+    monkeypatch.setattr(driver, "ipc_open", ipc_open)
     b = _fake_buffer(normal=False)
     b._stream = 0
     b.group = type("G", (), {"allgather_bytes": lambda self, x: [x, x], "barrier": lambda self: None})()

@@ -15,13 +15,13 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from epcomm import interop  # noqa: E402
-import epcomm  # noqa: E402
+import epcomm.runtime  # noqa: E402
 from epcomm import buffer as Bm  # noqa: E402
-from epcomm import event as Em  # noqa: E402
+from epcomm.runtime import event as Em  # noqa: E402
 from epcomm import low_latency as LLm  # noqa: E402
 from epcomm.buffer import Buffer  # noqa: E402
 from epcomm.errors import BufferStateError  # noqa: E402
-from epcomm.event import EventOverlap  # noqa: E402
+from epcomm.runtime.event import EventOverlap  # noqa: E402
 from epcomm.kernels import low_latency as K  # noqa: E402
 from epcomm.low_latency import LowLatencyState  # noqa: E402
 from fake_driver import FakeModule, cpu_arrays_as_cuda  # noqa: E402
@@ -101,10 +101,10 @@ class _Rig:
         cpu_arrays_as_cuda(monkeypatch)
         monkeypatch.setattr(interop, "wrap_pointer", wrap_pointer)
         cuda = _Cuda()
-        monkeypatch.setattr(LLm, "_cuda", cuda)
-        monkeypatch.setattr(Bm, "_cuda", cuda)  # Buffer._begin orders the comm stream
-        monkeypatch.setattr(Em, "_cuda", cuda)  # event.wait_for
-        monkeypatch.setattr(epcomm, "_cuda", cuda)  # `from . import _cuda` inside functions (interop)
+        monkeypatch.setattr(LLm, "driver", cuda)
+        monkeypatch.setattr(Bm, "driver", cuda)  # Buffer._begin orders the comm stream
+        monkeypatch.setattr(Em, "driver", cuda)  # event.wait_for
+        monkeypatch.setattr(epcomm.runtime, "driver", cuda)  # `from . import _cuda` inside functions (interop)
         monkeypatch.setattr(LLm, "launch", launch)
         monkeypatch.setattr(LLm.loader, "load", lambda spec, dev: FakeModule())
         monkeypatch.setattr(LowLatencyState, "_allow_smem", lambda self, *a: None)
@@ -329,8 +329,8 @@ def test_int32_indices_after_previous_event_order_the_kernel_after_the_widening(
     syncs = []
     import contextlib
 
-    from epcomm import _cuda as real_cuda  # interop and EventOverlap call the module itself
-    monkeypatch.setattr(LLm._cuda, "stream_wait_event", lambda s, e: waits.append((s, e)), raising=False)
+    from epcomm.runtime import driver as real_cuda  # interop and EventOverlap call the module itself
+    monkeypatch.setattr(LLm.driver, "stream_wait_event", lambda s, e: waits.append((s, e)), raising=False)
     monkeypatch.setattr(real_cuda, "stream_wait_event", lambda s, e: waits.append((s, e)))
     monkeypatch.setattr(real_cuda, "on_device", lambda d: contextlib.nullcontext())
     monkeypatch.setattr(real_cuda, "event_sync", lambda e: syncs.append(e))
@@ -417,8 +417,8 @@ def test_combine_refuses_top_k_other_than_the_dispatch_s(rig, monkeypatch):
 def test_a_hook_after_previous_event_orders_the_caller_after_the_receive(rig, monkeypatch):
     b, st = rig.buffer()
     calls = []
-    monkeypatch.setattr(LLm._cuda, "stream_wait_event", lambda s, e: calls.append(("wait", s, e)), raising=False)
-    monkeypatch.setattr(LLm._cuda, "event_record", lambda e, s: calls.append(("record", e, s)), raising=False)
+    monkeypatch.setattr(LLm.driver, "stream_wait_event", lambda s, e: calls.append(("wait", s, e)), raising=False)
+    monkeypatch.setattr(LLm.driver, "event_record", lambda e, s: calls.append(("record", e, s)), raising=False)
     monkeypatch.setattr(LLm, "launch", lambda fn, grid, threads, stream, p, smem=0, cooperative=False:
                         calls.append(("launch", stream)))
     monkeypatch.setenv("EPCOMM_CHECK_INDICES", "0")

@@ -13,4 +13,4 @@ One module per stage:
 
 Nothing here touches a GPU or compiles at import time.
 """
-from .spec import KernelSpec, ParamsStruct  # noqa: F401
+from epcomm.jit.spec import KernelSpec, ParamsStruct  # noqa: F401

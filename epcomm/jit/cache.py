@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import envs
+from epcomm import envs
 
 SCHEMA_VERSION = 2  # 2: the header names its key
 _MAGIC = b"EPCJIT01"

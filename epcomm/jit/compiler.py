@@ -13,11 +13,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import envs
-from .._version import __version__
-from ..errors import CompileError, ToolchainError
-from . import cache, toolchain
-from .spec import KernelSpec
+from epcomm import envs
+from epcomm._version import __version__
+from epcomm.errors import CompileError, ToolchainError
+from epcomm.jit import cache, toolchain
+from epcomm.jit.spec import KernelSpec
 
 
 @dataclass

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import ctypes
 
-from .. import _cuda
+from epcomm.runtime import driver
 
 _SUCCESS: list = [None]  # CUDA_SUCCESS, looked up once (cuda.bindings is imported lazily)
 
@@ -34,7 +34,7 @@ def launch_prepared(kernel, grid: int, block: int, stream: int, args: ctypes.Arr
 
 
 def _launch(kernel, gx, gy, gz, bx, by, bz, smem, stream, args, cooperative) -> None:
-    d = _cuda.drv()
+    d = driver.drv()
     st = d.CUstream(stream)
     if cooperative:
         err = d.cuLaunchCooperativeKernel(kernel, gx, gy, gz, bx, by, bz, smem, st, ctypes.addressof(args))
@@ -46,4 +46,4 @@ def _launch(kernel, gx, gy, gz, bx, by, bz, smem, stream, args, cooperative) -> 
     if err[0] != ok:
         grid = gx if gy == gz == 1 else (gx, gy, gz)
         block = bx if by == bz == 1 else (bx, by, bz)
-        _cuda.check(err, f"launch(grid={grid}, block={block}, smem={smem}, coop={cooperative})")
+        driver.check(err, f"launch(grid={grid}, block={block}, smem={smem}, coop={cooperative})")

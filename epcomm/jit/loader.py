@@ -9,8 +9,8 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from . import compiler
-from .spec import KernelSpec
+from epcomm.jit import compiler
+from epcomm.jit.spec import KernelSpec
 
 _LOCK = threading.Lock()
 _MEMO: dict[tuple[int, KernelSpec, str], "LoadedModule"] = {}
@@ -31,28 +31,28 @@ class LoadedModule:
 def _load(spec: KernelSpec, device_id: int, arch: str | None) -> LoadedModule:
     from cuda.core import ObjectCode
 
-    from .. import _cuda
-    from . import toolchain
+    from epcomm.runtime import driver
+    from epcomm.jit import toolchain
     mod = compiler.build(spec, arch or toolchain.current_arch(device_id))
-    d = _cuda.drv()
-    with _cuda.on_device(device_id):
+    d = driver.drv()
+    with driver.on_device(device_id):
         obj = ObjectCode.from_cubin(mod.cubin, name=spec.label())
         kernels = {}
-        smem_optin = _cuda.device_attr(device_id, "CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN")
-        dev = _cuda.check(d.cuDeviceGet(device_id), "cuDeviceGet")
+        smem_optin = driver.device_attr(device_id, "CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN")
+        dev = driver.check(d.cuDeviceGet(device_id), "cuDeviceGet")
         for short, mangled in mod.symbols.items():
             k = obj.get_kernel(mangled)
             h = k.handle
-            static = int(_cuda.check(d.cuKernelGetAttribute(
+            static = int(driver.check(d.cuKernelGetAttribute(
                 d.CUfunction_attribute.CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, h, dev), "cuKernelGetAttribute"))
             # Opt every kernel in to the device's whole shared memory, so a launch may ask for
             # any dynamic size that fits; the launchers size it per call.
-            _cuda.check(d.cuKernelSetAttribute(
+            driver.check(d.cuKernelSetAttribute(
                 d.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 smem_optin - static, h, dev), "cuKernelSetAttribute")
             # A CUfunction of this device's primary context: accepted by every launch API
             # (cooperative included) on every driver we support.
-            kernels[short] = _cuda.check(d.cuKernelGetFunction(h), "cuKernelGetFunction")
+            kernels[short] = driver.check(d.cuKernelGetFunction(h), "cuKernelGetFunction")
         if spec.uses_nvshmem:
             import nvshmem.bindings as nvb  # type: ignore
             nvb.culibrary_init(int(obj.handle))

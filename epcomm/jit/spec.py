@@ -101,7 +101,7 @@ class KernelSpec:
         for k in ks:
             if k.params not in seen:
                 seen.append(k.params)
-        from .toolchain import nvrtc_has_builtin_offsetof
+        from epcomm.jit.toolchain import nvrtc_has_builtin_offsetof
         offsets = nvrtc_has_builtin_offsetof()
         for p in seen:
             lines.append(p.layout_asserts(offsets))

@@ -10,8 +10,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import envs
-from ..errors import ToolchainError
+from epcomm import envs
+from epcomm.errors import ToolchainError
 
 
 def cuda_src_dir() -> Path:

@@ -14,6 +14,6 @@ Each module defines the family's :class:`~epcomm.jit.spec.KernelSpec` subclasses
 arguments) and the ``ParamsStruct`` mirrors of the C++ parameter structs (runtime parameters);
 only ``kernels.layout`` also has the function that launches its kernel.  The other families are
 launched by :mod:`epcomm.buffer` (intranode), :mod:`epcomm.low_latency` (low-latency),
-:mod:`epcomm.selftest` (smoke) and :mod:`epcomm.bench` (timing).  Compile-only coverage of every
+:mod:`epcomm.tools.selftest` (smoke) and :mod:`epcomm.tools.bench` (timing).  Compile-only coverage of every
 shipped specialization lives in ``tests/test_jit_compile.py``.
 """

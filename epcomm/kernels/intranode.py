@@ -12,7 +12,7 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass
 
-from ..jit.spec import KernelDef, KernelSpec, ParamsStruct
+from epcomm.jit.spec import KernelDef, KernelSpec, ParamsStruct
 
 MAX_RANKS = 72          # kIntraMaxRanks: one NVLink domain
 THREADS = 512           # kIntraThreads

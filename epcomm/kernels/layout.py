@@ -7,11 +7,12 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass
 
-from .. import _cuda, interop
-from .._validate import check_int
-from ..jit import loader
-from ..jit.launch import launch
-from ..jit.spec import KernelDef, KernelSpec, ParamsStruct
+from epcomm.runtime import driver
+from epcomm import interop
+from epcomm.validate import check_int
+from epcomm.jit import loader
+from epcomm.jit.launch import launch
+from epcomm.jit.spec import KernelDef, KernelSpec, ParamsStruct
 
 THREADS = 256
 
@@ -81,15 +82,15 @@ def launch_layout(stream: int, device_id: int, topk: interop.TensorRef, num_expe
                   out_in_rank: interop.TensorRef, err_dev_ptr: int) -> None:
     """Zero the counters and launch the layout kernel on ``stream`` (outputs preallocated)."""
     N, K = topk.shape
-    _cuda.memset_d32_async(out_rank.ptr, 0, num_ranks, stream)
-    _cuda.memset_d32_async(out_expert.ptr, 0, num_experts, stream)
+    driver.memset_d32_async(out_rank.ptr, 0, num_ranks, stream)
+    driver.memset_d32_async(out_expert.ptr, 0, num_experts, stream)
     if out_rdma is not None:
-        _cuda.memset_d32_async(out_rdma.ptr, 0, num_nodes, stream)
+        driver.memset_d32_async(out_rdma.ptr, 0, num_nodes, stream)
     if N == 0:
         return
     mod = loader.load(LayoutSpec(), device_id)
     p = LayoutParams(topk.ptr, out_rank.ptr, out_rdma.ptr if out_rdma is not None else 0, out_expert.ptr,
                      out_in_rank.ptr, err_dev_ptr, N, K, num_experts, num_ranks, ranks_per_node, num_nodes)
-    grid = min((N + THREADS - 1) // THREADS, 4 * _cuda.num_sms(device_id))
+    grid = min((N + THREADS - 1) // THREADS, 4 * driver.num_sms(device_id))
     smem = 4 * (num_experts + num_ranks + num_nodes)
     launch(mod.fn("layout"), grid, THREADS, stream, p, smem=smem)

@@ -12,7 +12,7 @@ import ctypes
 import functools
 from dataclasses import dataclass
 
-from ..jit.spec import KernelDef, KernelSpec, ParamsStruct
+from epcomm.jit.spec import KernelDef, KernelSpec, ParamsStruct
 
 MAX_RANKS = 64
 MAX_TOPK = 32
@@ -198,7 +198,7 @@ def check_shape(T, H, E, R) -> tuple[int, int, int, int]:
     1 <= T < 2**20 tokens per rank, hidden H a multiple of 128 below 2**17, 1 <= R <= 64 ranks,
     E a multiple of R below 2**15.  Returns (T, H, E, R) as ints; raises TypeError/ValueError
     naming the argument."""
-    from .._validate import check_int
+    from epcomm.validate import check_int
     T = check_int("num_max_dispatch_tokens_per_rank", T, lo=1, hi=(1 << 20) - 1)
     H = check_int("hidden", H, lo=128, hi=128 * 1023)
     if H % 128:

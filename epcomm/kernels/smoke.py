@@ -6,7 +6,7 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass
 
-from ..jit.spec import KernelDef, KernelSpec, ParamsStruct
+from epcomm.jit.spec import KernelDef, KernelSpec, ParamsStruct
 
 
 class SmokeParams(ParamsStruct):

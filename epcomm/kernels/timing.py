@@ -1,11 +1,11 @@
 """Benchmark helper kernels (``cuda_src/timing.cuh``): GPU-side waits measured in wall time,
-used by :mod:`epcomm.bench` to start every rank's timed region at the same moment."""
+used by :mod:`epcomm.tools.bench` to start every rank's timed region at the same moment."""
 from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass
 
-from ..jit.spec import KernelDef, KernelSpec, ParamsStruct
+from epcomm.jit.spec import KernelDef, KernelSpec, ParamsStruct
 
 
 class SpinParams(ParamsStruct):

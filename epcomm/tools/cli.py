@@ -21,7 +21,7 @@ def _csv(kind):
 def _build_one(args):
     spec, arch, env = args
     os.environ.update(env)
-    from .jit import compiler
+    from epcomm.jit import compiler
     t0 = time.perf_counter()
     try:
         m = compiler.build(spec, arch)
@@ -31,8 +31,9 @@ def _build_one(args):
 
 
 def cmd_warmup(a) -> int:
-    from . import envs
-    from .jit import registry, toolchain
+    from epcomm import envs
+    from epcomm.kernels import catalogue
+    from epcomm.jit import toolchain
     if a.jobs < 0:
         raise ValueError(f"-j/--jobs {a.jobs}: expected 0 (the CPU count) or more")
     if a.preset is not None:
@@ -41,22 +42,22 @@ def cmd_warmup(a) -> int:
             raise ValueError(f"--preset names its own shapes; {' and '.join(given)} cannot narrow it "
                              "(drop --preset to build the shapes you list)")
         if not a.preset:
-            raise ValueError("--preset: empty list (known presets: " + ", ".join(registry.PRESETS) + ")")
+            raise ValueError("--preset: empty list (known presets: " + ", ".join(catalogue.PRESETS) + ")")
         specs = []
         for name in a.preset:
-            for s in registry.preset(name):
+            for s in catalogue.preset(name):
                 if s not in specs:
                     specs.append(s)
     else:
-        for flag, default in (("hidden", (7168,)), ("ranks", (2, 4, 8)), ("dtype", registry.DTYPES),
-                              ("mode", registry.MODES)):
+        for flag, default in (("hidden", (7168,)), ("ranks", (2, 4, 8)), ("dtype", catalogue.DTYPES),
+                              ("mode", catalogue.MODES)):
             v = getattr(a, flag)
             if v is None:
                 setattr(a, flag, default)
             elif not v:
                 raise ValueError(f"--{flag}: empty list")
         skipped: list = []
-        specs = registry.specs_for(a.hidden, a.ranks, a.dtype, a.mode, skipped=skipped)
+        specs = catalogue.specs_for(a.hidden, a.ranks, a.dtype, a.mode, skipped=skipped)
         for label, why in skipped:
             print(f"epcomm warmup: skipping {label}: {why}", file=sys.stderr)
         if len(specs) <= 1:  # the layout kernel alone: nothing asked for can be built
@@ -64,8 +65,8 @@ def cmd_warmup(a) -> int:
                              f"--ranks {','.join(map(str, a.ranks))} --dtype {','.join(a.dtype)} "
                              f"--mode {','.join(a.mode)} (see the reasons above)")
     if a.smoke:
-        from .kernels.smoke import SmokeNvshmemSpec, SmokePeerStoreSpec
-        from .kernels.timing import SpinWaitSpec
+        from epcomm.kernels.smoke import SmokeNvshmemSpec, SmokePeerStoreSpec
+        from epcomm.kernels.timing import SpinWaitSpec
         specs += [SmokePeerStoreSpec(), SmokeNvshmemSpec(), SpinWaitSpec()]
     arch = toolchain.normalize_arch(a.arch) if a.arch else toolchain.current_arch()
     envs.check_all()  # a malformed EPCOMM_* value: one error here, not one per kernel
@@ -73,7 +74,7 @@ def cmd_warmup(a) -> int:
         print("epcomm warmup: EPCOMM_DISABLE_CACHE is set, so nothing is kept: the kernels are "
               "compiled to check them, and compiled again at first use", file=sys.stderr)
     else:
-        from .jit import cache
+        from epcomm.jit import cache
         why = cache.unwritable_reason()
         if why is not None:
             # Compiling for minutes to keep nothing (e.g. in an image build) is worse than failing.
@@ -125,8 +126,8 @@ def _version(dist: str) -> str:
 
 
 def cmd_info(a) -> int:
-    from . import __version__, envs
-    from .jit import cache, toolchain
+    from epcomm import __version__, envs
+    from epcomm.jit import cache, toolchain
     print(f"epcomm            {__version__}")
     for dist in ("cuda-core", "cuda-bindings", "cupy-cuda13x", "cupy-cuda12x", "nvshmem4py-cu13",
                  "nvshmem4py-cu12", "nvidia-nvshmem-cu13", "nvidia-nvshmem-cu12", "torch", "jax", "ml_dtypes"):
@@ -151,21 +152,21 @@ def cmd_info(a) -> int:
     n, size = cache.cache_size_bytes()
     print(f"{'JIT cache':18s}{envs.CACHE_DIR.get()} ({n} entries, {size / 2**20:.1f} MiB)")
     print(f"{'target arch':18s}{toolchain.current_arch()}")
-    from . import _cuda
+    from epcomm.runtime import driver
     try:
-        count = _cuda.init()
+        count = driver.init()
     except Exception as e:
         print(f"GPUs              none visible ({str(e).splitlines()[0]})")
         return 0
     print(f"GPUs              {count}")
     for i in range(count):
-        d = _cuda.drv()
-        dev = _cuda.check(d.cuDeviceGet(i))
-        name = _cuda.check(d.cuDeviceGetName(256, dev))
+        d = driver.drv()
+        dev = driver.check(d.cuDeviceGet(i))
+        name = driver.check(d.cuDeviceGetName(256, dev))
         name = (name.decode(errors="replace") if isinstance(name, bytes) else str(name)).split("\x00")[0].strip()
-        major = _cuda.device_attr(i, "CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR")
-        minor = _cuda.device_attr(i, "CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR")
-        peers = [j for j in range(count) if j != i and _cuda.can_access_peer(i, j)]
+        major = driver.device_attr(i, "CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR")
+        minor = driver.device_attr(i, "CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR")
+        peers = [j for j in range(count) if j != i and driver.can_access_peer(i, j)]
         links = ""
         try:
             import pynvml  # type: ignore  # nvidia-ml-py, optional: NVLink link counts
@@ -181,14 +182,14 @@ def cmd_info(a) -> int:
             links = f", {n_up} NVLink links up"
         except Exception:
             pass
-        print(f"  cuda:{i} {name} sm_{major}{minor}, {_cuda.num_sms(i)} SMs{links}; "
+        print(f"  cuda:{i} {name} sm_{major}{minor}, {driver.num_sms(i)} SMs{links}; "
               f"peer access to {peers if peers else 'none'}")
     return 0
 
 
 def cmd_cache(a) -> int:
-    from . import envs
-    from .jit import cache
+    from epcomm import envs
+    from epcomm.jit import cache
     root = envs.CACHE_DIR.get()
     if a.action == "clear":
         n, freed = cache.clear()
@@ -208,12 +209,12 @@ def cmd_cache(a) -> int:
 
 
 def cmd_selftest(a) -> int:
-    from .selftest import run_selftest
+    from epcomm.tools.selftest import run_selftest
     return run_selftest(a.gpus, a.timeout)
 
 
 def cmd_bench(a) -> int:
-    from .bench import main as bench_main
+    from epcomm.tools.bench import main as bench_main
     return bench_main(a)
 
 

@@ -14,8 +14,8 @@ import sys
 import threading
 import time
 
-from . import envs
-from .errors import EpcommError, ToolchainError
+from epcomm import envs
+from epcomm.errors import EpcommError, ToolchainError
 
 _LOCK = threading.Lock()
 _STATE: dict = {"initialized": False}

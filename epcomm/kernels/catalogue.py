@@ -6,12 +6,12 @@ first use (any hidden size that is a multiple of 128, or of 8 for the BF16 norma
 """
 from __future__ import annotations
 
-from ..kernels.intranode import IntranodeCombineSpec, IntranodeDispatchSpec
-from ..kernels.layout import LayoutSpec
-from ..kernels.low_latency import LowLatencySpec
-from ..kernels.smoke import SmokeNvshmemSpec, SmokePeerStoreSpec
-from ..kernels.timing import SpinWaitSpec
-from .spec import KernelSpec
+from epcomm.kernels.intranode import IntranodeCombineSpec, IntranodeDispatchSpec
+from epcomm.kernels.layout import LayoutSpec
+from epcomm.kernels.low_latency import LowLatencySpec
+from epcomm.kernels.smoke import SmokeNvshmemSpec, SmokePeerStoreSpec
+from epcomm.kernels.timing import SpinWaitSpec
+from epcomm.jit.spec import KernelSpec
 
 MODES = ("normal", "low-latency")
 DTYPES = ("bf16", "fp8")

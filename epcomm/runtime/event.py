@@ -1,7 +1,8 @@
 """EventOverlap: the completion event of an asynchronous operation."""
 from __future__ import annotations
 
-from . import _cuda, interop
+from epcomm.runtime import driver
+from epcomm import interop
 
 # (event, kept objects) of CuPy/JAX async operations whose EventOverlap was dropped before it was
 # known to be finished.  torch's allocator learns of the comm stream through record_stream, but
@@ -23,15 +24,15 @@ def release_finished() -> None:
     del _DEFERRED[:n]
     keep = []
     try:
-        with _cuda.relaxed_capture_mode():
+        with driver.relaxed_capture_mode():
             for ev, extra in items:
                 try:
-                    done = _cuda.event_query(ev)
+                    done = driver.event_query(ev)
                 except Exception:
                     done = False  # an error is no proof the kernels stopped reading: keep them
                 if done:
                     try:
-                        _cuda.event_destroy(ev)
+                        driver.event_destroy(ev)
                     except Exception:
                         pass
                 else:
@@ -54,7 +55,7 @@ def wait_for(stream: int, previous_event: "EventOverlap | None", capture: int) -
         # Recorded outside this capture (before it) or in another one (which the driver will
         # not let an outside stream wait for; its replays order themselves).
         return False
-    _cuda.stream_wait_event(stream, previous_event.event)
+    driver.stream_wait_event(stream, previous_event.event)
     return True
 
 
@@ -99,28 +100,28 @@ class EventOverlap:
             else:
                 import cupy
                 device_id = cupy.cuda.Device().id
-        with _cuda.on_device(device_id):
+        with driver.on_device(device_id):
             s = interop.current_stream(framework, device_id)
-            ev = _cuda.event_create()
-            _cuda.event_record(ev, s)
-            return cls(ev, framework, device_id, capture=_cuda.capture_id(s))
+            ev = driver.event_create()
+            driver.event_record(ev, s)
+            return cls(ev, framework, device_id, capture=driver.capture_id(s))
 
     def current_stream_wait(self) -> None:
         if self.event is None:
             return
-        with _cuda.on_device(self.device_id):
-            _cuda.stream_wait_event(interop.current_stream(self.framework, self.device_id), self.event)
+        with driver.on_device(self.device_id):
+            driver.stream_wait_event(interop.current_stream(self.framework, self.device_id), self.event)
 
     def synchronize(self) -> None:
         """Block the host until the operation finished."""
         if self.event is not None and self.capture in (None, 0):  # a captured event: nothing ran
-            with _cuda.on_device(self.device_id):
-                _cuda.event_sync(self.event)
-                if _DEFERRED and not _cuda.capture_id(interop.current_stream(self.framework, self.device_id)):
+            with driver.on_device(self.device_id):
+                driver.event_sync(self.event)
+                if _DEFERRED and not driver.capture_id(interop.current_stream(self.framework, self.device_id)):
                     release_finished()
 
     def query(self) -> bool:
-        return self.event is None or _cuda.event_query(self.event)
+        return self.event is None or driver.event_query(self.event)
 
     def __enter__(self):
         return self
@@ -137,7 +138,7 @@ class EventOverlap:
                 self.event = self.extra = None
                 return
             try:
-                _cuda.event_destroy(self.event)  # safe while pending: freed when it completes
+                driver.event_destroy(self.event)  # safe while pending: freed when it completes
             except Exception:
                 pass
             self.event = None

@@ -725,9 +725,9 @@ class _Allocation:
             self._buf = buf
             self.ptr = base + off
         elif device_type == "cuda":
-            from . import _cuda
-            with _cuda.on_device(device_id):
-                self.ptr = _cuda.mem_alloc(self.nbytes)  # 256-byte aligned
+            from epcomm.runtime import driver
+            with driver.on_device(device_id):
+                self.ptr = driver.mem_alloc(self.nbytes)  # 256-byte aligned
         else:
             raise ValueError(f"device_type must be 'cuda' or 'cpu', got {device_type!r}")
         _OWNERS.add(self)
@@ -739,9 +739,9 @@ class _Allocation:
                 return
             self._counted = False
             if self.device_type == "cuda" and self.ptr:
-                from . import _cuda
-                with _cuda.on_device(self.device_id):
-                    _cuda.mem_free(self.ptr)
+                from epcomm.runtime import driver
+                with driver.on_device(self.device_id):
+                    driver.mem_free(self.ptr)
             self._buf = None
             self.ptr = 0
         except Exception:  # interpreter shutdown, driver gone: nothing useful to do
@@ -910,14 +910,14 @@ class Exporter:
         legacy = (0, 1)
         if consumer == producer or (consumer in legacy and producer in legacy):
             return
-        from . import _cuda
-        with _cuda.on_device(self.device_id):
-            ev = _cuda.event_create()
+        from epcomm.runtime import driver
+        with driver.on_device(self.device_id):
+            ev = driver.event_create()
             try:
-                _cuda.event_record(ev, producer)
-                _cuda.stream_wait_event(consumer, ev)
+                driver.event_record(ev, producer)
+                driver.stream_wait_event(consumer, ev)
             finally:
-                _cuda.event_destroy(ev)
+                driver.event_destroy(ev)
 
     def __dlpack__(self, *, stream=None, max_version=None, dl_device=None, copy=None):
         if dl_device is not None:
@@ -1041,9 +1041,9 @@ def _alloc(framework: str, shape, dtype: str, device_type: str, device_id: int, 
             if device_type == "cpu":
                 ctypes.memset(e.ptr, 0, e.nbytes)
             else:
-                from . import _cuda
-                with _cuda.on_device(device_id):
-                    _cuda.memset_d8_async(e.ptr, 0, e.nbytes, current_stream(framework, device_id))
+                from epcomm.runtime import driver
+                with driver.on_device(device_id):
+                    driver.memset_d8_async(e.ptr, 0, e.nbytes, current_stream(framework, device_id))
         ref = e.ref()
         ref.framework = framework
         return e, ref
@@ -1114,9 +1114,9 @@ def finish(framework: str, obj, stream: int | None = None):
         if stream is not None and obj.device_type == "cuda":
             # JAX may read (or convert: int64 -> int32 without x64) the buffer on a stream it does
             # not tell us about, so the writes must be complete: synchronise the producer stream.
-            from . import _cuda
-            with _cuda.on_device(obj.device_id):
-                _cuda.stream_sync(stream)
+            from epcomm.runtime import driver
+            with driver.on_device(obj.device_id):
+                driver.stream_sync(stream)
             obj.stream = None
         return jax.dlpack.from_dlpack(obj)
     return obj
@@ -1136,11 +1136,11 @@ def as_index_tensor(obj, name: str, *, ndim=None, shape=None, device: str = "cud
         return ref
     fw = ref.framework
     if after_event is not None and ref.device_id >= 0:
-        from . import _cuda
-        from .event import wait_for
-        with _cuda.on_device(ref.device_id):
+        from epcomm.runtime import driver
+        from epcomm.runtime.event import wait_for
+        with driver.on_device(ref.device_id):
             s = current_stream("torch" if fw == "torch" else "cupy", ref.device_id)
-            wait_for(s, after_event, _cuda.capture_id(s))
+            wait_for(s, after_event, driver.capture_id(s))
     if fw == "torch":
         wide = obj.to(dtype=__import__("torch").int64)
     elif fw == "numpy":
@@ -1223,10 +1223,10 @@ def _ref_to_numpy(ref: TensorRef):
     if ref.device_type == "cpu":
         ctypes.memmove(buf.ctypes.data, src, span)
     else:
-        from . import _cuda
-        with _cuda.on_device(ref.device_id):
-            _cuda.check(_cuda.drv().cuCtxSynchronize(), "cuCtxSynchronize")
-            _cuda.memcpy_dtoh(buf.ctypes.data, src, span)
+        from epcomm.runtime import driver
+        with driver.on_device(ref.device_id):
+            driver.check(driver.drv().cuCtxSynchronize(), "cuCtxSynchronize")
+            driver.memcpy_dtoh(buf.ctypes.data, src, span)
     base = buf.view(npdt)
     view = np.lib.stride_tricks.as_strided(base[-lo:], shape=shape,
                                            strides=tuple(st * isz for st in strides))

@@ -45,9 +45,10 @@ import time
 
 import numpy as np
 
-from . import envs, interop, spawn
-from .nvshmem_runtime import default_symmetric_size
-from .testing import bit_mismatch
+from epcomm import envs, interop
+from epcomm.tools import spawn
+from epcomm.runtime.nvshmem import default_symmetric_size
+from epcomm.testing import bit_mismatch
 
 DEFAULT_SMS = (8, 12, 16, 24, 32)
 FP8_GROUP = 128
@@ -120,7 +121,7 @@ def deepep_nvl_buffer_size_hint(hidden: int, num_ranks: int, num_sms: int = 20, 
 
 def heap_breakdown(T: int, H: int, E: int, R: int) -> dict:
     """The regions of epcomm's low-latency symmetric heap (``HeapLayout.make``), in bytes."""
-    from .kernels.low_latency import HeapLayout
+    from epcomm.kernels.low_latency import HeapLayout
     lay = HeapLayout.make(T, H, E, R)
     return {
         "control_words": lay.disp_region_off,
@@ -403,9 +404,9 @@ class _Aligner:
             raise ValueError(f"aligner mode {mode!r}: expected one of {self.MODES}")
         if mode == "clock" and group is None:
             raise ValueError("aligner mode 'clock' needs the epcomm group (CUDA IPC handles are exchanged)")
-        from .jit import loader
-        from .jit.launch import launch
-        from .kernels import timing as K
+        from epcomm.jit import loader
+        from epcomm.jit.launch import launch
+        from epcomm.kernels import timing as K
         self.torch, self.dist, self.group, self.mode, self.requested = torch, dist, group, mode, mode
         self._launch = launch
         self._sleep_us = sleep_us
@@ -418,19 +419,19 @@ class _Aligner:
         if mode == "wall":
             self._use_wall()
             return
-        from . import _cuda
-        self._cuda = _cuda
+        from epcomm.runtime import driver
+        self._cuda = driver
         self._fn, self._threads = self._mod.fn("start_barrier"), K.ALIGN_THREADS
-        self.chan = _cuda.mem_alloc(K.ALIGN_CHANNEL_BYTES)
-        _cuda.memset_d8_async(self.chan, 0, K.ALIGN_CHANNEL_BYTES, torch.cuda.current_stream().cuda_stream)
+        self.chan = driver.mem_alloc(K.ALIGN_CHANNEL_BYTES)
+        driver.memset_d8_async(self.chan, 0, K.ALIGN_CHANNEL_BYTES, torch.cuda.current_stream().cuda_stream)
         torch.cuda.synchronize()
-        handles = group.allgather_bytes(_cuda.ipc_get_handle(self.chan))
+        handles = group.allgather_bytes(driver.ipc_get_handle(self.chan))
         p = K.AlignParams()
         for r, h in enumerate(handles):
             if r == group.rank:
                 p.chan[r] = self.chan
             else:
-                p.chan[r] = _cuda.ipc_open(h)
+                p.chan[r] = driver.ipc_open(h)
                 self.opened.append(p.chan[r])
         self.report = torch.zeros(3, dtype=torch.int64, device="cuda")
         p.lead_ns, p.cap_ns = int(sleep_us * 1e3), 200_000_000
@@ -441,7 +442,7 @@ class _Aligner:
         group.barrier()  # every channel zeroed before anyone pings
 
     def _use_wall(self) -> None:
-        from .kernels import timing as K
+        from epcomm.kernels import timing as K
         self.mode = "wall"
         self.t = self.torch.zeros(1, device="cuda")
         self._fn, self._threads = self._mod.fn("spin_wait_ns"), K.SpinWaitSpec().threads
@@ -531,16 +532,16 @@ def _nccl_a2a_rows(torch, dist, send: list[int], recv: list[int], row_bytes: int
 
 def _peer_copy(torch, rank, world, group, nbytes: int, iters: int, align) -> dict:
     """Copy-engine bandwidth into the next rank's memory (CUDA IPC), alone and all at once."""
-    from . import _cuda
+    from epcomm.runtime import driver
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
-    dst_local = _cuda.mem_alloc(nbytes)
-    hs = group.allgather_bytes(_cuda.ipc_get_handle(dst_local))
-    peer = _cuda.ipc_open(hs[(rank + 1) % world])
+    dst_local = driver.mem_alloc(nbytes)
+    hs = group.allgather_bytes(driver.ipc_get_handle(dst_local))
+    peer = driver.ipc_open(hs[(rank + 1) % world])
     stream = torch.cuda.current_stream().cuda_stream
     res = {}
 
     def copy():
-        _cuda.memcpy_dtod_async(peer, src.data_ptr(), nbytes, stream)
+        driver.memcpy_dtod_async(peer, src.data_ptr(), nbytes, stream)
 
     # Alone: only rank 0 copies, the others wait at the barrier.
     ts = []
@@ -559,8 +560,8 @@ def _peer_copy(torch, rank, world, group, nbytes: int, iters: int, align) -> dic
     res["all_ranks_at_once_GBps_per_gpu"] = nbytes / (_median(ts) * 1e-6) / 1e9
     torch.cuda.synchronize()
     group.barrier()
-    _cuda.ipc_close(peer)
-    _cuda.mem_free(dst_local)
+    driver.ipc_close(peer)
+    driver.mem_free(dst_local)
     return res
 
 
@@ -698,7 +699,7 @@ class _NormalCheck:
             self.error = f"reference not computed: {type(e).__name__}: {e}"
 
     def _prepare(self, x, x_all, xq_all, xs_all, topk_all, w_all, R, E):
-        from . import reference
+        from epcomm import reference
         torch = self.torch
         _, N, H = x_all.shape
         dev = x.device
@@ -786,7 +787,7 @@ class _LLCheck:
             self.error = f"reference not computed: {type(e).__name__}: {e}"
 
     def _prepare(self, x, x_all, topk_all, w_all, R, T, E):
-        from . import reference
+        from epcomm import reference
         torch = self.torch
         xs = [interop.to_numpy(x_all[r]) for r in range(R)]
         tks = [topk_all[r] for r in range(R)]
@@ -966,7 +967,7 @@ def _ll_grids(buf, T: int, E: int, world: int) -> dict:
     """Blocks of the low-latency kernels (one per SM while blocks <= SMs; the guide asks for the
     SM count with every result): the one-kernel calls' grids from the prepared plans, the hook
     halves' from low_latency.py's rule."""
-    from .kernels import low_latency as K
+    from epcomm.kernels import low_latency as K
     ll = buf._ll
     n = ll.num_sms
     grids = {}
@@ -1273,7 +1274,7 @@ def _nvl_buffer_sizes(args: dict) -> dict:
     """NVLink buffer bytes per rank that epcomm needs for this shape (its size hint: every token
     of every rank may go to every rank) and DeepEP's default hint, for 2, 4 and 8 ranks (issue 3
     asks for the bytes needed; DeepEP's hint at R=8 is about 336 MB)."""
-    from .kernels import intranode as K_intra
+    from epcomm.kernels import intranode as K_intra
     H, N, K = args["hidden"], args["tokens"], args["topk"]
     return {"epcomm_bytes_by_ranks": {R: K_intra.nvl_buffer_size_hint(H, R, N, K) for R in (2, 4, 8)},
             "deepep_hint_bytes_by_ranks": {R: deepep_nvl_buffer_size_hint(H, R) for R in (2, 4, 8)},

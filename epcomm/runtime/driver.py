@@ -10,7 +10,7 @@ import contextlib
 import ctypes
 import functools
 
-from .errors import EpcommError, ToolchainError
+from epcomm.errors import EpcommError, ToolchainError
 
 
 @functools.lru_cache(maxsize=None)

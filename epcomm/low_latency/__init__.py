@@ -19,14 +19,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import _cuda, envs, interop
-from . import event as event_mod
-from ._validate import check_bool, check_event, check_int, check_topk_indices
-from .errors import BufferStateError
-from .event import EventOverlap
-from .jit import loader
-from .jit.launch import launch, launch_args, launch_prepared
-from .kernels import low_latency as K
+from epcomm.runtime import driver
+from epcomm import envs, interop
+from epcomm.runtime import event as event_mod
+from epcomm.validate import check_bool, check_event, check_int, check_topk_indices
+from epcomm.errors import BufferStateError
+from epcomm.runtime.event import EventOverlap
+from epcomm.jit import loader
+from epcomm.jit.launch import launch, launch_args, launch_prepared
+from epcomm.kernels import low_latency as K
 
 _SERIALS = itertools.count(1)
 _DEFAULT_SMEM = 48 * 1024  # dynamic shared memory a kernel may use without opting in
@@ -140,24 +141,24 @@ class LowLatencyState:
             # A half-made state frees its private memory.  Not the symmetric heap: its free is
             # collective (a barrier), which the peers, stuck elsewhere or gone, would never
             # join; it stays until NVSHMEM is finalised.
-            with _cuda.on_device(buf.device_id):
+            with driver.on_device(buf.device_id):
                 self.free(collective=False)
             raise
 
     def _setup(self, buf, num_rdma_bytes: int) -> None:
-        from . import nvshmem_runtime as nvr
+        from epcomm.runtime import nvshmem as nvr
         self.buf = buf
         self.serial = next(_SERIALS)
         self.rank, self.num_ranks = buf.rank, buf.num_ranks
         self.device_id = buf.device_id
         self.num_rdma_bytes = num_rdma_bytes
-        with _cuda.on_device(self.device_id):
+        with driver.on_device(self.device_id):
             nvr.init(buf.group, self.device_id, num_rdma_bytes, shared_gpu=getattr(buf, "shares_gpu", False))
             self.heap_obj, self.heap = nvr.alloc(num_rdma_bytes)
-            _cuda.memset_d8_async(self.heap, 0, num_rdma_bytes, buf._stream)
-            self.ctrl = _cuda.mem_alloc(ctypes.sizeof(K.LLCtrl))
-            _cuda.memset_d8_async(self.ctrl, 0, ctypes.sizeof(K.LLCtrl), buf._stream)
-            _cuda.stream_sync(buf._stream)
+            driver.memset_d8_async(self.heap, 0, num_rdma_bytes, buf._stream)
+            self.ctrl = driver.mem_alloc(ctypes.sizeof(K.LLCtrl))
+            driver.memset_d8_async(self.ctrl, 0, ctypes.sizeof(K.LLCtrl), buf._stream)
+            driver.stream_sync(buf._stream)
             self.peers = [self.heap if r == self.rank else nvr.peer_ptr(self.heap_obj, r)
                           for r in range(self.num_ranks)]
         # Both ends of a pair must pick the same transport (the combine's row format depends on
@@ -182,13 +183,13 @@ class LowLatencyState:
         self.prof = 0
         if envs.PROFILE.get():
             self.prof_bytes = 2 * K.PROF_BLOCKS * K.PROF_SLOTS * 8
-            with _cuda.on_device(self.device_id):
-                self.prof = _cuda.mem_alloc(self.prof_bytes)
-                _cuda.memset_d8_async(self.prof, 0, self.prof_bytes, buf._stream)
-                _cuda.stream_sync(buf._stream)
+            with driver.on_device(self.device_id):
+                self.prof = driver.mem_alloc(self.prof_bytes)
+                driver.memset_d8_async(self.prof, 0, self.prof_bytes, buf._stream)
+                driver.stream_sync(buf._stream)
             t.prof = self.prof
         self.template = t
-        self.num_sms = _cuda.num_sms(self.device_id)
+        self.num_sms = driver.num_sms(self.device_id)
         self._disp_slot = 0
         self._comb_slot = 0
         self._disp_gen = [0, 0]
@@ -218,11 +219,11 @@ class LowLatencyState:
             return None
         import numpy as np
         host = np.zeros(self.prof_bytes // 8, dtype=np.int64)
-        with _cuda.on_device(self.device_id):
-            _cuda.device_sync()
-            _cuda.memcpy_dtoh(host.ctypes.data, self.prof, self.prof_bytes)
-            _cuda.memset_d8_async(self.prof, 0, self.prof_bytes, self.buf._stream)
-            _cuda.stream_sync(self.buf._stream)
+        with driver.on_device(self.device_id):
+            driver.device_sync()
+            driver.memcpy_dtoh(host.ctypes.data, self.prof, self.prof_bytes)
+            driver.memset_d8_async(self.prof, 0, self.prof_bytes, self.buf._stream)
+            driver.stream_sync(self.buf._stream)
         host = host.reshape(2, K.PROF_BLOCKS, K.PROF_SLOTS)
         return {"dispatch": host[0], "combine": host[1]}
 
@@ -276,23 +277,23 @@ class LowLatencyState:
         key = (id(mod), tuple(names), smem)
         if key in self._smem_ok:
             return
-        cap = _cuda.device_attr(self.device_id, "CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN")
+        cap = driver.device_attr(self.device_id, "CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN")
         if smem > cap:
             raise ValueError(f"low-latency {names[0].split('_')[0]}: num_ranks * num_max_dispatch_tokens_per_rank is "
                              f"too large: the kernel needs {smem} bytes of shared memory per block, the device "
                              f"has {cap}")
-        d = _cuda.drv()
+        d = driver.drv()
         attr = d.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
         for n in names:
-            _cuda.check(d.cuFuncSetAttribute(mod.fn(n), attr, smem), f"cuFuncSetAttribute({n}, smem={smem})")
+            driver.check(d.cuFuncSetAttribute(mod.fn(n), attr, smem), f"cuFuncSetAttribute({n}, smem={smem})")
         self._smem_ok.add(key)
 
     def _coop_blocks(self, fn, smem: int) -> int:
         key = (int(fn), smem)
         n = self._coop_limit.get(key)
         if n is None:
-            d = _cuda.drv()
-            per_sm = _cuda.check(d.cuOccupancyMaxActiveBlocksPerMultiprocessor(fn, K.THREADS, smem),
+            d = driver.drv()
+            per_sm = driver.check(d.cuOccupancyMaxActiveBlocksPerMultiprocessor(fn, K.THREADS, smem),
                                  "cuOccupancyMaxActiveBlocksPerMultiprocessor")
             n = self._coop_limit[key] = max(1, int(per_sm)) * self.num_sms
         return n
@@ -304,7 +305,7 @@ class LowLatencyState:
         ``capturing``: the caller's stream is in a CUDA-graph capture."""
         if not async_finish and previous_event is None:
             caller = interop.current_stream(fw, self.device_id)
-            return caller, caller, _cuda.stream_is_capturing(caller)
+            return caller, caller, driver.stream_is_capturing(caller)
         caller, cap = self.buf._begin(fw, previous_event, caller_work)
         return caller, self.buf._stream, bool(cap)
 
@@ -315,8 +316,8 @@ class LowLatencyState:
         caller = interop.current_stream(fw, self.device_id)
         if stream == caller:
             return
-        _cuda.event_record(self.buf._ev_start, stream)
-        _cuda.stream_wait_event(caller, self.buf._ev_start)
+        driver.event_record(self.buf._ev_start, stream)
+        driver.stream_wait_event(caller, self.buf._ev_start)
 
     def _event(self, fw: str, caller: int, stream: int, async_finish: bool, refs=()) -> EventOverlap:
         """The call's event.  With ``async_finish`` the kernel still reads ``refs`` (TensorRefs of
@@ -324,11 +325,11 @@ class LowLatencyState:
         the event keeps them alive, and torch's allocator is told they are in use on ``stream``."""
         if stream == caller:
             return EventOverlap(None, fw, self.device_id)
-        ev = _cuda.event_create()
-        _cuda.event_record(ev, stream)
-        cap = _cuda.capture_id(stream)
+        ev = driver.event_create()
+        driver.event_record(ev, stream)
+        cap = driver.capture_id(stream)
         if not async_finish:
-            _cuda.stream_wait_event(caller, ev)
+            driver.stream_wait_event(caller, ev)
             return EventOverlap(ev, fw, self.device_id, capture=cap)
         if event_mod._DEFERRED and not cap:
             event_mod.release_finished()
@@ -420,7 +421,7 @@ class LowLatencyState:
                 "was never called; call it before issuing another dispatch")
         mod = loader.load(K.LowLatencySpec(H, bool(use_fp8)), self.device_id)
         smem = K.dispatch_smem_bytes(R, T)
-        with _cuda.on_device(self.device_id):
+        with driver.on_device(self.device_id):
             if smem > _DEFAULT_SMEM:  # may raise: before anything below changes state
                 self._allow_smem(mod, ("dispatch_send", "dispatch_recv", "dispatch_both"), smem)
             caller, stream, capturing = self._stream_for(fw, async_finish, previous_event, caller_work=tr.widened)
@@ -452,7 +453,7 @@ class LowLatencyState:
             if res.fresh:
                 # Zeroed on the kernel's stream before its first dispatch; under capture the
                 # memset is only in the graph, so the next eager dispatch zeroes again.
-                _cuda.memset_d8_async(res.tok_meta[1].ptr, 0, R * T * 8, stream)
+                driver.memset_d8_async(res.tok_meta[1].ptr, 0, R * T * 8, stream)
                 res.fresh = capturing
             p.cumulative_stats = stats.ptr if stats is not None else 0
             p.num_tokens, p.num_topk, p.num_experts, p.max_tokens = N, Kt, E, T
@@ -492,7 +493,7 @@ class LowLatencyState:
                     raise BufferStateError("low_latency_dispatch receive hook: the Buffer was destroyed")
                 if not self._disp_pending[_slot]:
                     raise BufferStateError("this dispatch's receive hook was already called")
-                with _cuda.on_device(self.device_id):
+                with driver.on_device(self.device_id):
                     launch(_mod.fn("dispatch_recv"), _grid, K.THREADS, _stream, _p, smem=_smem)
                     self._order_caller_after(fw, _stream)
                 self._disp_pending[_slot] = False
@@ -632,7 +633,7 @@ class LowLatencyState:
         o = b._tensor(out, "out", dtype="bfloat16", ndim=2, shape=(N, H), allow_none=True, framework=fw,
                       writable=True)
         mod = loader.load(K.LowLatencySpec(H, False), self.device_id)
-        with _cuda.on_device(self.device_id):
+        with driver.on_device(self.device_id):
             caller, stream, capturing = self._stream_for(fw, async_finish, previous_event, caller_work=tr.widened)
             # The same indices as the dispatch's: a repeated or out-of-range one would garble
             # the token's sum (one device sync; EPCOMM_CHECK_INDICES=0 skips it).
@@ -681,7 +682,7 @@ class LowLatencyState:
                     raise BufferStateError("low_latency_combine receive hook: the Buffer was destroyed")
                 if not self._comb_pending[_slot]:
                     raise BufferStateError("this combine's receive hook was already called")
-                with _cuda.on_device(self.device_id):
+                with driver.on_device(self.device_id):
                     launch(_mod.fn("combine_recv"), _grid, K.THREADS, _stream, _p, smem=_smem)
                     self._order_caller_after(fw, _stream)
                 self._comb_pending[_slot] = False
@@ -744,21 +745,21 @@ class LowLatencyState:
         # Message tags restart: zero the dispatch regions of every shape used so far too.
         end = max([lay.comb_region_off] + [ly.comb_region_off for ly in self._layouts.values()])
         b = self.buf
-        with _cuda.on_device(self.device_id):
+        with driver.on_device(self.device_id):
             # The whole device, not only the comm stream: low-latency kernels usually run on the
             # caller's streams, and one still queued there (here or, past the barrier, at a
             # peer) would write flags and rows after they are zeroed.
-            _cuda.device_sync()
+            driver.device_sync()
             b.group.barrier()
             # Flags, acknowledgements and the dispatch regions (whose message tags restart too).
-            _cuda.memset_d8_async(self.heap, 0, end, b._stream)
-            _cuda.memset_d8_async(self.ctrl, 0, ctypes.sizeof(K.LLCtrl), b._stream)
-            _cuda.stream_sync(b._stream)
+            driver.memset_d8_async(self.heap, 0, end, b._stream)
+            driver.memset_d8_async(self.ctrl, 0, ctypes.sizeof(K.LLCtrl), b._stream)
+            driver.stream_sync(b._stream)
             b.group.barrier()
             # Dispatch tags restart: the combine records of earlier dispatches could match them.
             for res in {id(r): r for r in (*self._results, *self._kept.values()) if r is not None}.values():
-                _cuda.memset_d8_async(res.tok_meta[1].ptr, 0, res.tok_meta[1].nbytes, b._stream)
-            _cuda.stream_sync(b._stream)
+                driver.memset_d8_async(res.tok_meta[1].ptr, 0, res.tok_meta[1].nbytes, b._stream)
+            driver.stream_sync(b._stream)
         self._disp_slot = self._comb_slot = 0
         # Handles of earlier dispatches refer to records just erased: combines with them raise.
         self._disp_gen = [g + 1 for g in self._disp_gen]
@@ -770,11 +771,11 @@ class LowLatencyState:
     def free(self, collective: bool = True) -> None:
         """Free the control words and profile stamps, and with ``collective`` (every rank
         calls it: Buffer.destroy) the symmetric heap."""
-        from . import nvshmem_runtime as nvr
+        from epcomm.runtime import nvshmem as nvr
         for ptr in (self.ctrl, self.prof):
             try:
                 if ptr:
-                    _cuda.mem_free(ptr)
+                    driver.mem_free(ptr)
             except Exception:
                 pass
         self.ctrl = self.prof = 0

@@ -1,7 +1,7 @@
 """Argument checks shared by the public API (all raise before any kernel is launched)."""
 from __future__ import annotations
 
-from . import envs
+from epcomm import envs
 
 
 def check_int(name: str, v, *, lo: int | None = None, hi: int | None = None) -> int:
@@ -39,7 +39,7 @@ def check_bool(name: str, v) -> bool:
 
 def check_event(previous_event) -> None:
     """``previous_event`` must be None or an EventOverlap (what async calls return)."""
-    from .event import EventOverlap
+    from epcomm.runtime.event import EventOverlap
     if previous_event is not None and not isinstance(previous_event, EventOverlap):
         raise TypeError(f"previous_event: expected an EventOverlap (the event an epcomm call returned) or None, "
                         f"got {type(previous_event).__name__}")

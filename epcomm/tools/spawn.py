@@ -1,6 +1,6 @@
 """Run a function on N GPUs in N processes (tests, benchmarks, ``epcomm selftest``).
 
-Each process gets ``rank``, ``world_size`` and a framework-free :class:`~epcomm.group.FileGroup`
+Each process gets ``rank``, ``world_size`` and a framework-free :class:`~epcomm.runtime.group.FileGroup`
 bootstrap.  Workers announce what they are doing with :func:`phase`; if the run exceeds its
 timeout, the error names every rank that had not finished and the phase it was in (and for how
 long), then all processes are killed: a hang never outlives its timeout.
@@ -68,7 +68,7 @@ def _worker(fn, rank, world, root, args, kwargs, q, env, group_timeout, parent_p
     _PHASE_FILE = os.path.join(root, f"phase.{rank}")
     phase("starting")
     try:
-        from .group import FileGroup
+        from epcomm.runtime.group import FileGroup
         # The bootstrap group waits as long as the whole run may take, independently of
         # EPCOMM_TIMEOUT_S (tests shorten that one to provoke kernel timeouts).
         group = FileGroup(os.path.join(root, "group"), rank, world, timeout_s=group_timeout)
@@ -97,7 +97,7 @@ def run(fn, world_size: int, *args, timeout: float = 300.0, env: dict | None = N
     that had not finished and its last phase.  Workers die with the parent, and the processes
     a worker started die with it.
     """
-    from ._validate import check_int
+    from epcomm.validate import check_int
     world_size = check_int("world_size", world_size, lo=1)
     ctx = mp.get_context("spawn")
     root = tempfile.mkdtemp(prefix="epcomm-spawn-")
@@ -187,14 +187,14 @@ def gpu_count() -> int:
     and remembers the answer in EPCOMM_VISIBLE_GPUS, which spawned workers inherit: test
     modules imported again inside a worker then need no second probe.
     """
-    from . import envs
+    from epcomm import envs
     cached = envs.VISIBLE_GPUS.get()
     if cached.isdigit():
         return int(cached)
     import subprocess
     import sys
     try:
-        r = subprocess.run([sys.executable, "-c", "from epcomm._cuda import device_count; print(device_count())"],
+        r = subprocess.run([sys.executable, "-c", "from epcomm.runtime.driver import device_count; print(device_count())"],
                            capture_output=True, text=True, timeout=120)
         n = int(r.stdout.strip().splitlines()[-1])
     except Exception:
@@ -220,7 +220,7 @@ def example_world(min_ranks: int = 2, divides: int = 0) -> int:
     Raises SystemExit with a message saying what is missing (no GPU, or too few GPUs and
     EPCOMM_SHARE_GPU unset) instead of letting a worker fail inside the Buffer.
     """
-    from . import envs
+    from epcomm import envs
     n = gpu_count()
     if n == 0:
         raise SystemExit("this example needs an NVIDIA GPU: none is visible")

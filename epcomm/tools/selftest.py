@@ -13,44 +13,44 @@ import time
 
 import numpy as np
 
-from . import spawn
+from epcomm.tools import spawn
 
 
 def _smoke_worker(rank: int, world: int, group, n: int = 1 << 20) -> dict:
-    from . import _cuda, nvshmem_runtime as nvr
-    from .jit import loader
-    from .jit.launch import launch
-    from .kernels.smoke import SmokeNvshmemSpec, SmokeParams, SmokePeerStoreSpec
+    from epcomm.runtime import driver, nvshmem as nvr
+    from epcomm.jit import loader
+    from epcomm.jit.launch import launch
+    from epcomm.kernels.smoke import SmokeNvshmemSpec, SmokeParams, SmokePeerStoreSpec
     out: dict = {}
     dev = spawn.device_of(rank)
     shared = world > spawn.gpu_count()  # EPCOMM_SHARE_GPU: NVSHMEM's several-PEs-per-GPU mode
-    _cuda.init()
-    _cuda.set_device(dev)
-    stream = _cuda.stream_create()
+    driver.init()
+    driver.set_device(dev)
+    stream = driver.stream_create()
     peer = (rank + 1) % world
     src = (rank - 1) % world
     expect = lambda v: (v + np.arange(n, dtype=np.uint64)).astype(np.uint64)  # noqa: E731
 
     # 1. CUDA IPC peer stores.
     spawn.phase("ipc peer store")
-    base = _cuda.mem_alloc(n * 8)
-    _cuda.memset_d8_async(base, 0, n * 8, stream)
-    _cuda.stream_sync(stream)
-    handles = group.allgather_bytes(_cuda.ipc_get_handle(base))
-    peer_ptr = _cuda.ipc_open(handles[peer])
+    base = driver.mem_alloc(n * 8)
+    driver.memset_d8_async(base, 0, n * 8, stream)
+    driver.stream_sync(stream)
+    handles = group.allgather_bytes(driver.ipc_get_handle(base))
+    peer_ptr = driver.ipc_open(handles[peer])
     mod = loader.load(SmokePeerStoreSpec(), dev)
     t0 = time.perf_counter()
     launch(mod.fn("peer_store"), 132, 256, stream,
            SmokeParams(base, peer_ptr, 0, 0, n, 1000 * (rank + 1), rank, peer))
-    _cuda.stream_sync(stream)
+    driver.stream_sync(stream)
     group.barrier()
     host = np.empty(n, np.uint64)
-    _cuda.memcpy_dtoh(host.ctypes.data, base, n * 8)
+    driver.memcpy_dtoh(host.ctypes.data, base, n * 8)
     out["ipc_peer_store"] = bool((host == expect(1000 * (src + 1))).all())
     out["ipc_ms"] = round((time.perf_counter() - t0) * 1e3, 2)
     group.barrier()
-    _cuda.ipc_close(peer_ptr)
-    _cuda.mem_free(base)
+    driver.ipc_close(peer_ptr)
+    driver.mem_free(base)
 
     # 2. NVSHMEM symmetric heap + device API.
     spawn.phase("nvshmem init")
@@ -60,25 +60,25 @@ def _smoke_worker(rank: int, world: int, group, n: int = 1 << 20) -> dict:
     spawn.phase("nvshmem put/signal")
     buf, ptr = nvr.alloc(n * 8 + 64)
     sig = ptr + n * 8
-    res = _cuda.mem_alloc(16)
-    _cuda.memset_d8_async(ptr, 0, n * 8 + 64, stream)
-    _cuda.memset_d8_async(res, 0, 16, stream)
-    _cuda.stream_sync(stream)
+    res = driver.mem_alloc(16)
+    driver.memset_d8_async(ptr, 0, n * 8 + 64, stream)
+    driver.memset_d8_async(res, 0, 16, stream)
+    driver.stream_sync(stream)
     group.barrier()
     t0 = time.perf_counter()
     mod2 = loader.load(SmokeNvshmemSpec(), dev)
     out["nvshmem_compile_link_load_s"] = round(time.perf_counter() - t0, 2)
     launch(mod2.fn("nvshmem_put"), 8, 256, stream, SmokeParams(ptr, 0, sig, res, n, 7 * (rank + 1), rank, peer))
-    _cuda.stream_sync(stream)
+    driver.stream_sync(stream)
     group.barrier()
-    _cuda.memcpy_dtoh(host.ctypes.data, ptr, n * 8)
+    driver.memcpy_dtoh(host.ctypes.data, ptr, n * 8)
     r2 = np.empty(2, np.uint64)
-    _cuda.memcpy_dtoh(r2.ctypes.data, res, 16)
+    driver.memcpy_dtoh(r2.ctypes.data, res, 16)
     out["nvshmem_put_signal"] = bool((host == expect(7 * (src + 1))).all()) and int(r2[1]) == 1
     out["nvshmem_ptr_nvlink"] = int(r2[0]) == 1
     group.barrier()
     nvr.free(buf)
-    _cuda.mem_free(res)
+    driver.mem_free(res)
 
     # 3. get_dispatch_layout (CuPy in, CuPy out) against the reference.
     spawn.phase("layout")
@@ -87,8 +87,8 @@ def _smoke_worker(rank: int, world: int, group, n: int = 1 << 20) -> dict:
     except ImportError:
         out["layout"] = "skipped: cupy not installed"
         return out
-    from . import api, reference
-    from .testing import random_topk
+    from epcomm import api, reference
+    from epcomm.testing import random_topk
     rng = np.random.default_rng(rank)
     ok = True
     with cp.cuda.Device(dev):
@@ -111,7 +111,7 @@ def run_selftest(gpus: int = 0, timeout: float = 300.0) -> int:
     """Run the checks on ``gpus`` GPUs (0 = every visible one), one process each.  Returns 0 if
     all pass, 1 if a check fails or a rank fails (its error printed), 2 if the machine or the
     arguments cannot run it (fewer than 2 GPUs, more asked for than visible)."""
-    from . import envs
+    from epcomm import envs
     visible = spawn.gpu_count()
     if gpus < 0 or gpus > visible:
         print(f"epcomm selftest: --gpus {gpus}: {visible} GPU(s) visible (0 = all)", file=sys.stderr)

@@ -520,7 +520,7 @@ class FileGroup:
 
     def __init__(self, path: str | os.PathLike, rank: int, size: int,
                  timeout_s: float | None = None):
-        from ._validate import check_int
+        from epcomm.validate import check_int
         size = check_int("FileGroup size", size)
         rank = check_int("FileGroup rank", rank)
         if size < 1:
@@ -694,7 +694,7 @@ def as_group(obj: Any = None) -> Group:
         raise RuntimeError(
             "as_group(None) means torch.distributed's default group, but torch.distributed is "
             "not initialized; pass a group explicitly (" + _ACCEPTED + "), or use "
-            "epcomm.group.init_from_env()")
+            "epcomm.runtime.group.init_from_env()")
     if _is_group(obj):
         if obj.size < 1 or not 0 <= obj.rank < obj.size:
             raise ValueError(f"as_group: {type(obj).__name__} has rank {obj.rank} and size {obj.size}; "
@@ -743,7 +743,7 @@ def init_from_env() -> Group:
     if _torch_dist_initialized():
         return TorchGroup(None)
     names = ("EPCOMM_GROUP_DIR", "RANK", "WORLD_SIZE")
-    from . import envs
+    from epcomm import envs
     vals = {n: envs.external(n) for n in names[1:]}
     vals["EPCOMM_GROUP_DIR"] = envs.GROUP_DIR.get()
     missing = [n for n in names if not vals[n]]
@@ -752,7 +752,7 @@ def init_from_env() -> Group:
             "init_from_env: torch.distributed is not initialized and "
             f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set; initialize "
             "torch.distributed, or set EPCOMM_GROUP_DIR, RANK and WORLD_SIZE, or build a group "
-            "with epcomm.group.as_group(...)")
+            "with epcomm.runtime.group.as_group(...)")
     try:
         rank, size = int(vals["RANK"]), int(vals["WORLD_SIZE"])
     except ValueError:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ctypes
 import threading
 
-from .errors import BufferStateError, EpcommError, EpcommTimeoutError, RankMismatchError
+from epcomm.errors import BufferStateError, EpcommError, EpcommTimeoutError, RankMismatchError
 
 ERR_NONE, ERR_TIMEOUT, ERR_OVERFLOW, ERR_BAD_INPUT, ERR_MISMATCH = 0, 1, 2, 3, 4
 
@@ -50,10 +50,10 @@ class ErrorState:
     """One host-mapped ErrorRecord: ``dev_ptr`` goes to kernels, :meth:`check` raises."""
 
     def __init__(self, device_id: int):
-        from . import _cuda
+        from epcomm.runtime import driver
         self.device_id = device_id
-        with _cuda.on_device(device_id):
-            self.host_ptr, self.dev_ptr = _cuda.host_alloc_mapped(ctypes.sizeof(ErrorRecord))
+        with driver.on_device(device_id):
+            self.host_ptr, self.dev_ptr = driver.host_alloc_mapped(ctypes.sizeof(ErrorRecord))
         ctypes.memset(self.host_ptr, 0, ctypes.sizeof(ErrorRecord))
         self.rec = ErrorRecord.from_address(self.host_ptr)
         self.poisoned: Exception | None = None
@@ -115,7 +115,7 @@ class ErrorState:
                 f"rank {r.rank}{where}: received {r.observed} tokens but the output has only "
                 f"{r.expected} rows (num_worst_tokens too small); rows past it were dropped")
         if code == ERR_MISMATCH and r.phase == 31:  # kPhaseLLDispatchRecv: shape words
-            from .kernels.low_latency import unpack_shape_word
+            from epcomm.kernels.low_latency import unpack_shape_word
             mine, theirs = unpack_shape_word(r.expected), unpack_shape_word(r.observed)
             diff = [f"{k} is {mine[k]} here and {theirs[k]} there" for k in mine if mine[k] != theirs[k]]
             field = next((k for k in mine if mine[k] != theirs[k]), "")
@@ -127,7 +127,7 @@ class ErrorState:
                 f"received rows were not read, and this Buffer is unusable now (create a new one).",
                 rank=r.rank, peer=r.peer, field=field, mine=mine.get(field, 0), theirs=theirs.get(field, 0))
         if code == ERR_MISMATCH:
-            from .kernels.intranode import MAILBOX_AGREE_FIELDS
+            from epcomm.kernels.intranode import MAILBOX_AGREE_FIELDS
             field = MAILBOX_AGREE_FIELDS[r.channel] if 0 <= r.channel < len(MAILBOX_AGREE_FIELDS) else f"#{r.channel}"
             mine, theirs = ctypes.c_int32(r.expected).value, ctypes.c_int32(r.observed).value
             what = {"chunk_rows": "chunk_rows (from Config.chunk_rows and the buffer's capacity)",
@@ -173,10 +173,10 @@ class ErrorState:
         ctypes.memset(self.host_ptr, 0, ctypes.sizeof(ErrorRecord))
 
     def free(self) -> None:
-        from . import _cuda
+        from epcomm.runtime import driver
         if self.host_ptr:
             try:
-                _cuda.host_free(self.host_ptr)
+                driver.host_free(self.host_ptr)
             finally:
                 self.host_ptr = self.dev_ptr = 0
 
