@@ -1,11 +1,11 @@
 """Functions that need no Buffer."""
 from __future__ import annotations
 
-from epcomm.runtime import driver
 from epcomm import interop
+from epcomm.kernels import layout as K_layout
+from epcomm.runtime import driver, streams
 from epcomm.runtime.errstate import default_state
 from epcomm.validate import check_topk_indices
-from epcomm.kernels import layout as K_layout
 
 
 def get_dispatch_layout(topk_idx, num_experts: int, num_ranks: int, *, num_ranks_per_node: int = 8,
@@ -37,8 +37,8 @@ def get_dispatch_layout(topk_idx, num_experts: int, num_ranks: int, *, num_ranks
     num_ranks_per_node = int(num_ranks_per_node)
     fw, dev = tr.framework, tr.device_id
     with driver.on_device(dev):
-        s = interop.current_stream(fw, dev) if stream is None else int(stream)
-        widen_s = interop.current_stream("torch" if fw == "torch" else "cupy", dev) if tr.widened else s
+        s = streams.current_stream(fw, dev) if stream is None else int(stream)
+        widen_s = streams.current_stream("torch" if fw == "torch" else "cupy", dev) if tr.widened else s
         if widen_s != s:
             # An int32 top-k was widened on the current stream: the kernel on `stream` follows
             # that copy (and the copy is kept until the kernel is done, below).
@@ -49,40 +49,31 @@ def get_dispatch_layout(topk_idx, num_experts: int, num_ranks: int, *, num_ranks
         err = default_state(dev)
         err.check("get_dispatch_layout")
         check_topk_indices(tr.obj, fw, num_experts, capturing=driver.stream_is_capturing(s))
-        N = tr.shape[0]
-        with _on_stream(fw, dev, s, stream is not None):
-            mk = lambda shape, dt: interop.empty(fw, shape, dt, "cuda", dev)  # noqa: E731
-            rank_o = mk((num_ranks,), "int32")
-            rdma_o = mk((num_nodes,), "int32") if num_nodes else None
-            exp_o = mk((num_experts,), "int32")
-            in_o = mk((N, num_ranks), "bool")
-        if stream is not None and fw == "torch" and s != interop.current_stream(fw, dev):
-            # Written on `s`, read on the caller's stream: torch's allocator must wait for both
-            # before reusing one (a caller may drop an unused output at once).
-            import torch
-            es = torch.cuda.ExternalStream(s, device=dev)
-            for o in (rank_o, rdma_o, exp_o, in_o):
-                if o is not None:
-                    interop.record_stream(o[0], es)
+        outs = _allocate(fw, dev, s, stream is not None, tr.shape[0], num_ranks, num_nodes, num_experts)
+        rank_o, rdma_o, exp_o, in_o = outs
         K_layout.launch_layout(s, dev, tr, num_experts, num_ranks, num_nodes, num_ranks_per_node, rank_o[1],
                                rdma_o[1] if rdma_o else None, exp_o[1], in_o[1], err.dev_ptr)
         if widen_s != s:
             # The widened copy (allocated on the current stream) is read on `s`.
             if fw == "torch":
-                import torch
-                interop.record_stream(tr.keepalive, torch.cuda.ExternalStream(s, device=dev))
+                interop.record_on_stream([tr.keepalive], s, dev)
             else:
                 driver.stream_sync(s)  # CuPy's pool has no record_stream: the copy may go once `s` is done
     fin = lambda o: None if o is None else interop.finish(fw, o[0], s)  # noqa: E731
     return fin(rank_o), fin(rdma_o), fin(exp_o), fin(in_o)
 
 
-def _on_stream(fw: str, dev: int, s: int, explicit: bool):
-    """CuPy, with an explicit stream: a context in which CuPy allocates on raw stream ``s``,
-    which writes the outputs (CuPy has no record_stream; the caller's consumers must then be
-    done before ``s`` allocates again).  Otherwise a no-op (torch: record_stream, see above)."""
-    import contextlib
-    if not explicit or fw != "cupy":
-        return contextlib.nullcontext()
-    import cupy
-    return cupy.cuda.ExternalStream(s, device_id=dev)
+def _allocate(fw: str, dev: int, s: int, explicit: bool, N: int, num_ranks: int, num_nodes: int,
+              num_experts: int) -> list:
+    """The four outputs ((obj, ref) pairs; the per-node one None without nodes).  With an explicit
+    ``stream``: CuPy allocates them on it (CuPy has no record_stream: the caller's consumers must
+    then be done before ``s`` allocates again); torch records them on it, since they are written
+    on ``s`` and read on the caller's stream, and torch's allocator must wait for both before
+    reusing one (a caller may drop an unused output at once)."""
+    with interop.allocating_on(fw if explicit and fw == "cupy" else "none", s, dev):
+        mk = lambda shape, dt: interop.empty(fw, shape, dt, "cuda", dev)  # noqa: E731
+        outs = [mk((num_ranks,), "int32"), mk((num_nodes,), "int32") if num_nodes else None,
+                mk((num_experts,), "int32"), mk((N, num_ranks), "bool")]
+    if explicit and fw == "torch" and s != streams.current_stream(fw, dev):
+        interop.record_on_stream([o[0] for o in outs if o is not None], s, dev)
+    return outs

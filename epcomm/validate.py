@@ -37,6 +37,34 @@ def check_bool(name: str, v) -> bool:
     raise TypeError(f"{name} must be a bool, got {type(v).__name__} {v!r}")
 
 
+def check_experts_divisible(num_experts: int, num_ranks: int, ranks_name: str | None = None) -> int:
+    """Experts per rank; ValueError unless ``num_experts`` is a multiple of ``num_ranks`` (expert e
+    lives on rank e // (E / R)).  ``ranks_name``: how the message names the rank count (an
+    argument name), else "the number of ranks"."""
+    if num_experts % num_ranks:
+        of = f"{ranks_name}={num_ranks}" if ranks_name else f"the number of ranks {num_ranks}"
+        raise ValueError(f"num_experts={num_experts} must be a multiple of {of}")
+    return num_experts // num_ranks
+
+
+# Why the normal mode's hidden sizes are multiples of these: BF16 rows move in 16-byte pieces, and
+# FP8 rows carry one scale per 128 channels.
+_HIDDEN_WHY = {8: "16-byte rows", 128: "one scale per 128 channels"}
+
+
+def check_hidden_multiple(label: str, hidden: int, multiple: int) -> None:
+    """ValueError ``"{label} must be a multiple of {multiple} (why)"`` unless it is one."""
+    if hidden % multiple:
+        raise ValueError(f"{label} must be a multiple of {multiple} ({_HIDDEN_WHY[multiple]})")
+
+
+def check_hidden(name: str, v, multiple: int = 8) -> int:
+    """A hidden size argument: an int, positive and a multiple of ``multiple`` (8 or 128)."""
+    v = check_int(name, v, lo=multiple)
+    check_hidden_multiple(f"{name}={v}", v, multiple)
+    return v
+
+
 def check_event(previous_event) -> None:
     """``previous_event`` must be None or an EventOverlap (what async calls return)."""
     from epcomm.runtime.event import EventOverlap

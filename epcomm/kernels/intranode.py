@@ -2,16 +2,17 @@
 
 Template arguments (:class:`IntranodeDispatchSpec`, :class:`IntranodeCombineSpec`): rank count,
 hidden size and payload dtype, so the row copies have compile-time trip counts.  Runtime
-parameters: :class:`IntraParams`, the mirror of ``epcomm::IntraParams``.  The orchestration
-(buffers, streams, the CPU synchronisation of the non-graph path) lives in
-:mod:`epcomm.buffer`, which also launches the kernels; this module only describes them (specs,
-parameter mirrors, layout sizes).
+parameters: :class:`IntraParams`, the mirror of ``epcomm::IntraParams``.  This module describes
+the kernels (specs, parameter mirrors, layout sizes) and launches them (``launch_*``); the
+orchestration (buffers, streams, the CPU synchronisation of the non-graph path) lives in
+:mod:`epcomm.normal`.
 """
 from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass
 
+from epcomm.jit.launch import launch
 from epcomm.jit.spec import KernelDef, KernelSpec, ParamsStruct
 
 MAX_RANKS = 72          # kIntraMaxRanks: one NVLink domain
@@ -234,3 +235,34 @@ def nvl_buffer_size_hint(hidden: int, num_ranks: int, num_max_tokens_per_rank: i
     row = max_row_bytes(hidden, num_topk)
     region = _align(num_max_tokens_per_rank * row, 4096)
     return BufferLayout.header_bytes(num_ranks) + num_ranks * region
+
+
+# ---- launchers (``mod``: the loaded module of an IntranodeDispatchSpec / IntranodeCombineSpec) ----
+def launch_notify(mod, stream: int, p: IntraParams, num_ranks: int, cached: bool) -> None:
+    """The count exchange: one block per peer plus the scan block, co-resident (cooperative);
+    a cached dispatch only resets its tags (one block)."""
+    launch(mod.fn("notify"), 1 if cached else num_ranks + 1, NOTIFY_THREADS, stream, p, cooperative=not cached)
+
+
+def launch_send(mod, stream: int, p: IntraParams, blocks: int) -> None:
+    launch(mod.fn("send"), blocks, THREADS, stream, p)
+
+
+def launch_recv(mod, stream: int, p: IntraParams, blocks: int) -> None:
+    launch(mod.fn("recv"), blocks, THREADS, stream, p)
+
+
+def launch_combine(mod, stream: int, p: IntraParams, blocks: int) -> None:
+    """Sending and receiving blocks of one cooperative grid (``p.num_send_blocks`` send)."""
+    launch(mod.fn("combine"), blocks, THREADS, stream, p, cooperative=True)
+
+
+def launch_compact_scales(mod, stream: int, src: int, dst: int, src_ld: int, rows: int, groups: int,
+                          num_sms: int) -> None:
+    """Copy the first ``rows`` columns of float32 [groups, src_ld] at ``src`` into [groups, rows] at
+    ``dst`` (nothing for 0 rows)."""
+    if not rows:
+        return
+    cp = CompactScalesParams(src, dst, src_ld, rows, groups, 0)
+    grid = min(-(-(groups * rows) // COMPACT_THREADS), 4 * num_sms)
+    launch(mod.fn("compact_scales"), grid, COMPACT_THREADS, stream, cp)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from epcomm.runtime import driver
 from epcomm import interop
-from epcomm.validate import check_int
+from epcomm.validate import check_experts_divisible, check_int
 from epcomm.jit import loader
 from epcomm.jit.launch import launch
 from epcomm.jit.spec import KernelDef, KernelSpec, ParamsStruct
@@ -64,8 +64,7 @@ def check_layout_args(num_tokens: int, num_experts: int, num_ranks: int, num_ran
     num_experts = check_int("num_experts", num_experts, lo=1)
     num_ranks = check_int("num_ranks", num_ranks, lo=1)
     num_ranks_per_node = check_int("num_ranks_per_node", num_ranks_per_node, lo=1)
-    if num_experts % num_ranks:
-        raise ValueError(f"num_experts={num_experts} must be a multiple of num_ranks={num_ranks}")
+    check_experts_divisible(num_experts, num_ranks, "num_ranks")
     nodes = 0
     if num_ranks > num_ranks_per_node:
         if num_ranks % num_ranks_per_node:

@@ -12,7 +12,9 @@ import ctypes
 import functools
 from dataclasses import dataclass
 
+from epcomm.jit.launch import launch, launch_prepared
 from epcomm.jit.spec import KernelDef, KernelSpec, ParamsStruct
+from epcomm.validate import check_experts_divisible, check_int
 
 MAX_RANKS = 64
 MAX_TOPK = 32
@@ -198,15 +200,13 @@ def check_shape(T, H, E, R) -> tuple[int, int, int, int]:
     1 <= T < 2**20 tokens per rank, hidden H a multiple of 128 below 2**17, 1 <= R <= 64 ranks,
     E a multiple of R below 2**15.  Returns (T, H, E, R) as ints; raises TypeError/ValueError
     naming the argument."""
-    from epcomm.validate import check_int
     T = check_int("num_max_dispatch_tokens_per_rank", T, lo=1, hi=(1 << 20) - 1)
     H = check_int("hidden", H, lo=128, hi=128 * 1023)
     if H % 128:
         raise ValueError(f"hidden={H} must be a multiple of 128 for the low-latency kernels")
     R = check_int("num_ranks", R, lo=1, hi=MAX_RANKS)
     E = check_int("num_experts", E, lo=1, hi=32767)
-    if E % R:
-        raise ValueError(f"num_experts={E} must be a multiple of the number of ranks {R}")
+    check_experts_divisible(E, R)
     return T, H, E, R
 
 
@@ -215,3 +215,19 @@ def rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks
     Raises TypeError/ValueError for a shape the kernels cannot run (:func:`check_shape`)."""
     T, H, E, R = check_shape(num_max_dispatch_tokens_per_rank, hidden, num_experts, num_ranks)
     return HeapLayout.make(T, H, E, R).total
+
+
+# ---- launchers (``mod``: the loaded module of a LowLatencySpec; ``name``: one of its kernels) ----
+def launch_half(mod, name: str, blocks: int, stream: int, p: LLParams, smem: int) -> None:
+    """One half of a call split by a receive hook (``*_send`` or ``*_recv``)."""
+    launch(mod.fn(name), blocks, THREADS, stream, p, smem=smem)
+
+
+def launch_both(fn, grid: int, stream: int, p: LLParams, smem: int) -> None:
+    """The send and receive of one call in one cooperative grid (``fn``: ``*_both``)."""
+    launch(fn, grid, THREADS, stream, p, smem=smem, cooperative=True)
+
+
+def launch_plan(fn, grid: int, stream: int, args, smem: int) -> None:
+    """:func:`launch_both` with a prepared argument array (the fast paths)."""
+    launch_prepared(fn, grid, THREADS, stream, args, smem, True)

@@ -1,0 +1,215 @@
+"""Low-latency dispatch: one message per (token, destination rank), expanded by the receiver into
+the expert-major packed layout [E/R, R*T, H]."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from epcomm.errors import BufferStateError
+from epcomm.jit import loader
+from epcomm.kernels import low_latency as K
+from epcomm.low_latency.handle import LowLatencyHandle, _Plan, _Results, _check_hook_framework
+from epcomm.low_latency.hooks import receive_hook
+from epcomm.runtime import driver
+from epcomm.runtime.event import EventOverlap
+from epcomm.validate import check_bool, check_event, check_experts_divisible, check_int, check_topk_indices
+
+DEFAULT_SMEM = 48 * 1024  # dynamic shared memory a kernel may use without opting in
+
+
+@dataclass
+class _DispatchArgs:
+    fw: str
+    xr: object
+    tr: object
+    stats: object
+    N: int
+    H: int
+    T: int
+    E: int
+    Kt: int
+    use_fp8: bool
+    round_scale: bool
+    use_ue8m0: bool
+    async_finish: bool
+    return_recv_hook: bool
+
+
+class DispatchOps:
+    """The dispatch of :class:`epcomm.low_latency.state.LowLatencyState`."""
+
+    def dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank: int, num_experts: int, *,
+                 cumulative_local_expert_recv_stats=None, use_fp8: bool = True, round_scale: bool = False,
+                 use_ue8m0: bool = False, async_finish: bool = False, return_recv_hook: bool = False,
+                 previous_event: EventOverlap | None = None):
+        """Low-latency dispatch: one message per (token, destination rank), expanded by the
+        receiver into the expert-major packed layout.
+
+        Args:
+            x: bf16 [N, H] with N <= ``num_max_dispatch_tokens_per_rank`` (T), H % 128 == 0.
+            topk_idx: int64 (or int32) [N, K], K <= 32, -1 = none.
+            num_experts: E, a multiple of the rank count.
+            cumulative_local_expert_recv_stats: optional int32 [E/R]; received rows are added.
+            use_fp8: cast to e4m3 with one float32 scale per token and 128 channels
+               (scale = max(amax, 1e-4) / 448); ``round_scale``: scales rounded up to powers of
+               two; ``use_ue8m0``: scales packed as exponent bytes, 4 per int32 (needs round_scale).
+            return_recv_hook: only issue the sends and return; ``hook()`` launches the receive.
+               Nothing occupies the GPU in between.
+
+        Returns ``(recv_x, recv_count, handle, event, hook)``.  ``recv_x`` is bf16 [E/R, R*T, H]
+        or, with FP8, ``(e4m3 [E/R, R*T, H], scales)`` with scales float32 [E/R, R*T, H/128]
+        (or int32 [E/R, R*T, ceil(H/512)] with UE8M0) stored column-major in the last two dims.
+        Rows of local expert j: ``[0, recv_count[j])``, ordered by source rank then source token.
+        The results are views of this buffer's double-buffered storage: valid until the second
+        next dispatch.  Each (slot, framework, shape, dtype) keeps its storage for the buffer's
+        life, so graphs captured with different shapes stay replayable.  ``hook`` is None unless
+        ``return_recv_hook``.  CUDA-graph capturable.
+        """
+        if (self._torch is not None and cumulative_local_expert_recv_stats is None and not async_finish
+                and not return_recv_hook and previous_event is None):
+            r = self._fast_dispatch(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use_fp8,
+                                    round_scale, use_ue8m0)
+            if r is not None:
+                return r
+        check_event(previous_event)
+        a = self._dispatch_args(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
+                                cumulative_local_expert_recv_stats, use_fp8, round_scale, use_ue8m0, async_finish,
+                                return_recv_hook, previous_event)
+        R, L = self.num_ranks, a.E // self.num_ranks
+        shape = K.shape_word(a.T, a.H, a.E, a.Kt, a.use_fp8, a.round_scale, a.use_ue8m0, self.force_put,
+                             self.partials)
+        lay = self.layout(a.T, a.H, a.E)
+        slot = self._disp_slot
+        if self._disp_pending[slot]:
+            raise BufferStateError(
+                "low_latency_dispatch: the receive hook of the dispatch two calls ago (same buffer slot) "
+                "was never called; call it before issuing another dispatch")
+        mod = loader.load(K.LowLatencySpec(a.H, a.use_fp8), self.device_id)
+        smem = K.dispatch_smem_bytes(R, a.T)
+        with driver.on_device(self.device_id):
+            if smem > DEFAULT_SMEM:  # may raise: before anything below changes state
+                self._allow_smem(mod, ("dispatch_send", "dispatch_recv", "dispatch_both"), smem)
+            caller, stream, capturing = self._stream_for(a.fw, a.async_finish, previous_event,
+                                                         caller_work=a.tr.widened)
+            # With the check on, the combine compares its top-k with this one: the host copy the
+            # check read (callers may change theirs in place, e.g. to mask an expert, which
+            # this combine cannot do).
+            topk_copy = check_topk_indices(a.tr.obj, a.fw, a.E, capturing=capturing, unique=True,
+                                           previous_event=previous_event)
+            res = self._slot_results(a, slot)
+            p = self._dispatch_params(a, lay, slot, res, stream, capturing, shape)
+            send_blocks = max(1, min(self.num_sms, a.N))
+            recv_blocks = max(1, min(self.num_sms, L))
+            fn = grid = None
+            if a.return_recv_hook:
+                K.launch_half(mod, "dispatch_send", send_blocks, stream, p, smem)
+                self._disp_pending[slot] = True
+            else:
+                fn = mod.fn("dispatch_both")
+                grid = min(max(send_blocks, recv_blocks), self._coop_blocks(fn, smem))
+                K.launch_both(fn, grid, stream, p, smem)
+            if p.check_shape:
+                self._shapes_checked.add((slot, shape))
+            self._disp_slot ^= 1
+            self._disp_gen[slot] += 1
+            gen = self._disp_gen[slot]
+            ev = self._event(a.fw, caller, stream, a.async_finish, (a.xr, a.tr, a.stats))
+        vx, vscales, vcount, vsrc, vrange = res.views(stream)
+        handle = LowLatencyHandle(slot, gen, a.fw, a.T, a.H, a.E, a.Kt, a.N, vsrc, vrange,
+                                  refs={"count": res.count[1], "range": res.layout_range[1],
+                                        "src_info": res.src_info[1], "src_k": res.src_k[1],
+                                        "tok_rows": res.tok_rows[1], "tok_meta": res.tok_meta[1], "keep": res,
+                                        "topk": topk_copy})
+        hook = None
+        if a.return_recv_hook:
+            # The receive adds into cumulative_local_expert_recv_stats: kept alive until then.
+            hook = receive_hook(self, "dispatch", slot, mod, "dispatch_recv", recv_blocks, stream, p, smem, a.fw,
+                                keep=(a.stats,))
+        recv_x = (vx, vscales) if a.use_fp8 else vx
+        # Not while the results are still to be zeroed (a capture's memset runs only at replay):
+        # the fast path skips that.
+        if (a.fw == "torch" and a.stats is None and not a.async_finish and not a.return_recv_hook
+                and previous_event is None and a.tr.dtype == "int64" and a.tr.obj is topk_idx and not res.fresh):
+            self._enable_fast_paths()
+            p.check_shape = 0  # launched already; the plan's later launches need no check
+            self._plans[("d", a.N, a.H, a.Kt, a.T, a.E, a.use_fp8, a.round_scale, a.use_ue8m0, slot)] = _Plan(
+                p, fn, grid, smem, out=(recv_x, vcount, vsrc, vrange, handle.refs))
+        return recv_x, vcount, handle, ev, hook
+
+    def _dispatch_args(self, x, topk_idx, T, E, stats, use_fp8, round_scale, use_ue8m0, async_finish,
+                       return_recv_hook, previous_event) -> _DispatchArgs:
+        """Every argument of a dispatch checked (TypeError / ValueError naming it)."""
+        ctx = self.ctx
+        use_fp8, round_scale, use_ue8m0 = (check_bool("use_fp8", use_fp8), check_bool("round_scale", round_scale),
+                                           check_bool("use_ue8m0", use_ue8m0))
+        async_finish = check_bool("async_finish", async_finish)
+        return_recv_hook = check_bool("return_recv_hook", return_recv_hook)
+        xr = ctx.tensor(x, "x", dtype="bfloat16", ndim=2)
+        N, H = xr.shape
+        fw = xr.framework
+        _check_hook_framework(return_recv_hook, fw)
+        T = check_int("num_max_dispatch_tokens_per_rank", T, lo=1)
+        if N > T:
+            raise ValueError(f"x: {N} tokens exceed num_max_dispatch_tokens_per_rank={T}")
+        if H % 128 or H == 0:
+            raise ValueError(f"x: hidden size {H} must be a positive multiple of 128 for the low-latency kernels")
+        E = check_int("num_experts", E, lo=1)
+        L = check_experts_divisible(E, self.num_ranks)
+        if E > 32767:
+            raise ValueError(f"num_experts={E}: at most 32767 (expert ids travel as int16)")
+        tr = ctx.tensor(topk_idx, "topk_idx", dtype="index", ndim=2, shape=(N, None), framework=fw,
+                        previous_event=previous_event)
+        Kt = tr.shape[1]
+        if not 1 <= Kt <= K.MAX_TOPK:
+            raise ValueError(f"topk_idx: top-k {Kt} must be in [1, {K.MAX_TOPK}]")
+        if use_ue8m0 and not round_scale:
+            raise ValueError("use_ue8m0=True needs round_scale=True (UE8M0 stores powers of two only)")
+        if async_finish and return_recv_hook:
+            raise ValueError("async_finish and return_recv_hook cannot both be set: with the hook, the receive "
+                             "runs when hook() is called, on the stream of the send")
+        if (round_scale or use_ue8m0) and not use_fp8:
+            raise ValueError("round_scale/use_ue8m0 apply to FP8 dispatch only (use_fp8=True)")
+        stats = ctx.tensor(stats, "cumulative_local_expert_recv_stats", dtype="int32", ndim=1, shape=(L,),
+                           allow_none=True, framework=fw, writable=True)
+        return _DispatchArgs(fw, xr, tr, stats, N, H, T, E, Kt, use_fp8, round_scale, use_ue8m0, async_finish,
+                             return_recv_hook)
+
+    def _slot_results(self, a: _DispatchArgs, slot: int) -> _Results:
+        """The results this dispatch writes into: the slot's, for this framework and shape."""
+        res = self._results[slot]
+        key = (a.fw, a.T, a.H, a.E, a.use_fp8, a.use_ue8m0)
+        if a.fw == "jax":
+            # JAX arrays are immutable once handed out: every dispatch gets new storage.
+            res = self._results[slot] = _Results(self, *key)
+        elif res is None or res.key != key:
+            # The results of every shape stay with the buffer: a CUDA graph captured with
+            # another shape writes into them at every replay, and its prepared plans stay
+            # valid.  Memory: one set per (slot, framework, shape, dtype) ever used.
+            res = self._kept.get((slot, key))
+            if res is None:
+                res = self._kept[(slot, key)] = _Results(self, *key)
+            self._results[slot] = res
+        return res
+
+    def _dispatch_params(self, a: _DispatchArgs, lay, slot: int, res: _Results, stream: int, capturing: bool,
+                         shape: int):
+        R = self.num_ranks
+        p = self._params(lay, slot)
+        p.x, p.topk_idx = a.xr.ptr, a.tr.ptr
+        p.recv_x = res.x[1].ptr
+        p.recv_scales = res.scales[1].ptr if res.scales is not None else 0
+        p.recv_count, p.recv_src_info = res.count[1].ptr, res.src_info[1].ptr
+        p.recv_layout_range, p.recv_src_k = res.layout_range[1].ptr, res.src_k[1].ptr
+        p.recv_tok_rows, p.recv_tok_meta = res.tok_rows[1].ptr, res.tok_meta[1].ptr
+        if res.fresh:
+            # Zeroed on the kernel's stream before its first dispatch; under capture the
+            # memset is only in the graph, so the next eager dispatch zeroes again.
+            driver.memset_d8_async(res.tok_meta[1].ptr, 0, R * a.T * 8, stream)
+            res.fresh = capturing
+        p.cumulative_stats = a.stats.ptr if a.stats is not None else 0
+        p.num_tokens, p.num_topk, p.num_experts, p.max_tokens = a.N, a.Kt, a.E, a.T
+        p.round_scale, p.use_ue8m0 = int(a.round_scale), int(a.use_ue8m0)
+        # Ranks must agree on the shape: the receive compares every source's word with ours
+        # on the first dispatch of each shape in each slot (outside graph capture).
+        p.shape_word = shape
+        p.check_shape = int(not capturing and (slot, shape) not in self._shapes_checked)
+        return p

@@ -1,0 +1,106 @@
+"""Normal-mode combine: the inverse route of a dispatch; every token gets the unweighted fp32 sum
+of the rows that came from it (ascending rank order, then the biases), written as bf16."""
+from __future__ import annotations
+
+from epcomm import interop
+from epcomm.errors import BufferStateError
+from epcomm.jit import loader
+from epcomm.kernels import intranode as K_intra
+from epcomm.normal.handle import check_handle
+from epcomm.runtime import driver
+from epcomm.validate import check_event
+
+
+def _ptr(ref) -> int:
+    return 0 if ref is None else ref.ptr
+
+
+def _check_weights(ctx, topk_weights, handle, fw: str):
+    """topk_weights: None or float32 [rows, handle.num_topk]."""
+    wr = ctx.tensor(topk_weights, "topk_weights", dtype="float32", ndim=2, shape=(handle.out_rows, None),
+                    allow_none=True, framework=fw)
+    # The combine row carries K weights; the dispatch checked the buffer's capacity (and every
+    # rank agreed) for its own K only, so any other width could overrun a peer's staging region.
+    if wr is not None and wr.shape[1] != handle.num_topk:
+        Kt = wr.shape[1]
+        if handle.num_topk == 0:
+            raise ValueError(f"topk_weights: has {Kt} columns but the dispatch had no top-k "
+                             f"(handle.num_topk=0): pass None")
+        raise ValueError(f"topk_weights: has {Kt} columns but the dispatch's top-k width is "
+                         f"handle.num_topk={handle.num_topk}; pass [rows, {handle.num_topk}]")
+    return wr
+
+
+def _check_biases(ctx, bias, N: int, H: int, fw: str) -> list:
+    """bias: None, one bf16 [N, H] array or a pair (either may be None)."""
+    biases = []
+    if bias is None:
+        return biases
+    blist = list(bias) if isinstance(bias, (tuple, list)) else [bias]
+    if len(blist) > 2:
+        raise ValueError(f"bias: at most two tensors, got {len(blist)}")
+    for i, b in enumerate(blist):
+        if b is not None:  # DeepEP's pair may hold None in either place
+            biases.append(ctx.tensor(b, f"bias[{i}]", dtype="bfloat16", ndim=2, shape=(N, H), framework=fw))
+    return biases
+
+
+def _check_capacity(ctx, st, handle, Kt: int) -> int:
+    """The call's chunk rows; ValueError where the handle's counts exceed the buffer."""
+    lay, H, R = st.layout, handle.hidden, ctx.num_ranks
+    cap = lay.capacity_rows(K_intra.combine_row_bytes(H, Kt))
+    # Rows sent to one source rank <= that rank's dispatched tokens, which its dispatch checked
+    # against capacity_rows(max_row_bytes(H, K)) of the same layout (equal on every rank), and
+    # max_row_bytes >= combine_row_bytes: this holds in the num_worst_tokens mode too, where the
+    # counts are unknown here.  The check below repeats it where they are known.
+    if handle.recv_counts is not None and max(handle.recv_counts, default=0) > cap:
+        raise ValueError(f"Buffer too small for this combine: {max(handle.recv_counts)} rows from one rank, "
+                         f"capacity {cap}; need num_nvl_bytes >= "
+                         f"{K_intra.nvl_buffer_size_hint(H, R, max(handle.recv_counts), Kt)}")
+    return -(-lay.capacity_rows(K_intra.max_row_bytes(H, Kt)) // K_intra.MAX_CHUNKS)
+
+
+def combine(ctx, st, default_config, x, handle, topk_weights=None, bias=None, config=None, previous_event=None,
+            async_finish: bool = False, allocate_on_comm_stream: bool = False):
+    """See :meth:`epcomm.Buffer.combine` (``ctx``: the Buffer's CommContext, ``st``: its
+    NvlinkState or None, ``default_config``: its combine Config)."""
+    ctx.check_usable("combine", collective=True)  # first: destroy() also drops the NVLink state
+    if st is None:
+        raise BufferStateError("combine needs a Buffer created with num_nvl_bytes > 0")
+    check_event(previous_event)
+    check_handle(handle, ctx.serial)
+    H, N = handle.hidden, handle.num_tokens
+    xr = ctx.tensor(x, "x", dtype="bfloat16", ndim=2, shape=(handle.out_rows, H))
+    fw = xr.framework
+    wr = _check_weights(ctx, topk_weights, handle, fw)
+    Kt = wr.shape[1] if wr is not None else 0
+    biases = _check_biases(ctx, bias, N, H, fw)
+    cfg = ctx.call_config(config, default_config, "combine")
+    S, Rv = cfg.split()
+    chunk_rows = max(cfg.chunk_rows, _check_capacity(ctx, st, handle, Kt))
+    spec = K_intra.IntranodeCombineSpec(ctx.num_ranks, H)
+    ctx.alloc_on_comm = bool(allocate_on_comm_stream)
+    with driver.on_device(ctx.device_id):
+        mod = loader.load(spec, ctx.device_id)
+        caller, cap = ctx.begin(fw, previous_event)
+        out = ctx.empty(fw, (N, H), "bfloat16")
+        outw = ctx.empty(fw, (N, Kt), "float32") if wr is not None else None
+        p = st.params(ctx.timeout_s)
+        refs = handle.refs
+        p.x = xr.ptr
+        p.topk_weights = _ptr(wr)
+        p.send_pos, p.rank_prefix = refs["send_pos"].ptr, refs["rank_prefix"].ptr
+        p.out = out[1].ptr
+        p.out_weights = outw[1].ptr if outw else 0
+        p.bias0 = biases[0].ptr if len(biases) > 0 else 0
+        p.bias1 = biases[1].ptr if len(biases) > 1 else 0
+        p.num_tokens, p.num_topk, p.num_experts = N, Kt, handle.num_experts
+        p.chunk_rows, p.row_bytes = chunk_rows, K_intra.combine_row_bytes(H, Kt)
+        p.num_send_blocks = S
+        K_intra.launch_combine(mod, ctx.stream, p, S + Rv)
+        outs = [out[0]] + ([outw[0]] if outw else [])
+        ev = ctx.finish(fw, caller, async_finish, outs,
+                        [xr.obj, wr.obj if wr else None, handle.send_pos, handle.rank_prefix]
+                        + [b.obj for b in biases], cap)
+    return (interop.finish(fw, out[0], ctx.stream),
+            (interop.finish(fw, outw[0], ctx.stream) if outw else None), ev)

@@ -1,0 +1,44 @@
+"""The routing counts of one rank's tokens on the comm stream (``Buffer.get_dispatch_layout``,
+and the layout a dispatch computes when the caller gave none)."""
+from __future__ import annotations
+
+from epcomm import interop
+from epcomm.kernels import layout as K_layout
+from epcomm.runtime import driver
+from epcomm.runtime.event import EventOverlap
+from epcomm.validate import check_event, check_int, check_topk_indices
+
+
+def get_dispatch_layout(ctx, topk_idx, num_experts: int, previous_event: EventOverlap | None = None,
+                        async_finish: bool = False, allocate_on_comm_stream: bool = False):
+    """See :meth:`epcomm.Buffer.get_dispatch_layout` (``ctx``: the Buffer's CommContext)."""
+    ctx.check_usable("get_dispatch_layout")
+    check_event(previous_event)
+    tr = ctx.tensor(topk_idx, "topk_idx", dtype="index", ndim=2, previous_event=previous_event)
+    num_experts = check_int("num_experts", num_experts, lo=1)
+    # One NVLink domain: ranks_per_node = R, so no per-node counts (num_nodes = 0), as in dispatch.
+    num_nodes = K_layout.check_layout_args(tr.shape[0], num_experts, ctx.num_ranks, ctx.num_ranks)
+    ctx.alloc_on_comm = bool(allocate_on_comm_stream)
+    fw = tr.framework
+    with driver.on_device(ctx.device_id):
+        caller, cap = ctx.begin(fw, previous_event, caller_work=tr.widened)
+        check_topk_indices(tr.obj, fw, num_experts, capturing=bool(cap), previous_event=previous_event)
+        outs = layout_on_comm(ctx, tr, num_experts, num_nodes)
+        ev = ctx.finish(fw, caller, async_finish, [o[0] for o in outs if o], [tr.obj, tr.keepalive], cap)
+    res = [interop.finish(fw, o[0], ctx.stream) if o else None for o in outs]
+    return (*res, ev)
+
+
+def layout_on_comm(ctx, tr, num_experts: int, num_nodes: int) -> list:
+    """Allocate the four layout outputs (interop (obj, ref) pairs; the per-node one None when
+    ``num_nodes`` is 0) and launch the layout kernel on the comm stream."""
+    fw = tr.framework
+    N = tr.shape[0]
+    R = ctx.num_ranks
+    rank_o = ctx.empty(fw, (R,), "int32")
+    rdma_o = ctx.empty(fw, (num_nodes,), "int32") if num_nodes else None
+    exp_o = ctx.empty(fw, (num_experts,), "int32")
+    in_o = ctx.empty(fw, (N, R), "bool")
+    K_layout.launch_layout(ctx.stream, ctx.device_id, tr, num_experts, R, num_nodes, R, rank_o[1],
+                           rdma_o[1] if rdma_o else None, exp_o[1], in_o[1], ctx.err.dev_ptr)
+    return [rank_o, rdma_o, exp_o, in_o]

@@ -1,0 +1,186 @@
+"""The NVLink engine's memory: this rank's buffer, its peers' mappings, the private control
+words, the host-mapped count record, and the speculation history of the receive sizes.
+
+Why CUDA IPC and not NVSHMEM peer pointers: it needs no NVSHMEM runtime (the training path works
+where nvshmem4py is not installed), each Buffer owns memory of exactly its requested size instead
+of sizing a process-wide symmetric heap up front, and the kernels only ever use plain loads and
+stores through peer pointers, which both mechanisms provide.
+"""
+from __future__ import annotations
+
+import ctypes
+import time
+
+import numpy as np
+
+from epcomm import envs
+from epcomm.errors import EpcommTimeoutError
+from epcomm.kernels import intranode as K_intra
+from epcomm.runtime import driver
+
+# Receive sizes remembered per (tokens, experts) for the speculative outputs.
+HISTORY = 4
+
+
+class NvlinkState:
+    """This rank's NVLink buffer, its peers' mappings and the private control words.
+
+    Made collectively (every rank of ``ctx.group``); what was made is freed if a step raises.
+    """
+
+    def __init__(self, ctx, num_nvl_bytes: int):
+        R = ctx.num_ranks
+        self.layout = K_intra.BufferLayout.for_bytes(R, num_nvl_bytes)
+        self.peers: list[int] = [0] * R
+        self.opened: list[int] = []
+        self.base = self.ctrl = self.prof = 0
+        self.host_info = 0
+        self.host_info_dev = 0
+        self.spec_hits = 0       # receives written into outputs allocated before the counts
+        self.spec_misses = 0     # speculative outputs too small: that receive stood down, exact ones relaunched
+        self.orphans: list = []  # speculative outputs of calls interrupted before the counts arrived
+        # Receive rows of the last CPU-synchronised dispatches, per (tokens, experts): the
+        # size of the next call's speculative outputs.
+        self.recv_history: dict = {}
+        self.speculation = float(envs.RECV_SPECULATION.get())
+        self.host_stamps: dict = {}
+        try:
+            self._map_peers(ctx)
+            self.template = self._template(ctx)
+            self._alloc_profile(ctx)
+        except BaseException:
+            with driver.on_device(ctx.device_id):
+                self.free()  # what was made so far: memory, pinned words, peers' mappings
+            raise
+
+    def _map_peers(self, ctx) -> None:
+        lay, R, s = self.layout, ctx.num_ranks, ctx.stream
+        with driver.on_device(ctx.device_id):
+            self.base = driver.mem_alloc(lay.total_bytes)
+            driver.memset_d8_async(self.base, 0, lay.staging_off, s)
+            self.ctrl = driver.mem_alloc(ctypes.sizeof(K_intra.IntraCtrl))
+            driver.memset_d8_async(self.ctrl, 0, ctypes.sizeof(K_intra.IntraCtrl), s)
+            n_info = 2 + R + K_intra.MAX_LOCAL_EXPERTS
+            self.host_info, self.host_info_dev = driver.host_alloc_mapped(4 * n_info)
+            ctypes.memset(self.host_info, 0, 4 * n_info)
+            self.info = np.frombuffer((ctypes.c_int32 * n_info).from_address(self.host_info), dtype=np.int32)
+            driver.stream_sync(s)
+            handles = ctx.group.allgather_bytes(driver.ipc_get_handle(self.base))
+            for r in range(R):
+                if r == ctx.rank:
+                    self.peers[r] = self.base
+                else:
+                    self.peers[r] = driver.ipc_open(handles[r])
+                    self.opened.append(self.peers[r])
+        ctx.group.barrier()
+
+    def _template(self, ctx) -> K_intra.IntraParams:
+        lay = self.layout
+        t = K_intra.IntraParams()
+        for r in range(ctx.num_ranks):
+            t.peers[r] = self.peers[r]
+        t.ctrl = self.ctrl
+        t.err = ctx.err.dev_ptr
+        t.host_info = self.host_info_dev
+        t.ack_off, t.mailbox_tag_off, t.mailbox_off = lay.ack_off, lay.mailbox_tag_off, lay.mailbox_off
+        t.flags_off, t.staging_off, t.region_bytes = lay.flags_off, lay.staging_off, lay.region_bytes
+        t.rank, t.num_ranks = ctx.rank, ctx.num_ranks
+        t.mailbox_ints, t.max_chunks = K_intra.MAILBOX_INTS, K_intra.MAX_CHUNKS
+        return t
+
+    def _alloc_profile(self, ctx) -> None:
+        """EPCOMM_PROFILE: per-block stamps of every kernel, read by :meth:`profile_stamps`."""
+        if not envs.PROFILE.get():
+            return
+        self.prof_bytes = 8 * K_intra.PROF_SLOTS * K_intra.PROF_MAX_BLOCKS * len(K_intra.PROF_KERNELS)
+        with driver.on_device(ctx.device_id):
+            self.prof = driver.mem_alloc(self.prof_bytes)
+            driver.memset_d8_async(self.prof, 0, self.prof_bytes, ctx.stream)
+            driver.stream_sync(ctx.stream)
+        self.template.prof = self.prof
+
+    def params(self, timeout_s: float) -> K_intra.IntraParams:
+        """A fresh copy of the launch parameters' constant part, with the call's deadline."""
+        p = K_intra.IntraParams()
+        ctypes.pointer(p)[0] = self.template
+        p.timeout_ns = int(timeout_s * 1e9)
+        return p
+
+    # ---- the counts of a CPU-synchronised dispatch --------------------------------------------
+    def speculative_rows(self, key) -> int:
+        """Rows of the outputs to allocate before the counts are known: the largest of the last
+        HISTORY receives of this shape plus EPCOMM_RECV_SPECULATION, rounded up to 64 rows; 0
+        (no speculation) for a shape not seen yet or with the knob negative."""
+        hist = self.recv_history.get(key)
+        if not hist or self.speculation < 0:
+            return 0
+        rows = int(max(hist) * (1.0 + self.speculation)) + 1
+        return max(64, -(-rows // 64) * 64)
+
+    def remember_rows(self, key, rows: int) -> None:
+        hist = self.recv_history.setdefault(key, [])
+        hist.append(rows)
+        del hist[:-HISTORY]
+
+    def wait_counts(self, ctx, what: str) -> None:
+        """Spin until the notify kernel published the counts (bounded by the timeout)."""
+        info = self.info
+        if info[0]:
+            return
+        start = time.monotonic()
+        deadline = start + ctx.timeout_s + 2.0
+        spins = 0
+        # Spin hard first: the receive kernel is launched only after this returns, so every
+        # microsecond here is on the GPU's critical path (a 100 us sleep granularity cost about
+        # that much per dispatch).  Back off to short sleeps only after 20 ms.
+        while info[0] == 0:
+            spins += 1
+            if spins & 0xFF == 0:
+                # Only an error that stops the kernels ends this wait: a bad index (skipped by
+                # the kernels) is raised at the next call, after this one completed everywhere.
+                if ctx.err.aborting():
+                    ctx.err.check(what)
+                if time.monotonic() > deadline:
+                    exc = EpcommTimeoutError(
+                        f"rank {ctx.rank}: {what}: the token counts of the peers never arrived within "
+                        f"{ctx.timeout_s:.0f} s (phase notify); a peer did not call {what}, or the GPU is "
+                        f"blocked by earlier work", rank=ctx.rank, phase="notify")
+                    ctx.err.poisoned = exc
+                    raise exc
+                if time.monotonic() - start > 0.02:
+                    time.sleep(0.00002)
+
+    # ---- profiling and teardown --------------------------------------------------------------
+    def profile_stamps(self, ctx) -> dict | None:
+        """Per-block stamps of the last kernels (see Buffer.profile_stamps); None unless profiling."""
+        if not self.prof:
+            return None
+        host = np.zeros(self.prof_bytes // 8, dtype=np.int64)
+        with driver.on_device(ctx.device_id):
+            driver.device_sync()
+            driver.memcpy_dtoh(host.ctypes.data, self.prof, self.prof_bytes)
+            driver.memset_d8_async(self.prof, 0, self.prof_bytes, ctx.stream)
+            driver.stream_sync(ctx.stream)
+        host = host.reshape(len(K_intra.PROF_KERNELS), K_intra.PROF_MAX_BLOCKS, K_intra.PROF_SLOTS)
+        out = {k: host[i] for i, k in enumerate(K_intra.PROF_KERNELS)}
+        out["host"] = dict(self.host_stamps)  # time.time_ns() of the last dispatch's host steps
+        self.host_stamps.clear()
+        return out
+
+    def free(self) -> None:
+        """Unmap the peers and free this rank's memory (errors ignored: teardown goes on)."""
+        for ptr in self.opened:
+            try:
+                driver.ipc_close(ptr)
+            except Exception:
+                pass
+        self.opened = []
+        for attr, free in (("base", driver.mem_free), ("ctrl", driver.mem_free), ("prof", driver.mem_free),
+                           ("host_info", driver.host_free)):
+            ptr = getattr(self, attr, 0)
+            if ptr:
+                try:
+                    free(ptr)
+                except Exception:
+                    pass
+                setattr(self, attr, 0)
