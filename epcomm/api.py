@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 from epcomm import interop
+from epcomm.interop.indices import check_topk_indices
 from epcomm.kernels import layout as K_layout
 from epcomm.runtime import driver, streams
 from epcomm.runtime.errstate import default_state
-from epcomm.validate import check_topk_indices
 
 
 def get_dispatch_layout(topk_idx, num_experts: int, num_ranks: int, *, num_ranks_per_node: int = 8,

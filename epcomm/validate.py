@@ -1,13 +1,14 @@
-"""Argument checks shared by the public API (all raise before any kernel is launched)."""
+"""Argument rules, written once and used by the API, the engines and the reference (each raises
+TypeError / ValueError naming the argument, before any kernel is launched).  Pure functions of
+Python values and NumPy arrays: this module sits below every other epcomm layer."""
 from __future__ import annotations
 
-from epcomm import envs
+import numpy as np
 
 
 def check_int(name: str, v, *, lo: int | None = None, hi: int | None = None) -> int:
     if not isinstance(v, int) or isinstance(v, bool):
         try:
-            import numpy as np
             if isinstance(v, np.integer):
                 v = int(v)
             else:
@@ -26,12 +27,8 @@ def check_bool(name: str, v) -> bool:
     string such as "no" would otherwise count as True)."""
     if isinstance(v, bool):
         return v
-    try:
-        import numpy as np
-        if isinstance(v, np.bool_):
-            return bool(v)
-    except ImportError:
-        pass
+    if isinstance(v, np.bool_):
+        return bool(v)
     if isinstance(v, int) and v in (0, 1):
         return bool(v)
     raise TypeError(f"{name} must be a bool, got {type(v).__name__} {v!r}")
@@ -73,21 +70,6 @@ def check_event(previous_event) -> None:
                         f"got {type(previous_event).__name__}")
 
 
-def to_host(obj, framework: str):
-    """A NumPy copy of an array of any framework (for a device array: one copy and one sync),
-    never a view of the caller's memory (the low-latency combine compares a later call's
-    indices with it)."""
-    import numpy as np
-    if framework == "torch":
-        a = obj.detach().cpu().numpy()
-        return a.copy() if obj.device.type == "cpu" else a
-    if framework == "cupy":
-        return obj.get()
-    if framework == "jax":
-        return np.asarray(obj)  # immutable: a view cannot change
-    return np.array(obj, copy=True)
-
-
 def index_range(a) -> tuple[int, int] | None:
     """(min, max) of a NumPy integer array, None if it is empty."""
     if a.size == 0:
@@ -98,7 +80,6 @@ def index_range(a) -> tuple[int, int] | None:
 def first_repeated_expert(a) -> int | None:
     """Index of the first row of a NumPy [N, K] index array that lists an expert (>= 0) twice,
     or None."""
-    import numpy as np
     if a.size == 0 or a.shape[1] < 2:
         return None
     srt = np.sort(a, axis=1)
@@ -106,29 +87,13 @@ def first_repeated_expert(a) -> int | None:
     return int(np.argmax(dup)) if dup.any() else None
 
 
-def check_topk_indices(obj, framework: str, num_experts: int, name: str = "topk_idx",
-                       capturing: bool = False, unique: bool = False, previous_event=None):
-    """Raise ValueError if an index is outside [-1, num_experts); return the host copy the
-    check read (a NumPy array), or None when the check did not run.
-
-    With ``unique``, also raise if a row lists the same expert twice (the low-latency kernels
-    send a token once per expert and would garble its combine).  Reading the values costs a
-    device synchronisation, so it runs only when EPCOMM_CHECK_INDICES is on (the default) and the
-    stream is not being captured; kernels still check the range on the device and report through
-    the buffer's error record.  ``previous_event`` (an EventOverlap): the host first waits for
-    it, since the indices may be written on a stream that only that event orders (the values
-    are read through the framework's current stream, which does not wait for it).
-    """
-    if capturing or not envs.CHECK_INDICES.get():
-        return None
-    if previous_event is not None:
-        previous_event.synchronize()
-    # One copy to the host (one device sync), then every check there: cheaper than a sync per
-    # reduction, and the indices are small (N x K).
-    a = to_host(obj, framework)
+def check_index_values(a, num_experts: int, name: str = "topk_idx", *, unique: bool = False) -> None:
+    """The rules of expert indices, on a NumPy integer array ``a`` [N, K]: every entry in
+    [-1, num_experts) (ValueError naming the first bad value), and with ``unique`` no row listing
+    an expert (>= 0) twice."""
     r = index_range(a)
     if r is None:
-        return a
+        return
     lo, hi = r
     if lo < -1 or hi >= num_experts:
         bad = lo if lo < -1 else hi
@@ -139,4 +104,3 @@ def check_topk_indices(obj, framework: str, num_experts: int, name: str = "topk_
         if t is not None:
             raise ValueError(f"{name} row {t} lists the same expert twice; each expert may appear once per token "
                              f"(-1 marks unused slots)")
-    return a

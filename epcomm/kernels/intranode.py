@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from epcomm.jit.launch import launch
 from epcomm.jit.spec import KernelDef, KernelSpec, ParamsStruct
+from epcomm.runtime import errstate
 
 MAX_RANKS = 72          # kIntraMaxRanks: one NVLink domain
 THREADS = 512           # kIntraThreads
@@ -34,6 +35,7 @@ MAX_EXPERT_ALIGNMENT = 1 << 20
 # (mailbox_agree_field in intranode.cuh, same order); a difference raises RankMismatchError.
 MAILBOX_AGREE_FIELDS = ("hidden", "fp8", "num_topk", "num_experts", "chunk_rows")
 MAILBOX_INTS = 1 + len(MAILBOX_AGREE_FIELDS) + MAX_LOCAL_EXPERTS
+errstate.register_mailbox_fields(MAILBOX_AGREE_FIELDS)
 PROF_MAX_BLOCKS = 256   # kProfMaxBlocks
 PROF_SLOTS = 4          # kProfSlots: start ns, end ns, SM id, clock cycles
 PROF_KERNELS = ("notify", "send", "recv", "combine")  # ProfKernel order

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from epcomm.jit.launch import launch, launch_prepared
 from epcomm.jit.spec import KernelDef, KernelSpec, ParamsStruct
+from epcomm.runtime import errstate
 from epcomm.validate import check_experts_divisible, check_int
 
 MAX_RANKS = 64
@@ -193,6 +194,10 @@ def unpack_shape_word(w: int) -> dict[str, int]:
         out[name] = v
         shift += bits
     return out
+
+
+# The receive of a dispatch records two shape words when ranks disagree (kPhaseLLDispatchRecv).
+errstate.register_shape_word(31, unpack_shape_word)
 
 
 def check_shape(T, H, E, R) -> tuple[int, int, int, int]:

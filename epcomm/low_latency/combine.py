@@ -5,6 +5,7 @@ import numpy as np
 
 from epcomm import interop
 from epcomm.errors import BufferStateError
+from epcomm.interop.indices import check_topk_indices
 from epcomm.jit import loader
 from epcomm.kernels import low_latency as K
 from epcomm.low_latency.dispatch import DEFAULT_SMEM
@@ -12,7 +13,7 @@ from epcomm.low_latency.handle import LowLatencyHandle, _Plan, _check_hook_frame
 from epcomm.low_latency.hooks import receive_hook
 from epcomm.runtime import driver
 from epcomm.runtime.event import EventOverlap
-from epcomm.validate import check_bool, check_event, check_topk_indices
+from epcomm.validate import check_bool, check_event
 
 
 class CombineOps:

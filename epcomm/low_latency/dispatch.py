@@ -5,13 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from epcomm.errors import BufferStateError
+from epcomm.interop.indices import check_topk_indices
 from epcomm.jit import loader
 from epcomm.kernels import low_latency as K
 from epcomm.low_latency.handle import LowLatencyHandle, _Plan, _Results, _check_hook_framework
 from epcomm.low_latency.hooks import receive_hook
 from epcomm.runtime import driver
 from epcomm.runtime.event import EventOverlap
-from epcomm.validate import check_bool, check_event, check_experts_divisible, check_int, check_topk_indices
+from epcomm.validate import check_bool, check_event, check_experts_divisible, check_int
 
 DEFAULT_SMEM = 48 * 1024  # dynamic shared memory a kernel may use without opting in
 

@@ -12,14 +12,14 @@ from dataclasses import dataclass
 
 from epcomm import interop
 from epcomm.errors import BufferStateError
+from epcomm.interop.indices import check_topk_indices
 from epcomm.jit import loader
 from epcomm.kernels import intranode as K_intra
 from epcomm.kernels import layout as K_layout
 from epcomm.normal.handle import DispatchHandle, check_handle
 from epcomm.normal.layout import layout_on_comm
 from epcomm.runtime import driver
-from epcomm.validate import (check_event, check_experts_divisible, check_hidden_multiple, check_int,
-                             check_topk_indices)
+from epcomm.validate import check_event, check_experts_divisible, check_hidden_multiple, check_int
 
 # Routing arguments a cached dispatch must not be given (the handle holds the route).
 _ROUTE_ARGS = ("topk_idx", "topk_weights", "is_token_in_rank", "num_tokens_per_rank", "num_tokens_per_rdma_rank",

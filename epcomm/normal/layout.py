@@ -3,10 +3,11 @@ and the layout a dispatch computes when the caller gave none)."""
 from __future__ import annotations
 
 from epcomm import interop
+from epcomm.interop.indices import check_topk_indices
 from epcomm.kernels import layout as K_layout
 from epcomm.runtime import driver
 from epcomm.runtime.event import EventOverlap
-from epcomm.validate import check_event, check_int, check_topk_indices
+from epcomm.validate import check_event, check_int
 
 
 def get_dispatch_layout(ctx, topk_idx, num_experts: int, previous_event: EventOverlap | None = None,

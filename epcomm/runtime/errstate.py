@@ -37,6 +37,24 @@ BAD_INDEX_SEEN_BY = {0: "get_dispatch_layout", 1: "get_dispatch_layout", 12: "di
                      43: "low_latency_combine"}
 
 
+# How the kernel families' mismatch records read, registered by the families themselves
+# (epcomm.kernels.*) so that this layer needs no knowledge of them: a phase whose record holds two
+# packed shape words -> the function unpacking one into {field: value}; the intranode mailbox's
+# agreed words, in the order of their channel numbers.
+_SHAPE_WORDS: dict = {}
+_MAILBOX_FIELDS: list = []
+
+
+def register_shape_word(phase: int, unpack) -> None:
+    """Mismatch records of ``phase`` hold shape words that ``unpack(word) -> dict`` decodes."""
+    _SHAPE_WORDS[phase] = unpack
+
+
+def register_mailbox_fields(fields) -> None:
+    """The names of the mailbox words ranks agree on, by channel (a mismatch record's channel)."""
+    _MAILBOX_FIELDS[:] = list(fields)
+
+
 class ErrorRecord(ctypes.Structure):
     _fields_ = [("code", ctypes.c_int), ("rank", ctypes.c_int), ("phase", ctypes.c_int),
                 ("channel", ctypes.c_int), ("peer", ctypes.c_int), ("pad", ctypes.c_int),
@@ -114,9 +132,9 @@ class ErrorState:
             return EpcommError(
                 f"rank {r.rank}{where}: received {r.observed} tokens but the output has only "
                 f"{r.expected} rows (num_worst_tokens too small); rows past it were dropped")
-        if code == ERR_MISMATCH and r.phase == 31:  # kPhaseLLDispatchRecv: shape words
-            from epcomm.kernels.low_latency import unpack_shape_word
-            mine, theirs = unpack_shape_word(r.expected), unpack_shape_word(r.observed)
+        if code == ERR_MISMATCH and r.phase in _SHAPE_WORDS:  # the low-latency receive: shape words
+            unpack = _SHAPE_WORDS[r.phase]
+            mine, theirs = unpack(r.expected), unpack(r.observed)
             diff = [f"{k} is {mine[k]} here and {theirs[k]} there" for k in mine if mine[k] != theirs[k]]
             field = next((k for k in mine if mine[k] != theirs[k]), "")
             return RankMismatchError(
@@ -127,8 +145,8 @@ class ErrorState:
                 f"received rows were not read, and this Buffer is unusable now (create a new one).",
                 rank=r.rank, peer=r.peer, field=field, mine=mine.get(field, 0), theirs=theirs.get(field, 0))
         if code == ERR_MISMATCH:
-            from epcomm.kernels.intranode import MAILBOX_AGREE_FIELDS
-            field = MAILBOX_AGREE_FIELDS[r.channel] if 0 <= r.channel < len(MAILBOX_AGREE_FIELDS) else f"#{r.channel}"
+            fields = _MAILBOX_FIELDS
+            field = fields[r.channel] if 0 <= r.channel < len(fields) else f"#{r.channel}"
             mine, theirs = ctypes.c_int32(r.expected).value, ctypes.c_int32(r.observed).value
             what = {"chunk_rows": "chunk_rows (from Config.chunk_rows and the buffer's capacity)",
                     "fp8": "fp8 (1: x is an FP8 pair)", "num_topk": "num_topk (columns of topk_idx; 0: none)"}

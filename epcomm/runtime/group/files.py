@@ -2,22 +2,11 @@
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 import time
 
 from epcomm.runtime.group.protocol import KeyValueGroup, WaitExpired
-
-
-def _check_int(name: str, v: object) -> int:
-    # the rule of epcomm.validate.check_int (int or NumPy integer, never bool), which sits
-    # above runtime; a NumPy integer can only exist if NumPy is already imported
-    np = sys.modules.get("numpy")
-    if isinstance(v, int) and not isinstance(v, bool):
-        return v
-    if np is not None and isinstance(v, np.integer):
-        return int(v)
-    raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+from epcomm.validate import check_int
 
 
 class FileGroup(KeyValueGroup):
@@ -42,8 +31,8 @@ class FileGroup(KeyValueGroup):
 
     def __init__(self, path: str | os.PathLike, rank: int, size: int,
                  timeout_s: float | None = None):
-        size = _check_int("FileGroup size", size)
-        rank = _check_int("FileGroup rank", rank)
+        size = check_int("FileGroup size", size)
+        rank = check_int("FileGroup rank", rank)
         if size < 1:
             raise ValueError(f"FileGroup: size must be >= 1, got {size}")
         if not 0 <= rank < size:
