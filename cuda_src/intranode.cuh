@@ -92,7 +92,7 @@ struct IntraParams {
 // Profiling (EPCOMM_PROFILE=1): thread 0 of each block records, at
 // prof[((kernel * kProfMaxBlocks) + block) * kProfSlots + i]: i = 0 start, 1 end (globaltimer ns),
 // 2 the SM it ran on, 3 SM clock cycles between start and end (with the ns span: the clock rate;
-// with the SM ids: whether blocks of concurrent kernels shared an SM).  epcomm.buffer reads them.
+// with the SM ids: whether blocks of concurrent kernels shared an SM).  Buffer.profile_stamps reads them.
 constexpr int kProfMaxBlocks = 256;
 constexpr int kProfSlots = 4;
 enum ProfKernel { kProfNotify = 0, kProfSend = 1, kProfRecv = 2, kProfCombine = 3 };
@@ -503,12 +503,12 @@ __global__ void __launch_bounds__(kIntraThreads) intranode_dispatch_send(const _
 // a peer item is what one sending warp published for one chunk (its flag), an own item is
 // kOwnItemRows consecutive own rows.  A warp takes an arrived peer item if one is at the head of
 // a queue, otherwise own rows, otherwise the next peer item of some source, on which it waits.
-// With a fixed assignment (the previous design: whole chunks dealt round-robin to blocks) half
-// of the blocks held all the own rows and the other half all the peer chunks; the chunks the
-// senders finished last (one per sending block, all at about the same time) were then copied by
-// one block each, which left a tail of one chunk's copy time (~45 us for 128 BF16 rows of
-// 7168 channels at ~44 GB/s per SM, 2x H200 profile) after the last arrival.  Now every
-// receiving warp shares that last wave.  Rows have fixed output positions, so which warp copies
+// Why not a fixed assignment (whole chunks dealt round-robin to blocks): half of the blocks
+// would hold all the own rows and the other half all the peer chunks, and the chunks the
+// senders finish last (one per sending block, all at about the same time) would be copied by
+// one block each, a tail of one chunk's copy time (~45 us for 128 BF16 rows of 7168 channels
+// at ~44 GB/s per SM, 2x H200, profile-normal-h200-x2-host-reads.json) after the last arrival.
+// With the queues every receiving warp shares that last wave.  Rows have fixed output positions, so which warp copies
 // a row does not change the result (bitwise deterministic).
 // ---------------------------------------------------------------------------------------------
 constexpr int kOwnItemRows = 8;

@@ -457,7 +457,7 @@ EPCOMM_DEVICE void ll_dispatch_recv(const LLParams& p, u64 tag, u64 deadline) {
   const int RT = R * T;
   const int lane = lane_id(), warp = warp_id();
   const int NG = (T + 31) / 32;  // 32-slot groups per source
-  // Dynamic shared memory (epcomm.low_latency.dispatch_smem_bytes): [R*NG] row counts then
+  // Dynamic shared memory (epcomm.kernels.low_latency.dispatch_smem_bytes): [R*NG] row counts then
   // prefixes, [R*T] packed row list, [R*T] matching k of every slot (-1: none).
   extern __shared__ int s_dyn[];
   int* s_base = s_dyn;

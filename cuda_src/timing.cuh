@@ -1,4 +1,4 @@
-// Benchmark helpers (epcomm.bench's start aligner): GPU waits measured in wall time, and a start
+// Benchmark helpers (epcomm.tools.bench's start aligner): GPU waits measured in wall time, and a start
 // barrier that lets every GPU of a node leave it at the same moment.
 #pragma once
 #include "epcomm_common.cuh"
