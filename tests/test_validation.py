@@ -10,41 +10,18 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from epcomm import envs  # noqa: E402
-from epcomm.validate import check_int, check_topk_indices  # noqa: E402
+from epcomm.interop.indices import check_topk_indices  # noqa: E402
+from epcomm.validate import check_int  # noqa: E402
 from epcomm.buffer import Buffer, DispatchHandle  # noqa: E402
 from epcomm.config import Config  # noqa: E402
 from epcomm.errors import BufferStateError  # noqa: E402
 from epcomm.kernels import intranode as K_intra  # noqa: E402
 from epcomm.kernels.layout import check_layout_args  # noqa: E402
-
-
-class _NoErr:
-    poisoned = None
-    dev_ptr = 0
-
-    def check(self, *a, **k):
-        pass
-
-
-def _fake_buffer(normal=True):
-    b = object.__new__(Buffer)
-    b.rank, b.num_ranks, b.device_id = 0, 2, 0
-    b._destroyed = False
-    b._err = _NoErr()
-    b._ll = None
-    b._dispatch_config = b._combine_config = Config()
-    b._intra = None
-    if normal:
-        class _St:
-            layout = K_intra.BufferLayout.for_bytes(2, 64 << 20)
-            prof = 0  # EPCOMM_PROFILE off
-            host_stamps: dict = {}
-        b._intra = _St()
-    return b
+from fake_runtime import fake_buffer, fake_context  # noqa: E402
 
 
 def test_dispatch_rejects_wrong_dtype_type_and_device():
-    b = _fake_buffer()
+    b = fake_buffer()
     with pytest.raises(TypeError, match="x: expected dtype bfloat16"):
         b.dispatch(torch.zeros(4, 128))
     with pytest.raises(TypeError, match="^x: expected"):
@@ -59,12 +36,12 @@ def test_dispatch_rejects_wrong_dtype_type_and_device():
 
 def test_modes_and_handles_are_checked():
     with pytest.raises(BufferStateError, match="num_nvl_bytes > 0"):
-        _fake_buffer(normal=False).dispatch(torch.zeros(4, 128, dtype=torch.bfloat16))
+        fake_buffer(normal=False).dispatch(torch.zeros(4, 128, dtype=torch.bfloat16))
     with pytest.raises(BufferStateError, match="low_latency_mode=True"):
-        _fake_buffer().low_latency_dispatch(torch.zeros(4, 128, dtype=torch.bfloat16), None, 8, 8)
+        fake_buffer().low_latency_dispatch(torch.zeros(4, 128, dtype=torch.bfloat16), None, 8, 8)
     with pytest.raises(TypeError, match="handle: expected a DispatchHandle"):
-        _fake_buffer().combine(torch.zeros(4, 128, dtype=torch.bfloat16), handle=object())
-    b = _fake_buffer()
+        fake_buffer().combine(torch.zeros(4, 128, dtype=torch.bfloat16), handle=object())
+    b = fake_buffer()
     b._destroyed = True
     with pytest.raises(BufferStateError, match="destroyed"):
         b.dispatch(torch.zeros(4, 128, dtype=torch.bfloat16))
@@ -191,7 +168,6 @@ class _Rig:
 
         from epcomm.runtime import driver
         from epcomm import interop
-        from epcomm import buffer as B
         from epcomm.jit import loader
         from epcomm.kernels import layout as K_layout
         from fake_driver import FakeModule, cpu_arrays_as_cuda
@@ -212,37 +188,14 @@ class _Rig:
                          ("num_sms", lambda d: 132)):
             monkeypatch.setattr(driver, name, fn)
         monkeypatch.setattr(loader, "load", lambda spec, dev: FakeModule())
-        monkeypatch.setattr(B, "launch", launch)
+        monkeypatch.setattr(K_intra, "launch", launch)
         monkeypatch.setattr(K_layout, "launch", launch)
 
     def launched(self):
         return [e[0] for e in self.log]
 
     def buffer(self, R=2, recv_per_rank=4):
-        from epcomm import buffer as B
-        b = _fake_buffer()
-        b.num_ranks, b._serial, b._device_sms = R, next(B._BUFFER_SERIALS), 132
-        b.timeout_s, b._alloc_on_comm = 1.0, False
-        b._stream = b._stream2 = b._ev_start = b._ev_mid = b._ev_recv = 0
-
-        class _St:
-            layout = K_intra.BufferLayout.for_bytes(R, 64 << 20)
-            prof, host_stamps = 0, {}
-            info = np.zeros(2 + R + K_intra.MAX_LOCAL_EXPERTS, np.int32)
-            recv_history: dict = {}
-            speculation, orphans, spec_hits, spec_misses = -1.0, [], 0, 0
-
-            def params(self, timeout_s):
-                return K_intra.IntraParams()
-
-        b._intra = st = _St()
-
-        def counts_arrived(what):  # what the notify kernel would publish
-            st.info[1] = recv_per_rank * R
-            st.info[2:2 + R] = recv_per_rank
-            st.info[0] = 1
-        b._wait_host_info = counts_arrived
-        return b
+        return fake_buffer(num_ranks=R, recv_per_rank=recv_per_rank)
 
 
 @pytest.fixture
@@ -333,7 +286,7 @@ def test_config_argument_is_checked_at_call_time(rig):
 
 
 def test_destroyed_buffer_says_so_before_anything_else():
-    b = _fake_buffer()
+    b = fake_buffer()
     b._destroyed, b._intra = True, None  # what destroy() leaves
     with pytest.raises(BufferStateError, match="dispatch: the Buffer was destroyed"):
         b.dispatch(torch.zeros(4, 128, dtype=torch.bfloat16))
@@ -507,12 +460,12 @@ def test_outputs_allocated_on_the_comm_stream_record_the_callers_stream(rig, mon
             self.streams.append(s)
 
     outs = [_Out(), None, _Out()]
-    b._alloc_on_comm = True
-    b._finish("torch", 0, False, outs, [])
+    b.ctx.alloc_on_comm = True
+    b.ctx.finish("torch", 0, False, outs, [])
     assert outs[0].streams == [caller] and outs[2].streams == [caller]
-    b._alloc_on_comm = False  # allocated on the caller's stream: nothing to record
+    b.ctx.alloc_on_comm = False  # allocated on the caller's stream: nothing to record
     plain = _Out()
-    b._finish("torch", 0, False, [plain], [])
+    b.ctx.finish("torch", 0, False, [plain], [])
     assert plain.streams == []
 
 
@@ -735,22 +688,20 @@ def test_destroy_keeps_the_comm_streams_for_the_next_buffer(monkeypatch):
     import contextlib
 
     from epcomm.runtime import driver
-    from epcomm import buffer as B
+    from epcomm import context as C
     made, destroyed = [], []
     for name, fn in (("on_device", lambda d: contextlib.nullcontext()), ("device_sync", lambda: None),
                      ("event_destroy", lambda *a: None), ("stream_destroy", destroyed.append),
                      ("stream_create", lambda *a: made.append(100 + len(made)) or made[-1])):
         monkeypatch.setattr(driver, name, fn)
-    monkeypatch.setattr(B, "_SPARE_STREAMS", {})
-    b = _fake_buffer(normal=False)
-    b._stream, b._stream2 = B._take_stream(0), B._take_stream(0)
-    b._ev_start = b._ev_mid = b._ev_recv = 0
-    b._err.free = lambda: None
-    b.group = type("G", (), {"barrier": lambda self: None})()
+    monkeypatch.setattr(C, "SPARE_STREAMS", {})
+    ctx = fake_context()
+    ctx.stream, ctx.stream2 = C.take_stream(0), C.take_stream(0)
+    b = fake_buffer(normal=False, ctx=ctx)
     b.destroy()
-    assert destroyed == [] and sorted(B._SPARE_STREAMS[0]) == [100, 101]
-    assert {B._take_stream(0), B._take_stream(0)} == {100, 101} and made == [100, 101]
-    assert B._take_stream(0) == 102 and B._take_stream(1) == 103
+    assert destroyed == [] and sorted(C.SPARE_STREAMS[0]) == [100, 101]
+    assert {C.take_stream(0), C.take_stream(0)} == {100, 101} and made == [100, 101]
+    assert C.take_stream(0) == 102 and C.take_stream(1) == 103
 
 
 def test_a_dropped_pending_event_keeps_its_arrays_until_the_operation_finished(monkeypatch):
@@ -819,6 +770,7 @@ def test_a_constructor_that_fails_frees_what_it_made(monkeypatch):
 
     from epcomm.runtime import driver
     from epcomm import buffer as B
+    from epcomm import context as C
     from epcomm import low_latency as LLm
     made = {"intra": 0, "intra_freed": 0, "events": 0, "events_freed": 0, "err_freed": 0}
     for name, fn in (("init", lambda: 1), ("current_device", lambda: 0),
@@ -854,19 +806,19 @@ def test_a_constructor_that_fails_frees_what_it_made(monkeypatch):
         def barrier(self):
             pass
 
-    monkeypatch.setattr(B, "ErrorState", Err)
-    monkeypatch.setattr(B, "_IntraState", Intra)
-    monkeypatch.setattr(B, "_SPARE_STREAMS", {})
+    monkeypatch.setattr(C, "ErrorState", Err)
+    monkeypatch.setattr(B, "NvlinkState", Intra)
+    monkeypatch.setattr(C, "SPARE_STREAMS", {})
     monkeypatch.setenv("EPCOMM_SHARE_GPU", "1")
     with pytest.raises(ValueError, match="num_rdma_bytes > 0"):
         B.Buffer(G(), 1 << 20, 0, low_latency_mode=True)
     assert made["intra"] == 0 and made["events"] == made["events_freed"] == 3 and made["err_freed"] == 1
-    assert B._SPARE_STREAMS[0] == [500, 500]
+    assert C.SPARE_STREAMS[0] == [500, 500]
 
     def broken(self, buf, n):
         raise RuntimeError("NVSHMEM could not map the heap")
 
-    monkeypatch.setattr(LLm.LowLatencyState, "__init__", broken)
+    monkeypatch.setattr(B.LowLatencyState, "__init__", broken)
     with pytest.raises(RuntimeError, match="could not map"):
         B.Buffer(G(), 1 << 20, 1 << 20, low_latency_mode=True)
     assert made["intra"] == made["intra_freed"] == 1 and made["events_freed"] == 6 and made["err_freed"] == 2
@@ -922,10 +874,8 @@ def test_a_failed_low_latency_setup_does_not_free_the_heap_collectively(monkeypa
     monkeypatch.setattr(driver, "mem_alloc", mem_alloc)
     monkeypatch.setattr(driver, "mem_free", freed.append)
     monkeypatch.setattr(driver, "stream_sync", lambda s: (_ for _ in ()).throw(RuntimeError("peer gone")))
-    b = _fake_buffer(normal=False)
-    b._stream, b.group = 0, None
     with pytest.raises(RuntimeError, match="peer gone"):
-        LLm.LowLatencyState(b, 1 << 20)
+        LLm.LowLatencyState(fake_context(group=None), 1 << 20)
     assert freed == [77] and heap_freed == []
 
 
@@ -933,8 +883,8 @@ def test_a_failed_nvlink_setup_frees_what_it_made(monkeypatch):
     import contextlib
     import ctypes
 
+    from epcomm.normal.state import NvlinkState
     from epcomm.runtime import driver
-    from epcomm import buffer as B
     freed, host_freed, closed = [], [], []
     ptrs = iter([100, 200])
     for name, fn in (("on_device", lambda d: contextlib.nullcontext()), ("mem_alloc", lambda n: next(ptrs)),
@@ -942,16 +892,14 @@ def test_a_failed_nvlink_setup_frees_what_it_made(monkeypatch):
                      ("stream_sync", lambda s: None), ("ipc_get_handle", lambda p: b"h"),
                      ("mem_free", freed.append), ("host_free", host_freed.append), ("ipc_close", closed.append)):
         monkeypatch.setattr(driver, name, fn)
-    host = ctypes.create_string_buffer(4 * (2 + 2 + B.K_intra.MAX_LOCAL_EXPERTS))
+    host = ctypes.create_string_buffer(4 * (2 + 2 + K_intra.MAX_LOCAL_EXPERTS))
     monkeypatch.setattr(driver, "host_alloc_mapped", lambda n: (ctypes.addressof(host), 300))
 
     def ipc_open(h):
         raise RuntimeError("cannot map the peer's memory")
 
     monkeypatch.setattr(driver, "ipc_open", ipc_open)
-    b = _fake_buffer(normal=False)
-    b._stream = 0
-    b.group = type("G", (), {"allgather_bytes": lambda self, x: [x, x], "barrier": lambda self: None})()
+    group = type("G", (), {"allgather_bytes": lambda self, x: [x, x], "barrier": lambda self: None})()
     with pytest.raises(RuntimeError, match="cannot map"):
-        B._IntraState(b, 64 << 20)
+        NvlinkState(fake_context(group=group), 64 << 20)
     assert sorted(freed) == [100, 200] and host_freed == [ctypes.addressof(host)]

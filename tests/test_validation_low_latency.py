@@ -15,33 +15,18 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from epcomm import interop  # noqa: E402
-import epcomm.runtime  # noqa: E402
-from epcomm import buffer as Bm  # noqa: E402
-from epcomm.runtime import event as Em  # noqa: E402
-from epcomm import low_latency as LLm  # noqa: E402
-from epcomm.buffer import Buffer  # noqa: E402
+from epcomm.jit import loader  # noqa: E402
+from epcomm.runtime import driver  # noqa: E402
 from epcomm.errors import BufferStateError  # noqa: E402
 from epcomm.runtime.event import EventOverlap  # noqa: E402
+from epcomm.buffer import Buffer  # noqa: E402
+from epcomm.low_latency.dispatch import DEFAULT_SMEM  # noqa: E402
 from epcomm.kernels import low_latency as K  # noqa: E402
-from epcomm.low_latency import LowLatencyState  # noqa: E402
+from epcomm.low_latency.state import HeapResources, LowLatencyState  # noqa: E402
 from fake_driver import FakeModule, cpu_arrays_as_cuda  # noqa: E402
+from fake_runtime import FakeGroup, fake_buffer, fake_context  # noqa: E402
 
 H, E = 256, 8
-
-
-class _Err:
-    poisoned = None
-    dev_ptr = 0
-
-    class rec:
-        code = 0
-        bad_code = 0
-
-    def pending(self):
-        return False
-
-    def check(self, *a, **k):
-        pass
 
 
 class _Rig:
@@ -101,12 +86,11 @@ class _Rig:
         cpu_arrays_as_cuda(monkeypatch)
         monkeypatch.setattr(interop, "wrap_pointer", wrap_pointer)
         cuda = _Cuda()
-        monkeypatch.setattr(LLm, "driver", cuda)
-        monkeypatch.setattr(Bm, "driver", cuda)  # Buffer._begin orders the comm stream
-        monkeypatch.setattr(Em, "driver", cuda)  # event.wait_for
-        monkeypatch.setattr(epcomm.runtime, "driver", cuda)  # `from . import _cuda` inside functions (interop)
-        monkeypatch.setattr(LLm, "launch", launch)
-        monkeypatch.setattr(LLm.loader, "load", lambda spec, dev: FakeModule())
+        for name in ("on_device", "stream_is_capturing", "capture_id", "memset_d8_async", "stream_sync",
+                     "event_record", "stream_wait_event", "device_sync", "event_sync", "event_create"):
+            monkeypatch.setattr(driver, name, getattr(cuda, name))
+        monkeypatch.setattr(K, "launch", launch)
+        monkeypatch.setattr(loader, "load", lambda spec, dev: FakeModule())
         monkeypatch.setattr(LowLatencyState, "_allow_smem", lambda self, *a: None)
         monkeypatch.setattr(LowLatencyState, "_coop_blocks", lambda self, fn, smem: 132)
         monkeypatch.setattr(LowLatencyState, "empty",
@@ -116,24 +100,9 @@ class _Rig:
         return [e for e in self.log if e[0] == "launch"]
 
     def buffer(self, R=2, rdma=1 << 30):
-        b = object.__new__(Buffer)
-        b.rank, b.num_ranks, b.device_id = 0, R, 0
-        b._destroyed, b._err, b.timeout_s, b._stream, b._ev_start = False, _Err(), 1.0, 7, 0
-        b.group = type("G", (), {"barrier": lambda _: self.log.append(("barrier",))})()
-        st = object.__new__(LowLatencyState)
-        st.buf, st.serial = b, next(LLm._SERIALS)
-        st.rank, st.num_ranks, st.device_id, st.num_rdma_bytes = 0, R, 0, rdma
-        st.heap, st.ctrl, st.peers = 1 << 40, 0, [1] * R
-        st.force_put, st.partials, st.prof = False, True, 0
-        st.template, st.num_sms = K.LLParams(), 132
-        st._disp_slot = st._comb_slot = 0
-        st._disp_gen, st._disp_pending, st._comb_pending = [0, 0], [False, False], [False, False]
-        st._results, st._layouts, st._coop_limit, st._smem_ok = [None, None], {}, {}, set()
-        st._kept = {}
-        st._plans, st._torch, st._tdev, st._get_device = {}, None, None, None
-        st._no_event, st.fast_calls, st._shapes_checked = EventOverlap(None, "torch", 0), 0, set()
-        b._ll = st
-        return b, st
+        ctx = fake_context(R, stream=7, group=FakeGroup(0, R, self.log))
+        st = LowLatencyState(ctx, rdma, resources=HeapResources(None, 1 << 40, 0, [1] * R))
+        return fake_buffer(normal=False, ctx=ctx, low_latency=st), st
 
 
 @pytest.fixture
@@ -226,7 +195,7 @@ def test_a_shared_memory_error_leaves_the_slots_alone(rig, monkeypatch):
 
     monkeypatch.setattr(LowLatencyState, "_allow_smem", no_room)
     T = 8192  # dispatch_smem_bytes(2, 8192) is above the 48 KiB default
-    assert K.dispatch_smem_bytes(2, T) > LLm._DEFAULT_SMEM
+    assert K.dispatch_smem_bytes(2, T) > DEFAULT_SMEM
     x, topk, _ = _inputs()
     with pytest.raises(ValueError, match="shared memory"):
         b.low_latency_dispatch(x, topk, T, E, use_fp8=False)
@@ -244,7 +213,7 @@ def test_async_finish_keeps_the_inputs_alive_and_in_use_on_the_comm_stream(rig, 
     _, _, _, ev, _ = b.low_latency_dispatch(x, topk32, 8, E, use_fp8=False, async_finish=True)
     wide = [o for o in ev.extra if isinstance(o, torch.Tensor) and o.dtype == torch.int64]
     assert len(wide) == 1 and torch.equal(wide[0], topk32.long())
-    assert (wide[0].data_ptr(), ("comm", b._stream)) in recorded
+    assert (wide[0].data_ptr(), ("comm", b.ctx.stream)) in recorded
     assert any(o is x for o in ev.extra)
 
 
@@ -293,9 +262,9 @@ def test_read_only_arrays_are_refused_where_the_kernels_write(rig):
     jnp = pytest.importorskip("jax.numpy")
     b, _ = rig.buffer()
     a = jnp.zeros((4, 128), dtype=jnp.float32)
-    assert b._tensor(a, "a", dtype="float32") is not None  # reading is fine
+    assert b.ctx.tensor(a, "a", dtype="float32") is not None  # reading is fine
     with pytest.raises(ValueError, match="out: is read-only"):
-        b._tensor(a, "out", dtype="float32", writable=True)
+        b.ctx.tensor(a, "out", dtype="float32", writable=True)
 
 
 def test_fast_combine_is_off_while_the_host_index_check_is_on(rig, monkeypatch):
@@ -310,7 +279,7 @@ def test_fast_combine_is_off_while_the_host_index_check_is_on(rig, monkeypatch):
     monkeypatch.setattr(st, "_torch", torch)
     st._tdev, st._get_device = "cpu", lambda: 0
     monkeypatch.setattr(torch.Tensor, "get_device", lambda self: 0)
-    monkeypatch.setattr(LLm, "launch_prepared", lambda *a: rig.log.append(("launch", "prepared")))
+    monkeypatch.setattr(K, "launch_prepared", lambda *a: rig.log.append(("launch", "prepared")))
     b.low_latency_combine(y, topk, w, h)
     b.low_latency_combine(y, topk, w, h)
     rep = topk.clone()
@@ -330,7 +299,7 @@ def test_int32_indices_after_previous_event_order_the_kernel_after_the_widening(
     import contextlib
 
     from epcomm.runtime import driver as real_cuda  # interop and EventOverlap call the module itself
-    monkeypatch.setattr(LLm.driver, "stream_wait_event", lambda s, e: waits.append((s, e)), raising=False)
+    monkeypatch.setattr(driver, "stream_wait_event", lambda s, e: waits.append((s, e)), raising=False)
     monkeypatch.setattr(real_cuda, "stream_wait_event", lambda s, e: waits.append((s, e)))
     monkeypatch.setattr(real_cuda, "on_device", lambda d: contextlib.nullcontext())
     monkeypatch.setattr(real_cuda, "event_sync", lambda e: syncs.append(e))
@@ -339,14 +308,14 @@ def test_int32_indices_after_previous_event_order_the_kernel_after_the_widening(
     b.low_latency_dispatch(x, topk32, 8, E, use_fp8=False, previous_event=prev)
     # The indices may be written on a stream only the event orders: the widening copy's stream
     # (the caller's) waits for it first, then the kernel stream waits for the event and that copy.
-    assert waits[0][1] == 99 and waits[0][0] != b._stream
-    assert (b._stream, 99) in waits and (b._stream, b._ev_start) in waits
+    assert waits[0][1] == 99 and waits[0][0] != b.ctx.stream
+    assert (b.ctx.stream, 99) in waits and (b.ctx.stream, b.ctx.ev_start) in waits
     assert syncs == [99]  # the host index check read the values only after the event
     waits.clear()
     syncs.clear()
     _, topk64, _ = _inputs()
     b.low_latency_dispatch(x, topk64, 8, E, use_fp8=False, previous_event=prev)
-    assert [wt for wt in waits if wt[0] == b._stream] == [(b._stream, 99)]  # the event only
+    assert [wt for wt in waits if wt[0] == b.ctx.stream] == [(b.ctx.stream, 99)]  # the event only
     assert syncs == [99]
     syncs.clear()
     monkeypatch.setenv("EPCOMM_CHECK_INDICES", "0")
@@ -417,9 +386,9 @@ def test_combine_refuses_top_k_other_than_the_dispatch_s(rig, monkeypatch):
 def test_a_hook_after_previous_event_orders_the_caller_after_the_receive(rig, monkeypatch):
     b, st = rig.buffer()
     calls = []
-    monkeypatch.setattr(LLm.driver, "stream_wait_event", lambda s, e: calls.append(("wait", s, e)), raising=False)
-    monkeypatch.setattr(LLm.driver, "event_record", lambda e, s: calls.append(("record", e, s)), raising=False)
-    monkeypatch.setattr(LLm, "launch", lambda fn, grid, threads, stream, p, smem=0, cooperative=False:
+    monkeypatch.setattr(driver, "stream_wait_event", lambda s, e: calls.append(("wait", s, e)), raising=False)
+    monkeypatch.setattr(driver, "event_record", lambda e, s: calls.append(("record", e, s)), raising=False)
+    monkeypatch.setattr(K, "launch", lambda fn, grid, threads, stream, p, smem=0, cooperative=False:
                         calls.append(("launch", stream)))
     monkeypatch.setenv("EPCOMM_CHECK_INDICES", "0")
     x, topk, w = _inputs()
@@ -429,13 +398,13 @@ def test_a_hook_after_previous_event_orders_the_caller_after_the_receive(rig, mo
     calls.clear()
     hook()
     # the receive runs on epcomm's stream (it followed the event), then the caller's stream waits
-    assert calls[0] == ("launch", b._stream)
-    assert calls[1] == ("record", b._ev_start, b._stream) and calls[2][0] == "wait" and calls[2][1] != b._stream
+    assert calls[0] == ("launch", b.ctx.stream)
+    assert calls[1] == ("record", b.ctx.ev_start, b.ctx.stream) and calls[2][0] == "wait" and calls[2][1] != b.ctx.stream
     y = torch.zeros(E // 2, 2 * 8, H, dtype=torch.bfloat16)
     _, _, chook = b.low_latency_combine(y, topk, w, h, return_recv_hook=True, previous_event=prev)
     calls.clear()
     chook()
-    assert calls[0] == ("launch", b._stream) and calls[2][0] == "wait" and calls[2][1] != b._stream
+    assert calls[0] == ("launch", b.ctx.stream) and calls[2][0] == "wait" and calls[2][1] != b.ctx.stream
 
 
 def test_hooks_are_refused_for_jax_arrays(rig):
@@ -461,20 +430,20 @@ def test_a_previous_event_from_before_a_capture_still_brings_the_comm_stream_int
     prev = EventOverlap(55, "torch", 0, owned=False)
     rig.capturing.add(0)      # the caller's stream (cpu_arrays_as_cuda: stream 0) is capturing
     _, _, h, _, _ = b.low_latency_dispatch(x, topk, 8, E, use_fp8=False, async_finish=True, previous_event=prev)
-    assert rig.launch_streams[-1] == (b._stream, True)
-    rig.capturing.discard(b._stream)  # the capture ended (the comm stream rejoined the caller)
+    assert rig.launch_streams[-1] == (b.ctx.stream, True)
+    rig.capturing.discard(b.ctx.stream)  # the capture ended (the comm stream rejoined the caller)
     y = torch.zeros(E // 2, 2 * 8, H, dtype=torch.bfloat16)
     b.low_latency_combine(y, topk, w, h, async_finish=True, previous_event=prev)
-    assert rig.launch_streams[-1] == (b._stream, True)
+    assert rig.launch_streams[-1] == (b.ctx.stream, True)
     # Outside a capture the event alone orders the comm stream (no wait for the caller's).
     rig.capturing.clear()
     b.low_latency_dispatch(x, topk, 8, E, use_fp8=False, async_finish=True, previous_event=prev)
-    assert rig.launch_streams[-1] == (b._stream, False)
+    assert rig.launch_streams[-1] == (b.ctx.stream, False)
     rig.capturing.add(3)  # an event recorded inside the capture: the comm stream joins through it
     rig.capturing.add(0)
     st._disp_pending = [False, False]
-    b._begin("torch", prev)
-    assert b._stream in rig.capturing
+    b.ctx.begin("torch", prev)
+    assert b.ctx.stream in rig.capturing
 
 
 def test_results_of_every_shape_stay_with_the_buffer(rig):
@@ -529,17 +498,17 @@ def test_inside_a_capture_an_event_from_before_it_is_not_waited_for(rig, monkeyp
     for idx in (topk, topk.to(torch.int32)):
         for _ in range(2):  # the second call finds the comm stream in the capture already
             b.low_latency_dispatch(x, idx, 8, E, use_fp8=False, async_finish=True, previous_event=pre)
-            assert rig.launch_streams[-1] == (b._stream, True)
+            assert rig.launch_streams[-1] == (b.ctx.stream, True)
     assert not any(ev == 55 for _, ev in rig.waits)
     # An event of this capture is waited for; one of unknown origin too (the caller's promise).
     for ev in (EventOverlap(56, "torch", 0, owned=False, capture=rig.capture),
                EventOverlap(57, "torch", 0, owned=False)):
         b.low_latency_dispatch(x, topk, 8, E, use_fp8=False, async_finish=True, previous_event=ev)
-        assert (b._stream, ev.event) in rig.waits
+        assert (b.ctx.stream, ev.event) in rig.waits
     # Outside a capture the pre-capture event is waited for as usual.
     rig.capturing.clear()
     b.low_latency_dispatch(x, topk, 8, E, use_fp8=False, async_finish=True, previous_event=pre)
-    assert rig.waits[-1] == (b._stream, 55)
+    assert rig.waits[-1] == (b.ctx.stream, 55)
 
 
 def test_receive_hooks_refuse_after_destroy_and_keep_the_stats_alive(rig):
