@@ -25,7 +25,7 @@ from epcomm.runtime import driver
 from epcomm.runtime import event as event_mod
 from epcomm.runtime.event import EventOverlap
 from epcomm.runtime.group import as_group
-from epcomm.validate import check_hidden, check_int
+from epcomm.validate import check_hidden_size, check_int
 
 __all__ = ["Buffer", "DispatchHandle"]
 
@@ -183,7 +183,7 @@ class Buffer:
         ``hidden`` not a positive multiple of 8 (the dispatch's rule for BF16; FP8 needs
         multiples of 128), ``num_ranks`` outside [2, 72], ``num_max_tokens_per_rank`` < 1 or
         ``num_topk`` < 0."""
-        hidden = check_hidden("hidden", hidden, 8)
+        hidden = check_hidden_size(check_int("hidden", hidden, lo=8), name=None)
         num_ranks = check_int("num_ranks", num_ranks, lo=2, hi=K_intra.MAX_RANKS)
         num_max_tokens_per_rank = check_int("num_max_tokens_per_rank", num_max_tokens_per_rank, lo=1)
         num_topk = check_int("num_topk", num_topk, lo=0)

@@ -8,15 +8,9 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 
+from epcomm.validate import check_experts_divisible, check_int
+
 __all__ = ["random_topk", "random_weights", "random_bf16"]
-
-
-def _count(name: str, v, lo: int) -> int:
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    if v < lo:
-        raise ValueError(f"{name}={v} must be >= {lo}")
-    return int(v)
 
 
 def random_topk(rng: np.random.Generator, num_tokens, num_experts, topk, *, drop_prob=0.0, num_ranks=None,
@@ -43,22 +37,20 @@ def random_topk(rng: np.random.Generator, num_tokens, num_experts, topk, *, drop
         TypeError: non-int sizes.  ValueError: sizes out of range, drop_prob outside [0, 1],
         only_rank without num_ranks, E % R != 0, K > L with only_rank.
     """
-    N = _count("num_tokens", num_tokens, 0)
-    E = _count("num_experts", num_experts, 1)
-    K = _count("topk", topk, 1)
+    N = check_int("num_tokens", num_tokens, lo=0)
+    E = check_int("num_experts", num_experts, lo=1)
+    K = check_int("topk", topk, lo=1)
     if not 0.0 <= float(drop_prob) <= 1.0:
         raise ValueError(f"drop_prob={drop_prob} must be in [0, 1]")
     lo, pool = 0, E
     if only_rank is not None:
         if num_ranks is None:
             raise ValueError("only_rank needs num_ranks")
-        R = _count("num_ranks", num_ranks, 1)
-        r = _count("only_rank", only_rank, 0)
-        if E % R:
-            raise ValueError(f"num_experts={E} must be a multiple of num_ranks={R}")
+        R = check_int("num_ranks", num_ranks, lo=1)
+        r = check_int("only_rank", only_rank, lo=0)
+        pool = check_experts_divisible(E, R, ranks_arg="num_ranks")
         if r >= R:
             raise ValueError(f"only_rank={r} must be < num_ranks={R}")
-        pool = E // R
         lo = r * pool
     if K > pool:
         raise ValueError(f"topk={K} exceeds the {pool} experts to choose from")

@@ -34,34 +34,6 @@ def check_bool(name: str, v) -> bool:
     raise TypeError(f"{name} must be a bool, got {type(v).__name__} {v!r}")
 
 
-def check_experts_divisible(num_experts: int, num_ranks: int, ranks_name: str | None = None) -> int:
-    """Experts per rank; ValueError unless ``num_experts`` is a multiple of ``num_ranks`` (expert e
-    lives on rank e // (E / R)).  ``ranks_name``: how the message names the rank count (an
-    argument name), else "the number of ranks"."""
-    if num_experts % num_ranks:
-        of = f"{ranks_name}={num_ranks}" if ranks_name else f"the number of ranks {num_ranks}"
-        raise ValueError(f"num_experts={num_experts} must be a multiple of {of}")
-    return num_experts // num_ranks
-
-
-# Why the normal mode's hidden sizes are multiples of these: BF16 rows move in 16-byte pieces, and
-# FP8 rows carry one scale per 128 channels.
-_HIDDEN_WHY = {8: "16-byte rows", 128: "one scale per 128 channels"}
-
-
-def check_hidden_multiple(label: str, hidden: int, multiple: int) -> None:
-    """ValueError ``"{label} must be a multiple of {multiple} (why)"`` unless it is one."""
-    if hidden % multiple:
-        raise ValueError(f"{label} must be a multiple of {multiple} ({_HIDDEN_WHY[multiple]})")
-
-
-def check_hidden(name: str, v, multiple: int = 8) -> int:
-    """A hidden size argument: an int, positive and a multiple of ``multiple`` (8 or 128)."""
-    v = check_int(name, v, lo=multiple)
-    check_hidden_multiple(f"{name}={v}", v, multiple)
-    return v
-
-
 def check_event(previous_event) -> None:
     """``previous_event`` must be None or an EventOverlap (what async calls return)."""
     from epcomm.runtime.event import EventOverlap
@@ -91,6 +63,57 @@ def check_index_values(a, num_experts: int, name: str = "topk_idx", *, unique: b
     """The rules of expert indices, on a NumPy integer array ``a`` [N, K]: every entry in
     [-1, num_experts) (ValueError naming the first bad value), and with ``unique`` no row listing
     an expert (>= 0) twice."""
+    check_expert_range(name, a, num_experts)
+    if unique:
+        check_unique_experts(name, a)
+
+
+# --------------------------------------------------------------------------- shared shape and index rules
+
+#: Channels sharing one FP8 scale: FP8 hidden sizes are multiples of it.
+FP8_GROUP = 128
+#: bf16 channels in one 16-byte row unit: BF16 normal-mode hidden sizes are multiples of it.
+BF16_ROW_CHANNELS = 8
+
+
+def check_experts_divisible(num_experts: int, num_ranks: int, ranks_arg: str | None = None) -> int:
+    """Experts per rank, ``num_experts // num_ranks`` (both already checked ints >= 1).
+
+    Raises ValueError when num_experts is not a multiple of num_ranks.  ``ranks_arg``: the
+    caller's argument name when it was given the rank count as an argument (the message reads
+    "... a multiple of num_ranks=4"); None when the rank count is the group's size ("... a
+    multiple of the number of ranks 4")."""
+    if num_experts % num_ranks:
+        ranks = f"{ranks_arg}={num_ranks}" if ranks_arg else f"the number of ranks {num_ranks}"
+        raise ValueError(f"num_experts={num_experts} must be a multiple of {ranks}")
+    return num_experts // num_ranks
+
+
+def check_hidden_size(hidden: int, *, fp8: bool = False, low_latency: bool = False, name: str | None = "x") -> int:
+    """Return ``hidden`` (an int) if the mode accepts it, else raise ValueError.
+
+    Rules: the low-latency kernels need a positive multiple of FP8_GROUP; FP8 data a multiple of
+    FP8_GROUP (one scale per 128 channels); BF16 normal-mode rows a multiple of
+    BF16_ROW_CHANNELS (16-byte rows).  ``name``: the array whose last dimension is ``hidden``
+    (message "x: hidden size 100 must be ..."), or None when ``hidden`` is itself the argument
+    ("hidden=100 must be ...")."""
+    if low_latency:
+        step, positive, why = FP8_GROUP, True, "for the low-latency kernels"
+    elif fp8:
+        step, positive, why = FP8_GROUP, False, f"(one scale per {FP8_GROUP} channels)"
+    else:
+        step, positive, why = BF16_ROW_CHANNELS, False, "(16-byte rows)"
+    if hidden % step == 0 and (hidden > 0 or not positive):
+        return hidden
+    subject = f"hidden size {hidden}" if name else f"hidden={hidden}"
+    subject = ("FP8 " if fp8 else "") + subject
+    if name:
+        subject = f"{name}: {subject}"
+    raise ValueError(f"{subject} must be a {'positive ' if positive else ''}multiple of {step} {why}")
+
+
+def check_expert_range(name: str, a, num_experts: int) -> None:
+    """Raise ValueError if the NumPy integer array ``a`` holds an entry outside [-1, num_experts)."""
     r = index_range(a)
     if r is None:
         return
@@ -99,8 +122,11 @@ def check_index_values(a, num_experts: int, name: str = "topk_idx", *, unique: b
         bad = lo if lo < -1 else hi
         raise ValueError(f"{name} holds expert index {bad}, outside [-1, {num_experts}) "
                          f"(num_experts={num_experts}); -1 marks an unused slot")
-    if unique:
-        t = first_repeated_expert(a)
-        if t is not None:
-            raise ValueError(f"{name} row {t} lists the same expert twice; each expert may appear once per token "
-                             f"(-1 marks unused slots)")
+
+
+def check_unique_experts(name: str, a) -> None:
+    """Raise ValueError if a row of the NumPy [N, K] index array ``a`` lists an expert (>= 0) twice."""
+    t = first_repeated_expert(a)
+    if t is not None:
+        raise ValueError(f"{name} row {t} lists the same expert twice ({a[t].tolist()}); each expert may "
+                         f"appear once per token (-1 marks unused slots)")

@@ -39,6 +39,12 @@ def make_routing(rng, R, E, K, Ns, drop_prob=0.2):
     return [random_topk(rng, n, E, K, drop_prob=drop_prob) for n in Ns]
 
 
+def routed_inputs(rng, R, E, K, H, Ns, drop_prob=0.2, make_x=random_bf16):
+    """(x, idx): make_x(rng, (N_r, H)) per rank, then a random routing (drawn in that order)."""
+    x = [make_x(rng, (n, H)) for n in Ns]
+    return x, make_routing(rng, R, E, K, Ns, drop_prob)
+
+
 # --------------------------------------------------------------------------- testing.py
 
 
@@ -190,8 +196,7 @@ def test_dispatch_matches_slow_loop(R, E, K):
     Ns = [int(n) for n in rng.integers(0, 40, size=R)]
     Ns[0] = 0  # a rank without tokens
     H = 64
-    x = [random_bf16(rng, (n, H)) for n in Ns]
-    idx = make_routing(rng, R, E, K, Ns)
+    x, idx = routed_inputs(rng, R, E, K, H, Ns)
     w = [random_weights(rng, a) for a in idx]
     res = ref.dispatch(x, E, topk_idx=idx, topk_weights=w)
     exp = slow_dispatch(x, idx, w, E)
@@ -221,8 +226,7 @@ def test_dispatch_counts_add_up_and_alignment():
     rng = np.random.default_rng(20)
     R, E, K, H = 4, 32, 5, 32
     Ns = [50, 37, 64, 3]
-    x = [random_bf16(rng, (n, H)) for n in Ns]
-    idx = make_routing(rng, R, E, K, Ns, drop_prob=0.3)
+    x, idx = routed_inputs(rng, R, E, K, H, Ns, drop_prob=0.3)
     L = E // R
     res = ref.dispatch(x, E, topk_idx=idx)
     lays = [ref.get_dispatch_layout(a, E, R) for a in idx]
@@ -347,8 +351,7 @@ def test_combine_of_dispatch_is_x_times_rank_count():
     rng = np.random.default_rng(30)
     R, E, K, H = 8, 32, 4, 96
     Ns = [int(n) for n in rng.integers(1, 50, size=R)]
-    x = [grid_bf16(rng, (n, H)) for n in Ns]
-    idx = make_routing(rng, R, E, K, Ns, drop_prob=0.4)
+    x, idx = routed_inputs(rng, R, E, K, H, Ns, drop_prob=0.4, make_x=grid_bf16)
     res = ref.dispatch(x, E, topk_idx=idx)
     out = ref.combine([r.recv_x for r in res], [r.handle for r in res])
     assert any(not r.handle.is_token_in_rank.any(axis=1).all() for r in res)  # some tokens go nowhere
@@ -365,8 +368,7 @@ def test_combine_with_weights_and_bias_matches_slow_loop():
     rng = np.random.default_rng(31)
     R, E, K, H = 4, 8, 4, 40
     Ns = [25, 0, 18, 33]
-    x = [random_bf16(rng, (n, H)) for n in Ns]
-    idx = make_routing(rng, R, E, K, Ns, drop_prob=0.3)
+    x, idx = routed_inputs(rng, R, E, K, H, Ns, drop_prob=0.3)
     res = ref.dispatch(x, E, topk_idx=idx)
     handles = [r.handle for r in res]
     # Expert outputs and weights of very different magnitudes, so the order of additions shows.
@@ -566,8 +568,7 @@ def test_ll_dispatch_layout_matches_bruteforce(mode):
     R, E, K, T, H = 4, 16, 4, 24, 640
     L = E // R
     Ns = [24, 0, 17, 9]
-    x = [random_bf16(rng, (n, H)) for n in Ns]
-    idx = make_routing(rng, R, E, K, Ns, drop_prob=0.25)
+    x, idx = routed_inputs(rng, R, E, K, H, Ns, drop_prob=0.25)
     kw = dict(bf16=dict(use_fp8=False), fp8=dict(), ue8m0=dict(round_scale=True, use_ue8m0=True))[mode]
     res = ref.low_latency_dispatch(x, idx, T, E, **kw)
     rows = slow_ll_layout(idx, E, R, T)
@@ -653,8 +654,7 @@ def test_ll_combine_of_dispatch_is_x_times_weight_sum():
     rng = np.random.default_rng(51)
     R, E, K, T, H = 4, 32, 6, 32, 256
     Ns = [32, 11, 0, 25]
-    x = [random_bf16(rng, (n, H)) for n in Ns]
-    idx = make_routing(rng, R, E, K, Ns, drop_prob=0.2)
+    x, idx = routed_inputs(rng, R, E, K, H, Ns, drop_prob=0.2)
     idx[1][0] = -1  # a token without experts
     w = [random_weights(rng, a) for a in idx]
     res = ref.low_latency_dispatch(x, idx, T, E, use_fp8=False)
@@ -672,8 +672,7 @@ def test_ll_combine_matches_scalar_loop():
     R, E, K, T, H = 4, 8, 3, 16, 64
     L = E // R
     Ns = [16, 7, 12, 0]
-    x = [random_bf16(rng, (n, H)) for n in Ns]
-    idx = make_routing(rng, R, E, K, Ns, drop_prob=0.2)
+    x, idx = routed_inputs(rng, R, E, K, H, Ns, drop_prob=0.2)
     w = [rng.standard_normal(a.shape).astype(np.float32) for a in idx]
     res = ref.low_latency_dispatch(x, idx, T, E, use_fp8=False)
     handles = [r.handle for r in res]
@@ -731,9 +730,7 @@ def test_ll_combine_rounds_product_before_sum():
 
 
 def _normal_inputs(rng, R=2, E=4, K=2, H=128, Ns=(5, 3)):
-    x = [random_bf16(rng, (n, H)) for n in Ns]
-    idx = make_routing(rng, R, E, K, Ns)
-    return x, idx
+    return routed_inputs(rng, R, E, K, H, Ns)
 
 
 def test_dispatch_validation_errors():
@@ -847,7 +844,7 @@ def test_low_latency_validation_errors():
         ref.low_latency_combine(y, other, w, hs)
 
 
-# ---- found by mutation testing: each fails if the check it names is removed or loosened ----
+# ---- each test below fails if the check it names is removed or loosened ----
 
 
 def test_dispatch_rejects_topk_widths_that_differ_between_ranks():
@@ -975,3 +972,30 @@ def test_bit_mismatch_compares_bits_and_integer_values():
     assert "dtype" in bit_mismatch("d", np.zeros(2, np.float32), np.zeros(2, np.float64))
     n = np.array([np.nan], np.float32)
     assert bit_mismatch("n", n, n.copy()) is None  # the same NaN bits are equal
+
+
+def test_shared_rules_the_reference_uses():
+    from epcomm.validate import (check_expert_range, check_experts_divisible, check_hidden_size,
+                                 check_unique_experts)
+    assert check_experts_divisible(12, 4) == 3
+    with pytest.raises(ValueError, match=r"^num_experts=10 must be a multiple of the number of ranks 4$"):
+        check_experts_divisible(10, 4)
+    with pytest.raises(ValueError, match=r"^num_experts=10 must be a multiple of num_ranks=4$"):
+        check_experts_divisible(10, 4, ranks_arg="num_ranks")
+    assert check_hidden_size(2880) == 2880 and check_hidden_size(0) == 0
+    for h, kw, msg in [(100, {}, "x: hidden size 100 must be a multiple of 8 (16-byte rows)"),
+                       (100, dict(name=None), "hidden=100 must be a multiple of 8 (16-byte rows)"),
+                       (2880, dict(fp8=True, name="x[0]"),
+                        "x[0]: FP8 hidden size 2880 must be a multiple of 128 (one scale per 128 channels)"),
+                       (0, dict(low_latency=True),
+                        "x: hidden size 0 must be a positive multiple of 128 for the low-latency kernels")]:
+        with pytest.raises(ValueError) as ei:
+            check_hidden_size(h, **kw)
+        assert str(ei.value) == msg
+    check_expert_range("t", np.zeros((0, 2), np.int64), 4)
+    check_expert_range("t", np.array([[-1, 3]]), 4)
+    with pytest.raises(ValueError, match=r"^t holds expert index -2, outside \[-1, 4\)"):
+        check_expert_range("t", np.array([[-2, 3]]), 4)
+    check_unique_experts("t", np.array([[-1, -1], [0, 1]]))
+    with pytest.raises(ValueError, match=r"^t row 1 lists the same expert twice \(\[2, 2\]\)"):
+        check_unique_experts("t", np.array([[0, 1], [2, 2]]))

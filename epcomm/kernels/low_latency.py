@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from epcomm.jit.launch import launch, launch_prepared
 from epcomm.jit.spec import KernelDef, KernelSpec, ParamsStruct
 from epcomm.runtime import errstate
-from epcomm.validate import check_experts_divisible, check_int
+from epcomm.validate import check_experts_divisible, check_hidden_size, check_int
 
 MAX_RANKS = 64
 MAX_TOPK = 32
@@ -207,8 +207,7 @@ def check_shape(T, H, E, R) -> tuple[int, int, int, int]:
     naming the argument."""
     T = check_int("num_max_dispatch_tokens_per_rank", T, lo=1, hi=(1 << 20) - 1)
     H = check_int("hidden", H, lo=128, hi=128 * 1023)
-    if H % 128:
-        raise ValueError(f"hidden={H} must be a multiple of 128 for the low-latency kernels")
+    check_hidden_size(H, low_latency=True, name=None)
     R = check_int("num_ranks", R, lo=1, hi=MAX_RANKS)
     E = check_int("num_experts", E, lo=1, hi=32767)
     check_experts_divisible(E, R)

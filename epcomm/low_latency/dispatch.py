@@ -12,7 +12,7 @@ from epcomm.low_latency.handle import LowLatencyHandle, _Plan, _Results, _check_
 from epcomm.low_latency.hooks import receive_hook
 from epcomm.runtime import driver
 from epcomm.runtime.event import EventOverlap
-from epcomm.validate import check_bool, check_event, check_experts_divisible, check_int
+from epcomm.validate import check_bool, check_event, check_experts_divisible, check_hidden_size, check_int
 
 DEFAULT_SMEM = 48 * 1024  # dynamic shared memory a kernel may use without opting in
 
@@ -151,8 +151,7 @@ class DispatchOps:
         T = check_int("num_max_dispatch_tokens_per_rank", T, lo=1)
         if N > T:
             raise ValueError(f"x: {N} tokens exceed num_max_dispatch_tokens_per_rank={T}")
-        if H % 128 or H == 0:
-            raise ValueError(f"x: hidden size {H} must be a positive multiple of 128 for the low-latency kernels")
+        check_hidden_size(H, low_latency=True)
         E = check_int("num_experts", E, lo=1)
         L = check_experts_divisible(E, self.num_ranks)
         if E > 32767:

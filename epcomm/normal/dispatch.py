@@ -19,7 +19,7 @@ from epcomm.kernels import layout as K_layout
 from epcomm.normal.handle import DispatchHandle, check_handle
 from epcomm.normal.layout import layout_on_comm
 from epcomm.runtime import driver
-from epcomm.validate import check_event, check_experts_divisible, check_hidden_multiple, check_int
+from epcomm.validate import check_event, check_experts_divisible, check_hidden_size, check_int
 
 # Routing arguments a cached dispatch must not be given (the handle holds the route).
 _ROUTE_ARGS = ("topk_idx", "topk_weights", "is_token_in_rank", "num_tokens_per_rank", "num_tokens_per_rdma_rank",
@@ -68,13 +68,13 @@ def _x_refs(ctx, x) -> DispatchArgs:
             raise ValueError("x: an FP8 input is a pair (data float8_e4m3fn [N, H], scales float32 [N, H/128])")
         xr = ctx.tensor(x[0], "x[0]", dtype="float8_e4m3fn", ndim=2)
         N, H = xr.shape
-        check_hidden_multiple(f"x[0]: FP8 hidden size {H}", H, 128)
+        check_hidden_size(H, fp8=True, name="x[0]")
         sr = ctx.tensor(x[1], "x[1]", dtype="float32", ndim=2, shape=(N, H // 128), contiguous=False,
                         framework=xr.framework)
         return DispatchArgs(xr.framework, xr, sr, N, H, True, None)
     xr = ctx.tensor(x, "x", dtype="bfloat16", ndim=2)
     N, H = xr.shape
-    check_hidden_multiple(f"x: hidden size {H}", H, 8)
+    check_hidden_size(H)
     return DispatchArgs(xr.framework, xr, None, N, H, False, None)
 
 
