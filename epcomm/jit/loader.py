@@ -9,8 +9,9 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from epcomm.jit import compiler
+from epcomm.jit import compiler, toolchain
 from epcomm.jit.spec import KernelSpec
+from epcomm.runtime import driver
 
 _LOCK = threading.Lock()
 _MEMO: dict[tuple[int, KernelSpec, str], "LoadedModule"] = {}
@@ -31,8 +32,6 @@ class LoadedModule:
 def _load(spec: KernelSpec, device_id: int, arch: str | None) -> LoadedModule:
     from cuda.core import ObjectCode
 
-    from epcomm.runtime import driver
-    from epcomm.jit import toolchain
     mod = compiler.build(spec, arch or toolchain.current_arch(device_id))
     d = driver.drv()
     with driver.on_device(device_id):

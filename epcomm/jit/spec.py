@@ -16,6 +16,8 @@ import ctypes
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
+from epcomm.jit import toolchain
+
 
 class ParamsStruct(ctypes.Structure):
     """ctypes mirror of a C++ kernel-parameter struct named by ``_cname_``."""
@@ -101,8 +103,7 @@ class KernelSpec:
         for k in ks:
             if k.params not in seen:
                 seen.append(k.params)
-        from epcomm.jit.toolchain import nvrtc_has_builtin_offsetof
-        offsets = nvrtc_has_builtin_offsetof()
+        offsets = toolchain.nvrtc_has_builtin_offsetof()
         for p in seen:
             lines.append(p.layout_asserts(offsets))
         lines.append("")

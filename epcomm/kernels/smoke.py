@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass
 
+from epcomm.jit.launch import launch
 from epcomm.jit.spec import KernelDef, KernelSpec, ParamsStruct
 
 
@@ -35,3 +36,15 @@ class SmokeNvshmemSpec(KernelSpec):
 
     def kernels(self):
         return (KernelDef("nvshmem_put", "epcomm::smoke_nvshmem_put", (self.threads,), SmokeParams),)
+
+
+def launch_peer_store(mod, stream: int, p: SmokeParams, blocks: int = 132) -> None:
+    """Every thread stores ``p.value + i`` into element i of the peer's buffer (``mod``: a loaded
+    SmokePeerStoreSpec)."""
+    launch(mod.fn("peer_store"), blocks, SmokePeerStoreSpec.threads, stream, p)
+
+
+def launch_nvshmem_put(mod, stream: int, p: SmokeParams, blocks: int = 8) -> None:
+    """NVSHMEM puts of ``p.count`` words to ``p.peer_rank`` and a signal (``mod``: a loaded
+    SmokeNvshmemSpec)."""
+    launch(mod.fn("nvshmem_put"), blocks, SmokeNvshmemSpec.threads, stream, p)

@@ -11,6 +11,7 @@ import ctypes
 import threading
 
 from epcomm.errors import BufferStateError, EpcommError, EpcommTimeoutError, RankMismatchError
+from epcomm.runtime import driver
 
 ERR_NONE, ERR_TIMEOUT, ERR_OVERFLOW, ERR_BAD_INPUT, ERR_MISMATCH = 0, 1, 2, 3, 4
 
@@ -68,7 +69,6 @@ class ErrorState:
     """One host-mapped ErrorRecord: ``dev_ptr`` goes to kernels, :meth:`check` raises."""
 
     def __init__(self, device_id: int):
-        from epcomm.runtime import driver
         self.device_id = device_id
         with driver.on_device(device_id):
             self.host_ptr, self.dev_ptr = driver.host_alloc_mapped(ctypes.sizeof(ErrorRecord))
@@ -191,7 +191,6 @@ class ErrorState:
         ctypes.memset(self.host_ptr, 0, ctypes.sizeof(ErrorRecord))
 
     def free(self) -> None:
-        from epcomm.runtime import driver
         if self.host_ptr:
             try:
                 driver.host_free(self.host_ptr)

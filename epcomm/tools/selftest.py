@@ -13,14 +13,17 @@ import time
 
 import numpy as np
 
+from epcomm import api, envs, reference
+from epcomm.jit import loader
+from epcomm.kernels import smoke as K_smoke
+from epcomm.kernels.smoke import SmokeNvshmemSpec, SmokeParams, SmokePeerStoreSpec
+from epcomm.runtime import driver
+from epcomm.runtime import nvshmem as nvr
+from epcomm.testing import random_topk
 from epcomm.tools import spawn
 
 
 def _smoke_worker(rank: int, world: int, group, n: int = 1 << 20) -> dict:
-    from epcomm.runtime import driver, nvshmem as nvr
-    from epcomm.jit import loader
-    from epcomm.jit.launch import launch
-    from epcomm.kernels.smoke import SmokeNvshmemSpec, SmokeParams, SmokePeerStoreSpec
     out: dict = {}
     dev = spawn.device_of(rank)
     shared = world > spawn.gpu_count()  # EPCOMM_SHARE_GPU: NVSHMEM's several-PEs-per-GPU mode
@@ -40,8 +43,7 @@ def _smoke_worker(rank: int, world: int, group, n: int = 1 << 20) -> dict:
     peer_ptr = driver.ipc_open(handles[peer])
     mod = loader.load(SmokePeerStoreSpec(), dev)
     t0 = time.perf_counter()
-    launch(mod.fn("peer_store"), 132, 256, stream,
-           SmokeParams(base, peer_ptr, 0, 0, n, 1000 * (rank + 1), rank, peer))
+    K_smoke.launch_peer_store(mod, stream, SmokeParams(base, peer_ptr, 0, 0, n, 1000 * (rank + 1), rank, peer))
     driver.stream_sync(stream)
     group.barrier()
     host = np.empty(n, np.uint64)
@@ -68,7 +70,7 @@ def _smoke_worker(rank: int, world: int, group, n: int = 1 << 20) -> dict:
     t0 = time.perf_counter()
     mod2 = loader.load(SmokeNvshmemSpec(), dev)
     out["nvshmem_compile_link_load_s"] = round(time.perf_counter() - t0, 2)
-    launch(mod2.fn("nvshmem_put"), 8, 256, stream, SmokeParams(ptr, 0, sig, res, n, 7 * (rank + 1), rank, peer))
+    K_smoke.launch_nvshmem_put(mod2, stream, SmokeParams(ptr, 0, sig, res, n, 7 * (rank + 1), rank, peer))
     driver.stream_sync(stream)
     group.barrier()
     driver.memcpy_dtoh(host.ctypes.data, ptr, n * 8)
@@ -87,8 +89,6 @@ def _smoke_worker(rank: int, world: int, group, n: int = 1 << 20) -> dict:
     except ImportError:
         out["layout"] = "skipped: cupy not installed"
         return out
-    from epcomm import api, reference
-    from epcomm.testing import random_topk
     rng = np.random.default_rng(rank)
     ok = True
     with cp.cuda.Device(dev):
@@ -111,7 +111,6 @@ def run_selftest(gpus: int = 0, timeout: float = 300.0) -> int:
     """Run the checks on ``gpus`` GPUs (0 = every visible one), one process each.  Returns 0 if
     all pass, 1 if a check fails or a rank fails (its error printed), 2 if the machine or the
     arguments cannot run it (fewer than 2 GPUs, more asked for than visible)."""
-    from epcomm import envs
     visible = spawn.gpu_count()
     if gpus < 0 or gpus > visible:
         print(f"epcomm selftest: --gpus {gpus}: {visible} GPU(s) visible (0 = all)", file=sys.stderr)

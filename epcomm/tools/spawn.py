@@ -13,9 +13,15 @@ import pickle
 import queue as queue_mod
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 import time
 import traceback
+
+from epcomm import envs
+from epcomm.runtime.group import FileGroup
+from epcomm.validate import check_int
 
 # Never let a test or benchmark enable NVLink multicast: on shared hosts it can take the GPUs
 # of the whole machine down.  Callers may still override explicitly.
@@ -68,7 +74,6 @@ def _worker(fn, rank, world, root, args, kwargs, q, env, group_timeout, parent_p
     _PHASE_FILE = os.path.join(root, f"phase.{rank}")
     phase("starting")
     try:
-        from epcomm.runtime.group import FileGroup
         # The bootstrap group waits as long as the whole run may take, independently of
         # EPCOMM_TIMEOUT_S (tests shorten that one to provoke kernel timeouts).
         group = FileGroup(os.path.join(root, "group"), rank, world, timeout_s=group_timeout)
@@ -97,7 +102,6 @@ def run(fn, world_size: int, *args, timeout: float = 300.0, env: dict | None = N
     that had not finished and its last phase.  Workers die with the parent, and the processes
     a worker started die with it.
     """
-    from epcomm.validate import check_int
     world_size = check_int("world_size", world_size, lo=1)
     ctx = mp.get_context("spawn")
     root = tempfile.mkdtemp(prefix="epcomm-spawn-")
@@ -187,12 +191,9 @@ def gpu_count() -> int:
     and remembers the answer in EPCOMM_VISIBLE_GPUS, which spawned workers inherit: test
     modules imported again inside a worker then need no second probe.
     """
-    from epcomm import envs
     cached = envs.VISIBLE_GPUS.get()
     if cached.isdigit():
         return int(cached)
-    import subprocess
-    import sys
     try:
         r = subprocess.run([sys.executable, "-c", "from epcomm.runtime.driver import device_count; print(device_count())"],
                            capture_output=True, text=True, timeout=120)
@@ -220,7 +221,6 @@ def example_world(min_ranks: int = 2, divides: int = 0) -> int:
     Raises SystemExit with a message saying what is missing (no GPU, or too few GPUs and
     EPCOMM_SHARE_GPU unset) instead of letting a worker fail inside the Buffer.
     """
-    from epcomm import envs
     n = gpu_count()
     if n == 0:
         raise SystemExit("this example needs an NVIDIA GPU: none is visible")
