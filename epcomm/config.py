@@ -62,11 +62,9 @@ class Config:
 
 def _send_fraction(num_ranks: int) -> float:
     # Measured with benchmarks/profile_normal.py at 24 SMs: a third was fastest on 2x H200; on
-    # 4x H200 (three peers to write to, the receivers' share of own rows smaller) a half was
-    # 5-11% faster than a third for every operation (mean of 4 ranks; 92f5eb5's run, file since
-    # overwritten: git show 92f5eb5:benchmarks/results/profile-normal-h200-x4.json); a later
-    # sweep there (benchmarks/results/profile-normal-h200-x4.json, rank 0, dispatch BF16 / FP8 /
-    # combine, us): 0.4 714 / 457 / 608, 0.5 667 / 428 / 567, 0.6 670 / 413 / 633.  Mean of the
+    # 4x H200 (three peers to write to, the receivers' share of own rows smaller) the sweep in
+    # benchmarks/results/profile-normal-h200-x4.json (rank 0, dispatch BF16 / FP8 / combine, us):
+    # 0.4 714 / 457 / 608, 0.5 667 / 428 / 567, 0.6 670 / 413 / 633.  Mean of the
     # 4 ranks: 0.4 slower for every operation, 0.6 slower for the combine (686 vs 605) but about
     # equal for BF16 (697 vs 700) and faster for FP8 (442 vs 458): 0.5 is the compromise.
     # 8 ranks: not measured, the 4-rank choice is kept.
