@@ -12,8 +12,12 @@ class FakeModule:
 
 
 def cpu_arrays_as_cuda(monkeypatch) -> None:
-    """interop.as_tensor takes CPU arrays as arrays on cuda:0; interop.current_stream is 0."""
+    """interop.as_tensor takes CPU arrays as arrays on cuda:0 (also where interop.as_index_tensor
+    calls it); the current stream is 0, under both of its names (interop.current_stream and
+    runtime.streams.current_stream)."""
     from epcomm import interop
+    from epcomm.interop import checks
+    from epcomm.runtime import streams
     orig = interop.as_tensor
 
     def as_tensor(obj, name, **kw):
@@ -24,4 +28,6 @@ def cpu_arrays_as_cuda(monkeypatch) -> None:
         return ref
 
     monkeypatch.setattr(interop, "as_tensor", as_tensor)
+    monkeypatch.setattr(checks, "as_tensor", as_tensor)
     monkeypatch.setattr(interop, "current_stream", lambda fw, d: 0)
+    monkeypatch.setattr(streams, "current_stream", lambda fw, d: 0)

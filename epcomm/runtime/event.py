@@ -1,8 +1,7 @@
 """EventOverlap: the completion event of an asynchronous operation."""
 from __future__ import annotations
 
-from epcomm.runtime import driver
-from epcomm import interop
+from epcomm.runtime import driver, streams
 
 # (event, kept objects) of CuPy/JAX async operations whose EventOverlap was dropped before it was
 # known to be finished.  torch's allocator learns of the comm stream through record_stream, but
@@ -42,6 +41,13 @@ def release_finished() -> None:
     _DEFERRED.extend(keep)
 
 
+def release_deferred(capture: int) -> None:
+    """:func:`release_finished` when anything is deferred and ``capture`` (the capture id of
+    the calling stream, 0 for none) says this thread is not capturing."""
+    if _DEFERRED and not capture:
+        release_finished()
+
+
 def wait_for(stream: int, previous_event: "EventOverlap | None", capture: int) -> bool:
     """Make ``stream`` wait for ``previous_event`` (None or event-less: nothing to wait for);
     True if it did.  ``capture``: the capture id of the call (its caller's stream; 0 for none).
@@ -57,6 +63,14 @@ def wait_for(stream: int, previous_event: "EventOverlap | None", capture: int) -
         return False
     driver.stream_wait_event(stream, previous_event.event)
     return True
+
+
+def current_stream_wait_for(framework: str, device_id: int, previous_event: "EventOverlap | None") -> bool:
+    """:func:`wait_for` on the current stream of ``framework`` ("torch" or "cupy") on
+    ``device_id``, with that stream's own capture id; True if it waited."""
+    with driver.on_device(device_id):
+        s = streams.current_stream(framework, device_id)
+        return wait_for(s, previous_event, driver.capture_id(s))
 
 
 class EventOverlap:
@@ -94,14 +108,9 @@ class EventOverlap:
             raise ValueError(f"framework: expected 'torch' or 'cupy' (JAX has no stream to record on), "
                              f"got {framework!r}")
         if device_id is None:
-            if framework == "torch":
-                import torch
-                device_id = torch.cuda.current_device()
-            else:
-                import cupy
-                device_id = cupy.cuda.Device().id
+            device_id = streams.current_device(framework)
         with driver.on_device(device_id):
-            s = interop.current_stream(framework, device_id)
+            s = streams.current_stream(framework, device_id)
             ev = driver.event_create()
             driver.event_record(ev, s)
             return cls(ev, framework, device_id, capture=driver.capture_id(s))
@@ -110,14 +119,14 @@ class EventOverlap:
         if self.event is None:
             return
         with driver.on_device(self.device_id):
-            driver.stream_wait_event(interop.current_stream(self.framework, self.device_id), self.event)
+            driver.stream_wait_event(streams.current_stream(self.framework, self.device_id), self.event)
 
     def synchronize(self) -> None:
         """Block the host until the operation finished."""
         if self.event is not None and self.capture in (None, 0):  # a captured event: nothing ran
             with driver.on_device(self.device_id):
                 driver.event_sync(self.event)
-                if _DEFERRED and not driver.capture_id(interop.current_stream(self.framework, self.device_id)):
+                if _DEFERRED and not driver.capture_id(streams.current_stream(self.framework, self.device_id)):
                     release_finished()
 
     def query(self) -> bool:
