@@ -34,14 +34,6 @@ def check_bool(name: str, v) -> bool:
     raise TypeError(f"{name} must be a bool, got {type(v).__name__} {v!r}")
 
 
-def check_event(previous_event) -> None:
-    """``previous_event`` must be None or an EventOverlap (what async calls return)."""
-    from epcomm.runtime.event import EventOverlap
-    if previous_event is not None and not isinstance(previous_event, EventOverlap):
-        raise TypeError(f"previous_event: expected an EventOverlap (the event an epcomm call returned) or None, "
-                        f"got {type(previous_event).__name__}")
-
-
 def index_range(a) -> tuple[int, int] | None:
     """(min, max) of a NumPy integer array, None if it is empty."""
     if a.size == 0:

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from epcomm.buffer import Buffer
 from epcomm.config import default_combine_config, default_dispatch_config
 from epcomm.kernels import intranode as K
+from epcomm.normal.state import NvlinkState
 
 SRC = Path(__file__).resolve().parents[1] / "cuda_src" / "intranode.cuh"
 
@@ -57,10 +57,9 @@ def test_default_sm_split_per_rank_count():
     assert default_dispatch_config(8).with_sms(12).split() == (6, 6)
 
 
-def _buf():
-    b = object.__new__(Buffer)
-    b.rank, b.timeout_s = 0, 0.2
-    return b
+def _spec_rows(st, key):
+    """NvlinkState's speculation rule, on a stand-in holding only what it reads."""
+    return NvlinkState.speculative_rows(st, key)
 
 
 class _SpecSt:
@@ -70,11 +69,17 @@ class _SpecSt:
 
 
 def test_speculative_rows_cover_the_largest_recent_receive_with_slack():
-    b = _buf()
-    assert b._speculative_rows(_SpecSt(0.0625), (4096, 256)) == 0  # shape never seen: no guess
-    rows = b._speculative_rows(_SpecSt(0.0625, [8000, 8150, 7990]), (4096, 256))
+    assert _spec_rows(_SpecSt(0.0625), (4096, 256)) == 0  # shape never seen: no guess
+    rows = _spec_rows(_SpecSt(0.0625, [8000, 8150, 7990]), (4096, 256))
     assert rows % 64 == 0 and rows >= 8150 * 1.0625 and rows < 8150 * 1.0625 + 65
-    assert b._speculative_rows(_SpecSt(0.0625, [0]), (4096, 256)) == 64  # never below one tile
-    assert b._speculative_rows(_SpecSt(-1.0, [8000]), (4096, 256)) == 0  # knob negative: off
-    assert b._speculative_rows(_SpecSt(0.0625, [8000]), (128, 256)) == 0  # another shape
+    assert _spec_rows(_SpecSt(0.0625, [0]), (4096, 256)) == 64  # never below one tile
+    assert _spec_rows(_SpecSt(-1.0, [8000]), (4096, 256)) == 0  # knob negative: off
+    assert _spec_rows(_SpecSt(0.0625, [8000]), (128, 256)) == 0  # another shape
 
+
+def test_remembered_rows_keep_the_last_four_receives_of_a_shape():
+    st = _SpecSt(0.0625)
+    for rows in (100, 9000, 200, 300, 400):
+        NvlinkState.remember_rows(st, (4096, 256), rows)
+    assert st.recv_history[(4096, 256)] == [9000, 200, 300, 400]
+    assert _spec_rows(st, (4096, 256)) >= 9000 * 1.0625  # the largest of the four

@@ -641,7 +641,7 @@ def test_fp8_hidden_size_not_a_multiple_of_128_raises_before_any_launch(rig):
 
 def test_async_dispatch_keeps_everything_its_kernels_read(rig, monkeypatch):
     from epcomm import reference
-    from epcomm.buffer import Buffer
+    from epcomm.context import CommContext
     from epcomm.runtime.event import EventOverlap
     seen = []
 
@@ -651,7 +651,7 @@ def test_async_dispatch_keeps_everything_its_kernels_read(rig, monkeypatch):
 
     b = rig.buffer()
     h = _dispatch(b, topk_weights=torch.ones(4, 2))[4]
-    monkeypatch.setattr(Buffer, "_finish", finish)
+    monkeypatch.setattr(CommContext, "finish", finish)
     x = torch.zeros(4, 128, dtype=_BF)
     b.dispatch(x, handle=h, async_finish=True)
     # a cached dispatch reads the handle's tensors (autograd drops the handle right after)

@@ -52,7 +52,7 @@ from epcomm.interop.frameworks import FRAMEWORKS, framework_of  # noqa: F401
 from epcomm.interop.host import from_numpy, to_host, to_numpy
 from epcomm.interop.refs import TensorRef
 from epcomm.interop.torch_adapter import (  # noqa: F401
-    record_on_current_stream, record_on_stream, record_stream)
+    record_on_current_stream, record_on_stream, record_stream, torch_fast_api)
 from epcomm.interop.views import narrow_obj, narrow_rows, swap_last_two  # noqa: F401
 from epcomm.runtime.streams import current_stream
 

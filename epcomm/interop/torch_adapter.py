@@ -143,3 +143,11 @@ def allocating_on_torch(raw_stream: int, device_id: int):
     """A context in which torch allocates (and queues work) on raw stream ``raw_stream``."""
     import torch
     return torch.cuda.stream(torch.cuda.ExternalStream(raw_stream, device=device_id))
+
+
+def torch_fast_api(device_id: int) -> tuple:
+    """(the torch module, ``torch.device("cuda", device_id)``, torch's current-device query) for
+    the low-latency fast paths, which check torch tensors through torch's own attributes: the
+    cheapest checks there are, for calls that afford a few microseconds of host time."""
+    import torch
+    return torch, torch.device("cuda", device_id), getattr(torch._C, "_cuda_getDevice", torch.cuda.current_device)

@@ -13,7 +13,8 @@ from epcomm.low_latency.handle import LowLatencyHandle, _Plan, _check_hook_frame
 from epcomm.low_latency.hooks import receive_hook
 from epcomm.runtime import driver
 from epcomm.runtime.event import EventOverlap
-from epcomm.validate import check_bool, check_event
+from epcomm.validate import check_bool
+from epcomm.runtime.event import check_event
 
 
 class CombineOps:

@@ -12,7 +12,8 @@ from epcomm.low_latency.handle import LowLatencyHandle, _Plan, _Results, _check_
 from epcomm.low_latency.hooks import receive_hook
 from epcomm.runtime import driver
 from epcomm.runtime.event import EventOverlap
-from epcomm.validate import check_bool, check_event, check_experts_divisible, check_hidden_size, check_int
+from epcomm.validate import check_bool, check_experts_divisible, check_hidden_size, check_int
+from epcomm.runtime.event import check_event
 
 DEFAULT_SMEM = 48 * 1024  # dynamic shared memory a kernel may use without opting in
 

@@ -8,7 +8,7 @@ from epcomm.jit import loader
 from epcomm.kernels import intranode as K_intra
 from epcomm.normal.handle import check_handle
 from epcomm.runtime import driver
-from epcomm.validate import check_event
+from epcomm.runtime.event import check_event
 
 
 def _ptr(ref) -> int:

@@ -19,7 +19,8 @@ from epcomm.kernels import layout as K_layout
 from epcomm.normal.handle import DispatchHandle, check_handle
 from epcomm.normal.layout import layout_on_comm
 from epcomm.runtime import driver
-from epcomm.validate import check_event, check_experts_divisible, check_hidden_size, check_int
+from epcomm.validate import check_experts_divisible, check_hidden_size, check_int
+from epcomm.runtime.event import check_event
 
 # Routing arguments a cached dispatch must not be given (the handle holds the route).
 _ROUTE_ARGS = ("topk_idx", "topk_weights", "is_token_in_rank", "num_tokens_per_rank", "num_tokens_per_rdma_rank",

@@ -7,7 +7,8 @@ from epcomm.interop.indices import check_topk_indices
 from epcomm.kernels import layout as K_layout
 from epcomm.runtime import driver
 from epcomm.runtime.event import EventOverlap
-from epcomm.validate import check_event, check_int
+from epcomm.validate import check_int
+from epcomm.runtime.event import check_event
 
 
 def get_dispatch_layout(ctx, topk_idx, num_experts: int, previous_event: EventOverlap | None = None,

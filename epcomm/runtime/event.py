@@ -151,3 +151,11 @@ class EventOverlap:
             except Exception:
                 pass
             self.event = None
+
+
+def check_event(previous_event) -> None:
+    """``previous_event`` must be None or an EventOverlap (what async calls return); TypeError
+    otherwise."""
+    if previous_event is not None and not isinstance(previous_event, EventOverlap):
+        raise TypeError(f"previous_event: expected an EventOverlap (the event an epcomm call returned) or None, "
+                        f"got {type(previous_event).__name__}")
