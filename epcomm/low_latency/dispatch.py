@@ -131,11 +131,15 @@ class DispatchOps:
         # the fast path skips that.
         if (a.fw == "torch" and a.stats is None and not a.async_finish and not a.return_recv_hook
                 and previous_event is None and a.tr.dtype == "int64" and a.tr.obj is topk_idx and not res.fresh):
-            self._enable_fast_paths()
-            p.check_shape = 0  # launched already; the plan's later launches need no check
-            self._plans[("d", a.N, a.H, a.Kt, a.T, a.E, a.use_fp8, a.round_scale, a.use_ue8m0, slot)] = _Plan(
-                p, fn, grid, smem, out=(recv_x, vcount, vsrc, vrange, handle.refs))
+            self._remember_dispatch_plan(a, slot, _Plan(p, fn, grid, smem, out=(recv_x, vcount, vsrc, vrange,
+                                                                                handle.refs)))
         return recv_x, vcount, handle, ev, hook
+
+    def _remember_dispatch_plan(self, a: _DispatchArgs, slot: int, plan: _Plan) -> None:
+        """The fast path's prepared launch of this dispatch's shape and flags in ``slot``."""
+        self._enable_fast_paths()
+        plan.p.check_shape = 0  # launched already; the plan's later launches need no check
+        self._plans[("d", a.N, a.H, a.Kt, a.T, a.E, a.use_fp8, a.round_scale, a.use_ue8m0, slot)] = plan
 
     def _dispatch_args(self, x, topk_idx, T, E, stats, use_fp8, round_scale, use_ue8m0, async_finish,
                        return_recv_hook, previous_event) -> _DispatchArgs:

@@ -23,19 +23,28 @@ from epcomm.testing import random_topk
 from epcomm.tools import spawn
 
 
+def _expect(v: int, n: int) -> np.ndarray:
+    """What a smoke kernel writes: ``v + i`` at element i."""
+    return (v + np.arange(n, dtype=np.uint64)).astype(np.uint64)
+
+
 def _smoke_worker(rank: int, world: int, group, n: int = 1 << 20) -> dict:
     out: dict = {}
     dev = spawn.device_of(rank)
-    shared = world > spawn.gpu_count()  # EPCOMM_SHARE_GPU: NVSHMEM's several-PEs-per-GPU mode
     driver.init()
     driver.set_device(dev)
     stream = driver.stream_create()
-    peer = (rank + 1) % world
-    src = (rank - 1) % world
-    expect = lambda v: (v + np.arange(n, dtype=np.uint64)).astype(np.uint64)  # noqa: E731
+    _ipc_check(out, rank, world, group, dev, stream, n)
+    shared = world > spawn.gpu_count()  # EPCOMM_SHARE_GPU: NVSHMEM's several-PEs-per-GPU mode
+    _nvshmem_check(out, rank, world, group, dev, stream, n, shared)
+    _layout_check(out, rank, dev)
+    return out
 
-    # 1. CUDA IPC peer stores.
+
+def _ipc_check(out: dict, rank: int, world: int, group, dev: int, stream: int, n: int) -> None:
+    """1. Plain stores into the next rank's memory, mapped with CUDA IPC."""
     spawn.phase("ipc peer store")
+    peer, src = (rank + 1) % world, (rank - 1) % world
     base = driver.mem_alloc(n * 8)
     driver.memset_d8_async(base, 0, n * 8, stream)
     driver.stream_sync(stream)
@@ -48,14 +57,17 @@ def _smoke_worker(rank: int, world: int, group, n: int = 1 << 20) -> dict:
     group.barrier()
     host = np.empty(n, np.uint64)
     driver.memcpy_dtoh(host.ctypes.data, base, n * 8)
-    out["ipc_peer_store"] = bool((host == expect(1000 * (src + 1))).all())
+    out["ipc_peer_store"] = bool((host == _expect(1000 * (src + 1), n)).all())
     out["ipc_ms"] = round((time.perf_counter() - t0) * 1e3, 2)
     group.barrier()
     driver.ipc_close(peer_ptr)
     driver.mem_free(base)
 
-    # 2. NVSHMEM symmetric heap + device API.
+
+def _nvshmem_check(out: dict, rank: int, world: int, group, dev: int, stream: int, n: int, shared: bool) -> None:
+    """2. NVSHMEM: the symmetric heap and an NVSHMEM-linked kernel's puts and signal."""
     spawn.phase("nvshmem init")
+    peer, src = (rank + 1) % world, (rank - 1) % world
     t0 = time.perf_counter()
     nvr.init(group, dev, 64 << 20, shared_gpu=shared)
     out["nvshmem_init_s"] = round(time.perf_counter() - t0, 2)
@@ -73,22 +85,25 @@ def _smoke_worker(rank: int, world: int, group, n: int = 1 << 20) -> dict:
     K_smoke.launch_nvshmem_put(mod2, stream, SmokeParams(ptr, 0, sig, res, n, 7 * (rank + 1), rank, peer))
     driver.stream_sync(stream)
     group.barrier()
+    host = np.empty(n, np.uint64)
     driver.memcpy_dtoh(host.ctypes.data, ptr, n * 8)
     r2 = np.empty(2, np.uint64)
     driver.memcpy_dtoh(r2.ctypes.data, res, 16)
-    out["nvshmem_put_signal"] = bool((host == expect(7 * (src + 1))).all()) and int(r2[1]) == 1
+    out["nvshmem_put_signal"] = bool((host == _expect(7 * (src + 1), n)).all()) and int(r2[1]) == 1
     out["nvshmem_ptr_nvlink"] = int(r2[0]) == 1
     group.barrier()
     nvr.free(buf)
     driver.mem_free(res)
 
-    # 3. get_dispatch_layout (CuPy in, CuPy out) against the reference.
+
+def _layout_check(out: dict, rank: int, dev: int) -> None:
+    """3. get_dispatch_layout (CuPy in, CuPy out) against the reference."""
     spawn.phase("layout")
     try:
         import cupy as cp
     except ImportError:
         out["layout"] = "skipped: cupy not installed"
-        return out
+        return
     rng = np.random.default_rng(rank)
     ok = True
     with cp.cuda.Device(dev):
@@ -104,7 +119,6 @@ def _smoke_worker(rank: int, world: int, group, n: int = 1 << 20) -> dict:
             else:
                 ok &= np.array_equal(cp.asnumpy(got[1]), ref.num_tokens_per_rdma_rank)
     out["layout"] = bool(ok)
-    return out
 
 
 def run_selftest(gpus: int = 0, timeout: float = 300.0) -> int:
