@@ -10,9 +10,10 @@
 # SESSION_BUDGET_S (default 570 s from the script's start), and inside the benchmark each mode's
 # spawn has its own, shorter limit (`epcomm bench --timeout`), so a hang is reported by the spawn
 # with every rank's phase before the outer limit fires, and the JSON of a finished mode is
-# written already (bench.py writes it after each mode).  Order: `epcomm bench` (both modes with
-# 2+ GPUs, low-latency alone on one), then, while time is left, benchmarks/profile_normal.py
-# (2+ GPUs: what limits the normal mode) and benchmarks/profile_low_latency.py.
+# written already (`epcomm bench` writes it after each mode).  Order: `epcomm bench` (both modes
+# with 2+ GPUs, low-latency alone on one) and the project's bars on its JSON (benchmarks/bars.py),
+# then, while time is left, benchmarks/profile_normal.py (2+ GPUs: what limits the normal mode)
+# and benchmarks/profile_low_latency.py.
 set -uo pipefail
 what=${1:-all}
 kexpr=${2:-}
@@ -79,6 +80,10 @@ if [[ $what == bench || $what == all ]]; then
   echo "bench: outer limit ${bto}s, each mode's spawn ${sto}s ($(left)s left of ${budget}s)"
   EPCOMM_BENCH_KIND="$kind" timeout -k 10 "$bto" python3 -m epcomm.tools.cli bench $which --timeout "$sto" \
       --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
+  # The project's performance bars, evaluated on what the benchmark wrote (no GPU work).
+  if [[ -f $OUT/bench.json ]]; then
+    python3 benchmarks/bars.py "$OUT/bench.json" --json "$OUT/bars.json" 2>&1 | tee "$OUT/bars.txt"
+  fi
   # What limits the normal mode (per-block timeline, docs/design.md), at the benchmark's default
   # launch config (config.py: send share 0.33 on 2 ranks, 0.5 on more; 128-row dispatch chunks)
   # with 24 and 12 SMs, for the operations the bars are about.

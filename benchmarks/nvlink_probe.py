@@ -17,6 +17,8 @@ import argparse
 import json
 import statistics
 
+from epcomm.tools import spawn
+
 SOURCE = r"""
 struct alignas(16) V4 { int x, y, z, w; };
 __device__ __forceinline__ V4 ld_nc(const V4* p) {
@@ -111,7 +113,6 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--blocks", default="4,8,12,16,24,32")
     args = ap.parse_args()
-    from epcomm.tools import spawn
     if spawn.gpu_count() < 2:
         raise SystemExit(f"nvlink_probe.py needs 2 GPUs (it copies between GPUs 0 and 1); {spawn.gpu_count()} visible")
     import cupy as cp

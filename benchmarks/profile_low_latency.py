@@ -7,22 +7,31 @@ GPU; one GPU works, with local traffic only), and prints per phase the median ov
 the time since the call's first block started: the median block and the last block.  The
 combine runs with the expert-side partials on and off.  Also the CUDA-event time of each call.
 
-    EPCOMM_PROFILE=1 python benchmarks/profile_low_latency.py --json out.json
+    python benchmarks/profile_low_latency.py --json out.json
+
+(the workers run with EPCOMM_PROFILE=1 and EPCOMM_CHECK_INDICES=0, :data:`ENV`).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 
-os.environ.setdefault("EPCOMM_PROFILE", "1")
+import numpy as np
+
+import epcomm
+from epcomm.kernels.low_latency import PROF_PHASES
+from epcomm.testing import random_topk
+from epcomm.tools import spawn
+from epcomm.tools.bench import WORKER_ENV, worker_setup
+
+# The workers' environment: the benchmark's, with the kernels' timeline stamps on.
+ENV = dict(WORKER_ENV, EPCOMM_PROFILE="1")
 
 
 def _phases(a, names) -> dict:
     """Per phase: (median block, last block) microseconds after the first block started."""
-    import numpy as np
     a = a[a[:, 0] > 0]
     t0 = int(a[:, 0].min())
     out = {}
@@ -35,14 +44,7 @@ def _phases(a, names) -> dict:
 
 
 def _worker(rank, world, group, args):
-    import numpy as np
-
-    import epcomm
-    from epcomm.tools import spawn
-    from epcomm.tools.bench import _worker_setup
-    from epcomm.kernels.low_latency import PROF_PHASES
-    from epcomm.testing import random_topk
-    torch, dist, align = _worker_setup(rank, world, group)
+    torch, dist, align = worker_setup(rank, world, group)
     T, H, K, E = args["tokens"], args["hidden"], args["topk"], args["experts"]
     buf = epcomm.Buffer(group, 0, epcomm.Buffer.get_low_latency_rdma_size_hint(T, H, world, E),
                         low_latency_mode=True)
@@ -96,7 +98,6 @@ def _worker(rank, world, group, args):
 
 
 def main() -> int:
-    from epcomm.tools import spawn
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gpus", type=int, default=0)
     ap.add_argument("--tokens", type=int, default=128)
@@ -115,7 +116,7 @@ def main() -> int:
         print(f"profile_low_latency.py: --gpus {a.gpus}: {visible} GPU(s) visible (one rank per GPU)", file=sys.stderr)
         return 2
     args = dict(tokens=a.tokens, hidden=a.hidden, topk=a.topk, experts=a.experts, iters=a.iters)
-    out = spawn.run(_worker, n, args, timeout=400)
+    out = spawn.run(_worker, n, args, timeout=400, env=ENV)
     for r in out:
         print(f"rank {r['rank']}")
         for op in ("dispatch", "combine_partials", "combine_rows"):

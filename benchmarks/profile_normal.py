@@ -6,24 +6,41 @@ and prints, per op, the CUDA-event time and the kernels' spans relative to the o
 stamp: notify, send (first start, last end, median block busy time) and receive.  Compare
 configs by the event time; read the spans to see which side finishes last.
 
-    EPCOMM_PROFILE=1 python benchmarks/profile_normal.py --json out.json
+    python benchmarks/profile_normal.py --json out.json
+
+(the workers run with EPCOMM_PROFILE=1 and EPCOMM_CHECK_INDICES=0, :data:`ENV`).
 """
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
 import os
+import pstats
 import statistics
 import time
+from types import SimpleNamespace
 
-os.environ.setdefault("EPCOMM_PROFILE", "1")
+import numpy as np
+
+import epcomm
+from epcomm import interop
+from epcomm.config import Config
+from epcomm.jit import loader
+from epcomm.kernels import intranode as K_intra
+from epcomm.testing import random_topk
+from epcomm.tools import spawn
+from epcomm.tools.bench import WORKER_ENV, time_op, worker_setup
+
+# The workers' environment: the benchmark's, with the kernels' timeline stamps on.
+ENV = dict(WORKER_ENV, EPCOMM_PROFILE="1")
 
 
 def _spans(stamps: dict) -> dict:
     """Spans relative to the first GPU stamp.  Host stamps (time.time_ns) are put on the same
     axis assuming %globaltimer counts Unix-epoch nanoseconds, which it does on the drivers we
     saw (check: 'launched' should precede the first kernel start by a few microseconds)."""
-    import numpy as np
     host = stamps.pop("host", {})
     t0 = min(int(a[a[:, 0] > 0, 0].min()) for a in stamps.values() if (a[:, 0] > 0).any())
     out = {"host": {k: (v - t0) / 1e3 for k, v in host.items()}}
@@ -49,13 +66,7 @@ def _spans(stamps: dict) -> dict:
 
 
 def _worker(rank, world, group, args):
-    import numpy as np
-
-    import epcomm
-    from epcomm.tools.bench import _time_op, _worker_setup
-    from epcomm.config import Config
-    from epcomm.testing import random_topk
-    torch, dist, align = _worker_setup(rank, world, group)
+    torch, dist, align = worker_setup(rank, world, group)
     N, H, K, E = 4096, 7168, 8, 256
     buf = epcomm.Buffer(group, epcomm.Buffer.get_nvl_buffer_size_hint(H, world, N, K))
     rng = np.random.default_rng(1234 + rank)
@@ -68,75 +79,93 @@ def _worker(rank, world, group, args):
     else:
         xs = torch.rand(N, H // 128, device="cuda") + 0.5  # row-major, as `epcomm bench` uses
     ntr, _, nte, itr, _ = buf.get_dispatch_layout(topk, E)
+    c = SimpleNamespace(rank=rank, world=world, torch=torch, align=align, buf=buf, x=x, xq=xq, xs=xs, N=N, E=E,
+                        route=dict(num_tokens_per_rank=ntr, is_token_in_rank=itr, num_tokens_per_expert=nte,
+                                   topk_idx=topk, topk_weights=w))
     res = []
     for sms, frac, chunk in args["configs"]:
-        cfg = Config(num_sms=sms, send_fraction=frac, chunk_rows=chunk)
-        st = {}
+        st = _profile_config(c, args, sms, frac, chunk, res)
+    alloc = _alloc_costs(torch, rank, int(st["r"][0].shape[0]), H, K)
+    prof = _host_profile(c)
+    attrs = _kernel_attrs(world, H, rank)
+    st = buf._intra
+    counters = {"speculative_hits": st.spec_hits, "speculative_misses": st.spec_misses}
+    dist.destroy_process_group()
+    buf.destroy()
+    return {"records": res, "cprofile": prof, "attrs": attrs, "alloc": alloc, "counters": counters}
 
-        def disp_bf16():
-            st["r"] = buf.dispatch(x, num_tokens_per_rank=ntr, is_token_in_rank=itr, num_tokens_per_expert=nte,
-                                   topk_idx=topk, topk_weights=w, config=cfg)
 
-        def disp_fp8():
-            buf.dispatch((xq, xs), num_tokens_per_rank=ntr, is_token_in_rank=itr, num_tokens_per_expert=nte,
-                         topk_idx=topk, topk_weights=w, config=cfg)
-        def cached_alt():
-            st["c"] = buf.dispatch(x, handle=handle, config=cfg)
+def _profile_config(c, args, sms: int, frac: float, chunk: int, res: list) -> dict:
+    """Every op of ``args["ops"]`` (default all) at one launch config: its event time, host time
+    and the kernels' spans, appended to ``res``; returns the ops' last outputs."""
+    buf, x, route, N, torch, align = c.buf, c.x, c.route, c.N, c.torch, c.align
+    cfg = Config(num_sms=sms, send_fraction=frac, chunk_rows=chunk)
+    st = {}
 
-        def disp_worst():
-            # No CPU synchronisation at all: outputs sized for every token of every rank.
-            st["r4"] = buf.dispatch(x, num_tokens_per_rank=ntr, is_token_in_rank=itr, num_tokens_per_expert=nte,
-                                    topk_idx=topk, topk_weights=w, config=cfg, num_worst_tokens=N * world)
+    def disp_bf16():
+        st["r"] = buf.dispatch(x, **route, config=cfg)
 
-        def disp_nospec():
-            # No speculative outputs: the receive is launched after the host saw the counts.
-            keep, buf._intra.speculation = buf._intra.speculation, -1.0
-            try:
-                disp_bf16()
-            finally:
-                buf._intra.speculation = keep
+    def disp_fp8():
+        buf.dispatch((c.xq, c.xs), **route, config=cfg)
 
-        def disp_reuse():
-            st.pop("r2", None)
-            st["r2"] = buf.dispatch(x, num_tokens_per_rank=ntr, is_token_in_rank=itr, num_tokens_per_expert=nte,
-                                    topk_idx=topk, topk_weights=w, config=cfg)
-        disp_bf16()
-        handle = st["r"][4]
-        y = st["r"][0].clone()
-        ops = {"dispatch_bf16": disp_bf16, "dispatch_fp8": disp_fp8,
-               # Without top-k (no metadata in the rows): isolates what the top-k entries cost.
-               "dispatch_bf16_notopk": lambda: buf.dispatch(x, num_tokens_per_rank=ntr, is_token_in_rank=itr,
-                                                            num_experts=E, config=cfg),
-               "cached_bf16": lambda: buf.dispatch(x, handle=handle, config=cfg),
-               "dispatch_bf16_worst": disp_worst,
-               "dispatch_bf16_nospec": disp_nospec,
-               # Memory placement: the ops above either keep their last outputs alive while the
-               # next call allocates (dispatch: two output blocks alternate, as in `epcomm
-               # bench` and DeepEP's tests) or drop them at once (cached: one block reused).
-               "cached_bf16_alternating": cached_alt,
-               "dispatch_bf16_reusing": disp_reuse,
-               "combine": lambda: buf.combine(y, handle, config=cfg)}
-        for name, fn in ops.items():
-            if args.get("ops") and name not in args["ops"]:
-                continue
-            ev = statistics.median(_time_op(torch, fn, 20, 5, align))
-            spans, host = [], []
-            for _ in range(5):
-                align()
-                t = time.perf_counter()
-                fn()
-                host.append((time.perf_counter() - t) * 1e6)
-                spans.append(_spans(buf.profile_stamps()))
-            med = {}
-            for k in spans[0]:
-                med[k] = {f: statistics.median(s[k][f] for s in spans if k in s and f in s[k]) for f in spans[0][k]}
-            res.append({"rank": rank, "sms": sms, "send_fraction": frac, "chunk_rows": chunk, "op": name, "event_us": ev,
-                        "host_call_us": statistics.median(host), "spans": med})
-    # What one output allocation costs on this host (it sits on the CPU-synchronised path).
-    from epcomm import interop
+    def cached_alt():
+        st["c"] = buf.dispatch(x, handle=handle, config=cfg)
+
+    def disp_worst():
+        # No CPU synchronisation at all: outputs sized for every token of every rank.
+        st["r4"] = buf.dispatch(x, **route, config=cfg, num_worst_tokens=N * c.world)
+
+    def disp_nospec():
+        # No speculative outputs: the receive is launched after the host saw the counts.
+        keep, buf._intra.speculation = buf._intra.speculation, -1.0
+        try:
+            disp_bf16()
+        finally:
+            buf._intra.speculation = keep
+
+    def disp_reuse():
+        st.pop("r2", None)
+        st["r2"] = buf.dispatch(x, **route, config=cfg)
+    disp_bf16()
+    handle = st["r"][4]
+    y = st["r"][0].clone()
+    ops = {"dispatch_bf16": disp_bf16, "dispatch_fp8": disp_fp8,
+           # Without top-k (no metadata in the rows): isolates what the top-k entries cost.
+           "dispatch_bf16_notopk": lambda: buf.dispatch(x, num_tokens_per_rank=route["num_tokens_per_rank"],
+                                                        is_token_in_rank=route["is_token_in_rank"],
+                                                        num_experts=c.E, config=cfg),
+           "cached_bf16": lambda: buf.dispatch(x, handle=handle, config=cfg),
+           "dispatch_bf16_worst": disp_worst,
+           "dispatch_bf16_nospec": disp_nospec,
+           # Memory placement: the ops above either keep their last outputs alive while the
+           # next call allocates (dispatch: two output blocks alternate, as in `epcomm
+           # bench` and DeepEP's tests) or drop them at once (cached: one block reused).
+           "cached_bf16_alternating": cached_alt,
+           "dispatch_bf16_reusing": disp_reuse,
+           "combine": lambda: buf.combine(y, handle, config=cfg)}
+    for name, fn in ops.items():
+        if args.get("ops") and name not in args["ops"]:
+            continue
+        ev = statistics.median(time_op(torch, fn, 20, 5, align))
+        spans, host = [], []
+        for _ in range(5):
+            align()
+            t = time.perf_counter()
+            fn()
+            host.append((time.perf_counter() - t) * 1e6)
+            spans.append(_spans(buf.profile_stamps()))
+        med = {}
+        for k in spans[0]:
+            med[k] = {f: statistics.median(s[k][f] for s in spans if k in s and f in s[k]) for f in spans[0][k]}
+        res.append({"rank": c.rank, "sms": sms, "send_fraction": frac, "chunk_rows": chunk, "op": name,
+                    "event_us": ev, "host_call_us": statistics.median(host), "spans": med})
+    return st
+
+
+def _alloc_costs(torch, rank: int, M: int, H: int, K: int) -> dict:
+    """What one output allocation costs on this host (it sits on the CPU-synchronised path)."""
     alloc = {"PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
              "backend": torch.cuda.get_allocator_backend()}
-    M = int(st["r"][0].shape[0])
     for nm, shape, dt in (("recv_x", (M, H), "bfloat16"), ("topk_idx", (M, K), "int64"),
                           ("src_idx", (M,), "int32")):
         keep = [interop.empty("torch", shape, dt, "cuda", rank) for _ in range(2)]
@@ -149,30 +178,33 @@ def _worker(rank, world, group, args):
             keep[i % 2] = torch.empty(shape, dtype=getattr(torch, dt), device="cuda")
         alloc[nm + "_torch_us"] = (time.perf_counter() - t) / 200 * 1e6
         del keep
-    # Host cost: cProfile over full BF16 dispatches (both ranks call, rank 0 reports).
-    import cProfile
-    import io
-    import pstats
+    return alloc
+
+
+def _host_profile(c) -> str:
+    """Host cost: cProfile over full BF16 dispatches (both ranks call, rank 0 reports)."""
+    buf, x = c.buf, c.x
     cfg = Config(num_sms=24, send_fraction=0.33)
     prof = cProfile.Profile()
     for i in range(25):
-        align()
+        c.align()
         if i >= 5:
             prof.enable()
-        r = buf.dispatch(x, num_tokens_per_rank=ntr, is_token_in_rank=itr, num_tokens_per_expert=nte,
-                         topk_idx=topk, topk_weights=w, config=cfg)
+        r = buf.dispatch(x, **c.route, config=cfg)
         buf.dispatch(x, handle=r[4], config=cfg)
         buf.combine(r[0], r[4], config=cfg)
         if i >= 5:
             prof.disable()
     sio = io.StringIO()
     pstats.Stats(prof, stream=sio).sort_stats("tottime").print_stats(30)
-    # Resource usage of the kernels (registers, local memory = spills).
-    from epcomm.jit import loader
-    from epcomm.kernels import intranode as K
+    return sio.getvalue()
+
+
+def _kernel_attrs(world: int, H: int, rank: int) -> dict:
+    """Resource usage of the kernels (registers, local memory = spills)."""
     attrs = {}
-    for spec in (K.IntranodeDispatchSpec(world, H, False), K.IntranodeDispatchSpec(world, H, True),
-                 K.IntranodeCombineSpec(world, H)):
+    for spec in (K_intra.IntranodeDispatchSpec(world, H, False), K_intra.IntranodeDispatchSpec(world, H, True),
+                 K_intra.IntranodeCombineSpec(world, H)):
         mod = loader.load(spec, rank)
         for kd in spec.kernels():
             key = f"{spec.family}/{kd.short}/fp8={getattr(spec, 'fp8', None)}"
@@ -185,15 +217,10 @@ def _worker(rank, world, group, args):
                         drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES, f)[1]}
             except Exception as e:  # noqa: BLE001 - informational only
                 attrs[key] = repr(e)
-    st = buf._intra
-    counters = {"speculative_hits": st.spec_hits, "speculative_misses": st.spec_misses}
-    dist.destroy_process_group()
-    buf.destroy()
-    return {"records": res, "cprofile": sio.getvalue(), "attrs": attrs, "alloc": alloc, "counters": counters}
+    return attrs
 
 
 def main():
-    from epcomm.tools import spawn
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
     ap.add_argument("--configs", default="24:0.5:64,24:0.33:64,24:0.25:64,24:0.33:32,24:0.33:128,12:0.33:64")
@@ -206,7 +233,7 @@ def main():
     if world < 2:
         raise SystemExit(f"profile_normal.py needs 2 or more GPUs (normal mode); {world} visible")
     out = spawn.run(_worker, world, {"configs": configs, "fp8_scales": a.fp8_scales,
-                                           "ops": [o for o in a.ops.split(",") if o]}, timeout=500)
+                                           "ops": [o for o in a.ops.split(",") if o]}, timeout=500, env=ENV)
     print(out[0]["cprofile"])
     print(json.dumps(out[0]["attrs"]))
     print(json.dumps(out[0]["alloc"], indent=1))

@@ -1,11 +1,14 @@
-"""Every ``EPCOMM_*`` environment variable, read in one typed place.
+"""Every ``EPCOMM_*`` environment variable of the library, read in one typed place.
 
 Values are read from ``os.environ`` on every access (not at import), so a test or a
 launcher may set a variable at any time before the code that uses it runs.  The README
 table of variables is generated from :data:`KNOBS` (``python -m epcomm.envs`` prints it).
+Tools and tests declare their own variables with :func:`knob` and the ``parse_*`` functions
+here, in a registry of their own (``registry=``), so that :data:`KNOBS` holds the library's.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +20,7 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
 
-def _parse_bool(name: str, raw: str) -> bool:
+def parse_bool(name: str, raw: str) -> bool:
     low = raw.strip().lower()
     if low in _TRUE:
         return True
@@ -26,14 +29,14 @@ def _parse_bool(name: str, raw: str) -> bool:
     raise ValueError(f"{name}={raw!r}: expected one of 1/0/true/false/yes/no/on/off")
 
 
-def _parse_float(name: str, raw: str) -> float:
+def parse_float(name: str, raw: str) -> float:
     try:
         return float(raw)
     except ValueError:
         raise ValueError(f"{name}={raw!r}: expected a number") from None
 
 
-def _parse_int(name: str, raw: str) -> int:
+def parse_int(name: str, raw: str) -> int:
     try:
         return int(raw, 0)
     except ValueError:
@@ -50,12 +53,28 @@ class Knob(Generic[T]):
 
     def get(self) -> T:
         raw = os.environ.get(self.name)
-        if raw is None or raw == "" and self.parse is not _parse_bool:
+        if raw is None or raw == "" and self.parse is not parse_bool:
             return self.default()
         return self.parse(self.name, raw)
 
     def is_set(self) -> bool:
         return self.name in os.environ
+
+    @contextlib.contextmanager
+    def scoped(self, value: T):
+        """Within the block the variable reads as ``value``, then as it was (unset included).
+        For a benchmark that compares two settings of a knob inside one process (the library
+        reads its knobs per call); processes started within the block inherit the value.  It
+        is written as text: a bool as "1" or "0", anything else with ``str``."""
+        old = os.environ.get(self.name)
+        os.environ[self.name] = ("1" if value else "0") if isinstance(value, bool) else str(value)
+        try:
+            yield
+        finally:
+            if old is None:
+                os.environ.pop(self.name, None)
+            else:
+                os.environ[self.name] = old
 
     def get_memo(self) -> T:
         """:meth:`get`, parsed again only when the variable's text changed (per-call hot paths:
@@ -72,7 +91,7 @@ class Knob(Generic[T]):
 _MEMO: dict = {}
 
 
-def _str(name: str, raw: str) -> str:
+def parse_str(name: str, raw: str) -> str:
     return raw
 
 
@@ -86,95 +105,91 @@ def _default_cache_dir() -> Path:
 KNOBS: dict[str, Knob] = {}
 
 
-def _knob(name: str, default, parse, doc: str, default_doc: str | None = None) -> Knob:
+def knob(name: str, default, parse, doc: str, default_doc: str | None = None, *,
+         registry: dict | None = None) -> Knob:
+    """A :class:`Knob` entered in ``registry`` (default :data:`KNOBS`, the library's).
+    ``default``: a value or a function computing it; ``parse(name, raw)``: one of the
+    ``parse_*`` functions here (or alike: ValueError naming the variable for a malformed
+    value); ``default_doc``: the default as the table shows it (``repr(default)`` if
+    omitted).  ValueError if ``registry`` has ``name`` already."""
+    reg = KNOBS if registry is None else registry
+    if name in reg:
+        raise ValueError(f"{name} is declared twice")
     k = Knob(name, default if callable(default) else (lambda d=default: d), parse, doc,
              default_doc if default_doc is not None else repr(default))
-    KNOBS[name] = k
+    reg[name] = k
     return k
 
 
-CACHE_DIR = _knob("EPCOMM_CACHE_DIR", _default_cache_dir, lambda n, r: Path(r).expanduser().absolute(),
-                  "Directory of the on-disk JIT cache (compiled cubins); a relative path is taken "
-                  "from the current directory when read.", "~/.cache/epcomm")
-DISABLE_CACHE = _knob("EPCOMM_DISABLE_CACHE", False, _parse_bool,
-                      "Compile every kernel afresh and write nothing to the disk cache.")
-ARCH = _knob("EPCOMM_ARCH", "", _str,
-             "Target architecture for JIT compiles (e.g. sm_90); default: the current GPU's, "
-             "or sm_90 where no GPU is visible.", "'' (auto)")
-JIT_VERBOSE = _knob("EPCOMM_JIT_VERBOSE", False, _parse_bool,
-                    "Log every compile and cache hit to stderr.")
-DUMP_DIR = _knob("EPCOMM_DUMP_DIR", "", _str,
-                 "If set, write each rendered instantiation source and its compile log here.",
-                 "'' (off)")
-NVSHMEM_HOME = _knob("EPCOMM_NVSHMEM_HOME", "", _str,
-                     "NVSHMEM installation (with include/ and lib/libnvshmem_device.a) to compile "
-                     "and link against; default: the nvidia-nvshmem wheel.", "'' (wheel)")
-CUDA_HOME = _knob("EPCOMM_CUDA_HOME", "", _str,
-                  "CUDA toolkit root whose include/ (and include/cccl) NVRTC should use; "
-                  "default: the nvidia-cuda-runtime/-cccl wheels, then CUDA_HOME, then /usr/local/cuda.",
-                  "'' (auto)")
-TIMEOUT_S = _knob("EPCOMM_TIMEOUT_S", 100.0, _parse_float,
-                  "Seconds a kernel or the host waits for a peer before raising EpcommTimeoutError "
-                  "(names the rank, phase and channel that stalled).")
-GROUP_TIMEOUT_S = _knob("EPCOMM_GROUP_TIMEOUT_S", 600.0, _parse_float,
-                        "Seconds a process-group exchange (a Buffer's set-up and teardown, through "
-                        "torch.distributed's store, JAX's key-value store or a shared directory) waits "
-                        "for every rank before raising EpcommTimeoutError naming the missing ones; "
-                        "longer than EPCOMM_TIMEOUT_S because ranks may reach the set-up minutes apart "
-                        "(model loading). NVSHMEM's initialisation and heap allocation, which cannot be "
-                        "bounded, report on stderr when they take longer.")
-COMPILE_JOBS = _knob("EPCOMM_COMPILE_JOBS", 0, _parse_int,
-                     "Parallel compile processes for `epcomm warmup` when -j is not given; 0 = CPU count.")
-LL_FORCE_NVSHMEM_PUT = _knob("EPCOMM_LL_FORCE_NVSHMEM_PUT", False, _parse_bool,
-                             "Low-latency kernels use NVSHMEM puts even to peers reachable over NVLink "
-                             "(the RDMA code path), instead of plain stores through peer pointers.")
-LL_COMBINE_PARTIALS = _knob("EPCOMM_LL_COMBINE_PARTIALS", True, _parse_bool,
-                            "Low-latency combine: the expert side sums a token's rows it holds (2 or more of "
-                            "its experts) into one fp32 partial before sending it over NVLink (half the bytes "
-                            "on 2 ranks; 2x H200: 31.1 vs 39.1 us per graph replay); 0 sends one bf16 row per "
-                            "(token, expert) as DeepEP does. Must agree on all ranks.")
-CHECK_INDICES = _knob("EPCOMM_CHECK_INDICES", True, _parse_bool,
-                      "Check on the host, before launching, that top-k expert indices lie in [-1, E) "
-                      "(one device sync per call; skipped under CUDA-graph capture; the low-latency "
-                      "calls also reject repeated experts in a row). Kernels always skip an index "
-                      "outside [-1, E) and record it: Buffer.check() raises it as ValueError, or the "
-                      "next dispatch/combine issues a RuntimeWarning (and still runs, so no peer is "
-                      "left waiting). Set 0 in production.")
-GROUP_DIR = _knob("EPCOMM_GROUP_DIR", "", _str,
-                  "Shared directory for epcomm.runtime.group.init_from_env() (with RANK and WORLD_SIZE): a "
-                  "framework-free bootstrap of the ranks of one host.", "'' (unset)")
-VISIBLE_GPUS = _knob("EPCOMM_VISIBLE_GPUS", "", _str,
-                     "Set by epcomm.tools.spawn: the GPU count it probed, inherited by its workers.", "'' (probe)")
-GIT_COMMIT = _knob("EPCOMM_GIT_COMMIT", "", _str,
-                   "Commit recorded in benchmark JSON where `git` is unavailable.", "'' (git)")
-BENCH_KIND = _knob("EPCOMM_BENCH_KIND", "", _str, "Machine kind recorded in benchmark JSON.", "''")
-NUM_SMS = _knob("EPCOMM_NUM_SMS", 24, _parse_int,
-                "Default SM budget of the normal (high-throughput) kernels; Buffer.set_num_sms overrides.")
-RECV_SPECULATION = _knob("EPCOMM_RECV_SPECULATION", 0.0625, _parse_float,
-                        "CPU-synchronised normal dispatch: allocate the outputs before the counts are "
-                        "known, with this fraction of rows more than the largest receive of the last "
-                        "four calls of the same shape, so the receive kernel never waits for the host "
-                        "(the outputs are then row views of that allocation). A receive that does not "
-                        "fit falls back to exact outputs allocated after the counts. Negative: off.")
-SHARE_GPU = _knob("EPCOMM_SHARE_GPU", False, _parse_bool,
-                  "Testing only: let ranks share one GPU (the kernels of different processes then "
-                  "take turns, so it is slow and says nothing about speed). The GPU tests use it to "
-                  "run 2 ranks on a one-GPU machine; in the low-latency mode NVSHMEM then runs "
-                  "several PEs per GPU (its limited MPG mode, without MPS).")
-TEST_RANKS = _knob("EPCOMM_TEST_RANKS", 0, _parse_int,
-                   "GPU tests: ranks to spawn (0: one per GPU, or 2 on a one-GPU machine with "
-                   "EPCOMM_SHARE_GPU=1). More ranks than GPUs needs EPCOMM_SHARE_GPU=1.", "0")
-TEST_TIMEOUT = _knob("EPCOMM_TEST_TIMEOUT", 480.0, _parse_float,
-                     "GPU tests: seconds one multi-rank spawn may take before it is ended and the "
-                     "ranks still running are named.")
-TEST_LOG_DIR = _knob("EPCOMM_TEST_LOG_DIR", "", _str,
-                     "GPU tests: a directory where each multi-rank spawn's failures are written as "
-                     "soon as the spawn ends (they survive a pytest killed by an outer time limit).",
-                     "'' (off)")
-PROFILE = _knob("EPCOMM_PROFILE", False, _parse_bool,
-                "Kernels stamp each block's phases (globaltimer): normal mode for "
-                "Buffer.profile_stamps() and benchmarks/profile_normal.py, low-latency mode for "
-                "benchmarks/profile_low_latency.py; costs a few stores.")
+CACHE_DIR = knob("EPCOMM_CACHE_DIR", _default_cache_dir, lambda n, r: Path(r).expanduser().absolute(),
+                 "Directory of the on-disk JIT cache (compiled cubins); a relative path is taken "
+                 "from the current directory when read.", "~/.cache/epcomm")
+DISABLE_CACHE = knob("EPCOMM_DISABLE_CACHE", False, parse_bool,
+                     "Compile every kernel afresh and write nothing to the disk cache.")
+ARCH = knob("EPCOMM_ARCH", "", parse_str,
+            "Target architecture for JIT compiles (e.g. sm_90); default: the current GPU's, "
+            "or sm_90 where no GPU is visible.", "'' (auto)")
+JIT_VERBOSE = knob("EPCOMM_JIT_VERBOSE", False, parse_bool,
+                   "Log every compile and cache hit to stderr.")
+DUMP_DIR = knob("EPCOMM_DUMP_DIR", "", parse_str,
+                "If set, write each rendered instantiation source and its compile log here.",
+                "'' (off)")
+NVSHMEM_HOME = knob("EPCOMM_NVSHMEM_HOME", "", parse_str,
+                    "NVSHMEM installation (with include/ and lib/libnvshmem_device.a) to compile "
+                    "and link against; default: the nvidia-nvshmem wheel.", "'' (wheel)")
+CUDA_HOME = knob("EPCOMM_CUDA_HOME", "", parse_str,
+                 "CUDA toolkit root whose include/ (and include/cccl) NVRTC should use; "
+                 "default: the nvidia-cuda-runtime/-cccl wheels, then CUDA_HOME, then /usr/local/cuda.",
+                 "'' (auto)")
+TIMEOUT_S = knob("EPCOMM_TIMEOUT_S", 100.0, parse_float,
+                 "Seconds a kernel or the host waits for a peer before raising EpcommTimeoutError "
+                 "(names the rank, phase and channel that stalled).")
+GROUP_TIMEOUT_S = knob("EPCOMM_GROUP_TIMEOUT_S", 600.0, parse_float,
+                       "Seconds a process-group exchange (a Buffer's set-up and teardown, through "
+                       "torch.distributed's store, JAX's key-value store or a shared directory) waits "
+                       "for every rank before raising EpcommTimeoutError naming the missing ones; "
+                       "longer than EPCOMM_TIMEOUT_S because ranks may reach the set-up minutes apart "
+                       "(model loading). NVSHMEM's initialisation and heap allocation, which cannot be "
+                       "bounded, report on stderr when they take longer.")
+COMPILE_JOBS = knob("EPCOMM_COMPILE_JOBS", 0, parse_int,
+                    "Parallel compile processes for `epcomm warmup` when -j is not given; 0 = CPU count.")
+LL_FORCE_NVSHMEM_PUT = knob("EPCOMM_LL_FORCE_NVSHMEM_PUT", False, parse_bool,
+                            "Low-latency kernels use NVSHMEM puts even to peers reachable over NVLink "
+                            "(the RDMA code path), instead of plain stores through peer pointers.")
+LL_COMBINE_PARTIALS = knob("EPCOMM_LL_COMBINE_PARTIALS", True, parse_bool,
+                           "Low-latency combine: the expert side sums a token's rows it holds (2 or more of "
+                           "its experts) into one fp32 partial before sending it over NVLink (on 2 ranks half "
+                           "the bytes of the rows); 0 sends one bf16 row per (token, expert) as DeepEP does. "
+                           "Must agree on all ranks.")
+CHECK_INDICES = knob("EPCOMM_CHECK_INDICES", True, parse_bool,
+                     "Check on the host, before launching, that top-k expert indices lie in [-1, E) "
+                     "(one device sync per call; skipped under CUDA-graph capture; the low-latency "
+                     "calls also reject repeated experts in a row). Kernels always skip an index "
+                     "outside [-1, E) and record it: Buffer.check() raises it as ValueError, or the "
+                     "next dispatch/combine issues a RuntimeWarning (and still runs, so no peer is "
+                     "left waiting). Set 0 in production.")
+GROUP_DIR = knob("EPCOMM_GROUP_DIR", "", parse_str,
+                 "Shared directory for epcomm.runtime.group.init_from_env() (with RANK and WORLD_SIZE): a "
+                 "framework-free bootstrap of the ranks of one host.", "'' (unset)")
+VISIBLE_GPUS = knob("EPCOMM_VISIBLE_GPUS", "", parse_str,
+                    "Set by epcomm.tools.spawn: the GPU count it probed, inherited by its workers.", "'' (probe)")
+NUM_SMS = knob("EPCOMM_NUM_SMS", 24, parse_int,
+               "Default SM budget of the normal (high-throughput) kernels; Buffer.set_num_sms overrides.")
+RECV_SPECULATION = knob("EPCOMM_RECV_SPECULATION", 0.0625, parse_float,
+                       "CPU-synchronised normal dispatch: allocate the outputs before the counts are "
+                       "known, with this fraction of rows more than the largest receive of the last "
+                       "four calls of the same shape, so the receive kernel never waits for the host "
+                       "(the outputs are then row views of that allocation). A receive that does not "
+                       "fit falls back to exact outputs allocated after the counts. Negative: off.")
+SHARE_GPU = knob("EPCOMM_SHARE_GPU", False, parse_bool,
+                 "Testing only: let ranks share one GPU (the kernels of different processes then "
+                 "take turns, so it is slow and says nothing about speed). The GPU tests use it to "
+                 "run 2 ranks on a one-GPU machine; in the low-latency mode NVSHMEM then runs "
+                 "several PEs per GPU (its limited MPG mode, without MPS).")
+PROFILE = knob("EPCOMM_PROFILE", False, parse_bool,
+               "Kernels stamp each block's phases (globaltimer): normal mode for "
+               "Buffer.profile_stamps() and benchmarks/profile_normal.py, low-latency mode for "
+               "benchmarks/profile_low_latency.py; costs a few stores.")
 
 
 # Variables of other tools that epcomm reads (as text, "" when unset): where CUDA lives, and

@@ -9,7 +9,21 @@ import os
 
 import pytest
 
+from epcomm import envs
 from epcomm.tools import spawn
+
+# The GPU tests' environment variables (not the library's: declared here with its Knob type).
+KNOBS: dict = {}
+TEST_RANKS = envs.knob("EPCOMM_TEST_RANKS", 0, envs.parse_int,
+                       "GPU tests: ranks to spawn (0: one per GPU, or 2 on a one-GPU machine with "
+                       "EPCOMM_SHARE_GPU=1). More ranks than GPUs needs EPCOMM_SHARE_GPU=1.", "0", registry=KNOBS)
+TEST_TIMEOUT = envs.knob("EPCOMM_TEST_TIMEOUT", 480.0, envs.parse_float,
+                         "GPU tests: seconds one multi-rank spawn may take before it is ended and the "
+                         "ranks still running are named.", registry=KNOBS)
+TEST_LOG_DIR = envs.knob("EPCOMM_TEST_LOG_DIR", "", envs.parse_str,
+                         "GPU tests: a directory where each multi-rank spawn's failures are written as "
+                         "soon as the spawn ends (they survive a pytest killed by an outer time limit).",
+                         "'' (off)", registry=KNOBS)
 
 
 @functools.lru_cache(maxsize=None)
@@ -27,8 +41,13 @@ def normal_ranks() -> int:
     a correctness run (e.g. 4 or 8 ranks on a smaller machine), never a speed one.  0 (the
     tests skip, saying why: see ``needs_ranks``) when EPCOMM_TEST_RANKS exceeds the GPUs
     without EPCOMM_SHARE_GPU, as ``ll_ranks`` does: an error here would be one at collection."""
-    from epcomm import envs
-    n, want, share = world(), envs.TEST_RANKS.get(), envs.SHARE_GPU.get()
+    return _ranks()
+
+
+def _ranks() -> int:
+    """EPCOMM_TEST_RANKS if set and runnable (0 if it exceeds the GPUs without EPCOMM_SHARE_GPU),
+    else one per GPU, or 2 sharing the only GPU under EPCOMM_SHARE_GPU=1; 0 without a GPU."""
+    n, want, share = world(), TEST_RANKS.get(), envs.SHARE_GPU.get()
     if n == 0:
         return 0
     if want > 0:
@@ -37,8 +56,7 @@ def normal_ranks() -> int:
 
 
 def _reason(need: int) -> str:
-    from epcomm import envs
-    want = envs.TEST_RANKS.get()
+    want = TEST_RANKS.get()
     if want > world() > 0 and not envs.SHARE_GPU.get():
         return f"EPCOMM_TEST_RANKS={want} exceeds the {world()} visible GPUs: set EPCOMM_SHARE_GPU=1 to share them"
     if 0 < want < need:
@@ -56,13 +74,7 @@ def ll_ranks() -> int:
     with 2 ranks sharing it under EPCOMM_SHARE_GPU=1 (NVSHMEM's limited multiple-PEs-per-GPU
     mode: the peer paths, the NVSHMEM puts and the hand-offs between ranks run, their kernels
     taking turns on the GPU; a correctness run, never a speed one)."""
-    from epcomm import envs
-    n, want, share = world(), envs.TEST_RANKS.get(), envs.SHARE_GPU.get()
-    if n == 0:
-        return 0
-    if want > 0:
-        return want if want <= n or share else 0
-    return 2 if n == 1 and share else n
+    return _ranks()
 
 
 needs_ll_ranks = pytest.mark.skipif(ll_ranks() < 1, reason=_reason(1))
@@ -77,10 +89,7 @@ def device_of(rank: int) -> int:
 def _log_spawn(name, args, ok, value) -> None:
     """Write what went wrong in a spawn to EPCOMM_TEST_LOG_DIR at once: pytest reports failures
     only at its end, which an outer time limit may never let it reach."""
-    import os
-
-    from epcomm import envs
-    d = envs.TEST_LOG_DIR.get()
+    d = TEST_LOG_DIR.get()
     if not d:
         return
     if ok:

@@ -31,10 +31,9 @@ import os
 import numpy as np
 import pytest
 
-from epcomm import envs
 from epcomm.tools import spawn
-from gpu_checks import (env_var, assert_bits as _assert_bits, assert_every_rank_ok, device_of, needs_ranks,
-                        normal_ranks as _world, random_job, run_once, to_np as _np)
+from gpu_checks import (TEST_TIMEOUT, env_var, assert_bits as _assert_bits, assert_every_rank_ok, device_of,
+                        needs_ranks, normal_ranks as _world, random_job, run_once, to_np as _np)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.multigpu]
 
@@ -669,7 +668,7 @@ def _worker(rank, world, group, cases):
 
 @run_once
 def _results():
-    return spawn.run(_worker, _world(), CASES, timeout=envs.TEST_TIMEOUT.get())
+    return spawn.run(_worker, _world(), CASES, timeout=TEST_TIMEOUT.get())
 
 
 @needs_ranks

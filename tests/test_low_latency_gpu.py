@@ -41,10 +41,9 @@ import zlib
 import numpy as np
 import pytest
 
-from epcomm import envs
 from epcomm.tools import spawn
-from gpu_checks import (env_var, assert_bits as _assert_bits, assert_every_rank_ok, device_of, ll_ranks as _world,
-                        needs_ll_ranks, needs_two_ll_ranks, run_once, to_np as _np)
+from gpu_checks import (TEST_TIMEOUT, env_var, assert_bits as _assert_bits, assert_every_rank_ok, device_of,
+                        ll_ranks as _world, needs_ll_ranks, needs_two_ll_ranks, run_once, to_np as _np)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.multigpu]
 
@@ -527,7 +526,7 @@ def _results(mode: str):
     cases = CASES if names is None else [c for c in CASES if c["name"] in names]
     if mode in ("nvlink", "put"):
         cases = cases + [OVERLAP]
-    return spawn.run(_worker, _world(), cases, timeout=envs.TEST_TIMEOUT.get(), env=env)
+    return spawn.run(_worker, _world(), cases, timeout=TEST_TIMEOUT.get(), env=env)
 
 
 # The steady-state fast paths (torch, default flags, shapes seen before) serve calls only with
@@ -541,7 +540,7 @@ FAST_CASES = ["fp8_t128_h7168_e256_k8", "bf16_t128_h4096_e64_k8", "fp8_ue8m0_t25
 @run_once
 def _results_fast():
     cases = [c for c in CASES if c["name"] in FAST_CASES]
-    return spawn.run(_worker, _world(), cases, 4, timeout=envs.TEST_TIMEOUT.get(),
+    return spawn.run(_worker, _world(), cases, 4, timeout=TEST_TIMEOUT.get(),
                      env={"EPCOMM_CHECK_INDICES": "0"})
 
 

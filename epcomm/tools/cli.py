@@ -8,6 +8,10 @@ import os
 import sys
 import time
 
+from epcomm.tools import bench
+from epcomm.tools.bench import defaults as bench_defaults
+from epcomm.tools.bench import knobs as bench_knobs
+
 
 def _csv(kind):
     def parse(s: str):
@@ -214,8 +218,7 @@ def cmd_selftest(a) -> int:
 
 
 def cmd_bench(a) -> int:
-    from epcomm.tools.bench import main as bench_main
-    return bench_main(a)
+    return bench.main(a)
 
 
 def main(argv=None) -> int:
@@ -249,22 +252,26 @@ def main(argv=None) -> int:
     s.add_argument("--timeout", type=float, default=300.0)
     s.set_defaults(fn=cmd_selftest)
 
-    b = sub.add_parser("bench", help="benchmarks: timings, same-run baselines, checks against epcomm.reference "
-                       "and the issues' bars (see epcomm/bench.py)")
+    b = sub.add_parser("bench", help="benchmarks: timings, same-run baselines and checks against epcomm.reference "
+                       "(see epcomm/tools/bench/)", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="environment (recorded in the JSON):\n" + bench_knobs.help_text())
     b.add_argument("what", choices=("normal", "low-latency", "all"))
     b.add_argument("--gpus", type=int, default=0, help="ranks = GPUs to use (default: all)")
-    b.add_argument("--tokens", type=int, default=None, help="tokens per rank (default 4096 normal, 128 low-latency)")
-    b.add_argument("--hidden", type=int, default=7168)
-    b.add_argument("--topk", type=int, default=8)
-    b.add_argument("--experts", type=int, default=256)
-    b.add_argument("--sms", type=_csv(int), default=(8, 12, 16, 24, 32),
-                   help="normal-mode SM counts (default 8,12,16,24,32: issue 3's bars are at <= 12 and <= 24)")
-    b.add_argument("--iters", type=int, default=30)
+    b.add_argument("--tokens", type=int, default=None,
+                   help=f"tokens per rank (default {bench_defaults.NORMAL_TOKENS} normal, "
+                   f"{bench_defaults.LL_TOKENS} low-latency)")
+    b.add_argument("--hidden", type=int, default=bench_defaults.HIDDEN)
+    b.add_argument("--topk", type=int, default=bench_defaults.TOPK)
+    b.add_argument("--experts", type=int, default=bench_defaults.EXPERTS)
+    b.add_argument("--sms", type=_csv(int), default=bench_defaults.DEFAULT_SMS,
+                   help="normal-mode SM counts (default " + ",".join(map(str, bench_defaults.DEFAULT_SMS)) + ")")
+    b.add_argument("--iters", type=int, default=bench_defaults.ITERS)
     b.add_argument("--json", default=None,
                    help="write the results here (after each mode, so a later failure keeps the earlier numbers)")
-    b.add_argument("--timeout", type=float, default=540.0,
-                   help="seconds each mode's spawn may take before its stalled ranks are named (default 540)")
-    b.add_argument("--aligner", choices=("clock", "wall"), default="clock",
+    b.add_argument("--timeout", type=float, default=bench_defaults.SPAWN_TIMEOUT_S,
+                   help="seconds each mode's spawn may take before its stalled ranks are named "
+                   f"(default {bench_defaults.SPAWN_TIMEOUT_S:g})")
+    b.add_argument("--aligner", choices=bench_defaults.ALIGNER_MODES, default="clock",
                    help="how timed calls start together: 'clock' (GPU start barrier; falls back to 'wall' "
                    "if its first barriers do not align) or 'wall' (NCCL all-reduce, then a fixed wait)")
     b.set_defaults(fn=cmd_bench)

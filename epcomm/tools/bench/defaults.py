@@ -1,0 +1,13 @@
+"""The defaults of ``epcomm bench`` (the CLI's and :func:`epcomm.tools.bench.run`'s): the
+DeepSeek-V3 shape, the normal-mode SM sweep and the start aligner's modes."""
+from __future__ import annotations
+
+DEFAULT_SMS = (8, 12, 16, 24, 32)  # normal-mode SM counts swept
+NORMAL_TOKENS = 4096               # tokens per rank, normal mode
+LL_TOKENS = 128                    # tokens per rank, low-latency mode
+HIDDEN = 7168
+TOPK = 8
+EXPERTS = 256
+ITERS = 30                         # timed iterations per operation (per rank the median)
+SPAWN_TIMEOUT_S = 540.0            # seconds each mode's spawn may take
+ALIGNER_MODES = ("clock", "wall")  # see epcomm.tools.bench.aligner.Aligner

@@ -1,0 +1,158 @@
+"""``epcomm bench``'s driver: checks the arguments, runs each mode in its own spawn, writes the
+JSON after each mode and reports it."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+from epcomm.tools import spawn
+from epcomm.tools.bench import defaults as D
+from epcomm.tools.bench.accounting import nvl_buffer_sizes
+from epcomm.tools.bench.checks import record_check
+from epcomm.tools.bench.knobs import BENCH_KIND, GIT_COMMIT
+from epcomm.tools.bench.low_latency import ll_worker
+from epcomm.tools.bench.normal import normal_worker
+from epcomm.tools.bench.report import report as print_report
+from epcomm.tools.bench.report import write_json
+from epcomm.tools.bench.worker import WORKER_ENV, read_partials
+
+
+def gpu_name() -> str:
+    """'<count>x <name>' of the visible GPUs (nvidia-smi), or 'unknown'."""
+    try:
+        r = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                           text=True, timeout=20)
+        names = [n.strip() for n in r.stdout.splitlines() if n.strip()]
+        return f"{len(names)}x {names[0]}" if names else "unknown"
+    except Exception:
+        return "unknown"
+
+
+def commit() -> str:
+    """EPCOMM_GIT_COMMIT, else this checkout's ``git rev-parse --short=12 HEAD``, else 'unknown'."""
+    c = GIT_COMMIT.get()
+    if c:
+        return c
+    try:
+        return subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def summarize_mode(res: dict, key: str) -> None:
+    """Mode-level summaries: checks over ranks ("ok" or the failing ranks) and the workers'
+    environment (rank 0's) in ``meta``."""
+    entry = res[key]
+    ranks = [r for r in entry.get("ranks") or () if r]
+    checks: dict = {}
+    for r in ranks:
+        for op, v in (r.get("check") or {}).items():
+            record_check(checks, op, v, f"rank {r.get('rank')}")
+    if checks:
+        entry["check"] = checks
+    if ranks and "env" in ranks[0]:
+        res["meta"].setdefault("worker_env", {})[key] = ranks[0]["env"]
+
+
+def _check_args(what: str, gpus: int, tokens, sms: list, iters: int, aligner: str) -> int:
+    """The rank count to run, or ValueError for arguments that cannot run."""
+    visible = spawn.gpu_count()
+    if gpus < 0 or gpus > visible:
+        raise ValueError(f"--gpus {gpus}: {visible} GPU(s) visible (one rank per GPU; 0 = all)")
+    if tokens is not None and tokens < 1:
+        raise ValueError(f"--tokens {tokens}: expected >= 1 (omit it for the defaults: {D.NORMAL_TOKENS} normal, "
+                         f"{D.LL_TOKENS} low-latency)")
+    if aligner not in D.ALIGNER_MODES:
+        raise ValueError(f"--aligner {aligner!r}: expected one of {', '.join(D.ALIGNER_MODES)}")
+    if iters < 1:
+        raise ValueError(f"--iters {iters}: expected >= 1")
+    if what in ("normal", "all") and (not sms or min(sms) < 1):
+        raise ValueError(f"--sms {','.join(map(str, sms))}: expected one or more SM counts >= 1")
+    n = gpus or visible
+    if n < 2 and what != "low-latency":
+        raise ValueError(f"the normal-mode benchmark needs 2 or more GPUs; {n} visible "
+                         f"(`epcomm bench low-latency` runs one rank on one GPU: local traffic only)")
+    if n < 1:
+        raise ValueError("no GPU visible")
+    return n
+
+
+def _run_mode(key: str, fn, args: dict, n: int, timeout: float) -> dict:
+    """One mode in its own spawn: ``{"args", "ranks", "wall_s"}``, or for a spawn that failed
+    ``{"args", "error", "partial": True, "ranks": what its ranks had saved, "wall_s"}``."""
+    part = tempfile.mkdtemp(prefix="epcomm-bench-")
+    t0 = time.monotonic()
+    try:
+        entry = {"args": args, "ranks": spawn.run(fn, n, dict(args, partial_dir=part), timeout=timeout,
+                                                  env=WORKER_ENV)}
+    except Exception as e:  # noqa: BLE001 - recorded; the next mode still runs
+        entry = {"args": args, "error": f"{type(e).__name__}: {e}", "partial": True,
+                 "ranks": read_partials(part, key, n)}
+    finally:
+        shutil.rmtree(part, ignore_errors=True)
+    entry["wall_s"] = time.monotonic() - t0
+    return entry
+
+
+def run(what: str, gpus: int, *, tokens=None, hidden=D.HIDDEN, topk=D.TOPK, experts=D.EXPERTS, sms=D.DEFAULT_SMS,
+        iters=D.ITERS, timeout=D.SPAWN_TIMEOUT_S, aligner: str = "clock", json_path: str | None = None,
+        report=None) -> dict:
+    """Run the benchmark of ``what`` ("normal", "low-latency" or "all") on ``gpus`` ranks (0: all).
+
+    Each mode runs in its own spawn (``timeout`` seconds each), its workers spawned with
+    :data:`~epcomm.tools.bench.worker.WORKER_ENV`.  After each mode the JSON is written to
+    ``json_path`` (when given) and ``report(res, key)`` is called (the CLI prints the table
+    there).  A mode that fails is recorded as ``{"args", "error", "ranks": what its ranks had
+    saved, "partial": True}`` and the next mode still runs.  Raises ValueError for arguments
+    that cannot run, before anything starts."""
+    sms = list(sms)
+    n = _check_args(what, gpus, tokens, sms, iters, aligner)
+    meta = {"gpus": gpu_name(), "world_size": n, "commit": commit(),
+            "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "kind": BENCH_KIND.get(), "aligner": aligner, "spawn_timeout_s": timeout}
+    res: dict = {"meta": meta}
+    modes = []
+    if what in ("normal", "all"):
+        modes.append(("normal", normal_worker,
+                      dict(tokens=tokens or D.NORMAL_TOKENS, hidden=hidden, topk=topk, experts=experts, sms=sms,
+                           iters=iters, aligner=aligner)))
+    if what in ("low-latency", "all"):
+        modes.append(("low_latency", ll_worker,
+                      dict(tokens=tokens or D.LL_TOKENS, hidden=hidden, topk=topk, experts=experts, iters=iters,
+                           aligner=aligner)))
+    for key, fn, args in modes:
+        entry = _run_mode(key, fn, args, n, timeout)
+        if key == "normal":
+            entry["nvl_buffer"] = nvl_buffer_sizes(args)
+        res[key] = entry
+        summarize_mode(res, key)
+        if json_path:
+            write_json(res, json_path)
+        if report is not None:
+            report(res, key)
+    return res
+
+
+def main(a) -> int:
+    """``epcomm bench`` with the parsed arguments ``a``: 0 when every mode ran and passed its
+    checks, 1 otherwise, 2 without torch."""
+    if importlib.util.find_spec("torch") is None:
+        print("epcomm bench needs torch (CUDA events and the NCCL baseline)", file=sys.stderr)
+        return 2
+    res = run(a.what, a.gpus, tokens=a.tokens, hidden=a.hidden, topk=a.topk, experts=a.experts, sms=a.sms,
+              iters=a.iters, timeout=a.timeout, aligner=getattr(a, "aligner", "clock"), json_path=a.json,
+              report=print_report)
+    if a.json:
+        print(f"\nwrote {a.json}")
+    failed = [k for k in ("normal", "low_latency") if isinstance(res.get(k), dict)
+              and (res[k].get("error") or any(v != "ok" for v in (res[k].get("check") or {}).values()))]
+    if failed:
+        print(f"!!! epcomm bench: {', '.join(failed)} failed or did not pass its checks (see above)", file=sys.stderr)
+        return 1
+    return 0
