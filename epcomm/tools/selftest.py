@@ -151,4 +151,10 @@ def run_selftest(gpus: int = 0, timeout: float = 300.0) -> int:
     return 0 if bad == 0 else 1
 
 
-__all__ = ["run_selftest"]
+
+def main(a) -> int:
+    """``epcomm selftest`` (its arguments: ``gpus``, ``timeout``)."""
+    return run_selftest(a.gpus, a.timeout)
+
+
+__all__ = ["main", "run_selftest"]
