@@ -63,12 +63,12 @@ run_tests() {  # name, timeout, files...
   timeout "$to" python3 -m pytest -q -rs -p no:cacheprovider ${kexpr:+-k "$kexpr"} \
       --junitxml="$OUT/junit-$name.xml" ${TEST_FILES:-"$@"} 2>&1 | tee "$OUT/tests-$name.txt" | tail -60
 }
-normal_files="tests/test_smoke_gpu.py tests/test_layout_gpu.py tests/test_interop.py tests/test_timing_gpu.py tests/test_intranode_gpu.py"
+normal_files="tests/gpu/test_smoke_gpu.py tests/gpu/test_layout_gpu.py tests/gpu/test_interop_gpu.py tests/gpu/test_timing_gpu.py tests/gpu/test_intranode_gpu.py"
 if [[ $what == tests || $what == all || $what == tests-normal ]]; then
   run_tests normal "${TEST_TIMEOUT:-540}" $normal_files
 fi
 if [[ $what == tests || $what == all || $what == tests-ll ]]; then
-  run_tests ll "${TEST_TIMEOUT:-540}" tests/test_low_latency_gpu.py
+  run_tests ll "${TEST_TIMEOUT:-540}" tests/gpu/test_low_latency_gpu.py
 fi
 if [[ $what == bench || $what == all ]]; then
   if (( ngpu >= 2 )); then which=all; nmodes=2; kind="nvidia-h200-x$ngpu"; else which=low-latency; nmodes=1; kind=nvidia-h200; fi

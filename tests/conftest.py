@@ -1,11 +1,14 @@
-"""Shared pytest configuration: marker registration that does not depend on pytest.ini, and a
-fresh JIT cache directory per test (``cache_dir``)."""
+"""Shared pytest configuration: the helper modules (tests/helpers) importable by name from every
+test module and spawned worker, and a fresh JIT cache directory per test (``cache_dir``).  The
+markers are registered in pyproject.toml."""
+import sys
+from pathlib import Path
+
 import pytest
 
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs an NVIDIA GPU")
-    config.addinivalue_line("markers", "multigpu: needs 2+ GPUs")
+HELPERS = str(Path(__file__).resolve().parent / "helpers")
+if HELPERS not in sys.path:
+    sys.path.insert(0, HELPERS)
 
 
 @pytest.fixture()

@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import pytest
 
-from gpu_checks import world as _world
+from gpu_checks import needs_gpu, needs_gpus
 
 pytestmark = pytest.mark.gpu
-
-needs_gpu = pytest.mark.skipif(_world() < 1, reason="needs an NVIDIA GPU (GPU test)")
 
 
 def _spin_worker(rank, world, group):
@@ -83,7 +81,7 @@ def _barrier_worker(rank, world, group):
     return out
 
 
-@pytest.mark.skipif(_world() < 2, reason="needs 2 GPUs (GPU test)")
+@needs_gpus
 def test_start_barrier_aligns_two_gpus_and_gives_up_on_a_missing_peer():
     from epcomm.tools import spawn
     res = spawn.run(_barrier_worker, 2, timeout=180)

@@ -32,6 +32,7 @@ def world() -> int:
     return spawn.gpu_count()
 
 
+needs_gpu = pytest.mark.skipif(world() < 1, reason="needs an NVIDIA GPU (GPU test)")
 needs_gpus = pytest.mark.skipif(world() < 2, reason="needs 2 or more NVIDIA GPUs (GPU test)")
 
 

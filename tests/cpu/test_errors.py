@@ -139,7 +139,7 @@ def test_overflow_and_unknown_codes():
 def test_every_device_phase_has_a_host_description():
     import re
     from pathlib import Path
-    src = (Path(__file__).resolve().parents[1] / "cuda_src" / "epcomm_common.cuh").read_text()
+    src = (Path(__file__).resolve().parents[2] / "cuda_src" / "epcomm_common.cuh").read_text()
     phases = {int(v) for v in re.findall(r"kPhase\w+ = (\d+)", src)}
     assert phases and phases <= set(errstate.PHASES)
     codes = dict(re.findall(r"(kErr\w+) = (\d+)", src))

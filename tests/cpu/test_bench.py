@@ -26,7 +26,7 @@ from epcomm.testing import random_topk
 from epcomm.tools import bench, cli, spawn
 from epcomm.tools.bench import defaults, driver, knobs
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
 
 

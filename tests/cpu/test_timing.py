@@ -38,7 +38,7 @@ def test_params_mirrors():
 
 
 def test_timing_kernels_are_in_the_shipped_catalogue():
-    # tests/test_jit_compile.py compiles every shipped specialization; `epcomm warmup --smoke`
+    # tests/cpu/test_jit_compile.py compiles every shipped specialization; `epcomm warmup --smoke`
     # adds the same spec.
     assert SpinWaitSpec() in catalogue.shipped()
 

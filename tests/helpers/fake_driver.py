@@ -1,4 +1,4 @@
-"""Stand-ins for the GPU in the CPU validation tests (tests/test_validation*.py): CPU arrays
+"""Stand-ins for the GPU in the CPU validation tests (tests/cpu/test_validation*.py): CPU arrays
 pass for arrays on cuda:0, every stream is 0, and a loaded kernel module names its kernels.
 Applied with monkeypatch, so each test's changes are undone after it."""
 from __future__ import annotations

@@ -9,7 +9,7 @@ from epcomm.config import default_combine_config, default_dispatch_config
 from epcomm.kernels import intranode as K
 from epcomm.normal.state import NvlinkState
 
-SRC = Path(__file__).resolve().parents[1] / "cuda_src" / "intranode.cuh"
+SRC = Path(__file__).resolve().parents[2] / "cuda_src" / "intranode.cuh"
 
 
 @pytest.mark.parametrize("ranks", [2, 4, 8, 72])

@@ -129,7 +129,7 @@ def test_envs_parse_and_document():
     from epcomm import envs as e
     table = e.table_markdown()
     from pathlib import Path
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     for k in e.KNOBS:
         assert f"`{k}`" in table
         assert f"`{k}`" in readme, f"README's configuration table lacks {k}"
@@ -555,7 +555,7 @@ def test_intranode_specs_reject_one_rank():
 
 def test_dispatch_tail_chunks_equals_the_cuda_expression():
     from pathlib import Path
-    src = (Path(__file__).resolve().parents[1] / "cuda_src" / "intranode.cuh").read_text()
+    src = (Path(__file__).resolve().parents[2] / "cuda_src" / "intranode.cuh").read_text()
     assert "constexpr int kTailChunks = (16 + R - 2) / (R - 1) > 2 ? (16 + R - 2) / (R - 1) : 2;" in src
     for R in range(2, K_intra.MAX_RANKS + 1):
         c = (16 + R - 2) // (R - 1)  # C integer division of positive ints

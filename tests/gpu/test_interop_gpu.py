@@ -11,6 +11,7 @@ import pytest
 
 from epcomm import interop as I
 from epcomm.interop import dlpack
+from gpu_checks import needs_gpu, needs_gpus
 from interop_helpers import (Versioned, check_custom_layout, exit_with_live_exports, jax, known_bits,
                              live, opt, torch)
 
@@ -18,28 +19,9 @@ if jax is not None:
     import jax.numpy as jnp
 
 
-def _gpu_count() -> int:
-    """Number of CUDA devices, 0 on any failure (no driver, no bindings, no device)."""
-    try:
-        from cuda.bindings import driver as drv
-        err = drv.cuInit(0)[0]
-        if err != drv.CUresult.CUDA_SUCCESS:
-            return 0
-        err, n = drv.cuDeviceGetCount()
-        if err != drv.CUresult.CUDA_SUCCESS:
-            return 0
-        return int(n)
-    except BaseException:
-        return 0
-
-
-_GPUS = _gpu_count()
-
-
 def requires_gpu(fn):
     """Mark a test ``gpu`` and skip it when no CUDA device is present."""
-    fn = pytest.mark.gpu(fn)
-    return pytest.mark.skipif(_GPUS < 1, reason="needs an NVIDIA GPU")(fn)
+    return needs_gpu(pytest.mark.gpu(fn))
 
 
 def _htod(ptr: int, src: np.ndarray) -> None:
@@ -285,7 +267,7 @@ def test_gpu_dlpack_generic_cuda_and_jax_sync():
 
 @pytest.mark.multigpu
 @pytest.mark.gpu
-@pytest.mark.skipif(_GPUS < 2, reason="needs 2+ GPUs")
+@needs_gpus
 def test_multigpu_device_ids():
     th = _torch_cuda()
     t = th.zeros(4, device="cuda:1")

@@ -1,5 +1,5 @@
 """Tests of epcomm.interop on the host: TensorRef views, allocation in each framework, DLPack
-export, and the stream helpers the engines call (tests/test_interop_gpu.py has those needing a
+export, and the stream helpers the engines call (tests/gpu/test_interop_gpu.py has those needing a
 GPU).  Each framework that is not installed is skipped.
 """
 from __future__ import annotations

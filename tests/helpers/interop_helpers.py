@@ -1,4 +1,4 @@
-"""Shared by tests/test_interop.py (CPU) and tests/test_interop_gpu.py: the optional frameworks,
+"""Shared by tests/cpu/test_interop.py and tests/gpu/test_interop_gpu.py: the optional frameworks,
 host arrays with known bytes, DLPack producer wrappers, and the checks both files run on their
 own devices."""
 from __future__ import annotations

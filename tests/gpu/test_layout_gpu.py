@@ -1,22 +1,15 @@
 """get_dispatch_layout on the GPU against epcomm.reference (torch, CuPy and JAX in and out)."""
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import pytest
 
 from epcomm.tools import spawn
+from gpu_checks import needs_gpu
 
 pytestmark = pytest.mark.gpu
 
 
-@functools.lru_cache(maxsize=None)
-def _n() -> int:
-    return spawn.gpu_count()
-
-
-needs_gpu = pytest.mark.skipif(_n() < 1, reason="needs an NVIDIA GPU (GPU test)")
 
 SHAPES = [(1, 8, 2, 1), (2, 8, 2, 8), (100, 64, 8, 8), (4096, 256, 8, 8), (8192, 512, 64, 8), (777, 64, 16, 6),
           (3000, 288, 2, 16), (513, 96, 32, 3)]
