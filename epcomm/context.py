@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
+
 from epcomm import envs, interop
 from epcomm.config import Config
 from epcomm.errors import BufferStateError
@@ -131,6 +133,17 @@ class CommContext:
     def check_sms(self, num_sms) -> int:
         """``num_sms`` checked as an SM budget of this GPU: an int in [2, its SM count]."""
         return check_int("num_sms", num_sms, lo=2, hi=self.device_sm_count())
+
+    def drain(self, ptr: int, nbytes: int) -> np.ndarray:
+        """The int64 words at device address ``ptr`` (e.g. profile stamps), read after every
+        stream of the device is done, then zeroed on the comm stream."""
+        host = np.zeros(nbytes // 8, dtype=np.int64)
+        with driver.on_device(self.device_id):
+            driver.device_sync()
+            driver.memcpy_dtoh(host.ctypes.data, ptr, nbytes)
+            driver.memset_d8_async(ptr, 0, nbytes, self.stream)
+            driver.stream_sync(self.stream)
+        return host
 
     # ---- arguments ---------------------------------------------------------------------------
     def tensor(self, obj, name, *, framework: str | None = None, writable: bool = False, previous_event=None,

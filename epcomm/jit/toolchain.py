@@ -5,7 +5,6 @@ Everything is resolved lazily and memoised; none of it needs a GPU or a driver.
 from __future__ import annotations
 
 import functools
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path

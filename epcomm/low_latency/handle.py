@@ -47,7 +47,7 @@ class LowLatencyHandle:
 class _Results:
     """The packed outputs of one dispatch slot, in one framework, for one shape."""
 
-    def __init__(self, st: "LowLatencyState", fw: str, T: int, H: int, E: int, fp8: bool, ue8m0: bool):
+    def __init__(self, st, fw: str, T: int, H: int, E: int, fp8: bool, ue8m0: bool):
         R = st.num_ranks
         L = E // R
         RT = R * T

@@ -5,8 +5,6 @@ from __future__ import annotations
 import ctypes
 from typing import NamedTuple
 
-import numpy as np
-
 from epcomm import envs, interop
 from epcomm.errors import BufferStateError
 from epcomm.kernels import low_latency as K
@@ -142,12 +140,7 @@ class LowLatencyState(DispatchOps, CombineOps, FastPaths):
         there.  Synchronises the device and clears the stamps."""
         if not self.prof:
             return None
-        host = np.zeros(self.prof_bytes // 8, dtype=np.int64)
-        with driver.on_device(self.device_id):
-            driver.device_sync()
-            driver.memcpy_dtoh(host.ctypes.data, self.prof, self.prof_bytes)
-            driver.memset_d8_async(self.prof, 0, self.prof_bytes, self.ctx.stream)
-            driver.stream_sync(self.ctx.stream)
+        host = self.ctx.drain(self.prof, self.prof_bytes)
         host = host.reshape(2, K.PROF_BLOCKS, K.PROF_SLOTS)
         return {"dispatch": host[0], "combine": host[1]}
 

@@ -155,12 +155,7 @@ class NvlinkState:
         """Per-block stamps of the last kernels (see Buffer.profile_stamps); None unless profiling."""
         if not self.prof:
             return None
-        host = np.zeros(self.prof_bytes // 8, dtype=np.int64)
-        with driver.on_device(ctx.device_id):
-            driver.device_sync()
-            driver.memcpy_dtoh(host.ctypes.data, self.prof, self.prof_bytes)
-            driver.memset_d8_async(self.prof, 0, self.prof_bytes, ctx.stream)
-            driver.stream_sync(ctx.stream)
+        host = ctx.drain(self.prof, self.prof_bytes)
         host = host.reshape(len(K_intra.PROF_KERNELS), K_intra.PROF_MAX_BLOCKS, K_intra.PROF_SLOTS)
         out = {k: host[i] for i, k in enumerate(K_intra.PROF_KERNELS)}
         out["host"] = dict(self.host_stamps)  # time.time_ns() of the last dispatch's host steps

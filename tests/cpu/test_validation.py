@@ -771,7 +771,6 @@ def test_a_constructor_that_fails_frees_what_it_made(monkeypatch):
     from epcomm.runtime import driver
     from epcomm import buffer as B
     from epcomm import context as C
-    from epcomm import low_latency as LLm
     made = {"intra": 0, "intra_freed": 0, "events": 0, "events_freed": 0, "err_freed": 0}
     for name, fn in (("init", lambda: 1), ("current_device", lambda: 0),
                      ("on_device", lambda d: contextlib.nullcontext()),
