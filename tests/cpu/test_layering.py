@@ -39,3 +39,29 @@ def test_no_epcomm_import_inside_a_function():
                         or any(n == "epcomm" or n.startswith("epcomm.") for n in names):
                     found.append(f"{path.relative_to(ROOT)}:{node.lineno} in {fn.name}")
     assert found == []
+
+
+def _expand(path: str) -> list[str]:
+    """``a/{b,c}.py`` -> ``a/b.py``, ``a/c.py`` (one brace group)."""
+    if "{" not in path:
+        return [path]
+    head, rest = path.split("{", 1)
+    inner, tail = rest.split("}", 1)
+    return [head + part + tail for part in inner.split(",")]
+
+
+def test_the_readme_layout_table_names_modules_that_exist():
+    text = (ROOT / "README.md").read_text()
+    table = text.split("## Layout of the repository", 1)[1].split("\n\n", 2)[1]
+    cells = [p for row in table.splitlines()[2:] for p in row.split("|")[2].split("`")[1::2]]
+    paths = [p for p in cells if "/" in p]  # the other code spans name markers, not files
+    assert len(paths) > 20
+    missing = [q for p in paths if "<" not in p for q in _expand(p) if not (ROOT / q).exists()]
+    assert missing == []
+    # and every module of the package is reachable from a row: its file, or a folder listed
+    listed = {q for p in paths for q in _expand(p)}
+    unlisted = [str(m.relative_to(ROOT)) for m in (ROOT / "epcomm").rglob("*.py")
+                if m.name != "__init__.py" and m.name != "_version.py"
+                and not any(str(m.relative_to(ROOT)) == q or str(m.relative_to(ROOT)).startswith(q.rstrip("/") + "/")
+                            for q in listed)]
+    assert unlisted == []
