@@ -209,8 +209,10 @@ def check_shape(T, H, E, R) -> tuple[int, int, int, int]:
     H = check_int("hidden", H, lo=128, hi=128 * 1023)
     check_hidden_size(H, low_latency=True, name=None)
     R = check_int("num_ranks", R, lo=1, hi=MAX_RANKS)
-    E = check_int("num_experts", E, lo=1, hi=32767)
+    E = check_int("num_experts", E, lo=1)
     check_experts_divisible(E, R)
+    if E > 32767:
+        raise ValueError(f"num_experts={E}: at most 32767 (expert ids travel as int16)")
     return T, H, E, R
 
 

@@ -12,7 +12,7 @@ from epcomm.low_latency.handle import LowLatencyHandle, _Plan, _Results, _check_
 from epcomm.low_latency.hooks import receive_hook
 from epcomm.runtime import driver
 from epcomm.runtime.event import EventOverlap
-from epcomm.validate import check_bool, check_experts_divisible, check_hidden_size, check_int
+from epcomm.validate import check_bool, check_hidden_size, check_int
 from epcomm.runtime.event import check_event
 
 DEFAULT_SMEM = 48 * 1024  # dynamic shared memory a kernel may use without opting in
@@ -157,10 +157,8 @@ class DispatchOps:
         if N > T:
             raise ValueError(f"x: {N} tokens exceed num_max_dispatch_tokens_per_rank={T}")
         check_hidden_size(H, low_latency=True)
-        E = check_int("num_experts", E, lo=1)
-        L = check_experts_divisible(E, self.num_ranks)
-        if E > 32767:
-            raise ValueError(f"num_experts={E}: at most 32767 (expert ids travel as int16)")
+        T, H, E, _ = K.check_shape(T, H, E, self.num_ranks)  # the kernels' limits (the shape word's)
+        L = E // self.num_ranks
         tr = ctx.tensor(topk_idx, "topk_idx", dtype="index", ndim=2, shape=(N, None), framework=fw,
                         previous_event=previous_event)
         Kt = tr.shape[1]
