@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass
 
+from epcomm.jit.launch import launch
 from epcomm.jit.spec import KernelDef, KernelSpec, ParamsStruct
 
 
@@ -34,3 +35,9 @@ class SpinWaitSpec(KernelSpec):
     def kernels(self):
         return (KernelDef("spin_wait_ns", "epcomm::spin_wait_ns", (self.threads,), SpinParams),
                 KernelDef("start_barrier", "epcomm::start_barrier", (ALIGN_THREADS,), AlignParams))
+
+
+def launch_one_block(kernel, threads: int, stream: int, p) -> None:
+    """One block of ``kernel`` (``spin_wait_ns`` with SpinParams, ``start_barrier`` with
+    AlignParams and ALIGN_THREADS threads) on ``stream``."""
+    launch(kernel, 1, threads, stream, p)

@@ -477,7 +477,7 @@ def _fake_aligner(aligned_here, aligned_peer, dist):
     al.torch = SimpleNamespace(cuda=_FakeCuda(), zeros=lambda *a, **k: "one-element tensor")
     al.dist, al.mode, al.requested = dist, "clock", "clock"
     al.group = SimpleNamespace(allgather_bytes=lambda b: [b, str(aligned_peer).encode()])
-    al._launch = lambda fn, grid, threads, stream, p: launches.append(fn)
+    al._launch = lambda fn, threads, stream, p: launches.append(fn)
     al._sleep_us = 1500.0
     al._mod = SimpleNamespace(fn=lambda name: name)
     al.fallback, al.reports, al.opened, al.chan = None, [], [], 0

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from epcomm.jit import loader
-from epcomm.jit.launch import launch
 from epcomm.kernels import timing as K
 from epcomm.runtime import driver
 from epcomm.tools.bench.defaults import ALIGNER_MODES
@@ -54,7 +53,7 @@ class Aligner:
         if mode == "clock" and group is None:
             raise ValueError("aligner mode 'clock' needs the epcomm group (CUDA IPC handles are exchanged)")
         self.torch, self.dist, self.group, self.mode, self.requested = torch, dist, group, mode, mode
-        self._launch = launch
+        self._launch = K.launch_one_block
         self._sleep_us = sleep_us
         self._mod = loader.load(K.SpinWaitSpec(), torch.cuda.current_device())
         self.fallback: dict | None = None
@@ -126,7 +125,7 @@ class Aligner:
             self.dist.all_reduce(self.t)
         else:
             self._p.seq += 1
-        self._launch(self._fn, 1, self._threads, stream, self._p)
+        self._launch(self._fn, self._threads, stream, self._p)
 
     def summary(self) -> dict:
         """The mode used (and a fallback from 'clock'); for 'clock' barriers: this GPU's clock
