@@ -13,7 +13,7 @@ from epcomm.interop.exporter import Exporter
 from epcomm.interop.frameworks import framework_of_arg
 from epcomm.interop.jax_adapter import from_numpy_jax
 from epcomm.interop.refs import TensorRef
-from epcomm.interop.torch_adapter import from_numpy_torch, to_host_torch, to_numpy_torch
+from epcomm.interop.torch_adapter import from_numpy_torch, to_numpy_torch
 from epcomm.runtime import driver, streams
 
 
@@ -92,13 +92,9 @@ def from_numpy(framework: str, arr, device_type: str = "cuda", device_id: int = 
 
 
 def to_host(obj, framework: str):
-    """A NumPy copy of an array of ``framework`` (for a device array: one copy and one sync),
-    never a view of the caller's memory (the low-latency combine compares a later call's
-    indices with it)."""
-    if framework == "torch":
-        return to_host_torch(obj)
-    if framework == "cupy":
-        return obj.get()
+    """:func:`to_numpy` of an array of ``framework`` for the host checks (for a device array:
+    one copy and one sync): never a view of the caller's memory (the low-latency combine
+    compares a later call's indices with it), except of a JAX array, which cannot change."""
     if framework == "jax":
-        return np.asarray(obj)  # immutable: a view cannot change
-    return np.array(obj, copy=True)
+        return np.asarray(obj)
+    return to_numpy(obj)

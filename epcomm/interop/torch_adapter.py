@@ -65,14 +65,17 @@ def _raw_int(torch, itemsize: int):
 
 
 def to_numpy_torch(obj):
-    """A host numpy copy of torch tensor ``obj`` (bf16 / fp8 as ml_dtypes)."""
+    """A host numpy copy of torch tensor ``obj`` (bf16 / fp8 as ml_dtypes), never a view of its
+    memory (a device tensor's ``.cpu()`` is a copy already; a host tensor's is copied)."""
     t = obj.detach()
     dt = ref_torch(t, "obj").dtype
     if dt in _RAW_COPIED:
         import torch
         raw = _raw_int(torch, ITEMSIZE[dt])
-        return t.cpu().contiguous().view(raw).numpy().view(np_dtype(dt)).copy()
-    return t.cpu().numpy().copy()
+        a = t.cpu().contiguous().view(raw).numpy().view(np_dtype(dt))
+    else:
+        a = t.cpu().numpy()
+    return a.copy() if t.device.type == "cpu" else a
 
 
 def from_numpy_torch(arr, dt: str, device_type: str, device_id: int):
@@ -83,12 +86,6 @@ def from_numpy_torch(arr, dt: str, device_type: str, device_id: int):
     t = torch.from_numpy(arr.view(raw_np).copy()).view(_raw_int(torch, ITEMSIZE[dt]))
     t = t.view(torch_tables()[1][dt])
     return t.to(torch_device(device_type, device_id)) if device_type == "cuda" else t
-
-
-def to_host_torch(obj):
-    """A NumPy copy of a torch tensor (a device tensor's ``.cpu()`` is already a copy)."""
-    a = obj.detach().cpu().numpy()
-    return a.copy() if obj.device.type == "cpu" else a
 
 
 def widen_torch(obj):
