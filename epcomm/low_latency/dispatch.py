@@ -36,6 +36,15 @@ class _DispatchArgs:
     return_recv_hook: bool
 
 
+def _handle(a: _DispatchArgs, slot: int, gen: int, res: _Results, vsrc, vrange, topk_copy) -> LowLatencyHandle:
+    """The handle of a dispatch into ``res``: its views, and the refs its combine reads."""
+    return LowLatencyHandle(slot, gen, a.fw, a.T, a.H, a.E, a.Kt, a.N, vsrc, vrange,
+                            refs={"count": res.count[1], "range": res.layout_range[1],
+                                  "src_info": res.src_info[1], "src_k": res.src_k[1],
+                                  "tok_rows": res.tok_rows[1], "tok_meta": res.tok_meta[1], "keep": res,
+                                  "topk": topk_copy})
+
+
 class DispatchOps:
     """The dispatch of :class:`epcomm.low_latency.state.LowLatencyState`."""
 
@@ -109,18 +118,10 @@ class DispatchOps:
                 fn = mod.fn("dispatch_both")
                 grid = min(max(send_blocks, recv_blocks), self._coop_blocks(fn, smem))
                 K.launch_both(fn, grid, stream, p, smem)
-            if p.check_shape:
-                self._shapes_checked.add((slot, shape))
-            self._disp_slot ^= 1
-            self._disp_gen[slot] += 1
-            gen = self._disp_gen[slot]
+            gen = self._advance_slot(slot, shape if p.check_shape else None)
             ev = self._event(a.fw, caller, stream, a.async_finish, (a.xr, a.tr, a.stats))
         vx, vscales, vcount, vsrc, vrange = res.views(stream)
-        handle = LowLatencyHandle(slot, gen, a.fw, a.T, a.H, a.E, a.Kt, a.N, vsrc, vrange,
-                                  refs={"count": res.count[1], "range": res.layout_range[1],
-                                        "src_info": res.src_info[1], "src_k": res.src_k[1],
-                                        "tok_rows": res.tok_rows[1], "tok_meta": res.tok_meta[1], "keep": res,
-                                        "topk": topk_copy})
+        handle = _handle(a, slot, gen, res, vsrc, vrange, topk_copy)
         hook = None
         if a.return_recv_hook:
             # The receive adds into cumulative_local_expert_recv_stats: kept alive until then.
@@ -140,6 +141,15 @@ class DispatchOps:
         self._enable_fast_paths()
         plan.p.check_shape = 0  # launched already; the plan's later launches need no check
         self._plans[("d", a.N, a.H, a.Kt, a.T, a.E, a.use_fp8, a.round_scale, a.use_ue8m0, slot)] = plan
+
+    def _advance_slot(self, slot: int, checked_shape) -> int:
+        """After a launch into ``slot``: the next dispatch takes the other slot; returns this one's
+        new generation.  ``checked_shape``: the shape word the receive compared, if it did."""
+        if checked_shape is not None:
+            self._shapes_checked.add((slot, checked_shape))
+        self._disp_slot ^= 1
+        self._disp_gen[slot] += 1
+        return self._disp_gen[slot]
 
     def _dispatch_args(self, x, topk_idx, T, E, stats, use_fp8, round_scale, use_ue8m0, async_finish,
                        return_recv_hook, previous_event) -> _DispatchArgs:

@@ -68,11 +68,19 @@ class ErrorRecord(ctypes.Structure):
 class ErrorState:
     """One host-mapped ErrorRecord: ``dev_ptr`` goes to kernels, :meth:`check` raises."""
 
-    def __init__(self, device_id: int):
+    def __init__(self, device_id: int, record: ErrorRecord | None = None):
+        """A zeroed record in pinned host memory mapped for ``device_id``; or, with ``record``,
+        that record as it is, in ordinary host memory (no driver: the CPU tests of decoding;
+        :meth:`free` then releases nothing)."""
         self.device_id = device_id
-        with driver.on_device(device_id):
-            self.host_ptr, self.dev_ptr = driver.host_alloc_mapped(ctypes.sizeof(ErrorRecord))
-        ctypes.memset(self.host_ptr, 0, ctypes.sizeof(ErrorRecord))
+        self._record = record  # kept alive: self.rec views its memory
+        if record is not None:
+            self.host_ptr, self.dev_ptr, self._owned = ctypes.addressof(record), 0, False
+        else:
+            with driver.on_device(device_id):
+                self.host_ptr, self.dev_ptr = driver.host_alloc_mapped(ctypes.sizeof(ErrorRecord))
+            self._owned = True
+            ctypes.memset(self.host_ptr, 0, ctypes.sizeof(ErrorRecord))
         self.rec = ErrorRecord.from_address(self.host_ptr)
         self.poisoned: Exception | None = None
 
@@ -193,7 +201,8 @@ class ErrorState:
     def free(self) -> None:
         if self.host_ptr:
             try:
-                driver.host_free(self.host_ptr)
+                if self._owned:
+                    driver.host_free(self.host_ptr)
             finally:
                 self.host_ptr = self.dev_ptr = 0
 

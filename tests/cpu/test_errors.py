@@ -14,13 +14,8 @@ from epcomm.kernels import intranode as K_intra
 
 
 def _state(code, rank=1, phase=11, channel=-1, peer=0, expected=0, observed=0):
-    st = object.__new__(errstate.ErrorState)
-    st.device_id = 0
-    st.rec = errstate.ErrorRecord(code, rank, phase, channel, peer, 0, expected, observed)
-    st.host_ptr = ctypes.addressof(st.rec)
-    st.dev_ptr = 0
-    st.poisoned = None
-    return st
+    return errstate.ErrorState(0, record=errstate.ErrorRecord(code, rank, phase, channel, peer, 0, expected,
+                                                              observed))
 
 
 def test_error_record_matches_the_device_struct():
