@@ -1,6 +1,8 @@
 """Functions that need no Buffer."""
 from __future__ import annotations
 
+import contextlib
+
 from epcomm import interop
 from epcomm.interop.indices import check_topk_indices
 from epcomm.kernels import layout as K_layout
@@ -70,7 +72,8 @@ def _allocate(fw: str, dev: int, s: int, explicit: bool, N: int, num_ranks: int,
     then be done before ``s`` allocates again); torch records them on it, since they are written
     on ``s`` and read on the caller's stream, and torch's allocator must wait for both before
     reusing one (a caller may drop an unused output at once)."""
-    with interop.allocating_on(fw if explicit and fw == "cupy" else "none", s, dev):
+    on_s = interop.allocating_on(fw, s, dev) if explicit and fw == "cupy" else contextlib.nullcontext()
+    with on_s:
         mk = lambda shape, dt: interop.empty(fw, shape, dt, "cuda", dev)  # noqa: E731
         outs = [mk((num_ranks,), "int32"), mk((num_nodes,), "int32") if num_nodes else None,
                 mk((num_experts,), "int32"), mk((N, num_ranks), "bool")]
