@@ -10,7 +10,7 @@ import numpy as np
 
 from epcomm.validate import check_experts_divisible, check_int
 
-__all__ = ["random_topk", "random_weights", "random_bf16"]
+__all__ = ["random_topk", "random_expert_sets", "random_topk_node_limited", "random_weights", "random_bf16"]
 
 
 def random_topk(rng: np.random.Generator, num_tokens, num_experts, topk, *, drop_prob=0.0, num_ranks=None,
@@ -63,6 +63,53 @@ def random_topk(rng: np.random.Generator, num_tokens, num_experts, topk, *, drop
     if drop_prob > 0:
         idx[rng.random((N, K)) < drop_prob] = -1
     return idx
+
+
+def random_expert_sets(rng: np.random.Generator, num_tokens, num_experts, topk) -> np.ndarray:
+    """K distinct experts per token, a uniformly random subset of [0, num_experts), drawn in
+    O(N * K^2) without the N x E keys of :func:`random_topk` (the planner draws millions of rows).
+
+    The order within a row is not random (Floyd's algorithm fills column i from
+    [0, E - K + i]): use :func:`random_topk` where the order matters.
+
+    Returns int64 [N, K].  Raises TypeError for non-int sizes, ValueError unless N >= 0 and
+    1 <= K <= E."""
+    N = check_int("num_tokens", num_tokens, lo=0)
+    E = check_int("num_experts", num_experts, lo=1)
+    K = check_int("topk", topk, lo=1, hi=E)
+    out = np.empty((N, K), dtype=np.int64)
+    # Floyd: for j = E-K .. E-1 draw t in [0, j]; keep t, or j if t is already taken (j never is).
+    for i, j in enumerate(range(E - K, E)):
+        t = rng.integers(0, j + 1, size=N)
+        taken = (out[:, :i] == t[:, None]).any(axis=1)
+        out[:, i] = np.where(taken, j, t)
+    return out
+
+
+def random_topk_node_limited(rng: np.random.Generator, num_tokens, num_experts, topk, *, num_nodes,
+                             max_nodes) -> np.ndarray:
+    """Node-limited top-k routing (DeepSeek-V3 routes each token's 8 experts within at most 4
+    nodes): per token, first M = min(max_nodes, num_nodes) distinct nodes uniformly at random,
+    then K distinct experts uniformly among the M * E / num_nodes experts of those nodes (node
+    n holds experts [n * E / num_nodes, (n + 1) * E / num_nodes)).  A token so reaches at most
+    min(M, K) nodes; fewer when a chosen node gets none of its K experts.  Order within a row
+    as in :func:`random_expert_sets`.
+
+    Returns int64 [N, K].  Raises TypeError for non-int sizes; ValueError when E is not a
+    multiple of num_nodes, max_nodes < 1, or K exceeds the M * E / num_nodes experts to choose
+    from."""
+    N = check_int("num_tokens", num_tokens, lo=0)
+    E = check_int("num_experts", num_experts, lo=1)
+    K = check_int("topk", topk, lo=1)
+    nodes = check_int("num_nodes", num_nodes, lo=1)
+    M = min(check_int("max_nodes", max_nodes, lo=1), nodes)
+    per_node = check_experts_divisible(E, nodes, ranks_arg="num_nodes")
+    if K > M * per_node:
+        raise ValueError(f"topk={K} exceeds the {M * per_node} experts of max_nodes={M} nodes "
+                         f"({per_node} per node)")
+    chosen = random_expert_sets(rng, N, nodes, M)
+    j = random_expert_sets(rng, N, M * per_node, K)  # positions among the chosen nodes' experts
+    return np.take_along_axis(chosen, j // per_node, axis=1) * per_node + j % per_node
 
 
 def random_weights(rng: np.random.Generator, topk_idx) -> np.ndarray:

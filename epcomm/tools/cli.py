@@ -1,4 +1,4 @@
-"""The ``epcomm`` command: ``warmup``, ``info``, ``cache``, ``selftest``, ``bench``."""
+"""The ``epcomm`` command: ``warmup``, ``info``, ``cache``, ``selftest``, ``bench``, ``plan``."""
 from __future__ import annotations
 
 import argparse
@@ -26,6 +26,7 @@ _COMMANDS = {
     "cache": "epcomm.tools.cache_admin",
     "selftest": "epcomm.tools.selftest",
     "bench": "epcomm.tools.bench.driver",
+    "plan": "epcomm.tools.plan",
 }
 
 
@@ -87,6 +88,24 @@ def main(argv=None) -> int:
                    help="how timed calls start together: 'clock' (GPU start barrier; falls back to 'wall' "
                    "if its first barriers do not align) or 'wall' (NCCL all-reduce, then a fixed wait)")
     b.set_defaults(fn=_run)
+
+    p = sub.add_parser("plan", help="no GPU: bytes per GPU over the network and NVLink, lower-bound times and "
+                       "receive sizes of dispatch and combine across nodes (epcomm's route and a flat all-to-all)")
+    p.add_argument("--nodes", type=int, required=True)
+    p.add_argument("--gpus-per-node", type=int, required=True)
+    p.add_argument("--tokens", type=int, required=True, help="tokens per GPU")
+    p.add_argument("--hidden", type=int, required=True)
+    p.add_argument("--topk", type=int, required=True)
+    p.add_argument("--experts", type=int, required=True)
+    p.add_argument("--dtype", default="bf16", help="dispatch rows: bf16 or fp8 (combine rows are bf16)")
+    p.add_argument("--routing", default="uniform", help="uniform, or node-limited (with --max-nodes)")
+    p.add_argument("--max-nodes", type=int, default=None, help="node-limited routing: nodes per token at most")
+    p.add_argument("--nic-gbps", type=float, default=50.0, help="network GB/s per GPU and direction (default 50)")
+    p.add_argument("--nvlink-gbps", type=float, default=160.0,
+                   help="NVLink GB/s per GPU and direction (default 160, H800)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the drawn routing")
+    p.add_argument("--json", default=None, help="also write the numbers here")
+    p.set_defaults(fn=_run)
 
     a = ap.parse_args(argv)
     try:
