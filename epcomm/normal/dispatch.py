@@ -31,7 +31,7 @@ def _ptr(ref) -> int:
     return 0 if ref is None else ref.ptr
 
 
-@dataclass
+@dataclass(slots=True)
 class DispatchArgs:
     """One dispatch's checked arguments (TensorRefs of the caller's arrays, sizes, the config)."""
     fw: str
@@ -50,6 +50,8 @@ class DispatchArgs:
     expert_alignment: int = 1
     num_worst_tokens: int = 0
     cfg: object = None
+    send_blocks: int = 0
+    recv_blocks: int = 0
 
     @property
     def cached(self) -> bool:
@@ -146,6 +148,7 @@ def check_args(ctx, default_config, x, handle, route: dict, expert_alignment, nu
     a.expert_alignment = check_int("expert_alignment", expert_alignment, lo=1, hi=K_intra.MAX_EXPERT_ALIGNMENT)
     a.num_worst_tokens = check_int("num_worst_tokens", num_worst_tokens, lo=0)
     a.cfg = ctx.call_config(config, default_config, "dispatch")
+    a.send_blocks, a.recv_blocks = a.cfg.split()
     if handle is not None:
         _cached_args(ctx, a, handle, route)
     else:
@@ -165,7 +168,7 @@ def _chunk_rows(ctx, st, a: DispatchArgs) -> int:
     return K_intra.dispatch_chunk_rows(a.cfg.chunk_rows, cap, ctx.num_ranks)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Route:
     """The send plan's tensors: a cached dispatch's from its handle, else new ones (and the
     layout's, when the call computes it)."""
@@ -275,7 +278,7 @@ def _launch_front(ctx, st, mod, p, a: DispatchArgs) -> None:
         st.info[0] = 0
     K_intra.launch_notify(mod, ctx.stream, p, ctx.num_ranks, a.cached)
     driver.event_record(ctx.ev_mid, ctx.stream)
-    K_intra.launch_send(mod, ctx.stream, p, a.cfg.split()[0])
+    K_intra.launch_send(mod, ctx.stream, p, a.send_blocks)
     driver.stream_wait_event(ctx.stream2, ctx.ev_mid)
 
 
@@ -335,7 +338,7 @@ class _Receive:
                           self.ins, self.cap)
 
     def _launch_recv(self) -> None:
-        K_intra.launch_recv(self.mod, self.ctx.stream2, self.p, self.a.cfg.split()[1])
+        K_intra.launch_recv(self.mod, self.ctx.stream2, self.p, self.a.recv_blocks)
 
     def run(self):
         a, st, p = self.a, self.st, self.p
