@@ -6,13 +6,9 @@ from epcomm import interop
 from epcomm.errors import BufferStateError
 from epcomm.jit import loader
 from epcomm.kernels import intranode as K_intra
-from epcomm.normal.handle import check_handle
+from epcomm.normal.handle import check_handle, ptr
 from epcomm.runtime import driver
 from epcomm.runtime.event import check_event
-
-
-def _ptr(ref) -> int:
-    return 0 if ref is None else ref.ptr
 
 
 def _check_weights(ctx, topk_weights, handle, fw: str):
@@ -88,7 +84,7 @@ def combine(ctx, st, default_config, x, handle, topk_weights=None, bias=None, co
         p = st.params(ctx.timeout_s)
         refs = handle.refs
         p.x = xr.ptr
-        p.topk_weights = _ptr(wr)
+        p.topk_weights = ptr(wr)
         p.send_pos, p.rank_prefix = refs["send_pos"].ptr, refs["rank_prefix"].ptr
         p.out = out[1].ptr
         p.out_weights = outw[1].ptr if outw else 0

@@ -16,7 +16,7 @@ from epcomm.interop.indices import check_topk_indices
 from epcomm.jit import loader
 from epcomm.kernels import intranode as K_intra
 from epcomm.kernels import layout as K_layout
-from epcomm.normal.handle import DispatchHandle, check_handle
+from epcomm.normal.handle import DispatchHandle, check_handle, ptr
 from epcomm.normal.layout import layout_on_comm
 from epcomm.runtime import driver
 from epcomm.validate import check_experts_divisible, check_hidden_size, check_int
@@ -25,10 +25,6 @@ from epcomm.runtime.event import check_event
 # Routing arguments a cached dispatch must not be given (the handle holds the route).
 _ROUTE_ARGS = ("topk_idx", "topk_weights", "is_token_in_rank", "num_tokens_per_rank", "num_tokens_per_rdma_rank",
                "num_tokens_per_expert", "num_experts")
-
-
-def _ptr(ref) -> int:
-    return 0 if ref is None else ref.ptr
 
 
 @dataclass(slots=True)
@@ -208,10 +204,10 @@ def _params(ctx, st, a: DispatchArgs, r: _Route, chunk_rows: int) -> K_intra.Int
     p.x = a.xr.ptr
     if a.fp8:
         p.x_scales, p.scale_st, p.scale_sg = a.sr.ptr, a.sr.strides[0], a.sr.strides[1]
-    p.topk_idx = _ptr(a.tr)
-    p.topk_weights = _ptr(a.wr)
+    p.topk_idx = ptr(a.tr)
+    p.topk_weights = ptr(a.wr)
     p.is_token_in_rank = r.refs["is_token_in_rank"].ptr
-    p.num_tokens_per_expert = _ptr(r.ner)
+    p.num_tokens_per_expert = ptr(r.ner)
     p.send_list, p.send_pos = r.refs["send_list"].ptr, r.refs["send_pos"].ptr
     p.send_count, p.rank_prefix = r.refs["send_count"].ptr, r.refs["rank_prefix"].ptr
     p.num_tokens, p.num_topk, p.num_experts = a.N, a.Kt, a.E

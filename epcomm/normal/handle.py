@@ -36,6 +36,11 @@ class DispatchHandle:
     refs: dict = field(repr=False, default_factory=dict)
 
 
+def ptr(ref) -> int:
+    """The device address of a TensorRef, 0 for an absent (None) argument (the kernels' "none")."""
+    return 0 if ref is None else ref.ptr
+
+
 def check_handle(handle, serial: int) -> DispatchHandle:
     """``handle`` as a DispatchHandle of the Buffer numbered ``serial``; TypeError / ValueError
     otherwise."""
