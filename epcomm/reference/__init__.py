@@ -12,9 +12,13 @@ Notation
     N_r  tokens on rank r, H hidden size, K top-k, T max tokens per rank (low-latency mode)
     topk_idx  int64 [N, K], -1 marks an unused slot; topk_weights float32 [N, K]
 
-Modules: ``layout`` (routing counts), ``normal`` (dispatch/combine), ``fp8`` (quantisation and
-UE8M0 packing), ``low_latency`` (packed-layout dispatch/combine); argument rules shared with the
-GPU path come from :mod:`epcomm.validate`.
+Modules: ``layout`` (routing counts), ``normal`` (dispatch/combine; the combine's summation
+order across nodes with ``num_ranks_per_node``), ``traffic`` (bytes per rank over the network
+and NVLink along the internode route), ``fp8`` (quantisation and UE8M0 packing),
+``low_latency`` (packed-layout dispatch/combine); argument rules shared with the GPU path come
+from :mod:`epcomm.validate`.
+
+Nodes: with ``num_ranks_per_node`` P, rank r is local index r % P of node r // P.
 
 Dtypes: activations are ``ml_dtypes.bfloat16`` (or ``ml_dtypes.float8_e4m3fn`` with float32
 scales, one per token and 128 channels).  Only numpy, ml_dtypes and epcomm.validate are used.
@@ -30,10 +34,12 @@ from epcomm.reference.layout import Layout, get_dispatch_layout
 from epcomm.reference.low_latency import (LowLatencyDispatchResult, LowLatencyHandle, low_latency_combine,
                                           low_latency_dispatch)
 from epcomm.reference.normal import DispatchHandle, DispatchResult, combine, dispatch
+from epcomm.reference.traffic import InternodeTraffic, internode_traffic
 
 __all__ = [
     "Layout", "get_dispatch_layout",
     "DispatchHandle", "DispatchResult", "dispatch", "combine",
+    "InternodeTraffic", "internode_traffic",
     "fp8_quantize", "fp8_dequantize", "pack_ue8m0", "unpack_ue8m0",
     "LowLatencyHandle", "LowLatencyDispatchResult", "low_latency_dispatch", "low_latency_combine",
     "BF16", "FP8", "FP8_MAX", "FP8_GROUP",

@@ -250,10 +250,18 @@ def _check_handles(handles, num_ranks: int) -> list:
     return hs
 
 
-def _combine_args(x, handles, topk_weights, bias):
-    """(xs, hs, w, biases) checked: w None or a list over ranks, biases a list of 0 to 2 lists."""
+def _combine_args(x, handles, topk_weights, bias, num_ranks_per_node):
+    """(xs, hs, w, biases, P) checked: w None or a list over ranks, biases a list of 0 to 2 lists,
+    P the ranks per node (R for one node)."""
     xs = _rank_list("x", x)
     R = len(xs)
+    P = R
+    if num_ranks_per_node is not None:
+        P = check_int("num_ranks_per_node", num_ranks_per_node, lo=1)
+        if P >= R:
+            P = R
+        elif R % P:
+            raise ValueError(f"num_ranks={R} exceeds num_ranks_per_node={P} and is not a multiple of it")
     hs = _check_handles(handles, R)
 
     def enough_rows(label, d, a):
@@ -272,7 +280,7 @@ def _combine_args(x, handles, topk_weights, bias):
     if len(bias) > 2:
         raise ValueError(f"bias holds {len(bias)} tensors, at most 2 are accepted")
     biases = [_arrays(f"bias[{i}]", bl, BF16, R, [(n, H) for n in Ns]) for i, bl in enumerate(bias)]
-    return xs, hs, w, biases
+    return xs, hs, w, biases, P
 
 
 def _take_rows(a: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -282,36 +290,60 @@ def _take_rows(a: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return a[rows]
 
 
-def _combine_source(s: int, xs: list, hs: list, w: list | None, biases: list):
+def _add_rank(s: int, d: int, xs: list, hs: list, w: list | None, acc: np.ndarray, wacc) -> np.ndarray:
+    """acc[t] = float32(acc[t] + row of x[d]) (and wacc likewise) for every token t of source s
+    that went to d; returns those tokens."""
+    h = hs[s]
+    toks = np.flatnonzero(h.is_token_in_rank[:, d])
+    if toks.size == 0:
+        return toks
+    rows = int(hs[d].rank_prefix[s]) + h.send_pos[toks, d].astype(_I64)
+    lo, hi = int(hs[d].rank_prefix[s]), int(hs[d].rank_prefix[s + 1])
+    if rows.min() < lo or rows.max() >= hi or hi > hs[d].num_recv_tokens:
+        raise ValueError(f"handles[{s}].send_pos points outside the rows rank {d} received "
+                         f"from rank {s} ([{lo}, {hi}))")
+    # bf16 -> float32 is exact, so a float32 add loop over the bf16 rows is the float32
+    # sum of the contract; the ufunc converts in small chunks, which keeps it in cache.
+    part = acc[toks]
+    np.add(part, _take_rows(xs[d], rows), out=part, dtype=_F32)
+    acc[toks] = part
+    if wacc is not None:
+        wacc[toks] += _take_rows(w[d], rows)
+    return toks
+
+
+def _combine_source(s: int, xs: list, hs: list, w: list | None, biases: list, P: int):
     """(combined_x, combined_weights) of source rank s, in the order of the contract."""
-    h, H = hs[s], xs[0].shape[1]
-    N = h.is_token_in_rank.shape[0]
+    R, H = len(xs), xs[0].shape[1]
+    N = hs[s].is_token_in_rank.shape[0]
+    K = w[0].shape[1] if w is not None else 0
     acc = np.zeros((N, H), dtype=_F32)
-    wacc = np.zeros((N, w[0].shape[1]), dtype=_F32) if w is not None else None
-    # Loop over d, never a reduction over an axis: np.sum may use pairwise summation, and
-    # the kernels add the ranks' contributions one after another in ascending rank order.
-    for d in range(len(xs)):
-        toks = np.flatnonzero(h.is_token_in_rank[:, d])
-        if toks.size == 0:
-            continue
-        rows = int(hs[d].rank_prefix[s]) + h.send_pos[toks, d].astype(_I64)
-        lo, hi = int(hs[d].rank_prefix[s]), int(hs[d].rank_prefix[s + 1])
-        if rows.min() < lo or rows.max() >= hi or hi > hs[d].num_recv_tokens:
-            raise ValueError(f"handles[{s}].send_pos points outside the rows rank {d} received "
-                             f"from rank {s} ([{lo}, {hi}))")
-        # bf16 -> float32 is exact, so a float32 add loop over the bf16 rows is the float32
-        # sum of the contract; the ufunc converts in small chunks, which keeps it in cache.
-        part = acc[toks]
-        np.add(part, _take_rows(xs[d], rows), out=part, dtype=_F32)
-        acc[toks] = part
-        if w is not None:
-            wacc[toks] += _take_rows(w[d], rows)
+    wacc = np.zeros((N, K), dtype=_F32) if w is not None else None
+    # Loops over d, never a reduction over an axis: np.sum may use pairwise summation, and
+    # the kernels add the ranks' contributions one after another in ascending rank order
+    # (within each node, then the nodes' partial sums in ascending node order).
+    if P == R:
+        for d in range(R):
+            _add_rank(s, d, xs, hs, w, acc, wacc)
+    else:
+        for first in range(0, R, P):
+            part = np.zeros((N, H), dtype=_F32)
+            wpart = np.zeros((N, K), dtype=_F32) if w is not None else None
+            reached = np.zeros(N, dtype=bool)
+            for d in range(first, first + P):
+                reached[_add_rank(s, d, xs, hs, w, part, wpart)] = True
+            # Only tokens that reached node m add its partial, as the contract says (a +0
+            # partial would leave acc's bits unchanged too: acc is never -0).
+            acc[reached] += part[reached]
+            if w is not None:
+                wacc[reached] += wpart[reached]
     for bl in biases:
         acc += bl[s].astype(_F32)
     return acc.astype(BF16), wacc
 
 
-def combine(x, handles, *, topk_weights=None, bias=()) -> list[tuple[np.ndarray, np.ndarray | None]]:
+def combine(x, handles, *, topk_weights=None, bias=(),
+            num_ranks_per_node: int | None = None) -> list[tuple[np.ndarray, np.ndarray | None]]:
     """Normal combine: sum each token's expert outputs back on its source rank.
 
     Args:
@@ -320,20 +352,26 @@ def combine(x, handles, *, topk_weights=None, bias=()) -> list[tuple[np.ndarray,
         handles: list over ranks of the :class:`DispatchHandle` from :func:`dispatch`.
         topk_weights: optional list of float32 [rows_d, K] (one K), combined like x.
         bias: tuple of 0, 1 or 2 lists over ranks s of bfloat16 [N_s, H], added after the sum.
+        num_ranks_per_node: P, the ranks of one node (the node of rank r is r // P); None or
+            P >= R: one node.  With several nodes R % P == 0 is required.
 
     Order of operations (part of the contract; GPU kernels match it bit for bit): for source
-    rank s and token t, acc = float32 0; for d = 0..R-1 where the token went to d,
-    acc = float32(acc + float32(row of x[d])); then acc = float32(acc + float32(bias_i[s][t]))
-    for each bias in order; the output is bfloat16(acc), round to nearest even.  Combined
-    weights follow the same sum over d (no bias) and stay float32.
+    rank s and token t, acc = float32 0; for node m = 0..R/P-1 where the token went to at
+    least one rank of m: part = float32 0, for d in node m ascending where the token went to
+    d, part = float32(part + float32(row of x[d])), then acc = float32(acc + part).  With one
+    node this is the flat sum over d = 0..R-1 (0 + part == part: part is never -0).  Then
+    acc = float32(acc + float32(bias_i[s][t])) for each bias in order; the output is
+    bfloat16(acc), round to nearest even.  Combined weights follow the same node-then-rank
+    sum (no bias) and stay float32.
 
     Returns:
         per rank s, (combined_x bfloat16 [N_s, H], combined_topk_weights float32 [N_s, K] or None).
 
     Raises:
-        TypeError: wrong container, array or dtype.
-        ValueError: wrong lengths or shapes, more than 2 biases, too few rows in x[d], or a
-            handle pointing outside its rank's received rows.
+        TypeError: wrong container, array or dtype, or a num_ranks_per_node that is not an int.
+        ValueError: wrong lengths or shapes, more than 2 biases, too few rows in x[d], a
+            handle pointing outside its rank's received rows, num_ranks_per_node < 1, or
+            R > num_ranks_per_node with R % num_ranks_per_node != 0.
     """
-    xs, hs, w, biases = _combine_args(x, handles, topk_weights, bias)
-    return [_combine_source(s, xs, hs, w, biases) for s in range(len(xs))]
+    xs, hs, w, biases, P = _combine_args(x, handles, topk_weights, bias, num_ranks_per_node)
+    return [_combine_source(s, xs, hs, w, biases, P) for s in range(len(xs))]
