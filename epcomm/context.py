@@ -19,6 +19,7 @@ from epcomm.runtime import driver, streams
 from epcomm.runtime import event as event_mod
 from epcomm.runtime.errstate import ErrorState
 from epcomm.runtime.event import EventOverlap
+from epcomm.runtime.topology import Topology
 from epcomm.validate import check_int
 
 # Every Buffer's number in this process, recorded in its handles: unlike id(), never reused by a
@@ -45,12 +46,13 @@ class CommContext:
     number, recorded in handles), ``timeout_s`` (EPCOMM_TIMEOUT_S), ``err`` (ErrorState),
     ``stream`` / ``stream2`` (raw comm streams: send and receive), ``ev_start`` / ``ev_mid`` /
     ``ev_recv`` (raw events for stream joins), ``destroyed``, ``alloc_on_comm`` (the current
-    call's ``allocate_on_comm_stream``), ``shares_gpu``.
+    call's ``allocate_on_comm_stream``), ``shares_gpu``, ``topology`` (the group's nodes, a
+    :class:`epcomm.runtime.topology.Topology`; None: not known, every rank is treated as one node).
     """
 
     def __init__(self, group, rank: int, num_ranks: int, device_id: int, *, err, stream: int = 0,
                  stream2: int = 0, events: tuple = (0, 0, 0), timeout_s: float | None = None,
-                 shares_gpu: bool = False, device_sms: int | None = None):
+                 shares_gpu: bool = False, device_sms: int | None = None, topology: Topology | None = None):
         self.group = group
         self.rank, self.num_ranks, self.device_id = rank, num_ranks, device_id
         self.serial = next(BUFFER_SERIALS)
@@ -59,6 +61,7 @@ class CommContext:
         self.stream, self.stream2 = stream, stream2
         self.ev_start, self.ev_mid, self.ev_recv = events
         self.shares_gpu = shares_gpu
+        self.topology = topology
         self.destroyed = False
         self.alloc_on_comm = False
         self._device_sms = device_sms

@@ -91,6 +91,14 @@ class Knob(Generic[T]):
 _MEMO: dict = {}
 
 
+def parse_count(name: str, raw: str) -> int:
+    """An integer >= 0."""
+    v = parse_int(name, raw)
+    if v < 0:
+        raise ValueError(f"{name}={raw!r}: expected an integer >= 0")
+    return v
+
+
 def parse_str(name: str, raw: str) -> str:
     return raw
 
@@ -186,6 +194,11 @@ SHARE_GPU = knob("EPCOMM_SHARE_GPU", False, parse_bool,
                  "take turns, so it is slow and says nothing about speed). The GPU tests use it to "
                  "run 2 ranks on a one-GPU machine; in the low-latency mode NVSHMEM then runs "
                  "several PEs per GPU (its limited MPG mode, without MPS).")
+RANKS_PER_NODE = knob("EPCOMM_RANKS_PER_NODE", 0, parse_count,
+                      "Declare nodes of n consecutive ranks instead of discovering them (host name and "
+                      "GPU peer access), so the internode path runs on one host, or on one GPU with "
+                      "EPCOMM_SHARE_GPU=1 for tests. Must divide the group's size and agree on all "
+                      "ranks; 0 = discover.", "0 (discover)")
 PROFILE = knob("EPCOMM_PROFILE", False, parse_bool,
                "Kernels stamp each block's phases (globaltimer): normal mode for "
                "Buffer.profile_stamps() and benchmarks/profile_normal.py, low-latency mode for "

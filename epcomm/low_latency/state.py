@@ -16,6 +16,7 @@ from epcomm.runtime import driver, streams
 from epcomm.runtime import event as event_mod
 from epcomm.runtime import nvshmem as nvr
 from epcomm.runtime.event import EventOverlap
+from epcomm.runtime.topology import Topology
 
 
 class HeapResources(NamedTuple):
@@ -26,6 +27,22 @@ class HeapResources(NamedTuple):
     heap: int
     ctrl: int
     peers: list
+
+
+def nvlink_peers(rank: int, peers: list, reach, topology: Topology | None = None) -> list:
+    """``peers`` (each rank's heap address as ``rank`` maps it, 0: not mapped) with 0 for every
+    peer the kernels must reach with NVSHMEM puts: one on another node of ``topology`` (declared
+    nodes on one host included), and one that does not map ``rank``'s heap (``reach[r][q]``:
+    rank r maps rank q's heap).  Both ends of a pair pick the same transport, as the combine's
+    row format depends on it: a pair mapped one way only uses puts both ways."""
+    other_node = topology is not None and topology.spans_nodes
+    out = list(peers)
+    for r in range(len(peers)):
+        if r == rank:
+            continue
+        if not reach[r][rank] or not reach[rank][r] or (other_node and not topology.same_node(rank, r)):
+            out[r] = 0
+    return out
 
 
 class LowLatencyState(DispatchOps, CombineOps, FastPaths):
@@ -68,8 +85,8 @@ class LowLatencyState(DispatchOps, CombineOps, FastPaths):
         self._reset_slots()
 
     def _allocate(self, ctx, num_rdma_bytes: int) -> "HeapResources":
-        """NVSHMEM's heap, this rank's control words and the peers' heap pointers (0 where a
-        pair is not reachable over NVLink both ways)."""
+        """NVSHMEM's heap, this rank's control words and the peers' heap pointers (0 where
+        :func:`nvlink_peers` says puts)."""
         with driver.on_device(self.device_id):
             nvr.init(ctx.group, self.device_id, num_rdma_bytes, shared_gpu=ctx.shares_gpu)
             self.heap_obj, heap = nvr.alloc(num_rdma_bytes)
@@ -78,13 +95,9 @@ class LowLatencyState(DispatchOps, CombineOps, FastPaths):
             driver.memset_d8_async(self.ctrl, 0, ctypes.sizeof(K.LLCtrl), ctx.stream)
             driver.stream_sync(ctx.stream)
             peers = [heap if r == self.rank else nvr.peer_ptr(self.heap_obj, r) for r in range(self.num_ranks)]
-        # Both ends of a pair must pick the same transport (the combine's row format depends on
-        # it): a pair reachable over NVLink one way only uses puts both ways.  The all-gather
-        # also orders every heap's zeroing before anyone writes into it.
+        # The all-gather also orders every heap's zeroing before anyone writes into it.
         reach = ctx.group.allgather_bytes(bytes(int(p != 0) for p in peers))
-        for r in range(self.num_ranks):
-            if r != self.rank and not reach[r][self.rank]:
-                peers[r] = 0
+        peers = nvlink_peers(self.rank, peers, reach, ctx.topology)
         ctx.group.barrier()
         return HeapResources(self.heap_obj, heap, self.ctrl, peers)
 

@@ -287,6 +287,8 @@ def ipc_close(ptr: int) -> None:
 
 
 def can_access_peer(dev: int, peer: int) -> bool:
+    """Whether contexts on device ordinal ``dev`` can map memory of device ``peer`` directly
+    (cuDeviceCanAccessPeer; False for ``dev == peer``)."""
     d = drv()
     a = check(d.cuDeviceGet(dev), "cuDeviceGet")
     b = check(d.cuDeviceGet(peer), "cuDeviceGet")
@@ -298,3 +300,13 @@ def pci_bus_id(dev: int) -> str:
     h = check(d.cuDeviceGet(dev), "cuDeviceGet")
     s = check(d.cuDeviceGetPCIBusId(32, h), "cuDeviceGetPCIBusId")
     return (s.decode() if isinstance(s, bytes) else str(s)).strip("\x00")
+
+
+def device_by_pci_bus_id(bus_id: str) -> int | None:
+    """The ordinal of the device at ``bus_id`` (as :func:`pci_bus_id` writes it), or None if this
+    process does not see that device (e.g. CUDA_VISIBLE_DEVICES hides it)."""
+    d = drv()
+    r = d.cuDeviceGetByPCIBusId(bus_id.encode())
+    if r[0] in (d.CUresult.CUDA_ERROR_INVALID_DEVICE, d.CUresult.CUDA_ERROR_INVALID_VALUE):
+        return None
+    return int(check(r, f"cuDeviceGetByPCIBusId({bus_id})"))

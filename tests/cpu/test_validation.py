@@ -133,6 +133,7 @@ def test_envs_parse_and_document():
     for k in e.KNOBS:
         assert f"`{k}`" in table
         assert f"`{k}`" in readme, f"README's configuration table lacks {k}"
+    assert table in readme, "README's configuration table differs from `python -m epcomm.envs`"
     import os
     os.environ["EPCOMM_TIMEOUT_S"] = "abc"
     try:
