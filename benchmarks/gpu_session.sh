@@ -2,7 +2,7 @@
 # One full GPU session on a lent machine: installs the carried
 # nvshmem4py wheel, runs `epcomm info`, warms the JIT cache in parallel, runs the GPU test
 # suite and the benchmarks, and leaves logs and JSON under $OUT (default ./gpu-out).
-# Usage: bash benchmarks/gpu_session.sh [tests|tests-normal|tests-ll|bench|all] [pytest -k expression]
+# Usage: bash benchmarks/gpu_session.sh [tests|tests-normal|tests-ll|tests-internode|bench|all] [pytest -k expression]
 # Pass EPCOMM_GIT_COMMIT=<sha>[+dirty] (computed where the tree was sent from): the lent
 # machines' copies have had a stale git HEAD, and the benchmark JSON records this value.
 #
@@ -69,6 +69,11 @@ if [[ $what == tests || $what == all || $what == tests-normal ]]; then
 fi
 if [[ $what == tests || $what == all || $what == tests-ll ]]; then
   run_tests ll "${TEST_TIMEOUT:-540}" tests/gpu/test_low_latency_gpu.py
+fi
+# Internode: nodes declared inside the test (EPCOMM_RANKS_PER_NODE); with EPCOMM_TEST_RANKS=4 or
+# 8 sharing one GPU it covers 2x2 and 4x1 (2x4, 4x2, 8x1).
+if [[ $what == tests || $what == all || $what == tests-internode ]]; then
+  run_tests internode "${TEST_TIMEOUT:-540}" tests/gpu/test_internode_gpu.py
 fi
 if [[ $what == bench || $what == all ]]; then
   if (( ngpu >= 2 )); then which=all; nmodes=2; kind="nvidia-h200-x$ngpu"; else which=low-latency; nmodes=1; kind=nvidia-h200; fi

@@ -1,9 +1,11 @@
 """The communication buffer: normal (high-throughput) and low-latency expert-parallel
 dispatch/combine.
 
-``Buffer`` is created collectively by every rank of a group (one process per GPU).  It builds the
-mode engines and routes calls to them: the normal mode (:mod:`epcomm.normal`) uses an NVLink
-buffer (``num_nvl_bytes``) mapped into every peer with CUDA IPC; the low-latency mode
+``Buffer`` is created collectively by every rank of a group (one process per GPU).  It finds the
+group's nodes (:mod:`epcomm.runtime.topology`), builds the mode engines and routes calls to
+them: the normal mode inside one node (:mod:`epcomm.normal`) uses an NVLink buffer
+(``num_nvl_bytes``) mapped into every peer with CUDA IPC; across nodes (:mod:`epcomm.internode`)
+it uses the NVSHMEM symmetric heap (``num_rdma_bytes + num_nvl_bytes``); the low-latency mode
 (:mod:`epcomm.low_latency`) uses the NVSHMEM symmetric heap.  What both share (device, streams,
 error record, call plumbing) is a :class:`epcomm.context.CommContext`.
 """
@@ -13,18 +15,22 @@ import atexit
 import warnings
 import weakref
 
-from epcomm import envs, normal
+from epcomm import envs, internode, normal
 from epcomm.config import Config, default_combine_config, default_dispatch_config
 from epcomm.context import CommContext
 from epcomm.errors import BufferStateError
+from epcomm.internode import InternodeState
+from epcomm.kernels import internode as K_inter
 from epcomm.kernels import intranode as K_intra
 from epcomm.kernels import low_latency as K_ll
 from epcomm.low_latency import LowLatencyState
 from epcomm.normal import DispatchHandle, NvlinkState
 from epcomm.runtime import driver
 from epcomm.runtime import event as event_mod
+from epcomm.runtime import nvshmem as nvr
 from epcomm.runtime.event import EventOverlap
 from epcomm.runtime.group import as_group
+from epcomm.runtime.topology import discover
 from epcomm.validate import check_hidden_size, check_int
 
 __all__ = ["Buffer", "DispatchHandle"]
@@ -49,13 +55,18 @@ class Buffer:
             runtime), any object with ``rank``/``size``/``allgather_bytes``/``barrier``, or None
             for the initialised torch.distributed default group.  Used only to exchange handles.
         num_nvl_bytes: bytes of NVLink buffer per rank for the normal mode (0: no normal mode).
-            :meth:`get_nvl_buffer_size_hint` computes what a token count needs.
+            :meth:`get_nvl_buffer_size_hint` computes what a token count needs; across nodes
+            it holds the rows a combine stages (:meth:`get_internode_nvl_size_hint`).
         num_rdma_bytes: bytes of NVSHMEM symmetric heap per rank for the low-latency mode
-            (0: none); :meth:`get_low_latency_rdma_size_hint` computes it.
+            (:meth:`get_low_latency_rdma_size_hint`) and, when the group spans nodes, for the
+            normal mode's network regions (:meth:`get_rdma_buffer_size_hint`); 0: none.
         low_latency_mode: create the low-latency (NVSHMEM) state.
         device: CUDA device ordinal; default: the current device, else ``rank % device_count``.
 
-    Raises ValueError for bad sizes, and EpcommError if peer memory cannot be mapped.
+    The group spans nodes when its ranks are on several hosts (or GPUs that cannot reach each
+    other), or as declared by EPCOMM_RANKS_PER_NODE; nodes must be equal blocks of consecutive
+    ranks.  Raises ValueError for bad sizes or nodes, and EpcommError if peer memory cannot be
+    mapped.
     The buffer must be used by every rank with the same sequence of calls; :meth:`destroy`
     (also run at exit) releases it collectively.
     """
@@ -81,7 +92,7 @@ class Buffer:
             # and its peers' mappings, when the low-latency part then fails).
             ctx.destroyed = True
             with driver.on_device(device):
-                self._free_local()
+                self._free_local(failing=True)
             raise
         _LIVE_BUFFERS.add(self)
 
@@ -99,6 +110,7 @@ class Buffer:
         self.group, self.rank, self.num_ranks, self.device_id = ctx.group, ctx.rank, ctx.num_ranks, ctx.device_id
         self._serial = ctx.serial
         self._intra: NvlinkState | None = None
+        self._inter: InternodeState | None = None
         self._ll: LowLatencyState | None = None
         self._dispatch_config = default_dispatch_config(self.num_ranks)
         self._combine_config = default_combine_config(self.num_ranks)
@@ -116,10 +128,23 @@ class Buffer:
         if ctx.shares_gpu and not envs.SHARE_GPU.get():
             raise ValueError(f"two ranks share one GPU ({[b.decode() for b in buses]}); use one GPU per rank"
                              " (EPCOMM_SHARE_GPU=1 allows it for correctness tests)")
-        ll = low_latency_mode or num_rdma_bytes > 0
+        ctx.topology = topo = discover(group, self.device_id)
+        inter = topo.spans_nodes and num_nvl_bytes > 0
+        ll = low_latency_mode or (num_rdma_bytes > 0 and not inter)
         if ll:
             LowLatencyState.check_args(self.num_ranks, num_rdma_bytes)  # before any allocation
-        if num_nvl_bytes > 0:
+        if inter:
+            K_inter.check_topology(self.num_ranks, topo.ranks_per_node)
+            if num_rdma_bytes <= 0:
+                raise ValueError(f"the group spans {topo.num_nodes} nodes of {topo.ranks_per_node} ranks: the normal "
+                                 f"mode needs num_rdma_bytes > 0 (see Buffer.get_rdma_buffer_size_hint)")
+            heap = num_rdma_bytes + num_nvl_bytes + 4096 + (num_rdma_bytes if ll else 0)
+            with driver.on_device(self.device_id):  # one heap size for both engines' allocations
+                nvr.init(group, self.device_id, heap, shared_gpu=ctx.shares_gpu)
+            self._inter = InternodeState(ctx, topo.ranks_per_node, num_nvl_bytes, num_rdma_bytes)
+            self._dispatch_config = default_dispatch_config(self.num_ranks, topo.num_nodes)
+            self._combine_config = default_combine_config(self.num_ranks, topo.num_nodes)
+        elif num_nvl_bytes > 0:
             if self.num_ranks < 2:
                 raise ValueError("the normal mode needs at least 2 ranks")
             if self.num_ranks > K_intra.MAX_RANKS:
@@ -190,6 +215,23 @@ class Buffer:
         return K_intra.nvl_buffer_size_hint(hidden, num_ranks, num_max_tokens_per_rank, num_topk)
 
     @staticmethod
+    def get_rdma_buffer_size_hint(hidden: int, num_ranks: int, num_max_tokens_per_rank: int,
+                                  num_ranks_per_node: int = 8) -> int:
+        """``num_rdma_bytes`` for the normal mode across nodes: dispatches of up to
+        ``num_max_tokens_per_rank`` tokens of ``hidden`` channels (BF16 or FP8, top-k <= 32) and
+        their combines, ``num_ranks`` ranks in nodes of ``num_ranks_per_node``.  Raises
+        TypeError/ValueError for arguments the internode kernels cannot run (at least two nodes,
+        at most 256 ranks and 32 per node)."""
+        return K_inter.rdma_size_hint(hidden, num_ranks, num_ranks_per_node, num_max_tokens_per_rank)
+
+    @staticmethod
+    def get_internode_nvl_size_hint(hidden: int, num_max_recv_tokens: int) -> int:
+        """``num_nvl_bytes`` for the normal mode across nodes: the combine stages the rows a rank
+        received (up to ``num_max_recv_tokens``; the worst case is every token of every rank,
+        ``num_ranks * num_max_tokens_per_rank``)."""
+        return K_inter.nvl_size_hint(hidden, num_max_recv_tokens)
+
+    @staticmethod
     def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int,
                                        num_ranks: int, num_experts: int) -> int:
         """Symmetric-heap bytes (``num_rdma_bytes``) for low-latency calls of up to these sizes."""
@@ -237,13 +279,16 @@ class Buffer:
             self._free_local()
             event_mod.release_finished()  # the device is idle: CuPy/JAX arrays of dropped events go
 
-    def _free_local(self) -> None:
+    def _free_local(self, failing: bool = False) -> None:
         """Release what this process holds: destroy()'s end (after its barrier), and what a
         constructor that raised had made so far (then without the symmetric heap, whose free is
         collective: see LowLatencyState.free)."""
         if self._intra is not None:
             self._intra.free()
             self._intra = None
+        if self._inter is not None:
+            self._inter.free(collective=not failing)
+            self._inter = None
         if self._ll is not None:
             self._ll.free()
             self._ll = None
@@ -263,17 +308,18 @@ class Buffer:
                E + R <= 12288 (the layout kernel's counters in 48 KiB of shared memory).
 
         Returns ``(num_tokens_per_rank int32 [R], num_tokens_per_rdma_rank, num_tokens_per_expert
-        int32 [E], is_token_in_rank bool [N, R], event)``.  ``num_tokens_per_rdma_rank`` is always
-        None: the normal mode runs within one NVLink domain of up to 72 ranks, which is one
-        "node" in DeepEP's terms (DeepEP returns None within a node), whatever R is, so every R
-        that :meth:`dispatch` accepts is accepted here.  Per-node counts for another partition:
-        :func:`epcomm.get_dispatch_layout` with ``num_ranks_per_node``.
+        int32 [E], is_token_in_rank bool [N, R], event)``.  ``num_tokens_per_rdma_rank``: int32
+        [nodes] (a token counts once per node) when the Buffer spans nodes, else None (one
+        NVLink domain of up to 72 ranks is one "node" in DeepEP's terms, whatever R is).  Per-node
+        counts for another partition: :func:`epcomm.get_dispatch_layout` with
+        ``num_ranks_per_node``.
 
         Raises TypeError/ValueError before any launch (wrong dtype, shape, framework, an index
         outside [-1, E), or ``previous_event`` not an EventOverlap).
         """
+        P = self._inter.rpn if self._inter is not None else None
         return normal.get_dispatch_layout(self.ctx, topk_idx, num_experts, previous_event, async_finish,
-                                          allocate_on_comm_stream)
+                                          allocate_on_comm_stream, ranks_per_node=P)
 
     def dispatch(self, x, handle: DispatchHandle | None = None, num_tokens_per_rank=None,
                  num_tokens_per_rdma_rank=None, is_token_in_rank=None, num_tokens_per_expert=None,
@@ -335,6 +381,11 @@ class Buffer:
         ``num_worst_tokens`` these device-side errors are raised by the next call or
         :meth:`synchronize`.
         """
+        if self._inter is not None:
+            return internode.dispatch(self.ctx, self._inter, self._dispatch_config, x, handle, num_tokens_per_rank,
+                                      num_tokens_per_rdma_rank, is_token_in_rank, num_tokens_per_expert, topk_idx,
+                                      topk_weights, expert_alignment, num_worst_tokens, config, previous_event,
+                                      async_finish, allocate_on_comm_stream, num_experts=num_experts)
         return normal.dispatch(self.ctx, self._intra, self._dispatch_config, x, handle, num_tokens_per_rank,
                                num_tokens_per_rdma_rank, is_token_in_rank, num_tokens_per_expert, topk_idx,
                                topk_weights, expert_alignment, num_worst_tokens, config, previous_event,
@@ -362,6 +413,9 @@ class Buffer:
         Returns ``(combined_x bf16 [N, H], combined_topk_weights float32 [N, K] or None, event)``.
         Graph-capturable.  Raises like :meth:`dispatch`, all before any launch.
         """
+        if self._inter is not None:
+            return internode.combine(self.ctx, self._inter, self._combine_config, x, handle, topk_weights, bias,
+                                     config, previous_event, async_finish, allocate_on_comm_stream)
         return normal.combine(self.ctx, self._intra, self._combine_config, x, handle, topk_weights, bias, config,
                               previous_event, async_finish, allocate_on_comm_stream)
 

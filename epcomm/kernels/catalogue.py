@@ -6,6 +6,7 @@ first use (any hidden size that is a multiple of 128, or of 8 for the BF16 norma
 """
 from __future__ import annotations
 
+from epcomm.kernels.internode import InternodeSpec
 from epcomm.kernels.intranode import IntranodeCombineSpec, IntranodeDispatchSpec
 from epcomm.kernels.layout import LayoutSpec
 from epcomm.kernels.low_latency import LowLatencySpec
@@ -13,16 +14,17 @@ from epcomm.kernels.smoke import SmokeNvshmemSpec, SmokePeerStoreSpec
 from epcomm.kernels.timing import SpinWaitSpec
 from epcomm.jit.spec import KernelSpec
 
-MODES = ("normal", "low-latency")
+MODES = ("normal", "internode", "low-latency")
 DTYPES = ("bf16", "fp8")
 
 PRESETS: dict[str, dict] = {
-    # DeepSeek-V3/R1: hidden 7168, 256 routed experts, top-8.
+    # DeepSeek-V3/R1: hidden 7168, 256 routed experts, top-8 (intranode up to 8 ranks; the
+    # internode kernels serve EP16/32/64 at 8 GPUs per node with rank counts at run time).
     "deepseek-v3": dict(hidden=(7168,), ranks=(2, 4, 8), dtypes=DTYPES, modes=MODES),
     # Qwen3-235B-A22B: hidden 4096, 128 experts, top-8.
     "qwen3-235b": dict(hidden=(4096,), ranks=(2, 4, 8), dtypes=DTYPES, modes=MODES),
     # gpt-oss-120b: hidden 2880 (not a multiple of 128: BF16 normal mode only).
-    "gpt-oss": dict(hidden=(2880,), ranks=(2, 4, 8), dtypes=("bf16",), modes=("normal",)),
+    "gpt-oss": dict(hidden=(2880,), ranks=(2, 4, 8), dtypes=("bf16",), modes=("normal", "internode")),
     # Shapes of the GPU test suite.
     "tests": dict(hidden=(2048, 4096, 7168, 2880), ranks=(2, 4, 8), dtypes=DTYPES, modes=MODES),
 }
@@ -59,6 +61,10 @@ def specs_for(hidden, ranks, dtypes=DTYPES, modes=MODES, *, strict: bool = False
                 for d in dtypes:
                     add(IntranodeDispatchSpec(R, H, d == "fp8"))
                 add(IntranodeCombineSpec(R, H))
+        if "internode" in modes:  # rank and node counts are runtime parameters
+            add(InternodeSpec(H, False))  # combine (and BF16 dispatch) always needed
+            if "fp8" in dtypes:
+                add(InternodeSpec(H, True))
         if "low-latency" in modes:
             add(LowLatencySpec(H, False))  # combine (and BF16 dispatch) always needed
             if "fp8" in dtypes:

@@ -11,7 +11,7 @@ from epcomm.runtime import driver
 from epcomm.runtime.event import check_event
 
 
-def _check_weights(ctx, topk_weights, handle, fw: str):
+def check_weights(ctx, topk_weights, handle, fw: str):
     """topk_weights: None or float32 [rows, handle.num_topk]."""
     wr = ctx.tensor(topk_weights, "topk_weights", dtype="float32", ndim=2, shape=(handle.out_rows, None),
                     allow_none=True, framework=fw)
@@ -27,7 +27,7 @@ def _check_weights(ctx, topk_weights, handle, fw: str):
     return wr
 
 
-def _check_biases(ctx, bias, N: int, H: int, fw: str) -> list:
+def check_biases(ctx, bias, N: int, H: int, fw: str) -> list:
     """bias: None, one bf16 [N, H] array or a pair (either may be None)."""
     biases = []
     if bias is None:
@@ -68,9 +68,9 @@ def combine(ctx, st, default_config, x, handle, topk_weights=None, bias=None, co
     H, N = handle.hidden, handle.num_tokens
     xr = ctx.tensor(x, "x", dtype="bfloat16", ndim=2, shape=(handle.out_rows, H))
     fw = xr.framework
-    wr = _check_weights(ctx, topk_weights, handle, fw)
+    wr = check_weights(ctx, topk_weights, handle, fw)
     Kt = wr.shape[1] if wr is not None else 0
-    biases = _check_biases(ctx, bias, N, H, fw)
+    biases = check_biases(ctx, bias, N, H, fw)
     cfg = ctx.call_config(config, default_config, "combine")
     S, Rv = cfg.split()
     chunk_rows = max(cfg.chunk_rows, _check_capacity(ctx, st, handle, Kt))

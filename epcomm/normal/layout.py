@@ -12,28 +12,32 @@ from epcomm.runtime.event import check_event
 
 
 def get_dispatch_layout(ctx, topk_idx, num_experts: int, previous_event: EventOverlap | None = None,
-                        async_finish: bool = False, allocate_on_comm_stream: bool = False):
-    """See :meth:`epcomm.Buffer.get_dispatch_layout` (``ctx``: the Buffer's CommContext)."""
+                        async_finish: bool = False, allocate_on_comm_stream: bool = False,
+                        ranks_per_node: int | None = None):
+    """See :meth:`epcomm.Buffer.get_dispatch_layout` (``ctx``: the Buffer's CommContext;
+    ``ranks_per_node``: the Buffer's node size when it spans nodes, else None)."""
     ctx.check_usable("get_dispatch_layout")
     check_event(previous_event)
     tr = ctx.tensor(topk_idx, "topk_idx", dtype="index", ndim=2, previous_event=previous_event)
     num_experts = check_int("num_experts", num_experts, lo=1)
     # One NVLink domain: ranks_per_node = R, so no per-node counts (num_nodes = 0), as in dispatch.
-    num_nodes = K_layout.check_layout_args(tr.shape[0], num_experts, ctx.num_ranks, ctx.num_ranks)
+    P = ranks_per_node or ctx.num_ranks
+    num_nodes = K_layout.check_layout_args(tr.shape[0], num_experts, ctx.num_ranks, P)
     ctx.alloc_on_comm = bool(allocate_on_comm_stream)
     fw = tr.framework
     with driver.on_device(ctx.device_id):
         caller, cap = ctx.begin(fw, previous_event, caller_work=tr.widened)
         check_topk_indices(tr.obj, fw, num_experts, capturing=bool(cap), previous_event=previous_event)
-        outs = layout_on_comm(ctx, tr, num_experts, num_nodes)
+        outs = layout_on_comm(ctx, tr, num_experts, num_nodes, P)
         ev = ctx.finish(fw, caller, async_finish, [o[0] for o in outs if o], [tr.obj, tr.keepalive], cap)
     res = [interop.finish(fw, o[0], ctx.stream) if o else None for o in outs]
     return (*res, ev)
 
 
-def layout_on_comm(ctx, tr, num_experts: int, num_nodes: int) -> list:
+def layout_on_comm(ctx, tr, num_experts: int, num_nodes: int, ranks_per_node: int | None = None) -> list:
     """Allocate the four layout outputs (interop (obj, ref) pairs; the per-node one None when
-    ``num_nodes`` is 0) and launch the layout kernel on the comm stream."""
+    ``num_nodes`` is 0) and launch the layout kernel on the comm stream (``ranks_per_node``:
+    default one node of every rank)."""
     fw = tr.framework
     N = tr.shape[0]
     R = ctx.num_ranks
@@ -41,6 +45,6 @@ def layout_on_comm(ctx, tr, num_experts: int, num_nodes: int) -> list:
     rdma_o = ctx.empty(fw, (num_nodes,), "int32") if num_nodes else None
     exp_o = ctx.empty(fw, (num_experts,), "int32")
     in_o = ctx.empty(fw, (N, R), "bool")
-    K_layout.launch_layout(ctx.stream, ctx.device_id, tr, num_experts, R, num_nodes, R, rank_o[1],
+    K_layout.launch_layout(ctx.stream, ctx.device_id, tr, num_experts, R, num_nodes, ranks_per_node or R, rank_o[1],
                            rdma_o[1] if rdma_o else None, exp_o[1], in_o[1], ctx.err.dev_ptr)
     return [rank_o, rdma_o, exp_o, in_o]

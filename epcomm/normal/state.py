@@ -124,31 +124,7 @@ class NvlinkState:
 
     def wait_counts(self, ctx, what: str) -> None:
         """Spin until the notify kernel published the counts (bounded by the timeout)."""
-        info = self.info
-        if info[0]:
-            return
-        start = time.monotonic()
-        deadline = start + ctx.timeout_s + 2.0
-        spins = 0
-        # Spin hard first: the receive kernel is launched only after this returns, so every
-        # microsecond here is on the GPU's critical path (a 100 us sleep granularity cost about
-        # that much per dispatch).  Back off to short sleeps only after 20 ms.
-        while info[0] == 0:
-            spins += 1
-            if spins & 0xFF == 0:
-                # Only an error that stops the kernels ends this wait: a bad index (skipped by
-                # the kernels) is raised at the next call, after this one completed everywhere.
-                if ctx.err.aborting():
-                    ctx.err.check(what)
-                if time.monotonic() > deadline:
-                    exc = EpcommTimeoutError(
-                        f"rank {ctx.rank}: {what}: the token counts of the peers never arrived within "
-                        f"{ctx.timeout_s:.0f} s (phase notify); a peer did not call {what}, or the GPU is "
-                        f"blocked by earlier work", rank=ctx.rank, phase="notify")
-                    ctx.err.poisoned = exc
-                    raise exc
-                if time.monotonic() - start > 0.02:
-                    time.sleep(0.00002)
+        wait_counts(self.info, ctx, what)
 
     # ---- profiling and teardown --------------------------------------------------------------
     def profile_stamps(self, ctx) -> dict | None:
@@ -179,3 +155,33 @@ class NvlinkState:
                 except Exception:
                     pass
                 setattr(self, attr, 0)
+
+
+def wait_counts(info, ctx, what: str) -> None:
+    """Spin until a notify kernel set ``info[0]`` (host-mapped; the host zeroed it before the
+    launch), bounded by the context's timeout; raises the kernels' recorded error, or
+    EpcommTimeoutError (and poisons the context's error state)."""
+    if info[0]:
+        return
+    start = time.monotonic()
+    deadline = start + ctx.timeout_s + 2.0
+    spins = 0
+    # Spin hard first: the receive kernel is launched only after this returns, so every
+    # microsecond here is on the GPU's critical path (a 100 us sleep granularity cost about
+    # that much per dispatch).  Back off to short sleeps only after 20 ms.
+    while info[0] == 0:
+        spins += 1
+        if spins & 0xFF == 0:
+            # Only an error that stops the kernels ends this wait: a bad index (skipped by
+            # the kernels) is raised at the next call, after this one completed everywhere.
+            if ctx.err.aborting():
+                ctx.err.check(what)
+            if time.monotonic() > deadline:
+                exc = EpcommTimeoutError(
+                    f"rank {ctx.rank}: {what}: the token counts of the peers never arrived within "
+                    f"{ctx.timeout_s:.0f} s (phase notify); a peer did not call {what}, or the GPU is "
+                    f"blocked by earlier work", rank=ctx.rank, phase="notify")
+                ctx.err.poisoned = exc
+                raise exc
+            if time.monotonic() - start > 0.02:
+                time.sleep(0.00002)

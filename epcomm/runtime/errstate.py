@@ -46,9 +46,19 @@ _SHAPE_WORDS: dict = {}
 _MAILBOX_FIELDS: list = []
 
 
-def register_shape_word(phase: int, unpack) -> None:
-    """Mismatch records of ``phase`` hold shape words that ``unpack(word) -> dict`` decodes."""
-    _SHAPE_WORDS[phase] = unpack
+def register_shape_word(phase: int, unpack, call: str = "low_latency_dispatch",
+                        advice: str = ("num_max_dispatch_tokens_per_rank, hidden size, num_experts, top-k width and "
+                                       "FP8 flags, and run with the same EPCOMM_LL_* settings")) -> None:
+    """Mismatch records of ``phase`` hold shape words that ``unpack(word) -> dict`` decodes;
+    ``call`` names the operation and ``advice`` what every rank must pass alike."""
+    _SHAPE_WORDS[phase] = (unpack, call, advice)
+
+
+def register_phases(phases: dict, bad_index_phases: dict | None = None) -> None:
+    """A kernel family's wait phases (number -> description for messages), and those of its
+    phases that record a skipped bad expert index (number -> operation name)."""
+    PHASES.update(phases)
+    BAD_INDEX_SEEN_BY.update(bad_index_phases or {})
 
 
 def register_mailbox_fields(fields) -> None:
@@ -141,15 +151,13 @@ class ErrorState:
                 f"rank {r.rank}{where}: received {r.observed} tokens but the output has only "
                 f"{r.expected} rows (num_worst_tokens too small); rows past it were dropped")
         if code == ERR_MISMATCH and r.phase in _SHAPE_WORDS:  # the low-latency receive: shape words
-            unpack = _SHAPE_WORDS[r.phase]
+            unpack, call, advice = _SHAPE_WORDS[r.phase]
             mine, theirs = unpack(r.expected), unpack(r.observed)
             diff = [f"{k} is {mine[k]} here and {theirs[k]} there" for k in mine if mine[k] != theirs[k]]
             field = next((k for k in mine if mine[k] != theirs[k]), "")
             return RankMismatchError(
-                f"rank {r.rank}{where}: rank {r.peer} called low_latency_dispatch with a different shape: "
-                f"{'; '.join(diff) or 'unreadable shape word'}. Every rank must pass the same "
-                f"num_max_dispatch_tokens_per_rank, hidden size, num_experts, top-k width and FP8 flags, and run "
-                f"with the same EPCOMM_LL_* settings; the "
+                f"rank {r.rank}{where}: rank {r.peer} called {call} with a different shape: "
+                f"{'; '.join(diff) or 'unreadable shape word'}. Every rank must pass the same {advice}; the "
                 f"received rows were not read, and this Buffer is unusable now (create a new one).",
                 rank=r.rank, peer=r.peer, field=field, mine=mine.get(field, 0), theirs=theirs.get(field, 0))
         if code == ERR_MISMATCH:

@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     w.add_argument("--ranks", type=_csv(int), default=None, help="rank counts of the normal mode (default 2,4,8)")
     w.add_argument("--dtype", type=_csv(str), default=None, help="bf16,fp8 or one of them (default both)")
     w.add_argument("--mode", type=_csv(str), default=None,
-                   help="normal,low-latency or one of them (default both)")
+                   help="normal,internode,low-latency or some of them (default all)")
     w.add_argument("--arch", default=None, help="e.g. sm_90 (default: EPCOMM_ARCH, else the GPU's, else sm_90)")
     w.add_argument("--smoke", action="store_true",
                    help="also the smoke-test kernels of `epcomm selftest` and the wait kernel of `epcomm bench`")
