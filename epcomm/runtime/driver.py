@@ -296,10 +296,12 @@ def can_access_peer(dev: int, peer: int) -> bool:
 
 
 def pci_bus_id(dev: int) -> str:
+    """Device ``dev``'s PCI bus id, e.g. ``0000:00:06.0``."""
     d = drv()
     h = check(d.cuDeviceGet(dev), "cuDeviceGet")
     s = check(d.cuDeviceGetPCIBusId(32, h), "cuDeviceGetPCIBusId")
-    return (s.decode() if isinstance(s, bytes) else str(s)).strip("\x00")
+    # The binding returns the whole 32-byte buffer: the id, its NUL, then filler (spaces seen).
+    return (s.decode() if isinstance(s, bytes) else str(s)).split("\x00", 1)[0].strip()
 
 
 def device_by_pci_bus_id(bus_id: str) -> int | None:

@@ -9,6 +9,7 @@ import threading
 import pytest
 
 from epcomm import envs
+from epcomm.errors import EpcommError
 from epcomm.low_latency import state as ll_state
 from epcomm.low_latency.state import LowLatencyState, nvlink_peers
 from epcomm.runtime import driver
@@ -335,6 +336,44 @@ def test_a_declared_node_must_lie_on_one_host(monkeypatch):
 def test_discover_rejects_a_bad_argument():
     with pytest.raises(ValueError, match="ranks_per_node"):
         discover(ListGroup(0, 2), 0, ranks_per_node=0)
+
+
+# ---- the driver calls discovery makes, over a stand-in for cuda.bindings ----------------------
+
+class _Drv:
+    """What cuda.bindings.driver returned on an H100 for these calls (codes as there)."""
+
+    class CUresult:
+        CUDA_SUCCESS, CUDA_ERROR_INVALID_VALUE, CUDA_ERROR_INVALID_DEVICE, CUDA_ERROR_NOT_INITIALIZED = 0, 1, 101, 3
+
+    def __init__(self, by_bus_code=0):
+        self.by_bus_code = by_bus_code
+
+    def cuDeviceGet(self, i):
+        return (0, i)
+
+    def cuDeviceGetPCIBusId(self, n, dev):
+        return (0, b"0000:00:06.0\x00" + b" " * 19)  # the whole buffer: NUL, then filler
+
+    def cuDeviceGetByPCIBusId(self, bus):
+        if self.by_bus_code:
+            return (self.by_bus_code, 0)
+        return (0, 3) if bus == b"0000:00:06.0" else (self.CUresult.CUDA_ERROR_INVALID_DEVICE, 0)
+
+    def cuGetErrorName(self, err):
+        return (0, b"CUDA_ERROR_NOT_INITIALIZED")
+
+
+def test_pci_bus_ids_and_devices_by_bus_id(monkeypatch):
+    monkeypatch.setattr(driver, "drv", lambda: _Drv())
+    assert driver.pci_bus_id(0) == "0000:00:06.0"
+    assert driver.device_by_pci_bus_id("0000:00:06.0") == 3
+    assert driver.device_by_pci_bus_id("0000:fe:1f.0") is None  # a GPU this process does not see
+    monkeypatch.setattr(driver, "drv", lambda: _Drv(_Drv.CUresult.CUDA_ERROR_INVALID_VALUE))
+    assert driver.device_by_pci_bus_id("junk") is None
+    monkeypatch.setattr(driver, "drv", lambda: _Drv(_Drv.CUresult.CUDA_ERROR_NOT_INITIALIZED))
+    with pytest.raises(EpcommError, match="cuDeviceGetByPCIBusId"):
+        driver.device_by_pci_bus_id("0000:00:06.0")
 
 
 # ---- low-latency peers across declared nodes --------------------------------------------------
