@@ -60,7 +60,7 @@ struct InterCtrl {
   u64 comb_tag;     // tag of the last combine (advanced by the stage kernel's last block)
   u64 ok_tag;       // = disp_tag once this dispatch's notify found every source's shape equal
   int send_done, recv_done, stage_done, reduce_done, crecv_done, pad;
-  int src_slots[kInterMaxRanks];  // notify: slots of each source at its forwarder (this node)
+  int src_slots[kInterMaxRanks];  // notify: slots of each source at its forwarder in this node
 };
 
 struct InterParams {
@@ -392,7 +392,7 @@ __global__ void __launch_bounds__(kThreads) internode_dispatch_notify(const __gr
         s_bad = 1;
       }
       c = ld_volatile_i32(reinterpret_cast<const int*>(h + kHdrCountsOff) + p.local);
-      p.ctrl->src_slots[s] = f == p.local ? ld_volatile_i32(reinterpret_cast<const int*>(h) + 2) : 0;
+      p.ctrl->src_slots[s] = ld_volatile_i32(reinterpret_cast<const int*>(h) + 2);
     }
     s_cnt[s] = c;
   }

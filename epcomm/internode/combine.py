@@ -60,7 +60,7 @@ def combine(ctx, st, default_config, x, handle, topk_weights=None, bias=None, co
         K.launch_combine(mod, ctx.stream, p, cfg.num_sms)
         outs = [out[0]] + ([outw[0]] if outw else [])
         ev = ctx.finish(fw, caller, async_finish, outs,
-                        [xr.obj, wr.obj if wr else None, handle.node_pos, handle.rank_prefix, handle.fwd_pos]
+                        [xr.obj, wr.obj if wr else None, handle]
                         + [b.obj for b in biases], cap)
     return (interop.finish(fw, out[0], ctx.stream),
             (interop.finish(fw, outw[0], ctx.stream) if outw else None), ev)

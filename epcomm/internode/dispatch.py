@@ -122,6 +122,7 @@ def dispatch(ctx, st, default_config, x, handle=None, num_tokens_per_rank=None, 
         p.recv_offsets, p.fwd_count, p.fwd_pos = (recv[k][1].ptr for k in ("recv_offsets", "fwd_count", "fwd_pos"))
         if p.write_host:
             st.info[0] = 0
+        p.out_rows = a.num_worst_tokens  # notify checks the received rows against it
         if not a.cached:
             K.launch_prep(mod, ctx.stream, p)
         K.launch_send(mod, ctx.stream, p, a.cfg.num_sms)

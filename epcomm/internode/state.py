@@ -37,6 +37,7 @@ class InternodeState:
         self.rank = ctx.rank
         self.node, self.local = ctx.rank // P, ctx.rank % P
         self.num_nvl_bytes, self.num_rdma_bytes = int(num_nvl_bytes), int(num_rdma_bytes)
+        K.InterLayout.make(R, P, 128, self.num_rdma_bytes, self.num_nvl_bytes)  # ValueError if too small
         self.heap_bytes = self.num_rdma_bytes + self.num_nvl_bytes + 4096
         self.heap_obj = None
         self.heap = self.ctrl = self.host_info = self.host_info_dev = 0

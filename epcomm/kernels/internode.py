@@ -190,6 +190,9 @@ class InterLayout:
         hdr_stage = take(M * hs)
         o = _align(o, 4096)
         ctrl_end = o
+        if rdma_bytes < ctrl_end:
+            raise ValueError(f"num_rdma_bytes={rdma_bytes}: {R} ranks in nodes of {P} need at least {ctrl_end} bytes "
+                             f"of control words, plus the regions (Buffer.get_rdma_buffer_size_hint)")
         ms, ps, ss = msg_stride(H, R), part_stride(H), stage_stride(H)
         ncap = max(0, (rdma_bytes - ctrl_end) // (2 * M * (ms + ps)))
         disp_recv = ctrl_end
@@ -232,7 +235,7 @@ def check_topology(num_ranks: int, ranks_per_node: int) -> tuple[int, int]:
 
 
 # Shape word of a dispatch (InterParams.shape_word), compared by every receiver with its own.
-_SHAPE_FIELDS = (("hidden", 18), ("fp8", 1), ("num_topk", 6), ("num_experts", 15), ("chunk_rows", 16))
+_SHAPE_FIELDS = (("hidden", 18), ("fp8", 1), ("num_topk", 6), ("num_experts", 17), ("chunk_rows", 16))
 
 
 def shape_word(H: int, fp8: bool, K: int, E: int, chunk_rows: int) -> int:

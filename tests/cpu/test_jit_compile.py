@@ -68,6 +68,7 @@ def test_catalogue_skips_impossible_combinations_and_strict_mode_raises():
 
 
 def test_catalogue_holds_every_operation_of_a_shape_and_the_shipped_extras():
+    from epcomm.kernels.internode import InternodeSpec
     from epcomm.kernels.intranode import IntranodeCombineSpec, IntranodeDispatchSpec
     from epcomm.kernels.layout import LayoutSpec
     from epcomm.kernels.low_latency import LowLatencySpec
@@ -77,6 +78,7 @@ def test_catalogue_holds_every_operation_of_a_shape_and_the_shipped_extras():
     want = [LayoutSpec()] + [s for R in (2, 4) for s in (IntranodeDispatchSpec(R, 7168, False),
                                                          IntranodeDispatchSpec(R, 7168, True),
                                                          IntranodeCombineSpec(R, 7168))]
+    want += [InternodeSpec(7168, False), InternodeSpec(7168, True)]
     want += [LowLatencySpec(7168, False), LowLatencySpec(7168, True)]
     assert sorted(map(repr, got)) == sorted(map(repr, want))
     shipped = catalogue.shipped()
