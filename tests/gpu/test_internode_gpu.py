@@ -268,7 +268,7 @@ def _worker(rank, world, group, Ps, cases):
             spawn.phase(key)
             try:
                 if case["framework"] == "cupy":
-                    import cupy  # noqa: F401
+                    import cupy  # noqa: F401 - availability probe
             except ImportError as e:
                 results[key] = f"SKIP: {e}"
                 group.barrier()
@@ -401,3 +401,79 @@ def test_graph_captured_internode_dispatch_combine_replays_with_new_routing():
     res = spawn.run(_graph_worker, w, P, timeout=TEST_TIMEOUT.get())
     bad = [f"rank {r} {k}: {v}" for r, d in enumerate(res) for k, v in d.items() if v != "ok"]
     assert not bad, "\n".join(bad)
+
+
+# ---- failures: a missing peer, ranks that disagree, a buffer too small ----
+def _failure_worker(rank, world, group, P):
+    import time
+
+    import torch
+
+    import epcomm
+    from epcomm.errors import BufferStateError, EpcommTimeoutError, RankMismatchError
+    torch.cuda.set_device(device_of(rank))
+    os.environ["EPCOMM_RANKS_PER_NODE"] = str(P)
+    N, E = 64, 64
+    sizes = (epcomm.Buffer.get_internode_nvl_size_hint(4096, world * N),
+             epcomm.Buffer.get_rdma_buffer_size_hint(4096, world, N, P))
+    out = {}
+    last = world - 1
+    # Ranks that disagree on the hidden size (CPU-synchronised) or the top-k width: every rank
+    # raises RankMismatchError naming the field, and the Buffer is unusable afterwards.
+    for field, H, K in (("hidden", 4096 if rank != last else 2048, 8), ("num_topk", 2048, 8 if rank != last else 4)):
+        buf = epcomm.Buffer(group, *sizes)
+        x = torch.randn(N, H, device="cuda").to(torch.bfloat16)
+        topk = torch.randint(0, E, (N, K), device="cuda")
+        t0 = time.monotonic()
+        try:
+            buf.dispatch(x, topk_idx=topk, num_experts=E)
+            out[field] = "no error"
+        except RankMismatchError as e:
+            ok = e.field == field and (rank == last or e.peer == last) and time.monotonic() - t0 < 30
+            out[field] = "ok" if ok else f"bad: field={e.field} peer={e.peer}: {e}"
+        except Exception as e:  # noqa: BLE001 - reported per rank
+            out[field] = f"{type(e).__name__}: {e}"
+        try:
+            buf.dispatch(x, topk_idx=topk, num_experts=E)
+            out[field + "_poisoned"] = "no error"
+        except BufferStateError:
+            out[field + "_poisoned"] = "ok"
+        buf.destroy()
+        group.barrier()
+    # Too many tokens for num_rdma_bytes: every rank raises before launching, with the size.
+    buf = epcomm.Buffer(group, *sizes)
+    try:
+        big = 8 * N
+        buf.dispatch(torch.randn(big, 4096, device="cuda").to(torch.bfloat16),
+                     topk_idx=torch.randint(0, E, (big, 8), device="cuda"), num_experts=E)
+        out["too_small"] = "no error"
+    except ValueError as e:
+        out["too_small"] = "ok" if "need num_rdma_bytes >=" in str(e) else f"wrong message: {e}"
+    group.barrier()
+    # A missing peer: only rank 0 dispatches; it gives up within EPCOMM_TIMEOUT_S, naming its
+    # rank, the phase and the hop.
+    if rank == 0:
+        t0 = time.monotonic()
+        try:
+            buf.dispatch(torch.randn(N, 4096, device="cuda").to(torch.bfloat16),
+                         topk_idx=torch.randint(0, E, (N, 8), device="cuda"), num_experts=E)
+            out["timeout"] = "no error"
+        except EpcommTimeoutError as e:
+            msg, dt = str(e), time.monotonic() - t0
+            ok = "rank 0" in msg and "network hop" in msg and "notify" in msg and dt < 30
+            out["timeout"] = "ok" if ok else f"bad: {dt:.1f}s {msg}"
+    else:
+        time.sleep(10)
+    group.barrier()
+    torch.cuda.synchronize()
+    buf.destroy()
+    return out
+
+
+@needs_ranks
+def test_internode_mismatch_missing_peer_and_small_buffer_raise_clearly():
+    w = _world()
+    res = spawn.run(_failure_worker, w, _topologies(w)[-1], timeout=240, env={"EPCOMM_TIMEOUT_S": "5"})
+    bad = [f"rank {r} {k}: {v}" for r, d in enumerate(res) for k, v in d.items() if v != "ok"]
+    assert not bad, "\n".join(bad)
+    assert "timeout" in res[0] and len(res[0]) == 6

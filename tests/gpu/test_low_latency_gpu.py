@@ -517,14 +517,17 @@ ROWS_CASES = ["fp8_t128_h7168_e256_k8", "bf16_k16_e32_hook_zero_copy", "fp8_zero
 
 @run_once
 def _results(mode: str):
-    """mode: "nvlink" (defaults), "put" (EPCOMM_LL_FORCE_NVSHMEM_PUT=1) or "rows"
-    (EPCOMM_LL_COMBINE_PARTIALS=0: one combine row per (token, expert) over NVLink).  The
-    NVLink and put spawns end with the overlap pseudo-case."""
+    """mode: "nvlink" (defaults), "put" (EPCOMM_LL_FORCE_NVSHMEM_PUT=1), "rows"
+    (EPCOMM_LL_COMBINE_PARTIALS=0: one combine row per (token, expert) over NVLink) or "nodes"
+    (nodes declared with EPCOMM_RANKS_PER_NODE: peers on other nodes through puts, those of the
+    own node over NVLink).  The NVLink, put and nodes spawns end with the overlap pseudo-case."""
     env = {"EPCOMM_LL_FORCE_NVSHMEM_PUT": "1" if mode == "put" else "0",
            "EPCOMM_LL_COMBINE_PARTIALS": "0" if mode == "rows" else "1"}
-    names = {"put": PUT_CASES, "rows": ROWS_CASES}.get(mode)
+    if mode == "nodes":
+        env["EPCOMM_RANKS_PER_NODE"] = str(_declared_node_size(_world()))
+    names = {"put": PUT_CASES, "rows": ROWS_CASES, "nodes": PUT_CASES}.get(mode)
     cases = CASES if names is None else [c for c in CASES if c["name"] in names]
-    if mode in ("nvlink", "put"):
+    if mode in ("nvlink", "put", "nodes"):
         cases = cases + [OVERLAP]
     return spawn.run(_worker, _world(), cases, timeout=TEST_TIMEOUT.get(), env=env)
 
@@ -574,6 +577,39 @@ def test_low_latency_nvshmem_put_path(name):
     """EPCOMM_LL_FORCE_NVSHMEM_PUT=1: every peer through NVSHMEM puts/signals (the RDMA code path;
     with one rank only puts to itself)."""
     _assert_case(_results("put"), name)
+
+
+def _declared_node_size(world: int) -> int:
+    """Nodes of half the ranks (4 ranks: 2x2, both transports in one job), or of one rank."""
+    return world // 2 if world >= 4 else 1
+
+
+def _peers_worker(rank, world, group):
+    import torch
+
+    import epcomm
+    torch.cuda.set_device(device_of(rank))
+    buf = epcomm.Buffer(group, 0, epcomm.Buffer.get_low_latency_rdma_size_hint(16, 1024, world, 2 * world),
+                        low_latency_mode=True)
+    put = [r for r, ptr in enumerate(buf._ll.peers) if ptr == 0]
+    buf.destroy()
+    return put
+
+
+@needs_two_ll_ranks
+def test_low_latency_with_declared_nodes_reaches_other_nodes_by_puts():
+    """EPCOMM_RANKS_PER_NODE: exactly the peers on other nodes are reached with NVSHMEM puts."""
+    w = _world()
+    P = _declared_node_size(w)
+    res = spawn.run(_peers_worker, w, timeout=TEST_TIMEOUT.get(), env={"EPCOMM_RANKS_PER_NODE": str(P)})
+    for rank, put in enumerate(res):
+        assert put == [r for r in range(w) if r // P != rank // P], f"rank {rank}: puts to {put}"
+
+
+@needs_two_ll_ranks
+@pytest.mark.parametrize("name", PUT_CASES + ["overlap"], ids=[n + _R for n in PUT_CASES + ["overlap"]])
+def test_low_latency_across_declared_nodes(name):
+    _assert_case(_results("nodes"), name)
 
 
 @needs_ll_ranks
