@@ -68,17 +68,26 @@ def main(argv=None) -> int:
     b = sub.add_parser("bench", help="benchmarks: timings, same-run baselines and checks against epcomm.reference "
                        "(see epcomm/tools/bench/)", formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="environment (recorded in the JSON):\n" + bench_knobs.help_text())
-    b.add_argument("what", choices=("normal", "low-latency", "all"))
-    b.add_argument("--gpus", type=int, default=0, help="ranks = GPUs to use (default: all)")
+    b.add_argument("what", choices=("normal", "low-latency", "internode", "all"),
+                   help="normal: the normal mode inside one node; low-latency; internode: the normal mode across "
+                   "nodes declared on this host (--ranks-per-node); all: normal and low-latency")
+    b.add_argument("--gpus", "--ranks", dest="gpus", type=int, default=0,
+                   help="ranks, one per GPU (default: all GPUs); internode with EPCOMM_SHARE_GPU=1 may run more "
+                   "ranks than GPUs, sharing them (results checked, timings meaningless)")
+    b.add_argument("--ranks-per-node", type=int, default=None,
+                   help="internode: ranks per declared node, passed to the ranks as EPCOMM_RANKS_PER_NODE (default: "
+                   "EPCOMM_RANKS_PER_NODE if set, else ranks // 2); must divide the ranks, at least 2 nodes")
     b.add_argument("--tokens", type=int, default=None,
-                   help=f"tokens per rank (default {bench_defaults.NORMAL_TOKENS} normal, "
+                   help=f"tokens per rank (default {bench_defaults.NORMAL_TOKENS} normal and internode, "
                    f"{bench_defaults.LL_TOKENS} low-latency)")
     b.add_argument("--hidden", type=int, default=bench_defaults.HIDDEN)
     b.add_argument("--topk", type=int, default=bench_defaults.TOPK)
     b.add_argument("--experts", type=int, default=bench_defaults.EXPERTS)
     b.add_argument("--sms", type=_csv(int), default=bench_defaults.DEFAULT_SMS,
                    help="normal-mode SM counts (default " + ",".join(map(str, bench_defaults.DEFAULT_SMS)) + ")")
-    b.add_argument("--iters", type=int, default=bench_defaults.ITERS)
+    b.add_argument("--iters", type=int, default=None,
+                   help=f"timed iterations per operation (default {bench_defaults.ITERS}; internode with ranks "
+                   f"sharing a GPU: {bench_defaults.SHARED_GPU_ITERS})")
     b.add_argument("--json", default=None,
                    help="write the results here (after each mode, so a later failure keeps the earlier numbers)")
     b.add_argument("--timeout", type=float, default=bench_defaults.SPAWN_TIMEOUT_S,

@@ -289,8 +289,9 @@ def test_cli_default_sm_sweep_includes_12(monkeypatch):
     assert cli.main(["bench", "all"]) == 0
     a = seen[0]
     assert a.sms is defaults.DEFAULT_SMS and a.tokens is None and a.gpus == 0 and a.json is None
+    # --iters is per mode (None): ITERS, or SHARED_GPU_ITERS for internode ranks sharing a GPU.
     assert (a.hidden, a.topk, a.experts, a.iters, a.timeout, a.aligner) == (
-        defaults.HIDDEN, defaults.TOPK, defaults.EXPERTS, defaults.ITERS, defaults.SPAWN_TIMEOUT_S, "clock")
+        defaults.HIDDEN, defaults.TOPK, defaults.EXPERTS, None, defaults.SPAWN_TIMEOUT_S, "clock")
     assert (defaults.HIDDEN, defaults.TOPK, defaults.EXPERTS, defaults.ITERS, defaults.SPAWN_TIMEOUT_S) == (
         7168, 8, 256, 30, 540.0)
     assert (defaults.NORMAL_TOKENS, defaults.LL_TOKENS, defaults.ALIGNER_MODES) == (4096, 128, ("clock", "wall"))

@@ -1,9 +1,13 @@
-"""The benchmark's byte accounting (DeepEP's, README "Performance"), GB/s, and the buffer sizes
-it reports: DeepEP's size hints recomputed for the same shape, epcomm's heap regions."""
+"""The benchmark's byte accounting (DeepEP's, README "Performance"), GB/s, the bytes of the
+internode route per link, and the buffer sizes it reports: DeepEP's size hints recomputed for
+the same shape, epcomm's heap regions."""
 from __future__ import annotations
 
 import math
 
+import numpy as np
+
+from epcomm import reference
 from epcomm.kernels import intranode as K_intra
 from epcomm.kernels import low_latency as K_ll
 
@@ -27,6 +31,57 @@ def gbps(nbytes: float, us: float) -> float:
     if us is None or not us > 0 or math.isnan(us):
         return float("nan")
     return nbytes / us / 1e3
+
+
+def internode_route_rows(topk_list, num_experts: int, num_ranks_per_node: int) -> dict[str, np.ndarray]:
+    """Rows per rank of one internode dispatch of this routing, int64 [R] each.
+
+    ``topk_list``: every rank's top-k, int [N, K] (-1 = none); rank r holds experts
+    ``r * E/R .. (r + 1) * E/R - 1``; nodes of ``num_ranks_per_node`` consecutive ranks.  Keys:
+
+    * ``recv``: rows the rank receives, its own included (the normal mode's accounting);
+    * ``deepep_rdma``: (token, destination node) pairs of the rank's own tokens, its own node
+      included: the numerator of DeepEP's internode "RDMA" GB/s;
+    * ``net_send``, ``net_recv``, ``nvl_send``, ``nvl_recv``: the route's rows between nodes and
+      over NVLink inside a node (:func:`epcomm.reference.internode_traffic`; a rank's own rows
+      on no link).
+
+    Raises ValueError/TypeError as :func:`epcomm.reference.get_dispatch_layout` and
+    ``internode_traffic`` do (e.g. E not a multiple of R, R not a multiple of P)."""
+    R = len(topk_list)
+    lays = [reference.get_dispatch_layout(np.asarray(t), num_experts, R, num_ranks_per_node) for t in topk_list]
+    itrs = [lay.is_token_in_rank for lay in lays]
+    tr = reference.internode_traffic(itrs, num_ranks_per_node, 1)
+    per_node = [lay.num_tokens_per_rdma_rank for lay in lays]
+    return {"recv": np.sum([itr.sum(axis=0, dtype=np.int64) for itr in itrs], axis=0, dtype=np.int64),
+            "deepep_rdma": np.array([int(c.sum()) if c is not None else 0 for c in per_node], dtype=np.int64),
+            "net_send": tr.net_send, "net_recv": tr.net_recv, "nvl_send": tr.nvl_send, "nvl_recv": tr.nvl_recv}
+
+
+def internode_op_rates(rows: dict, row_bytes: int, us: float, combine: bool = False) -> dict:
+    """One rank's GB/s of one internode operation taking ``us`` microseconds.
+
+    ``rows``: that rank's entry of :func:`internode_route_rows` (ints; ``recv`` may be the rows
+    a dispatch actually returned).  ``row_bytes``: the accounting's row
+    (:func:`normal_row_bytes`; BF16 for a combine).  ``combine``: the same rows go the other
+    way, so the sends and receives of each link swap.  Returns:
+
+    * ``GBps``: ``recv`` rows / time (the normal mode's accounting; a combine's rows sent back);
+    * ``rdma_GBps``: ``deepep_rdma`` rows / time (DeepEP's internode "RDMA" accounting, which
+      counts the same numerator for its combine);
+    * ``route_bytes``: ``{net_send, net_recv, nvl_send, nvl_recv}``, rows x ``row_bytes``;
+    * ``net_GBps``, ``nvl_GBps``: the busier direction of each link (max of send and receive
+      bytes) / time, as ``epcomm plan`` bounds a full-duplex link.
+
+    The route's bytes are rows of the accounting's size, not epcomm's messages (which add
+    indices and weights; its combine sends fp32 partials between nodes: twice the BF16 rows)."""
+    b = {k: int(rows[k]) * row_bytes for k in ("net_send", "net_recv", "nvl_send", "nvl_recv")}
+    if combine:
+        b = {"net_send": b["net_recv"], "net_recv": b["net_send"], "nvl_send": b["nvl_recv"],
+             "nvl_recv": b["nvl_send"]}
+    return {"GBps": gbps(int(rows["recv"]) * row_bytes, us), "rdma_GBps": gbps(int(rows["deepep_rdma"]) * row_bytes, us),
+            "route_bytes": b, "net_GBps": gbps(max(b["net_send"], b["net_recv"]), us),
+            "nvl_GBps": gbps(max(b["nvl_send"], b["nvl_recv"]), us)}
 
 
 def _align_up(n: int, a: int) -> int:

@@ -1,4 +1,5 @@
-"""The start aligner: every rank's timed region starts at the same moment on the GPUs."""
+"""The start aligners: every rank's timed region starts at the same moment on the GPUs
+(:class:`Aligner`), or, for ranks sharing a GPU, after a host barrier (:class:`HostAligner`)."""
 from __future__ import annotations
 
 from epcomm.jit import loader
@@ -151,3 +152,28 @@ class Aligner:
                 self._cuda.ipc_close(ptr)
             self._cuda.mem_free(self.chan)
             self.opened, self.chan = [], 0
+
+
+class HostAligner:
+    """The start of each timed call for ranks that share a GPU: this process's device work
+    finished, then a barrier of the epcomm group.
+
+    Ranks sharing a GPU take turns on it (their kernels do not run at once), so the 'clock'
+    barrier (kernels of every rank spinning together) cannot align and the 'wall' one needs
+    NCCL, which refuses two ranks on one GPU.  Their timings mean nothing anyway; this keeps
+    the calls of every rank in step.  Same interface as :class:`Aligner`."""
+
+    mode = "host"
+
+    def __init__(self, torch, group):
+        self.torch, self.group = torch, group
+
+    def __call__(self):
+        self.torch.cuda.synchronize()
+        self.group.barrier()
+
+    def summary(self) -> dict:
+        return {"mode": self.mode, "why": "ranks share a GPU: a host barrier before each timed call"}
+
+    def close(self) -> None:
+        pass

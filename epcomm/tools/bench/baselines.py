@@ -5,6 +5,7 @@ from __future__ import annotations
 import tempfile
 
 from epcomm.runtime import driver
+from epcomm.tools.bench.accounting import gbps
 from epcomm.tools.bench.timing import elapsed_us, events, median, time_op
 
 
@@ -14,7 +15,7 @@ def nccl_init(torch, rank: int, world: int, group):
     import torch.distributed as dist
     path = group.broadcast_bytes(tempfile.mktemp(prefix="epcomm-nccl-").encode() if rank == 0 else None).decode()
     dist.init_process_group("nccl", init_method=f"file://{path}", rank=rank, world_size=world,
-                            device_id=torch.device("cuda", rank))
+                            device_id=torch.device("cuda", torch.cuda.current_device()))
     return dist
 
 
@@ -31,6 +32,24 @@ def nccl_a2a_rows(torch, dist, send: list[int], recv: list[int], row_bytes: int,
     i = torch.randint(0, 256, (sum(send), row_bytes), dtype=torch.uint8, device="cuda")
     o = torch.empty((sum(recv), row_bytes), dtype=torch.uint8, device="cuda")
     return median(time_op(torch, lambda: dist.all_to_all_single(o, i, recv, send), iters, 5, align))
+
+
+def nccl_same_payload(torch, dist, send, recv, row_bytes: dict, iters: int, align) -> dict:
+    """NCCL all-to-all of a normal-mode dispatch's payload and its combine's, in the same GB/s
+    accounting (received rows x row bytes / time): ``send[d]`` tokens this rank sends to rank d
+    (``num_tokens_per_rank``), ``recv[s]`` rows it receives from rank s (the handle's
+    ``recv_counts``); ``row_bytes``: :func:`~epcomm.tools.bench.accounting.normal_row_bytes`.
+    Returns ``nccl_dispatch_bf16_us``/``_GBps``, ``nccl_dispatch_fp8_*`` and ``nccl_combine_*``
+    (the combine: BF16 rows the other way)."""
+    send, recv = [int(v) for v in send], [int(v) for v in recv]
+    rows = sum(recv)
+    out = {}
+    for name in ("bf16", "fp8"):
+        t = nccl_a2a_rows(torch, dist, send, recv, row_bytes[name], iters, align)
+        out[f"nccl_dispatch_{name}_us"], out[f"nccl_dispatch_{name}_GBps"] = t, gbps(rows * row_bytes[name], t)
+    t = nccl_a2a_rows(torch, dist, recv, send, row_bytes["bf16"], iters, align)
+    out["nccl_combine_us"], out["nccl_combine_GBps"] = t, gbps(rows * row_bytes["bf16"], t)
+    return out
 
 
 def peer_copy(torch, rank, world, group, nbytes: int, iters: int, align) -> dict:

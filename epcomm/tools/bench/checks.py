@@ -61,9 +61,13 @@ def record_check(checks: dict, op: str, result: str, where: str = "") -> None:
         checks[op] = f"{where}: {result}" if where else result
 
 
-def gatherer(torch, dist):
-    """``gather(name, t)`` over the NCCL group ``dist`` (the checks' way of seeing every rank's
-    inputs)."""
+def gatherer(torch, dist, group=None):
+    """``gather(name, t)``, the checks' way of seeing every rank's inputs: over the NCCL group
+    ``dist``, or without one (ranks sharing a GPU, where NCCL refuses to run) over the epcomm
+    ``group`` through host copies."""
+    if dist is None:
+        return _group_gather(torch, group)
+
     def gather(name, t):
         """Every rank's ``t`` stacked in rank order (one NCCL all-gather)."""
         t = t.contiguous()
@@ -73,31 +77,50 @@ def gatherer(torch, dist):
     return gather
 
 
+def _group_gather(torch, group):
+    def gather(name, t):
+        """Every rank's ``t`` (same shape and dtype on every rank) stacked in rank order, on
+        ``t``'s device: its bytes through ``group.allgather_bytes``."""
+        t = t.contiguous()
+        raw = t.reshape(-1).view(torch.uint8).cpu().numpy().tobytes()
+        parts = group.allgather_bytes(raw)
+        flat = torch.frombuffer(bytearray(b"".join(parts)), dtype=torch.uint8)
+        return flat.to(t.device).view(t.dtype).reshape(len(parts), *t.shape)
+    return gather
+
+
 class NormalCheck:
     """This rank's expected normal-mode outputs, from every rank's inputs (gathered once with
     ``gather(name, tensor)`` -> [R, ...], before the timings).
 
     The contract is epcomm.reference's: on each destination, rows ordered by source rank, then
     source token, data and scales copied bit for bit; combine = bf16 of the fp32 sum over the
-    destination ranks.  epcomm.reference.dispatch and .combine run on every rank's routing and
+    destination ranks (across nodes, ``num_ranks_per_node`` given: each node's ranks into a
+    partial, then the partials, reference.combine's node-first order).
+    epcomm.reference.dispatch and .combine run on every rank's routing and
     on 64 sampled columns of the data: they give the source indices, rank prefix, top-k indices
     and weights, per-expert counts, those columns of the rows and of the combine.  The full
     width of every row is then compared on the device with the gathered inputs at the
     reference's source indices.  The combine's input is the received rows times 2**rank (exact
     in bf16), so its exact result is bf16(x * sum of 2**d over the destinations d of the
-    token): each destination's rows show, and the fp32 sum has at most 16 significant bits, so
-    it is exact in any order and its full width is checked on the device too.
+    token): each destination's rows show, and with at most :attr:`MAX_RANKS` ranks the fp32 sum
+    has at most 24 significant bits (8 of x, 16 of the sum of powers of two), so it is exact in
+    any order and its full width is checked on the device too.
 
     ``error`` is set (and every check returns it) if the reference could not be computed.
+    :attr:`topk_all`: every rank's top-k, int64 [R, N, K] (NumPy), as gathered.
     """
 
-    def __init__(self, torch, gather, rank: int, world: int, x, xq, xs, topk, w, num_experts: int):
-        self.torch, self.rank = torch, rank
+    MAX_RANKS = 16
+
+    def __init__(self, torch, gather, rank: int, world: int, x, xq, xs, topk, w, num_experts: int,
+                 num_ranks_per_node: int | None = None):
+        self.torch, self.rank, self.rpn = torch, rank, num_ranks_per_node
         # The collectives first, alike on every rank whatever happens below.
         x_all = gather("x", x)
         xq_all = gather("xq", xq.view(torch.uint8))
         xs_all = gather("xs", xs)
-        topk_all = gather("topk", topk).cpu().numpy()
+        topk_all = self.topk_all = gather("topk", topk).cpu().numpy()
         w_all = gather("w", w).cpu().numpy()
         self.error = None
         try:
@@ -115,7 +138,8 @@ class NormalCheck:
                                   topk_weights=[w_all[r] for r in range(R)])
         me = self.me = refs[self.rank]
         ys = [(r.recv_x.astype(np.float32) * np.float32(2.0 ** d)).astype(reference.BF16) for d, r in enumerate(refs)]
-        self.comb_cols = reference.combine(ys, [r.handle for r in refs])[self.rank][0]
+        self.comb_cols = reference.combine(ys, [r.handle for r in refs],
+                                           num_ranks_per_node=self.rpn)[self.rank][0]
         prefix = me.handle.rank_prefix.astype(np.int64)
         src = np.repeat(np.arange(R, dtype=np.int64), np.diff(prefix)) * N + me.handle.recv_src_idx.astype(np.int64)
         gidx = torch.from_numpy(src).to(dev)

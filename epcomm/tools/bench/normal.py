@@ -3,15 +3,13 @@ row- and column-major scales), the cached dispatch and the combine, timed, then 
 layout, the NCCL baselines of the same payload and the peer-copy bandwidth."""
 from __future__ import annotations
 
-import numpy as np
-
 import epcomm
-from epcomm.testing import random_topk
+from epcomm.tools.bench import defaults as D
 from epcomm.tools.bench.accounting import gbps, normal_row_bytes
-from epcomm.tools.bench.baselines import nccl_a2a_rows, nccl_even_a2a, peer_copy
+from epcomm.tools.bench.baselines import nccl_even_a2a, nccl_same_payload, peer_copy
 from epcomm.tools.bench.checks import NormalCheck, gatherer, record_check
-from epcomm.tools.bench.timing import median, time_op
-from epcomm.tools.bench.worker import Progress, env_seen, finish, worker_setup
+from epcomm.tools.bench.timing import measure, median, time_op
+from epcomm.tools.bench.worker import Progress, env_seen, finish, normal_inputs, worker_setup
 
 
 def normal_worker(rank, world, group, args) -> dict:
@@ -23,7 +21,7 @@ def normal_worker(rank, world, group, args) -> dict:
                           run.topk, run.w, run.E)
     run.prog("layout")
     run.out["layout_us"] = median(time_op(run.torch, lambda: run.buf.get_dispatch_layout(run.topk, run.E),
-                                          run.iters, 5, run.align))
+                                          run.iters, D.WARMUP, run.align))
     for sms in args["sms"]:
         run.at_sms(sms)
     intra = run.buf._intra
@@ -46,40 +44,18 @@ class _NormalRun:
         self.buf = epcomm.Buffer(group, nbytes)
         self.out = {"rank": rank, "nvl_buffer_bytes": nbytes, "env": env_seen(), "sms": {}, "check": {}}
         self.prog = Progress(args, "normal", rank, self.out)
-        rng = np.random.default_rng(1234 + rank)
-        N, H = self.N, self.H
-        self.topk = torch.from_numpy(random_topk(rng, N, self.E, self.K)).cuda()
-        self.w = torch.rand(N, self.K, device="cuda")
-        self.x = torch.randn(N, H, device="cuda").to(torch.bfloat16)
-        self.xq = self.x.float().clamp(-448, 448).to(torch.float8_e4m3fn)
-        self.xs = torch.rand(N, H // 128, device="cuda") + 0.5
-        # Column-major scales, as DeepGEMM wants them and recent DeepEP tests pass them (epcomm then
-        # skips its speculative receive, buffer.py).
-        self.xs_col = self.xs.T.contiguous().T
+        inp = normal_inputs(torch, rank, self.N, self.H, self.K, self.E)
+        self.topk, self.w, self.x, self.xq, self.xs, self.xs_col = inp.topk, inp.w, inp.x, inp.xq, inp.xs, inp.xs_col
         self.ntr, _, nte, itr, _ = self.buf.get_dispatch_layout(self.topk, self.E)
         self.route = dict(num_tokens_per_rank=self.ntr, is_token_in_rank=itr, num_tokens_per_expert=nte,
                           topk_idx=self.topk, topk_weights=self.w)
         self.handle = None  # the last BF16 dispatch's: the baselines take its splits
 
     def _measure(self, res: dict, sms: int, name: str, fn, nb) -> None:
-        """Time ``fn`` into ``res``: ``{name}_us`` (median), ``_us_p90``, ``_host_us`` and, with
-        ``nb`` bytes, ``_GBps``; ``{name}_error`` if it raised ValueError/TypeError (before any
-        launch, alike on every rank)."""
+        """Time ``fn`` into ``res`` (:func:`~epcomm.tools.bench.timing.measure`: ``{name}_us``,
+        ``_us_p90``, ``_host_us``, ``_GBps`` with ``nb`` bytes, or ``{name}_error``)."""
         self.prog(f"{name} sms={sms}")
-        host: list[float] = []
-        try:
-            ts = time_op(self.torch, fn, self.iters, 5, self.align, host)
-        except (ValueError, TypeError) as e:
-            res[f"{name}_error"] = f"{type(e).__name__}: {e}"
-            return
-        t = median(ts)
-        res[f"{name}_us"] = t
-        # For the rank-to-rank spread of the CPU-synchronised dispatch (whose end waits for
-        # the host): the slowest iterations and the host's time per call, in the JSON only.
-        res[f"{name}_us_p90"] = float(np.percentile(ts, 90))
-        res[f"{name}_host_us"] = median(host)
-        if nb is not None:
-            res[f"{name}_GBps"] = gbps(nb, t)
+        measure(self.torch, res, name, fn, self.iters, D.WARMUP, self.align, nb)
 
     def at_sms(self, sms: int) -> None:
         """Every operation at ``sms`` SMs: timed, then checked (``out["sms"][sms]``)."""
@@ -142,13 +118,7 @@ class _NormalRun:
         torch, dist, align, iters, rb, out = self.torch, self.dist, self.align, self.iters, self.rb, self.out
         self.prog("baselines")
         if self.handle is not None:
-            send, recv = [int(v) for v in self.ntr.tolist()], [int(v) for v in self.handle.recv_counts]
-            rows = sum(recv)
-            for name in ("bf16", "fp8"):
-                t = nccl_a2a_rows(torch, dist, send, recv, rb[name], iters, align)
-                out[f"nccl_dispatch_{name}_us"], out[f"nccl_dispatch_{name}_GBps"] = t, gbps(rows * rb[name], t)
-            t = nccl_a2a_rows(torch, dist, recv, send, rb["bf16"], iters, align)
-            out["nccl_combine_us"], out["nccl_combine_GBps"] = t, gbps(rows * rb["bf16"], t)
+            out.update(nccl_same_payload(torch, dist, self.ntr.tolist(), self.handle.recv_counts, rb, iters, align))
         N, H, world = self.N, self.H, self.world
         t = nccl_even_a2a(torch, dist, N * H, iters, align)
         out["nccl_even_a2a_us"] = t

@@ -10,6 +10,10 @@ import sys
 
 from epcomm.tools.bench.accounting import deepep_ll_rdma_size_hint
 
+# What the internode entry (and its table) says when its ranks share a GPU.
+SHARED_GPU_NOTE = ("ranks share a GPU: their kernels take turns on it, so these timings and GB/s mean nothing "
+                   "(the checks against epcomm.reference are the result)")
+
 
 def sms_entry(rank: dict, sms) -> dict:
     """A rank's results at ``sms`` SMs (JSON keys are strings, a fresh run's ints); {} if none."""
@@ -96,6 +100,14 @@ def _print_mode_header(res: dict, key: str, title: str, detail: str) -> tuple[di
     return e, ranks
 
 
+def _print_nccl_same_payload(ranks: list) -> None:
+    if any("nccl_dispatch_bf16_us" in r for r in ranks):
+        print("NCCL all_to_all_single, same payload (this routing's splits), us and GB/s in the same accounting:")
+        for nm in ("dispatch_bf16", "dispatch_fp8", "combine"):
+            print(f"  {nm:14s} {_stat([r.get(f'nccl_{nm}_us') for r in ranks]):>24s} us "
+                  f"{_stat([r.get(f'nccl_{nm}_GBps') for r in ranks], '.0f'):>20s} GB/s")
+
+
 def _print_normal(res: dict) -> None:
     iters = (res["normal"].get("args") or {}).get("iters")
     e, ranks = _print_mode_header(res, "normal", "normal mode", f"; per rank the median of {iters} iterations")
@@ -121,11 +133,7 @@ def _print_normal(res: dict) -> None:
         line += (f" (this shape at R=2/4/8: {' / '.join(f'{v / 1e6:.0f}' for v in ep.values())} MB; DeepEP's "
                  f"hint, 20 SMs: {' / '.join(f'{v / 1e6:.0f}' for v in dp.values())} MB)")
     print(line)
-    if any("nccl_dispatch_bf16_us" in r for r in ranks):
-        print("NCCL all_to_all_single, same payload (this routing's splits), us and GB/s in the same accounting:")
-        for nm in ("dispatch_bf16", "dispatch_fp8", "combine"):
-            print(f"  {nm:14s} {_stat([r.get(f'nccl_{nm}_us') for r in ranks]):>24s} us "
-                  f"{_stat([r.get(f'nccl_{nm}_GBps') for r in ranks], '.0f'):>20s} GB/s")
+    _print_nccl_same_payload(ranks)
     even_us = [r.get("nccl_even_a2a_us", r.get("nccl_all_to_all_us")) for r in ranks]
     even_g = [r.get("nccl_even_a2a_offrank_GBps", r.get("nccl_all_to_all_offrank_GBps")) for r in ranks]
     if _nums(even_us):
@@ -185,16 +193,71 @@ def _print_ll(res: dict) -> None:
     _print_checks("low_latency", e)
 
 
+_INTERNODE_OPS = ("dispatch_bf16", "dispatch_fp8", "combine")
+_INTERNODE_RATES = ("GBps", "rdma_GBps", "net_GBps", "nvl_GBps")
+
+
+def _print_internode(res: dict) -> None:
+    e = res["internode"]
+    a = e.get("args") or {}
+    P, M = e.get("ranks_per_node", a.get("ranks_per_node")), e.get("nodes", a.get("nodes"))
+    e, ranks = _print_mode_header(res, "internode", f"internode ({M} declared nodes of {P} ranks)",
+                                  f"; per rank the median of {a.get('iters')} iterations")
+    if e.get("shares_gpu"):
+        print(f"!!! {SHARED_GPU_NOTE}")
+    if not ranks:
+        return
+    sms = {r.get("num_sms") for r in ranks} - {None}
+    print(f"{'operation':16s} {'us':>24s} {'GB/s':>14s} {'RDMA GB/s':>14s} {'net GB/s':>14s} {'NVLink GB/s':>14s}"
+          + (f"   ({'/'.join(map(str, sorted(sms)))} SMs)" if sms else ""))
+    for op in _INTERNODE_OPS:
+        us = [r.get(f"{op}_us") for r in ranks]
+        if not _nums(us):
+            errs = {r.get(f"{op}_error") for r in ranks} - {None}
+            if errs:
+                print(f"{op:16s} error: {errs.pop()}")
+            continue
+        print(f"{op:16s} {_stat(us):>24s} "
+              + " ".join(f"{_stat([r.get(f'{op}_{k}') for r in ranks], '.0f'):>14s}" for k in _INTERNODE_RATES))
+    print("  GB/s: received rows (combine: rows sent back) / time, as the normal mode.  RDMA GB/s: DeepEP's internode\n"
+          "  accounting, (token, node) pairs of the rank's tokens, its own node included.  net / NVLink GB/s: the\n"
+          "  route's bytes between declared nodes / inside a node, busier direction (on one host the 'network' hop\n"
+          "  runs over NVLink too)")
+    routes = [(op, [r.get(f"{op}_route_bytes") or {} for r in ranks]) for op in _INTERNODE_OPS]
+    routes = [(op, rb) for op, rb in routes if any(rb)]
+    if routes:
+        print("route bytes per rank, MB (rows of the accounting's size):")
+        for op, rb in routes:
+            print(f"  {op:14s} " + "  ".join(
+                f"{label} {_stat([b.get(k, float('nan')) / 1e6 for b in rb])}"
+                for label, k in (("net send", "net_send"), ("net recv", "net_recv"), ("NVLink send", "nvl_send"),
+                                 ("NVLink recv", "nvl_recv"))))
+    r0 = ranks[0]
+    if "nvl_bytes" in r0:
+        print(f"Buffer: num_nvl_bytes {r0['nvl_bytes'] / 1e6:.0f} MB, num_rdma_bytes "
+              f"{r0.get('rdma_bytes', 0) / 1e6:.0f} MB per rank")
+    _print_nccl_same_payload(ranks)
+    skipped = {r.get("nccl_skipped") for r in ranks} - {None}
+    if skipped:
+        print(f"NCCL baseline: {skipped.pop()}")
+    _print_aligner(ranks)
+    _print_checks("internode", e)
+
+
+_PRINTERS = {"normal": _print_normal, "low_latency": _print_ll, "internode": _print_internode}
+
+
 def print_table(res: dict, modes=None) -> None:
     """Print the results (this version's JSON or an older one's): per mode the medians as mean
-    [min-max] over ranks, baselines, heap, aligner and checks (FAIL lines start with '!!!').
-    ``modes``: only these keys ("normal", "low_latency")."""
+    [min-max] over ranks, baselines, heap, aligner and checks (FAIL lines, and the internode
+    mode's note that ranks shared a GPU, start with '!!!').  ``modes``: only these keys
+    ("normal", "low_latency", "internode")."""
     m = res.get("meta") or {}
     print(f"# epcomm bench on {m.get('gpus', '?')} (world {m.get('world_size', '?')}), commit {m.get('commit', '?')}"
           + (f", kind {m['kind']}" if m.get("kind") else ""))
-    keys = [k for k in (modes or ("normal", "low_latency")) if isinstance(res.get(k), dict)]
+    keys = [k for k in (modes or tuple(_PRINTERS)) if isinstance(res.get(k), dict)]
     for k in keys:
-        (_print_normal if k == "normal" else _print_ll)(res)
+        _PRINTERS[k](res)
 
 
 def report(res: dict, key: str) -> None:

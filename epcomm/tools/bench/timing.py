@@ -6,6 +6,10 @@ from __future__ import annotations
 import statistics
 import time
 
+import numpy as np
+
+from epcomm.tools.bench.accounting import gbps
+
 
 def median(xs) -> float:
     """The median of ``xs``; NaN when empty."""
@@ -44,6 +48,27 @@ def time_op(torch, fn, iters: int, warmup: int, align, host: list | None = None)
         if host is not None:
             host.append((t1 - t0) * 1e6)
     return out
+
+
+def measure(torch, res: dict, name: str, fn, iters: int, warmup: int, align, nbytes=None) -> None:
+    """Time fn() (:func:`time_op`) into ``res``: ``{name}_us`` (the median), ``{name}_us_p90``,
+    ``{name}_host_us`` (median host time per call) and, with ``nbytes``, ``{name}_GBps``; or only
+    ``{name}_error`` if fn raised ValueError/TypeError (argument errors, raised before any launch
+    and alike on every rank, so every rank goes on with the same calls)."""
+    host: list[float] = []
+    try:
+        ts = time_op(torch, fn, iters, warmup, align, host)
+    except (ValueError, TypeError) as e:
+        res[f"{name}_error"] = f"{type(e).__name__}: {e}"
+        return
+    t = median(ts)
+    res[f"{name}_us"] = t
+    # For the rank-to-rank spread of the CPU-synchronised dispatch (whose end waits for the
+    # host): the slowest iterations and the host's time per call, in the JSON only.
+    res[f"{name}_us_p90"] = float(np.percentile(ts, 90))
+    res[f"{name}_host_us"] = median(host)
+    if nbytes is not None:
+        res[f"{name}_GBps"] = gbps(nbytes, t)
 
 
 def back_to_back(torch, fn, iters: int, align, n: int = 20) -> float:

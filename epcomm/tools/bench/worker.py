@@ -1,13 +1,18 @@
 """What every benchmark worker shares: the environment it is spawned with, its set-up (device,
-seed, NCCL, start aligner) and the partial results it saves as it goes."""
+seed, NCCL, start aligner), the normal mode's random inputs and the partial results it saves as
+it goes."""
 from __future__ import annotations
 
 import json
 import os
+from types import SimpleNamespace
+
+import numpy as np
 
 from epcomm import envs
+from epcomm.testing import random_topk
 from epcomm.tools import spawn
-from epcomm.tools.bench.aligner import Aligner
+from epcomm.tools.bench.aligner import Aligner, HostAligner
 from epcomm.tools.bench.baselines import nccl_init
 from epcomm.tools.bench.report import write_json
 
@@ -24,29 +29,50 @@ def env_seen() -> dict:
     return {k: v for k, v in sorted(os.environ.items()) if k.startswith(("EPCOMM_", "NVSHMEM_", "NCCL_"))}
 
 
-def worker_setup(rank, world, group, aligner: str = "clock"):
-    """Device, seed, NCCL for the baselines and the start aligner (``aligner``: its mode, see
-    :class:`~epcomm.tools.bench.aligner.Aligner`); returns ``(torch, dist, align)``.  Raises
-    RuntimeError unless the host index checks are off (a worker spawned without
-    :data:`WORKER_ENV` would time them)."""
+def worker_setup(rank, world, group, aligner: str = "clock", share_gpu: bool = False):
+    """Device (GPU ``rank`` modulo the visible ones), seed, NCCL for the baselines and the start
+    aligner (``aligner``: its mode, see :class:`~epcomm.tools.bench.aligner.Aligner`); returns
+    ``(torch, dist, align)``.  ``share_gpu``: ranks share GPUs (EPCOMM_SHARE_GPU), so no NCCL
+    (it refuses two ranks on one GPU): ``dist`` is None and ``align`` a
+    :class:`~epcomm.tools.bench.aligner.HostAligner`.  Raises RuntimeError unless the host index
+    checks are off (a worker spawned without :data:`WORKER_ENV` would time them)."""
     import torch
     if envs.CHECK_INDICES.get():
         raise RuntimeError(f"benchmark workers run with {envs.CHECK_INDICES.name}=0: spawn them with "
                            "env=epcomm.tools.bench.WORKER_ENV")
-    torch.cuda.set_device(rank)
+    torch.cuda.set_device(rank % max(torch.cuda.device_count(), 1))
     torch.manual_seed(1234 + rank)  # every rank's data differs, and a failed check can be replayed
     spawn.phase("setup")
+    if share_gpu:
+        return torch, None, HostAligner(torch, group)
     dist = nccl_init(torch, rank, world, group)
     return torch, dist, Aligner(torch, dist, group, mode=aligner)
 
 
-def finish(out: dict, prog: Progress, align: Aligner, dist, buf) -> dict:
+def normal_inputs(torch, rank: int, N: int, H: int, K: int, E: int) -> SimpleNamespace:
+    """This rank's random inputs of a normal-mode dispatch, on the current device: ``topk``
+    int64 [N, K] (:func:`epcomm.testing.random_topk`, seeded by the rank), ``w`` float32 [N, K],
+    ``x`` bf16 [N, H], ``xq`` its e4m3 values, ``xs`` float32 scales [N, H/128] in [0.5, 1.5),
+    ``xs_col`` the same scales column-major (torch's generator: seeded by :func:`worker_setup`)."""
+    rng = np.random.default_rng(1234 + rank)
+    topk = torch.from_numpy(random_topk(rng, N, E, K)).cuda()
+    w = torch.rand(N, K, device="cuda")
+    x = torch.randn(N, H, device="cuda").to(torch.bfloat16)
+    xs = torch.rand(N, H // 128, device="cuda") + 0.5
+    # Column-major scales, as DeepGEMM wants them and recent DeepEP tests pass them (epcomm then
+    # skips its speculative receive inside one node, buffer.py).
+    return SimpleNamespace(topk=topk, w=w, x=x, xq=x.float().clamp(-448, 448).to(torch.float8_e4m3fn), xs=xs,
+                           xs_col=xs.T.contiguous().T)
+
+
+def finish(out: dict, prog: Progress, align, dist, buf) -> dict:
     """A worker's last step: record the aligner's summary in ``out``, save it, release the
-    aligner, the NCCL group and the Buffer; returns ``out``."""
+    aligner, the NCCL group (if any) and the Buffer; returns ``out``."""
     out["aligner"] = align.summary()
     prog.save()
     align.close()
-    dist.destroy_process_group()
+    if dist is not None:
+        dist.destroy_process_group()
     buf.destroy()
     return out
 
