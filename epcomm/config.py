@@ -17,7 +17,8 @@ class Config:
       per SM).  The send and receive kernels of a dispatch run concurrently and share it.
     * ``chunk_rows``: rows per arrival flag; smaller chunks start the receiver earlier,
       larger ones cost fewer flag round trips.  Raised automatically if a call has more than
-      1024 chunks per source.
+      1024 chunks per source.  Across nodes it is the rows of one network put (the NVLink hop
+      is pulled by each receiver out of the forwarder's region, with no chunks of its own).
     * ``send_fraction``: share of ``num_sms`` given to sending blocks.  A third: the receivers
       copy twice the rows the senders do (the rank's own rows too), and 8 sending SMs already
       saturate NVLink between two H200s (benchmarks/nvlink_probe.py; profile_normal.py sweeps
