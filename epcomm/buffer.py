@@ -377,7 +377,8 @@ class Buffer:
         BufferStateError if the Buffer was destroyed or has no NVLink buffer, EpcommTimeoutError
         if a peer does not arrive within EPCOMM_TIMEOUT_S, RankMismatchError if another rank's
         call has a different hidden size, dtype, top-k width, num_experts or chunk_rows (every
-        rank raises it and nothing is sent; the Buffer is unusable afterwards).  With
+        rank raises it; inside one node nothing is sent, across nodes the rows were already sent
+        when the shapes are compared, and nothing is received; the Buffer is unusable afterwards).  With
         ``num_worst_tokens`` these device-side errors are raised by the next call or
         :meth:`synchronize`.
         """

@@ -27,6 +27,9 @@ def _check_limits(ctx, st, a: DispatchArgs) -> K.InterLayout:
     R = ctx.num_ranks
     if a.cached and not isinstance(a.handle, InternodeHandle):
         raise ValueError("handle: comes from a dispatch inside one node, not from this Buffer's internode dispatch")
+    if a.nrr is not None and a.nrr.shape[0] != st.num_nodes:
+        raise ValueError(f"num_tokens_per_rdma_rank: has {a.nrr.shape[0]} entries, expected one per node "
+                         f"({st.num_nodes} nodes of {st.rpn} ranks)")
     if a.Kt > K.MAX_TOPK:
         raise ValueError(f"topk_idx: {a.Kt} columns; the internode kernels carry at most {K.MAX_TOPK}")
     if a.E // R > K.MAX_LOCAL_EXPERTS:

@@ -48,6 +48,7 @@ class DispatchArgs:
     cfg: object = None
     send_blocks: int = 0
     recv_blocks: int = 0
+    nrr: object = None
 
     @property
     def cached(self) -> bool:
@@ -132,6 +133,7 @@ def _route_args(ctx, a: DispatchArgs, route: dict, previous_event) -> None:
     if nrr is not None and (nrr.shape[0] < 1 or R % nrr.shape[0]):
         raise ValueError(f"num_tokens_per_rdma_rank: has {nrr.shape[0]} entries, expected "
                          f"num_ranks / ranks_per_node (num_ranks={R}), or None")
+    a.nrr = nrr
     if a.needs_layout:
         K_layout.check_layout_smem(E, R)  # the layout kernel runs in the call
 

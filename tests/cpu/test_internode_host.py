@@ -469,3 +469,15 @@ def test_buffer_size_hints_delegate_and_validate():
                              ((7168, "8"), TypeError, "num_max_recv_tokens")):
         with pytest.raises(exc, match=words):
             Buffer.get_internode_nvl_size_hint(*args)
+
+
+def test_num_tokens_per_rdma_rank_needs_one_entry_per_node(rig):
+    torch = rig
+    b = _buffer()  # 4 ranks in 2 nodes
+    x = torch.zeros(3, H, dtype=torch.bfloat16)
+    for n in (1, 4):  # both divide the rank count (the NVLink engine's rule), neither is the node count
+        with pytest.raises(ValueError, match=rf"num_tokens_per_rdma_rank: has {n} entries, expected one per node"):
+            b.dispatch(x, topk_idx=_idx(torch, 3), num_experts=8,
+                       num_tokens_per_rdma_rank=torch.zeros(n, dtype=torch.int32))
+    with pytest.raises(_Launched):
+        b.dispatch(x, topk_idx=_idx(torch, 3), num_experts=8, num_tokens_per_rdma_rank=torch.zeros(2, dtype=torch.int32))
