@@ -159,6 +159,8 @@ def compile_uncached(spec: KernelSpec, arch: str) -> tuple[bytes, dict[str, str]
 def build(spec: KernelSpec, arch: str | None = None) -> Module:
     """The compiled module for ``spec``: from the disk cache, or compiled and published."""
     arch = toolchain.normalize_arch(arch) if arch else toolchain.current_arch()
+    if toolchain.arch_number(arch) < spec.min_sm:
+        raise ToolchainError(f"{spec.label()} needs sm_{spec.min_sm} or newer; the target is {arch}")
     t0 = time.perf_counter()
     source = spec.render()
     key = cache_key(spec, arch, source)

@@ -73,13 +73,19 @@ class KernelSpec:
       relocatable and linked with ``libnvshmem_device.a``);
     * :meth:`kernels`: the kernels of the module;
     * ``mirrors`` (optional): other :class:`ParamsStruct` mirrors the module's kernels share
-      with the host (control words the host allocates), layout-checked like the parameters.
+      with the host (control words the host allocates), layout-checked like the parameters;
+    * ``min_sm`` (optional): the oldest architecture it compiles for (default toolchain.MIN_SM).
     """
 
     family: ClassVar[str] = ""
     header: ClassVar[str] = ""
     uses_nvshmem: ClassVar[bool] = False
     mirrors: ClassVar[tuple] = ()
+
+    @property
+    def min_sm(self) -> int:
+        """The oldest architecture (e.g. 80 for sm_80) this specialization compiles for."""
+        return toolchain.MIN_SM
 
     def kernels(self) -> tuple[KernelDef, ...]:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -223,16 +223,35 @@ def current_arch(device_id: int | None = None) -> str:
     try:
         from cuda.core import Device
         cc = (Device() if device_id is None else Device(device_id)).compute_capability
-        return f"sm_{cc.major}{cc.minor}"
     except Exception:
         return "sm_90"
+    if cc.major * 10 + cc.minor < MIN_SM:
+        raise ToolchainError(f"GPU {device_id if device_id is not None else '(current)'} is sm_{cc.major}{cc.minor}: "
+                             f"epcomm's kernels need sm_{MIN_SM} or newer")
+    return f"sm_{cc.major}{cc.minor}"
+
+
+# The oldest architecture the kernels compile for: bf16 conversions (cvt.rn.bf16.f32) and the
+# acquire/release memory operations need sm_80 (compiled for sm_80 and sm_89 on the CPU; only
+# sm_90 is run and tested).  Specializations may need more (KernelSpec.min_sm: the low-latency
+# FP8 cast, cvt.e4m3x2, needs sm_89).
+MIN_SM = 80
+
+
+def arch_number(arch: str) -> int:
+    """The number of a normalized arch: 90 for sm_90 or sm_90a."""
+    return int(re.match(r"sm_(\d+)", arch).group(1))
 
 
 def normalize_arch(a: str) -> str:
+    """``a`` as ``sm_NN[a|f]``; ValueError for a malformed name or one older than MIN_SM."""
     a = a.strip().lower()
     m = re.fullmatch(r"(?:sm_?|compute_?)?(\d{2,3})([af]?)", a)
     if not m:
         raise ValueError(f"arch {a!r}: expected e.g. sm_90, sm_90a or 90")
+    if int(m.group(1)) < MIN_SM:
+        raise ValueError(f"arch {a!r}: the kernels need sm_{MIN_SM} or newer (bf16 conversions; the low-latency "
+                         f"FP8 cast needs sm_89); they are tested on sm_90")
     return f"sm_{m.group(1)}{m.group(2)}"
 
 

@@ -77,6 +77,10 @@ class LowLatencySpec(KernelSpec):
     hidden: int
     fp8: bool
 
+    @property
+    def min_sm(self) -> int:
+        return 89 if self.fp8 else super().min_sm  # the FP8 cast: cvt.rn.satfinite.e4m3x2.f32
+
     def validate(self) -> None:
         if self.hidden <= 0 or self.hidden % 128:
             raise ValueError(f"hidden={self.hidden}: the low-latency kernels need a multiple of 128")

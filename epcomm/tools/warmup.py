@@ -100,8 +100,14 @@ def _build_all(specs: list, arch: str, jobs: int) -> list:
 
 def main(a) -> int:
     """``epcomm warmup``: 0 when every specialization built, 1 when one failed."""
-    specs = _specs(a)
-    arch = toolchain.normalize_arch(a.arch) if a.arch else toolchain.current_arch()
+    arch = toolchain.normalize_arch(a.arch) if a.arch else toolchain.current_arch()  # before any work
+    specs = []
+    for s in _specs(a):
+        if toolchain.arch_number(arch) < s.min_sm:
+            print(f"epcomm warmup: skipping {s.label()}: needs sm_{s.min_sm} or newer, the target is {arch}",
+                  file=sys.stderr)
+        else:
+            specs.append(s)
     _check_cache()
     jobs = a.jobs or envs.COMPILE_JOBS.get() or os.cpu_count() or 1
     jobs = max(1, min(jobs, len(specs)))
