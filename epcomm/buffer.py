@@ -31,7 +31,7 @@ from epcomm.runtime import nvshmem as nvr
 from epcomm.runtime.event import EventOverlap
 from epcomm.runtime.group import as_group
 from epcomm.runtime.topology import discover
-from epcomm.validate import check_hidden_size, check_int
+from epcomm.validate import check_bool, check_hidden_size, check_int
 
 __all__ = ["Buffer", "DispatchHandle"]
 
@@ -73,9 +73,13 @@ class Buffer:
 
     def __init__(self, group=None, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0, *,
                  low_latency_mode: bool = False, device: int | None = None):
-        group = as_group(group)
+        # The arguments first: their errors name the cause, where a group error would not.
         check_int("num_nvl_bytes", num_nvl_bytes, lo=0)
         check_int("num_rdma_bytes", num_rdma_bytes, lo=0)
+        check_bool("low_latency_mode", low_latency_mode)
+        if device is not None:
+            check_int("device", device, lo=0)
+        group = as_group(group)
         if group.size < 1:
             raise ValueError("group has no ranks")
         n_dev = driver.init()

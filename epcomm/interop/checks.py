@@ -70,9 +70,14 @@ def _check_shape(name: str, sh: tuple, ndim, shape) -> None:
                          f"of shape {_fmt_shape(sh)}")
 
 
-def _wrong_device(name: str, device: str, device_id: int) -> ValueError:
+_HOST_KIND = {"numpy": "a NumPy array", "torch": "a CPU torch tensor", "jax": "a JAX array on the CPU",
+              "cupy": "a CuPy array in host memory"}
+
+
+def _wrong_device(name: str, device: str, device_id: int, framework: str = "") -> ValueError:
     if device == "cuda":
-        return ValueError(f"{name}: expected a CUDA tensor, got a CPU tensor")
+        what = _HOST_KIND.get(framework, "an array in host memory")
+        return ValueError(f"{name}: expected a CUDA tensor, got {what} (host memory)")
     if device == "cpu":
         return ValueError(f"{name}: expected a CPU tensor, got a CUDA tensor (cuda:{device_id})")
     return ValueError(f"{name}: bad device check {device!r} (use 'cuda', 'cpu' or 'any')")
@@ -123,7 +128,7 @@ def as_tensor(obj, name: str, *, dtype=None, ndim=None, shape=None, device: str 
     if shape is not None or ndim is not None:
         _check_shape(name, ref.shape, ndim, shape)
     if device != "any" and ref.device_type != device:
-        raise _wrong_device(name, device, ref.device_id)
+        raise _wrong_device(name, device, ref.device_id, fw)
     if contiguous:
         ok = obj.is_contiguous() if fw == "torch" else c_contiguous(ref.shape, ref.strides)
         if not ok:

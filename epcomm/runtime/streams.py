@@ -7,6 +7,8 @@ imported only when a query names it.
 """
 from __future__ import annotations
 
+from epcomm.errors import EpcommError
+
 FRAMEWORKS = ("torch", "cupy", "jax", "numpy", "dlpack")
 
 
@@ -59,6 +61,9 @@ def current_device(framework: str) -> int:
     DLPack producers have no current device)."""
     if framework == "torch":
         import torch
+        if not torch.cuda.is_available():  # torch would raise a bare AssertionError (a CPU-only build)
+            raise EpcommError("torch has no CUDA device here (a CPU-only torch build, or no GPU visible): "
+                              "epcomm's calls need a CUDA GPU")
         return int(torch.cuda.current_device())
     if framework == "cupy":
         import cupy

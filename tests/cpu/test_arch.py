@@ -54,3 +54,4 @@ def test_warmup_skips_what_the_arch_cannot_build_and_builds_the_rest(capsys, mon
     assert "low_latency[hidden=2048,fp8=False]" in labels and "low_latency[hidden=2048,fp8=True]" not in labels
     assert all(arch == "sm_80" for _, arch in seen)
     assert "skipping low_latency[hidden=2048,fp8=True]: needs sm_89" in capsys.readouterr().err
+

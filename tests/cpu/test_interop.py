@@ -401,7 +401,8 @@ def test_error_messages(fw):
 
     with pytest.raises(ValueError) as ei:
         I.as_tensor(x, "x")  # device='cuda' is the default
-    assert str(ei.value) == "x: expected a CUDA tensor, got a CPU tensor"
+    what = {"numpy": "a NumPy array", "torch": "a CPU torch tensor", "jax": "a JAX array on the CPU"}[fw]
+    assert str(ei.value) == f"x: expected a CUDA tensor, got {what} (host memory)"
     assert I.as_tensor(x, "x", device="any").device_type == "cpu"
 
 

@@ -104,8 +104,22 @@ def as_group(obj: Any = None) -> Group:
     group = _from_torch(obj) or _from_mpi(obj)
     if group is not None:
         return group
+    missing = _missing_members(obj)
+    if missing and len(missing) < len(_MEMBERS):
+        # Most of the protocol is there: name what is not, rather than reciting it.
+        raise TypeError(f"as_group: {type(obj).__name__} lacks {', '.join(missing)} of the group protocol "
+                        f"(rank and size ints; allgather_bytes, broadcast_bytes and barrier methods)")
     raise TypeError(f"as_group: cannot make a group from {type(obj).__name__}; "
                     f"accepted: {_ACCEPTED}")
+
+
+_MEMBERS = ("rank", "size", "allgather_bytes", "broadcast_bytes", "barrier")
+
+
+def _missing_members(obj: Any) -> list[str]:
+    """The members of the group protocol ``obj`` lacks (or has with the wrong kind)."""
+    out = [f"{n} (an int)" for n in ("rank", "size") if not isinstance(getattr(obj, n, None), int)]
+    return out + [f"{m}()" for m in _MEMBERS[2:] if not callable(getattr(obj, m, None))]
 
 
 def init_from_env() -> Group:

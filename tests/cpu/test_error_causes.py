@@ -1,0 +1,32 @@
+"""Errors name the real cause first: the argument before the group, the missing method of a group."""
+from __future__ import annotations
+
+import pytest
+
+
+def test_buffer_arguments_are_checked_before_the_group():
+    from epcomm import Buffer
+    with pytest.raises(ValueError, match="num_nvl_bytes"):
+        Buffer(None, -5)
+    with pytest.raises(TypeError, match="low_latency_mode"):
+        Buffer(None, 0, 0, low_latency_mode="no")
+
+
+def test_a_group_missing_one_method_is_told_which():
+    from epcomm.runtime.group import as_group
+
+    class Almost:
+        rank, size = 0, 1
+
+        def allgather_bytes(self, b):
+            return [b]
+
+        def barrier(self):
+            pass
+
+    with pytest.raises(TypeError) as ei:
+        as_group(Almost())
+    msg = str(ei.value)
+    assert "lacks broadcast_bytes()" in msg and "torch.distributed" not in msg
+    with pytest.raises(TypeError, match="accepted:"):
+        as_group(3.5)  # nothing of the protocol: the list of what is accepted
