@@ -5,6 +5,7 @@ import argparse
 import importlib
 import sys
 
+from epcomm._version import __version__
 from epcomm.tools.bench import defaults as bench_defaults
 from epcomm.tools.bench import knobs as bench_knobs
 
@@ -35,8 +36,12 @@ def _run(a) -> int:
 
 
 def main(argv=None) -> int:
+    """Run the ``epcomm`` command.  Exit codes: 0 success; 1 a step failed (a kernel did not
+    build, a check or test failed); 2 a usage error (bad arguments, printed as one line and the
+    subcommand's usage)."""
     ap = argparse.ArgumentParser(prog="epcomm", description="Expert-parallel communication kernels")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    ap.add_argument("--version", action="version", version=f"epcomm {__version__}")
+    sub = ap.add_subparsers(dest="cmd", metavar="COMMAND", title="commands")
 
     w = sub.add_parser("warmup", help="precompile kernel specializations into the JIT cache (no GPU needed: "
                        "the target is --arch, else the GPU's, else sm_90)")
@@ -68,7 +73,7 @@ def main(argv=None) -> int:
     b = sub.add_parser("bench", help="benchmarks: timings, same-run baselines and checks against epcomm.reference "
                        "(see epcomm/tools/bench/)", formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="environment (recorded in the JSON):\n" + bench_knobs.help_text())
-    b.add_argument("what", choices=("normal", "low-latency", "internode", "all"),
+    b.add_argument("what", metavar="MODE", choices=("normal", "low-latency", "internode", "all"),
                    help="normal: the normal mode inside one node; low-latency; internode: the normal mode across "
                    "nodes declared on this host (--ranks-per-node); all: normal and low-latency")
     b.add_argument("--gpus", "--ranks", dest="gpus", type=int, default=0,
@@ -116,7 +121,13 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="also write the numbers here")
     p.set_defaults(fn=_run)
 
-    a = ap.parse_args(argv)
+    a, extra = ap.parse_known_args(argv)
+    if a.cmd is None:
+        ap.print_help(sys.stderr)
+        print("\nepcomm: error: name a command, e.g. `epcomm info`", file=sys.stderr)
+        return 2
+    if extra:  # reported by the subcommand, with its own usage rather than the top level's
+        sub.choices[a.cmd].error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return a.fn(a)
     except (ValueError, TypeError) as e:

@@ -30,3 +30,22 @@ def test_a_group_missing_one_method_is_told_which():
     assert "lacks broadcast_bytes()" in msg and "torch.distributed" not in msg
     with pytest.raises(TypeError, match="accepted:"):
         as_group(3.5)  # nothing of the protocol: the list of what is accepted
+
+
+def test_cli_version_bare_command_and_unknown_options(capsys):
+    from epcomm import __version__
+    from epcomm.tools import cli
+    with pytest.raises(SystemExit) as ei:
+        cli.main(["--version"])
+    assert ei.value.code == 0 and capsys.readouterr().out.strip() == f"epcomm {__version__}"
+    assert cli.main([]) == 2
+    err = capsys.readouterr().err
+    assert "name a command" in err and "required: cmd" not in err
+    with pytest.raises(SystemExit) as ei:
+        cli.main(["warmup", "--bogus"])
+    err = capsys.readouterr().err
+    assert ei.value.code == 2 and err.startswith("usage: epcomm warmup") and "unrecognized arguments: --bogus" in err
+    with pytest.raises(SystemExit):
+        cli.main(["bench"])
+    err = capsys.readouterr().err
+    assert "MODE" in err and "argument what" not in err
