@@ -5,10 +5,13 @@ A DeepEP handle is a plain tuple whose elements callers may unpack, index or sav
 and element meanings, built without a kernel, and carries epcomm's handle twice: as ``.native``
 of the tuple, and as an attribute of one element the drop-in made for this handle (a view of
 epcomm's arrays), so a tuple rebuilt from the elements still leads back to it
-(:func:`native_of`).  An element epcomm has no counterpart of is None; the handles of vLLM,
-SGLang, Megatron-LM and the other DeepEP users read in writing this are passed back to DeepEP
-untouched or unpacked without use, and the only element read (DeepEP's tests,
-``handle[0][-1][rank]`` for the received row count) is the rank prefix matrix, which is here.
+(:func:`native_of`).  An element epcomm has no counterpart of is None.  vLLM, SGLang,
+Megatron-LM, xtuner and FastDeploy (their public source, read in writing this) pass handles back
+untouched, save them (``ctx.save_for_backward(*handle)``) or unpack them without use; the
+elements that are read (by DeepEP's own tests and by callers of ``num_worst_tokens`` dispatches,
+``handle[0][-1][rank]`` being the received row count) are all here: ``rank_prefix_matrix``
+``[i][rank]``, the internode ``recv_gbl_rank_prefix_sum`` (``handle[-4]``), and the low-latency
+``src_info`` and ``layout_range``.
 
 Intranode (6): ``(rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix,
 recv_src_idx, is_token_in_rank, send_head)``:
