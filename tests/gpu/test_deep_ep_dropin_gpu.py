@@ -2,12 +2,13 @@
 
 Each scenario replays the call sequence of one user of DeepEP (written here from reading their
 public source; none of their code is used), on a Buffer created and sized as that user does
-(DeepEP's Config hints, a torch.distributed gloo group), and checks every rank's outputs bit for
-bit against the reference of the whole job:
+(DeepEP's Config hints or a fixed size; a torch.distributed gloo group, like vLLM's CPU group),
+and checks every rank's outputs bit for bit against the reference of the whole job:
 
-* vllm_ht: vLLM's DeepEP high-throughput prepare/finalize: synchronous ``get_dispatch_layout``
-  and ``dispatch`` (BF16, and FP8 with per-128-channel scales) with DeepEP's recommended config,
-  the local expert ids mapped back to global ones, an unweighted ``combine`` without weights;
+* vllm_ht: vLLM's DeepEP high-throughput prepare/finalize (on the Buffer its all2all manager
+  makes: 1 GiB, ``explicitly_destroy=True``): synchronous ``get_dispatch_layout`` and
+  ``dispatch`` (BF16, and FP8 with per-128-channel scales) with DeepEP's recommended config, the
+  local expert ids mapped back to global ones, an unweighted ``combine`` without weights;
   then the same with ``num_worst_tokens`` (the CUDA-graph form), where the received row count is
   read as DeepEP's users read it, ``handle[0][-1][rank]``.
 * vllm_ll: vLLM's DeepEP low-latency prepare/finalize: ``low_latency_dispatch`` (BF16 and FP8)
@@ -157,7 +158,10 @@ def _vllm_ht(rank, world, group, N, H, E, K):
     import epcomm.deep_ep as deep_ep
     from epcomm import reference
     tg = _torch_group(rank, world, group)
-    buf = deep_ep.Buffer(tg, _deepep_nvl_bytes(world, H * 2), 0, low_latency_mode=False, num_qps_per_rank=1)
+    # vLLM's all2all manager: a 1 GiB NVLink buffer (VLLM_DEEPEP_BUFFER_SIZE_MB), its CPU group,
+    # one queue pair inside a node, released with destroy()
+    buf = deep_ep.Buffer(group=tg, num_nvl_bytes=1024 << 20, num_rdma_bytes=0, low_latency_mode=False,
+                         num_qps_per_rank=1, explicitly_destroy=True)
     assert buf.group_size == world and buf.rank == rank
     dispatch_cfg = deep_ep.Buffer.get_dispatch_config(world) if world in _DEEPEP_RANKS else None
     combine_cfg = deep_ep.Buffer.get_combine_config(world) if world in _DEEPEP_RANKS else None
@@ -229,7 +233,9 @@ def _vllm_ll(rank, world, group, T, H, E, K):
     from epcomm import reference
     tg = _torch_group(rank, world, group)
     rdma = deep_ep.Buffer.get_low_latency_rdma_size_hint(T, H, world, E)
-    buf = deep_ep.Buffer(tg, 0, rdma, low_latency_mode=True, num_qps_per_rank=E // world, explicitly_destroy=True)
+    buf = deep_ep.Buffer(group=tg, num_nvl_bytes=0, num_rdma_bytes=rdma, low_latency_mode=True,
+                         num_qps_per_rank=E // world, allow_nvlink_for_low_latency_mode=True, allow_mnnvl=False,
+                         explicitly_destroy=True)
     ll = buf.native._ll
     partials = ll.partials and not ll.force_put
     for i, fp8 in enumerate((False, True, False)):  # three rounds: both slots, one reused
