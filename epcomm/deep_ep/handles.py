@@ -4,8 +4,8 @@ A DeepEP handle is a plain tuple whose elements callers may unpack, index or sav
 ``ctx.save_for_backward(*handle)``).  The drop-in returns tuple subclasses with DeepEP's arity
 and element meanings, built without a kernel, and carries epcomm's handle twice: as ``.native``
 of the tuple, and as an attribute of one element the drop-in made for this handle (a view of
-epcomm's arrays), so a tuple rebuilt from the elements still leads back to it
-(:func:`native_of`).  An element epcomm has no counterpart of is None.  vLLM, SGLang,
+epcomm's arrays; for a low-latency handle the packed ``layout_range``, once read), so a tuple
+rebuilt from the elements still leads back to it (:func:`native_of`).  An element epcomm has no counterpart of is None.  vLLM, SGLang,
 Megatron-LM, xtuner and FastDeploy (their public source, read in writing this) pass handles back
 untouched, save them (``ctx.save_for_backward(*handle)``) or unpack them without use; the
 elements that are read (by DeepEP's own tests and by callers of ``num_worst_tokens`` dispatches,
