@@ -164,6 +164,13 @@ class Buffer:
         return self.ctx.shares_gpu
 
     @property
+    def internode(self) -> bool:
+        """Whether the normal mode runs across nodes (:mod:`epcomm.internode`: the group spans
+        nodes and the Buffer has ``num_nvl_bytes > 0``); its dispatches then return
+        :class:`epcomm.internode.InternodeHandle` handles."""
+        return self._inter is not None
+
+    @property
     def timeout_s(self) -> float:
         """Seconds a kernel waits for a peer before it reports a timeout (EPCOMM_TIMEOUT_S)."""
         return self.ctx.timeout_s
