@@ -35,14 +35,18 @@ def _run(a) -> int:
     return importlib.import_module(_COMMANDS[a.cmd]).main(a)
 
 
-def main(argv=None) -> int:
-    """Run the ``epcomm`` command.  Exit codes: 0 success; 1 a step failed (a kernel did not
-    build, a check or test failed); 2 a usage error (bad arguments, printed as one line and the
-    subcommand's usage)."""
+def _parser() -> tuple[argparse.ArgumentParser, object]:
+    """The command's parser, and the subparsers action (its `choices` map each command to its parser)."""
     ap = argparse.ArgumentParser(prog="epcomm", description="Expert-parallel communication kernels")
     ap.add_argument("--version", action="version", version=f"epcomm {__version__}")
     sub = ap.add_subparsers(dest="cmd", metavar="COMMAND", title="commands")
+    for add in (_add_warmup, _add_small, _add_bench, _add_plan):
+        add(sub)
+    return ap, sub
 
+
+def _add_warmup(sub) -> None:
+    """``epcomm warmup``."""
     w = sub.add_parser("warmup", help="precompile kernel specializations into the JIT cache (no GPU needed: "
                        "the target is --arch, else the GPU's, else sm_90)")
     w.add_argument("--preset", type=_csv(str), default=None,
@@ -58,6 +62,9 @@ def main(argv=None) -> int:
     w.add_argument("-j", "--jobs", type=int, default=0, help="parallel compile processes (default: EPCOMM_COMPILE_JOBS, else the CPU count)")
     w.set_defaults(fn=_run)
 
+
+def _add_small(sub) -> None:
+    """``epcomm info``, ``cache`` and ``selftest``."""
     i = sub.add_parser("info", help="versions, cache, GPUs and their NVLink peers")
     i.set_defaults(fn=_run)
 
@@ -70,6 +77,9 @@ def main(argv=None) -> int:
     s.add_argument("--timeout", type=float, default=300.0)
     s.set_defaults(fn=_run)
 
+
+def _add_bench(sub) -> None:
+    """``epcomm bench``."""
     b = sub.add_parser("bench", help="benchmarks: timings, same-run baselines and checks against epcomm.reference "
                        "(see epcomm/tools/bench/)", formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="environment (recorded in the JSON):\n" + bench_knobs.help_text())
@@ -103,6 +113,9 @@ def main(argv=None) -> int:
                    "if its first barriers do not align) or 'wall' (NCCL all-reduce, then a fixed wait)")
     b.set_defaults(fn=_run)
 
+
+def _add_plan(sub) -> None:
+    """``epcomm plan``."""
     p = sub.add_parser("plan", help="no GPU: bytes per GPU over the network and NVLink, lower-bound times and "
                        "receive sizes of dispatch and combine across nodes (epcomm's route and a flat all-to-all)")
     p.add_argument("--nodes", type=int, required=True)
@@ -121,6 +134,12 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="also write the numbers here")
     p.set_defaults(fn=_run)
 
+
+def main(argv=None) -> int:
+    """Run the ``epcomm`` command.  Exit codes: 0 success; 1 a step failed (a kernel did not
+    build, a check or test failed); 2 a usage error (bad arguments, printed as one line and the
+    subcommand's usage)."""
+    ap, sub = _parser()
     a, extra = ap.parse_known_args(argv)
     if a.cmd is None:
         ap.print_help(sys.stderr)
