@@ -31,7 +31,7 @@ def _specs(a) -> list:
     if a.jobs < 0:
         raise ValueError(f"-j/--jobs {a.jobs}: expected 0 (the CPU count) or more")
     if a.preset is not None:
-        given = [f"--{k}" for k in ("hidden", "ranks", "dtype", "mode") if getattr(a, k) is not None]
+        given = [f"--{k}" for k in ("hidden", "ranks", "dtype", "mode", "variant") if getattr(a, k) is not None]
         if given:
             raise ValueError(f"--preset names its own shapes; {' and '.join(given)} cannot narrow it "
                              "(drop --preset to build the shapes you list)")
@@ -51,7 +51,7 @@ def _specs(a) -> list:
             elif not v:
                 raise ValueError(f"--{flag}: empty list")
         skipped: list = []
-        specs = catalogue.specs_for(a.hidden, a.ranks, a.dtype, a.mode, skipped=skipped)
+        specs = catalogue.specs_for(a.hidden, a.ranks, a.dtype, a.mode, a.variant or (), skipped=skipped)
         for label, why in skipped:
             print(f"epcomm warmup: skipping {label}: {why}", file=sys.stderr)
         if len(specs) <= 1:  # the layout kernel alone: nothing asked for can be built
