@@ -31,7 +31,7 @@ def _specs(a) -> list:
     if a.jobs < 0:
         raise ValueError(f"-j/--jobs {a.jobs}: expected 0 (the CPU count) or more")
     if a.preset is not None:
-        given = [f"--{k}" for k in ("hidden", "ranks", "dtype", "mode", "variant") if getattr(a, k) is not None]
+        given = [f"--{k}" for k in ("hidden", "ranks", "dtype", "mode") if getattr(a, k) is not None]
         if given:
             raise ValueError(f"--preset names its own shapes; {' and '.join(given)} cannot narrow it "
                              "(drop --preset to build the shapes you list)")
@@ -39,7 +39,7 @@ def _specs(a) -> list:
             raise ValueError("--preset: empty list (known presets: " + ", ".join(catalogue.PRESETS) + ")")
         specs = []
         for name in a.preset:
-            for s in catalogue.preset(name):
+            for s in catalogue.preset(name, a.variant or ()):
                 if s not in specs:
                     specs.append(s)
     else:

@@ -535,7 +535,13 @@ def test_warmup_cli_builds_the_variants_asked_for(monkeypatch, capsys):
               LowLatencySpec(4096, False, deepep=True, logfmt=True), IntranodeCombineSpec(2, 4096, deepep=True)):
         assert s in built
     built.clear()
-    rc = cli.main(["warmup", "--preset", "tests", "--variant", "logfmt", "--arch", "sm_90"])
-    assert rc == 2 and built == [] and "--variant" in capsys.readouterr().err
+    rc = cli.main(["warmup", "--preset", "deepseek-v3", "--variant", "logfmt", "--arch", "sm_90", "-j", "1"])
+    assert rc == 0, capsys.readouterr()
+    assert LowLatencySpec(7168, False, logfmt=True) in built
+    assert not any(getattr(s, "deepep", False) for s in built)
+    built.clear()
+    rc = cli.main(["warmup", "--preset", "deepseek-v3", "--arch", "sm_90", "-j", "1"])
+    assert rc == 0 and not any(getattr(s, "logfmt", False) or getattr(s, "deepep", False) for s in built)
+    built.clear()
     rc = cli.main(["warmup", "--mode", "low-latency", "--variant", "fast", "--arch", "sm_90"])
     assert rc == 2 and built == [] and "variant 'fast'" in capsys.readouterr().err
