@@ -223,6 +223,23 @@ EPCOMM_DEVICE void st_na_v4(V4* p, const V4& v) {
                : "memory");
 }
 
+EPCOMM_DEVICE void st_na_v2(void* p, u32 a, u32 b) {
+  asm volatile("st.global.L1::no_allocate.v2.u32 [%0], {%1, %2};" ::"l"(p), "r"(a), "r"(b) : "memory");
+}
+struct alignas(8) U2 {
+  u32 x, y;
+};
+EPCOMM_DEVICE U2 ld_cg_v2(const void* p) {
+  U2 v;
+  asm volatile("ld.global.cg.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
+  return v;
+}
+EPCOMM_DEVICE u64 ld_cg_u64(const u64* p) {
+  u64 v;
+  asm volatile("ld.global.cg.u64 %0, [%1];" : "=l"(v) : "l"(p));
+  return v;
+}
+
 // Warp-cooperative copy of one row of kN16 16-byte words (a compile-time size).  Each round
 // issues all its loads before its stores, at most 14 words (56 registers) per lane, and the trip
 // counts are constants: a row costs ceil(words per lane / 14) memory latencies, where a run-time
@@ -282,6 +299,26 @@ EPCOMM_DEVICE float fp8_group_scale(float amax, bool round_pow2, float* inv) {
     if (b & 0x7FFFFFu) b = (b & 0xFF800000u) + 0x800000u;
     s = __uint_as_float(b);
     *inv = __uint_as_float((254u - (b >> 23)) << 23);  // exact 1/s for a power of two
+  } else {
+    *inv = __fdiv_rn(kFp8Max, amax);
+  }
+  return s;
+}
+
+// DeepEP V1's arithmetic for the same scale (calculate_fp8_scales, csrc/kernels/legacy/utils.cuh):
+// s = amax * float32(1/448), a product by a rounded constant instead of one correctly rounded
+// quotient (the last bit of s differs for about half of the amax values); with `round_pow2`
+// 2^ceil(log2 s), which equals fp8_group_scale's for every bf16 amax.  The multiplier *inv is
+// the same as fp8_group_scale's.
+constexpr float kFp8InvMaxDeepep = 1 / 448.0f;  // 0x3B124925, DeepEP's kFinfoAmaxInvE4M3
+EPCOMM_DEVICE float fp8_group_scale_deepep(float amax, bool round_pow2, float* inv) {
+  amax = fmaxf(amax, kFp8AmaxFloor);
+  float s = __fmul_rn(amax, kFp8InvMaxDeepep);
+  if (round_pow2) {
+    u32 b = __float_as_uint(s);
+    if (b & 0x7FFFFFu) b = (b & 0xFF800000u) + 0x800000u;
+    s = __uint_as_float(b);
+    *inv = __uint_as_float((254u - (b >> 23)) << 23);
   } else {
     *inv = __fdiv_rn(kFp8Max, amax);
   }

@@ -581,8 +581,10 @@ __global__ void __launch_bounds__(kInterThreads) internode_combine_stage(const _
 // source of our local index on node m.  A warp sums each slot's rows from our node's staged
 // rows in ascending rank order (fp32), writes the partial into its staging and puts the chunk to
 // the source with the chunk's flag.  The last block releases every rank's stage.
+// kDeepep: the partial rounded to bf16 (still sent as fp32), as DeepEP V1's forwarder sends it
+// (csrc/kernels/legacy/internode.cu, combine: combine_token into the bf16 RDMA send buffer).
 // ---------------------------------------------------------------------------------------------
-template <int kHidden>
+template <int kHidden, bool kDeepep = false>
 __global__ void __launch_bounds__(kInterThreads) internode_combine_reduce(const __grid_constant__ InterParams p) {
   const int M = p.num_nodes, P = p.rpn, K = p.num_topk;
   const int lane = lane_id(), warp = warp_id();
@@ -650,6 +652,10 @@ __global__ void __launch_bounds__(kInterThreads) internode_combine_reduce(const 
             acc[2 * u + 1] += bf16_to_f32(static_cast<u16>(words[u] >> 16));
           }
         }
+        if constexpr (kDeepep) {
+#pragma unroll
+          for (int u = 0; u < 8; ++u) acc[u] = bf16_to_f32(f32_to_bf16(acc[u]));
+        }
         V4* dst = reinterpret_cast<V4*>(part + 8 * w);
         st_v4(dst, V4{__float_as_int(acc[0]), __float_as_int(acc[1]), __float_as_int(acc[2]), __float_as_int(acc[3])});
         st_v4(dst + 1, V4{__float_as_int(acc[4]), __float_as_int(acc[5]), __float_as_int(acc[6]), __float_as_int(acc[7])});
@@ -691,8 +697,9 @@ __global__ void __launch_bounds__(kInterThreads) internode_combine_reduce(const 
 // ---------------------------------------------------------------------------------------------
 // combine receive (source): a warp per token adds the partials of the nodes the token went to,
 // in ascending node order, then the biases; the last block releases every forwarder's region.
+// kDeepep: DeepEP V1's order, the biases first (bias_0 + bias_1, a missing one read as +0).
 // ---------------------------------------------------------------------------------------------
-template <int kHidden>
+template <int kHidden, bool kDeepep = false>
 __global__ void __launch_bounds__(kInterThreads) internode_combine_recv(const __grid_constant__ InterParams p) {
   const int M = p.num_nodes, P = p.rpn, K = p.num_topk, N = p.num_tokens;
   const int lane = lane_id(), warp = warp_id();
@@ -720,6 +727,18 @@ __global__ void __launch_bounds__(kInterThreads) internode_combine_recv(const __
       float acc[8];
 #pragma unroll
       for (int u = 0; u < 8; ++u) acc[u] = 0.0f;
+      if constexpr (kDeepep) {
+        const V4 z{0, 0, 0, 0};
+        const V4 v0 = p.bias0 != nullptr ? ld_nc_v4(reinterpret_cast<const V4*>(p.bias0 + static_cast<i64>(t) * kHidden) + w) : z;
+        const V4 v1 = p.bias1 != nullptr ? ld_nc_v4(reinterpret_cast<const V4*>(p.bias1 + static_cast<i64>(t) * kHidden) + w) : z;
+        const u32 a0[4] = {static_cast<u32>(v0.x), static_cast<u32>(v0.y), static_cast<u32>(v0.z), static_cast<u32>(v0.w)};
+        const u32 a1[4] = {static_cast<u32>(v1.x), static_cast<u32>(v1.y), static_cast<u32>(v1.z), static_cast<u32>(v1.w)};
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          acc[2 * u] = bf16_to_f32(static_cast<u16>(a0[u] & 0xFFFFu)) + bf16_to_f32(static_cast<u16>(a1[u] & 0xFFFFu));
+          acc[2 * u + 1] = bf16_to_f32(static_cast<u16>(a0[u] >> 16)) + bf16_to_f32(static_cast<u16>(a1[u] >> 16));
+        }
+      }
       for (int m = 0; m < M; ++m) {
         const int q = p.node_pos[static_cast<i64>(t) * M + m];
         if (q < 0) continue;
@@ -733,7 +752,7 @@ __global__ void __launch_bounds__(kInterThreads) internode_combine_recv(const __
       const u16* biases[2] = {p.bias0, p.bias1};
 #pragma unroll
       for (int bi = 0; bi < 2; ++bi) {
-        if (biases[bi] == nullptr) continue;
+        if (kDeepep || biases[bi] == nullptr) continue;  // kDeepep: added first, above
         const V4 v = ld_nc_v4(reinterpret_cast<const V4*>(biases[bi] + static_cast<i64>(t) * kHidden) + w);
         const u32 words[4] = {static_cast<u32>(v.x), static_cast<u32>(v.y), static_cast<u32>(v.z),
                               static_cast<u32>(v.w)};

@@ -763,9 +763,11 @@ __global__ void __launch_bounds__(kThreads) intranode_compact_scales(const __gri
 // (contiguous: the rows of source s are one range in our receive order and map 1:1 onto s's
 // slots); blocks [S, grid) reduce, for each local token, the rows that came back from every
 // rank in ascending rank order (fp32 accumulation, then the biases), as epcomm.reference does.
+// kBiasFirst: DeepEP V1's order instead (csrc/kernels/legacy/intranode.cu, combine): the sum
+// starts as bias_0 + bias_1 (a missing bias read as +0) and the ranks follow.
 // Launched cooperatively.
 // ---------------------------------------------------------------------------------------------
-template <int kNumRanks, int kHidden>
+template <int kNumRanks, int kHidden, bool kBiasFirst = false>
 __global__ void __launch_bounds__(kIntraThreads) intranode_combine(const __grid_constant__ IntraParams p) {
   constexpr int R = kNumRanks;
   constexpr int kPayload = kHidden * 2;
@@ -897,9 +899,24 @@ __global__ void __launch_bounds__(kIntraThreads) intranode_combine(const __grid_
           float acc[8];
 #pragma unroll
           for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
-          // Ascending rank order, then bias 0, then bias 1: the order epcomm.reference uses.
+          if constexpr (kBiasFirst) {
+            const V4 b0v = bvals[0][u], b1v = bvals[1][u];  // zero words where a bias is missing
+            const u32 x0[4] = {static_cast<u32>(b0v.x), static_cast<u32>(b0v.y), static_cast<u32>(b0v.z),
+                               static_cast<u32>(b0v.w)};
+            const u32 x1[4] = {static_cast<u32>(b1v.x), static_cast<u32>(b1v.y), static_cast<u32>(b1v.z),
+                               static_cast<u32>(b1v.w)};
 #pragma unroll
-          for (int d = 0; d < R + 2; ++d) {
+            for (int e = 0; e < 4; ++e) {
+              acc[2 * e] = __fadd_rn(bf16_to_f32(static_cast<u16>(x0[e] & 0xFFFFu)),
+                                     bf16_to_f32(static_cast<u16>(x1[e] & 0xFFFFu)));
+              acc[2 * e + 1] = __fadd_rn(bf16_to_f32(static_cast<u16>(x0[e] >> 16)),
+                                         bf16_to_f32(static_cast<u16>(x1[e] >> 16)));
+            }
+          }
+          // Ascending rank order, then bias 0, then bias 1: the order epcomm.reference uses
+          // (with kBiasFirst, the ranks only).
+#pragma unroll
+          for (int d = 0; d < (kBiasFirst ? R : R + 2); ++d) {
             if (d < R ? src[d] == nullptr : bias[d - R] == nullptr) continue;
             const V4 v = d < R ? vals[d][u] : bvals[d - R][u];
             const u32 w[4] = {static_cast<u32>(v.x), static_cast<u32>(v.y), static_cast<u32>(v.z), static_cast<u32>(v.w)};

@@ -23,6 +23,7 @@
 #pragma once
 #include "epcomm_common.cuh"
 #include "epcomm_nvshmem.cuh"
+#include "logfmt.cuh"
 
 namespace epcomm {
 
@@ -118,6 +119,9 @@ struct LLParams {
   int h_slot;                  // combine: the dispatch slot of the handle
   int partials;                // combine: reduce a token's rows on the expert side (see ll_combine_send)
   u64* prof;                   // EPCOMM_PROFILE: per-block phase stamps, or null
+  i64* wait_stats;             // [R]: ns the receive waited for each source, added (ll_wait_arrivals), or null
+  u64 lf_meta_off;             // LogFMT combine: u64 [2][T][K][H/128] group words of each arriving row
+  u64 lf_stage_off;            // LogFMT combine: u64 [2][L][R*T][H/128] their put-path staging
 };
 
 // Profiling (EPCOMM_PROFILE=1): thread 0 of block b stamps (globaltimer ns) the end of phase i
@@ -206,9 +210,12 @@ EPCOMM_DEVICE bool ll_wait_arrivals(const LLParams& p, u64 flag_off, const u64* 
   if (threadIdx.x == 0) s_ok = 1;
   __syncthreads();
   const int R = p.num_ranks;
+  // Block 0 times its waits for the caller's statistics (every block waits for the same flags).
+  const bool timed = p.wait_stats != nullptr && blockIdx.x == 0;
   for (int r = threadIdx.x; r < R; r += blockDim.x) {
     const u64* f = reinterpret_cast<const u64*>(p.heap + flag_off) + p.slot * R + r;
     const u64 b = base[p.slot * kLLMaxRanks + r];
+    const u64 t0 = timed ? globaltimer_ns() : 0;
     // Acquire polls (the value that completes the wait is already acquired: no second round
     // trip after it, ~0.5 us of the hand-off); host memory (the error record) and the timer
     // only every 1024 polls.
@@ -226,6 +233,8 @@ EPCOMM_DEVICE bool ll_wait_arrivals(const LLParams& p, u64 flag_off, const u64* 
       v = ld_acquire_sys_u64(f);
     }
     if (s_ok && req != nullptr && ((v - b) & kArrivalReq)) *req = 1;
+    if (timed && ll_arrived(v - b))
+      atomicAdd(reinterpret_cast<unsigned long long*>(p.wait_stats + r), globaltimer_ns() - t0);
   }
   __syncthreads();
   return s_ok != 0;
@@ -265,7 +274,7 @@ EPCOMM_DEVICE bool ll_shapes_agree(const LLParams& p) {
 // ------------------------------------------------------------------------------------------
 // Dispatch.
 // ------------------------------------------------------------------------------------------
-template <int kHidden, bool kFp8>
+template <int kHidden, bool kFp8, bool kDeepepScale>
 EPCOMM_DEVICE void ll_dispatch_send(const LLParams& p, u64 tag, u64 deadline) {
   using Msg = LLMsg<kHidden, kFp8>;
   const int R = p.num_ranks, K = p.num_topk, N = p.num_tokens, T = p.max_tokens;
@@ -359,7 +368,8 @@ EPCOMM_DEVICE void ll_dispatch_send(const LLParams& p, u64 tag, u64 deadline) {
 #pragma unroll
           for (int o = 8; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
           float inv;
-          const float sc = fp8_group_scale(amax, p.round_scale || p.use_ue8m0, &inv);
+          const float sc = kDeepepScale ? fp8_group_scale_deepep(amax, p.round_scale || p.use_ue8m0, &inv)
+                                        : fp8_group_scale(amax, p.round_scale || p.use_ue8m0, &inv);
           u32 q[2];
 #pragma unroll
           for (int j = 0; j < 2; ++j) {
@@ -566,7 +576,8 @@ EPCOMM_DEVICE void ll_dispatch_recv(const LLParams& p, u64 tag, u64 deadline) {
   ll_stamp(p, 0, 7);
 }
 
-template <int kHidden, bool kFp8, int kPhases>
+// kDeepepScale: the FP8 scales in DeepEP V1's arithmetic (fp8_group_scale_deepep).
+template <int kHidden, bool kFp8, int kPhases, bool kDeepepScale = false>
 __global__ void __launch_bounds__(kLLThreads) ll_dispatch(const __grid_constant__ LLParams p) {
   __shared__ u64 s_tag;
   __shared__ int s_failed;
@@ -579,7 +590,7 @@ __global__ void __launch_bounds__(kLLThreads) ll_dispatch(const __grid_constant_
   ll_stamp(p, 0, 0);
   const u64 tag = s_tag;
   const u64 deadline = globaltimer_ns() + p.timeout_ns;
-  if (kPhases & 1) ll_dispatch_send<kHidden, kFp8>(p, tag, deadline);
+  if (kPhases & 1) ll_dispatch_send<kHidden, kFp8, kDeepepScale>(p, tag, deadline);
   if (kPhases & 2) ll_dispatch_recv<kHidden, kFp8>(p, tag, deadline);
 }
 
@@ -613,6 +624,242 @@ EPCOMM_DEVICE V4 f32x4_as_v4(float a, float b, float c, float d) {
   return V4{__float_as_int(a), __float_as_int(b), __float_as_int(c), __float_as_int(d)};
 }
 
+// Combine variants (the kMode template argument of ll_combine; 0: the default above).
+// * kLLCombFma: DeepEP V1's sum at the source, acc = fma(x, w, acc) in k order (nvcc contracts
+//   DeepEP's `accum += x * weight` into one FFMA); the host turns partials off for it, so every
+//   row arrives as its own bf16 row.
+// * kLLCombLogfmt: every row travels in LogFMT-10 (logfmt.cuh), also without partials; with
+//   kLLCombFma too, it is summed with FMA.
+constexpr int kLLCombFma = 1;
+constexpr int kLLCombLogfmt = 2;
+
+template <bool kFma>
+EPCOMM_DEVICE float ll_acc(float acc, float w, float x) {
+  if constexpr (kFma) return __fmaf_rn(x, w, acc);
+  else return __fadd_rn(acc, __fmul_rn(w, x));
+}
+
+// ---- LogFMT rows ---------------------------------------------------------------------------
+// Row (s, t, k) goes to slot (t, k) of the source's region as its groups in order, each 160
+// bytes (cast) or 256 (bf16), packed without gaps; group g's u64 word at [slot][t][k][g] of the
+// source's LogFMT region holds its byte offset (high half) and, if cast, its bf16 amax | amin << 16
+// (low half; 0: not cast).  A warp encodes a whole row, 1024 channels a step (lane: 32, 4 lanes
+// a group), so the offsets follow from a running count of cast groups.  NVLink: stores straight
+// into the source; puts: the row and its words staged in this rank's heap, one put each.
+// A lane's 40 cast bytes start 8 bytes past a 16-byte boundary for odd lanes of the group: they
+// move as (v4, v4, v2) from an even lane, (v2, v4, v4) from an odd one.
+template <int kHidden>
+EPCOMM_DEVICE void ll_logfmt_send_row(const LLParams& p, const float* tab, int s, int t, int k, int row) {
+  constexpr int kRow = kHidden * 2;
+  constexpr int kG = kHidden / kLogfmtGroup;
+  constexpr int kSteps = (kHidden + 1023) / 1024;
+  const int lane = lane_id(), q = lane & 3;
+  const int R = p.num_ranks, K = p.num_topk, T = p.max_tokens;
+  const i64 nrows = static_cast<i64>(p.num_experts / R) * R * T;
+  const u64 slot_row = (static_cast<u64>(p.slot) * T + t) * K + k;
+  const u64 data_off = p.comb_region_off + slot_row * kRow;
+  const u64 meta_off = p.lf_meta_off + slot_row * kG * 8;
+  const bool put = use_put(p, s);
+  const u64 stage_row = static_cast<u64>(p.slot) * nrows + row;
+  u8* data = put ? p.heap + p.comb_send_off + stage_row * kRow : remote(p, s, data_off);
+  u64* meta = reinterpret_cast<u64*>(put ? p.heap + p.lf_stage_off + stage_row * kG * 8 : remote(p, s, meta_off));
+  const V4* src = reinterpret_cast<const V4*>(reinterpret_cast<const u8*>(p.x) + static_cast<i64>(row) * kRow);
+  u32 before = 0;  // cast groups of the steps done (warp-uniform)
+#pragma unroll 1
+  for (int step = 0; step < kSteps; ++step) {
+    const int ch0 = step * 1024 + lane * 32;
+    const bool in = ch0 < kHidden;  // a whole group is in or out (kHidden % 128 == 0)
+    u32 w[16];
+    u32 mx = 0, mn = 0xFFFFFFFFu;  // per bf16 half: max and min magnitude
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const V4 v = in ? ld_nc_v4(src + ch0 / 8 + u) : V4{0, 0, 0, 0};
+      w[4 * u] = static_cast<u32>(v.x), w[4 * u + 1] = static_cast<u32>(v.y);
+      w[4 * u + 2] = static_cast<u32>(v.z), w[4 * u + 3] = static_cast<u32>(v.w);
+    }
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      mx = __vmaxu2(mx, w[j] & 0x7FFF7FFFu);
+      mn = __vminu2(mn, w[j] & 0x7FFF7FFFu);
+    }
+    u32 amax = max(mx & 0xFFFFu, mx >> 16), amin = min(mn & 0xFFFFu, mn >> 16);
+#pragma unroll
+    for (int o = 1; o < 4; o <<= 1) {
+      amax = max(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+      amin = min(amin, __shfl_xor_sync(0xffffffffu, amin, o));
+    }
+    const LogfmtGroup g = logfmt_group(tab, amax, amin);
+    const bool cast = in && g.cast;
+    const u32 lead = __ballot_sync(0xffffffffu, cast && q == 0);
+    const int gi = step * 8 + (lane >> 2);
+    const u32 off = kLogfmtRawBytes * gi -
+                    (kLogfmtRawBytes - kLogfmtCastBytes) * (before + __popc(lead & ((1u << (lane & ~3)) - 1u)));
+    if (in) {
+      if (cast) {
+        u32 v[32], o[10];
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+          v[2 * j] = logfmt_word(tab, g, w[j] & 0xFFFFu);
+          v[2 * j + 1] = logfmt_word(tab, g, w[j] >> 16);
+        }
+        logfmt_pack32(v, o);
+        u8* d = data + off + q * 40;
+        if (q & 1) {
+          st_na_v2(d, o[0], o[1]);
+          st_na_v4(reinterpret_cast<V4*>(d + 8), V4{int(o[2]), int(o[3]), int(o[4]), int(o[5])});
+          st_na_v4(reinterpret_cast<V4*>(d + 24), V4{int(o[6]), int(o[7]), int(o[8]), int(o[9])});
+        } else {
+          st_na_v4(reinterpret_cast<V4*>(d), V4{int(o[0]), int(o[1]), int(o[2]), int(o[3])});
+          st_na_v4(reinterpret_cast<V4*>(d + 16), V4{int(o[4]), int(o[5]), int(o[6]), int(o[7])});
+          st_na_v2(d + 32, o[8], o[9]);
+        }
+      } else {
+        V4* d = reinterpret_cast<V4*>(data + off + q * 64);
+#pragma unroll
+        for (int u = 0; u < 4; ++u)
+          st_na_v4(d + u, V4{int(w[4 * u]), int(w[4 * u + 1]), int(w[4 * u + 2]), int(w[4 * u + 3])});
+      }
+      if (q == 0) meta[gi] = (cast ? static_cast<u64>(amax | (amin << 16)) : 0ull) | (static_cast<u64>(off) << 32);
+    }
+    before += __popc(lead);
+  }
+  if (put) {
+    __syncwarp();
+    nvshmemx_putmem_nbi_warp(p.heap + data_off, data,
+                             kLogfmtRawBytes * kG - (kLogfmtRawBytes - kLogfmtCastBytes) * before, s);
+    nvshmemx_putmem_nbi_warp(p.heap + meta_off, meta, kG * 8, s);
+  }
+}
+
+// The expert side's LogFMT sends: every row of every listed source token (whole rows per warp,
+// see ll_logfmt_send_row).  Called by every thread of the block, after the list is built.
+template <int kHidden>
+EPCOMM_DEVICE void ll_combine_send_logfmt(const LLParams& p, const u32* list, int total, bool ok) {
+  __shared__ float s_tab[128];
+  logfmt_load_table(s_tab);
+  if (!ok) return;
+  const int R = p.num_ranks, K = p.num_topk, T = p.max_tokens;
+  const i64 nrows = static_cast<i64>(p.num_experts / R) * R * T;
+  const int lane = lane_id(), warp = warp_id();
+  for (int i = blockIdx.x * kLLWarps + warp; i < total; i += gridDim.x * kLLWarps) {
+    const u32 st = list[i];
+    const int s = static_cast<int>(st) / T, t = static_cast<int>(st) % T;
+    const int r_any = lane < K ? p.h_tok_rows[static_cast<i64>(st) * K + lane] : -1;
+    const u32 mask = static_cast<u32>(p.h_tok_meta[st]);
+    // As in ll_combine_send: only the k recorded on this rank, with an entry in range.
+    int rowk = -1;
+    if (lane < K && ((mask >> lane) & 1u) && r_any >= 0 && r_any < nrows) rowk = r_any;
+    for (u32 rem = mask; rem; rem &= rem - 1) {
+      const int k = __ffs(rem) - 1;
+      const int row = __shfl_sync(0xffffffffu, rowk, k);
+      if (row >= 0) ll_logfmt_send_row<kHidden>(p, s_tab, s, t, k, row);
+    }
+  }
+}
+
+// The source's LogFMT receive: items (token, 1024 channels), lane: 32 channels (its group: 4
+// lanes); rows in k order, kRB at a time (their group words first, then the bytes they point at).
+template <int kHidden, bool kFma>
+EPCOMM_DEVICE void ll_combine_recv_logfmt(const LLParams& p) {
+  __shared__ float s_tab[128];
+  logfmt_load_table(s_tab);
+  constexpr int kRow = kHidden * 2;
+  constexpr int kG = kHidden / kLogfmtGroup;
+  constexpr int kSteps = (kHidden + 1023) / 1024;
+  constexpr int kRB = 2;
+  const int K = p.num_topk, N = p.num_tokens, T = p.max_tokens;
+  const int lane = lane_id(), warp = warp_id(), q = lane & 3;
+  const u8* region = p.heap + p.comb_region_off + static_cast<u64>(p.slot) * T * K * kRow;
+  const u64* metas = reinterpret_cast<const u64*>(p.heap + p.lf_meta_off) + static_cast<u64>(p.slot) * T * K * kG;
+  for (int item = blockIdx.x * kLLWarps + warp; item < N * kSteps; item += gridDim.x * kLLWarps) {
+    const int t = item / kSteps, step = item % kSteps;
+    float w_l = 0.0f;
+    bool has = false;
+    if (lane < K) {
+      const i64 e = p.topk_idx[static_cast<i64>(t) * K + lane];
+      has = e >= 0 && e < p.num_experts;
+      w_l = p.topk_weights[static_cast<i64>(t) * K + lane];
+      if (step == 0 && (e < -1 || e >= p.num_experts))
+        report_error(p.err, kErrBadInput, p.rank, kPhaseLLCombineReduce, t, -1,
+                     static_cast<u64>(p.num_experts), static_cast<u64>(e));
+    }
+    const int ch0 = step * 1024 + lane * 32;
+    const bool in = ch0 < kHidden;
+    const int gi = step * 8 + (lane >> 2);
+    float acc[32];
+#pragma unroll
+    for (int j = 0; j < 32; ++j) acc[j] = 0.0f;
+    for (u32 rem = __ballot_sync(0xffffffffu, has); rem;) {  // k ascending
+      int kq[kRB];
+      bool use[kRB];
+      float wk[kRB];
+      u64 m[kRB];
+#pragma unroll
+      for (int u = 0; u < kRB; ++u) {
+        kq[u] = rem ? __ffs(rem) - 1 : 0;
+        use[u] = rem != 0 && in;
+        rem &= rem - 1;
+        wk[u] = __shfl_sync(0xffffffffu, w_l, kq[u]);
+        m[u] = use[u] ? ld_cg_u64(metas + (static_cast<u64>(t) * K + kq[u]) * kG + gi) : 0ull;
+      }
+      u32 d[kRB][16];
+#pragma unroll
+      for (int u = 0; u < kRB; ++u) {
+        if (!use[u]) continue;
+        const u8* row = region + (static_cast<u64>(t) * K + kq[u]) * kRow + (m[u] >> 32);
+        if (static_cast<u32>(m[u]) != 0) {
+          const u8* a = row + q * 40;
+          if (q & 1) {
+            const U2 h = ld_cg_v2(a);
+            const V4 b = ld_cg_v4(reinterpret_cast<const V4*>(a + 8)), c = ld_cg_v4(reinterpret_cast<const V4*>(a + 24));
+            d[u][0] = h.x, d[u][1] = h.y, d[u][2] = b.x, d[u][3] = b.y, d[u][4] = b.z, d[u][5] = b.w;
+            d[u][6] = c.x, d[u][7] = c.y, d[u][8] = c.z, d[u][9] = c.w;
+          } else {
+            const V4 b = ld_cg_v4(reinterpret_cast<const V4*>(a)), c = ld_cg_v4(reinterpret_cast<const V4*>(a + 16));
+            const U2 h = ld_cg_v2(a + 32);
+            d[u][0] = b.x, d[u][1] = b.y, d[u][2] = b.z, d[u][3] = b.w, d[u][4] = c.x, d[u][5] = c.y;
+            d[u][6] = c.z, d[u][7] = c.w, d[u][8] = h.x, d[u][9] = h.y;
+          }
+        } else {
+          const V4* a = reinterpret_cast<const V4*>(row + q * 64);
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const V4 b = ld_cg_v4(a + i);
+            d[u][4 * i] = b.x, d[u][4 * i + 1] = b.y, d[u][4 * i + 2] = b.z, d[u][4 * i + 3] = b.w;
+          }
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kRB; ++u) {
+        if (!use[u]) continue;
+        const u32 mw = static_cast<u32>(m[u]);
+        if (mw != 0) {
+          const LogfmtGroup g = logfmt_group(s_tab, mw & 0xFFFFu, mw >> 16);
+#pragma unroll
+          for (int j = 0; j < 32; ++j) acc[j] = ll_acc<kFma>(acc[j], wk[u], logfmt_value(g, logfmt_unpack(d[u], j)));
+        } else {
+#pragma unroll
+          for (int j = 0; j < 16; ++j) {
+            acc[2 * j] = ll_acc<kFma>(acc[2 * j], wk[u], bf16_to_f32(static_cast<u16>(d[u][j] & 0xFFFFu)));
+            acc[2 * j + 1] = ll_acc<kFma>(acc[2 * j + 1], wk[u], bf16_to_f32(static_cast<u16>(d[u][j] >> 16)));
+          }
+        }
+      }
+    }
+    if (in) {
+      V4* out = reinterpret_cast<V4*>(p.out + static_cast<i64>(t) * kHidden + ch0);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        u32 o[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          o[e] = f32_to_bf16(acc[8 * i + 2 * e]) | (static_cast<u32>(f32_to_bf16(acc[8 * i + 2 * e + 1])) << 16);
+        st_na_v4(out + i, V4{int(o[0]), int(o[1]), int(o[2]), int(o[3])});
+      }
+    }
+  }
+}
+
 // NVSHMEM puts of a source token's whole rows (the RDMA path), from the symmetric send buffer
 // (staged there unless zero_copy).  Out of line: it would take registers from the NVLink paths.
 template <int kHidden>
@@ -636,7 +883,7 @@ __device__ __noinline__ void ll_combine_put_rows(const LLParams& p, int s, u32 m
   }
 }
 
-template <int kHidden>
+template <int kHidden, int kMode>
 EPCOMM_DEVICE void ll_combine_send(const LLParams& p, u64 tag, u64 deadline) {
   const int R = p.num_ranks, K = p.num_topk, N = p.num_tokens, T = p.max_tokens;
   const int L = p.num_experts / R;
@@ -728,7 +975,8 @@ EPCOMM_DEVICE void ll_combine_send(const LLParams& p, u64 tag, u64 deadline) {
   }
   __syncthreads();
   ll_stamp(p, 1, 2);
-  const int items = s_total * kChunks;
+  // LogFMT rows are sent after this loop, whole rows per warp (ll_combine_send_logfmt).
+  const int items = (kMode & kLLCombLogfmt) ? 0 : s_total * kChunks;
   const float* wbase = reinterpret_cast<const float*>(p.heap + p.comb_w_off) + static_cast<i64>(p.slot) * R * T * K;
   const V4* xv = reinterpret_cast<const V4*>(p.x);
   volatile int* ok = &s_ok;
@@ -872,6 +1120,7 @@ EPCOMM_DEVICE void ll_combine_send(const LLParams& p, u64 tag, u64 deadline) {
       ll_combine_put_rows<kHidden>(p, s, mask, rowk, tok_off);
     }
   }
+  if constexpr ((kMode & kLLCombLogfmt) != 0) ll_combine_send_logfmt<kHidden>(p, s_list, s_total, s_ok != 0);
   if (p.any_put) nvshmem_quiet();
   if (threadIdx.x == 0) ll_stamp(p, 1, 3);  // thread 0's warp done (others may still be busy)
   __syncthreads();
@@ -880,7 +1129,7 @@ EPCOMM_DEVICE void ll_combine_send(const LLParams& p, u64 tag, u64 deadline) {
   ll_stamp(p, 1, 4);
 }
 
-template <int kHidden>
+template <int kHidden, int kMode>
 EPCOMM_DEVICE void ll_combine_recv(const LLParams& p, u64 tag, u64 deadline) {
   const int R = p.num_ranks, K = p.num_topk, N = p.num_tokens, T = p.max_tokens;
   const int L = p.num_experts / R;
@@ -898,7 +1147,10 @@ EPCOMM_DEVICE void ll_combine_recv(const LLParams& p, u64 tag, u64 deadline) {
   // (or partials) at once, then adds them in k order, a partial at its lowest k.
   constexpr int kChunks = (kN16 + 32 * kLLCombW - 1) / (32 * kLLCombW);
   constexpr int kRB = 4;
-  for (int item = blockIdx.x * kLLWarps + warp; item < N * kChunks; item += gridDim.x * kLLWarps) {
+  // LogFMT rows are read by ll_combine_recv_logfmt instead (after this loop, which it empties).
+  constexpr bool kLogfmt = (kMode & kLLCombLogfmt) != 0;
+  constexpr bool kFma = (kMode & kLLCombFma) != 0;
+  for (int item = blockIdx.x * kLLWarps + warp; item < (kLogfmt ? 0 : N) * kChunks; item += gridDim.x * kLLWarps) {
     const int t = item / kChunks;
     const int idx0 = (item % kChunks) * 32 * kLLCombW + lane;
     int rk = -1 - lane;  // expert-side rank of lane k's expert; unique if none
@@ -970,10 +1222,8 @@ EPCOMM_DEVICE void ll_combine_recv(const LLParams& p, u64 tag, u64 deadline) {
                                static_cast<u32>(a[q][w].z), static_cast<u32>(a[q][w].w)};
 #pragma unroll
             for (int r = 0; r < 4; ++r) {
-              acc[w][2 * r] =
-                  __fadd_rn(acc[w][2 * r], __fmul_rn(wk[q], bf16_to_f32(static_cast<u16>(ww[r] & 0xFFFFu))));
-              acc[w][2 * r + 1] =
-                  __fadd_rn(acc[w][2 * r + 1], __fmul_rn(wk[q], bf16_to_f32(static_cast<u16>(ww[r] >> 16))));
+              acc[w][2 * r] = ll_acc<kFma>(acc[w][2 * r], wk[q], bf16_to_f32(static_cast<u16>(ww[r] & 0xFFFFu)));
+              acc[w][2 * r + 1] = ll_acc<kFma>(acc[w][2 * r + 1], wk[q], bf16_to_f32(static_cast<u16>(ww[r] >> 16)));
             }
           } else if (how[q] == 2) {
             acc[w][0] = __fadd_rn(acc[w][0], __int_as_float(a[q][w].x));
@@ -1000,6 +1250,7 @@ EPCOMM_DEVICE void ll_combine_recv(const LLParams& p, u64 tag, u64 deadline) {
       st_na_v4(reinterpret_cast<V4*>(p.out + static_cast<i64>(t) * kHidden) + idx, o);
     }
   }
+  if constexpr (kLogfmt) ll_combine_recv_logfmt<kHidden, kFma>(p);
   if (threadIdx.x == 0) ll_stamp(p, 1, 6);  // thread 0's warp done
   if (last_block(&p.ctrl->comb_recv_done[p.slot])) {
     ll_rebase(p, p.comb_flag_off, &p.ctrl->comb_base[0][0]);
@@ -1010,7 +1261,8 @@ EPCOMM_DEVICE void ll_combine_recv(const LLParams& p, u64 tag, u64 deadline) {
   ll_stamp(p, 1, 7);
 }
 
-template <int kHidden, int kPhases>
+// kMode: 0, or kLLCombFma and/or kLLCombLogfmt (see there).
+template <int kHidden, int kPhases, int kMode = 0>
 __global__ void __launch_bounds__(kLLThreads) ll_combine(const __grid_constant__ LLParams p) {
   __shared__ u64 s_tag;
   __shared__ int s_failed;
@@ -1025,8 +1277,8 @@ __global__ void __launch_bounds__(kLLThreads) ll_combine(const __grid_constant__
   ll_stamp(p, 1, 0);
   const u64 tag = s_tag;
   const u64 deadline = globaltimer_ns() + p.timeout_ns;
-  if (kPhases & 1) ll_combine_send<kHidden>(p, tag, deadline);
-  if (kPhases & 2) ll_combine_recv<kHidden>(p, tag, deadline);
+  if (kPhases & 1) ll_combine_send<kHidden, kMode>(p, tag, deadline);
+  if (kPhases & 2) ll_combine_recv<kHidden, kMode>(p, tag, deadline);
 }
 
 }  // namespace epcomm

@@ -31,7 +31,7 @@ from epcomm.runtime import nvshmem as nvr
 from epcomm.runtime.event import EventOverlap
 from epcomm.runtime.group import as_group
 from epcomm.runtime.topology import discover
-from epcomm.validate import check_bool, check_hidden_size, check_int
+from epcomm.validate import check_bool, check_hidden_size, check_int, check_numerics
 
 __all__ = ["Buffer", "DispatchHandle"]
 
@@ -62,6 +62,15 @@ class Buffer:
             normal mode's network regions (:meth:`get_rdma_buffer_size_hint`); 0: none.
         low_latency_mode: create the low-latency (NVSHMEM) state.
         device: CUDA device ordinal; default: the current device, else ``rank % device_count``.
+        numerics: ``"epcomm"`` (default) or ``"deepep"``: reproduce DeepEP V1's arithmetic where
+            it differs from epcomm's, in every call of this Buffer: the FP8 scales of
+            :meth:`low_latency_dispatch` (``amax * float32(1/448)``), the sum of
+            :meth:`low_latency_combine` (fused multiply-adds in top-k order, no expert-side
+            partial sums) and of :meth:`combine` (biases first; across nodes each node's part
+            rounded to bf16).  docs/design.md ("Numerics") lists the source lines.  A Buffer
+            setting, not a per-call one: the low-latency combine's row format depends on it, so
+            every rank must use the same (the constructor checks that they do), and the prepared
+            fast paths need no check per call.
 
     The group spans nodes when its ranks are on several hosts (or GPUs that cannot reach each
     other), or as declared by EPCOMM_RANKS_PER_NODE; nodes must be equal blocks of consecutive
@@ -72,11 +81,12 @@ class Buffer:
     """
 
     def __init__(self, group=None, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0, *,
-                 low_latency_mode: bool = False, device: int | None = None):
+                 low_latency_mode: bool = False, device: int | None = None, numerics: str = "epcomm"):
         # The arguments first: their errors name the cause, where a group error would not.
         check_int("num_nvl_bytes", num_nvl_bytes, lo=0)
         check_int("num_rdma_bytes", num_rdma_bytes, lo=0)
         check_bool("low_latency_mode", low_latency_mode)
+        check_numerics(numerics)
         if device is not None:
             check_int("device", device, lo=0)
         group = as_group(group)
@@ -88,6 +98,7 @@ class Buffer:
             device = cur if cur >= 0 else group.rank % max(n_dev, 1)
         check_int("device", device, lo=0, hi=n_dev - 1)
         ctx = CommContext.open(group, device)
+        ctx.numerics = numerics
         self._attach(ctx)
         try:
             self._open_engines(num_nvl_bytes, num_rdma_bytes, low_latency_mode)
@@ -123,10 +134,11 @@ class Buffer:
         """The collective part of the constructor: every rank checks that the others agree, then
         the engines are made."""
         ctx, group = self.ctx, self.group
-        sizes = group.allgather_bytes(f"{num_nvl_bytes},{num_rdma_bytes},{int(low_latency_mode)}".encode())
+        sizes = group.allgather_bytes(f"{num_nvl_bytes},{num_rdma_bytes},{int(low_latency_mode)},"
+                                      f"{ctx.numerics}".encode())
         if len(set(sizes)) != 1:
-            raise ValueError(f"every rank must create the Buffer with the same sizes and mode; got "
-                             f"{[s.decode() for s in sizes]} (num_nvl_bytes,num_rdma_bytes,low_latency_mode)")
+            raise ValueError(f"every rank must create the Buffer with the same sizes, mode and numerics; got "
+                             f"{[s.decode() for s in sizes]} (num_nvl_bytes,num_rdma_bytes,low_latency_mode,numerics)")
         buses = group.allgather_bytes(driver.pci_bus_id(self.device_id).encode())
         ctx.shares_gpu = len(set(buses)) != len(buses)
         if ctx.shares_gpu and not envs.SHARE_GPU.get():
@@ -157,6 +169,11 @@ class Buffer:
             self._intra = NvlinkState(ctx, num_nvl_bytes)
         if ll:
             self._ll = LowLatencyState(ctx, num_rdma_bytes)
+
+    @property
+    def numerics(self) -> str:
+        """``"epcomm"`` or ``"deepep"``: whose arithmetic this Buffer's calls follow (see the class)."""
+        return self.ctx.numerics
 
     @property
     def shares_gpu(self) -> bool:
@@ -407,7 +424,9 @@ class Buffer:
                 previous_event: EventOverlap | None = None, async_finish: bool = False,
                 allocate_on_comm_stream: bool = False):
         """Reverse a dispatch: every token gets the **unweighted** sum (fp32, in ascending rank
-        order, then the biases) of the rows that came from it, written as bf16.
+        order, then the biases) of the rows that came from it, written as bf16.  With the
+        Buffer's ``numerics="deepep"``: the biases first, and across nodes each node's part
+        rounded to bf16, as DeepEP V1 (``epcomm.reference.combine`` gives both orders).
 
         Args:
             x: bf16 [rows, H], rows in the dispatch's receive order (``rows`` = the dispatch's

@@ -47,12 +47,15 @@ class CommContext:
     ``stream`` / ``stream2`` (raw comm streams: send and receive), ``ev_start`` / ``ev_mid`` /
     ``ev_recv`` (raw events for stream joins), ``destroyed``, ``alloc_on_comm`` (the current
     call's ``allocate_on_comm_stream``), ``shares_gpu``, ``topology`` (the group's nodes, a
-    :class:`epcomm.runtime.topology.Topology`; None: not known, every rank is treated as one node).
+    :class:`epcomm.runtime.topology.Topology`; None: not known, every rank is treated as one node),
+    ``numerics`` ("epcomm" or "deepep": whose arithmetic the engines follow where they differ,
+    set before the engines are made).
     """
 
     def __init__(self, group, rank: int, num_ranks: int, device_id: int, *, err, stream: int = 0,
                  stream2: int = 0, events: tuple = (0, 0, 0), timeout_s: float | None = None,
-                 shares_gpu: bool = False, device_sms: int | None = None, topology: Topology | None = None):
+                 shares_gpu: bool = False, device_sms: int | None = None, topology: Topology | None = None,
+                 numerics: str = "epcomm"):
         self.group = group
         self.rank, self.num_ranks, self.device_id = rank, num_ranks, device_id
         self.serial = next(BUFFER_SERIALS)
@@ -62,6 +65,7 @@ class CommContext:
         self.ev_start, self.ev_mid, self.ev_recv = events
         self.shares_gpu = shares_gpu
         self.topology = topology
+        self.numerics = numerics
         self.destroyed = False
         self.alloc_on_comm = False
         self._device_sms = device_sms

@@ -122,3 +122,17 @@ def check_unique_experts(name: str, a) -> None:
     if t is not None:
         raise ValueError(f"{name} row {t} lists the same expert twice ({a[t].tolist()}); each expert may "
                          f"appear once per token (-1 marks unused slots)")
+
+
+#: The arithmetic a Buffer (and the reference) can follow: epcomm's own, or DeepEP V1's where
+#: the two differ (docs/design.md, "Numerics").
+NUMERICS = ("epcomm", "deepep")
+
+
+def check_numerics(v, name: str = "numerics") -> str:
+    """``v`` if it is one of :data:`NUMERICS`; TypeError for a non-string, ValueError otherwise."""
+    if not isinstance(v, str):
+        raise TypeError(f"{name} must be a str, one of {NUMERICS}, got {type(v).__name__}")
+    if v not in NUMERICS:
+        raise ValueError(f"{name}={v!r}: expected one of {NUMERICS}")
+    return v

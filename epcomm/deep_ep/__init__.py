@@ -7,10 +7,10 @@ by DeepEP's formulas), :class:`EventOverlap` and :class:`EventHandle` (also unde
 DeepEP, it takes torch tensors only; :class:`epcomm.Buffer` is the framework-neutral API
 underneath.  What still differs from DeepEP is listed in the README ("Porting from DeepEP").
 
-Numerics: the calls run epcomm's kernels with epcomm's numerics.  DeepEP computes an FP8 scale
-as ``amax * (1 / 448)``, epcomm as ``amax / 448`` (the same FP8 data; scales differing in the
-last bit for about half of the amax values); once epcomm's calls offer DeepEP's rounding as an
-option, the drop-in will request it.
+Numerics: the drop-in's Buffer runs with ``numerics="deepep"``: DeepEP V1's FP8 scale arithmetic
+(``amax * (1 / 448)``), its low-latency combine order (one FMA per row, top-k order) and its
+normal combine's bias order, so results match DeepEP's bit for bit where its arithmetic is
+specified (LogFMT follows DeepEP's format, not its approximate instructions).
 
 Importing this package loads torch (DeepEP's API is torch's) but touches no GPU.
 """

@@ -91,8 +91,9 @@ class Buffer(LowLatencyCalls):
                 "allow_nvlink_for_low_latency_mode=False: epcomm has no per-Buffer switch to send low-latency "
                 "messages to NVLink peers by NVSHMEM puts; set EPCOMM_LL_FORCE_NVSHMEM_PUT=1 in the environment of "
                 "every rank before creating the Buffer (it applies to every Buffer of the process) and pass True")
+        # DeepEP's arithmetic (FP8 scales, combine orders), so results match logs made with DeepEP.
         native = NativeBuffer(group if group is not None else comm, num_nvl_bytes, num_rdma_bytes,
-                              low_latency_mode=low_latency_mode)
+                              low_latency_mode=low_latency_mode, numerics="deepep")
         self._attach(native, group if group is not None else comm, num_nvl_bytes, num_rdma_bytes, low_latency_mode,
                      explicitly_destroy, enable_shrink)
 

@@ -1,45 +1,10 @@
 """The low-latency calls of the drop-in Buffer (DeepEP V1's names, defaults, argument order and
-return arities), on :class:`epcomm.Buffer`'s low-latency mode.
-
-DeepEP arguments epcomm's low-latency calls do not take yet are listed in
-:data:`NOT_YET_NATIVE`, the one place that wires them: an argument is forwarded as soon as the
-epcomm call's signature has its keyword; until then a value other than DeepEP's default raises
-NotImplementedError naming it (its default is accepted: it asks for nothing).
-"""
+return arities), on :class:`epcomm.Buffer`'s low-latency mode (the drop-in's Buffer is made with
+``numerics="deepep"``: DeepEP V1's FP8 scales and summation orders)."""
 from __future__ import annotations
-
-import functools
-import inspect
 
 from epcomm.deep_ep.event import adopt
 from epcomm.deep_ep.handles import LowLatencyHandle, native_of
-from epcomm.low_latency import LowLatencyState
-from epcomm.validate import check_bool
-
-# DeepEP argument -> (the epcomm method that would take it, its keyword there).
-NOT_YET_NATIVE = {
-    "dispatch_wait_recv_cost_stats": (LowLatencyState.dispatch, "dispatch_wait_recv_cost_stats"),
-    "use_logfmt": (LowLatencyState.combine, "use_logfmt"),
-    "combine_wait_recv_cost_stats": (LowLatencyState.combine, "combine_wait_recv_cost_stats"),
-}
-
-
-@functools.lru_cache(maxsize=None)
-def _accepts(fn, keyword: str) -> bool:
-    return keyword in inspect.signature(fn).parameters
-
-
-def not_yet_native(name: str, value, kw: dict) -> None:
-    """Add DeepEP argument ``name`` to the epcomm call's keywords ``kw`` when it asks for
-    something (not None / False) and the epcomm call takes it; NotImplementedError when it asks
-    for something the epcomm call does not take yet."""
-    if value is None or value is False:
-        return
-    fn, keyword = NOT_YET_NATIVE[name]
-    if not _accepts(fn, keyword):
-        raise NotImplementedError(f"{name}: not implemented by epcomm's low-latency {fn.__name__} yet "
-                                  f"(pass {'None' if name.endswith('stats') else 'False'})")
-    kw[keyword] = value
 
 
 class LowLatencyCalls:
@@ -64,7 +29,8 @@ class LowLatencyCalls:
             topk_idx: int64 [N, K] (K <= 32; -1: no expert; an expert at most once per row).
             num_experts: E, a multiple of the rank count.
             cumulative_local_expert_recv_stats: None or int32 [E/R]; received rows are added.
-            dispatch_wait_recv_cost_stats: must be None (:data:`NOT_YET_NATIVE`).
+            dispatch_wait_recv_cost_stats: None or int64 [R]: nanoseconds (GPU global timer) spent
+               waiting for each source rank are added (DeepEP adds clock cycles).
             use_fp8, round_scale, use_ue8m0, async_finish, return_recv_hook: as in DeepEP.
 
         Returns DeepEP's 5-tuple ``(recv_x, recv_count, handle, event, hook)``: ``recv_x`` bf16
@@ -73,17 +39,14 @@ class LowLatencyCalls:
         int32 [E/R]; ``handle`` a :class:`~epcomm.deep_ep.handles.LowLatencyHandle`; ``event`` an
         EventOverlap; ``hook`` None unless ``return_recv_hook``.  The results are views of two
         per-Buffer slots, valid until the second next dispatch (DeepEP: the same two-buffer rule).
-        Raises TypeError/ValueError for bad arguments, NotImplementedError for a
-        ``dispatch_wait_recv_cost_stats``, and what :meth:`epcomm.Buffer.low_latency_dispatch`
-        raises.
+        Raises TypeError/ValueError for bad arguments, and what
+        :meth:`epcomm.Buffer.low_latency_dispatch` raises.
         """
-        kw = {}
-        not_yet_native("dispatch_wait_recv_cost_stats", dispatch_wait_recv_cost_stats, kw)
-        if cumulative_local_expert_recv_stats is not None:
-            kw["cumulative_local_expert_recv_stats"] = cumulative_local_expert_recv_stats
         recv_x, count, handle, event, hook = self.native.low_latency_dispatch(
-            x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use_fp8=use_fp8, round_scale=round_scale,
-            use_ue8m0=use_ue8m0, async_finish=async_finish, return_recv_hook=return_recv_hook, **kw)
+            x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
+            cumulative_local_expert_recv_stats=cumulative_local_expert_recv_stats,
+            dispatch_wait_recv_cost_stats=dispatch_wait_recv_cost_stats, use_fp8=use_fp8, round_scale=round_scale,
+            use_ue8m0=use_ue8m0, async_finish=async_finish, return_recv_hook=return_recv_hook)
         return recv_x, count, LowLatencyHandle(handle), adopt(event), hook
 
     def low_latency_combine(self, x, topk_idx, topk_weights, handle, use_logfmt: bool = False,
@@ -98,19 +61,18 @@ class LowLatencyCalls:
             topk_idx, topk_weights: int64 / float32 [N, K], the dispatch's top-k (epcomm routes by
                the dispatch's indices: give a dropped expert weight 0 rather than index -1).
             handle: the dispatch's handle (or a tuple of its elements, element 1 read from it).
-            use_logfmt, combine_wait_recv_cost_stats: must be False / None (:data:`NOT_YET_NATIVE`).
+            use_logfmt: DeepEP's LogFMT-10 combine (not with ``zero_copy``; epcomm's encoding follows
+               the format, not DeepEP's bits: README "Porting from DeepEP").
+            combine_wait_recv_cost_stats: None or int64 [R], as in the dispatch.
             out: None or a bf16 [N, H] tensor to write into.
 
         Returns DeepEP's 3-tuple ``(combined_x, event, hook)``.  Raises TypeError for a handle
-        that is not this kind, NotImplementedError for ``use_logfmt=True`` or wait statistics,
-        and what :meth:`epcomm.Buffer.low_latency_combine` raises.
+        that is not this kind, and what :meth:`epcomm.Buffer.low_latency_combine` raises.
         """
-        kw = {}
-        not_yet_native("use_logfmt", check_bool("use_logfmt", use_logfmt), kw)
-        not_yet_native("combine_wait_recv_cost_stats", combine_wait_recv_cost_stats, kw)
         combined, event, hook = self.native.low_latency_combine(
-            x, topk_idx, topk_weights, native_of(handle, LowLatencyHandle), zero_copy=zero_copy,
-            async_finish=async_finish, return_recv_hook=return_recv_hook, out=out, **kw)
+            x, topk_idx, topk_weights, native_of(handle, LowLatencyHandle), use_logfmt=use_logfmt,
+            zero_copy=zero_copy, async_finish=async_finish, return_recv_hook=return_recv_hook, out=out,
+            combine_wait_recv_cost_stats=combine_wait_recv_cost_stats)
         return combined, adopt(event), hook
 
     def get_next_low_latency_combine_buffer(self, handle):

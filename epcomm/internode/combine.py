@@ -1,7 +1,8 @@
 """Internode combine: the inverse route of a dispatch.  Every rank stages its rows; the forwarder
 of each (source, node) pair adds that node's rows of a token in fp32 (ascending rank) and puts
 one partial to the source; the source adds the partials (ascending node), then the biases, and
-writes bf16 (the order of ``epcomm.reference.combine`` with ``num_ranks_per_node``)."""
+writes bf16 (the order of ``epcomm.reference.combine`` with ``num_ranks_per_node``; with the
+Buffer's numerics="deepep", DeepEP's: each partial rounded to bf16, the biases first)."""
 from __future__ import annotations
 
 from epcomm import interop
@@ -37,7 +38,7 @@ def combine(ctx, st, default_config, x, handle, topk_weights=None, bias=None, co
     if handle.out_rows > lay.stage_rows:
         raise ValueError(f"Buffer too small for this combine: {handle.out_rows} rows to stage need num_nvl_bytes >= "
                          f"{K.nvl_size_hint(H, handle.out_rows)} (this buffer stages {lay.stage_rows} rows)")
-    spec = K.InternodeSpec(H, False)
+    spec = K.InternodeSpec(H, False, deepep=ctx.numerics == "deepep")
     ctx.alloc_on_comm = bool(allocate_on_comm_stream)
     with driver.on_device(ctx.device_id):
         mod = loader.load(spec, ctx.device_id)

@@ -94,7 +94,10 @@ class KernelSpec:
         """Raise ValueError if the template arguments are not supported."""
 
     def label(self) -> str:
-        args = ",".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self))
+        """``family[name=value,...]``.  Option flags (fields whose default is False) appear only
+        when set, so a flag added later leaves the labels of the specializations without it."""
+        args = ",".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self)
+                        if not (f.default is False and getattr(self, f.name) is False))
         return f"{self.family}[{args}]"
 
     def macros(self) -> tuple[tuple[str, str], ...]:

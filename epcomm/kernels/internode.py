@@ -77,28 +77,37 @@ class InterCtrl(ParamsStruct):
 
 @dataclass(frozen=True)
 class InternodeSpec(KernelSpec):
+    """The module for ``hidden`` and the dispatch format ``fp8`` (the BF16 one holds the
+    combine).  ``deepep``: a combine-only module in DeepEP V1's order (node partials rounded to
+    bf16, biases first: the reduce and receive kernels' kDeepep)."""
     family = "internode"
     header = "internode.cuh"
     uses_nvshmem = True
     mirrors = (InterCtrl,)
     hidden: int
     fp8: bool
+    deepep: bool = False
 
     def validate(self) -> None:
         if self.hidden <= 0:
             raise ValueError(f"hidden={self.hidden}: must be positive")
         check_hidden_size(self.hidden, fp8=self.fp8, name=None)
+        if self.deepep and self.fp8:
+            raise ValueError("deepep changes only the combine, whose module is the BF16 one (fp8=False)")
 
     def kernels(self):
         H, f = self.hidden, self.fp8
-        out = [KernelDef("prep", "epcomm::internode_prep", (THREADS,), InterParams),
-               KernelDef("notify", "epcomm::internode_dispatch_notify", (THREADS,), InterParams),
-               KernelDef("send", "epcomm::internode_dispatch_send", (H, f), InterParams),
-               KernelDef("recv", "epcomm::internode_dispatch_recv", (H, f), InterParams)]
+        out = []
+        if not self.deepep:
+            out += [KernelDef("prep", "epcomm::internode_prep", (THREADS,), InterParams),
+                    KernelDef("notify", "epcomm::internode_dispatch_notify", (THREADS,), InterParams),
+                    KernelDef("send", "epcomm::internode_dispatch_send", (H, f), InterParams),
+                    KernelDef("recv", "epcomm::internode_dispatch_recv", (H, f), InterParams)]
         if not f:  # combine is BF16 whatever the dispatch's format: one copy per hidden size
+            flag = (True,) if self.deepep else ()
             out += [KernelDef("stage", "epcomm::internode_combine_stage", (H,), InterParams),
-                    KernelDef("reduce", "epcomm::internode_combine_reduce", (H,), InterParams),
-                    KernelDef("crecv", "epcomm::internode_combine_recv", (H,), InterParams)]
+                    KernelDef("reduce", "epcomm::internode_combine_reduce", (H,) + flag, InterParams),
+                    KernelDef("crecv", "epcomm::internode_combine_recv", (H,) + flag, InterParams)]
         return tuple(out)
 
 

@@ -129,11 +129,14 @@ class IntranodeDispatchSpec(KernelSpec):
 
 @dataclass(frozen=True)
 class IntranodeCombineSpec(KernelSpec):
+    """The combine for ``num_ranks`` and ``hidden``; ``deepep``: DeepEP V1's order, the biases
+    before the ranks (the kernel's kBiasFirst)."""
     family = "intranode_combine"
     header = "intranode.cuh"
     mirrors = (IntraCtrl,)
     num_ranks: int
     hidden: int
+    deepep: bool = False
 
     def validate(self) -> None:
         _check_ranks(self.num_ranks)
@@ -141,7 +144,8 @@ class IntranodeCombineSpec(KernelSpec):
             raise ValueError(f"hidden={self.hidden}: combine needs a multiple of 8 (16-byte bf16 rows)")
 
     def kernels(self):
-        return (KernelDef("combine", "epcomm::intranode_combine", (self.num_ranks, self.hidden), IntraParams),)
+        targs = (self.num_ranks, self.hidden) + ((True,) if self.deepep else ())
+        return (KernelDef("combine", "epcomm::intranode_combine", targs, IntraParams),)
 
 
 def dispatch_tail_chunks(num_ranks: int) -> int:

@@ -2,7 +2,9 @@
 
 Template arguments (:class:`LowLatencySpec`): hidden size and whether dispatch casts to FP8;
 each module holds the send-only, receive-only and fused variants of dispatch and, in the BF16
-module only, of combine (the receive hook launches the receive-only one).  The rank count is a
+module only, of combine (the receive hook launches the receive-only one).  Two option flags make
+further modules: ``deepep`` (DeepEP V1's arithmetic: FP8 scales in an FP8 module, FMA sums in a
+combine-only one) and ``logfmt`` (the LogFMT-10 combine, combine-only).  The rank count is a
 runtime parameter.  Runtime parameters: :class:`LLParams`.  Orchestration:
 :mod:`epcomm.low_latency`.
 """
@@ -45,6 +47,7 @@ class LLParams(ParamsStruct):
         ("max_tokens", _i32), ("slot", _i32), ("msg_bytes", _i32), ("hdr_bytes", _i32), ("round_scale", _i32),
         ("use_ue8m0", _i32), ("zero_copy", _i32), ("force_put", _i32), ("any_put", _i32), ("check_shape", _i32),
         ("h_slot", _i32), ("partials", _i32), ("prof", _u64),
+        ("wait_stats", _u64), ("lf_meta_off", _u64), ("lf_stage_off", _u64),
     ]
 
 
@@ -68,14 +71,26 @@ class LLCtrl(ParamsStruct):
                 ("failed", _i32), ("pad", _i32)]
 
 
+# ll_combine's kMode bits (low_latency.cuh: kLLCombFma, kLLCombLogfmt).
+COMB_FMA, COMB_LOGFMT = 1, 2
+
+
 @dataclass(frozen=True)
 class LowLatencySpec(KernelSpec):
+    """A low-latency module.  Without flags: the dispatch of ``fp8``'s format (and, BF16 only,
+    the combine).  ``deepep``: DeepEP V1's arithmetic where it differs: with ``fp8`` the FP8
+    dispatch with DeepEP's scales (``ll_dispatch<..., true>``), without it the combine that sums
+    with FMA (kMode COMB_FMA); a BF16 dispatch is the same either way, so that module has none.
+    ``logfmt``: the LogFMT-10 combine (kMode COMB_LOGFMT, plus COMB_FMA with ``deepep``), BF16
+    only.  Flag modules hold only the kernels that differ."""
     family = "low_latency"
     header = "low_latency.cuh"
     uses_nvshmem = True
     mirrors = (LLCtrl,)
     hidden: int
     fp8: bool
+    deepep: bool = False
+    logfmt: bool = False
 
     @property
     def min_sm(self) -> int:
@@ -84,15 +99,26 @@ class LowLatencySpec(KernelSpec):
     def validate(self) -> None:
         if self.hidden <= 0 or self.hidden % 128:
             raise ValueError(f"hidden={self.hidden}: the low-latency kernels need a multiple of 128")
+        if self.logfmt and self.fp8:
+            raise ValueError("logfmt is a combine format; the combine module is the BF16 one (fp8=False)")
+
+    @property
+    def combine_mode(self) -> int:
+        """ll_combine's kMode in this module."""
+        return (COMB_FMA if self.deepep else 0) | (COMB_LOGFMT if self.logfmt else 0)
 
     def kernels(self):
         H, f = self.hidden, self.fp8
+        phases = (("send", PHASE_SEND), ("recv", PHASE_RECV), ("both", PHASE_BOTH))
         out = []
-        for name, ph in (("send", PHASE_SEND), ("recv", PHASE_RECV), ("both", PHASE_BOTH)):
-            out.append(KernelDef(f"dispatch_{name}", "epcomm::ll_dispatch", (H, f, ph), LLParams))
+        if f or not (self.deepep or self.logfmt):
+            extra = (True,) if self.deepep else ()  # kDeepepScale (absent: the default false)
+            for name, ph in phases:
+                out.append(KernelDef(f"dispatch_{name}", "epcomm::ll_dispatch", (H, f, ph) + extra, LLParams))
         if not f:  # combine is bf16 whatever the dispatch format: one copy per hidden size
-            for name, ph in (("send", PHASE_SEND), ("recv", PHASE_RECV), ("both", PHASE_BOTH)):
-                out.append(KernelDef(f"combine_{name}", "epcomm::ll_combine", (H, ph), LLParams))
+            mode = (self.combine_mode,) if self.combine_mode else ()
+            for name, ph in phases:
+                out.append(KernelDef(f"combine_{name}", "epcomm::ll_combine", (H, ph) + mode, LLParams))
         return tuple(out)
 
 
@@ -132,7 +158,9 @@ def msg_bytes(hidden: int) -> int:
 @dataclass(frozen=True)
 class HeapLayout:
     """Byte offsets inside every rank's symmetric heap for one (T, H, E, R) (K is fixed at
-    MAX_TOPK)."""
+    MAX_TOPK).  ``total``: what every call needs; the LogFMT combine's group words come after it
+    (``lf_meta_off``, ``lf_stage_off``), up to ``lf_total``, the size hint (so a call without
+    LogFMT never needs them, and the offsets of everything else do not depend on them)."""
 
     disp_flag_off: int
     comb_flag_off: int
@@ -147,6 +175,9 @@ class HeapLayout:
     comb_send_off: int
     total: int
     msg_bytes: int
+    lf_meta_off: int = 0
+    lf_stage_off: int = 0
+    lf_total: int = 0
 
     @classmethod
     def make(cls, T: int, H: int, E: int, R: int) -> "HeapLayout":
@@ -162,7 +193,13 @@ class HeapLayout:
         ds = _align(cr + 2 * T * K * H * 2, 4096)
         cs = _align(ds + 2 * T * m, 4096)
         total = _align(cs + 2 * E * T * H * 2, 4096)
-        return cls(df, cf, da, ca, sh, wf, dr, cw, cr, ds, cs, total, m)
+        # LogFMT: a u64 per 128-channel group of every arriving row [2][T][K][G], and of every
+        # row staged for a put [2][E/R][R*T][G] (E/R * R*T = E*T rows).
+        G = H // 128
+        lm = total
+        lst = _align(lm + 2 * T * K * G * 8, 4096)
+        lf_total = _align(lst + 2 * E * T * G * 8, 4096)
+        return cls(df, cf, da, ca, sh, wf, dr, cw, cr, ds, cs, total, m, lm, lst, lf_total)
 
 
 # Shape word of a dispatch (LLParams.shape_word): every field a receiver needs to read a
@@ -221,10 +258,11 @@ def check_shape(T, H, E, R) -> tuple[int, int, int, int]:
 
 
 def rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int) -> int:
-    """Symmetric-heap bytes per rank for low-latency calls of up to these sizes (any top-k <= 32).
-    Raises TypeError/ValueError for a shape the kernels cannot run (:func:`check_shape`)."""
+    """Symmetric-heap bytes per rank for low-latency calls of up to these sizes (any top-k <= 32,
+    LogFMT combines included).  Raises TypeError/ValueError for a shape the kernels cannot run
+    (:func:`check_shape`)."""
     T, H, E, R = check_shape(num_max_dispatch_tokens_per_rank, hidden, num_experts, num_ranks)
-    return HeapLayout.make(T, H, E, R).total
+    return HeapLayout.make(T, H, E, R).lf_total
 
 
 # ---- launchers (``mod``: the loaded module of a LowLatencySpec; ``name``: one of its kernels) ----

@@ -48,9 +48,9 @@ class CombineOps:
                                     self.device_id, owner=self)
 
 
-    def combine(self, x, topk_idx, topk_weights, handle: LowLatencyHandle, *, zero_copy: bool = False,
-                async_finish: bool = False, return_recv_hook: bool = False, out=None,
-                previous_event: EventOverlap | None = None):
+    def combine(self, x, topk_idx, topk_weights, handle: LowLatencyHandle, *, use_logfmt: bool = False,
+                zero_copy: bool = False, async_finish: bool = False, return_recv_hook: bool = False, out=None,
+                combine_wait_recv_cost_stats=None, previous_event: EventOverlap | None = None):
         """Low-latency combine: every source token gets the **weighted** sum of its K experts'
         output rows (fp32, no FMA), written bf16.  A rank that holds 2 or more of a token's
         experts and reaches its source over NVLink sums them first and sends one fp32 partial
@@ -58,19 +58,31 @@ class CombineOps:
         addition is fixed (``epcomm.reference.low_latency_combine``), so results are bitwise
         reproducible.  With partials the send half (the call with ``return_recv_hook``) also
         waits until every NVLink peer's combine has started (it publishes the weights the
-        partials need).
+        partials need).  With the Buffer's ``numerics="deepep"``: DeepEP V1's sum, one fused
+        multiply-add per row in top-k order, every row sent as it is (no partials).
 
         Args:
             x: bf16 [E/R, R*T, H] expert outputs in the dispatch's packed layout (with
                ``zero_copy=True``, the tensor from :meth:`next_combine_buffer`).
             topk_idx, topk_weights: int64 / float32 [N, K] of this rank's tokens (as dispatched).
             handle: the dispatch's handle (must not have been overwritten by later dispatches).
+            use_logfmt: send every row in LogFMT-10 (DeepEP's ``use_logfmt``): per 128 channels
+               with max magnitude below 1 (and at least 2**-88, and not all equal), 10 bits per
+               value on a log scale instead of 16 (the row's 128-channel groups take 160 bytes
+               instead of 256); other groups go as bf16.  Lossy: each value of a cast group comes
+               back within 2.21% (plus 2**-32 of its group's max), see
+               :mod:`epcomm.reference.logfmt`; no expert-side partials then.  Every rank must
+               pass the same value (not checked); not with ``zero_copy``.
             out: optional bf16 [N, H] output tensor.
+            combine_wait_recv_cost_stats: optional int64 [R]; the receive adds the nanoseconds
+               (GPU globaltimer) it waited for each rank's rows, once per call and rank (DeepEP:
+               clock cycles, once per expert).  Without it the kernels only test a null pointer.
 
         Returns ``(combined_x, event, hook)``.  CUDA-graph capturable.
         """
         if (self._torch is not None and not zero_copy and not async_finish and not return_recv_hook
-                and previous_event is None and type(handle) is LowLatencyHandle):
+                and previous_event is None and use_logfmt is False and combine_wait_recv_cost_stats is None
+                and type(handle) is LowLatencyHandle):
             r = self._fast_combine(x, topk_idx, topk_weights, handle, out)
             if r is not None:
                 return r
@@ -78,13 +90,23 @@ class CombineOps:
         check_event(previous_event)
         zero_copy, async_finish = check_bool("zero_copy", zero_copy), check_bool("async_finish", async_finish)
         return_recv_hook = check_bool("return_recv_hook", return_recv_hook)
+        use_logfmt = check_bool("use_logfmt", use_logfmt)
+        if use_logfmt and zero_copy:
+            raise ValueError("use_logfmt=True encodes the rows on the way out: it cannot send them from the "
+                             "zero-copy buffer (DeepEP refuses the pair too); pass zero_copy=False")
         if self._disp_pending[handle.slot]:
             raise BufferStateError("low_latency_combine: call the dispatch's receive hook first")
         xr, tr, wr, o, lay, slot = self._combine_args(x, topk_idx, topk_weights, handle, zero_copy, async_finish,
                                                      return_recv_hook, out, previous_event)
         fw, N, Kt = xr.framework, handle.num_tokens, handle.num_topk
         R, (T, H, E) = self.num_ranks, (handle.num_max_tokens, handle.hidden, handle.num_experts)
-        mod = loader.load(K.LowLatencySpec(H, False), self.device_id)
+        ws = self.wait_stats_arg(combine_wait_recv_cost_stats, "combine_wait_recv_cost_stats", fw)
+        if use_logfmt and lay.lf_total > self.num_rdma_bytes:
+            raise ValueError(f"Buffer too small for use_logfmt=True with num_max_dispatch_tokens_per_rank={T}, "
+                             f"hidden={H}, num_experts={E}: need num_rdma_bytes >= {lay.lf_total}, have "
+                             f"{self.num_rdma_bytes} (Buffer.get_low_latency_rdma_size_hint includes it)")
+        spec = K.LowLatencySpec(H, False, deepep=self.numerics == "deepep", logfmt=use_logfmt)
+        mod = loader.load(spec, self.device_id)
         with driver.on_device(self.device_id):
             caller, stream, capturing = self._stream_for(fw, async_finish, previous_event, caller_work=tr.widened)
             self._check_same_indices(tr, fw, E, capturing, previous_event, handle)
@@ -93,6 +115,9 @@ class CombineOps:
             else:
                 out_obj = out
             p = self._combine_params(lay, slot, handle, xr, tr, wr, o, zero_copy)
+            p.wait_stats = ws.ptr if ws is not None else 0
+            if use_logfmt:  # every row travels encoded: the kernels make no partials
+                p.partials = 0
             smem = K.combine_smem_bytes(R, T)
             if smem > DEFAULT_SMEM:
                 self._allow_smem(mod, ("combine_send", "combine_recv", "combine_both"), smem)
@@ -107,13 +132,14 @@ class CombineOps:
                 K.launch_both(fn, grid, stream, p, smem)
             self._comb_slot ^= 1
             # zero_copy: x is this buffer's own heap, not the caller's allocator's to track.
-            ev = self._event(fw, caller, stream, async_finish, (None if zero_copy else xr, tr, wr, o))
+            ev = self._event(fw, caller, stream, async_finish, (None if zero_copy else xr, tr, wr, o, ws))
         hook = None
         if return_recv_hook:
             hook = receive_hook(self, "combine", slot, mod, "combine_recv", blocks, stream, p, smem, fw,
-                                keep=(tr, wr))
+                                keep=(tr, wr, ws))
+        # The fast path serves the default format without statistics (it checks for both).
         if (fw == "torch" and not zero_copy and not async_finish and not return_recv_hook and previous_event is None
-                and tr.dtype == "int64" and tr.obj is topk_idx):
+                and not use_logfmt and ws is None and tr.dtype == "int64" and tr.obj is topk_idx):
             self._enable_fast_paths()
             self._plans[("c", N, Kt, slot, handle.slot, id(handle.refs["keep"]))] = _Plan(p, fn, grid, smem,
                                                                                         out=(E // R, R * T, H))

@@ -24,6 +24,7 @@ class _DispatchArgs:
     xr: object
     tr: object
     stats: object
+    wait_stats: object
     N: int
     H: int
     T: int
@@ -49,9 +50,9 @@ class DispatchOps:
     """The dispatch of :class:`epcomm.low_latency.state.LowLatencyState`."""
 
     def dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank: int, num_experts: int, *,
-                 cumulative_local_expert_recv_stats=None, use_fp8: bool = True, round_scale: bool = False,
-                 use_ue8m0: bool = False, async_finish: bool = False, return_recv_hook: bool = False,
-                 previous_event: EventOverlap | None = None):
+                 cumulative_local_expert_recv_stats=None, dispatch_wait_recv_cost_stats=None, use_fp8: bool = True,
+                 round_scale: bool = False, use_ue8m0: bool = False, async_finish: bool = False,
+                 return_recv_hook: bool = False, previous_event: EventOverlap | None = None):
         """Low-latency dispatch: one message per (token, destination rank), expanded by the
         receiver into the expert-major packed layout.
 
@@ -60,8 +61,13 @@ class DispatchOps:
             topk_idx: int64 (or int32) [N, K], K <= 32, -1 = none.
             num_experts: E, a multiple of the rank count.
             cumulative_local_expert_recv_stats: optional int32 [E/R]; received rows are added.
+            dispatch_wait_recv_cost_stats: optional int64 [R] (the rank count); the receive adds
+               the nanoseconds (GPU globaltimer) it waited for each source rank's tokens to arrive,
+               measured once per call and source (DeepEP: clock cycles, once per local expert).
+               Without it the kernels only test a null pointer.
             use_fp8: cast to e4m3 with one float32 scale per token and 128 channels
-               (scale = max(amax, 1e-4) / 448); ``round_scale``: scales rounded up to powers of
+               (scale = max(amax, 1e-4) / 448, or DeepEP's ``amax * float32(1/448)`` with the
+               Buffer's ``numerics="deepep"``); ``round_scale``: scales rounded up to powers of
                two; ``use_ue8m0``: scales packed as exponent bytes, 4 per int32 (needs round_scale).
             return_recv_hook: only issue the sends and return; ``hook()`` launches the receive.
                Nothing occupies the GPU in between.
@@ -75,16 +81,17 @@ class DispatchOps:
         life, so graphs captured with different shapes stay replayable.  ``hook`` is None unless
         ``return_recv_hook``.  CUDA-graph capturable.
         """
-        if (self._torch is not None and cumulative_local_expert_recv_stats is None and not async_finish
-                and not return_recv_hook and previous_event is None):
+        if (self._torch is not None and cumulative_local_expert_recv_stats is None
+                and dispatch_wait_recv_cost_stats is None and not async_finish and not return_recv_hook
+                and previous_event is None):
             r = self._fast_dispatch(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use_fp8,
                                     round_scale, use_ue8m0)
             if r is not None:
                 return r
         check_event(previous_event)
         a = self._dispatch_args(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
-                                cumulative_local_expert_recv_stats, use_fp8, round_scale, use_ue8m0, async_finish,
-                                return_recv_hook, previous_event)
+                                cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats, use_fp8,
+                                round_scale, use_ue8m0, async_finish, return_recv_hook, previous_event)
         R, L = self.num_ranks, a.E // self.num_ranks
         shape = K.shape_word(a.T, a.H, a.E, a.Kt, a.use_fp8, a.round_scale, a.use_ue8m0, self.force_put,
                              self.partials)
@@ -94,7 +101,9 @@ class DispatchOps:
             raise BufferStateError(
                 "low_latency_dispatch: the receive hook of the dispatch two calls ago (same buffer slot) "
                 "was never called; call it before issuing another dispatch")
-        mod = loader.load(K.LowLatencySpec(a.H, a.use_fp8), self.device_id)
+        # DeepEP's arithmetic differs only in the FP8 scales: a BF16 dispatch uses the default module.
+        mod = loader.load(K.LowLatencySpec(a.H, a.use_fp8, deepep=a.use_fp8 and self.numerics == "deepep"),
+                          self.device_id)
         smem = K.dispatch_smem_bytes(R, a.T)
         with driver.on_device(self.device_id):
             if smem > DEFAULT_SMEM:  # may raise: before anything below changes state
@@ -119,19 +128,20 @@ class DispatchOps:
                 grid = min(max(send_blocks, recv_blocks), self._coop_blocks(fn, smem))
                 K.launch_both(fn, grid, stream, p, smem)
             gen = self._advance_slot(slot, shape if p.check_shape else None)
-            ev = self._event(a.fw, caller, stream, a.async_finish, (a.xr, a.tr, a.stats))
+            ev = self._event(a.fw, caller, stream, a.async_finish, (a.xr, a.tr, a.stats, a.wait_stats))
         vx, vscales, vcount, vsrc, vrange = res.views(stream)
         handle = _handle(a, slot, gen, res, vsrc, vrange, topk_copy)
         hook = None
         if a.return_recv_hook:
-            # The receive adds into cumulative_local_expert_recv_stats: kept alive until then.
+            # The receive adds into the statistics tensors: kept alive until then.
             hook = receive_hook(self, "dispatch", slot, mod, "dispatch_recv", recv_blocks, stream, p, smem, a.fw,
-                                keep=(a.stats,))
+                                keep=(a.stats, a.wait_stats))
         recv_x = (vx, vscales) if a.use_fp8 else vx
         # Not while the results are still to be zeroed (a capture's memset runs only at replay):
         # the fast path skips that.
-        if (a.fw == "torch" and a.stats is None and not a.async_finish and not a.return_recv_hook
-                and previous_event is None and a.tr.dtype == "int64" and a.tr.obj is topk_idx and not res.fresh):
+        if (a.fw == "torch" and a.stats is None and a.wait_stats is None and not a.async_finish
+                and not a.return_recv_hook and previous_event is None and a.tr.dtype == "int64"
+                and a.tr.obj is topk_idx and not res.fresh):
             self._remember_dispatch_plan(a, slot, _Plan(p, fn, grid, smem, out=(recv_x, vcount, vsrc, vrange,
                                                                                 handle.refs)))
         return recv_x, vcount, handle, ev, hook
@@ -151,7 +161,7 @@ class DispatchOps:
         self._disp_gen[slot] += 1
         return self._disp_gen[slot]
 
-    def _dispatch_args(self, x, topk_idx, T, E, stats, use_fp8, round_scale, use_ue8m0, async_finish,
+    def _dispatch_args(self, x, topk_idx, T, E, stats, wait_stats, use_fp8, round_scale, use_ue8m0, async_finish,
                        return_recv_hook, previous_event) -> _DispatchArgs:
         """Every argument of a dispatch checked (TypeError / ValueError naming it)."""
         ctx = self.ctx
@@ -183,8 +193,9 @@ class DispatchOps:
             raise ValueError("round_scale/use_ue8m0 apply to FP8 dispatch only (use_fp8=True)")
         stats = ctx.tensor(stats, "cumulative_local_expert_recv_stats", dtype="int32", ndim=1, shape=(L,),
                            allow_none=True, framework=fw, writable=True)
-        return _DispatchArgs(fw, xr, tr, stats, N, H, T, E, Kt, use_fp8, round_scale, use_ue8m0, async_finish,
-                             return_recv_hook)
+        wait_stats = self.wait_stats_arg(wait_stats, "dispatch_wait_recv_cost_stats", fw)
+        return _DispatchArgs(fw, xr, tr, stats, wait_stats, N, H, T, E, Kt, use_fp8, round_scale, use_ue8m0,
+                             async_finish, return_recv_hook)
 
     def _slot_results(self, a: _DispatchArgs, slot: int) -> _Results:
         """The results this dispatch writes into: the slot's, for this framework and shape."""
@@ -219,6 +230,7 @@ class DispatchOps:
             driver.memset_d8_async(res.tok_meta[1].ptr, 0, R * a.T * 8, stream)
             res.fresh = capturing
         p.cumulative_stats = a.stats.ptr if a.stats is not None else 0
+        p.wait_stats = a.wait_stats.ptr if a.wait_stats is not None else 0
         p.num_tokens, p.num_topk, p.num_experts, p.max_tokens = a.N, a.Kt, a.E, a.T
         p.round_scale, p.use_ue8m0 = int(a.round_scale), int(a.use_ue8m0)
         # Ranks must agree on the shape: the receive compares every source's word with ours

@@ -71,7 +71,9 @@ class LowLatencyState(DispatchOps, CombineOps, FastPaths):
                 resources = self._allocate(ctx, num_rdma_bytes)
             self.heap_obj, self.heap, self.ctrl, self.peers = resources
             self.force_put = bool(envs.LL_FORCE_NVSHMEM_PUT.get())
-            self.partials = bool(envs.LL_COMBINE_PARTIALS.get())
+            # DeepEP's numerics add every row at the source, in k order: no expert-side partials.
+            self.numerics = ctx.numerics
+            self.partials = bool(envs.LL_COMBINE_PARTIALS.get()) and self.numerics == "epcomm"
             self.template = self._template(ctx)
             self._alloc_profile(ctx)
         except BaseException:
@@ -162,8 +164,12 @@ class LowLatencyState(DispatchOps, CombineOps, FastPaths):
         calls, e.g. for an A/B benchmark.  Collective: every rank must switch between the same
         two calls, before a dispatch (its shape word carries the setting, and ranks that
         differ raise RankMismatchError there).  Drops the prepared plans; graphs captured
-        before keep the old setting."""
+        before keep the old setting.  ValueError for on=True with the Buffer's
+        numerics="deepep", which sums every row at the source."""
         on = bool(on)
+        if on and self.numerics == "deepep":
+            raise ValueError("set_combine_partials(True): this Buffer has numerics='deepep', whose combine adds "
+                             "every row at the source in top-k order (no expert-side partial sums)")
         if on != self.partials:
             self.partials = on
             self.template.partials = int(on)
@@ -173,6 +179,12 @@ class LowLatencyState(DispatchOps, CombineOps, FastPaths):
     # ---- helpers ---------------------------------------------------------------------------
     def empty(self, fw, shape, dtype):
         return interop.empty(fw, tuple(int(s) for s in shape), dtype, "cuda", self.device_id)
+
+    def wait_stats_arg(self, obj, name: str, fw: str):
+        """A wait-statistics argument checked: None, or int64 [R] on this device, in the call's
+        framework ``fw``, writable (the kernels add into it)."""
+        return self.ctx.tensor(obj, name, dtype="int64", ndim=1, shape=(self.num_ranks,), allow_none=True,
+                               framework=fw, writable=True)
 
     def layout(self, T, H, E) -> K.HeapLayout:
         key = (T, H, E)
@@ -196,6 +208,7 @@ class LowLatencyState(DispatchOps, CombineOps, FastPaths):
         p.comb_wflag_off, p.comb_w_off = lay.comb_wflag_off, lay.comb_w_off
         p.disp_region_off, p.comb_region_off = lay.disp_region_off, lay.comb_region_off
         p.disp_send_off, p.comb_send_off = lay.disp_send_off, lay.comb_send_off
+        p.lf_meta_off, p.lf_stage_off = lay.lf_meta_off, lay.lf_stage_off
         p.msg_bytes = lay.msg_bytes
         p.slot = slot
         p.timeout_ns = int(self.ctx.timeout_s * 1e9)

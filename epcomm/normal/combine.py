@@ -1,5 +1,6 @@
 """Normal-mode combine: the inverse route of a dispatch; every token gets the unweighted fp32 sum
-of the rows that came from it (ascending rank order, then the biases), written as bf16."""
+of the rows that came from it (ascending rank order, then the biases; with the Buffer's
+numerics="deepep" the biases first), written as bf16."""
 from __future__ import annotations
 
 from epcomm import interop
@@ -74,7 +75,7 @@ def combine(ctx, st, default_config, x, handle, topk_weights=None, bias=None, co
     cfg = ctx.call_config(config, default_config, "combine")
     S, Rv = cfg.split()
     chunk_rows = max(cfg.chunk_rows, _check_capacity(ctx, st, handle, Kt))
-    spec = K_intra.IntranodeCombineSpec(ctx.num_ranks, H)
+    spec = K_intra.IntranodeCombineSpec(ctx.num_ranks, H, deepep=ctx.numerics == "deepep")
     ctx.alloc_on_comm = bool(allocate_on_comm_stream)
     with driver.on_device(ctx.device_id):
         mod = loader.load(spec, ctx.device_id)

@@ -15,8 +15,11 @@ Notation
 Modules: ``layout`` (routing counts), ``normal`` (dispatch/combine; the combine's summation
 order across nodes with ``num_ranks_per_node``), ``traffic`` (bytes per rank over the network
 and NVLink along the internode route), ``fp8`` (quantisation and UE8M0 packing),
-``low_latency`` (packed-layout dispatch/combine); argument rules shared with the GPU path come
-from :mod:`epcomm.validate`.
+``low_latency`` (packed-layout dispatch/combine), ``logfmt`` (the combine's optional 10-bit
+log format); argument rules shared with the GPU path come from :mod:`epcomm.validate`.
+
+Numerics: the dispatch's FP8 scales and both combines take ``numerics="deepep"`` to follow
+DeepEP V1's arithmetic where it differs from epcomm's (each function's docstring says how).
 
 Nodes: with ``num_ranks_per_node`` P, rank r is local index r % P of node r // P.
 
@@ -31,6 +34,7 @@ from __future__ import annotations
 from epcomm.reference._args import BF16, FP8, FP8_GROUP, FP8_MAX
 from epcomm.reference.fp8 import fp8_dequantize, fp8_quantize, pack_ue8m0, unpack_ue8m0
 from epcomm.reference.layout import Layout, get_dispatch_layout
+from epcomm.reference.logfmt import logfmt_decode, logfmt_encode, logfmt_error_bound, logfmt_round_trip
 from epcomm.reference.low_latency import (LowLatencyDispatchResult, LowLatencyHandle, low_latency_combine,
                                           low_latency_dispatch)
 from epcomm.reference.normal import DispatchHandle, DispatchResult, combine, dispatch
@@ -41,6 +45,7 @@ __all__ = [
     "DispatchHandle", "DispatchResult", "dispatch", "combine",
     "InternodeTraffic", "internode_traffic",
     "fp8_quantize", "fp8_dequantize", "pack_ue8m0", "unpack_ue8m0",
+    "logfmt_encode", "logfmt_decode", "logfmt_round_trip", "logfmt_error_bound",
     "LowLatencyHandle", "LowLatencyDispatchResult", "low_latency_dispatch", "low_latency_combine",
     "BF16", "FP8", "FP8_MAX", "FP8_GROUP",
 ]

@@ -4,9 +4,12 @@ from __future__ import annotations
 import numpy as np
 
 from epcomm.reference._args import BF16, FP8, FP8_GROUP, FP8_MAX, _F32, _I32, _I64, _array
-from epcomm.validate import check_hidden_size, check_int
+from epcomm.validate import check_hidden_size, check_int, check_numerics
 
-__all__ = ["fp8_quantize", "fp8_dequantize", "pack_ue8m0", "unpack_ue8m0"]
+__all__ = ["fp8_quantize", "fp8_dequantize", "pack_ue8m0", "unpack_ue8m0", "FP8_INV_MAX_DEEPEP"]
+
+#: DeepEP's ``kFinfoAmaxInvE4M3 = 1 / 448.0f``: float32(1/448), 0x3B124925.
+FP8_INV_MAX_DEEPEP = _F32(1) / _F32(FP8_MAX)
 
 
 def _of_dtype(name: str, a, dtype) -> np.ndarray:
@@ -40,7 +43,7 @@ def _round_scale_up(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return s2, inv
 
 
-def fp8_quantize(x_bf16, *, round_scale=False, use_ue8m0=False) -> tuple[np.ndarray, np.ndarray]:
+def fp8_quantize(x_bf16, *, round_scale=False, use_ue8m0=False, numerics="epcomm") -> tuple[np.ndarray, np.ndarray]:
     """Per-token FP8 (e4m3) quantisation, one float32 scale per 128 channels.
 
     Args:
@@ -48,12 +51,21 @@ def fp8_quantize(x_bf16, *, round_scale=False, use_ue8m0=False) -> tuple[np.ndar
         round_scale: round every scale up to a power of two (its inverse is then exact).
         use_ue8m0: the scales are meant for UE8M0 packing; needs round_scale.  The result is
             the same as with round_scale alone (pack with :func:`pack_ue8m0`).
+        numerics: "epcomm" or "deepep" (DeepEP V1's scale arithmetic; see below).
 
     Recipe, float32 IEEE operations throughout (GPU kernels reproduce it bit for bit), per
     group of 128 channels v = float32(x): amax = max(max|v|, float32(1e-4));
     s = float32(amax / 448); with round_scale, s is rounded up to a power of two and
     inv = 1/s exactly, else inv = float32(448 / amax); q = e4m3(clip(float32(v * inv), -448, 448))
     rounded to nearest even.
+
+    ``numerics="deepep"`` (DeepEP's ``calculate_fp8_scales``, csrc/kernels/legacy/utils.cuh):
+    s = float32(amax * c) with c = float32(1 / 448) = 0x3B124925, one rounding after a product
+    by an already rounded constant instead of one correctly rounded quotient; with round_scale
+    s = 2**ceil(log2(float32(amax * c))) and inv = 1/s.  The multiplier inv and so q are the
+    same in both; the stored scale differs in its last bit for about half of the amax values
+    without round_scale, and never with it (for bfloat16 input: an exact power of two times
+    448 is the only amax whose quotient lies near a power of two, and there both agree).
 
     Returns:
         (q float8_e4m3fn [..., H], scales float32 [..., H // 128]); x ~= q * scale.
@@ -68,12 +80,16 @@ def fp8_quantize(x_bf16, *, round_scale=False, use_ue8m0=False) -> tuple[np.ndar
         raise TypeError(f"x_bf16 must have dtype bfloat16 or float32, got {x_bf16.dtype.name}")
     H = _fp8_hidden("x_bf16", x_bf16)
     _check_ue8m0(round_scale, use_ue8m0)
+    deepep = check_numerics(numerics) == "deepep"
     lead = x_bf16.shape[:-1]
     G = H // FP8_GROUP
     v = x_bf16.astype(_F32).reshape(*lead, G, FP8_GROUP)
     amax = np.abs(v).max(axis=-1, initial=_F32(0))
     amax = np.maximum(amax, _F32(1e-4))
-    s = (amax / _F32(FP8_MAX)).astype(_F32)
+    if deepep:
+        s = (amax * FP8_INV_MAX_DEEPEP).astype(_F32)
+    else:
+        s = (amax / _F32(FP8_MAX)).astype(_F32)
     if round_scale:
         s, inv = _round_scale_up(s)
     else:

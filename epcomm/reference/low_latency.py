@@ -6,9 +6,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from epcomm.reference._args import BF16, _F32, _I32, _I64, _array, _arrays, _rank_list, _same_width_list
+from epcomm.reference._float import fma32
 from epcomm.reference.fp8 import _check_ue8m0, fp8_quantize, pack_ue8m0
-from epcomm.validate import (check_expert_range, check_experts_divisible, check_hidden_size, check_int,
-                             check_unique_experts)
+from epcomm.reference.logfmt import logfmt_round_trip
+from epcomm.validate import (check_bool, check_expert_range, check_experts_divisible, check_hidden_size, check_int,
+                             check_numerics, check_unique_experts)
 
 __all__ = ["LowLatencyHandle", "LowLatencyDispatchResult", "low_latency_dispatch", "low_latency_combine"]
 
@@ -95,13 +97,13 @@ def _ll_entries(idx: np.ndarray, E: int):
     return t.astype(_I64), k.astype(_I64), e, pos, count
 
 
-def _ll_payload(xs: list, use_fp8: bool, round_scale: bool, use_ue8m0: bool):
+def _ll_payload(xs: list, use_fp8: bool, round_scale: bool, use_ue8m0: bool, numerics: str):
     """(payload, scales) per source rank: what each token sends (scales None without FP8)."""
     if not use_fp8:
         return xs, None
     payload, scales = [], []
     for a in xs:
-        q, s = fp8_quantize(a, round_scale=round_scale, use_ue8m0=use_ue8m0)
+        q, s = fp8_quantize(a, round_scale=round_scale, use_ue8m0=use_ue8m0, numerics=numerics)
         payload.append(q)
         scales.append(pack_ue8m0(s) if use_ue8m0 else s)
     return payload, scales
@@ -134,7 +136,7 @@ def _ll_pack(d: int, payload: list, scales: list | None, entries: list, T: int) 
 
 
 def low_latency_dispatch(x, topk_idx, num_max_tokens, num_experts, *, use_fp8=True, round_scale=False,
-                         use_ue8m0=False) -> list[LowLatencyDispatchResult]:
+                         use_ue8m0=False, numerics="epcomm") -> list[LowLatencyDispatchResult]:
     """Low-latency dispatch into a packed per-expert layout.
 
     Args:
@@ -145,6 +147,7 @@ def low_latency_dispatch(x, topk_idx, num_max_tokens, num_experts, *, use_fp8=Tr
         use_fp8: quantise each token at the source with :func:`fp8_quantize` (needs H % 128 == 0).
         round_scale: power-of-two scales (FP8 only).
         use_ue8m0: scales packed with :func:`pack_ue8m0` (FP8 and round_scale only).
+        numerics: "epcomm" or "deepep": the FP8 scales' arithmetic (:func:`fp8_quantize`).
 
     Layout on rank d, local expert j (global expert d*L + j): rows from source rank 0 first,
     then 1, ...; within a source, tokens ascending; one row per (token, selected expert).
@@ -160,13 +163,14 @@ def low_latency_dispatch(x, topk_idx, num_max_tokens, num_experts, *, use_fp8=Tr
     """
     T = check_int("num_max_tokens", num_max_tokens, lo=1)
     E = check_int("num_experts", num_experts, lo=1)
+    numerics = check_numerics(numerics)
     _check_ue8m0(round_scale, use_ue8m0)
     if (round_scale or use_ue8m0) and not use_fp8:
         raise ValueError("round_scale/use_ue8m0 apply to FP8 dispatch only (use_fp8=True)")
     xs, idx, R, _, _ = _ll_inputs(x, topk_idx, T, E)
     if use_fp8:
         check_hidden_size(xs[0].shape[1], fp8=True, name="x")
-    payload, scales = _ll_payload(xs, use_fp8, round_scale, use_ue8m0)
+    payload, scales = _ll_payload(xs, use_fp8, round_scale, use_ue8m0, numerics)
     entries = [_ll_entries(a, E) for a in idx]
     return [_ll_pack(d, payload, scales, entries, T) for d in range(R)]
 
@@ -234,7 +238,8 @@ def _ll_groups(valid: np.ndarray, D_map: np.ndarray, R: int, partials: bool):
     return in_part, first
 
 
-def _ll_combine_source(s: int, xs: list, idx: np.ndarray, w: np.ndarray, hs: list, partials: bool) -> np.ndarray:
+def _ll_combine_source(s: int, xs: list, idx: np.ndarray, w: np.ndarray, hs: list, partials: bool,
+                       fma: bool = False, logfmt: bool = False) -> np.ndarray:
     """bfloat16 [N, H]: the combine of source rank s, in the order of the contract."""
     R, (L, _, H) = len(xs), xs[0].shape
     (N, K) = idx.shape
@@ -245,14 +250,22 @@ def _ll_combine_source(s: int, xs: list, idx: np.ndarray, w: np.ndarray, hs: lis
     J_map = np.full((N, K), -1, dtype=_I64)
     R_map[t, k], D_map[t, k], J_map[t, k] = row, d_of, j_of
 
-    def product(kk, toks):
-        vals = np.empty((toks.size, H), dtype=_F32)
+    def rows(kk, toks):
+        """float32 [len(toks), H]: each token's expert row of slot kk (as the source receives it)."""
+        vals = np.empty((toks.size, H), dtype=BF16)
         dk = D_map[toks, kk]
         for d in np.unique(dk):
             sub = dk == d
-            vals[sub] = xs[int(d)][J_map[toks[sub], kk], R_map[toks[sub], kk]].astype(_F32)
+            vals[sub] = xs[int(d)][J_map[toks[sub], kk], R_map[toks[sub], kk]]
+        return logfmt_round_trip(vals) if logfmt else vals.astype(_F32)
+
+    def add(acc, kk, toks):
+        """acc + w * row of slot kk for these tokens: the product rounded first, or one FMA."""
+        wk = w[toks, kk][:, None]
+        if fma:
+            return fma32(rows(kk, toks), wk, acc)
         # Two separate float32 numpy ops: the product is rounded before the add.
-        return w[toks, kk][:, None] * vals
+        return acc + wk * rows(kk, toks)
 
     valid = idx >= 0
     in_part, first = _ll_groups(valid, D_map, R, partials)
@@ -262,19 +275,20 @@ def _ll_combine_source(s: int, xs: list, idx: np.ndarray, w: np.ndarray, hs: lis
         toks = np.flatnonzero(in_part[:, kk])
         if toks.size:
             d = D_map[toks, kk]
-            part[toks, d] = part[toks, d] + product(kk, toks)
+            part[toks, d] = add(part[toks, d], kk, toks)
     acc = np.zeros((N, H), dtype=_F32)
     for kk in range(K):
         toks = np.flatnonzero(valid[:, kk] & ~in_part[:, kk])
         if toks.size:
-            acc[toks] = acc[toks] + product(kk, toks)
+            acc[toks] = add(acc[toks], kk, toks)
         lead = np.flatnonzero(first[:, kk])
         if lead.size:
             acc[lead] = acc[lead] + part[lead, D_map[lead, kk]]
     return acc.astype(BF16)
 
 
-def low_latency_combine(x, topk_idx, topk_weights, handles, *, partials: bool = True) -> list[np.ndarray]:
+def low_latency_combine(x, topk_idx, topk_weights, handles, *, partials: bool | None = None, numerics="epcomm",
+                        use_logfmt=False) -> list[np.ndarray]:
     """Low-latency combine: weighted sum of each token's expert outputs on its source rank.
 
     Args:
@@ -285,7 +299,13 @@ def low_latency_combine(x, topk_idx, topk_weights, handles, *, partials: bool = 
         handles: list over ranks of the :class:`LowLatencyHandle` from the dispatch.
 
         partials: model the expert-side partial sums (EPCOMM_LL_COMBINE_PARTIALS, between ranks
-            linked by NVLink); False: one row per (token, expert), as with NVSHMEM puts.
+            linked by NVLink); False: one row per (token, expert), as with NVSHMEM puts.  None
+            (default): True with numerics="epcomm" and without use_logfmt, else False (the
+            kernels make no partials then, and True raises ValueError).
+        numerics: "epcomm", or "deepep": DeepEP V1's sum, ``acc = fma(x, w, acc)`` over k
+            ascending (nvcc contracts its ``accum += x * weight`` into one fused multiply-add).
+        use_logfmt: each expert row reaches the source as :func:`epcomm.reference.logfmt_round_trip`
+            of it (LogFMT-10, see :mod:`epcomm.reference.logfmt`); the sum is then the same.
 
     Order of operations (part of the contract): for source s and token t, with for each k
     (e = topk_idx[s][t, k] >= 0) d = e // L, j = e % L, row the packed row of (s, t) in expert
@@ -296,7 +316,9 @@ def low_latency_combine(x, topk_idx, topk_weights, handles, *, partials: bool = 
     Then acc = float32 0 and for k = 0..K-1: acc = float32(acc + p_k) for k in no group,
     acc = float32(acc + P) at the lowest k of a group, nothing at its other k.  The output is
     bfloat16(acc); tokens without experts give 0.  With one rank (or partials=False) this is
-    the plain k-ascending sum.
+    the plain k-ascending sum.  With numerics="deepep" it is that sum with
+    acc = fma(float32(x[d][j, row]), w[t, k], acc) (one rounding per k); with use_logfmt, x's row
+    is replaced by its LogFMT round trip (float32) in either form.
 
     Returns:
         bfloat16 [N_s, H] per rank.
@@ -304,7 +326,16 @@ def low_latency_combine(x, topk_idx, topk_weights, handles, *, partials: bool = 
     Raises:
         TypeError: wrong containers, arrays, dtypes or handle types.
         ValueError: wrong lengths or shapes, handles that disagree with each other or with
-            topk_idx (the routing is not the one dispatched), index/duplicate errors as in dispatch.
+            topk_idx (the routing is not the one dispatched), index/duplicate errors as in
+            dispatch, partials=True with numerics="deepep" or use_logfmt.
     """
+    fma = check_numerics(numerics) == "deepep"
+    logfmt = check_bool("use_logfmt", use_logfmt)
+    if partials is None:
+        partials = not fma and not logfmt
+    elif check_bool("partials", partials) and (fma or logfmt):
+        raise ValueError("partials=True models epcomm's expert-side sums, which the kernels make neither with "
+                         "numerics='deepep' (DeepEP adds every row at the source) nor with use_logfmt "
+                         "(every row travels encoded)")
     xs, idx, w, hs = _ll_combine_args(x, topk_idx, topk_weights, handles)
-    return [_ll_combine_source(s, xs, idx[s], w[s], hs, partials) for s in range(len(xs))]
+    return [_ll_combine_source(s, xs, idx[s], w[s], hs, partials, fma, logfmt) for s in range(len(xs))]

@@ -8,7 +8,7 @@ import numpy as np
 from epcomm.reference._args import (BF16, FP8, FP8_GROUP, _F32, _I32, _I64, _array, _arrays, _rank_list,
                                     _same_width_list, _topk_list)
 from epcomm.reference.layout import _token_in_rank
-from epcomm.validate import check_experts_divisible, check_hidden_size, check_int
+from epcomm.validate import check_experts_divisible, check_hidden_size, check_int, check_numerics
 
 __all__ = ["DispatchHandle", "DispatchResult", "dispatch", "combine"]
 
@@ -312,12 +312,16 @@ def _add_rank(s: int, d: int, xs: list, hs: list, w: list | None, acc: np.ndarra
     return toks
 
 
-def _combine_source(s: int, xs: list, hs: list, w: list | None, biases: list, P: int):
+def _combine_source(s: int, xs: list, hs: list, w: list | None, biases: list, P: int, deepep: bool = False):
     """(combined_x, combined_weights) of source rank s, in the order of the contract."""
     R, H = len(xs), xs[0].shape[1]
     N = hs[s].is_token_in_rank.shape[0]
     K = w[0].shape[1] if w is not None else 0
     acc = np.zeros((N, H), dtype=_F32)
+    if deepep and biases:
+        # DeepEP starts from bias_0 + bias_1, one addition with a missing bias read as +0 (so a
+        # -0 bias alone gives +0), then adds the ranks.
+        acc = biases[0][s].astype(_F32) + (biases[1][s].astype(_F32) if len(biases) > 1 else _F32(0))
     wacc = np.zeros((N, K), dtype=_F32) if w is not None else None
     # Loops over d, never a reduction over an axis: np.sum may use pairwise summation, and
     # the kernels add the ranks' contributions one after another in ascending rank order
@@ -332,18 +336,21 @@ def _combine_source(s: int, xs: list, hs: list, w: list | None, biases: list, P:
             reached = np.zeros(N, dtype=bool)
             for d in range(first, first + P):
                 reached[_add_rank(s, d, xs, hs, w, part, wpart)] = True
+            if deepep:  # DeepEP's forwarder sends each node's sum as bfloat16
+                part = part.astype(BF16).astype(_F32)
             # Only tokens that reached node m add its partial, as the contract says (a +0
             # partial would leave acc's bits unchanged too: acc is never -0).
             acc[reached] += part[reached]
             if w is not None:
                 wacc[reached] += wpart[reached]
-    for bl in biases:
-        acc += bl[s].astype(_F32)
+    if not deepep:
+        for bl in biases:
+            acc += bl[s].astype(_F32)
     return acc.astype(BF16), wacc
 
 
-def combine(x, handles, *, topk_weights=None, bias=(),
-            num_ranks_per_node: int | None = None) -> list[tuple[np.ndarray, np.ndarray | None]]:
+def combine(x, handles, *, topk_weights=None, bias=(), num_ranks_per_node: int | None = None,
+            numerics="epcomm") -> list[tuple[np.ndarray, np.ndarray | None]]:
     """Normal combine: sum each token's expert outputs back on its source rank.
 
     Args:
@@ -354,6 +361,7 @@ def combine(x, handles, *, topk_weights=None, bias=(),
         bias: tuple of 0, 1 or 2 lists over ranks s of bfloat16 [N_s, H], added after the sum.
         num_ranks_per_node: P, the ranks of one node (the node of rank r is r // P); None or
             P >= R: one node.  With several nodes R % P == 0 is required.
+        numerics: "epcomm", or "deepep" (DeepEP V1's order, below).
 
     Order of operations (part of the contract; GPU kernels match it bit for bit): for source
     rank s and token t, acc = float32 0; for node m = 0..R/P-1 where the token went to at
@@ -364,6 +372,12 @@ def combine(x, handles, *, topk_weights=None, bias=(),
     bfloat16(acc), round to nearest even.  Combined weights follow the same node-then-rank
     sum (no bias) and stay float32.
 
+    With numerics="deepep" (DeepEP's intranode.cu and internode.cu ``combine``): acc starts as
+    float32(float32(bias_0) + float32(bias_1)), a missing bias read as +0 (so +0 without
+    biases, where the two orders agree), then the ranks (or nodes) are added as above, and with
+    several nodes each node's part is rounded to bfloat16 before it is added (DeepEP's forwarder
+    sends it as bfloat16); no bias after the sum.  Weights as above.
+
     Returns:
         per rank s, (combined_x bfloat16 [N_s, H], combined_topk_weights float32 [N_s, K] or None).
 
@@ -373,5 +387,6 @@ def combine(x, handles, *, topk_weights=None, bias=(),
             handle pointing outside its rank's received rows, num_ranks_per_node < 1, or
             R > num_ranks_per_node with R % num_ranks_per_node != 0.
     """
+    deepep = check_numerics(numerics) == "deepep"
     xs, hs, w, biases, P = _combine_args(x, handles, topk_weights, bias, num_ranks_per_node)
-    return [_combine_source(s, xs, hs, w, biases, P) for s in range(len(xs))]
+    return [_combine_source(s, xs, hs, w, biases, P, deepep) for s in range(len(xs))]

@@ -56,6 +56,9 @@ def _add_warmup(sub) -> None:
     w.add_argument("--dtype", type=_csv(str), default=None, help="bf16,fp8 or one of them (default both)")
     w.add_argument("--mode", type=_csv(str), default=None,
                    help="normal,internode,low-latency or some of them (default all)")
+    w.add_argument("--variant", type=_csv(str), default=None,
+                   help="also the kernels of deepep (Buffer(numerics='deepep')) and/or logfmt (use_logfmt=True), "
+                        "for the shapes asked for or the presets' (default: none, except in the tests preset)")
     w.add_argument("--arch", default=None, help="e.g. sm_90 (default: EPCOMM_ARCH, else the GPU's, else sm_90)")
     w.add_argument("--smoke", action="store_true",
                    help="also the smoke-test kernels of `epcomm selftest` and the wait kernel of `epcomm bench`")

@@ -39,7 +39,7 @@ def _specs(a) -> list:
             raise ValueError("--preset: empty list (known presets: " + ", ".join(catalogue.PRESETS) + ")")
         specs = []
         for name in a.preset:
-            for s in catalogue.preset(name):
+            for s in catalogue.preset(name, a.variant or ()):
                 if s not in specs:
                     specs.append(s)
     else:
@@ -51,7 +51,7 @@ def _specs(a) -> list:
             elif not v:
                 raise ValueError(f"--{flag}: empty list")
         skipped: list = []
-        specs = catalogue.specs_for(a.hidden, a.ranks, a.dtype, a.mode, skipped=skipped)
+        specs = catalogue.specs_for(a.hidden, a.ranks, a.dtype, a.mode, a.variant or (), skipped=skipped)
         for label, why in skipped:
             print(f"epcomm warmup: skipping {label}: {why}", file=sys.stderr)
         if len(specs) <= 1:  # the layout kernel alone: nothing asked for can be built

@@ -23,10 +23,8 @@ from epcomm import reference  # noqa: E402
 from epcomm.config import Config as NativeConfig, default_combine_config, default_dispatch_config  # noqa: E402
 from epcomm.deep_ep import buffer as dropin_buffer  # noqa: E402
 from epcomm.deep_ep import handles as H  # noqa: E402
-from epcomm.deep_ep.low_latency import NOT_YET_NATIVE  # noqa: E402
 from epcomm.errors import BufferStateError  # noqa: E402
 from epcomm.internode.handle import InternodeHandle as NativeInternodeHandle  # noqa: E402
-from epcomm.low_latency import LowLatencyState  # noqa: E402
 from epcomm.low_latency.handle import LowLatencyHandle as NativeLowLatencyHandle  # noqa: E402
 from epcomm.normal.handle import DispatchHandle as NativeDispatchHandle  # noqa: E402
 from epcomm.runtime import driver  # noqa: E402
@@ -537,53 +535,28 @@ def test_low_latency_handle_is_deepeps(rank):
         H.native_of((native.src_info, native.layout_range, T, Hd, E), H.LowLatencyHandle)
 
 
-def test_low_latency_calls_forward_and_refuse_what_epcomm_lacks():
+def test_low_latency_calls_forward_every_argument():
     job = Job()
     buf = _dropin(job)
     topk, res = _ll_job()
     buf.native.ll = _native_ll(res[1], 8, 128, 8, 3)
     stats = torch.zeros(2, dtype=torch.int32)
+    wait = torch.zeros(4, dtype=torch.int64)
     _, _, h, _, _ = buf.low_latency_dispatch("x", "idx", 8, 8, cumulative_local_expert_recv_stats=stats,
-                                             use_fp8=False, round_scale=True, use_ue8m0=True, async_finish=True,
-                                             return_recv_hook=True)
+                                             dispatch_wait_recv_cost_stats=wait, use_fp8=False, round_scale=True,
+                                             use_ue8m0=True, async_finish=True, return_recv_hook=True)
     assert buf.native.calls[-1] == ("low_latency_dispatch", 8, 8, dict(
         use_fp8=False, round_scale=True, use_ue8m0=True, async_finish=True, return_recv_hook=True,
-        cumulative_local_expert_recv_stats=stats))
-    buf.low_latency_combine("x", "idx", "w", h, zero_copy=True, out="out")
-    assert buf.native.calls[-1] == ("low_latency_combine", h.native, dict(zero_copy=True, async_finish=False,
-                                                                          return_recv_hook=False, out="out"))
+        cumulative_local_expert_recv_stats=stats, dispatch_wait_recv_cost_stats=wait))
+    buf.low_latency_combine("x", "idx", "w", h, use_logfmt=True, out="out", combine_wait_recv_cost_stats=wait)
+    assert buf.native.calls[-1] == ("low_latency_combine", h.native, dict(
+        use_logfmt=True, zero_copy=False, async_finish=False, return_recv_hook=False, out="out",
+        combine_wait_recv_cost_stats=wait))
     assert buf.get_next_low_latency_combine_buffer(h) == "buffer" and buf.native.calls[-1][1] is h.native
     n = len(buf.native.calls)
-    with pytest.raises(NotImplementedError, match="dispatch_wait_recv_cost_stats"):
-        buf.low_latency_dispatch("x", "idx", 8, 8, dispatch_wait_recv_cost_stats=torch.zeros(4, 4))
-    with pytest.raises(NotImplementedError, match="use_logfmt"):
-        buf.low_latency_combine("x", "idx", "w", h, use_logfmt=True)
-    with pytest.raises(NotImplementedError, match="combine_wait_recv_cost_stats"):
-        buf.low_latency_combine("x", "idx", "w", h, combine_wait_recv_cost_stats=torch.zeros(4, 4))
-    with pytest.raises(TypeError, match="use_logfmt"):
-        buf.low_latency_combine("x", "idx", "w", h, use_logfmt="yes")
     with pytest.raises(TypeError, match="handle"):
         buf.low_latency_combine("x", "idx", "w", buf.dispatch(_bf16(job.x[1]), topk_idx=torch.from_numpy(job.topk[1]))[4])
     assert [c for c in buf.native.calls[n:] if c[0].startswith("low_latency")] == []
-
-
-def test_the_arguments_not_yet_native_are_wired_once_epcomm_takes_them(monkeypatch):
-    from epcomm.deep_ep import low_latency as dll
-
-    def combine(self, x, topk_idx, topk_weights, handle, *, use_logfmt=False):
-        pass
-
-    monkeypatch.setitem(dll.NOT_YET_NATIVE, "use_logfmt", (combine, "use_logfmt"))
-    kw = {}
-    dll.not_yet_native("use_logfmt", True, kw)
-    assert kw == {"use_logfmt": True}
-    # every listed argument names the epcomm call it belongs to, which does not take it yet
-    # (this fails once it does: then the README's "in progress" line goes too)
-    for name, (fn, keyword) in NOT_YET_NATIVE.items():
-        if fn is combine:
-            continue
-        assert fn is (LowLatencyState.dispatch if name.startswith("dispatch") else LowLatencyState.combine), name
-        assert keyword not in inspect.signature(fn).parameters, name
 
 
 def test_masking_and_raw_buffers_raise_not_implemented():
@@ -603,8 +576,9 @@ class _NoGPU:
     made: list = []
     refuse = False
 
-    def __init__(self, group, num_nvl_bytes, num_rdma_bytes, *, low_latency_mode):
+    def __init__(self, group, num_nvl_bytes, num_rdma_bytes, *, low_latency_mode, numerics):
         assert not _NoGPU.refuse, "the epcomm Buffer (GPU work) was reached before the arguments were checked"
+        assert numerics == "deepep", "the drop-in must ask for DeepEP's arithmetic"
         _NoGPU.made.append((group, num_nvl_bytes, num_rdma_bytes, low_latency_mode))
         self.rank, self.num_ranks, self.internode = 0, 2, False
         self.destroyed = False

@@ -481,3 +481,67 @@ def test_num_tokens_per_rdma_rank_needs_one_entry_per_node(rig):
                        num_tokens_per_rdma_rank=torch.zeros(n, dtype=torch.int32))
     with pytest.raises(_Launched):
         b.dispatch(x, topk_idx=_idx(torch, 3), num_experts=8, num_tokens_per_rdma_rank=torch.zeros(2, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("numerics", ["epcomm", "deepep"])
+def test_combines_load_the_module_of_the_buffer_s_numerics(rig, monkeypatch, numerics):
+    """Across nodes the deepep combine module (bf16 node parts, biases first); inside a node the
+    intranode combine with kBiasFirst; an epcomm Buffer the default modules."""
+    torch = rig
+    from fake_runtime import FakeNvlinkState
+
+    from epcomm.jit import loader
+    from epcomm.kernels import intranode as K_intra
+    asked = []
+
+    def load(spec, dev):
+        asked.append(spec)
+        raise _Launched()
+
+    monkeypatch.setattr(loader, "load", load)
+    b = _buffer()
+    b.ctx.numerics = numerics
+    with pytest.raises(_Launched):
+        b.combine(torch.zeros(8, H, dtype=torch.bfloat16), _handle(b))
+    b2 = Buffer._assemble(b.ctx, nvlink=FakeNvlinkState(R4))
+    with pytest.raises(_Launched):
+        b2.combine(torch.zeros(8, H, dtype=torch.bfloat16), _handle(b2, cls=DispatchHandle))
+    deepep = numerics == "deepep"
+    assert asked == [K.InternodeSpec(H, False, deepep=deepep), K_intra.IntranodeCombineSpec(R4, H, deepep=deepep)]
+    if deepep:  # combine kernels only, with the flag; the dispatch stays in the default module
+        assert [k.short for k in asked[0].kernels()] == ["stage", "reduce", "crecv"]
+        assert asked[0].kernels()[1].name_expression == f"epcomm::internode_combine_reduce<{H}, true>"
+        assert asked[1].kernels()[0].name_expression == f"epcomm::intranode_combine<{R4}, {H}, true>"
+    else:
+        assert asked[1].kernels()[0].name_expression == f"epcomm::intranode_combine<{R4}, {H}>"
+
+
+def test_warmup_cli_builds_the_variants_asked_for(monkeypatch, capsys):
+    from epcomm.kernels.intranode import IntranodeCombineSpec
+    from epcomm.kernels.low_latency import LowLatencySpec
+    from epcomm.tools import cli, warmup
+    built = []
+
+    def build_all(specs, arch, jobs):
+        built.extend(specs)
+        return [(s.label(), "cached", 0.0, "") for s in specs]
+
+    monkeypatch.setattr(warmup, "_build_all", build_all)
+    monkeypatch.setattr(warmup, "_check_cache", lambda: None)
+    rc = cli.main(["warmup", "--mode", "low-latency,normal", "--dtype", "bf16", "--hidden", "4096", "--ranks", "2",
+                   "--variant", "deepep,logfmt", "--arch", "sm_90", "-j", "1"])
+    assert rc == 0, capsys.readouterr()
+    for s in (LowLatencySpec(4096, False, logfmt=True), LowLatencySpec(4096, False, deepep=True),
+              LowLatencySpec(4096, False, deepep=True, logfmt=True), IntranodeCombineSpec(2, 4096, deepep=True)):
+        assert s in built
+    built.clear()
+    rc = cli.main(["warmup", "--preset", "deepseek-v3", "--variant", "logfmt", "--arch", "sm_90", "-j", "1"])
+    assert rc == 0, capsys.readouterr()
+    assert LowLatencySpec(7168, False, logfmt=True) in built
+    assert not any(getattr(s, "deepep", False) for s in built)
+    built.clear()
+    rc = cli.main(["warmup", "--preset", "deepseek-v3", "--arch", "sm_90", "-j", "1"])
+    assert rc == 0 and not any(getattr(s, "logfmt", False) or getattr(s, "deepep", False) for s in built)
+    built.clear()
+    rc = cli.main(["warmup", "--mode", "low-latency", "--variant", "fast", "--arch", "sm_90"])
+    assert rc == 2 and built == [] and "variant 'fast'" in capsys.readouterr().err

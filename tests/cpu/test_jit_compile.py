@@ -86,3 +86,54 @@ def test_catalogue_holds_every_operation_of_a_shape_and_the_shipped_extras():
         assert all(s in shipped for s in catalogue.preset(name)), name
     for s in (SmokePeerStoreSpec(), SmokeNvshmemSpec(), SpinWaitSpec()):
         assert s in shipped
+
+
+def _numerics_specs(H: int) -> list:
+    from epcomm.kernels.internode import InternodeSpec
+    from epcomm.kernels.intranode import IntranodeCombineSpec
+    from epcomm.kernels.low_latency import LowLatencySpec
+    return [LowLatencySpec(H, True, deepep=True), LowLatencySpec(H, False, deepep=True),
+            LowLatencySpec(H, False, logfmt=True), LowLatencySpec(H, False, deepep=True, logfmt=True),
+            IntranodeCombineSpec(2, H, deepep=True), InternodeSpec(H, False, deepep=True)]
+
+
+def test_numerics_and_logfmt_specializations_compile_for_sm90(tmp_path_factory):
+    """The modules of numerics="deepep" and use_logfmt (at a small hidden size; the presets' sizes
+    are in the catalogue, which the every-shipped test compiles), each with only its kernels."""
+    specs = _numerics_specs(1024)
+    kernels = [sorted(k.short for k in s.kernels()) for s in specs]
+    assert kernels == [["dispatch_both", "dispatch_recv", "dispatch_send"]] + \
+        [["combine_both", "combine_recv", "combine_send"]] * 3 + [["combine"], ["crecv", "reduce", "stage"]]
+    cache = os.environ.get("EPCOMM_CACHE_DIR") or str(tmp_path_factory.mktemp("jit-cache"))
+    os.environ["EPCOMM_CACHE_DIR"] = cache
+    failures = []
+    with cf.ProcessPoolExecutor(min(len(specs), max(2, os.cpu_count() or 2)), mp_context=mp.get_context("spawn")) as ex:
+        futs = {ex.submit(_compile, (s.label(), s)): s for s in specs}
+        for f in cf.as_completed(futs):
+            try:
+                label, size, syms = f.result()
+                assert size > 1000 and syms == sorted(k.short for k in futs[f].kernels())
+            except Exception as e:
+                failures.append(f"{futs[f].label()}: {e}")
+    assert not failures, "\n\n".join(failures)
+
+
+def test_catalogue_variants_add_the_numerics_and_logfmt_modules():
+    from epcomm.kernels.low_latency import LowLatencySpec
+    base = catalogue.specs_for((7168,), (2,))
+    both = catalogue.specs_for((7168,), (2,), variants=("deepep", "logfmt"))
+    added = [s for s in both if s not in base]
+    assert sorted(map(repr, added)) == sorted(map(repr, _numerics_specs(7168)))
+    only_logfmt = catalogue.specs_for((7168,), (2,), ("bf16",), ("low-latency",), ("logfmt",))
+    assert LowLatencySpec(7168, False, logfmt=True) in only_logfmt
+    assert not any(getattr(s, "deepep", False) for s in only_logfmt)
+    with pytest.raises(ValueError, match="variant 'fast'"):
+        catalogue.specs_for((7168,), (2,), variants=("fast",))
+    shipped = catalogue.shipped()
+    for H in (7168, 4096):
+        assert all(s in shipped for s in _numerics_specs(H) if getattr(s, "num_ranks", 2) == 2)
+    # A flag left at its default is not in the label: the default modules keep their names.
+    assert LowLatencySpec(7168, False).label() == "low_latency[hidden=7168,fp8=False]"
+    assert LowLatencySpec(7168, True, deepep=True).label() == "low_latency[hidden=7168,fp8=True,deepep=True]"
+    with pytest.raises(ValueError, match="logfmt"):
+        LowLatencySpec(7168, True, logfmt=True).validate()

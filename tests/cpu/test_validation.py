@@ -119,6 +119,13 @@ def test_low_latency_heap_regions_are_disjoint_and_flags_come_first(R, T, H, E):
         assert off >= end and off % 4096 == 0
         end = off + size
     assert lay.total >= end
+    # The LogFMT combine's group words come last, so they move no other region: those of the
+    # arriving rows [2][T][32][H/128], then their put-path staging [2][E*T][H/128] (u64 each).
+    G = H // 128
+    for off, size in ((lay.lf_meta_off, 2 * T * K_ll.MAX_TOPK * G * 8), (lay.lf_stage_off, 2 * E * T * G * 8)):
+        assert off >= end and off % 4096 == 0
+        end = off + size
+    assert lay.lf_total >= end and lay.lf_total % 4096 == 0
     # clean() zeroes [0, comb_region_off): every flag, the dispatch messages and the weights.
     assert lay.comb_w_off + 2 * R * T * K_ll.MAX_TOPK * 4 <= lay.comb_region_off
     # the combine send's dynamic shared memory: group masks and prefixes, then one entry per token

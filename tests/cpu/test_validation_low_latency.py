@@ -243,7 +243,7 @@ def test_clean_checks_its_shape_and_pending_hooks_before_the_collective(rig):
 
 def test_rdma_size_hint_rejects_shapes_the_kernels_cannot_run():
     hint = Buffer.get_low_latency_rdma_size_hint
-    assert hint(128, 7168, 2, 256) == K.HeapLayout.make(128, 7168, 256, 2).total
+    assert hint(128, 7168, 2, 256) == K.HeapLayout.make(128, 7168, 256, 2).lf_total
     for args, exc, msg in (((-5, 7168, 2, 256), ValueError, "num_max_dispatch_tokens_per_rank"),
                            ((128.5, 7168, 2, 256), TypeError, "num_max_dispatch_tokens_per_rank"),
                            ((0, 7168, 2, 256), ValueError, "num_max_dispatch_tokens_per_rank"),
@@ -536,3 +536,192 @@ def test_receive_hooks_refuse_after_destroy_and_keep_the_stats_alive(rig):
     del hook
     gc.collect()
     assert ws() is None
+
+
+# ---- numerics="deepep", use_logfmt and the wait statistics ----------------------------------------
+
+def _record_launches(rig, monkeypatch):
+    """Launches recorded with their params (the rig's recorder keeps only the kernel name), and
+    the specs the loader was asked for."""
+    params, specs = [], []
+
+    def launch(fn, grid, threads, stream, p, smem=0, cooperative=False):
+        rig.log.append(("launch", fn))
+        params.append((fn, p))
+
+    def load(spec, dev):
+        specs.append(spec)
+        return FakeModule()
+
+    monkeypatch.setattr(K, "launch", launch)
+    monkeypatch.setattr(loader, "load", load)
+    return params, specs
+
+
+def _numerics_buffer(rig, numerics, rdma=1 << 30):
+    ctx = fake_context(2, stream=7, group=FakeGroup(0, 2, rig.log))
+    ctx.numerics = numerics
+    st = LowLatencyState(ctx, rdma, resources=HeapResources(None, 1 << 40, 0, [1] * 2))
+    return fake_buffer(normal=False, ctx=ctx, low_latency=st), st
+
+
+def test_deepep_numerics_pick_their_kernels_and_turn_partials_off(rig, monkeypatch):
+    params, specs = _record_launches(rig, monkeypatch)
+    b, st = _numerics_buffer(rig, "deepep")
+    assert b.numerics == "deepep" and not st.partials and st.template.partials == 0
+    with pytest.raises(ValueError, match="numerics='deepep'"):
+        st.set_combine_partials(True)
+    st.set_combine_partials(False)  # allowed: nothing changes
+    x, topk, w = _inputs()
+    y = torch.zeros(E // 2, 2 * 8, H, dtype=torch.bfloat16)
+    _, _, h, _, _ = b.low_latency_dispatch(x, topk, 8, E)             # FP8: DeepEP's scales
+    _, _, h2, _, _ = b.low_latency_dispatch(x, topk, 8, E, use_fp8=False)  # BF16: no difference
+    b.low_latency_combine(y, topk, w, h2)
+    b.low_latency_combine(y, topk, w, h2, use_logfmt=True)
+    assert specs == [K.LowLatencySpec(H, True, deepep=True), K.LowLatencySpec(H, False),
+                     K.LowLatencySpec(H, False, deepep=True), K.LowLatencySpec(H, False, deepep=True, logfmt=True)]
+    assert all(p.partials == 0 for _, p in params)
+    # The shape word carries the partials bit every rank must agree on: off here.
+    assert K.unpack_shape_word(params[0][1].shape_word)["EPCOMM_LL_COMBINE_PARTIALS"] == 0
+    # An epcomm Buffer keeps its defaults: the plain modules, partials on.
+    params.clear(), specs.clear()
+    b2, st2 = _numerics_buffer(rig, "epcomm")
+    assert st2.partials
+    _, _, h3, _, _ = b2.low_latency_dispatch(x, topk, 8, E)
+    b2.low_latency_combine(y, topk, w, h3)
+    assert specs == [K.LowLatencySpec(H, True), K.LowLatencySpec(H, False)]
+    assert [p.partials for _, p in params] == [1, 1]
+
+
+def test_logfmt_combine_turns_partials_off_for_its_call_and_checks_its_arguments(rig, monkeypatch):
+    params, specs = _record_launches(rig, monkeypatch)
+    lay = K.HeapLayout.make(8, H, E, 2)
+    b, st = _numerics_buffer(rig, "epcomm", rdma=lay.lf_total)
+    x, topk, w = _inputs()
+    y = torch.zeros(E // 2, 2 * 8, H, dtype=torch.bfloat16)
+    _, _, h, _, _ = b.low_latency_dispatch(x, topk, 8, E, use_fp8=False)
+    b.low_latency_combine(y, topk, w, h, use_logfmt=True)
+    fn, p = params[-1]
+    assert specs[-1] == K.LowLatencySpec(H, False, logfmt=True) and fn == "combine_both"
+    assert p.partials == 0 and st.template.partials == 1  # this call only
+    assert (p.lf_meta_off, p.lf_stage_off) == (lay.lf_meta_off, lay.lf_stage_off)
+    b.low_latency_combine(y, topk, w, h)
+    assert params[-1][1].partials == 1 and specs[-1] == K.LowLatencySpec(H, False)
+    n, before = len(rig.launches()), _state(st)
+    zc = b.get_next_low_latency_combine_buffer(h)
+    with pytest.raises(ValueError, match="zero-copy"):
+        b.low_latency_combine(zc, topk, w, h, use_logfmt=True, zero_copy=True)
+    with pytest.raises(TypeError, match="use_logfmt must be a bool"):
+        b.low_latency_combine(y, topk, w, h, use_logfmt="on")
+    assert len(rig.launches()) == n and _state(st) == before
+    # A heap big enough for every call but the LogFMT one's group words.
+    b2, st2 = _numerics_buffer(rig, "epcomm", rdma=lay.total)
+    _, _, h2, _, _ = b2.low_latency_dispatch(x, topk, 8, E, use_fp8=False)
+    b2.low_latency_combine(y, topk, w, h2)
+    n, before = len(rig.launches()), _state(st2)
+    with pytest.raises(ValueError, match=rf"use_logfmt=True .* need num_rdma_bytes >= {lay.lf_total}"):
+        b2.low_latency_combine(y, topk, w, h2, use_logfmt=True)
+    assert len(rig.launches()) == n and _state(st2) == before
+    assert Buffer.get_low_latency_rdma_size_hint(8, H, 2, E) == lay.lf_total
+
+
+def test_wait_statistics_are_checked_before_launch_and_reach_the_kernels(rig, monkeypatch):
+    params, _ = _record_launches(rig, monkeypatch)
+    b, st = rig.buffer()
+    x, topk, w = _inputs()
+    y = torch.zeros(E // 2, 2 * 8, H, dtype=torch.bfloat16)
+    ds, cs = torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int64)
+    _, _, h, _, _ = b.low_latency_dispatch(x, topk, 8, E, use_fp8=False, dispatch_wait_recv_cost_stats=ds)
+    b.low_latency_combine(y, topk, w, h, combine_wait_recv_cost_stats=cs)
+    assert [p.wait_stats for _, p in params] == [ds.data_ptr(), cs.data_ptr()]
+    b.low_latency_combine(y, topk, w, h)
+    assert params[-1][1].wait_stats == 0 and st.template.wait_stats == 0
+    n, before = len(rig.launches()), _state(st)
+    for bad, exc, msg in ((torch.zeros(2, dtype=torch.int32), TypeError, "int64"),
+                          (torch.zeros(3, dtype=torch.int64), ValueError, "shape"),
+                          (torch.zeros(1, 2, dtype=torch.int64), ValueError, r"expected shape \(2,\), got \(1, 2\)"),
+                          (np.zeros(2, dtype=np.int64), TypeError, "numpy array but x is a torch")):
+        with pytest.raises(exc, match=msg):
+            b.low_latency_dispatch(x, topk, 8, E, use_fp8=False, dispatch_wait_recv_cost_stats=bad)
+        with pytest.raises(exc, match=msg):
+            b.low_latency_combine(y, topk, w, h, combine_wait_recv_cost_stats=bad)
+    assert len(rig.launches()) == n and _state(st) == before
+
+
+def test_receive_hooks_keep_the_wait_statistics_alive(rig):
+    import gc
+    import weakref
+    b, _ = rig.buffer()
+    x, topk, w = _inputs()
+    y = torch.zeros(E // 2, 2 * 8, H, dtype=torch.bfloat16)
+    ds = torch.zeros(2, dtype=torch.int64)
+    ref = weakref.ref(ds)
+    _, _, h, _, hook = b.low_latency_dispatch(x, topk, 8, E, use_fp8=False, return_recv_hook=True,
+                                              dispatch_wait_recv_cost_stats=ds)
+    del ds
+    gc.collect()
+    assert ref() is not None
+    hook()
+    cs = torch.zeros(2, dtype=torch.int64)
+    cref = weakref.ref(cs)
+    _, _, chook = b.low_latency_combine(y, topk, w, h, return_recv_hook=True, combine_wait_recv_cost_stats=cs)
+    del cs
+    gc.collect()
+    assert cref() is not None
+    del hook, chook
+    gc.collect()
+    assert ref() is None and cref() is None
+
+
+def test_fast_paths_leave_statistics_and_logfmt_calls_to_the_full_path(rig, monkeypatch):
+    import epcomm.envs as envs
+    params, _ = _record_launches(rig, monkeypatch)
+    b, st = rig.buffer()
+    x, topk, w = _inputs()
+    y = torch.zeros(E // 2, 2 * 8, H, dtype=torch.bfloat16)
+    monkeypatch.setenv("EPCOMM_CHECK_INDICES", "0")
+    envs.CHECK_INDICES.get_memo()
+    monkeypatch.setattr(st, "_torch", torch)
+    st._tdev, st._get_device = "cpu", lambda: 0
+    monkeypatch.setattr(torch.Tensor, "get_device", lambda self: 0)
+    monkeypatch.setattr(K, "launch_prepared", lambda *a: rig.log.append(("launch", "prepared")))
+    ds, cs = torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int64)
+    # Both slots get a plan (two rounds), then calls with the options go the full way.
+    hs = []
+    for _ in range(2):
+        _, _, h, _, _ = b.low_latency_dispatch(x, topk, 8, E, use_fp8=False)
+        b.low_latency_combine(y, topk, w, h)
+        hs.append(h)
+    for _ in range(2):
+        _, _, h, _, _ = b.low_latency_dispatch(x, topk, 8, E, use_fp8=False, dispatch_wait_recv_cost_stats=ds)
+        b.low_latency_combine(y, topk, w, h, combine_wait_recv_cost_stats=cs)
+        b.low_latency_combine(y, topk, w, h, use_logfmt=True)
+    assert st.fast_calls == 0
+    assert [p.wait_stats for _, p in params[-6:]] == [ds.data_ptr(), cs.data_ptr(), 0] * 2
+    # ...and a plain call after them is served by a plan made without them.
+    _, _, h, _, _ = b.low_latency_dispatch(x, topk, 8, E, use_fp8=False)
+    b.low_latency_combine(y, topk, w, h)
+    assert st.fast_calls == 2
+
+
+def test_buffer_numerics_is_checked_first_and_must_agree_across_ranks():
+    class _Group(FakeGroup):
+        def __init__(self, theirs):
+            super().__init__(0, 2)
+            self.theirs = theirs
+
+        def allgather_bytes(self, b):
+            return [b, self.theirs(b)]
+
+        def broadcast_bytes(self, b, root=0):
+            return b
+
+    for bad, exc in (("cuda", ValueError), (None, TypeError), ("DeepEP", ValueError)):
+        with pytest.raises(exc, match="numerics"):
+            Buffer(_Group(lambda b: b), 0, 1 << 20, low_latency_mode=True, numerics=bad)
+    ctx = fake_context(2, group=_Group(lambda b: b.replace(b"deepep", b"epcomm")))
+    ctx.numerics = "deepep"
+    b = Buffer._assemble(ctx)
+    assert b.numerics == "deepep"
+    with pytest.raises(ValueError, match=r"same sizes, mode and numerics; .*0,1048576,1,deepep.*0,1048576,1,epcomm"):
+        b._open_engines(0, 1 << 20, True)

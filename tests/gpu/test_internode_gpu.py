@@ -223,12 +223,24 @@ def _run_case(rank, world, P, buf, case):
         cx = [r.recv_x for r in ref]
         comb_in = recv_x
     cw = rw if (case["weights"] and not no_topk) else None
-    bias = [up(b) for b in me["biases"]]
+    host_biases = [[i["biases"][b] for i in ins] for b in range(case["bias"])]
+    if buf.numerics == "deepep":
+        # Rows that differ per rank (so a node's part of 2 or more rows rounds when it goes
+        # bf16, DeepEP's forwarder format) and biases spread over 2**-24 .. 2**24 across
+        # channels (so their place in the sum shows after the bf16 rounding).
+        import ml_dtypes
+        cx = [(c.astype(np.float32) * np.float32(1.5 + 0.37 * d)).astype(ml_dtypes.bfloat16) for d, c in enumerate(cx)]
+        if worst:
+            for d in range(world):
+                cx[d][ref[d].handle.num_recv_tokens:] = np.nan  # padding rows: never read
+        comb_in = up(cx[rank])
+        spread = (2.0 ** ((np.arange(H) % 49) - 24)).astype(np.float32)
+        host_biases = [[(b.astype(np.float32) * spread).astype(ml_dtypes.bfloat16) for b in bl] for bl in host_biases]
+    bias = [up(bl[rank]) for bl in host_biases]
     bias_arg = None if not bias else (bias[0] if len(bias) == 1 else tuple(bias))
     want = reference.combine(cx, [r.handle for r in ref],
                              topk_weights=[r.recv_topk_weights for r in ref] if cw is not None else None,
-                             bias=tuple([i["biases"][b] for i in ins] for b in range(case["bias"])),
-                             num_ranks_per_node=P)[rank]
+                             bias=tuple(host_biases), num_ranks_per_node=P, numerics=buf.numerics)[rank]
     out, outw, cev = buf.combine(comb_in, handle, topk_weights=cw, bias=bias_arg, config=cfg, **call)
     _wait(cev, case)
     assert_bits("combined_x", to_np(out), want[0])
@@ -246,7 +258,7 @@ def _run_case(rank, world, P, buf, case):
         assert_bits("cached recv_x", to_np(rx2)[:n_real], ref2.recv_x[:n_real])
 
 
-def _worker(rank, world, group, Ps, cases):
+def _worker(rank, world, group, Ps, cases, numerics="epcomm"):
     import torch
 
     import epcomm
@@ -261,7 +273,7 @@ def _worker(rank, world, group, Ps, cases):
     os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", str(int(1.2 * max(sum(v) for v in sizes.values())) + (512 << 20)))
     for P in Ps:
         os.environ["EPCOMM_RANKS_PER_NODE"] = str(P)
-        buf = epcomm.Buffer(group, *sizes[P])
+        buf = epcomm.Buffer(group, *sizes[P], numerics=numerics)
         assert buf._inter is not None and buf._inter.rpn == P, "the Buffer did not take the internode route"
         for case in cases:
             key = f"{case['name']}@{world // P}x{P}"
@@ -299,9 +311,22 @@ def _results():
     return spawn.run(_worker, w, _topologies(w), CASES, timeout=TEST_TIMEOUT.get())
 
 
-def _ids():
+def _ids(names=None):
     w = max(_world(), 2)
-    return [(c, P) for P in _topologies(w) for c in CASES]
+    return [(c, P) for P in _topologies(w) for c in CASES if names is None or c["name"] in names]
+
+
+# Buffer(numerics="deepep"): DeepEP's combine across nodes (each node's part rounded to bf16,
+# the biases first), with rows that differ per rank and spread biases (see _run_case).
+DEEPEP_CASES = ["bf16_h2880_worst_bias2_async", "bf16_different_token_counts_prev_event_comm_alloc",
+                "bf16_h7168_4096tok", "fp8_h2048_col_scales_no_weights"]
+
+
+@run_once
+def _results_deepep():
+    w = _world()
+    return spawn.run(_worker, w, _topologies(w), [c for c in CASES if c["name"] in DEEPEP_CASES], "deepep",
+                     timeout=TEST_TIMEOUT.get())
 
 
 @needs_ranks
@@ -312,6 +337,17 @@ def test_internode_dispatch_combine_against_reference(case, P):
     got = [r.get(key, "not run (an earlier case crashed)") for r in res]
     if any(v.startswith("SKIP") for v in got):
         pytest.skip(next(v for v in got if v.startswith("SKIP")))
+    bad = [f"rank {rank}: {v}" for rank, v in enumerate(got) if v != "ok"]
+    assert not bad, "\n".join(bad)
+
+
+@needs_ranks
+@pytest.mark.parametrize("case,P", _ids(DEEPEP_CASES),
+                         ids=[f"{c['name']}@{max(_world(), 2) // P}x{P}" for c, P in _ids(DEEPEP_CASES)])
+def test_internode_deepep_numerics_combine_against_reference(case, P):
+    res = _results_deepep()
+    key = f"{case['name']}@{_world() // P}x{P}"
+    got = [r.get(key, "not run (an earlier case crashed)") for r in res]
     bad = [f"rank {rank}: {v}" for rank, v in enumerate(got) if v != "ok"]
     assert not bad, "\n".join(bad)
 

@@ -443,10 +443,14 @@ def _run_case_body(rank, world, buf, case, up, ins, me, E, H, fw, async_, late):
             cw[d][ref[d].handle.num_recv_tokens:] = nan
     biases = []
     rng = np.random.default_rng(7)
+    # With numerics="deepep" the biases span 2**-24 .. 2**24 across channels: bf16 values this
+    # far apart round when added in float32, so adding them first (DeepEP) or last shows.
+    spread = (2.0 ** ((np.arange(H) % 49) - 24)).astype(np.float32) if buf.numerics == "deepep" else np.float32(1)
     for bi in range(case["bias"]):
-        biases.append([np.asarray(rng.standard_normal((ins[r]["N"], H)), np.float32).astype(ml_dtypes.bfloat16)
-                       for r in range(world)])
-    cref = reference.combine(ys, [r.handle for r in ref], topk_weights=cw, bias=tuple(biases))[rank]
+        biases.append([(np.asarray(rng.standard_normal((ins[r]["N"], H)), np.float32) * spread).astype(
+            ml_dtypes.bfloat16) for r in range(world)])
+    cref = reference.combine(ys, [r.handle for r in ref], topk_weights=cw, bias=tuple(biases),
+                             numerics=buf.numerics)[rank]
     bias_arg = _bias_arg([up(b[rank]) for b in biases], case["bias_form"])
     y_dev = up(ys[rank])
     cw_dev = up(cw[rank]) if cw else None
@@ -603,7 +607,7 @@ def _host_memory_shortfall(case, world):
             f"{total / 2**30:.0f} GiB")
 
 
-def _worker(rank, world, group, cases):
+def _worker(rank, world, group, cases, numerics="epcomm"):
     import torch
 
     import epcomm
@@ -612,7 +616,7 @@ def _worker(rank, world, group, cases):
     if any(c["framework"] == "jax" for c in cases):
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     need = max(epcomm.Buffer.get_nvl_buffer_size_hint(c["H"], world, c["N"], c["K"]) for c in cases)
-    buf = epcomm.Buffer(group, need)
+    buf = epcomm.Buffer(group, need, numerics=numerics)
     results = {}
     for case in cases:
         spawn.phase(case["name"])
@@ -678,6 +682,28 @@ def test_dispatch_combine_against_reference(case):
     got = [r.get(case["name"], "not run (an earlier case crashed)") for r in res]
     if any(v.startswith("SKIP") for v in got):
         pytest.skip(next(v for v in got if v.startswith("SKIP")))
+    bad = [f"rank {rank}: {v}" for rank, v in enumerate(got) if v != "ok"]
+    assert not bad, "\n".join(bad)
+
+
+# Buffer(numerics="deepep"): the combine adds the biases first (DeepEP V1's order); the cases with
+# biases, in every form they can be passed (bare, a pair, None in either place).
+DEEPEP_CASES = ["bf16_h2880_worst_bias_pair", "bf16_alignment128", "fp8_h2048_worst_col_async_bias2",
+                "fp8_rank0_empty_worst", "bf16_h2048_one_token"]
+
+
+@run_once
+def _results_deepep():
+    return spawn.run(_worker, _world(), [c for c in CASES if c["name"] in DEEPEP_CASES], "deepep",
+                     timeout=TEST_TIMEOUT.get())
+
+
+@needs_ranks
+@pytest.mark.parametrize("name", DEEPEP_CASES)
+def test_deepep_numerics_combine_against_reference(name):
+    """The combine of a Buffer with numerics="deepep" against reference.combine(numerics="deepep"),
+    biases spread over 2**-24 .. 2**24 so their place in the sum shows in the bf16 results."""
+    got = [r.get(name, "not run (an earlier case crashed)") for r in _results_deepep()]
     bad = [f"rank {rank}: {v}" for rank, v in enumerate(got) if v != "ok"]
     assert not bad, "\n".join(bad)
 

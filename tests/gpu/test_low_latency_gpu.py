@@ -29,6 +29,15 @@ subset), with one combine row per (token, expert), and on the steady-state fast 
 micro-batches in flight with hooks and CUDA graphs (bf16, then FP8 with UE8M0 scales) replayed
 with new routing and eager calls in between, in the NVLink and the put spawns.
 
+DeepEP numerics and the DeepEP features: a spawn with ``Buffer(numerics="deepep")`` (FP8 scales
+``amax * float32(1/448)``, the combine's FMA sum) on the full and the fast paths; LogFMT-10
+combines (``use_logfmt``; expert outputs scaled so that most 128-channel groups are cast and
+some are not, hidden 2560 for a partial last 1024-channel step) over NVLink, through NVSHMEM
+puts and with FMA; all checked bit for bit against the extended reference.  The wait
+statistics: int64 per rank, never negative, growing with every call, and (two or more ranks,
+one-kernel calls) at least the delay the last rank puts before its sends into rank 0's entry
+for it.
+
 Marked gpu/multigpu.  With one GPU the tests run with one rank, or with 2 sharing it under
 EPCOMM_SHARE_GPU=1 (correctness only); EPCOMM_TEST_RANKS picks another number of ranks.  The
 test ids end in ``-R<ranks>``: with one rank no peer path runs (every message is a local
@@ -54,9 +63,10 @@ _R = f"-R{_world()}" if _world() else ""
 def _case(name, **kw):
     base = dict(name=name, T=128, N=None, H=7168, E=64, K=8, fp8=True, round_scale=False, ue8m0=False,
                 hook=False, async_=False, zero_copy=False, out=False, stats=False, drop=0.1,
-                empty_rank0=False, prev_event=False)
+                empty_rank0=False, prev_event=False, logfmt=False, wait_stats=False)
     base.update(kw)
     assert not (base["prev_event"] and (base["hook"] or base["zero_copy"])), name
+    assert not (base["logfmt"] and base["zero_copy"]), name  # refused by the API
     return base
 
 
@@ -77,6 +87,13 @@ CASES = [
     _case("bf16_t256_h2048_e288_k16", T=256, H=2048, E=288, K=16, fp8=False),
     _case("bf16_t1_h7168_e288_k8_async", T=1, E=288, fp8=False, async_=True),  # async without previous_event
     _case("fp8_t128_h2048_hook", H=2048, hook=True),
+    # LogFMT-10 combines (the expert outputs are scaled so most groups are cast: see _round).
+    _case("logfmt_bf16_t128_h7168_e64_k8", fp8=False, logfmt=True),
+    _case("logfmt_fp8_h2560_hook_out", H=2560, logfmt=True, hook=True, out=True),
+    _case("logfmt_t1_k16_e32_async", T=1, K=16, E=32, logfmt=True, async_=True),
+    # Wait statistics (the last rank delays its sends: see _round).
+    _case("wait_stats_fp8_t64_h2048", T=64, H=2048, wait_stats=True),
+    _case("wait_stats_logfmt_hook_h4096", H=4096, hook=True, wait_stats=True, logfmt=True),
 ]
 
 # Pseudo-case run last in the NVLink and put spawns (see _overlap).
@@ -156,13 +173,31 @@ def _assert_pending(what, ev, async_):
                       f"(the call blocked, or did not wait for the event)")
 
 
-def _round(rank, world, group, buf, case, it, stats):
+# In a wait-statistics case (one-kernel calls, two or more ranks) every rank starts a call
+# together, and the last rank's kernel only after a GPU sleep of this many cycles (about 1 ms):
+# rank 0's receive then waits at least a fifth of that for the last rank.
+DELAY_CYCLES = 2_000_000
+DELAY_NS_AT_LEAST = 200_000
+
+
+def _delay_last_rank(rank, world, group, case):
+    import torch
+    if not case["wait_stats"] or case["hook"] or world < 2:
+        return
+    torch.cuda.synchronize()
+    group.barrier()
+    if rank == world - 1:
+        torch.cuda._sleep(DELAY_CYCLES)
+
+
+def _round(rank, world, group, buf, case, it, stats, wstats=(None, None)):
     import ml_dtypes
     import torch
 
     from epcomm import envs, reference
     from epcomm.testing import random_bf16, random_topk, random_weights
     T, H, E, K = case["T"], case["H"], case["E"], case["K"]
+    numerics = buf.numerics
     L = E // world
     rng = np.random.default_rng((zlib.crc32(case["name"].encode()) + 7919 * it) % 2**32)
     xs, tks, ws = [], [], []
@@ -175,13 +210,16 @@ def _round(rank, world, group, buf, case, it, stats):
         ws.append(random_weights(rng, tk))
         xs.append(random_bf16(rng, (n, H)))
     ref = reference.low_latency_dispatch(xs, tks, T, E, use_fp8=case["fp8"], round_scale=case["round_scale"],
-                                         use_ue8m0=case["ue8m0"])
+                                         use_ue8m0=case["ue8m0"], numerics=numerics)
     x, topk, w = _up(xs[rank]), _up(tks[rank]), _up(ws[rank])
     # The slot this dispatch overwrites holds the dispatch of two calls back, checked already.
     _poison_slot(buf._ll, buf._ll._disp_slot)
     kw = {}
     if case["prev_event"]:
         x, kw["previous_event"] = _late(x)
+    if wstats[0] is not None:
+        kw["dispatch_wait_recv_cost_stats"] = wstats[0]
+    _delay_last_rank(rank, world, group, case)
     with _host_index_check_off(case["prev_event"]):
         recv, cnt, handle, ev, hook = buf.low_latency_dispatch(
             x, topk, T, E, use_fp8=case["fp8"], round_scale=case["round_scale"], use_ue8m0=case["ue8m0"],
@@ -223,12 +261,25 @@ def _round(rank, world, group, buf, case, it, stats):
             if case["ue8m0"]:
                 sc = reference.unpack_ue8m0(sc, H // 128)
             base = base * np.repeat(sc.astype(np.float32), 128, axis=-1)
-        y_d = (base * np.float32(d + 1.5) * fac).astype(ml_dtypes.bfloat16)
+        y_d = base * np.float32(d + 1.5) * fac
+        if case["logfmt"]:
+            # LogFMT casts a 128-channel group only if its magnitudes stay below 1: scale most
+            # groups down (values around 0.1, some zeros from FP8 underflow), and leave every
+            # third group of every fourth local expert as is (mostly at or above 1: sent as
+            # bf16), so those rows mix cast and bf16 groups (packed at shifted offsets).
+            keep = np.zeros(H // 128, dtype=bool)
+            keep[::3] = True
+            sc = np.full((L, 1, H // 128), np.float32(1 / 32))
+            sc[::4, 0, :] = np.where(keep, np.float32(1), np.float32(1 / 32))
+            y_d = y_d * np.repeat(sc, 128, axis=-1)
+        y_d = y_d.astype(ml_dtypes.bfloat16)
         for j in range(L):
             y_d[j, int(r.recv_count[j]):] = np.nan
         ys.append(y_d)
-    partials = envs.LL_COMBINE_PARTIALS.get() and not envs.LL_FORCE_NVSHMEM_PUT.get()
-    cref = reference.low_latency_combine(ys, tks, ws, [r.handle for r in ref], partials=partials)[rank]
+    partials = (envs.LL_COMBINE_PARTIALS.get() and not envs.LL_FORCE_NVSHMEM_PUT.get()
+                and numerics == "epcomm" and not case["logfmt"])
+    cref = reference.low_latency_combine(ys, tks, ws, [r.handle for r in ref], partials=partials, numerics=numerics,
+                                         use_logfmt=case["logfmt"])[rank]
     if case["zero_copy"]:
         y = buf.get_next_low_latency_combine_buffer(handle)
         y.copy_(_up(ys[rank]))
@@ -244,6 +295,11 @@ def _round(rank, world, group, buf, case, it, stats):
     kw = {}
     if case["prev_event"]:
         y, kw["previous_event"] = _late(y)
+    if case["logfmt"]:
+        kw["use_logfmt"] = True
+    if wstats[1] is not None:
+        kw["combine_wait_recv_cost_stats"] = wstats[1]
+    _delay_last_rank(rank, world, group, case)
     with _host_index_check_off(case["prev_event"]):
         comb, ev2, hook2 = buf.low_latency_combine(y, topk, w, handle, zero_copy=case["zero_copy"], out=out,
                                                    async_finish=case["async_"], return_recv_hook=case["hook"], **kw)
@@ -287,7 +343,23 @@ def _check_clean(buf, shape, stale):
     return "ok"
 
 
-def _worker(rank, world, group, cases, rounds=3):
+def _check_wait_stats(rank, world, case, snaps):
+    """The wait statistics after each round (dispatch, combine): int64, never negative, never
+    shrinking; with two or more ranks and one-kernel calls, rank 0's entry for the last rank
+    holds at least the delay of each round (_delay_last_rank)."""
+    for name, i in (("dispatch_wait_recv_cost_stats", 0), ("combine_wait_recv_cost_stats", 1)):
+        seq = [s[i] for s in snaps]
+        assert all(v.dtype == np.int64 and v.shape == (world,) for v in seq), name
+        assert seq[0].min() >= 0, f"{name}: negative after round 1: {seq[0]}"
+        for a, b in zip(seq, seq[1:]):
+            assert np.all(b >= a), f"{name}: shrank from {a} to {b}"
+        if world > 1 and not case["hook"] and rank == 0:
+            want = DELAY_NS_AT_LEAST * len(seq)
+            assert seq[-1][world - 1] >= want, (f"{name}: rank 0 waited {seq[-1][world - 1]} ns for the last rank "
+                                                f"over {len(seq)} rounds, each delayed ~1 ms; expected >= {want}")
+
+
+def _worker(rank, world, group, cases, rounds=3, numerics="epcomm"):
     import torch
 
     import epcomm
@@ -297,7 +369,7 @@ def _worker(rank, world, group, cases, rounds=3):
     big = max(real, key=lambda c: _hint(c, world))
     clean_after = real[max(len(real) // 2 - 1, 0)]["name"]
     need = max(_hint(c, world) for c in cases)
-    buf = epcomm.Buffer(group, 0, need, low_latency_mode=True)
+    buf = epcomm.Buffer(group, 0, need, low_latency_mode=True, numerics=numerics)
     results = {}
     for case in cases:
         spawn.phase(case["name"])
@@ -309,14 +381,22 @@ def _worker(rank, world, group, cases, rounds=3):
             else:
                 stats = (torch.zeros(case["E"] // world, dtype=torch.int32, device="cuda") if case["stats"]
                          else None)
+                wstats = ((torch.zeros(world, dtype=torch.int64, device="cuda"),
+                           torch.zeros(world, dtype=torch.int64, device="cuda")) if case["wait_stats"]
+                          else (None, None))
+                snaps = []
                 total = 0
                 fast0 = buf._ll.fast_calls
                 for it in range(rounds):
-                    cnt, stale = _round(rank, world, group, buf, case, it, stats)
+                    cnt, stale = _round(rank, world, group, buf, case, it, stats, wstats)
                     total = total + cnt
+                    if case["wait_stats"]:
+                        snaps.append(tuple(_np(t).copy() for t in wstats))
                 results["fast_calls:" + case["name"]] = buf._ll.fast_calls - fast0
                 if stats is not None:
                     _assert_bits("cumulative stats", stats.cpu().numpy(), total.astype(np.int32))
+                if snaps:
+                    _check_wait_stats(rank, world, case, snaps)
                 results[case["name"]] = "ok"
         except AssertionError as e:
             results[case["name"]] = f"FAIL: {e}"
@@ -511,7 +591,15 @@ def _overlap(rank, world, group, buf):
 
 PUT_CASES = ["fp8_t128_h7168_e256_k8", "bf16_k16_e32_hook_zero_copy", "fp8_zero_copy_out", "fp8_ue8m0_t256_h7168",
              "fp8_h4096_async_previous_event", "fp8_partial_batch_n50_t128_stats_previous_event", "fp8_t1_k1",
-             "bf16_t256_h2048_e288_k16"]
+             "bf16_t256_h2048_e288_k16", "logfmt_bf16_t128_h7168_e64_k8", "logfmt_fp8_h2560_hook_out",
+             "wait_stats_fp8_t64_h2048"]
+# Buffer(numerics="deepep"): DeepEP's FP8 scales and the FMA combine, LogFMT with FMA, on the full
+# paths and (4 rounds, EPCOMM_CHECK_INDICES=0) the fast paths of the cases that can take them.
+DEEPEP_CASES = ["fp8_t128_h7168_e256_k8", "bf16_t128_h4096_e64_k8", "fp8_round_scale_t256_h2048",
+                "fp8_ue8m0_t256_h7168", "fp8_t128_h7168_e288_k8_hook_stats", "fp8_t1_k16_e32", "fp8_k1_out",
+                "logfmt_bf16_t128_h7168_e64_k8", "logfmt_fp8_h2560_hook_out", "wait_stats_fp8_t64_h2048"]
+DEEPEP_FAST = ["fp8_t128_h7168_e256_k8", "bf16_t128_h4096_e64_k8", "fp8_round_scale_t256_h2048",
+               "fp8_ue8m0_t256_h7168", "fp8_t1_k16_e32", "fp8_k1_out"]
 ROWS_CASES = ["fp8_t128_h7168_e256_k8", "bf16_k16_e32_hook_zero_copy", "fp8_zero_copy_out", "fp8_t1_k16_e32"]
 
 
@@ -544,6 +632,13 @@ FAST_CASES = ["fp8_t128_h7168_e256_k8", "bf16_t128_h4096_e64_k8", "fp8_ue8m0_t25
 def _results_fast():
     cases = [c for c in CASES if c["name"] in FAST_CASES]
     return spawn.run(_worker, _world(), cases, 4, timeout=TEST_TIMEOUT.get(),
+                     env={"EPCOMM_CHECK_INDICES": "0"})
+
+
+@run_once
+def _results_deepep():
+    cases = [c for c in CASES if c["name"] in DEEPEP_CASES]
+    return spawn.run(_worker, _world(), cases, 4, "deepep", timeout=TEST_TIMEOUT.get(),
                      env={"EPCOMM_CHECK_INDICES": "0"})
 
 
@@ -610,6 +705,19 @@ def test_low_latency_with_declared_nodes_reaches_other_nodes_by_puts():
 @pytest.mark.parametrize("name", PUT_CASES + ["overlap"], ids=[n + _R for n in PUT_CASES + ["overlap"]])
 def test_low_latency_across_declared_nodes(name):
     _assert_case(_results("nodes"), name)
+
+
+@needs_ll_ranks
+@pytest.mark.parametrize("name", DEEPEP_CASES, ids=[n + _R for n in DEEPEP_CASES])
+def test_low_latency_deepep_numerics_against_reference(name):
+    """Buffer(numerics="deepep"): DeepEP V1's FP8 scales and FMA combine (LogFMT too), bit for
+    bit against the reference with numerics="deepep"; the plain cases' last two rounds on the
+    prepared fast paths."""
+    res = _results_deepep()
+    _assert_case(res, name)
+    if name in DEEPEP_FAST:
+        for rank, r in enumerate(res):
+            assert r["fast_calls:" + name] == 4, f"rank {rank}: {r['fast_calls:' + name]} fast-path calls, expected 4"
 
 
 @needs_ll_ranks

@@ -144,7 +144,9 @@ def heap_breakdown(T: int, H: int, E: int, R: int) -> dict:
         "combine_receive (2 x T x 32 rows of 2H)": lay.disp_send_off - lay.comb_region_off,
         "dispatch_send (2 x T messages)": lay.comb_send_off - lay.disp_send_off,
         "combine_send (2 x E x T rows of 2H)": lay.total - lay.comb_send_off,
-        "total": lay.total,
+        "logfmt_receive (2 x T x 32 rows of H/128 words)": lay.lf_stage_off - lay.lf_meta_off,
+        "logfmt_send (2 x E x T rows of H/128 words)": lay.lf_total - lay.lf_stage_off,
+        "total": lay.lf_total,
         "message_bytes": lay.msg_bytes,
     }
 
