@@ -118,19 +118,7 @@ class CombineOps:
             p.wait_stats = ws.ptr if ws is not None else 0
             if use_logfmt:  # every row travels encoded: the kernels make no partials
                 p.partials = 0
-            smem = K.combine_smem_bytes(R, T)
-            if smem > DEFAULT_SMEM:
-                self._allow_smem(mod, ("combine_send", "combine_recv", "combine_both"), smem)
-            blocks = self.num_sms
-            fn = grid = None
-            if return_recv_hook:
-                K.launch_half(mod, "combine_send", blocks, stream, p, smem)
-                self._comb_pending[slot] = True
-            else:
-                fn = mod.fn("combine_both")
-                grid = min(blocks, self._coop_blocks(fn, smem))
-                K.launch_both(fn, grid, stream, p, smem)
-            self._comb_slot ^= 1
+            fn, grid, blocks, smem = self._launch_combine(mod, p, slot, stream, return_recv_hook, R, T)
             # zero_copy: x is this buffer's own heap, not the caller's allocator's to track.
             ev = self._event(fw, caller, stream, async_finish, (None if zero_copy else xr, tr, wr, o, ws))
         hook = None
@@ -144,6 +132,24 @@ class CombineOps:
             self._plans[("c", N, Kt, slot, handle.slot, id(handle.refs["keep"]))] = _Plan(p, fn, grid, smem,
                                                                                         out=(E // R, R * T, H))
         return interop.finish(fw, out_obj, stream), ev, hook
+
+    def _launch_combine(self, mod, p, slot: int, stream: int, return_recv_hook: bool, R: int, T: int):
+        """The send half alone (a receive hook follows) or send and receive in one cooperative
+        grid; returns (the fused kernel or None, its grid or None, blocks, shared memory)."""
+        smem = K.combine_smem_bytes(R, T)
+        if smem > DEFAULT_SMEM:
+            self._allow_smem(mod, ("combine_send", "combine_recv", "combine_both"), smem)
+        blocks = self.num_sms
+        fn = grid = None
+        if return_recv_hook:
+            K.launch_half(mod, "combine_send", blocks, stream, p, smem)
+            self._comb_pending[slot] = True
+        else:
+            fn = mod.fn("combine_both")
+            grid = min(blocks, self._coop_blocks(fn, smem))
+            K.launch_both(fn, grid, stream, p, smem)
+        self._comb_slot ^= 1
+        return fn, grid, blocks, smem
 
     def _combine_args(self, x, topk_idx, topk_weights, handle, zero_copy, async_finish, return_recv_hook, out,
                       previous_event):

@@ -117,16 +117,7 @@ class DispatchOps:
                                            previous_event=previous_event)
             res = self._slot_results(a, slot)
             p = self._dispatch_params(a, lay, slot, res, stream, capturing, shape)
-            send_blocks = max(1, min(self.num_sms, a.N))
-            recv_blocks = max(1, min(self.num_sms, L))
-            fn = grid = None
-            if a.return_recv_hook:
-                K.launch_half(mod, "dispatch_send", send_blocks, stream, p, smem)
-                self._disp_pending[slot] = True
-            else:
-                fn = mod.fn("dispatch_both")
-                grid = min(max(send_blocks, recv_blocks), self._coop_blocks(fn, smem))
-                K.launch_both(fn, grid, stream, p, smem)
+            fn, grid, recv_blocks = self._launch_dispatch(mod, p, slot, stream, a, smem, L)
             gen = self._advance_slot(slot, shape if p.check_shape else None)
             ev = self._event(a.fw, caller, stream, a.async_finish, (a.xr, a.tr, a.stats, a.wait_stats))
         vx, vscales, vcount, vsrc, vrange = res.views(stream)
@@ -145,6 +136,21 @@ class DispatchOps:
             self._remember_dispatch_plan(a, slot, _Plan(p, fn, grid, smem, out=(recv_x, vcount, vsrc, vrange,
                                                                                 handle.refs)))
         return recv_x, vcount, handle, ev, hook
+
+    def _launch_dispatch(self, mod, p, slot: int, stream: int, a: _DispatchArgs, smem: int, L: int):
+        """The send half alone (a receive hook follows) or send and receive in one cooperative
+        grid; returns (the fused kernel or None, its grid or None, the receive's blocks)."""
+        send_blocks = max(1, min(self.num_sms, a.N))
+        recv_blocks = max(1, min(self.num_sms, L))
+        fn = grid = None
+        if a.return_recv_hook:
+            K.launch_half(mod, "dispatch_send", send_blocks, stream, p, smem)
+            self._disp_pending[slot] = True
+        else:
+            fn = mod.fn("dispatch_both")
+            grid = min(max(send_blocks, recv_blocks), self._coop_blocks(fn, smem))
+            K.launch_both(fn, grid, stream, p, smem)
+        return fn, grid, recv_blocks
 
     def _remember_dispatch_plan(self, a: _DispatchArgs, slot: int, plan: _Plan) -> None:
         """The fast path's prepared launch of this dispatch's shape and flags in ``slot``."""
