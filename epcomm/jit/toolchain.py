@@ -13,6 +13,10 @@ from epcomm import envs
 from epcomm.errors import ToolchainError
 
 
+# What installs the CUDA components epcomm compiles with: the extra of the CUDA major version.
+INSTALL_FIX = "pip install 'epcomm[cu13]' (or 'epcomm[cu12]' for CUDA 12)"
+
+
 def cuda_src_dir() -> Path:
     """The ``cuda_src`` directory: inside the installed package, or beside it in a checkout."""
     here = Path(__file__).resolve().parent.parent  # .../epcomm
@@ -69,16 +73,15 @@ def cuda_include_dirs() -> tuple[Path, ...]:
         rt = _pathfinder_header("cudart") or _first_dir(*(h / "include" for h in homes))
     if rt is None or not (rt / "cuda_runtime.h").is_file():
         raise ToolchainError(
-            "CUDA runtime headers (cuda_runtime.h) not found. Install the extra matching your "
-            "CUDA major version (pip install 'epcomm[cu13]' or 'epcomm[cu12]') or set "
-            f"EPCOMM_CUDA_HOME. Searched: wheels, {', '.join(map(str, homes))}")
+            f"CUDA runtime headers (cuda_runtime.h) not found; {INSTALL_FIX} installs them, or set "
+            f"EPCOMM_CUDA_HOME. Searched: wheels, {', '.join(map(str, homes)) or 'no CUDA home'}")
     cccl = None
     for c in (rt / "cccl", _pathfinder_header("cccl"), *(h / "include" / "cccl" for h in homes), rt):
         if c and (Path(c) / "cuda" / "std" / "version").is_file():
             cccl = Path(c)
             break
     if cccl is None:
-        raise ToolchainError("CCCL headers (cuda/std/version) not found; install nvidia-cuda-cccl")
+        raise ToolchainError(f"CCCL headers (cuda/std/version) not found; {INSTALL_FIX} installs them")
     dirs = [rt] if cccl == rt else [rt, cccl]
     return tuple(dirs)
 
@@ -108,9 +111,9 @@ def nvshmem() -> NvshmemInstall:
             inc = _pathfinder_header("nvshmem")
             root = inc.parent if inc is not None else None
     if root is None or not (root / "include" / "nvshmem.h").is_file():
-        raise ToolchainError(
-            "NVSHMEM headers not found: install nvidia-nvshmem-cu13 (or -cu12), or set "
-            f"EPCOMM_NVSHMEM_HOME (looked in {root})")
+        where = f"looked in {root}" if root is not None else "no nvidia-nvshmem wheel is installed"
+        raise ToolchainError(f"NVSHMEM headers not found ({where}); {INSTALL_FIX} installs them, or set "
+                             f"EPCOMM_NVSHMEM_HOME")
     lib = root / "lib" / "libnvshmem_device.a"
     if not lib.is_file():
         raise ToolchainError(f"{lib} not found: NVSHMEM device library missing")
@@ -191,6 +194,15 @@ def nvshmem_device_lib_stamp() -> str:
     return h.hexdigest()
 
 
+def check_for(specs) -> None:
+    """One ToolchainError, naming the fix, if what these specializations need to compile is
+    missing (NVRTC, the CUDA and CCCL headers, NVSHMEM for the modules that call it)."""
+    nvrtc_version()
+    cuda_include_dirs()
+    if any(s.uses_nvshmem for s in specs):
+        nvshmem()
+
+
 @functools.lru_cache(maxsize=None)
 def nvrtc_version() -> str:
     try:
@@ -198,7 +210,7 @@ def nvrtc_version() -> str:
         err, major, minor = nvrtc.nvrtcVersion()
         return f"{major}.{minor}"
     except Exception as e:  # pragma: no cover - depends on the install
-        raise ToolchainError(f"NVRTC is not usable: {e}. Install nvidia-cuda-nvrtc") from e
+        raise ToolchainError(f"NVRTC is not usable ({type(e).__name__}: {e}); {INSTALL_FIX} installs it") from e
 
 
 @functools.lru_cache(maxsize=None)

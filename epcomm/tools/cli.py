@@ -6,6 +6,7 @@ import importlib
 import sys
 
 from epcomm._version import __version__
+from epcomm.errors import ToolchainError
 from epcomm.tools.bench import defaults as bench_defaults
 from epcomm.tools.bench import knobs as bench_knobs
 
@@ -155,6 +156,9 @@ def main(argv=None) -> int:
     except (ValueError, TypeError) as e:
         print(f"epcomm {a.cmd}: {e}", file=sys.stderr)
         return 2
+    except ToolchainError as e:  # an install problem: one line with the fix
+        print(f"epcomm {a.cmd}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -109,6 +109,7 @@ def main(a) -> int:
         else:
             specs.append(s)
     _check_cache()
+    toolchain.check_for(specs)  # one line naming the fix, not one failure per kernel
     jobs = a.jobs or envs.COMPILE_JOBS.get() or os.cpu_count() or 1
     jobs = max(1, min(jobs, len(specs)))
     print(f"epcomm warmup: {len(specs)} specializations for {arch}, {jobs} parallel job(s), "

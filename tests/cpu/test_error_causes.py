@@ -1,6 +1,8 @@
 """Errors name the real cause first: the argument before the group, the missing method of a group."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 
@@ -49,3 +51,34 @@ def test_cli_version_bare_command_and_unknown_options(capsys):
         cli.main(["bench"])
     err = capsys.readouterr().err
     assert "MODE" in err and "argument what" not in err
+
+
+def test_warmup_without_the_cuda_extra_says_how_to_install_it_once(capsys, monkeypatch):
+    from epcomm.errors import ToolchainError
+    from epcomm.jit import toolchain
+    from epcomm.tools import cli
+
+    def no_nvrtc():
+        raise ToolchainError("NVRTC is not usable (ImportError: no nvrtc); " + toolchain.INSTALL_FIX + " installs it")
+
+    monkeypatch.setattr(toolchain, "nvrtc_version", no_nvrtc)
+    monkeypatch.setattr("epcomm.tools.warmup._build_all", lambda *a: pytest.fail("compiled without NVRTC"))
+    assert cli.main(["warmup", "--hidden", "2048", "--arch", "sm_90"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install 'epcomm[cu13]'" in err[0] and err[0].startswith("epcomm warmup:")
+
+
+def test_nvshmem_missing_names_the_extra_not_none(monkeypatch):
+    from epcomm.errors import ToolchainError
+    from epcomm.jit import toolchain
+    monkeypatch.setattr(toolchain, "_pathfinder_header", lambda name: None)
+    monkeypatch.delenv("EPCOMM_NVSHMEM_HOME", raising=False)
+    monkeypatch.setitem(sys.modules, "nvidia.nvshmem", None)  # the wheel's package: not importable
+    toolchain.nvshmem.cache_clear()
+    try:
+        with pytest.raises(ToolchainError) as ei:
+            toolchain.nvshmem()
+    finally:
+        toolchain.nvshmem.cache_clear()
+    msg = str(ei.value)
+    assert "None" not in msg and "no nvidia-nvshmem wheel is installed" in msg and "epcomm[cu13]" in msg
