@@ -6,6 +6,8 @@ import concurrent.futures as cf
 import multiprocessing as mp
 import os
 import sys
+import tempfile
+import threading
 import time
 
 from epcomm import envs
@@ -77,25 +79,76 @@ def _check_cache() -> None:
                              "keep nothing; set EPCOMM_CACHE_DIR to a writable directory")
 
 
+class _Progress:
+    """One status line, rewritten in place on a terminal (with the seconds elapsed, so a long
+    compile shows it is alive); nothing on a pipe or file, where only the final table is wanted."""
+
+    def __init__(self, total: int, stream=None):
+        self.total, self.done, self.last = total, 0, ""
+        self.stream = stream or sys.stdout
+        self.live = self.stream.isatty()
+        self.t0 = time.perf_counter()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        if self.live:
+            threading.Thread(target=self._tick, daemon=True).start()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(0.5):
+            self._draw()
+
+    def _draw(self) -> None:
+        with self._lock:
+            line = f"[{self.done}/{self.total}] {time.perf_counter() - self.t0:5.1f}s  {self.last}"
+            self.stream.write("\r" + line[:120].ljust(120))
+            self.stream.flush()
+
+    def step(self, label: str, result: str) -> None:
+        self.done += 1
+        self.last = f"{result} {label}"
+        if self.live:
+            self._draw()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self.live:
+            with self._lock:
+                self.stream.write("\r" + " " * 120 + "\r")
+                self.stream.flush()
+
+
 def _build_all(specs: list, arch: str, jobs: int) -> list:
-    """(label, result, seconds, error) of each specialization, printed as they finish."""
+    """(label, result, seconds, error) of each specialization (progress on a terminal)."""
     env = {k: v for k, v in os.environ.items() if k.startswith("EPCOMM_")}
     rows = []
     work = [(s, arch, env) for s in specs]
-    if jobs == 1:
-        results = map(_build_one, work)
-        for i, r in enumerate(results, 1):
-            rows.append(r)
-            print(f"  [{i}/{len(specs)}] {r[1]:8s} {r[2]:6.2f}s  {r[0]}", flush=True)
-    else:
-        # spawn: a child must not inherit a CUDA context the parent may have created.
-        with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as ex:
-            futs = [ex.submit(_build_one, w) for w in work]
-            for i, f in enumerate(cf.as_completed(futs), 1):
-                r = f.result()
+    progress = _Progress(len(specs))
+    try:
+        if jobs == 1:
+            for r in map(_build_one, work):
                 rows.append(r)
-                print(f"  [{i}/{len(specs)}] {r[1]:8s} {r[2]:6.2f}s  {r[0]}", flush=True)
+                progress.step(r[0], r[1])
+        else:
+            # spawn: a child must not inherit a CUDA context the parent may have created.
+            with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as ex:
+                for f in cf.as_completed([ex.submit(_build_one, w) for w in work]):
+                    r = f.result()
+                    rows.append(r)
+                    progress.step(r[0], r[1])
+    finally:
+        progress.close()
     return rows
+
+
+def _report_failures(failed: list) -> None:
+    """One line per failed specialization; the full logs (options, numbered source) in a file."""
+    with tempfile.NamedTemporaryFile("w", prefix="epcomm-warmup-", suffix=".log", delete=False) as f:
+        for name, _, _, err in failed:
+            f.write(f"==== {name}\n{err.replace(chr(0), '')}\n\n")
+    for name, _, _, err in failed:
+        first = next((ln.strip() for ln in err.replace("\x00", "").splitlines() if ln.strip()), "no message")
+        print(f"epcomm warmup: FAILED {name}: {first[:200]}", file=sys.stderr)
+    print(f"epcomm warmup: full compiler logs in {f.name}", file=sys.stderr)
 
 
 def main(a) -> int:
@@ -127,8 +180,8 @@ def main(a) -> int:
     n_h = sum(r[1] == "cached" for r in rows)
     failed = [r for r in rows if r[1] == "FAILED"]
     print(f"\n{n_c} compiled, {n_h} cached, {len(failed)} failed in {time.perf_counter() - t0:.1f}s")
-    for name, _, _, err in failed:
-        print(f"\nFAILED {name}:\n{err}", file=sys.stderr)
+    if failed:
+        _report_failures(failed)
     return 1 if failed else 0
 
 

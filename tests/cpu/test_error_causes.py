@@ -82,3 +82,26 @@ def test_nvshmem_missing_names_the_extra_not_none(monkeypatch):
         toolchain.nvshmem.cache_clear()
     msg = str(ei.value)
     assert "None" not in msg and "no nvidia-nvshmem wheel is installed" in msg and "epcomm[cu13]" in msg
+
+
+def test_warmup_failures_are_one_line_each_with_the_logs_in_a_file(capsys, monkeypatch):
+    from epcomm.tools import cli, warmup
+    monkeypatch.setattr(warmup.toolchain, "check_for", lambda specs: None)
+    monkeypatch.setattr(warmup, "_build_all", lambda specs, arch, jobs: [
+        (s.label(), "FAILED", 0.1, "NVRTC failed\x00\nline two of the log\n" * 50) for s in specs[:2]]
+        + [(s.label(), "cached", 0.0, "") for s in specs[2:]])
+    assert cli.main(["warmup", "--hidden", "2048", "--mode", "low-latency", "--arch", "sm_90"]) == 1
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert "\x00" not in err and "\x00" not in out
+    assert sum(ln.startswith("epcomm warmup: FAILED ") for ln in lines) == 2 and len(lines) == 3
+    log = lines[-1].split(" in ", 1)[1]
+    assert "line two of the log" in open(log).read()
+
+
+def test_warmup_progress_is_silent_off_a_terminal(capsys):
+    from epcomm.tools.warmup import _Progress
+    p = _Progress(3)
+    p.step("a", "compiled")
+    p.close()
+    assert capsys.readouterr().out == ""
