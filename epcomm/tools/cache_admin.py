@@ -13,13 +13,18 @@ def main(a) -> int:
         print(f"removed {n} files ({freed / 2**20:.1f} MiB) from {root}")
         return 0
     entries = cache.list_entries()
-    total = 0
+    rows = []
     for p, meta, size in entries:
-        total += size
         if meta is None:
-            print(f"{p.parent.name:14s} {'(corrupt or unreadable: a miss, rebuilt on use)':60s} {size / 2**10:8.0f} KiB  {p.name}")
+            rows.append((p.parent.name, "(corrupt or unreadable: a miss, rebuilt on use)", "", "", size, p.name))
         else:
-            print(f"{p.parent.name:14s} {str(meta.get('label', '?')):44s} {str(meta.get('arch', '?')):7s} "
-                  f"epcomm {str(meta.get('epcomm', '?')):7s} {size / 2**10:8.0f} KiB  {p.name[:16]}")
-    print(f"{len(entries)} entries, {total / 2**20:.1f} MiB in {root}")
+            rows.append((p.parent.name, str(meta.get("label", "?")), str(meta.get("arch", "?")),
+                         str(meta.get("epcomm", "?")), size, p.name[:16]))
+    if rows:
+        head = ("family", "specialization", "arch", "epcomm", "size", "key")
+        w = [max(len(head[i]), *(len(r[i]) for r in rows)) for i in range(4)]
+        print("  ".join(h.ljust(w[i]) for i, h in enumerate(head[:4])) + "      size  key")
+        for r in sorted(rows):
+            print("  ".join(r[i].ljust(w[i]) for i in range(4)) + f"  {r[4] / 2**10:6.0f} KiB  {r[5]}")
+    print(f"{len(entries)} entries, {sum(e[2] for e in entries) / 2**20:.1f} MiB in {root}")
     return 0

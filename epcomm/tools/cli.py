@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from epcomm._version import __version__
@@ -159,6 +160,9 @@ def main(argv=None) -> int:
     except ToolchainError as e:  # an install problem: one line with the fix
         print(f"epcomm {a.cmd}: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # the output went into a reader that stopped early (`| head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -15,38 +15,41 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
+_W = 22  # the label column: the longest package name ("nvidia-nvshmem-cu13") and a gap
+
+
 def main(a) -> int:
     """``epcomm info``: always 0 (what is missing is printed as unavailable)."""
-    print(f"epcomm            {__version__}")
+    print(f"{'epcomm':{_W}s}{__version__}")
     for dist in ("cuda-core", "cuda-bindings", "cupy-cuda13x", "cupy-cuda12x", "nvshmem4py-cu13",
                  "nvshmem4py-cu12", "nvidia-nvshmem-cu13", "nvidia-nvshmem-cu12", "torch", "jax", "ml_dtypes"):
         v = _version(dist)
         if v != "not installed" or dist in ("cuda-core", "cuda-bindings", "torch", "jax"):
-            print(f"{dist:20s}{v}")
+            print(f"{dist:{_W}s}{v}")
     try:
-        print(f"{'NVRTC':18s}{toolchain.nvrtc_version()}")
+        print(f"{'NVRTC':{_W}s}{toolchain.nvrtc_version()}")
     except Exception as e:
-        print(f"{'NVRTC':18s}unavailable ({e})")
-    print(f"{'nvJitLink':18s}{toolchain.nvjitlink_version()}")
+        print(f"{'NVRTC':{_W}s}unavailable ({e})")
+    print(f"{'nvJitLink':{_W}s}{toolchain.nvjitlink_version()}")
     try:
         nv = toolchain.nvshmem()
-        print(f"{'NVSHMEM (device)':18s}{nv.version} ({nv.device_lib})")
+        print(f"{'NVSHMEM (device)':{_W}s}{nv.version} ({nv.device_lib})")
     except Exception as e:
-        print(f"{'NVSHMEM (device)':18s}unavailable ({str(e).splitlines()[0]})")
+        print(f"{'NVSHMEM (device)':{_W}s}unavailable ({str(e).splitlines()[0]})")
     try:
         inc = toolchain.cuda_include_dirs()
-        print(f"{'CUDA headers':18s}{', '.join(map(str, inc))}")
+        print(f"{'CUDA headers':{_W}s}{', '.join(map(str, inc))}")
     except Exception as e:
-        print(f"{'CUDA headers':18s}unavailable ({str(e).splitlines()[0]})")
+        print(f"{'CUDA headers':{_W}s}unavailable ({str(e).splitlines()[0]})")
     n, size = cache.cache_size_bytes()
-    print(f"{'JIT cache':18s}{envs.CACHE_DIR.get()} ({n} entries, {size / 2**20:.1f} MiB)")
-    print(f"{'target arch':18s}{toolchain.current_arch()}")
+    print(f"{'JIT cache':{_W}s}{envs.CACHE_DIR.get()} ({n} entries, {size / 2**20:.1f} MiB)")
+    print(f"{'target arch':{_W}s}{toolchain.current_arch()}")
     try:
         count = driver.init()
     except Exception as e:
-        print(f"GPUs              none visible ({str(e).splitlines()[0]})")
+        print(f"{'GPUs':{_W}s}none visible ({str(e).splitlines()[0]})")
         return 0
-    print(f"GPUs              {count}")
+    print(f"{'GPUs':{_W}s}{count}")
     for i in range(count):
         d = driver.drv()
         dev = driver.check(d.cuDeviceGet(i))

@@ -105,3 +105,21 @@ def test_warmup_progress_is_silent_off_a_terminal(capsys):
     p.step("a", "compiled")
     p.close()
     assert capsys.readouterr().out == ""
+
+
+def test_cache_list_has_a_header_and_aligned_columns(capsys, monkeypatch, tmp_path):
+    from pathlib import Path
+
+    from epcomm.tools import cli
+    entries = [(Path("/c/internode/k1"), {"label": "internode[hidden=2048,fp8=False]", "arch": "sm_90",
+                                         "epcomm": "0.1.0"}, 2048),
+               (Path("/c/intranode_combine/k2"), {"label": "intranode_combine[num_ranks=8,hidden=7168]",
+                                                 "arch": "sm_90", "epcomm": "0.1.0"}, 4096)]
+    monkeypatch.setattr("epcomm.jit.cache.list_entries", lambda: entries)
+    assert cli.main(["cache", "list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:4] == ["family", "specialization", "arch", "epcomm"]
+    # every row's arch column starts where the header's does
+    col = lines[0].index("arch")
+    assert all(ln[col:col + 5] == "sm_90" for ln in lines[1:3])
+    assert lines[-1].startswith("2 entries")
