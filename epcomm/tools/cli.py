@@ -79,7 +79,8 @@ def _add_small(sub) -> None:
 
     s = sub.add_parser("selftest", help="on this machine's GPUs (2+): peer stores, NVSHMEM puts/signals, the layout kernel")
     s.add_argument("--gpus", type=int, default=0, help="GPUs to use (default: all)")
-    s.add_argument("--timeout", type=float, default=300.0)
+    s.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds the ranks may take before the stalled ones are named (default 300)")
     s.set_defaults(fn=_run)
 
 
@@ -100,9 +101,12 @@ def _add_bench(sub) -> None:
     b.add_argument("--tokens", type=int, default=None,
                    help=f"tokens per rank (default {bench_defaults.NORMAL_TOKENS} normal and internode, "
                    f"{bench_defaults.LL_TOKENS} low-latency)")
-    b.add_argument("--hidden", type=int, default=bench_defaults.HIDDEN)
-    b.add_argument("--topk", type=int, default=bench_defaults.TOPK)
-    b.add_argument("--experts", type=int, default=bench_defaults.EXPERTS)
+    b.add_argument("--hidden", type=int, default=bench_defaults.HIDDEN,
+                   help=f"hidden size of the rows (default {bench_defaults.HIDDEN})")
+    b.add_argument("--topk", type=int, default=bench_defaults.TOPK,
+                   help=f"experts per token (default {bench_defaults.TOPK})")
+    b.add_argument("--experts", type=int, default=bench_defaults.EXPERTS,
+                   help=f"experts in all, a multiple of the ranks (default {bench_defaults.EXPERTS})")
     b.add_argument("--sms", type=_csv(int), default=bench_defaults.DEFAULT_SMS,
                    help="normal-mode SM counts (default " + ",".join(map(str, bench_defaults.DEFAULT_SMS)) + ")")
     b.add_argument("--iters", type=int, default=None,
@@ -123,12 +127,12 @@ def _add_plan(sub) -> None:
     """``epcomm plan``."""
     p = sub.add_parser("plan", help="no GPU: bytes per GPU over the network and NVLink, lower-bound times and "
                        "receive sizes of dispatch and combine across nodes (epcomm's route and a flat all-to-all)")
-    p.add_argument("--nodes", type=int, required=True)
-    p.add_argument("--gpus-per-node", type=int, required=True)
+    p.add_argument("--nodes", type=int, required=True, help="nodes (2 or more)")
+    p.add_argument("--gpus-per-node", type=int, required=True, help="GPUs (ranks) per node")
     p.add_argument("--tokens", type=int, required=True, help="tokens per GPU")
-    p.add_argument("--hidden", type=int, required=True)
-    p.add_argument("--topk", type=int, required=True)
-    p.add_argument("--experts", type=int, required=True)
+    p.add_argument("--hidden", type=int, required=True, help="hidden size of the rows")
+    p.add_argument("--topk", type=int, required=True, help="experts per token")
+    p.add_argument("--experts", type=int, required=True, help="experts in all, a multiple of the GPUs")
     p.add_argument("--dtype", default="bf16", help="dispatch rows: bf16 or fp8 (combine rows are bf16)")
     p.add_argument("--routing", default="uniform", help="uniform, or node-limited (with --max-nodes)")
     p.add_argument("--max-nodes", type=int, default=None, help="node-limited routing: nodes per token at most")

@@ -123,3 +123,13 @@ def test_cache_list_has_a_header_and_aligned_columns(capsys, monkeypatch, tmp_pa
     col = lines[0].index("arch")
     assert all(ln[col:col + 5] == "sm_90" for ln in lines[1:3])
     assert lines[-1].startswith("2 entries")
+
+
+def test_every_cli_option_is_described():
+    import argparse
+
+    from epcomm.tools import cli
+    _, sub = cli._parser()
+    bare = [f"{name} {a.option_strings[0]}" for name, p in sub.choices.items() for a in p._actions
+            if a.option_strings and not isinstance(a, argparse._HelpAction) and not a.help]
+    assert bare == []
