@@ -291,34 +291,21 @@ constexpr float kFp8AmaxFloor = 1e-4f;
 
 // Scale of one 128-channel group: s = max(amax, 1e-4) / 448, rounded up to a power of two if
 // `round_pow2`.  Returns s; *inv receives the multiplier applied before the cast.
+// kDeepep: DeepEP V1's arithmetic for the same scale (calculate_fp8_scales,
+// csrc/kernels/legacy/utils.cuh): s = amax * float32(1/448), a product by a rounded constant
+// instead of one correctly rounded quotient (the last bit of s differs for about half of the amax
+// values); with `round_pow2` 2^ceil(log2 s), equal to the default's for every bf16 amax.  The
+// multiplier *inv is the same either way.
+constexpr float kFp8InvMaxDeepep = 1 / 448.0f;  // 0x3B124925, DeepEP's kFinfoAmaxInvE4M3
+template <bool kDeepep = false>
 EPCOMM_DEVICE float fp8_group_scale(float amax, bool round_pow2, float* inv) {
   amax = fmaxf(amax, kFp8AmaxFloor);
-  float s = __fdiv_rn(amax, kFp8Max);
+  float s = kDeepep ? __fmul_rn(amax, kFp8InvMaxDeepep) : __fdiv_rn(amax, kFp8Max);
   if (round_pow2) {
     u32 b = __float_as_uint(s);
     if (b & 0x7FFFFFu) b = (b & 0xFF800000u) + 0x800000u;
     s = __uint_as_float(b);
     *inv = __uint_as_float((254u - (b >> 23)) << 23);  // exact 1/s for a power of two
-  } else {
-    *inv = __fdiv_rn(kFp8Max, amax);
-  }
-  return s;
-}
-
-// DeepEP V1's arithmetic for the same scale (calculate_fp8_scales, csrc/kernels/legacy/utils.cuh):
-// s = amax * float32(1/448), a product by a rounded constant instead of one correctly rounded
-// quotient (the last bit of s differs for about half of the amax values); with `round_pow2`
-// 2^ceil(log2 s), which equals fp8_group_scale's for every bf16 amax.  The multiplier *inv is
-// the same as fp8_group_scale's.
-constexpr float kFp8InvMaxDeepep = 1 / 448.0f;  // 0x3B124925, DeepEP's kFinfoAmaxInvE4M3
-EPCOMM_DEVICE float fp8_group_scale_deepep(float amax, bool round_pow2, float* inv) {
-  amax = fmaxf(amax, kFp8AmaxFloor);
-  float s = __fmul_rn(amax, kFp8InvMaxDeepep);
-  if (round_pow2) {
-    u32 b = __float_as_uint(s);
-    if (b & 0x7FFFFFu) b = (b & 0xFF800000u) + 0x800000u;
-    s = __uint_as_float(b);
-    *inv = __uint_as_float((254u - (b >> 23)) << 23);
   } else {
     *inv = __fdiv_rn(kFp8Max, amax);
   }
@@ -336,6 +323,23 @@ EPCOMM_DEVICE int warp_sum(int v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
+}
+
+// The block's last finisher (a ticket on `counter`) returns true, in every thread of that block;
+// the counter resets itself for the next launch.
+EPCOMM_DEVICE bool last_block(int* counter) {
+  __shared__ int s_last;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    fence_sys();
+    s_last = atomicAdd(counter, 1) == static_cast<int>(gridDim.x) - 1;
+    if (s_last) {
+      *counter = 0;
+      fence_sys();
+    }
+  }
+  __syncthreads();
+  return s_last != 0;
 }
 
 EPCOMM_DEVICE int lane_id() { return threadIdx.x & 31; }

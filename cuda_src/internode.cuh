@@ -178,21 +178,6 @@ EPCOMM_DEVICE void put_chunk_signal(u8* dst, const u8* src, size_t bytes, u64* s
   __syncwarp();
 }
 
-EPCOMM_DEVICE bool inter_last_block(int* counter) {
-  __shared__ int s_last;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    fence_sys();
-    s_last = atomicAdd(counter, 1) == static_cast<int>(gridDim.x) - 1;
-    if (s_last) {
-      *counter = 0;
-      fence_sys();
-    }
-  }
-  __syncthreads();
-  return s_last != 0;
-}
-
 EPCOMM_DEVICE bool inter_wait(const u64* flag, u64 target, const InterParams& p, u64 deadline, int phase,
                               int channel, int peer) {
   return wait_geq_u64(flag, target, p.err, deadline, p.rank, phase, channel, peer);
@@ -361,7 +346,7 @@ __global__ void __launch_bounds__(kInterThreads) internode_dispatch_send(const _
                      tag, m * P + p.local);
   }
   nvshmem_quiet();
-  if (inter_last_block(&p.ctrl->send_done) && threadIdx.x == 0) p.ctrl->disp_tag = tag;
+  if (last_block(&p.ctrl->send_done) && threadIdx.x == 0) p.ctrl->disp_tag = tag;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -528,7 +513,7 @@ __global__ void __launch_bounds__(kInterThreads) internode_dispatch_recv(const _
       }
     }
   }
-  if (inter_last_block(&p.ctrl->recv_done)) {
+  if (last_block(&p.ctrl->recv_done)) {
     if (aborted(p.err)) return;
     for (int s = threadIdx.x; s < R; s += kInterThreads)
       nvshmemx_signal_op(reinterpret_cast<u64*>(p.heap + p.disp_ack_off) + p.node, 1, NVSHMEM_SIGNAL_ADD, s);
@@ -567,7 +552,7 @@ __global__ void __launch_bounds__(kInterThreads) internode_combine_stage(const _
   }
   if (blockIdx.x == 0)
     for (int s = threadIdx.x; s <= R; s += kInterThreads) ptr_at<int>(hb, p.offsets_off)[s] = p.recv_offsets[s];
-  if (inter_last_block(&p.ctrl->stage_done) && threadIdx.x == 0) {
+  if (last_block(&p.ctrl->stage_done) && threadIdx.x == 0) {
     p.ctrl->comb_tag = tag;
     fence_sys();
     for (int j = 0; j < P; ++j)
@@ -686,7 +671,7 @@ __global__ void __launch_bounds__(kInterThreads) internode_combine_reduce(const 
                      tag, s);
   }
   nvshmem_quiet();
-  if (inter_last_block(&p.ctrl->reduce_done)) {
+  if (last_block(&p.ctrl->reduce_done)) {
     if (aborted(p.err)) return;
     for (int j = threadIdx.x; j < P; j += kInterThreads)
       nvshmemx_signal_op(reinterpret_cast<u64*>(p.heap + p.stage_ack_off), 1, NVSHMEM_SIGNAL_ADD, p.node * P + j);
@@ -782,7 +767,7 @@ __global__ void __launch_bounds__(kInterThreads) internode_combine_recv(const __
       }
     }
   }
-  if (inter_last_block(&p.ctrl->crecv_done)) {
+  if (last_block(&p.ctrl->crecv_done)) {
     if (aborted(p.err)) return;
     for (int m = threadIdx.x; m < M; m += kInterThreads)
       nvshmemx_signal_op(reinterpret_cast<u64*>(p.heap + p.comb_ack_off) + p.node, 1, NVSHMEM_SIGNAL_ADD,

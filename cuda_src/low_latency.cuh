@@ -156,22 +156,6 @@ EPCOMM_DEVICE void ll_signal(const LLParams& p, int pe, u64 off, u64 value) {
 
 EPCOMM_DEVICE bool use_put(const LLParams& p, int pe) { return p.force_put || p.peer_base[pe] == 0; }
 
-// The block's last finisher (ticket) returns true; counters reset themselves.
-EPCOMM_DEVICE bool last_block(int* counter) {
-  __shared__ int s_last;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    fence_sys();
-    s_last = atomicAdd(counter, 1) == static_cast<int>(gridDim.x) - 1;
-    if (s_last) {
-      *counter = 0;
-      fence_sys();
-    }
-  }
-  __syncthreads();
-  return s_last != 0;
-}
-
 // This block's arrival at every destination's flag [slot][rank], once its writes are done (a
 // put destination's after nvshmem_quiet).  NVLink destinations get one add per block, after a
 // system fence that orders the whole block's stores (through the barrier) before it; the add
@@ -368,8 +352,7 @@ EPCOMM_DEVICE void ll_dispatch_send(const LLParams& p, u64 tag, u64 deadline) {
 #pragma unroll
           for (int o = 8; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
           float inv;
-          const float sc = kDeepepScale ? fp8_group_scale_deepep(amax, p.round_scale || p.use_ue8m0, &inv)
-                                        : fp8_group_scale(amax, p.round_scale || p.use_ue8m0, &inv);
+          const float sc = fp8_group_scale<kDeepepScale>(amax, p.round_scale || p.use_ue8m0, &inv);
           u32 q[2];
 #pragma unroll
           for (int j = 0; j < 2; ++j) {
@@ -576,7 +559,7 @@ EPCOMM_DEVICE void ll_dispatch_recv(const LLParams& p, u64 tag, u64 deadline) {
   ll_stamp(p, 0, 7);
 }
 
-// kDeepepScale: the FP8 scales in DeepEP V1's arithmetic (fp8_group_scale_deepep).
+// kDeepepScale: the FP8 scales in DeepEP V1's arithmetic (fp8_group_scale<true>).
 template <int kHidden, bool kFp8, int kPhases, bool kDeepepScale = false>
 __global__ void __launch_bounds__(kLLThreads) ll_dispatch(const __grid_constant__ LLParams p) {
   __shared__ u64 s_tag;

@@ -10,10 +10,14 @@ from epcomm.errors import BufferStateError
 from epcomm.internode.handle import InternodeHandle
 from epcomm.jit import loader
 from epcomm.kernels import internode as K
-from epcomm.normal.combine import check_biases, check_weights
-from epcomm.normal.handle import check_handle, ptr
+from epcomm.normal.combine import check_combine_args
+from epcomm.normal.handle import ptr
 from epcomm.runtime import driver
-from epcomm.runtime.event import check_event
+
+
+def _internode_handle(handle) -> None:
+    if not isinstance(handle, InternodeHandle):
+        raise ValueError("handle: comes from a dispatch inside one node, not from this Buffer's internode dispatch")
 
 
 def combine(ctx, st, default_config, x, handle, topk_weights=None, bias=None, config=None, previous_event=None,
@@ -23,17 +27,10 @@ def combine(ctx, st, default_config, x, handle, topk_weights=None, bias=None, co
     ctx.check_usable("combine", collective=True)
     if st is None:
         raise BufferStateError("combine needs a Buffer created with num_nvl_bytes > 0 and num_rdma_bytes > 0")
-    check_event(previous_event)
-    check_handle(handle, ctx.serial)
-    if not isinstance(handle, InternodeHandle):
-        raise ValueError("handle: comes from a dispatch inside one node, not from this Buffer's internode dispatch")
+    c = check_combine_args(ctx, default_config, x, handle, topk_weights, bias, config, previous_event,
+                           check_kind=_internode_handle)
+    xr, fw, wr, Kt, biases, cfg = c.xr, c.fw, c.wr, c.Kt, c.biases, c.cfg
     H, N = handle.hidden, handle.num_tokens
-    xr = ctx.tensor(x, "x", dtype="bfloat16", ndim=2, shape=(handle.out_rows, H))
-    fw = xr.framework
-    wr = check_weights(ctx, topk_weights, handle, fw)
-    Kt = wr.shape[1] if wr is not None else 0
-    biases = check_biases(ctx, bias, N, H, fw)
-    cfg = ctx.call_config(config, default_config, "combine")
     lay = st.layout(H)
     if handle.out_rows > lay.stage_rows:
         raise ValueError(f"Buffer too small for this combine: {handle.out_rows} rows to stage need num_nvl_bytes >= "

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 from epcomm import interop
 from epcomm.errors import BufferStateError
-from epcomm.interop.indices import check_topk_indices
 from epcomm.internode.handle import InternodeHandle
 from epcomm.jit import loader
 from epcomm.kernels import internode as K
-from epcomm.normal.dispatch import DispatchArgs, check_args
+from epcomm.normal.dispatch import DispatchArgs, begin_dispatch, check_args
 from epcomm.normal.handle import ptr
 from epcomm.normal.layout import layout_on_comm
 from epcomm.runtime import driver
@@ -111,14 +110,7 @@ def dispatch(ctx, st, default_config, x, handle=None, num_tokens_per_rank=None, 
     ctx.alloc_on_comm = bool(allocate_on_comm_stream)
     with driver.on_device(ctx.device_id):
         mod = loader.load(spec, ctx.device_id)
-        caller, cap = ctx.caller_stream(a.fw)
-        if not a.num_worst_tokens and not a.cached and cap:
-            raise ValueError("dispatch: CUDA-graph capture needs num_worst_tokens > 0 (or a handle): the "
-                             "default path synchronises with the CPU to size its outputs")
-        caller, cap = ctx.begin(a.fw, previous_event, caller_work=a.tr is not None and a.tr.widened,
-                                caller=caller, cap=cap)
-        if a.tr is not None:
-            check_topk_indices(a.tr.obj, a.fw, a.E, capturing=bool(cap), previous_event=previous_event)
+        caller, cap = begin_dispatch(ctx, a, previous_event)
         route = _route(ctx, st, a)
         p = _params(ctx, st, lay, a, route, chunk_rows)
         recv = _recv_state(ctx, st, lay, a)

@@ -9,10 +9,12 @@ layout every rank computes alike.  Orchestration: :mod:`epcomm.internode`.
 from __future__ import annotations
 
 import ctypes
+import functools
 from dataclasses import dataclass
 
 from epcomm.jit.launch import launch
 from epcomm.jit.spec import KernelDef, KernelSpec, ParamsStruct
+from epcomm.kernels.words import pack_fields, unpack_fields
 from epcomm.runtime import errstate
 from epcomm.validate import check_hidden_size, check_int
 
@@ -247,23 +249,13 @@ def check_topology(num_ranks: int, ranks_per_node: int) -> tuple[int, int]:
 _SHAPE_FIELDS = (("hidden", 18), ("fp8", 1), ("num_topk", 6), ("num_experts", 17), ("chunk_rows", 16))
 
 
+@functools.lru_cache(maxsize=256)  # every dispatch asks
 def shape_word(H: int, fp8: bool, K: int, E: int, chunk_rows: int) -> int:
-    vals = (H, int(fp8), K, E, chunk_rows)
-    w, shift = 0, 0
-    for (name, bits), v in zip(_SHAPE_FIELDS, vals):
-        if not 0 <= v < (1 << bits):
-            raise ValueError(f"{name}={v} does not fit the internode kernels' {bits}-bit field")
-        w |= v << shift
-        shift += bits
-    return w
+    return pack_fields(_SHAPE_FIELDS, (H, int(fp8), K, E, chunk_rows), "internode")
 
 
 def unpack_shape_word(w: int) -> dict[str, int]:
-    out, shift = {}, 0
-    for name, bits in _SHAPE_FIELDS:
-        out[name] = (w >> shift) & ((1 << bits) - 1)
-        shift += bits
-    return out
+    return unpack_fields(_SHAPE_FIELDS, w)
 
 
 errstate.register_shape_word(61, unpack_shape_word, "dispatch",

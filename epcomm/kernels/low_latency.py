@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from epcomm.jit.launch import launch, launch_prepared
 from epcomm.jit.spec import KernelDef, KernelSpec, ParamsStruct
+from epcomm.kernels.words import pack_fields, unpack_fields
 from epcomm.runtime import errstate
 from epcomm.validate import check_experts_divisible, check_hidden_size, check_int
 
@@ -216,25 +217,13 @@ def shape_word(T: int, H: int, E: int, K: int, fp8: bool, round_scale: bool, ue8
     """Pack a dispatch's shape (T < 2**20, H % 128 == 0 and H < 2**17, E < 2**15, K < 64) and
     the buffer's transport settings."""
     vals = (T, H // 128, E, K, int(fp8), int(round_scale), int(ue8m0), int(force_put), int(partials))
-    w, shift = 0, 0
-    for (name, bits), v in zip(_SHAPE_FIELDS, vals):
-        if not 0 <= v < (1 << bits):
-            raise ValueError(f"{name}={v} does not fit the low-latency kernels' {bits}-bit field")
-        w |= v << shift
-        shift += bits
-    return w
+    return pack_fields(_SHAPE_FIELDS, vals, "low-latency")
 
 
 def unpack_shape_word(w: int) -> dict[str, int]:
     """The fields of a shape word, by argument name (hidden in channels)."""
-    out, shift = {}, 0
-    for name, bits in _SHAPE_FIELDS:
-        v = (w >> shift) & ((1 << bits) - 1)
-        if name == "hidden/128":
-            name, v = "hidden", v * 128
-        out[name] = v
-        shift += bits
-    return out
+    return {("hidden" if k == "hidden/128" else k): (v * 128 if k == "hidden/128" else v)
+            for k, v in unpack_fields(_SHAPE_FIELDS, w).items()}
 
 
 # The receive of a dispatch records two shape words when ranks disagree (kPhaseLLDispatchRecv).

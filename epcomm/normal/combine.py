@@ -3,6 +3,8 @@ of the rows that came from it (ascending rank order, then the biases; with the B
 numerics="deepep" the biases first), written as bf16."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from epcomm import interop
 from epcomm.errors import BufferStateError
 from epcomm.jit import loader
@@ -42,6 +44,35 @@ def check_biases(ctx, bias, N: int, H: int, fw: str) -> list:
     return biases
 
 
+@dataclass(slots=True)
+class CombineArgs:
+    """One combine's checked arguments: x, its framework, the weights (and their width Kt, 0
+    without), the biases (0 to 2 TensorRefs) and the call's Config."""
+    xr: object
+    fw: str
+    wr: object
+    Kt: int
+    biases: list
+    cfg: object
+
+
+def check_combine_args(ctx, default_config, x, handle, topk_weights, bias, config, previous_event,
+                       check_kind=None) -> CombineArgs:
+    """Every argument of a combine checked (TypeError / ValueError), before anything launches:
+    ``previous_event``, the handle (of this Buffer; then ``check_kind(handle)`` for an engine's
+    own handle type), x bf16 [handle.out_rows, H], the weights, the biases, the config."""
+    check_event(previous_event)
+    check_handle(handle, ctx.serial)
+    if check_kind is not None:
+        check_kind(handle)
+    H, N = handle.hidden, handle.num_tokens
+    xr = ctx.tensor(x, "x", dtype="bfloat16", ndim=2, shape=(handle.out_rows, H))
+    fw = xr.framework
+    wr = check_weights(ctx, topk_weights, handle, fw)
+    return CombineArgs(xr, fw, wr, wr.shape[1] if wr is not None else 0, check_biases(ctx, bias, N, H, fw),
+                       ctx.call_config(config, default_config, "combine"))
+
+
 def _check_capacity(ctx, st, handle, Kt: int) -> int:
     """The call's chunk rows; ValueError where the handle's counts exceed the buffer."""
     lay, H, R = st.layout, handle.hidden, ctx.num_ranks
@@ -64,15 +95,9 @@ def combine(ctx, st, default_config, x, handle, topk_weights=None, bias=None, co
     ctx.check_usable("combine", collective=True)  # first: destroy() also drops the NVLink state
     if st is None:
         raise BufferStateError("combine needs a Buffer created with num_nvl_bytes > 0")
-    check_event(previous_event)
-    check_handle(handle, ctx.serial)
+    c = check_combine_args(ctx, default_config, x, handle, topk_weights, bias, config, previous_event)
+    xr, fw, wr, Kt, biases, cfg = c.xr, c.fw, c.wr, c.Kt, c.biases, c.cfg
     H, N = handle.hidden, handle.num_tokens
-    xr = ctx.tensor(x, "x", dtype="bfloat16", ndim=2, shape=(handle.out_rows, H))
-    fw = xr.framework
-    wr = check_weights(ctx, topk_weights, handle, fw)
-    Kt = wr.shape[1] if wr is not None else 0
-    biases = check_biases(ctx, bias, N, H, fw)
-    cfg = ctx.call_config(config, default_config, "combine")
     S, Rv = cfg.split()
     chunk_rows = max(cfg.chunk_rows, _check_capacity(ctx, st, handle, Kt))
     spec = K_intra.IntranodeCombineSpec(ctx.num_ranks, H, deepep=ctx.numerics == "deepep")

@@ -250,16 +250,7 @@ def dispatch(ctx, st, default_config, x, handle=None, num_tokens_per_rank=None, 
     ctx.alloc_on_comm = bool(allocate_on_comm_stream)
     with driver.on_device(ctx.device_id):
         mod = loader.load(spec, ctx.device_id)
-        # Before begin(): it makes the comm stream wait for the caller's, which under capture
-        # joins it to the capture, and a capture left with a forked stream is lost.
-        caller, cap = ctx.caller_stream(a.fw)
-        if not a.num_worst_tokens and not a.cached and cap:
-            raise ValueError("dispatch: CUDA-graph capture needs num_worst_tokens > 0 (or a handle): the "
-                             "default path synchronises with the CPU to size its outputs")
-        caller, cap = ctx.begin(a.fw, previous_event, caller_work=a.tr is not None and a.tr.widened,
-                                caller=caller, cap=cap)
-        if a.tr is not None:
-            check_topk_indices(a.tr.obj, a.fw, a.E, capturing=bool(cap), previous_event=previous_event)
+        caller, cap = begin_dispatch(ctx, a, previous_event)
         r = _route(ctx, a)
         p = _params(ctx, st, a, r, chunk_rows)
         _launch_front(ctx, st, mod, p, a)
@@ -267,6 +258,24 @@ def dispatch(ctx, st, default_config, x, handle=None, num_tokens_per_rank=None, 
             hs["launched"] = time.time_ns()
         recv = _Receive(ctx, st, mod, a, p, r, caller, cap, async_finish, hs)
         return recv.run()
+
+
+def begin_dispatch(ctx, a: DispatchArgs, previous_event) -> tuple[int, int]:
+    """The start of a dispatch on the device (inside ``driver.on_device``): refuse a CUDA-graph
+    capture of a CPU-synchronised dispatch, order the comm stream after the caller
+    (``ctx.begin``), and check the top-k indices on the host (EPCOMM_CHECK_INDICES).  Returns
+    (the caller's stream, its capture id)."""
+    # Before begin(): it makes the comm stream wait for the caller's, which under capture
+    # joins it to the capture, and a capture left with a forked stream is lost.
+    caller, cap = ctx.caller_stream(a.fw)
+    if not a.num_worst_tokens and not a.cached and cap:
+        raise ValueError("dispatch: CUDA-graph capture needs num_worst_tokens > 0 (or a handle): the "
+                         "default path synchronises with the CPU to size its outputs")
+    caller, cap = ctx.begin(a.fw, previous_event, caller_work=a.tr is not None and a.tr.widened,
+                            caller=caller, cap=cap)
+    if a.tr is not None:
+        check_topk_indices(a.tr.obj, a.fw, a.E, capturing=bool(cap), previous_event=previous_event)
+    return caller, cap
 
 
 def _launch_front(ctx, st, mod, p, a: DispatchArgs) -> None:
