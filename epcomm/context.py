@@ -8,13 +8,14 @@ how tests build one around a fake runtime.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import numpy as np
 
 from epcomm import envs, interop
 from epcomm.config import Config
-from epcomm.errors import BufferStateError
+from epcomm.errors import BufferStateError, EpcommError
 from epcomm.runtime import driver, streams
 from epcomm.runtime import event as event_mod
 from epcomm.runtime.errstate import ErrorState
@@ -39,6 +40,35 @@ def take_stream(device: int) -> int:
     return spare.pop() if spare else driver.stream_create()
 
 
+class CallerOutputs:
+    """What a caller supplies for one call in place of the engine's own: its outputs and the
+    stream the kernels run on (a compiled program's buffers and stream, :mod:`epcomm.jax`).
+
+    ``stream``: the raw CUDA stream the call is ordered on, as the caller's current stream would
+    be; ``outputs``: output name -> ``(obj, TensorRef)`` (the names the engines give
+    :meth:`CommContext.empty`); ``slot``: the low-latency buffer slot of the call (0 or 1), fixed
+    by the caller so that every execution of a compiled call uses the same one; None: the
+    engine's alternation.  Inside such a call nothing reads device memory on the host."""
+
+    __slots__ = ("stream", "outputs", "slot")
+
+    def __init__(self, stream: int, outputs: dict, slot: int | None = None):
+        self.stream, self.outputs, self.slot = int(stream), outputs, slot
+
+    def take(self, name: str | None, shape: tuple, dtype: str):
+        """The supplied output ``name`` as an (obj, TensorRef) pair; EpcommError if it is missing
+        or its shape or dtype is not the engine's (the caller sized it from the same rules)."""
+        out = self.outputs.get(name)
+        if out is None:
+            raise EpcommError(f"the caller supplied no output {name!r} ({dtype} {tuple(shape)}); it supplied "
+                              f"{sorted(self.outputs)}")
+        ref = out[1]
+        if tuple(ref.shape) != tuple(shape) or ref.dtype != dtype:
+            raise EpcommError(f"output {name!r}: the caller supplied {ref.dtype} {tuple(ref.shape)}, the call "
+                              f"writes {dtype} {tuple(shape)}")
+        return out
+
+
 class CommContext:
     """The shared state of one Buffer's engines (see the module docstring).
 
@@ -49,7 +79,8 @@ class CommContext:
     call's ``allocate_on_comm_stream``), ``shares_gpu``, ``topology`` (the group's nodes, a
     :class:`epcomm.runtime.topology.Topology`; None: not known, every rank is treated as one node),
     ``numerics`` ("epcomm" or "deepep": whose arithmetic the engines follow where they differ,
-    set before the engines are made).
+    set before the engines are made), ``sink`` (the current call's :class:`CallerOutputs`, or
+    None: outputs allocated here, the framework's current stream).
     """
 
     def __init__(self, group, rank: int, num_ranks: int, device_id: int, *, err, stream: int = 0,
@@ -68,6 +99,7 @@ class CommContext:
         self.numerics = numerics
         self.destroyed = False
         self.alloc_on_comm = False
+        self.sink: CallerOutputs | None = None
         self._device_sms = device_sms
 
     @classmethod
@@ -190,9 +222,20 @@ class CommContext:
                             f"in one framework")
 
     # ---- streams and events of a call --------------------------------------------------------
+    @contextlib.contextmanager
+    def supplying(self, sink: CallerOutputs):
+        """The calls made inside run on ``sink``'s stream and write into its outputs."""
+        prev, self.sink = self.sink, sink
+        try:
+            yield sink
+        finally:
+            self.sink = prev
+
     def caller_stream(self, fw: str) -> tuple[int, int]:
-        """(the caller's current stream in ``fw``, its capture id: 0 when not capturing)."""
-        caller = streams.current_stream(fw, self.device_id)
+        """(the caller's stream: the sink's, else the current one in ``fw``; its capture id: 0
+        when not capturing)."""
+        sink = self.sink
+        caller = streams.current_stream(fw, self.device_id) if sink is None else sink.stream
         return caller, driver.capture_id(caller)
 
     def begin(self, fw: str, previous_event: EventOverlap | None, caller_work: bool = False,
@@ -240,11 +283,14 @@ class CommContext:
             driver.stream_wait_event(caller, ev)
         return EventOverlap(ev, fw, self.device_id, extra=(outputs, inputs) if async_finish else None, capture=cap)
 
-    def empty(self, fw: str, shape, dtype: str):
+    def empty(self, fw: str, shape, dtype: str, name: str | None = None):
         """A new ``fw`` array on this GPU, as interop.empty's (obj, TensorRef) pair; with
         ``alloc_on_comm`` it belongs to the comm stream's pool (torch's caching allocator ties
-        a block to the stream it was allocated on; the flag is torch's only)."""
+        a block to the stream it was allocated on; the flag is torch's only).  Inside
+        :meth:`supplying`, the caller's output ``name`` instead (:meth:`CallerOutputs.take`)."""
         shape = tuple(int(s) for s in shape)
+        if self.sink is not None:
+            return self.sink.take(name, shape, dtype)
         if self.alloc_on_comm and fw == "torch":
             with interop.allocating_on(fw, self.stream, self.device_id):
                 return interop.empty(fw, shape, dtype, "cuda", self.device_id)

@@ -10,10 +10,11 @@ from epcomm.interop.jax_adapter import ref_jax
 from epcomm.interop.numpy_adapter import ref_numpy
 from epcomm.interop.refs import c_contiguous
 from epcomm.interop.torch_adapter import ref_torch, widen_torch
+from epcomm.interop.xla_buffers import ref_xla
 from epcomm.runtime.event import current_stream_wait_for
 
 BUILDERS = {"torch": ref_torch, "cupy": ref_cupy, "jax": ref_jax, "numpy": ref_numpy,
-            "dlpack": ref_dlpack}
+            "dlpack": ref_dlpack, "xla": ref_xla}
 
 _FIX_HINT = {
     "torch": "call .contiguous()",
@@ -21,6 +22,7 @@ _FIX_HINT = {
     "numpy": "call numpy.ascontiguousarray()",
     "jax": "make a row-major copy",
     "dlpack": "pass a contiguous copy",
+    "xla": "pass a row-major buffer",
 }
 
 

@@ -5,6 +5,7 @@ import sys
 
 from epcomm.interop.exporter import Exporter
 from epcomm.interop.refs import remember
+from epcomm.interop.xla_buffers import XlaArg
 from epcomm.runtime.streams import FRAMEWORKS  # noqa: F401  (re-exported: the framework names)
 
 # type -> framework name ('' when unsupported); as_tensor reads it directly on its hot path
@@ -41,6 +42,8 @@ def classify(tp) -> str:
     """Framework name of objects of type ``tp``, or '' if unsupported.  Imports nothing new."""
     if tp is Exporter:
         return "jax"
+    if tp is XlaArg:
+        return "xla"
     mod = getattr(tp, "__module__", None) or ""
     fw = _classify_by_module(tp, mod.partition(".")[0])
     if fw:
@@ -70,7 +73,8 @@ def framework_of_arg(obj, name: str) -> str:
 
 
 def framework_of(obj) -> str:
-    """'torch', 'cupy', 'jax', 'numpy' or 'dlpack' (any other object with ``__dlpack__``).
+    """'torch', 'cupy', 'jax', 'numpy', 'dlpack' (any other object with ``__dlpack__``) or 'xla'
+    (an :class:`epcomm.interop.xla_buffers.XlaArg`, a compiled program's buffer).
 
     An :class:`Exporter` (a pending JAX output) counts as 'jax'.  Raises TypeError, naming the
     type, for anything else.

@@ -37,6 +37,36 @@ class _DispatchArgs:
     return_recv_hook: bool
 
 
+def check_format(use_fp8, round_scale, use_ue8m0) -> tuple[bool, bool, bool]:
+    """The dispatch's format flags checked (TypeError for a non-bool, ValueError for a
+    combination the kernels lack); returned as bools."""
+    use_fp8, round_scale, use_ue8m0 = (check_bool("use_fp8", use_fp8), check_bool("round_scale", round_scale),
+                                       check_bool("use_ue8m0", use_ue8m0))
+    if use_ue8m0 and not round_scale:
+        raise ValueError("use_ue8m0=True needs round_scale=True (UE8M0 stores powers of two only)")
+    if (round_scale or use_ue8m0) and not use_fp8:
+        raise ValueError("round_scale/use_ue8m0 apply to FP8 dispatch only (use_fp8=True)")
+    return use_fp8, round_scale, use_ue8m0
+
+
+def check_sizes(N: int, H: int, T, E, R: int) -> tuple[int, int, int]:
+    """(T, H, E) of a dispatch of x [N, H] checked: N <= T and the kernels' limits (the shape
+    word's, kernels.low_latency.check_shape); ValueError / TypeError naming the argument."""
+    T = check_int("num_max_dispatch_tokens_per_rank", T, lo=1)
+    if N > T:
+        raise ValueError(f"x: {N} tokens exceed num_max_dispatch_tokens_per_rank={T}")
+    check_hidden_size(H, low_latency=True)
+    T, H, E, _ = K.check_shape(T, H, E, R)
+    return T, H, E
+
+
+def check_topk_width(Kt: int) -> int:
+    """``Kt``, the top-k width of topk_idx, if the kernels take it (1..MAX_TOPK); ValueError."""
+    if not 1 <= Kt <= K.MAX_TOPK:
+        raise ValueError(f"topk_idx: top-k {Kt} must be in [1, {K.MAX_TOPK}]")
+    return Kt
+
+
 def _handle(a: _DispatchArgs, slot: int, gen: int, res: _Results, vsrc, vrange, topk_copy) -> LowLatencyHandle:
     """The handle of a dispatch into ``res``: its views, and the refs its combine reads."""
     return LowLatencyHandle(slot, gen, a.fw, a.T, a.H, a.E, a.Kt, a.N, vsrc, vrange,
@@ -96,7 +126,7 @@ class DispatchOps:
         shape = K.shape_word(a.T, a.H, a.E, a.Kt, a.use_fp8, a.round_scale, a.use_ue8m0, self.force_put,
                              self.partials)
         lay = self.layout(a.T, a.H, a.E)
-        slot = self._disp_slot
+        slot = self.call_slot(self._disp_slot)
         if self._disp_pending[slot]:
             raise BufferStateError(
                 "low_latency_dispatch: the receive hook of the dispatch two calls ago (same buffer slot) "
@@ -163,7 +193,7 @@ class DispatchOps:
         new generation.  ``checked_shape``: the shape word the receive compared, if it did."""
         if checked_shape is not None:
             self._shapes_checked.add((slot, checked_shape))
-        self._disp_slot ^= 1
+        self._disp_slot = slot ^ 1
         self._disp_gen[slot] += 1
         return self._disp_gen[slot]
 
@@ -171,32 +201,21 @@ class DispatchOps:
                        return_recv_hook, previous_event) -> _DispatchArgs:
         """Every argument of a dispatch checked (TypeError / ValueError naming it)."""
         ctx = self.ctx
-        use_fp8, round_scale, use_ue8m0 = (check_bool("use_fp8", use_fp8), check_bool("round_scale", round_scale),
-                                           check_bool("use_ue8m0", use_ue8m0))
+        use_fp8, round_scale, use_ue8m0 = check_format(use_fp8, round_scale, use_ue8m0)
         async_finish = check_bool("async_finish", async_finish)
         return_recv_hook = check_bool("return_recv_hook", return_recv_hook)
         xr = ctx.tensor(x, "x", dtype="bfloat16", ndim=2)
         N, H = xr.shape
         fw = xr.framework
         _check_hook_framework(return_recv_hook, fw)
-        T = check_int("num_max_dispatch_tokens_per_rank", T, lo=1)
-        if N > T:
-            raise ValueError(f"x: {N} tokens exceed num_max_dispatch_tokens_per_rank={T}")
-        check_hidden_size(H, low_latency=True)
-        T, H, E, _ = K.check_shape(T, H, E, self.num_ranks)  # the kernels' limits (the shape word's)
+        T, H, E = check_sizes(N, H, T, E, self.num_ranks)
         L = E // self.num_ranks
         tr = ctx.tensor(topk_idx, "topk_idx", dtype="index", ndim=2, shape=(N, None), framework=fw,
                         previous_event=previous_event)
-        Kt = tr.shape[1]
-        if not 1 <= Kt <= K.MAX_TOPK:
-            raise ValueError(f"topk_idx: top-k {Kt} must be in [1, {K.MAX_TOPK}]")
-        if use_ue8m0 and not round_scale:
-            raise ValueError("use_ue8m0=True needs round_scale=True (UE8M0 stores powers of two only)")
+        Kt = check_topk_width(tr.shape[1])
         if async_finish and return_recv_hook:
             raise ValueError("async_finish and return_recv_hook cannot both be set: with the hook, the receive "
                              "runs when hook() is called, on the stream of the send")
-        if (round_scale or use_ue8m0) and not use_fp8:
-            raise ValueError("round_scale/use_ue8m0 apply to FP8 dispatch only (use_fp8=True)")
         stats = ctx.tensor(stats, "cumulative_local_expert_recv_stats", dtype="int32", ndim=1, shape=(L,),
                            allow_none=True, framework=fw, writable=True)
         wait_stats = self.wait_stats_arg(wait_stats, "dispatch_wait_recv_cost_stats", fw)
@@ -207,8 +226,9 @@ class DispatchOps:
         """The results this dispatch writes into: the slot's, for this framework and shape."""
         res = self._results[slot]
         key = (a.fw, a.T, a.H, a.E, a.use_fp8, a.use_ue8m0)
-        if a.fw == "jax":
-            # JAX arrays are immutable once handed out: every dispatch gets new storage.
+        if a.fw == "jax" or self.ctx.sink is not None:
+            # JAX arrays are immutable once handed out, and a caller's outputs are its own:
+            # every such dispatch gets new storage.
             res = self._results[slot] = _Results(self, *key)
         elif res is None or res.key != key:
             # The results of every shape stay with the buffer: a CUDA graph captured with

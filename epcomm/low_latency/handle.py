@@ -47,33 +47,35 @@ class LowLatencyHandle:
 class _Results:
     """The packed outputs of one dispatch slot, in one framework, for one shape."""
 
+    # The arrays, in the order of specs() (scales absent without FP8).
+    NAMES = ("x", "scales", "count", "src_info", "layout_range", "src_k", "tok_rows", "tok_meta")
+
     def __init__(self, st, fw: str, T: int, H: int, E: int, fp8: bool, ue8m0: bool):
-        R = st.num_ranks
-        L = E // R
-        RT = R * T
-        G = H // 128
         self.key = (fw, T, H, E, fp8, ue8m0)
         self.owner = st.serial  # handles carry this object: which Buffer made them
-        mk = st.empty
-        self.x = mk(fw, (L, RT, H), "float8_e4m3fn" if fp8 else "bfloat16")
-        self.scales = None
-        if fp8:
-            if ue8m0:
-                nw = (G + 3) // 4
-                self.scales = mk(fw, (L, nw, RT), "int32")
-            else:
-                self.scales = mk(fw, (L, G, RT), "float32")
-        self.count = mk(fw, (L,), "int32")
-        self.src_info = mk(fw, (L, RT), "int32")
-        self.layout_range = mk(fw, (L, R, 2), "int32")
-        self.src_k = mk(fw, (L, RT), "int32")
-        # For the combine (not returned): each source token's packed rows by k, and the mask of
-        # its k on this rank with the dispatch's tag (zeroed once: no stale entry can match).
-        self.tok_rows = mk(fw, (RT, K.MAX_TOPK), "int32")
-        self.tok_meta = mk(fw, (RT,), "int64")
+        spec = self.specs(st.num_ranks, T, H, E, fp8, ue8m0)
+        for name in self.NAMES:
+            setattr(self, name, st.empty(fw, *spec[name], name=name) if name in spec else None)
         self.fresh = True
         self.fw = fw
-        self._views = None if fw == "jax" else self._make_views(None)
+        self._views = None
+
+    @staticmethod
+    def specs(R: int, T: int, H: int, E: int, fp8: bool, ue8m0: bool) -> dict:
+        """name -> (shape, dtype) of a slot's arrays for R ranks: ``x`` [L, R*T, H]; FP8 ``scales``
+        in memory [L, G, R*T] (column-major in the last two dims of the logical [L, R*T, G]; UE8M0:
+        int32 words of 4 exponents, [L, ceil(G/4), R*T]); ``count`` [L]; ``src_info`` and ``src_k``
+        [L, R*T]; ``layout_range`` [L, R, 2]; and for the combine (not returned) ``tok_rows``
+        [R*T, MAX_TOPK], each source token's packed rows by k, and ``tok_meta`` int64 [R*T], the
+        mask of its k on this rank with the dispatch's tag (zeroed before the first dispatch into
+        them: no stale entry can match)."""
+        L, RT, G = E // R, R * T, H // 128
+        spec = {"x": ((L, RT, H), "float8_e4m3fn" if fp8 else "bfloat16")}
+        if fp8:
+            spec["scales"] = ((L, (G + 3) // 4, RT), "int32") if ue8m0 else ((L, G, RT), "float32")
+        spec.update(count=((L,), "int32"), src_info=((L, RT), "int32"), layout_range=((L, R, 2), "int32"),
+                    src_k=((L, RT), "int32"), tok_rows=((RT, K.MAX_TOPK), "int32"), tok_meta=((RT,), "int64"))
+        return spec
 
     def _make_views(self, stream):
         fw = self.fw
@@ -87,9 +89,15 @@ class _Results:
         return x, scales, fin(self.count), fin(self.src_info), fin(self.layout_range)
 
     def views(self, stream):
-        """Caller-framework arrays (x, scales, count, src_info, layout_range).  JAX arrays are
-        made after the kernel was queued, so JAX's stream is ordered after it."""
-        return self._views if self._views is not None else self._make_views(stream)
+        """Caller-framework arrays (x, scales, count, src_info, layout_range), made once.  JAX
+        arrays are made after the kernel was queued (every dispatch: new storage), so JAX's
+        stream is ordered after it."""
+        v = self._views
+        if v is None:
+            v = self._make_views(stream)
+            if self.fw != "jax":
+                self._views = v
+        return v
 
 
 def _check_hook_framework(return_recv_hook: bool, fw: str) -> None:

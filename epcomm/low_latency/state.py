@@ -177,8 +177,19 @@ class LowLatencyState(DispatchOps, CombineOps, FastPaths):
             self._shapes_checked.clear()
 
     # ---- helpers ---------------------------------------------------------------------------
-    def empty(self, fw, shape, dtype):
-        return interop.empty(fw, tuple(int(s) for s in shape), dtype, "cuda", self.device_id)
+    def empty(self, fw, shape, dtype, name: str | None = None):
+        """A new ``fw`` array on this GPU ((obj, TensorRef)); the caller's output ``name``
+        inside ``ctx.supplying`` (CommContext.empty)."""
+        shape = tuple(int(s) for s in shape)
+        if self.ctx.sink is not None:
+            return self.ctx.sink.take(name, shape, dtype)
+        return interop.empty(fw, shape, dtype, "cuda", self.device_id)
+
+    def call_slot(self, alternating: int) -> int:
+        """The slot of this call: the caller's (``ctx.supplying`` with a slot), else the
+        engine's alternation ``alternating``."""
+        sink = self.ctx.sink
+        return alternating if sink is None or sink.slot is None else sink.slot
 
     def wait_stats_arg(self, obj, name: str, fw: str):
         """A wait-statistics argument checked: None, or int64 [R] on this device, in the call's
@@ -247,8 +258,8 @@ class LowLatencyState(DispatchOps, CombineOps, FastPaths):
         ``async_finish`` or ``previous_event`` the comm stream, ordered as in Buffer._begin;
         ``capturing``: the caller's stream is in a CUDA-graph capture."""
         if not async_finish and previous_event is None:
-            caller = streams.current_stream(fw, self.device_id)
-            return caller, caller, driver.stream_is_capturing(caller)
+            caller, cap = self.ctx.caller_stream(fw)
+            return caller, caller, bool(cap)
         caller, cap = self.ctx.begin(fw, previous_event, caller_work)
         return caller, self.ctx.stream, bool(cap)
 

@@ -105,8 +105,8 @@ def combine(ctx, st, default_config, x, handle, topk_weights=None, bias=None, co
     with driver.on_device(ctx.device_id):
         mod = loader.load(spec, ctx.device_id)
         caller, cap = ctx.begin(fw, previous_event)
-        out = ctx.empty(fw, (N, H), "bfloat16")
-        outw = ctx.empty(fw, (N, Kt), "float32") if wr is not None else None
+        out = ctx.empty(fw, (N, H), "bfloat16", name="combined_x")
+        outw = ctx.empty(fw, (N, Kt), "float32", name="combined_topk_weights") if wr is not None else None
         p = st.params(ctx.timeout_s)
         refs = handle.refs
         p.x = xr.ptr

@@ -17,10 +17,13 @@ from epcomm.jit import loader
 from epcomm.kernels import intranode as K_intra
 from epcomm.kernels import layout as K_layout
 from epcomm.normal.handle import DispatchHandle, check_handle, ptr
-from epcomm.normal.layout import layout_on_comm
+from epcomm.normal.layout import layout_on_comm, layout_specs
 from epcomm.runtime import driver
 from epcomm.validate import check_experts_divisible, check_hidden_size, check_int
 from epcomm.runtime.event import check_event
+
+# The receive's outputs, in the order _Receive.allocate returns them.
+RECV_OUTPUTS = ("recv_x", "recv_scales", "recv_topk_idx", "recv_topk_weights", "recv_src_idx")
 
 # Routing arguments a cached dispatch must not be given (the handle holds the route).
 _ROUTE_ARGS = ("topk_idx", "topk_weights", "is_token_in_rank", "num_tokens_per_rank", "num_tokens_per_rdma_rank",
@@ -180,6 +183,39 @@ class _Route:
     keep: tuple = ()
 
 
+def route_specs(N: int, R: int) -> dict:
+    """name -> (shape, dtype) of the send plan a dispatch of N tokens makes (kept in its handle)."""
+    return {"rank_prefix": ((R + 1,), "int32"), "send_list": ((R, max(N, 1)), "int32"),
+            "send_pos": ((N, R), "int32"), "send_count": ((R,), "int32")}
+
+
+def recv_specs(M: int, H: int, fp8: bool, Kt: int, weights: bool, cached: bool) -> dict:
+    """name -> (shape, dtype) of the receive's outputs for M rows, FP8 scales row-major [M, H/128]
+    (the receive writes them column-major [H/128, M] when the input's were)."""
+    spec = {"recv_x": ((M, H), "float8_e4m3fn" if fp8 else "bfloat16")}
+    if fp8:
+        spec["recv_scales"] = ((M, H // 128), "float32")
+    if Kt:
+        spec["recv_topk_idx"] = ((M, Kt), "int64")
+        if weights:
+            spec["recv_topk_weights"] = ((M, Kt), "float32")
+    if not cached:
+        spec["recv_src_idx"] = ((M,), "int32")
+    return spec
+
+
+def worst_output_specs(R: int, N: int, H: int, E: int, Kt: int, M: int, fp8: bool, weights: bool,
+                       cached: bool) -> dict:
+    """name -> (shape, dtype) of every array a ``num_worst_tokens=M`` dispatch of N tokens writes,
+    given no layout (it computes it) and row-major FP8 scales: the receive's outputs and, unless
+    ``cached``, the send plan and the layout."""
+    spec = recv_specs(M, H, fp8, Kt, weights, cached)
+    if not cached:
+        spec.update(route_specs(N, R))
+        spec.update(layout_specs(N, R, E, 0))
+    return spec
+
+
 def _route(ctx, a: DispatchArgs) -> _Route:
     if a.cached:
         h = a.handle
@@ -193,8 +229,7 @@ def _route(ctx, a: DispatchArgs) -> _Route:
             itr = lay_outs[3][1]
         if ner is None:
             ner = lay_outs[2][1]
-    outs = {"rank_prefix": ctx.empty(fw, (R + 1,), "int32"), "send_list": ctx.empty(fw, (R, max(N, 1)), "int32"),
-            "send_pos": ctx.empty(fw, (N, R), "int32"), "send_count": ctx.empty(fw, (R,), "int32")}
+    outs = {k: ctx.empty(fw, shape, dt, name=k) for k, (shape, dt) in route_specs(N, R).items()}
     refs = {k: o[1] for k, o in outs.items()}
     refs["is_token_in_rank"] = itr
     return _Route(outs["rank_prefix"][0], outs["send_list"][0], outs["send_pos"][0], outs["send_count"][0],
@@ -311,19 +346,11 @@ class _Receive:
         """The outputs for M rows ((obj, ref) pairs, None where absent); fills their pointers into p."""
         ctx, a, p, G = self.ctx, self.a, self.p, self.G
         fw = a.fw
-        rx = ctx.empty(fw, (M, a.H), "float8_e4m3fn" if a.fp8 else "bfloat16")
-        rs = None
-        rs_st = rs_sg = 0
-        if a.fp8:
-            if self.col_major_scales:
-                rs = ctx.empty(fw, (G, M), "float32")
-                rs_st, rs_sg = 1, M
-            else:
-                rs = ctx.empty(fw, (M, G), "float32")
-                rs_st, rs_sg = G, 1
-        rti = ctx.empty(fw, (M, a.Kt), "int64") if a.Kt else None
-        rtw = ctx.empty(fw, (M, a.Kt), "float32") if (a.Kt and a.wr is not None) else None
-        rsrc = None if a.cached else ctx.empty(fw, (M,), "int32")
+        spec = recv_specs(M, a.H, a.fp8, a.Kt, a.wr is not None, a.cached)
+        if self.col_major_scales:
+            spec["recv_scales"] = ((G, M), "float32")
+        rx, rs, rti, rtw, rsrc = (ctx.empty(fw, *spec[k], name=k) if k in spec else None for k in RECV_OUTPUTS)
+        rs_st, rs_sg = ((1, M) if self.col_major_scales else (G, 1)) if a.fp8 else (0, 0)
         p.recv_x = rx[1].ptr
         p.recv_scales, p.rscale_st, p.rscale_sg = (rs[1].ptr if rs else 0), rs_st, rs_sg
         p.recv_topk_idx = rti[1].ptr if rti else 0

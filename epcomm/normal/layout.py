@@ -34,6 +34,20 @@ def get_dispatch_layout(ctx, topk_idx, num_experts: int, previous_event: EventOv
     return (*res, ev)
 
 
+# The layout's outputs, in the order get_dispatch_layout returns them.
+LAYOUT_OUTPUTS = ("num_tokens_per_rank", "num_tokens_per_rdma_rank", "num_tokens_per_expert", "is_token_in_rank")
+
+
+def layout_specs(N: int, R: int, num_experts: int, num_nodes: int) -> dict:
+    """name -> (shape, dtype) of the layout's outputs for N tokens (the per-node counts only
+    with ``num_nodes`` > 0)."""
+    spec = {"num_tokens_per_rank": ((R,), "int32"), "num_tokens_per_rdma_rank": ((num_nodes,), "int32"),
+            "num_tokens_per_expert": ((num_experts,), "int32"), "is_token_in_rank": ((N, R), "bool")}
+    if not num_nodes:
+        del spec["num_tokens_per_rdma_rank"]
+    return spec
+
+
 def layout_on_comm(ctx, tr, num_experts: int, num_nodes: int, ranks_per_node: int | None = None) -> list:
     """Allocate the four layout outputs (interop (obj, ref) pairs; the per-node one None when
     ``num_nodes`` is 0) and launch the layout kernel on the comm stream (``ranks_per_node``:
@@ -41,10 +55,8 @@ def layout_on_comm(ctx, tr, num_experts: int, num_nodes: int, ranks_per_node: in
     fw = tr.framework
     N = tr.shape[0]
     R = ctx.num_ranks
-    rank_o = ctx.empty(fw, (R,), "int32")
-    rdma_o = ctx.empty(fw, (num_nodes,), "int32") if num_nodes else None
-    exp_o = ctx.empty(fw, (num_experts,), "int32")
-    in_o = ctx.empty(fw, (N, R), "bool")
+    spec = layout_specs(N, R, num_experts, num_nodes)
+    rank_o, rdma_o, exp_o, in_o = (ctx.empty(fw, *spec[k], name=k) if k in spec else None for k in LAYOUT_OUTPUTS)
     K_layout.launch_layout(ctx.stream, ctx.device_id, tr, num_experts, R, num_nodes, ranks_per_node or R, rank_o[1],
                            rdma_o[1] if rdma_o else None, exp_o[1], in_o[1], ctx.err.dev_ptr)
     return [rank_o, rdma_o, exp_o, in_o]
