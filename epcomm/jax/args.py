@@ -43,7 +43,7 @@ def operand(a, name: str, shape: tuple, dtype) -> tuple:
     if not (hasattr(a, "shape") and hasattr(a, "dtype")) or isinstance(a, (tuple, list)):
         raise TypeError(f"{name}: expected a JAX array, got {type(a).__name__}")
     dt = _dtype(a)
-    ok = (dt,) if isinstance(dtype, str) else dtype
+    ok = (dtype,) if isinstance(dtype, str) else tuple(dtype)
     if dt not in ok:
         raise TypeError(f"{name}: expected dtype {' or '.join(ok)}, got {dt}")
     sh = tuple(int(s) for s in a.shape)
