@@ -94,7 +94,7 @@ class _Rig:
         monkeypatch.setattr(LowLatencyState, "_allow_smem", lambda self, *a: None)
         monkeypatch.setattr(LowLatencyState, "_coop_blocks", lambda self, fn, smem: 132)
         monkeypatch.setattr(LowLatencyState, "empty",
-                            lambda self, fw, shape, dtype: interop.empty(fw, tuple(shape), dtype, "cpu", 0))
+                            lambda self, fw, shape, dtype, name=None: interop.empty(fw, tuple(shape), dtype, "cpu", 0))
 
     def launches(self):
         return [e for e in self.log if e[0] == "launch"]
