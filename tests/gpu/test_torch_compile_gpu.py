@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from epcomm.tools import spawn
-from gpu_checks import TEST_TIMEOUT, device_of, needs_ranks, normal_ranks, run_once
+from gpu_checks import TEST_TIMEOUT, device_of, needs_ranks, normal_ranks, random_job, run_once
 
 pytestmark = [pytest.mark.gpu, pytest.mark.multigpu]
 
@@ -154,16 +154,6 @@ def _opcheck(rank, world, buf, llbuf, E):
     return fails
 
 
-def _ll_job(seed, world, E):
-    from epcomm.testing import random_bf16, random_topk, random_weights
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(world):
-        idx = random_topk(rng, T, E, KL, drop_prob=0.1)
-        out.append((random_bf16(rng, (T, HL)), idx, random_weights(rng, idx)))
-    return out
-
-
 def _reduce_overhead_low_latency(rank, world, llbuf, E):
     """The low-latency pair compiled with mode="reduce-overhead": a warm-up call, the capture,
     then replays, each with new routing, against the reference; the replays run no Python of
@@ -185,8 +175,7 @@ def _reduce_overhead_low_latency(rank, world, llbuf, E):
     fails = []
     for it in range(6):
         spawn.phase(f"reduce-overhead low-latency pair, call {it}")
-        job = _ll_job(500 + it, world, E)
-        xs, tks, ws = ([j[i] for j in job] for i in range(3))
+        xs, tks, ws = random_job(np.random.default_rng(500 + it), world, T, HL, E, KL, 0.1)
         ref = reference.low_latency_dispatch(xs, tks, T, E, use_fp8=False)
         ys = [(r.recv_x.astype(np.float32) * 3.0).astype(ml_dtypes.bfloat16) for r in ref]
         want = reference.low_latency_combine(ys, tks, ws, [r.handle for r in ref], partials=partials)[rank]
