@@ -30,6 +30,7 @@ _LAZY = {
     "interop": ("epcomm.interop", None),
     "envs": ("epcomm.envs", None),
     "torch_autograd": ("epcomm.torch_autograd", None),
+    "torch_ops": ("epcomm.torch_ops", None),
 }
 
 __all__ = ["__version__", *_LAZY]

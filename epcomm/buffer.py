@@ -33,9 +33,18 @@ from epcomm.runtime.group import as_group
 from epcomm.runtime.topology import discover
 from epcomm.validate import check_bool, check_hidden_size, check_int, check_numerics
 
-__all__ = ["Buffer", "DispatchHandle"]
+__all__ = ["Buffer", "DispatchHandle", "find_buffer"]
 
 _LIVE_BUFFERS: "weakref.WeakSet[Buffer]" = weakref.WeakSet()
+
+
+def find_buffer(serial: int) -> "Buffer | None":
+    """The live (not destroyed) Buffer whose ``ctx.serial`` is ``serial``, else None: how code
+    that can pass only plain numbers (a compiled program's operations) names a Buffer."""
+    for b in list(_LIVE_BUFFERS):
+        if b.ctx.serial == serial:
+            return b
+    return None
 
 
 @atexit.register

@@ -12,6 +12,24 @@ from __future__ import annotations
 import torch
 
 
+def dispatch_backward(combine, grad_recv_x, grad_recv_w, recv_topk_idx):
+    """The gradients of a dispatch's inputs ``(grad_x, grad_topk_weights)``: a combine through its
+    handle, ``combine(grad_rows, grad_weights) -> (grad_x, grad_topk_weights)``, of the received
+    rows' gradient and of the received weights' gradient (None: the dispatch had no weights, or
+    they got none), the latter zeroed where the received index is -1 (those entries were zeros,
+    not copies of a weight).  The rule of every differentiable dispatch of epcomm."""
+    if grad_recv_w is not None:
+        grad_recv_w = grad_recv_w.masked_fill(recv_topk_idx < 0, 0.0).contiguous()
+    return combine(grad_recv_x.contiguous(), grad_recv_w)
+
+
+def combine_backward(cached_dispatch, grad_out):
+    """The gradient of a combine's input rows: ``cached_dispatch(grad_out)``, a dispatch of the
+    output's gradient along the combine's handle (each token's gradient goes to every row that
+    was summed into it)."""
+    return cached_dispatch(grad_out.contiguous())
+
+
 class _Dispatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, topk_weights, buffer, topk_idx, num_experts, kwargs):
@@ -27,11 +45,8 @@ class _Dispatch(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_x, _grad_idx, grad_w):
         (recv_idx,) = ctx.saved_tensors
-        if grad_w is not None and ctx.has_w:
-            grad_w = grad_w.masked_fill(recv_idx < 0, 0.0).contiguous()
-        else:
-            grad_w = None
-        gx, gw, _ = ctx.buffer.combine(grad_x.contiguous(), ctx.handle, topk_weights=grad_w)
+        gx, gw = dispatch_backward(lambda g, w: ctx.buffer.combine(g, ctx.handle, topk_weights=w)[:2],
+                                   grad_x, grad_w if ctx.has_w else None, recv_idx)
         return gx, gw, None, None, None, None
 
 
@@ -44,8 +59,7 @@ class _Combine(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_x = ctx.buffer.dispatch(grad_out.contiguous(), handle=ctx.handle)[0]
-        return grad_x, None, None
+        return combine_backward(lambda g: ctx.buffer.dispatch(g, handle=ctx.handle)[0], grad_out), None, None
 
 
 def dispatch(buffer, x, topk_idx, topk_weights, num_experts: int, **kwargs):

@@ -145,7 +145,7 @@ class DispatchOps:
             # this combine cannot do).
             topk_copy = check_topk_indices(a.tr.obj, a.fw, a.E, capturing=capturing, unique=True,
                                            previous_event=previous_event)
-            res = self._slot_results(a, slot)
+            res = self._slot_results(a, slot, capturing)
             p = self._dispatch_params(a, lay, slot, res, stream, capturing, shape)
             fn, grid, recv_blocks = self._launch_dispatch(mod, p, slot, stream, a, smem, L)
             gen = self._advance_slot(slot, shape if p.check_shape else None)
@@ -222,7 +222,7 @@ class DispatchOps:
         return _DispatchArgs(fw, xr, tr, stats, wait_stats, N, H, T, E, Kt, use_fp8, round_scale, use_ue8m0,
                              async_finish, return_recv_hook)
 
-    def _slot_results(self, a: _DispatchArgs, slot: int) -> _Results:
+    def _slot_results(self, a: _DispatchArgs, slot: int, capturing: bool = False) -> _Results:
         """The results this dispatch writes into: the slot's, for this framework and shape."""
         res = self._results[slot]
         key = (a.fw, a.T, a.H, a.E, a.use_fp8, a.use_ue8m0)
@@ -236,7 +236,13 @@ class DispatchOps:
             # valid.  Memory: one set per (slot, framework, shape, dtype) ever used.
             res = self._kept.get((slot, key))
             if res is None:
-                res = self._kept[(slot, key)] = _Results(self, *key)
+                # Both slots' at once (outside a capture): a CUDA graph captured at the next call,
+                # as torch.compile's mode="reduce-overhead" does after one warm-up call, then
+                # allocates nothing inside the capture (memory the graph's pool would own).
+                for s in ((slot,) if capturing else (slot, slot ^ 1)):
+                    if (s, key) not in self._kept:
+                        self._kept[(s, key)] = _Results(self, *key)
+                res = self._kept[(slot, key)]
             self._results[slot] = res
         return res
 

@@ -1,0 +1,183 @@
+"""epcomm's calls inside compiled torch programs: ``torch.compile(fullgraph=True)`` without a
+graph break, and CUDA graphs (``mode="reduce-overhead"``) of the low-latency pair.
+
+Importing this module registers the custom operations ``torch.ops.epcomm.*`` (importing
+:mod:`epcomm` itself imports no torch).  The functions below call them and work the same
+eagerly and compiled; the Buffer is made outside the compiled code (one per process, as
+always) and passed in, and stays alive while the compiled code runs.
+
+Fixed shapes only, as a compiler needs them: the normal-mode dispatch takes ``num_worst_tokens``
+(outputs of exactly that many rows, padding rows with top-k index -1), the low-latency calls
+are ``[E/R, R*T, H]`` as ever.  One NVLink domain (not a Buffer spanning nodes).
+
+Gradients: :func:`dispatch` (to ``x`` and ``topk_weights``), :func:`cached_dispatch` and
+:func:`combine` (to ``x``) are differentiable with :mod:`epcomm.torch_autograd`'s rules; the
+low-latency calls are not (inference).
+
+Example::
+
+    from epcomm import torch_ops
+    recv_x, recv_idx, recv_w, handle = torch_ops.dispatch(buf, x, topk_idx, topk_weights, E, worst)
+    y = experts(recv_x, recv_idx, recv_w)
+    out, _ = torch_ops.combine(buf, y, handle)
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from epcomm.torch_ops.low_latency_ops import low_latency_combine_op, low_latency_dispatch_op
+from epcomm.torch_ops.normal_ops import cached_dispatch_op, combine_op, dispatch_op, layout_op
+from epcomm.torch_ops.registry import buffer_id
+from epcomm.validate import check_bool, check_int
+
+__all__ = ["DispatchRoute", "LowLatencyRoute", "dispatch", "cached_dispatch", "combine", "get_dispatch_layout",
+           "low_latency_dispatch", "low_latency_combine"]
+
+
+class DispatchRoute(NamedTuple):
+    """The handle of :func:`dispatch` as tensors (those of
+    :data:`epcomm.normal.handle.ROUTE_FIELDS`) and the dispatch's expert count and top-k width:
+    what :func:`combine` and :func:`cached_dispatch` retrace.  Opaque; keep it with the received
+    tensors."""
+    rank_prefix: torch.Tensor
+    send_list: torch.Tensor
+    send_pos: torch.Tensor
+    send_count: torch.Tensor
+    is_token_in_rank: torch.Tensor
+    recv_src_idx: torch.Tensor
+    num_experts: int
+    num_topk: int
+
+
+class LowLatencyRoute(NamedTuple):
+    """The handle of :func:`low_latency_dispatch`: ``src_info`` int32 [E/R, R*T] (source token
+    of each packed row) and ``layout_range`` int32 [E/R, R, 2], views of the Buffer's results
+    (valid until the second next low-latency dispatch, as in eager calls)."""
+    src_info: torch.Tensor
+    layout_range: torch.Tensor
+
+
+def _tensor(name: str, t, ndim: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name}: expected {ndim} dimensions, got shape {tuple(t.shape)}")
+
+
+def _nvlink_buffer(buffer) -> int:
+    """The Buffer's id; ValueError for a Buffer spanning nodes (whose handles carry more)."""
+    bid = buffer_id(buffer)
+    if buffer.internode:
+        raise ValueError("buffer: spans nodes; epcomm.torch_ops serves the normal mode within one NVLink domain")
+    return bid
+
+
+def _route_of(handle) -> tuple:
+    if not isinstance(handle, DispatchRoute):
+        raise TypeError(f"handle: expected the DispatchRoute of epcomm.torch_ops.dispatch, got "
+                        f"{type(handle).__name__}")
+    return tuple(handle[:6])
+
+
+def dispatch(buffer, x, topk_idx, topk_weights, num_experts: int, num_worst_tokens: int):
+    """:meth:`epcomm.Buffer.dispatch` with ``num_worst_tokens``, as one operation.
+
+    Args: ``x`` bf16 [N, H]; ``topk_idx`` int64 [N, K] (-1: none); ``topk_weights`` float32
+    [N, K]; ``num_experts`` E; ``num_worst_tokens`` M >= 1, the rows of every output (at least
+    the rows this rank can receive, e.g. N * R).
+
+    Returns ``(recv_x bf16 [M, H], recv_topk_idx int64 [M, K], recv_topk_weights float32 [M, K],
+    handle)`` (:class:`DispatchRoute`); rows ordered by source rank, then source token; padding
+    rows have top-k index -1 and unwritten ``recv_x``.  Differentiable in ``x`` and
+    ``topk_weights``.  Raises TypeError / ValueError for a wrong argument here (its type, rank or
+    count) and, when the operation runs, what :meth:`epcomm.Buffer.dispatch` raises.
+    """
+    bid = _nvlink_buffer(buffer)
+    _tensor("x", x, 2)
+    _tensor("topk_idx", topk_idx, 2)
+    _tensor("topk_weights", topk_weights, 2)
+    num_experts = check_int("num_experts", num_experts, lo=1)
+    num_worst_tokens = check_int("num_worst_tokens", num_worst_tokens, lo=1)
+    out = dispatch_op(x, topk_idx, topk_weights, bid, buffer.num_ranks, num_experts, num_worst_tokens)
+    return out[0], out[1], out[2], DispatchRoute(*out[3:], num_experts, topk_idx.shape[1])
+
+
+def cached_dispatch(buffer, x, handle: DispatchRoute):
+    """A dispatch of ``x`` (bf16 [N, H], N the handle's token count) along ``handle``'s route:
+    recv_x bf16 [M, H] (what the backward of :func:`combine` computes).  Differentiable in ``x``."""
+    bid = _nvlink_buffer(buffer)
+    route = _route_of(handle)
+    _tensor("x", x, 2)
+    return cached_dispatch_op(x, *route, bid, handle.num_experts, handle.num_topk)
+
+
+def combine(buffer, x, handle: DispatchRoute, topk_weights=None):
+    """:meth:`epcomm.Buffer.combine` through ``handle``: each token gets the unweighted sum of
+    its received rows.
+
+    Args: ``x`` bf16 [M, H] in the dispatch's receive order; ``topk_weights`` None or float32
+    [M, K] (summed the same way), not differentiable (ValueError if it requires grad).
+
+    Returns ``(combined_x bf16 [N, H], combined_topk_weights float32 [N, K] or None)``.
+    Differentiable in ``x``: the backward is :func:`cached_dispatch`.
+    """
+    bid = _nvlink_buffer(buffer)
+    route = _route_of(handle)
+    _tensor("x", x, 2)
+    if topk_weights is not None:
+        _tensor("topk_weights", topk_weights, 2)
+        if topk_weights.requires_grad and torch.is_grad_enabled():
+            raise ValueError("topk_weights: the combine of weights is not differentiable; pass them detached")
+    out, out_w = combine_op(x, topk_weights, *route, bid, handle.num_experts, handle.num_topk)
+    return out, (out_w if topk_weights is not None else None)
+
+
+def get_dispatch_layout(topk_idx, num_experts: int, num_ranks: int, *, num_ranks_per_node: int = 8):
+    """:func:`epcomm.get_dispatch_layout` as one operation: ``(num_tokens_per_rank int32 [R],
+    num_tokens_per_rdma_rank int32 [R / num_ranks_per_node] or None within one node,
+    num_tokens_per_expert int32 [E], is_token_in_rank bool [N, R])``."""
+    _tensor("topk_idx", topk_idx, 2)
+    num_experts = check_int("num_experts", num_experts, lo=1)
+    num_ranks = check_int("num_ranks", num_ranks, lo=1)
+    num_ranks_per_node = check_int("num_ranks_per_node", num_ranks_per_node, lo=1)
+    rank, rdma, expert, in_rank = layout_op(topk_idx, num_experts, num_ranks, num_ranks_per_node)
+    return rank, (rdma if num_ranks > num_ranks_per_node else None), expert, in_rank
+
+
+def low_latency_dispatch(buffer, x, topk_idx, num_max_dispatch_tokens_per_rank: int, num_experts: int, *,
+                         use_fp8: bool = True, round_scale: bool = False, use_ue8m0: bool = False):
+    """:meth:`epcomm.Buffer.low_latency_dispatch` (one kernel: no hook, no event) as one operation.
+
+    Returns ``(recv_x, recv_count int32 [E/R], handle)`` (:class:`LowLatencyRoute`): ``recv_x``
+    bf16 [E/R, R*T, H], or with ``use_fp8`` the pair ``(e4m3 [E/R, R*T, H], scales)``, as the
+    Buffer's method returns them.  Not differentiable; capturable in a CUDA graph (one warm-up
+    call first, as torch.compile's ``mode="reduce-overhead"`` makes).  A combine given a handle
+    whose results a later dispatch overwrote is not detected inside compiled code (eager calls
+    of the Buffer raise): combine each dispatch before the second next one.
+    """
+    bid = buffer_id(buffer)
+    _tensor("x", x, 2)
+    _tensor("topk_idx", topk_idx, 2)
+    T = check_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, lo=1)
+    num_experts = check_int("num_experts", num_experts, lo=1)
+    use_fp8, round_scale = check_bool("use_fp8", use_fp8), check_bool("round_scale", round_scale)
+    use_ue8m0 = check_bool("use_ue8m0", use_ue8m0)
+    rx, scales, count, src_info, layout_range = low_latency_dispatch_op(
+        x, topk_idx, bid, buffer.num_ranks, T, num_experts, use_fp8, round_scale, use_ue8m0)
+    return ((rx, scales) if use_fp8 else rx), count, LowLatencyRoute(src_info, layout_range)
+
+
+def low_latency_combine(buffer, x, topk_idx, topk_weights, handle: LowLatencyRoute):
+    """:meth:`epcomm.Buffer.low_latency_combine` (default format, one kernel) as one operation:
+    ``x`` bf16 [E/R, R*T, H], ``topk_idx`` int64 / ``topk_weights`` float32 [N, K] as dispatched;
+    returns the combined bf16 [N, H].  Not differentiable; CUDA-graph capturable."""
+    bid = buffer_id(buffer)
+    if not isinstance(handle, LowLatencyRoute):
+        raise TypeError(f"handle: expected the LowLatencyRoute of epcomm.torch_ops.low_latency_dispatch, got "
+                        f"{type(handle).__name__}")
+    _tensor("x", x, 3)
+    _tensor("topk_idx", topk_idx, 2)
+    _tensor("topk_weights", topk_weights, 2)
+    return low_latency_combine_op(x, topk_idx, topk_weights, handle.src_info, bid)

@@ -1,0 +1,58 @@
+"""What the compiled operations cannot take as arguments, found from what they can: a Buffer from
+its integer id (``ctx.serial``), and a low-latency dispatch's handle from its ``src_info`` tensor.
+
+A torch custom operation takes tensors and plain scalars only, so the Buffer travels through a
+compiled program as its id and is looked up in the operation's body, which runs outside the
+trace.  The low-latency engine's handle holds Python state (its slot, generation and results
+object); the dispatch operation leaves it here under the address of its ``src_info`` (a view of
+the slot's results, which no other dispatch of another slot or shape shares), where the combine
+operation finds it.
+"""
+from __future__ import annotations
+
+import weakref
+
+from epcomm.buffer import find_buffer
+
+_BY_ID: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
+_LL_HANDLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def buffer_id(buffer) -> int:
+    """The id under which operations name ``buffer`` (an epcomm Buffer); TypeError otherwise."""
+    ctx = getattr(buffer, "ctx", None)
+    serial = getattr(ctx, "serial", None)
+    if type(serial) is not int:
+        raise TypeError(f"buffer: expected an epcomm.Buffer, got {type(buffer).__name__}")
+    return serial
+
+
+def lookup(buffer_id: int):
+    """The live Buffer with this id; ValueError if none (destroyed, or never made in this process)."""
+    b = _BY_ID.get(buffer_id)
+    if b is None:
+        b = find_buffer(buffer_id)
+        if b is None:
+            raise ValueError(f"buffer_id={buffer_id}: no live epcomm Buffer of this process has this id "
+                             f"(destroyed, or made in another process)")
+        _BY_ID[buffer_id] = b
+    return b
+
+
+def remember_low_latency_handle(buffer, handle) -> None:
+    """Keep the handle of ``buffer``'s latest low-latency dispatch into the storage of
+    ``handle.src_info`` (a later one into the same storage replaces it)."""
+    per_buffer = _LL_HANDLES.get(buffer)
+    if per_buffer is None:
+        per_buffer = _LL_HANDLES[buffer] = {}
+    per_buffer[handle.src_info.data_ptr()] = handle
+
+
+def low_latency_handle(buffer, src_info):
+    """The handle of the dispatch of ``buffer`` that returned ``src_info``; ValueError if no
+    dispatch of this Buffer did.  The engine's combine then checks that its results are still in
+    place (BufferStateError otherwise)."""
+    h = _LL_HANDLES.get(buffer, {}).get(src_info.data_ptr())
+    if h is None:
+        raise ValueError("handle.src_info: not returned by a low_latency_dispatch of this Buffer")
+    return h

@@ -1,0 +1,304 @@
+"""epcomm.torch_ops on the CPU: fake-tensor propagation of every operation, torch.library.opcheck,
+the autograd rules, and torch.compile(fullgraph=True) of small MoE layers with no graph break,
+equal to eager.  The operations' real bodies run on one-rank CPU stand-ins of a Buffer
+(tests/helpers/torch_standin.py); the GPU kernels are tested in tests/gpu/test_torch_compile_gpu.py."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
+
+from epcomm import torch_ops  # noqa: E402
+from epcomm.normal.handle import handle_from_route  # noqa: E402
+from epcomm.torch_ops import registry  # noqa: E402
+from torch_standin import OneRankBuffer  # noqa: E402
+
+BF16, I32, I64, F32 = torch.bfloat16, torch.int32, torch.int64, torch.float32
+
+
+def _shape_only_buffer(num_ranks: int):
+    """What the functions read of a Buffer before the operations run (enough under fake tensors)."""
+    return types.SimpleNamespace(ctx=types.SimpleNamespace(serial=-1), num_ranks=num_ranks, internode=False)
+
+
+@pytest.fixture
+def standin(monkeypatch):
+    buf = OneRankBuffer()
+    monkeypatch.setitem(registry._BY_ID, buf.ctx.serial, buf)
+    return buf
+
+
+def _meta(t, shape, dtype, strides=None):
+    assert tuple(t.shape) == shape and t.dtype == dtype, (tuple(t.shape), t.dtype, shape, dtype)
+    if strides is not None:
+        assert t.stride() == strides
+
+
+# ---- fake tensors -------------------------------------------------------------------------------
+@pytest.mark.parametrize("R", [2, 4, 8])
+def test_fake_propagation_of_the_normal_mode(R):
+    N, H, K, E, M = 24, 512, 4, 8 * R, 24 * R
+    buf = _shape_only_buffer(R)
+    with FakeTensorMode():
+        x, idx, w = torch.empty(N, H, dtype=BF16), torch.empty(N, K, dtype=I64), torch.empty(N, K)
+        rx, ridx, rw, h = torch_ops.dispatch(buf, x, idx, w, E, M)
+        _meta(rx, (M, H), BF16)
+        _meta(ridx, (M, K), I64)
+        _meta(rw, (M, K), F32)
+        want = [((R + 1,), I32), ((R, N), I32), ((N, R), I32), ((R,), I32), ((N, R), torch.bool), ((M,), I32)]
+        for t, (shape, dt) in zip(h[:6], want):
+            _meta(t, shape, dt)
+        assert (h.num_experts, h.num_topk) == (E, K)
+        out, out_w = torch_ops.combine(buf, rx, h, rw)
+        _meta(out, (N, H), BF16)
+        _meta(out_w, (N, K), F32)
+        out, out_w = torch_ops.combine(buf, rx, h)
+        assert out_w is None
+        _meta(torch_ops.cached_dispatch(buf, out, h), (M, H), BF16)
+
+
+@pytest.mark.parametrize("R,P,nodes", [(4, 8, 0), (16, 8, 2), (32, 4, 8)])
+def test_fake_propagation_of_the_layout(R, P, nodes):
+    with FakeTensorMode():
+        idx = torch.empty(10, 6, dtype=I64)
+        rank, rdma, expert, in_rank = torch_ops.get_dispatch_layout(idx, 2 * R, R, num_ranks_per_node=P)
+        _meta(rank, (R,), I32)
+        _meta(expert, (2 * R,), I32)
+        _meta(in_rank, (10, R), torch.bool)
+        if nodes:
+            _meta(rdma, (nodes,), I32)
+        else:
+            assert rdma is None
+
+
+@pytest.mark.parametrize("fp8,ue8m0", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("R", [2, 4])
+def test_fake_propagation_of_the_low_latency_pair(R, fp8, ue8m0):
+    N, T, H, K, E = 50, 64, 7168, 8, 16 * R
+    L, RT = E // R, R * T
+    buf = _shape_only_buffer(R)
+    with FakeTensorMode():
+        x, idx, w = torch.empty(N, H, dtype=BF16), torch.empty(N, K, dtype=I64), torch.empty(N, K)
+        rx, count, h = torch_ops.low_latency_dispatch(buf, x, idx, T, E, use_fp8=fp8, round_scale=ue8m0,
+                                                      use_ue8m0=ue8m0)
+        if fp8:
+            rx, scales = rx
+            _meta(rx, (L, RT, H), torch.float8_e4m3fn, (RT * H, H, 1))
+            # Column-major in the last two dims, as the engine returns them.
+            G = (H // 128 + 3) // 4 if ue8m0 else H // 128
+            _meta(scales, (L, RT, G), I32 if ue8m0 else F32, (G * RT, 1, RT))
+        else:
+            _meta(rx, (L, RT, H), BF16, (RT * H, H, 1))
+        _meta(count, (L,), I32)
+        _meta(h.src_info, (L, RT), I32)
+        _meta(h.layout_range, (L, R, 2), I32)
+        _meta(torch_ops.low_latency_combine(buf, torch.empty(L, RT, H, dtype=BF16), idx, w, h), (N, H), BF16)
+
+
+# ---- opcheck --------------------------------------------------------------------------------------
+def test_opcheck_on_meta_tensors():
+    """Schema (no input mutated or aliased), fake = meta kernel, and tracing with dynamic shapes,
+    of every operation (on meta tensors the operation runs its fake implementation)."""
+    R, N, H, K, T = 4, 12, 256, 4, 16
+    E = 4 * R
+    m = dict(device="meta")
+    x, idx, w = torch.empty(N, H, dtype=BF16, **m), torch.empty(N, K, dtype=I64, **m), torch.empty(N, K, **m)
+    ops = torch.ops.epcomm
+    cases = [(ops.dispatch.default, (x, idx, w, 0, R, E, 3 * N)),
+             (ops.get_dispatch_layout.default, (idx, E, R, 8)),
+             (ops.low_latency_dispatch.default, (x, idx, 0, R, T, E, True, True, True)),
+             (ops.low_latency_dispatch.default, (x, idx, 0, R, T, E, False, False, False)),
+             (ops.low_latency_combine.default, (torch.empty(E // R, R * T, H, dtype=BF16, **m), idx, w,
+                                                torch.empty(E // R, R * T, dtype=I32, **m), 0))]
+    route = ops.dispatch.default(x, idx, w, 0, R, E, 3 * N)[3:]
+    rx = torch.empty(3 * N, H, dtype=BF16, **m)
+    cases += [(ops.combine.default, (rx, torch.empty(3 * N, K, **m), *route, 0, E, K)),
+              (ops.combine.default, (rx, None, *route, 0, E, K)),
+              (ops.cached_dispatch.default, (x, *route, 0, E, K))]
+    for op, args in cases:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def _routing(N=16, K=2, E=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(N)])
+    idx[3] = -1        # a token routed nowhere
+    idx[5, 1] = -1     # a token with one expert
+    return idx
+
+
+def test_opcheck_of_the_normal_operations_on_the_standin(standin):
+    """Real bodies (registry, handle from route tensors) against the fake implementations, the
+    autograd registration and dynamic-shape tracing."""
+    N, H, K, E = 16, 8, 2, 8
+    idx = _routing(N, K, E)
+    x = torch.randn(N, H).to(BF16).requires_grad_()
+    w = torch.rand(N, K, requires_grad=True)
+    bid = standin.ctx.serial
+    ops = torch.ops.epcomm
+    out = ops.dispatch.default(x, idx, w, bid, 1, E, 20)
+    route = [t.detach() for t in out[3:]]
+    rx = out[0].detach().requires_grad_()
+    for op, args in [(ops.dispatch.default, (x, idx, w, bid, 1, E, 20)),
+                     (ops.combine.default, (rx, out[2].detach(), *route, bid, E, K)),
+                     (ops.combine.default, (rx, None, *route, bid, E, K)),
+                     (ops.cached_dispatch.default, (x, *route, bid, E, K))]:
+        torch.library.opcheck(op, args)
+
+
+# ---- autograd and compile --------------------------------------------------------------------------
+def _moe(buf, x, idx, w, E, M):
+    """A small MoE layer: dispatch, a weighted expert (a function of the received rows and
+    weights), combine."""
+    rx, ridx, rw, h = torch_ops.dispatch(buf, x, idx, w, E, M)
+    y = (rx.float() * (1.0 + rw.sum(1, keepdim=True))).to(BF16)
+    out, _ = torch_ops.combine(buf, y, h)
+    return out
+
+
+def _inputs(N=16, H=8, K=2, E=8):
+    idx = _routing(N, K, E)
+    x = torch.randn(N, H).to(BF16).requires_grad_()
+    w = torch.rand(N, K, requires_grad=True)
+    return x, idx, w
+
+
+def test_gradients_follow_the_autograd_rules(standin):
+    E, M = 8, 20
+    x, idx, w = _inputs(E=E)
+    out = _moe(standin, x, idx, w, E, M)
+    out.float().sum().backward()
+    assert standin.calls == ["dispatch", "combine", "cached_dispatch", "combine"]
+    routed = (idx >= 0).any(1)
+    wsum = (w.detach() * (idx >= 0)).sum(1, keepdim=True)
+    want_out = (x.detach().float() * (1.0 + wsum)).to(BF16) * routed[:, None]
+    assert torch.equal(out, want_out)
+    # d out.sum() / d x = 1 + the token's weight sum (a bf16 gradient), 0 where routed nowhere.
+    want_gx = ((1.0 + wsum).expand(-1, x.shape[1]) * routed[:, None]).to(BF16)
+    assert torch.equal(x.grad, want_gx)
+    # d / d w[t, k] = sum of the token's row where the slot holds an expert, else 0.
+    want_gw = x.detach().float().sum(1, keepdim=True).expand(-1, 2) * (idx >= 0)
+    assert torch.allclose(w.grad, want_gw, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_compiled_moe_layer_equals_eager_bit_for_bit(standin, backend):
+    torch._dynamo.reset()
+    E, M = 8, 20
+    x, idx, w = _inputs(E=E)
+    out = _moe(standin, x, idx, w, E, M)
+    out.float().square().sum().backward()
+    eager = (out.detach(), x.grad.clone(), w.grad.clone())
+    x.grad = w.grad = None
+    standin.calls.clear()
+    compiled = torch.compile(lambda x, idx, w: _moe(standin, x, idx, w, E, M), backend=backend, fullgraph=True)
+    out = compiled(x, idx, w)
+    out.float().square().sum().backward()
+    assert sorted(standin.calls) == sorted(["dispatch", "combine", "cached_dispatch", "combine"])
+    for a, b in zip(eager, (out.detach(), x.grad, w.grad)):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_no_graph_break_in_a_moe_layer_on_meta_tensors():
+    """dynamo's explain of a layer with the normal and the low-latency pairs and the layout, on
+    meta tensors (each operation runs its fake implementation): one graph, no break."""
+    torch._dynamo.reset()
+    R, N, H, K, T = 4, 32, 256, 4, 32
+    E = 4 * R
+    buf = _shape_only_buffer(R)
+
+    def layer(x, idx, w):
+        _, _, per_expert, _ = torch_ops.get_dispatch_layout(idx, E, R)
+        out = _moe(buf, x, idx, w, E, N * R)
+        rx, count, h = torch_ops.low_latency_dispatch(buf, out, idx, T, E, use_fp8=False)
+        y = rx * count[:, None, None].to(BF16)
+        return torch_ops.low_latency_combine(buf, y, idx, w, h), per_expert
+
+    m = dict(device="meta")
+    args = (torch.empty(N, H, dtype=BF16, **m), torch.empty(N, K, dtype=I64, **m), torch.empty(N, K, **m))
+    ex = torch._dynamo.explain(layer)(*args)
+    assert ex.graph_break_count == 0 and ex.graph_count == 1, ex.break_reasons
+    names = {str(n.target) for g in ex.graphs for n in g.graph.nodes if n.op == "call_function"}
+    for op in ("dispatch", "combine", "get_dispatch_layout", "low_latency_dispatch", "low_latency_combine"):
+        assert f"epcomm.{op}.default" in names, names
+    out, per_expert = torch.compile(layer, backend="aot_eager", fullgraph=True)(*args)
+    _meta(out, (N, H), BF16)
+    _meta(per_expert, (E,), I32)
+
+
+def test_compiled_low_latency_pair_equals_eager(standin):
+    torch._dynamo.reset()
+    N, T, H, K, E = 12, 16, 8, 3, 6
+    g = torch.Generator().manual_seed(1)
+    idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(N)])
+    idx[2, 0] = -1
+    x, w = torch.randn(N, H).to(BF16), torch.rand(N, K)
+
+    def pair(x, idx, w):
+        rx, count, h = torch_ops.low_latency_dispatch(standin, x, idx, T, E, use_fp8=False)
+        return torch_ops.low_latency_combine(standin, (rx.float() * 2).to(BF16), idx, w, h), count
+
+    eager = pair(x, idx, w)
+    compiled = torch.compile(pair, backend="aot_eager", fullgraph=True)
+    for it in range(3):  # both slots, then the first again
+        idx2 = idx.roll(it, 0)
+        want = pair(x, idx2, w)
+        got = compiled(x, idx2, w)
+        assert all(torch.equal(a, b) for a, b in zip(want, got))
+    want_out = sum(w[:, k, None] * (x.float() * 2) * (idx[:, k, None] >= 0) for k in range(K)).to(BF16)
+    assert torch.allclose(eager[0].float(), want_out.float(), rtol=2e-2, atol=1e-2)
+    assert torch.equal(eager[1], torch.stack([(idx == e).any(1).sum() for e in range(E)]).to(I32))
+
+
+# ---- errors ----------------------------------------------------------------------------------------
+def test_errors_name_the_argument(standin):
+    x, idx, w = _inputs()
+    with pytest.raises(ValueError, match="num_worst_tokens"):
+        torch_ops.dispatch(standin, x, idx, w, 8, 0)
+    with pytest.raises(ValueError, match="x: expected 2 dimensions"):
+        torch_ops.dispatch(standin, x[0], idx, w, 8, 20)
+    with pytest.raises(TypeError, match="buffer"):
+        torch_ops.dispatch(object(), x, idx, w, 8, 20)
+    internode = types.SimpleNamespace(ctx=standin.ctx, num_ranks=1, internode=True)
+    with pytest.raises(ValueError, match="spans nodes"):
+        torch_ops.dispatch(internode, x, idx, w, 8, 20)
+    rx, _, rw, h = torch_ops.dispatch(standin, x, idx, w, 8, 20)
+    with pytest.raises(TypeError, match="handle"):
+        torch_ops.combine(standin, rx, tuple(h))
+    with pytest.raises(ValueError, match="topk_weights"):
+        torch_ops.combine(standin, rx, h, topk_weights=rw)  # requires grad
+    with pytest.raises(ValueError, match="buffer_id=123456"):
+        torch.ops.epcomm.combine(rx, None, *h[:6], 123456, 8, 2)
+    bad = list(h[:6])
+    bad[2] = bad[2].to(I64)
+    with pytest.raises(TypeError, match="handle.send_pos"):
+        torch_ops.combine(standin, rx, torch_ops.DispatchRoute(*bad, 8, 2))
+    with pytest.raises(ValueError, match="handle.send_pos: is on cpu but the Buffer uses cuda:0"):
+        handle_from_route(h[:6], serial=0, device_id=0, rank=0, num_ranks=1, hidden=8, num_experts=8, num_topk=2)
+    with pytest.raises(ValueError, match="handle.send_pos"):  # [N, 1] for a 2-rank Buffer
+        handle_from_route(h[:6], serial=0, device_id=-1, rank=0, num_ranks=2, hidden=8, num_experts=8, num_topk=2)
+    bad = list(h[:6])
+    bad[1] = bad[1][:, :-1]
+    with pytest.raises(ValueError, match="handle.send_list"):
+        handle_from_route(bad, serial=0, device_id=-1, rank=0, num_ranks=1, hidden=8, num_experts=8, num_topk=2)
+    with pytest.raises(ValueError, match="src_info: not returned"):
+        torch_ops.low_latency_combine(standin, torch.empty(8, 16, 8, dtype=BF16), idx, w.detach(),
+                                      torch_ops.LowLatencyRoute(torch.zeros(8, 16, dtype=I32),
+                                                                torch.zeros(8, 1, 2, dtype=I32)))
+
+
+def test_registration_happens_at_import_of_torch_ops_only():
+    code = ("import sys, epcomm; assert 'torch' not in sys.modules; "
+            "import torch; assert not hasattr(torch.ops.epcomm, 'dispatch') or 'epcomm.torch_ops' in sys.modules; "
+            "from epcomm import torch_ops; "
+            "print(sorted(n for n in ('dispatch', 'cached_dispatch', 'combine', 'get_dispatch_layout', "
+            "'low_latency_dispatch', 'low_latency_combine') if hasattr(torch.ops.epcomm, n)))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[0].count("'") == 12, r.stdout

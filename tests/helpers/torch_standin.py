@@ -1,0 +1,109 @@
+"""One-rank CPU stand-ins for an epcomm Buffer, for the CPU tests of epcomm.torch_ops: they run
+the operations' real bodies (the registry lookup, the handle rebuilt from its route tensors,
+the results' views) with host tensors.  R = 1: a dispatch sends each routed token to this rank
+once (in token order), a combine sums each token's row back; the low-latency dispatch packs
+each token's row under every expert it selected, the combine adds the rows times their weights.
+The GPU kernels are checked against epcomm.reference by the GPU tests."""
+from __future__ import annotations
+
+import itertools
+import types
+
+import torch
+
+from epcomm.normal.handle import DispatchHandle, handle_from_route
+
+_SERIALS = itertools.count(10_000)
+
+
+class OneRankBuffer:
+    num_ranks, rank, device_id, internode = 1, 0, -1, False
+
+    def __init__(self):
+        self.ctx = types.SimpleNamespace(serial=next(_SERIALS))
+        self.calls: list[str] = []
+        self._ll_results = {}
+
+    # ---- normal mode -----------------------------------------------------------------------
+    def dispatch(self, x, handle=None, topk_idx=None, topk_weights=None, num_experts=None, num_worst_tokens=0):
+        assert isinstance(x, torch.Tensor) and x.device.type == "cpu"
+        if handle is not None:
+            assert isinstance(handle, DispatchHandle) and handle.buffer_id == self.ctx.serial
+            self.calls.append("cached_dispatch")
+            src = handle.recv_src_idx.long()
+            return self._gather(x, src), None, None, [], handle, None
+        self.calls.append("dispatch")
+        N, K = topk_idx.shape
+        M = num_worst_tokens
+        routed = (topk_idx >= 0).any(1)
+        tokens = routed.nonzero()[:, 0]
+        n = tokens.numel()
+        assert n <= M
+        src = torch.full((M,), -1, dtype=torch.int64)
+        src[:n] = tokens
+        recv_idx = torch.full((M, K), -1, dtype=torch.int64)
+        recv_idx[:n] = topk_idx[tokens]
+        recv_w = torch.zeros(M, K)
+        recv_w[:n] = topk_weights[tokens].masked_fill(topk_idx[tokens] < 0, 0.0)
+        send_list = torch.zeros(1, max(N, 1), dtype=torch.int32)  # [R, N]: the routed tokens first
+        send_list[0, :n] = tokens.to(torch.int32)
+        route = (torch.tensor([0, n], dtype=torch.int32), send_list,
+                 torch.where(routed, routed.cumsum(0) - 1, -1).to(torch.int32).reshape(N, 1),
+                 torch.tensor([n], dtype=torch.int32), routed.reshape(N, 1).clone(), src.to(torch.int32))
+        h = handle_from_route(route, serial=self.ctx.serial, device_id=-1, rank=0, num_ranks=1, hidden=x.shape[1],
+                              num_experts=num_experts, num_topk=K)
+        return self._gather(x, src), recv_idx, recv_w, [], h, None
+
+    @staticmethod
+    def _gather(x, src):
+        out = torch.zeros(src.numel(), x.shape[1], dtype=x.dtype)
+        ok = src >= 0
+        out[ok] = x[src[ok]]
+        return out
+
+    def combine(self, x, handle, topk_weights=None):
+        assert isinstance(handle, DispatchHandle) and handle.buffer_id == self.ctx.serial
+        self.calls.append("combine")
+        src = handle.recv_src_idx.long()
+        ok = src >= 0
+        N = handle.num_tokens
+        out = torch.zeros(N, x.shape[1], dtype=torch.float32).index_add(0, src[ok], x[ok].float()).to(x.dtype)
+        w = None
+        if topk_weights is not None:
+            w = torch.zeros(N, topk_weights.shape[1]).index_add(0, src[ok], topk_weights[ok])
+        return out, w, None
+
+    # ---- low-latency mode ------------------------------------------------------------------------
+    def low_latency_dispatch(self, x, topk_idx, T, E, use_fp8=True, round_scale=False, use_ue8m0=False):
+        assert not use_fp8, "the stand-in packs bf16 only"
+        self.calls.append("low_latency_dispatch")
+        slot = len([c for c in self.calls if c == "low_latency_dispatch"]) % 2
+        key = (slot, T, x.shape[1], E)
+        if key not in self._ll_results:  # per slot and shape, for the Buffer's life (as the engine)
+            self._ll_results[key] = (torch.zeros(E, T, x.shape[1], dtype=x.dtype),
+                                     torch.zeros(E, dtype=torch.int32), torch.zeros(E, T, dtype=torch.int32),
+                                     torch.zeros(E, 1, 2, dtype=torch.int32))
+        rx, count, src_info, layout_range = self._ll_results[key]
+        for e in range(E):
+            tokens = (topk_idx == e).any(1).nonzero()[:, 0]
+            c = tokens.numel()
+            count[e] = c
+            src_info[e, :c] = tokens.to(torch.int32)
+            rx[e, :c] = x[tokens]
+            layout_range[e, 0] = torch.tensor([0, c], dtype=torch.int32)
+        handle = types.SimpleNamespace(src_info=src_info, layout_range=layout_range, slot=slot)
+        return rx, count, handle, None, None
+
+    def low_latency_combine(self, x, topk_idx, topk_weights, handle):
+        self.calls.append("low_latency_combine")
+        N, K = topk_idx.shape
+        out = torch.zeros(N, x.shape[2])
+        for t in range(N):
+            for k in range(K):
+                e = int(topk_idx[t, k])
+                if e < 0:
+                    continue
+                c = int(handle.layout_range[e, 0, 1])
+                row = int((handle.src_info[e, :c] == t).nonzero()[0, 0])
+                out[t] += topk_weights[t, k] * x[e, row].float()
+        return out.to(torch.bfloat16), None, None
