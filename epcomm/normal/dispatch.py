@@ -202,7 +202,7 @@ def _route(ctx, a: DispatchArgs) -> _Route:
 
 
 def _params(ctx, st, a: DispatchArgs, r: _Route, chunk_rows: int) -> K_intra.IntraParams:
-    p = st.params(ctx.timeout_s)
+    p = st.params(ctx.kernel_timeout_s())
     p.x = a.xr.ptr
     if a.fp8:
         p.x_scales, p.scale_st, p.scale_sg = a.sr.ptr, a.sr.strides[0], a.sr.strides[1]

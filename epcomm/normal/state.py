@@ -85,6 +85,7 @@ class NvlinkState:
         t.ack_off, t.mailbox_tag_off, t.mailbox_off = lay.ack_off, lay.mailbox_tag_off, lay.mailbox_off
         t.flags_off, t.staging_off, t.region_bytes = lay.flags_off, lay.staging_off, lay.region_bytes
         t.rank, t.num_ranks = ctx.rank, ctx.num_ranks
+        t.mask_off, t.shrink = lay.mask_off, int(ctx.shrink)
         t.mailbox_ints, t.max_chunks = K_intra.MAILBOX_INTS, K_intra.MAX_CHUNKS
         return t
 
@@ -121,6 +122,11 @@ class NvlinkState:
         hist = self.recv_history.setdefault(key, [])
         hist.append(rows)
         del hist[:-HISTORY]
+
+    @property
+    def mask_addr(self) -> int:
+        """Device address of this rank's mask words (int32 [R], in the buffer's header)."""
+        return self.base + self.layout.mask_off
 
     def wait_counts(self, ctx, what: str) -> None:
         """Spin until the notify kernel published the counts (bounded by the timeout)."""
