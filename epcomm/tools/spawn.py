@@ -92,8 +92,18 @@ class SpawnError(RuntimeError):
     pass
 
 
-def run(fn, world_size: int, *args, timeout: float = 300.0, env: dict | None = None, **kwargs) -> list:
+def die() -> None:
+    """End this worker at once with SIGKILL, as a crashed GPU process ends (no cleanup, no
+    result): fault-injection tests call it in a rank listed in ``run(..., may_die=...)``."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def run(fn, world_size: int, *args, timeout: float = 300.0, env: dict | None = None, may_die=(),
+        **kwargs) -> list:
     """Run ``fn(rank, world_size, group, *args, **kwargs)`` in ``world_size`` processes.
+
+    ``may_die``: ranks that may end without a result (fault injection, :func:`die`): their
+    result is None and the others go on; any other rank that dies fails the run.
 
     ``fn`` must be importable (module level) and return something picklable.  Returns the list
     of results by rank.  Raises ValueError for ``world_size`` < 1, SpawnError with every failing
@@ -103,6 +113,7 @@ def run(fn, world_size: int, *args, timeout: float = 300.0, env: dict | None = N
     a worker started die with it.
     """
     world_size = check_int("world_size", world_size, lo=1)
+    may_die = frozenset(check_int("may_die", r, lo=0, hi=world_size - 1) for r in may_die)
     ctx = mp.get_context("spawn")
     root = tempfile.mkdtemp(prefix="epcomm-spawn-")
     q = ctx.Queue()
@@ -138,7 +149,9 @@ def run(fn, world_size: int, *args, timeout: float = 300.0, env: dict | None = N
                         except queue_mod.Empty:
                             break
                     for r in dead:
-                        if r not in results:
+                        if r not in results and r in may_die:
+                            results[r] = ("ok", None)
+                        elif r not in results:
                             results[r] = ("error", f"process {_exit_reason(procs[r].exitcode)} without reporting a "
                                                    f"result, in phase "
                                                    f"{_read_phase(os.path.join(root, f'phase.{r}'))[0]!r}")
