@@ -388,9 +388,13 @@ __global__ void __launch_bounds__(1024) intranode_notify(const __grid_constant__
   }
   // Wait for every source's mailbox; a masked source (or, in shrink mode, one that times out)
   // counts as sending nothing.
-  for (int s = tid; s < R; s += blockDim.x)
-    s_live[s] = deadline_phase_wait(at<u64>(me_base, p.mailbox_tag_off) + s, tag, p, deadline,
-                                    kPhaseDispatchNotifyCounts, -1, s) == kWaitMasked ? 0 : 1;
+  for (int s = tid; s < R; s += blockDim.x) {
+    const int got = deadline_phase_wait(at<u64>(me_base, p.mailbox_tag_off) + s, tag, p, deadline,
+                                        kPhaseDispatchNotifyCounts, -1, s);
+    s_live[s] = got == kWaitMasked ? 0 : 1;
+    // Heard from (or masked): a CPU that gives up waiting for the counts names the others.
+    if (p.write_host && got != kWaitFailed) p.host_info[2 + s] = 0;
+  }
   const int* boxes = at<int>(me_base, p.mailbox_off);
   __syncthreads();
   // Ranks that disagree on the shape would read each other's rows with the wrong layout or wait

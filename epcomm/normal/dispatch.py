@@ -283,6 +283,7 @@ def _launch_front(ctx, st, mod, p, a: DispatchArgs) -> None:
     ordered after the count exchange."""
     if p.write_host:
         st.info[0] = 0
+        st.info[2:2 + ctx.num_ranks] = -1  # the notify kernel writes each source's entry once it arrived
     K_intra.launch_notify(mod, ctx.stream, p, ctx.num_ranks, a.cached)
     driver.event_record(ctx.ev_mid, ctx.stream)
     K_intra.launch_send(mod, ctx.stream, p, a.send_blocks)

@@ -183,11 +183,24 @@ def wait_counts(info, ctx, what: str) -> None:
             if ctx.err.aborting():
                 ctx.err.check(what)
             if time.monotonic() > deadline:
-                exc = EpcommTimeoutError(
-                    f"rank {ctx.rank}: {what}: the token counts of the peers never arrived within "
-                    f"{ctx.timeout_s:.0f} s (phase notify); a peer did not call {what}, or the GPU is "
-                    f"blocked by earlier work", rank=ctx.rank, phase="notify")
+                exc = counts_timeout(info, ctx, what)
                 ctx.err.poisoned = exc
                 raise exc
             if time.monotonic() - start > 0.02:
                 time.sleep(0.00002)
+
+
+def counts_timeout(info, ctx, what: str) -> EpcommTimeoutError:
+    """The error of a CPU wait for the counts that outlived the kernels' own deadline: names the
+    ranks whose counts never arrived (``info[2 + s]`` stays -1 until the notify kernel heard
+    from source s), or says the notify kernel never ran."""
+    missing = [s for s in range(ctx.num_ranks) if info[2 + s] < 0]
+    if ctx.rank in missing:  # the kernel hears from this rank first: it never ran
+        why = "the notify kernel never ran: the GPU is blocked by earlier work"
+        peer = -1
+    else:
+        why = f"ranks {missing} never sent theirs: they died or did not call {what}"
+        peer = missing[0] if missing else -1
+    return EpcommTimeoutError(f"rank {ctx.rank}: {what}: the token counts of the peers did not arrive within "
+                              f"{ctx.timeout_s:.0f} s (phase notify); {why}", rank=ctx.rank, phase="notify",
+                              peer=peer)

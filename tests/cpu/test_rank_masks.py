@@ -224,3 +224,18 @@ def test_deep_ep_mask_buffer_calls():
             buf.low_latency_query_mask_buffer(bad)
     buf.low_latency_clean_mask_buffer()
     assert native.calls[-1] == ("clean",) and native.mask.tolist() == [0, 0, 0, 0]
+
+
+# ---- the CPU's bounded wait for a dispatch's counts names the missing ranks -----------------
+def test_counts_timeout_names_the_ranks_that_never_arrived():
+    from epcomm.errors import EpcommTimeoutError
+    from epcomm.normal.state import counts_timeout
+    ctx = fake_context(4, rank=0, timeout_s=3.0)
+    info = np.zeros(2 + 4, np.int32)
+    info[2:6] = [0, 0, -1, -1]  # the notify kernel heard from ranks 0 and 1 only
+    e = counts_timeout(info, ctx, "dispatch")
+    assert isinstance(e, EpcommTimeoutError) and e.peer == 2 and e.rank == 0 and e.phase == "notify"
+    assert "ranks [2, 3] never sent theirs" in str(e)
+    info[2:6] = -1  # not even this rank: the kernel never ran
+    e = counts_timeout(info, ctx, "dispatch")
+    assert e.peer == -1 and "never ran" in str(e)
