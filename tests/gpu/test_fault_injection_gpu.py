@@ -76,6 +76,31 @@ def _normal_check(got, job, rank, masked=()):
     return bad
 
 
+def _timed(out, call):
+    """Run the survivors' first call after the fault: what it returned or raised and how long it
+    took go into ``out``; returns its result (None if it raised)."""
+    from epcomm.errors import EpcommError
+    t0 = time.monotonic()
+    got = None
+    try:
+        got = call()
+        out["call"] = "returned"
+    except EpcommError as e:
+        out["call"] = f"{type(e).__name__}: peer={getattr(e, 'peer', None)}: {e}"
+        out["peer"] = getattr(e, "peer", None)
+    out["call_s"] = round(time.monotonic() - t0, 2)
+    return got
+
+
+def _survivor_combine(buf, torch, job, rank):
+    """A dispatch every rank completes, then the combine the victim dies in."""
+    xs, tks, ws = job
+    rx, _, _, _, handle, _ = buf.dispatch(_t(torch, xs[rank]), topk_idx=_t(torch, tks[rank]),
+                                          topk_weights=_t(torch, ws[rank]), num_experts=E)
+    buf.combine(rx, handle)
+    torch.cuda.synchronize()
+
+
 def _rebuild(old, group, rank, world, victim, torch, epcomm):
     """Survivors: a group of their own, the old Buffer released with it, a smaller Buffer that
     must match the reference; then released too, with no thread or torch memory left over."""
@@ -108,7 +133,6 @@ def _normal_worker(rank, world, group, case, shrink):
     import torch
 
     import epcomm
-    from epcomm.errors import EpcommError
     from epcomm.runtime.group import LocalGroup
     torch.cuda.set_device(device_of(rank))
     victim = world - 1
@@ -129,7 +153,7 @@ def _normal_worker(rank, world, group, case, shrink):
             return {"victim": "stalled and finished"}
         if case == "dispatch":  # the kernels are queued when the process dies
             buf.dispatch(_t(torch, xs[rank]), topk_idx=_t(torch, tks[rank]), num_experts=E, num_worst_tokens=N * world)
-        if case == "combine":
+        if case == "combine":  # the dispatch completes everywhere; the process dies in the combine
             rx, _, _, _, handle, _ = buf.dispatch(_t(torch, xs[rank]), topk_idx=_t(torch, tks[rank]),
                                                   topk_weights=_t(torch, ws[rank]), num_experts=E)
             buf.combine(rx, handle)
@@ -144,22 +168,10 @@ def _normal_worker(rank, world, group, case, shrink):
         group.barrier()
         buf.update_mask(victim)
         group.barrier()
-    t0 = time.monotonic()
-    try:
-        if case == "combine":
-            rx, _, _, _, handle, _ = buf.dispatch(_t(torch, xs[rank]), topk_idx=_t(torch, tks[rank]),
-                                                  topk_weights=_t(torch, ws[rank]), num_experts=E)
-            buf.combine(rx, handle)
-            torch.cuda.synchronize()
-            got = None
-        else:
-            got = _normal_round(buf, torch, job, rank)
-        out["call"] = "returned"
-    except EpcommError as e:
-        got = None
-        out["call"] = f"{type(e).__name__}: peer={getattr(e, 'peer', None)}: {e}"
-        out["peer"] = getattr(e, "peer", None)
-    out["call_s"] = round(time.monotonic() - t0, 2)
+    if case == "combine":
+        got = _timed(out, lambda: _survivor_combine(buf, torch, job, rank))
+    else:
+        got = _timed(out, lambda: _normal_round(buf, torch, job, rank))
     if case == "stall":
         out["mask"] = buf.query_mask().tolist()
         out["after"] = _normal_check(got, job, rank) or "ok"
@@ -275,7 +287,6 @@ def _ll_worker(rank, world, group, case):
     import torch
 
     import epcomm
-    from epcomm.errors import EpcommError
     torch.cuda.set_device(device_of(rank))
     victim = world - 1
     need = epcomm.Buffer.get_low_latency_rdma_size_hint(T, H, world, E)
@@ -292,14 +303,7 @@ def _ll_worker(rank, world, group, case):
             _ll_round(buf, torch, job, rank, hook_only=True)
             torch.cuda.synchronize()
         spawn.die()
-    t0 = time.monotonic()
-    try:
-        got = _ll_round(buf, torch, job, rank)
-        out["call"] = "returned"
-    except EpcommError as e:
-        got = None
-        out["call"] = f"{type(e).__name__}: {e}"
-    out["call_s"] = round(time.monotonic() - t0, 2)
+    got = _timed(out, lambda: _ll_round(buf, torch, job, rank))
     out["mask"] = buf.query_mask().tolist()
     if case == "between" and got is not None:
         out["failing_call"] = _ll_check(buf, got, job, rank, [victim]) or "ok"
