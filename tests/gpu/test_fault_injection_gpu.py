@@ -135,6 +135,7 @@ def _normal_worker(rank, world, group, case, shrink):
     import epcomm
     from epcomm.runtime.group import LocalGroup
     torch.cuda.set_device(device_of(rank))
+    os.environ["EPCOMM_SHRINK_TIMEOUT_MS"] = "600000"  # a cold JIT compile must not get a rank masked
     victim = world - 1
     buf = epcomm.Buffer(group, epcomm.Buffer.get_nvl_buffer_size_hint(H, world, N, K), enable_shrink=shrink)
     out = {}
@@ -221,7 +222,7 @@ def test_shrink_normal_mode_survives_a_lost_rank(case):
         assert r["call"] == "returned", f"rank {rank}: {r['call']}"
         assert r["mask"] == want, f"rank {rank}: mask {r['mask']}"
         # a clean leave is masked before the call: no wait at all; a death costs one shrink timeout
-        limit = 2.0 if case == "leave" else SHRINK_MS / 1000 * 3 + 5
+        limit = 5.0 if case == "leave" else SHRINK_MS / 1000 * 3 + 5
         assert r["call_s"] < limit, f"rank {rank}: the call took {r['call_s']} s"
 
 
@@ -288,6 +289,7 @@ def _ll_worker(rank, world, group, case):
 
     import epcomm
     torch.cuda.set_device(device_of(rank))
+    os.environ["EPCOMM_SHRINK_TIMEOUT_MS"] = "600000"  # a cold JIT compile must not get a rank masked
     victim = world - 1
     need = epcomm.Buffer.get_low_latency_rdma_size_hint(T, H, world, E)
     buf = epcomm.Buffer(group, 0, need, low_latency_mode=True, enable_shrink=True)
