@@ -160,28 +160,58 @@ EPCOMM_DEVICE u64 ld_volatile_u64(const u64* p) {
   return v;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Rank masks (shrink mode).  `mask` is this rank's int [R] in memory its peers can write (the
+// NVLink buffer or the symmetric heap); null when the Buffer was made without shrink, and then
+// every test below folds away.  Entries only go from 0 to 1 inside kernels (the host clears
+// them): a masked rank is neither sent to nor waited for.
+// ---------------------------------------------------------------------------------------------
+EPCOMM_DEVICE bool rank_masked(const int* mask, int r) {
+  return mask != nullptr && ld_volatile_i32(mask + r) != 0;
+}
+EPCOMM_DEVICE void mask_rank(int* mask, int r) {
+  if (mask != nullptr && ld_volatile_i32(mask + r) == 0) atomicExch(mask + r, 1);
+}
+
+// Results of a wait that may skip a masked peer.
+enum WaitResult : int { kWaitFailed = 0, kWaitArrived = 1, kWaitMasked = -1 };
+
 // Spin until *flag >= target (64-bit tags only grow, so >= tolerates a peer that is ahead).
-// Returns false (after recording where) on timeout, or if another waiter already gave up.
+// Returns kWaitFailed (after recording where) on timeout, or if another waiter already gave up.
+// With a mask (shrink mode): kWaitMasked once `peer` is masked (by this rank or by a peer that
+// published it), and a timeout masks `peer` here instead of recording an error.
 // The loop polls with plain volatile loads (served by L2) and takes acquire semantics once at
 // the end; the error record lives in host memory, so it and the timer are read only every
 // 1024 polls: hundreds of spinning warps reading host memory over PCIe slow the whole GPU down.
-EPCOMM_DEVICE bool wait_geq_u64(const u64* flag, u64 target, ErrorRecord* err, u64 deadline_ns,
-                                int rank, int phase, int channel, int peer) {
-  if (ld_acquire_sys_u64(flag) >= target) return true;
+EPCOMM_DEVICE int wait_geq_u64_masked(const u64* flag, u64 target, ErrorRecord* err, u64 deadline_ns,
+                                      int rank, int phase, int channel, int peer, int* mask) {
+  if (ld_acquire_sys_u64(flag) >= target) return kWaitArrived;
+  if (rank_masked(mask, peer)) return kWaitMasked;
   for (u32 i = 1;; ++i) {
     const u64 v = ld_volatile_u64(flag);
     if (v >= target) {
       ld_acquire_sys_u64(flag);
-      return true;
+      return kWaitArrived;
     }
     if ((i & 1023u) == 0) {
-      if (err != nullptr && ld_volatile_i32(&err->code) != 0) return false;
+      if (err != nullptr && ld_volatile_i32(&err->code) != 0) return kWaitFailed;
+      if (rank_masked(mask, peer)) return kWaitMasked;
       if (globaltimer_ns() > deadline_ns) {
+        if (mask != nullptr) {
+          mask_rank(mask, peer);
+          return kWaitMasked;
+        }
         report_error(err, kErrTimeout, rank, phase, channel, peer, target, v);
-        return false;
+        return kWaitFailed;
       }
     }
   }
+}
+
+// The wait without a mask (shrink off): true once arrived.
+EPCOMM_DEVICE bool wait_geq_u64(const u64* flag, u64 target, ErrorRecord* err, u64 deadline_ns,
+                                int rank, int phase, int channel, int peer) {
+  return wait_geq_u64_masked(flag, target, err, deadline_ns, rank, phase, channel, peer, nullptr) == kWaitArrived;
 }
 
 // Should a waiter give up?  Yes once a wait failed or ranks disagreed (`code`); a bad expert

@@ -33,6 +33,8 @@ struct IntraCtrl {
   int recv_heads[kIntraMaxRanks];  // dispatch receive: next item of each source's queue
 };
 
+EPCOMM_DEVICE int* at_mask(u64 base, u64 off) { return reinterpret_cast<int*>(base + off); }
+
 struct IntraParams {
   u64 peers[kIntraMaxRanks];  // base address of every rank's buffer, as mapped in this process
   IntraCtrl* ctrl;
@@ -87,7 +89,32 @@ struct IntraParams {
   int num_send_blocks;        // combine: blocks [0, S) send, the rest receive
   int speculative;            // dispatch receive: outputs sized before the counts were known
   u64* prof;                  // EPCOMM_PROFILE: per-block stamps, or null
+  u64 mask_off;               // int [R]: the rank mask (shrink mode), see intra_mask
+  int shrink;                 // 1: masked ranks are skipped, a peer that times out is masked
+  int pad2;
 };
+
+// This rank's mask (in its own buffer, where peers publish what they masked), or null without
+// shrink mode: every mask test then folds away.
+EPCOMM_DEVICE int* intra_mask(const IntraParams& p) {
+  return p.shrink ? at_mask(p.peers[p.rank], p.mask_off) : nullptr;
+}
+
+// Shrink mode: write every rank this rank masked into the mask of every unmasked peer, so they
+// stop waiting for it too and start their next call with the same mask (the agreement rule of
+// docs/design.md, "Rank masks").  One thread; the fence orders the stores before whatever this
+// rank writes into its peers next (the next call's mailbox), so a peer that hears from this
+// rank again has the mask already.
+EPCOMM_DEVICE void intra_publish_mask(const IntraParams& p) {
+  const int* mask = intra_mask(p);
+  if (mask == nullptr) return;
+  for (int r = 0; r < p.num_ranks; ++r) {
+    if (!rank_masked(mask, r)) continue;
+    for (int q = 0; q < p.num_ranks; ++q)
+      if (q != p.rank && !rank_masked(mask, q)) st_relaxed_sys_i32(at_mask(p.peers[q], p.mask_off) + r, 1);
+  }
+  fence_sys();
+}
 
 // Profiling (EPCOMM_PROFILE=1): thread 0 of each block records, at
 // prof[((kernel * kProfMaxBlocks) + block) * kProfSlots + i]: i = 0 start, 1 end (globaltimer ns),
@@ -185,34 +212,46 @@ EPCOMM_DEVICE void warp_publish_chunk(u64* flags, int warp, int lane, u64 tag) {
   if (lane == 0) st_release_sys_u64(flags + warp, tag);
 }
 
-// Receiving warp: wait until every sending warp published the chunk; all lanes return together,
-// false on timeout (recorded, naming the chunk and source) or if another waiter gave up.
-EPCOMM_DEVICE bool warp_wait_chunk(const u64* flags, u64 tag, const IntraParams& p, u64 deadline, int phase,
-                                   int chunk, int src, int lane) {
+// Receiving warp: wait until every sending warp published the chunk; all lanes return together:
+// kWaitArrived, kWaitFailed on timeout (recorded, naming the chunk and source) or if another
+// waiter gave up, kWaitMasked once the source is masked (shrink mode; a timeout masks it).
+EPCOMM_DEVICE int warp_wait_chunk(const u64* flags, u64 tag, const IntraParams& p, u64 deadline, int phase,
+                                  int chunk, int src, int lane) {
+  int* const mask = intra_mask(p);
   bool done = lane >= kChunkFlagSlots || ld_volatile_u64(flags + lane) >= tag;
+  // A source already masked is not waited for (a chunk it published before is still taken).
+  if (mask != nullptr && !__all_sync(0xffffffffu, done) && rank_masked(mask, src)) return kWaitMasked;
   for (u32 i = 1; !__all_sync(0xffffffffu, done); ++i) {
     if (!done) done = ld_volatile_u64(flags + lane) >= tag;
     if ((i & 1023u) == 0) {
       int bad = 0;
-      if (lane == 0) bad = aborted(p.err) ? 1 : (globaltimer_ns() > deadline ? 2 : 0);
+      if (lane == 0) {
+        bad = aborted(p.err) ? 1 : rank_masked(mask, src) ? 3 : (globaltimer_ns() > deadline ? 2 : 0);
+        if (bad == 2 && mask != nullptr) {
+          mask_rank(mask, src);
+          bad = 3;
+        }
+      }
       bad = __shfl_sync(0xffffffffu, bad, 0);
+      if (bad == 3) return kWaitMasked;
       if (bad) {
         const unsigned pending = __ballot_sync(0xffffffffu, !done);
         const int first = pending ? __ffs(pending) - 1 : 0;
         const u64 seen = __shfl_sync(0xffffffffu, lane < kChunkFlagSlots ? ld_volatile_u64(flags + lane) : 0, first);
         if (bad == 2 && lane == 0) report_error(p.err, kErrTimeout, p.rank, phase, chunk, src, tag, seen);
-        return false;
+        return kWaitFailed;
       }
     }
   }
   if (lane < kChunkFlagSlots) ld_acquire_sys_u64(flags + lane);
   __syncwarp();
-  return true;
+  return kWaitArrived;
 }
 
+// A wait on one peer's flag: a WaitResult (kWaitMasked only in shrink mode).
 EPCOMM_DEVICE int deadline_phase_wait(const u64* flag, u64 tag, const IntraParams& p, u64 deadline,
                                       int phase, int channel, int peer) {
-  return wait_geq_u64(flag, tag, p.err, deadline, p.rank, phase, channel, peer) ? 1 : 0;
+  return wait_geq_u64_masked(flag, tag, p.err, deadline, p.rank, phase, channel, peer, intra_mask(p));
 }
 
 // The words of the mailbox every rank must agree on (a dispatch's shape); their order is
@@ -241,16 +280,18 @@ __global__ void __launch_bounds__(1024) intranode_notify(const __grid_constant__
   const int N = p.num_tokens;
   __shared__ int s_warp[32];
   __shared__ int s_counts[kNumRanks];
+  __shared__ int s_live[kNumRanks];  // 0: the source is masked (shrink mode), its mailbox unread
   __shared__ int s_ok;
   prof_stamp(p, kProfNotify, 0);
 
   if (blockIdx.x > 0) {
     // ---- scan for destination d: ascending token order gives deterministic slots ----
     const int d = blockIdx.x - 1;
+    const bool skip = rank_masked(intra_mask(p), d);  // a masked rank receives nothing
     int running = 0;
     for (int base = 0; base < N; base += 1024) {
       const int t = base + tid;
-      const int in = (t < N && p.is_token_in_rank[static_cast<i64>(t) * R + d]) ? 1 : 0;
+      const int in = (t < N && !skip && p.is_token_in_rank[static_cast<i64>(t) * R + d]) ? 1 : 0;
       const unsigned ballot = __ballot_sync(0xffffffffu, in);
       const int lane = tid & 31, w = tid >> 5;
       if (lane == 0) s_warp[w] = __popc(ballot);
@@ -304,7 +345,8 @@ __global__ void __launch_bounds__(1024) intranode_notify(const __grid_constant__
   int ack_failed = 0;
   for (int d = tid; d < R; d += blockDim.x) {
     if (d == p.rank) continue;
-    if (!deadline_phase_wait(at<u64>(me_base, p.ack_off) + d, tag - 1, p, deadline, kPhaseDispatchNotifyAck, -1, d))
+    if (deadline_phase_wait(at<u64>(me_base, p.ack_off) + d, tag - 1, p, deadline, kPhaseDispatchNotifyAck, -1, d) ==
+        kWaitFailed)
       ack_failed = 1;
   }
   if (p.cached) {
@@ -328,8 +370,10 @@ __global__ void __launch_bounds__(1024) intranode_notify(const __grid_constant__
   const int L = p.num_experts / R;
   const int mb = p.mailbox_ints;
   constexpr int kHead = 1 + kMailboxAgree;
+  int* const mask = intra_mask(p);
   for (int i = tid; i < R * (kHead + L); i += blockDim.x) {
     const int d = i / (kHead + L), j = i % (kHead + L);
+    if (rank_masked(mask, d)) continue;  // shrink mode: nothing goes into a masked rank's memory
     int* box = at<int>(p.peers[d], p.mailbox_off) + static_cast<i64>(p.rank) * mb;
     int v;
     if (j == 0) v = s_counts[d];
@@ -338,14 +382,19 @@ __global__ void __launch_bounds__(1024) intranode_notify(const __grid_constant__
     box[j] = v;
   }
   __syncthreads();
-  if (tid < R) {
+  if (tid < R && !rank_masked(mask, tid)) {
     fence_sys();
     st_release_sys_u64(at<u64>(p.peers[tid], p.mailbox_tag_off) + p.rank, tag);
   }
-  // Wait for every source's mailbox.
-  for (int s = tid; s < R; s += blockDim.x)
-    deadline_phase_wait(at<u64>(me_base, p.mailbox_tag_off) + s, tag, p, deadline,
-                        kPhaseDispatchNotifyCounts, -1, s);
+  // Wait for every source's mailbox; a masked source (or, in shrink mode, one that times out)
+  // counts as sending nothing.
+  for (int s = tid; s < R; s += blockDim.x) {
+    const int got = deadline_phase_wait(at<u64>(me_base, p.mailbox_tag_off) + s, tag, p, deadline,
+                                        kPhaseDispatchNotifyCounts, -1, s);
+    s_live[s] = got == kWaitMasked ? 0 : 1;
+    // Heard from (or masked): a CPU that gives up waiting for the counts names the others.
+    if (p.write_host && got != kWaitFailed) p.host_info[2 + s] = 0;
+  }
   const int* boxes = at<int>(me_base, p.mailbox_off);
   __syncthreads();
   // Ranks that disagree on the shape would read each other's rows with the wrong layout or wait
@@ -353,7 +402,7 @@ __global__ void __launch_bounds__(1024) intranode_notify(const __grid_constant__
   // of them stop here, and none sends); a peer's first differing word (in field order, root
   // causes before chunk_rows, which follows from them) is reported.
   for (int s = tid; s < R; s += blockDim.x) {
-    if (s == p.rank) continue;
+    if (s == p.rank || !s_live[s]) continue;
     for (int f = 0; f < kMailboxAgree; ++f) {
       const int mine = mailbox_agree_field(p, f);
       const int theirs = ld_volatile_i32(boxes + static_cast<i64>(s) * mb + 1 + f);
@@ -371,7 +420,7 @@ __global__ void __launch_bounds__(1024) intranode_notify(const __grid_constant__
   if (tid == 0) {
     int acc = 0;
     for (int s = 0; s < R; ++s) {
-      const int c = ld_volatile_i32(boxes + static_cast<i64>(s) * mb);
+      const int c = s_live[s] ? ld_volatile_i32(boxes + static_cast<i64>(s) * mb) : 0;
       p.rank_prefix[s] = acc;
       if (p.write_host) p.host_info[2 + s] = c;
       acc += c;
@@ -382,13 +431,15 @@ __global__ void __launch_bounds__(1024) intranode_notify(const __grid_constant__
   if (p.write_host) {
     for (int j = tid; j < L; j += blockDim.x) {
       int c = 0;
-      for (int s = 0; s < R; ++s) c += ld_volatile_i32(boxes + static_cast<i64>(s) * mb + kHead + j);
+      for (int s = 0; s < R; ++s)
+        if (s_live[s]) c += ld_volatile_i32(boxes + static_cast<i64>(s) * mb + kHead + j);
       const int a = p.expert_alignment;
       p.host_info[2 + R + j] = (c + a - 1) / a * a;
     }
   }
   __syncthreads();
   if (tid == 0) {
+    intra_publish_mask(p);
     p.ctrl->ok_tag = tag;
     if (p.write_host) {
       fence_sys();
@@ -429,7 +480,8 @@ __global__ void __launch_bounds__(kIntraThreads) intranode_dispatch_send(const _
   const int L = p.num_experts / R;
   __shared__ ChunkPlan s_plan[R];
   for (int d = threadIdx.x; d < R; d += blockDim.x)
-    s_plan[d] = ChunkPlan::make(d == p.rank ? 0 : p.send_count[d], CR, kTailChunks<R>);
+    s_plan[d] = ChunkPlan::make(d == p.rank || rank_masked(intra_mask(p), d) ? 0 : p.send_count[d], CR,
+                                kTailChunks<R>);
   __syncthreads();
   int max_nc = 0;
   for (int d = 0; d < R; ++d) max_nc = max(max_nc, s_plan[d].nchunks);
@@ -594,6 +646,20 @@ EPCOMM_DEVICE void recv_rows(const IntraParams& p, int s, int begin, int end, in
   }
 }
 
+// Shrink mode: rows of a source masked after its counts arrived (it died mid-call) are never
+// copied; their top-k entries and source index say so (-1, weight 0), as padding rows do.
+EPCOMM_DEVICE void clear_rows(const IntraParams& p, int out_base, int begin, int end, int step, int K, int lane) {
+  for (int i = begin; i < end; i += step) {
+    const int out_row = out_base + i;
+    if (out_row >= p.out_rows) continue;
+    for (int k = lane; k < K; k += 32) {
+      p.recv_topk_idx[static_cast<i64>(out_row) * K + k] = -1;
+      if (p.recv_topk_weights != nullptr) p.recv_topk_weights[static_cast<i64>(out_row) * K + k] = 0.0f;
+    }
+    if (lane == 0 && p.recv_src_idx != nullptr) p.recv_src_idx[out_row] = -1;
+  }
+}
+
 template <int kNumRanks, int kHidden, bool kFp8>
 __global__ void __launch_bounds__(kIntraThreads) intranode_dispatch_recv(const __grid_constant__ IntraParams p) {
   using Row = DispatchRow<kHidden, kFp8>;
@@ -696,10 +762,14 @@ __global__ void __launch_bounds__(kIntraThreads) intranode_dispatch_recv(const _
     const int begin = plan.begin(c) + w, end = plan.end(c);
     if (begin >= end) continue;  // that sending warp had no rows in this chunk
     const u64* flag = chunk_flags(me_base, p, s, c) + w;
-    int ok = 1;
-    if (lane == 0) ok = wait_geq_u64(flag, tag, p.err, deadline, p.rank, kPhaseDispatchRecv, c, s) ? 1 : 0;
-    __syncwarp();
-    if (__shfl_sync(0xffffffffu, ok, 0) == 0) {
+    int ok = kWaitArrived;
+    if (lane == 0) ok = deadline_phase_wait(flag, tag, p, deadline, kPhaseDispatchRecv, c, s);
+    ok = __shfl_sync(0xffffffffu, ok, 0);
+    if (ok == kWaitMasked) {  // shrink mode: the source died after its counts; its rows stay empty
+      clear_rows(p, s_prefix[s], begin, end, kWarps, K, lane);
+      continue;
+    }
+    if (ok == kWaitFailed) {
       failed = true;
       break;
     }
@@ -724,9 +794,10 @@ __global__ void __launch_bounds__(kIntraThreads) intranode_dispatch_recv(const _
     if (atomicAdd(&p.ctrl->recv_done, 1) == static_cast<int>(gridDim.x) - 1) {
       p.ctrl->recv_done = 0;
       for (int s = 0; s < R; ++s) heads[s] = 0;
+      intra_publish_mask(p);
       fence_sys();
       for (int s = 0; s < R; ++s)
-        if (s != p.rank) st_release_sys_u64(at<u64>(p.peers[s], p.ack_off) + p.rank, tag);
+        if (s != p.rank && !rank_masked(intra_mask(p), s)) st_release_sys_u64(at<u64>(p.peers[s], p.ack_off) + p.rank, tag);
     }
   }
   prof_stamp(p, kProfRecv, 1);
@@ -814,6 +885,7 @@ __global__ void __launch_bounds__(kIntraThreads) intranode_combine(const __grid_
         const int s = (p.rank + j) % R;
         if (c >= nchunks[s]) continue;
         if ((item++ % p.num_send_blocks) != static_cast<int>(blockIdx.x)) continue;
+        if (rank_masked(intra_mask(p), s)) continue;  // shrink mode: the source is gone
         const int count = prefix[s + 1] - prefix[s];
         const int row_begin = c * CR, row_end = min(row_begin + CR, count);
         u8* region = at<u8>(p.peers[s], p.staging_off) + static_cast<u64>(p.rank) * p.region_bytes;
@@ -856,8 +928,9 @@ __global__ void __launch_bounds__(kIntraThreads) intranode_combine(const __grid_
         }
         const int c = pos / CR;
         if (c != known[d]) {
-          if (!warp_wait_chunk(chunk_flags(me_base, p, d, c), tag, p, deadline, kPhaseCombineRecv, c, d, lane))
-            ok = false;
+          const int got = warp_wait_chunk(chunk_flags(me_base, p, d, c), tag, p, deadline, kPhaseCombineRecv, c, d, lane);
+          if (got == kWaitFailed) ok = false;
+          if (got == kWaitMasked) continue;  // shrink mode: that rank's part is absent (known[d] unchanged)
           known[d] = c;
         }
         src[d] = my_staging + static_cast<u64>(d) * p.region_bytes + static_cast<u64>(pos) * p.row_bytes;
@@ -960,9 +1033,10 @@ __global__ void __launch_bounds__(kIntraThreads) intranode_combine(const __grid_
     if (atomicAdd(&p.ctrl->comb_done, 1) == static_cast<int>(gridDim.x) - 1) {
       p.ctrl->comb_done = 0;
       p.ctrl->op_seq = tag;
+      intra_publish_mask(p);
       fence_sys();
       for (int s = 0; s < R; ++s)
-        if (s != p.rank) st_release_sys_u64(at<u64>(p.peers[s], p.ack_off) + p.rank, tag);
+        if (s != p.rank && !rank_masked(intra_mask(p), s)) st_release_sys_u64(at<u64>(p.peers[s], p.ack_off) + p.rank, tag);
     }
   }
   prof_stamp(p, kProfCombine, 1);

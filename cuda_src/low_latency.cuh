@@ -122,6 +122,9 @@ struct LLParams {
   i64* wait_stats;             // [R]: ns the receive waited for each source, added (ll_wait_arrivals), or null
   u64 lf_meta_off;             // LogFMT combine: u64 [2][T][K][H/128] group words of each arriving row
   u64 lf_stage_off;            // LogFMT combine: u64 [2][L][R*T][H/128] their put-path staging
+  u64 mask_off;                // int [R]: the rank mask (shrink mode), at the same offset for every shape
+  int shrink;                  // 1: masked ranks are skipped, a peer that times out is masked
+  int pad2;
 };
 
 // Profiling (EPCOMM_PROFILE=1): thread 0 of block b stamps (globaltimer ns) the end of phase i
@@ -156,6 +159,40 @@ EPCOMM_DEVICE void ll_signal(const LLParams& p, int pe, u64 off, u64 value) {
 
 EPCOMM_DEVICE bool use_put(const LLParams& p, int pe) { return p.force_put || p.peer_base[pe] == 0; }
 
+// This rank's mask (shrink mode; null otherwise, and every mask test folds away).
+EPCOMM_DEVICE int* ll_mask(const LLParams& p) {
+  return p.shrink ? reinterpret_cast<int*>(p.heap + p.mask_off) : nullptr;
+}
+
+// The masked ranks as bits (bit r: rank r), read once where a kernel fixes its view of the mask.
+EPCOMM_DEVICE u64 ll_dead_bits(const LLParams& p) {
+  const int* mask = ll_mask(p);
+  u64 bits = 0;
+  if (mask != nullptr)
+    for (int r = 0; r < p.num_ranks; ++r)
+      if (rank_masked(mask, r)) bits |= 1ull << r;
+  return bits;
+}
+
+// Shrink mode: every rank this rank masked goes into the mask of every unmasked peer (stores
+// over NVLink, puts otherwise), as intra_publish_mask does for the normal mode (docs/design.md,
+// "Rank masks").  One thread.
+EPCOMM_DEVICE void ll_publish_mask(const LLParams& p) {
+  const u64 dead = ll_dead_bits(p);
+  if (dead == 0) return;
+  for (int r = 0; r < p.num_ranks; ++r) {
+    if (!((dead >> r) & 1ull)) continue;
+    const u64 off = p.mask_off + static_cast<u64>(r) * 4;
+    for (int q = 0; q < p.num_ranks; ++q) {
+      if (q == p.rank || ((dead >> q) & 1ull)) continue;
+      if (use_put(p, q)) nvshmem_int_p(reinterpret_cast<int*>(p.heap + off), 1, q);
+      else st_relaxed_sys_i32(reinterpret_cast<int*>(remote(p, q, off)), 1);
+    }
+  }
+  fence_sys();
+  if (p.any_put) nvshmem_quiet();
+}
+
 // This block's arrival at every destination's flag [slot][rank], once its writes are done (a
 // put destination's after nvshmem_quiet).  NVLink destinations get one add per block, after a
 // system fence that orders the whole block's stores (through the barrier) before it; the add
@@ -170,15 +207,16 @@ EPCOMM_DEVICE void ll_arrive(const LLParams& p, u64 flag_off, bool req, int* cou
   const int R = p.num_ranks;
   const u64 G = gridDim.x;
   u64* sig = reinterpret_cast<u64*>(p.heap + flag_off + (static_cast<u64>(p.slot) * R + p.rank) * 8);
+  const int* mask = ll_mask(p);
   for (int d = threadIdx.x; d < R; d += blockDim.x) {
-    if (use_put(p, d)) continue;
+    if (use_put(p, d) || rank_masked(mask, d)) continue;
     if (blockIdx.x == 0) word(d);
     fence_sys();
     nvshmemx_signal_op(sig, 1ull + (G << 32) + (req && blockIdx.x == 0 ? kArrivalReq : 0), NVSHMEM_SIGNAL_ADD, d);
   }
   if (p.any_put && last_block(counter)) {
     for (int d = threadIdx.x; d < R; d += blockDim.x) {
-      if (!use_put(p, d)) continue;
+      if (!use_put(p, d) || rank_masked(mask, d)) continue;
       word(d);
       nvshmemx_signal_op(sig, G + ((G * G) << 32) + (req ? kArrivalReq : 0), NVSHMEM_SIGNAL_ADD, d);
     }
@@ -187,10 +225,14 @@ EPCOMM_DEVICE void ll_arrive(const LLParams& p, u64 flag_off, bool req, int* cou
 
 // Thread r < R of the block waits until every block of source r's current call has arrived at
 // flag [slot][r] (base: the counters at the previous completion).  A source whose block 0
-// asked for the shape check sets *req (shared) to 1.
+// asked for the shape check sets *req (shared) to 1.  Shrink mode: a masked source is not
+// waited for, one that times out is masked; *dead gets the masked ranks (bits) after the waits,
+// the block's view of the mask for the rest of the call (0 without shrink).
 EPCOMM_DEVICE bool ll_wait_arrivals(const LLParams& p, u64 flag_off, const u64* base, int phase, u64 deadline,
-                                    int* req = nullptr) {
+                                    u64* dead, int* req = nullptr) {
   __shared__ int s_ok;
+  __shared__ u64 s_dead;
+  int* const mask = ll_mask(p);
   if (threadIdx.x == 0) s_ok = 1;
   __syncthreads();
   const int R = p.num_ranks;
@@ -204,9 +246,13 @@ EPCOMM_DEVICE bool ll_wait_arrivals(const LLParams& p, u64 flag_off, const u64* 
     // trip after it, ~0.5 us of the hand-off); host memory (the error record) and the timer
     // only every 1024 polls.
     u64 v = ld_acquire_sys_u64(f);
-    for (u32 i = 1; !ll_arrived(v - b); ++i) {
+    for (u32 i = 1; !ll_arrived(v - b) && !rank_masked(mask, r); ++i) {
       if ((i & 1023u) == 0) {
         if (aborted(p.err)) { s_ok = 0; break; }
+        if (mask != nullptr && globaltimer_ns() > deadline) {
+          mask_rank(mask, r);
+          break;
+        }
         if (globaltimer_ns() > deadline) {  // the peer's blocks: expected (0: unknown), arrived
           const u64 n = (v - b) & 0xffffffffull;
           report_error(p.err, kErrTimeout, p.rank, phase, p.slot, r, n ? (((v - b) >> 32) & 0x7fffffffull) / n : 0, n);
@@ -221,6 +267,9 @@ EPCOMM_DEVICE bool ll_wait_arrivals(const LLParams& p, u64 flag_off, const u64* 
       atomicAdd(reinterpret_cast<unsigned long long*>(p.wait_stats + r), globaltimer_ns() - t0);
   }
   __syncthreads();
+  if (threadIdx.x == 0) s_dead = ll_dead_bits(p);
+  __syncthreads();
+  *dead = s_dead;
   return s_ok != 0;
 }
 
@@ -239,12 +288,13 @@ EPCOMM_DEVICE void ll_rebase(const LLParams& p, u64 flag_off, u64* base) {
 // is recorded (kErrMismatch: both words, decoded by the host) and the block reads nothing.  The
 // host asks for it on the first dispatch of each shape in each slot (not in the fast paths), and
 // so does any source whose block 0 added kArrivalReq.
-EPCOMM_DEVICE bool ll_shapes_agree(const LLParams& p) {
+EPCOMM_DEVICE bool ll_shapes_agree(const LLParams& p, u64 dead) {
   __shared__ int s_bad;
   if (threadIdx.x == 0) s_bad = 0;
   __syncthreads();
   const int R = p.num_ranks;
   for (int r = threadIdx.x; r < R; r += blockDim.x) {
+    if ((dead >> r) & 1ull) continue;  // a masked source's word may be stale
     const u64 theirs = ld_volatile_u64(reinterpret_cast<const u64*>(p.heap + p.disp_shape_off) + p.slot * R + r);
     if (theirs != p.shape_word) {
       report_error(p.err, kErrMismatch, p.rank, kPhaseLLDispatchRecv, p.slot, r, p.shape_word, theirs);
@@ -268,13 +318,19 @@ EPCOMM_DEVICE void ll_dispatch_send(const LLParams& p, u64 tag, u64 deadline) {
   if (threadIdx.x == 0) s_ok = 1;
   __syncthreads();
   // The destinations must have consumed this slot's previous tokens from us.
+  __shared__ u64 s_dead;
   for (int d = threadIdx.x; d < R; d += blockDim.x) {
     const u64* ack = reinterpret_cast<const u64*>(p.heap + p.disp_ack_off) + p.slot * R + d;
-    if (!wait_geq_u64(ack, tag - 1, p.err, deadline, p.rank, kPhaseLLDispatchSendAck, p.slot, d)) s_ok = 0;
+    if (wait_geq_u64_masked(ack, tag - 1, p.err, deadline, p.rank, kPhaseLLDispatchSendAck, p.slot, d, ll_mask(p)) ==
+        kWaitFailed)
+      s_ok = 0;
   }
+  __syncthreads();
+  if (threadIdx.x == 0) s_dead = ll_dead_bits(p);
   __syncthreads();
   ll_stamp(p, 0, 1);
   const bool ok = s_ok != 0;
+  const u64 dead = s_dead;  // shrink mode: masked ranks' experts are sent nothing
   const u64 region = p.disp_region_off + (static_cast<u64>(p.slot) * R + p.rank) * T * p.msg_bytes;
   // Token t is sent by all warps of block t % grid, each taking every kLLWarps-th 32-word step
   // of the row: a token then costs one or two memory latencies, not the 7 or more of a single
@@ -291,7 +347,7 @@ EPCOMM_DEVICE void ll_dispatch_send(const LLParams& p, u64 tag, u64 deadline) {
                    static_cast<u64>(e));
     const int r = valid ? static_cast<int>(e) / L : -1 - lane;  // invalid lanes never match
     const unsigned same = __match_any_sync(0xffffffffu, r);
-    const bool leader = valid && (__ffs(same) - 1) == lane;
+    const bool leader = valid && (__ffs(same) - 1) == lane && !((dead >> r) & 1ull);
     const unsigned dests = __ballot_sync(0xffffffffu, leader);
     // Message = [tag u64][K int16 global expert ids][pad][payload][scales].
     const u64 msg_off = region + static_cast<u64>(t) * p.msg_bytes;
@@ -460,8 +516,9 @@ EPCOMM_DEVICE void ll_dispatch_recv(const LLParams& p, u64 tag, u64 deadline) {
   __shared__ int s_total;
   __shared__ int s_req;
   if (threadIdx.x == 0) s_req = 0;
-  if (!ll_wait_arrivals(p, p.disp_flag_off, &p.ctrl->disp_base[0][0], kPhaseLLDispatchRecv, deadline, &s_req) ||
-      ((p.check_shape || s_req) && !ll_shapes_agree(p))) {
+  u64 dead = 0;  // shrink mode: sources masked; their slots are not read
+  if (!ll_wait_arrivals(p, p.disp_flag_off, &p.ctrl->disp_base[0][0], kPhaseLLDispatchRecv, deadline, &dead, &s_req) ||
+      ((p.check_shape || s_req) && !ll_shapes_agree(p, dead))) {
     // Recorded; the outputs were not written, so no later kernel may use them.
     if (threadIdx.x == 0) p.ctrl->failed = 1;
     return;
@@ -475,7 +532,7 @@ EPCOMM_DEVICE void ll_dispatch_recv(const LLParams& p, u64 tag, u64 deadline) {
       const int s = item / NG, g = item % NG;
       const int t = g * 32 + lane;
       int kk = -1;
-      if (t < T) {
+      if (t < T && !((dead >> s) & 1ull)) {
         u32 local;
         kk = ll_msg_match(region + (static_cast<u64>(s) * T + t) * p.msg_bytes, tag, K, my_e, p.rank * L,
                           p.rank * L + L, &local);
@@ -552,8 +609,10 @@ EPCOMM_DEVICE void ll_dispatch_recv(const LLParams& p, u64 tag, u64 deadline) {
   }
   if (last_block(&p.ctrl->disp_recv_done[p.slot])) {
     ll_rebase(p, p.disp_flag_off, &p.ctrl->disp_base[0][0]);
+    if (threadIdx.x == 0) ll_publish_mask(p);
+    __syncthreads();
     for (int s = threadIdx.x; s < R; s += blockDim.x)
-      ll_signal(p, s, p.disp_ack_off + (static_cast<u64>(p.slot) * R + p.rank) * 8, tag);
+      if (!((dead >> s) & 1ull)) ll_signal(p, s, p.disp_ack_off + (static_cast<u64>(p.slot) * R + p.rank) * 8, tag);
     if (threadIdx.x == 0) p.ctrl->disp_seq[p.slot] = tag;
   }
   ll_stamp(p, 0, 7);
@@ -743,7 +802,7 @@ EPCOMM_DEVICE void ll_combine_send_logfmt(const LLParams& p, const u32* list, in
 // The source's LogFMT receive: items (token, 1024 channels), lane: 32 channels (its group: 4
 // lanes); rows in k order, kRB at a time (their group words first, then the bytes they point at).
 template <int kHidden, bool kFma>
-EPCOMM_DEVICE void ll_combine_recv_logfmt(const LLParams& p) {
+EPCOMM_DEVICE void ll_combine_recv_logfmt(const LLParams& p, u64 dead) {
   __shared__ float s_tab[128];
   logfmt_load_table(s_tab);
   constexpr int kRow = kHidden * 2;
@@ -760,7 +819,7 @@ EPCOMM_DEVICE void ll_combine_recv_logfmt(const LLParams& p) {
     bool has = false;
     if (lane < K) {
       const i64 e = p.topk_idx[static_cast<i64>(t) * K + lane];
-      has = e >= 0 && e < p.num_experts;
+      has = e >= 0 && e < p.num_experts && !((dead >> (static_cast<int>(e) / (p.num_experts / p.num_ranks))) & 1ull);
       w_l = p.topk_weights[static_cast<i64>(t) * K + lane];
       if (step == 0 && (e < -1 || e >= p.num_experts))
         report_error(p.err, kErrBadInput, p.rank, kPhaseLLCombineReduce, t, -1,
@@ -892,24 +951,30 @@ EPCOMM_DEVICE void ll_combine_send(const LLParams& p, u64 tag, u64 deadline) {
     s_dtag = static_cast<u32>(ld_volatile_u64(&p.ctrl->disp_seq[p.h_slot]));
   }
   __syncthreads();
+  __shared__ u64 s_dead;
   for (int s = threadIdx.x; s < R; s += blockDim.x) {
     const u64* ack = reinterpret_cast<const u64*>(p.heap + p.comb_ack_off) + p.slot * R + s;
-    if (!wait_geq_u64(ack, tag - 1, p.err, deadline, p.rank, kPhaseLLCombineSendAck, p.slot, s)) s_ok = 0;
+    if (wait_geq_u64_masked(ack, tag - 1, p.err, deadline, p.rank, kPhaseLLCombineSendAck, p.slot, s, ll_mask(p)) ==
+        kWaitFailed)
+      s_ok = 0;
   }
   __syncthreads();
+  if (threadIdx.x == 0) s_dead = ll_dead_bits(p);
+  __syncthreads();
+  const u64 dead = s_dead;  // shrink mode: masked sources get nothing back
   ll_stamp(p, 1, 1);
   if (p.partials && blockIdx.x == 0 && s_ok) {
     // Our weights to every NVLink peer, before this block waits for anything.
     const u64 w_off = p.comb_w_off + (static_cast<u64>(p.slot) * R + p.rank) * T * K * 4;
     const int nw = N * K;
     for (int d = 0; d < R; ++d) {
-      if (d == p.rank || use_put(p, d)) continue;
+      if (d == p.rank || use_put(p, d) || ((dead >> d) & 1ull)) continue;
       float* dst = reinterpret_cast<float*>(remote(p, d, w_off));
       for (int i = threadIdx.x; i < nw; i += blockDim.x) dst[i] = p.topk_weights[i];
     }
     __syncthreads();
     for (int d = threadIdx.x; d < R; d += blockDim.x) {
-      if (d == p.rank || use_put(p, d)) continue;
+      if (d == p.rank || use_put(p, d) || ((dead >> d) & 1ull)) continue;
       fence_sys();
       ll_signal(p, d, p.comb_wflag_off + (static_cast<u64>(p.slot) * R + p.rank) * 8, tag);
     }
@@ -925,7 +990,7 @@ EPCOMM_DEVICE void ll_combine_send(const LLParams& p, u64 tag, u64 deadline) {
   for (int item = warp; item < R * NG; item += kLLWarps) {
     const int s = src_of(item), t = (item % NG) * 32 + lane;
     bool here = false;
-    if (t < T) {
+    if (t < T && !((dead >> s) & 1ull)) {
       const u64 m = p.h_tok_meta[static_cast<i64>(s) * T + t];
       here = static_cast<u32>(m >> 32) == s_dtag && static_cast<u32>(m) != 0;
     }
@@ -992,11 +1057,13 @@ EPCOMM_DEVICE void ll_combine_send(const LLParams& p, u64 tag, u64 deadline) {
         int got = 0;
         if (lane == 0) {
           const u64* f = reinterpret_cast<const u64*>(p.heap + p.comb_wflag_off) + p.slot * R + s;
-          got = wait_geq_u64(f, tag, p.err, deadline, p.rank, kPhaseLLCombineWeights, p.slot, s) ? 1 : 0;
-          if (!got) *ok = 0;
+          got = wait_geq_u64_masked(f, tag, p.err, deadline, p.rank, kPhaseLLCombineWeights, p.slot, s, ll_mask(p));
+          if (got == kWaitFailed) *ok = 0;
         }
         __syncwarp();  // lane 0 acquired the flag: the other lanes' loads are ordered after it
-        if (!__shfl_sync(0xffffffffu, got, 0)) break;
+        got = __shfl_sync(0xffffffffu, got, 0);
+        if (got == kWaitMasked) continue;  // shrink mode: the source died; its token gets nothing
+        if (got == kWaitFailed) break;
         have_w |= 1ull << s;
         if (lane < K) wk = __ldcg(wbase + (static_cast<i64>(s) * T + t) * K + lane);
       }
@@ -1120,7 +1187,8 @@ EPCOMM_DEVICE void ll_combine_recv(const LLParams& p, u64 tag, u64 deadline) {
   constexpr int kN16 = kRow / 16;
   constexpr int kHalf = kHidden / 2;
   const int lane = lane_id(), warp = warp_id();
-  if (!ll_wait_arrivals(p, p.comb_flag_off, &p.ctrl->comb_base[0][0], kPhaseLLCombineRecv, deadline)) {
+  u64 dead = 0;  // shrink mode: expert-side ranks masked; their rows are left out of every sum
+  if (!ll_wait_arrivals(p, p.comb_flag_off, &p.ctrl->comb_base[0][0], kPhaseLLCombineRecv, deadline, &dead)) {
     if (threadIdx.x == 0) p.ctrl->failed = 1;
     return;
   }
@@ -1141,7 +1209,7 @@ EPCOMM_DEVICE void ll_combine_recv(const LLParams& p, u64 tag, u64 deadline) {
     bool has = false;
     if (lane < K) {
       const i64 e = p.topk_idx[static_cast<i64>(t) * K + lane];
-      has = e >= 0 && e < p.num_experts;
+      has = e >= 0 && e < p.num_experts && !((dead >> (static_cast<int>(e) / L)) & 1ull);
       if (has) rk = static_cast<int>(e) / L;
       w_l = p.topk_weights[static_cast<i64>(t) * K + lane];
       if (item % kChunks == 0 && (e < -1 || e >= p.num_experts))
@@ -1233,12 +1301,14 @@ EPCOMM_DEVICE void ll_combine_recv(const LLParams& p, u64 tag, u64 deadline) {
       st_na_v4(reinterpret_cast<V4*>(p.out + static_cast<i64>(t) * kHidden) + idx, o);
     }
   }
-  if constexpr (kLogfmt) ll_combine_recv_logfmt<kHidden, kFma>(p);
+  if constexpr (kLogfmt) ll_combine_recv_logfmt<kHidden, kFma>(p, dead);
   if (threadIdx.x == 0) ll_stamp(p, 1, 6);  // thread 0's warp done
   if (last_block(&p.ctrl->comb_recv_done[p.slot])) {
     ll_rebase(p, p.comb_flag_off, &p.ctrl->comb_base[0][0]);
+    if (threadIdx.x == 0) ll_publish_mask(p);
+    __syncthreads();
     for (int d = threadIdx.x; d < R; d += blockDim.x)
-      ll_signal(p, d, p.comb_ack_off + (static_cast<u64>(p.slot) * R + p.rank) * 8, tag);
+      if (!((dead >> d) & 1ull)) ll_signal(p, d, p.comb_ack_off + (static_cast<u64>(p.slot) * R + p.rank) * 8, tag);
     if (threadIdx.x == 0) p.ctrl->comb_seq[p.slot] = tag;
   }
   ll_stamp(p, 1, 7);

@@ -30,6 +30,7 @@ from epcomm.runtime import event as event_mod
 from epcomm.runtime import nvshmem as nvr
 from epcomm.runtime.event import EventOverlap
 from epcomm.runtime.group import as_group
+from epcomm.runtime.rankmask import RankMask
 from epcomm.runtime.topology import discover
 from epcomm.validate import check_bool, check_hidden_size, check_int, check_numerics
 
@@ -80,6 +81,13 @@ class Buffer:
             setting, not a per-call one: the low-latency combine's row format depends on it, so
             every rank must use the same (the constructor checks that they do), and the prepared
             fast paths need no check per call.
+        enable_shrink: keep a rank mask (shrink mode; every rank must agree).  A masked rank is
+            neither sent to nor waited for (its experts receive nothing, its part of a combine
+            is absent); a peer that does not arrive within EPCOMM_SHRINK_TIMEOUT_MS is masked by
+            the rank that waited, which completes the call without it instead of raising
+            EpcommTimeoutError.  See :meth:`update_mask`, :meth:`query_mask`,
+            :meth:`clean_mask` and docs/design.md ("Rank masks").  Not across nodes
+            (ValueError there).
 
     The group spans nodes when its ranks are on several hosts (or GPUs that cannot reach each
     other), or as declared by EPCOMM_RANKS_PER_NODE; nodes must be equal blocks of consecutive
@@ -90,12 +98,14 @@ class Buffer:
     """
 
     def __init__(self, group=None, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0, *,
-                 low_latency_mode: bool = False, device: int | None = None, numerics: str = "epcomm"):
+                 low_latency_mode: bool = False, device: int | None = None, numerics: str = "epcomm",
+                 enable_shrink: bool = False):
         # The arguments first: their errors name the cause, where a group error would not.
         check_int("num_nvl_bytes", num_nvl_bytes, lo=0)
         check_int("num_rdma_bytes", num_rdma_bytes, lo=0)
         check_bool("low_latency_mode", low_latency_mode)
         check_numerics(numerics)
+        enable_shrink = check_bool("enable_shrink", enable_shrink)
         if device is not None:
             check_int("device", device, lo=0)
         group = as_group(group)
@@ -108,6 +118,7 @@ class Buffer:
         check_int("device", device, lo=0, hi=n_dev - 1)
         ctx = CommContext.open(group, device)
         ctx.numerics = numerics
+        ctx.shrink = enable_shrink
         self._attach(ctx)
         try:
             self._open_engines(num_nvl_bytes, num_rdma_bytes, low_latency_mode)
@@ -144,10 +155,11 @@ class Buffer:
         the engines are made."""
         ctx, group = self.ctx, self.group
         sizes = group.allgather_bytes(f"{num_nvl_bytes},{num_rdma_bytes},{int(low_latency_mode)},"
-                                      f"{ctx.numerics}".encode())
+                                      f"{ctx.numerics},{int(ctx.shrink)}".encode())
         if len(set(sizes)) != 1:
-            raise ValueError(f"every rank must create the Buffer with the same sizes, mode and numerics; got "
-                             f"{[s.decode() for s in sizes]} (num_nvl_bytes,num_rdma_bytes,low_latency_mode,numerics)")
+            raise ValueError(f"every rank must create the Buffer with the same sizes, mode, numerics and "
+                             f"enable_shrink; got {[s.decode() for s in sizes]} "
+                             f"(num_nvl_bytes,num_rdma_bytes,low_latency_mode,numerics,enable_shrink)")
         buses = group.allgather_bytes(driver.pci_bus_id(self.device_id).encode())
         ctx.shares_gpu = len(set(buses)) != len(buses)
         if ctx.shares_gpu and not envs.SHARE_GPU.get():
@@ -158,6 +170,10 @@ class Buffer:
         ll = low_latency_mode or (num_rdma_bytes > 0 and not inter)
         if ll:
             LowLatencyState.check_args(self.num_ranks, num_rdma_bytes)  # before any allocation
+        if inter and ctx.shrink:
+            raise ValueError(f"enable_shrink=True: the group spans {topo.num_nodes} nodes, and the normal mode "
+                             f"across nodes has no rank masks; use shrink mode inside one node, or the "
+                             f"low-latency mode alone (num_nvl_bytes=0)")
         if inter:
             K_inter.check_topology(self.num_ranks, topo.ranks_per_node)
             if num_rdma_bytes <= 0:
@@ -178,6 +194,9 @@ class Buffer:
             self._intra = NvlinkState(ctx, num_nvl_bytes)
         if ll:
             self._ll = LowLatencyState(ctx, num_rdma_bytes)
+        if ctx.shrink:
+            addrs = [e.mask_addr for e in (self._intra, self._ll) if e is not None]
+            ctx.mask = RankMask(self.device_id, self.rank, self.num_ranks, addrs)
 
     @property
     def numerics(self) -> str:
@@ -294,12 +313,48 @@ class Buffer:
             driver.check(driver.drv().cuCtxSynchronize(), "cuCtxSynchronize")
         self.check()
 
-    def destroy(self) -> None:
-        """Release the buffer's memory (collective: every rank must call it)."""
+    # ---- rank masks (shrink mode) ---------------------------------------------------------------
+    def _mask(self, what: str) -> RankMask:
+        if self.ctx.destroyed:
+            raise BufferStateError(f"{what}: the Buffer was destroyed")
+        if self.ctx.mask is None:
+            raise BufferStateError(f"{what} needs a Buffer created with enable_shrink=True")
+        return self.ctx.mask
+
+    def update_mask(self, rank: int, masked: bool = True) -> None:
+        """Mask (or, with ``masked=False``, unmask) ``rank`` on this process, between calls (it
+        waits for this device's work).  Every surviving rank should make the same update before
+        its next call (a rank that does not learns it in that call: see docs/design.md, "Rank
+        masks").  Unmasking is for a rank that was masked while it was alive and idle, before
+        any call ran with the mask; a rank that made calls while masked, or died, needs a new
+        Buffer.  TypeError/ValueError for a rank outside [0, R), this process's own rank or a
+        non-bool ``masked``; BufferStateError without shrink mode or after :meth:`destroy`."""
+        self._mask("update_mask").update(rank, masked)
+
+    def query_mask(self):
+        """The mask: a NumPy int32 array [R], 1 for every masked rank (set by
+        :meth:`update_mask`, by this rank's kernels on a timeout, or published by a peer's).
+        Waits for this device's work.  BufferStateError without shrink mode or after
+        :meth:`destroy`."""
+        return self._mask("query_mask").query()
+
+    def clean_mask(self) -> None:
+        """Unmask every rank (between calls; the rules of :meth:`update_mask` apply)."""
+        self._mask("clean_mask").clean()
+
+    def destroy(self, group=None) -> None:
+        """Release the buffer's memory.  Collective over ``group`` (default: the Buffer's own):
+        its ranks meet first, so that none still writes into memory another releases.  After
+        ranks died or left (shrink mode), pass a group of the survivors (the Buffer's group
+        would wait EPCOMM_GROUP_TIMEOUT_S for the missing ones); a rank leaving alone passes
+        ``epcomm.runtime.group.LocalGroup()`` once its peers have masked it.  The symmetric heap
+        (low-latency mode) is freed only when every rank of the Buffer's group is unmasked, as
+        NVSHMEM's free waits for every PE; otherwise it stays until NVSHMEM is finalised."""
         if self.ctx.destroyed:
             return
         self.ctx.destroyed = True
         _LIVE_BUFFERS.discard(self)
+        group = self.group if group is None else as_group(group)
         with driver.on_device(self.device_id):
             try:
                 # Every stream of the device: low-latency kernels usually run on the caller's
@@ -308,18 +363,26 @@ class Buffer:
             except Exception:
                 pass
             try:
-                self.group.barrier()  # no peer may still write into memory we unmap
+                group.barrier()  # no peer may still write into memory we unmap
             except Exception as e:
                 warnings.warn(f"Buffer.destroy on rank {self.rank}: the barrier with the other ranks failed "
                               f"({type(e).__name__}: {e}); releasing the memory anyway (a peer that still "
                               f"writes into it would fault)", RuntimeWarning, stacklevel=2)
-            self._free_local()
+            self._free_local(failing=self._some_masked())
             event_mod.release_finished()  # the device is idle: CuPy/JAX arrays of dropped events go
+
+    def _some_masked(self) -> bool:
+        """Whether some rank is masked (then collective teardown steps cannot run)."""
+        try:
+            return self.ctx.mask is not None and bool(self.ctx.mask.query().any())
+        except Exception:
+            return True
 
     def _free_local(self, failing: bool = False) -> None:
         """Release what this process holds: destroy()'s end (after its barrier), and what a
-        constructor that raised had made so far (then without the symmetric heap, whose free is
-        collective: see LowLatencyState.free)."""
+        constructor that raised had made so far.  ``failing`` (a constructor that raised, or
+        masked ranks): without the collective steps, the symmetric heap's free among them (see
+        LowLatencyState.free)."""
         if self._intra is not None:
             self._intra.free()
             self._intra = None
@@ -327,7 +390,7 @@ class Buffer:
             self._inter.free(collective=not failing)
             self._inter = None
         if self._ll is not None:
-            self._ll.free()
+            self._ll.free(collective=not failing)
             self._ll = None
         self.ctx.close()
 

@@ -79,8 +79,11 @@ class CommContext:
     call's ``allocate_on_comm_stream``), ``shares_gpu``, ``topology`` (the group's nodes, a
     :class:`epcomm.runtime.topology.Topology`; None: not known, every rank is treated as one node),
     ``numerics`` ("epcomm" or "deepep": whose arithmetic the engines follow where they differ,
-    set before the engines are made), ``sink`` (the current call's :class:`CallerOutputs`, or
-    None: outputs allocated here, the framework's current stream).
+    set before the engines are made), ``shrink`` (the Buffer's ``enable_shrink``: kernels
+    skip masked ranks and mask a peer that times out), ``mask`` (its
+    :class:`epcomm.runtime.rankmask.RankMask` once the engines are made, else None), ``sink``
+    (the current call's :class:`CallerOutputs`, or None: outputs allocated here, the framework's
+    current stream).
     """
 
     def __init__(self, group, rank: int, num_ranks: int, device_id: int, *, err, stream: int = 0,
@@ -97,6 +100,8 @@ class CommContext:
         self.shares_gpu = shares_gpu
         self.topology = topology
         self.numerics = numerics
+        self.shrink = False
+        self.mask = None
         self.destroyed = False
         self.alloc_on_comm = False
         self.sink: CallerOutputs | None = None
@@ -117,6 +122,11 @@ class CommContext:
             cls._release(device_id, made.get("stream", 0), made.get("stream2", 0), made.get("events", ()), None)
             raise
         return cls(group, group.rank, group.size, device_id, **made)
+
+    def kernel_timeout_s(self) -> float:
+        """How long a kernel waits for a peer: EPCOMM_SHRINK_TIMEOUT_MS in shrink mode (then the
+        peer is masked), else EPCOMM_TIMEOUT_S (then EpcommTimeoutError)."""
+        return envs.SHRINK_TIMEOUT_MS.get() / 1000.0 if self.shrink else self.timeout_s
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def check_usable(self, what: str, collective: bool = False) -> None:

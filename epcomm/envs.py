@@ -152,6 +152,21 @@ CUDA_HOME = knob("EPCOMM_CUDA_HOME", "", parse_str,
 TIMEOUT_S = knob("EPCOMM_TIMEOUT_S", 100.0, parse_float,
                  "Seconds a kernel or the host waits for a peer before raising EpcommTimeoutError "
                  "(names the rank, phase and channel that stalled).")
+def parse_positive_int(name: str, raw: str) -> int:
+    """An integer >= 1."""
+    v = parse_int(name, raw)
+    if v < 1:
+        raise ValueError(f"{name}={raw!r}: expected an integer >= 1")
+    return v
+
+
+SHRINK_TIMEOUT_MS = knob("EPCOMM_SHRINK_TIMEOUT_MS", 10000, parse_positive_int,
+                         "Buffers made with enable_shrink=True: milliseconds a kernel waits for a peer "
+                         "before it masks that peer and completes without it (instead of "
+                         "EPCOMM_TIMEOUT_S and EpcommTimeoutError). Longer than any stall a live rank "
+                         "may have between calls: a rank compiling a kernel on its first call is "
+                         "masked by peers that wait for it longer than this (run `epcomm warmup` "
+                         "first). Read at each call.")
 GROUP_TIMEOUT_S = knob("EPCOMM_GROUP_TIMEOUT_S", 600.0, parse_float,
                        "Seconds a process-group exchange (a Buffer's set-up and teardown, through "
                        "torch.distributed's store, JAX's key-value store or a shared directory) waits "

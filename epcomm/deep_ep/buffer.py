@@ -54,9 +54,8 @@ class Buffer(LowLatencyCalls):
             frees it on garbage collection, where a peer could still write into it);
             :meth:`destroy` raises, as in DeepEP.  True: call :meth:`destroy` (collective) to
             release it earlier; it is released at exit otherwise.
-        enable_shrink: a bool, accepted; the rank-masking calls it enables in DeepEP
-            (``low_latency_*_mask_buffer``) raise NotImplementedError: masking is not
-            implemented in epcomm yet.
+        enable_shrink: a bool: keep a rank mask (:class:`epcomm.Buffer`'s shrink mode, in both
+            modes), read and set with ``low_latency_*_mask_buffer``.
         comm: an mpi4py communicator, used when ``group`` is None.
 
     Every argument is checked (TypeError / ValueError, NotImplementedError as above) before any
@@ -93,7 +92,7 @@ class Buffer(LowLatencyCalls):
                 "every rank before creating the Buffer (it applies to every Buffer of the process) and pass True")
         # DeepEP's arithmetic (FP8 scales, combine orders), so results match logs made with DeepEP.
         native = NativeBuffer(group if group is not None else comm, num_nvl_bytes, num_rdma_bytes,
-                              low_latency_mode=low_latency_mode, numerics="deepep")
+                              low_latency_mode=low_latency_mode, numerics="deepep", enable_shrink=enable_shrink)
         self._attach(native, group if group is not None else comm, num_nvl_bytes, num_rdma_bytes, low_latency_mode,
                      explicitly_destroy, enable_shrink)
 

@@ -3,6 +3,8 @@ return arities), on :class:`epcomm.Buffer`'s low-latency mode (the drop-in's Buf
 ``numerics="deepep"``: DeepEP V1's FP8 scales and summation orders)."""
 from __future__ import annotations
 
+import torch
+
 from epcomm.deep_ep.event import adopt
 from epcomm.deep_ep.handles import LowLatencyHandle, native_of
 
@@ -81,18 +83,25 @@ class LowLatencyCalls:
         ValueError for a handle of another kind or Buffer, BufferStateError for a stale one."""
         return self.native.get_next_low_latency_combine_buffer(native_of(handle, LowLatencyHandle))
 
-    # Rank masking (DeepEP's enable_shrink) ----------------------------------------------------
-    _NO_MASKING = ("rank masking (Buffer(enable_shrink=True) and the low_latency_*_mask_buffer calls) is not "
-                   "implemented in epcomm yet: every rank takes part in every low-latency call")
-
+    # Rank masking (DeepEP's enable_shrink): epcomm.Buffer's update_mask / query_mask / clean_mask,
+    # which serve both modes.
     def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False):
-        """DeepEP's rank masking: raises NotImplementedError (epcomm has no masking yet)."""
-        raise NotImplementedError(self._NO_MASKING)
+        """Mask (``mask=True``) or unmask ``rank_to_mask`` (DeepEP's default ``mask=False``
+        unmasks).  As :meth:`epcomm.Buffer.update_mask`; BufferStateError without
+        ``enable_shrink=True``."""
+        self.native.update_mask(rank_to_mask, mask)
 
     def low_latency_query_mask_buffer(self, mask_status):
-        """DeepEP's rank masking: raises NotImplementedError (epcomm has no masking yet)."""
-        raise NotImplementedError(self._NO_MASKING)
+        """Fill ``mask_status`` (torch int32 [num_ranks], DeepEP's ``torch.int``, any device)
+        with the mask, 1 for a masked rank.  TypeError/ValueError for another type, dtype or
+        shape (before anything is read)."""
+        if not isinstance(mask_status, torch.Tensor):
+            raise TypeError(f"mask_status must be a torch.Tensor, got {type(mask_status).__name__}")
+        if mask_status.dtype != torch.int32 or tuple(mask_status.shape) != (self.native.num_ranks,):
+            raise ValueError(f"mask_status must be torch.int32 of shape ({self.native.num_ranks},), got "
+                             f"{mask_status.dtype} of shape {tuple(mask_status.shape)}")
+        mask_status.copy_(torch.from_numpy(self.native.query_mask()))
 
     def low_latency_clean_mask_buffer(self):
-        """DeepEP's rank masking: raises NotImplementedError (epcomm has no masking yet)."""
-        raise NotImplementedError(self._NO_MASKING)
+        """Unmask every rank (:meth:`epcomm.Buffer.clean_mask`)."""
+        self.native.clean_mask()

@@ -61,7 +61,7 @@ class IntraParams(ParamsStruct):
         ("chunk_rows", _i32), ("row_bytes", _i32), ("mailbox_ints", _i32), ("max_chunks", _i32),
         ("hidden", _i32), ("fp8", _i32),
         ("cached", _i32), ("write_host", _i32), ("num_send_blocks", _i32), ("speculative", _i32),
-        ("prof", _u64),
+        ("prof", _u64), ("mask_off", _u64), ("shrink", _i32), ("pad2", _i32),
     ]
 
 
@@ -206,6 +206,7 @@ class BufferLayout:
     ack_off: int
     mailbox_tag_off: int
     mailbox_off: int
+    mask_off: int
     flags_off: int
     staging_off: int
     region_bytes: int
@@ -214,7 +215,8 @@ class BufferLayout:
     @staticmethod
     def header_bytes(num_ranks: int) -> int:
         R = num_ranks
-        return _align(_align(R * 8 * 2 + R * MAILBOX_INTS * 4, 64) + R * MAX_CHUNKS * CHUNK_FLAG_SLOTS * 8, 4096)
+        return _align(_align(R * 8 * 2 + R * MAILBOX_INTS * 4 + R * 4, 64) + R * MAX_CHUNKS * CHUNK_FLAG_SLOTS * 8,
+                      4096)
 
     @classmethod
     def for_bytes(cls, num_ranks: int, num_nvl_bytes: int) -> "BufferLayout":
@@ -222,13 +224,14 @@ class BufferLayout:
         ack = 0
         mtag = ack + R * 8
         mbox = mtag + R * 8
-        flags = _align(mbox + R * MAILBOX_INTS * 4, 64)
+        mask = mbox + R * MAILBOX_INTS * 4  # int [R]: the rank mask (shrink mode), zeroed with the header
+        flags = _align(mask + R * 4, 64)
         staging = _align(flags + R * MAX_CHUNKS * CHUNK_FLAG_SLOTS * 8, 4096)
         region = (num_nvl_bytes - staging) // R // 4096 * 4096
         if region <= 0:
             raise ValueError(f"num_nvl_bytes={num_nvl_bytes} is too small for {R} ranks: the control "
                              f"header alone takes {staging} bytes; use get_nvl_buffer_size_hint()")
-        return cls(R, ack, mtag, mbox, flags, staging, region, staging + R * region)
+        return cls(R, ack, mtag, mbox, mask, flags, staging, region, staging + R * region)
 
     def capacity_rows(self, row_bytes: int) -> int:
         return self.region_bytes // row_bytes

@@ -49,6 +49,7 @@ class LLParams(ParamsStruct):
         ("use_ue8m0", _i32), ("zero_copy", _i32), ("force_put", _i32), ("any_put", _i32), ("check_shape", _i32),
         ("h_slot", _i32), ("partials", _i32), ("prof", _u64),
         ("wait_stats", _u64), ("lf_meta_off", _u64), ("lf_stage_off", _u64),
+        ("mask_off", _u64), ("shrink", _i32), ("pad2", _i32),
     ]
 
 
@@ -156,6 +157,12 @@ def msg_bytes(hidden: int) -> int:
     return _align(HDR_BYTES + max(bf16, fp8), 16)
 
 
+def mask_offset(num_ranks: int) -> int:
+    """Byte offset of the rank mask (int32 [R], shrink mode) in every rank's symmetric heap:
+    after the flags, acknowledgements and shape words, at the same place for every shape."""
+    return 6 * 2 * num_ranks * 8
+
+
 @dataclass(frozen=True)
 class HeapLayout:
     """Byte offsets inside every rank's symmetric heap for one (T, H, E, R) (K is fixed at
@@ -188,7 +195,7 @@ class HeapLayout:
         # or E, so ranks that disagree on those still meet there (and detect it).
         df, cf, da, ca, sh, wf = 0, ctrl, 2 * ctrl, 3 * ctrl, 4 * ctrl, 5 * ctrl
         m = msg_bytes(H)
-        dr = _align(6 * ctrl, 4096)
+        dr = _align(mask_offset(R) + R * 4, 4096)
         cw = _align(dr + 2 * R * T * m, 4096)    # combine weights of each source: f32 [2][R][T][K]
         cr = _align(cw + 2 * R * T * K * 4, 4096)
         ds = _align(cr + 2 * T * K * H * 2, 4096)

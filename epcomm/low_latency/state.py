@@ -113,7 +113,13 @@ class LowLatencyState(DispatchOps, CombineOps, FastPaths):
         t.force_put = int(self.force_put)
         t.any_put = int(self.force_put or any(p == 0 for p in self.peers))
         t.partials = int(self.partials)
+        t.mask_off, t.shrink = K.mask_offset(self.num_ranks), int(ctx.shrink)
         return t
+
+    @property
+    def mask_addr(self) -> int:
+        """Device address of this rank's mask words (int32 [R], in the symmetric heap)."""
+        return self.heap + K.mask_offset(self.num_ranks)
 
     def _alloc_profile(self, ctx) -> None:
         """EPCOMM_PROFILE: per-block phase stamps, read by :meth:`profile_stamps`."""
@@ -222,7 +228,7 @@ class LowLatencyState(DispatchOps, CombineOps, FastPaths):
         p.lf_meta_off, p.lf_stage_off = lay.lf_meta_off, lay.lf_stage_off
         p.msg_bytes = lay.msg_bytes
         p.slot = slot
-        p.timeout_ns = int(self.ctx.timeout_s * 1e9)
+        p.timeout_ns = int(self.ctx.kernel_timeout_s() * 1e9)  # EPCOMM_SHRINK_TIMEOUT_MS in shrink mode
         return p
 
     def _allow_smem(self, mod, names, smem: int) -> None:
@@ -313,8 +319,12 @@ class LowLatencyState(DispatchOps, CombineOps, FastPaths):
             # peer) would write flags and rows after they are zeroed.
             driver.device_sync()
             ctx.group.barrier()
-            # Flags, acknowledgements and the dispatch regions (whose message tags restart too).
-            driver.memset_d8_async(self.heap, 0, end, ctx.stream)
+            # Flags, acknowledgements and the dispatch regions (whose message tags restart too);
+            # not the rank mask between them (clean_mask clears it).
+            m0 = K.mask_offset(self.num_ranks)
+            m1 = m0 + 4 * self.num_ranks
+            driver.memset_d8_async(self.heap, 0, m0, ctx.stream)
+            driver.memset_d8_async(self.heap + m1, 0, end - m1, ctx.stream)
             driver.memset_d8_async(self.ctrl, 0, ctypes.sizeof(K.LLCtrl), ctx.stream)
             driver.stream_sync(ctx.stream)
             ctx.group.barrier()

@@ -237,7 +237,7 @@ def _route(ctx, a: DispatchArgs) -> _Route:
 
 
 def _params(ctx, st, a: DispatchArgs, r: _Route, chunk_rows: int) -> K_intra.IntraParams:
-    p = st.params(ctx.timeout_s)
+    p = st.params(ctx.kernel_timeout_s())
     p.x = a.xr.ptr
     if a.fp8:
         p.x_scales, p.scale_st, p.scale_sg = a.sr.ptr, a.sr.strides[0], a.sr.strides[1]
@@ -318,6 +318,7 @@ def _launch_front(ctx, st, mod, p, a: DispatchArgs) -> None:
     ordered after the count exchange."""
     if p.write_host:
         st.info[0] = 0
+        st.info[2:2 + ctx.num_ranks] = -1  # the notify kernel writes each source's entry once it arrived
     K_intra.launch_notify(mod, ctx.stream, p, ctx.num_ranks, a.cached)
     driver.event_record(ctx.ev_mid, ctx.stream)
     K_intra.launch_send(mod, ctx.stream, p, a.send_blocks)

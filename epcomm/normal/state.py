@@ -85,6 +85,7 @@ class NvlinkState:
         t.ack_off, t.mailbox_tag_off, t.mailbox_off = lay.ack_off, lay.mailbox_tag_off, lay.mailbox_off
         t.flags_off, t.staging_off, t.region_bytes = lay.flags_off, lay.staging_off, lay.region_bytes
         t.rank, t.num_ranks = ctx.rank, ctx.num_ranks
+        t.mask_off, t.shrink = lay.mask_off, int(ctx.shrink)
         t.mailbox_ints, t.max_chunks = K_intra.MAILBOX_INTS, K_intra.MAX_CHUNKS
         return t
 
@@ -121,6 +122,11 @@ class NvlinkState:
         hist = self.recv_history.setdefault(key, [])
         hist.append(rows)
         del hist[:-HISTORY]
+
+    @property
+    def mask_addr(self) -> int:
+        """Device address of this rank's mask words (int32 [R], in the buffer's header)."""
+        return self.base + self.layout.mask_off
 
     def wait_counts(self, ctx, what: str) -> None:
         """Spin until the notify kernel published the counts (bounded by the timeout)."""
@@ -177,11 +183,24 @@ def wait_counts(info, ctx, what: str) -> None:
             if ctx.err.aborting():
                 ctx.err.check(what)
             if time.monotonic() > deadline:
-                exc = EpcommTimeoutError(
-                    f"rank {ctx.rank}: {what}: the token counts of the peers never arrived within "
-                    f"{ctx.timeout_s:.0f} s (phase notify); a peer did not call {what}, or the GPU is "
-                    f"blocked by earlier work", rank=ctx.rank, phase="notify")
+                exc = counts_timeout(info, ctx, what)
                 ctx.err.poisoned = exc
                 raise exc
             if time.monotonic() - start > 0.02:
                 time.sleep(0.00002)
+
+
+def counts_timeout(info, ctx, what: str) -> EpcommTimeoutError:
+    """The error of a CPU wait for the counts that outlived the kernels' own deadline: names the
+    ranks whose counts never arrived (``info[2 + s]`` stays -1 until the notify kernel heard
+    from source s), or says the notify kernel never ran."""
+    missing = [s for s in range(ctx.num_ranks) if info[2 + s] < 0]
+    if ctx.rank in missing:  # the kernel hears from this rank first: it never ran
+        why = "the notify kernel never ran: the GPU is blocked by earlier work"
+        peer = -1
+    else:
+        why = f"ranks {missing} never sent theirs: they died or did not call {what}"
+        peer = missing[0] if missing else -1
+    return EpcommTimeoutError(f"rank {ctx.rank}: {what}: the token counts of the peers did not arrive within "
+                              f"{ctx.timeout_s:.0f} s (phase notify); {why}", rank=ctx.rank, phase="notify",
+                              peer=peer)

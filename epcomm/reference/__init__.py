@@ -16,7 +16,7 @@ Modules: ``layout`` (routing counts), ``normal`` (dispatch/combine; the combine'
 order across nodes with ``num_ranks_per_node``), ``traffic`` (bytes per rank over the network
 and NVLink along the internode route), ``fp8`` (quantisation and UE8M0 packing),
 ``low_latency`` (packed-layout dispatch/combine), ``logfmt`` (the combine's optional 10-bit
-log format); argument rules shared with the GPU path come from :mod:`epcomm.validate`.
+log format), ``masks`` (the routing that masked ranks leave, for shrink mode); argument rules shared with the GPU path come from :mod:`epcomm.validate`.
 
 Numerics: the dispatch's FP8 scales and both combines take ``numerics="deepep"`` to follow
 DeepEP V1's arithmetic where it differs from epcomm's (each function's docstring says how).
@@ -37,6 +37,7 @@ from epcomm.reference.layout import Layout, get_dispatch_layout
 from epcomm.reference.logfmt import logfmt_decode, logfmt_encode, logfmt_error_bound, logfmt_round_trip
 from epcomm.reference.low_latency import (LowLatencyDispatchResult, LowLatencyHandle, low_latency_combine,
                                           low_latency_dispatch)
+from epcomm.reference.masks import mask_routing
 from epcomm.reference.normal import DispatchHandle, DispatchResult, combine, dispatch
 from epcomm.reference.traffic import InternodeTraffic, internode_traffic
 
@@ -47,5 +48,6 @@ __all__ = [
     "fp8_quantize", "fp8_dequantize", "pack_ue8m0", "unpack_ue8m0",
     "logfmt_encode", "logfmt_decode", "logfmt_round_trip", "logfmt_error_bound",
     "LowLatencyHandle", "LowLatencyDispatchResult", "low_latency_dispatch", "low_latency_combine",
+    "mask_routing",
     "BF16", "FP8", "FP8_MAX", "FP8_GROUP",
 ]

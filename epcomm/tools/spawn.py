@@ -92,8 +92,17 @@ class SpawnError(RuntimeError):
     pass
 
 
-def run(fn, world_size: int, *args, timeout: float = 300.0, env: dict | None = None, **kwargs) -> list:
+def die() -> None:
+    """End this worker at once with SIGKILL, as a crashed GPU process ends (no cleanup, no
+    result): fault-injection tests call it in a rank listed in ``run(..., may_die=...)``."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def run(fn, world_size: int, *args, timeout: float = 300.0, env: dict | None = None, may_die=(),
+        **kwargs) -> list:
     """Run ``fn(rank, world_size, group, *args, **kwargs)`` in ``world_size`` processes.
+
+    ``may_die``: ranks that may end without a result (:func:`die`): theirs is None.
 
     ``fn`` must be importable (module level) and return something picklable.  Returns the list
     of results by rank.  Raises ValueError for ``world_size`` < 1, SpawnError with every failing
@@ -103,6 +112,7 @@ def run(fn, world_size: int, *args, timeout: float = 300.0, env: dict | None = N
     a worker started die with it.
     """
     world_size = check_int("world_size", world_size, lo=1)
+    may_die = frozenset(check_int("may_die", r, lo=0, hi=world_size - 1) for r in may_die)
     ctx = mp.get_context("spawn")
     root = tempfile.mkdtemp(prefix="epcomm-spawn-")
     q = ctx.Queue()
@@ -127,23 +137,8 @@ def run(fn, world_size: int, *args, timeout: float = 300.0, env: dict | None = N
                 if status == "error":  # the others may wait for this rank: a short grace, then stop
                     deadline = min(deadline, time.monotonic() + _ERROR_GRACE_S)
             except queue_mod.Empty:
-                # Finished without a result (exit code 0 included: e.g. os._exit) or killed.
-                dead = [r for r, p in enumerate(procs) if not p.is_alive() and r not in results]
-                if dead:
-                    time.sleep(0.5)  # let a final queue message arrive
-                    while True:
-                        try:
-                            rank, status, payload = q.get_nowait()
-                            results[rank] = (status, payload)
-                        except queue_mod.Empty:
-                            break
-                    for r in dead:
-                        if r not in results:
-                            results[r] = ("error", f"process {_exit_reason(procs[r].exitcode)} without reporting a "
-                                                   f"result, in phase "
-                                                   f"{_read_phase(os.path.join(root, f'phase.{r}'))[0]!r}")
-                    if any(s == "error" for s, _ in results.values()):
-                        break
+                if _collect_dead(procs, results, q, root, may_die):
+                    break
         missing = [r for r in range(world_size) if r not in results]
         errors = {r: p for r, (s, p) in results.items() if s == "error"}
         if missing or errors:
@@ -172,6 +167,29 @@ def run(fn, world_size: int, *args, timeout: float = 300.0, env: dict | None = N
 
 
 _ERROR_GRACE_S = 5.0
+
+
+def _collect_dead(procs, results: dict, q, root: str, may_die) -> bool:
+    """Results of workers that ended without one (exit code 0 included: e.g. os._exit, or
+    killed): None for a rank in ``may_die``, else an error naming how it ended and its phase.
+    Returns whether some rank failed."""
+    dead = [r for r, p in enumerate(procs) if not p.is_alive() and r not in results]
+    if not dead:
+        return False
+    time.sleep(0.5)  # let a final queue message arrive
+    while True:
+        try:
+            rank, status, payload = q.get_nowait()
+            results[rank] = (status, payload)
+        except queue_mod.Empty:
+            break
+    for r in dead:
+        if r not in results and r in may_die:
+            results[r] = ("ok", None)
+        elif r not in results:
+            results[r] = ("error", f"process {_exit_reason(procs[r].exitcode)} without reporting a result, in "
+                                   f"phase {_read_phase(os.path.join(root, f'phase.{r}'))[0]!r}")
+    return any(s == "error" for s, _ in results.values())
 
 
 def _exit_reason(code) -> str:

@@ -559,12 +559,8 @@ def test_low_latency_calls_forward_every_argument():
     assert [c for c in buf.native.calls[n:] if c[0].startswith("low_latency")] == []
 
 
-def test_masking_and_raw_buffers_raise_not_implemented():
+def test_raw_buffers_raise_not_implemented():
     buf = _dropin(Job())
-    for call in (lambda: buf.low_latency_update_mask_buffer(1, True), lambda: buf.low_latency_query_mask_buffer(None),
-                 buf.low_latency_clean_mask_buffer):
-        with pytest.raises(NotImplementedError, match="masking"):
-            call()
     with pytest.raises(NotImplementedError, match="get_next_low_latency_combine_buffer"):
         buf.get_local_buffer_tensor(torch.bfloat16)
     assert deep_ep.Buffer.is_sm90_compiled() is True
@@ -576,7 +572,7 @@ class _NoGPU:
     made: list = []
     refuse = False
 
-    def __init__(self, group, num_nvl_bytes, num_rdma_bytes, *, low_latency_mode, numerics):
+    def __init__(self, group, num_nvl_bytes, num_rdma_bytes, *, low_latency_mode, numerics, enable_shrink):
         assert not _NoGPU.refuse, "the epcomm Buffer (GPU work) was reached before the arguments were checked"
         assert numerics == "deepep", "the drop-in must ask for DeepEP's arithmetic"
         _NoGPU.made.append((group, num_nvl_bytes, num_rdma_bytes, low_latency_mode))

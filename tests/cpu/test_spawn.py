@@ -64,6 +64,21 @@ def test_a_killed_worker_names_the_signal():
         spawn.run(_kill_self, 1, timeout=60)
 
 
+def _rank1_dies_the_others_go_on(rank, world, group):
+    group.barrier()
+    if rank == 1:
+        spawn.die()
+    return rank * 10
+
+
+def test_a_rank_allowed_to_die_gives_none_and_the_others_their_results():
+    assert spawn.run(_rank1_dies_the_others_go_on, 3, timeout=120, may_die=(1,)) == [0, None, 20]
+    with pytest.raises(spawn.SpawnError, match="rank 1.*killed by SIGKILL"):
+        spawn.run(_rank1_dies_the_others_go_on, 3, timeout=120, may_die=(2,))
+    with pytest.raises(ValueError, match="may_die"):
+        spawn.run(_rank1_dies_the_others_go_on, 3, timeout=120, may_die=(3,))
+
+
 def _start_child_and_hang(rank, world, group, pid_file):
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     with open(pid_file, "w") as f:

@@ -234,8 +234,12 @@ def test_clean_checks_its_shape_and_pending_hooks_before_the_collective(rig):
     b.low_latency_dispatch(torch.zeros(4, 1024, dtype=torch.bfloat16), topk, 64, E, use_fp8=False)
     rig.log.clear()
     b.clean_low_latency_buffer(8, H, E)
-    heap_sets = [e[2] for e in rig.log if e[0] == "memset" and e[1] == st.heap]
-    assert heap_sets == [K.HeapLayout.make(64, 1024, E, 2).comb_region_off]
+    # Everything up to the largest shape's combine region, but the rank mask between the flags
+    # and the regions (shrink mode keeps it: clean_mask clears it).
+    end, m0 = K.HeapLayout.make(64, 1024, E, 2).comb_region_off, K.mask_offset(2)
+    heap_sets = sorted((e[1] - st.heap, e[2]) for e in rig.log if e[0] == "memset" and
+                       st.heap <= e[1] < st.heap + end)
+    assert heap_sets == [(0, m0), (m0 + 4 * 2, end - m0 - 4 * 2)]
     # Kernels still queued on any stream (the caller's, usually) finish before the barrier.
     assert rig.log.index(("device_sync",)) < rig.log.index(("barrier",))
     assert st._disp_gen == [2, 2] and not any(st._disp_pending)
@@ -726,5 +730,6 @@ def test_buffer_numerics_is_checked_first_and_must_agree_across_ranks():
     ctx.numerics = "deepep"
     b = Buffer._assemble(ctx)
     assert b.numerics == "deepep"
-    with pytest.raises(ValueError, match=r"same sizes, mode and numerics; .*0,1048576,1,deepep.*0,1048576,1,epcomm"):
+    with pytest.raises(ValueError, match=r"same sizes, mode, numerics and enable_shrink; "
+                                         r".*0,1048576,1,deepep,0.*0,1048576,1,epcomm,0"):
         b._open_engines(0, 1 << 20, True)

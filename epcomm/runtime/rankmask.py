@@ -1,0 +1,66 @@
+"""The rank mask of a Buffer made with ``enable_shrink=True`` (shrink mode).
+
+Each mode engine keeps the mask as ``int32 [R]`` in memory its peers can write (the NVLink
+buffer's header, or the symmetric heap), because the kernels publish there the ranks they mask
+(see docs/design.md, "Rank masks").  :class:`RankMask` is the host's view of those words: one
+device address per engine, read and written between calls, after this device's work is done.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from epcomm.runtime import driver
+from epcomm.validate import check_bool, check_int
+
+
+class RankMask:
+    """The mask words of one Buffer: ``addrs`` (one device address of ``int32 [num_ranks]`` per
+    engine), on ``device_id``; ``rank``: this process's rank, which cannot be masked."""
+
+    def __init__(self, device_id: int, rank: int, num_ranks: int, addrs: list[int]):
+        self.device_id, self.rank, self.num_ranks = device_id, rank, num_ranks
+        self.addrs = list(addrs)
+
+    def _read(self, addr: int) -> np.ndarray:
+        host = np.zeros(self.num_ranks, dtype=np.int32)
+        driver.memcpy_dtoh(host.ctypes.data, addr, host.nbytes)
+        return host
+
+    def _write(self, words: np.ndarray) -> None:
+        words = np.ascontiguousarray(words, dtype=np.int32)
+        for addr in self.addrs:
+            driver.memcpy_htod(addr, words.ctypes.data, words.nbytes)
+
+    def query(self) -> np.ndarray:
+        """``int32 [R]``: 1 for every masked rank (the union of the engines' words, written back
+        into each so that the modes agree), after this device's work is done."""
+        with driver.on_device(self.device_id):
+            driver.device_sync()
+            union = np.zeros(self.num_ranks, dtype=np.int32)
+            for addr in self.addrs:
+                union |= (self._read(addr) != 0).astype(np.int32)
+            self._write(union)
+        return union
+
+    def update(self, rank, masked=True) -> None:
+        """Mask (``masked=True``) or unmask ``rank``.  TypeError/ValueError for a rank that is not
+        an int in [0, R), this process's own rank, or a ``masked`` that is not a bool."""
+        rank = check_int("rank", rank, lo=0, hi=self.num_ranks - 1)
+        check_bool("masked", masked)
+        if rank == self.rank:
+            raise ValueError(f"rank={rank} is this process's own rank: a rank cannot mask itself "
+                             f"(the others mask it; to leave, stop calling and destroy the Buffer)")
+        words = self.query()
+        words[rank] = 1 if masked else 0
+        with driver.on_device(self.device_id):
+            self._write(words)
+
+    def clean(self) -> None:
+        """Unmask every rank."""
+        with driver.on_device(self.device_id):
+            driver.device_sync()
+            self._write(np.zeros(self.num_ranks, dtype=np.int32))
+
+    def masked_ranks(self) -> list[int]:
+        """The masked ranks, ascending (:meth:`query` as a list)."""
+        return [int(r) for r in np.flatnonzero(self.query())]

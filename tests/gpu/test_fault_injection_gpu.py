@@ -1,0 +1,338 @@
+"""Fault injection: a rank killed with SIGKILL (between calls, during a dispatch, during a combine,
+during a low-latency receive hook), a rank that stalls for less than the shrink timeout, and a
+rank that leaves cleanly.  Ranks share one GPU (EPCOMM_SHARE_GPU=1; EPCOMM_TEST_RANKS=2 or 4).
+
+For each case the survivors record what their call raised or returned and how long it took
+(printed, and in the results), then check that their next calls (masked in shrink mode, or on
+a Buffer rebuilt on the survivors) equal epcomm.reference on the routing the dead rank leaves
+(reference.mask_routing), bit for bit, and that a rebuilt Buffer leaves no thread or torch
+memory behind.  The victim is always the last rank.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+
+from epcomm.tools import spawn
+from gpu_checks import TEST_TIMEOUT, device_of, ll_ranks, needs_ranks, normal_ranks, random_job
+
+pytestmark = [pytest.mark.gpu, pytest.mark.multigpu]
+
+N, H, E, K, T = 128, 2048, 32, 4, 128
+SHRINK_MS = 4000     # EPCOMM_SHRINK_TIMEOUT_MS once the kernels are compiled
+TIMEOUT_S = 6        # EPCOMM_TIMEOUT_S of the cases without shrink
+
+
+def _job(world, seed):
+    return random_job(np.random.default_rng(seed), world, N, H, E, K, drop_prob=0.1)
+
+
+def _t(torch, a):
+    if a.dtype == np.int64 or a.dtype == np.float32:
+        return torch.from_numpy(a).cuda()
+    return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16).cuda()
+
+
+def _bits(t):
+    """The raw bits of a torch tensor in NumPy (2-byte dtypes as int16)."""
+    import torch
+    t = t.detach().cpu().contiguous()
+    return t.view(torch.int16).numpy() if t.element_size() == 2 else t.numpy()
+
+
+# ---- normal mode ---------------------------------------------------------------------------------
+def _normal_round(buf, torch, job, rank, worst=0):
+    xs, tks, ws = job
+    rx, rti, rtw, counts, handle, _ = buf.dispatch(_t(torch, xs[rank]), topk_idx=_t(torch, tks[rank]),
+                                                   topk_weights=_t(torch, ws[rank]), num_experts=E,
+                                                   num_worst_tokens=worst)
+    y, _, _ = buf.combine(rx, handle)
+    torch.cuda.synchronize()
+    return rx, rti, counts, y
+
+
+def _normal_check(got, job, rank, masked=()):
+    from epcomm import reference
+    xs, tks, ws = job
+    tk = reference.mask_routing(tks, E, masked) if masked else tks
+    res = reference.dispatch(xs, E, topk_idx=tk, topk_weights=ws)
+    comb = reference.combine([r.recv_x for r in res], [r.handle for r in res])
+    rx, rti, counts, y = got
+    want = res[rank]
+    bad = []
+    if tuple(rx.shape) != want.recv_x.shape:
+        return [f"recv_x shape {tuple(rx.shape)} != {want.recv_x.shape}"]
+    if not np.array_equal(_bits(rx), want.recv_x.view(np.int16)):
+        bad.append("recv_x")
+    if not np.array_equal(rti.cpu().numpy(), want.recv_topk_idx):
+        bad.append("recv_topk_idx")
+    if list(counts) != list(want.num_recv_tokens_per_expert_list):
+        bad.append(f"counts {list(counts)} != {want.num_recv_tokens_per_expert_list}")
+    if not np.array_equal(_bits(y), comb[rank][0].view(np.int16)):
+        bad.append("combined x")
+    return bad
+
+
+def _timed(out, call):
+    """Run the survivors' first call after the fault: what it returned or raised and how long it
+    took go into ``out``; returns its result (None if it raised)."""
+    from epcomm.errors import EpcommError
+    t0 = time.monotonic()
+    got = None
+    try:
+        got = call()
+        out["call"] = "returned"
+    except EpcommError as e:
+        out["call"] = f"{type(e).__name__}: peer={getattr(e, 'peer', None)}: {e}"
+        out["peer"] = getattr(e, "peer", None)
+    out["call_s"] = round(time.monotonic() - t0, 2)
+    return got
+
+
+def _survivor_combine(buf, torch, job, rank):
+    """A dispatch every rank completes, then the combine the victim dies in."""
+    xs, tks, ws = job
+    rx, _, _, _, handle, _ = buf.dispatch(_t(torch, xs[rank]), topk_idx=_t(torch, tks[rank]),
+                                          topk_weights=_t(torch, ws[rank]), num_experts=E)
+    buf.combine(rx, handle)
+    torch.cuda.synchronize()
+
+
+def _rebuild(old, group, rank, world, victim, torch, epcomm):
+    """Survivors: a group of their own, the old Buffer released with it, a smaller Buffer that
+    must match the reference; then released too, with no thread or torch memory left over."""
+    import threading
+
+    from epcomm.runtime.group import FileGroup
+    survivors = [r for r in range(world) if r != victim]
+    me = survivors.index(rank)
+    sub = FileGroup(os.path.join(os.path.dirname(group.path), "survivors"), me, len(survivors))
+    threads, mem = threading.active_count(), torch.cuda.memory_allocated()
+    t0 = time.monotonic()
+    old.destroy(group=sub)
+    out = {"destroy_s": round(time.monotonic() - t0, 2)}
+    if len(survivors) < 2:
+        return out  # the normal mode needs two ranks
+    size = epcomm.Buffer.get_nvl_buffer_size_hint(H, len(survivors), N, K)
+    for i in range(2):  # twice: a leak would grow
+        buf = epcomm.Buffer(sub, size)
+        job = _job(len(survivors), 100 + i)
+        out[f"rebuilt_{i}"] = _normal_check(_normal_round(buf, torch, job, me), job, me) or "ok"
+        buf.destroy()
+    torch.cuda.synchronize()
+    out["leak"] = ("ok" if threading.active_count() <= threads and torch.cuda.memory_allocated() <= mem
+                   else f"threads {threads}->{threading.active_count()}, torch memory {mem}->"
+                        f"{torch.cuda.memory_allocated()}")
+    return out
+
+
+def _normal_worker(rank, world, group, case, shrink):
+    import torch
+
+    import epcomm
+    from epcomm.runtime.group import LocalGroup
+    torch.cuda.set_device(device_of(rank))
+    os.environ["EPCOMM_SHRINK_TIMEOUT_MS"] = "600000"  # a cold JIT compile must not get a rank masked
+    victim = world - 1
+    buf = epcomm.Buffer(group, epcomm.Buffer.get_nvl_buffer_size_hint(H, world, N, K), enable_shrink=shrink)
+    out = {}
+    for i in range(2):  # compiles the kernels on every rank before the short timeouts apply
+        job = _job(world, i)
+        out[f"warm_{i}"] = _normal_check(_normal_round(buf, torch, job, rank), job, rank) or "ok"
+    group.barrier()
+    os.environ["EPCOMM_SHRINK_TIMEOUT_MS"] = str(SHRINK_MS)
+    job = _job(world, 7)
+    xs, tks, ws = job
+    if rank == victim:
+        if case == "stall":  # a quarter of the shrink timeout late
+            time.sleep(SHRINK_MS / 4000)
+            _normal_round(buf, torch, job, rank)
+            buf.destroy()
+            return {"victim": "stalled and finished"}
+        if case == "dispatch":  # the kernels are queued when the process dies
+            buf.dispatch(_t(torch, xs[rank]), topk_idx=_t(torch, tks[rank]), num_experts=E, num_worst_tokens=N * world)
+        if case == "combine":  # the dispatch completes everywhere; the process dies in the combine
+            rx, _, _, _, handle, _ = buf.dispatch(_t(torch, xs[rank]), topk_idx=_t(torch, tks[rank]),
+                                                  topk_weights=_t(torch, ws[rank]), num_experts=E)
+            buf.combine(rx, handle)
+        if case == "leave":
+            group.barrier()  # the survivors know this rank leaves
+            group.barrier()  # and have masked it
+            buf.destroy(group=LocalGroup())
+            return {"victim": "left"}
+        spawn.die()
+    # ---- survivors ----
+    if case == "leave":
+        group.barrier()
+        buf.update_mask(victim)
+        group.barrier()
+    if case == "combine":
+        got = _timed(out, lambda: _survivor_combine(buf, torch, job, rank))
+    else:
+        got = _timed(out, lambda: _normal_round(buf, torch, job, rank))
+    if case == "stall":
+        out["mask"] = buf.query_mask().tolist()
+        out["after"] = _normal_check(got, job, rank) or "ok"
+        buf.destroy()
+        return out
+    if shrink:
+        out["mask"] = buf.query_mask().tolist()
+        if case in ("between", "leave"):  # the dead rank was gone before the call began
+            out["failing_call"] = _normal_check(got, job, rank, [victim]) or "ok"
+        for i in range(2):
+            job = _job(world, 20 + i)
+            out[f"after_{i}"] = _normal_check(_normal_round(buf, torch, job, rank), job, rank, [victim]) or "ok"
+    out.update(_rebuild(buf, group, rank, world, victim, torch, epcomm))
+    return out
+
+
+def _report(name, res, victim):
+    for rank, r in enumerate(res):
+        if rank != victim:
+            print(f"fault {name}: rank {rank}: call {r.get('call')!r} in {r.get('call_s')} s, mask {r.get('mask')}, "
+                  f"destroy {r.get('destroy_s')} s")
+
+
+def _assert_ok(res, victim, keys_ok):
+    for rank, r in enumerate(res):
+        if rank == victim:
+            continue
+        for k, v in r.items():
+            if k.startswith(keys_ok):
+                assert v == "ok", f"rank {rank} {k}: {v}"
+
+
+@needs_ranks
+@pytest.mark.parametrize("case", ["between", "dispatch", "combine", "leave"])
+def test_shrink_normal_mode_survives_a_lost_rank(case):
+    world = normal_ranks()
+    victim = world - 1
+    res = spawn.run(_normal_worker, world, case, True, timeout=TEST_TIMEOUT.get(),
+                    may_die=(victim,))
+    _report(f"normal/{case}", res, victim)
+    _assert_ok(res, victim, ("warm", "after", "failing_call", "rebuilt", "leak"))
+    want = [0] * world
+    want[victim] = 1
+    for rank, r in enumerate(res):
+        if rank == victim:
+            continue
+        assert r["call"] == "returned", f"rank {rank}: {r['call']}"
+        assert r["mask"] == want, f"rank {rank}: mask {r['mask']}"
+        # a clean leave is masked before the call: no wait at all; a death costs one shrink timeout
+        limit = 5.0 if case == "leave" else SHRINK_MS / 1000 * 3 + 5
+        assert r["call_s"] < limit, f"rank {rank}: the call took {r['call_s']} s"
+
+
+@needs_ranks
+def test_shrink_does_not_mask_a_rank_that_stalls_less_than_the_timeout():
+    world = normal_ranks()
+    res = spawn.run(_normal_worker, world, "stall", True, timeout=TEST_TIMEOUT.get())
+    _report("normal/stall", res, world - 1)
+    _assert_ok(res, world - 1, ("warm", "after"))
+    for rank, r in enumerate(res[:-1]):
+        assert r["mask"] == [0] * world and r["call"] == "returned", f"rank {rank}: {r}"
+
+
+@needs_ranks
+def test_without_shrink_a_dead_rank_is_a_named_timeout_and_survivors_rebuild():
+    world = normal_ranks()
+    victim = world - 1
+    res = spawn.run(_normal_worker, world, "between", False, timeout=TEST_TIMEOUT.get(), may_die=(victim,),
+                    env={"EPCOMM_TIMEOUT_S": str(TIMEOUT_S)})
+    _report("normal/no-shrink", res, victim)
+    _assert_ok(res, victim, ("warm", "rebuilt", "leak"))
+    for rank, r in enumerate(res[:-1]):
+        assert r["call"].startswith("EpcommTimeoutError") and r["peer"] == victim, f"rank {rank}: {r['call']}"
+        assert r["call_s"] < TIMEOUT_S + 10, f"rank {rank}: the timeout took {r['call_s']} s"
+
+
+# ---- low-latency mode --------------------------------------------------------------------------
+def _ll_round(buf, torch, job, rank, hook_only=False):
+    xs, tks, ws = job
+    rx, cnt, handle, _, hook = buf.low_latency_dispatch(_t(torch, xs[rank]), _t(torch, tks[rank]), T, E,
+                                                        use_fp8=False, return_recv_hook=hook_only)
+    if hook_only:
+        return None
+    y, _, _ = buf.low_latency_combine(rx, _t(torch, tks[rank]), _t(torch, ws[rank]), handle)
+    torch.cuda.synchronize()
+    return rx, cnt, y
+
+
+def _ll_check(buf, got, job, rank, masked=()):
+    from epcomm import reference
+    xs, tks, ws = job
+    tk = reference.mask_routing(tks, E, masked) if masked else tks
+    ref = reference.low_latency_dispatch(xs, tk, T, E, use_fp8=False)
+    partials = buf._ll.partials and not buf._ll.force_put
+    comb = reference.low_latency_combine([r.recv_x for r in ref], tk, ws, [r.handle for r in ref],
+                                         partials=partials)
+    rx, cnt, y = got
+    want = ref[rank]
+    bad = []
+    c = cnt.cpu().numpy()
+    if not np.array_equal(c, want.recv_count):
+        return [f"recv_count {c.tolist()} != {want.recv_count.tolist()}"]
+    rxb = _bits(rx)
+    for j in range(len(c)):
+        if not np.array_equal(rxb[j, :c[j]], want.recv_x[j, :c[j]].view(np.int16)):
+            bad.append(f"recv_x expert {j}")
+    if not np.array_equal(_bits(y), comb[rank].view(np.int16)):
+        bad.append("combined x")
+    return bad
+
+
+def _ll_worker(rank, world, group, case):
+    import torch
+
+    import epcomm
+    torch.cuda.set_device(device_of(rank))
+    os.environ["EPCOMM_SHRINK_TIMEOUT_MS"] = "600000"  # a cold JIT compile must not get a rank masked
+    victim = world - 1
+    need = epcomm.Buffer.get_low_latency_rdma_size_hint(T, H, world, E)
+    buf = epcomm.Buffer(group, 0, need, low_latency_mode=True, enable_shrink=True)
+    out = {}
+    for i in range(2):
+        job = _job(world, i)
+        out[f"warm_{i}"] = _ll_check(buf, _ll_round(buf, torch, job, rank), job, rank) or "ok"
+    group.barrier()
+    os.environ["EPCOMM_SHRINK_TIMEOUT_MS"] = str(SHRINK_MS)
+    job = _job(world, 7)
+    if rank == victim:
+        if case == "hook":  # the send half ran; the process dies before its receive hook
+            _ll_round(buf, torch, job, rank, hook_only=True)
+            torch.cuda.synchronize()
+        spawn.die()
+    got = _timed(out, lambda: _ll_round(buf, torch, job, rank))
+    out["mask"] = buf.query_mask().tolist()
+    if case == "between" and got is not None:
+        out["failing_call"] = _ll_check(buf, got, job, rank, [victim]) or "ok"
+    for i in range(2):
+        job = _job(world, 20 + i)
+        out[f"after_{i}"] = _ll_check(buf, _ll_round(buf, torch, job, rank), job, rank, [victim]) or "ok"
+    # NVSHMEM cannot start again in this process with fewer PEs: the survivors go on masked, and
+    # destroy() leaves the symmetric heap (its free would wait for the dead PE).
+    from epcomm.runtime.group import FileGroup
+    survivors = [r for r in range(world) if r != victim]
+    sub = FileGroup(os.path.join(os.path.dirname(group.path), "survivors"), survivors.index(rank), len(survivors))
+    t0 = time.monotonic()
+    buf.destroy(group=sub)
+    out["destroy_s"] = round(time.monotonic() - t0, 2)
+    return out
+
+
+@pytest.mark.skipif(ll_ranks() < 2, reason="needs 2 low-latency ranks (EPCOMM_SHARE_GPU=1 on one GPU)")
+@pytest.mark.parametrize("case", ["between", "hook"])
+def test_shrink_low_latency_survives_a_lost_rank(case):
+    world = ll_ranks()
+    victim = world - 1
+    res = spawn.run(_ll_worker, world, case, timeout=TEST_TIMEOUT.get(), may_die=(victim,))
+    _report(f"low_latency/{case}", res, victim)
+    _assert_ok(res, victim, ("warm", "after", "failing_call"))
+    want = [0] * world
+    want[victim] = 1
+    for rank, r in enumerate(res[:-1]):
+        assert r["call"] == "returned" and r["mask"] == want, f"rank {rank}: {r}"
+        assert r["call_s"] < SHRINK_MS / 1000 * 3 + 5, f"rank {rank}: the call took {r['call_s']} s"
