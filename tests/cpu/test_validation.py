@@ -874,3 +874,34 @@ def test_a_failed_nvlink_setup_frees_what_it_made(monkeypatch):
     with pytest.raises(RuntimeError, match="cannot map"):
         NvlinkState(fake_context(group=group), 64 << 20)
     assert sorted(freed) == [100, 200] and host_freed == [ctypes.addressof(host)]
+
+
+# ---- found by the fuzz (tests/cpu/test_fuzz_api.py) ---------------------------------------------
+
+
+def test_call_flags_are_bools_and_num_worst_tokens_is_bounded_before_any_launch(rig):
+    from epcomm import api
+    b = rig.normal_buffer()
+    h = _dispatch(b)[4]
+    x = torch.zeros(h.out_rows, 128, dtype=_BF)
+    rig.kernels.clear()
+    for name in ("async_finish", "allocate_on_comm_stream"):
+        # "no" would count as True (an async call whose outputs nobody waits for)
+        with pytest.raises(TypeError, match=f"{name} must be a bool"):
+            _dispatch(b, **{name: "no"})
+        with pytest.raises(TypeError, match=f"{name} must be a bool"):
+            b.combine(x, h, **{name: "no"})
+        with pytest.raises(TypeError, match=f"{name} must be a bool"):
+            b.get_dispatch_layout(_IDX, 4, **{name: "no"})
+    # More rows than every rank can send: refused before the count exchange and send launch
+    # (the outputs are allocated after them), and before an int32 kernel field could wrap.
+    cap = b._intra.layout.capacity_rows(K_intra.max_row_bytes(128, 2))
+    with pytest.raises(ValueError, match=f"num_worst_tokens={2 * cap + 1}: more rows"):
+        _dispatch(b, num_worst_tokens=2 * cap + 1)
+    with pytest.raises(TypeError, match="stream must be an int"):
+        api.get_dispatch_layout(_IDX, 4, 2, stream="s")
+    with pytest.raises(ValueError, match="stream=-1 must be >= 0"):
+        api.get_dispatch_layout(_IDX, 4, 2, stream=-1)
+    assert rig.launched() == []
+    _dispatch(b, num_worst_tokens=2 * cap, async_finish=False, allocate_on_comm_stream=0)
+    assert rig.launched()[-3:] == ["notify", "send", "recv"]

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
+
 from fake_driver import FakeModule, cpu_arrays_as_cuda
 from fake_runtime import FakeErr, FakeGroup, fake_buffer, fake_context
 
@@ -32,7 +34,8 @@ class FakeRuntime:
     """
 
     def __init__(self, monkeypatch, *, cpu_as_cuda: bool = True):
-        from epcomm import api, interop
+        from epcomm import api, context, interop
+        from epcomm.interop import checks
         from epcomm.jit import loader
         from epcomm.kernels import internode as K_inter
         from epcomm.kernels import intranode as K_intra
@@ -62,6 +65,10 @@ class FakeRuntime:
         monkeypatch.setattr(K_ll, "launch_prepared", lambda *a: self._record("prepared", 0, None, None))
         monkeypatch.setattr(K_ll, "launch_plan", lambda fn, grid, s, args, smem: self._record(fn, grid, s, None))
         monkeypatch.setattr(api, "default_state", lambda dev: FakeErr())
+        # int32 indices of JAX (and CuPy) are widened by CuPy on the GPU: by NumPy here.
+        monkeypatch.setattr(checks, "widen_cupy", lambda obj, fw, dev: np.asarray(obj).astype(np.int64))
+        # destroy() hands a context's streams to the device's spares: the fake ones stay here.
+        monkeypatch.setattr(context, "SPARE_STREAMS", {})
         monkeypatch.setattr(LowLatencyState, "_allow_smem", lambda self, *a: None)
         monkeypatch.setattr(LowLatencyState, "_coop_blocks", lambda self, fn, smem: 132)
         monkeypatch.setattr(LowLatencyState, "empty",
