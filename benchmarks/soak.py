@@ -47,7 +47,7 @@ import time
 import numpy as np
 
 from soak_check import (Tracker, case_inputs, drift, hash_parts, ll_parts, ll_reference, make_case, normal_parts,
-                        normal_reference, verify_ll, verify_normal)
+                        normal_reference, to_torch, verify_ll, verify_normal)
 
 SAMPLE_EVERY, AGREE_EVERY = 25, 16
 NORMAL_KINDS = ("dispatch", "dispatch_layout", "cached", "combine")
@@ -93,36 +93,24 @@ class Soak:
         self.warm_iters, self.start = 0, time.time()
 
     # ---- inputs on the device --------------------------------------------------------------
-    def _up(self, a, transpose=False):
-        t = self.torch
-        if a.dtype.name == "bfloat16":
-            out = t.from_numpy(a.view(np.int16)).view(t.bfloat16)
-        elif a.dtype.name == "float8_e4m3fn":
-            out = t.from_numpy(a.view(np.uint8)).view(t.float8_e4m3fn)
-        else:
-            out = t.from_numpy(np.ascontiguousarray(a))
-        if transpose:  # column-major: the same values, strides (1, N)
-            return out.T.contiguous().cuda().T
-        return out.cuda()
-
     def _first(self, case) -> None:
         """The case's first call: inputs up, the reference, dispatch + combine, checked."""
         r, R = self.rank, self.world
         inp = case_inputs(case, R)
         s = self.state[case.index] = {}
-        s["x"] = self._up(inp["xs"][r])
+        s["x"] = to_torch(inp["xs"][r])
         if inp["scales"] is not None:
-            s["x"] = (s["x"], self._up(inp["scales"][r], transpose=case.col_scales))
-        s["idx"], s["w"] = self._up(inp["idx"][r]), self._up(inp["w"][r])
+            s["x"] = (s["x"], to_torch(inp["scales"][r], col_major=case.col_scales))
+        s["idx"], s["w"] = to_torch(inp["idx"][r]), to_torch(inp["w"][r])
         if case.mode == "normal":
             ref = normal_reference(case, R, inp)
-            s["y"], s["rows"] = self._up(ref["y"][r]), ref["dispatch"][r].handle.num_recv_tokens
+            s["y"], s["rows"] = to_torch(ref["y"][r]), ref["dispatch"][r].handle.num_recv_tokens
             parts, comb = self._normal_full(case, s, layout=False)
             bad = verify_normal(parts, comb, ref, r)
         else:
             ll = self.buf._ll
             ref = ll_reference(case, R, inp, partials=ll.partials and not ll.force_put)
-            s["y"] = self._up(ref["y"][r])
+            s["y"] = to_torch(ref["y"][r])
             parts, comb = self._ll_eager(case, s, hook=False)
             bad = verify_ll(parts, comb, ref, r)
         self.t.first((case.index, "all"), self._hash(parts, comb), bad, self.t.calls)

@@ -151,6 +151,21 @@ def ll_parts(recv_x, count, handle_src, handle_range) -> dict:
     return parts
 
 
+def to_torch(a: np.ndarray, device="cuda", col_major: bool = False):
+    """NumPy array ``a`` (bf16 / FP8 as ml_dtypes) as a torch tensor on ``device``; with
+    ``col_major`` a 2-D array gets strides (1, rows) (column-major FP8 scales)."""
+    import torch
+    if a.dtype == BF16:
+        out = torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
+    elif a.dtype == FP8:
+        out = torch.from_numpy(np.ascontiguousarray(a).view(np.uint8)).view(torch.float8_e4m3fn)
+    else:
+        out = torch.from_numpy(np.ascontiguousarray(a))
+    if col_major:
+        return out.T.contiguous().to(device).T
+    return out.to(device)
+
+
 def _words(t):
     """``t`` as int64 words (torch), bit for bit."""
     import torch

@@ -21,11 +21,7 @@ import soak_check as sc  # noqa: E402
 
 def _t(a: np.ndarray):
     """The NumPy array as the torch tensor an engine would return (bf16 / FP8 included)."""
-    if a.dtype == sc.BF16:
-        return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16)
-    if a.dtype == sc.FP8:
-        return torch.from_numpy(a.view(np.uint8).copy()).view(torch.float8_e4m3fn)
-    return torch.from_numpy(a.copy())
+    return sc.to_torch(a, "cpu")
 
 
 def _flip(t, index):
