@@ -339,28 +339,31 @@ def _check_dispatch(rig, inp, ref, fw: str, worst: int):
     return check
 
 
-def _normal_reference(inp, R: int, align: int):
-    refs = reference.dispatch(inp["xs"], inp["E"], topk_idx=inp["idx"], topk_weights=inp["w"],
-                              x_scales=inp["scales"], expert_alignment=align)
-    return refs[0]
+def _normal_setup(rig, data, options: bool):
+    """(draw, R, framework, inputs, the dispatch's kwargs, a Buffer of R ranks, the reference's
+    result for rank 0) of one example; with ``options`` a random expert_alignment and
+    num_worst_tokens.  The fake notify kernel publishes the reference's counts."""
+    draw = data.draw
+    R = draw(st.sampled_from([2, 4]))
+    fw = draw(st.sampled_from(FRAMEWORKS))
+    inp, kw = _dispatch_inputs(draw, R, fw)
+    align = draw(st.sampled_from([1, 1, 4])) if options else 1
+    worst = draw(st.sampled_from([0, 0, 64])) if options else 0
+    kw.update(expert_alignment=align, num_worst_tokens=worst)
+    ref = reference.dispatch(inp["xs"], inp["E"], topk_idx=inp["idx"], topk_weights=inp["w"],
+                             x_scales=inp["scales"], expert_alignment=align, num_worst_tokens=worst)[0]
+    b = rig.normal_buffer(R)
+    if not worst:
+        b._intra.publish(np.diff(ref.handle.rank_prefix).tolist(), ref.num_recv_tokens_per_expert_list)
+    return draw, R, fw, inp, kw, b, ref
 
 
 @given(data=st.data())
 @FUZZ
 def test_fuzz_dispatch(rig, data):
-    draw = data.draw
-    R = draw(st.sampled_from([2, 4]))
-    fw = draw(st.sampled_from(FRAMEWORKS))
-    inp, kw = _dispatch_inputs(draw, R, fw)
-    align = draw(st.sampled_from([1, 1, 4]))
-    kw["expert_alignment"] = align
-    worst = draw(st.sampled_from([0, 0, 64]))
-    kw["num_worst_tokens"] = worst
+    draw, R, fw, inp, kw, b, ref = _normal_setup(rig, data, options=True)
+    worst = kw["num_worst_tokens"]
     kw, blame, may = _dispatch_spoil(draw, inp, kw, fw, R)
-    b = rig.normal_buffer(R)
-    ref = _normal_reference(inp, R, align)
-    if not worst:
-        b._intra.publish(np.diff(ref.handle.rank_prefix).tolist(), ref.num_recv_tokens_per_expert_list)
     destroyed = draw(st.integers(0, 9)) == 0
     if destroyed:
         b.destroy()
@@ -372,11 +375,7 @@ def _handle_spoil(draw, rig, b, h, R: int, fw: str):
     """A wrong handle for a call of ``b`` (or None): (handle, blame)."""
     kind = draw(st.sampled_from(["other_buffer", "object", "none", "ll_handle"]))
     if kind == "other_buffer":
-        other = rig.normal_buffer(R)
-        other._intra.publish([0] * R, [])
-        x = np.zeros((h.num_tokens, h.hidden), BF16)
-        hh = other.dispatch(to_fw(x, fw), is_token_in_rank=to_fw(np.ones((h.num_tokens, R), bool), fw))[4]
-        return hh
+        return _handle_spoil_normal(rig, R, fw, h.num_tokens, h.hidden)
     if kind == "object":
         return object()
     if kind == "none":
@@ -389,13 +388,7 @@ def _handle_spoil(draw, rig, b, h, R: int, fw: str):
 @given(data=st.data())
 @FUZZ
 def test_fuzz_combine_and_cached_dispatch(rig, data):
-    draw = data.draw
-    R = draw(st.sampled_from([2, 4]))
-    fw = draw(st.sampled_from(FRAMEWORKS))
-    inp, kw = _dispatch_inputs(draw, R, fw)
-    b = rig.normal_buffer(R)
-    ref = _normal_reference(inp, R, 1)
-    b._intra.publish(np.diff(ref.handle.rank_prefix).tolist(), ref.num_recv_tokens_per_expert_list)
+    draw, R, fw, inp, kw, b, ref = _normal_setup(rig, data, options=False)
     h = b.dispatch(**kw)[4]
     rows, N, H, K = h.out_rows, inp["Ns"][0], inp["H"], inp["K"]
     cached = draw(st.booleans())
@@ -541,14 +534,19 @@ def _ll_check_dispatch(rig, inp, ref, fw, args):
     return check
 
 
-@given(data=st.data())
-@FUZZ
-def test_fuzz_low_latency_dispatch(rig, data):
+def _ll_setup(rig, data):
+    """(draw, R, framework, inputs, a low-latency Buffer of R ranks) of one example."""
     draw = data.draw
     R = draw(st.sampled_from([1, 2, 4]))
     fw = draw(st.sampled_from(FRAMEWORKS))
-    inp = _ll_inputs(draw, R, fw)
     b, _ = rig.ll_buffer(R)
+    return draw, R, fw, _ll_inputs(draw, R, fw), b
+
+
+@given(data=st.data())
+@FUZZ
+def test_fuzz_low_latency_dispatch(rig, data):
+    draw, R, fw, inp, b = _ll_setup(rig, data)
     args = dict(x=to_fw(inp["xs"][0], fw), topk_idx=to_fw(inp["idx"][0], fw),
                 num_max_dispatch_tokens_per_rank=inp["T"], num_experts=inp["E"], **inp["flags"])
     if fw == "torch" and draw(st.booleans()):
@@ -567,11 +565,7 @@ def test_fuzz_low_latency_dispatch(rig, data):
 @given(data=st.data())
 @FUZZ
 def test_fuzz_low_latency_combine(rig, data):
-    draw = data.draw
-    R = draw(st.sampled_from([1, 2, 4]))
-    fw = draw(st.sampled_from(FRAMEWORKS))
-    inp = _ll_inputs(draw, R, fw)
-    b, _ = rig.ll_buffer(R)
+    draw, R, fw, inp, b = _ll_setup(rig, data)
     N, K, L, T, H, E = inp["Ns"][0], inp["K"], inp["L"], inp["T"], inp["H"], inp["E"]
     idx = inp["idx"][0]
     h = b.low_latency_dispatch(to_fw(inp["xs"][0], fw), to_fw(idx, fw), T, E, **inp["flags"])[2]
@@ -629,12 +623,13 @@ def test_fuzz_low_latency_combine(rig, data):
     expect(rig, lambda: b.low_latency_combine(**args), blame, check=check, destroyed=destroyed)
 
 
-def _handle_spoil_normal(rig, R: int, fw: str):
-    """A normal-mode dispatch's handle (a normal-mode Buffer has at least 2 ranks)."""
+def _handle_spoil_normal(rig, R: int, fw: str, N: int = 1, H: int = 128):
+    """The handle of a normal-mode dispatch of N tokens of hidden H on another Buffer (of at
+    least 2 ranks: the normal mode's least)."""
     R = max(R, 2)
     b = rig.normal_buffer(R)
     b._intra.publish([0] * R, [])
-    return b.dispatch(to_fw(np.zeros((1, 128), BF16), fw), is_token_in_rank=to_fw(np.ones((1, R), bool), fw))[4]
+    return b.dispatch(to_fw(np.zeros((N, H), BF16), fw), is_token_in_rank=to_fw(np.ones((N, R), bool), fw))[4]
 
 
 # --------------------------------------------------------------------------- without the stand-in
