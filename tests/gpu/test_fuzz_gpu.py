@@ -8,12 +8,11 @@ argument the same way on every rank (an index out of range, a repeated expert in
 low-latency mode, a wrong dtype, a wrong handle, a handle of another Buffer, a token count above
 T, a flag that is not a bool): each must raise TypeError/ValueError naming that argument on every
 rank, and the next valid step proves nothing was left half done.  After ``destroy()`` a call
-raises BufferStateError.  The sequence derives from EPCOMM_FUZZ_SEED (default 1), so a failure
+raises BufferStateError.  The sequence derives from EPCOMM_TEST_FUZZ_SEED (default 1), so a failure
 repeats.
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import numpy as np
 import pytest
 
 from epcomm.tools import spawn
-from gpu_checks import TEST_TIMEOUT, assert_every_rank_ok, device_of, needs_ranks, normal_ranks
+from gpu_checks import TEST_FUZZ_SEED, TEST_TIMEOUT, assert_every_rank_ok, device_of, needs_ranks, normal_ranks
 
 pytestmark = [pytest.mark.gpu, pytest.mark.multigpu]
 
@@ -129,6 +128,5 @@ def _worker(rank, world, group, seed, steps):
 
 @needs_ranks
 def test_random_valid_and_invalid_calls_against_the_reference():
-    seed = int(os.environ.get("EPCOMM_FUZZ_SEED", "1"))
-    res = spawn.run(_worker, normal_ranks(), seed, STEPS, timeout=TEST_TIMEOUT.get())
+    res = spawn.run(_worker, normal_ranks(), TEST_FUZZ_SEED.get(), STEPS, timeout=TEST_TIMEOUT.get())
     assert_every_rank_ok(res)
