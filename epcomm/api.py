@@ -8,6 +8,7 @@ from epcomm.interop.indices import check_topk_indices
 from epcomm.kernels import layout as K_layout
 from epcomm.runtime import driver, streams
 from epcomm.runtime.errstate import default_state
+from epcomm.validate import check_int
 
 
 def get_dispatch_layout(topk_idx, num_experts: int, num_ranks: int, *, num_ranks_per_node: int = 8,
@@ -29,7 +30,8 @@ def get_dispatch_layout(topk_idx, num_experts: int, num_ranks: int, *, num_ranks
     num_tokens_per_expert int32 [E], is_token_in_rank bool [N, R])`` in the caller's framework.
     A token counts once per rank even if several of its experts live there.
 
-    Raises TypeError/ValueError for a wrong dtype, shape, device or an index outside [-1, E)
+    Raises TypeError/ValueError for a wrong dtype, shape, device, ``stream`` (not an int >= 0)
+    or an index outside [-1, E)
     (the host check is on by default: EPCOMM_CHECK_INDICES), and ValueError if E + R + nodes
     exceeds 12288 (the kernel's counters in 48 KiB of shared memory).
     """
@@ -37,9 +39,11 @@ def get_dispatch_layout(topk_idx, num_experts: int, num_ranks: int, *, num_ranks
     num_nodes = K_layout.check_layout_args(tr.shape[0], num_experts, num_ranks, num_ranks_per_node)
     num_experts, num_ranks = int(num_experts), int(num_ranks)  # NumPy ints: checked above
     num_ranks_per_node = int(num_ranks_per_node)
+    if stream is not None:
+        stream = check_int("stream", stream, lo=0)
     fw, dev = tr.framework, tr.device_id
     with driver.on_device(dev):
-        s = streams.current_stream(fw, dev) if stream is None else int(stream)
+        s = streams.current_stream(fw, dev) if stream is None else stream
         widen_s = streams.current_stream("torch" if fw == "torch" else "cupy", dev) if tr.widened else s
         if widen_s != s:
             # An int32 top-k was widened on the current stream: the kernel on `stream` follows

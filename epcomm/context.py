@@ -21,7 +21,7 @@ from epcomm.runtime import event as event_mod
 from epcomm.runtime.errstate import ErrorState
 from epcomm.runtime.event import EventOverlap
 from epcomm.runtime.topology import Topology
-from epcomm.validate import check_int
+from epcomm.validate import check_bool, check_int
 
 # Every Buffer's number in this process, recorded in its handles: unlike id(), never reused by a
 # later Buffer after this one is collected, so a stale handle cannot pass for one of its own.
@@ -178,6 +178,14 @@ class CommContext:
             raise ValueError(f"{what}: config.num_sms={config.num_sms} exceeds the {n} SMs of cuda:{self.device_id} "
                              f"(Buffer.set_num_sms / EPCOMM_NUM_SMS set the default)")
         return config
+
+    def call_flags(self, async_finish, allocate_on_comm_stream) -> bool:
+        """The two flags of a normal-mode call checked as bools (TypeError otherwise: a string
+        such as "no" would count as True); sets :attr:`alloc_on_comm` for the call's outputs and
+        returns ``async_finish``."""
+        async_finish = check_bool("async_finish", async_finish)
+        self.alloc_on_comm = check_bool("allocate_on_comm_stream", allocate_on_comm_stream)
+        return async_finish
 
     def check_sms(self, num_sms) -> int:
         """``num_sms`` checked as an SM budget of this GPU: an int in [2, its SM count]."""

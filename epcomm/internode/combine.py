@@ -36,7 +36,7 @@ def combine(ctx, st, default_config, x, handle, topk_weights=None, bias=None, co
         raise ValueError(f"Buffer too small for this combine: {handle.out_rows} rows to stage need num_nvl_bytes >= "
                          f"{K.nvl_size_hint(H, handle.out_rows)} (this buffer stages {lay.stage_rows} rows)")
     spec = K.InternodeSpec(H, False, deepep=ctx.numerics == "deepep")
-    ctx.alloc_on_comm = bool(allocate_on_comm_stream)
+    async_finish = ctx.call_flags(async_finish, allocate_on_comm_stream)
     with driver.on_device(ctx.device_id):
         mod = loader.load(spec, ctx.device_id)
         caller, cap = ctx.begin(fw, previous_event)

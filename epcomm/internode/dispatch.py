@@ -107,7 +107,7 @@ def dispatch(ctx, st, default_config, x, handle=None, num_tokens_per_rank=None, 
     chunk_rows = a.handle.chunk_rows if a.cached else st.chunk_rows(lay, a.cfg.chunk_rows)
     spec = K.InternodeSpec(a.H, a.fp8)
     spec.validate()
-    ctx.alloc_on_comm = bool(allocate_on_comm_stream)
+    async_finish = ctx.call_flags(async_finish, allocate_on_comm_stream)
     with driver.on_device(ctx.device_id):
         mod = loader.load(spec, ctx.device_id)
         caller, cap = begin_dispatch(ctx, a, previous_event)

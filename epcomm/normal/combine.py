@@ -101,7 +101,7 @@ def combine(ctx, st, default_config, x, handle, topk_weights=None, bias=None, co
     S, Rv = cfg.split()
     chunk_rows = max(cfg.chunk_rows, _check_capacity(ctx, st, handle, Kt))
     spec = K_intra.IntranodeCombineSpec(ctx.num_ranks, H, deepep=ctx.numerics == "deepep")
-    ctx.alloc_on_comm = bool(allocate_on_comm_stream)
+    async_finish = ctx.call_flags(async_finish, allocate_on_comm_stream)
     with driver.on_device(ctx.device_id):
         mod = loader.load(spec, ctx.device_id)
         caller, cap = ctx.begin(fw, previous_event)

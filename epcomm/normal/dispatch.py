@@ -158,7 +158,8 @@ def check_args(ctx, default_config, x, handle, route: dict, expert_alignment, nu
 
 
 def _chunk_rows(ctx, st, a: DispatchArgs) -> int:
-    """The call's chunk rows; ValueError (with the size needed) if N tokens do not fit."""
+    """The call's chunk rows; ValueError (with the size needed) if N tokens do not fit, or if
+    num_worst_tokens exceeds the rows every rank together can send."""
     lay = st.layout
     need_row = K_intra.max_row_bytes(a.H, max(a.Kt, 0))
     cap = lay.capacity_rows(need_row)
@@ -166,6 +167,11 @@ def _chunk_rows(ctx, st, a: DispatchArgs) -> int:
         need = K_intra.nvl_buffer_size_hint(a.H, ctx.num_ranks, a.N, a.Kt)
         raise ValueError(f"Buffer too small: {a.N} tokens of hidden {a.H} need num_nvl_bytes >= {need} "
                          f"(this buffer holds {cap} tokens per rank, {lay.total_bytes} bytes)")
+    if a.num_worst_tokens > ctx.num_ranks * cap:
+        # No rank receives more (every source sends at most cap rows), and the outputs are
+        # allocated after the count exchange and send were launched: refuse it before them.
+        raise ValueError(f"num_worst_tokens={a.num_worst_tokens}: more rows than {ctx.num_ranks} ranks can send "
+                         f"through this buffer ({cap} tokens each, at most {ctx.num_ranks * cap})")
     return K_intra.dispatch_chunk_rows(a.cfg.chunk_rows, cap, ctx.num_ranks)
 
 
@@ -282,7 +288,7 @@ def dispatch(ctx, st, default_config, x, handle=None, num_tokens_per_rank=None, 
     if hs is not None:
         hs.clear()
         hs["enter"] = t_enter
-    ctx.alloc_on_comm = bool(allocate_on_comm_stream)
+    async_finish = ctx.call_flags(async_finish, allocate_on_comm_stream)
     with driver.on_device(ctx.device_id):
         mod = loader.load(spec, ctx.device_id)
         caller, cap = begin_dispatch(ctx, a, previous_event)

@@ -23,7 +23,7 @@ def get_dispatch_layout(ctx, topk_idx, num_experts: int, previous_event: EventOv
     # One NVLink domain: ranks_per_node = R, so no per-node counts (num_nodes = 0), as in dispatch.
     P = ranks_per_node or ctx.num_ranks
     num_nodes = K_layout.check_layout_args(tr.shape[0], num_experts, ctx.num_ranks, P)
-    ctx.alloc_on_comm = bool(allocate_on_comm_stream)
+    async_finish = ctx.call_flags(async_finish, allocate_on_comm_stream)
     fw = tr.framework
     with driver.on_device(ctx.device_id):
         caller, cap = ctx.begin(fw, previous_event, caller_work=tr.widened)

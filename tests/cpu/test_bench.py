@@ -308,11 +308,13 @@ def test_the_library_benchmark_holds_no_project_goals():
 def test_benchmark_and_test_knobs_are_typed_and_not_the_librarys(monkeypatch):
     import gpu_checks
     assert set(knobs.KNOBS) == {"EPCOMM_GIT_COMMIT", "EPCOMM_BENCH_KIND"}
-    assert set(gpu_checks.KNOBS) == {"EPCOMM_TEST_RANKS", "EPCOMM_TEST_TIMEOUT", "EPCOMM_TEST_LOG_DIR"}
+    assert set(gpu_checks.KNOBS) == {"EPCOMM_TEST_RANKS", "EPCOMM_TEST_TIMEOUT", "EPCOMM_TEST_LOG_DIR",
+                                     "EPCOMM_TEST_FUZZ_SEED"}
     assert not set(envs.KNOBS) & (set(knobs.KNOBS) | set(gpu_checks.KNOBS))
     for name in (*knobs.KNOBS, *gpu_checks.KNOBS):
         monkeypatch.delenv(name, raising=False)
-    assert (gpu_checks.TEST_RANKS.get(), gpu_checks.TEST_TIMEOUT.get(), gpu_checks.TEST_LOG_DIR.get()) == (0, 480.0, "")
+    assert (gpu_checks.TEST_RANKS.get(), gpu_checks.TEST_TIMEOUT.get(), gpu_checks.TEST_LOG_DIR.get(),
+            gpu_checks.TEST_FUZZ_SEED.get()) == (0, 480.0, "", 1)
     assert (knobs.GIT_COMMIT.get(), knobs.BENCH_KIND.get()) == ("", "")
     monkeypatch.setenv("EPCOMM_TEST_RANKS", "0x4")
     monkeypatch.setenv("EPCOMM_TEST_TIMEOUT", "12.5")

@@ -17,6 +17,7 @@ from epcomm.config import Config  # noqa: E402
 from epcomm.errors import BufferStateError  # noqa: E402
 from epcomm.kernels import intranode as K_intra  # noqa: E402
 from epcomm.kernels.layout import check_layout_args  # noqa: E402
+from fake_rig import FakeRuntime  # noqa: E402
 from fake_runtime import fake_buffer, fake_context  # noqa: E402
 
 
@@ -166,49 +167,12 @@ def test_memoised_knob_follows_changes_of_the_variable(monkeypatch):
 
 
 # ---- normal mode through the whole call: driver calls recorded instead of made ----------------
-# A Buffer without its constructor, CPU tensors standing in for CUDA ones, and every call that
-# would reach the driver (launches, memsets, stream/event operations) replaced by a recorder
-# (monkeypatch, undone after each test).  "Nothing launched" below means the error came first.
-
-class _Rig:
-    def __init__(self, monkeypatch):
-        import contextlib
-
-        from epcomm.runtime import driver
-        from epcomm import interop
-        from epcomm.jit import loader
-        from epcomm.kernels import layout as K_layout
-        from fake_driver import FakeModule, cpu_arrays_as_cuda
-        self.log = []
-        orig_empty = interop.empty
-
-        def launch(fn, grid, threads, stream, p, smem=0, cooperative=False):
-            self.log.append((fn, grid, {f: getattr(p, f, None) for f in ("expert_alignment", "num_topk", "src_ld",
-                                                                          "rows", "groups", "speculative")}))
-
-        cpu_arrays_as_cuda(monkeypatch)
-        monkeypatch.setattr(interop, "empty", lambda fw, shape, dtype, *a: orig_empty(fw, shape, dtype, "cpu", 0))
-        for name, fn in (("on_device", lambda d: contextlib.nullcontext()), ("stream_is_capturing", lambda s: False),
-                         ("capture_id", lambda s: 0),
-                         ("event_create", lambda *a: 1), ("event_record", lambda *a: None),
-                         ("stream_wait_event", lambda *a: None), ("memset_d32_async", lambda *a: None),
-                         ("stream_sync", lambda *a: None), ("event_destroy", lambda *a: None),
-                         ("num_sms", lambda d: 132)):
-            monkeypatch.setattr(driver, name, fn)
-        monkeypatch.setattr(loader, "load", lambda spec, dev: FakeModule())
-        monkeypatch.setattr(K_intra, "launch", launch)
-        monkeypatch.setattr(K_layout, "launch", launch)
-
-    def launched(self):
-        return [e[0] for e in self.log]
-
-    def buffer(self, R=2, recv_per_rank=4):
-        return fake_buffer(num_ranks=R, recv_per_rank=recv_per_rank)
-
+# The fake runtime of tests/helpers/fake_rig.py: CPU tensors stand in for CUDA ones and every
+# call that would reach the driver is recorded.  "Nothing launched" means the error came first.
 
 @pytest.fixture
 def rig(monkeypatch):
-    return _Rig(monkeypatch)
+    return FakeRuntime(monkeypatch)
 
 
 _BF = torch.bfloat16
@@ -222,10 +186,10 @@ def _dispatch(b, **kw):
 
 
 def test_combine_topk_weights_must_have_the_dispatch_topk_width(rig):
-    b = rig.buffer()
+    b = rig.normal_buffer()
     h = _dispatch(b, topk_weights=torch.ones(4, 2))[4]
     x = torch.zeros(h.out_rows, 128, dtype=_BF)
-    rig.log.clear()
+    rig.kernels.clear()
     # Wider rows than the dispatch checked the capacity for could overrun a peer's region.
     with pytest.raises(ValueError, match=r"topk_weights: has 3 columns .* handle.num_topk=2"):
         b.combine(x, h, topk_weights=torch.zeros(h.out_rows, 3))
@@ -235,7 +199,7 @@ def test_combine_topk_weights_must_have_the_dispatch_topk_width(rig):
     hw = b.dispatch(torch.zeros(4, 128, dtype=_BF), is_token_in_rank=torch.ones(4, 2, dtype=torch.bool),
                     num_worst_tokens=8)[4]
     assert hw.recv_counts is None and hw.num_topk == 0
-    rig.log.clear()
+    rig.kernels.clear()
     with pytest.raises(ValueError, match=r"dispatch had no top-k \(handle.num_topk=0\)"):
         b.combine(torch.zeros(8, 128, dtype=_BF), hw, topk_weights=torch.zeros(8, 64))
     assert rig.launched() == []
@@ -265,7 +229,7 @@ def test_config_fields_are_typed_bounded_and_stored_as_python_numbers():
 
 
 def test_set_num_sms_stores_an_int_within_the_device(rig):
-    b = rig.buffer()
+    b = rig.normal_buffer()
     b.set_num_sms(np.int64(20))
     assert type(b.get_dispatch_config().num_sms) is int and b.get_combine_config().num_sms == 20
     with pytest.raises(ValueError, match="num_sms=133 must be <= 132"):
@@ -276,10 +240,10 @@ def test_set_num_sms_stores_an_int_within_the_device(rig):
 
 
 def test_config_argument_is_checked_at_call_time(rig):
-    b = rig.buffer()
+    b = rig.normal_buffer()
     h = _dispatch(b)[4]
     x = torch.zeros(h.out_rows, 128, dtype=_BF)
-    rig.log.clear()
+    rig.kernels.clear()
     with pytest.raises(TypeError, match="config: expected an epcomm.Config or None, got int"):
         _dispatch(b, config=24)
     with pytest.raises(TypeError, match="config: expected an epcomm.Config"):
@@ -290,7 +254,7 @@ def test_config_argument_is_checked_at_call_time(rig):
         b.combine(x, h, config=Config(num_sms=200))
     assert rig.launched() == []
     b.combine(x, h, config=Config(num_sms=132))
-    assert rig.log[-1][:2] == ("combine", 132)
+    assert rig.kernels[-1][:2] == ("combine", 132)
 
 
 def test_destroyed_buffer_says_so_before_anything_else():
@@ -305,7 +269,7 @@ def test_destroyed_buffer_says_so_before_anything_else():
 
 
 def test_every_array_of_a_call_is_in_the_framework_of_x(rig):
-    b = rig.buffer()
+    b = rig.normal_buffer()
     itr, nte = torch.ones(4, 2, dtype=torch.bool), torch.zeros(4, dtype=torch.int32)
     cases = {"topk_idx": dict(topk_idx=_IDX.numpy()),
              "topk_weights": dict(topk_weights=np.ones((4, 2), np.float32)),
@@ -320,7 +284,7 @@ def test_every_array_of_a_call_is_in_the_framework_of_x(rig):
                    topk_idx=_IDX, num_experts=4)
     h = _dispatch(b, topk_weights=torch.ones(4, 2))[4]
     x = torch.zeros(h.out_rows, 128, dtype=_BF)
-    rig.log.clear()
+    rig.kernels.clear()
     with pytest.raises(TypeError, match="topk_weights: is a numpy array"):
         b.combine(x, h, topk_weights=np.zeros((h.out_rows, 2), np.float32))
     with pytest.raises(TypeError, match=r"bias\[0\]: is a numpy array"):
@@ -329,9 +293,9 @@ def test_every_array_of_a_call_is_in_the_framework_of_x(rig):
 
 
 def test_previous_event_must_be_an_event(rig):
-    b = rig.buffer()
+    b = rig.normal_buffer()
     h = _dispatch(b)[4]
-    rig.log.clear()
+    rig.kernels.clear()
     for call in (lambda: b.get_dispatch_layout(_IDX, 4, previous_event="x"),
                  lambda: _dispatch(b, previous_event="x"),
                  lambda: b.combine(torch.zeros(h.out_rows, 128, dtype=_BF), h, previous_event=object())):
@@ -346,7 +310,7 @@ def test_layout_shared_memory_is_bounded(rig):
     check_layout_args(4, 16 * 767, 16, 16)  # 12272 experts + 16 ranks: fits
     with pytest.raises(ValueError, match="12304 experts, ranks and nodes in shared memory, at most 12288"):
         check_layout_args(4, 16 * 768, 16, 16)
-    b = rig.buffer(R=16)
+    b = rig.normal_buffer(R=16)
     idx = torch.zeros(4, 2, dtype=torch.long)
     with pytest.raises(ValueError, match="at most 12288"):
         b.get_dispatch_layout(idx, 16 * 768)
@@ -362,7 +326,7 @@ def test_layout_shared_memory_is_bounded(rig):
 
 @pytest.mark.parametrize("R", [12, 16, 72])
 def test_buffer_layout_accepts_every_rank_count_of_dispatch(rig, R):
-    b = rig.buffer(R=R)
+    b = rig.normal_buffer(R=R)
     ntr, nrdma, nte, itr, _ = b.get_dispatch_layout(torch.zeros(4, 2, dtype=torch.long), 2 * R)
     assert nrdma is None  # one NVLink domain
     assert tuple(ntr.shape) == (R,) and tuple(nte.shape) == (2 * R,) and tuple(itr.shape) == (4, R)
@@ -372,18 +336,18 @@ def test_buffer_layout_accepts_every_rank_count_of_dispatch(rig, R):
 
 
 def test_expert_alignment_is_bounded(rig):
-    b = rig.buffer()
+    b = rig.normal_buffer()
     with pytest.raises(ValueError, match="expert_alignment=2147483648 must be <= 1048576"):
         _dispatch(b, expert_alignment=2**31)  # would wrap in the kernel's 32-bit field
     with pytest.raises(TypeError, match="expert_alignment must be an int"):
         _dispatch(b, expert_alignment=4.0)
     assert rig.launched() == []
     _dispatch(b, expert_alignment=np.int64(K_intra.MAX_EXPERT_ALIGNMENT))
-    assert rig.log[-1][2]["expert_alignment"] == K_intra.MAX_EXPERT_ALIGNMENT
+    assert rig.kernels[-1][2]["expert_alignment"] == K_intra.MAX_EXPERT_ALIGNMENT
 
 
 def test_layout_counts_are_checked_when_given_and_cached_dispatch_takes_no_routing(rig):
-    b = rig.buffer()
+    b = rig.normal_buffer()
     with pytest.raises(TypeError, match="num_tokens_per_rank: expected a"):
         _dispatch(b, num_tokens_per_rank="garbage")
     with pytest.raises(TypeError, match="num_tokens_per_rank: expected dtype int32"):
@@ -397,7 +361,7 @@ def test_layout_counts_are_checked_when_given_and_cached_dispatch_takes_no_routi
     assert rig.launched() == []
     h = _dispatch(b, num_tokens_per_rank=torch.zeros(2, dtype=torch.int32),
                   num_tokens_per_rdma_rank=torch.zeros(1, dtype=torch.int32))[4]
-    rig.log.clear()
+    rig.kernels.clear()
     x = torch.zeros(4, 128, dtype=_BF)
     for kw in (dict(num_tokens_per_expert=torch.zeros(4, dtype=torch.int32)), dict(num_experts=4),
                dict(num_tokens_per_rdma_rank=torch.zeros(1, dtype=torch.int32))):
@@ -426,7 +390,7 @@ def test_nvl_buffer_size_hint_checks_its_arguments():
 
 
 def test_handles_belong_to_their_buffer_by_serial_not_address(rig):
-    b1, b2 = rig.buffer(), rig.buffer()
+    b1, b2 = rig.normal_buffer(), rig.normal_buffer()
     assert b1._serial != b2._serial
     h = _dispatch(b1)[4]
     assert h.buffer_id == b1._serial
@@ -434,7 +398,7 @@ def test_handles_belong_to_their_buffer_by_serial_not_address(rig):
         b2.combine(torch.zeros(h.out_rows, 128, dtype=_BF), h)
     # id() of a collected Buffer can be that of a new one: a handle must not pass for its own.
     h.buffer_id = id(b2)
-    rig.log.clear()
+    rig.kernels.clear()
     with pytest.raises(ValueError, match="handle: was made by another Buffer"):
         b2.combine(torch.zeros(h.out_rows, 128, dtype=_BF), h)
     with pytest.raises(ValueError, match="handle: was made by another Buffer"):
@@ -443,7 +407,7 @@ def test_handles_belong_to_their_buffer_by_serial_not_address(rig):
 
 
 def test_numpy_num_experts_and_half_empty_bias_pairs(rig):
-    b = rig.buffer()
+    b = rig.normal_buffer()
     ntr, _, nte, _, _ = b.get_dispatch_layout(_IDX, np.int64(4))
     assert tuple(nte.shape) == (4,)
     h = _dispatch(b)[4]
@@ -456,7 +420,7 @@ def test_numpy_num_experts_and_half_empty_bias_pairs(rig):
 
 
 def test_outputs_allocated_on_the_comm_stream_record_the_callers_stream(rig, monkeypatch):
-    b = rig.buffer()
+    b = rig.normal_buffer()
     caller = object()
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: caller)
 
@@ -494,7 +458,7 @@ def test_check_int_and_check_bool_refuse_bools_and_other_ints():
 
 
 def test_dispatch_hidden_and_local_expert_limits(rig):
-    b = rig.buffer()
+    b = rig.normal_buffer()
     with pytest.raises(ValueError, match="hidden size 100 must be a multiple of 8"):
         b.dispatch(torch.zeros(4, 100, dtype=_BF), topk_idx=_IDX, num_experts=4)
     M = K_intra.MAX_LOCAL_EXPERTS
@@ -505,9 +469,9 @@ def test_dispatch_hidden_and_local_expert_limits(rig):
 
 
 def test_cached_dispatch_checks_the_token_count_and_combine_the_bias_count(rig):
-    b = rig.buffer()
+    b = rig.normal_buffer()
     h = _dispatch(b)[4]
-    rig.log.clear()
+    rig.kernels.clear()
     with pytest.raises(ValueError, match="x: has 3 tokens but the handle's dispatch had 4"):
         b.dispatch(torch.zeros(3, 128, dtype=_BF), handle=h)
     x = torch.zeros(h.out_rows, 128, dtype=_BF)
@@ -518,14 +482,14 @@ def test_cached_dispatch_checks_the_token_count_and_combine_the_bias_count(rig):
 
 
 def test_num_tokens_per_expert_must_have_num_experts_entries(rig):
-    b = rig.buffer()
+    b = rig.normal_buffer()
     with pytest.raises(ValueError, match="num_tokens_per_expert: has 6 entries, expected num_experts=4"):
         _dispatch(b, num_tokens_per_expert=torch.zeros(6, dtype=torch.int32))
     assert rig.launched() == []
 
 
 def test_dispatch_refuses_one_token_more_than_the_buffer_holds(rig):
-    b = rig.buffer()
+    b = rig.normal_buffer()
     b._intra.layout = lay = K_intra.BufferLayout.for_bytes(2, K_intra.BufferLayout.header_bytes(2) + 2 * 4096)
     cap = lay.capacity_rows(K_intra.max_row_bytes(128, 2))
     idx = torch.zeros(cap + 1, 2, dtype=torch.long)
@@ -609,23 +573,23 @@ def test_fp8_column_major_scales_take_the_speculative_receive_and_come_back_with
     # allocated before the counts (speculative).  With column-major scales the receive then
     # writes [G, spec_rows], and the host packs the M valid columns into a fresh [G, M] array
     # (kernel "compact_scales", after the receive): the caller sees strides (1, M) either way.
-    b = rig.buffer(recv_per_rank=4)  # 8 rows arrive (4 from each rank)
+    b = rig.normal_buffer(recv_per_rank=4)  # 8 rows arrive (4 from each rank)
     b._intra.speculation = 0.0625
     fp8 = torch.float8_e4m3fn
     for scales, want_strides in (("col", (1, 8)), ("row", (2, 1))):
         b._intra.recv_history.clear()
         s = torch.ones(2, 4).T if scales == "col" else torch.ones(4, 2)
         for call in range(3):
-            rig.log.clear()
+            rig.kernels.clear()
             (rq, rs), *_ = b.dispatch((torch.zeros(4, 256, dtype=fp8), s), topk_idx=_IDX, num_experts=4)
             assert tuple(rq.shape) == (8, 256) and tuple(rs.shape) == (8, 2), (scales, call)
             assert rs.stride() == want_strides, (scales, call, rs.stride())
-            recv = [e for e in rig.log if e[0] == "recv"]
+            recv = [e for e in rig.kernels if e[0] == "recv"]
             assert len(recv) == 1 and recv[0][2]["speculative"] == (1 if call else 0), (scales, call)
-            compact = [e for e in rig.log if e[0] == "compact_scales"]
+            compact = [e for e in rig.kernels if e[0] == "compact_scales"]
             if scales == "col" and call:
                 # after the receive; the receive's leading dimension is the speculative rows
-                assert [e[0] for e in rig.log][-1] == "compact_scales"
+                assert [e[0] for e in rig.kernels][-1] == "compact_scales"
                 assert compact[0][2]["src_ld"] == 64 and compact[0][2]["rows"] == 8 and compact[0][2]["groups"] == 2
             else:
                 assert compact == [], (scales, call)
@@ -635,7 +599,7 @@ def test_fp8_column_major_scales_take_the_speculative_receive_and_come_back_with
 def test_fp8_hidden_size_not_a_multiple_of_128_raises_before_any_launch(rig):
     # H=2880 (gpt-oss) runs in BF16 only: its 2880 / 128 = 22.5 scale groups have no FP8 layout.
     # The check comes before the scales are looked at (their shape here does not matter).
-    b = rig.buffer()
+    b = rig.normal_buffer()
     fp8 = torch.float8_e4m3fn
     with pytest.raises(ValueError, match="FP8 hidden size 2880 must be a multiple of 128"):
         b.dispatch((torch.zeros(4, 2880, dtype=fp8), torch.ones(4, 22)), topk_idx=_IDX, num_experts=4)
@@ -657,7 +621,7 @@ def test_async_dispatch_keeps_everything_its_kernels_read(rig, monkeypatch):
         seen.append(inputs)  # kept alive by the event and recorded on the comm streams
         return EventOverlap(None, fw, 0)
 
-    b = rig.buffer()
+    b = rig.normal_buffer()
     h = _dispatch(b, topk_weights=torch.ones(4, 2))[4]
     monkeypatch.setattr(CommContext, "finish", finish)
     x = torch.zeros(4, 128, dtype=_BF)
@@ -677,7 +641,7 @@ def test_async_dispatch_keeps_everything_its_kernels_read(rig, monkeypatch):
 
 def test_a_cpu_synchronised_dispatch_under_capture_raises_before_touching_any_stream(rig, monkeypatch):
     from epcomm.runtime import driver
-    b = rig.buffer()
+    b = rig.normal_buffer()
     touched = []
     monkeypatch.setattr(driver, "stream_is_capturing", lambda s: True)
     monkeypatch.setattr(driver, "capture_id", lambda s: 5)
@@ -910,3 +874,34 @@ def test_a_failed_nvlink_setup_frees_what_it_made(monkeypatch):
     with pytest.raises(RuntimeError, match="cannot map"):
         NvlinkState(fake_context(group=group), 64 << 20)
     assert sorted(freed) == [100, 200] and host_freed == [ctypes.addressof(host)]
+
+
+# ---- found by the fuzz (tests/cpu/test_fuzz_api.py) ---------------------------------------------
+
+
+def test_call_flags_are_bools_and_num_worst_tokens_is_bounded_before_any_launch(rig):
+    from epcomm import api
+    b = rig.normal_buffer()
+    h = _dispatch(b)[4]
+    x = torch.zeros(h.out_rows, 128, dtype=_BF)
+    rig.kernels.clear()
+    for name in ("async_finish", "allocate_on_comm_stream"):
+        # "no" would count as True (an async call whose outputs nobody waits for)
+        with pytest.raises(TypeError, match=f"{name} must be a bool"):
+            _dispatch(b, **{name: "no"})
+        with pytest.raises(TypeError, match=f"{name} must be a bool"):
+            b.combine(x, h, **{name: "no"})
+        with pytest.raises(TypeError, match=f"{name} must be a bool"):
+            b.get_dispatch_layout(_IDX, 4, **{name: "no"})
+    # More rows than every rank can send: refused before the count exchange and send launch
+    # (the outputs are allocated after them), and before an int32 kernel field could wrap.
+    cap = b._intra.layout.capacity_rows(K_intra.max_row_bytes(128, 2))
+    with pytest.raises(ValueError, match=f"num_worst_tokens={2 * cap + 1}: more rows"):
+        _dispatch(b, num_worst_tokens=2 * cap + 1)
+    with pytest.raises(TypeError, match="stream must be an int"):
+        api.get_dispatch_layout(_IDX, 4, 2, stream="s")
+    with pytest.raises(ValueError, match="stream=-1 must be >= 0"):
+        api.get_dispatch_layout(_IDX, 4, 2, stream=-1)
+    assert rig.launched() == []
+    _dispatch(b, num_worst_tokens=2 * cap, async_finish=False, allocate_on_comm_stream=0)
+    assert rig.launched()[-3:] == ["notify", "send", "recv"]

@@ -1,20 +1,16 @@
 """Low-latency API: bad input raises a clear error naming the argument before any kernel is
 launched and before any state changes (buffer slots, generations, pending hooks).
 
-No GPU here: a LowLatencyState is built without its constructor, the driver calls it would make
-are replaced by recorders (monkeypatch, undone after each test), and CPU tensors stand in for
-CUDA ones.  Every check below must fire before the code could reach the recorded launches.
+No GPU here: a real LowLatencyState on a fake heap, on the fake runtime of tests/helpers/fake_rig.py
+(the driver calls recorded, CPU tensors standing in for CUDA ones).  Every check below must fire before the code could reach the recorded launches.
 """
 from __future__ import annotations
-
-import contextlib
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from epcomm import interop  # noqa: E402
 from epcomm.jit import loader  # noqa: E402
 from epcomm.runtime import driver  # noqa: E402
 from epcomm.errors import BufferStateError  # noqa: E402
@@ -23,91 +19,16 @@ from epcomm.buffer import Buffer  # noqa: E402
 from epcomm.low_latency.dispatch import DEFAULT_SMEM  # noqa: E402
 from epcomm.kernels import low_latency as K  # noqa: E402
 from epcomm.low_latency.state import HeapResources, LowLatencyState  # noqa: E402
-from fake_driver import FakeModule, cpu_arrays_as_cuda  # noqa: E402
+from fake_driver import FakeModule  # noqa: E402
+from fake_rig import FakeRuntime  # noqa: E402
 from fake_runtime import FakeGroup, fake_buffer, fake_context  # noqa: E402
 
 H, E = 256, 8
 
 
-class _Rig:
-    """Recorders for what would reach the driver: kernel launches, memsets, barriers."""
-
-    def __init__(self, monkeypatch):
-        self.log = []
-        self.capturing = set()      # streams in a CUDA-graph capture
-        self.capture = 42           # its id
-        self.recorded_on = {}       # event -> stream it was last recorded on
-        self.launch_streams = []    # (stream, capturing) of each launch
-        self.waits = []             # (stream, event) of each stream wait
-        rig = self
-
-        class _Cuda:
-            @contextlib.contextmanager
-            def on_device(self, d):
-                yield
-
-            def stream_is_capturing(self, s):
-                return s in rig.capturing
-
-            def capture_id(self, s):
-                return rig.capture if s in rig.capturing else 0
-
-            def memset_d8_async(self, ptr, value, nbytes, stream):
-                rig.log.append(("memset", ptr, nbytes))
-
-            def stream_sync(self, *a):
-                pass
-
-            def event_record(self, ev, s):
-                rig.recorded_on[ev] = s
-
-            def stream_wait_event(self, s, ev):
-                rig.waits.append((s, ev))
-                # CUDA's rule: a stream that waits for an event recorded in a capture joins it.
-                if rig.recorded_on.get(ev) in rig.capturing:
-                    rig.capturing.add(s)
-
-            def device_sync(self):
-                rig.log.append(("device_sync",))
-
-            def event_sync(self, ev):
-                pass
-
-            def event_create(self):
-                return 1
-
-        def launch(fn, grid, threads, stream, p, smem=0, cooperative=False):
-            rig.log.append(("launch", fn))
-            rig.launch_streams.append((stream, stream in rig.capturing))
-
-        def wrap_pointer(fw, ptr, shape, dtype, device_type="cuda", device_id=0, owner=None):
-            return torch.zeros(shape, dtype=torch.bfloat16)
-
-        cpu_arrays_as_cuda(monkeypatch)
-        monkeypatch.setattr(interop, "wrap_pointer", wrap_pointer)
-        cuda = _Cuda()
-        for name in ("on_device", "stream_is_capturing", "capture_id", "memset_d8_async", "stream_sync",
-                     "event_record", "stream_wait_event", "device_sync", "event_sync", "event_create"):
-            monkeypatch.setattr(driver, name, getattr(cuda, name))
-        monkeypatch.setattr(K, "launch", launch)
-        monkeypatch.setattr(loader, "load", lambda spec, dev: FakeModule())
-        monkeypatch.setattr(LowLatencyState, "_allow_smem", lambda self, *a: None)
-        monkeypatch.setattr(LowLatencyState, "_coop_blocks", lambda self, fn, smem: 132)
-        monkeypatch.setattr(LowLatencyState, "empty",
-                            lambda self, fw, shape, dtype, name=None: interop.empty(fw, tuple(shape), dtype, "cpu", 0))
-
-    def launches(self):
-        return [e for e in self.log if e[0] == "launch"]
-
-    def buffer(self, R=2, rdma=1 << 30):
-        ctx = fake_context(R, stream=7, group=FakeGroup(0, R, self.log))
-        st = LowLatencyState(ctx, rdma, resources=HeapResources(None, 1 << 40, 0, [1] * R))
-        return fake_buffer(normal=False, ctx=ctx, low_latency=st), st
-
-
 @pytest.fixture
 def rig(monkeypatch):
-    return _Rig(monkeypatch)
+    return FakeRuntime(monkeypatch)
 
 
 def _inputs(N=4, Kt=2, idx_dtype=torch.int64):
@@ -122,8 +43,8 @@ def _state(st):
 
 
 def test_combine_rejects_a_handle_of_another_buffer_and_a_stale_one(rig):
-    b1, st1 = rig.buffer()
-    b2, st2 = rig.buffer()
+    b1, st1 = rig.ll_buffer()
+    b2, st2 = rig.ll_buffer()
     x, topk, w = _inputs()
     _, _, h1, _, _ = b1.low_latency_dispatch(x, topk, 8, E, use_fp8=False)
     b2.low_latency_dispatch(x, topk, 8, E, use_fp8=False)  # same slot and generation numbers as b1's
@@ -146,7 +67,7 @@ def test_combine_rejects_a_handle_of_another_buffer_and_a_stale_one(rig):
 
 
 def test_combine_checks_the_indices_and_frameworks_before_launch(rig):
-    b, st = rig.buffer()
+    b, st = rig.ll_buffer()
     x, topk, w = _inputs()
     _, _, h, _, _ = b.low_latency_dispatch(x, topk, 8, E, use_fp8=False)
     y = torch.zeros(E // 2, 2 * 8, H, dtype=torch.bfloat16)
@@ -171,7 +92,7 @@ def test_combine_checks_the_indices_and_frameworks_before_launch(rig):
 
 
 def test_dispatch_rejects_mixed_frameworks_flags_events_and_empty_rows(rig):
-    b, st = rig.buffer()
+    b, st = rig.ll_buffer()
     x, topk, _ = _inputs()
     before = _state(st)
     with pytest.raises(TypeError, match="topk_idx: is a numpy array but x is a torch one"):
@@ -188,7 +109,7 @@ def test_dispatch_rejects_mixed_frameworks_flags_events_and_empty_rows(rig):
 
 
 def test_a_shared_memory_error_leaves_the_slots_alone(rig, monkeypatch):
-    b, st = rig.buffer(rdma=1 << 34)
+    b, st = rig.ll_buffer(rdma=1 << 34)
 
     def no_room(self, mod, names, smem):
         raise ValueError(f"low-latency dispatch: the kernel needs {smem} bytes of shared memory per block")
@@ -204,7 +125,7 @@ def test_a_shared_memory_error_leaves_the_slots_alone(rig, monkeypatch):
 
 
 def test_async_finish_keeps_the_inputs_alive_and_in_use_on_the_comm_stream(rig, monkeypatch):
-    b, st = rig.buffer()
+    b, st = rig.ll_buffer()
     recorded = []
     monkeypatch.setattr(torch.cuda, "ExternalStream", lambda s, device=None: ("comm", s))
     monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, s: recorded.append((self.data_ptr(), s)),
@@ -218,7 +139,7 @@ def test_async_finish_keeps_the_inputs_alive_and_in_use_on_the_comm_stream(rig, 
 
 
 def test_clean_checks_its_shape_and_pending_hooks_before_the_collective(rig):
-    b, st = rig.buffer()
+    b, st = rig.ll_buffer()
     for args, exc in (((0, 7168, 8), ValueError), ((-1, 7168, 8), ValueError), ((8, 100, 8), ValueError),
                       ((8, 256, 7), ValueError), ((8.0, 256, 8), TypeError), ((8, 256, 0), ValueError)):
         with pytest.raises(exc):
@@ -264,7 +185,7 @@ def test_rdma_size_hint_rejects_shapes_the_kernels_cannot_run():
 
 def test_read_only_arrays_are_refused_where_the_kernels_write(rig):
     jnp = pytest.importorskip("jax.numpy")
-    b, _ = rig.buffer()
+    b, _ = rig.ll_buffer()
     a = jnp.zeros((4, 128), dtype=jnp.float32)
     assert b.ctx.tensor(a, "a", dtype="float32") is not None  # reading is fine
     with pytest.raises(ValueError, match="out: is read-only"):
@@ -273,7 +194,7 @@ def test_read_only_arrays_are_refused_where_the_kernels_write(rig):
 
 def test_fast_combine_is_off_while_the_host_index_check_is_on(rig, monkeypatch):
     import epcomm.envs as envs
-    b, st = rig.buffer()
+    b, st = rig.ll_buffer()
     x, topk, w = _inputs()
     y = torch.zeros(E // 2, 2 * 8, H, dtype=torch.bfloat16)
     monkeypatch.setenv("EPCOMM_CHECK_INDICES", "1")
@@ -297,7 +218,7 @@ def test_fast_combine_is_off_while_the_host_index_check_is_on(rig, monkeypatch):
 
 
 def test_int32_indices_after_previous_event_order_the_kernel_after_the_widening(rig, monkeypatch):
-    b, st = rig.buffer()
+    b, st = rig.ll_buffer()
     waits = []
     syncs = []
     import contextlib
@@ -331,7 +252,7 @@ def test_int32_indices_after_previous_event_order_the_kernel_after_the_widening(
 
 
 def test_dispatch_rejects_bad_shapes_and_flag_combinations_before_launch(rig):
-    b, st = rig.buffer()
+    b, st = rig.ll_buffer()
     x, topk, _ = _inputs()
     before = _state(st)
     with pytest.raises(ValueError, match="x: 4 tokens exceed num_max_dispatch_tokens_per_rank=3"):
@@ -367,7 +288,7 @@ def test_dispatch_shared_memory_holds_a_count_per_group_and_an_entry_and_k_per_s
 
 
 def test_combine_refuses_top_k_other_than_the_dispatch_s(rig, monkeypatch):
-    b, st = rig.buffer()
+    b, st = rig.ll_buffer()
     x, topk, w = _inputs()
     y = torch.zeros(E // 2, 2 * 8, H, dtype=torch.bfloat16)
     h = b.low_latency_dispatch(x, topk, 8, E, use_fp8=False)[2]
@@ -388,7 +309,7 @@ def test_combine_refuses_top_k_other_than_the_dispatch_s(rig, monkeypatch):
 
 
 def test_a_hook_after_previous_event_orders_the_caller_after_the_receive(rig, monkeypatch):
-    b, st = rig.buffer()
+    b, st = rig.ll_buffer()
     calls = []
     monkeypatch.setattr(driver, "stream_wait_event", lambda s, e: calls.append(("wait", s, e)), raising=False)
     monkeypatch.setattr(driver, "event_record", lambda e, s: calls.append(("record", e, s)), raising=False)
@@ -413,7 +334,7 @@ def test_a_hook_after_previous_event_orders_the_caller_after_the_receive(rig, mo
 
 def test_hooks_are_refused_for_jax_arrays(rig):
     jnp = pytest.importorskip("jax.numpy")
-    b, st = rig.buffer()
+    b, st = rig.ll_buffer()
     x, topk, _ = _inputs()
     before = _state(st)
     with pytest.raises(ValueError, match="return_recv_hook=True with JAX arrays"):
@@ -425,7 +346,7 @@ def test_hooks_are_refused_for_jax_arrays(rig):
 def test_a_previous_event_from_before_a_capture_still_brings_the_comm_stream_into_it(rig, monkeypatch):
     """The event orders nothing inside the graph; the comm stream must join the capture through
     the caller's stream, or the kernel runs once now and is missing from every replay."""
-    b, st = rig.buffer()
+    b, st = rig.ll_buffer()
     monkeypatch.setenv("EPCOMM_CHECK_INDICES", "0")
     # async_finish's event would tell torch's allocator about the comm stream (needs CUDA)
     monkeypatch.setattr(LowLatencyState, "_event", lambda self, fw, *a: EventOverlap(None, fw, 0))
@@ -453,7 +374,7 @@ def test_a_previous_event_from_before_a_capture_still_brings_the_comm_stream_int
 def test_results_of_every_shape_stay_with_the_buffer(rig):
     """A graph captured with one shape writes into that shape's results at every replay: a
     dispatch of another shape in the same slot must not free them."""
-    b, st = rig.buffer()
+    b, st = rig.ll_buffer()
     x, topk, _ = _inputs()
     b.low_latency_dispatch(x, topk, 8, E, use_fp8=False)          # slot 0, bf16
     first = st._results[0]
@@ -476,7 +397,7 @@ def test_results_of_every_shape_stay_with_the_buffer(rig):
 def test_a_dispatch_captured_first_leaves_no_fast_path_that_skips_zeroing(rig, monkeypatch):
     """The first dispatch into new results zeroes their combine records; under capture that
     memset runs only at replay, so the next eager call must take the full path and zero them."""
-    b, st = rig.buffer()
+    b, st = rig.ll_buffer()
     monkeypatch.setenv("EPCOMM_CHECK_INDICES", "0")
     x, topk, _ = _inputs()
     rig.capturing.add(0)
@@ -496,7 +417,7 @@ def test_inside_a_capture_an_event_from_before_it_is_not_waited_for(rig, monkeyp
     """Waiting for an event recorded before a capture from a stream in the capture invalidates
     it: a known pre-capture previous_event is skipped (it orders nothing in the graph), also in
     the capture's later calls, whose comm stream is already in it, and in the int32 widening."""
-    b, st = rig.buffer()
+    b, st = rig.ll_buffer()
     monkeypatch.setenv("EPCOMM_CHECK_INDICES", "0")
     monkeypatch.setattr(LowLatencyState, "_event", lambda self, fw, *a: EventOverlap(None, fw, 0))
     x, topk, w = _inputs()
@@ -521,7 +442,7 @@ def test_inside_a_capture_an_event_from_before_it_is_not_waited_for(rig, monkeyp
 def test_receive_hooks_refuse_after_destroy_and_keep_the_stats_alive(rig):
     import gc
     import weakref
-    b, st = rig.buffer()
+    b, st = rig.ll_buffer()
     x, topk, w = _inputs()
     stats = torch.zeros(E // 2, dtype=torch.int32)
     ws = weakref.ref(stats)
@@ -634,7 +555,7 @@ def test_logfmt_combine_turns_partials_off_for_its_call_and_checks_its_arguments
 
 def test_wait_statistics_are_checked_before_launch_and_reach_the_kernels(rig, monkeypatch):
     params, _ = _record_launches(rig, monkeypatch)
-    b, st = rig.buffer()
+    b, st = rig.ll_buffer()
     x, topk, w = _inputs()
     y = torch.zeros(E // 2, 2 * 8, H, dtype=torch.bfloat16)
     ds, cs = torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int64)
@@ -658,7 +579,7 @@ def test_wait_statistics_are_checked_before_launch_and_reach_the_kernels(rig, mo
 def test_receive_hooks_keep_the_wait_statistics_alive(rig):
     import gc
     import weakref
-    b, _ = rig.buffer()
+    b, _ = rig.ll_buffer()
     x, topk, w = _inputs()
     y = torch.zeros(E // 2, 2 * 8, H, dtype=torch.bfloat16)
     ds = torch.zeros(2, dtype=torch.int64)
@@ -683,7 +604,7 @@ def test_receive_hooks_keep_the_wait_statistics_alive(rig):
 def test_fast_paths_leave_statistics_and_logfmt_calls_to_the_full_path(rig, monkeypatch):
     import epcomm.envs as envs
     params, _ = _record_launches(rig, monkeypatch)
-    b, st = rig.buffer()
+    b, st = rig.ll_buffer()
     x, topk, w = _inputs()
     y = torch.zeros(E // 2, 2 * 8, H, dtype=torch.bfloat16)
     monkeypatch.setenv("EPCOMM_CHECK_INDICES", "0")

@@ -72,10 +72,18 @@ class FakeNvlinkState:
     def params(self, timeout_s):
         return K_intra.IntraParams()
 
+    def publish(self, recv_counts, expert_counts) -> None:
+        """What the next :meth:`wait_counts` publishes: the rows from each source rank and the
+        per-local-expert counts (e.g. the reference's for this rank); by default every rank
+        sends ``recv_per_rank`` rows and the expert counts are 0."""
+        self.published = (list(recv_counts), list(expert_counts))
+
     def wait_counts(self, ctx, what):  # what the notify kernel would publish
         R = self.num_ranks
-        self.info[1] = self.recv_per_rank * R
-        self.info[2:2 + R] = self.recv_per_rank
+        recv, experts = getattr(self, "published", None) or ([self.recv_per_rank] * R, [])
+        self.info[1] = sum(recv)
+        self.info[2:2 + R] = recv
+        self.info[2 + R:2 + R + len(experts)] = experts
         self.info[0] = 1
 
     def free(self):

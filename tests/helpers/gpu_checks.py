@@ -20,6 +20,9 @@ TEST_RANKS = envs.knob("EPCOMM_TEST_RANKS", 0, envs.parse_int,
 TEST_TIMEOUT = envs.knob("EPCOMM_TEST_TIMEOUT", 480.0, envs.parse_float,
                          "GPU tests: seconds one multi-rank spawn may take before it is ended and the "
                          "ranks still running are named.", registry=KNOBS)
+TEST_FUZZ_SEED = envs.knob("EPCOMM_TEST_FUZZ_SEED", 1, envs.parse_int,
+                           "GPU tests: the seed of tests/gpu/test_fuzz_gpu.py's sequence of calls (a failure "
+                           "repeats with the same seed).", registry=KNOBS)
 TEST_LOG_DIR = envs.knob("EPCOMM_TEST_LOG_DIR", "", envs.parse_str,
                          "GPU tests: a directory where each multi-rank spawn's failures are written as "
                          "soon as the spawn ends (they survive a pytest killed by an outer time limit).",

@@ -1,0 +1,329 @@
+"""Soak: thousands of random dispatch / combine calls in both modes, every result checked.
+
+    python benchmarks/soak.py --ranks 2 --calls 10000 --seed 1 --time-limit 540 --json soak.json
+
+One Buffer per rank with both modes (normal intranode and low-latency).  ``--cases`` random
+cases (:mod:`soak_check`: tokens per rank 0..4096 in the normal mode, 0..T with T in {128, 256}
+in the low-latency mode, different per rank; hidden 2048 / 2880 / 4096 / 7168 (multiples of 128
+in the low-latency mode); top-k 1..8 with -1 slots; BF16 and FP8 (scales row- or column-major,
+power-of-two, UE8M0); some normal dispatches with ``num_worst_tokens``).
+
+Checking, cheap per call: each case's first call (the warm-up pass over every case) is compared
+with ``epcomm.reference`` bit for bit on the CPU; its outputs' hashes are kept; every later call
+of the case must hash to the same bits (hashes are one reduction per output on the GPU).  After
+the warm-up, calls pick a random case and one of: a full dispatch (with or without the layout
+given) + combine, a cached dispatch (the first dispatch's handle), a combine alone, in the
+low-latency mode an eager dispatch + combine, the same with receive hooks, or a replay of the
+case's CUDA graph (captured in the warm-up), interleaved.  Every rank derives the same schedule
+from ``--seed``.  A call counts once per collective operation (layout, dispatch, combine).
+
+Measured: calls, mismatches (with the case and the parts that differ), hangs (EpcommTimeoutError
+within EPCOMM_TIMEOUT_S, set to 60 s here unless given; a hang the kernels do not see ends the
+spawn at the time limit), GPU memory (torch allocated and reserved, the device's used memory)
+and host RSS sampled every 25 iterations, and their drift after the warm-up.  Ranks agree every
+16 iterations whether ``--time-limit`` is reached; each rank writes its progress every 25
+iterations, so a run cut by the spawn timeout still writes its JSON (``complete: false``).
+
+Ranks share one GPU with ``EPCOMM_SHARE_GPU=1`` (set here when ``--ranks`` exceeds the GPUs).
+A cold JIT cache compiles about 20 kernels first (``epcomm warmup`` or an earlier run fills it).
+
+Expected time (estimated from the code, not measured), 2 ranks sharing one H100: the warm-up
+is the CPU reference of each case, ~1-7 s per case here (a 2-rank normal case of 4096 tokens at
+hidden 7168: ~7 s; the ranks compute it in parallel), ~60-100 s for 24 cases, plus the kernels'
+first compile; after it, an iteration is a few kernels, a few hash reductions and one host
+sync (~1-3 ms), ~1.8 calls each, so 10,000 calls take well under a minute of it.  With 4
+ranks the references cost ~2.5 times more; 2,000 calls are then a small part of the run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from soak_check import (Tracker, case_inputs, drift, hash_parts, ll_parts, ll_reference, make_case, normal_parts,
+                        normal_reference, to_torch, verify_ll, verify_normal)
+
+SAMPLE_EVERY, AGREE_EVERY = 25, 16
+NORMAL_KINDS = ("dispatch", "dispatch_layout", "cached", "combine")
+LL_KINDS = ("eager", "hook", "graph", "graph")
+
+
+def plan(seed: int, R: int, n_cases: int, max_tokens: int) -> list:
+    """The cases, the same on every rank: half normal, half low-latency."""
+    rng = np.random.default_rng(seed)
+    return [make_case(rng, i, R, "normal" if i % 2 == 0 else "ll", max_tokens) for i in range(n_cases)]
+
+
+def schedule(seed: int, cases: list):
+    """(case, kind) of every call after the warm-up, endless, the same on every rank."""
+    rng = np.random.default_rng(seed + 1)
+    while True:
+        c = cases[int(rng.integers(len(cases)))]
+        kinds = NORMAL_KINDS if c.mode == "normal" else LL_KINDS
+        yield c, kinds[int(rng.integers(len(kinds)))]
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+class Soak:
+    """One rank's soak: the Buffer, the cases' device inputs, handles and graphs, the tracker."""
+
+    def __init__(self, rank: int, world: int, group, cases: list, progress: str):
+        import torch
+
+        import epcomm
+        self.torch, self.rank, self.world, self.group = torch, rank, world, group
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+        Tmax = max([c.T for c in cases if c.mode == "ll"], default=128)
+        Emax = max([c.E for c in cases if c.mode == "ll"], default=16)
+        nvl = epcomm.Buffer.get_nvl_buffer_size_hint(7168, world, 4096, 8)
+        rdma = epcomm.Buffer.get_low_latency_rdma_size_hint(Tmax, 7168, world, Emax)
+        self.buf = epcomm.Buffer(group, nvl, rdma, low_latency_mode=True)
+        self.cases, self.state, self.t = cases, {}, Tracker()
+        self.progress, self.memory, self.kinds = progress, [], {}
+        self.warm_iters, self.start = 0, time.time()
+
+    # ---- inputs on the device --------------------------------------------------------------
+    def _first(self, case) -> None:
+        """The case's first call: inputs up, the reference, dispatch + combine, checked."""
+        r, R = self.rank, self.world
+        inp = case_inputs(case, R)
+        s = self.state[case.index] = {}
+        s["x"] = to_torch(inp["xs"][r])
+        if inp["scales"] is not None:
+            s["x"] = (s["x"], to_torch(inp["scales"][r], col_major=case.col_scales))
+        s["idx"], s["w"] = to_torch(inp["idx"][r]), to_torch(inp["w"][r])
+        if case.mode == "normal":
+            ref = normal_reference(case, R, inp)
+            s["y"], s["rows"] = to_torch(ref["y"][r]), ref["dispatch"][r].handle.num_recv_tokens
+            parts, comb = self._normal_full(case, s, layout=False)
+            bad = verify_normal(parts, comb, ref, r)
+        else:
+            ll = self.buf._ll
+            ref = ll_reference(case, R, inp, partials=ll.partials and not ll.force_put)
+            s["y"] = to_torch(ref["y"][r])
+            parts, comb = self._ll_eager(case, s, hook=False)
+            bad = verify_ll(parts, comb, ref, r)
+        self.t.first((case.index, "all"), self._hash(parts, comb), bad, self.t.calls)
+
+    def _hash(self, parts: dict, combined) -> dict:
+        h = hash_parts(parts)
+        comb = combined if isinstance(combined, tuple) else (combined,)
+        h.update({f"combined_{i}": v for i, v in enumerate(hash_parts(
+            {f"c{i}": c for i, c in enumerate(comb) if c is not None}).values())})
+        return h
+
+    # ---- the normal mode -------------------------------------------------------------------
+    def _normal_full(self, case, s: dict, layout: bool):
+        b = self.buf
+        route = dict(topk_idx=s["idx"], topk_weights=s["w"], num_worst_tokens=case.worst)
+        if layout:
+            ntr, _, nte, itr, _ = b.get_dispatch_layout(s["idx"], case.E)
+            route.update(num_tokens_per_rank=ntr, num_tokens_per_expert=nte, is_token_in_rank=itr)
+            self.t.calls += 1
+        else:
+            route["num_experts"] = case.E
+        res = b.dispatch(s["x"], **route)
+        s["handle"], s["w_recv"] = res[4], res[2]  # for the combines alone (every dispatch's are equal)
+        comb = b.combine(s["y"], res[4], topk_weights=res[2])
+        self.t.calls += 2
+        return normal_parts(res, s["rows"]), comb[:2]
+
+    def _normal_call(self, case, kind: str, call: int) -> None:
+        s, key = self.state[case.index], (case.index, "all")
+        want = self.t.hashes[key]
+        if kind in ("dispatch", "dispatch_layout"):
+            parts, comb = self._normal_full(case, s, layout=kind == "dispatch_layout")
+            self.t.repeat(key, self._hash(parts, comb), call)
+        elif kind == "cached":
+            res = self.buf.dispatch(s["x"], handle=s["handle"])
+            self.t.calls += 1
+            parts = {k: v for k, v in normal_parts(res, s["rows"]).items() if k in ("recv_x", "recv_scales")}
+            got = hash_parts(parts)
+            self.t.hashes[(case.index, "cached")] = {k: want[k] for k in got}
+            self.t.repeat((case.index, "cached"), got, call)
+        else:
+            comb = self.buf.combine(s["y"], s["handle"], topk_weights=s["w_recv"])
+            self.t.calls += 1
+            got = self._hash({}, comb[:2])
+            self.t.hashes[(case.index, "combine")] = {k: want[k] for k in got}
+            self.t.repeat((case.index, "combine"), got, call)
+
+    # ---- the low-latency mode --------------------------------------------------------------
+    def _ll_dispatch(self, case, s: dict, hook: bool):
+        b = self.buf
+        rx, cnt, h, _, hk = b.low_latency_dispatch(s["x"], s["idx"], case.T, case.E, use_fp8=case.fp8,
+                                                   round_scale=case.round_scale, use_ue8m0=case.ue8m0,
+                                                   return_recv_hook=hook)
+        if hk is not None:
+            hk()
+        out, _, hk = b.low_latency_combine(s["y"], s["idx"], s["w"], h, return_recv_hook=hook)
+        if hk is not None:
+            hk()
+        return ll_parts(rx, cnt, h.src_info, h.layout_range), out
+
+    def _ll_eager(self, case, s: dict, hook: bool):
+        parts, out = self._ll_dispatch(case, s, hook)
+        self.t.calls += 2
+        return parts, out
+
+    def _capture(self, case, s: dict) -> None:
+        """The case's CUDA graph (dispatch + combine on its inputs), after two warm-up calls on
+        the capture stream (collective: every rank captures at the same point)."""
+        t = self.torch
+        side = t.cuda.Stream()
+        side.wait_stream(t.cuda.current_stream())
+        with t.cuda.stream(side):
+            for _ in range(2):
+                self._ll_eager(case, s, hook=False)
+        t.cuda.synchronize()
+        self.group.barrier()
+        g = t.cuda.CUDAGraph()
+        with t.cuda.graph(g, stream=side):
+            s["graph_out"] = self._ll_dispatch(case, s, hook=False)
+        t.cuda.synchronize()
+        s["graph"] = g
+
+    def _ll_call(self, case, kind: str, call: int) -> None:
+        s, key = self.state[case.index], (case.index, "all")
+        if kind == "graph":
+            s["graph"].replay()
+            self.t.calls += 2
+            parts, out = s["graph_out"]
+        else:
+            parts, out = self._ll_eager(case, s, hook=kind == "hook")
+        self.t.repeat(key, self._hash(parts, out), call)
+
+    # ---- the run ---------------------------------------------------------------------------
+    def sample(self) -> None:
+        t = self.torch
+        free, total = t.cuda.mem_get_info()
+        self.memory.append(dict(calls=self.t.calls, allocated=t.cuda.memory_allocated(),
+                                reserved=t.cuda.memory_reserved(), device_used=total - free, rss=_rss_bytes()))
+
+    def warm_up(self) -> None:
+        """Every case once, checked against the reference; low-latency cases' graphs captured."""
+        from epcomm.tools import spawn
+        for i, c in enumerate(self.cases):
+            spawn.phase(f"warm-up: case {i} ({c.mode})")
+            self._first(c)
+            if c.mode == "ll":
+                self._capture(c, self.state[c.index])
+        self.torch.cuda.synchronize()
+        self.group.barrier()
+        self.sample()
+        self.warm_iters = len(self.cases)
+
+    def run(self, calls: int, deadline: float, seed: int) -> None:
+        from epcomm.tools import spawn
+        for it, (c, kind) in enumerate(schedule(seed, self.cases)):
+            if it % AGREE_EVERY == 0:
+                stop = self.t.calls >= calls or time.time() > deadline
+                if any(v == b"1" for v in self.group.allgather_bytes(b"1" if stop else b"0")):
+                    break
+            spawn.phase(f"call {self.t.calls}: case {c.index} {kind}")
+            self.kinds[kind] = self.kinds.get(kind, 0) + 1
+            (self._normal_call if c.mode == "normal" else self._ll_call)(c, kind, self.t.calls)
+            if it % SAMPLE_EVERY == SAMPLE_EVERY - 1:
+                self.sample()
+                self.write_progress(complete=False)
+        self.torch.cuda.synchronize()
+        self.sample()
+
+    def report(self, complete: bool, error: str = "") -> dict:
+        after = self.memory  # sampled from the end of the warm-up on
+        return dict(rank=self.rank, complete=complete, error=error, calls=self.t.calls,
+                    verified_cases=self.t.verified, mismatches=len(self.t.mismatches),
+                    mismatch_detail=self.t.mismatches[:50], hangs=int("EpcommTimeoutError" in error),
+                    kinds=self.kinds, seconds=time.time() - self.start, memory=self.memory,
+                    drift={k: drift([m[k] for m in after]) for k in ("allocated", "reserved", "device_used", "rss")})
+
+    def write_progress(self, complete: bool, error: str = "") -> None:
+        path = os.path.join(self.progress, f"rank{self.rank}.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(self.report(complete, error), f)
+        os.replace(path + ".tmp", path)
+
+
+def _worker(rank, world, group, seed, n_cases, max_tokens, calls, deadline, progress):
+    soak = Soak(rank, world, group, plan(seed, world, n_cases, max_tokens), progress)
+    try:
+        soak.warm_up()
+        soak.write_progress(complete=False)
+        soak.run(calls, deadline, seed)
+    except Exception as e:  # counted and reported (a timeout is a hang), then raised
+        soak.write_progress(complete=False, error=f"{type(e).__name__}: {e}")
+        raise
+    soak.write_progress(complete=True)
+    soak.group.barrier()
+    soak.buf.destroy()
+    return soak.report(complete=True)
+
+
+def summarize(ranks: list, args, complete: bool, error: str = "") -> dict:
+    """The JSON of a run from the ranks' reports (partial ones when the run was cut)."""
+    from epcomm.tools.bench.knobs import GIT_COMMIT
+    return dict(
+        tool="benchmarks/soak.py", commit=GIT_COMMIT.get() or "", complete=complete, error=error,
+        ranks=args.ranks, seed=args.seed, cases=args.cases, target_calls=args.calls, time_limit_s=args.time_limit,
+        calls=sum(r.get("calls", 0) for r in ranks), mismatches=sum(r.get("mismatches", 0) for r in ranks),
+        # a hang the kernels did not report: the spawn ended at its time limit
+        hangs=sum(r.get("hangs", 0) for r in ranks) + int("did not finish within" in error),
+        max_drift={k: max((abs(r["drift"][k]) for r in ranks if "drift" in r), default=0.0)
+                   for k in ("allocated", "reserved", "device_used", "rss")},
+        per_rank=ranks)
+
+
+def _read_progress(d: str, n: int) -> list:
+    out = []
+    for r in range(n):
+        try:
+            with open(os.path.join(d, f"rank{r}.json")) as f:
+                out.append(json.load(f))
+        except (OSError, ValueError):
+            out.append(dict(rank=r, complete=False, error="no progress written"))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--calls", type=int, default=10000, help="collective calls per rank to make")
+    ap.add_argument("--ranks", type=int, default=2, help="ranks to spawn (sharing GPUs if more than there are)")
+    ap.add_argument("--seed", type=int, default=1, help="the cases and the schedule derive from it")
+    ap.add_argument("--cases", type=int, default=24, help="random cases (half per mode)")
+    ap.add_argument("--max-tokens", type=int, default=4096, help="normal mode: most tokens per rank")
+    ap.add_argument("--time-limit", type=float, default=540.0, help="seconds for the whole run, warm-up included")
+    ap.add_argument("--json", default="", help="write the results here (partial if the run is cut)")
+    args = ap.parse_args(argv)
+    from epcomm.tools import spawn
+    env = {"EPCOMM_TIMEOUT_S": os.environ.get("EPCOMM_TIMEOUT_S", "60")}
+    if args.ranks > max(spawn.gpu_count(), 1):
+        env["EPCOMM_SHARE_GPU"] = "1"
+    start = time.time()
+    progress = tempfile.mkdtemp(prefix="epcomm-soak-")
+    try:
+        ranks = spawn.run(_worker, args.ranks, args.seed, args.cases, args.max_tokens, args.calls,
+                          start + args.time_limit - 30, progress, timeout=args.time_limit + 30, env=env)
+        out = summarize(ranks, args, complete=True)
+    except Exception as e:  # a failed or cut run still reports what it did
+        out = summarize(_read_progress(progress, args.ranks), args, complete=False, error=f"{type(e).__name__}: {e}")
+    out["wall_s"] = time.time() - start
+    text = json.dumps(out, indent=1)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text)
+    print(json.dumps({k: v for k, v in out.items() if k != "per_rank"}, indent=1))
+    return 0 if out["complete"] and not out["mismatches"] and not out["hangs"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

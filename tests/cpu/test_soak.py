@@ -1,0 +1,149 @@
+"""The soak's checks (benchmarks/soak_check.py) on tiny cases, without a GPU: results made from
+the reference pass, one flipped bit in any checked part is reported (by the reference check and
+by the hash of a repeated call), bytes the contract leaves unspecified are not compared, and the
+plan, the schedule and the summary of a cut run are what benchmarks/soak.py relies on."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+BENCH = str(Path(__file__).resolve().parents[2] / "benchmarks")
+if BENCH not in sys.path:
+    sys.path.insert(0, BENCH)
+
+import soak_check as sc  # noqa: E402
+
+
+def _t(a: np.ndarray):
+    """The NumPy array as the torch tensor an engine would return (bf16 / FP8 included)."""
+    return sc.to_torch(a, "cpu")
+
+
+def _flip(t, index):
+    """A copy of torch tensor ``t`` with one bit of element ``index`` flipped."""
+    words = {torch.bfloat16: torch.int16, torch.float32: torch.int32, torch.float8_e4m3fn: torch.uint8}
+    u = t.clone()
+    v = u.view(words.get(t.dtype, t.dtype))
+    v[index] = v[index] ^ 1
+    return u
+
+
+def _normal_results(ref, d: int, garbage_rows: bool):
+    """Rank d's dispatch results (res tuple) and combine results from the reference; with
+    ``garbage_rows`` the padding rows of recv_x (num_worst_tokens: unwritten) hold other bytes."""
+    r = ref["dispatch"][d]
+    x = r.recv_x.copy()
+    if garbage_rows and x.shape[0] > r.handle.num_recv_tokens:
+        x[r.handle.num_recv_tokens:] = x.dtype.type(3.0)
+    recv_x = _t(x) if r.recv_x_scales is None else (_t(x), _t(r.recv_x_scales))
+    rti = None if r.recv_topk_idx is None else _t(r.recv_topk_idx)
+    rtw = None if r.recv_topk_weights is None else _t(r.recv_topk_weights)
+    cx, cw = ref["combine"][d]
+    return (recv_x, rti, rtw, r.num_recv_tokens_per_expert_list), (_t(cx), None if cw is None else _t(cw))
+
+
+@pytest.mark.parametrize("fp8,worst", [(False, 0), (True, 0), (False, 64), (True, 64)])
+def test_normal_checks_pass_the_reference_and_catch_one_flipped_bit(fp8, worst):
+    R = 2
+    case = sc.Case(0, "normal", 7, (5, 3), 256, 3, 8, fp8, 0.2, col_scales=fp8, worst=worst)
+    inp = sc.case_inputs(case, R)
+    ref = sc.normal_reference(case, R, inp)
+    flipped = 0
+    for d in range(R):
+        tr = sc.Tracker()
+        M = ref["dispatch"][d].handle.num_recv_tokens
+        res, comb = _normal_results(ref, d, garbage_rows=True)
+        parts = sc.normal_parts(res, M)
+        assert sc.verify_normal(parts, comb, ref, d) == []
+        h = sc.hash_parts(parts)
+        tr.first((d, "all"), h, [], 0)
+        tr.repeat((d, "all"), sc.hash_parts(sc.normal_parts(_normal_results(ref, d, False)[0], M)), 1)
+        assert tr.mismatches == []  # padding rows are not compared
+        if M == 0:
+            continue
+        flipped += 1
+        x = res[0][0] if fp8 else res[0]
+        bad_x = _flip(x, (M - 1, 5))
+        bad = ((bad_x, res[0][1]) if fp8 else bad_x,) + res[1:]
+        assert sc.verify_normal(sc.normal_parts(bad, M), comb, ref, d) == ["recv_x"]
+        tr.repeat((d, "all"), sc.hash_parts(sc.normal_parts(bad, M)), 2)
+        assert tr.mismatches[-1] == (2, d, "all", ["recv_x"])
+        assert sc.verify_normal(parts, (_flip(comb[0], (0, 0)), comb[1]), ref, d) == ["combined_x"]
+        assert sc.verify_normal(parts, (comb[0], _flip(comb[1], (0, 0))), ref, d) == ["combined_topk_weights"]
+        idx = parts["recv_topk_idx"].clone()
+        idx[0, 0] += 1
+        assert sc.verify_normal(dict(parts, recv_topk_idx=idx), comb, ref, d) == ["recv_topk_idx"]
+        if not worst:
+            wrong = dict(parts, experts=[n + 1 for n in parts["experts"]])
+            assert sc.verify_normal(wrong, comb, ref, d) == ["experts"]
+    assert flipped  # the case routes rows to some rank
+
+
+@pytest.mark.parametrize("fp8,ue8m0", [(False, False), (True, False), (True, True)])
+def test_low_latency_checks_pass_the_reference_and_catch_one_flipped_bit(fp8, ue8m0):
+    R = 2
+    case = sc.Case(1, "ll", 11, (3, 4), 256, 2, 4, fp8, 0.3, T=4, round_scale=ue8m0, ue8m0=ue8m0)
+    inp = sc.case_inputs(case, R)
+    ref = sc.ll_reference(case, R, inp, partials=True)
+    flipped = 0
+    for d in range(R):
+        r = ref["dispatch"][d]
+        x = r.recv_x.copy()
+        rows = np.arange(x.shape[1])[None, :] >= r.recv_count[:, None]
+        x[rows] = x.dtype.type(2.0)  # unspecified rows past each count
+        rx = _t(x) if r.recv_x_scales is None else (_t(x), _t(r.recv_x_scales))
+        parts = sc.ll_parts(rx, _t(r.recv_count), _t(r.handle.src_info), _t(r.handle.layout_range))
+        out = _t(ref["combine"][d])
+        assert sc.verify_ll(parts, out, ref, d) == []
+        clean = sc.ll_parts(_t(r.recv_x) if r.recv_x_scales is None else (_t(r.recv_x), _t(r.recv_x_scales)),
+                            _t(r.recv_count), _t(r.handle.src_info), _t(r.handle.layout_range))
+        assert sc.hash_parts(parts) == sc.hash_parts(clean)
+        j = int(np.argmax(r.recv_count))
+        if r.recv_count[j] == 0:
+            continue
+        flipped += 1
+        px = parts["recv_x"]
+        bad = dict(parts, recv_x=_flip(px, (j, 0, 1)))
+        assert sc.verify_ll(bad, out, ref, d) == ["recv_x"]
+        assert sc.hash_parts(bad)["recv_x"] != sc.hash_parts(parts)["recv_x"]
+        assert sc.verify_ll(parts, _flip(out, (0, 0)) if out.numel() else out, ref, d) == (
+            ["combined_x"] if out.numel() else [])
+        cnt = parts["count"].clone()
+        cnt[j] -= 1
+        assert "count" in sc.verify_ll(dict(parts, count=cnt), out, ref, d)
+    assert flipped
+
+
+def test_plan_and_schedule_follow_the_issue_and_repeat_on_every_rank():
+    soak = pytest.importorskip("soak")
+    cases = soak.plan(3, 2, 40, 4096)
+    assert cases == soak.plan(3, 2, 40, 4096)
+    assert {c.mode for c in cases} == {"normal", "ll"}
+    for c in cases:
+        assert 1 <= c.K <= 8 and c.E % 2 == 0 and len(c.Ns) == 2
+        if c.mode == "normal":
+            assert c.H in sc.HIDDEN and all(0 <= n <= 4096 for n in c.Ns) and (not c.fp8 or c.H % 128 == 0)
+        else:
+            assert c.H % 128 == 0 and all(0 <= n <= c.T for n in c.Ns) and (not c.ue8m0 or c.round_scale)
+    assert {c.H for c in cases if c.mode == "normal"} == set(sc.HIDDEN)
+    import itertools
+    a = list(itertools.islice(soak.schedule(3, cases), 400))
+    assert a == list(itertools.islice(soak.schedule(3, cases), 400))
+    assert {k for _, k in a} == set(soak.NORMAL_KINDS) | set(soak.LL_KINDS)
+
+
+def test_drift_and_the_summary_of_a_cut_run():
+    soak = pytest.importorskip("soak")
+    assert sc.drift([100, 100, 101]) == pytest.approx(0.01) and sc.drift([5]) == 0.0
+    args = type("A", (), dict(ranks=2, seed=1, cases=4, calls=100, time_limit=10.0))()
+    ranks = [dict(rank=0, calls=40, mismatches=1, hangs=0, drift=dict(allocated=0.02, reserved=0, device_used=0,
+                                                                      rss=-0.03)),
+             dict(rank=1, complete=False, error="no progress written")]
+    out = soak.summarize(ranks, args, complete=False, error="SpawnError: rank 1 did not finish within 40s")
+    assert (out["calls"], out["mismatches"], out["hangs"], out["complete"]) == (40, 1, 1, False)
+    assert out["max_drift"]["rss"] == pytest.approx(0.03)
