@@ -8,6 +8,7 @@ import sys
 
 from epcomm._version import __version__
 from epcomm.errors import ToolchainError
+from epcomm.tools import messages
 from epcomm.tools.bench import defaults as bench_defaults
 from epcomm.tools.bench import knobs as bench_knobs
 
@@ -39,7 +40,8 @@ def _run(a) -> int:
 
 def _parser() -> tuple[argparse.ArgumentParser, object]:
     """The command's parser, and the subparsers action (its `choices` map each command to its parser)."""
-    ap = argparse.ArgumentParser(prog="epcomm", description="Expert-parallel communication kernels")
+    ap = argparse.ArgumentParser(prog="epcomm", description="Expert-parallel communication kernels",
+                                 epilog=messages.EXIT_CODES)
     ap.add_argument("--version", action="version", version=f"epcomm {__version__}")
     sub = ap.add_subparsers(dest="cmd", metavar="COMMAND", title="commands")
     for add in (_add_warmup, _add_small, _add_bench, _add_plan):
@@ -145,28 +147,30 @@ def _add_plan(sub) -> None:
 
 
 def main(argv=None) -> int:
-    """Run the ``epcomm`` command.  Exit codes: 0 success; 1 a step failed (a kernel did not
-    build, a check or test failed); 2 a usage error (bad arguments, printed as one line and the
-    subcommand's usage)."""
+    """Run the ``epcomm`` command; its exit code (:mod:`epcomm.tools.messages`): 0 success; 1 a
+    step failed (a kernel did not build, a check or a rank failed, an install is missing or
+    mismatched); 2 a usage error (bad arguments, printed as one line and the subcommand's usage,
+    or nothing to run them on)."""
     ap, sub = _parser()
     a, extra = ap.parse_known_args(argv)
     if a.cmd is None:
         ap.print_help(sys.stderr)
-        print("\nepcomm: error: name a command, e.g. `epcomm info`", file=sys.stderr)
-        return 2
+        print(file=sys.stderr)
+        messages.error(None, "name a command, e.g. `epcomm info`")
+        return messages.USAGE
     if extra:  # reported by the subcommand, with its own usage rather than the top level's
         sub.choices[a.cmd].error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return a.fn(a)
     except (ValueError, TypeError) as e:
-        print(f"epcomm {a.cmd}: {e}", file=sys.stderr)
-        return 2
+        messages.error(a.cmd, str(e))
+        return messages.USAGE
     except ToolchainError as e:  # an install problem: one line with the fix
-        print(f"epcomm {a.cmd}: {e}", file=sys.stderr)
-        return 1
+        messages.error(a.cmd, str(e))
+        return messages.FAILED
     except BrokenPipeError:  # the output went into a reader that stopped early (`| head`)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+        return messages.OK
 
 
 if __name__ == "__main__":  # pragma: no cover

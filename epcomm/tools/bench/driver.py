@@ -6,13 +6,12 @@ import importlib.util
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 
 from epcomm import envs
 from epcomm.kernels import internode as K_inter
-from epcomm.tools import spawn
+from epcomm.tools import messages, spawn
 from epcomm.tools.bench import defaults as D
 from epcomm.tools.bench.accounting import nvl_buffer_sizes
 from epcomm.tools.bench.checks import NormalCheck, record_check
@@ -207,8 +206,9 @@ def main(a) -> int:
     """``epcomm bench`` with the parsed arguments ``a``: 0 when every mode ran and passed its
     checks, 1 otherwise, 2 without torch."""
     if importlib.util.find_spec("torch") is None:
-        print("epcomm bench needs torch (CUDA events and the NCCL baseline)", file=sys.stderr)
-        return 2
+        messages.error("bench", "needs torch (CUDA events and the NCCL baseline): pip install torch, built for the "
+                       "CUDA major of epcomm's extra (see `epcomm info`)")
+        return messages.FAILED
     res = run(a.what, a.gpus, tokens=a.tokens, hidden=a.hidden, topk=a.topk, experts=a.experts, sms=a.sms,
               iters=a.iters, timeout=a.timeout, aligner=getattr(a, "aligner", "clock"),
               ranks_per_node=getattr(a, "ranks_per_node", None), json_path=a.json, report=print_report)
@@ -217,6 +217,6 @@ def main(a) -> int:
     failed = [k for k in ("normal", "low_latency", "internode") if isinstance(res.get(k), dict)
               and (res[k].get("error") or any(v != "ok" for v in (res[k].get("check") or {}).values()))]
     if failed:
-        print(f"!!! epcomm bench: {', '.join(failed)} failed or did not pass its checks (see above)", file=sys.stderr)
-        return 1
-    return 0
+        messages.error("bench", f"{', '.join(failed)} failed or did not pass its checks (see above)")
+        return messages.FAILED
+    return messages.OK

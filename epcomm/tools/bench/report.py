@@ -8,6 +8,7 @@ import os
 import statistics
 import sys
 
+from epcomm.tools import messages
 from epcomm.tools.bench.accounting import deepep_ll_rdma_size_hint
 
 # What the internode entry (and its table) says when its ranks share a GPU.
@@ -266,7 +267,7 @@ def report(res: dict, key: str) -> None:
     try:
         print_table(res, modes=(key,))
     except Exception as e:  # noqa: BLE001 - the JSON is written already; never lose the run here
-        print(f"epcomm bench: printing the {key} table failed: {type(e).__name__}: {e}", file=sys.stderr)
+        messages.warning("bench", f"printing the {key} table failed: {type(e).__name__}: {e}")
     sys.stdout.flush()
 
 
