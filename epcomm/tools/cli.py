@@ -1,4 +1,4 @@
-"""The ``epcomm`` command: ``warmup``, ``info``, ``cache``, ``selftest``, ``bench``, ``plan``."""
+"""The ``epcomm`` command: ``warmup``, ``info``, ``cache``, ``selftest``, ``bench``, ``report``, ``plan``."""
 from __future__ import annotations
 
 import argparse
@@ -31,6 +31,7 @@ _COMMANDS = {
     "selftest": "epcomm.tools.selftest",
     "bench": "epcomm.tools.bench.driver",
     "plan": "epcomm.tools.plan",
+    "report": "epcomm.tools.report",
 }
 
 
@@ -116,6 +117,9 @@ def _add_bench(sub) -> None:
                    f"sharing a GPU: {bench_defaults.SHARED_GPU_ITERS})")
     b.add_argument("--json", default=None,
                    help="write the results here (after each mode, so a later failure keeps the earlier numbers)")
+    b.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="also draw the results into this image: GB/s against SMs per operation with the NCCL and "
+                   "peer-copy baselines, the low-latency times (needs matplotlib: the plot extra)")
     b.add_argument("--timeout", type=float, default=bench_defaults.SPAWN_TIMEOUT_S,
                    help="seconds each mode's spawn may take before its stalled ranks are named "
                    f"(default {bench_defaults.SPAWN_TIMEOUT_S:g})")
@@ -123,6 +127,13 @@ def _add_bench(sub) -> None:
                    help="how timed calls start together: 'clock' (GPU start barrier; falls back to 'wall' "
                    "if its first barriers do not align) or 'wall' (NCCL all-reduce, then a fixed wait)")
     b.set_defaults(fn=_run)
+
+    r = sub.add_parser("report", help="no GPU: print the tables of a stored `epcomm bench --json` result, and "
+                       "with --plot draw them")
+    r.add_argument("results", metavar="RESULTS.json", help="a file written by `epcomm bench --json`")
+    r.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="also draw the results into this image (needs matplotlib: the plot extra)")
+    r.set_defaults(fn=_run)
 
 
 def _add_plan(sub) -> None:
