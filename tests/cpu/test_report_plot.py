@@ -103,3 +103,15 @@ def test_the_readme_shows_a_picture_drawn_from_a_committed_result():
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"epcomm report {RESULT.relative_to(ROOT)} --plot {png.relative_to(ROOT)}" in readme
     json.loads(RESULT.read_text())  # the result it is drawn from is committed beside it
+
+
+def test_bench_draws_its_result_after_the_run(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "torch" else real(name, *a))
+    monkeypatch.setattr("epcomm.tools.bench.driver.run", lambda *a, **k: _fake_result())
+    png = tmp_path / "b.png"
+    assert cli.main(["bench", "all", "--plot", str(png)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"epcomm bench: drew {png}"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -207,7 +207,8 @@ def main(a) -> int:
     """``epcomm bench`` with the parsed arguments ``a``: 0 when every mode ran and passed its
     checks, 1 otherwise (or without torch, or matplotlib for ``--plot``), 2 for arguments that
     cannot run."""
-    if a.plot:
+    plot_path = getattr(a, "plot", None)
+    if plot_path:
         require_matplotlib()  # before minutes of benchmark, not after
     if importlib.util.find_spec("torch") is None:
         messages.error("bench", "needs torch (CUDA events and the NCCL baseline): pip install torch, built for the "
@@ -219,10 +220,10 @@ def main(a) -> int:
     if a.json:
         print()
         messages.status("bench", f"wrote {a.json}")
-    if a.plot:
+    if plot_path:
         try:
-            plot(res, a.plot)
-            messages.status("bench", f"drew {a.plot}")
+            plot(res, plot_path)
+            messages.status("bench", f"drew {plot_path}")
         except ValueError as e:  # nothing measured: the error below says why
             messages.warning("bench", f"--plot: {e}")
     failed = [k for k in ("normal", "low_latency", "internode") if isinstance(res.get(k), dict)
