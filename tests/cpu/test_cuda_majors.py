@@ -85,3 +85,11 @@ def test_info_prints_the_driver_and_one_error_line_with_exit_1(monkeypatch, caps
     assert cli.main(["info"]) == 0
     out, err = capsys.readouterr()
     assert "CUDA driver           none found" in out and "CUDA majors           CUDA 13 throughout" in out and err == ""
+
+
+def test_the_readme_shows_the_line_info_prints():
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    line = cm.disagreement([Part("driver", "CUDA 13.0", 13), Part("NVRTC", "13.0", 13),
+                            Part("torch", "2.10.0 (CUDA 12)", 12, "torch")])
+    assert f"`epcomm info: error: {line}`" in readme
