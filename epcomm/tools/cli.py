@@ -73,7 +73,8 @@ def _add_warmup(sub) -> None:
 
 def _add_small(sub) -> None:
     """``epcomm info``, ``cache`` and ``selftest``."""
-    i = sub.add_parser("info", help="versions, cache, GPUs and their NVLink peers")
+    i = sub.add_parser("info", help="versions, cache, GPUs and their NVLink peers; whether the driver, NVRTC, NVSHMEM "
+                       "and the frameworks agree on the CUDA major (exit 1 when not)")
     i.set_defaults(fn=_run)
 
     c = sub.add_parser("cache", help="list the JIT cache's entries, or clear them")
