@@ -55,6 +55,16 @@ def init() -> int:
     return int(check(d.cuDeviceGetCount(), "cuDeviceGetCount"))
 
 
+def cuda_version() -> tuple[int, int] | None:
+    """The newest CUDA version the installed driver supports, e.g. (13, 0) (cuDriverGetVersion:
+    no GPU or cuInit needed); None where there is no driver or no cuda-bindings (never raises)."""
+    try:
+        v = int(check(drv().cuDriverGetVersion(), "cuDriverGetVersion"))
+    except Exception:
+        return None
+    return (v // 1000, v % 1000 // 10) if v > 0 else None
+
+
 def device_count() -> int:
     """Visible CUDA devices; 0 where there is no driver or no GPU (never raises)."""
     try:

@@ -1,4 +1,4 @@
-"""The ``epcomm`` command: ``warmup``, ``info``, ``cache``, ``selftest``, ``bench``, ``plan``."""
+"""The ``epcomm`` command: ``warmup``, ``info``, ``cache``, ``selftest``, ``bench``, ``report``, ``plan``."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +8,7 @@ import sys
 
 from epcomm._version import __version__
 from epcomm.errors import ToolchainError
+from epcomm.tools import messages
 from epcomm.tools.bench import defaults as bench_defaults
 from epcomm.tools.bench import knobs as bench_knobs
 
@@ -30,6 +31,7 @@ _COMMANDS = {
     "selftest": "epcomm.tools.selftest",
     "bench": "epcomm.tools.bench.driver",
     "plan": "epcomm.tools.plan",
+    "report": "epcomm.tools.report",
 }
 
 
@@ -39,7 +41,8 @@ def _run(a) -> int:
 
 def _parser() -> tuple[argparse.ArgumentParser, object]:
     """The command's parser, and the subparsers action (its `choices` map each command to its parser)."""
-    ap = argparse.ArgumentParser(prog="epcomm", description="Expert-parallel communication kernels")
+    ap = argparse.ArgumentParser(prog="epcomm", description="Expert-parallel communication kernels",
+                                 epilog=messages.EXIT_CODES)
     ap.add_argument("--version", action="version", version=f"epcomm {__version__}")
     sub = ap.add_subparsers(dest="cmd", metavar="COMMAND", title="commands")
     for add in (_add_warmup, _add_small, _add_bench, _add_plan):
@@ -70,7 +73,8 @@ def _add_warmup(sub) -> None:
 
 def _add_small(sub) -> None:
     """``epcomm info``, ``cache`` and ``selftest``."""
-    i = sub.add_parser("info", help="versions, cache, GPUs and their NVLink peers")
+    i = sub.add_parser("info", help="versions, cache, GPUs and their NVLink peers; whether the driver, NVRTC, NVSHMEM "
+                       "and the frameworks agree on the CUDA major (exit 1 when not)")
     i.set_defaults(fn=_run)
 
     c = sub.add_parser("cache", help="list the JIT cache's entries, or clear them")
@@ -114,6 +118,9 @@ def _add_bench(sub) -> None:
                    f"sharing a GPU: {bench_defaults.SHARED_GPU_ITERS})")
     b.add_argument("--json", default=None,
                    help="write the results here (after each mode, so a later failure keeps the earlier numbers)")
+    b.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="also draw the results into this image: GB/s against SMs per operation with the NCCL and "
+                   "peer-copy baselines, the low-latency times (needs matplotlib: the plot extra)")
     b.add_argument("--timeout", type=float, default=bench_defaults.SPAWN_TIMEOUT_S,
                    help="seconds each mode's spawn may take before its stalled ranks are named "
                    f"(default {bench_defaults.SPAWN_TIMEOUT_S:g})")
@@ -121,6 +128,13 @@ def _add_bench(sub) -> None:
                    help="how timed calls start together: 'clock' (GPU start barrier; falls back to 'wall' "
                    "if its first barriers do not align) or 'wall' (NCCL all-reduce, then a fixed wait)")
     b.set_defaults(fn=_run)
+
+    r = sub.add_parser("report", help="no GPU: print the tables of a stored `epcomm bench --json` result, and "
+                       "with --plot draw them")
+    r.add_argument("results", metavar="RESULTS.json", help="a file written by `epcomm bench --json`")
+    r.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="also draw the results into this image (needs matplotlib: the plot extra)")
+    r.set_defaults(fn=_run)
 
 
 def _add_plan(sub) -> None:
@@ -145,28 +159,30 @@ def _add_plan(sub) -> None:
 
 
 def main(argv=None) -> int:
-    """Run the ``epcomm`` command.  Exit codes: 0 success; 1 a step failed (a kernel did not
-    build, a check or test failed); 2 a usage error (bad arguments, printed as one line and the
-    subcommand's usage)."""
+    """Run the ``epcomm`` command; its exit code (:mod:`epcomm.tools.messages`): 0 success; 1 a
+    step failed (a kernel did not build, a check or a rank failed, an install is missing or
+    mismatched); 2 a usage error (bad arguments, printed as one line and the subcommand's usage,
+    or nothing to run them on)."""
     ap, sub = _parser()
     a, extra = ap.parse_known_args(argv)
     if a.cmd is None:
         ap.print_help(sys.stderr)
-        print("\nepcomm: error: name a command, e.g. `epcomm info`", file=sys.stderr)
-        return 2
+        print(file=sys.stderr)
+        messages.error(None, "name a command, e.g. `epcomm info`")
+        return messages.USAGE
     if extra:  # reported by the subcommand, with its own usage rather than the top level's
         sub.choices[a.cmd].error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return a.fn(a)
     except (ValueError, TypeError) as e:
-        print(f"epcomm {a.cmd}: {e}", file=sys.stderr)
-        return 2
+        messages.error(a.cmd, str(e))
+        return messages.USAGE
     except ToolchainError as e:  # an install problem: one line with the fix
-        print(f"epcomm {a.cmd}: {e}", file=sys.stderr)
-        return 1
+        messages.error(a.cmd, str(e))
+        return messages.FAILED
     except BrokenPipeError:  # the output went into a reader that stopped early (`| head`)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+        return messages.OK
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -4,8 +4,9 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from epcomm import __version__, envs
-from epcomm.jit import cache, toolchain
+from epcomm.jit import cache, cuda_majors, toolchain
 from epcomm.runtime import driver
+from epcomm.tools import messages
 
 
 def _version(dist: str) -> str:
@@ -18,8 +19,22 @@ def _version(dist: str) -> str:
 _W = 22  # the label column: the longest package name ("nvidia-nvshmem-cu13") and a gap
 
 
+def _cuda_majors() -> str | None:
+    """Print the CUDA driver and whether the CUDA majors agree; the disagreement's line, if any."""
+    parts = cuda_majors.collect()
+    drv = next((p.detail for p in parts if p.name == "driver"), "none found")
+    print(f"{'CUDA driver':{_W}s}{drv}")
+    why = cuda_majors.disagreement(parts)
+    majors = sorted({p.major for p in parts if p.name != "driver" and p.major is not None})
+    agree = f"CUDA {majors[0]} throughout" if len(majors) == 1 else "no CUDA package found"
+    print(f"{'CUDA majors':{_W}s}{agree if why is None else 'DISAGREE (see the error below)'}")
+    return why
+
+
 def main(a) -> int:
-    """``epcomm info``: always 0 (what is missing is printed as unavailable)."""
+    """``epcomm info``: 0, or 1 when the CUDA majors of the driver, NVRTC, NVSHMEM and the
+    frameworks disagree (one error line saying what to change); what is missing is printed as
+    unavailable."""
     print(f"{'epcomm':{_W}s}{__version__}")
     for dist in ("cuda-core", "cuda-bindings", "cupy-cuda13x", "cupy-cuda12x", "nvshmem4py-cu13",
                  "nvshmem4py-cu12", "nvidia-nvshmem-cu13", "nvidia-nvshmem-cu12", "torch", "jax", "ml_dtypes"):
@@ -44,11 +59,21 @@ def main(a) -> int:
     n, size = cache.cache_size_bytes()
     print(f"{'JIT cache':{_W}s}{envs.CACHE_DIR.get()} ({n} entries, {size / 2**20:.1f} MiB)")
     print(f"{'target arch':{_W}s}{toolchain.current_arch()}")
+    why = _cuda_majors()
+    _gpus()
+    if why is not None:
+        messages.error("info", why)
+        return messages.FAILED
+    return messages.OK
+
+
+def _gpus() -> None:
+    """The GPUs, their architecture, SMs, NVLink links and peers (or why none is visible)."""
     try:
         count = driver.init()
     except Exception as e:
         print(f"{'GPUs':{_W}s}none visible ({str(e).splitlines()[0]})")
-        return 0
+        return
     print(f"{'GPUs':{_W}s}{count}")
     for i in range(count):
         d = driver.drv()
@@ -75,4 +100,3 @@ def main(a) -> int:
             pass
         print(f"  cuda:{i} {name} sm_{major}{minor}, {driver.num_sms(i)} SMs{links}; "
               f"peer access to {peers if peers else 'none'}")
-    return 0

@@ -20,7 +20,7 @@ from epcomm.kernels.smoke import SmokeNvshmemSpec, SmokeParams, SmokePeerStoreSp
 from epcomm.runtime import driver
 from epcomm.runtime import nvshmem as nvr
 from epcomm.testing import random_topk
-from epcomm.tools import spawn
+from epcomm.tools import messages, spawn
 
 
 def _expect(v: int, n: int) -> np.ndarray:
@@ -127,22 +127,25 @@ def run_selftest(gpus: int = 0, timeout: float = 300.0) -> int:
     arguments cannot run it (fewer than 2 GPUs, more asked for than visible)."""
     visible = spawn.gpu_count()
     if gpus < 0 or gpus > visible:
-        print(f"epcomm selftest: --gpus {gpus}: {visible} GPU(s) visible (0 = all)", file=sys.stderr)
-        return 2
+        messages.error("selftest", f"--gpus {gpus}: {visible} GPU(s) visible (0 = all)")
+        return messages.USAGE
     n = gpus or visible
     if n == 1 and visible >= 1 and envs.SHARE_GPU.get():
         n = 2  # two ranks on one GPU, taking turns: checks the stack, not its speed
-        print("epcomm selftest: 2 ranks sharing one GPU (EPCOMM_SHARE_GPU=1)")
+        messages.status("selftest", "2 ranks sharing one GPU (EPCOMM_SHARE_GPU=1)")
     if n < 2:
-        print(f"epcomm selftest needs 2 or more GPUs (or one with EPCOMM_SHARE_GPU=1); {visible} visible"
-              f"{' (--gpus 1)' if gpus == 1 else ''}", file=sys.stderr)
-        return 2
+        messages.error("selftest", f"needs 2 or more GPUs (or one with EPCOMM_SHARE_GPU=1); {visible} visible"
+                       f"{' (--gpus 1)' if gpus == 1 else ''}")
+        return messages.USAGE
     t0 = time.perf_counter()
     try:
         results = spawn.run(_smoke_worker, n, timeout=timeout)
     except spawn.SpawnError as e:
-        print(f"epcomm selftest: FAIL\n{e}", file=sys.stderr)
-        return 1
+        first, _, rest = str(e).partition("\n")
+        messages.error("selftest", f"FAIL: {first}")
+        if rest:
+            print(rest, file=sys.stderr)  # the ranks' own output, as the spawn collected it
+        return messages.FAILED
     bad = 0
     for r, res in enumerate(results):
         print(f"rank {r}: {res}")

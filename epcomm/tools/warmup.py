@@ -15,6 +15,7 @@ from epcomm.jit import cache, compiler, toolchain
 from epcomm.kernels import catalogue
 from epcomm.kernels.smoke import SmokeNvshmemSpec, SmokePeerStoreSpec
 from epcomm.kernels.timing import SpinWaitSpec
+from epcomm.tools import messages
 
 
 def _build_one(args):
@@ -55,7 +56,7 @@ def _specs(a) -> list:
         skipped: list = []
         specs = catalogue.specs_for(a.hidden, a.ranks, a.dtype, a.mode, a.variant or (), skipped=skipped)
         for label, why in skipped:
-            print(f"epcomm warmup: skipping {label}: {why}", file=sys.stderr)
+            messages.warning("warmup", f"skipping {label}: {why}")
         if len(specs) <= 1:  # the layout kernel alone: nothing asked for can be built
             raise ValueError(f"no kernel specialization fits --hidden {','.join(map(str, a.hidden))} "
                              f"--ranks {','.join(map(str, a.ranks))} --dtype {','.join(a.dtype)} "
@@ -69,8 +70,8 @@ def _check_cache() -> None:
     """A malformed EPCOMM_* value or an unwritable cache: one error before anything compiles."""
     envs.check_all()  # a malformed EPCOMM_* value: one error here, not one per kernel
     if envs.DISABLE_CACHE.get():
-        print("epcomm warmup: EPCOMM_DISABLE_CACHE is set, so nothing is kept: the kernels are "
-              "compiled to check them, and compiled again at first use", file=sys.stderr)
+        messages.warning("warmup", "EPCOMM_DISABLE_CACHE is set, so nothing is kept: the kernels are "
+                         "compiled to check them, and compiled again at first use")
     else:
         why = cache.unwritable_reason()
         if why is not None:
@@ -147,8 +148,8 @@ def _report_failures(failed: list) -> None:
             f.write(f"==== {name}\n{err.replace(chr(0), '')}\n\n")
     for name, _, _, err in failed:
         first = next((ln.strip() for ln in err.replace("\x00", "").splitlines() if ln.strip()), "no message")
-        print(f"epcomm warmup: FAILED {name}: {first[:200]}", file=sys.stderr)
-    print(f"epcomm warmup: full compiler logs in {f.name}", file=sys.stderr)
+        messages.error("warmup", f"{name} failed: {first[:200]}")
+    messages.error("warmup", f"{len(failed)} failed; their full compiler logs are in {f.name}")
 
 
 def main(a) -> int:
@@ -157,16 +158,15 @@ def main(a) -> int:
     specs = []
     for s in _specs(a):
         if toolchain.arch_number(arch) < s.min_sm:
-            print(f"epcomm warmup: skipping {s.label()}: needs sm_{s.min_sm} or newer, the target is {arch}",
-                  file=sys.stderr)
+            messages.warning("warmup", f"skipping {s.label()}: needs sm_{s.min_sm} or newer, the target is {arch}")
         else:
             specs.append(s)
     _check_cache()
     toolchain.check_for(specs)  # one line naming the fix, not one failure per kernel
     jobs = a.jobs or envs.COMPILE_JOBS.get() or os.cpu_count() or 1
     jobs = max(1, min(jobs, len(specs)))
-    print(f"epcomm warmup: {len(specs)} specializations for {arch}, {jobs} parallel job(s), "
-          f"cache {envs.CACHE_DIR.get()}", flush=True)
+    messages.status("warmup", f"{len(specs)} specializations for {arch}, {jobs} parallel job(s), "
+                    f"cache {envs.CACHE_DIR.get()}")
     t0 = time.perf_counter()
     rows = _build_all(specs, arch, jobs)
     order = {s.label(): i for i, s in enumerate(specs)}
@@ -182,6 +182,6 @@ def main(a) -> int:
     print(f"\n{n_c} compiled, {n_h} cached, {len(failed)} failed in {time.perf_counter() - t0:.1f}s")
     if failed:
         _report_failures(failed)
-    return 1 if failed else 0
+    return messages.FAILED if failed else messages.OK
 
 

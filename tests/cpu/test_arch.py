@@ -41,7 +41,7 @@ def test_warmup_refuses_an_old_arch_in_one_line_before_compiling(capsys, monkeyp
     monkeypatch.setattr("epcomm.tools.warmup._build_all", lambda *a: pytest.fail("compiled despite a bad --arch"))
     assert cli.main(["warmup", "--arch", "sm_10", "--hidden", "2048"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "need sm_80 or newer" in err[0] and err[0].startswith("epcomm warmup:")
+    assert len(err) == 1 and "need sm_80 or newer" in err[0] and err[0].startswith("epcomm warmup: error: ")
 
 
 def test_warmup_skips_what_the_arch_cannot_build_and_builds_the_rest(capsys, monkeypatch):

@@ -107,3 +107,71 @@ def test_warmup_fails_at_once_when_the_cache_cannot_be_written(tmp_path):
     r = _run(["warmup", "--mode", "low-latency", "--dtype", "bf16", "--arch", "sm_90", "-j", "1"], env)
     assert r.returncode == 2 and "cannot be written" in r.stderr and "EPCOMM_CACHE_DIR" in r.stderr, r
     assert "compiled" not in r.stdout and time.perf_counter() - t0 < 60
+
+
+# Each subcommand's usage errors and failures: (argv, environment, exit code, the one error line's start).
+_ERRORS = [
+    ([], {}, 2, "epcomm: error: name a command, e.g. `epcomm info`"),
+    (["warmup", "--bogus"], {}, 2, "epcomm warmup: error: unrecognized arguments: --bogus"),
+    (["warmup", "--arch", "sm_10"], {}, 2, "epcomm warmup: error: arch 'sm_10': the kernels need sm_80 or newer"),
+    (["warmup", "--dtype", "", "--arch", "sm_90"], {}, 2, "epcomm warmup: error: --dtype: empty list"),
+    (["cache", "bogus"], {}, 2, "epcomm cache: error: argument action: invalid choice: 'bogus'"),
+    (["selftest", "--gpus", "-1"], {"EPCOMM_VISIBLE_GPUS": "1"}, 2, "epcomm selftest: error: --gpus -1: 1 GPU(s) visible"),
+    (["selftest"], {"EPCOMM_VISIBLE_GPUS": "0"}, 2, "epcomm selftest: error: needs 2 or more GPUs"),
+    (["bench", "fast"], {}, 2, "epcomm bench: error: argument MODE: invalid choice: 'fast'"),
+    (["bench", "low-latency", "--tokens", "0"], {"torch": "yes"}, 2, "epcomm bench: error: --tokens 0: expected >= 1"),
+    (["bench", "low-latency"], {"torch": "no"}, 1, "epcomm bench: error: needs torch"),
+    (["report"], {}, 2, "epcomm report: error: the following arguments are required: RESULTS.json"),
+    (["report", "/nonexistent/r.json"], {}, 2, "epcomm report: error: /nonexistent/r.json: No such file"),
+    (["plan", "--nodes", "2", "--gpus-per-node", "8", "--tokens", "8", "--hidden", "128", "--topk", "2",
+      "--experts", "15"], {}, 2, "epcomm plan: error: num_experts=15 must be a multiple of"),
+]
+
+
+@pytest.mark.parametrize("argv, env, code, line", _ERRORS, ids=[" ".join(a[:2]) or "bare" for a, *_ in _ERRORS])
+def test_every_command_exits_with_its_code_and_one_prefixed_error_line(argv, env, code, line, capsys, monkeypatch,
+                                                                        tmp_path):
+    import importlib.util
+
+    from epcomm.tools import cli
+    monkeypatch.setenv("EPCOMM_CACHE_DIR", str(tmp_path / "c"))
+    monkeypatch.setattr("epcomm.tools.warmup._build_all", lambda *a: pytest.fail("compiled"))
+    monkeypatch.setattr("epcomm.tools.bench.driver.spawn.run", lambda *a, **k: pytest.fail("spawned"))
+    for k, v in env.items():
+        if k == "torch":  # whether `epcomm bench` finds torch
+            real = importlib.util.find_spec
+            monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, _v=v: (
+                (object() if _v == "yes" else None) if name == "torch" else real(name, *a)))
+        else:
+            monkeypatch.setenv(k, v)
+    try:
+        got = cli.main(argv)
+    except SystemExit as e:  # argparse's own errors
+        got = e.code
+    err = capsys.readouterr().err
+    said = [ln for ln in err.splitlines() if ln.startswith("epcomm")]
+    assert got == code and len(said) == 1 and said[0].startswith(line), err
+    assert "Traceback" not in err
+
+
+def test_help_lists_the_exit_codes_and_success_is_0(capsys, monkeypatch, tmp_path):
+    from epcomm.tools import cli, messages
+    with pytest.raises(SystemExit) as ei:
+        cli.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert ei.value.code == 0 and " ".join(messages.EXIT_CODES.split()) in out
+    assert (messages.OK, messages.FAILED, messages.USAGE) == (0, 1, 2)
+    assert "exit codes: 0 success; 1 a step failed" in out and "2 bad arguments" in out
+    monkeypatch.setenv("EPCOMM_CACHE_DIR", str(tmp_path / "c"))
+    assert cli.main(["cache", "list"]) == 0 and cli.main(["cache", "clear"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_messages_have_one_home():
+    """No command formats its own `epcomm <cmd>:` prefix: epcomm.tools.messages does."""
+    import re
+    from pathlib import Path
+    tools = Path(__file__).resolve().parents[2] / "epcomm" / "tools"
+    own = [f"{p.relative_to(tools)}:{i}" for p in tools.rglob("*.py") if p.name != "messages.py"
+           for i, ln in enumerate(p.read_text().splitlines(), 1) if re.search(r"""print\(f?["'](\\n)?(!!! )?epcomm""", ln)]
+    assert own == []

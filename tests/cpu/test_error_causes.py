@@ -65,7 +65,7 @@ def test_warmup_without_the_cuda_extra_says_how_to_install_it_once(capsys, monke
     monkeypatch.setattr("epcomm.tools.warmup._build_all", lambda *a: pytest.fail("compiled without NVRTC"))
     assert cli.main(["warmup", "--hidden", "2048", "--arch", "sm_90"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "pip install 'epcomm[cu13]'" in err[0] and err[0].startswith("epcomm warmup:")
+    assert len(err) == 1 and "pip install 'epcomm[cu13]'" in err[0] and err[0].startswith("epcomm warmup: error: ")
 
 
 def test_nvshmem_missing_names_the_extra_not_none(monkeypatch):
@@ -94,8 +94,9 @@ def test_warmup_failures_are_one_line_each_with_the_logs_in_a_file(capsys, monke
     out, err = capsys.readouterr()
     lines = err.strip().splitlines()
     assert "\x00" not in err and "\x00" not in out
-    assert sum(ln.startswith("epcomm warmup: FAILED ") for ln in lines) == 2 and len(lines) == 3
-    log = lines[-1].split(" in ", 1)[1]
+    assert sum(ln.startswith("epcomm warmup: error: ") and " failed: NVRTC failed" in ln for ln in lines) == 2
+    assert len(lines) == 3 and lines[-1].startswith("epcomm warmup: error: 2 failed; their full compiler logs are in ")
+    log = lines[-1].split(" are in ", 1)[1]
     assert "line two of the log" in open(log).read()
 
 

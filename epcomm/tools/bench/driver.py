@@ -6,13 +6,12 @@ import importlib.util
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 
 from epcomm import envs
 from epcomm.kernels import internode as K_inter
-from epcomm.tools import spawn
+from epcomm.tools import messages, spawn
 from epcomm.tools.bench import defaults as D
 from epcomm.tools.bench.accounting import nvl_buffer_sizes
 from epcomm.tools.bench.checks import NormalCheck, record_check
@@ -20,6 +19,7 @@ from epcomm.tools.bench.internode import internode_worker
 from epcomm.tools.bench.knobs import BENCH_KIND, GIT_COMMIT
 from epcomm.tools.bench.low_latency import ll_worker
 from epcomm.tools.bench.normal import normal_worker
+from epcomm.tools.bench.plot import plot, require_matplotlib
 from epcomm.tools.bench.report import SHARED_GPU_NOTE, write_json
 from epcomm.tools.bench.report import report as print_report
 from epcomm.tools.bench.worker import WORKER_ENV, read_partials
@@ -205,18 +205,30 @@ def run(what: str, gpus: int, *, tokens=None, hidden=D.HIDDEN, topk=D.TOPK, expe
 
 def main(a) -> int:
     """``epcomm bench`` with the parsed arguments ``a``: 0 when every mode ran and passed its
-    checks, 1 otherwise, 2 without torch."""
+    checks, 1 otherwise (or without torch, or matplotlib for ``--plot``), 2 for arguments that
+    cannot run."""
+    plot_path = getattr(a, "plot", None)
+    if plot_path:
+        require_matplotlib()  # before minutes of benchmark, not after
     if importlib.util.find_spec("torch") is None:
-        print("epcomm bench needs torch (CUDA events and the NCCL baseline)", file=sys.stderr)
-        return 2
+        messages.error("bench", "needs torch (CUDA events and the NCCL baseline): pip install torch, built for the "
+                       "CUDA major of epcomm's extra (see `epcomm info`)")
+        return messages.FAILED
     res = run(a.what, a.gpus, tokens=a.tokens, hidden=a.hidden, topk=a.topk, experts=a.experts, sms=a.sms,
               iters=a.iters, timeout=a.timeout, aligner=getattr(a, "aligner", "clock"),
               ranks_per_node=getattr(a, "ranks_per_node", None), json_path=a.json, report=print_report)
     if a.json:
-        print(f"\nwrote {a.json}")
+        print()
+        messages.status("bench", f"wrote {a.json}")
+    if plot_path:
+        try:
+            plot(res, plot_path)
+            messages.status("bench", f"drew {plot_path}")
+        except ValueError as e:  # nothing measured: the error below says why
+            messages.warning("bench", f"--plot: {e}")
     failed = [k for k in ("normal", "low_latency", "internode") if isinstance(res.get(k), dict)
               and (res[k].get("error") or any(v != "ok" for v in (res[k].get("check") or {}).values()))]
     if failed:
-        print(f"!!! epcomm bench: {', '.join(failed)} failed or did not pass its checks (see above)", file=sys.stderr)
-        return 1
-    return 0
+        messages.error("bench", f"{', '.join(failed)} failed or did not pass its checks (see above)")
+        return messages.FAILED
+    return messages.OK

@@ -8,6 +8,7 @@ import os
 import statistics
 import sys
 
+from epcomm.tools import messages
 from epcomm.tools.bench.accounting import deepep_ll_rdma_size_hint
 
 # What the internode entry (and its table) says when its ranks share a GPU.
@@ -34,14 +35,22 @@ def _nums(vals) -> list[float]:
     return [v for v in vals if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)]
 
 
+def over_ranks(vals) -> tuple[float, float, float] | None:
+    """(mean, min, max) of the measured values among ``vals`` (one per rank; None, NaN and
+    missing ones skipped), or None when nothing was measured."""
+    v = _nums(vals)
+    return (statistics.mean(v), min(v), max(v)) if v else None
+
+
 def _stat(vals, fmt: str = ".1f") -> str:
     """'mean [min-max]' over ranks ('-' when nothing was measured)."""
-    v = _nums(vals)
-    if not v:
+    m = over_ranks(vals)
+    if m is None:
         return "-"
-    if len(v) == 1 or min(v) == max(v):
-        return f"{statistics.mean(v):{fmt}}"
-    return f"{statistics.mean(v):{fmt}} [{min(v):{fmt}}-{max(v):{fmt}}]"
+    mean, lo, hi = m
+    if lo == hi:
+        return f"{mean:{fmt}}"
+    return f"{mean:{fmt}} [{lo:{fmt}}-{hi:{fmt}}]"
 
 
 def _print_error(key: str, entry: dict) -> None:
@@ -85,7 +94,7 @@ def _print_aligner(ranks: list) -> None:
         print("aligner: " + "; ".join(parts))
 
 
-_NORMAL_OPS = ("dispatch_bf16", "cached_dispatch_bf16", "dispatch_fp8", "dispatch_fp8_colmajor",
+NORMAL_OPS = ("dispatch_bf16", "cached_dispatch_bf16", "dispatch_fp8", "dispatch_fp8_colmajor",
                "cached_dispatch_fp8", "combine")
 
 
@@ -115,7 +124,7 @@ def _print_normal(res: dict) -> None:
         return
     print(f"{'SMs':>4} {'operation':24s} {'us':>24s} {'GB/s':>20s}")
     for s in sms_counts(e):
-        for op in _NORMAL_OPS:
+        for op in NORMAL_OPS:
             us = [sms_entry(r, s).get(f"{op}_us") for r in ranks]
             if not _nums(us):
                 errs = {sms_entry(r, s).get(f"{op}_error") for r in ranks} - {None}
@@ -152,7 +161,7 @@ def _print_normal(res: dict) -> None:
     _print_checks("normal", e)
 
 
-_LL_FIELDS = ("dispatch_us", "dispatch_us_wall_aligner", "dispatch_us_cycles_aligner", "dispatch_graph_us",
+LL_FIELDS = ("dispatch_us", "dispatch_us_wall_aligner", "dispatch_us_cycles_aligner", "dispatch_graph_us",
               "dispatch_graph_us_back_to_back", "dispatch_send_us", "dispatch_recv_us", "combine_us",
               "combine_graph_us", "combine_graph_us_back_to_back", "combine_send_us", "combine_recv_us",
               "combine_rows_us", "combine_rows_graph_us_back_to_back", "combine_rows_send_us",
@@ -167,7 +176,7 @@ def _print_ll(res: dict) -> None:
     if not ranks:
         return
     a = e.get("args") or {}
-    for k in _LL_FIELDS:
+    for k in LL_FIELDS:
         vals = [r.get(k) for r in ranks]
         if not _nums(vals):
             continue
@@ -193,7 +202,7 @@ def _print_ll(res: dict) -> None:
     _print_checks("low_latency", e)
 
 
-_INTERNODE_OPS = ("dispatch_bf16", "dispatch_fp8", "combine")
+INTERNODE_OPS = ("dispatch_bf16", "dispatch_fp8", "combine")
 _INTERNODE_RATES = ("GBps", "rdma_GBps", "net_GBps", "nvl_GBps")
 
 
@@ -210,7 +219,7 @@ def _print_internode(res: dict) -> None:
     sms = {r.get("num_sms") for r in ranks} - {None}
     print(f"{'operation':16s} {'us':>24s} {'GB/s':>14s} {'RDMA GB/s':>14s} {'net GB/s':>14s} {'NVLink GB/s':>14s}"
           + (f"   ({'/'.join(map(str, sorted(sms)))} SMs)" if sms else ""))
-    for op in _INTERNODE_OPS:
+    for op in INTERNODE_OPS:
         us = [r.get(f"{op}_us") for r in ranks]
         if not _nums(us):
             errs = {r.get(f"{op}_error") for r in ranks} - {None}
@@ -223,7 +232,7 @@ def _print_internode(res: dict) -> None:
           "  accounting, (token, node) pairs of the rank's tokens, its own node included.  net / NVLink GB/s: the\n"
           "  route's bytes between declared nodes / inside a node, busier direction (on one host the 'network' hop\n"
           "  runs over NVLink too)")
-    routes = [(op, [r.get(f"{op}_route_bytes") or {} for r in ranks]) for op in _INTERNODE_OPS]
+    routes = [(op, [r.get(f"{op}_route_bytes") or {} for r in ranks]) for op in INTERNODE_OPS]
     routes = [(op, rb) for op, rb in routes if any(rb)]
     if routes:
         print("route bytes per rank, MB (rows of the accounting's size):")
@@ -266,7 +275,7 @@ def report(res: dict, key: str) -> None:
     try:
         print_table(res, modes=(key,))
     except Exception as e:  # noqa: BLE001 - the JSON is written already; never lose the run here
-        print(f"epcomm bench: printing the {key} table failed: {type(e).__name__}: {e}", file=sys.stderr)
+        messages.warning("bench", f"printing the {key} table failed: {type(e).__name__}: {e}")
     sys.stdout.flush()
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+from epcomm.tools import messages
 from epcomm.tools.plan.model import Plan, Traffic, plan
 
 _MB = 1e6
@@ -75,5 +76,6 @@ def main(a) -> int:
         with open(a.json, "w") as f:
             json.dump(p.to_dict(), f, indent=2)
             f.write("\n")
-        print(f"\nwrote {a.json}")
+        print()
+        messages.status("plan", f"wrote {a.json}")
     return 0
