@@ -11,6 +11,7 @@ layer over its one local device, the same code a larger mesh would run per block
 Run: python examples/jax_jit_moe.py   (EPCOMM_SHARE_GPU=1 for 2 ranks on one GPU)
 """
 import os
+import sys
 
 import numpy as np
 
@@ -73,6 +74,4 @@ def worker(rank, world, group):
 
 if __name__ == "__main__":
     from epcomm.tools import spawn
-    for r in spawn.run(worker, spawn.example_world(2, divides=E), timeout=600):
-        print(r)
-        assert r["ok"], r
+    sys.exit(spawn.run_example(worker, 2, divides=E, timeout=600))

@@ -58,9 +58,4 @@ def worker(rank, world, group):
 
 
 if __name__ == "__main__":
-    res = spawn.run(worker, spawn.example_world(2, divides=E), timeout=300)
-    for r in res:
-        print(r)
-    ok = all(r["ok"] for r in res)
-    print("PASS" if ok else "FAIL")
-    sys.exit(0 if ok else 1)
+    sys.exit(spawn.run_example(worker, 2, divides=E, timeout=300))

@@ -252,3 +252,15 @@ def example_world(min_ranks: int = 2, divides: int = 0) -> int:
     raise SystemExit(f"this example needs {min_ranks} ranks but {n} GPU{'s' if n > 1 else ''} "
                      f"{'are' if n > 1 else 'is'} visible; set EPCOMM_SHARE_GPU=1 to run {min_ranks} ranks "
                      f"sharing {'them' if n > 1 else 'it'} (a correctness run, not a speed one)")
+
+
+def run_example(worker, min_ranks: int = 2, divides: int = 0, timeout: float = 300) -> int:
+    """An example's ``__main__``: run ``worker(rank, world, group)`` on :func:`example_world`'s
+    ranks, print each rank's result dict and PASS or FAIL (every dict's ``"ok"``), and return
+    the exit status (0 on PASS)."""
+    res = run(worker, example_world(min_ranks, divides=divides), timeout=timeout)
+    for r in res:
+        print(r)
+    ok = all(r["ok"] for r in res)
+    print("PASS" if ok else "FAIL")
+    return 0 if ok else 1

@@ -145,3 +145,18 @@ def test_example_world_says_what_is_missing(monkeypatch, gpus, min_ranks, words)
     monkeypatch.setenv("EPCOMM_SHARE_GPU", "0")
     with pytest.raises(SystemExit, match=words):
         spawn.example_world(min_ranks)
+
+
+@pytest.mark.parametrize("oks, code, verdict", [((True, True), 0, "PASS"), ((True, False), 1, "FAIL")])
+def test_run_example_prints_every_rank_and_the_verdict(monkeypatch, capsys, oks, code, verdict):
+    seen = {}
+
+    def fake_run(worker, world, timeout):
+        seen.update(world=world, timeout=timeout)
+        return [{"rank": r, "ok": ok} for r, ok in enumerate(oks)]
+
+    monkeypatch.setattr(spawn, "run", fake_run)
+    monkeypatch.setattr(spawn, "example_world", lambda min_ranks, divides=0: 2)
+    assert spawn.run_example(lambda *a: None, 2, divides=8, timeout=7) == code
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == verdict and len(lines) == 3 and seen == {"world": 2, "timeout": 7}
