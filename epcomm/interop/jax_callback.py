@@ -23,8 +23,10 @@ import jax.numpy as jnp
 from epcomm.errors import EpcommError
 from epcomm.interop.xla_buffers import xla_arg
 
-# The first JAX whose buffer_callback takes command_buffer_compatible.
-NEEDED_JAX = "0.7.1"
+# The first JAX release with jax.experimental.buffer_callback, which has taken
+# command_buffer_compatible from the start (read from the jax 0.6.0 and 0.6.1 wheels on PyPI).
+# epcomm.jax is tested with JAX 0.10.2.
+NEEDED_JAX = "0.6.1"
 
 _CALLBACK = []
 
