@@ -2,7 +2,7 @@
 # One full GPU session on a lent machine: installs the carried
 # nvshmem4py wheel, runs `epcomm info`, warms the JIT cache in parallel, runs the GPU test
 # suite and the benchmarks, and leaves logs and JSON under $OUT (default ./gpu-out).
-# Usage: bash benchmarks/gpu_session.sh [tests|tests-normal|tests-ll|tests-internode|bench|all] [pytest -k expression]
+# Usage: bash benchmarks/gpu_session.sh [tests|tests-normal|tests-ll|tests-internode|tests-dropin|tests-compiled|tests-faults|soak|bench|all] [pytest -k expression]
 # Pass EPCOMM_GIT_COMMIT=<sha>[+dirty] (computed where the tree was sent from): the lent
 # machines' copies have had a stale git HEAD, and the benchmark JSON records this value.
 #
@@ -74,6 +74,23 @@ fi
 # 8 sharing one GPU it covers 2x2 and 4x1 (2x4, 4x2, 8x1).
 if [[ $what == tests || $what == all || $what == tests-internode ]]; then
   run_tests internode "${TEST_TIMEOUT:-540}" tests/gpu/test_internode_gpu.py
+fi
+# The DeepEP drop-in (tests and its example), the compiled-program paths (epcomm.jax under jit,
+# torch.compile) and the failure paths (rank masks and fault injection, the GPU fuzz).
+if [[ $what == tests || $what == all || $what == tests-dropin ]]; then
+  run_tests dropin "${TEST_TIMEOUT:-300}" tests/gpu/test_deep_ep_dropin_gpu.py
+  timeout 120 python3 examples/deep_ep_drop_in.py 2>&1 | tee "$OUT/example-deep_ep_drop_in.txt" | tail -3
+fi
+if [[ $what == tests || $what == all || $what == tests-compiled ]]; then
+  run_tests compiled "${TEST_TIMEOUT:-540}" tests/gpu/test_jax_jit_gpu.py tests/gpu/test_torch_compile_gpu.py
+fi
+if [[ $what == tests || $what == all || $what == tests-faults ]]; then
+  run_tests faults "${TEST_TIMEOUT:-540}" tests/gpu/test_fault_injection_gpu.py tests/gpu/test_fuzz_gpu.py
+fi
+# The soak (benchmarks/soak.py): SOAK_RANKS ranks (default 2), SOAK_CALLS calls, within the call.
+if [[ $what == soak ]]; then
+  timeout -k 10 "${SOAK_LIMIT:-560}" python3 benchmarks/soak.py --ranks "${SOAK_RANKS:-2}" --calls "${SOAK_CALLS:-10000}" \
+      --seed "${SOAK_SEED:-1}" --time-limit "$(( ${SOAK_LIMIT:-560} - 20 ))" --json "$OUT/soak.json" 2>&1 | tee "$OUT/soak.txt" | tail -30
 fi
 if [[ $what == bench || $what == all ]]; then
   if (( ngpu >= 2 )); then which=all; nmodes=2; kind="nvidia-h200-x$ngpu"; else which=low-latency; nmodes=1; kind=nvidia-h200; fi

@@ -118,6 +118,8 @@ def low_latency_combine(hidden_states: torch.Tensor, topk_idx: torch.Tensor, top
 
 # ---- the run: every rank, checked against epcomm.reference --------------------------------------
 N, T, H, E, K = 1024, 128, 7168, 64, 8
+# epcomm.deep_ep's Buffers follow DeepEP's arithmetic (FP8 scales, sums): the reference is asked for the same.
+NUMERICS = "deepep"
 
 
 def _inputs(world: int, tokens: int, seed: int) -> List[tuple]:
@@ -161,7 +163,7 @@ def _check_training(rank: int, world: int, group) -> List[str]:
     event.current_stream_wait()
     ys = [(r.recv_x.astype(np.float32) * 2).astype(ml_dtypes.bfloat16) for r in ref]
     handles = [r.handle for r in ref]
-    if not _same(combined, reference.combine(ys, handles)[rank][0]):
+    if not _same(combined, reference.combine(ys, handles, numerics=NUMERICS)[rank][0]):
         fails.append("combined_x")
     rng = np.random.default_rng(2)
     g_out = [random_bf16(rng, (N, H)) for _ in range(world)]
@@ -174,7 +176,7 @@ def _check_training(rank: int, world: int, group) -> List[str]:
         fails.append("combine_backward")
     gx, gw, event = dispatch_backward(up(g_rx[rank]), up(g_rw[rank]), handle)
     event.current_stream_wait()
-    wx, ww = reference.combine(g_rx, handles, topk_weights=g_rw)[rank]
+    wx, ww = reference.combine(g_rx, handles, topk_weights=g_rw, numerics=NUMERICS)[rank]
     if not (_same(gx, wx) and _same(gw, ww)):
         fails.append("dispatch_backward")
     return fails
@@ -183,7 +185,7 @@ def _check_training(rank: int, world: int, group) -> List[str]:
 def _check_decoding(rank: int, world: int, group) -> List[str]:
     import ml_dtypes
 
-    from epcomm import envs, interop, reference
+    from epcomm import interop, reference
     up = lambda a: interop.from_numpy("torch", a, "cuda", torch.cuda.current_device())  # noqa: E731
     ins = _inputs(world, T, 3)
     xs, tks, ws = (list(v) for v in zip(*ins))
@@ -191,7 +193,7 @@ def _check_decoding(rank: int, world: int, group) -> List[str]:
     get_low_latency_buffer(group, T, H, E)
     (q, scales), count, handle, _, hook = low_latency_dispatch(x, topk_idx, T, E)  # FP8 by default
     hook()  # the data arrive now
-    ref = reference.low_latency_dispatch(xs, tks, T, E)  # use_fp8=True, as the call's default
+    ref = reference.low_latency_dispatch(xs, tks, T, E, numerics=NUMERICS)  # use_fp8=True, as the call's default
     rr = ref[rank]
     fails = [] if _same(count, rr.recv_count) else ["recv_count"]
     got_q, got_s = interop.to_numpy(q), interop.to_numpy(scales)
@@ -203,10 +205,7 @@ def _check_decoding(rank: int, world: int, group) -> List[str]:
     combined, _, hook = low_latency_combine(y, topk_idx, topk_weights, handle)
     hook()
     ys = [r.recv_x.astype(np.float32).astype(ml_dtypes.bfloat16) for r in ref]
-    # epcomm's combine sums a token's experts on one NVLink peer first (EPCOMM_LL_COMBINE_PARTIALS);
-    # the reference models the same order
-    partials = envs.LL_COMBINE_PARTIALS.get() and not envs.LL_FORCE_NVSHMEM_PUT.get()
-    want = reference.low_latency_combine(ys, tks, ws, [r.handle for r in ref], partials=partials)[rank]
+    want = reference.low_latency_combine(ys, tks, ws, [r.handle for r in ref], numerics=NUMERICS)[rank]
     if not _same(combined, want):
         fails.append("low-latency combined")
     return fails

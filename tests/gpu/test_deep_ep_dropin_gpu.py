@@ -45,6 +45,8 @@ from gpu_checks import (TEST_TIMEOUT, assert_bits, device_of, ll_ranks, needs_ll
 pytestmark = [pytest.mark.gpu, pytest.mark.multigpu]
 
 # DeepEP's recommended configs exist for these rank counts (vLLM passes config=None otherwise).
+# The drop-in's Buffers follow DeepEP's arithmetic (numerics="deepep"): so does the reference here.
+NUMERICS = "deepep"
 _DEEPEP_RANKS = (2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 144, 160)
 
 
@@ -204,7 +206,8 @@ def _vllm_ht(rank, world, group, N, H, E, K):
             combined, _, _ = buf.combine(x=_up(ys[rank]), handle=handle, topk_weights=None, config=combine_cfg,
                                          previous_event=None, async_finish=False, allocate_on_comm_stream=False)
             output.copy_(combined, non_blocking=True)
-            assert_bits(f"{tag} combined", to_np(output), reference.combine(ys, [r.handle for r in ref])[rank][0])
+            assert_bits(f"{tag} combined", to_np(output),
+                        reference.combine(ys, [r.handle for r in ref], numerics=NUMERICS)[rank][0])
             group.barrier()
     return buf
 
@@ -236,12 +239,11 @@ def _vllm_ll(rank, world, group, T, H, E, K):
     buf = deep_ep.Buffer(group=tg, num_nvl_bytes=0, num_rdma_bytes=rdma, low_latency_mode=True,
                          num_qps_per_rank=E // world, allow_nvlink_for_low_latency_mode=True, allow_mnnvl=False,
                          explicitly_destroy=True)
-    ll = buf.native._ll
-    partials = ll.partials and not ll.force_put
+    assert not buf.native._ll.partials, "DeepEP's numerics add every row at the source"
     for i, fp8 in enumerate((False, True, False)):  # three rounds: both slots, one reused
         tag = f"{i}/{'fp8' if fp8 else 'bf16'}"
         xs, tks, ws = _job(f"vllm_ll/{tag}", world, T, H, E, K)
-        ref = reference.low_latency_dispatch(xs, tks, T, E, use_fp8=fp8)
+        ref = reference.low_latency_dispatch(xs, tks, T, E, use_fp8=fp8, numerics=NUMERICS)
         topk = _up(tks[rank])
         expert_x, expert_num_tokens, handle, event, hook = buf.low_latency_dispatch(
             _up(xs[rank]), topk, T, E, use_fp8=fp8, async_finish=False, return_recv_hook=False)
@@ -252,7 +254,7 @@ def _vllm_ll(rank, world, group, T, H, E, K):
         combined, event, hook = buf.low_latency_combine(_up(ys[rank]), topk, _up(ws[rank]), handle, async_finish=False,
                                                         zero_copy=False, return_recv_hook=False, out=output)
         assert combined.data_ptr() == output.data_ptr() and hook is None
-        want = reference.low_latency_combine(ys, tks, ws, [r.handle for r in ref], partials=partials)[rank]
+        want = reference.low_latency_combine(ys, tks, ws, [r.handle for r in ref], numerics=NUMERICS)[rank]
         assert_bits(f"{tag} combined", to_np(output), want)
         group.barrier()
     return buf
@@ -281,14 +283,15 @@ def _sglang_normal(rank, world, group, buf, tag, N, H, E, K, configs):
     combined, _, event = buf.combine(y, handle, async_finish=True, previous_event=previous_event,
                                      allocate_on_comm_stream=True, config=configs[1])
     event.current_stream_wait()
-    assert_bits(f"{tag} combined", to_np(combined), reference.combine(ys, [r.handle for r in ref])[rank][0])
+    assert_bits(f"{tag} combined", to_np(combined),
+                reference.combine(ys, [r.handle for r in ref], numerics=NUMERICS)[rank][0])
 
 
 def _sglang_ll(rank, world, group, buf, tag, T, H, E, K, hook_mode):
     import epcomm.deep_ep as deep_ep
     from epcomm import reference
     xs, tks, ws = _job(f"sglang/{tag}", world, T - 3, H, E, K)
-    ref = reference.low_latency_dispatch(xs, tks, T, E, use_fp8=True)
+    ref = reference.low_latency_dispatch(xs, tks, T, E, use_fp8=True, numerics=NUMERICS)
     topk = _up(tks[rank])
     expected_m = (xs[rank].shape[0] * buf.group_size * K + E) // E
     assert expected_m >= 1
@@ -309,9 +312,8 @@ def _sglang_ll(rank, world, group, buf, tag, T, H, E, K, hook_mode):
         hook()
     else:
         event.current_stream_wait()
-    ll = buf.native._ll
-    want = reference.low_latency_combine(ys, tks, ws, [r.handle for r in ref],
-                                         partials=ll.partials and not ll.force_put)[rank]
+    assert not buf.native._ll.partials, "DeepEP's numerics add every row at the source"
+    want = reference.low_latency_combine(ys, tks, ws, [r.handle for r in ref], numerics=NUMERICS)[rank]
     assert_bits(f"{tag} combined", to_np(combined), want)
     assert type(event) is deep_ep.EventOverlap
 
@@ -400,7 +402,8 @@ def _megatron(rank, world, group, N, H, E, K):
     combined, _, after = buf.combine(_up(ys[rank]), handle=handle, async_finish=True, previous_event=prev,
                                      allocate_on_comm_stream=True)
     after.current_stream_wait()
-    assert_bits("megatron combine forward", to_np(combined), reference.combine(ys, handles)[rank][0])
+    assert_bits("megatron combine forward", to_np(combined),
+                reference.combine(ys, handles, numerics=NUMERICS)[rank][0])
     rng = np.random.default_rng(zlib.crc32(b"megatron/gradients"))
     g_out = [random_bf16(rng, (N, H)) for _ in range(world)]
     prev = EventOverlap(EventHandle())
@@ -414,7 +417,7 @@ def _megatron(rank, world, group, N, H, E, K):
     g_rx = [random_bf16(rng, (r.handle.num_recv_tokens, H)) for r in ref]
     g_rw = [rng.uniform(0.5, 1.5, size=(r.handle.num_recv_tokens, K)).astype(np.float32) for r in ref]
     torch.autograd.backward([recv_x, recv_probs], [_up(g_rx[rank]), _up(g_rw[rank])])
-    gx, gw = reference.combine(g_rx, handles, topk_weights=g_rw)[rank]
+    gx, gw = reference.combine(g_rx, handles, topk_weights=g_rw, numerics=NUMERICS)[rank]
     assert_bits("megatron dispatch backward x", to_np(x.grad), gx)
     assert_bits("megatron dispatch backward probs", to_np(probs.grad), gw)
     return buf
@@ -447,7 +450,7 @@ def _internode(rank, world, group, N, H, E, K):
         ys = _outputs(f"internode/{call}", [(r.recv_x.shape[0], H) for r in ref])
         combine = buf.combine if call == "dispatch" else buf.internode_combine
         combined, _, _ = combine(_up(ys[rank]), handle)
-        want = reference.combine(ys, [r.handle for r in ref], num_ranks_per_node=P)[rank][0]
+        want = reference.combine(ys, [r.handle for r in ref], num_ranks_per_node=P, numerics=NUMERICS)[rank][0]
         assert_bits(f"{call} combined (node-first)", to_np(combined), want)
         group.barrier()
     return buf
