@@ -478,13 +478,18 @@ __global__ void __launch_bounds__(kIntraThreads) intranode_dispatch_send(const _
   if (*reinterpret_cast<volatile u64*>(&p.ctrl->ok_tag) != tag) return;
   const int N = p.num_tokens, K = p.num_topk, CR = p.chunk_rows;
   const int L = p.num_experts / R;
+  // The plan (and so which block takes which item) must not depend on the mask: blocks read it
+  // at different times, and a rank masked between two reads would shift the item numbering of
+  // one block against another's, leaving chunks of a live destination to no block.  A masked
+  // destination's items are numbered as usual and skipped (a rank masked by the notify's scan
+  // already has send_count 0).
   __shared__ ChunkPlan s_plan[R];
   for (int d = threadIdx.x; d < R; d += blockDim.x)
-    s_plan[d] = ChunkPlan::make(d == p.rank || rank_masked(intra_mask(p), d) ? 0 : p.send_count[d], CR,
-                                kTailChunks<R>);
+    s_plan[d] = ChunkPlan::make(d == p.rank ? 0 : p.send_count[d], CR, kTailChunks<R>);
   __syncthreads();
   int max_nc = 0;
   for (int d = 0; d < R; ++d) max_nc = max(max_nc, s_plan[d].nchunks);
+  const int* const mask = intra_mask(p);
   int item = 0;
   for (int c = 0; c < max_nc; ++c) {
     for (int j = 1; j < R; ++j) {
@@ -492,6 +497,7 @@ __global__ void __launch_bounds__(kIntraThreads) intranode_dispatch_send(const _
       const ChunkPlan& plan = s_plan[d];
       if (c >= plan.nchunks) continue;
       if ((item++ % gridDim.x) != blockIdx.x) continue;
+      if (rank_masked(mask, d)) continue;  // shrink mode: nothing goes into a masked rank's memory
       const int row_begin = plan.begin(c);
       const int row_end = plan.end(c);
       u8* region = at<u8>(p.peers[d], p.staging_off) + static_cast<u64>(p.rank) * p.region_bytes;

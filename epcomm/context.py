@@ -125,8 +125,9 @@ class CommContext:
 
     def kernel_timeout_s(self) -> float:
         """How long a kernel waits for a peer: EPCOMM_SHRINK_TIMEOUT_MS in shrink mode (then the
-        peer is masked), else EPCOMM_TIMEOUT_S (then EpcommTimeoutError)."""
-        return envs.SHRINK_TIMEOUT_MS.get() / 1000.0 if self.shrink else self.timeout_s
+        peer is masked), else EPCOMM_TIMEOUT_S (then EpcommTimeoutError).  The shrink timeout is
+        read at each call (parsed again only when its text changed: the fast paths ask too)."""
+        return envs.SHRINK_TIMEOUT_MS.get_memo() / 1000.0 if self.shrink else self.timeout_s
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def check_usable(self, what: str, collective: bool = False) -> None:

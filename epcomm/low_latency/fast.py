@@ -41,6 +41,8 @@ class FastPaths:
             return None
         p = plan.p
         p.x, p.topk_idx = x.data_ptr(), topk_idx.data_ptr()
+        if self.ctx.shrink:  # the plan holds the timeout of the call that made it
+            p.timeout_ns = self._timeout_ns()
         K.launch_plan(plan.fn, plan.grid, streams.current_stream("torch", dev), plan.args, plan.smem)
         self._disp_slot = slot ^ 1
         self.fast_calls += 1
@@ -82,6 +84,8 @@ class FastPaths:
             return None
         p = plan.p
         p.x, p.topk_idx, p.topk_weights, p.out = x.data_ptr(), topk_idx.data_ptr(), topk_weights.data_ptr(), out.data_ptr()
+        if self.ctx.shrink:  # the plan holds the timeout of the call that made it
+            p.timeout_ns = self._timeout_ns()
         K.launch_plan(plan.fn, plan.grid, streams.current_stream("torch", dev), plan.args, plan.smem)
         self._comb_slot = slot ^ 1
         self.fast_calls += 1

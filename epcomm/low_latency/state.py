@@ -228,8 +228,13 @@ class LowLatencyState(DispatchOps, CombineOps, FastPaths):
         p.lf_meta_off, p.lf_stage_off = lay.lf_meta_off, lay.lf_stage_off
         p.msg_bytes = lay.msg_bytes
         p.slot = slot
-        p.timeout_ns = int(self.ctx.kernel_timeout_s() * 1e9)  # EPCOMM_SHRINK_TIMEOUT_MS in shrink mode
+        p.timeout_ns = self._timeout_ns()
         return p
+
+    def _timeout_ns(self) -> int:
+        """How long this call's kernels wait for a peer (EPCOMM_SHRINK_TIMEOUT_MS in shrink mode,
+        read at each call, so a prepared launch of the fast paths is given it again)."""
+        return int(self.ctx.kernel_timeout_s() * 1e9)
 
     def _allow_smem(self, mod, names, smem: int) -> None:
         """Let the kernels ``names`` of ``mod`` use ``smem`` bytes of dynamic shared memory (above

@@ -239,3 +239,38 @@ def test_counts_timeout_names_the_ranks_that_never_arrived():
     info[2:6] = -1  # not even this rank: the kernel never ran
     e = counts_timeout(info, ctx, "dispatch")
     assert e.peer == -1 and "never ran" in str(e)
+
+
+# ---- the shrink timeout reaches every launch, the fast paths' prepared ones included ---------
+def test_fast_paths_launch_with_the_shrink_timeout_of_the_call(monkeypatch):
+    """The prepared launches of the low-latency fast paths keep the params of the call that
+    made them: a Buffer warmed up with a long EPCOMM_SHRINK_TIMEOUT_MS (as the fault-injection
+    tests do, so a cold compile masks nobody) must wait only the short one afterwards."""
+    torch = pytest.importorskip("torch")
+    from epcomm.kernels import low_latency as K
+    from fake_rig import FakeRuntime
+    rig = FakeRuntime(monkeypatch)
+    b, st = rig.ll_buffer()
+    b.ctx.shrink = True
+    H, E, N, Kt = 256, 8, 4, 2
+    x = torch.zeros(N, H, dtype=torch.bfloat16)
+    topk = (torch.arange(N * Kt).reshape(N, Kt) % E).to(torch.int64)
+    w = torch.ones(N, Kt, dtype=torch.float32)
+    y = torch.zeros(E // 2, 2 * 8, H, dtype=torch.bfloat16)
+    monkeypatch.setenv("EPCOMM_CHECK_INDICES", "0")
+    monkeypatch.setattr(st, "_torch", torch)
+    st._tdev, st._get_device = "cpu", lambda: 0
+    monkeypatch.setattr(torch.Tensor, "get_device", lambda self: 0)
+    launched = []
+    monkeypatch.setattr(K, "launch_plan", lambda fn, grid, stream, args, smem: launched.append(args))
+    monkeypatch.setenv("EPCOMM_SHRINK_TIMEOUT_MS", "600000")
+    for _ in range(2):  # both slots get a plan, made with the long timeout
+        _, _, h, _, _ = b.low_latency_dispatch(x, topk, 8, E, use_fp8=False)
+        b.low_latency_combine(y, topk, w, h)
+    assert st.fast_calls == 0 and {p.p.timeout_ns for p in st._plans.values()} == {600 * 10**9}
+    monkeypatch.setenv("EPCOMM_SHRINK_TIMEOUT_MS", "4000")
+    for _ in range(2):
+        _, _, h, _, _ = b.low_latency_dispatch(x, topk, 8, E, use_fp8=False)
+        b.low_latency_combine(y, topk, w, h)
+    assert st.fast_calls == 4 and len(launched) == 4
+    assert {p.p.timeout_ns for p in st._plans.values()} == {4 * 10**9}
