@@ -348,13 +348,14 @@ class Buffer:
         ranks died or left (shrink mode), pass a group of the survivors (the Buffer's group
         would wait EPCOMM_GROUP_TIMEOUT_S for the missing ones); a rank leaving alone passes
         ``epcomm.runtime.group.LocalGroup()`` once its peers have masked it.  The symmetric heap
-        (low-latency mode) is freed only when every rank of the Buffer's group is unmasked, as
-        NVSHMEM's free waits for every PE; otherwise it stays until NVSHMEM is finalised."""
+        (low-latency mode) is freed only when ``group`` has every rank of the Buffer's and none
+        is masked, as NVSHMEM's free waits for every PE; otherwise it stays until NVSHMEM is
+        finalised.  TypeError for a ``group`` that is not a group (nothing released)."""
         if self.ctx.destroyed:
             return
+        group = self.group if group is None else as_group(group)
         self.ctx.destroyed = True
         _LIVE_BUFFERS.discard(self)
-        group = self.group if group is None else as_group(group)
         with driver.on_device(self.device_id):
             try:
                 # Every stream of the device: low-latency kernels usually run on the caller's
@@ -368,7 +369,9 @@ class Buffer:
                 warnings.warn(f"Buffer.destroy on rank {self.rank}: the barrier with the other ranks failed "
                               f"({type(e).__name__}: {e}); releasing the memory anyway (a peer that still "
                               f"writes into it would fault)", RuntimeWarning, stacklevel=2)
-            self._free_local(failing=self._some_masked())
+            # A smaller group (survivors, or a rank leaving alone): the ranks outside it never
+            # join a collective free.
+            self._free_local(failing=group.size < self.num_ranks or self._some_masked())
             event_mod.release_finished()  # the device is idle: CuPy/JAX arrays of dropped events go
 
     def _some_masked(self) -> bool:

@@ -274,3 +274,53 @@ def test_fast_paths_launch_with_the_shrink_timeout_of_the_call(monkeypatch):
         b.low_latency_combine(y, topk, w, h)
     assert st.fast_calls == 4 and len(launched) == 4
     assert {p.p.timeout_ns for p in st._plans.values()} == {4 * 10**9}
+
+
+# ---- destroy(group=...) with ranks missing: no collective that waits for them -----------------
+class _FakeLowLatency:
+    """What destroy() asks of a LowLatencyState: free, and whether collectively (NVSHMEM's free
+    of the symmetric heap waits for every PE of the Buffer)."""
+
+    def __init__(self):
+        self.frees = []
+
+    def free(self, collective=True):
+        self.frees.append(collective)
+
+
+@pytest.mark.parametrize("group_size, shrink, collective", [
+    (4, False, True),   # every rank of the Buffer meets: the heap is freed collectively
+    (3, False, False),  # survivors of a dead rank, no shrink mode: the dead PE never joins
+    (1, True, False),   # a rank leaving alone (LocalGroup) after its peers masked it
+    (3, True, False),   # survivors, the dead rank masked
+])
+def test_destroy_frees_the_heap_collectively_only_with_every_rank(monkeypatch, group_size, shrink, collective):
+    from fake_runtime import FakeGroup
+
+    class Group(FakeGroup):  # the whole group protocol (destroy checks it)
+        def allgather_bytes(self, b):
+            return [b] * self.size
+
+        def broadcast_bytes(self, b, root=0):
+            return b
+
+    monkeypatch.setattr(driver, "on_device", lambda dev: contextlib.nullcontext())
+    monkeypatch.setattr(driver, "device_sync", lambda: None)
+    ll = _FakeLowLatency()
+    b = fake_buffer(normal=False, num_ranks=4, low_latency=ll)
+    if shrink:  # a survivor's words hold the dead rank; a leaving rank is masked in its peers' only
+        mem = FakeMemory(monkeypatch, [0x1000], 4)
+        mem.words[0x1000][3] = int(group_size > 1)
+        b.ctx.mask = RankMask(0, 0, 4, [0x1000])
+    log = []
+    b.destroy(group=Group(0, group_size, log))
+    assert log == [("barrier",)] and ll.frees == [collective]
+
+
+def test_destroy_with_a_bad_group_raises_and_keeps_the_buffer(monkeypatch):
+    monkeypatch.setattr(driver, "on_device", lambda dev: contextlib.nullcontext())
+    ll = _FakeLowLatency()
+    b = fake_buffer(normal=False, num_ranks=4, low_latency=ll)
+    with pytest.raises(TypeError, match="group"):
+        b.destroy(group=42)
+    assert not b.ctx.destroyed and ll.frees == []
