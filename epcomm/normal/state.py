@@ -163,14 +163,23 @@ class NvlinkState:
                 setattr(self, attr, 0)
 
 
+def counts_wait_s(ctx) -> float:
+    """How long the CPU waits for a dispatch's counts: EPCOMM_TIMEOUT_S, but in shrink mode at
+    least twice the kernels' own deadline (EPCOMM_SHRINK_TIMEOUT_MS, which may be the longer:
+    the notify masks a missing peer only then, and a kernel ahead of it on the comm stream may
+    have waited as long), plus 2 s for the kernel to record why it stopped."""
+    wait = max(ctx.timeout_s, 2.0 * ctx.kernel_timeout_s()) if ctx.shrink else ctx.timeout_s
+    return wait + 2.0
+
+
 def wait_counts(info, ctx, what: str) -> None:
     """Spin until a notify kernel set ``info[0]`` (host-mapped; the host zeroed it before the
-    launch), bounded by the context's timeout; raises the kernels' recorded error, or
+    launch), for at most :func:`counts_wait_s`; raises the kernels' recorded error, or
     EpcommTimeoutError (and poisons the context's error state)."""
     if info[0]:
         return
     start = time.monotonic()
-    deadline = start + ctx.timeout_s + 2.0
+    deadline = start + counts_wait_s(ctx)
     spins = 0
     # Spin hard first: the receive kernel is launched only after this returns, so every
     # microsecond here is on the GPU's critical path (a 100 us sleep granularity cost about
@@ -202,5 +211,5 @@ def counts_timeout(info, ctx, what: str) -> EpcommTimeoutError:
         why = f"ranks {missing} never sent theirs: they died or did not call {what}"
         peer = missing[0] if missing else -1
     return EpcommTimeoutError(f"rank {ctx.rank}: {what}: the token counts of the peers did not arrive within "
-                              f"{ctx.timeout_s:.0f} s (phase notify); {why}", rank=ctx.rank, phase="notify",
+                              f"{counts_wait_s(ctx):.0f} s (phase notify); {why}", rank=ctx.rank, phase="notify",
                               peer=peer)

@@ -324,3 +324,37 @@ def test_destroy_with_a_bad_group_raises_and_keeps_the_buffer(monkeypatch):
     with pytest.raises(TypeError, match="group"):
         b.destroy(group=42)
     assert not b.ctx.destroyed and ll.frees == []
+
+
+def test_the_cpu_waits_for_the_counts_at_least_as_long_as_the_shrink_timeout(monkeypatch):
+    """A CPU that gave up before the notify kernel masked the missing peer would raise (and
+    poison the Buffer) where shrink mode completes the call: with EPCOMM_SHRINK_TIMEOUT_MS
+    longer than EPCOMM_TIMEOUT_S (a warm-up that must mask nobody) the CPU waits longer too."""
+    from epcomm.errors import EpcommTimeoutError
+    from epcomm.normal import state
+    ctx = fake_context(2, timeout_s=3.0)
+    monkeypatch.setenv("EPCOMM_SHRINK_TIMEOUT_MS", "600000")
+    assert state.counts_wait_s(ctx) == 5.0  # shrink off: EPCOMM_TIMEOUT_S + 2
+    ctx.shrink = True
+    assert state.counts_wait_s(ctx) == 1202.0
+    monkeypatch.setenv("EPCOMM_SHRINK_TIMEOUT_MS", "500")
+    assert state.counts_wait_s(ctx) == 5.0  # never shorter than EPCOMM_TIMEOUT_S
+    # The wait itself: it gives up only after that bound (a fake clock), naming it.
+    now = [0.0]
+    monkeypatch.setattr(state.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(state.time, "sleep", lambda s: None)
+    info = np.zeros(2 + 2, np.int32)
+    info[2:] = [0, -1]
+
+    class Clock:
+        def __getitem__(self, i):  # every read of the ready word advances the clock 1 ms
+            now[0] += 0.001
+            return info[i]
+
+        def __setitem__(self, i, v):
+            info[i] = v
+
+    monkeypatch.setenv("EPCOMM_SHRINK_TIMEOUT_MS", "600000")
+    with pytest.raises(EpcommTimeoutError, match="within 1202 s") as e:
+        state.wait_counts(Clock(), ctx, "dispatch")
+    assert 1202.0 <= now[0] < 1203.0 and e.value.peer == 1
