@@ -31,15 +31,30 @@ class RankMask:
         for addr in self.addrs:
             driver.memcpy_htod(addr, words.ctypes.data, words.nbytes)
 
+    def _store(self, words: np.ndarray, seen: list) -> None:
+        """Write into each engine the entries of ``words`` that differ from what was read there
+        (``seen``), one word each: a peer's kernel may publish into the other entries meanwhile
+        (its calls do not wait for this rank's host), and a whole-array write would undo that."""
+        words = np.ascontiguousarray(words, dtype=np.int32)
+        for addr, old in zip(self.addrs, seen):
+            for i in np.flatnonzero(words != old):
+                driver.memcpy_htod(addr + 4 * int(i), words[i:i + 1].ctypes.data, 4)
+
+    def _union(self) -> tuple[np.ndarray, list]:
+        """The union of the engines' words and what was read of each (device synchronised)."""
+        driver.device_sync()
+        seen = [self._read(addr) for addr in self.addrs]
+        union = np.zeros(self.num_ranks, dtype=np.int32)
+        for words in seen:
+            union |= (words != 0).astype(np.int32)
+        return union, seen
+
     def query(self) -> np.ndarray:
         """``int32 [R]``: 1 for every masked rank (the union of the engines' words, written back
         into each so that the modes agree), after this device's work is done."""
         with driver.on_device(self.device_id):
-            driver.device_sync()
-            union = np.zeros(self.num_ranks, dtype=np.int32)
-            for addr in self.addrs:
-                union |= (self._read(addr) != 0).astype(np.int32)
-            self._write(union)
+            union, seen = self._union()
+            self._store(union, seen)
         return union
 
     def update(self, rank, masked=True) -> None:
@@ -50,10 +65,10 @@ class RankMask:
         if rank == self.rank:
             raise ValueError(f"rank={rank} is this process's own rank: a rank cannot mask itself "
                              f"(the others mask it; to leave, stop calling and destroy the Buffer)")
-        words = self.query()
-        words[rank] = 1 if masked else 0
         with driver.on_device(self.device_id):
-            self._write(words)
+            union, seen = self._union()
+            union[rank] = 1 if masked else 0
+            self._store(union, seen)
 
     def clean(self) -> None:
         """Unmask every rank."""

@@ -130,9 +130,12 @@ class FakeMemory:
         n = nbytes // 4
         np.ctypeslib.as_array((np.ctypeslib.ctypes.c_int32 * n).from_address(host_ptr))[:] = self.words[src][:n]
 
-    def htod(self, dst, host_ptr, nbytes):
+    def htod(self, dst, host_ptr, nbytes):  # dst: an array's address or one of its words
         n = nbytes // 4
-        self.words[dst][:n] = np.ctypeslib.as_array((np.ctypeslib.ctypes.c_int32 * n).from_address(host_ptr))
+        base = max(a for a in self.words if a <= dst)
+        i = (dst - base) // 4
+        assert i + n <= len(self.words[base]), "a write past the mask words"
+        self.words[base][i:i + n] = np.ctypeslib.as_array((np.ctypeslib.ctypes.c_int32 * n).from_address(host_ptr))
 
 
 def test_rank_mask_update_query_clean(monkeypatch):
@@ -358,3 +361,24 @@ def test_the_cpu_waits_for_the_counts_at_least_as_long_as_the_shrink_timeout(mon
     with pytest.raises(EpcommTimeoutError, match="within 1202 s") as e:
         state.wait_counts(Clock(), ctx, "dispatch")
     assert 1202.0 <= now[0] < 1203.0 and e.value.peer == 1
+
+
+def test_rank_mask_writes_leave_a_peers_concurrent_publication_alone(monkeypatch):
+    """A peer's kernel publishes into this rank's words whenever it masks a rank (its calls do
+    not wait for this host): query and update write back only the entries they change."""
+    mem = FakeMemory(monkeypatch, [0x1000, 0x2000], 4)
+    m = RankMask(0, rank=0, num_ranks=4, addrs=[0x1000, 0x2000])
+    mem.words[0x2000][2] = 1
+    read = mem.dtoh
+
+    def dtoh_then_publish(host_ptr, src, nbytes):  # the peer's store lands after the host's read
+        read(host_ptr, src, nbytes)
+        if src == 0x1000:
+            mem.words[0x1000][3] = 1
+
+    monkeypatch.setattr(driver, "memcpy_dtoh", dtoh_then_publish)
+    assert m.query().tolist() == [0, 0, 1, 0]  # what was read
+    assert mem.words[0x1000].tolist() == [0, 0, 1, 1]  # the union went in, the peer's entry stayed
+    mem.words[0x1000][3] = 0
+    m.update(1)
+    assert mem.words[0x1000].tolist() == [0, 1, 1, 1] and mem.words[0x2000].tolist() == [0, 1, 1, 0]
