@@ -172,3 +172,33 @@ def test_xla_arg_views_a_buffer_with_its_logical_dtype():
         jax.jit(bcm.buffer_callback(cb, jax.ShapeDtypeStruct((1,), jnp.int32)))(jx.int64_pairs(jnp.arange(3)))
     addr, (ptr, shape, dtype, strides) = seen
     assert ptr == addr and shape == (3,) and dtype == "int64" and strides == (1,)
+
+
+def test_the_example_layer_runs_in_shard_map_with_its_gradient(rig):
+    """examples/jax_jit_moe.py's layer, as its worker runs it (one-device mesh, value_and_grad)."""
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+    from jax.sharding import Mesh, PartitionSpec as P
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+    try:
+        import jax_jit_moe as ex
+    finally:
+        sys.path.pop(0)
+    world, b = 2, rig.normal_buffer(R=2)
+    L = ex.E // world
+    rng = np.random.default_rng(0)
+    params = {"router": jnp.asarray(rng.standard_normal((ex.H, ex.E)), jnp.float32),
+              "w1": jnp.asarray(rng.standard_normal((L, ex.H, ex.F)), jnp.float32),
+              "w2": jnp.asarray(rng.standard_normal((L, ex.F, ex.H)), jnp.float32)}
+    x = jnp.ones((ex.N, ex.H), jnp.bfloat16)
+    mesh = Mesh(np.array(jax.devices()[:1]), ("ep",))
+    layer = jax.shard_map(lambda p, a: ex.moe_layer(b, world, p, a), mesh=mesh, in_specs=(P(), P("ep")),
+                          out_specs=P("ep"), check_vma=False)
+    assert jax.jit(layer)(params, x).shape == (ex.N, ex.H)
+    _, grads = jax.jit(jax.value_and_grad(lambda p, a: jnp.mean(layer(p, a).astype(jnp.float32) ** 2)))(params, x)
+    assert jax.tree_util.tree_map(jnp.shape, grads) == jax.tree_util.tree_map(jnp.shape, params)
+    # the layer: a dispatch and a combine; value_and_grad: those again, then the backward's
+    # cached dispatch (combine's rule) and combine (dispatch's rule, with the weights' gradient)
+    assert rig.launched().count("recv") == 3 and rig.launched().count("combine") == 3
