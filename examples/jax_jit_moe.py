@@ -1,5 +1,7 @@
 """A jitted MoE layer in JAX: router, epcomm.jax dispatch, the local experts, combine; forward and
-jax.grad, inside shard_map, checked against the same layer written with epcomm.reference.
+jax.grad, inside shard_map; each rank checks that the output and gradients are finite and that
+the compiled step gives the same loss again (tests/gpu/test_jax_jit_gpu.py checks the operations
+against epcomm.reference bit for bit).
 
 Each process is one expert-parallel rank with its own GPU (or ranks sharing one GPU with
 EPCOMM_SHARE_GPU=1); the epcomm.Buffer is made once per process, outside jit, and passed in as a

@@ -10,7 +10,7 @@ only), else DLPack.
 from __future__ import annotations
 
 from epcomm.errors import EpcommError
-from epcomm.interop.dlpack import ref_dlpack
+from epcomm.interop.dlpack import kDLCUDA, ref_dlpack
 from epcomm.interop.dtypes import ITEMSIZE, NP_NAMES, np_name
 from epcomm.interop.refs import TensorRef, compact_strides
 
@@ -46,12 +46,26 @@ class XlaArg:
         return out
 
 
+# DLPack device types a program buffer may have: the kernels take device addresses only.
+DEVICE_TYPES = (kDLCUDA,)
+
+
+def _check_device(buf) -> None:
+    """EpcommError unless ``buf`` is in GPU memory: a program lowered for the CPU (its inputs
+    committed to the CPU) hands the callback host buffers, which the kernels cannot read."""
+    kind = buf.__dlpack_device__()[0]
+    if kind not in DEVICE_TYPES:
+        raise EpcommError(f"a program buffer is on DLPack device type {kind}, not a CUDA GPU: epcomm.jax runs "
+                          f"in programs compiled for the GPU (put the inputs on the Buffer's GPU)")
+
+
 def _address(buf) -> int:
     """The device address of ``buf``: ``__cuda_array_interface__`` (no capsule to build), else
-    DLPack (a dtype the interface cannot spell)."""
+    DLPack.  jaxlib raises its runtime error (a RuntimeError) from the interface for a dtype it
+    cannot spell there (FP8), or for a buffer not on a CUDA device; DLPack carries those."""
     try:
         return int(buf.__cuda_array_interface__["data"][0])
-    except (AttributeError, KeyError, TypeError, ValueError):
+    except (AttributeError, KeyError, TypeError, ValueError, RuntimeError):
         return ref_dlpack(buf, "buffer", pass_stream=False).ptr
 
 
@@ -67,6 +81,7 @@ def xla_arg(buf, shape: tuple, dtype: str, device_id: int) -> XlaArg:
         want *= int(s)
     if have != want:
         raise EpcommError(f"a program buffer of {have_dt} {tuple(buf.shape)} cannot hold {dtype} {tuple(shape)}")
+    _check_device(buf)
     shape = tuple(int(s) for s in shape)
     ref = TensorRef(_address(buf) if want else 0, shape, compact_strides(shape), dtype, "cuda", device_id, "xla",
                     None, buf, not getattr(buf, "writeable", True))

@@ -226,9 +226,15 @@ class DispatchOps:
         """The results this dispatch writes into: the slot's, for this framework and shape."""
         res = self._results[slot]
         key = (a.fw, a.T, a.H, a.E, a.use_fp8, a.use_ue8m0)
-        if a.fw == "jax" or self.ctx.sink is not None:
-            # JAX arrays are immutable once handed out, and a caller's outputs are its own:
-            # every such dispatch gets new storage.
+        if self.ctx.sink is not None:
+            # A caller's outputs are its own and live for its call only (a compiled program's
+            # buffers): nothing keeps them past it, or clean_low_latency_buffer would zero
+            # their tag records in memory the program has since reused.  The slot's earlier
+            # results are overwritten on the device: their handles are stale (generation).
+            self._results[slot] = None
+            return _Results(self, *key)
+        if a.fw == "jax":
+            # JAX arrays are immutable once handed out: every such dispatch gets new storage.
             res = self._results[slot] = _Results(self, *key)
         elif res is None or res.key != key:
             # The results of every shape stay with the buffer: a CUDA graph captured with

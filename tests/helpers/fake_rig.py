@@ -71,8 +71,10 @@ class FakeRuntime:
         monkeypatch.setattr(context, "SPARE_STREAMS", {})
         monkeypatch.setattr(LowLatencyState, "_allow_smem", lambda self, *a: None)
         monkeypatch.setattr(LowLatencyState, "_coop_blocks", lambda self, fn, smem: 132)
+        real_empty = LowLatencyState.empty
         monkeypatch.setattr(LowLatencyState, "empty",
-                            lambda self, fw, shape, dtype, name=None: interop.empty(fw, tuple(shape), dtype, "cpu", 0))
+                            lambda self, fw, shape, dtype, name=None: real_empty(self, fw, shape, dtype, name)
+                            if self.ctx.sink is not None else interop.empty(fw, tuple(shape), dtype, "cpu", 0))
 
     # ---- the driver, recorded ----------------------------------------------------------------
     @contextlib.contextmanager
