@@ -26,11 +26,18 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+from torch.fx.node import has_side_effect
 
 from epcomm.torch_ops.low_latency_ops import low_latency_combine_op, low_latency_dispatch_op
 from epcomm.torch_ops.normal_ops import cached_dispatch_op, combine_op, dispatch_op, layout_op
 from epcomm.torch_ops.registry import buffer_id
 from epcomm.validate import check_bool, check_int
+
+# The collectives are marked side-effecting: a compiled program must call each one on every rank
+# even where this rank leaves its results unused (dead-code elimination would drop it here
+# only, and the other ranks would wait), and must not merge two equal calls into one.
+for _name in ("dispatch", "cached_dispatch", "combine", "low_latency_dispatch", "low_latency_combine"):
+    has_side_effect(getattr(torch.ops.epcomm, _name).default)
 
 __all__ = ["DispatchRoute", "LowLatencyRoute", "dispatch", "cached_dispatch", "combine", "get_dispatch_layout",
            "low_latency_dispatch", "low_latency_combine"]

@@ -14,6 +14,9 @@ import torch
 from epcomm.normal.handle import DispatchHandle, handle_from_route
 
 _SERIALS = itertools.count(10_000)
+# Unwritten memory's contents: a generator of its own (torch.manual_seed, which opcheck calls
+# before each run it compares, must not make two calls' garbage equal).
+_GARBAGE = torch.Generator().manual_seed(12345)
 
 
 class OneRankBuffer:
@@ -45,7 +48,9 @@ class OneRankBuffer:
         recv_idx[:n] = topk_idx[tokens]
         recv_w = torch.zeros(M, K)
         recv_w[:n] = topk_weights[tokens].masked_fill(topk_idx[tokens] < 0, 0.0)
-        send_list = torch.zeros(1, max(N, 1), dtype=torch.int32)  # [R, N]: the routed tokens first
+        # [R, N]: the routed tokens first; the tail is not written (as the kernel leaves it): it
+        # holds whatever the memory held, here arbitrary values that differ between calls.
+        send_list = torch.randint(-2**31, 2**31 - 1, (1, max(N, 1)), dtype=torch.int32, generator=_GARBAGE)
         send_list[0, :n] = tokens.to(torch.int32)
         route = (torch.tensor([0, n], dtype=torch.int32), send_list,
                  torch.where(routed, routed.cumsum(0) - 1, -1).to(torch.int32).reshape(N, 1),
@@ -107,3 +112,18 @@ class OneRankBuffer:
                 row = int((handle.src_info[e, :c] == t).nonzero()[0, 0])
                 out[t] += topk_weights[t, k] * x[e, row].float()
         return out.to(torch.bfloat16), None, None
+
+
+def fake_mismatch(op, args) -> str:
+    """'' if ``op``'s fake implementation gives the real call's outputs' shapes, dtypes and strides
+    on ``args``, else what differs (opcheck's test_faketensor without copying the arguments)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    real = op(*args)
+    with FakeTensorMode(allow_non_fake_inputs=False) as mode:
+        fake = op(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
+    real, fake = ((t,) if isinstance(t, torch.Tensor) else tuple(t) for t in (real, fake))
+    bad = [f"output {i}: real {r.dtype} {tuple(r.shape)} {r.stride()}, fake {f.dtype} {tuple(f.shape)} {f.stride()}"
+           for i, (r, f) in enumerate(zip(real, fake))
+           if (r.dtype, r.shape, r.stride()) != (f.dtype, f.shape, f.stride())]
+    return "; ".join(bad)
