@@ -11,7 +11,7 @@ from epcomm.interop import jax_callback as jx
 from epcomm.kernels import intranode as K_intra
 from epcomm.kernels import layout as K_layout
 from epcomm.low_latency.dispatch import check_format, check_sizes, check_topk_width
-from epcomm.low_latency.handle import _Results
+from epcomm.low_latency.handle import result_specs
 from epcomm.normal.dispatch import worst_output_specs
 from epcomm.validate import check_bool, check_experts_divisible, check_hidden_size, check_int
 
@@ -120,4 +120,4 @@ def check_ll_args(buffer: Buffer, x, topk_idx, T, E, use_fp8, round_scale, use_u
 
 def ll_specs(buffer: Buffer, T: int, H: int, E: int, fp8: bool = False, ue8m0: bool = False) -> dict:
     """A low-latency dispatch's arrays (name -> (shape, dtype)), the engine's slot results."""
-    return _Results.specs(buffer.num_ranks, T, H, E, fp8, ue8m0)
+    return result_specs(buffer.num_ranks, T, H, E, fp8, ue8m0)

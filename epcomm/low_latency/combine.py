@@ -82,7 +82,8 @@ class CombineOps:
 
         Returns ``(combined_x, event, hook)``.  CUDA-graph capturable.
         """
-        if (self._torch is not None and not zero_copy and not async_finish and not return_recv_hook
+        if (self._torch is not None and self.ctx.sink is None and not zero_copy and not async_finish
+                and not return_recv_hook
                 and previous_event is None and use_logfmt is False and combine_wait_recv_cost_stats is None
                 and type(handle) is LowLatencyHandle):
             r = self._fast_combine(x, topk_idx, topk_weights, handle, out)
@@ -127,8 +128,9 @@ class CombineOps:
         if return_recv_hook:
             hook = receive_hook(self, "combine", slot, mod, "combine_recv", blocks, stream, p, smem, fw,
                                 keep=(tr, wr, ws))
-        # The fast path serves the default format without statistics (it checks for both).
-        if (fw == "torch" and not zero_copy and not async_finish and not return_recv_hook and previous_event is None
+        # The fast path serves the default format without statistics (it checks for both), and
+        # only handles of the Buffer's own results (a caller's outputs live for its call only).
+        if (fw == "torch" and self.ctx.sink is None and not zero_copy and not async_finish and not return_recv_hook and previous_event is None
                 and not use_logfmt and ws is None and tr.dtype == "int64" and tr.obj is topk_idx):
             self._enable_fast_paths()
             self._plans[("c", N, Kt, slot, handle.slot, id(handle.refs["keep"]))] = _Plan(p, fn, grid, smem,

@@ -111,7 +111,8 @@ class DispatchOps:
         life, so graphs captured with different shapes stay replayable.  ``hook`` is None unless
         ``return_recv_hook``.  CUDA-graph capturable.
         """
-        if (self._torch is not None and cumulative_local_expert_recv_stats is None
+        # The fast path writes into the Buffer's own results: not for a caller supplying its outputs.
+        if (self._torch is not None and self.ctx.sink is None and cumulative_local_expert_recv_stats is None
                 and dispatch_wait_recv_cost_stats is None and not async_finish and not return_recv_hook
                 and previous_event is None):
             r = self._fast_dispatch(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use_fp8,

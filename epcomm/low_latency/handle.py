@@ -107,3 +107,7 @@ def _check_hook_framework(return_recv_hook: bool, fw: str) -> None:
                          "use the default (one call) or async_finish=True")
 
 
+def result_specs(R: int, T: int, H: int, E: int, fp8: bool, ue8m0: bool) -> dict:
+    """name -> (shape, dtype) of the arrays a low-latency dispatch writes (what a caller supplying
+    its own outputs allocates): :meth:`_Results.specs`."""
+    return _Results.specs(R, T, H, E, fp8, ue8m0)

@@ -59,9 +59,10 @@ class DispatchRoute(NamedTuple):
 
 
 class LowLatencyRoute(NamedTuple):
-    """The handle of :func:`low_latency_dispatch`: ``src_info`` int32 [E/R, R*T] (source token
-    of each packed row) and ``layout_range`` int32 [E/R, R, 2], views of the Buffer's results
-    (valid until the second next low-latency dispatch, as in eager calls)."""
+    """The handle of :func:`low_latency_dispatch`: ``count`` int32 [E/R] (rows per local expert),
+    ``src_info`` int32 [E/R, R*T] (source token of each packed row) and ``layout_range`` int32
+    [E/R, R, 2] (valid until the second next low-latency dispatch, as in eager calls)."""
+    count: torch.Tensor
     src_info: torch.Tensor
     layout_range: torch.Tensor
 
@@ -158,11 +159,11 @@ def low_latency_dispatch(buffer, x, topk_idx, num_max_dispatch_tokens_per_rank: 
     """:meth:`epcomm.Buffer.low_latency_dispatch` (one kernel: no hook, no event) as one operation.
 
     Returns ``(recv_x, recv_count int32 [E/R], handle)`` (:class:`LowLatencyRoute`): ``recv_x``
-    bf16 [E/R, R*T, H], or with ``use_fp8`` the pair ``(e4m3 [E/R, R*T, H], scales)``, as the
-    Buffer's method returns them.  Not differentiable; capturable in a CUDA graph (one warm-up
-    call first, as torch.compile's ``mode="reduce-overhead"`` makes).  A combine given a handle
-    whose results a later dispatch overwrote is not detected inside compiled code (eager calls
-    of the Buffer raise): combine each dispatch before the second next one.
+    bf16 [E/R, R*T, H], or with ``use_fp8`` the pair ``(e4m3 [E/R, R*T, H], scales)``, in the
+    Buffer's method's layout but new tensors at every call (not views of the Buffer's storage).
+    Not differentiable; capturable in a CUDA graph (one warm-up call first, as torch.compile's
+    ``mode="reduce-overhead"`` makes).  Combine each dispatch before the second next one: a
+    combine of an older dispatch raises ValueError when the operation runs.
     """
     bid = buffer_id(buffer)
     _tensor("x", x, 2)
@@ -173,7 +174,7 @@ def low_latency_dispatch(buffer, x, topk_idx, num_max_dispatch_tokens_per_rank: 
     use_ue8m0 = check_bool("use_ue8m0", use_ue8m0)
     rx, scales, count, src_info, layout_range = low_latency_dispatch_op(
         x, topk_idx, bid, buffer.num_ranks, T, num_experts, use_fp8, round_scale, use_ue8m0)
-    return ((rx, scales) if use_fp8 else rx), count, LowLatencyRoute(src_info, layout_range)
+    return ((rx, scales) if use_fp8 else rx), count, LowLatencyRoute(count, src_info, layout_range)
 
 
 def low_latency_combine(buffer, x, topk_idx, topk_weights, handle: LowLatencyRoute):
@@ -187,4 +188,4 @@ def low_latency_combine(buffer, x, topk_idx, topk_weights, handle: LowLatencyRou
     _tensor("x", x, 3)
     _tensor("topk_idx", topk_idx, 2)
     _tensor("topk_weights", topk_weights, 2)
-    return low_latency_combine_op(x, topk_idx, topk_weights, handle.src_info, bid)
+    return low_latency_combine_op(x, topk_idx, topk_weights, handle.count, handle.src_info, handle.layout_range, bid)

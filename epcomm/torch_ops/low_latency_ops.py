@@ -1,22 +1,36 @@
 """The low-latency dispatch and combine as torch custom operations (namespace ``epcomm``), with
 fake implementations.  Their shapes are fixed by the call (``[E/R, R*T, H]``), so a compiled
-program needs nothing else; the dispatch's results are views of the Buffer's double-buffered
-storage, as in eager calls (valid until the second next dispatch), and the handle travels as the
-``src_info`` tensor (:mod:`epcomm.torch_ops.registry`).  No autograd (the low-latency mode
-serves inference).  Registered when this module is imported.
+program needs nothing else.  Each call's results are new tensors the operation allocates and the
+kernels write into (the engine's caller-supplied outputs, :meth:`epcomm.context.CommContext.supplying`),
+not views of the Buffer's storage: a compiled program owns its operations' outputs and may place
+other tensors in their memory once they are dead (Inductor does), which must not be memory the
+next dispatch writes.  The combine takes every returned array its kernel reads (count, src_info,
+layout_range), so none is reused before it; the handle's other arrays stay in
+:mod:`epcomm.torch_ops.registry`.  No autograd (the low-latency mode serves inference).
+Registered when this module is imported.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from epcomm import interop
+from epcomm.context import CallerOutputs
+from epcomm.low_latency.handle import result_specs
 from epcomm.torch_ops.registry import lookup, low_latency_handle, remember_low_latency_handle
 
 
-def _fresh(t: Tensor) -> Tensor:
-    """A new tensor object on ``t``'s memory: the engine hands out the same view objects at every
-    call, and each output of an operation carries its own autograd and tracing state."""
-    return torch.ops.aten.alias.default(t)
+def _supplying(buf, x: Tensor, outputs: dict):
+    """The Buffer's calls inside write into ``outputs`` (name -> (tensor, TensorRef)) on the
+    current stream of ``x``'s device."""
+    dev = x.device
+    stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
+    return buf.ctx.supplying(CallerOutputs(stream, outputs))
+
+
+def _new(x: Tensor, shape, dtype: str):
+    """A new (tensor, TensorRef) on ``x``'s device."""
+    return interop.empty("torch", tuple(shape), dtype, x.device.type, x.device.index or 0)
 
 
 @torch.library.custom_op("epcomm::low_latency_dispatch", mutates_args=())
@@ -30,15 +44,19 @@ def low_latency_dispatch_op(x: Tensor, topk_idx: Tensor, buffer_id: int, num_ran
     buf = lookup(buffer_id)
     if buf.num_ranks != num_ranks:
         raise ValueError(f"num_ranks={num_ranks}: the Buffer has {buf.num_ranks} ranks")
-    recv_x, count, handle, _, _ = buf.low_latency_dispatch(
-        x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use_fp8=use_fp8, round_scale=round_scale,
-        use_ue8m0=use_ue8m0)
+    T, E = num_max_dispatch_tokens_per_rank, num_experts
+    specs = result_specs(num_ranks, T, x.shape[1], E, use_fp8, use_ue8m0)
+    outs = {name: _new(x, shape, dtype) for name, (shape, dtype) in specs.items()}
+    with _supplying(buf, x, outs):
+        _, _, handle, _, _ = buf.low_latency_dispatch(x, topk_idx, T, E, use_fp8=use_fp8, round_scale=round_scale,
+                                                      use_ue8m0=use_ue8m0)
     remember_low_latency_handle(buf, handle)
+    o = {name: pair[0] for name, pair in outs.items()}
     if use_fp8:
-        recv_x, scales = recv_x
+        scales = o["scales"].transpose(1, 2)  # stored [L, groups, R*T]: column-major to the caller
     else:
-        scales = recv_x.new_empty((recv_x.shape[0], recv_x.shape[1], 0), dtype=torch.float32)
-    return (_fresh(recv_x), _fresh(scales), _fresh(count), _fresh(handle.src_info), _fresh(handle.layout_range))
+        scales = x.new_empty((E // num_ranks, num_ranks * T, 0), dtype=torch.float32)
+    return o["x"], scales, o["count"], o["src_info"], o["layout_range"]
 
 
 @low_latency_dispatch_op.register_fake
@@ -60,14 +78,19 @@ def _low_latency_dispatch_fake(x, topk_idx, buffer_id, num_ranks, num_max_dispat
 
 
 @torch.library.custom_op("epcomm::low_latency_combine", mutates_args=())
-def low_latency_combine_op(x: Tensor, topk_idx: Tensor, topk_weights: Tensor, src_info: Tensor,
-                           buffer_id: int) -> Tensor:
-    """:meth:`epcomm.Buffer.low_latency_combine` of the dispatch that returned ``src_info``:
-    combined bf16 [N, H]."""
+def low_latency_combine_op(x: Tensor, topk_idx: Tensor, topk_weights: Tensor, count: Tensor, src_info: Tensor,
+                           layout_range: Tensor, buffer_id: int) -> Tensor:
+    """:meth:`epcomm.Buffer.low_latency_combine` of the dispatch that returned ``src_info``
+    (``count`` and ``layout_range`` are that dispatch's too: the kernel reads them): combined
+    bf16 [N, H]."""
     buf = lookup(buffer_id)
-    return buf.low_latency_combine(x, topk_idx, topk_weights, low_latency_handle(buf, src_info))[0]
+    handle = low_latency_handle(buf, src_info)
+    out = _new(x, (topk_idx.shape[0], x.shape[2]), "bfloat16")
+    with _supplying(buf, x, {"combined_x": out}):
+        buf.low_latency_combine(x, topk_idx, topk_weights, handle)
+    return out[0]
 
 
 @low_latency_combine_op.register_fake
-def _low_latency_combine_fake(x, topk_idx, topk_weights, src_info, buffer_id):
+def _low_latency_combine_fake(x, topk_idx, topk_weights, count, src_info, layout_range, buffer_id):
     return x.new_empty((topk_idx.shape[0], x.shape[2]))

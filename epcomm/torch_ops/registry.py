@@ -3,10 +3,10 @@ its integer id (``ctx.serial``), and a low-latency dispatch's handle from its ``
 
 A torch custom operation takes tensors and plain scalars only, so the Buffer travels through a
 compiled program as its id and is looked up in the operation's body, which runs outside the
-trace.  The low-latency engine's handle holds Python state (its slot, generation and results
-object); the dispatch operation leaves it here under the address of its ``src_info`` (a view of
-the slot's results, which no other dispatch of another slot or shape shares), where the combine
-operation finds it.
+trace.  The low-latency engine's handle holds Python state (its slot and the arrays the
+operation does not return); the dispatch operation leaves it here, the latest one per buffer
+slot (as in eager calls, a dispatch's results serve until the second next dispatch), and the
+combine operation finds it by the address of its ``src_info``.
 """
 from __future__ import annotations
 
@@ -40,19 +40,20 @@ def lookup(buffer_id: int):
 
 
 def remember_low_latency_handle(buffer, handle) -> None:
-    """Keep the handle of ``buffer``'s latest low-latency dispatch into the storage of
-    ``handle.src_info`` (a later one into the same storage replaces it)."""
+    """Keep the handle of ``buffer``'s latest low-latency dispatch in ``handle.slot`` (it replaces
+    that slot's previous one, whose arrays are then freed once the program drops them)."""
     per_buffer = _LL_HANDLES.get(buffer)
     if per_buffer is None:
         per_buffer = _LL_HANDLES[buffer] = {}
-    per_buffer[handle.src_info.data_ptr()] = handle
+    per_buffer[handle.slot] = handle
 
 
 def low_latency_handle(buffer, src_info):
-    """The handle of the dispatch of ``buffer`` that returned ``src_info``; ValueError if no
-    dispatch of this Buffer did.  The engine's combine then checks that its results are still in
-    place (BufferStateError otherwise)."""
-    h = _LL_HANDLES.get(buffer, {}).get(src_info.data_ptr())
-    if h is None:
-        raise ValueError("handle.src_info: not returned by a low_latency_dispatch of this Buffer")
-    return h
+    """The handle of the dispatch of ``buffer`` that returned ``src_info``; ValueError if it is
+    not one of the latest two (one per slot)."""
+    ptr = src_info.data_ptr()
+    for h in _LL_HANDLES.get(buffer, {}).values():
+        if h.src_info.data_ptr() == ptr:
+            return h
+    raise ValueError("handle.src_info: not returned by one of the latest two low_latency_dispatch calls of this "
+                     "Buffer (a dispatch's results serve until the second next dispatch)")

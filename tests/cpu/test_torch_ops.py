@@ -117,7 +117,9 @@ def test_opcheck_on_meta_tensors():
              (ops.low_latency_dispatch.default, (x, idx, 0, R, T, E, True, True, True)),
              (ops.low_latency_dispatch.default, (x, idx, 0, R, T, E, False, False, False)),
              (ops.low_latency_combine.default, (torch.empty(E // R, R * T, H, dtype=BF16, **m), idx, w,
-                                                torch.empty(E // R, R * T, dtype=I32, **m), 0))]
+                                                torch.empty(E // R, dtype=I32, **m),
+                                                torch.empty(E // R, R * T, dtype=I32, **m),
+                                                torch.empty(E // R, R, 2, dtype=I32, **m), 0))]
     route = ops.dispatch.default(x, idx, w, 0, R, E, 3 * N)[3:]
     rx = torch.empty(3 * N, H, dtype=BF16, **m)
     cases += [(ops.combine.default, (rx, torch.empty(3 * N, K, **m), *route, 0, E, K)),
@@ -291,7 +293,7 @@ def test_fake_matches_the_real_low_latency_pair(standin):
     ops, bid = torch.ops.epcomm, standin.ctx.serial
     assert fake_mismatch(ops.low_latency_dispatch.default, (x, idx, bid, 1, T, E, False, False, False)) == ""
     d = ops.low_latency_dispatch.default(x, idx, bid, 1, T, E, False, False, False)
-    assert fake_mismatch(ops.low_latency_combine.default, (d[0].clone(), idx, w, d[3], bid)) == ""
+    assert fake_mismatch(ops.low_latency_combine.default, (d[0].clone(), idx, w, *d[2:5], bid)) == ""
 
 
 @pytest.mark.xfail(strict=True, reason="the low-latency combine finds its dispatch's handle by src_info's address "
@@ -302,7 +304,7 @@ def test_low_latency_combine_on_a_copy_of_src_info(standin):
     x, idx, w = _ll_job(E=E)
     ops, bid = torch.ops.epcomm, standin.ctx.serial
     d = ops.low_latency_dispatch.default(x, idx, bid, 1, T, E, False, False, False)
-    ops.low_latency_combine.default(d[0], idx, w, d[3].clone(), bid)
+    ops.low_latency_combine.default(d[0], idx, w, d[2], d[3].clone(), d[4], bid)
 
 
 def _inductor():
@@ -338,17 +340,15 @@ def test_a_collective_whose_results_are_unused_still_runs(standin, backend):
     assert sorted(standin.calls) == sorted(["dispatch"] + ["low_latency_dispatch", "low_latency_combine"] * 2)
 
 
-@pytest.mark.xfail(strict=True, reason="the low-latency dispatch returns the Buffer's slot storage from a functional "
-                                       "operation: Inductor reuses a dead output's memory for a later tensor, which "
-                                       "the second next dispatch then overwrites")
 def test_inductor_does_not_place_a_live_tensor_in_the_buffers_storage(standin):
     torch._dynamo.reset()
     T, E = 16, 6
     x, idx, w = _ll_job(E=E)
 
     def f(x, idx, w):
-        rx, _, h = torch_ops.low_latency_dispatch(standin, x, idx, T, E, use_fp8=False)
-        y = (rx.float() * 2).to(BF16)
+        rx, cnt, h = torch_ops.low_latency_dispatch(standin, x, idx, T, E, use_fp8=False)
+        valid = torch.arange(rx.shape[1])[None, :, None] < cnt[:, None, None]  # rows past the count: unwritten
+        y = torch.where(valid, rx.float() * 2, 0.0).to(BF16)
         out = torch_ops.low_latency_combine(standin, y, idx, w, h)
         z = (y.float() + out.float().sum()).to(BF16)  # rx's size, made after rx is dead, live to the end
         for _ in range(2):  # the second next dispatch writes rx's slot again
@@ -395,7 +395,7 @@ def test_errors_name_the_argument(standin):
         handle_from_route(bad, serial=0, device_id=-1, rank=0, num_ranks=1, hidden=8, num_experts=8, num_topk=2)
     with pytest.raises(ValueError, match="src_info: not returned"):
         torch_ops.low_latency_combine(standin, torch.empty(8, 16, 8, dtype=BF16), idx, w.detach(),
-                                      torch_ops.LowLatencyRoute(torch.zeros(8, 16, dtype=I32),
+                                      torch_ops.LowLatencyRoute(torch.zeros(8, dtype=I32), torch.zeros(8, 16, dtype=I32),
                                                                 torch.zeros(8, 1, 2, dtype=I32)))
 
 

@@ -601,7 +601,9 @@ def test_receive_hooks_keep_the_wait_statistics_alive(rig):
     assert ref() is None and cref() is None
 
 
-def test_fast_paths_leave_statistics_and_logfmt_calls_to_the_full_path(rig, monkeypatch):
+def _fast_path_rig(rig, monkeypatch):
+    """A low-latency Buffer whose CPU tensors pass the fast paths' tests, with the host index check
+    off (production) and every launch's params recorded: (params, b, st, x, topk, w, y)."""
     import epcomm.envs as envs
     params, _ = _record_launches(rig, monkeypatch)
     b, st = rig.ll_buffer()
@@ -613,6 +615,11 @@ def test_fast_paths_leave_statistics_and_logfmt_calls_to_the_full_path(rig, monk
     st._tdev, st._get_device = "cpu", lambda: 0
     monkeypatch.setattr(torch.Tensor, "get_device", lambda self: 0)
     monkeypatch.setattr(K, "launch_prepared", lambda *a: rig.log.append(("launch", "prepared")))
+    return params, b, st, x, topk, w, y
+
+
+def test_fast_paths_leave_statistics_and_logfmt_calls_to_the_full_path(rig, monkeypatch):
+    params, b, st, x, topk, w, y = _fast_path_rig(rig, monkeypatch)
     ds, cs = torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int64)
     # Both slots get a plan (two rounds), then calls with the options go the full way.
     hs = []
@@ -654,3 +661,26 @@ def test_buffer_numerics_is_checked_first_and_must_agree_across_ranks():
     with pytest.raises(ValueError, match=r"same sizes, mode, numerics and enable_shrink; "
                                          r".*0,1048576,1,deepep,0.*0,1048576,1,epcomm,0"):
         b._open_engines(0, 1 << 20, True)
+
+
+def test_supplied_outputs_take_the_full_path_and_are_what_the_kernels_write(rig, monkeypatch):
+    """A caller supplying its outputs (epcomm.torch_ops, epcomm.jax) gets kernels writing into
+    them, also where a prepared plan of the Buffer's own results would serve an eager call."""
+    from epcomm import interop
+    from epcomm.context import CallerOutputs
+    from epcomm.low_latency.handle import result_specs
+    params, b, st, x, topk, w, y = _fast_path_rig(rig, monkeypatch)
+    for _ in range(2):  # both slots get plans
+        _, _, h, _, _ = b.low_latency_dispatch(x, topk, 8, E, use_fp8=False)
+        b.low_latency_combine(y, topk, w, h)
+    fast = st.fast_calls
+    outs = {n: interop.empty("torch", s, d, "cpu", 0) for n, (s, d) in result_specs(2, 8, H, E, False, False).items()}
+    with b.ctx.supplying(CallerOutputs(7, outs)):
+        _, _, h, _, _ = b.low_latency_dispatch(x, topk, 8, E, use_fp8=False)
+    assert params[-1][1].recv_x == outs["x"][1].ptr and h.src_info.data_ptr() == outs["src_info"][0].data_ptr()
+    combined = interop.empty("torch", (x.shape[0], H), "bfloat16", "cpu", 0)
+    with b.ctx.supplying(CallerOutputs(7, {"combined_x": combined})):
+        b.low_latency_combine(y, topk, w, h)
+    assert params[-1][1].out == combined[1].ptr and st.fast_calls == fast
+    # ...and the combine left no plan behind for the caller's handle.
+    assert not any(k[-1] == id(h.refs["keep"]) for k in st._plans if k[0] == "c")
