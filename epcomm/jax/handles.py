@@ -10,11 +10,11 @@ from epcomm.interop import jax_callback as jx
 from epcomm.jax.args import index_operand, ll_specs, operand
 from epcomm.low_latency.handle import LowLatencyHandle as EngineLLHandle
 from epcomm.normal.dispatch import route_specs
-from epcomm.normal.handle import DispatchHandle
+from epcomm.normal.handle import ROUTE_FIELDS, DispatchHandle
 
-# The arrays of a normal-mode handle: the send plan, the layout's is_token_in_rank and the
-# source token of every received row (-1: padding).
-HANDLE_ARRAYS = ("rank_prefix", "send_list", "send_pos", "send_count", "is_token_in_rank", "recv_src_idx")
+# The arrays of a normal-mode handle (the engine's route: the send plan, the layout's
+# is_token_in_rank and the source token of every received row, -1: padding).
+HANDLE_ARRAYS = ROUTE_FIELDS
 # Those of a low-latency handle (the engine's slot results the combine reads).
 LL_HANDLE_ARRAYS = ("count", "src_info", "layout_range", "src_k", "tok_rows", "tok_meta")
 
@@ -101,9 +101,7 @@ def engine_handle(buffer: Buffer, h: Handle, args: dict) -> DispatchHandle:
         buffer_id=buffer.ctx.serial, framework="xla", device_id=buffer.device_id, num_ranks=buffer.num_ranks,
         rank=buffer.rank, num_tokens=h.num_tokens, hidden=h.hidden, num_experts=h.num_experts,
         num_topk=h.num_topk, num_worst_tokens=M, out_rows=M, num_recv_tokens=None, recv_counts=None,
-        rank_prefix=args["rank_prefix"], send_list=args["send_list"], send_pos=args["send_pos"],
-        send_count=args["send_count"], is_token_in_rank=args["is_token_in_rank"],
-        recv_src_idx=args["recv_src_idx"], refs={k: a.ref for k, a in args.items()})
+        refs={k: a.ref for k, a in args.items()}, **{k: args[k] for k in ROUTE_FIELDS})
 
 
 class _Owner:
