@@ -214,6 +214,19 @@ RANKS_PER_NODE = knob("EPCOMM_RANKS_PER_NODE", 0, parse_count,
                       "GPU peer access), so the internode path runs on one host, or on one GPU with "
                       "EPCOMM_SHARE_GPU=1 for tests. Must divide the group's size and agree on all "
                       "ranks; 0 = discover.", "0 (discover)")
+def parse_peer_memory(name: str, raw: str) -> str:
+    v = raw.strip().lower()
+    if v not in ("ipc", "vmm"):
+        raise ValueError(f"{name}={raw!r}: expected 'ipc' or 'vmm'")
+    return v
+
+
+PEER_MEMORY = knob("EPCOMM_PEER_MEMORY", "ipc", parse_peer_memory,
+                   "How a normal-mode Buffer shares its NVLink buffer with the ranks of its node: "
+                   "'ipc' (cuIpcGetMemHandle) or 'vmm' (cuMemCreate, handles passed as file "
+                   "descriptors over Unix sockets: the driver keeps a dead rank's memory mapped by "
+                   "the survivors until they unmap it, which IPC handles do not promise). Must "
+                   "agree on all ranks.", "'ipc'")
 PROFILE = knob("EPCOMM_PROFILE", False, parse_bool,
                "Kernels stamp each block's phases (globaltimer): normal mode for "
                "Buffer.profile_stamps() and benchmarks/profile_normal.py, low-latency mode for "

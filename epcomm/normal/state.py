@@ -1,10 +1,11 @@
 """The NVLink engine's memory: this rank's buffer, its peers' mappings, the private control
 words, the host-mapped count record, and the speculation history of the receive sizes.
 
-Why CUDA IPC and not NVSHMEM peer pointers: it needs no NVSHMEM runtime (the training path works
-where nvshmem4py is not installed), each Buffer owns memory of exactly its requested size instead
-of sizing a process-wide symmetric heap up front, and the kernels only ever use plain loads and
-stores through peer pointers, which both mechanisms provide.
+Why memory of its own shared between processes (runtime.peer_memory: CUDA IPC, or the driver's
+virtual memory with file-descriptor handles) and not NVSHMEM peer pointers: it needs no NVSHMEM
+runtime (the training path works where nvshmem4py is not installed), each Buffer owns memory of
+exactly its requested size instead of sizing a process-wide symmetric heap up front, and the
+kernels only ever use plain loads and stores through peer pointers, which both mechanisms provide.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from epcomm import envs
 from epcomm.errors import EpcommTimeoutError
 from epcomm.kernels import intranode as K_intra
 from epcomm.runtime import driver
+from epcomm.runtime.peer_memory import PeerMemory
 
 # Receive sizes remembered per (tokens, experts) for the speculative outputs.
 HISTORY = 4
@@ -32,7 +34,7 @@ class NvlinkState:
         R = ctx.num_ranks
         self.layout = K_intra.BufferLayout.for_bytes(R, num_nvl_bytes)
         self.peers: list[int] = [0] * R
-        self.opened: list[int] = []
+        self.memory: PeerMemory | None = None  # this rank's buffer, mapped by every rank
         self.base = self.ctrl = self.prof = 0
         self.host_info = 0
         self.host_info_dev = 0
@@ -56,7 +58,8 @@ class NvlinkState:
     def _map_peers(self, ctx) -> None:
         lay, R, s = self.layout, ctx.num_ranks, ctx.stream
         with driver.on_device(ctx.device_id):
-            self.base = driver.mem_alloc(lay.total_bytes)
+            self.memory = PeerMemory(ctx.device_id, lay.total_bytes)
+            self.base = self.memory.local
             driver.memset_d8_async(self.base, 0, lay.staging_off, s)
             self.ctrl = driver.mem_alloc(ctypes.sizeof(K_intra.IntraCtrl))
             driver.memset_d8_async(self.ctrl, 0, ctypes.sizeof(K_intra.IntraCtrl), s)
@@ -65,13 +68,7 @@ class NvlinkState:
             ctypes.memset(self.host_info, 0, 4 * n_info)
             self.info = np.frombuffer((ctypes.c_int32 * n_info).from_address(self.host_info), dtype=np.int32)
             driver.stream_sync(s)
-            handles = ctx.group.allgather_bytes(driver.ipc_get_handle(self.base))
-            for r in range(R):
-                if r == ctx.rank:
-                    self.peers[r] = self.base
-                else:
-                    self.peers[r] = driver.ipc_open(handles[r])
-                    self.opened.append(self.peers[r])
+            self.peers = self.memory.share(ctx.group)
         ctx.group.barrier()
 
     def _template(self, ctx) -> K_intra.IntraParams:
@@ -146,13 +143,11 @@ class NvlinkState:
 
     def free(self) -> None:
         """Unmap the peers and free this rank's memory (errors ignored: teardown goes on)."""
-        for ptr in self.opened:
-            try:
-                driver.ipc_close(ptr)
-            except Exception:
-                pass
-        self.opened = []
-        for attr, free in (("base", driver.mem_free), ("ctrl", driver.mem_free), ("prof", driver.mem_free),
+        if self.memory is not None:
+            self.memory.free()  # the peers' mappings, then this rank's buffer
+            self.memory = None
+        self.base = 0
+        for attr, free in (("ctrl", driver.mem_free), ("prof", driver.mem_free),
                            ("host_info", driver.host_free)):
             ptr = getattr(self, attr, 0)
             if ptr:

@@ -19,6 +19,7 @@ from epcomm.kernels import smoke as K_smoke
 from epcomm.kernels.smoke import SmokeNvshmemSpec, SmokeParams, SmokePeerStoreSpec
 from epcomm.runtime import driver
 from epcomm.runtime import nvshmem as nvr
+from epcomm.runtime.peer_memory import PeerMemory
 from epcomm.testing import random_topk
 from epcomm.tools import messages, spawn
 
@@ -34,34 +35,37 @@ def _smoke_worker(rank: int, world: int, group, n: int = 1 << 20) -> dict:
     driver.init()
     driver.set_device(dev)
     stream = driver.stream_create()
-    _ipc_check(out, rank, world, group, dev, stream, n)
+    _peer_store_check(out, rank, world, group, dev, stream, n)
     shared = world > spawn.gpu_count()  # EPCOMM_SHARE_GPU: NVSHMEM's several-PEs-per-GPU mode
     _nvshmem_check(out, rank, world, group, dev, stream, n, shared)
     _layout_check(out, rank, dev)
     return out
 
 
-def _ipc_check(out: dict, rank: int, world: int, group, dev: int, stream: int, n: int) -> None:
-    """1. Plain stores into the next rank's memory, mapped with CUDA IPC."""
-    spawn.phase("ipc peer store")
+def _peer_store_check(out: dict, rank: int, world: int, group, dev: int, stream: int, n: int) -> None:
+    """1. Plain stores into the next rank's memory, shared as the NVLink buffer is
+    (EPCOMM_PEER_MEMORY: CUDA IPC or virtual memory with file descriptors)."""
+    spawn.phase("peer memory store")
     peer, src = (rank + 1) % world, (rank - 1) % world
-    base = driver.mem_alloc(n * 8)
-    driver.memset_d8_async(base, 0, n * 8, stream)
-    driver.stream_sync(stream)
-    handles = group.allgather_bytes(driver.ipc_get_handle(base))
-    peer_ptr = driver.ipc_open(handles[peer])
-    mod = loader.load(SmokePeerStoreSpec(), dev)
-    t0 = time.perf_counter()
-    K_smoke.launch_peer_store(mod, stream, SmokeParams(base, peer_ptr, 0, 0, n, 1000 * (rank + 1), rank, peer))
-    driver.stream_sync(stream)
-    group.barrier()
-    host = np.empty(n, np.uint64)
-    driver.memcpy_dtoh(host.ctypes.data, base, n * 8)
-    out["ipc_peer_store"] = bool((host == _expect(1000 * (src + 1), n)).all())
-    out["ipc_ms"] = round((time.perf_counter() - t0) * 1e3, 2)
-    group.barrier()
-    driver.ipc_close(peer_ptr)
-    driver.mem_free(base)
+    mem = PeerMemory(dev, n * 8)
+    try:
+        driver.memset_d8_async(mem.local, 0, n * 8, stream)
+        driver.stream_sync(stream)
+        ptrs = mem.share(group)
+        mod = loader.load(SmokePeerStoreSpec(), dev)
+        t0 = time.perf_counter()
+        K_smoke.launch_peer_store(mod, stream, SmokeParams(mem.local, ptrs[peer], 0, 0, n, 1000 * (rank + 1), rank,
+                                                           peer))
+        driver.stream_sync(stream)
+        group.barrier()
+        host = np.empty(n, np.uint64)
+        driver.memcpy_dtoh(host.ctypes.data, mem.local, n * 8)
+        out["peer_memory"] = mem.kind
+        out["peer_store"] = bool((host == _expect(1000 * (src + 1), n)).all())
+        out["peer_store_ms"] = round((time.perf_counter() - t0) * 1e3, 2)
+        group.barrier()
+    finally:
+        mem.free()
 
 
 def _nvshmem_check(out: dict, rank: int, world: int, group, dev: int, stream: int, n: int, shared: bool) -> None:

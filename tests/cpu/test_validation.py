@@ -870,7 +870,8 @@ def test_a_failed_nvlink_setup_frees_what_it_made(monkeypatch):
         raise RuntimeError("cannot map the peer's memory")
 
     monkeypatch.setattr(driver, "ipc_open", ipc_open)
-    group = type("G", (), {"allgather_bytes": lambda self, x: [x, x], "barrier": lambda self: None})()
+    group = type("G", (), {"rank": 0, "size": 2, "allgather_bytes": lambda self, x: [x, x],
+                           "barrier": lambda self: None})()
     with pytest.raises(RuntimeError, match="cannot map"):
         NvlinkState(fake_context(group=group), 64 << 20)
     assert sorted(freed) == [100, 200] and host_freed == [ctypes.addressof(host)]

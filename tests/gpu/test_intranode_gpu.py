@@ -666,6 +666,7 @@ def _worker(rank, world, group, cases, numerics="epcomm"):
         group.barrier()
         if not results[case["name"]].startswith(("ok", "SKIP", "FAIL")):
             break  # an error may leave the buffer out of step with the peers
+    results["peer_memory"] = buf._intra.memory.kind
     buf.destroy()
     return results
 
@@ -704,6 +705,28 @@ def test_deepep_numerics_combine_against_reference(name):
     """The combine of a Buffer with numerics="deepep" against reference.combine(numerics="deepep"),
     biases spread over 2**-24 .. 2**24 so their place in the sum shows in the bf16 results."""
     got = [r.get(name, "not run (an earlier case crashed)") for r in _results_deepep()]
+    bad = [f"rank {rank}: {v}" for rank, v in enumerate(got) if v != "ok"]
+    assert not bad, "\n".join(bad)
+
+
+# EPCOMM_PEER_MEMORY=vmm: the NVLink buffer in the driver's virtual memory, shared as file
+# descriptors; the same kernels, so a few cases of each kind suffice.
+VMM_CASES = ["bf16_h7168_4096tok", "fp8_h2048_worst_col_async_bias2", "bf16_speculative_outputs",
+             "bf16_h2048_one_token"]
+
+
+@run_once
+def _results_vmm():
+    return spawn.run(_worker, _world(), [c for c in CASES if c["name"] in VMM_CASES], timeout=TEST_TIMEOUT.get(),
+                     env={"EPCOMM_PEER_MEMORY": "vmm"})
+
+
+@needs_ranks
+@pytest.mark.parametrize("name", VMM_CASES)
+def test_vmm_peer_memory_dispatch_combine_against_reference(name):
+    res = _results_vmm()
+    assert [r.get("peer_memory") for r in res] == ["vmm"] * len(res)
+    got = [r.get(name, "not run (an earlier case crashed)") for r in res]
     bad = [f"rank {rank}: {v}" for rank, v in enumerate(got) if v != "ok"]
     assert not bad, "\n".join(bad)
 
