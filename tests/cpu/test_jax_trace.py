@@ -214,3 +214,34 @@ def test_caller_outputs_check_name_shape_and_dtype():
         assert ctx.empty("xla", (4, 8), "bfloat16", name="recv_x")[1] is ref
         assert ctx.sink is sink
     assert ctx.sink is None
+
+
+def test_a_callers_outputs_are_its_threads_only():
+    """XLA may run a program's callback on a thread of its own: while it supplies its outputs,
+    an eager call of another thread allocates its own (and runs on its own stream)."""
+    import threading
+
+    from epcomm import interop
+    ref = TensorRef(64, (4, 8), (8, 1), "bfloat16", "cuda", 0, "xla")
+    ctx = fake_context(2)
+    inside, done = threading.Event(), threading.Event()
+    seen = {}
+
+    def program():
+        with ctx.supplying(CallerOutputs(5, {"recv_x": ("obj", ref)})):
+            seen["program"] = ctx.empty("xla", (4, 8), "bfloat16", name="recv_x")[1]
+            inside.set()
+            done.wait(10)
+
+    t = threading.Thread(target=program)
+    t.start()
+    assert inside.wait(10)
+    try:
+        assert ctx.sink is None
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(interop, "empty", lambda *a: ("own", None))
+            assert ctx.empty("jax", (4, 8), "bfloat16", name="recv_x") == ("own", None)
+    finally:
+        done.set()
+        t.join()
+    assert seen["program"] is ref and ctx.sink is None
