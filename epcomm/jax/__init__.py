@@ -29,6 +29,18 @@ the mesh is the process axis: inside ``shard_map`` over it, each process's block
 tokens.  Ranks must make the same calls in the same order, as eagerly; device errors (a timeout,
 a bad index) are raised by the next eager epcomm call or ``Buffer.check()``.
 
+To XLA the operations are pure (not ``has_side_effect``, which ``jax.checkpoint`` refuses): a
+call whose results are unused is removed and two identical calls are merged, and calls with no
+data dependence between them are ordered by XLA's schedule.  That is safe because every rank
+compiles the same program, so every rank removes, merges and orders alike; it therefore takes:
+no rank-dependent Python value deciding whether results are used (``jnp.where(rank == 0, y,
+0)`` with a Python ``rank`` lets XLA drop the collective on the other ranks only, and rank 0
+waits for them forever: use a traced value, e.g. ``lax.axis_index``); the same XLA flags on
+every rank; and no concurrent command-buffer scheduling
+(``--xla_gpu_command_buffer_scheduling_mode=CONCURRENT`` may run two independent calls of one
+Buffer at once).  Calls of one Buffer from a compiled program and eager calls from the same
+process are ordered only by the order their Python runs (``block_until_ready`` between them).
+
 Not supported here: the normal mode across nodes, FP8 gradients, receive hooks, statistics
 arguments, and the host index check (EPCOMM_CHECK_INDICES: a compiled call never reads device
 memory on the host; the kernels still check the range and record it).
