@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import threading
 
 import numpy as np
 
@@ -82,8 +83,8 @@ class CommContext:
     set before the engines are made), ``shrink`` (the Buffer's ``enable_shrink``: kernels
     skip masked ranks and mask a peer that times out), ``mask`` (its
     :class:`epcomm.runtime.rankmask.RankMask` once the engines are made, else None), ``sink``
-    (the current call's :class:`CallerOutputs`, or None: outputs allocated here, the framework's
-    current stream).
+    (the current call's :class:`CallerOutputs` in this thread, or None: outputs allocated here,
+    the framework's current stream).
     """
 
     def __init__(self, group, rank: int, num_ranks: int, device_id: int, *, err, stream: int = 0,
@@ -104,7 +105,9 @@ class CommContext:
         self.mask = None
         self.destroyed = False
         self.alloc_on_comm = False
-        self.sink: CallerOutputs | None = None
+        # Per thread: XLA may run a compiled program's callback on a thread of its own while
+        # this thread makes an eager call, which must not take the program's outputs and stream.
+        self._sinks = threading.local()
         self._device_sms = device_sms
 
     @classmethod
@@ -241,14 +244,19 @@ class CommContext:
                             f"in one framework")
 
     # ---- streams and events of a call --------------------------------------------------------
+    @property
+    def sink(self) -> CallerOutputs | None:
+        return getattr(self._sinks, "sink", None)
+
     @contextlib.contextmanager
     def supplying(self, sink: CallerOutputs):
-        """The calls made inside run on ``sink``'s stream and write into its outputs."""
-        prev, self.sink = self.sink, sink
+        """The calls this thread makes inside run on ``sink``'s stream and write into its
+        outputs."""
+        prev, self._sinks.sink = self.sink, sink
         try:
             yield sink
         finally:
-            self.sink = prev
+            self._sinks.sink = prev
 
     def caller_stream(self, fw: str) -> tuple[int, int]:
         """(the caller's stream: the sink's, else the current one in ``fw``; its capture id: 0

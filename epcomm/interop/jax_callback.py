@@ -130,6 +130,20 @@ def with_vjp(fun, fwd, bwd, nondiff_argnums: tuple):
     return f
 
 
+def forward_only(fun, what: str, nondiff_argnums: tuple):
+    """``fun`` as a ``jax.custom_jvp`` whose rule raises TypeError naming ``what``: JAX runs the
+    rule only when an argument is being differentiated (a tangent that is not zero), where the
+    bare operation would fail with JAX's generic "Buffer callbacks do not support JVP"."""
+    f = jax.custom_jvp(fun, nondiff_argnums=nondiff_argnums)
+
+    def rule(*args):
+        raise TypeError(f"{what} is not differentiable: an argument of it is being differentiated here (wrap "
+                        f"it in jax.lax.stop_gradient, or see epcomm.jax for the differentiable calls)")
+
+    f.defjvp(rule)
+    return f
+
+
 def dtype_name(dtype) -> str:
     """JAX / NumPy dtype -> epcomm's name (``jnp.dtype(...).name``)."""
     return jnp.dtype(dtype).name

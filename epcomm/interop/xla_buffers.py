@@ -50,13 +50,19 @@ class XlaArg:
 DEVICE_TYPES = (kDLCUDA,)
 
 
-def _check_device(buf) -> None:
-    """EpcommError unless ``buf`` is in GPU memory: a program lowered for the CPU (its inputs
-    committed to the CPU) hands the callback host buffers, which the kernels cannot read."""
-    kind = buf.__dlpack_device__()[0]
+def _check_device(buf, device_id: int) -> None:
+    """EpcommError unless ``buf`` is in the memory of GPU ``device_id``: a program lowered for
+    the CPU (its inputs committed to the CPU) hands the callback host buffers, which the kernels
+    cannot read; a program run on several GPUs of one process (a mesh of local devices) hands
+    each GPU's run that GPU's buffers, while a Buffer serves one GPU."""
+    kind, dev = buf.__dlpack_device__()
     if kind not in DEVICE_TYPES:
         raise EpcommError(f"a program buffer is on DLPack device type {kind}, not a CUDA GPU: epcomm.jax runs "
                           f"in programs compiled for the GPU (put the inputs on the Buffer's GPU)")
+    if kind == kDLCUDA and int(dev) != device_id:
+        raise EpcommError(f"a program buffer is on cuda:{int(dev)} but the Buffer uses cuda:{device_id}: a Buffer "
+                          f"serves one GPU, so a program that calls epcomm.jax runs on one local device per "
+                          f"process (the expert axis of the mesh is the process axis)")
 
 
 def _address(buf) -> int:
@@ -81,7 +87,7 @@ def xla_arg(buf, shape: tuple, dtype: str, device_id: int) -> XlaArg:
         want *= int(s)
     if have != want:
         raise EpcommError(f"a program buffer of {have_dt} {tuple(buf.shape)} cannot hold {dtype} {tuple(shape)}")
-    _check_device(buf)
+    _check_device(buf, device_id)
     shape = tuple(int(s) for s in shape)
     ref = TensorRef(_address(buf) if want else 0, shape, compact_strides(shape), dtype, "cuda", device_id, "xla",
                     None, buf, not getattr(buf, "writeable", True))

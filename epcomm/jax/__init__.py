@@ -29,6 +29,18 @@ the mesh is the process axis: inside ``shard_map`` over it, each process's block
 tokens.  Ranks must make the same calls in the same order, as eagerly; device errors (a timeout,
 a bad index) are raised by the next eager epcomm call or ``Buffer.check()``.
 
+To XLA the operations are pure (not ``has_side_effect``, which ``jax.checkpoint`` refuses): a
+call whose results are unused is removed and two identical calls are merged, and calls with no
+data dependence between them are ordered by XLA's schedule.  That is safe because every rank
+compiles the same program, so every rank removes, merges and orders alike; it therefore takes:
+no rank-dependent Python value deciding whether results are used (``jnp.where(rank == 0, y,
+0)`` with a Python ``rank`` lets XLA drop the collective on the other ranks only, and rank 0
+waits for them forever: use a traced value, e.g. ``lax.axis_index``); the same XLA flags on
+every rank; and no concurrent command-buffer scheduling
+(``--xla_gpu_command_buffer_scheduling_mode=CONCURRENT`` may run two independent calls of one
+Buffer at once).  Calls of one Buffer from a compiled program and eager calls from the same
+process are ordered only by the order their Python runs (``block_until_ready`` between them).
+
 Not supported here: the normal mode across nodes, FP8 gradients, receive hooks, statistics
 arguments, and the host index check (EPCOMM_CHECK_INDICES: a compiled call never reads device
 memory on the host; the kernels still check the range and record it).
@@ -180,6 +192,8 @@ def _combine_bwd(buffer, cmd, h, g):
 
 _dispatch_vjp = jx.with_vjp(lambda b, E, M, c, x, t, w: _dispatch_raw(b, E, M, c, x, t, w), _dispatch_fwd,
                             _dispatch_bwd, (0, 1, 2, 3))
+_dispatch_fp8 = jx.forward_only(lambda b, E, M, c, x, t, w: _dispatch_raw(b, E, M, c, x, t, w),
+                                "epcomm.jax.dispatch of an FP8 x", (0, 1, 2, 3))
 _combine_vjp = jx.with_vjp(lambda b, c, x, h: _combine_raw(b, c, x, h)[0], _combine_fwd, _combine_bwd, (0, 1))
 
 
@@ -207,7 +221,7 @@ def dispatch(buffer: Buffer, x, topk_idx, topk_weights=None, *, num_experts: int
     M = check_int("num_worst_tokens", num_worst_tokens, lo=1)
     cmd = check_bool("command_buffer", command_buffer)
     if isinstance(x, (tuple, list)):
-        return _dispatch_raw(buffer, E, M, cmd, tuple(x), topk_idx, topk_weights)
+        return _dispatch_fp8(buffer, E, M, cmd, tuple(x), topk_idx, topk_weights)
     return _dispatch_vjp(buffer, E, M, cmd, x, topk_idx, topk_weights)
 
 
@@ -237,7 +251,12 @@ def low_latency_dispatch(buffer: Buffer, x, topk_idx, *, num_max_dispatch_tokens
     check_buffer(buffer, "low_latency")
     a = check_ll_args(buffer, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use_fp8, round_scale,
                       use_ue8m0, slot, command_buffer)
-    T, E, fp8, rs, ue, sl = a.T, a.E, a.fp8, a.round_scale, a.ue8m0, a.slot
+    return _ll_dispatch(buffer, a.T, a.E, a.fp8, a.round_scale, a.ue8m0, a.slot, a.cmd, x, topk_idx)
+
+
+def _ll_dispatch_raw(buffer, T, E, fp8, rs, ue, sl, cmd, x, topk_idx):
+    """The low-latency dispatch operation (arguments checked by low_latency_dispatch)."""
+    a = check_ll_args(buffer, x, topk_idx, T, E, fp8, rs, ue, sl, cmd)
     outputs = ll_specs(buffer, T, a.H, E, fp8, ue)
 
     def make():
@@ -247,10 +266,13 @@ def low_latency_dispatch(buffer: Buffer, x, topk_idx, *, num_max_dispatch_tokens
         return run
 
     res = jx.call(_runner(("ll_dispatch", buffer, T, E, fp8, rs, ue, sl), make), [a.x, a.topk], outputs,
-                  buffer.device_id, command_buffer=a.cmd)
+                  buffer.device_id, command_buffer=cmd)
     recv_x = (res["x"], jx.swap_last_two(res["scales"])) if fp8 else res["x"]
     h = LowLatencyHandle(*(res[k] for k in LL_HANDLE_ARRAYS), buffer.ctx.serial, sl, T, a.H, E, a.K, a.N)
     return recv_x, res["count"], h
+
+
+_ll_dispatch = jx.forward_only(_ll_dispatch_raw, "epcomm.jax.low_latency_dispatch", tuple(range(8)))
 
 
 def low_latency_combine(buffer: Buffer, x, topk_idx, topk_weights, handle: LowLatencyHandle, *,
@@ -260,6 +282,12 @@ def low_latency_combine(buffer: Buffer, x, topk_idx, topk_weights, handle: LowLa
     ``topk_weights`` (float32) [N, K], the dispatch's.  Returns bf16 [N, H]."""
     check_buffer(buffer, "low_latency")
     cmd = check_bool("command_buffer", command_buffer)
+    ll_combine_operands(buffer, handle, x, topk_idx, topk_weights)  # errors before anything is traced
+    return _ll_combine(buffer, cmd, x, topk_idx, topk_weights, handle)
+
+
+def _ll_combine_raw(buffer, cmd, x, topk_idx, topk_weights, handle):
+    """The low-latency combine operation (arguments checked by low_latency_combine)."""
     ops = ll_combine_operands(buffer, handle, x, topk_idx, topk_weights)
     outputs = {"combined_x": ((handle.num_tokens, handle.hidden), "bfloat16")}
     h = sizes_only(handle)
@@ -273,3 +301,6 @@ def low_latency_combine(buffer: Buffer, x, topk_idx, topk_weights, handle: LowLa
 
     key = ("ll_combine", buffer, h.slot, h.num_max_tokens, h.hidden, h.num_experts, h.num_topk, h.num_tokens)
     return jx.call(_runner(key, make), ops, outputs, buffer.device_id, command_buffer=cmd)["combined_x"]
+
+
+_ll_combine = jx.forward_only(_ll_combine_raw, "epcomm.jax.low_latency_combine", (0, 1))

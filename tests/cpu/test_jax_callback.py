@@ -202,3 +202,53 @@ def test_the_example_layer_runs_in_shard_map_with_its_gradient(rig):
     # the layer: a dispatch and a combine; value_and_grad: those again, then the backward's
     # cached dispatch (combine's rule) and combine (dispatch's rule, with the weights' gradient)
     assert rig.launched().count("recv") == 3 and rig.launched().count("combine") == 3
+
+
+def test_calls_without_a_gradient_say_so_under_grad(rig):
+    """An FP8 dispatch and the low-latency pair have no VJP: differentiating through one raises
+    a TypeError naming it (not JAX's generic buffer_callback error); with nothing
+    differentiated (stop_gradient, or integer inputs only) they run as usual."""
+    b = rig.normal_buffer()
+    _, t, w = _inputs()
+    d, s = jnp.ones((N, H), jnp.float8_e4m3fn), jnp.ones((N, H // 128), jnp.float32)
+
+    def fp8_loss(w, stop=False):
+        w = jax.lax.stop_gradient(w) if stop else w
+        _, _, rw, _ = ej.dispatch(b, (d, s), t, w, num_experts=E, num_worst_tokens=M)
+        return jnp.sum(rw) + jnp.sum(w)
+
+    with pytest.raises(TypeError, match="epcomm.jax.dispatch of an FP8 x is not differentiable"):
+        jax.grad(fp8_loss)(w)
+    assert rig.launched() == []
+    _, g = jax.jit(jax.value_and_grad(lambda w: fp8_loss(w, stop=True)))(w)
+    assert g.shape == (N, K) and rig.launched() == ["layout", "notify", "send", "recv"]
+    lb, _ = rig.ll_buffer()
+    x, t, w = _inputs()
+
+    def ll_loss(x, w):
+        _, _, h = ej.low_latency_dispatch(lb, x, t, num_max_dispatch_tokens_per_rank=N, num_experts=E,
+                                          use_fp8=False)
+        y = ej.low_latency_combine(lb, jnp.zeros((E // 2, 2 * N, H), jnp.bfloat16), t, w, h)
+        return jnp.sum(y.astype(jnp.float32))
+
+    with pytest.raises(TypeError, match="epcomm.jax.low_latency_dispatch is not differentiable"):
+        jax.grad(ll_loss)(x, w)
+    with pytest.raises(TypeError, match="epcomm.jax.low_latency_combine is not differentiable"):
+        jax.grad(ll_loss, argnums=1)(x, w)
+
+
+def test_a_buffer_of_another_gpu_is_refused():
+    """A program run on several local GPUs hands each run its own GPU's buffers; the Buffer
+    serves one GPU, so a buffer of another is refused before any launch."""
+    import numpy as np
+
+    class OnGpu1:
+        shape, dtype = (4,), np.dtype("int32")
+        __cuda_array_interface__ = {"data": (4096, False)}
+
+        def __dlpack_device__(self):
+            return (xla_buffers.kDLCUDA, 1)
+
+    assert xla_buffers.xla_arg(OnGpu1(), (4,), "int32", 1).ref.ptr == 4096
+    with pytest.raises(EpcommError, match="on cuda:1 but the Buffer uses cuda:0"):
+        xla_buffers.xla_arg(OnGpu1(), (4,), "int32", 0)

@@ -214,3 +214,55 @@ def test_caller_outputs_check_name_shape_and_dtype():
         assert ctx.empty("xla", (4, 8), "bfloat16", name="recv_x")[1] is ref
         assert ctx.sink is sink
     assert ctx.sink is None
+
+
+def test_a_callers_outputs_are_its_threads_only():
+    """XLA may run a program's callback on a thread of its own: while it supplies its outputs,
+    an eager call of another thread allocates its own (and runs on its own stream)."""
+    import threading
+
+    from epcomm import interop
+    ref = TensorRef(64, (4, 8), (8, 1), "bfloat16", "cuda", 0, "xla")
+    ctx = fake_context(2)
+    inside, done = threading.Event(), threading.Event()
+    seen = {}
+
+    def program():
+        with ctx.supplying(CallerOutputs(5, {"recv_x": ("obj", ref)})):
+            seen["program"] = ctx.empty("xla", (4, 8), "bfloat16", name="recv_x")[1]
+            inside.set()
+            done.wait(10)
+
+    t = threading.Thread(target=program)
+    t.start()
+    assert inside.wait(10)
+    try:
+        assert ctx.sink is None
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(interop, "empty", lambda *a: ("own", None))
+            assert ctx.empty("jax", (4, 8), "bfloat16", name="recv_x") == ("own", None)
+    finally:
+        done.set()
+        t.join()
+    assert seen["program"] is ref and ctx.sink is None
+
+
+def test_xla_drops_a_call_whose_results_a_rank_constant_discards(buf):
+    """The operations are not side-effecting to XLA (a side effect would bar jax.checkpoint):
+    XLA removes one whose results are unused, and folds a select on a Python constant first.
+    A rank-dependent Python value that discards results thus removes the collective on some
+    ranks only (the others then wait for them), which epcomm.jax's docstring warns of."""
+    x, t = jnp.zeros((N, H), jnp.bfloat16), jnp.zeros((N, K), jnp.int32)
+
+    def program(rank):
+        def f(x, t):
+            rx, _, _, h = ej.dispatch(buf, x, t, num_experts=E, num_worst_tokens=M)
+            y = ej.combine(buf, rx, h)
+            return jnp.where(rank == 0, y, jnp.zeros_like(y))
+        return jax.jit(f).lower(x, t)
+
+    kept, dropped = program(0), program(1)
+    assert kept.as_text().count("custom_call") == dropped.as_text().count("custom_call") == 2
+    assert kept.compile().as_text().count("custom-call") == 2
+    assert dropped.compile().as_text().count("custom-call") == 0
+    assert "has_side_effect" not in kept.as_text()
