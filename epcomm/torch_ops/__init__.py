@@ -12,7 +12,9 @@ are ``[E/R, R*T, H]`` as ever.  One NVLink domain (not a Buffer spanning nodes).
 
 Gradients: :func:`dispatch` (to ``x`` and ``topk_weights``), :func:`cached_dispatch` and
 :func:`combine` (to ``x``) are differentiable with :mod:`epcomm.torch_autograd`'s rules; the
-low-latency calls are not (inference).
+low-latency calls are not (inference).  First order only: a double backward
+(``create_graph=True``) misses the second derivative through ``topk_weights``' gradient (the
+combine that carries it takes the weights as non-differentiable).
 
 Example::
 

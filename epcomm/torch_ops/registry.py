@@ -30,6 +30,12 @@ def buffer_id(buffer) -> int:
 def lookup(buffer_id: int):
     """The live Buffer with this id; ValueError if none (destroyed, or never made in this process)."""
     b = _BY_ID.get(buffer_id)
+    if b is not None and b.ctx.destroyed:
+        # Found through this cache, which outlives destroy(): forget it and the handles it keeps
+        # (their arrays are the caller's device memory, held here only).
+        del _BY_ID[buffer_id]
+        _LL_HANDLES.pop(b, None)
+        b = None
     if b is None:
         b = find_buffer(buffer_id)
         if b is None:

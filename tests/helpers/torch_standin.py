@@ -21,10 +21,11 @@ _GARBAGE = torch.Generator().manual_seed(12345)
 
 
 class _Ctx:
-    """The engine context's part the operations use: the serial and the caller-supplied outputs."""
+    """The engine context's part the operations use: the serial, the caller-supplied outputs and
+    whether the Buffer was destroyed."""
 
     def __init__(self):
-        self.serial, self.sink = next(_SERIALS), None
+        self.serial, self.sink, self.destroyed = next(_SERIALS), None, False
 
     @contextlib.contextmanager
     def supplying(self, sink):
