@@ -153,6 +153,8 @@ class DispatchOps:
             ev = self._event(a.fw, caller, stream, a.async_finish, (a.xr, a.tr, a.stats, a.wait_stats))
         vx, vscales, vcount, vsrc, vrange = res.views(stream)
         handle = _handle(a, slot, gen, res, vsrc, vrange, topk_copy)
+        if self.ctx.sink is not None:
+            res.drop_payload()  # the caller's received rows: returned now, not kept by the handle
         hook = None
         if a.return_recv_hook:
             # The receive adds into the statistics tensors: kept alive until then.
@@ -160,8 +162,9 @@ class DispatchOps:
                                 keep=(a.stats, a.wait_stats))
         recv_x = (vx, vscales) if a.use_fp8 else vx
         # Not while the results are still to be zeroed (a capture's memset runs only at replay):
-        # the fast path skips that.
-        if (a.fw == "torch" and a.stats is None and a.wait_stats is None and not a.async_finish
+        # the fast path skips that.  Not for a caller's outputs: a later eager call on the plan
+        # would write into memory the caller owns (and may have freed).
+        if (self.ctx.sink is None and a.fw == "torch" and a.stats is None and a.wait_stats is None and not a.async_finish
                 and not a.return_recv_hook and previous_event is None and a.tr.dtype == "int64"
                 and a.tr.obj is topk_idx and not res.fresh):
             self._remember_dispatch_plan(a, slot, _Plan(p, fn, grid, smem, out=(recv_x, vcount, vsrc, vrange,

@@ -77,6 +77,12 @@ class _Results:
                     src_k=((L, RT), "int32"), tok_rows=((RT, K.MAX_TOPK), "int32"), tok_meta=((RT,), "int64"))
         return spec
 
+    def drop_payload(self) -> None:
+        """Forget ``x`` and its scales (and the views made of them): for a caller's outputs,
+        which a handle kept past the call (epcomm.torch_ops' registry) must not hold alive."""
+        self.x = self.scales = None
+        self._views = None
+
     def _make_views(self, stream):
         fw = self.fw
         fin = lambda o: interop.finish(fw, o[0], stream)  # noqa: E731

@@ -10,6 +10,11 @@ Fixed shapes only, as a compiler needs them: the normal-mode dispatch takes ``nu
 (outputs of exactly that many rows, padding rows with top-k index -1), the low-latency calls
 are ``[E/R, R*T, H]`` as ever.  One NVLink domain (not a Buffer spanning nodes).
 
+Order: collectives run in the order of their data dependencies.  Two that do not depend on
+each other (two micro-batches in one compiled function) may be reordered by Inductor, by buffer
+sizes, differently on ranks with different token counts, and then hang: compile them apart, or
+make one depend on the other's results.
+
 Gradients: :func:`dispatch` (to ``x`` and ``topk_weights``), :func:`cached_dispatch` and
 :func:`combine` (to ``x``) are differentiable with :mod:`epcomm.torch_autograd`'s rules; the
 low-latency calls are not (inference).  First order only: a double backward

@@ -676,8 +676,20 @@ def test_supplied_outputs_take_the_full_path_and_are_what_the_kernels_write(rig,
     fast = st.fast_calls
     outs = {n: interop.empty("torch", s, d, "cpu", 0) for n, (s, d) in result_specs(2, 8, H, E, False, False).items()}
     with b.ctx.supplying(CallerOutputs(7, outs)):
-        _, _, h, _, _ = b.low_latency_dispatch(x, topk, 8, E, use_fp8=False)
+        recv_x, _, h, _, _ = b.low_latency_dispatch(x, topk, 8, E, use_fp8=False)
     assert params[-1][1].recv_x == outs["x"][1].ptr and h.src_info.data_ptr() == outs["src_info"][0].data_ptr()
+    assert recv_x.data_ptr() == outs["x"][0].data_ptr()
+    # The handle (which epcomm.torch_ops' registry keeps past the call) holds none of the caller's
+    # received rows: once the caller drops them, they are freed.
+    import gc
+    import weakref
+    rx_ref = weakref.ref(outs["x"][0])
+    del recv_x, outs["x"]
+    gc.collect()
+    assert rx_ref() is None and h.refs["keep"].x is None
+    # No prepared dispatch plan holds the caller's outputs either: an eager call on the fast
+    # path would write into them (memory the caller has freed).
+    assert all(pl.out[2].data_ptr() != h.src_info.data_ptr() for k, pl in st._plans.items() if k[0] == "d")
     combined = interop.empty("torch", (x.shape[0], H), "bfloat16", "cpu", 0)
     with b.ctx.supplying(CallerOutputs(7, {"combined_x": combined})):
         b.low_latency_combine(y, topk, w, h)
