@@ -27,9 +27,12 @@ class CombineOps:
         keep = handle.refs.get("keep")
         if getattr(keep, "owner", None) != self.serial:
             raise ValueError("handle: was made by another Buffer's low_latency_dispatch")
-        if self.ctx.sink is not None:
-            return  # a compiled program's handle: its arrays come with the call (see epcomm.jax)
-        if self._disp_gen[handle.slot] != handle.generation or keep is not self._results[handle.slot]:
+        if self.ctx.sink is not None and handle.generation is None:
+            return  # a compiled JAX program's handle: its arrays come with the call (see epcomm.jax)
+        # A caller's outputs (epcomm.torch_ops) are not the slot's results: the generation alone
+        # says whether a later dispatch wrote into the slot.
+        stale_results = self.ctx.sink is None and keep is not self._results[handle.slot]
+        if self._disp_gen[handle.slot] != handle.generation or stale_results:
             raise BufferStateError(
                 f"{what}: the handle's dispatch results were overwritten by a later dispatch in the same slot "
                 "(at most two low-latency dispatches may be in flight), or by clean_low_latency_buffer")

@@ -696,3 +696,15 @@ def test_supplied_outputs_take_the_full_path_and_are_what_the_kernels_write(rig,
     assert params[-1][1].out == combined[1].ptr and st.fast_calls == fast
     # ...and the combine left no plan behind for the caller's handle.
     assert not any(k[-1] == id(h.refs["keep"]) for k in st._plans if k[0] == "c")
+    # Two later dispatches (the second into this one's slot): its handle is stale, also for a
+    # caller supplying the combine's output.
+    outs = {n: interop.empty("torch", s, d, "cpu", 0) for n, (s, d) in result_specs(2, 8, H, E, False, False).items()}
+    with b.ctx.supplying(CallerOutputs(7, outs)):
+        _, _, h2, _, _ = b.low_latency_dispatch(x, topk, 8, E, use_fp8=False)
+    b.low_latency_dispatch(x, topk, 8, E, use_fp8=False)
+    assert h2.slot != h.slot
+    combined2 = interop.empty("torch", (x.shape[0], H), "bfloat16", "cpu", 0)
+    with b.ctx.supplying(CallerOutputs(7, {"combined_x": combined2})):
+        b.low_latency_combine(y, topk, w, h2)  # still the latest of its slot
+        with pytest.raises(BufferStateError, match="overwritten by a later dispatch"):
+            b.low_latency_combine(y, topk, w, h)
