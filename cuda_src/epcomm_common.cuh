@@ -173,6 +173,15 @@ EPCOMM_DEVICE void mask_rank(int* mask, int r) {
   if (mask != nullptr && ld_volatile_i32(mask + r) == 0) atomicExch(mask + r, 1);
 }
 
+// Shrink mode: the deadline of a wait for something a peer produces only after `hops` waits of
+// its own (each of which may run to the shrink timeout on a rank that died), measured from the
+// same start as `deadline`.  A shared deadline let a first wait on a dead rank use up the budget
+// of the waits after it, which then masked live peers (delayed by the same dead rank) at their
+// first timer check.  Without shrink the deadline is unchanged (a timeout is an error anyway).
+EPCOMM_DEVICE u64 shrink_deadline(u64 deadline, u64 timeout_ns, int shrink, int hops) {
+  return shrink ? deadline + static_cast<u64>(hops) * timeout_ns : deadline;
+}
+
 // Results of a wait that may skip a masked peer.
 enum WaitResult : int { kWaitFailed = 0, kWaitArrived = 1, kWaitMasked = -1 };
 

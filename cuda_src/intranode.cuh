@@ -387,9 +387,10 @@ __global__ void __launch_bounds__(1024) intranode_notify(const __grid_constant__
     st_release_sys_u64(at<u64>(p.peers[tid], p.mailbox_tag_off) + p.rank, tag);
   }
   // Wait for every source's mailbox; a masked source (or, in shrink mode, one that times out)
-  // counts as sending nothing.
+  // counts as sending nothing.  A source writes its mailbox after its own acknowledgement waits.
+  const u64 mb_deadline = shrink_deadline(deadline, p.timeout_ns, p.shrink, 1);
   for (int s = tid; s < R; s += blockDim.x) {
-    const int got = deadline_phase_wait(at<u64>(me_base, p.mailbox_tag_off) + s, tag, p, deadline,
+    const int got = deadline_phase_wait(at<u64>(me_base, p.mailbox_tag_off) + s, tag, p, mb_deadline,
                                         kPhaseDispatchNotifyCounts, -1, s);
     s_live[s] = got == kWaitMasked ? 0 : 1;
     // Heard from (or masked): a CPU that gives up waiting for the counts names the others.
@@ -915,6 +916,8 @@ __global__ void __launch_bounds__(kIntraThreads) intranode_combine(const __grid_
     // (they send in token order); contiguous ranges per block left the last block all its work
     // after the last arrival. ----
     const int nrecv = gridDim.x - p.num_send_blocks;
+    // A peer's send role sends after its acknowledgement waits (concurrent with these waits).
+    const u64 rdeadline = shrink_deadline(deadline, p.timeout_ns, p.shrink, 1);
     const int rb = blockIdx.x - p.num_send_blocks;
     const u8* my_staging = at<u8>(me_base, p.staging_off);
     int known[R];  // last chunk of each rank known to have arrived (slots grow with t)
@@ -934,7 +937,7 @@ __global__ void __launch_bounds__(kIntraThreads) intranode_combine(const __grid_
         }
         const int c = pos / CR;
         if (c != known[d]) {
-          const int got = warp_wait_chunk(chunk_flags(me_base, p, d, c), tag, p, deadline, kPhaseCombineRecv, c, d, lane);
+          const int got = warp_wait_chunk(chunk_flags(me_base, p, d, c), tag, p, rdeadline, kPhaseCombineRecv, c, d, lane);
           if (got == kWaitFailed) ok = false;
           if (got == kWaitMasked) continue;  // shrink mode: that rank's part is absent (known[d] unchanged)
           known[d] = c;

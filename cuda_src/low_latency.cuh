@@ -249,7 +249,8 @@ EPCOMM_DEVICE bool ll_wait_arrivals(const LLParams& p, u64 flag_off, const u64* 
     for (u32 i = 1; !ll_arrived(v - b) && !rank_masked(mask, r); ++i) {
       if ((i & 1023u) == 0) {
         if (aborted(p.err)) { s_ok = 0; break; }
-        if (mask != nullptr && globaltimer_ns() > deadline) {
+        // Never this rank itself (its own blocks' arrival is late: a local fault, reported).
+        if (mask != nullptr && r != p.rank && globaltimer_ns() > deadline) {
           mask_rank(mask, r);
           break;
         }
@@ -633,7 +634,8 @@ __global__ void __launch_bounds__(kLLThreads) ll_dispatch(const __grid_constant_
   const u64 tag = s_tag;
   const u64 deadline = globaltimer_ns() + p.timeout_ns;
   if (kPhases & 1) ll_dispatch_send<kHidden, kFp8, kDeepepScale>(p, tag, deadline);
-  if (kPhases & 2) ll_dispatch_recv<kHidden, kFp8>(p, tag, deadline);
+  // A source arrives after its acknowledgement waits (shrink_deadline).
+  if (kPhases & 2) ll_dispatch_recv<kHidden, kFp8>(p, tag, shrink_deadline(deadline, p.timeout_ns, p.shrink, 1));
 }
 
 // ------------------------------------------------------------------------------------------
@@ -1057,7 +1059,9 @@ EPCOMM_DEVICE void ll_combine_send(const LLParams& p, u64 tag, u64 deadline) {
         int got = 0;
         if (lane == 0) {
           const u64* f = reinterpret_cast<const u64*>(p.heap + p.comb_wflag_off) + p.slot * R + s;
-          got = wait_geq_u64_masked(f, tag, p.err, deadline, p.rank, kPhaseLLCombineWeights, p.slot, s, ll_mask(p));
+          // The source publishes its weights after its acknowledgement waits.
+          got = wait_geq_u64_masked(f, tag, p.err, shrink_deadline(deadline, p.timeout_ns, p.shrink, 1), p.rank,
+                                    kPhaseLLCombineWeights, p.slot, s, ll_mask(p));
           if (got == kWaitFailed) *ok = 0;
         }
         __syncwarp();  // lane 0 acquired the flag: the other lanes' loads are ordered after it
@@ -1331,7 +1335,8 @@ __global__ void __launch_bounds__(kLLThreads) ll_combine(const __grid_constant__
   const u64 tag = s_tag;
   const u64 deadline = globaltimer_ns() + p.timeout_ns;
   if (kPhases & 1) ll_combine_send<kHidden, kMode>(p, tag, deadline);
-  if (kPhases & 2) ll_combine_recv<kHidden, kMode>(p, tag, deadline);
+  // An expert-side rank arrives after its acknowledgement and weights waits (shrink_deadline).
+  if (kPhases & 2) ll_combine_recv<kHidden, kMode>(p, tag, shrink_deadline(deadline, p.timeout_ns, p.shrink, 2));
 }
 
 }  // namespace epcomm

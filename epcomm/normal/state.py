@@ -158,12 +158,19 @@ class NvlinkState:
                 setattr(self, attr, 0)
 
 
+# Shrink timeouts the notify (2: acknowledgements, then mailboxes) and the combine queued ahead of
+# it (2: its receive role waits for rows its peers send after their acknowledgement waits) may
+# take at most, each wait masking its peer at its deadline.
+SHRINK_WAIT_TIMEOUTS = 4.0
+
+
 def counts_wait_s(ctx) -> float:
     """How long the CPU waits for a dispatch's counts: EPCOMM_TIMEOUT_S, but in shrink mode at
-    least twice the kernels' own deadline (EPCOMM_SHRINK_TIMEOUT_MS, which may be the longer:
-    the notify masks a missing peer only then, and a kernel ahead of it on the comm stream may
-    have waited as long), plus 2 s for the kernel to record why it stopped."""
-    wait = max(ctx.timeout_s, 2.0 * ctx.kernel_timeout_s()) if ctx.shrink else ctx.timeout_s
+    least SHRINK_WAIT_TIMEOUTS times the kernels' own timeout (EPCOMM_SHRINK_TIMEOUT_MS, which
+    may be the longer), plus 2 s for the kernel to record why it stopped.  The notify masks a
+    missing peer only at its mailbox deadline, two timeouts in (shrink_deadline in
+    epcomm_common.cuh), and the combine ahead of it on the comm stream may have waited two."""
+    wait = max(ctx.timeout_s, SHRINK_WAIT_TIMEOUTS * ctx.kernel_timeout_s()) if ctx.shrink else ctx.timeout_s
     return wait + 2.0
 
 

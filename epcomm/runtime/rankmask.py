@@ -26,11 +26,6 @@ class RankMask:
         driver.memcpy_dtoh(host.ctypes.data, addr, host.nbytes)
         return host
 
-    def _write(self, words: np.ndarray) -> None:
-        words = np.ascontiguousarray(words, dtype=np.int32)
-        for addr in self.addrs:
-            driver.memcpy_htod(addr, words.ctypes.data, words.nbytes)
-
     def _store(self, words: np.ndarray, seen: list) -> None:
         """Write into each engine the entries of ``words`` that differ from what was read there
         (``seen``), one word each: a peer's kernel may publish into the other entries meanwhile
@@ -71,10 +66,11 @@ class RankMask:
             self._store(union, seen)
 
     def clean(self) -> None:
-        """Unmask every rank."""
+        """Unmask every rank masked when the words are read (as :meth:`_store`: a peer's
+        publication landing after the read is kept)."""
         with driver.on_device(self.device_id):
-            driver.device_sync()
-            self._write(np.zeros(self.num_ranks, dtype=np.int32))
+            _, seen = self._union()
+            self._store(np.zeros(self.num_ranks, dtype=np.int32), seen)
 
     def masked_ranks(self) -> list[int]:
         """The masked ranks, ascending (:meth:`query` as a list)."""
