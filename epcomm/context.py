@@ -103,6 +103,7 @@ class CommContext:
         self.numerics = numerics
         self.shrink = False
         self.mask = None
+        self._specs_called: set = set()  # kernel modules launched on this Buffer (kernel_timeout_s)
         self.destroyed = False
         self.alloc_on_comm = False
         # Per thread: XLA may run a compiled program's callback on a thread of its own while
@@ -126,11 +127,22 @@ class CommContext:
             raise
         return cls(group, group.rank, group.size, device_id, **made)
 
-    def kernel_timeout_s(self) -> float:
+    def kernel_timeout_s(self, spec=None) -> float:
         """How long a kernel waits for a peer: EPCOMM_SHRINK_TIMEOUT_MS in shrink mode (then the
         peer is masked), else EPCOMM_TIMEOUT_S (then EpcommTimeoutError).  The shrink timeout is
-        read at each call (parsed again only when its text changed: the fast paths ask too)."""
-        return envs.SHRINK_TIMEOUT_MS.get_memo() / 1000.0 if self.shrink else self.timeout_s
+        read at each call (parsed again only when its text changed: the fast paths ask too).
+
+        ``spec``: the kernel module the call launches.  The first call of each module on this
+        Buffer waits the longer of the two: a peer may still be compiling that module (seconds
+        on a cold cache, more on a loaded host), and a late peer then is not a dead one.  Every
+        rank makes the same calls, so the first calls of a module are the same calls everywhere."""
+        if not self.shrink:
+            return self.timeout_s
+        shrink_s = envs.SHRINK_TIMEOUT_MS.get_memo() / 1000.0
+        if spec is not None and spec not in self._specs_called:
+            self._specs_called.add(spec)
+            return max(shrink_s, self.timeout_s)
+        return shrink_s
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def check_usable(self, what: str, collective: bool = False) -> None:

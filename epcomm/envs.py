@@ -164,9 +164,9 @@ SHRINK_TIMEOUT_MS = knob("EPCOMM_SHRINK_TIMEOUT_MS", 10000, parse_positive_int,
                          "Buffers made with enable_shrink=True: milliseconds a kernel waits for a peer "
                          "before it masks that peer and completes without it (instead of "
                          "EPCOMM_TIMEOUT_S and EpcommTimeoutError). Longer than any stall a live rank "
-                         "may have between calls: a rank compiling a kernel on its first call is "
-                         "masked by peers that wait for it longer than this (run `epcomm warmup` "
-                         "first). Read at each call.")
+                         "may have between calls. The first call of each kernel on a Buffer waits "
+                         "EPCOMM_TIMEOUT_S if that is longer (a peer may still be compiling the "
+                         "kernel). Read at each call.")
 GROUP_TIMEOUT_S = knob("EPCOMM_GROUP_TIMEOUT_S", 600.0, parse_float,
                        "Seconds a process-group exchange (a Buffer's set-up and teardown, through "
                        "torch.distributed's store, JAX's key-value store or a shared directory) waits "

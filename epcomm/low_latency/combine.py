@@ -120,7 +120,7 @@ class CombineOps:
                 out_obj, o = self.empty(fw, (N, H), "bfloat16", name="combined_x")
             else:
                 out_obj = out
-            p = self._combine_params(lay, slot, handle, xr, tr, wr, o, zero_copy)
+            p = self._combine_params(lay, slot, handle, xr, tr, wr, o, zero_copy, spec)
             p.wait_stats = ws.ptr if ws is not None else 0
             if use_logfmt:  # every row travels encoded: the kernels make no partials
                 p.partials = 0
@@ -199,8 +199,8 @@ class CombineOps:
                              "them). To drop an expert's contribution, give it weight 0 instead "
                              "(EPCOMM_CHECK_INDICES=1 checks this; it costs a device sync)")
 
-    def _combine_params(self, lay, slot: int, handle, xr, tr, wr, o, zero_copy: bool):
-        p = self._params(lay, slot)
+    def _combine_params(self, lay, slot: int, handle, xr, tr, wr, o, zero_copy: bool, spec=None):
+        p = self._params(lay, slot, spec)
         p.x, p.topk_idx, p.topk_weights = xr.ptr, tr.ptr, wr.ptr
         refs = handle.refs
         p.h_count, p.h_range = refs["count"].ptr, refs["range"].ptr

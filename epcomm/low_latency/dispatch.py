@@ -133,8 +133,8 @@ class DispatchOps:
                 "low_latency_dispatch: the receive hook of the dispatch two calls ago (same buffer slot) "
                 "was never called; call it before issuing another dispatch")
         # DeepEP's arithmetic differs only in the FP8 scales: a BF16 dispatch uses the default module.
-        mod = loader.load(K.LowLatencySpec(a.H, a.use_fp8, deepep=a.use_fp8 and self.numerics == "deepep"),
-                          self.device_id)
+        spec = K.LowLatencySpec(a.H, a.use_fp8, deepep=a.use_fp8 and self.numerics == "deepep")
+        mod = loader.load(spec, self.device_id)
         smem = K.dispatch_smem_bytes(R, a.T)
         with driver.on_device(self.device_id):
             if smem > DEFAULT_SMEM:  # may raise: before anything below changes state
@@ -147,7 +147,7 @@ class DispatchOps:
             topk_copy = check_topk_indices(a.tr.obj, a.fw, a.E, capturing=capturing, unique=True,
                                            previous_event=previous_event)
             res = self._slot_results(a, slot, capturing)
-            p = self._dispatch_params(a, lay, slot, res, stream, capturing, shape)
+            p = self._dispatch_params(a, lay, slot, res, stream, capturing, shape, spec)
             fn, grid, recv_blocks = self._launch_dispatch(mod, p, slot, stream, a, smem, L)
             gen = self._advance_slot(slot, shape if p.check_shape else None)
             ev = self._event(a.fw, caller, stream, a.async_finish, (a.xr, a.tr, a.stats, a.wait_stats))
@@ -257,9 +257,9 @@ class DispatchOps:
         return res
 
     def _dispatch_params(self, a: _DispatchArgs, lay, slot: int, res: _Results, stream: int, capturing: bool,
-                         shape: int):
+                         shape: int, spec=None):
         R = self.num_ranks
-        p = self._params(lay, slot)
+        p = self._params(lay, slot, spec)
         p.x, p.topk_idx = a.xr.ptr, a.tr.ptr
         p.recv_x = res.x[1].ptr
         p.recv_scales = res.scales[1].ptr if res.scales is not None else 0

@@ -216,7 +216,7 @@ class LowLatencyState(DispatchOps, CombineOps, FastPaths):
             self._layouts[key] = lay
         return lay
 
-    def _params(self, lay: K.HeapLayout, slot: int) -> K.LLParams:
+    def _params(self, lay: K.HeapLayout, slot: int, spec=None) -> K.LLParams:
         p = K.LLParams()
         ctypes.pointer(p)[0] = self.template
         p.disp_flag_off, p.comb_flag_off = lay.disp_flag_off, lay.comb_flag_off
@@ -228,13 +228,14 @@ class LowLatencyState(DispatchOps, CombineOps, FastPaths):
         p.lf_meta_off, p.lf_stage_off = lay.lf_meta_off, lay.lf_stage_off
         p.msg_bytes = lay.msg_bytes
         p.slot = slot
-        p.timeout_ns = self._timeout_ns()
+        p.timeout_ns = self._timeout_ns(spec)
         return p
 
-    def _timeout_ns(self) -> int:
-        """How long this call's kernels wait for a peer (EPCOMM_SHRINK_TIMEOUT_MS in shrink mode,
-        read at each call, so a prepared launch of the fast paths is given it again)."""
-        return int(self.ctx.kernel_timeout_s() * 1e9)
+    def _timeout_ns(self, spec=None) -> int:
+        """How long this call's kernels (of module ``spec``) wait for a peer
+        (:meth:`CommContext.kernel_timeout_s`: read at each call, so a prepared launch of the
+        fast paths is given it again)."""
+        return int(self.ctx.kernel_timeout_s(spec) * 1e9)
 
     def _allow_smem(self, mod, names, smem: int) -> None:
         """Let the kernels ``names`` of ``mod`` use ``smem`` bytes of dynamic shared memory (above

@@ -107,7 +107,7 @@ def combine(ctx, st, default_config, x, handle, topk_weights=None, bias=None, co
         caller, cap = ctx.begin(fw, previous_event)
         out = ctx.empty(fw, (N, H), "bfloat16", name="combined_x")
         outw = ctx.empty(fw, (N, Kt), "float32", name="combined_topk_weights") if wr is not None else None
-        p = st.params(ctx.kernel_timeout_s())
+        p = st.params(ctx.kernel_timeout_s(spec))
         refs = handle.refs
         p.x = xr.ptr
         p.topk_weights = ptr(wr)

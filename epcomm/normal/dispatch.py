@@ -242,8 +242,8 @@ def _route(ctx, a: DispatchArgs) -> _Route:
                   itr.obj, refs, ner, tuple(keep))
 
 
-def _params(ctx, st, a: DispatchArgs, r: _Route, chunk_rows: int) -> K_intra.IntraParams:
-    p = st.params(ctx.kernel_timeout_s())
+def _params(ctx, st, spec, a: DispatchArgs, r: _Route, chunk_rows: int) -> K_intra.IntraParams:
+    p = st.params(ctx.kernel_timeout_s(spec))
     p.x = a.xr.ptr
     if a.fp8:
         p.x_scales, p.scale_st, p.scale_sg = a.sr.ptr, a.sr.strides[0], a.sr.strides[1]
@@ -293,7 +293,7 @@ def dispatch(ctx, st, default_config, x, handle=None, num_tokens_per_rank=None, 
         mod = loader.load(spec, ctx.device_id)
         caller, cap = begin_dispatch(ctx, a, previous_event)
         r = _route(ctx, a)
-        p = _params(ctx, st, a, r, chunk_rows)
+        p = _params(ctx, st, spec, a, r, chunk_rows)
         _launch_front(ctx, st, mod, p, a)
         if hs is not None:
             hs["launched"] = time.time_ns()

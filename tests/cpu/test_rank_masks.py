@@ -104,6 +104,12 @@ def test_shrink_timeout_knob(monkeypatch):
     ctx.shrink = True
     monkeypatch.setenv("EPCOMM_SHRINK_TIMEOUT_MS", "250")
     assert ctx.kernel_timeout_s() == 0.25
+    # The first call of a kernel module on the Buffer waits EPCOMM_TIMEOUT_S (a peer may still be
+    # compiling that module); later calls of it, the shrink timeout.
+    assert [ctx.kernel_timeout_s(s) for s in ("notify", "notify", "combine", "combine")] == [7.0, 0.25, 7.0, 0.25]
+    monkeypatch.setenv("EPCOMM_SHRINK_TIMEOUT_MS", "9000")
+    assert ctx.kernel_timeout_s("ll") == 9.0  # never shorter than the shrink timeout
+    monkeypatch.setenv("EPCOMM_SHRINK_TIMEOUT_MS", "250")
     for bad in ("0", "-3", "fast"):
         monkeypatch.setenv("EPCOMM_SHRINK_TIMEOUT_MS", bad)
         with pytest.raises(ValueError, match="EPCOMM_SHRINK_TIMEOUT_MS"):
