@@ -21,8 +21,8 @@ OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
 SECONDS=0
 budget=${SESSION_BUDGET_S:-570}
-# Seconds left of the budget in bench mode (the test modes keep their own fixed limits).
-left() { if [[ $what == bench ]]; then echo $(( budget - SECONDS )); else echo 100000; fi; }
+# Seconds left of the budget in bench and soak modes (the test modes keep their own fixed limits).
+left() { if [[ $what == bench || $what == soak ]]; then echo $(( budget - SECONDS )); else echo 100000; fi; }
 min() { echo $(( $1 < $2 ? $1 : $2 )); }
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -77,20 +77,29 @@ if [[ $what == tests || $what == all || $what == tests-internode ]]; then
 fi
 # The DeepEP drop-in (tests and its example), the compiled-program paths (epcomm.jax under jit,
 # torch.compile) and the failure paths (rank masks and fault injection, the GPU fuzz).
+# The drop-in's spawns take ~10 s each (6 in 52 s with 2 ranks): a spawn limit of 200 s under the
+# step's 300 s, so a hang is reported by its spawn (with each rank's phase), not killed silently.
 if [[ $what == tests || $what == all || $what == tests-dropin ]]; then
-  run_tests dropin "${TEST_TIMEOUT:-300}" tests/gpu/test_deep_ep_dropin_gpu.py
+  EPCOMM_TEST_TIMEOUT=${EPCOMM_TEST_TIMEOUT:-200} run_tests dropin "${TEST_TIMEOUT:-300}" tests/gpu/test_deep_ep_dropin_gpu.py
   timeout 120 python3 examples/deep_ep_drop_in.py 2>&1 | tee "$OUT/example-deep_ep_drop_in.txt" | tail -3
 fi
 if [[ $what == tests || $what == all || $what == tests-compiled ]]; then
   run_tests compiled "${TEST_TIMEOUT:-540}" tests/gpu/test_jax_jit_gpu.py tests/gpu/test_torch_compile_gpu.py
 fi
+# tests-faults: 8 spawns of the fault file (each limited to 240 s inside the test) and the fuzz.
+# With 4 or more ranks sharing one GPU, run it as two calls: TEST_FILES=<one file> (or -k groups).
 if [[ $what == tests || $what == all || $what == tests-faults ]]; then
   run_tests faults "${TEST_TIMEOUT:-540}" tests/gpu/test_fault_injection_gpu.py tests/gpu/test_fuzz_gpu.py
 fi
-# The soak (benchmarks/soak.py): SOAK_RANKS ranks (default 2), SOAK_CALLS calls, within the call.
+# The soak (benchmarks/soak.py): SOAK_RANKS ranks (default 2), SOAK_CALLS calls, within what is
+# left of SESSION_BUDGET_S (at most SOAK_LIMIT, default 560 s).  soak.py keeps its own margins
+# inside --time-limit (its ranks stop 45 s before it, its spawn ends 15 s before it), so its JSON
+# is written before this step's outer limit, even after a hang.
 if [[ $what == soak ]]; then
-  timeout -k 10 "${SOAK_LIMIT:-560}" python3 benchmarks/soak.py --ranks "${SOAK_RANKS:-2}" --calls "${SOAK_CALLS:-10000}" \
-      --seed "${SOAK_SEED:-1}" --time-limit "$(( ${SOAK_LIMIT:-560} - 20 ))" --json "$OUT/soak.json" 2>&1 | tee "$OUT/soak.txt" | tail -30
+  slim=$(min "${SOAK_LIMIT:-560}" $(( $(left) - 15 )))
+  echo "soak: time limit ${slim}s ($(left)s left of ${budget}s)"
+  timeout -k 10 "$(( slim + 10 ))" python3 benchmarks/soak.py --ranks "${SOAK_RANKS:-2}" --calls "${SOAK_CALLS:-10000}" \
+      --seed "${SOAK_SEED:-1}" --time-limit "$slim" --json "$OUT/soak.json" 2>&1 | tee "$OUT/soak.txt" | tail -40
 fi
 if [[ $what == bench || $what == all ]]; then
   if (( ngpu >= 2 )); then which=all; nmodes=2; kind="nvidia-h200-x$ngpu"; else which=low-latency; nmodes=1; kind=nvidia-h200; fi

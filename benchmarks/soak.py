@@ -9,30 +9,45 @@ in the low-latency mode); top-k 1..8 with -1 slots; BF16 and FP8 (scales row- or
 power-of-two, UE8M0); some normal dispatches with ``num_worst_tokens``).
 
 Checking, cheap per call: each case's first call (the warm-up pass over every case) is compared
-with ``epcomm.reference`` bit for bit on the CPU; its outputs' hashes are kept; every later call
-of the case must hash to the same bits (hashes are one reduction per output on the GPU).  After
-the warm-up, calls pick a random case and one of: a full dispatch (with or without the layout
-given) + combine, a cached dispatch (the first dispatch's handle), a combine alone, in the
-low-latency mode an eager dispatch + combine, the same with receive hooks, or a replay of the
-case's CUDA graph (captured in the warm-up), interleaved.  Every rank derives the same schedule
-from ``--seed``.  A call counts once per collective operation (layout, dispatch, combine).
+with ``epcomm.reference`` bit for bit on the CPU, and ``get_dispatch_layout``'s outputs with a
+hash of the reference's layout; the first call's outputs' hashes are kept, and every later call
+of the case must hash to the same bits (hashes are a few elementwise passes and one reduction
+per output on the GPU, no copy to the host).  The warm-up then makes every kind of call once per
+case (hash-checked), so what a kind allocates the first time is there before the first memory
+sample.  After it, calls pick a random case and one of: a full dispatch (with or without the
+layout given) + combine, a cached dispatch (the first dispatch's handle), a combine alone, in
+the low-latency mode an eager dispatch + combine, the same with receive hooks, or a replay of
+the case's CUDA graph (captured in the warm-up), interleaved.  Every rank derives the same
+schedule from ``--seed``.  A call counts once per collective operation (layout, dispatch,
+combine), per rank: ``calls`` in the JSON is the least of the ranks' counts.
 
 Measured: calls, mismatches (with the case and the parts that differ), hangs (EpcommTimeoutError
 within EPCOMM_TIMEOUT_S, set to 60 s here unless given; a hang the kernels do not see ends the
-spawn at the time limit), GPU memory (torch allocated and reserved, the device's used memory)
-and host RSS sampled every 25 iterations, and their drift after the warm-up.  Ranks agree every
-16 iterations whether ``--time-limit`` is reached; each rank writes its progress every 25
-iterations, so a run cut by the spawn timeout still writes its JSON (``complete: false``).
+spawn before the time limit), GPU memory (torch allocated and reserved, the device's used
+memory) and host RSS, sampled every 32 iterations with every rank idle and the allocators'
+cached free blocks released, and their drift after the warm-up.  ``passed`` (exit status 0)
+needs the run complete, ``--calls`` reached by every rank, no mismatch, no hang and every drift
+within 1%.  Ranks agree every 16 iterations whether to stop (``--calls`` reached, or
+``--time-limit`` less 45 s passed); the spawn is ended 15 s before ``--time-limit`` (from this
+script's start), so the JSON is written by then even after a hang; each rank writes its
+progress at every sample, so a cut run still reports what it did (``complete: false``).
 
 Ranks share one GPU with ``EPCOMM_SHARE_GPU=1`` (set here when ``--ranks`` exceeds the GPUs).
 A cold JIT cache compiles about 20 kernels first (``epcomm warmup`` or an earlier run fills it).
 
-Expected time (estimated from the code, not measured), 2 ranks sharing one H100: the warm-up
-is the CPU reference of each case, ~1-7 s per case here (a 2-rank normal case of 4096 tokens at
-hidden 7168: ~7 s; the ranks compute it in parallel), ~60-100 s for 24 cases, plus the kernels'
-first compile; after it, an iteration is a few kernels, a few hash reductions and one host
-sync (~1-3 ms), ~1.8 calls each, so 10,000 calls take well under a minute of it.  With 4
-ranks the references cost ~2.5 times more; 2,000 calls are then a small part of the run.
+Expected time, 2 ranks sharing one H100.  The warm-up is dominated by the CPU reference of each
+case, which every rank computes for all ranks (in parallel): measured on a 2-core CPU host for
+the 24 cases of --seed 1, 31 s with 2 ranks (the largest, 2 x 4096 tokens at hidden 7168: 4.4 s
+of reference, 1.3 s of inputs; a low-latency case at hidden 7168 with 32 experts: 2-4 s) and
+85 s with 4 ranks (up to 15 s a case), plus the first compile on a cold cache and 12 graph
+captures.  After it, an iteration is 1-3 collective calls (1.9 on average), one host sync, and
+hashes of outputs of up to ~60 M elements (each pass over int64 words of up to ~0.5 GB: a few
+ms a case at most, both ranks taking turns on the GPU); the normal mode's CPU-synchronised
+dispatch measured 2.5-5 ms with 2 ranks sharing an H100 (4096 tokens, hidden 7168).  So an
+iteration is ~5-20 ms, 10,000 calls ~5,300 iterations, ~30-110 s: the warm-up and the first
+compile dominate, and 10,000 calls with 2 ranks (2,000 with 4) fit a 540 s limit with several
+times the estimate to spare.  A reference check of every call instead would not (5,300 x ~1-2 s
+of CPU); the hashes are what makes every call checked.
 """
 from __future__ import annotations
 
@@ -46,10 +61,15 @@ import time
 
 import numpy as np
 
-from soak_check import (Tracker, case_inputs, drift, hash_parts, ll_parts, ll_reference, make_case, normal_parts,
-                        normal_reference, to_torch, verify_ll, verify_normal)
+from soak_check import (Tracker, case_inputs, drift, hash_parts, layout_parts, ll_parts, ll_reference, make_case,
+                        normal_parts, normal_reference, reference_layout, to_torch, verdict, verify_ll, verify_normal)
 
-SAMPLE_EVERY, AGREE_EVERY = 25, 16
+AGREE_EVERY = 16                 # iterations between the ranks' agreement on stopping
+SAMPLE_EVERY = 2 * AGREE_EVERY   # iterations between memory samples (at an agreement point)
+# Seconds of --time-limit kept for the end: the ranks stop calling STOP_MARGIN_S before it (then
+# synchronise, sample, destroy the Buffer), the spawn ends them SPAWN_MARGIN_S before it (a hang),
+# and what is left is the parent's, to write the JSON before an outer limit of --time-limit.
+STOP_MARGIN_S, SPAWN_MARGIN_S = 45.0, 15.0
 NORMAL_KINDS = ("dispatch", "dispatch_layout", "cached", "combine")
 LL_KINDS = ("eager", "hook", "graph", "graph")
 
@@ -77,7 +97,7 @@ def _rss_bytes() -> int:
 class Soak:
     """One rank's soak: the Buffer, the cases' device inputs, handles and graphs, the tracker."""
 
-    def __init__(self, rank: int, world: int, group, cases: list, progress: str):
+    def __init__(self, rank: int, world: int, group, cases: list, progress: str, max_tokens: int = 4096):
         import torch
 
         import epcomm
@@ -85,7 +105,7 @@ class Soak:
         torch.cuda.set_device(rank % torch.cuda.device_count())
         Tmax = max([c.T for c in cases if c.mode == "ll"], default=128)
         Emax = max([c.E for c in cases if c.mode == "ll"], default=16)
-        nvl = epcomm.Buffer.get_nvl_buffer_size_hint(7168, world, 4096, 8)
+        nvl = epcomm.Buffer.get_nvl_buffer_size_hint(7168, world, max(max_tokens, 1), 8)
         rdma = epcomm.Buffer.get_low_latency_rdma_size_hint(Tmax, 7168, world, Emax)
         self.buf = epcomm.Buffer(group, nvl, rdma, low_latency_mode=True)
         self.cases, self.state, self.t = cases, {}, Tracker()
@@ -105,6 +125,8 @@ class Soak:
         if case.mode == "normal":
             ref = normal_reference(case, R, inp)
             s["y"], s["rows"] = to_torch(ref["y"][r]), ref["dispatch"][r].handle.num_recv_tokens
+            # get_dispatch_layout's outputs (kind "dispatch_layout") are compared with this hash
+            self.t.hashes[(case.index, "layout")] = hash_parts(reference_layout(case, R, inp, r))
             parts, comb = self._normal_full(case, s, layout=False)
             bad = verify_normal(parts, comb, ref, r)
         else:
@@ -130,6 +152,7 @@ class Soak:
             ntr, _, nte, itr, _ = b.get_dispatch_layout(s["idx"], case.E)
             route.update(num_tokens_per_rank=ntr, num_tokens_per_expert=nte, is_token_in_rank=itr)
             self.t.calls += 1
+            self.t.repeat((case.index, "layout"), hash_parts(layout_parts(ntr, nte, itr)), self.t.calls)
         else:
             route["num_experts"] = case.E
         res = b.dispatch(s["x"], **route)
@@ -205,21 +228,34 @@ class Soak:
 
     # ---- the run ---------------------------------------------------------------------------
     def sample(self) -> None:
+        """Memory now (collective: every rank calls it at the same point).  Every rank is idle
+        between calls, with the allocator's cached free blocks released, while the device's
+        used memory is read: the ranks share the GPU, so another rank's temporaries (the
+        hashes' int64 copies, up to a few GB) or its cache would otherwise count at random."""
         t = self.torch
+        t.cuda.synchronize()
+        t.cuda.empty_cache()
+        self.group.barrier()
         free, total = t.cuda.mem_get_info()
         self.memory.append(dict(calls=self.t.calls, allocated=t.cuda.memory_allocated(),
                                 reserved=t.cuda.memory_reserved(), device_used=total - free, rss=_rss_bytes()))
+        self.group.barrier()
 
     def warm_up(self) -> None:
-        """Every case once, checked against the reference; low-latency cases' graphs captured."""
+        """Every case once, checked against the reference; low-latency cases' graphs captured;
+        then every case once more with each kind of call (hash-checked like the run's), so that
+        whatever a kind allocates the first time (its outputs, the library's plans) is there
+        before the first memory sample, from which the drift is measured."""
         from epcomm.tools import spawn
         for i, c in enumerate(self.cases):
             spawn.phase(f"warm-up: case {i} ({c.mode})")
             self._first(c)
             if c.mode == "ll":
                 self._capture(c, self.state[c.index])
-        self.torch.cuda.synchronize()
-        self.group.barrier()
+        for c in self.cases:
+            for kind in dict.fromkeys(NORMAL_KINDS if c.mode == "normal" else LL_KINDS):
+                spawn.phase(f"warm-up: case {c.index} {kind}")
+                (self._normal_call if c.mode == "normal" else self._ll_call)(c, kind, self.t.calls)
         self.sample()
         self.warm_iters = len(self.cases)
 
@@ -230,13 +266,12 @@ class Soak:
                 stop = self.t.calls >= calls or time.time() > deadline
                 if any(v == b"1" for v in self.group.allgather_bytes(b"1" if stop else b"0")):
                     break
+                if it and it % SAMPLE_EVERY == 0:  # the same iteration on every rank
+                    self.sample()
+                    self.write_progress(complete=False)
             spawn.phase(f"call {self.t.calls}: case {c.index} {kind}")
             self.kinds[kind] = self.kinds.get(kind, 0) + 1
             (self._normal_call if c.mode == "normal" else self._ll_call)(c, kind, self.t.calls)
-            if it % SAMPLE_EVERY == SAMPLE_EVERY - 1:
-                self.sample()
-                self.write_progress(complete=False)
-        self.torch.cuda.synchronize()
         self.sample()
 
     def report(self, complete: bool, error: str = "") -> dict:
@@ -255,7 +290,7 @@ class Soak:
 
 
 def _worker(rank, world, group, seed, n_cases, max_tokens, calls, deadline, progress):
-    soak = Soak(rank, world, group, plan(seed, world, n_cases, max_tokens), progress)
+    soak = Soak(rank, world, group, plan(seed, world, n_cases, max_tokens), progress, max_tokens)
     try:
         soak.warm_up()
         soak.write_progress(complete=False)
@@ -270,17 +305,35 @@ def _worker(rank, world, group, seed, n_cases, max_tokens, calls, deadline, prog
 
 
 def summarize(ranks: list, args, complete: bool, error: str = "") -> dict:
-    """The JSON of a run from the ranks' reports (partial ones when the run was cut)."""
+    """The JSON of a run from the ranks' reports (partial ones when the run was cut).  ``calls``:
+    the collective calls every rank made (the least of the ranks' counts; a rank that wrote no
+    progress counts 0), to compare with ``target_calls``; ``passed`` and the conditions behind
+    it: :func:`soak_check.verdict`."""
     from epcomm.tools.bench.knobs import GIT_COMMIT
-    return dict(
+    out = dict(
         tool="benchmarks/soak.py", commit=GIT_COMMIT.get() or "", complete=complete, error=error,
         ranks=args.ranks, seed=args.seed, cases=args.cases, target_calls=args.calls, time_limit_s=args.time_limit,
-        calls=sum(r.get("calls", 0) for r in ranks), mismatches=sum(r.get("mismatches", 0) for r in ranks),
+        calls=min((r.get("calls", 0) for r in ranks), default=0),
+        calls_per_rank=[r.get("calls", 0) for r in ranks],
+        mismatches=sum(r.get("mismatches", 0) for r in ranks),
         # a hang the kernels did not report: the spawn ended at its time limit
         hangs=sum(r.get("hangs", 0) for r in ranks) + int("did not finish within" in error),
         max_drift={k: max((abs(r["drift"][k]) for r in ranks if "drift" in r), default=0.0)
-                   for k in ("allocated", "reserved", "device_used", "rss")},
-        per_rank=ranks)
+                   for k in ("allocated", "reserved", "device_used", "rss")})
+    out.update(verdict(out["calls"], args.calls, out["mismatches"], out["hangs"], out["max_drift"], complete))
+    out["per_rank"] = ranks
+    return out
+
+
+def limits(start: float, time_limit: float, now: float) -> tuple[float, float]:
+    """(the ranks' deadline to stop calling, as a time.time(); the spawn's timeout in seconds
+    from ``now``) for a run that began at ``start`` and must have written its JSON by
+    ``start + time_limit``.  ValueError if too little of the limit is left to run anything."""
+    timeout = start + time_limit - SPAWN_MARGIN_S - now
+    if timeout < STOP_MARGIN_S:
+        raise ValueError(f"--time-limit {time_limit:g}: {timeout:.0f} s left for the ranks, less than the "
+                         f"{STOP_MARGIN_S:g} s they need to end")
+    return start + time_limit - STOP_MARGIN_S, timeout
 
 
 def _read_progress(d: str, n: int) -> list:
@@ -295,24 +348,26 @@ def _read_progress(d: str, n: int) -> list:
 
 
 def main(argv=None) -> int:
+    start = time.time()
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--calls", type=int, default=10000, help="collective calls per rank to make")
     ap.add_argument("--ranks", type=int, default=2, help="ranks to spawn (sharing GPUs if more than there are)")
     ap.add_argument("--seed", type=int, default=1, help="the cases and the schedule derive from it")
     ap.add_argument("--cases", type=int, default=24, help="random cases (half per mode)")
     ap.add_argument("--max-tokens", type=int, default=4096, help="normal mode: most tokens per rank")
-    ap.add_argument("--time-limit", type=float, default=540.0, help="seconds for the whole run, warm-up included")
+    ap.add_argument("--time-limit", type=float, default=540.0,
+                    help="seconds for the whole run, warm-up included, from this script's start to its JSON written")
     ap.add_argument("--json", default="", help="write the results here (partial if the run is cut)")
     args = ap.parse_args(argv)
     from epcomm.tools import spawn
     env = {"EPCOMM_TIMEOUT_S": os.environ.get("EPCOMM_TIMEOUT_S", "60")}
     if args.ranks > max(spawn.gpu_count(), 1):
         env["EPCOMM_SHARE_GPU"] = "1"
-    start = time.time()
+    deadline, timeout = limits(start, args.time_limit, time.time())
     progress = tempfile.mkdtemp(prefix="epcomm-soak-")
     try:
         ranks = spawn.run(_worker, args.ranks, args.seed, args.cases, args.max_tokens, args.calls,
-                          start + args.time_limit - 30, progress, timeout=args.time_limit + 30, env=env)
+                          deadline, progress, timeout=timeout, env=env)
         out = summarize(ranks, args, complete=True)
     except Exception as e:  # a failed or cut run still reports what it did
         out = summarize(_read_progress(progress, args.ranks), args, complete=False, error=f"{type(e).__name__}: {e}")
@@ -322,7 +377,7 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             f.write(text)
     print(json.dumps({k: v for k, v in out.items() if k != "per_rank"}, indent=1))
-    return 0 if out["complete"] and not out["mismatches"] and not out["hangs"] else 1
+    return 0 if out["passed"] else 1
 
 
 if __name__ == "__main__":

@@ -140,6 +140,21 @@ def normal_parts(res, rows: int) -> dict:
     return parts
 
 
+def layout_parts(num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank) -> dict:
+    """The checked parts of a ``get_dispatch_layout`` (the outputs :func:`reference_layout`
+    gives too; ``num_tokens_per_rdma_rank`` is None inside one node)."""
+    return {"layout_per_rank": num_tokens_per_rank, "layout_per_expert": num_tokens_per_expert,
+            "layout_in_rank": is_token_in_rank}
+
+
+def reference_layout(case: Case, R: int, inp: dict, rank: int, device="cuda") -> dict:
+    """:func:`layout_parts` of the reference's layout of ``rank``'s routing, as torch tensors on
+    ``device`` (hashed there like the GPU's: :func:`hash_parts` reads values, not dtypes)."""
+    lay = reference.get_dispatch_layout(inp["idx"][rank], case.E, R)
+    return layout_parts(*(to_torch(a, device) for a in (lay.num_tokens_per_rank, lay.num_tokens_per_expert,
+                                                         lay.is_token_in_rank)))
+
+
 def ll_parts(recv_x, count, handle_src, handle_range) -> dict:
     """The checked parts of a low-latency dispatch (rows past each expert's count are
     unspecified: :func:`hash_parts` and :func:`verify_ll` mask them)."""
@@ -307,3 +322,15 @@ def drift(samples: list) -> float:
     if len(samples) < 2 or not samples[0]:
         return 0.0
     return (samples[-1] - samples[0]) / samples[0]
+
+
+MAX_DRIFT = 0.01   # "memory flat after warm-up": every sampled quantity within 1% of its first sample
+
+
+def verdict(calls_done: int, target: int, mismatches: int, hangs: int, max_drift: dict, complete: bool) -> dict:
+    """Whether a soak passed, and each condition: the run completed, every rank made ``target``
+    collective calls, no mismatch, no hang, every drift within :data:`MAX_DRIFT`."""
+    out = dict(complete=bool(complete), target_reached=calls_done >= target, no_mismatch=mismatches == 0,
+               no_hang=hangs == 0, drift_ok=all(abs(v) <= MAX_DRIFT for v in max_drift.values()))
+    out["passed"] = all(out.values())
+    return out

@@ -137,13 +137,66 @@ def test_plan_and_schedule_follow_the_issue_and_repeat_on_every_rank():
     assert {k for _, k in a} == set(soak.NORMAL_KINDS) | set(soak.LL_KINDS)
 
 
+def _rank(rank, calls, mismatches=0, drift=0.0):
+    return dict(rank=rank, calls=calls, mismatches=mismatches, hangs=0,
+                drift=dict(allocated=drift, reserved=0.0, device_used=0.0, rss=-drift))
+
+
 def test_drift_and_the_summary_of_a_cut_run():
     soak = pytest.importorskip("soak")
     assert sc.drift([100, 100, 101]) == pytest.approx(0.01) and sc.drift([5]) == 0.0
     args = type("A", (), dict(ranks=2, seed=1, cases=4, calls=100, time_limit=10.0))()
-    ranks = [dict(rank=0, calls=40, mismatches=1, hangs=0, drift=dict(allocated=0.02, reserved=0, device_used=0,
-                                                                      rss=-0.03)),
-             dict(rank=1, complete=False, error="no progress written")]
+    ranks = [_rank(0, 40, mismatches=1, drift=0.03), dict(rank=1, complete=False, error="no progress written")]
     out = soak.summarize(ranks, args, complete=False, error="SpawnError: rank 1 did not finish within 40s")
-    assert (out["calls"], out["mismatches"], out["hangs"], out["complete"]) == (40, 1, 1, False)
+    # calls: what every rank made (rank 1 reported nothing), not the sum over ranks
+    assert (out["calls"], out["calls_per_rank"], out["mismatches"], out["hangs"]) == (0, [40, 0], 1, 1)
     assert out["max_drift"]["rss"] == pytest.approx(0.03)
+    assert not out["passed"] and not out["complete"] and not out["drift_ok"] and not out["target_reached"]
+
+
+@pytest.mark.parametrize("ranks,passed,failing", [
+    ([_rank(0, 120), _rank(1, 118)], True, []),
+    ([_rank(0, 120), _rank(1, 60)], False, ["target_reached"]),           # stopped by the time limit
+    ([_rank(0, 120), _rank(1, 120, drift=0.011)], False, ["drift_ok"]),   # memory not flat
+    ([_rank(0, 120, mismatches=2), _rank(1, 120)], False, ["no_mismatch"]),
+])
+def test_a_complete_run_passes_only_with_every_condition(ranks, passed, failing):
+    """A run the time limit stopped short of --calls, or with a drift over 1%, does not pass
+    (it used to: only mismatches and hangs were counted, and calls were summed over ranks)."""
+    soak = pytest.importorskip("soak")
+    args = type("A", (), dict(ranks=2, seed=1, cases=4, calls=118, time_limit=10.0))()
+    out = soak.summarize(ranks, args, complete=True)
+    assert out["passed"] is passed
+    assert [k for k in ("complete", "target_reached", "no_mismatch", "no_hang", "drift_ok") if not out[k]] == failing
+    assert out["calls"] == min(r["calls"] for r in ranks)
+
+
+def test_time_limits_leave_the_json_inside_the_limit():
+    """The ranks stop calling 45 s before --time-limit and the spawn is ended 15 s before it,
+    counted from the script's start: a hang still leaves time to write the JSON before an outer
+    `timeout` of --time-limit (gpu_session.sh) kills the script."""
+    soak = pytest.importorskip("soak")
+    deadline, timeout = soak.limits(1000.0, 540.0, now=1004.0)   # 4 s of imports and the GPU probe
+    assert deadline == 1000.0 + 540.0 - 45.0
+    assert 1004.0 + timeout == 1000.0 + 540.0 - 15.0 and deadline < 1004.0 + timeout
+    with pytest.raises(ValueError, match="time-limit"):
+        soak.limits(1000.0, 50.0, now=1000.0)
+
+
+def test_the_layout_check_passes_the_reference_and_catches_a_wrong_count():
+    """get_dispatch_layout's outputs are hashed against the reference's layout: equal values hash
+    equal whatever the integer dtype, and one wrong count or flag is caught."""
+    R = 2
+    case = sc.Case(0, "normal", 9, (7, 5), 256, 3, 8, False, 0.2)
+    inp = sc.case_inputs(case, R)
+    for d in range(R):
+        want = sc.hash_parts(sc.reference_layout(case, R, inp, d, device="cpu"))
+        lay = sc.reference_layout(case, R, inp, d, device="cpu")
+        got = sc.layout_parts(lay["layout_per_rank"].to(torch.int64), lay["layout_per_expert"],
+                              lay["layout_in_rank"])
+        assert sc.hash_parts(got) == want
+        bad = dict(got, layout_per_expert=got["layout_per_expert"].clone())
+        bad["layout_per_expert"][0] += 1
+        assert [k for k, v in sc.hash_parts(bad).items() if want[k] != v] == ["layout_per_expert"]
+        flip = dict(got, layout_in_rank=~got["layout_in_rank"])
+        assert [k for k, v in sc.hash_parts(flip).items() if want[k] != v] == ["layout_in_rank"]

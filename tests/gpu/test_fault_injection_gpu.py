@@ -6,7 +6,10 @@ For each case the survivors record what their call raised or returned and how lo
 (printed, and in the results), then check that their next calls (masked in shrink mode, or on
 a Buffer rebuilt on the survivors) equal epcomm.reference on the routing the dead rank leaves
 (reference.mask_routing), bit for bit, and that a rebuilt Buffer leaves no thread or torch
-memory behind.  The victim is always the last rank.
+memory behind.  The victim is always the last rank.  The normal mode needs 2 ranks, so the
+rebuilt Buffer is made (and required) only with 3 ranks or more: run with EPCOMM_TEST_RANKS=4
+to cover it.  Each spawn is limited to FAULT_SPAWN_S (a normal-mode spawn takes well under a
+minute), so a hang in one case leaves the step's time to the others.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.multigpu]
 N, H, E, K, T = 128, 2048, 32, 4, 128
 SHRINK_MS = 4000     # EPCOMM_SHRINK_TIMEOUT_MS once the kernels are compiled
 TIMEOUT_S = 6        # EPCOMM_TIMEOUT_S of the cases without shrink
+FAULT_SPAWN_S = min(TEST_TIMEOUT.get(), 240.0)   # one spawn's limit (see the module docstring)
 
 
 def _job(world, seed):
@@ -110,12 +114,14 @@ def _rebuild(old, group, rank, world, victim, torch, epcomm):
     survivors = [r for r in range(world) if r != victim]
     me = survivors.index(rank)
     sub = FileGroup(os.path.join(os.path.dirname(group.path), "survivors"), me, len(survivors))
-    threads, mem = threading.active_count(), torch.cuda.memory_allocated()
     t0 = time.monotonic()
     old.destroy(group=sub)
     out = {"destroy_s": round(time.monotonic() - t0, 2)}
     if len(survivors) < 2:
         return out  # the normal mode needs two ranks
+    # What is left once the old Buffer is gone: the rebuilt ones must leave no more.
+    torch.cuda.synchronize()
+    threads, mem = threading.active_count(), torch.cuda.memory_allocated()
     size = epcomm.Buffer.get_nvl_buffer_size_hint(H, len(survivors), N, K)
     for i in range(2):  # twice: a leak would grow
         buf = epcomm.Buffer(sub, size)
@@ -129,12 +135,26 @@ def _rebuild(old, group, rank, world, victim, torch, epcomm):
     return out
 
 
+def _compile_survivors_kernels(world, device):
+    """The survivors' Buffer (world - 1 ranks) runs kernels of another rank count, which
+    `epcomm warmup --preset tests` (ranks 2, 4, 8) does not build: compile them now, before the
+    short timeouts, not inside the rebuild (a rank compiling there for seconds would leave the
+    others waiting in a kernel, beyond EPCOMM_TIMEOUT_S=6 in the case without shrink)."""
+    if world - 1 < 2:
+        return
+    from epcomm.jit import loader
+    from epcomm.kernels.intranode import IntranodeCombineSpec, IntranodeDispatchSpec
+    for spec in (IntranodeDispatchSpec(world - 1, H, False), IntranodeCombineSpec(world - 1, H)):
+        loader.load(spec, device)
+
+
 def _normal_worker(rank, world, group, case, shrink):
     import torch
 
     import epcomm
     from epcomm.runtime.group import LocalGroup
     torch.cuda.set_device(device_of(rank))
+    _compile_survivors_kernels(world, device_of(rank))
     os.environ["EPCOMM_SHRINK_TIMEOUT_MS"] = "600000"  # a cold JIT compile must not get a rank masked
     victim = world - 1
     buf = epcomm.Buffer(group, epcomm.Buffer.get_nvl_buffer_size_hint(H, world, N, K), enable_shrink=shrink)
@@ -157,6 +177,11 @@ def _normal_worker(rank, world, group, case, shrink):
         if case == "combine":  # the dispatch completes everywhere; the process dies in the combine
             rx, _, _, _, handle, _ = buf.dispatch(_t(torch, xs[rank]), topk_idx=_t(torch, tks[rank]),
                                                   topk_weights=_t(torch, ws[rank]), num_experts=E)
+            torch.cuda.synchronize()  # this rank's dispatch is done: the survivors' completes
+            # The combine is queued behind a ~1 s spin on the caller's stream, which it waits
+            # for: it cannot finish in the moment before the process is gone (had it run, it
+            # would have delivered this rank's rows and the survivors would mask nothing).
+            torch.cuda._sleep(2_000_000_000)
             buf.combine(rx, handle)
         if case == "leave":
             group.barrier()  # the survivors know this rank leaves
@@ -196,13 +221,23 @@ def _report(name, res, victim):
                   f"destroy {r.get('destroy_s')} s")
 
 
-def _assert_ok(res, victim, keys_ok):
+def _assert_ok(res, victim, keys_ok, required=()):
+    """Every survivor's result under a key starting with one of ``keys_ok`` is "ok", and each
+    key of ``required`` is there (a check that did not run is not a pass)."""
     for rank, r in enumerate(res):
         if rank == victim:
             continue
+        missing = [k for k in required if k not in r]
+        assert not missing, f"rank {rank}: {missing} not checked: {r}"
         for k, v in r.items():
             if k.startswith(keys_ok):
                 assert v == "ok", f"rank {rank} {k}: {v}"
+
+
+def _rebuilt_keys(world):
+    """The results a survivors' rebuild must leave (none with 2 ranks: 1 survivor cannot run the
+    normal mode)."""
+    return ("rebuilt_0", "rebuilt_1", "leak") if world >= 3 else ()
 
 
 @needs_ranks
@@ -210,10 +245,10 @@ def _assert_ok(res, victim, keys_ok):
 def test_shrink_normal_mode_survives_a_lost_rank(case):
     world = normal_ranks()
     victim = world - 1
-    res = spawn.run(_normal_worker, world, case, True, timeout=TEST_TIMEOUT.get(),
-                    may_die=(victim,))
+    res = spawn.run(_normal_worker, world, case, True, timeout=FAULT_SPAWN_S, may_die=(victim,))
     _report(f"normal/{case}", res, victim)
-    _assert_ok(res, victim, ("warm", "after", "failing_call", "rebuilt", "leak"))
+    required = ("warm_0", "warm_1", "after_0", "after_1") + (("failing_call",) if case in ("between", "leave") else ())
+    _assert_ok(res, victim, ("warm", "after", "failing_call", "rebuilt", "leak"), required + _rebuilt_keys(world))
     want = [0] * world
     want[victim] = 1
     for rank, r in enumerate(res):
@@ -229,9 +264,9 @@ def test_shrink_normal_mode_survives_a_lost_rank(case):
 @needs_ranks
 def test_shrink_does_not_mask_a_rank_that_stalls_less_than_the_timeout():
     world = normal_ranks()
-    res = spawn.run(_normal_worker, world, "stall", True, timeout=TEST_TIMEOUT.get())
+    res = spawn.run(_normal_worker, world, "stall", True, timeout=FAULT_SPAWN_S)
     _report("normal/stall", res, world - 1)
-    _assert_ok(res, world - 1, ("warm", "after"))
+    _assert_ok(res, world - 1, ("warm", "after"), ("warm_0", "warm_1", "after"))
     for rank, r in enumerate(res[:-1]):
         assert r["mask"] == [0] * world and r["call"] == "returned", f"rank {rank}: {r}"
 
@@ -240,10 +275,10 @@ def test_shrink_does_not_mask_a_rank_that_stalls_less_than_the_timeout():
 def test_without_shrink_a_dead_rank_is_a_named_timeout_and_survivors_rebuild():
     world = normal_ranks()
     victim = world - 1
-    res = spawn.run(_normal_worker, world, "between", False, timeout=TEST_TIMEOUT.get(), may_die=(victim,),
+    res = spawn.run(_normal_worker, world, "between", False, timeout=FAULT_SPAWN_S, may_die=(victim,),
                     env={"EPCOMM_TIMEOUT_S": str(TIMEOUT_S)})
     _report("normal/no-shrink", res, victim)
-    _assert_ok(res, victim, ("warm", "rebuilt", "leak"))
+    _assert_ok(res, victim, ("warm", "rebuilt", "leak"), ("warm_0", "warm_1") + _rebuilt_keys(world))
     for rank, r in enumerate(res[:-1]):
         assert r["call"].startswith("EpcommTimeoutError") and r["peer"] == victim, f"rank {rank}: {r['call']}"
         assert r["call_s"] < TIMEOUT_S + 10, f"rank {rank}: the timeout took {r['call_s']} s"
@@ -328,9 +363,10 @@ def _ll_worker(rank, world, group, case):
 def test_shrink_low_latency_survives_a_lost_rank(case):
     world = ll_ranks()
     victim = world - 1
-    res = spawn.run(_ll_worker, world, case, timeout=TEST_TIMEOUT.get(), may_die=(victim,))
+    res = spawn.run(_ll_worker, world, case, timeout=FAULT_SPAWN_S, may_die=(victim,))
     _report(f"low_latency/{case}", res, victim)
-    _assert_ok(res, victim, ("warm", "after", "failing_call"))
+    _assert_ok(res, victim, ("warm", "after", "failing_call"),
+               ("warm_0", "warm_1", "after_0", "after_1") + (("failing_call",) if case == "between" else ()))
     want = [0] * world
     want[victim] = 1
     for rank, r in enumerate(res[:-1]):

@@ -5,11 +5,14 @@ Valid steps are random cases of benchmarks/soak_check.py (normal intranode dispa
 low-latency dispatch + combine; BF16 and FP8; up to 64 tokens per rank in the normal mode),
 checked bit for bit against ``epcomm.reference`` with the soak's checks.  Invalid steps spoil one
 argument the same way on every rank (an index out of range, a repeated expert in the
-low-latency mode, a wrong dtype, a wrong handle, a handle of another Buffer, a token count above
-T, a flag that is not a bool): each must raise TypeError/ValueError naming that argument on every
-rank, and the next valid step proves nothing was left half done.  After ``destroy()`` a call
-raises BufferStateError.  The sequence derives from EPCOMM_TEST_FUZZ_SEED (default 1), so a failure
-repeats.
+low-latency mode, a wrong dtype, a handle of the other mode's dispatch, more tokens than T in the
+low-latency mode or top-k rows that are not x's in the normal mode, a flag that is not a bool):
+each must raise TypeError/ValueError naming that argument on every rank, and the next valid step
+proves nothing was left half done.  After ``destroy()`` a call raises BufferStateError.  (A
+handle of another Buffer is left to the CPU fuzz, tests/cpu/test_fuzz_api.py: a second Buffer
+here would cost a second NVSHMEM set-up.)  The sequence derives from EPCOMM_TEST_FUZZ_SEED
+(default 1), so a failure repeats.  tests/cpu/test_fuzz_gpu_spoils.py runs the spoiled calls
+on the CPU's fake runtime: each raises naming what ``_spoil`` says.
 """
 from __future__ import annotations
 
@@ -26,11 +29,23 @@ pytestmark = [pytest.mark.gpu, pytest.mark.multigpu]
 
 BENCH = str(Path(__file__).resolve().parents[2] / "benchmarks")
 STEPS = 24
+SPOILS = ("bad_index", "dtype", "flag", "tokens", "handle")
+
+
+def plan(rng, steps: int = STEPS) -> list:
+    """(mode, spoil) of every step, the same on every rank: a valid step of each mode first (so
+    a handle of the other mode exists), then each spoil once in each mode and valid steps of a
+    random mode, in random order (a random choice per step left some spoils out of a seed)."""
+    spoiled = [(m, k) for m in ("normal", "ll") for k in SPOILS]
+    valid = [("normal" if rng.integers(2) else "ll", "none") for _ in range(steps - 2 - len(spoiled))]
+    rest = spoiled + valid
+    return [("normal", "none"), ("ll", "none")] + [rest[int(i)] for i in rng.permutation(len(rest))]
 
 
 def _spoil(kind: str, s: dict, case, buf, other_handle):
     """(the call with ``kind`` spoiled, the names its error may give); ``other_handle``: a handle
-    of the other mode's dispatch."""
+    of the other mode's dispatch.  Every rank spoils its call alike (whatever its token count),
+    so every rank raises."""
     import torch
     x, idx, w = s["x"], s["idx"], s["w"]
     if case.mode == "normal":
@@ -39,6 +54,7 @@ def _spoil(kind: str, s: dict, case, buf, other_handle):
         spoils = {"bad_index": (lambda: call(topk_idx=torch.full_like(idx, case.E)), ("topk_idx",)),
                   "dtype": (lambda: call(topk_weights=w.double()), ("topk_weights",)),
                   "flag": (lambda: call(async_finish="no"), ("async_finish",)),
+                  "tokens": (lambda: call(topk_idx=idx.new_full((idx.shape[0] + 1, case.K), -1)), ("topk_idx",)),
                   "handle": (lambda: buf.combine(s["y"], other_handle), ("handle",))}
     else:
         def call(**kw):
@@ -49,6 +65,9 @@ def _spoil(kind: str, s: dict, case, buf, other_handle):
         spoils = {"bad_index": (lambda: call(topk_idx=bad), ("topk_idx",)),
                   "dtype": (lambda: call(x=x.float()), ("x",)),
                   "flag": (lambda: call(use_fp8="yes"), ("use_fp8",)),
+                  "tokens": (lambda: call(x=x.new_zeros((case.T + 1, case.H)),
+                                          topk_idx=idx.new_full((case.T + 1, case.K), -1)),
+                             ("x", "num_max_dispatch_tokens_per_rank")),
                   "handle": (lambda: buf.low_latency_combine(s["y"], idx, w, other_handle), ("handle",))}
     return spoils[kind]
 
@@ -93,10 +112,8 @@ def _worker(rank, world, group, seed, steps):
                         low_latency_mode=True)
     rng = np.random.default_rng(seed)
     out, handles = {}, {}
-    for step in range(steps):
-        mode = "normal" if rng.integers(2) else "ll"
+    for step, (mode, spoil) in enumerate(plan(rng, steps)):
         case = sc.make_case(rng, step, world, mode, max_tokens=64)
-        spoil = rng.choice(["none", "none", "bad_index", "dtype", "flag", "handle"])
         spawn.phase(f"step {step}: {mode} {spoil}")
         s, ref = _step_inputs(sc, case, world, rank, buf._ll)
         name = f"step{step}-{mode}-{spoil}"
