@@ -1,6 +1,7 @@
 """Fault injection: a rank killed with SIGKILL (between calls, during a dispatch, during a combine,
 during a low-latency receive hook), a rank that stalls for less than the shrink timeout, and a
-rank that leaves cleanly.  Ranks share one GPU (EPCOMM_SHARE_GPU=1; EPCOMM_TEST_RANKS=2 or 4).
+rank that leaves cleanly; a death inside a normal-mode call with the NVLink buffer shared both
+ways (EPCOMM_PEER_MEMORY=ipc and vmm).  Ranks share one GPU (EPCOMM_SHARE_GPU=1; EPCOMM_TEST_RANKS=2 or 4).
 
 For each case the survivors record what their call raised or returned and how long it took
 (printed, and in the results), then check that their next calls (masked in shrink mode, or on
@@ -241,12 +242,16 @@ def _rebuilt_keys(world):
 
 
 @needs_ranks
-@pytest.mark.parametrize("case", ["between", "dispatch", "combine", "leave"])
-def test_shrink_normal_mode_survives_a_lost_rank(case):
+@pytest.mark.parametrize("case,peer_memory", [("between", "ipc"), ("dispatch", "ipc"), ("combine", "ipc"),
+                                              ("leave", "ipc"), ("dispatch", "vmm"), ("combine", "vmm")])
+def test_shrink_normal_mode_survives_a_lost_rank(case, peer_memory):
+    """peer_memory: EPCOMM_PEER_MEMORY. The deaths inside a call, where survivors may still write
+    into the dead rank's NVLink buffer, run with both kinds of shared memory."""
     world = normal_ranks()
     victim = world - 1
-    res = spawn.run(_normal_worker, world, case, True, timeout=FAULT_SPAWN_S, may_die=(victim,))
-    _report(f"normal/{case}", res, victim)
+    res = spawn.run(_normal_worker, world, case, True, timeout=FAULT_SPAWN_S, may_die=(victim,),
+                    env={"EPCOMM_PEER_MEMORY": peer_memory})
+    _report(f"normal/{case}/{peer_memory}", res, victim)
     required = ("warm_0", "warm_1", "after_0", "after_1") + (("failing_call",) if case in ("between", "leave") else ())
     _assert_ok(res, victim, ("warm", "after", "failing_call", "rebuilt", "leak"), required + _rebuilt_keys(world))
     want = [0] * world
