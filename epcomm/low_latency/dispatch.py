@@ -161,12 +161,7 @@ class DispatchOps:
             hook = receive_hook(self, "dispatch", slot, mod, "dispatch_recv", recv_blocks, stream, p, smem, a.fw,
                                 keep=(a.stats, a.wait_stats))
         recv_x = (vx, vscales) if a.use_fp8 else vx
-        # Not while the results are still to be zeroed (a capture's memset runs only at replay):
-        # the fast path skips that.  Not for a caller's outputs: a later eager call on the plan
-        # would write into memory the caller owns (and may have freed).
-        if (self.ctx.sink is None and a.fw == "torch" and a.stats is None and a.wait_stats is None and not a.async_finish
-                and not a.return_recv_hook and previous_event is None and a.tr.dtype == "int64"
-                and a.tr.obj is topk_idx and not res.fresh):
+        if self._plan_allowed(a, topk_idx, previous_event, res):
             self._remember_dispatch_plan(a, slot, _Plan(p, fn, grid, smem, out=(recv_x, vcount, vsrc, vrange,
                                                                                 handle.refs)))
         return recv_x, vcount, handle, ev, hook
@@ -185,6 +180,15 @@ class DispatchOps:
             grid = min(max(send_blocks, recv_blocks), self._coop_blocks(fn, smem))
             K.launch_both(fn, grid, stream, p, smem)
         return fn, grid, recv_blocks
+
+    def _plan_allowed(self, a: _DispatchArgs, topk_idx, previous_event, res: _Results) -> bool:
+        """Whether this dispatch's launch may serve later calls as a prepared plan (the fast
+        path): a torch call with the fast path's own flags, into the Buffer's results once they
+        are zeroed (a capture's memset runs only at replay; the fast path skips it), never into a
+        caller's outputs (a later eager call would write into memory the caller owns)."""
+        return (self.ctx.sink is None and a.fw == "torch" and a.stats is None and a.wait_stats is None
+                and not a.async_finish and not a.return_recv_hook and previous_event is None
+                and a.tr.dtype == "int64" and a.tr.obj is topk_idx and not res.fresh)
 
     def _remember_dispatch_plan(self, a: _DispatchArgs, slot: int, plan: _Plan) -> None:
         """The fast path's prepared launch of this dispatch's shape and flags in ``slot``."""
