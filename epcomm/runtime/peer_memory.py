@@ -19,6 +19,9 @@ import os
 from epcomm import envs
 from epcomm.runtime import driver, fdpass, vmm
 
+# The longest the descriptor exchange waits by default (all ranks are past a barrier by then).
+EXCHANGE_TIMEOUT_S = 60.0
+
 
 class PeerMemory:
     """``nbytes`` of device memory on ``device_id``, and after :meth:`share` the addresses of
@@ -49,8 +52,9 @@ class PeerMemory:
 
     def share(self, group, timeout_s: float | None = None) -> list[int]:
         """Map every rank's memory (collective over ``group``, whose ranks share one host);
-        returns :attr:`ptrs`.  ``timeout_s`` bounds the descriptor exchange of ``vmm``
-        (default ``EPCOMM_GROUP_TIMEOUT_S``).  ValueError if the ranks chose different kinds;
+        returns :attr:`ptrs`.  ``timeout_s`` bounds the descriptor exchange of ``vmm`` (default
+        the shorter of ``EPCOMM_GROUP_TIMEOUT_S`` and 60 s: every rank has reached the exchange
+        when it starts, so a rank that cannot pass its handle is found out in seconds).  ValueError if the ranks chose different kinds;
         on any error what this rank mapped is unmapped by :meth:`free`, not here."""
         kinds = [k.decode() for k in group.allgather_bytes(self.kind.encode())]
         if len(set(kinds)) != 1:
@@ -70,7 +74,7 @@ class PeerMemory:
 
     def _share_vmm(self, group, ptrs: list[int], timeout_s: float | None) -> None:
         sizes = [int(s) for s in group.allgather_bytes(str(self.size).encode())]
-        wait = float(envs.GROUP_TIMEOUT_S.get()) if timeout_s is None else timeout_s
+        wait = min(float(envs.GROUP_TIMEOUT_S.get()), EXCHANGE_TIMEOUT_S) if timeout_s is None else timeout_s
         fd = vmm.export_fd(self._handle)
         try:
             got = fdpass.exchange_fds(group, fd, range(group.size), "peer-memory", wait)
