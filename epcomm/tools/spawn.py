@@ -2,11 +2,13 @@
 
 Each process gets ``rank``, ``world_size`` and a framework-free :class:`~epcomm.runtime.group.FileGroup`
 bootstrap.  Workers announce what they are doing with :func:`phase`; if the run exceeds its
-timeout, the error names every rank that had not finished and the phase it was in (and for how
-long), then all processes are killed: a hang never outlives its timeout.
+timeout, the error names every rank that had not finished, the phase it was in (and for how
+long) and where its Python code was waiting (its innermost frames, dumped by faulthandler on
+SIGUSR1), then all processes are killed: a hang never outlives its timeout.
 """
 from __future__ import annotations
 
+import faulthandler
 import multiprocessing as mp
 import os
 import pickle
@@ -28,6 +30,8 @@ from epcomm.validate import check_int
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 _PHASE_FILE: str | None = None
+_STACK_FILE = None       # where this worker's faulthandler writes its stacks on SIGUSR1
+STACK_FRAMES = 12        # innermost frames of a stalled rank's main thread in a SpawnError
 
 
 def phase(name: str) -> None:
@@ -72,6 +76,7 @@ def _worker(fn, rank, world, root, args, kwargs, q, env, group_timeout, parent_p
     os.environ.update(env)
     os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"] = str(rank), str(world), str(rank)
     _PHASE_FILE = os.path.join(root, f"phase.{rank}")
+    _arm_stack_dump(root, rank)
     phase("starting")
     try:
         # The bootstrap group waits as long as the whole run may take, independently of
@@ -86,6 +91,40 @@ def _worker(fn, rank, world, root, args, kwargs, q, env, group_timeout, parent_p
         q.put((rank, "ok", res))
     except BaseException as e:  # noqa: BLE001 - everything is reported to the parent
         q.put((rank, "error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+
+
+def _arm_stack_dump(root: str, rank: int) -> None:
+    """SIGUSR1 makes this worker write every thread's Python stack to ``stacks.<rank>`` (from
+    the signal handler, so also while the main thread is blocked in C, e.g. a CUDA sync)."""
+    global _STACK_FILE
+    try:
+        _STACK_FILE = open(os.path.join(root, f"stacks.{rank}"), "w")
+        faulthandler.register(signal.SIGUSR1, file=_STACK_FILE, all_threads=True)
+    except (OSError, AttributeError, ValueError):
+        _STACK_FILE = None
+
+
+def _stalled_stacks(procs, ranks, root: str) -> dict[int, str]:
+    """Ask the stalled ``ranks`` for their stacks (SIGUSR1) and return each one's innermost
+    frames of the thread that took the signal (the main thread), most recent first."""
+    for r in ranks:
+        try:
+            os.kill(procs[r].pid, signal.SIGUSR1)
+        except (ProcessLookupError, PermissionError, TypeError):
+            pass
+    time.sleep(1.0)
+    out = {}
+    for r in ranks:
+        try:
+            with open(os.path.join(root, f"stacks.{r}")) as f:
+                text = f.read()
+        except OSError:
+            continue
+        block = text.split("Current thread", 1)[-1].splitlines()[1:]
+        frames = [ln.strip() for ln in block if ln.strip().startswith("File ")][:STACK_FRAMES]
+        if frames:
+            out[r] = "\n    ".join(frames)
+    return out
 
 
 class SpawnError(RuntimeError):
@@ -143,11 +182,14 @@ def run(fn, world_size: int, *args, timeout: float = 300.0, env: dict | None = N
         errors = {r: p for r, (s, p) in results.items() if s == "error"}
         if missing or errors:
             lines = []
+            stacks = _stalled_stacks(procs, missing, root) if missing and not errors else {}
             for r in missing:
                 name, age = _read_phase(os.path.join(root, f"phase.{r}"))
                 lines.append(f"rank {r} did not finish within {timeout:.0f}s: stalled in phase {name!r} "
                              f"(for {age:.0f}s)" if not errors else
                              f"rank {r} still running in phase {name!r} when rank(s) {sorted(errors)} failed")
+                if r in stacks:
+                    lines.append(f"  rank {r} was waiting in (innermost first):\n    {stacks[r]}")
             for r, tb in sorted(errors.items()):
                 lines.append(f"rank {r} failed: {tb}")
             raise SpawnError("\n".join(lines))

@@ -113,6 +113,23 @@ def test_a_timed_out_worker_and_what_it_started_are_killed(tmp_path):
     assert not _alive(pid), "the worker's child process outlived the run"
 
 
+def _blocked_in_a_named_wait(rank, world, group):
+    spawn.phase("waiting")
+    if rank == 1:
+        return "done"
+    time.sleep(120)
+
+
+def test_a_stalled_rank_says_where_its_code_waits():
+    """The error shows the stalled rank's innermost Python frames (faulthandler on SIGUSR1)."""
+    with pytest.raises(spawn.SpawnError) as ei:
+        spawn.run(_blocked_in_a_named_wait, 2, timeout=6)
+    msg = str(ei.value)
+    assert "rank 0 did not finish within 6s: stalled in phase 'waiting'" in msg
+    assert "rank 0 was waiting in (innermost first):" in msg and "in _blocked_in_a_named_wait" in msg
+    assert "rank 1 did not finish" not in msg
+
+
 def test_world_size_is_checked():
     with pytest.raises(ValueError, match="world_size=0"):
         spawn.run(_unpicklable, 0)
