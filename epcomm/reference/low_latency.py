@@ -224,13 +224,14 @@ def _ll_source_rows(s: int, idx: np.ndarray, hs: list, L: int):
     return t, k, d_of, j_of, row
 
 
-def _ll_groups(valid: np.ndarray, D_map: np.ndarray, R: int, partials: bool):
-    """(in_part, first) bool [N, K]: the k travelling inside a partial (their rank holds 2 or
-    more of the token's experts) and the lowest k of each such group."""
+def _ll_groups(valid: np.ndarray, D_map: np.ndarray, R: int, partials: np.ndarray):
+    """(in_part, first) bool [N, K]: the k travelling inside a partial (their rank d holds 2 or
+    more of the token's experts and ``partials[d]``: d sends this source partials) and the
+    lowest k of each such group."""
     in_part = np.zeros(valid.shape, dtype=bool)
     first = np.zeros(valid.shape, dtype=bool)
-    if partials:
-        for d in range(R):
+    for d in range(R):
+        if partials[d]:
             on_d = valid & (D_map == d)
             grouped = on_d & (on_d.sum(axis=1, keepdims=True) >= 2)
             in_part |= grouped
@@ -238,9 +239,10 @@ def _ll_groups(valid: np.ndarray, D_map: np.ndarray, R: int, partials: bool):
     return in_part, first
 
 
-def _ll_combine_source(s: int, xs: list, idx: np.ndarray, w: np.ndarray, hs: list, partials: bool,
+def _ll_combine_source(s: int, xs: list, idx: np.ndarray, w: np.ndarray, hs: list, partials: np.ndarray,
                        fma: bool = False, logfmt: bool = False) -> np.ndarray:
-    """bfloat16 [N, H]: the combine of source rank s, in the order of the contract."""
+    """bfloat16 [N, H]: the combine of source rank s, in the order of the contract (``partials``:
+    bool [R], the expert-side ranks that send s partials)."""
     R, (L, _, H) = len(xs), xs[0].shape
     (N, K) = idx.shape
     t, k, d_of, j_of, row = _ll_source_rows(s, idx, hs, L)
@@ -299,9 +301,12 @@ def low_latency_combine(x, topk_idx, topk_weights, handles, *, partials: bool | 
         handles: list over ranks of the :class:`LowLatencyHandle` from the dispatch.
 
         partials: model the expert-side partial sums (EPCOMM_LL_COMBINE_PARTIALS, between ranks
-            linked by NVLink); False: one row per (token, expert), as with NVSHMEM puts.  None
-            (default): True with numerics="epcomm" and without use_logfmt, else False (the
-            kernels make no partials then, and True raises ValueError).
+            linked by NVLink); False: one row per (token, expert), as with NVSHMEM puts.  Or a
+            bool [R, R] array: ``partials[s, d]``, whether expert-side rank d sends source s
+            partials (the kernels make them only between ranks that reach each other over
+            NVLink: with nodes, declared ones included, not across nodes).  None (default): True
+            with numerics="epcomm" and without use_logfmt, else False (the kernels make no
+            partials then, and True, or any True entry, raises ValueError).
         numerics: "epcomm", or "deepep": DeepEP V1's sum, ``acc = fma(x, w, acc)`` over k
             ascending (nvcc contracts its ``accum += x * weight`` into one fused multiply-add).
         use_logfmt: each expert row reaches the source as :func:`epcomm.reference.logfmt_round_trip`
@@ -331,11 +336,26 @@ def low_latency_combine(x, topk_idx, topk_weights, handles, *, partials: bool | 
     """
     fma = check_numerics(numerics) == "deepep"
     logfmt = check_bool("use_logfmt", use_logfmt)
+    xs, idx, w, hs = _ll_combine_args(x, topk_idx, topk_weights, handles)
+    pairs = _partial_pairs(partials, len(xs), fma or logfmt)
+    return [_ll_combine_source(s, xs, idx[s], w[s], hs, pairs[s], fma, logfmt) for s in range(len(xs))]
+
+
+def _partial_pairs(partials, R: int, none_allowed: bool) -> np.ndarray:
+    """low_latency_combine's ``partials`` as bool [R, R] (source, expert-side rank); TypeError or
+    ValueError naming it; ``none_allowed``: the numerics make no partials (deepep, LogFMT)."""
     if partials is None:
-        partials = not fma and not logfmt
-    elif check_bool("partials", partials) and (fma or logfmt):
+        return np.full((R, R), not none_allowed)
+    if isinstance(partials, (bool, np.bool_)):
+        pairs = np.full((R, R), bool(partials))
+    else:
+        pairs = np.asarray(partials)
+        if pairs.dtype != np.bool_ or pairs.shape != (R, R):
+            raise TypeError(f"partials: expected a bool or a bool array of shape ({R}, {R}) (source, expert-side "
+                            f"rank), got {type(partials).__name__} {getattr(pairs, 'dtype', '')} "
+                            f"{getattr(pairs, 'shape', '')}")
+    if none_allowed and pairs.any():
         raise ValueError("partials=True models epcomm's expert-side sums, which the kernels make neither with "
                          "numerics='deepep' (DeepEP adds every row at the source) nor with use_logfmt "
                          "(every row travels encoded)")
-    xs, idx, w, hs = _ll_combine_args(x, topk_idx, topk_weights, handles)
-    return [_ll_combine_source(s, xs, idx[s], w[s], hs, partials, fma, logfmt) for s in range(len(xs))]
+    return pairs

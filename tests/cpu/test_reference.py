@@ -617,7 +617,9 @@ def test_ll_dispatch_layout_matches_bruteforce(mode):
 
 
 def slow_ll_combine(y, idx, w, handles, partials=True):
+    """``partials``: a bool, or bool [R, R] (source, expert-side rank)."""
     R = len(y)
+    pairs = np.full((R, R), partials) if isinstance(partials, bool) else np.asarray(partials)
     E = handles[0].num_experts
     L = E // R
     out = []
@@ -638,7 +640,7 @@ def slow_ll_combine(y, idx, w, handles, partials=True):
             acc = np.zeros(H, np.float32)
             for k in sorted(prods):
                 g = groups[int(idx[s][t, k]) // L]
-                if not partials or len(g) == 1:
+                if not pairs[s, int(idx[s][t, k]) // L] or len(g) == 1:
                     acc = (acc + prods[k]).astype(np.float32)
                 elif k == g[0]:  # the expert side's partial enters at its lowest k
                     part = np.zeros(H, np.float32)
@@ -682,6 +684,59 @@ def test_ll_combine_matches_scalar_loop():
         exp = slow_ll_combine(y, idx, w, handles, partials=partials)
         for s in range(R):
             assert_bits_equal(got[s], exp[s], f"rank {s} partials={partials}")
+
+
+def test_ll_combine_partials_per_rank_pair_as_with_declared_nodes():
+    # Nodes {0, 1} and {2, 3}: partials only within a node, one row per (token, expert) across
+    # (the kernels' rule, ll_partial).  Random data: the scalar loop agrees.
+    rng = np.random.default_rng(53)
+    R, E, K, T, H = 4, 16, 8, 16, 64
+    L = E // R
+    x, idx = routed_inputs(rng, R, E, K, H, [16, 9, 0, 16], drop_prob=0.1)
+    w = [rng.standard_normal(a.shape).astype(np.float32) for a in idx]
+    res = ref.low_latency_dispatch(x, idx, T, E, use_fp8=False)
+    handles = [r.handle for r in res]
+    y = [random_bf16(rng, (L, R * T, H), scale=float(10.0 ** rng.integers(-2, 3))) for _ in range(R)]
+    node = np.arange(R) // 2
+    pairs = node[:, None] == node[None, :]
+    got = ref.low_latency_combine(y, idx, w, handles, partials=pairs)
+    exp = slow_ll_combine(y, idx, w, handles, partials=pairs)
+    for s in range(R):
+        assert_bits_equal(got[s], exp[s], f"rank {s} partials within nodes")
+    assert_bits_equal(ref.low_latency_combine(y, idx, w, handles, partials=np.ones((R, R), bool))[3],
+                      ref.low_latency_combine(y, idx, w, handles, partials=True)[3], "all pairs")
+    with pytest.raises(TypeError, match="partials"):
+        ref.low_latency_combine(y, idx, w, handles, partials=np.ones((R, R - 1), bool))
+    with pytest.raises(ValueError, match="partials"):
+        ref.low_latency_combine(y, idx, w, handles, partials=pairs, use_logfmt=True)
+
+
+def test_ll_combine_partials_within_nodes_differ_from_both_uniform_settings():
+    # Experts 2r, 2r + 1 on rank r.  Sources 0 and 2 each have one token picking experts 4, 2,
+    # 5 (ranks 2, 1, 2) with outputs 1, 2**-30, -1.  Source 0 (node 0) gets rank 2's rows
+    # one by one: 1 + 2**-30 rounds to 1, the sum is 0.  Source 2 (node 1, as rank 2) gets
+    # rank 2's partial 1 + (-1) = 0 at k = 0, then 2**-30.  Uniform partials get one of the
+    # two right only, so a check with a uniform setting fails across declared nodes.
+    R, E = 4, 8
+    x = [np.ones((1, 8), BF16) for _ in range(R)]
+    tok = np.array([[4, 2, 5]], np.int64)
+    none = np.full((1, 3), -1, np.int64)
+    idx = [tok, none, tok, none]
+    res = ref.low_latency_dispatch(x, idx, 1, E, use_fp8=False)
+    hs = [r.handle for r in res]
+    y = [np.zeros((2, R, 8), np.float32) for _ in range(R)]
+    for s in (0, 2):
+        y[2][0, hs[2].layout_range[0, s, 0]] = 1.0
+        y[2][1, hs[2].layout_range[1, s, 0]] = -1.0
+        y[1][0, hs[1].layout_range[0, s, 0]] = 2.0 ** -30
+    y = [a.astype(BF16) for a in y]
+    w = [np.ones((1, 3), np.float32) for _ in range(R)]
+    node = np.arange(R) // 2
+    got = ref.low_latency_combine(y, idx, w, hs, partials=node[:, None] == node[None, :])
+    assert np.all(got[0].astype(np.float32) == 0.0) and np.all(got[2].astype(np.float32) == 2.0 ** -30)
+    for uniform in (True, False):
+        other = ref.low_latency_combine(y, idx, w, hs, partials=uniform)
+        assert not (np.array_equal(bits(other[0]), bits(got[0])) and np.array_equal(bits(other[2]), bits(got[2])))
 
 
 def test_ll_combine_partials_sum_each_ranks_experts_first():

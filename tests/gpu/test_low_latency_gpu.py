@@ -180,12 +180,31 @@ DELAY_CYCLES = 2_000_000
 DELAY_NS_AT_LEAST = 200_000
 
 
-def _delay_last_rank(rank, world, group, case):
+class SyncMismatch(RuntimeError):
+    """Ranks of the spawn reached different sync points (one left a case's rounds early)."""
+
+
+def _sync(group, point, note=""):
+    """torch.cuda.synchronize() and a barrier that names where each rank is.  The group only
+    counts its rounds, so a rank that left a case's rounds after a failed check (skipping their
+    hook barriers) would otherwise pair its next barriers with other points of its peers: it
+    runs the next cases against their rounds, and the spawn hangs later with the first failure
+    hidden in the unreturned results.  Ranks at different points raise SyncMismatch here,
+    naming every rank's point and ``note``.  Returns every rank's note."""
+    import torch
+    torch.cuda.synchronize()
+    got = [b.decode(errors="replace").split("\0", 1) for b in group.allgather_bytes(f"{point}\0{note}".encode())]
+    if any(p != point for p, _ in got):
+        raise SyncMismatch("ranks at different sync points: "
+                           + "; ".join(f"rank {r}: {p!r} ({n[:300]})" for r, (p, n) in enumerate(got)))
+    return [n for _, n in got]
+
+
+def _delay_last_rank(rank, world, group, case, point):
     import torch
     if not case["wait_stats"] or case["hook"] or world < 2:
         return
-    torch.cuda.synchronize()
-    group.barrier()
+    _sync(group, point)
     if rank == world - 1:
         torch.cuda._sleep(DELAY_CYCLES)
 
@@ -194,7 +213,7 @@ def _round(rank, world, group, buf, case, it, stats, wstats=(None, None)):
     import ml_dtypes
     import torch
 
-    from epcomm import envs, reference
+    from epcomm import reference
     from epcomm.testing import random_bf16, random_topk, random_weights
     T, H, E, K = case["T"], case["H"], case["E"], case["K"]
     numerics = buf.numerics
@@ -219,7 +238,7 @@ def _round(rank, world, group, buf, case, it, stats, wstats=(None, None)):
         x, kw["previous_event"] = _late(x)
     if wstats[0] is not None:
         kw["dispatch_wait_recv_cost_stats"] = wstats[0]
-    _delay_last_rank(rank, world, group, case)
+    _delay_last_rank(rank, world, group, case, f"{case['name']} round {it}: before the dispatch")
     with _host_index_check_off(case["prev_event"]):
         recv, cnt, handle, ev, hook = buf.low_latency_dispatch(
             x, topk, T, E, use_fp8=case["fp8"], round_scale=case["round_scale"], use_ue8m0=case["ue8m0"],
@@ -230,8 +249,7 @@ def _round(rank, world, group, buf, case, it, stats, wstats=(None, None)):
     if case["hook"]:
         # The send half completes on every rank with no receive kernel running anywhere
         # ("nothing occupies the GPU in between"); a send waiting for a receive times out here.
-        torch.cuda.synchronize()
-        group.barrier()
+        _sync(group, f"{case['name']} round {it}: dispatch receive hook")
         hook()
     if case["async_"]:
         ev.current_stream_wait()
@@ -276,8 +294,7 @@ def _round(rank, world, group, buf, case, it, stats, wstats=(None, None)):
         for j in range(L):
             y_d[j, int(r.recv_count[j]):] = np.nan
         ys.append(y_d)
-    partials = (envs.LL_COMBINE_PARTIALS.get() and not envs.LL_FORCE_NVSHMEM_PUT.get()
-                and numerics == "epcomm" and not case["logfmt"])
+    partials = _partial_pairs(buf, rank, world) & (not case["logfmt"])
     cref = reference.low_latency_combine(ys, tks, ws, [r.handle for r in ref], partials=partials, numerics=numerics,
                                          use_logfmt=case["logfmt"])[rank]
     if case["zero_copy"]:
@@ -299,15 +316,14 @@ def _round(rank, world, group, buf, case, it, stats, wstats=(None, None)):
         kw["use_logfmt"] = True
     if wstats[1] is not None:
         kw["combine_wait_recv_cost_stats"] = wstats[1]
-    _delay_last_rank(rank, world, group, case)
+    _delay_last_rank(rank, world, group, case, f"{case['name']} round {it}: before the combine")
     with _host_index_check_off(case["prev_event"]):
         comb, ev2, hook2 = buf.low_latency_combine(y, topk, w, handle, zero_copy=case["zero_copy"], out=out,
                                                    async_finish=case["async_"], return_recv_hook=case["hook"], **kw)
     if case["prev_event"] and it > 0:
         _assert_pending("low_latency_combine", ev2, case["async_"])
     if case["hook"]:
-        torch.cuda.synchronize()
-        group.barrier()
+        _sync(group, f"{case['name']} round {it}: combine receive hook")
         hook2()
     if case["async_"]:
         ev2.current_stream_wait()
@@ -315,6 +331,21 @@ def _round(rank, world, group, buf, case, it, stats, wstats=(None, None)):
         assert comb.data_ptr() == out.data_ptr(), "out= was not used"
     _assert_bits("combined", _np(comb), cref)
     return rr.recv_count, (handle, y, topk, w)
+
+
+def _partial_pairs(buf, rank, world):
+    """bool [R, R]: the (source, expert-side rank) pairs whose low-latency combine sends
+    partials, as the kernels decide (ll_partial): the Buffer's setting, between ranks that reach
+    each other over NVLink, so not across nodes (declared ones included).  Row ``rank`` must
+    match this rank's peer table (0: puts), or the expectation would model another transport."""
+    ll = buf._ll
+    on = bool(ll.partials and not ll.force_put)
+    topo = ll.ctx.topology
+    node = np.array([topo.node_of(r) if topo is not None and topo.spans_nodes else 0 for r in range(world)])
+    pairs = (node[:, None] == node[None, :]) & on
+    mine = np.array([on and ptr != 0 for ptr in ll.peers])
+    assert np.array_equal(pairs[rank], mine), f"partials expected with ranks {pairs[rank]}, peer table gives {mine}"
+    return pairs
 
 
 def _hint(c, world):
@@ -403,9 +434,9 @@ def _worker(rank, world, group, cases, rounds=3, numerics="epcomm"):
         except Exception as e:
             import traceback
             results[case["name"]] = f"ERROR: {type(e).__name__}: {e}\n{traceback.format_exc()}"
-        torch.cuda.synchronize()
-        group.barrier()
-        if results[case["name"]].startswith("ERROR"):
+        # Every rank leaves when any rank errored (its peers would wait for it in the next case).
+        notes = _sync(group, f"end of {case['name']}", results[case["name"]])
+        if any(n.startswith("ERROR") for n in notes):
             break
         if case["name"] == clean_after:
             spawn.phase("clean_low_latency_buffer")
@@ -414,8 +445,7 @@ def _worker(rank, world, group, cases, rounds=3, numerics="epcomm"):
             except Exception as e:
                 import traceback
                 results["clean_low_latency_buffer"] = f"ERROR: {type(e).__name__}: {e}\n{traceback.format_exc()}"
-            torch.cuda.synchronize()
-            group.barrier()
+            _sync(group, "after clean_low_latency_buffer")
     buf.destroy()
     return results
 
@@ -437,7 +467,7 @@ def _overlap(rank, world, group, buf):
     T, H, E, K = OVERLAP["T"], OVERLAP["H"], OVERLAP["E"], OVERLAP["K"]
     L = E // world
     ll = buf._ll
-    partials = ll.partials and not ll.force_put
+    partials = _partial_pairs(buf, rank, world)
     fp8kw = dict(use_fp8=True, round_scale=True, use_ue8m0=True)
     fails = []
 
