@@ -5,6 +5,8 @@ from __future__ import annotations
 import ctypes
 from typing import NamedTuple
 
+import numpy as np
+
 from epcomm import envs, interop
 from epcomm.errors import BufferStateError
 from epcomm.kernels import low_latency as K
@@ -181,6 +183,17 @@ class LowLatencyState(DispatchOps, CombineOps, FastPaths):
             self.template.partials = int(on)
             self._plans.clear()
             self._shapes_checked.clear()
+
+    def partial_pairs(self, on: bool | None = None) -> np.ndarray:
+        """bool [R, R]: ``[s, d]`` whether expert-side rank d sends source rank s partial sums in
+        a combine, with the setting ``on`` (default the Buffer's): only between ranks that reach
+        each other over NVLink, so never across nodes (declared ones included) nor with
+        EPCOMM_LL_FORCE_NVSHMEM_PUT.  What ``reference.low_latency_combine(partials=...)`` takes."""
+        on = (self.partials if on is None else bool(on)) and not self.force_put
+        topo = self.ctx.topology
+        R = self.num_ranks
+        node = np.array([topo.node_of(r) if topo is not None and topo.spans_nodes else 0 for r in range(R)])
+        return (node[:, None] == node[None, :]) & on
 
     # ---- helpers ---------------------------------------------------------------------------
     def empty(self, fw, shape, dtype, name: str | None = None):

@@ -629,7 +629,9 @@ def test_low_latency_check_accepts_the_reference_and_catches_differences():
     def gather(name, t):
         return torch.stack([p[name] for p in per])
     me = per[rank]
-    chk = bench.LLCheck(torch, gather, rank, R, me["x"], me["topk"], me["w"], T, E, partials=True)
+    full = np.ones((R, R), dtype=bool)
+    chk = bench.LLCheck(torch, gather, rank, R, me["x"], me["topk"], me["w"], T, E, partials=True,
+                        pairs={False: ~full, True: full})
     assert chk.error is None
     xs = [_bf16_np(torch, p["x"]) for p in per]
     tks, ws = [p["topk"].numpy() for p in per], [p["w"].numpy() for p in per]

@@ -408,3 +408,21 @@ def test_clean_mask_leaves_a_peers_concurrent_publication_alone(monkeypatch):
     monkeypatch.setattr(driver, "memcpy_dtoh", dtoh_then_publish)
     m.clean()
     assert mem.words[0x1000].tolist() == [0, 0, 0, 1] and mem.words[0x2000].tolist() == [0, 0, 0, 0]
+
+
+# ---- which rank pairs a low-latency combine sends partial sums between --------------------------
+def test_partial_pairs_follow_nodes_and_the_settings(monkeypatch):
+    """LowLatencyState.partial_pairs: the Buffer's setting between ranks of one node (declared
+    nodes included), never across nodes nor with every peer through puts (what the kernels'
+    ll_partial decides; the GPU tests and the benchmark's check take their expectation from it)."""
+    import types
+    from epcomm.low_latency.state import LowLatencyState
+    st = types.SimpleNamespace(num_ranks=4, partials=True, force_put=False,
+                               ctx=types.SimpleNamespace(topology=None))
+    pairs = LowLatencyState.partial_pairs
+    assert pairs(st).all() and not pairs(st, False).any()
+    st.ctx.topology = types.SimpleNamespace(spans_nodes=True, node_of=lambda r: r // 2)
+    want = np.array([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]], dtype=bool)
+    assert np.array_equal(pairs(st), want) and not pairs(st, False).any()
+    st.force_put = True
+    assert not pairs(st).any() and not pairs(st, True).any()

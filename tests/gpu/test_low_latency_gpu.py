@@ -339,11 +339,8 @@ def _partial_pairs(buf, rank, world):
     each other over NVLink, so not across nodes (declared ones included).  Row ``rank`` must
     match this rank's peer table (0: puts), or the expectation would model another transport."""
     ll = buf._ll
-    on = bool(ll.partials and not ll.force_put)
-    topo = ll.ctx.topology
-    node = np.array([topo.node_of(r) if topo is not None and topo.spans_nodes else 0 for r in range(world)])
-    pairs = (node[:, None] == node[None, :]) & on
-    mine = np.array([on and ptr != 0 for ptr in ll.peers])
+    pairs = ll.partial_pairs()
+    mine = np.array([bool(ll.partials and not ll.force_put) and ptr != 0 for ptr in ll.peers])
     assert np.array_equal(pairs[rank], mine), f"partials expected with ranks {pairs[rank]}, peer table gives {mine}"
     return pairs
 

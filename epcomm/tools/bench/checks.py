@@ -202,10 +202,13 @@ class LLCheck:
     them).  :attr:`y` is this rank's input (None if the reference could not be computed: every
     check then returns :attr:`error`).  The expected combine is computed with the partial sums
     as the buffer sends them (``partials``, see reference.low_latency_combine) and the other way
-    (the benchmark's A/B of the two combine formats)."""
+    (the benchmark's A/B of the two combine formats): ``pairs`` maps each setting (False, True)
+    to the [R, R] (source, expert-side rank) pairs that send partials with it
+    (``LowLatencyState.partial_pairs``: none across nodes), ``partials`` is the buffer's."""
 
-    def __init__(self, torch, gather, rank: int, world: int, x, topk, w, T: int, E: int, partials: bool):
-        self.torch, self.rank, self.partials = torch, rank, bool(partials)
+    def __init__(self, torch, gather, rank: int, world: int, x, topk, w, T: int, E: int, partials: bool,
+                 pairs: dict):
+        self.torch, self.rank, self.partials, self.pairs = torch, rank, bool(partials), pairs
         x_all = gather("x", x)
         topk_all = gather("topk", topk).cpu().numpy()
         w_all = gather("w", w).cpu().numpy()
@@ -231,7 +234,7 @@ class LLCheck:
             y[m] = (rows * np.float32(d + 1.5) * (1 + j / 64)[:, None]).astype(reference.BF16)
             ys.append(y)
         handles = [r.handle for r in ref]
-        self.expected = {p: reference.low_latency_combine(ys, tks, ws, handles, partials=p)[self.rank]
+        self.expected = {p: reference.low_latency_combine(ys, tks, ws, handles, partials=self.pairs[p])[self.rank]
                          for p in (False, True)}
         me = self.me = ref[self.rank]
         self.mask_np = np.arange(R * T)[None, :] < me.recv_count[:, None]

@@ -56,7 +56,7 @@ def ll_worker(rank, world, group, args) -> dict:
     run.prog("reference")
     ll = run.buf._ll
     run.chk = LLCheck(run.torch, gatherer(run.torch, run.dist), rank, world, run.x, run.topk, run.w, run.T,
-                      run.E, ll.partials and not ll.force_put)
+                      run.E, ll.partials, {p: ll.partial_pairs(p) for p in (False, True)})
     run.time_eager()
     run.time_hooks()
     run.time_graphs()
