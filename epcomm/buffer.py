@@ -39,6 +39,10 @@ __all__ = ["Buffer", "DispatchHandle", "find_buffer"]
 _LIVE_BUFFERS: "weakref.WeakSet[Buffer]" = weakref.WeakSet()
 
 
+# What destroy() publishes when it meets its group (Buffer._meet_to_destroy).
+_DESTROY_TAG = b"epcomm.Buffer.destroy"
+
+
 def find_buffer(serial: int) -> "Buffer | None":
     """The live (not destroyed) Buffer whose ``ctx.serial`` is ``serial``, else None: how code
     that can pass only plain numbers (a compiled program's operations) names a Buffer."""
@@ -350,7 +354,9 @@ class Buffer:
         ``epcomm.runtime.group.LocalGroup()`` once its peers have masked it.  The symmetric heap
         (low-latency mode) is freed only when ``group`` has every rank of the Buffer's and none
         is masked, as NVSHMEM's free waits for every PE; otherwise it stays until NVSHMEM is
-        finalised.  TypeError for a ``group`` that is not a group (nothing released)."""
+        finalised.  So it stays too, with a RuntimeWarning, when a rank of ``group`` is not
+        destroying at the same time (out of step after an error).  TypeError for a ``group``
+        that is not a group (nothing released)."""
         if self.ctx.destroyed:
             return
         group = self.group if group is None else as_group(group)
@@ -363,16 +369,34 @@ class Buffer:
                 driver.device_sync()
             except Exception:
                 pass
-            try:
-                group.barrier()  # no peer may still write into memory we unmap
-            except Exception as e:
-                warnings.warn(f"Buffer.destroy on rank {self.rank}: the barrier with the other ranks failed "
-                              f"({type(e).__name__}: {e}); releasing the memory anyway (a peer that still "
-                              f"writes into it would fault)", RuntimeWarning, stacklevel=2)
-            # A smaller group (survivors, or a rank leaving alone): the ranks outside it never
-            # join a collective free.
-            self._free_local(failing=group.size < self.num_ranks or self._some_masked())
+            in_step = self._meet_to_destroy(group)  # no peer may still write into memory we unmap
+            # A smaller group (survivors, or a rank leaving alone), or ranks not destroying it
+            # with us: the ranks outside never join a collective free.
+            self._free_local(failing=not in_step or group.size < self.num_ranks or self._some_masked())
             event_mod.release_finished()  # the device is idle: CuPy/JAX arrays of dropped events go
+
+    def _meet_to_destroy(self, group) -> bool:
+        """Meet ``group`` before releasing: an allgather of a tag, so the collective steps
+        (NVSHMEM's free of the symmetric heap, which waits for every PE with no timeout) run only
+        when every rank of ``group`` is destroying too.  False, with a RuntimeWarning, when the
+        meeting failed or a rank was elsewhere (out of step after an error: its own collective
+        call paired with this one); every rank that destroys receives the same tags, so all
+        decide alike."""
+        try:
+            tags = group.allgather_bytes(_DESTROY_TAG)
+        except Exception as e:
+            warnings.warn(f"Buffer.destroy on rank {self.rank}: meeting the other ranks failed "
+                          f"({type(e).__name__}: {e}); releasing the memory anyway, without the collective "
+                          f"steps (a peer that still writes into it would fault)", RuntimeWarning, stacklevel=3)
+            return False
+        elsewhere = [r for r, t in enumerate(tags) if bytes(t) != _DESTROY_TAG]
+        if elsewhere:
+            warnings.warn(f"Buffer.destroy on rank {self.rank}: rank(s) {elsewhere} of the group are not destroying "
+                          f"this Buffer now (out of step after an error?); releasing this rank's memory without "
+                          f"the collective steps (the symmetric heap stays until NVSHMEM is finalised)",
+                          RuntimeWarning, stacklevel=3)
+            return False
+        return True
 
     def _some_masked(self) -> bool:
         """Whether some rank is masked (then collective teardown steps cannot run)."""

@@ -307,9 +307,6 @@ def test_destroy_frees_the_heap_collectively_only_with_every_rank(monkeypatch, g
     from fake_runtime import FakeGroup
 
     class Group(FakeGroup):  # the whole group protocol (destroy checks it)
-        def allgather_bytes(self, b):
-            return [b] * self.size
-
         def broadcast_bytes(self, b, root=0):
             return b
 
@@ -323,7 +320,32 @@ def test_destroy_frees_the_heap_collectively_only_with_every_rank(monkeypatch, g
         b.ctx.mask = RankMask(0, 0, 4, [0x1000])
     log = []
     b.destroy(group=Group(0, group_size, log))
-    assert log == [("barrier",)] and ll.frees == [collective]
+    assert log == [("allgather", b"epcomm.Buffer.destroy")] and ll.frees == [collective]
+
+
+@pytest.mark.parametrize("elsewhere", ["barrier", "raises"])
+def test_destroy_frees_alone_when_a_rank_is_not_destroying(monkeypatch, elsewhere):
+    """A rank out of step (its barrier paired with this destroy's meeting), or a meeting that
+    fails: no collective free (NVSHMEM's would wait for that rank forever), and a warning."""
+    from fake_runtime import FakeGroup
+
+    class Group(FakeGroup):
+        def allgather_bytes(self, b):
+            if elsewhere == "raises":
+                raise TimeoutError("rank 2 did not arrive")
+            return [b, b, b"", b]  # rank 2 is in a barrier of its own
+
+        def broadcast_bytes(self, b, root=0):
+            return b
+
+    monkeypatch.setattr(driver, "on_device", lambda dev: contextlib.nullcontext())
+    monkeypatch.setattr(driver, "device_sync", lambda: None)
+    ll = _FakeLowLatency()
+    b = fake_buffer(normal=False, num_ranks=4, low_latency=ll)
+    with pytest.warns(RuntimeWarning, match=r"rank\(s\) \[2\] of the group are not destroying" if elsewhere == "barrier"
+                      else "meeting the other ranks failed"):
+        b.destroy(group=Group(0, 4, []))
+    assert ll.frees == [False] and b.ctx.destroyed
 
 
 def test_destroy_with_a_bad_group_raises_and_keeps_the_buffer(monkeypatch):

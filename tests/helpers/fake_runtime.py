@@ -35,7 +35,8 @@ class FakeErr:
 
 
 class FakeGroup:
-    """A group of ``size`` ranks seen from ``rank``; barriers are logged to ``log`` when given."""
+    """A group of ``size`` ranks seen from ``rank``, all making the same calls (an allgather
+    returns this rank's bytes from every rank); collectives are logged to ``log`` when given."""
 
     def __init__(self, rank: int = 0, size: int = 2, log: list | None = None):
         self.rank, self.size, self.log = rank, size, log
@@ -43,6 +44,11 @@ class FakeGroup:
     def barrier(self):
         if self.log is not None:
             self.log.append(("barrier",))
+
+    def allgather_bytes(self, data: bytes) -> list:
+        if self.log is not None:
+            self.log.append(("allgather", bytes(data)))
+        return [bytes(data)] * self.size
 
 
 def fake_context(num_ranks: int = 2, *, rank: int = 0, group=None, device_sms: int = 132, stream: int = 0,
