@@ -14,7 +14,7 @@ from epcomm.errors import BufferStateError
 from epcomm.reference.masks import check_masked_ranks
 from epcomm.runtime import driver
 from epcomm.runtime.rankmask import RankMask
-from tests.helpers.fake_runtime import fake_buffer, fake_context
+from tests.helpers.fake_runtime import FakeGroup, fake_buffer, fake_context
 
 
 def _routing(R=4, N=16, E=16, K=4, seed=0):
@@ -297,6 +297,31 @@ class _FakeLowLatency:
         self.frees.append(collective)
 
 
+class _Group(FakeGroup):
+    """The whole group protocol (destroy checks it); ``tags``: what the allgather returns
+    (default: every rank's bytes are this rank's), or an exception it raises."""
+
+    def __init__(self, rank, size, log, tags=None):
+        super().__init__(rank, size, log)
+        self.tags = tags
+
+    def allgather_bytes(self, b):
+        if isinstance(self.tags, Exception):
+            raise self.tags
+        return super().allgather_bytes(b) if self.tags is None else self.tags
+
+    def broadcast_bytes(self, b, root=0):
+        return b
+
+
+def _destroy_rig(monkeypatch):
+    """A low-latency Buffer of 4 ranks on a fake runtime, and what its heap's free was told."""
+    monkeypatch.setattr(driver, "on_device", lambda dev: contextlib.nullcontext())
+    monkeypatch.setattr(driver, "device_sync", lambda: None)
+    ll = _FakeLowLatency()
+    return fake_buffer(normal=False, num_ranks=4, low_latency=ll), ll
+
+
 @pytest.mark.parametrize("group_size, shrink, collective", [
     (4, False, True),   # every rank of the Buffer meets: the heap is freed collectively
     (3, False, False),  # survivors of a dead rank, no shrink mode: the dead PE never joins
@@ -304,22 +329,13 @@ class _FakeLowLatency:
     (3, True, False),   # survivors, the dead rank masked
 ])
 def test_destroy_frees_the_heap_collectively_only_with_every_rank(monkeypatch, group_size, shrink, collective):
-    from fake_runtime import FakeGroup
-
-    class Group(FakeGroup):  # the whole group protocol (destroy checks it)
-        def broadcast_bytes(self, b, root=0):
-            return b
-
-    monkeypatch.setattr(driver, "on_device", lambda dev: contextlib.nullcontext())
-    monkeypatch.setattr(driver, "device_sync", lambda: None)
-    ll = _FakeLowLatency()
-    b = fake_buffer(normal=False, num_ranks=4, low_latency=ll)
+    b, ll = _destroy_rig(monkeypatch)
     if shrink:  # a survivor's words hold the dead rank; a leaving rank is masked in its peers' only
         mem = FakeMemory(monkeypatch, [0x1000], 4)
         mem.words[0x1000][3] = int(group_size > 1)
         b.ctx.mask = RankMask(0, 0, 4, [0x1000])
     log = []
-    b.destroy(group=Group(0, group_size, log))
+    b.destroy(group=_Group(0, group_size, log))
     assert log == [("allgather", b"epcomm.Buffer.destroy")] and ll.frees == [collective]
 
 
@@ -327,24 +343,12 @@ def test_destroy_frees_the_heap_collectively_only_with_every_rank(monkeypatch, g
 def test_destroy_frees_alone_when_a_rank_is_not_destroying(monkeypatch, elsewhere):
     """A rank out of step (its barrier paired with this destroy's meeting), or a meeting that
     fails: no collective free (NVSHMEM's would wait for that rank forever), and a warning."""
-    from fake_runtime import FakeGroup
-
-    class Group(FakeGroup):
-        def allgather_bytes(self, b):
-            if elsewhere == "raises":
-                raise TimeoutError("rank 2 did not arrive")
-            return [b, b, b"", b]  # rank 2 is in a barrier of its own
-
-        def broadcast_bytes(self, b, root=0):
-            return b
-
-    monkeypatch.setattr(driver, "on_device", lambda dev: contextlib.nullcontext())
-    monkeypatch.setattr(driver, "device_sync", lambda: None)
-    ll = _FakeLowLatency()
-    b = fake_buffer(normal=False, num_ranks=4, low_latency=ll)
+    b, ll = _destroy_rig(monkeypatch)
+    tag = b"epcomm.Buffer.destroy"
+    tags = TimeoutError("rank 2 did not arrive") if elsewhere == "raises" else [tag, tag, b"", tag]
     with pytest.warns(RuntimeWarning, match=r"rank\(s\) \[2\] of the group are not destroying" if elsewhere == "barrier"
                       else "meeting the other ranks failed"):
-        b.destroy(group=Group(0, 4, []))
+        b.destroy(group=_Group(0, 4, [], tags))
     assert ll.frees == [False] and b.ctx.destroyed
 
 
