@@ -490,7 +490,8 @@ def _ll_dispatch_spoil(draw, inp, args: dict, fw: str):
         args["num_max_dispatch_tokens_per_rank"] = draw(st.sampled_from([float(T), "8", 2**40]))
         return ("num_max_dispatch_tokens_per_rank",)
     if spoil == "experts":
-        args["num_experts"] = draw(st.sampled_from([0, E + 1 if inp["L"] * 0 == 0 and E % 2 == 0 else -1, 2**20]))
+        # E + 1 is not a multiple of the rank count only with 2 or more ranks.
+        args["num_experts"] = draw(st.sampled_from([0, -1, 2**20] + ([E + 1] if E // inp["L"] > 1 else [])))
         return ("num_experts",)
     if spoil == "flag":
         name = draw(st.sampled_from(["use_fp8", "round_scale", "async_finish", "return_recv_hook"]))
