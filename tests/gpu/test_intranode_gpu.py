@@ -615,7 +615,10 @@ def _worker(rank, world, group, cases, numerics="epcomm"):
     _DEV[0] = device_of(rank)
     if any(c["framework"] == "jax" for c in cases):
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    need = max(epcomm.Buffer.get_nvl_buffer_size_hint(c["H"], world, c["N"], c["K"]) for c in cases)
+    # A worst-mode case asks for 17 rows more than it receives (padding): room for them too, or
+    # the dispatch refuses a num_worst_tokens beyond what every rank together can send.
+    need = max(epcomm.Buffer.get_nvl_buffer_size_hint(c["H"], world, c["N"] + (17 if c["worst"] else 0), c["K"])
+               for c in cases)
     buf = epcomm.Buffer(group, need, numerics=numerics)
     results = {}
     for case in cases:
