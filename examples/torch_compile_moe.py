@@ -5,8 +5,10 @@ Each rank routes its tokens to top-2 of 16 experts; the compiled layer dispatche
 fixed output size (num_worst_tokens: every token of every rank, the most a rank can receive),
 runs the local experts (padding rows have top-k index -1 and are masked out) and combines.
 The gradients flow back through the combine (a cached dispatch) and the dispatch (a combine),
-into the tokens and the routing weights.  Checked: the compiled layer equals the same layer
-called eagerly, bit for bit, forward and backward; and both match the layer computed densely.
+into the tokens and the routing weights.  Checked: the compiled layer matches the same layer
+called eagerly, forward and backward, to bf16 rounding (Inductor fuses the float work around the
+collectives, the router's softmax and the experts' sums, in its own order), and the layer
+computed densely.
 Run: python examples/torch_compile_moe.py   (needs torch and 2+ GPUs, or one with
 EPCOMM_SHARE_GPU=1: 2 ranks then share it)
 """
@@ -59,7 +61,10 @@ def worker(rank, world, group):
     eager_out, eager_grad, idx = run(layer, x0)
     compiled = torch.compile(layer, fullgraph=True)
     comp_out, comp_grad, _ = run(compiled, x0)
-    same = torch.equal(eager_out, comp_out) and torch.equal(eager_grad, comp_grad)
+    def rel(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+    vs_eager = max(rel(comp_out, eager_out), rel(comp_grad, eager_grad))
 
     # Dense reference of the same layer on this rank's tokens.
     xr = x0.float().requires_grad_(True)
@@ -68,11 +73,10 @@ def worker(rank, world, group):
     for k in range(K):
         ref = ref + wr[:, k:k + 1] * torch.einsum("nh,nhd->nd", xr, W[idx[:, k]])
     ref.square().mean().backward()
-    err = ((comp_out.float() - ref).norm() / ref.norm()).item()
-    gerr = ((comp_grad.float() - xr.grad).norm() / xr.grad.norm()).item()
+    err, gerr = rel(comp_out, ref), rel(comp_grad, xr.grad)
     buf.destroy()
-    return {"rank": rank, "compiled == eager (bits)": same, "rel_err_out": err, "rel_err_grad_x": gerr,
-            "ok": same and err < 2e-2 and gerr < 5e-2}
+    return {"rank": rank, "rel_err_compiled_vs_eager": vs_eager, "rel_err_out": err, "rel_err_grad_x": gerr,
+            "ok": vs_eager < 1e-2 and err < 2e-2 and gerr < 5e-2}
 
 
 if __name__ == "__main__":
