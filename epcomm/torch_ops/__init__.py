@@ -10,10 +10,13 @@ Fixed shapes only, as a compiler needs them: the normal-mode dispatch takes ``nu
 (outputs of exactly that many rows, padding rows with top-k index -1), the low-latency calls
 are ``[E/R, R*T, H]`` as ever.  One NVLink domain (not a Buffer spanning nodes).
 
-Order: collectives run in the order of their data dependencies.  Two that do not depend on
-each other (two micro-batches in one compiled function) may be reordered by Inductor, by buffer
-sizes, differently on ranks with different token counts, and then hang: compile them apart, or
-make one depend on the other's results.
+Order: every rank issues the collectives in program order, whatever its shapes.  Eager calls
+run in that order; in a compiled program each collective takes its device's order token and is
+followed by an operation that writes it (:mod:`epcomm.torch_ops.order`), so the program's
+collectives (forward and backward, on any Buffer of the device) form one chain of data
+dependencies that Inductor cannot reorder: two independent micro-batches in one compiled
+function are safe.  The token is a static input of the graph, so the low-latency pair keeps its
+CUDA graph.  Calls of ``torch.ops.epcomm.*`` made directly, without a token, are not chained.
 
 Gradients: :func:`dispatch` (to ``x`` and ``topk_weights``), :func:`cached_dispatch` and
 :func:`combine` (to ``x``) are differentiable with :mod:`epcomm.torch_autograd`'s rules; the
@@ -37,6 +40,7 @@ from torch.fx.node import has_side_effect
 
 from epcomm.torch_ops.low_latency_ops import low_latency_combine_op, low_latency_dispatch_op
 from epcomm.torch_ops.normal_ops import cached_dispatch_op, combine_op, dispatch_op, layout_op
+from epcomm.torch_ops.order import in_order, order_token
 from epcomm.torch_ops.registry import buffer_id
 from epcomm.validate import check_bool, check_int
 
@@ -115,7 +119,8 @@ def dispatch(buffer, x, topk_idx, topk_weights, num_experts: int, num_worst_toke
     _tensor("topk_weights", topk_weights, 2)
     num_experts = check_int("num_experts", num_experts, lo=1)
     num_worst_tokens = check_int("num_worst_tokens", num_worst_tokens, lo=1)
-    out = dispatch_op(x, topk_idx, topk_weights, bid, buffer.num_ranks, num_experts, num_worst_tokens)
+    out = in_order(dispatch_op, order_token(x), x, topk_idx, topk_weights, bid, buffer.num_ranks, num_experts,
+                   num_worst_tokens)
     return out[0], out[1], out[2], DispatchRoute(*out[3:], num_experts, topk_idx.shape[1])
 
 
@@ -125,7 +130,7 @@ def cached_dispatch(buffer, x, handle: DispatchRoute):
     bid = _nvlink_buffer(buffer)
     route = _route_of(handle)
     _tensor("x", x, 2)
-    return cached_dispatch_op(x, *route, bid, handle.num_experts, handle.num_topk)
+    return in_order(cached_dispatch_op, order_token(x), x, *route, bid, handle.num_experts, handle.num_topk)
 
 
 def combine(buffer, x, handle: DispatchRoute, topk_weights=None):
@@ -145,7 +150,7 @@ def combine(buffer, x, handle: DispatchRoute, topk_weights=None):
         _tensor("topk_weights", topk_weights, 2)
         if topk_weights.requires_grad and torch.is_grad_enabled():
             raise ValueError("topk_weights: the combine of weights is not differentiable; pass them detached")
-    out, out_w = combine_op(x, topk_weights, *route, bid, handle.num_experts, handle.num_topk)
+    out, out_w = in_order(combine_op, order_token(x), x, topk_weights, *route, bid, handle.num_experts, handle.num_topk)
     return out, (out_w if topk_weights is not None else None)
 
 
@@ -179,8 +184,9 @@ def low_latency_dispatch(buffer, x, topk_idx, num_max_dispatch_tokens_per_rank: 
     num_experts = check_int("num_experts", num_experts, lo=1)
     use_fp8, round_scale = check_bool("use_fp8", use_fp8), check_bool("round_scale", round_scale)
     use_ue8m0 = check_bool("use_ue8m0", use_ue8m0)
-    rx, scales, count, src_info, layout_range = low_latency_dispatch_op(
-        x, topk_idx, bid, buffer.num_ranks, T, num_experts, use_fp8, round_scale, use_ue8m0)
+    rx, scales, count, src_info, layout_range = in_order(
+        low_latency_dispatch_op, order_token(x), x, topk_idx, bid, buffer.num_ranks, T, num_experts, use_fp8,
+        round_scale, use_ue8m0)
     return ((rx, scales) if use_fp8 else rx), count, LowLatencyRoute(count, src_info, layout_range)
 
 
@@ -195,4 +201,5 @@ def low_latency_combine(buffer, x, topk_idx, topk_weights, handle: LowLatencyRou
     _tensor("x", x, 3)
     _tensor("topk_idx", topk_idx, 2)
     _tensor("topk_weights", topk_weights, 2)
-    return low_latency_combine_op(x, topk_idx, topk_weights, handle.count, handle.src_info, handle.layout_range, bid)
+    return in_order(low_latency_combine_op, order_token(x), x, topk_idx, topk_weights, handle.count, handle.src_info,
+                    handle.layout_range, bid)

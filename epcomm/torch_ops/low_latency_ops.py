@@ -6,10 +6,13 @@ not views of the Buffer's storage: a compiled program owns its operations' outpu
 other tensors in their memory once they are dead (Inductor does), which must not be memory the
 next dispatch writes.  The combine takes every returned array its kernel reads (count, src_info,
 layout_range), so none is reused before it; the handle's other arrays stay in
-:mod:`epcomm.torch_ops.registry`.  No autograd (the low-latency mode serves inference).
-Registered when this module is imported.
+:mod:`epcomm.torch_ops.registry`.  Both take the order token last (:mod:`epcomm.torch_ops.order`;
+None in eager calls).  No autograd (the low-latency mode serves inference).  Registered when this
+module is imported.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -36,7 +39,8 @@ def _new(x: Tensor, shape, dtype: str):
 @torch.library.custom_op("epcomm::low_latency_dispatch", mutates_args=())
 def low_latency_dispatch_op(x: Tensor, topk_idx: Tensor, buffer_id: int, num_ranks: int,
                             num_max_dispatch_tokens_per_rank: int, num_experts: int, use_fp8: bool,
-                            round_scale: bool, use_ue8m0: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                            round_scale: bool, use_ue8m0: bool, order: Optional[Tensor] = None
+                            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """:meth:`epcomm.Buffer.low_latency_dispatch`: (recv_x [L, R*T, H] bf16 or e4m3, its scales
     (float32 [L, R*T, H/128], int32 [L, R*T, ceil(H/512)] with UE8M0, both column-major in the
     last two dims; float32 [L, R*T, 0] without FP8), recv_count int32 [L], src_info int32
@@ -61,7 +65,7 @@ def low_latency_dispatch_op(x: Tensor, topk_idx: Tensor, buffer_id: int, num_ran
 
 @low_latency_dispatch_op.register_fake
 def _low_latency_dispatch_fake(x, topk_idx, buffer_id, num_ranks, num_max_dispatch_tokens_per_rank, num_experts,
-                               use_fp8, round_scale, use_ue8m0):
+                               use_fp8, round_scale, use_ue8m0, order=None):
     R, H = num_ranks, x.shape[1]
     L, RT = num_experts // R, R * num_max_dispatch_tokens_per_rank
     i32 = torch.int32
@@ -79,7 +83,7 @@ def _low_latency_dispatch_fake(x, topk_idx, buffer_id, num_ranks, num_max_dispat
 
 @torch.library.custom_op("epcomm::low_latency_combine", mutates_args=())
 def low_latency_combine_op(x: Tensor, topk_idx: Tensor, topk_weights: Tensor, count: Tensor, src_info: Tensor,
-                           layout_range: Tensor, buffer_id: int) -> Tensor:
+                           layout_range: Tensor, buffer_id: int, order: Optional[Tensor] = None) -> Tensor:
     """:meth:`epcomm.Buffer.low_latency_combine` of the dispatch that returned ``src_info``
     (``count`` and ``layout_range`` are that dispatch's too: the kernel reads them): combined
     bf16 [N, H]."""
@@ -92,5 +96,5 @@ def low_latency_combine_op(x: Tensor, topk_idx: Tensor, topk_weights: Tensor, co
 
 
 @low_latency_combine_op.register_fake
-def _low_latency_combine_fake(x, topk_idx, topk_weights, count, src_info, layout_range, buffer_id):
+def _low_latency_combine_fake(x, topk_idx, topk_weights, count, src_info, layout_range, buffer_id, order=None):
     return x.new_empty((topk_idx.shape[0], x.shape[2]))

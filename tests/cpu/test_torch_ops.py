@@ -1,7 +1,8 @@
 """epcomm.torch_ops on the CPU: fake-tensor propagation of every operation, torch.library.opcheck,
-the autograd rules, and torch.compile(fullgraph=True) of small MoE layers with no graph break,
-equal to eager.  The operations' real bodies run on one-rank CPU stand-ins of a Buffer
-(tests/helpers/torch_standin.py); the GPU kernels are tested in tests/gpu/test_torch_compile_gpu.py."""
+the autograd rules, torch.compile(fullgraph=True) of small MoE layers with no graph break, equal
+to eager, and the program order of the collectives in compiled graphs (the order token).  The
+operations' real bodies run on one-rank CPU stand-ins of a Buffer (tests/helpers/torch_standin.py);
+the GPU kernels are tested in tests/gpu/test_torch_compile_gpu.py."""
 from __future__ import annotations
 
 import subprocess
@@ -16,7 +17,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 
 from epcomm import torch_ops  # noqa: E402
 from epcomm.normal.handle import handle_from_route  # noqa: E402
-from epcomm.torch_ops import registry  # noqa: E402
+from epcomm.torch_ops import order, registry  # noqa: E402
 from torch_standin import OneRankBuffer, fake_mismatch  # noqa: E402
 
 BF16, I32, I64, F32 = torch.bfloat16, torch.int32, torch.int64, torch.float32
@@ -105,26 +106,29 @@ def test_fake_propagation_of_the_low_latency_pair(R, fp8, ue8m0):
 
 # ---- opcheck --------------------------------------------------------------------------------------
 def test_opcheck_on_meta_tensors():
-    """Schema (no input mutated or aliased), fake = meta kernel, and tracing with dynamic shapes,
-    of every operation (on meta tensors the operation runs its fake implementation)."""
+    """Schema (no input mutated or aliased, but order_after's token), fake = meta kernel, and
+    tracing with dynamic shapes, of every operation (on meta tensors the operation runs its fake
+    implementation)."""
     R, N, H, K, T = 4, 12, 256, 4, 16
     E = 4 * R
     m = dict(device="meta")
     x, idx, w = torch.empty(N, H, dtype=BF16, **m), torch.empty(N, K, dtype=I64, **m), torch.empty(N, K, **m)
+    tok = torch.empty(1, dtype=I32, **m)  # an order token (compiled calls pass one, eager calls None)
     ops = torch.ops.epcomm
-    cases = [(ops.dispatch.default, (x, idx, w, 0, R, E, 3 * N)),
+    cases = [(ops.dispatch.default, (x, idx, w, 0, R, E, 3 * N, tok)),
              (ops.get_dispatch_layout.default, (idx, E, R, 8)),
-             (ops.low_latency_dispatch.default, (x, idx, 0, R, T, E, True, True, True)),
-             (ops.low_latency_dispatch.default, (x, idx, 0, R, T, E, False, False, False)),
+             (ops.low_latency_dispatch.default, (x, idx, 0, R, T, E, True, True, True, tok)),
+             (ops.low_latency_dispatch.default, (x, idx, 0, R, T, E, False, False, False, tok)),
              (ops.low_latency_combine.default, (torch.empty(E // R, R * T, H, dtype=BF16, **m), idx, w,
                                                 torch.empty(E // R, dtype=I32, **m),
                                                 torch.empty(E // R, R * T, dtype=I32, **m),
-                                                torch.empty(E // R, R, 2, dtype=I32, **m), 0))]
-    route = ops.dispatch.default(x, idx, w, 0, R, E, 3 * N)[3:]
+                                                torch.empty(E // R, R, 2, dtype=I32, **m), 0, tok)),
+             (ops.order_after.default, (tok, x))]
+    route = ops.dispatch.default(x, idx, w, 0, R, E, 3 * N, tok)[3:]
     rx = torch.empty(3 * N, H, dtype=BF16, **m)
-    cases += [(ops.combine.default, (rx, torch.empty(3 * N, K, **m), *route, 0, E, K)),
-              (ops.combine.default, (rx, None, *route, 0, E, K)),
-              (ops.cached_dispatch.default, (x, *route, 0, E, K))]
+    cases += [(ops.combine.default, (rx, torch.empty(3 * N, K, **m), *route, 0, E, K, tok)),
+              (ops.combine.default, (rx, None, *route, 0, E, K, tok)),
+              (ops.cached_dispatch.default, (x, *route, 0, E, K, tok))]
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
@@ -144,19 +148,19 @@ def test_opcheck_of_the_normal_operations_on_the_standin(standin):
     idx = _routing(N, K, E)
     x = torch.randn(N, H).to(BF16).requires_grad_()
     w = torch.rand(N, K, requires_grad=True)
-    bid = standin.ctx.serial
+    bid, tok = standin.ctx.serial, torch.empty(1, dtype=I32)  # an order token, as compiled calls pass
     ops = torch.ops.epcomm
-    out = ops.dispatch.default(x, idx, w, bid, 1, E, 20)
+    out = ops.dispatch.default(x, idx, w, bid, 1, E, 20, tok)
     route = [t.detach() for t in out[3:]]
     rx = out[0].detach().requires_grad_()
     # The dispatch's send_list past each rank's count is unwritten (the stand-in fills it with
     # values that differ per call, as the kernel leaves memory): opcheck's eager-vs-AOT comparison
     # of the outputs cannot hold for it; test_compiled_moe_layer_equals_eager_bit_for_bit
     # compares what the program reads.
-    for op, args, utils in [(ops.dispatch.default, (x, idx, w, bid, 1, E, 20), DISPATCH_OPCHECK),
-                            (ops.combine.default, (rx, out[2].detach(), *route, bid, E, K), None),
-                            (ops.combine.default, (rx, None, *route, bid, E, K), None),
-                            (ops.cached_dispatch.default, (x, *route, bid, E, K), None)]:
+    for op, args, utils in [(ops.dispatch.default, (x, idx, w, bid, 1, E, 20, tok), DISPATCH_OPCHECK),
+                            (ops.combine.default, (rx, out[2].detach(), *route, bid, E, K, tok), None),
+                            (ops.combine.default, (rx, None, *route, bid, E, K, tok), None),
+                            (ops.cached_dispatch.default, (x, *route, bid, E, K, tok), None)]:
         torch.library.opcheck(op, args, **({"test_utils": utils} if utils else {}))
 
 
@@ -248,7 +252,8 @@ def test_no_graph_break_in_a_moe_layer_on_meta_tensors():
     ex = torch._dynamo.explain(layer)(*args)
     assert ex.graph_break_count == 0 and ex.graph_count == 1, ex.break_reasons
     names = {str(n.target) for g in ex.graphs for n in g.graph.nodes if n.op == "call_function"}
-    for op in ("dispatch", "combine", "get_dispatch_layout", "low_latency_dispatch", "low_latency_combine"):
+    for op in ("dispatch", "combine", "get_dispatch_layout", "low_latency_dispatch", "low_latency_combine",
+               "order_after"):
         assert f"epcomm.{op}.default" in names, names
     out, per_expert = torch.compile(layer, backend="aot_eager", fullgraph=True)(*args)
     _meta(out, (N, H), BF16)
@@ -362,42 +367,167 @@ def test_inductor_does_not_place_a_live_tensor_in_the_buffers_storage(standin):
     assert all(torch.equal(a, b) for a, b in zip(want, got))
 
 
-def _program_order_case(N):
-    """A function whose four collectives are independent (a normal pair of N tokens, a
-    low-latency pair of 16), and the order of the calls it makes when Inductor compiled it."""
-    torch._dynamo.reset()
-    buf = OneRankBuffer()
-    registry._BY_ID[buf.ctx.serial] = buf
-    E, K, H, T = 4, 2, 128, 16
+# ---- program order ------------------------------------------------------------------------------
+class _RowsBuffer(OneRankBuffer):
+    """The stand-in, also recording the rows of each normal-mode call's ``x`` (which micro-batch)."""
 
+    def __init__(self):
+        super().__init__()
+        self.rows: list[int] = []
+
+    def dispatch(self, x, *args, **kwargs):
+        self.rows.append(x.shape[0])
+        return super().dispatch(x, *args, **kwargs)
+
+    def combine(self, x, *args, **kwargs):
+        self.rows.append(x.shape[0])
+        return super().combine(x, *args, **kwargs)
+
+
+def _job(n, seed, E=4, K=2, H=128, grad=False):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, H).to(BF16).requires_grad_(grad),
+            torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(n)]), torch.rand(n, K, requires_grad=grad))
+
+
+def _inductor_calls(make_f, *args, backward=False):
+    """The collectives a fresh Inductor compilation of ``make_f(buffer)`` makes on ``args``, in
+    call order: (forward, backward of the outputs' sum), each as (name, rows of x) for the
+    normal mode and names for the low-latency one."""
+    torch._dynamo.reset()
+    buf = _RowsBuffer()
+    registry._BY_ID[buf.ctx.serial] = buf
+    try:
+        with _inductor():
+            out = torch.compile(make_f(buf), backend="inductor", fullgraph=True, dynamic=False)(*args)
+            n = len(buf.calls)
+            if backward:
+                sum(o.float().sum() for o in out).backward()
+    finally:
+        del registry._BY_ID[buf.ctx.serial]
+    rows = iter(buf.rows)
+    calls = [c if c.startswith("low_latency") else (c, next(rows)) for c in buf.calls]
+    return calls[:n], calls[n:]
+
+
+def _recording_backend(graphs: list):
+    """A torch.compile backend that keeps Dynamo's graphs and runs them as they are."""
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    return backend
+
+
+def _independent_pairs(buf, E=4, T=16):
+    """Four collectives, the normal pair and the low-latency pair independent of each other."""
     def f(x, idx, w, x2, idx2, w2):
         a = torch_ops.low_latency_dispatch(buf, x2, idx2, T, E, use_fp8=False)
         rx, _, _, h = torch_ops.dispatch(buf, x, idx, w, E, x.shape[0] + 4)
         ca = torch_ops.low_latency_combine(buf, a[0], idx2, w2, a[2])
         out, _ = torch_ops.combine(buf, (rx.float() * 2).to(BF16), h)
         return ca, out
-
-    def job(n, seed):
-        g = torch.Generator().manual_seed(seed)
-        return (torch.randn(n, H).to(BF16), torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(n)]),
-                torch.rand(n, K))
-
-    try:
-        with _inductor():
-            torch.compile(f, backend="inductor", fullgraph=True, dynamic=False)(*job(N, 1), *job(16, 2))
-    finally:
-        del registry._BY_ID[buf.ctx.serial]
-    return buf.calls
+    return f
 
 
-@pytest.mark.xfail(strict=True, reason="Inductor orders side-effecting operations by data dependencies only: its "
-                                       "peak-memory reordering moves independent collectives, by buffer sizes, "
-                                       "so ranks with different token counts issue them in different orders "
-                                       "(a hang); torch 2.13's ordered effects do not order them either")
 def test_inductor_keeps_the_program_order_of_independent_collectives():
-    want = ["low_latency_dispatch", "dispatch", "low_latency_combine", "combine"]
-    got = {N: _program_order_case(N) for N in (8, 128)}
-    assert got == {8: want, 128: want}
+    """Without the order token Inductor places these by buffer sizes: with 8 tokens it issues the
+    normal pair first, with 128 the low-latency pair (ranks with such counts would hang)."""
+    for N in (8, 128):
+        fwd, _ = _inductor_calls(_independent_pairs, *_job(N, 1), *_job(16, 2))
+        assert fwd == ["low_latency_dispatch", ("dispatch", N), "low_latency_combine", ("combine", N + 4)], N
+
+
+def test_inductor_keeps_the_order_of_the_backward_collectives():
+    """Two independent differentiable micro-batches: the backward graph issues the collectives in
+    the order autograd traced them (the second micro-batch's first), whatever the token counts;
+    without the order token it issued the first micro-batch's first with 8 tokens."""
+    def two_layers(buf):
+        return lambda x, idx, w, x2, idx2, w2: (_moe(buf, x, idx, w, 4, x.shape[0]), _moe(buf, x2, idx2, w2, 4, 16))
+
+    for N in (8, 128):
+        fwd, bwd = _inductor_calls(two_layers, *_job(N, 1, grad=True), *_job(16, 2, grad=True), backward=True)
+        assert fwd == [("dispatch", N), ("combine", N), ("dispatch", 16), ("combine", 16)], N
+        assert bwd == [("cached_dispatch", 16), ("combine", 16), ("cached_dispatch", N), ("combine", N)], N
+
+
+def test_compiled_autograd_chains_the_collectives_of_an_eager_forwards_backward(standin):
+    """An eager forward passes no token; when compiled autograd traces the backward alone, its
+    collectives take the device's token and each is followed by order_after."""
+    graphs = []
+    torch._dynamo.reset()
+    outs = [_moe(standin, *_job(n, n, grad=True), 4, n) for n in (8, 16)]
+    with torch._dynamo.compiled_autograd._enable(torch.compile(backend=_recording_backend(graphs), fullgraph=True)):
+        sum(o.float().sum() for o in outs).backward()
+    ops = [str(n.target)[7:-8] for g in graphs for n in g.graph.nodes if str(n.target).startswith("epcomm.")]
+    assert ops == ["cached_dispatch", "order_after", "combine", "order_after"] * 2
+
+
+def test_the_first_collective_of_a_device_may_run_compiled(monkeypatch):
+    """No token yet when the compiled function is traced: it is made then, outside the graph (a
+    plain tensor kept for the process, an attribute of the graph), and a later call of the
+    compiled function reuses the graph."""
+    monkeypatch.setattr(order, "_TOKENS", {})
+    graphs = []
+    buf = OneRankBuffer()
+    monkeypatch.setitem(registry._BY_ID, buf.ctx.serial, buf)
+    torch._dynamo.reset()
+    f = torch.compile(_independent_pairs(buf), backend=_recording_backend(graphs), fullgraph=True)
+    for seed in (1, 2):
+        f(*_job(8, seed), *_job(16, seed + 10))
+    tok = order._TOKENS[("cpu", -1)]
+    assert type(tok) is torch.Tensor and len(graphs) == 1
+    attrs = [getattr(graphs[0], n.target) for n in graphs[0].graph.find_nodes(op="get_attr")]
+    assert any(a is tok for a in attrs)
+    assert buf.calls == ["low_latency_dispatch", "dispatch", "low_latency_combine", "combine"] * 2
+
+
+def test_eager_calls_pass_no_token_and_add_no_operation(standin):
+    """Eager calls run in program order: they pass None for the token and no order_after follows."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Log(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            given = dict(zip((a.name for a in func._schema.arguments), args), **(kwargs or {}))
+            self.calls.append((str(func), given.get("order")))
+            return func(*args, **(kwargs or {}))
+
+    x, idx, w = _ll_job()
+    with Log() as log:
+        rx, _, h = torch_ops.low_latency_dispatch(standin, x, idx, 16, 6, use_fp8=False)
+        torch_ops.low_latency_combine(standin, rx, idx, w, h)
+    assert log.calls == [("epcomm.low_latency_dispatch.default", None), ("epcomm.low_latency_combine.default", None)]
+
+
+def test_the_low_latency_pair_mutates_static_inputs_only(standin):
+    """What keeps the compiled low-latency pair a CUDA graph under mode="reduce-overhead": CUDA
+    graph trees skip a graph that mutates an input other than a static one
+    (torch._inductor.cudagraph_utils); the order token is the one mutated input, and static."""
+    import functools
+
+    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+    from torch._inductor.cudagraph_utils import check_for_mutation_ignore_cuda_graph_managed_tensor as mutation
+    seen = []
+
+    def inner(gm, example_inputs, **kwargs):
+        out = compile_fx_inner(gm, example_inputs, **kwargs)
+        skip = mutation(gm, out.mutated_inputs, out.mutated_input_idxs, kwargs["static_input_idxs"])
+        seen.append((len(out.mutated_input_idxs), skip))
+        return out
+
+    torch._dynamo.reset()
+    T, E = 16, 6
+
+    def pair(x, idx, w):
+        rx, _, h = torch_ops.low_latency_dispatch(standin, x, idx, T, E, use_fp8=False)
+        return torch_ops.low_latency_combine(standin, (rx.float() * 2).to(BF16), idx, w, h)
+
+    with _inductor():
+        torch.compile(pair, backend=functools.partial(compile_fx, inner_compile=inner), fullgraph=True)(*_ll_job(E=E))
+    assert seen == [(1, None)]  # one mutated input (the token), no reason to skip
 
 
 @pytest.mark.xfail(strict=True, reason="double backward: the combine that is the dispatch's backward takes the "

@@ -1,8 +1,10 @@
 """epcomm.torch_ops on GPUs: torch.compile(fullgraph=True) of a MoE layer (dispatch with
 num_worst_tokens, an expert, combine) forward and backward equal to eager calls bit for bit (and
 eager equal to epcomm.torch_autograd on Buffer calls), torch.library.opcheck of every operation,
-and the low-latency pair compiled with mode="reduce-overhead" (a CUDA graph) replayed with new
-routing, against epcomm.reference.
+the low-latency pair compiled with mode="reduce-overhead" (a CUDA graph) replayed with new
+routing, against epcomm.reference, and independent collectives in one compiled function (two
+micro-batches on one Buffer, the low-latency pair on another) with token counts that differ
+between ranks, which must run in program order on every rank (epcomm.torch_ops.order).
 
 The normal-mode data are exactly representable (bf16 integers in [-4, 4], weights multiples of
 1/8): every sum, in any order, is exact, so compiled expert arithmetic (inductor's fused kernels)
@@ -170,9 +172,12 @@ def _reduce_overhead_low_latency(rank, world, llbuf, E):
     import ml_dtypes
     import torch
 
+    from torch._dynamo.utils import counters
+
     from epcomm import reference, torch_ops
     from epcomm.testing import bit_mismatch
     ll = llbuf._ll
+    skips = counters["inductor"]["cudagraph_skips"]
     partials = ll.partials and not ll.force_put
 
     def pair(x, idx, w):
@@ -197,6 +202,56 @@ def _reduce_overhead_low_latency(rank, world, llbuf, E):
         if it >= 3 and list(ll._disp_gen) != gens:
             fails.append(f"call {it}: the dispatch ran Python (generations {gens} -> {ll._disp_gen}): not a replay")
         llbuf.group.barrier()
+    if counters["inductor"]["cudagraph_skips"] != skips:  # e.g. a mutated input that is not static
+        fails.append("Inductor skipped the CUDA graph (see the 'skipping cudagraphs' log line)")
+    return fails
+
+
+def _program_order(rank, world, buf, llbuf, E):
+    """Two independent normal MoE layers and the low-latency pair in one compiled function
+    (inductor, fullgraph), the layers' token counts swapped between rank 0 and the others (Inductor
+    places independent collectives by buffer sizes: without the order token the ranks issued them
+    in different orders and hung): forward and backward equal to eager calls bit for bit."""
+    import torch
+
+    from epcomm import torch_ops
+    from epcomm.testing import bit_mismatch
+    layer = _layer(buf, E, N * world)
+
+    def ll_pair(x, idx, w):
+        rx, _, h = torch_ops.low_latency_dispatch(llbuf, x, idx, T, E, use_fp8=False)
+        return torch_ops.low_latency_combine(llbuf, (rx.float() * 3.0).to(torch.bfloat16), idx, w, h)
+
+    def step(a, b, ll):
+        return layer(*a), layer(*b), ll_pair(*ll)
+
+    def batch(seed, n):
+        x, idx, w = _exact_job(seed, world, E)[rank]
+        return _up(x[:n], grad=True), _up(idx[:n]), _up(w[:n], grad=True)
+
+    counts = (8, N) if rank == 0 else (N, 8)
+    xs, tks, ws = random_job(np.random.default_rng(700), world, T, HL, E, KL, 0.1)
+    ll = (_up(xs[rank]), _up(tks[rank]), _up(ws[rank]))
+    grads = [torch.randint(-2, 3, (n, H), device="cuda").to(torch.bfloat16) for n in counts]
+
+    def run(fn):
+        a, b = batch(300, counts[0]), batch(301, counts[1])
+        outs = fn(a, b, ll)
+        torch.autograd.backward(outs[:2], grads)
+        return [o.detach().clone() for o in outs] + [t.grad.clone() for t in (a[0], a[2], b[0], b[2])]
+
+    compiled = torch.compile(step, fullgraph=True)
+    names = ("out a", "out b", "out ll", "x.grad a", "w.grad a", "x.grad b", "w.grad b")
+    fails = []
+    for it in range(2):
+        spawn.phase(f"two micro-batches and the low-latency pair, call {it}")
+        eager = run(step)
+        comp = run(compiled)
+        torch.cuda.synchronize()
+        for name, want, got in zip(names, eager, comp):
+            bad = bit_mismatch(f"call {it} {name}", got.cpu().float().numpy(), want.cpu().float().numpy())
+            if bad:
+                fails.append(bad)
     return fails
 
 
@@ -213,7 +268,8 @@ def _worker(rank, world, group):
     results = {}
     for name, fn in (("compile_normal", lambda: _compile_normal(rank, world, buf, E)),
                      ("opcheck", lambda: _opcheck(rank, world, buf, llbuf, E)),
-                     ("reduce_overhead_ll", lambda: _reduce_overhead_low_latency(rank, world, llbuf, E))):
+                     ("reduce_overhead_ll", lambda: _reduce_overhead_low_latency(rank, world, llbuf, E)),
+                     ("program_order", lambda: _program_order(rank, world, buf, llbuf, E))):
         try:
             fails = fn()
             results[name] = "ok" if not fails else "FAIL: " + "; ".join(fails)
@@ -231,7 +287,8 @@ def _results():
 
 
 @needs_ranks
-@pytest.mark.parametrize("check", ["compile_normal", "opcheck", "reduce_overhead_ll"], ids=lambda c: c + _R)
+@pytest.mark.parametrize("check", ["compile_normal", "opcheck", "reduce_overhead_ll", "program_order"],
+                         ids=lambda c: c + _R)
 def test_torch_compile(check):
     bad = [f"rank {r}: {v[check]}" for r, v in enumerate(_results()) if v[check] != "ok"]
     assert not bad, "\n".join(bad)
