@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from epcomm.buffer import Buffer
 from epcomm.interop import jax_callback as jx
 from epcomm.jax.args import index_operand, ll_specs, operand
-from epcomm.low_latency.handle import LowLatencyHandle as EngineLLHandle
+from epcomm.low_latency.handle import LowLatencyHandle as EngineLLHandle, handle_over
 from epcomm.normal.dispatch import route_specs
 from epcomm.normal.handle import ROUTE_FIELDS, DispatchHandle
 
@@ -104,22 +104,13 @@ def engine_handle(buffer: Buffer, h: Handle, args: dict) -> DispatchHandle:
         refs={k: a.ref for k, a in args.items()}, **{k: args[k] for k in ROUTE_FIELDS})
 
 
-class _Owner:
-    """Stands for a dispatch's slot results in an engine handle made over a program's buffers:
-    which low-latency engine made them (what its combine checks)."""
-    __slots__ = ("owner",)
-
-    def __init__(self, serial: int):
-        self.owner = serial
-
-
 def engine_ll_handle(buffer: Buffer, h: LowLatencyHandle, args: dict) -> EngineLLHandle:
     """The engine's LowLatencyHandle over a program's handle buffers (XlaArgs by name); no
     generation: the kernels' tags in device memory order the combine after its dispatch."""
     refs = {("range" if k == "layout_range" else k): a.ref for k, a in args.items()}
-    refs.update(keep=_Owner(buffer._ll.serial), topk=None)
-    return EngineLLHandle(h.slot, None, "xla", h.num_max_tokens, h.hidden, h.num_experts, h.num_topk, h.num_tokens,
-                          args["src_info"], args["layout_range"], refs=refs)
+    sizes = EngineLLHandle(h.slot, None, "xla", h.num_max_tokens, h.hidden, h.num_experts, h.num_topk, h.num_tokens,
+                           None, None)
+    return handle_over(buffer._ll.serial, sizes, refs, None)
 
 
 def ll_combine_operands(buffer: Buffer, h, x, topk_idx, topk_weights) -> list:

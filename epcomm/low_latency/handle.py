@@ -44,6 +44,32 @@ class LowLatencyHandle:
     refs: dict = field(repr=False, default_factory=dict)
 
 
+# The arrays of a dispatch its combine reads, as ``LowLatencyHandle.refs`` names them.
+COMBINE_REFS = ("count", "range", "src_info", "src_k", "tok_rows", "tok_meta")
+
+
+class SlotOwner:
+    """Stands for a slot's results in a handle over a caller's arrays: which low-latency engine
+    made them (what its combine checks, ``refs["keep"].owner``)."""
+    __slots__ = ("owner",)
+
+    def __init__(self, serial: int):
+        self.owner = serial
+
+
+def handle_over(serial: int, sizes: LowLatencyHandle, refs: dict, generation, topk=None) -> LowLatencyHandle:
+    """A handle of the engine ``serial`` over a caller's copies-free arrays: ``sizes``' slot and
+    sizes, ``refs`` (TensorRef by the names of :data:`COMBINE_REFS`) for the arrays, and
+    ``generation`` (None: the caller orders the combine after its dispatch, as a compiled
+    program's data dependencies do).  Keeps no array beyond what ``refs`` holds."""
+    missing = [k for k in COMBINE_REFS if k not in refs]
+    if missing:
+        raise ValueError(f"handle: arrays {missing} missing")
+    return LowLatencyHandle(sizes.slot, generation, sizes.framework, sizes.num_max_tokens, sizes.hidden,
+                            sizes.num_experts, sizes.num_topk, sizes.num_tokens, refs["src_info"].obj,
+                            refs["range"].obj, refs=dict(refs, keep=SlotOwner(serial), topk=topk))
+
+
 class _Results:
     """The packed outputs of one dispatch slot, in one framework, for one shape."""
 

@@ -71,11 +71,15 @@ class DispatchRoute(NamedTuple):
 
 class LowLatencyRoute(NamedTuple):
     """The handle of :func:`low_latency_dispatch`: ``count`` int32 [E/R] (rows per local expert),
-    ``src_info`` int32 [E/R, R*T] (source token of each packed row) and ``layout_range`` int32
-    [E/R, R, 2] (valid until the second next low-latency dispatch, as in eager calls)."""
+    ``src_info`` int32 [E/R, R*T] (source token of each packed row), ``layout_range`` int32
+    [E/R, R, 2], and what only the combine reads (``src_k``, ``tok_rows``, ``tok_meta``: opaque).
+    Valid until the second next low-latency dispatch, as in eager calls."""
     count: torch.Tensor
     src_info: torch.Tensor
     layout_range: torch.Tensor
+    src_k: torch.Tensor
+    tok_rows: torch.Tensor
+    tok_meta: torch.Tensor
 
 
 def _tensor(name: str, t, ndim: int) -> None:
@@ -184,10 +188,10 @@ def low_latency_dispatch(buffer, x, topk_idx, num_max_dispatch_tokens_per_rank: 
     num_experts = check_int("num_experts", num_experts, lo=1)
     use_fp8, round_scale = check_bool("use_fp8", use_fp8), check_bool("round_scale", round_scale)
     use_ue8m0 = check_bool("use_ue8m0", use_ue8m0)
-    rx, scales, count, src_info, layout_range = in_order(
+    rx, scales, *route = in_order(
         low_latency_dispatch_op, order_token(x), x, topk_idx, bid, buffer.num_ranks, T, num_experts, use_fp8,
         round_scale, use_ue8m0)
-    return ((rx, scales) if use_fp8 else rx), count, LowLatencyRoute(count, src_info, layout_range)
+    return ((rx, scales) if use_fp8 else rx), route[0], LowLatencyRoute(*route)
 
 
 def low_latency_combine(buffer, x, topk_idx, topk_weights, handle: LowLatencyRoute):
@@ -201,5 +205,4 @@ def low_latency_combine(buffer, x, topk_idx, topk_weights, handle: LowLatencyRou
     _tensor("x", x, 3)
     _tensor("topk_idx", topk_idx, 2)
     _tensor("topk_weights", topk_weights, 2)
-    return in_order(low_latency_combine_op, order_token(x), x, topk_idx, topk_weights, handle.count, handle.src_info,
-                    handle.layout_range, bid)
+    return in_order(low_latency_combine_op, order_token(x), x, topk_idx, topk_weights, *handle, bid)

@@ -4,9 +4,10 @@ program needs nothing else.  Each call's results are new tensors the operation a
 kernels write into (the engine's caller-supplied outputs, :meth:`epcomm.context.CommContext.supplying`),
 not views of the Buffer's storage: a compiled program owns its operations' outputs and may place
 other tensors in their memory once they are dead (Inductor does), which must not be memory the
-next dispatch writes.  The combine takes every returned array its kernel reads (count, src_info,
-layout_range), so none is reused before it; the handle's other arrays stay in
-:mod:`epcomm.torch_ops.registry`.  Both take the order token last (:mod:`epcomm.torch_ops.order`;
+next dispatch writes.  Every array the dispatch writes is an output, and the combine takes every
+one its kernel reads (count, src_info, layout_range, src_k, tok_rows, tok_meta), so none is
+reused before it and none outlives the program's use (a CUDA graph tree requires that of every
+tensor made in its pool); :mod:`epcomm.torch_ops.registry` keeps only the handle's sizes.  Both take the order token last (:mod:`epcomm.torch_ops.order`;
 None in eager calls).  No autograd (the low-latency mode serves inference).  Registered when this
 module is imported.
 """
@@ -40,11 +41,13 @@ def _new(x: Tensor, shape, dtype: str):
 def low_latency_dispatch_op(x: Tensor, topk_idx: Tensor, buffer_id: int, num_ranks: int,
                             num_max_dispatch_tokens_per_rank: int, num_experts: int, use_fp8: bool,
                             round_scale: bool, use_ue8m0: bool, order: Optional[Tensor] = None
-                            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """:meth:`epcomm.Buffer.low_latency_dispatch`: (recv_x [L, R*T, H] bf16 or e4m3, its scales
     (float32 [L, R*T, H/128], int32 [L, R*T, ceil(H/512)] with UE8M0, both column-major in the
     last two dims; float32 [L, R*T, 0] without FP8), recv_count int32 [L], src_info int32
-    [L, R*T], layout_range int32 [L, R, 2]), L = E / R."""
+    [L, R*T], layout_range int32 [L, R, 2], then what only the combine reads: src_k int32
+    [L, R*T], tok_rows int32 [R*T, 32], tok_meta int64 [R*T]), L = E / R.  Every array the
+    dispatch writes is an output (none is kept here)."""
     buf = lookup(buffer_id)
     if buf.num_ranks != num_ranks:
         raise ValueError(f"num_ranks={num_ranks}: the Buffer has {buf.num_ranks} ranks")
@@ -60,7 +63,7 @@ def low_latency_dispatch_op(x: Tensor, topk_idx: Tensor, buffer_id: int, num_ran
         scales = o["scales"].transpose(1, 2)  # stored [L, groups, R*T]: column-major to the caller
     else:
         scales = x.new_empty((E // num_ranks, num_ranks * T, 0), dtype=torch.float32)
-    return o["x"], scales, o["count"], o["src_info"], o["layout_range"]
+    return o["x"], scales, o["count"], o["src_info"], o["layout_range"], o["src_k"], o["tok_rows"], o["tok_meta"]
 
 
 @low_latency_dispatch_op.register_fake
@@ -77,18 +80,22 @@ def _low_latency_dispatch_fake(x, topk_idx, buffer_id, num_ranks, num_max_dispat
     else:
         recv_x = x.new_empty((L, RT, H))
         scales = x.new_empty((L, RT, 0), dtype=torch.float32)
+    combine_only = result_specs(R, num_max_dispatch_tokens_per_rank, H, num_experts, use_fp8, use_ue8m0)
+    tail = [x.new_empty(shape, dtype=getattr(torch, dt)) for shape, dt in
+            (combine_only[n] for n in ("src_k", "tok_rows", "tok_meta"))]
     return (recv_x, scales, x.new_empty((L,), dtype=i32), x.new_empty((L, RT), dtype=i32),
-            x.new_empty((L, R, 2), dtype=i32))
+            x.new_empty((L, R, 2), dtype=i32), *tail)
 
 
 @torch.library.custom_op("epcomm::low_latency_combine", mutates_args=())
 def low_latency_combine_op(x: Tensor, topk_idx: Tensor, topk_weights: Tensor, count: Tensor, src_info: Tensor,
-                           layout_range: Tensor, buffer_id: int, order: Optional[Tensor] = None) -> Tensor:
-    """:meth:`epcomm.Buffer.low_latency_combine` of the dispatch that returned ``src_info``
-    (``count`` and ``layout_range`` are that dispatch's too: the kernel reads them): combined
-    bf16 [N, H]."""
+                           layout_range: Tensor, src_k: Tensor, tok_rows: Tensor, tok_meta: Tensor, buffer_id: int,
+                           order: Optional[Tensor] = None) -> Tensor:
+    """:meth:`epcomm.Buffer.low_latency_combine` of the dispatch that returned ``count`` ..
+    ``tok_meta`` (the kernel reads them all): combined bf16 [N, H]."""
     buf = lookup(buffer_id)
-    handle = low_latency_handle(buf, src_info)
+    handle = low_latency_handle(buf, dict(count=count, range=layout_range, src_info=src_info, src_k=src_k,
+                                          tok_rows=tok_rows, tok_meta=tok_meta))
     out = _new(x, (topk_idx.shape[0], x.shape[2]), "bfloat16")
     with _supplying(buf, x, {"combined_x": out}):
         buf.low_latency_combine(x, topk_idx, topk_weights, handle)
@@ -96,5 +103,6 @@ def low_latency_combine_op(x: Tensor, topk_idx: Tensor, topk_weights: Tensor, co
 
 
 @low_latency_combine_op.register_fake
-def _low_latency_combine_fake(x, topk_idx, topk_weights, count, src_info, layout_range, buffer_id, order=None):
+def _low_latency_combine_fake(x, topk_idx, topk_weights, count, src_info, layout_range, src_k, tok_rows, tok_meta,
+                              buffer_id, order=None):
     return x.new_empty((topk_idx.shape[0], x.shape[2]))

@@ -1,21 +1,27 @@
 """What the compiled operations cannot take as arguments, found from what they can: a Buffer from
-its integer id (``ctx.serial``), and a low-latency dispatch's handle from its ``src_info`` tensor.
+its integer id (``ctx.serial``), and a low-latency dispatch's handle from the arrays it returned.
 
 A torch custom operation takes tensors and plain scalars only, so the Buffer travels through a
 compiled program as its id and is looked up in the operation's body, which runs outside the
-trace.  The low-latency engine's handle holds Python state (its slot and the arrays the
-operation does not return); the dispatch operation leaves it here, the latest one per buffer
-slot (as in eager calls, a dispatch's results serve until the second next dispatch), and the
-combine operation finds it by the address of its ``src_info``.
+trace.  The low-latency engine's handle holds Python state (its slot, generation and sizes)
+beside its arrays; the dispatch operation leaves that here without the arrays, the
+latest one per buffer slot (as in eager calls, a dispatch's results serve until the second next
+dispatch), and the combine operation finds it by the addresses of the arrays it is given and
+rebuilds the handle over them.
 """
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import weakref
 
+from epcomm import interop
 from epcomm.buffer import find_buffer
+from epcomm.low_latency.handle import COMBINE_REFS, handle_over
 
 _BY_ID: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
 _LL_HANDLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_ORDER = itertools.count()
 
 
 def buffer_id(buffer) -> int:
@@ -46,20 +52,29 @@ def lookup(buffer_id: int):
 
 
 def remember_low_latency_handle(buffer, handle) -> None:
-    """Keep the handle of ``buffer``'s latest low-latency dispatch in ``handle.slot`` (it replaces
-    that slot's previous one, whose arrays are then freed once the program drops them)."""
+    """Keep what the combine of ``buffer``'s latest low-latency dispatch in ``handle.slot`` needs
+    besides its arrays (which the operation returned): the handle's sizes, slot and generation,
+    and the arrays' addresses, which name the dispatch.  It replaces that slot's previous one.
+    No array is kept: the program owns them (a CUDA graph tree requires every tensor made in its
+    pool to be an output or freed)."""
     per_buffer = _LL_HANDLES.get(buffer)
     if per_buffer is None:
         per_buffer = _LL_HANDLES[buffer] = {}
-    per_buffer[handle.slot] = handle
+    sizes = dataclasses.replace(handle, src_info=None, layout_range=None, refs={})
+    ptrs = tuple(handle.refs[k].ptr for k in COMBINE_REFS)
+    per_buffer[handle.slot] = (next(_ORDER), ptrs, sizes, handle.refs["keep"].owner, handle.refs.get("topk"))
 
 
-def low_latency_handle(buffer, src_info):
-    """The handle of the dispatch of ``buffer`` that returned ``src_info``; ValueError if it is
-    not one of the latest two (one per slot)."""
-    ptr = src_info.data_ptr()
-    for h in _LL_HANDLES.get(buffer, {}).values():
-        if h.src_info.data_ptr() == ptr:
-            return h
-    raise ValueError("handle.src_info: not returned by one of the latest two low_latency_dispatch calls of this "
-                     "Buffer (a dispatch's results serve until the second next dispatch)")
+def low_latency_handle(buffer, arrays: dict):
+    """The engine handle of the dispatch of ``buffer`` that returned ``arrays`` (Tensor by the
+    names of :data:`COMBINE_REFS`), over those arrays; ValueError if they are not one of the
+    latest two dispatches' (one per slot).  Where two remembered dispatches had the same
+    addresses (the older one's arrays were freed and reused), the newer one is meant."""
+    ptrs = tuple(arrays[k].data_ptr() for k in COMBINE_REFS)
+    found = [r for r in _LL_HANDLES.get(buffer, {}).values() if r[1] == ptrs]
+    if not found:
+        raise ValueError("handle: not returned by one of the latest two low_latency_dispatch calls of this Buffer "
+                         "(a dispatch's results serve until the second next dispatch)")
+    _, _, sizes, owner, topk = max(found, key=lambda r: r[0])
+    refs = {k: interop.as_tensor(arrays[k], f"handle.{k}", device="any") for k in COMBINE_REFS}
+    return handle_over(owner, sizes, refs, sizes.generation, topk)

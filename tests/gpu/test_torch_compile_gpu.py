@@ -158,7 +158,7 @@ def _opcheck(rank, world, buf, llbuf, E):
     # Not opcheck: it runs the combine on copies of its arguments, and the handle is found by
     # src_info's address (epcomm.torch_ops.registry); the fake against the real call instead.
     spawn.phase("fake low_latency_combine")
-    bad = fake_mismatch(ops.low_latency_combine.default, (d[0].clone(), il, wl, *d[2:5], lid))
+    bad = fake_mismatch(ops.low_latency_combine.default, (d[0].clone(), il, wl, *d[2:8], lid))
     if bad:
         fails.append(f"low_latency_combine: {bad}")
     torch.cuda.synchronize()

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import types
 
 import torch
 
+from epcomm import interop
+from epcomm.low_latency.handle import LowLatencyHandle, handle_over, result_specs
 from epcomm.normal.handle import DispatchHandle, handle_from_route
 
 _SERIALS = itertools.count(10_000)
@@ -43,6 +44,7 @@ class OneRankBuffer:
         self.ctx = _Ctx()
         self.calls: list[str] = []
         self._ll_results = {}
+        self._ll_generation = 0
 
     # ---- normal mode -----------------------------------------------------------------------
     def dispatch(self, x, handle=None, topk_idx=None, topk_weights=None, num_experts=None, num_worst_tokens=0):
@@ -102,15 +104,15 @@ class OneRankBuffer:
         slot = len([c for c in self.calls if c == "low_latency_dispatch"]) % 2
         key = (slot, T, x.shape[1], E)
         sink = self.ctx.sink
+        names = ("x", "count", "src_info", "layout_range", "src_k", "tok_rows", "tok_meta")
         if sink is not None:  # the caller's outputs, as the engine writes them
-            rx, count, src_info, layout_range = (sink.outputs[n][0] for n in ("x", "count", "src_info",
-                                                                               "layout_range"))
+            arrays = {n: sink.outputs[n][0] for n in names}
         else:
             if key not in self._ll_results:  # per slot and shape, for the Buffer's life (as the engine)
-                self._ll_results[key] = (torch.zeros(E, T, x.shape[1], dtype=x.dtype),
-                                         torch.zeros(E, dtype=torch.int32), torch.zeros(E, T, dtype=torch.int32),
-                                         torch.zeros(E, 1, 2, dtype=torch.int32))
-            rx, count, src_info, layout_range = self._ll_results[key]
+                self._ll_results[key] = {n: torch.zeros(shape, dtype=getattr(torch, dt)) for n, (shape, dt) in
+                                         result_specs(1, T, x.shape[1], E, False, False).items()}
+            arrays = self._ll_results[key]
+        rx, count, src_info, layout_range = (arrays[n] for n in names[:4])
         for e in range(E):
             tokens = (topk_idx == e).any(1).nonzero()[:, 0]
             c = tokens.numel()
@@ -118,8 +120,12 @@ class OneRankBuffer:
             src_info[e, :c] = tokens.to(torch.int32)
             rx[e, :c] = x[tokens]
             layout_range[e, 0] = torch.tensor([0, c], dtype=torch.int32)
-        handle = types.SimpleNamespace(src_info=src_info, layout_range=layout_range, slot=slot)
-        return rx, count, handle, None, None
+        refs = {("range" if n == "layout_range" else n): interop.as_tensor(arrays[n], n, device="cpu")
+                for n in names[1:]}
+        sizes = LowLatencyHandle(slot, self._ll_generation, "torch", T, x.shape[1], E, topk_idx.shape[1],
+                                 topk_idx.shape[0], None, None)
+        self._ll_generation += 1
+        return rx, count, handle_over(self.ctx.serial, sizes, refs, sizes.generation), None, None
 
     def low_latency_combine(self, x, topk_idx, topk_weights, handle):
         self.calls.append("low_latency_combine")
