@@ -2,6 +2,7 @@
 # One full GPU session on a lent machine: installs the carried
 # nvshmem4py wheel, runs `epcomm info`, warms the JIT cache in parallel, runs the GPU test
 # suite and the benchmarks, and leaves logs and JSON under $OUT (default ./gpu-out).
+# Several checks in one call, each with its own limit: benchmarks/gpu_owed.sh (benchmarks/gpu_steps.sh).
 # Usage: bash benchmarks/gpu_session.sh [tests|tests-normal|tests-ll|tests-internode|tests-dropin|tests-compiled|tests-faults|soak|bench|all] [pytest -k expression]
 # Pass EPCOMM_GIT_COMMIT=<sha>[+dirty] (computed where the tree was sent from): the lent
 # machines' copies have had a stale git HEAD, and the benchmark JSON records this value.

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The GPU checks not yet run on the current tree, in the order to take them, for one device
+# call each (at most 600 s): pick with ONLY=<regex of step names> and pass the budget, e.g.
+#   BUDGET=580 ONLY='^(warmup|compiled)' EPCOMM_GIT_COMMIT=<sha> bash benchmarks/gpu_owed.sh
+# Logs and a summary under $OUT (benchmarks/gpu_steps.sh).  Ranks share one GPU where only one
+# is visible: these runs check results, not speed.
+source "$(dirname "$0")/gpu_steps.sh"
+P="python3 -m pytest -q -rs -p no:cacheprovider"
+step warmup 90 python3 -m epcomm.tools.cli warmup --preset tests --smoke -j 16
+# Compiled programs (torch.compile: the order token, CUDA graph trees of the low-latency pair).
+EPCOMM_TEST_RANKS=2 EPCOMM_TEST_TIMEOUT=130 step compiled2 150 $P tests/gpu/test_jax_jit_gpu.py tests/gpu/test_torch_compile_gpu.py
+step compiled_example 70 python3 examples/torch_compile_moe.py
+step compiled_overhead 70 python3 benchmarks/torch_compile_overhead.py --ranks 2 --json "$OUT/torch_compile_overhead.json"
+EPCOMM_TEST_RANKS=4 EPCOMM_TEST_TIMEOUT=230 step compiled4 250 $P tests/gpu/test_jax_jit_gpu.py tests/gpu/test_torch_compile_gpu.py
+# Failures: the soak (2 ranks, then 4), fault injection at 4 ranks, with the index checks off,
+# and the GPU fuzz.
+step soak2 250 python3 benchmarks/soak.py --ranks 2 --calls 10000 --seed 2 --time-limit 240 --json "$OUT/soak-2ranks.json"
+step soak4 400 python3 benchmarks/soak.py --ranks 4 --calls 2000 --seed 1 --time-limit 390 --json "$OUT/soak-4ranks.json"
+EPCOMM_TEST_RANKS=4 step faults4 500 $P tests/gpu/test_fault_injection_gpu.py
+EPCOMM_TEST_RANKS=2 EPCOMM_CHECK_INDICES=0 step faults2_nocheck 200 $P tests/gpu/test_fault_injection_gpu.py
+EPCOMM_TEST_RANKS=2 step fuzz2 250 $P tests/gpu/test_fuzz_gpu.py
+EPCOMM_TEST_RANKS=4 step fuzz4 400 $P tests/gpu/test_fuzz_gpu.py
+# The default suites on the current kernels (the rank-mask pointer and shrink deadlines).
+EPCOMM_TEST_RANKS=2 step normal2 300 $P tests/gpu/test_smoke_gpu.py tests/gpu/test_layout_gpu.py tests/gpu/test_interop_gpu.py tests/gpu/test_timing_gpu.py tests/gpu/test_intranode_gpu.py
+EPCOMM_TEST_RANKS=2 step ll2 450 $P tests/gpu/test_low_latency_gpu.py
+EPCOMM_PEER_MEMORY=vmm EPCOMM_TEST_RANKS=2 step normal2_vmm 300 $P tests/gpu/test_intranode_gpu.py
+cat "$OUT/summary.txt" 2>/dev/null
