@@ -21,7 +21,10 @@ the case's CUDA graph (captured in the warm-up), interleaved.  Every rank derive
 schedule from ``--seed``.  A call counts once per collective operation (layout, dispatch,
 combine), per rank: ``calls`` in the JSON is the least of the ranks' counts.
 
-Measured: calls, mismatches (with the case and the parts that differ), hangs (EpcommTimeoutError
+Measured: calls, mismatches (with the case and the parts that differ; for the first
+``DETAIL_LIMIT`` of each rank also which elements differ from the reference and their first
+values, the call's kind, its low-latency slot, the slots' tags and the low-latency call before
+it: ``mismatch_values``, the only time outputs are copied to the host), hangs (EpcommTimeoutError
 within EPCOMM_TIMEOUT_S, set to 60 s here unless given; a hang the kernels do not see ends the
 spawn before the time limit), GPU memory (torch allocated and reserved, the device's used
 memory) and host RSS, sampled every 32 iterations with every rank idle and the allocators'
@@ -52,6 +55,7 @@ of CPU); the hashes are what makes every call checked.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import resource
@@ -61,8 +65,9 @@ import time
 
 import numpy as np
 
-from soak_check import (Tracker, case_inputs, drift, hash_parts, layout_parts, ll_parts, ll_reference, make_case,
-                        normal_parts, normal_reference, reference_layout, to_torch, verdict, verify_ll, verify_normal)
+from soak_check import (Tracker, case_inputs, diff_ll, diff_normal, drift, hash_parts, layout_parts, ll_parts,
+                        ll_reference, make_case, normal_parts, normal_reference, reference_layout, to_torch, verdict,
+                        verify_ll, verify_normal)
 
 AGREE_EVERY = 16                 # iterations between the ranks' agreement on stopping
 SAMPLE_EVERY = 2 * AGREE_EVERY   # iterations between memory samples (at an agreement point)
@@ -72,6 +77,9 @@ SAMPLE_EVERY = 2 * AGREE_EVERY   # iterations between memory samples (at an agre
 STOP_MARGIN_S, SPAWN_MARGIN_S = 45.0, 15.0
 NORMAL_KINDS = ("dispatch", "dispatch_layout", "cached", "combine")
 LL_KINDS = ("eager", "hook", "graph", "graph")
+# Mismatches per rank whose differing elements are recorded (each recomputes its case's
+# reference on the CPU, a few seconds at most, and copies the call's outputs to the host).
+DETAIL_LIMIT = 4
 
 
 def plan(seed: int, R: int, n_cases: int, max_tokens: int) -> list:
@@ -111,31 +119,69 @@ class Soak:
         self.cases, self.state, self.t = cases, {}, Tracker()
         self.progress, self.memory, self.kinds = progress, [], {}
         self.warm_iters, self.start = 0, time.time()
+        self.details: list = []       # mismatch_values (see the module docstring)
+        self.prev_ll = None           # [call, case, kind, slot] of the last low-latency call
 
     # ---- inputs on the device --------------------------------------------------------------
+    def _reference(self, case) -> tuple[dict, dict]:
+        """(every rank's inputs, the reference) of ``case``, on the CPU (the same every time)."""
+        inp = case_inputs(case, self.world)
+        if case.mode == "normal":
+            return inp, normal_reference(case, self.world, inp)
+        ll = self.buf._ll
+        return inp, ll_reference(case, self.world, inp, partials=ll.partials and not ll.force_put)
+
     def _first(self, case) -> None:
         """The case's first call: inputs up, the reference, dispatch + combine, checked."""
         r, R = self.rank, self.world
-        inp = case_inputs(case, R)
+        inp, ref = self._reference(case)
         s = self.state[case.index] = {}
         s["x"] = to_torch(inp["xs"][r])
         if inp["scales"] is not None:
             s["x"] = (s["x"], to_torch(inp["scales"][r], col_major=case.col_scales))
         s["idx"], s["w"] = to_torch(inp["idx"][r]), to_torch(inp["w"][r])
+        call, slot = self.t.calls, None
         if case.mode == "normal":
-            ref = normal_reference(case, R, inp)
             s["y"], s["rows"] = to_torch(ref["y"][r]), ref["dispatch"][r].handle.num_recv_tokens
             # get_dispatch_layout's outputs (kind "dispatch_layout") are compared with this hash
             self.t.hashes[(case.index, "layout")] = hash_parts(reference_layout(case, R, inp, r))
             parts, comb = self._normal_full(case, s, layout=False)
             bad = verify_normal(parts, comb, ref, r)
         else:
-            ll = self.buf._ll
-            ref = ll_reference(case, R, inp, partials=ll.partials and not ll.force_put)
             s["y"] = to_torch(ref["y"][r])
-            parts, comb = self._ll_eager(case, s, hook=False)
+            parts, comb, slot = self._ll_eager(case, s, hook=False)
             bad = verify_ll(parts, comb, ref, r)
         self.t.first((case.index, "all"), self._hash(parts, comb), bad, self.t.calls)
+        self._explain(bad, call, case, "first", parts, comb, slot, ref)
+
+    # ---- a mismatch, in detail ------------------------------------------------------------
+    def _explain(self, bad: list, call: int, case, kind: str, parts: dict, combined, slot, ref=None) -> None:
+        """After a call of ``case`` whose parts ``bad`` differed: for the first DETAIL_LIMIT
+        mismatches, what differs from the reference (its outputs copied to the host now, the
+        reference recomputed unless given), with the call's context.  Then, for low-latency
+        calls, remember this one as the previous."""
+        if bad and len(self.details) < DETAIL_LIMIT:
+            if ref is None:
+                ref = self._reference(case)[1]
+            diff = (diff_normal if case.mode == "normal" else diff_ll)(parts, combined, ref, self.rank)
+            rec = dict(call=call, case=case.index, kind=kind, parts=bad, diff=diff)
+            if case.mode == "ll":
+                rec.update(slot=slot, tags=self._ll_tags(), previous_ll=self.prev_ll)
+            self.details.append(rec)
+        if case.mode == "ll":
+            self.prev_ll = [call, case.index, kind, slot]
+
+    def _ll_tags(self) -> dict:
+        """The low-latency slots' tags (each slot's count of uses, as the kernels keep them in the
+        engine's control words) once the device is idle."""
+        from epcomm.kernels import low_latency as K
+        from epcomm.runtime import driver
+        ll = self.buf._ll
+        ctrl = K.LLCtrl()
+        self.torch.cuda.synchronize()
+        with driver.on_device(ll.device_id):
+            driver.memcpy_dtoh(ctypes.addressof(ctrl), ll.ctrl, ctypes.sizeof(ctrl))
+        return dict(dispatch=list(ctrl.disp_seq), combine=list(ctrl.comb_seq), failed=int(ctrl.failed))
 
     def _hash(self, parts: dict, combined) -> dict:
         h = hash_parts(parts)
@@ -166,20 +212,22 @@ class Soak:
         want = self.t.hashes[key]
         if kind in ("dispatch", "dispatch_layout"):
             parts, comb = self._normal_full(case, s, layout=kind == "dispatch_layout")
-            self.t.repeat(key, self._hash(parts, comb), call)
+            bad = self.t.repeat(key, self._hash(parts, comb), call)
         elif kind == "cached":
             res = self.buf.dispatch(s["x"], handle=s["handle"])
             self.t.calls += 1
             parts = {k: v for k, v in normal_parts(res, s["rows"]).items() if k in ("recv_x", "recv_scales")}
+            comb = None
             got = hash_parts(parts)
             self.t.hashes[(case.index, "cached")] = {k: want[k] for k in got}
-            self.t.repeat((case.index, "cached"), got, call)
+            bad = self.t.repeat((case.index, "cached"), got, call)
         else:
-            comb = self.buf.combine(s["y"], s["handle"], topk_weights=s["w_recv"])
+            parts, comb = {}, self.buf.combine(s["y"], s["handle"], topk_weights=s["w_recv"])[:2]
             self.t.calls += 1
-            got = self._hash({}, comb[:2])
+            got = self._hash({}, comb)
             self.t.hashes[(case.index, "combine")] = {k: want[k] for k in got}
-            self.t.repeat((case.index, "combine"), got, call)
+            bad = self.t.repeat((case.index, "combine"), got, call)
+        self._explain(bad, call, case, kind, parts, comb, None)
 
     # ---- the low-latency mode --------------------------------------------------------------
     def _ll_dispatch(self, case, s: dict, hook: bool):
@@ -192,12 +240,13 @@ class Soak:
         out, _, hk = b.low_latency_combine(s["y"], s["idx"], s["w"], h, return_recv_hook=hook)
         if hk is not None:
             hk()
-        return ll_parts(rx, cnt, h.src_info, h.layout_range), out
+        return ll_parts(rx, cnt, h.src_info, h.layout_range), out, h.slot
 
     def _ll_eager(self, case, s: dict, hook: bool):
-        parts, out = self._ll_dispatch(case, s, hook)
+        """A dispatch + combine (with receive hooks or not): (parts, combined, dispatch slot)."""
+        got = self._ll_dispatch(case, s, hook)
         self.t.calls += 2
-        return parts, out
+        return got
 
     def _capture(self, case, s: dict) -> None:
         """The case's CUDA graph (dispatch + combine on its inputs), after two warm-up calls on
@@ -207,7 +256,8 @@ class Soak:
         side.wait_stream(t.cuda.current_stream())
         with t.cuda.stream(side):
             for _ in range(2):
-                self._ll_eager(case, s, hook=False)
+                call = self.t.calls
+                self.prev_ll = [call, case.index, "capture warm-up", self._ll_eager(case, s, hook=False)[2]]
         t.cuda.synchronize()
         self.group.barrier()
         g = t.cuda.CUDAGraph()
@@ -221,10 +271,10 @@ class Soak:
         if kind == "graph":
             s["graph"].replay()
             self.t.calls += 2
-            parts, out = s["graph_out"]
+            parts, out, slot = s["graph_out"]  # a replay runs the slot of its capture
         else:
-            parts, out = self._ll_eager(case, s, hook=kind == "hook")
-        self.t.repeat(key, self._hash(parts, out), call)
+            parts, out, slot = self._ll_eager(case, s, hook=kind == "hook")
+        self._explain(self.t.repeat(key, self._hash(parts, out), call), call, case, kind, parts, out, slot)
 
     # ---- the run ---------------------------------------------------------------------------
     def sample(self) -> None:
@@ -278,7 +328,8 @@ class Soak:
         after = self.memory  # sampled from the end of the warm-up on
         return dict(rank=self.rank, complete=complete, error=error, calls=self.t.calls,
                     verified_cases=self.t.verified, mismatches=len(self.t.mismatches),
-                    mismatch_detail=self.t.mismatches[:50], hangs=int("EpcommTimeoutError" in error),
+                    mismatch_detail=self.t.mismatches[:50], mismatch_values=self.details,
+                    hangs=int("EpcommTimeoutError" in error),
                     kinds=self.kinds, seconds=time.time() - self.start, memory=self.memory,
                     drift={k: drift([m[k] for m in after]) for k in ("allocated", "reserved", "device_used", "rss")})
 

@@ -288,6 +288,112 @@ def verify_ll(parts: dict, combined, ref: dict, rank: int) -> list:
     return bad
 
 
+# --------------------------------------------------------------------------- what differs, in detail
+
+DETAIL_ITEMS = 8   # differing elements (and rows) a detail lists per part
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    """``a``'s elements as unsigned integers of their width (bf16, FP8 and floats by their bits)."""
+    a = np.ascontiguousarray(a)
+    return a.view(f"u{a.dtype.itemsize}") if a.dtype.itemsize in (1, 2, 4, 8) else a
+
+
+def _show(a: np.ndarray, flat: int):
+    """Element ``flat`` (flat index) of ``a`` for a JSON record: an int, or "value (0xbits)"."""
+    v = a.reshape(-1)[flat]
+    if a.dtype.kind in "iub":
+        return int(v)
+    b = int(_bits(a).reshape(-1)[flat])
+    return f"{float(v)!r} (0x{b:0{2 * a.dtype.itemsize}x})"
+
+
+def diff_arrays(got: np.ndarray, want: np.ndarray, mask=None, limit: int = DETAIL_ITEMS) -> dict | None:
+    """How two NumPy arrays differ bit for bit, for a JSON record: ``shape``, ``differ`` (how
+    many elements), ``first`` ([index, got, want] of the first ``limit``) and, for arrays of
+    three or more dimensions, ``rows`` (the leading two indices of the first ``limit`` rows
+    with a difference); None if they agree.  ``mask`` (bool, broadcast to the arrays): the
+    elements compared.  Arrays of different shapes: only both shapes."""
+    got, want = np.asarray(got), np.asarray(want)
+    if got.shape != want.shape:
+        return {"shape": [list(got.shape), list(want.shape)]}
+    ne = _bits(got) != _bits(want)
+    if mask is not None:
+        ne &= np.broadcast_to(mask, ne.shape)
+    flat = np.flatnonzero(ne)
+    if not len(flat):
+        return None
+    out = {"shape": list(got.shape), "differ": int(len(flat)),
+           "first": [[[int(i) for i in np.unravel_index(f, got.shape)], _show(got, f), _show(want, f)]
+                     for f in flat[:limit]]}
+    if got.ndim >= 3:
+        rows = np.argwhere(ne.reshape(ne.shape[:2] + (-1,)).any(axis=2))
+        out["rows"] = [[int(j), int(r)] for j, r in rows[:limit]]
+    return out
+
+
+def _detail(pairs) -> dict:
+    """{name: diff_arrays(...)} of (name, got, want, mask) items, the parts that differ only."""
+    out = {}
+    for name, got, want, mask in pairs:
+        if (got is None) != (want is None):
+            out[name] = {"present": [got is not None, want is not None]}
+        elif got is not None:
+            d = diff_arrays(got, want, mask)
+            if d is not None:
+                out[name] = d
+    return out
+
+
+def diff_ll(parts: dict, combined, ref: dict, rank: int) -> dict:
+    """What differs between a low-latency call's parts (any subset of :func:`ll_parts`'s) and
+    combined output, copied to the host, and the reference of ``rank``: {part: diff_arrays
+    record}, plus ``counts`` ([expert, got, want] of each expert whose count differs).  Rows
+    are compared up to the larger of the two counts of their expert (rows past the call's own
+    count hold whatever was there; past the reference's, zeros)."""
+    d = ref["dispatch"][rank]
+    want_c = d.recv_count.astype(np.int64)
+    got_c = to_numpy(parts["count"]).astype(np.int64) if "count" in parts else want_c
+    rows = np.arange(d.recv_x.shape[1])[None, :] < np.maximum(got_c, want_c)[:, None]
+    pairs = [("count", got_c, want_c, None)] if "count" in parts else []
+    for name, want in (("recv_x", d.recv_x), ("recv_scales", d.recv_x_scales), ("src_info", d.handle.src_info)):
+        if name not in parts and (want is None or "recv_x" not in parts):
+            continue  # in neither, or no part of this call
+        got = to_numpy(parts[name]) if name in parts else None
+        pairs.append((name, got, want, None if want is None else rows.reshape(rows.shape + (1,) * (want.ndim - 2))))
+    if "layout_range" in parts:
+        pairs.append(("layout_range", to_numpy(parts["layout_range"]), d.handle.layout_range, None))
+    if combined is not None:
+        pairs.append(("combined_x", to_numpy(combined), ref["combine"][rank], None))
+    out = _detail(pairs)
+    if "count" in out:
+        out["counts"] = [[int(j), int(got_c[j]), int(want_c[j])] for j in np.flatnonzero(got_c != want_c)]
+    return out
+
+
+def diff_normal(parts: dict, combined, ref: dict, rank: int) -> dict:
+    """As :func:`diff_ll` for a normal-mode call: its parts (any subset of :func:`normal_parts`'s,
+    rows past the received count already cut) and combined (x, weights) or None."""
+    d = ref["dispatch"][rank]
+    M = d.handle.num_recv_tokens
+    want = {"recv_x": d.recv_x[:M], "recv_scales": None if d.recv_x_scales is None else d.recv_x_scales[:M],
+            "recv_topk_idx": None if d.recv_topk_idx is None else d.recv_topk_idx[:M],
+            "recv_topk_weights": None if d.recv_topk_weights is None else d.recv_topk_weights[:M],
+            "experts": np.asarray(d.num_recv_tokens_per_expert_list, dtype=np.int64)}
+    pairs = []
+    for name, w in want.items():
+        if name not in parts:
+            continue
+        got = parts[name]
+        got = np.asarray(list(got), dtype=np.int64) if isinstance(got, list) else to_numpy(got)
+        pairs.append((name, got, w, None))
+    if combined is not None:
+        cx, cw = ref["combine"][rank]
+        pairs.append(("combined_x", to_numpy(combined[0]), cx, None))
+        pairs.append(("combined_topk_weights", None if combined[1] is None else to_numpy(combined[1]), cw, None))
+    return _detail(pairs)
+
+
 # --------------------------------------------------------------------------- repeats and memory
 
 
@@ -308,12 +414,14 @@ class Tracker:
         if bad:
             self.mismatches.append((call, key[0], key[1], sorted(bad)))
 
-    def repeat(self, key, hashes: dict, call: int) -> None:
-        """A later result of the same case: every part must hash as the verified one did."""
+    def repeat(self, key, hashes: dict, call: int) -> list:
+        """A later result of the same case: every part must hash as the verified one did.
+        Returns the parts that did not (recorded as a mismatch)."""
         want = self.hashes[key]
         bad = sorted(k for k, v in hashes.items() if want.get(k) != v)
         if bad:
             self.mismatches.append((call, key[0], key[1], bad))
+        return bad
 
 
 def drift(samples: list) -> float:

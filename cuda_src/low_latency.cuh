@@ -7,8 +7,9 @@
 //   message holds the token's K global expert ids, and the receiver expands it into every local
 //   expert it selected.  With top-8 of 256 experts on 2 ranks that is ~4x fewer bytes on the wire.
 //   A source writes the message of token t into slot t of its region at the destination, so no
-//   slot has to be allocated, and the receiver finds valid slots by their tag: the packed
-//   output order (source rank, then token index) is deterministic.
+//   slot has to be allocated, and the receiver finds valid slots by their tag (ll_msg_tag: the
+//   slot's tag with the slot in its low bit): the packed output order (source rank, then token
+//   index) is deterministic.
 // * Combine: the expert side reduces a token's rows that it holds into one fp32 partial over
 //   NVLink (see "Combine" below); otherwise one row per (token, expert) goes back into slot
 //   (t, k) of the source's region.  The source adds in k order (fp32, no FMA: as
@@ -158,6 +159,17 @@ EPCOMM_DEVICE void ll_signal(const LLParams& p, int pe, u64 off, u64 value) {
 }
 
 EPCOMM_DEVICE bool use_put(const LLParams& p, int pe) { return p.force_put || p.peer_base[pe] == 0; }
+
+// The tag a dispatch message carries (its header's first word): the slot's tag (its count of
+// uses) shifted left, the slot in the low bit.  The two slots count apart, and where a slot's
+// messages sit depends on T and H (slot 1's region starts after slot 0's), so a header that a
+// dispatch of another shape left in the other slot can sit exactly where this call reads one,
+// holding this slot's current count: with the bare count it would match, and its stale token
+// would be received as a row of this call.  With the slot bit no header of the other slot
+// matches, and one of the same slot holds an older count.  Every region that holds headers
+// (the dispatch regions and the put staging of every shape used) is zeroed when the counts
+// restart (clean_low_latency_buffer).
+EPCOMM_DEVICE u64 ll_msg_tag(u64 tag, int slot) { return (tag << 1) | static_cast<u64>(slot & 1); }
 
 // This rank's mask (shrink mode; null otherwise, and every mask test folds away).
 EPCOMM_DEVICE int* ll_mask(const LLParams& p) {
@@ -333,6 +345,7 @@ EPCOMM_DEVICE void ll_dispatch_send(const LLParams& p, u64 tag, u64 deadline) {
   const bool ok = s_ok != 0;
   const u64 dead = s_dead;  // shrink mode: masked ranks' experts are sent nothing
   const u64 region = p.disp_region_off + (static_cast<u64>(p.slot) * R + p.rank) * T * p.msg_bytes;
+  const u64 msg_tag = ll_msg_tag(tag, p.slot);
   // Token t is sent by all warps of block t % grid, each taking every kLLWarps-th 32-word step
   // of the row: a token then costs one or two memory latencies, not the 7 or more of a single
   // warp walking the whole row (decode batches have fewer tokens than the GPU has SMs).
@@ -350,7 +363,7 @@ EPCOMM_DEVICE void ll_dispatch_send(const LLParams& p, u64 tag, u64 deadline) {
     const unsigned same = __match_any_sync(0xffffffffu, r);
     const bool leader = valid && (__ffs(same) - 1) == lane && !((dead >> r) & 1ull);
     const unsigned dests = __ballot_sync(0xffffffffu, leader);
-    // Message = [tag u64][K int16 global expert ids][pad][payload][scales].
+    // Message = [ll_msg_tag u64][K int16 global expert ids][pad][payload][scales].
     const u64 msg_off = region + static_cast<u64>(t) * p.msg_bytes;
     u8* staging = p.heap + p.disp_send_off + (static_cast<u64>(p.slot) * T + t) * p.msg_bytes;
     // Every destination gets identical bytes; targets: peer pointers, and the local staging
@@ -367,7 +380,7 @@ EPCOMM_DEVICE void ll_dispatch_send(const LLParams& p, u64 tag, u64 deadline) {
     if (warp == 0) {
       for (int i = 0; i < ntgt; ++i) {
         u8* m = tgt[i];
-        if (lane == 0) *reinterpret_cast<u64*>(m) = tag;
+        if (lane == 0) *reinterpret_cast<u64*>(m) = msg_tag;
         if (lane < K) reinterpret_cast<short*>(m + 8)[lane] = valid ? static_cast<short>(e) : static_cast<short>(-1);
       }
     }
@@ -469,10 +482,11 @@ EPCOMM_DEVICE void ll_dispatch_send(const LLParams& p, u64 tag, u64 deadline) {
 // Component c (compile-time after unrolling) of a 16-byte word.
 EPCOMM_DEVICE int v4_get(const V4& v, int c) { return c == 0 ? v.x : c == 1 ? v.y : c == 2 ? v.z : v.w; }
 
-// Does the message at m carry this round's tag, and which of its K expert ids (lowest k) is
-// my_e?  Returns that k, or -1; *local gets the mask of the k whose expert lies in [lo, hi)
-// (this rank's experts).  The tag and every id are loaded together (five 16-byte loads at
-// most, at L2 where peers' writes land) so a slot costs one memory latency, not two.
+// Does the message at m carry this round's tag (`tag`: ll_msg_tag's), and which of its K
+// expert ids (lowest k) is my_e?  Returns that k, or -1; *local gets the mask of the k whose
+// expert lies in [lo, hi) (this rank's experts).  The tag and every id are loaded together
+// (five 16-byte loads at most, at L2 where peers' writes land) so a slot costs one memory
+// latency, not two.
 EPCOMM_DEVICE int ll_msg_match(const u8* m, u64 tag, int K, int my_e, int lo, int hi, u32* local) {
   constexpr int kHdrWords = (8 + 2 * kLLMaxTopk + 15) / 16;
   const int nw = (8 + 2 * K + 15) / 16;
@@ -526,6 +540,7 @@ EPCOMM_DEVICE void ll_dispatch_recv(const LLParams& p, u64 tag, u64 deadline) {
   }
   ll_stamp(p, 0, 4);
   const u8* region = p.heap + p.disp_region_off + static_cast<u64>(p.slot) * R * T * p.msg_bytes;
+  const u64 msg_tag = ll_msg_tag(tag, p.slot);
   for (int j = blockIdx.x; j < L; j += gridDim.x) {
     const int my_e = p.rank * L + j;
     // Pass 1 (global memory): the matching k of every slot, and rows per (source, 32-slot group).
@@ -535,7 +550,7 @@ EPCOMM_DEVICE void ll_dispatch_recv(const LLParams& p, u64 tag, u64 deadline) {
       int kk = -1;
       if (t < T && !((dead >> s) & 1ull)) {
         u32 local;
-        kk = ll_msg_match(region + (static_cast<u64>(s) * T + t) * p.msg_bytes, tag, K, my_e, p.rank * L,
+        kk = ll_msg_match(region + (static_cast<u64>(s) * T + t) * p.msg_bytes, msg_tag, K, my_e, p.rank * L,
                           p.rank * L + L, &local);
         s_kk[s * T + t] = static_cast<signed char>(kk);
         // The block of the token's first local expert records which k are here, for the combine.

@@ -326,11 +326,14 @@ class LowLatencyState(DispatchOps, CombineOps, FastPaths):
         the collective, so every rank raises alike.  Handles of earlier dispatches become stale.
         """
         T, H, E, _ = K.check_shape(T, H, E, self.num_ranks)
-        lay = self.layout(T, H, E)
+        self.layout(T, H, E)  # raises for a heap too small; kept among the shapes used
         if any(self._disp_pending) or any(self._comb_pending):
             raise BufferStateError("clean_low_latency_buffer: a low-latency receive hook is pending; call it first")
-        # Message tags restart: zero the dispatch regions of every shape used so far too.
-        end = max([lay.comb_region_off] + [ly.comb_region_off for ly in self._layouts.values()])
+        # Message tags restart: zero everything that holds message headers, of every shape
+        # used so far (this one among them): the dispatch regions and, up to its end, the put
+        # staging.  A later shape's messages may sit where those headers are, and one left
+        # there would match a restarted tag (ll_msg_tag in low_latency.cuh).
+        end = max(ly.disp_send_off + 2 * t * ly.msg_bytes for (t, _, _), ly in self._layouts.items())
         ctx = self.ctx
         with driver.on_device(self.device_id):
             # The whole device, not only the comm stream: low-latency kernels usually run on the
@@ -338,8 +341,8 @@ class LowLatencyState(DispatchOps, CombineOps, FastPaths):
             # peer) would write flags and rows after they are zeroed.
             driver.device_sync()
             ctx.group.barrier()
-            # Flags, acknowledgements and the dispatch regions (whose message tags restart too);
-            # not the rank mask between them (clean_mask clears it).
+            # Flags, acknowledgements and the regions up to `end` (whose message tags restart
+            # too); not the rank mask between them (clean_mask clears it).
             m0 = K.mask_offset(self.num_ranks)
             m1 = m0 + 4 * self.num_ranks
             driver.memset_d8_async(self.heap, 0, m0, ctx.stream)

@@ -200,3 +200,85 @@ def test_the_layout_check_passes_the_reference_and_catches_a_wrong_count():
         assert [k for k, v in sc.hash_parts(bad).items() if want[k] != v] == ["layout_per_expert"]
         flip = dict(got, layout_in_rank=~got["layout_in_rank"])
         assert [k for k, v in sc.hash_parts(flip).items() if want[k] != v] == ["layout_in_rank"]
+
+
+def test_a_low_latency_mismatch_is_described_element_by_element():
+    """diff_ll names what differs from the reference: a flipped bit (index, both values and
+    bits), and rows received that the routing did not send (the counts, the extra rows' source
+    tokens and payload); nothing for the reference itself."""
+    R = 2
+    case = sc.Case(1, "ll", 11, (3, 4), 256, 2, 4, True, 0.0, T=4)
+    ref = sc.ll_reference(case, R, sc.case_inputs(case, R), partials=True)
+    r = ref["dispatch"][0]
+    parts = sc.ll_parts((_t(r.recv_x), _t(r.recv_x_scales)), _t(r.recv_count), _t(r.handle.src_info),
+                        _t(r.handle.layout_range))
+    out = _t(ref["combine"][0])
+    assert sc.diff_ll(parts, out, ref, 0) == {}
+    j = int(np.argmax(r.recv_count))
+    bad = sc.diff_ll(dict(parts, recv_x=_flip(parts["recv_x"], (j, 0, 1))), out, ref, 0)
+    assert list(bad) == ["recv_x"]
+    rec = bad["recv_x"]
+    assert rec["differ"] == 1 and rec["rows"] == [[j, 0]] and rec["first"][0][0] == [j, 0, 1]
+    got, want = rec["first"][0][1:]
+    assert got != want and got.endswith(")") and "(0x" in want
+    # One extra row in expert j: its count, range and source token differ, and its payload.
+    c = int(r.recv_count[j])
+    cnt, src, x = parts["count"].clone(), parts["src_info"].clone(), parts["recv_x"].clone()
+    cnt[j] += 1
+    src[j, c] = 3
+    x[j, c] = x[j, 0]
+    extra = sc.diff_ll(dict(parts, count=cnt, src_info=src, recv_x=x), out, ref, 0)
+    assert extra["counts"] == [[j, c + 1, c]]
+    assert extra["src_info"]["first"] == [[[j, c], 3, int(r.handle.src_info[j, c])]]
+    assert extra["recv_x"]["rows"] == [[j, c]]
+    assert set(extra) == {"count", "counts", "src_info", "recv_x"}
+    assert list(sc.diff_ll(parts, _flip(out, (1, 2)), ref, 0)) == ["combined_x"]
+
+
+def test_a_normal_mismatch_is_described_element_by_element():
+    R = 2
+    case = sc.Case(0, "normal", 7, (5, 3), 256, 3, 8, False, 0.2)
+    ref = sc.normal_reference(case, R, sc.case_inputs(case, R))
+    d = next(d for d in range(R) if ref["dispatch"][d].handle.num_recv_tokens)
+    M = ref["dispatch"][d].handle.num_recv_tokens
+    res, comb = _normal_results(ref, d, garbage_rows=True)
+    parts = sc.normal_parts(res, M)
+    assert sc.diff_normal(parts, comb, ref, d) == {}
+    bad = sc.diff_normal(dict(parts, recv_x=_flip(parts["recv_x"], (M - 1, 5))), comb, ref, d)
+    assert list(bad) == ["recv_x"] and bad["recv_x"]["first"][0][0] == [M - 1, 5]
+    wrong = sc.diff_normal(dict(parts, experts=[n + 1 for n in parts["experts"]]), None, ref, d)
+    assert wrong["experts"]["differ"] == len(parts["experts"])
+    # a cached dispatch (rows only) and a combine alone (no parts)
+    assert sc.diff_normal({"recv_x": parts["recv_x"]}, None, ref, d) == {}
+    assert list(sc.diff_normal({}, (_flip(comb[0], (0, 0)), comb[1]), ref, d)) == ["combined_x"]
+
+
+def test_the_soak_records_the_first_mismatches_in_detail(monkeypatch):
+    """Soak._explain: the first DETAIL_LIMIT mismatches of a rank get the elements that differ,
+    the call's kind, slot, the slots' tags and the low-latency call before; later ones only
+    their parts (in mismatch_detail); every low-latency call becomes the previous one."""
+    soak = pytest.importorskip("soak")
+    R = 2
+    case = sc.Case(1, "ll", 11, (3, 4), 256, 2, 4, False, 0.0, T=4)
+    ref = sc.ll_reference(case, R, sc.case_inputs(case, R), partials=True)
+    s = object.__new__(soak.Soak)
+    s.rank, s.details, s.prev_ll = 0, [], None
+    monkeypatch.setattr(s, "_reference", lambda c: (None, ref), raising=False)
+    monkeypatch.setattr(s, "_ll_tags", lambda: {"dispatch": [7, 7], "combine": [6, 7], "failed": 0}, raising=False)
+    r = ref["dispatch"][0]
+    parts = sc.ll_parts(_t(r.recv_x), _t(r.recv_count), _t(r.handle.src_info), _t(r.handle.layout_range))
+    cnt = parts["count"].clone()
+    cnt[0] += 1
+    out = _t(ref["combine"][0])
+    s._explain([], 10, case, "eager", parts, out, 0)
+    assert s.details == [] and s.prev_ll == [10, 1, "eager", 0]
+    for call in range(12, 12 + 2 * soak.DETAIL_LIMIT + 2, 2):
+        s._explain(["count"], call, case, "hook", dict(parts, count=cnt), out, 1)
+    assert len(s.details) == soak.DETAIL_LIMIT
+    first = s.details[0]
+    assert (first["call"], first["case"], first["kind"], first["slot"], first["parts"]) == (12, 1, "hook", 1, ["count"])
+    assert first["previous_ll"] == [10, 1, "eager", 0] and first["tags"]["dispatch"] == [7, 7]
+    assert first["diff"]["counts"] == [[0, int(r.recv_count[0]) + 1, int(r.recv_count[0])]]
+    assert s.details[1]["previous_ll"] == [12, 1, "hook", 1]
+    import json
+    assert json.loads(json.dumps(s.details)) == s.details  # what the per-rank JSON holds

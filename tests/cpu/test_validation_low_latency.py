@@ -151,13 +151,16 @@ def test_clean_checks_its_shape_and_pending_hooks_before_the_collective(rig):
         b.clean_low_latency_buffer(8, H, E)
     assert ("barrier",) not in rig.log
     hook()
-    # A larger shape was used before: its dispatch regions are zeroed too (message tags restart).
+    # A larger shape was used before: its dispatch regions and put staging are zeroed too
+    # (message tags restart, and any header left there could match one).
     b.low_latency_dispatch(torch.zeros(4, 1024, dtype=torch.bfloat16), topk, 64, E, use_fp8=False)
     rig.log.clear()
     b.clean_low_latency_buffer(8, H, E)
-    # Everything up to the largest shape's combine region, but the rank mask between the flags
-    # and the regions (shrink mode keeps it: clean_mask clears it).
-    end, m0 = K.HeapLayout.make(64, 1024, E, 2).comb_region_off, K.mask_offset(2)
+    # Everything up to the end of the largest shape's put staging (the last region holding
+    # message headers), but the rank mask between the flags and the regions (shrink mode keeps
+    # it: clean_mask clears it).
+    big = K.HeapLayout.make(64, 1024, E, 2)
+    end, m0 = big.disp_send_off + 2 * 64 * big.msg_bytes, K.mask_offset(2)
     heap_sets = sorted((e[1] - st.heap, e[2]) for e in rig.log if e[0] == "memset" and
                        st.heap <= e[1] < st.heap + end)
     assert heap_sets == [(0, m0), (m0 + 4 * 2, end - m0 - 4 * 2)]

@@ -27,7 +27,8 @@ with no tokens, stats (also with the hook), async, zero_copy (also with the hook
 previous_event (sync and async); the same cases with every peer through NVSHMEM puts (a
 subset), with one combine row per (token, expert), and on the steady-state fast paths; two
 micro-batches in flight with hooks and CUDA graphs (bf16, then FP8 with UE8M0 scales) replayed
-with new routing and eager calls in between, in the NVLink and the put spawns.
+with new routing and eager calls in between, in the NVLink and the put spawns; two T
+alternating between the slots (no header another shape left in the other slot is received).
 
 DeepEP numerics and the DeepEP features: a spawn with ``Buffer(numerics="deepep")`` (FP8 scales
 ``amax * float32(1/448)``, the combine's FMA sum) on the full and the fast paths; LogFMT-10
@@ -769,6 +770,69 @@ def test_low_latency_clean_buffer_then_calls_go_on(mode):
     """clean_low_latency_buffer halfway through each spawn: a handle from before it raises
     BufferStateError; the cases after it (their own tests) prove the buffer works on."""
     _assert_case(_results_fast() if mode == "fast" else _results(mode), "clean_low_latency_buffer")
+
+
+def _shapes_worker(rank, world, group):
+    """Dispatches of two T alternating on a fresh buffer, three rounds of (T=256 into slot 0,
+    T=128 into slot 1), same hidden size and experts, so both slots have been used equally often
+    at each T=128 call.  Slot 1's messages of T=128 sit where the T=256 call's tokens
+    128 R .. 256 R - 1 (counting every source's 256) did, every one of which went to every
+    rank; with the slot's bare use count as the message tag those headers matched, and their
+    tokens were received as rows of the T=128 call (the soak's mismatches).  Every output of
+    both calls against the reference."""
+    import ml_dtypes
+    import torch
+
+    import epcomm
+    from epcomm import reference
+    from epcomm.testing import random_bf16, random_weights
+    torch.cuda.set_device(device_of(rank))
+    H, E, K = 2048, 8 * world, world
+    L = E // world
+    buf = epcomm.Buffer(group, 0, epcomm.Buffer.get_low_latency_rdma_size_hint(256, H, world, E),
+                        low_latency_mode=True)
+    partials = buf._ll.partials and not buf._ll.force_put
+    rng = np.random.default_rng(23)
+    out = {}
+    for it in range(3):
+        for T, N in ((256, 256), (128, 5)):
+            name = f"round {it}, T={T}"
+            if T == 256:  # every token to expert `it` of every rank: each message goes everywhere
+                tks = [np.tile(np.arange(world, dtype=np.int64) * L + it % L, (N, 1)) for _ in range(world)]
+            else:
+                tks = [np.argsort(rng.random((N, E)), axis=1)[:, :K].astype(np.int64) for _ in range(world)]
+            ws = [random_weights(rng, tk) for tk in tks]
+            xs = [random_bf16(rng, (N, H)) for _ in range(world)]
+            ref = reference.low_latency_dispatch(xs, tks, T, E, use_fp8=False)
+            recv, cnt, handle, _, _ = buf.low_latency_dispatch(_up(xs[rank]), _up(tks[rank]), T, E, use_fp8=False)
+            out[f"{name}: slot"] = "ok" if handle.slot == (T == 128) else f"slot {handle.slot}"
+            ys = [(r.recv_x.astype(np.float32) * np.float32(d + 1.5)).astype(ml_dtypes.bfloat16)
+                  for d, r in enumerate(ref)]
+            cref = reference.low_latency_combine(ys, tks, ws, [r.handle for r in ref], partials=partials)[rank]
+            comb, _, _ = buf.low_latency_combine(_up(ys[rank]), _up(tks[rank]), _up(ws[rank]), handle)
+            torch.cuda.synchronize()
+            try:
+                rr = ref[rank]
+                _assert_bits(f"{name}: recv_count", _np(cnt), rr.recv_count)
+                _assert_bits(f"{name}: layout_range", _np(handle.layout_range), rr.handle.layout_range)
+                gx, src = _np(recv), _np(handle.src_info)
+                for j in range(L):
+                    c = int(rr.recv_count[j])
+                    _assert_bits(f"{name}: src_info[{j}]", src[j, :c], rr.handle.src_info[j, :c])
+                    _assert_bits(f"{name}: recv_x[{j}]", gx[j, :c], rr.recv_x[j, :c])
+                _assert_bits(f"{name}: combined", _np(comb), cref)
+                out[name] = "ok"
+            except AssertionError as e:
+                out[name] = str(e)
+            group.barrier()
+    buf.destroy()
+    return out
+
+
+@needs_ll_ranks
+def test_low_latency_shapes_alternating_between_the_slots():
+    """No header another shape left in the other slot is taken for a message (_shapes_worker)."""
+    assert_every_rank_ok(spawn.run(_shapes_worker, _world(), timeout=TEST_TIMEOUT.get()))
 
 
 def _unique_topk(n, E, K):
