@@ -7,6 +7,10 @@
 source "$(dirname "$0")/gpu_steps.sh"
 P="python3 -m pytest -q -rs -p no:cacheprovider"
 step warmup 90 python3 -m epcomm.tools.cli warmup --preset tests --smoke -j 16
+# The low-latency message tags (slot bit): the test of shapes alternating between the slots, and
+# the soak whose seed 1 found the stale headers (0 mismatches expected).
+EPCOMM_TEST_RANKS=2 step ll_alternating 120 $P tests/gpu/test_low_latency_gpu.py -k alternating
+step soak2 250 python3 benchmarks/soak.py --ranks 2 --calls 10000 --seed 1 --time-limit 240 --json "$OUT/soak-2ranks.json"
 # Compiled programs (torch.compile: the order token, CUDA graph trees of the low-latency pair).
 EPCOMM_TEST_RANKS=2 EPCOMM_TEST_TIMEOUT=130 step compiled2 150 $P tests/gpu/test_jax_jit_gpu.py tests/gpu/test_torch_compile_gpu.py
 step compiled_example 70 python3 examples/torch_compile_moe.py
@@ -14,7 +18,7 @@ step compiled_overhead 70 python3 benchmarks/torch_compile_overhead.py --ranks 2
 EPCOMM_TEST_RANKS=4 EPCOMM_TEST_TIMEOUT=230 step compiled4 250 $P tests/gpu/test_jax_jit_gpu.py tests/gpu/test_torch_compile_gpu.py
 # Failures: the soak (2 ranks, then 4), fault injection at 4 ranks, with the index checks off,
 # and the GPU fuzz.
-step soak2 250 python3 benchmarks/soak.py --ranks 2 --calls 10000 --seed 2 --time-limit 240 --json "$OUT/soak-2ranks.json"
+step soak2_seed2 250 python3 benchmarks/soak.py --ranks 2 --calls 10000 --seed 2 --time-limit 240 --json "$OUT/soak-2ranks-seed2.json"
 step soak4 400 python3 benchmarks/soak.py --ranks 4 --calls 2000 --seed 1 --time-limit 390 --json "$OUT/soak-4ranks.json"
 EPCOMM_TEST_RANKS=4 step faults4 500 $P tests/gpu/test_fault_injection_gpu.py
 EPCOMM_TEST_RANKS=2 EPCOMM_CHECK_INDICES=0 step faults2_nocheck 200 $P tests/gpu/test_fault_injection_gpu.py
