@@ -37,9 +37,12 @@ def _device_token(device_type: str, index: int) -> Tensor:
 
 
 def order_token(x: Tensor) -> Optional[Tensor]:
-    """The order token for a collective on ``x``'s device: in a traced program the device's
-    (made at its first use and kept for the process), else None."""
-    if not torch.compiler.is_compiling():
+    """The order token for a collective on ``x``'s device: in a program Dynamo traces the
+    device's (made at its first use and kept for the process), else None."""
+    # Dynamo's tracing only: AOTAutograd also traces (the backward of a collective called
+    # without a token, torch.ops.epcomm.* directly), with fake tensors, which a real token
+    # cannot join; compiled autograd's backward is traced by Dynamo.
+    if not torch.compiler.is_dynamo_compiling():
         return None
     d = x.device
     return _device_token(d.type, -1 if d.index is None else d.index)

@@ -500,6 +500,27 @@ def test_compiled_autograd_chains_the_collectives_of_an_eager_forwards_backward(
     assert ops == ["cached_dispatch", "order_after", "combine", "order_after"] * 2
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_direct_operation_calls_without_a_token_compile_with_their_backward(standin, backend):
+    """Calls of torch.ops.epcomm.* made directly pass no token (not chained); compiled with a
+    backward, the backward's collectives take none either: AOTAutograd traces the backward with
+    fake tensors, where the device's token (a real tensor) cannot enter."""
+    torch._dynamo.reset()
+    E, M = 4, 20
+    x, idx, w = _inputs(E=E)
+    x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
+    ops, bid = torch.ops.epcomm, standin.ctx.serial
+
+    def f(x, w):
+        out = ops.dispatch.default(x, idx, w, bid, 1, E, M)
+        return ops.combine.default(out[0] * 2, None, *out[3:9], bid, E, idx.shape[1])[0]
+
+    with _inductor():
+        torch.compile(f, backend=backend, fullgraph=True)(x, w).float().sum().backward()
+    assert standin.calls == ["dispatch", "combine", "cached_dispatch", "combine"]
+    assert x.grad is not None and w.grad is not None
+
+
 def test_the_first_collective_of_a_device_may_run_compiled(monkeypatch):
     """No token yet when the compiled function is traced: it is made then, outside the graph (a
     plain tensor kept for the process, an attribute of the graph), and a later call of the
