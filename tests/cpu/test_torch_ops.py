@@ -306,6 +306,25 @@ def test_fake_matches_the_real_low_latency_pair(standin):
     assert fake_mismatch(ops.low_latency_combine.default, (d[0].clone(), idx, w, *d[2:8], bid)) == ""
 
 
+@pytest.mark.parametrize("fp8,round_scale,ue8m0", [(False, False, False), (True, False, False),
+                                                    (True, True, False), (True, True, True)])
+def test_fake_matches_the_real_engine_for_every_format(monkeypatch, fp8, round_scale, ue8m0):
+    """The low-latency pair's fakes against the real engine (a LowLatencyState on the fake runtime
+    of tests/helpers/fake_rig.py), in every format the stand-in cannot pack (FP8, UE8M0)."""
+    from fake_rig import FakeRuntime
+    buf, _ = FakeRuntime(monkeypatch).ll_buffer()
+    monkeypatch.setitem(registry._BY_ID, buf.ctx.serial, buf)
+    N, K, H, T, E = 4, 2, 640, 8, 8  # H/128 = 5 scale groups: UE8M0 packs them in 2 words
+    x = torch.randn(N, H).to(BF16)
+    idx = (torch.arange(N * K).reshape(N, K) % E).to(I64)
+    ops, bid = torch.ops.epcomm, buf.ctx.serial
+    args = (x, idx, bid, 2, T, E, fp8, round_scale, ue8m0)
+    assert fake_mismatch(ops.low_latency_dispatch.default, args) == ""
+    d = ops.low_latency_dispatch.default(*args)
+    y = torch.zeros(E // 2, 2 * T, H, dtype=BF16)
+    assert fake_mismatch(ops.low_latency_combine.default, (y, idx, torch.rand(N, K), *d[2:8], bid)) == ""
+
+
 @pytest.mark.xfail(strict=True, reason="the low-latency combine finds its dispatch's handle by its arrays' "
                                        "addresses (registry): a copy of src_info (opcheck's, a cudagraph "
                                        "static-input copy) is not found")
