@@ -31,7 +31,7 @@ _NORMAL_CALLS = {"dispatch": 2, "dispatch_layout": 3, "cached": 1, "combine": 1}
 
 def test_the_kernels_tag_messages_with_their_slot():
     src = (ROOT / "cuda_src" / "low_latency.cuh").read_text()
-    assert re.search(r"u64 ll_msg_tag\(u64 tag, int slot\) \{\s*return \(0x7FFFull << 48\) \| \(tag << 1\) \| "
+    assert re.search(r"u64 ll_msg_tag\(u64 tag, int slot\) \{\s*return \(0x7FA5ull << 48\) \| \(tag << 1\) \| "
                      r"static_cast<u64>\(slot & 1\);\s*\}", src), "ll_msg_tag is no longer the rule the model's slot_tag follows"
     send = src[src.index("void ll_dispatch_send"):src.index("EPCOMM_DEVICE int ll_msg_match")]
     recv = src[src.index("void ll_dispatch_recv"):src.index("__global__ void __launch_bounds__(kLLThreads) ll_dispatch")]
@@ -39,7 +39,7 @@ def test_the_kernels_tag_messages_with_their_slot():
         assert "const u64 msg_tag = ll_msg_tag(tag, p.slot);" in body
     assert "*reinterpret_cast<u64*>(m) = msg_tag;" in send        # the header's tag word
     assert re.search(r"ll_msg_match\([^;]*, msg_tag, K,", recv)   # what the receive matches
-    assert slot_tag(5, 0) == (0x7FFF << 48) + 10 and slot_tag(5, 1) == (0x7FFF << 48) + 11
+    assert slot_tag(5, 0) == (0x7FA5 << 48) + 10 and slot_tag(5, 1) == (0x7FA5 << 48) + 11
 
 
 @pytest.mark.parametrize("R", [1, 2, 4])

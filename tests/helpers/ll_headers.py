@@ -31,8 +31,8 @@ def bare_tag(count: int, slot: int) -> int:
 
 
 def slot_tag(count: int, slot: int) -> int:
-    """``ll_msg_tag``: 0x7FFF in the high 16 bits, the count shifted left, the slot in the low bit."""
-    return (0x7FFF << 48) | (count << 1) | (slot & 1)
+    """``ll_msg_tag``: 0x7FA5 in the high 16 bits, the count shifted left, the slot in the low bit."""
+    return (0x7FA5 << 48) | (count << 1) | (slot & 1)
 
 
 def payload_bytes(H: int, fp8: bool, ue8m0: bool) -> int:
