@@ -78,6 +78,13 @@ def call(run, operands: list, outputs: dict, device_id: int, *, command_buffer: 
 _OPS: dict = {}
 
 
+def forget(runs) -> None:
+    """Drop the wrapped callbacks of the run functions ``runs`` (their Buffer was destroyed)."""
+    gone = {id(r) for r in runs}
+    for key in [k for k in _OPS if id(k[0]) in gone]:
+        del _OPS[key]
+
+
 def _operation(run, specs: tuple, outputs: dict, device_id: int, command_buffer: bool):
     names = list(outputs)
     result = [_program_type(*outputs[n]) for n in names]

@@ -63,9 +63,14 @@ _RUNNERS: dict = {}
 
 
 def _runner(key: tuple, make):
-    """The run function for ``key`` (made once: the same object lets JAX's caches hit)."""
+    """The run function for ``key`` (``(kind, buffer, sizes...)``; made once: the same object lets
+    JAX's caches hit).  A new one first drops those of destroyed Buffers, which would otherwise
+    keep them alive (programs JAX compiled may still hold their callbacks)."""
     f = _RUNNERS.get(key)
     if f is None:
+        dead = [k for k in _RUNNERS if k[1].ctx.destroyed]
+        if dead:
+            jx.forget([_RUNNERS.pop(k) for k in dead])
         f = _RUNNERS[key] = make()
     return f
 

@@ -252,3 +252,23 @@ def test_a_buffer_of_another_gpu_is_refused():
     assert xla_buffers.xla_arg(OnGpu1(), (4,), "int32", 1).ref.ptr == 4096
     with pytest.raises(EpcommError, match="on cuda:1 but the Buffer uses cuda:0"):
         xla_buffers.xla_arg(OnGpu1(), (4,), "int32", 0)
+
+
+def test_a_destroyed_buffers_run_functions_are_dropped_at_the_next_new_one(rig):
+    """The memoised run functions and wrapped callbacks hold their Buffer: those of a destroyed
+    Buffer go when a run function is next made, so a rebuilt Buffer does not leave the old one
+    alive through epcomm's caches."""
+    x, t, w = _inputs()
+
+    def dispatch(b):
+        return ej.low_latency_dispatch(b, x, t, num_max_dispatch_tokens_per_rank=N, num_experts=E, use_fp8=False)
+
+    old, _ = rig.ll_buffer()
+    dispatch(old)
+    assert any(k[1] is old for k in ej._RUNNERS) and jx._OPS
+    old.destroy()
+    new, _ = rig.ll_buffer()
+    dispatch(new)
+    assert all(k[1] is new for k in ej._RUNNERS)
+    runs = set(map(id, ej._RUNNERS.values()))
+    assert jx._OPS and all(id(k[0]) in runs for k in jx._OPS)
