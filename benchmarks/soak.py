@@ -129,7 +129,7 @@ class Soak:
         if case.mode == "normal":
             return inp, normal_reference(case, self.world, inp)
         ll = self.buf._ll
-        return inp, ll_reference(case, self.world, inp, partials=ll.partials and not ll.force_put)
+        return inp, ll_reference(case, self.world, inp, partials=ll.partial_pairs())
 
     def _first(self, case) -> None:
         """The case's first call: inputs up, the reference, dispatch + combine, checked."""

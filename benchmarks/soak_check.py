@@ -111,8 +111,9 @@ def normal_reference(case: Case, R: int, inp: dict) -> dict:
     return dict(dispatch=disp, y=ys, combine=comb)
 
 
-def ll_reference(case: Case, R: int, inp: dict, partials: bool) -> dict:
-    """The reference of a low-latency case: ``dispatch`` (per rank), ``y`` and ``combine``."""
+def ll_reference(case: Case, R: int, inp: dict, partials) -> dict:
+    """The reference of a low-latency case: ``dispatch`` (per rank), ``y`` and ``combine``;
+    ``partials``: as reference.low_latency_combine takes it (LowLatencyState.partial_pairs())."""
     disp = reference.low_latency_dispatch(inp["xs"], inp["idx"], case.T, case.E, use_fp8=case.fp8,
                                           round_scale=case.round_scale, use_ue8m0=case.ue8m0)
     ys = _combine_inputs(case, [r.recv_x.shape for r in disp])

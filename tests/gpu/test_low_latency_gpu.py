@@ -791,7 +791,7 @@ def _shapes_worker(rank, world, group):
     L = E // world
     buf = epcomm.Buffer(group, 0, epcomm.Buffer.get_low_latency_rdma_size_hint(256, H, world, E),
                         low_latency_mode=True)
-    partials = buf._ll.partials and not buf._ll.force_put
+    partials = _partial_pairs(buf, rank, world)
     rng = np.random.default_rng(23)
     out = {}
     for it in range(3):
