@@ -74,8 +74,8 @@ def _proc_exchange(path, rank, size, q):
     os.close(fd)
     seen = {}
     for r, f in got.items():
-        os.lseek(f, 0, os.SEEK_SET)
-        seen[r] = os.read(f, 64).decode()
+        # pread: the receivers of one descriptor share its open file (and its offset)
+        seen[r] = os.pread(f, 64, 0).decode()
         os.close(f)
     q.put((rank, seen))
 
