@@ -30,6 +30,14 @@ class TensorRef:
         # kernel on another stream must then wait for the caller's stream, not only an event.
         self.widened = False
 
+    def holding(self, obj, keepalive=None) -> "TensorRef":
+        """This view (pointer, shape, strides, dtype, device), holding ``obj`` instead: a ref
+        kept without its array, given the array again."""
+        r = TensorRef(self.ptr, self.shape, self.strides, self.dtype, self.device_type, self.device_id,
+                      self.framework, obj, keepalive, self.readonly)
+        r.widened = self.widened
+        return r
+
     @property
     def itemsize(self) -> int:
         return ITEMSIZE[self.dtype]

@@ -58,7 +58,7 @@ class SlotOwner:
 
 
 def handle_over(serial: int, sizes: LowLatencyHandle, refs: dict, generation, topk=None) -> LowLatencyHandle:
-    """A handle of the engine ``serial`` over a caller's copies-free arrays: ``sizes``' slot and
+    """A handle of the engine ``serial`` over a caller's arrays (no copies): ``sizes``' slot and
     sizes, ``refs`` (TensorRef by the names of :data:`COMBINE_REFS`) for the arrays, and
     ``generation`` (None: the caller orders the combine after its dispatch, as a compiled
     program's data dependencies do).  Keeps no array beyond what ``refs`` holds."""

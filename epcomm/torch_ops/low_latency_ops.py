@@ -7,8 +7,8 @@ other tensors in their memory once they are dead (Inductor does), which must not
 next dispatch writes.  Every array the dispatch writes is an output, and the combine takes every
 one its kernel reads (count, src_info, layout_range, src_k, tok_rows, tok_meta), so none is
 reused before it and none outlives the program's use (a CUDA graph tree requires that of every
-tensor made in its pool); :mod:`epcomm.torch_ops.registry` keeps only the handle's sizes.  Both take the order token last (:mod:`epcomm.torch_ops.order`;
-None in eager calls).  No autograd (the low-latency mode serves inference).  Registered when this
+tensor made in its pool); :mod:`epcomm.torch_ops.registry` keeps only the handle's sizes.
+Both take the order token last (:mod:`epcomm.torch_ops.order`; None in eager calls).  No autograd (the low-latency mode serves inference).  Registered when this
 module is imported.
 """
 from __future__ import annotations
@@ -58,33 +58,23 @@ def low_latency_dispatch_op(x: Tensor, topk_idx: Tensor, buffer_id: int, num_ran
         _, _, handle, _, _ = buf.low_latency_dispatch(x, topk_idx, T, E, use_fp8=use_fp8, round_scale=round_scale,
                                                       use_ue8m0=use_ue8m0)
     remember_low_latency_handle(buf, handle)
-    o = {name: pair[0] for name, pair in outs.items()}
-    if use_fp8:
-        scales = o["scales"].transpose(1, 2)  # stored [L, groups, R*T]: column-major to the caller
-    else:
-        scales = x.new_empty((E // num_ranks, num_ranks * T, 0), dtype=torch.float32)
-    return o["x"], scales, o["count"], o["src_info"], o["layout_range"], o["src_k"], o["tok_rows"], o["tok_meta"]
+    return _returned(x, {name: pair[0] for name, pair in outs.items()})
+
+
+def _returned(x: Tensor, o: dict) -> tuple:
+    """The dispatch operation's outputs of the arrays ``o`` (name -> tensor, as result_specs
+    names and shapes them): FP8 scales stored [L, groups, R*T] are returned column-major
+    ([L, R*T, groups]); without FP8, an empty float32 [L, R*T, 0] stands for them."""
+    rx = o["x"]
+    scales = o["scales"].transpose(1, 2) if "scales" in o else x.new_empty((*rx.shape[:2], 0), dtype=torch.float32)
+    return (rx, scales, *(o[n] for n in ("count", "src_info", "layout_range", "src_k", "tok_rows", "tok_meta")))
 
 
 @low_latency_dispatch_op.register_fake
 def _low_latency_dispatch_fake(x, topk_idx, buffer_id, num_ranks, num_max_dispatch_tokens_per_rank, num_experts,
                                use_fp8, round_scale, use_ue8m0, order=None):
-    R, H = num_ranks, x.shape[1]
-    L, RT = num_experts // R, R * num_max_dispatch_tokens_per_rank
-    i32 = torch.int32
-    if use_fp8:
-        recv_x = x.new_empty((L, RT, H), dtype=torch.float8_e4m3fn)
-        # Stored [L, groups, R*T]: the caller sees the last two dims swapped (column-major).
-        groups, dt = ((H // 128 + 3) // 4, i32) if use_ue8m0 else (H // 128, torch.float32)
-        scales = x.new_empty((L, groups, RT), dtype=dt).transpose(1, 2)
-    else:
-        recv_x = x.new_empty((L, RT, H))
-        scales = x.new_empty((L, RT, 0), dtype=torch.float32)
-    combine_only = result_specs(R, num_max_dispatch_tokens_per_rank, H, num_experts, use_fp8, use_ue8m0)
-    tail = [x.new_empty(shape, dtype=getattr(torch, dt)) for shape, dt in
-            (combine_only[n] for n in ("src_k", "tok_rows", "tok_meta"))]
-    return (recv_x, scales, x.new_empty((L,), dtype=i32), x.new_empty((L, RT), dtype=i32),
-            x.new_empty((L, R, 2), dtype=i32), *tail)
+    specs = result_specs(num_ranks, num_max_dispatch_tokens_per_rank, x.shape[1], num_experts, use_fp8, use_ue8m0)
+    return _returned(x, {n: x.new_empty(shape, dtype=getattr(torch, dt)) for n, (shape, dt) in specs.items()})
 
 
 @torch.library.custom_op("epcomm::low_latency_combine", mutates_args=())

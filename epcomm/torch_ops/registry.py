@@ -15,7 +15,6 @@ import dataclasses
 import itertools
 import weakref
 
-from epcomm import interop
 from epcomm.buffer import find_buffer
 from epcomm.low_latency.handle import COMBINE_REFS, handle_over
 
@@ -61,8 +60,9 @@ def remember_low_latency_handle(buffer, handle) -> None:
     if per_buffer is None:
         per_buffer = _LL_HANDLES[buffer] = {}
     sizes = dataclasses.replace(handle, src_info=None, layout_range=None, refs={})
-    ptrs = tuple(handle.refs[k].ptr for k in COMBINE_REFS)
-    per_buffer[handle.slot] = (next(_ORDER), ptrs, sizes, handle.refs["keep"].owner, handle.refs.get("topk"))
+    views = tuple(handle.refs[k].holding(None) for k in COMBINE_REFS)
+    per_buffer[handle.slot] = (next(_ORDER), tuple(v.ptr for v in views), views, sizes, handle.refs["keep"].owner,
+                               handle.refs.get("topk"))
 
 
 def low_latency_handle(buffer, arrays: dict):
@@ -75,6 +75,8 @@ def low_latency_handle(buffer, arrays: dict):
     if not found:
         raise ValueError("handle: not returned by one of the latest two low_latency_dispatch calls of this Buffer "
                          "(a dispatch's results serve until the second next dispatch)")
-    _, _, sizes, owner, topk = max(found, key=lambda r: r[0])
-    refs = {k: interop.as_tensor(arrays[k], f"handle.{k}", device="any") for k in COMBINE_REFS}
+    _, _, views, sizes, owner, topk = max(found, key=lambda r: r[0])
+    # The arrays are the dispatch's (same addresses): its views, holding them again, need no
+    # second look at each array.
+    refs = {k: v.holding(arrays[k]) for k, v in zip(COMBINE_REFS, views)}
     return handle_over(owner, sizes, refs, sizes.generation, topk)
