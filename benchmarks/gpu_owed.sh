@@ -7,8 +7,9 @@
 # that size): warm-up 22 s on a cold cache, the jax + torch compiled files 47 s, the torch
 # example 32 s, the torch overhead benchmark 39 s, the 2-rank soak 92 s, the fault file 115 s,
 # the intranode file ~90 s, the low-latency file ~280 s; 4 ranks take about twice as long.
-# So three calls: ONLY='^(warmup|ll_alt|soak2$|compiled)', then '^(warmup|soak4|faults)', then
-# '^(warmup|fuzz|normal|ll2)'.
+# So four calls: ONLY='^(warmup|ll_alt|soak2$|compiled)', then '^(warmup|soak2_|soak4|faults[24])',
+# then '^(warmup|fuzz|normal|ll2)', then '^(warmup|faults8)' (8 ranks: about four times the 2-rank
+# time, a call of its own).
 source "$(dirname "$0")/gpu_steps.sh"
 P="python3 -m pytest -q -rs -p no:cacheprovider"
 step warmup 90 python3 -m epcomm.tools.cli warmup --preset tests --smoke -j 16
@@ -22,11 +23,12 @@ step compiled_example 70 python3 examples/torch_compile_moe.py
 step compiled_overhead 70 python3 benchmarks/torch_compile_overhead.py --ranks 2 --json "$OUT/torch_compile_overhead.json"
 EPCOMM_TEST_RANKS=4 EPCOMM_TEST_TIMEOUT=230 step compiled4 250 $P tests/gpu/test_jax_jit_gpu.py tests/gpu/test_torch_compile_gpu.py
 # Failures: the soak (2 ranks, then 4), fault injection at 4 ranks, with the index checks off,
-# and the GPU fuzz.
+# and the GPU fuzz; fault injection at 8 ranks.
 step soak2_seed2 250 python3 benchmarks/soak.py --ranks 2 --calls 10000 --seed 2 --time-limit 240 --json "$OUT/soak-2ranks-seed2.json"
 step soak4 400 python3 benchmarks/soak.py --ranks 4 --calls 2000 --seed 1 --time-limit 390 --json "$OUT/soak-4ranks.json"
 EPCOMM_TEST_RANKS=4 step faults4 500 $P tests/gpu/test_fault_injection_gpu.py
 EPCOMM_TEST_RANKS=2 EPCOMM_CHECK_INDICES=0 step faults2_nocheck 200 $P tests/gpu/test_fault_injection_gpu.py
+EPCOMM_TEST_RANKS=8 step faults8 590 $P tests/gpu/test_fault_injection_gpu.py
 EPCOMM_TEST_RANKS=2 step fuzz2 250 $P tests/gpu/test_fuzz_gpu.py
 EPCOMM_TEST_RANKS=4 step fuzz4 400 $P tests/gpu/test_fuzz_gpu.py
 # The default suites on the current kernels (the rank-mask pointer and shrink deadlines).

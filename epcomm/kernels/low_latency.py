@@ -166,7 +166,8 @@ def mask_offset(num_ranks: int) -> int:
 @dataclass(frozen=True)
 class HeapLayout:
     """Byte offsets inside every rank's symmetric heap for one (T, H, E, R) (K is fixed at
-    MAX_TOPK).  ``total``: what every call needs; the LogFMT combine's group words come after it
+    MAX_TOPK).  ``disp_send_end``: the end of the dispatch's put staging, the last place a
+    message header of this shape may sit.  ``total``: what every call needs; the LogFMT combine's group words come after it
     (``lf_meta_off``, ``lf_stage_off``), up to ``lf_total``, the size hint (so a call without
     LogFMT never needs them, and the offsets of everything else do not depend on them)."""
 
@@ -183,6 +184,7 @@ class HeapLayout:
     comb_send_off: int
     total: int
     msg_bytes: int
+    disp_send_end: int = 0
     lf_meta_off: int = 0
     lf_stage_off: int = 0
     lf_total: int = 0
@@ -207,7 +209,7 @@ class HeapLayout:
         lm = total
         lst = _align(lm + 2 * T * K * G * 8, 4096)
         lf_total = _align(lst + 2 * E * T * G * 8, 4096)
-        return cls(df, cf, da, ca, sh, wf, dr, cw, cr, ds, cs, total, m, lm, lst, lf_total)
+        return cls(df, cf, da, ca, sh, wf, dr, cw, cr, ds, cs, total, m, ds + 2 * T * m, lm, lst, lf_total)
 
 
 # Shape word of a dispatch (LLParams.shape_word): every field a receiver needs to read a

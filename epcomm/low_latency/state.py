@@ -333,7 +333,7 @@ class LowLatencyState(DispatchOps, CombineOps, FastPaths):
         # used so far (this one among them): the dispatch regions and, up to its end, the put
         # staging.  A later shape's messages may sit where those headers are, and one left
         # there would match a restarted tag (ll_msg_tag in low_latency.cuh).
-        end = max(ly.disp_send_off + 2 * t * ly.msg_bytes for (t, _, _), ly in self._layouts.items())
+        end = max(ly.disp_send_end for ly in self._layouts.values())
         ctx = self.ctx
         with driver.on_device(self.device_id):
             # The whole device, not only the comm stream: low-latency kernels usually run on the

@@ -120,7 +120,6 @@ def _ll_case(seed, R=2, T=12, H=256, E=8, K=4):
 
 def _scalar_combine(ys, tks, ws, hs, s, fma, rows=lambda v: v.astype(np.float32)):
     """The plain k-ascending loop of one source, row by row (no partials)."""
-    R = len(ys)
     L = ys[0].shape[0]
     N, K = tks[s].shape
     out = np.zeros((N, ys[0].shape[2]), dtype=np.float32)

@@ -99,7 +99,7 @@ def test_the_figure_shows_the_means_over_ranks_and_the_baselines():
 def test_the_readme_shows_a_picture_drawn_from_a_committed_result():
     readme = (ROOT / "README.md").read_text()
     png = RESULT.with_suffix(".png")
-    assert f"![" in readme and f"]({png.relative_to(ROOT)})" in readme
+    assert "![" in readme and f"]({png.relative_to(ROOT)})" in readme
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"epcomm report {RESULT.relative_to(ROOT)} --plot {png.relative_to(ROOT)}" in readme
     json.loads(RESULT.read_text())  # the result it is drawn from is committed beside it

@@ -120,6 +120,8 @@ def test_low_latency_heap_regions_are_disjoint_and_flags_come_first(R, T, H, E):
         assert off >= end and off % 4096 == 0
         end = off + size
     assert lay.total >= end
+    # The last place a message header may sit (what a clean zeroes up to).
+    assert lay.disp_send_end == lay.disp_send_off + 2 * T * lay.msg_bytes
     # The LogFMT combine's group words come last, so they move no other region: those of the
     # arriving rows [2][T][32][H/128], then their put-path staging [2][E*T][H/128] (u64 each).
     G = H // 128

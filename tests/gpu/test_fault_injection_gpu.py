@@ -1,7 +1,7 @@
 """Fault injection: a rank killed with SIGKILL (between calls, during a dispatch, during a combine,
 during a low-latency receive hook), a rank that stalls for less than the shrink timeout, and a
 rank that leaves cleanly; a death inside a normal-mode call with the NVLink buffer shared both
-ways (EPCOMM_PEER_MEMORY=ipc and vmm).  Ranks share one GPU (EPCOMM_SHARE_GPU=1; EPCOMM_TEST_RANKS=2 or 4).
+ways (EPCOMM_PEER_MEMORY=ipc and vmm).  Ranks share one GPU (EPCOMM_SHARE_GPU=1; EPCOMM_TEST_RANKS=2, 4 or 8).
 
 For each case the survivors record what their call raised or returned and how long it took
 (printed, and in the results), then check that their next calls (masked in shrink mode, or on
@@ -31,8 +31,8 @@ TIMEOUT_S = 6        # EPCOMM_TIMEOUT_S of the cases without shrink
 FAULT_SPAWN_S = min(TEST_TIMEOUT.get(), 240.0)   # one spawn's limit (see the module docstring)
 
 
-def _job(world, seed):
-    return random_job(np.random.default_rng(seed), world, N, H, E, K, drop_prob=0.1)
+def _job(world, seed, num_experts=E):
+    return random_job(np.random.default_rng(seed), world, N, H, num_experts, K, drop_prob=0.1)
 
 
 def _t(torch, a):
@@ -49,21 +49,21 @@ def _bits(t):
 
 
 # ---- normal mode ---------------------------------------------------------------------------------
-def _normal_round(buf, torch, job, rank, worst=0):
+def _normal_round(buf, torch, job, rank, worst=0, num_experts=E):
     xs, tks, ws = job
     rx, rti, rtw, counts, handle, _ = buf.dispatch(_t(torch, xs[rank]), topk_idx=_t(torch, tks[rank]),
-                                                   topk_weights=_t(torch, ws[rank]), num_experts=E,
+                                                   topk_weights=_t(torch, ws[rank]), num_experts=num_experts,
                                                    num_worst_tokens=worst)
     y, _, _ = buf.combine(rx, handle)
     torch.cuda.synchronize()
     return rx, rti, counts, y
 
 
-def _normal_check(got, job, rank, masked=()):
+def _normal_check(got, job, rank, masked=(), num_experts=E):
     from epcomm import reference
     xs, tks, ws = job
-    tk = reference.mask_routing(tks, E, masked) if masked else tks
-    res = reference.dispatch(xs, E, topk_idx=tk, topk_weights=ws)
+    tk = reference.mask_routing(tks, num_experts, masked) if masked else tks
+    res = reference.dispatch(xs, num_experts, topk_idx=tk, topk_weights=ws)
     comb = reference.combine([r.recv_x for r in res], [r.handle for r in res])
     rx, rti, counts, y = got
     want = res[rank]
@@ -124,10 +124,14 @@ def _rebuild(old, group, rank, world, victim, torch, epcomm):
     torch.cuda.synchronize()
     threads, mem = threading.active_count(), torch.cuda.memory_allocated()
     size = epcomm.Buffer.get_nvl_buffer_size_hint(H, len(survivors), N, K)
+    # The survivors keep their experts: E / world each, so an expert count the smaller group
+    # divides (E itself need not be: 32 experts on 3 or 7 survivors).
+    es = E // world * len(survivors)
     for i in range(2):  # twice: a leak would grow
         buf = epcomm.Buffer(sub, size)
-        job = _job(len(survivors), 100 + i)
-        out[f"rebuilt_{i}"] = _normal_check(_normal_round(buf, torch, job, me), job, me) or "ok"
+        job = _job(len(survivors), 100 + i, es)
+        out[f"rebuilt_{i}"] = _normal_check(_normal_round(buf, torch, job, me, num_experts=es), job, me,
+                                            num_experts=es) or "ok"
         buf.destroy()
     torch.cuda.synchronize()
     out["leak"] = ("ok" if threading.active_count() <= threads and torch.cuda.memory_allocated() <= mem
