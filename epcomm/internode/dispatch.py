@@ -1,7 +1,7 @@
 """Internode dispatch: every token crosses the network at most once per destination node, then
 reaches each rank of that node holding one of its experts over NVLink.
 
-The arguments are checked by the normal mode's rules (:func:`epcomm.normal.dispatch.check_args`)
+The arguments are checked by the normal mode's rules (:func:`epcomm.normal.dispatch_args.check_args`)
 plus the internode kernels' limits, all before any launch.  Kernels, all on the comm stream:
 prep (the send plan; not for a cached dispatch), send, notify (counts and receive offsets), then
 receive into outputs sized by the host once the counts arrived, or by ``num_worst_tokens``
@@ -14,7 +14,8 @@ from epcomm.errors import BufferStateError
 from epcomm.internode.handle import InternodeHandle
 from epcomm.jit import loader
 from epcomm.kernels import internode as K
-from epcomm.normal.dispatch import DispatchArgs, begin_dispatch, check_args
+from epcomm.normal.dispatch import begin_dispatch
+from epcomm.normal.dispatch_args import DispatchArgs, check_args
 from epcomm.normal.handle import ptr
 from epcomm.normal.layout import layout_on_comm
 from epcomm.runtime import driver

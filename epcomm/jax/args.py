@@ -12,7 +12,7 @@ from epcomm.kernels import intranode as K_intra
 from epcomm.kernels import layout as K_layout
 from epcomm.low_latency.dispatch import check_format, check_sizes, check_topk_width
 from epcomm.low_latency.handle import result_specs
-from epcomm.normal.dispatch import worst_output_specs
+from epcomm.normal.shapes import worst_output_specs
 from epcomm.validate import check_bool, check_experts_divisible, check_hidden_size, check_int
 
 

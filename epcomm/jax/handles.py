@@ -9,7 +9,7 @@ from epcomm.buffer import Buffer
 from epcomm.interop import jax_callback as jx
 from epcomm.jax.args import index_operand, ll_specs, operand
 from epcomm.low_latency.handle import LowLatencyHandle as EngineLLHandle, handle_over
-from epcomm.normal.dispatch import route_specs
+from epcomm.normal.shapes import route_specs
 from epcomm.normal.handle import ROUTE_FIELDS, DispatchHandle
 
 # The arrays of a normal-mode handle (the engine's route: the send plan, the layout's

@@ -1,5 +1,6 @@
 """The normal (high-throughput) mode inside one NVLink domain: peer memory state (state.py), the
-layout (layout.py), dispatch (dispatch.py) and combine (combine.py).  Kernels:
+layout (layout.py), dispatch (dispatch.py: its arguments' checks in dispatch_args.py, its outputs'
+shapes in shapes.py) and combine (combine.py).  Kernels:
 ``cuda_src/intranode.cuh`` via :mod:`epcomm.kernels.intranode`."""
 from __future__ import annotations
 
