@@ -23,28 +23,28 @@ from epcomm.runtime.topology import Topology
 
 class HeapResources(NamedTuple):
     """What a low-latency engine runs on: NVSHMEM's buffer object (None for a heap not from
-    NVSHMEM), the heap's address, this rank's control words and each peer's heap address (0:
-    reached by NVSHMEM puts)."""
+    NVSHMEM), the heap's address, this rank's control words, each peer's heap address (0:
+    reached by NVSHMEM puts) and every pair's transport (:func:`nvlink_links`)."""
     heap_obj: object
     heap: int
     ctrl: int
     peers: list
+    links: np.ndarray
 
 
-def nvlink_peers(rank: int, peers: list, reach, topology: Topology | None = None) -> list:
-    """``peers`` (each rank's heap address as ``rank`` maps it, 0: not mapped) with 0 for every
-    peer the kernels must reach with NVSHMEM puts: one on another node of ``topology`` (declared
-    nodes on one host included), and one that does not map ``rank``'s heap (``reach[r][q]``:
-    rank r maps rank q's heap).  Both ends of a pair pick the same transport, as the combine's
-    row format depends on it: a pair mapped one way only uses puts both ways."""
-    other_node = topology is not None and topology.spans_nodes
-    out = list(peers)
-    for r in range(len(peers)):
-        if r == rank:
-            continue
-        if not reach[r][rank] or not reach[rank][r] or (other_node and not topology.same_node(rank, r)):
-            out[r] = 0
-    return out
+def nvlink_links(reach, topology: Topology | None = None) -> np.ndarray:
+    """bool [R, R]: ``[r, q]`` whether ranks r and q reach each other's heap over NVLink (else
+    NVSHMEM puts, both ways).  ``reach[r][q]``: rank r maps rank q's heap.  A pair on two nodes
+    of ``topology`` (declared nodes on one host included) or mapped one way only uses puts: both
+    ends of a pair pick the same transport, as the combine's row format depends on it."""
+    m = np.array([[bool(b) for b in row] for row in reach], dtype=bool)
+    links = m & m.T
+    if topology is not None and topology.spans_nodes:
+        R = len(reach)
+        node = np.array([topology.node_of(r) for r in range(R)])
+        links &= node[:, None] == node[None, :]
+    np.fill_diagonal(links, True)
+    return links
 
 
 class LowLatencyState(DispatchOps, CombineOps, FastPaths):
@@ -71,7 +71,7 @@ class LowLatencyState(DispatchOps, CombineOps, FastPaths):
         try:
             if resources is None:
                 resources = self._allocate(ctx, num_rdma_bytes)
-            self.heap_obj, self.heap, self.ctrl, self.peers = resources
+            self.heap_obj, self.heap, self.ctrl, self.peers, self.links = resources
             self.force_put = bool(envs.LL_FORCE_NVSHMEM_PUT.get())
             # DeepEP's numerics add every row at the source, in k order: no expert-side partials.
             self.numerics = ctx.numerics
@@ -90,7 +90,7 @@ class LowLatencyState(DispatchOps, CombineOps, FastPaths):
 
     def _allocate(self, ctx, num_rdma_bytes: int) -> "HeapResources":
         """NVSHMEM's heap, this rank's control words and the peers' heap pointers (0 where
-        :func:`nvlink_peers` says puts)."""
+        :func:`nvlink_links` says puts)."""
         with driver.on_device(self.device_id):
             nvr.init(ctx.group, self.device_id, num_rdma_bytes, shared_gpu=ctx.shares_gpu)
             self.heap_obj, heap = nvr.alloc(num_rdma_bytes)
@@ -101,9 +101,10 @@ class LowLatencyState(DispatchOps, CombineOps, FastPaths):
             peers = [heap if r == self.rank else nvr.peer_ptr(self.heap_obj, r) for r in range(self.num_ranks)]
         # The all-gather also orders every heap's zeroing before anyone writes into it.
         reach = ctx.group.allgather_bytes(bytes(int(p != 0) for p in peers))
-        peers = nvlink_peers(self.rank, peers, reach, ctx.topology)
+        links = nvlink_links(reach, ctx.topology)
+        peers = [p if links[self.rank, r] else 0 for r, p in enumerate(peers)]
         ctx.group.barrier()
-        return HeapResources(self.heap_obj, heap, self.ctrl, peers)
+        return HeapResources(self.heap_obj, heap, self.ctrl, peers, links)
 
     def _template(self, ctx) -> K.LLParams:
         t = K.LLParams()
@@ -187,13 +188,11 @@ class LowLatencyState(DispatchOps, CombineOps, FastPaths):
     def partial_pairs(self, on: bool | None = None) -> np.ndarray:
         """bool [R, R]: ``[s, d]`` whether expert-side rank d sends source rank s partial sums in
         a combine, with the setting ``on`` (default the Buffer's): only between ranks that reach
-        each other over NVLink, so never across nodes (declared ones included) nor with
+        each other over NVLink (:func:`nvlink_links`), so never across nodes (declared ones
+        included), between GPUs that cannot map each other, nor with
         EPCOMM_LL_FORCE_NVSHMEM_PUT.  What ``reference.low_latency_combine(partials=...)`` takes."""
         on = (self.partials if on is None else bool(on)) and not self.force_put
-        topo = self.ctx.topology
-        R = self.num_ranks
-        node = np.array([topo.node_of(r) if topo is not None and topo.spans_nodes else 0 for r in range(R)])
-        return (node[:, None] == node[None, :]) & on
+        return self.links & on
 
     # ---- helpers ---------------------------------------------------------------------------
     def empty(self, fw, shape, dtype, name: str | None = None):

@@ -437,18 +437,24 @@ def test_clean_mask_leaves_a_peers_concurrent_publication_alone(monkeypatch):
 
 
 # ---- which rank pairs a low-latency combine sends partial sums between --------------------------
-def test_partial_pairs_follow_nodes_and_the_settings(monkeypatch):
-    """LowLatencyState.partial_pairs: the Buffer's setting between ranks of one node (declared
-    nodes included), never across nodes nor with every peer through puts (what the kernels'
-    ll_partial decides; the GPU tests and the benchmark's check take their expectation from it)."""
+def test_partial_pairs_follow_the_links_and_the_settings(monkeypatch):
+    """LowLatencyState.partial_pairs: the Buffer's setting between ranks that reach each other
+    over NVLink (one node, declared nodes included, both mapping the other's heap), never across
+    nodes, between GPUs mapped one way only, nor with every peer through puts (what the kernels'
+    ll_partial decides; the GPU tests and the soak take their expectation from it)."""
     import types
-    from epcomm.low_latency.state import LowLatencyState
-    st = types.SimpleNamespace(num_ranks=4, partials=True, force_put=False,
-                               ctx=types.SimpleNamespace(topology=None))
+    from epcomm.low_latency.state import LowLatencyState, nvlink_links
+    reach = [bytearray(b"\x01" * 4) for _ in range(4)]
+    st = types.SimpleNamespace(partials=True, force_put=False, links=nvlink_links(reach))
     pairs = LowLatencyState.partial_pairs
     assert pairs(st).all() and not pairs(st, False).any()
-    st.ctx.topology = types.SimpleNamespace(spans_nodes=True, node_of=lambda r: r // 2)
+    st.links = nvlink_links(reach, types.SimpleNamespace(spans_nodes=True, node_of=lambda r: r // 2))
     want = np.array([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]], dtype=bool)
     assert np.array_equal(pairs(st), want) and not pairs(st, False).any()
+    reach[3][1] = 0  # rank 3 cannot map rank 1's heap: puts both ways between them
+    st.links = nvlink_links(reach)
+    want = np.ones((4, 4), dtype=bool)
+    want[1, 3] = want[3, 1] = False
+    assert np.array_equal(pairs(st), want)
     st.force_put = True
     assert not pairs(st).any() and not pairs(st, True).any()

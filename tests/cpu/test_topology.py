@@ -6,12 +6,13 @@ from __future__ import annotations
 import socket
 import threading
 
+import numpy as np
 import pytest
 
 from epcomm import envs
 from epcomm.errors import EpcommError
 from epcomm.low_latency import state as ll_state
-from epcomm.low_latency.state import LowLatencyState, nvlink_peers
+from epcomm.low_latency.state import LowLatencyState, nvlink_links
 from epcomm.runtime import driver
 from epcomm.runtime import nvshmem as nvr
 from epcomm.runtime import topology
@@ -381,27 +382,31 @@ def test_pci_bus_ids_and_devices_by_bus_id(monkeypatch):
 HEAPS = [0x1000, 0x2000, 0x3000, 0x4000]
 
 
-def test_nvlink_peers_without_a_topology_keep_mapped_pairs():
+def _links(*rows):
+    return np.array([[c == "1" for c in r] for r in rows])
+
+
+def test_nvlink_links_without_a_topology_keep_mapped_pairs():
     reach = [b"\x01" * 4] * 4
-    assert nvlink_peers(0, HEAPS, reach) == HEAPS
-    assert nvlink_peers(0, HEAPS, reach, Topology(4, 4)) == HEAPS
+    assert (nvlink_links(reach) == _links("1111", "1111", "1111", "1111")).all()
+    assert (nvlink_links(reach, Topology(4, 4)) == _links("1111", "1111", "1111", "1111")).all()
 
 
-def test_nvlink_peers_on_other_declared_nodes_use_puts():
+def test_nvlink_links_on_other_declared_nodes_use_puts():
     reach = [b"\x01" * 4] * 4
-    t = declare(4, 2)
-    assert nvlink_peers(0, HEAPS, reach, t) == [HEAPS[0], HEAPS[1], 0, 0]
-    assert nvlink_peers(3, HEAPS, reach, t) == [0, 0, HEAPS[2], HEAPS[3]]
-    assert nvlink_peers(1, HEAPS, reach, declare(4, 1)) == [0, HEAPS[1], 0, 0]
+    assert (nvlink_links(reach, declare(4, 2)) == _links("1100", "1100", "0011", "0011")).all()
+    assert (nvlink_links(reach, declare(4, 1)) == _links("1000", "0100", "0010", "0001")).all()
 
 
-def test_nvlink_peers_mapped_one_way_use_puts_both_ways():
+def test_nvlink_links_mapped_one_way_use_puts_both_ways():
     reach = [bytearray(b"\x01" * 4) for _ in range(4)]
     reach[2][0] = 0  # rank 2 does not map rank 0's heap
-    assert nvlink_peers(0, HEAPS, reach) == [HEAPS[0], HEAPS[1], 0, HEAPS[3]]
-    assert nvlink_peers(2, HEAPS, reach) == [0, HEAPS[1], HEAPS[2], HEAPS[3]]
+    assert (nvlink_links(reach) == _links("1101", "1111", "0111", "1111")).all()
     # and the node rule on top of it
-    assert nvlink_peers(0, HEAPS, reach, declare(4, 2)) == [HEAPS[0], HEAPS[1], 0, 0]
+    assert (nvlink_links(reach, declare(4, 2)) == _links("1100", "1100", "0011", "0011")).all()
+    # a rank always reaches its own heap directly, whatever its reach row says
+    reach[1][1] = 0
+    assert nvlink_links(reach)[1, 1]
 
 
 @pytest.mark.parametrize("topo, expect_put", [(None, False), (Topology(4, 2, declared=True), True)])

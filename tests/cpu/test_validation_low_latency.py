@@ -18,9 +18,9 @@ from epcomm.runtime.event import EventOverlap  # noqa: E402
 from epcomm.buffer import Buffer  # noqa: E402
 from epcomm.low_latency.dispatch import DEFAULT_SMEM  # noqa: E402
 from epcomm.kernels import low_latency as K  # noqa: E402
-from epcomm.low_latency.state import HeapResources, LowLatencyState  # noqa: E402
+from epcomm.low_latency.state import LowLatencyState  # noqa: E402
 from fake_driver import FakeModule  # noqa: E402
-from fake_rig import FakeRuntime  # noqa: E402
+from fake_rig import FakeRuntime, fake_heap  # noqa: E402
 from fake_runtime import FakeGroup, fake_buffer, fake_context  # noqa: E402
 
 H, E = 256, 8
@@ -492,7 +492,7 @@ def _record_launches(rig, monkeypatch):
 def _numerics_buffer(rig, numerics, rdma=1 << 30):
     ctx = fake_context(2, stream=7, group=FakeGroup(0, 2, rig.log))
     ctx.numerics = numerics
-    st = LowLatencyState(ctx, rdma, resources=HeapResources(None, 1 << 40, 0, [1] * 2))
+    st = LowLatencyState(ctx, rdma, resources=fake_heap(2))
     return fake_buffer(normal=False, ctx=ctx, low_latency=st), st
 
 

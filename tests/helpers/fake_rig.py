@@ -21,6 +21,13 @@ PARAM_FIELDS = ("expert_alignment", "num_topk", "src_ld", "rows", "groups", "spe
                 "hidden", "num_experts", "max_tokens", "out_rows", "fp8", "cached")
 
 
+def fake_heap(R: int):
+    """A low-latency engine's resources without NVSHMEM: a heap address no array uses, every
+    peer mapped (so every pair over NVLink)."""
+    from epcomm.low_latency.state import HeapResources
+    return HeapResources(None, 1 << 40, 0, [1] * R, np.ones((R, R), dtype=bool))
+
+
 class FakeRuntime:
     """Recorders for what would reach the GPU.
 
@@ -153,8 +160,8 @@ class FakeRuntime:
                   recv_per_rank: int = 4):
         """(Buffer, its LowLatencyState): a real low-latency engine on a fake heap (every peer
         reached by NVLink), and with ``normal`` the normal mode too."""
-        from epcomm.low_latency.state import HeapResources, LowLatencyState
+        from epcomm.low_latency.state import LowLatencyState
         ctx = fake_context(R, stream=7, group=FakeGroup(0, R, self.log))
         ctx.numerics = numerics
-        st = LowLatencyState(ctx, rdma, resources=HeapResources(None, 1 << 40, 0, [1] * R))
+        st = LowLatencyState(ctx, rdma, resources=fake_heap(R))
         return fake_buffer(normal=normal, ctx=ctx, low_latency=st, num_ranks=R, recv_per_rank=recv_per_rank), st
