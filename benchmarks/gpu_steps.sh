@@ -4,7 +4,8 @@
 # BUDGET less 5 s), logs it to $OUT/NAME.log and appends one line (exit status, time, pytest's or
 # the example's last verdict) to $OUT/summary.txt; a step whose name does not match the regular
 # expression ONLY (when set) is skipped.  CMD is an executable, not a shell function (`timeout`
-# runs it).  Sets what every GPU run needs: the NVLS switches off, ranks sharing one GPU, the
+# runs it); at its limit it gets SIGTERM, then SIGKILL 10 s later (time for pytest to end its
+# spawn's workers and print its failures: tests/conftest.py).  Sets what every GPU run needs: the NVLS switches off, ranks sharing one GPU, the
 # carried nvshmem4py wheel (.whl/) installed once per machine.
 OUT=${OUT:-$PWD/gpu-out}; mkdir -p "$OUT"
 BUDGET=${BUDGET:-570}
@@ -27,7 +28,7 @@ step() {
   if (( left < 20 )); then echo "$name: SKIPPED (${left}s left)" | tee -a "$OUT/summary.txt"; return; fi
   (( lim > left )) && lim=$left
   local t0=$SECONDS
-  timeout -k 5 "$lim" "$@" > "$OUT/$name.log" 2>&1
+  timeout -k 10 "$lim" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
   echo "$name: rc=$rc limit ${lim}s took $(( SECONDS - t0 ))s :: $(grep -E '(passed|failed|error|PASS|FAIL)' "$OUT/$name.log" | tail -1 | cut -c1-200)" | tee -a "$OUT/summary.txt"
 }

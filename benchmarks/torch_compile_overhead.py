@@ -15,6 +15,7 @@ into the graph's static ones).
 EPCOMM_CHECK_INDICES=0 (as in ``epcomm bench``: the host check is a device sync per call).
 
     python benchmarks/torch_compile_overhead.py [--ranks R] [--T 128] [--H 7168] [--E 64] [--K 8] [--json out.json]
+        [--timeout 900]
 
 With one GPU the Buffer has one rank (NVSHMEM with a single PE), or R ranks sharing it under
 EPCOMM_SHARE_GPU=1 (then the GPU times are not speeds).
@@ -116,9 +117,11 @@ def main(argv=None) -> int:
     ap.add_argument("--calls", type=int, default=50, help="pairs per timed batch")
     ap.add_argument("--batches", type=int, default=20, help="timed batches")
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--timeout", type=float, default=900.0,
+                    help="seconds the ranks may take before they are ended, naming where each one was waiting")
     a = ap.parse_args(argv)
     world = a.ranks or max(spawn.gpu_count(), 1)
-    res = spawn.run(worker, world, a.T, a.H, a.E, a.K, a.calls, a.batches, timeout=900, env=WORKER_ENV)
+    res = spawn.run(worker, world, a.T, a.H, a.E, a.K, a.calls, a.batches, timeout=a.timeout, env=WORKER_ENV)
     report = {"ranks": world, "T": a.T, "H": a.H, "E": a.E, "K": a.K, "calls": a.calls, "batches": a.batches,
               "per_rank": res}
     for name in VARIANTS:

@@ -45,3 +45,29 @@ def test_only_picks_steps_and_the_budget_skips_what_cannot_start(tmp_path):
     assert [ln.split(":")[0] for ln in lines] == ["keep_a", "keep_b"]
     lines, _ = _run(tmp_path, "step late 20 true", BUDGET="10")
     assert lines == ["late: SKIPPED (5s left)"]
+
+
+def test_a_pytest_step_cut_by_its_limit_still_reports_the_failures_so_far(tmp_path):
+    """The step's `timeout` ends pytest with SIGTERM; tests/conftest.py turns it into an interrupt,
+    so the log keeps the failure of the test that finished (killed outright, pytest printed only
+    its progress dots) and the summary line has pytest's verdict."""
+    work = tmp_path / "suite"
+    work.mkdir()
+    # tests/conftest.py's hooks, in a directory of its own (nothing written into the tree).
+    (work / "conftest.py").write_text(
+        "import importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('epcomm_tests_conftest', {str(ROOT / 'tests' / 'conftest.py')!r})\n"
+        "mod = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(mod)\n"
+        "globals().update({k: v for k, v in vars(mod).items() if k.startswith('pytest_')})\n")
+    (work / "test_cut.py").write_text(
+        "import time\n"
+        "def test_a_fails():\n"
+        "    assert 1 == 2, 'the detail of the failure'\n"
+        "def test_b_outlives_the_limit():\n"
+        "    time.sleep(120)\n")
+    lines, out = _run(tmp_path, f"step cut 12 {sys.executable} -m pytest -q -p no:cacheprovider "
+                                f"--rootdir {work} {work / 'test_cut.py'}", BUDGET="100")
+    assert lines[0].startswith("cut: rc=124 limit 12s") and "1 failed" in lines[0].split("::", 1)[1], lines[0]
+    log = (out / "cut.log").read_text()
+    assert "the detail of the failure" in log and "KeyboardInterrupt" in log, log
