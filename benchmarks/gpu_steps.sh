@@ -5,8 +5,9 @@
 # the example's last verdict) to $OUT/summary.txt; a step whose name does not match the regular
 # expression ONLY (when set) is skipped.  CMD is an executable, not a shell function (`timeout`
 # runs it); at its limit it gets SIGTERM, then SIGKILL 10 s later (time for pytest to end its
-# spawn's workers and print its failures: tests/conftest.py).  Sets what every GPU run needs: the NVLS switches off, ranks sharing one GPU, the
-# carried nvshmem4py wheel (.whl/) installed once per machine.
+# spawn's workers and print its failures: tests/conftest.py).  Sets what every GPU run needs:
+# the NVLS switches off, ranks sharing one GPU, the carried nvshmem4py wheel (.whl/) installed
+# once per machine.
 OUT=${OUT:-$PWD/gpu-out}; mkdir -p "$OUT"
 BUDGET=${BUDGET:-570}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
