@@ -558,11 +558,13 @@ EPCOMM_DEVICE void ll_dispatch_recv(const LLParams& p, u64 tag, u64 deadline) {
         u32 local;
         kk = ll_msg_match(region + (static_cast<u64>(s) * T + t) * p.msg_bytes, msg_tag, K, my_e, p.rank * L,
                           p.rank * L + L, &local);
-        s_kk[s * T + t] = static_cast<signed char>(kk);
         // The block of the token's first local expert records which k are here, for the combine.
         if (kk >= 0 && kk == __ffs(local) - 1)
           p.recv_tok_meta[s * T + t] = (static_cast<u64>(static_cast<u32>(tag)) << 32) | local;
       }
+      // Every slot pass 2 reads, a masked source's too (-1): shared memory holds whatever an
+      // earlier kernel left there, which pass 2 would place as rows over the live sources' ones.
+      if (t < T) s_kk[s * T + t] = static_cast<signed char>(kk);
       const unsigned b = __ballot_sync(0xffffffffu, kk >= 0);
       if (lane == 0) s_base[item] = __popc(b);
     }
