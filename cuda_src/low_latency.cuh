@@ -44,6 +44,7 @@ struct LLCtrl {
   int comb_recv_done[2];
   int failed;  // a receive gave up or found another shape: later kernels do nothing
   int pad;
+  u64 layout;  // ll_layout_word of the last call whose receive ended here (0: none)
 };
 
 // Hand-off from a sending grid to each receiver (the dispatch and combine flags).  NVLink
@@ -177,6 +178,13 @@ EPCOMM_DEVICE u64 ll_msg_tag(u64 tag, int slot) {
   return (0x7FA5ull << 48) | (tag << 1) | static_cast<u64>(slot & 1);
 }
 
+// The heap layout of a call (epcomm.kernels.low_latency.HeapLayout: with R, T, H and E place
+// every region), as one word; never 0 (T >= 1).
+EPCOMM_DEVICE u64 ll_layout_word(const LLParams& p, int hidden) {
+  return static_cast<u64>(p.max_tokens) | (static_cast<u64>(hidden / 128) << 20) |
+         (static_cast<u64>(p.num_experts) << 30);
+}
+
 // This rank's mask (shrink mode; null otherwise, and every mask test folds away).
 EPCOMM_DEVICE int* ll_mask(const LLParams& p) {
   return p.shrink ? reinterpret_cast<int*>(p.heap + p.mask_off) : nullptr;
@@ -301,6 +309,31 @@ EPCOMM_DEVICE void ll_rebase(const LLParams& p, u64 flag_off, u64* base) {
     base[p.slot * kLLMaxRanks + r] = ld_acquire_sys_u64(reinterpret_cast<const u64*>(p.heap + flag_off) + p.slot * R + r);
 }
 
+// Regions of different layouts overlap (a shape's dispatch messages can sit where another's
+// combine rows do), and the acknowledgements a send waits for cover only the previous call of
+// its own operation and slot: when this rank's last receive ended, a peer may still be reading
+// its own copy of that call (its receive ends after ours), and a send of another layout would
+// write over it.  So before a send writes into its peers with a layout other than that of the
+// last call received here (`prev`, LLCtrl.layout at the kernel's start), each of this thread's
+// (peer, operation, slot) waits until the peer acknowledged every receive that ended here.
+// Those receives need nothing from this rank's later calls, so the wait ends; while the layout
+// stays it is one comparison.  A receive still pending in a hook is not covered: the host
+// refuses a call of another layout meanwhile (LowLatencyState.check_hooks).  Returns false if
+// a wait failed (recorded).
+EPCOMM_DEVICE bool ll_wait_layout_quiet(const LLParams& p, u64 prev, u64 layout, u64 deadline, int phase) {
+  if (prev == layout) return true;
+  const int R = p.num_ranks;
+  bool ok = true;
+  for (int i = threadIdx.x; i < 4 * R; i += blockDim.x) {
+    const int d = i % R, s = (i / R) & 1;
+    const bool comb = i >= 2 * R;
+    const u64 done = ld_volatile_u64(comb ? &p.ctrl->comb_seq[s] : &p.ctrl->disp_seq[s]);
+    const u64* ack = reinterpret_cast<const u64*>(p.heap + (comb ? p.comb_ack_off : p.disp_ack_off)) + s * R + d;
+    if (wait_geq_u64_masked(ack, done, p.err, deadline, p.rank, phase, s, d, ll_mask(p)) == kWaitFailed) ok = false;
+  }
+  return ok;
+}
+
 // After ll_wait_arrivals on the dispatch flags (thread r acquired source r's flag, so it sees
 // the shape words its blocks wrote before arriving): does every source's dispatch have our shape?  A source with
 // another T, H, E, top-k or format wrote its messages with another layout; the first difference
@@ -328,7 +361,7 @@ EPCOMM_DEVICE bool ll_shapes_agree(const LLParams& p, u64 dead) {
 // Dispatch.
 // ------------------------------------------------------------------------------------------
 template <int kHidden, bool kFp8, bool kDeepepScale>
-EPCOMM_DEVICE void ll_dispatch_send(const LLParams& p, u64 tag, u64 deadline) {
+EPCOMM_DEVICE void ll_dispatch_send(const LLParams& p, u64 tag, u64 prev_layout, u64 deadline) {
   using Msg = LLMsg<kHidden, kFp8>;
   const int R = p.num_ranks, K = p.num_topk, N = p.num_tokens, T = p.max_tokens;
   const int L = p.num_experts / R;
@@ -344,6 +377,10 @@ EPCOMM_DEVICE void ll_dispatch_send(const LLParams& p, u64 tag, u64 deadline) {
         kWaitFailed)
       s_ok = 0;
   }
+  // A peer's receive of that call may wait for others itself: one timeout more (shrink_deadline).
+  if (!ll_wait_layout_quiet(p, prev_layout, ll_layout_word(p, kHidden),
+                            shrink_deadline(deadline, p.timeout_ns, p.shrink, 1), kPhaseLLDispatchSendAck))
+    s_ok = 0;
   __syncthreads();
   if (threadIdx.x == 0) s_dead = ll_dead_bits(p);
   __syncthreads();
@@ -558,11 +595,13 @@ EPCOMM_DEVICE void ll_dispatch_recv(const LLParams& p, u64 tag, u64 deadline) {
         u32 local;
         kk = ll_msg_match(region + (static_cast<u64>(s) * T + t) * p.msg_bytes, msg_tag, K, my_e, p.rank * L,
                           p.rank * L + L, &local);
-        s_kk[s * T + t] = static_cast<signed char>(kk);
         // The block of the token's first local expert records which k are here, for the combine.
         if (kk >= 0 && kk == __ffs(local) - 1)
           p.recv_tok_meta[s * T + t] = (static_cast<u64>(static_cast<u32>(tag)) << 32) | local;
       }
+      // Every slot pass 2 reads, a masked source's too (-1): shared memory holds whatever an
+      // earlier kernel left there, which pass 2 would place as rows over the live sources' ones.
+      if (t < T) s_kk[s * T + t] = static_cast<signed char>(kk);
       const unsigned b = __ballot_sync(0xffffffffu, kk >= 0);
       if (lane == 0) s_base[item] = __popc(b);
     }
@@ -635,7 +674,10 @@ EPCOMM_DEVICE void ll_dispatch_recv(const LLParams& p, u64 tag, u64 deadline) {
     __syncthreads();
     for (int s = threadIdx.x; s < R; s += blockDim.x)
       if (!((dead >> s) & 1ull)) ll_signal(p, s, p.disp_ack_off + (static_cast<u64>(p.slot) * R + p.rank) * 8, tag);
-    if (threadIdx.x == 0) p.ctrl->disp_seq[p.slot] = tag;
+    if (threadIdx.x == 0) {
+      p.ctrl->disp_seq[p.slot] = tag;
+      p.ctrl->layout = ll_layout_word(p, kHidden);
+    }
   }
   ll_stamp(p, 0, 7);
 }
@@ -644,9 +686,11 @@ EPCOMM_DEVICE void ll_dispatch_recv(const LLParams& p, u64 tag, u64 deadline) {
 template <int kHidden, bool kFp8, int kPhases, bool kDeepepScale = false>
 __global__ void __launch_bounds__(kLLThreads) ll_dispatch(const __grid_constant__ LLParams p) {
   __shared__ u64 s_tag;
+  __shared__ u64 s_layout;
   __shared__ int s_failed;
   if (threadIdx.x == 0) {
     s_tag = *reinterpret_cast<volatile u64*>(&p.ctrl->disp_seq[p.slot]) + 1;
+    s_layout = *reinterpret_cast<volatile u64*>(&p.ctrl->layout);
     s_failed = *reinterpret_cast<volatile int*>(&p.ctrl->failed);
   }
   __syncthreads();
@@ -654,9 +698,11 @@ __global__ void __launch_bounds__(kLLThreads) ll_dispatch(const __grid_constant_
   ll_stamp(p, 0, 0);
   const u64 tag = s_tag;
   const u64 deadline = globaltimer_ns() + p.timeout_ns;
-  if (kPhases & 1) ll_dispatch_send<kHidden, kFp8, kDeepepScale>(p, tag, deadline);
-  // A source arrives after its acknowledgement waits (shrink_deadline).
-  if (kPhases & 2) ll_dispatch_recv<kHidden, kFp8>(p, tag, shrink_deadline(deadline, p.timeout_ns, p.shrink, 1));
+  if (kPhases & 1) ll_dispatch_send<kHidden, kFp8, kDeepepScale>(p, tag, s_layout, deadline);
+  // A source arrives after its acknowledgement waits, and after a layout's quiet wait (one more
+  // timeout) where the layout changed (shrink_deadline).
+  const int hops = 1 + (kPhases == 3 && s_layout != ll_layout_word(p, kHidden));
+  if (kPhases & 2) ll_dispatch_recv<kHidden, kFp8>(p, tag, shrink_deadline(deadline, p.timeout_ns, p.shrink, hops));
 }
 
 // ------------------------------------------------------------------------------------------
@@ -949,7 +995,7 @@ __device__ __noinline__ void ll_combine_put_rows(const LLParams& p, int s, u32 m
 }
 
 template <int kHidden, int kMode>
-EPCOMM_DEVICE void ll_combine_send(const LLParams& p, u64 tag, u64 deadline) {
+EPCOMM_DEVICE void ll_combine_send(const LLParams& p, u64 tag, u64 prev_layout, u64 deadline) {
   const int R = p.num_ranks, K = p.num_topk, N = p.num_tokens, T = p.max_tokens;
   const int L = p.num_experts / R;
   const i64 nrows = static_cast<i64>(L) * R * T;
@@ -981,6 +1027,10 @@ EPCOMM_DEVICE void ll_combine_send(const LLParams& p, u64 tag, u64 deadline) {
         kWaitFailed)
       s_ok = 0;
   }
+  // Before the weights, the first writes into the peers (as in ll_dispatch_send).
+  if (!ll_wait_layout_quiet(p, prev_layout, ll_layout_word(p, kHidden),
+                            shrink_deadline(deadline, p.timeout_ns, p.shrink, 1), kPhaseLLCombineSendAck))
+    s_ok = 0;
   __syncthreads();
   if (threadIdx.x == 0) s_dead = ll_dead_bits(p);
   __syncthreads();
@@ -1334,7 +1384,10 @@ EPCOMM_DEVICE void ll_combine_recv(const LLParams& p, u64 tag, u64 deadline) {
     __syncthreads();
     for (int d = threadIdx.x; d < R; d += blockDim.x)
       if (!((dead >> d) & 1ull)) ll_signal(p, d, p.comb_ack_off + (static_cast<u64>(p.slot) * R + p.rank) * 8, tag);
-    if (threadIdx.x == 0) p.ctrl->comb_seq[p.slot] = tag;
+    if (threadIdx.x == 0) {
+      p.ctrl->comb_seq[p.slot] = tag;
+      p.ctrl->layout = ll_layout_word(p, kHidden);
+    }
   }
   ll_stamp(p, 1, 7);
 }
@@ -1343,9 +1396,11 @@ EPCOMM_DEVICE void ll_combine_recv(const LLParams& p, u64 tag, u64 deadline) {
 template <int kHidden, int kPhases, int kMode = 0>
 __global__ void __launch_bounds__(kLLThreads) ll_combine(const __grid_constant__ LLParams p) {
   __shared__ u64 s_tag;
+  __shared__ u64 s_layout;
   __shared__ int s_failed;
   if (threadIdx.x == 0) {
     s_tag = *reinterpret_cast<volatile u64*>(&p.ctrl->comb_seq[p.slot]) + 1;
+    s_layout = *reinterpret_cast<volatile u64*>(&p.ctrl->layout);
     // A failed dispatch receive left its routing outputs unwritten: combining them would send
     // rows to arbitrary addresses.
     s_failed = *reinterpret_cast<volatile int*>(&p.ctrl->failed);
@@ -1355,9 +1410,11 @@ __global__ void __launch_bounds__(kLLThreads) ll_combine(const __grid_constant__
   ll_stamp(p, 1, 0);
   const u64 tag = s_tag;
   const u64 deadline = globaltimer_ns() + p.timeout_ns;
-  if (kPhases & 1) ll_combine_send<kHidden, kMode>(p, tag, deadline);
-  // An expert-side rank arrives after its acknowledgement and weights waits (shrink_deadline).
-  if (kPhases & 2) ll_combine_recv<kHidden, kMode>(p, tag, shrink_deadline(deadline, p.timeout_ns, p.shrink, 2));
+  if (kPhases & 1) ll_combine_send<kHidden, kMode>(p, tag, s_layout, deadline);
+  // An expert-side rank arrives after its acknowledgement and weights waits, and after a
+  // layout's quiet wait where the layout changed (shrink_deadline).
+  const int hops = 2 + (kPhases == 3 && s_layout != ll_layout_word(p, kHidden));
+  if (kPhases & 2) ll_combine_recv<kHidden, kMode>(p, tag, shrink_deadline(deadline, p.timeout_ns, p.shrink, hops));
 }
 
 }  // namespace epcomm

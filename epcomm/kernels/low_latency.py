@@ -70,7 +70,7 @@ class LLCtrl(ParamsStruct):
     _fields_ = [("disp_seq", _u64 * 2), ("comb_seq", _u64 * 2), ("disp_base", (_u64 * MAX_RANKS) * 2),
                 ("comb_base", (_u64 * MAX_RANKS) * 2), ("disp_send_done", _i32 * 2), ("comb_send_done", _i32 * 2),
                 ("disp_recv_done", _i32 * 2), ("comb_recv_done", _i32 * 2),
-                ("failed", _i32), ("pad", _i32)]
+                ("failed", _i32), ("pad", _i32), ("layout", _u64)]
 
 
 # ll_combine's kMode bits (low_latency.cuh: kLLCombFma, kLLCombLogfmt).

@@ -83,7 +83,8 @@ class CombineOps:
                (GPU globaltimer) it waited for each rank's rows, once per call and rank (DeepEP:
                clock cycles, once per expert).  Without it the kernels only test a null pointer.
 
-        Returns ``(combined_x, event, hook)``.  CUDA-graph capturable.
+        Returns ``(combined_x, event, hook)``; until ``hook()`` is called, a low-latency call of
+        another (T, H, E) raises BufferStateError.  CUDA-graph capturable.
         """
         if (self._torch is not None and self.ctx.sink is None and not zero_copy and not async_finish
                 and not return_recv_hook
@@ -124,7 +125,7 @@ class CombineOps:
             p.wait_stats = ws.ptr if ws is not None else 0
             if use_logfmt:  # every row travels encoded: the kernels make no partials
                 p.partials = 0
-            fn, grid, blocks, smem = self._launch_combine(mod, p, slot, stream, return_recv_hook, R, T)
+            fn, grid, blocks, smem = self._launch_combine(mod, p, slot, stream, return_recv_hook, R, T, H)
             # zero_copy: x is this buffer's own heap, not the caller's allocator's to track.
             ev = self._event(fw, caller, stream, async_finish, (None if zero_copy else xr, tr, wr, o, ws))
         hook = None
@@ -140,7 +141,7 @@ class CombineOps:
                                                                                         out=(E // R, R * T, H))
         return interop.finish(fw, out_obj, stream), ev, hook
 
-    def _launch_combine(self, mod, p, slot: int, stream: int, return_recv_hook: bool, R: int, T: int):
+    def _launch_combine(self, mod, p, slot: int, stream: int, return_recv_hook: bool, R: int, T: int, H: int):
         """The send half alone (a receive hook follows) or send and receive in one cooperative
         grid; returns (the fused kernel or None, its grid or None, blocks, shared memory)."""
         smem = K.combine_smem_bytes(R, T)
@@ -150,7 +151,7 @@ class CombineOps:
         fn = grid = None
         if return_recv_hook:
             K.launch_half(mod, "combine_send", blocks, stream, p, smem)
-            self._comb_pending[slot] = True
+            self.hook_pending("combine", slot, T, H, p.num_experts)
         else:
             fn = mod.fn("combine_both")
             grid = min(blocks, self._coop_blocks(fn, smem))
@@ -181,6 +182,7 @@ class CombineOps:
                                  "(and write the expert outputs into it)")
         if self._comb_pending[slot]:
             raise BufferStateError("low_latency_combine: the receive hook of the combine two calls ago was never called")
+        self.check_hooks("low_latency_combine", T, H, E)
         if async_finish and return_recv_hook:
             raise ValueError("async_finish and return_recv_hook cannot both be set")
         o = ctx.tensor(out, "out", dtype="bfloat16", ndim=2, shape=(N, H), allow_none=True, framework=fw,

@@ -100,7 +100,8 @@ class DispatchOps:
                Buffer's ``numerics="deepep"``); ``round_scale``: scales rounded up to powers of
                two; ``use_ue8m0``: scales packed as exponent bytes, 4 per int32 (needs round_scale).
             return_recv_hook: only issue the sends and return; ``hook()`` launches the receive.
-               Nothing occupies the GPU in between.
+               Nothing occupies the GPU in between.  Until it is called, a low-latency call of
+               another (T, H, E) raises BufferStateError (its messages could overwrite ours).
 
         Returns ``(recv_x, recv_count, handle, event, hook)``.  ``recv_x`` is bf16 [E/R, R*T, H]
         or, with FP8, ``(e4m3 [E/R, R*T, H], scales)`` with scales float32 [E/R, R*T, H/128]
@@ -132,6 +133,7 @@ class DispatchOps:
             raise BufferStateError(
                 "low_latency_dispatch: the receive hook of the dispatch two calls ago (same buffer slot) "
                 "was never called; call it before issuing another dispatch")
+        self.check_hooks("low_latency_dispatch", a.T, a.H, a.E)
         # DeepEP's arithmetic differs only in the FP8 scales: a BF16 dispatch uses the default module.
         spec = K.LowLatencySpec(a.H, a.use_fp8, deepep=a.use_fp8 and self.numerics == "deepep")
         mod = loader.load(spec, self.device_id)
@@ -174,7 +176,7 @@ class DispatchOps:
         fn = grid = None
         if a.return_recv_hook:
             K.launch_half(mod, "dispatch_send", send_blocks, stream, p, smem)
-            self._disp_pending[slot] = True
+            self.hook_pending("dispatch", slot, a.T, a.H, a.E)
         else:
             fn = mod.fn("dispatch_both")
             grid = min(max(send_blocks, recv_blocks), self._coop_blocks(fn, smem))

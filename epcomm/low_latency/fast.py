@@ -36,7 +36,8 @@ class FastPaths:
         slot = self._disp_slot
         plan = self._plans.get(("d", xs[0], xs[1], ts[1], T, E, use_fp8, round_scale, use_ue8m0, slot))
         # No error-record check here: Buffer._ll_state, the only way in, made it just before.
-        if (plan is None or self._disp_pending[slot] or x.get_device() != dev
+        # Any receive hook pending: the full path checks it (check_hooks).
+        if (plan is None or self._hooks_pending or x.get_device() != dev
                 or topk_idx.get_device() != dev or self._get_device() != dev):
             return None
         p = plan.p
@@ -61,13 +62,13 @@ class FastPaths:
                 or envs.CHECK_INDICES.get_memo()):
             return None  # anything unusual, or the host index check on: the full path
         hs = handle.slot
-        if self._disp_gen[hs] != handle.generation or self._disp_pending[hs]:
+        if self._disp_gen[hs] != handle.generation or self._hooks_pending:
             return None
         slot = self._comb_slot
         N, Kt = handle.num_tokens, handle.num_topk
         # The dispatch results object identifies T, H and E (plans are dropped when it changes).
         plan = self._plans.get(("c", N, Kt, slot, hs, id(handle.refs["keep"])))
-        if plan is None or self._comb_pending[slot]:  # the error record: checked by Buffer._ll_state
+        if plan is None:  # the error record: checked by Buffer._ll_state
             return None
         ks = (N, Kt)
         if (x.dtype is not t.bfloat16 or topk_idx.dtype is not t.int64 or topk_weights.dtype is not t.float32

@@ -12,19 +12,17 @@ def receive_hook(st, op: str, slot: int, mod, kernel: str, blocks: int, stream: 
     ("dispatch" or "combine") on the stream of its send, then orders the caller's current stream
     after it.  It raises BufferStateError once the Buffer is destroyed or when called twice.
     ``keep``: arrays the receive reads (kept alive by the hook until it is dropped)."""
-    pending_attr = f"_{op[:4]}_pending"
 
     def hook():
         """Launch the receive half of the call (on the stream of its send)."""
         if st.ctx.destroyed:
             raise BufferStateError(f"low_latency_{op} receive hook: the Buffer was destroyed")
-        pending = getattr(st, pending_attr)
-        if not pending[slot]:
+        if not getattr(st, f"_{op[:4]}_pending")[slot]:
             raise BufferStateError(f"this {op}'s receive hook was already called")
         with driver.on_device(st.device_id):
             K.launch_half(mod, kernel, blocks, stream, p, smem)
             st._order_caller_after(fw, stream)
-        getattr(st, pending_attr)[slot] = False
+        st.hook_called(op, slot)
 
     hook.keep = keep
     return hook

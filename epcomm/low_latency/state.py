@@ -140,8 +140,10 @@ class LowLatencyState(DispatchOps, CombineOps, FastPaths):
         self._disp_slot = 0
         self._comb_slot = 0
         self._disp_gen = [0, 0]
+        # Each slot's receive hook not yet called: its call's heap layout (T, H, E), else False.
         self._disp_pending = [False, False]
         self._comb_pending = [False, False]
+        self._hooks_pending = 0  # how many of the four (the fast paths' one test)
         self._results: list[_Results | None] = [None, None]   # each slot's latest dispatch's
         self._kept: dict = {}   # (slot, results key) -> _Results, for every shape used (not JAX's)
         self._layouts: dict = {}
@@ -214,6 +216,30 @@ class LowLatencyState(DispatchOps, CombineOps, FastPaths):
         framework ``fw``, writable (the kernels add into it)."""
         return self.ctx.tensor(obj, name, dtype="int64", ndim=1, shape=(self.num_ranks,), allow_none=True,
                                framework=fw, writable=True)
+
+    def hook_pending(self, op: str, slot: int, T: int, H: int, E: int) -> None:
+        """The send half of ``op`` ("dispatch" or "combine") into ``slot`` was launched; its
+        receive waits for the hook."""
+        getattr(self, f"_{op[:4]}_pending")[slot] = (T, H, E)
+        self._hooks_pending += 1
+
+    def hook_called(self, op: str, slot: int) -> None:
+        """The receive half of ``op`` into ``slot`` was launched."""
+        getattr(self, f"_{op[:4]}_pending")[slot] = False
+        self._hooks_pending -= 1
+
+    def check_hooks(self, what: str, T: int, H: int, E: int) -> None:
+        """BufferStateError if a receive hook of a call with another heap layout (T, H, E) is
+        pending.  Where the regions sit depends on the layout, so a call's messages or rows can
+        land where the pending receive, here or at a peer, has yet to read (the kernels' own
+        wait for a layout change, ll_wait_layout_quiet, covers receives that ended)."""
+        for op, pending in (("dispatch", self._disp_pending), ("combine", self._comb_pending)):
+            for slot, held in enumerate(pending):
+                if held and held != (T, H, E):
+                    raise BufferStateError(
+                        f"{what}: the receive hook of a low_latency_{op} with another shape is pending "
+                        f"(num_max_dispatch_tokens_per_rank, hidden, num_experts {held} here {(T, H, E)}); "
+                        f"its messages would be overwritten: call the hook first")
 
     def layout(self, T, H, E) -> K.HeapLayout:
         key = (T, H, E)
@@ -360,6 +386,7 @@ class LowLatencyState(DispatchOps, CombineOps, FastPaths):
         self._shapes_checked.clear()
         self._disp_pending = [False, False]
         self._comb_pending = [False, False]
+        self._hooks_pending = 0
 
     def free(self, collective: bool = True) -> None:
         """Free the control words and profile stamps, and with ``collective`` (every rank

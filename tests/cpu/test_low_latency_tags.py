@@ -157,3 +157,28 @@ def test_slot_tags_match_no_stale_header_whatever_the_shapes_and_slots():
                           for got, want in board.dispatch(slot, T, H, E, idx, fp8))
     assert stale[slot_tag] == 0
     assert stale[bare_tag] > 0  # the model does see the stale headers the bare counts matched
+
+
+def test_the_receive_marks_a_masked_source_s_slots_as_no_message():
+    # Shrink mode: pass 1 of ll_dispatch_recv reads no masked source's headers, and pass 2 reads
+    # the matching k of every slot (s_kk, dynamic shared memory) to place rows.  Left unwritten,
+    # a masked source's entries hold what an earlier kernel left in shared memory (often >= 0:
+    # the previous call's k, a combine's token list), and pass 2 placed them as rows over the
+    # live sources' ones (at the masked source's offset, counted as 0 rows).  So every entry
+    # with t < T is written, -1 where nothing matched or the source is masked.
+    src = (ROOT / "cuda_src" / "low_latency.cuh").read_text()
+    recv = src[src.index("void ll_dispatch_recv("):src.index("__launch_bounds__(kLLThreads) ll_dispatch")]
+    pass1 = recv[recv.index("// Pass 1"):recv.index("// Pass 2")]
+    guard = pass1.index("if (t < T && !((dead >> s) & 1ull)) {")
+    depth, i = 0, pass1.index("{", guard)
+    while True:  # the end of the guarded block
+        depth += {"{": 1, "}": -1}.get(pass1[i], 0)
+        if depth == 0:
+            break
+        i += 1
+    stores = [m.start() for m in re.finditer(r"s_kk\[s \* T \+ t\] = ", pass1)]
+    assert stores and all(not guard < at < i for at in stores), "an s_kk entry is written only for live sources"
+    assert re.search(r"if \(t < T\) s_kk\[s \* T \+ t\] = static_cast<signed char>\(kk\);", pass1[i:])
+    assert re.search(r"int kk = -1;\s*if \(t < T && !\(\(dead >> s\) & 1ull\)\) \{", pass1)  # -1 unless matched
+    pass2 = recv[recv.index("// Pass 2"):]
+    assert "const int kk = t < T ? s_kk[s * T + t] : -1;" in pass2

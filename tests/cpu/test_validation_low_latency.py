@@ -711,3 +711,41 @@ def test_supplied_outputs_take_the_full_path_and_are_what_the_kernels_write(rig,
         b.low_latency_combine(y, topk, w, h2)  # still the latest of its slot
         with pytest.raises(BufferStateError, match="overwritten by a later dispatch"):
             b.low_latency_combine(y, topk, w, h)
+
+
+def test_a_call_of_another_layout_is_refused_while_a_receive_hook_is_pending(rig, monkeypatch):
+    """Where a slot's messages and rows sit depends on (T, H, E): a call of another layout would
+    write over what a pending receive, here or at a peer, has yet to read (tests/cpu/
+    test_low_latency_order.py: two dispatches in flight).  The same layout goes on, and the fast
+    paths leave every call to the full path while a hook is pending."""
+    params, b, st, x, topk, w, y = _fast_path_rig(rig, monkeypatch)
+    _, _, h, _, _ = b.low_latency_dispatch(x, topk, 8, E, use_fp8=False)      # plans for both slots
+    b.low_latency_combine(y, topk, w, h)
+    _, _, h, _, _ = b.low_latency_dispatch(x, topk, 8, E, use_fp8=False)
+    b.low_latency_combine(y, topk, w, h)
+    fast = st.fast_calls
+    _, _, h0, _, dhook = b.low_latency_dispatch(x, topk, 8, E, use_fp8=False, return_recv_hook=True)
+    n, before = len(rig.launches()), _state(st)
+    x16 = torch.zeros(4, 2 * H, dtype=torch.bfloat16)
+    for call in (lambda: b.low_latency_dispatch(x, topk, 16, E, use_fp8=False),            # another T
+                 lambda: b.low_latency_dispatch(x16, topk, 8, E, use_fp8=False),           # another H
+                 lambda: b.low_latency_dispatch(x, topk, 8, 2 * E, use_fp8=False)):        # another E
+        with pytest.raises(BufferStateError, match="receive hook of a low_latency_dispatch with another shape"):
+            call()
+    assert len(rig.launches()) == n and _state(st) == before
+    _, _, h1, _, _ = b.low_latency_dispatch(x, topk, 8, E, use_fp8=False)  # the same layout, other slot
+    assert st.fast_calls == fast and len(rig.launches()) == n + 1         # not the prepared plan
+    dhook()
+    _, _, chook = b.low_latency_combine(y, topk, w, h0, return_recv_hook=True)
+    n = len(rig.launches())
+    with pytest.raises(BufferStateError, match="receive hook of a low_latency_combine with another shape"):
+        b.low_latency_dispatch(x, topk, 16, E, use_fp8=False)
+    assert len(rig.launches()) == n
+    b.low_latency_combine(y, topk, w, h1)
+    assert st.fast_calls == fast
+    chook()
+    assert st._hooks_pending == 0
+    b.low_latency_dispatch(x, topk, 16, E, use_fp8=False)  # nothing pending: any layout
+    _, _, h, _, _ = b.low_latency_dispatch(x, topk, 8, E, use_fp8=False)
+    b.low_latency_combine(y, topk, w, h)
+    assert st.fast_calls > fast  # the plans serve again
