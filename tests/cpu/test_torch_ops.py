@@ -119,8 +119,8 @@ def test_opcheck_on_meta_tensors():
     ops = torch.ops.epcomm
     cases = [(ops.dispatch.default, (x, idx, w, 0, R, E, 3 * N, tok)),
              (ops.get_dispatch_layout.default, (idx, E, R, 8)),
-             (ops.low_latency_dispatch.default, (x, idx, 0, R, T, E, True, True, True, tok)),
-             (ops.low_latency_dispatch.default, (x, idx, 0, R, T, E, False, False, False, tok)),
+             (ops.low_latency_dispatch.default, (x, idx, 0, R, T, E, True, True, True, 1, tok)),
+             (ops.low_latency_dispatch.default, (x, idx, 0, R, T, E, False, False, False, 0, tok)),
              (ops.low_latency_combine.default, (torch.empty(E // R, R * T, H, dtype=BF16, **m), idx, w,
                                                 torch.empty(E // R, dtype=I32, **m),
                                                 torch.empty(E // R, R * T, dtype=I32, **m),
@@ -325,6 +325,61 @@ def test_fake_matches_the_real_engine_for_every_format(monkeypatch, fp8, round_s
     assert fake_mismatch(ops.low_latency_combine.default, (y, idx, torch.rand(N, K), *d[2:8], bid)) == ""
 
 
+def _slot_recorder(monkeypatch):
+    """(a Buffer with the real low-latency engine on the fake runtime, the list its kernel
+    launches append (kernel, slot, the combine's dispatch slot) to)."""
+    from fake_rig import FakeRuntime
+    rt = FakeRuntime(monkeypatch)
+    buf, _ = rt.ll_buffer()
+    monkeypatch.setitem(registry._BY_ID, buf.ctx.serial, buf)
+    launches, record = [], rt._record
+
+    def recording(fn, grid, stream, p):
+        launches.append((fn, p.slot, p.h_slot))
+        record(fn, grid, stream, p)
+
+    monkeypatch.setattr(rt, "_record", recording)
+    return buf, launches
+
+
+def test_the_low_latency_slot_is_the_calls_whatever_ran_before(monkeypatch):
+    """A CUDA graph replay (mode="reduce-overhead") runs no Python: its calls keep the slots of
+    the capture, and the engine's alternation does not move.  Where one rank replays a call that
+    another runs in Python (a shape recorded on one rank only, e.g. its own token count), both
+    must still take the same slot: the dispatch's is its argument, the combine's its dispatch's,
+    whatever Python-run calls came before (with the alternation the second of two equal pairs
+    took slot 1, the first slot 0)."""
+    buf, launches = _slot_recorder(monkeypatch)
+    N, K, H, T, E = 4, 2, 256, 8, 8
+    x, w = torch.randn(N, H).to(BF16), torch.rand(N, K)
+    idx = (torch.arange(N * K).reshape(N, K) % E).to(I64)
+    for slot in (None, None, 1, 1, 0):
+        launches.clear()
+        kw = {} if slot is None else {"slot": slot}
+        rx, _, h = torch_ops.low_latency_dispatch(buf, x, idx, T, E, use_fp8=False, **kw)
+        torch_ops.low_latency_combine(buf, rx, idx, w, h)
+        s = slot or 0
+        assert [(fn, sl) for fn, sl, _ in launches] == [("dispatch_both", s), ("combine_both", s)], (slot, launches)
+        assert launches[1][2] == s  # the combine reads its dispatch's tag in that slot
+
+    # Two dispatches in flight take both slots; a combine of a dispatch its slot has since
+    # served again is refused in Python (on every rank alike), before any launch.
+    a = torch_ops.low_latency_dispatch(buf, x, idx, T, E, use_fp8=False)
+    b = torch_ops.low_latency_dispatch(buf, x, idx, T, E, use_fp8=False, slot=1)
+    launches.clear()
+    torch_ops.low_latency_combine(buf, b[0], idx, w, b[2])
+    torch_ops.low_latency_combine(buf, a[0], idx, w, a[2])
+    assert [(fn, sl) for fn, sl, _ in launches] == [("combine_both", 1), ("combine_both", 0)]
+    a = torch_ops.low_latency_dispatch(buf, x, idx, T, E, use_fp8=False)
+    torch_ops.low_latency_dispatch(buf, x, idx, T, E, use_fp8=False)
+    launches.clear()
+    with pytest.raises(ValueError, match="latest low_latency_dispatch of its slot"):
+        torch_ops.low_latency_combine(buf, a[0], idx, w, a[2])
+    assert launches == []
+    with pytest.raises(ValueError, match="slot=2"):
+        torch_ops.low_latency_dispatch(buf, x, idx, T, E, use_fp8=False, slot=2)
+
+
 @pytest.mark.xfail(strict=True, reason="the low-latency combine finds its dispatch's handle by its arrays' "
                                        "addresses (registry): a copy of src_info (opcheck's, a cudagraph "
                                        "static-input copy) is not found")
@@ -359,14 +414,15 @@ def test_a_collective_whose_results_are_unused_still_runs(standin, backend):
 
     def f(x, idx, w):
         torch_ops.dispatch(standin, x, idx, w, E, 20)  # results unused on this rank
-        a = torch_ops.low_latency_dispatch(standin, x, idx, T, E, use_fp8=False)
-        b = torch_ops.low_latency_dispatch(standin, x, idx, T, E, use_fp8=False)  # the same call again
+        torch_ops.low_latency_dispatch(standin, x, idx, T, E, use_fp8=False)  # unused too
+        a = torch_ops.low_latency_dispatch(standin, x, idx, T, E, use_fp8=False)  # the same call again
+        b = torch_ops.low_latency_dispatch(standin, x, idx, T, E, use_fp8=False, slot=1)  # in flight with a
         return (torch_ops.low_latency_combine(standin, a[0], idx, w, a[2])
                 + torch_ops.low_latency_combine(standin, b[0], idx, w, b[2]))
 
     with _inductor():
         torch.compile(f, backend=backend, fullgraph=True)(x, idx, w)
-    assert sorted(standin.calls) == sorted(["dispatch"] + ["low_latency_dispatch", "low_latency_combine"] * 2)
+    assert sorted(standin.calls) == sorted(["dispatch"] + ["low_latency_dispatch"] * 3 + ["low_latency_combine"] * 2)
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "inductor"])
