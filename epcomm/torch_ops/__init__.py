@@ -204,7 +204,11 @@ def low_latency_combine(buffer, x, topk_idx, topk_weights, handle: LowLatencyRou
     """:meth:`epcomm.Buffer.low_latency_combine` (default format, one kernel) as one operation, in
     the slot of ``handle``'s dispatch: ``x`` bf16 [E/R, R*T, H], ``topk_idx`` int64 /
     ``topk_weights`` float32 [N, K] as dispatched; returns the combined bf16 [N, H].  Not
-    differentiable; CUDA-graph capturable."""
+    differentiable; CUDA-graph capturable.  ``handle`` must hold the dispatch's own tensors (its
+    dispatch is found by their addresses), not copies: a CUDA graph tree records a graph on copies
+    of the inputs that no graph of the tree made, so under ``mode="reduce-overhead"`` a combine
+    whose dispatch ran outside the tree (eagerly, or compiled without CUDA graphs) raises
+    ValueError when its graph is recorded."""
     bid = buffer_id(buffer)
     if not isinstance(handle, LowLatencyRoute):
         raise TypeError(f"handle: expected the LowLatencyRoute of epcomm.torch_ops.low_latency_dispatch, got "
