@@ -210,11 +210,11 @@ def _reduce_overhead_low_latency(rank, world, llbuf, E):
 
 
 def _reduce_overhead_ranks_apart(rank, world, llbuf, E):
-    """The low-latency pair compiled with mode="reduce-overhead" where rank 1 sends fewer tokens
-    from the fourth call on: it compiles and records that shape, running the operations in Python,
-    while the other ranks replay their graph.  Each call must still take one buffer slot on every
-    rank (the dispatch's argument, not the engine's alternation, which a replay does not move):
-    against the reference."""
+    """The low-latency pair compiled with mode="reduce-overhead" (dynamic shapes: no recompile)
+    where rank 1 sends fewer tokens from the fourth call on: CUDA graph trees warm up and record
+    that shape on rank 1, running the operations in Python, while the other ranks replay their
+    graph.  Each call must still take one buffer slot on every rank (the dispatch's argument, not
+    the engine's alternation, which a replay does not move): against the reference."""
     import ml_dtypes
     import torch
 
@@ -227,7 +227,7 @@ def _reduce_overhead_ranks_apart(rank, world, llbuf, E):
         rx, _, h = torch_ops.low_latency_dispatch(llbuf, x, idx, T, E, use_fp8=False)
         return torch_ops.low_latency_combine(llbuf, (rx.float() * 3.0).to(torch.bfloat16), idx, w, h)
 
-    compiled = torch.compile(pair, mode="reduce-overhead", fullgraph=True)
+    compiled = torch.compile(pair, mode="reduce-overhead", fullgraph=True, dynamic=True)
     fails = []
     for it in range(6):
         spawn.phase(f"reduce-overhead low-latency pair, rank 1 apart, call {it}")
