@@ -325,6 +325,26 @@ def test_fake_matches_the_real_engine_for_every_format(monkeypatch, fp8, round_s
     assert fake_mismatch(ops.low_latency_combine.default, (y, idx, torch.rand(N, K), *d[2:8], bid)) == ""
 
 
+@pytest.mark.parametrize("N,idx_dtype", [(0, I64), (5, I64), (5, I32)])
+def test_normal_fakes_match_the_real_engine(monkeypatch, N, idx_dtype):
+    """The normal-mode operations' fakes against the real engine's outputs (the normal path on the
+    fake runtime of tests/helpers/fake_rig.py, 2 ranks), not only the stand-in's: the route
+    arrays' shapes, dtypes and strides as the engine makes them (no token, an int32 top-k)."""
+    from fake_rig import FakeRuntime
+    R, K, H, E, M = 2, 2, 256, 8, 9
+    buf = FakeRuntime(monkeypatch).normal_buffer(R=R, recv_per_rank=4)
+    monkeypatch.setitem(registry._BY_ID, buf.ctx.serial, buf)
+    x, w = torch.randn(N, H).to(BF16), torch.rand(N, K)
+    idx = (torch.arange(N * K).reshape(N, K) % E).to(idx_dtype)
+    ops, bid = torch.ops.epcomm, buf.ctx.serial
+    assert fake_mismatch(ops.dispatch.default, (x, idx, w, bid, R, E, M)) == ""
+    d = ops.dispatch.default(x, idx, w, bid, R, E, M)
+    assert fake_mismatch(ops.combine.default, (d[0], d[2], *d[3:], bid, E, K)) == ""
+    assert fake_mismatch(ops.combine.default, (d[0], None, *d[3:], bid, E, K)) == ""
+    assert fake_mismatch(ops.cached_dispatch.default, (x, *d[3:], bid, E, K)) == ""
+    assert fake_mismatch(ops.get_dispatch_layout.default, (idx, E, R, 8)) == ""
+
+
 def _slot_recorder(monkeypatch):
     """(a Buffer with the real low-latency engine on the fake runtime, the list its kernel
     launches append (kernel, slot, the combine's dispatch slot) to)."""
