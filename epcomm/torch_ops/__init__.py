@@ -73,7 +73,7 @@ class LowLatencyRoute(NamedTuple):
     """The handle of :func:`low_latency_dispatch`: ``count`` int32 [E/R] (rows per local expert),
     ``src_info`` int32 [E/R, R*T] (source token of each packed row), ``layout_range`` int32
     [E/R, R, 2], and what only the combine reads (``src_k``, ``tok_rows``, ``tok_meta``: opaque).
-    Valid until the second next low-latency dispatch, as in eager calls."""
+    Valid until the next low-latency dispatch in the same slot."""
     count: torch.Tensor
     src_info: torch.Tensor
     layout_range: torch.Tensor
@@ -171,15 +171,20 @@ def get_dispatch_layout(topk_idx, num_experts: int, num_ranks: int, *, num_ranks
 
 
 def low_latency_dispatch(buffer, x, topk_idx, num_max_dispatch_tokens_per_rank: int, num_experts: int, *,
-                         use_fp8: bool = True, round_scale: bool = False, use_ue8m0: bool = False):
+                         use_fp8: bool = True, round_scale: bool = False, use_ue8m0: bool = False, slot: int = 0):
     """:meth:`epcomm.Buffer.low_latency_dispatch` (one kernel: no hook, no event) as one operation.
 
     Returns ``(recv_x, recv_count int32 [E/R], handle)`` (:class:`LowLatencyRoute`): ``recv_x``
     bf16 [E/R, R*T, H], or with ``use_fp8`` the pair ``(e4m3 [E/R, R*T, H], scales)``, in the
     Buffer's method's layout but new tensors at every call (not views of the Buffer's storage).
     Not differentiable; capturable in a CUDA graph (one warm-up call first, as torch.compile's
-    ``mode="reduce-overhead"`` makes).  Combine each dispatch before the second next one: a
-    combine of an older dispatch raises ValueError when the operation runs.
+    ``mode="reduce-overhead"`` makes).
+
+    ``slot``: the buffer slot, 0 or 1, which every rank gives the same call (the Buffer's method
+    alternates them; a CUDA graph replay could not, see :mod:`epcomm.torch_ops.low_latency_ops`).
+    Combine each dispatch before the next dispatch in its slot (two in flight, e.g. two
+    micro-batches, take different slots): a combine of an older dispatch raises ValueError when
+    the operation runs.
     """
     bid = buffer_id(buffer)
     _tensor("x", x, 2)
@@ -188,16 +193,22 @@ def low_latency_dispatch(buffer, x, topk_idx, num_max_dispatch_tokens_per_rank: 
     num_experts = check_int("num_experts", num_experts, lo=1)
     use_fp8, round_scale = check_bool("use_fp8", use_fp8), check_bool("round_scale", round_scale)
     use_ue8m0 = check_bool("use_ue8m0", use_ue8m0)
+    slot = check_int("slot", slot, lo=0, hi=1)
     rx, scales, *route = in_order(
         low_latency_dispatch_op, order_token(x), x, topk_idx, bid, buffer.num_ranks, T, num_experts, use_fp8,
-        round_scale, use_ue8m0)
+        round_scale, use_ue8m0, slot)
     return ((rx, scales) if use_fp8 else rx), route[0], LowLatencyRoute(*route)
 
 
 def low_latency_combine(buffer, x, topk_idx, topk_weights, handle: LowLatencyRoute):
-    """:meth:`epcomm.Buffer.low_latency_combine` (default format, one kernel) as one operation:
-    ``x`` bf16 [E/R, R*T, H], ``topk_idx`` int64 / ``topk_weights`` float32 [N, K] as dispatched;
-    returns the combined bf16 [N, H].  Not differentiable; CUDA-graph capturable."""
+    """:meth:`epcomm.Buffer.low_latency_combine` (default format, one kernel) as one operation, in
+    the slot of ``handle``'s dispatch: ``x`` bf16 [E/R, R*T, H], ``topk_idx`` int64 /
+    ``topk_weights`` float32 [N, K] as dispatched; returns the combined bf16 [N, H].  Not
+    differentiable; CUDA-graph capturable.  ``handle`` must hold the dispatch's own tensors (its
+    dispatch is found by their addresses), not copies: a CUDA graph tree records a graph on copies
+    of the inputs that no graph of the tree made, so under ``mode="reduce-overhead"`` a combine
+    whose dispatch ran outside the tree (eagerly, or compiled without CUDA graphs) raises
+    ValueError when its graph is recorded."""
     bid = buffer_id(buffer)
     if not isinstance(handle, LowLatencyRoute):
         raise TypeError(f"handle: expected the LowLatencyRoute of epcomm.torch_ops.low_latency_dispatch, got "

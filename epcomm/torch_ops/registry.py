@@ -5,9 +5,9 @@ A torch custom operation takes tensors and plain scalars only, so the Buffer tra
 compiled program as its id and is looked up in the operation's body, which runs outside the
 trace.  The low-latency engine's handle holds Python state (its slot, generation and sizes)
 beside its arrays; the dispatch operation leaves that here without the arrays, the
-latest one per buffer slot (as in eager calls, a dispatch's results serve until the second next
-dispatch), and the combine operation finds it by the addresses of the arrays it is given and
-rebuilds the handle over them.
+latest one per buffer slot (a dispatch's results serve until the next dispatch in its slot), and
+the combine operation finds it by the addresses of the arrays it is given and rebuilds the handle
+over them.
 """
 from __future__ import annotations
 
@@ -67,14 +67,15 @@ def remember_low_latency_handle(buffer, handle) -> None:
 
 def low_latency_handle(buffer, arrays: dict):
     """The engine handle of the dispatch of ``buffer`` that returned ``arrays`` (Tensor by the
-    names of :data:`COMBINE_REFS`), over those arrays; ValueError if they are not one of the
-    latest two dispatches' (one per slot).  Where two remembered dispatches had the same
-    addresses (the older one's arrays were freed and reused), the newer one is meant."""
+    names of :data:`COMBINE_REFS`), over those arrays; ValueError if they are not the latest
+    dispatch's of a slot.  Where two remembered dispatches had the same addresses (the older
+    one's arrays were freed and reused), the newer one is meant."""
     ptrs = tuple(arrays[k].data_ptr() for k in COMBINE_REFS)
     found = [r for r in _LL_HANDLES.get(buffer, {}).values() if r[1] == ptrs]
     if not found:
-        raise ValueError("handle: not returned by one of the latest two low_latency_dispatch calls of this Buffer "
-                         "(a dispatch's results serve until the second next dispatch)")
+        raise ValueError("handle: not returned by the latest low_latency_dispatch of its slot on this Buffer "
+                         "(a dispatch's results serve until the next dispatch in the same slot: two dispatches "
+                         "in flight take slots 0 and 1)")
     _, _, views, sizes, owner, topk = max(found, key=lambda r: r[0])
     # The arrays are the dispatch's (same addresses): its views, holding them again, need no
     # second look at each array.

@@ -2,9 +2,11 @@
 num_worst_tokens, an expert, combine) forward and backward equal to eager calls bit for bit (and
 eager equal to epcomm.torch_autograd on Buffer calls), torch.library.opcheck of every operation,
 the low-latency pair compiled with mode="reduce-overhead" (a CUDA graph) replayed with new
-routing, against epcomm.reference, and independent collectives in one compiled function (two
-micro-batches on one Buffer, the low-latency pair on another) with token counts that differ
-between ranks, which must run in program order on every rank (epcomm.torch_ops.order).
+routing, against epcomm.reference (also with one rank recording a token count of its own while
+the others replay: every call must keep one buffer slot on every rank), and independent
+collectives in one compiled function (two micro-batches on one Buffer, the low-latency pair on
+another) with token counts that differ between ranks, which must run in program order on every
+rank (epcomm.torch_ops.order).
 
 The normal-mode data are exactly representable (bf16 integers in [-4, 4], weights multiples of
 1/8): every sum, in any order, is exact, so compiled expert arithmetic (inductor's fused kernels)
@@ -207,6 +209,43 @@ def _reduce_overhead_low_latency(rank, world, llbuf, E):
     return fails
 
 
+def _reduce_overhead_ranks_apart(rank, world, llbuf, E):
+    """The low-latency pair compiled with mode="reduce-overhead" (dynamic shapes: no recompile)
+    where rank 1 sends fewer tokens from the fourth call on: CUDA graph trees warm up and record
+    that shape on rank 1, running the operations in Python, while the other ranks replay their
+    graph.  Each call must still take one buffer slot on every rank (the dispatch's argument, not
+    the engine's alternation, which a replay does not move): against the reference."""
+    import ml_dtypes
+    import torch
+
+    from epcomm import reference, torch_ops
+    from epcomm.testing import bit_mismatch
+    ll = llbuf._ll
+    partials = ll.partials and not ll.force_put
+
+    def pair(x, idx, w):
+        rx, _, h = torch_ops.low_latency_dispatch(llbuf, x, idx, T, E, use_fp8=False)
+        return torch_ops.low_latency_combine(llbuf, (rx.float() * 3.0).to(torch.bfloat16), idx, w, h)
+
+    compiled = torch.compile(pair, mode="reduce-overhead", fullgraph=True, dynamic=True)
+    fails = []
+    for it in range(6):
+        spawn.phase(f"reduce-overhead low-latency pair, rank 1 apart, call {it}")
+        xs, tks, ws = random_job(np.random.default_rng(900 + it), world, T, HL, E, KL, 0.1)
+        if it >= 3:  # a new shape on rank 1 only
+            xs[1], tks[1], ws[1] = xs[1][:T - 4], tks[1][:T - 4], ws[1][:T - 4]
+        ref = reference.low_latency_dispatch(xs, tks, T, E, use_fp8=False)
+        ys = [(r.recv_x.astype(np.float32) * 3.0).astype(ml_dtypes.bfloat16) for r in ref]
+        want = reference.low_latency_combine(ys, tks, ws, [r.handle for r in ref], partials=partials)[rank]
+        got = compiled(_up(xs[rank]), _up(tks[rank]), _up(ws[rank]))
+        torch.cuda.synchronize()
+        bad = bit_mismatch(f"call {it} combined", got.cpu().view(torch.int16).numpy().view(ml_dtypes.bfloat16), want)
+        if bad:
+            fails.append(bad)
+        llbuf.group.barrier()
+    return fails
+
+
 def _program_order(rank, world, buf, llbuf, E):
     """Two independent normal MoE layers and the low-latency pair in one compiled function
     (inductor, fullgraph), the layers' token counts swapped between rank 0 and the others (Inductor
@@ -269,7 +308,9 @@ def _worker(rank, world, group):
     for name, fn in (("compile_normal", lambda: _compile_normal(rank, world, buf, E)),
                      ("opcheck", lambda: _opcheck(rank, world, buf, llbuf, E)),
                      ("reduce_overhead_ll", lambda: _reduce_overhead_low_latency(rank, world, llbuf, E)),
-                     ("program_order", lambda: _program_order(rank, world, buf, llbuf, E))):
+                     ("program_order", lambda: _program_order(rank, world, buf, llbuf, E)),
+                     # Last: its failure (ranks in different slots) ends in a kernel timeout.
+                     ("reduce_overhead_ranks_apart", lambda: _reduce_overhead_ranks_apart(rank, world, llbuf, E))):
         try:
             fails = fn()
             results[name] = "ok" if not fails else "FAIL: " + "; ".join(fails)
@@ -287,8 +328,8 @@ def _results():
 
 
 @needs_ranks
-@pytest.mark.parametrize("check", ["compile_normal", "opcheck", "reduce_overhead_ll", "program_order"],
-                         ids=lambda c: c + _R)
+@pytest.mark.parametrize("check", ["compile_normal", "opcheck", "reduce_overhead_ll", "program_order",
+                                   "reduce_overhead_ranks_apart"], ids=lambda c: c + _R)
 def test_torch_compile(check):
     bad = [f"rank {r}: {v[check]}" for r, v in enumerate(_results()) if v[check] != "ok"]
     assert not bad, "\n".join(bad)

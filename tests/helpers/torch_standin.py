@@ -101,9 +101,11 @@ class OneRankBuffer:
     def low_latency_dispatch(self, x, topk_idx, T, E, use_fp8=True, round_scale=False, use_ue8m0=False):
         assert not use_fp8, "the stand-in packs bf16 only"
         self.calls.append("low_latency_dispatch")
-        slot = len([c for c in self.calls if c == "low_latency_dispatch"]) % 2
-        key = (slot, T, x.shape[1], E)
         sink = self.ctx.sink
+        # The caller's slot (epcomm.torch_ops passes one), else the engine's alternation.
+        slot = sink.slot if sink is not None and sink.slot is not None else \
+            len([c for c in self.calls if c == "low_latency_dispatch"]) % 2
+        key = (slot, T, x.shape[1], E)
         names = ("x", "count", "src_info", "layout_range", "src_k", "tok_rows", "tok_meta")
         if sink is not None:  # the caller's outputs, as the engine writes them
             arrays = {n: sink.outputs[n][0] for n in names}
