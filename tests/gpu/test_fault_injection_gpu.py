@@ -1,16 +1,18 @@
 """Fault injection: a rank killed with SIGKILL (between calls, during a dispatch, during a combine,
 during a low-latency receive hook), a rank that stalls for less than the shrink timeout, and a
 rank that leaves cleanly; a death inside a normal-mode call with the NVLink buffer shared both
-ways (EPCOMM_PEER_MEMORY=ipc and vmm).  Ranks share one GPU (EPCOMM_SHARE_GPU=1; EPCOMM_TEST_RANKS=2, 4 or 8).
+ways (EPCOMM_PEER_MEMORY=ipc and vmm).  Ranks share one GPU (EPCOMM_SHARE_GPU=1;
+EPCOMM_TEST_RANKS=2, 4 or 8).
 
 For each case the survivors record what their call raised or returned and how long it took
 (printed, and in the results), then check that their next calls (masked in shrink mode, or on
 a Buffer rebuilt on the survivors) equal epcomm.reference on the routing the dead rank leaves
 (reference.mask_routing), bit for bit, and that a rebuilt Buffer leaves no thread or torch
-memory behind.  The victim is always the last rank.  The normal mode needs 2 ranks, so the
-rebuilt Buffer is made (and required) only with 3 ranks or more: run with EPCOMM_TEST_RANKS=4
-to cover it.  Each spawn is limited to FAULT_SPAWN_S (a normal-mode spawn takes well under a
-minute), so a hang in one case leaves the step's time to the others.
+memory behind.  The victim is the last rank (rank 1 in the low-latency "middle" case).  The
+normal mode needs 2 ranks, so the rebuilt Buffer is made (and required) only with 3 ranks or
+more: run with EPCOMM_TEST_RANKS=4 to cover it.  Each spawn is limited to FAULT_SPAWN_S (a
+normal-mode spawn takes well under a minute), so a hang in one case leaves the step's time to
+the others.
 """
 from __future__ import annotations
 
@@ -328,13 +330,20 @@ def _ll_check(buf, got, job, rank, masked=()):
     return bad
 
 
+def _ll_victim(world, case):
+    """The last rank, or with "middle" rank 1 of 3 or more: the sources after a masked one are
+    placed after its (empty) slots in every expert's received rows, which a victim that is last
+    does not show.  Not rank 0 (NVSHMEM's bootstrap root)."""
+    return 1 if case == "middle" else world - 1
+
+
 def _ll_worker(rank, world, group, case):
     import torch
 
     import epcomm
     torch.cuda.set_device(device_of(rank))
     os.environ["EPCOMM_SHRINK_TIMEOUT_MS"] = "600000"  # a cold JIT compile must not get a rank masked
-    victim = world - 1
+    victim = _ll_victim(world, case)
     need = epcomm.Buffer.get_low_latency_rdma_size_hint(T, H, world, E)
     buf = epcomm.Buffer(group, 0, need, low_latency_mode=True, enable_shrink=True)
     out = {}
@@ -351,7 +360,7 @@ def _ll_worker(rank, world, group, case):
         spawn.die()
     got = _timed(out, lambda: _ll_round(buf, torch, job, rank))
     out["mask"] = buf.query_mask().tolist()
-    if case == "between" and got is not None:
+    if case in ("between", "middle") and got is not None:
         out["failing_call"] = _ll_check(buf, got, job, rank, [victim]) or "ok"
     for i in range(2):
         job = _job(world, 20 + i)
@@ -368,16 +377,20 @@ def _ll_worker(rank, world, group, case):
 
 
 @pytest.mark.skipif(ll_ranks() < 2, reason="needs 2 low-latency ranks (EPCOMM_SHARE_GPU=1 on one GPU)")
-@pytest.mark.parametrize("case", ["between", "hook"])
+@pytest.mark.parametrize("case", ["between", "hook", "middle"])
 def test_shrink_low_latency_survives_a_lost_rank(case):
     world = ll_ranks()
-    victim = world - 1
+    if case == "middle" and world < 3:
+        pytest.skip("a victim before the last rank other than rank 0 needs 3 or more ranks (EPCOMM_TEST_RANKS=4)")
+    victim = _ll_victim(world, case)
     res = spawn.run(_ll_worker, world, case, timeout=FAULT_SPAWN_S, may_die=(victim,))
     _report(f"low_latency/{case}", res, victim)
     _assert_ok(res, victim, ("warm", "after", "failing_call"),
-               ("warm_0", "warm_1", "after_0", "after_1") + (("failing_call",) if case == "between" else ()))
+               ("warm_0", "warm_1", "after_0", "after_1") + (("failing_call",) if case != "hook" else ()))
     want = [0] * world
     want[victim] = 1
-    for rank, r in enumerate(res[:-1]):
+    for rank, r in enumerate(res):
+        if rank == victim:
+            continue
         assert r["call"] == "returned" and r["mask"] == want, f"rank {rank}: {r}"
         assert r["call_s"] < SHRINK_MS / 1000 * 3 + 5, f"rank {rank}: the call took {r['call_s']} s"
