@@ -616,22 +616,27 @@ def _aot_graphs(forward: list, backward: list):
                         partition_fn=min_cut_rematerialization_partition, keep_inference_input_mutations=True)
 
 
-def test_the_forward_and_backward_graphs_chain_every_collective():
-    """In AOTAutograd's graphs of two differentiable layers each collective takes the token the
-    order_after after the previous one made (the backward's first, the forward's last)."""
+def _two_layers_compiled(buf, f):
+    """f(x, idx, w, x2, idx2, w2) of two layers on ``buf``, compiled with :func:`_aot_graphs` and
+    run forward and backward: (forward graphs, backward graphs)."""
     torch._dynamo.reset()
-    buf = _RowsBuffer()
     registry._BY_ID[buf.ctx.serial] = buf
     forward, backward = [], []
     try:
-        def f(x, idx, w, x2, idx2, w2):
-            return _moe(buf, x, idx, w, 4, 8), _moe(buf, x2, idx2, w2, 4, 16)
-
         out = torch.compile(f, backend=_aot_graphs(forward, backward), fullgraph=True)(
             *_job(8, 1, grad=True), *_job(16, 2, grad=True))
         sum(o.float().sum() for o in out).backward()
     finally:
         del registry._BY_ID[buf.ctx.serial]
+    return forward, backward
+
+
+def test_the_forward_and_backward_graphs_chain_every_collective():
+    """In AOTAutograd's graphs of two differentiable layers each collective takes the token the
+    order_after after the previous one made (the backward's first, the forward's last)."""
+    buf = _RowsBuffer()
+    forward, backward = _two_layers_compiled(
+        buf, lambda x, idx, w, x2, idx2, w2: (_moe(buf, x, idx, w, 4, 8), _moe(buf, x2, idx2, w2, 4, 16)))
     assert len(buf.calls) == 8
     assert [_unchained(g) for g in forward + backward] == [[], []]
 
@@ -643,21 +648,13 @@ def test_the_forward_and_backward_graphs_chain_every_collective():
                                        "CPU runs, but nothing forces that)")
 def test_a_collective_recomputed_in_the_backward_is_chained():
     from torch.utils.checkpoint import checkpoint
-    torch._dynamo.reset()
     buf = _RowsBuffer()
-    registry._BY_ID[buf.ctx.serial] = buf
-    forward, backward = [], []
 
     def f(x, idx, w, x2, idx2, w2):
         a = checkpoint(_moe, buf, x, idx, w, 4, x.shape[0], use_reentrant=False)
         return a, _moe(buf, x2, idx2, w2, 4, 16)
 
-    try:
-        out = torch.compile(f, backend=_aot_graphs(forward, backward), fullgraph=True)(
-            *_job(8, 1, grad=True), *_job(16, 2, grad=True))
-        sum(o.float().sum() for o in out).backward()
-    finally:
-        del registry._BY_ID[buf.ctx.serial]
+    forward, backward = _two_layers_compiled(buf, f)
     assert "dispatch" in buf.calls[4:]  # recomputed in the backward
     assert [_unchained(g) for g in forward + backward] == [[], []]
 
