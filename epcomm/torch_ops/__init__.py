@@ -2,7 +2,9 @@
 graph break, and CUDA graphs (``mode="reduce-overhead"``) of the low-latency pair.
 
 Importing this module registers the custom operations ``torch.ops.epcomm.*`` (importing
-:mod:`epcomm` itself imports no torch).  The functions below call them and work the same
+:mod:`epcomm` itself imports no torch); it needs torch 2.7 or newer (:data:`NEEDED_TORCH`) and
+raises :class:`epcomm.errors.EpcommError` naming that version on an older one, before
+registering anything.  The functions below call them and work the same
 eagerly and compiled; the Buffer is made outside the compiled code (one per process, as
 always) and passed in, and stays alive while the compiled code runs.
 
@@ -33,16 +35,41 @@ Example::
 """
 from __future__ import annotations
 
+import re
 from typing import NamedTuple
 
 import torch
 from torch.fx.node import has_side_effect
 
-from epcomm.torch_ops.low_latency_ops import low_latency_combine_op, low_latency_dispatch_op
-from epcomm.torch_ops.normal_ops import cached_dispatch_op, combine_op, dispatch_op, layout_op
-from epcomm.torch_ops.order import in_order, order_token
-from epcomm.torch_ops.registry import buffer_id
-from epcomm.validate import check_bool, check_int
+from epcomm.errors import EpcommError
+
+# The oldest torch these operations serve.  Older ones fall short: torch 2.5 and 2.6 hand the
+# order token (epcomm.torch_ops.order) to the compiled graph as a mutated input that is not
+# static, so CUDA graph trees skip the low-latency pair's graph under mode="reduce-overhead";
+# torch 2.4's custom_op cannot read string annotations (this package's), and its compiled
+# autograd cannot trace a custom operation's backward.  Tested with torch 2.7, 2.8, 2.10, 2.11 and 2.13.
+NEEDED_TORCH = (2, 7)
+
+
+def check_torch(version: str) -> None:
+    """EpcommError naming the torch version needed where ``version`` (``torch.__version__``) is
+    older than :data:`NEEDED_TORCH`; nothing for a version that does not start with major.minor."""
+    m = re.match(r"(\d+)\.(\d+)", version)
+    if m is not None and (int(m[1]), int(m[2])) < NEEDED_TORCH:
+        need = "%d.%d" % NEEDED_TORCH
+        raise EpcommError(f"epcomm.torch_ops needs torch {need} or newer; this is torch {version}: "
+                          f"pip install -U 'torch>={need}'")
+
+
+# Before the operations are registered: an older torch fails there with its own error.
+check_torch(torch.__version__)
+
+from epcomm.normal.handle import route_arrays  # noqa: E402
+from epcomm.torch_ops.low_latency_ops import low_latency_combine_op, low_latency_dispatch_op  # noqa: E402
+from epcomm.torch_ops.normal_ops import cached_dispatch_op, combine_op, dispatch_op, layout_op  # noqa: E402
+from epcomm.torch_ops.order import in_order, order_token  # noqa: E402
+from epcomm.torch_ops.registry import buffer_id  # noqa: E402
+from epcomm.validate import check_bool, check_int  # noqa: E402
 
 # The collectives are marked side-effecting: a compiled program must call each one on every rank
 # even where this rank leaves its results unused (dead-code elimination would drop it here
@@ -101,7 +128,9 @@ def _route_of(handle) -> tuple:
     if not isinstance(handle, DispatchRoute):
         raise TypeError(f"handle: expected the DispatchRoute of epcomm.torch_ops.dispatch, got "
                         f"{type(handle).__name__}")
-    return tuple(handle[:6])
+    # By name (ROUTE_FIELDS), not handle[:6]: Dynamo of torch 2.6 to 2.8 fails slicing a NamedTuple
+    # (InternalTorchDynamoError: VariableTracker got an unexpected keyword 'dynamic_attributes').
+    return route_arrays(handle)
 
 
 def dispatch(buffer, x, topk_idx, topk_weights, num_experts: int, num_worst_tokens: int):

@@ -6,6 +6,7 @@ the GPU kernels are tested in tests/gpu/test_torch_compile_gpu.py."""
 from __future__ import annotations
 
 import gc
+import re
 import subprocess
 import sys
 import types
@@ -16,11 +17,13 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
+from torch_standin import OneRankBuffer, fake_mismatch, torch_ops_or_skip  # noqa: E402
 
-from epcomm import torch_ops  # noqa: E402
+torch_ops = torch_ops_or_skip()  # skips this module on a torch older than epcomm.torch_ops needs
+
+from epcomm.errors import EpcommError  # noqa: E402
 from epcomm.normal.handle import handle_from_route  # noqa: E402
 from epcomm.torch_ops import low_latency_ops, order, registry  # noqa: E402
-from torch_standin import OneRankBuffer, fake_mismatch  # noqa: E402
 
 BF16, I32, I64, F32 = torch.bfloat16, torch.int32, torch.int64, torch.float32
 # opcheck's tests that hold for the normal dispatch (see the test below on its send_list).
@@ -875,3 +878,23 @@ def test_registration_happens_at_import_of_torch_ops_only():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split("\n")[0].count("'") == 12, r.stdout
+
+
+def test_an_older_torch_is_refused_naming_the_version_needed():
+    for v in ("2.6.0+cu124", "2.4.1", "1.13.1"):
+        with pytest.raises(EpcommError, match=rf"needs torch 2\.7 or newer; this is torch {re.escape(v)}: "
+                                              r"pip install -U 'torch>=2\.7'"):
+            torch_ops.check_torch(v)
+    for v in ("2.7.0", "2.7.1", "2.11.0+cu130", "2.13.0+cpu", "2.14.0a0+git1234", "3.0.0", "10.1"):
+        torch_ops.check_torch(v)
+
+
+def test_the_import_on_an_older_torch_raises_before_registering():
+    code = ("import torch; torch.__version__ = '2.6.0'\n"
+            "try:\n    from epcomm import torch_ops\nexcept Exception as e:\n    print(type(e).__name__, e)\n"
+            "print(hasattr(torch.ops.epcomm, 'dispatch'), hasattr(torch.ops.epcomm, 'order_after'))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[:2] == [
+        "EpcommError epcomm.torch_ops needs torch 2.7 or newer; this is torch 2.6.0: pip install -U 'torch>=2.7'",
+        "False False"], r.stdout

@@ -9,9 +9,11 @@ from __future__ import annotations
 import contextlib
 import itertools
 
+import pytest
 import torch
 
 from epcomm import interop
+from epcomm.errors import EpcommError
 from epcomm.low_latency.handle import LowLatencyHandle, handle_over, result_specs
 from epcomm.normal.handle import DispatchHandle, handle_from_route
 
@@ -145,6 +147,17 @@ class OneRankBuffer:
         if self.ctx.sink is not None:
             self.ctx.sink.outputs["combined_x"][0].copy_(out)
         return out, None, None
+
+
+def torch_ops_or_skip():
+    """:mod:`epcomm.torch_ops`, or a skip of the calling test (or module, when called at its top)
+    where this torch is older than it needs (the EpcommError its import raises then, and only
+    then: any other error of the import fails the test)."""
+    try:
+        from epcomm import torch_ops
+    except EpcommError as e:
+        pytest.skip(str(e), allow_module_level=True)
+    return torch_ops
 
 
 def fake_mismatch(op, args) -> str:
