@@ -171,9 +171,10 @@ EPCOMM_DEVICE bool use_put(const LLParams& p, int pe) { return p.force_put || p.
 // (the dispatch regions and the put staging of every shape used) is zeroed when the counts
 // restart (clean_low_latency_buffer).  The high 16 bits are 0x7FA5: as a bf16 (bytes 6-7) a NaN
 // whose payload no arithmetic makes (its NaNs are 0x7FC0 or 0x7FFF), as e4m3 bytes 0xA5 then a NaN (0x7F),
-// as a float32 scale's high half a NaN with a payload (canonical: 0x7FC0), and no int16 expert
-// id: where a message of another shape left payload bytes at a header's place (rows of zeros
-// and small FP8 values are common), they do not spell a tag.
+// as a float32 scale's high half a NaN with a payload (canonical: 0x7FC0), and as an int16
+// expert id 32677, which only E > 32677 has (E < 2^15), and then the word's other 48 bits must
+// match too: where a message of another shape left payload bytes at a header's place (rows of
+// zeros and small FP8 values are common), they do not spell a tag.
 EPCOMM_DEVICE u64 ll_msg_tag(u64 tag, int slot) {
   return (0x7FA5ull << 48) | (tag << 1) | static_cast<u64>(slot & 1);
 }
