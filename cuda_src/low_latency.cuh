@@ -1032,6 +1032,9 @@ EPCOMM_DEVICE void ll_combine_send(const LLParams& p, u64 tag, u64 prev_layout, 
   if (!ll_wait_layout_quiet(p, prev_layout, ll_layout_word(p, kHidden),
                             shrink_deadline(deadline, p.timeout_ns, p.shrink, 1), kPhaseLLCombineSendAck))
     s_ok = 0;
+  // A peer publishes its weights after its acknowledgement waits and, where the layout changed
+  // (at this same call on every rank), after that quiet wait too: one timeout more each.
+  const int w_hops = 1 + (prev_layout != ll_layout_word(p, kHidden));
   __syncthreads();
   if (threadIdx.x == 0) s_dead = ll_dead_bits(p);
   __syncthreads();
@@ -1131,9 +1134,9 @@ EPCOMM_DEVICE void ll_combine_send(const LLParams& p, u64 tag, u64 prev_layout, 
         int got = 0;
         if (lane == 0) {
           const u64* f = reinterpret_cast<const u64*>(p.heap + p.comb_wflag_off) + p.slot * R + s;
-          // The source publishes its weights after its acknowledgement waits.
-          got = wait_geq_u64_masked(f, tag, p.err, shrink_deadline(deadline, p.timeout_ns, p.shrink, 1), p.rank,
-                                    kPhaseLLCombineWeights, p.slot, s, ll_mask(p));
+          // The source publishes its weights after its acknowledgement (and layout) waits.
+          got = wait_geq_u64_masked(f, tag, p.err, shrink_deadline(deadline, p.timeout_ns, p.shrink, w_hops),
+                                    p.rank, kPhaseLLCombineWeights, p.slot, s, ll_mask(p));
           if (got == kWaitFailed) *ok = 0;
         }
         __syncwarp();  // lane 0 acquired the flag: the other lanes' loads are ordered after it
@@ -1412,8 +1415,8 @@ __global__ void __launch_bounds__(kLLThreads) ll_combine(const __grid_constant__
   const u64 tag = s_tag;
   const u64 deadline = globaltimer_ns() + p.timeout_ns;
   if (kPhases & 1) ll_combine_send<kHidden, kMode>(p, tag, s_layout, deadline);
-  // An expert-side rank arrives after its acknowledgement and weights waits, and after a
-  // layout's quiet wait where the layout changed (shrink_deadline).
+  // An expert-side rank arrives after its weights waits, which count its acknowledgement wait
+  // and, where the layout changed, its peers' quiet wait (shrink_deadline).
   const int hops = 2 + (kPhases == 3 && s_layout != ll_layout_word(p, kHidden));
   if (kPhases & 2) ll_combine_recv<kHidden, kMode>(p, tag, shrink_deadline(deadline, p.timeout_ns, p.shrink, hops));
 }

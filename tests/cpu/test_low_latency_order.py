@@ -111,3 +111,34 @@ def test_the_kernels_wait_for_a_layout_change_before_their_first_write():
         assert "(p, tag, s_layout, deadline)" in body
     # The host's mirror of the control words holds it (zeroed with them: no layout yet).
     assert K.LLCtrl.layout.offset == K.LLCtrl.pad.offset + 4
+
+
+def _hops(body: str, call: str) -> str:
+    """The hops argument of the shrink_deadline inside ``call`` (its first line in ``body``)."""
+    at = body.index(call)
+    m = re.compile(r"shrink_deadline\(deadline, p\.timeout_ns, p\.shrink, ([^;]*?)\)(?:,|\)\))").search(body, at)
+    assert m is not None, call
+    return m.group(1).strip()
+
+
+def test_shrink_deadlines_count_the_layout_wait_of_the_peer_they_wait_for():
+    # Shrink mode: a wait for what a peer makes after waits of its own gets one timeout per such
+    # wait (shrink_deadline), or a peer held up by a dead rank is masked although alive.  A
+    # combine source publishes its weights after its acknowledgement wait and, where the layout
+    # changed (at the same call on every rank: they make the same calls), its layout's quiet
+    # wait (one timeout more): the weights wait needs 1 hop, 2 after a layout change; the
+    # receive of a one-kernel call one more than that.
+    src = (ROOT / "cuda_src" / "low_latency.cuh").read_text()
+    comb = _body(src, "EPCOMM_DEVICE void ll_combine_send(", "\n}\n")
+    changed = "(prev_layout != ll_layout_word(p, kHidden))"
+    quiet = _hops(comb, "ll_wait_layout_quiet(p, prev_layout")
+    assert quiet == "1"
+    weights = _hops(comb, "got = wait_geq_u64_masked(f, tag, p.err,")
+    m = re.search(rf"const int {re.escape(weights)} = 1 \+ {re.escape(changed)};", comb)
+    assert m is not None and m.start() < comb.index("got = wait_geq_u64_masked(f, tag, p.err,"), weights
+    kernel = _body(src, "ll_combine(const __grid_constant__", "\n}\n")
+    assert "const int hops = 2 + (kPhases == 3 && s_layout != ll_layout_word(p, kHidden));" in kernel
+    disp = _body(src, "EPCOMM_DEVICE void ll_dispatch_send(", "\n}\n")
+    assert _hops(disp, "ll_wait_layout_quiet(p, prev_layout") == "1"
+    kernel = _body(src, "ll_dispatch(const __grid_constant__", "\n}\n")
+    assert "const int hops = 1 + (kPhases == 3 && s_layout != ll_layout_word(p, kHidden));" in kernel
