@@ -10,14 +10,17 @@ def receive_hook(st, op: str, slot: int, mod, kernel: str, blocks: int, stream: 
                  keep=()):
     """A function that launches the receive half (``kernel`` of ``mod``) of the ``op`` call
     ("dispatch" or "combine") on the stream of its send, then orders the caller's current stream
-    after it.  It raises BufferStateError once the Buffer is destroyed or when called twice.
+    after it.  It raises BufferStateError once the Buffer is destroyed or when called twice (also
+    once a later call of the same slot is pending: its receive would take that call's messages).
+    Made right after the send's launch (``st.hook_pending``), whose pending entry it keeps.
     ``keep``: arrays the receive reads (kept alive by the hook until it is dropped)."""
+    mine = getattr(st, f"_{op[:4]}_pending")[slot]  # this call's entry (a new object per call)
 
     def hook():
         """Launch the receive half of the call (on the stream of its send)."""
         if st.ctx.destroyed:
             raise BufferStateError(f"low_latency_{op} receive hook: the Buffer was destroyed")
-        if not getattr(st, f"_{op[:4]}_pending")[slot]:
+        if getattr(st, f"_{op[:4]}_pending")[slot] is not mine:
             raise BufferStateError(f"this {op}'s receive hook was already called")
         with driver.on_device(st.device_id):
             K.launch_half(mod, kernel, blocks, stream, p, smem)

@@ -47,6 +47,11 @@ def nvlink_links(reach, topology: Topology | None = None) -> np.ndarray:
     return links
 
 
+class _Pending(tuple):
+    """A pending receive's heap layout (T, H, E); compared by value, told apart by identity."""
+    __slots__ = ()
+
+
 class LowLatencyState(DispatchOps, CombineOps, FastPaths):
     """Symmetric heap, peer pointers, control words and per-slot results of one Buffer."""
 
@@ -219,8 +224,9 @@ class LowLatencyState(DispatchOps, CombineOps, FastPaths):
 
     def hook_pending(self, op: str, slot: int, T: int, H: int, E: int) -> None:
         """The send half of ``op`` ("dispatch" or "combine") into ``slot`` was launched; its
-        receive waits for the hook."""
-        getattr(self, f"_{op[:4]}_pending")[slot] = (T, H, E)
+        receive waits for the hook.  The entry is a new object per call: a hook knows its own
+        (hooks.receive_hook)."""
+        getattr(self, f"_{op[:4]}_pending")[slot] = _Pending((T, H, E))
         self._hooks_pending += 1
 
     def hook_called(self, op: str, slot: int) -> None:

@@ -442,6 +442,26 @@ def test_inside_a_capture_an_event_from_before_it_is_not_waited_for(rig, monkeyp
     assert rig.waits[-1] == (b.ctx.stream, 55)
 
 
+def test_a_receive_hook_runs_once_even_after_its_slot_is_reused(rig):
+    """A hook called again, after a later call of its slot sent with a hook of its own, raises:
+    its receive would take that call's messages into the old call's outputs."""
+    b, st = rig.ll_buffer()
+    x, topk, _ = _inputs()
+    _, _, _, _, old = b.low_latency_dispatch(x, topk, 8, E, use_fp8=False, return_recv_hook=True)
+    old()
+    b.low_latency_dispatch(x, topk, 8, E, use_fp8=False)                      # slot 1
+    _, _, _, _, new = b.low_latency_dispatch(x, topk, 8, E, use_fp8=False, return_recv_hook=True)  # slot 0
+    n = len(rig.launches())
+    for _ in range(2):
+        with pytest.raises(BufferStateError, match="already called"):
+            old()
+    assert len(rig.launches()) == n and st._hooks_pending == 1
+    new()
+    assert len(rig.launches()) == n + 1 and st._hooks_pending == 0
+    with pytest.raises(BufferStateError, match="already called"):
+        new()
+
+
 def test_receive_hooks_refuse_after_destroy_and_keep_the_stats_alive(rig):
     import gc
     import weakref
