@@ -14,13 +14,13 @@ def receive_hook(st, op: str, slot: int, mod, kernel: str, blocks: int, stream: 
     once a later call of the same slot is pending: its receive would take that call's messages).
     Made right after the send's launch (``st.hook_pending``), whose pending entry it keeps.
     ``keep``: arrays the receive reads (kept alive by the hook until it is dropped)."""
-    mine = getattr(st, f"_{op[:4]}_pending")[slot]  # this call's entry (a new object per call)
+    mine = st.pending(op)[slot]  # this call's entry (a new object per call)
 
     def hook():
         """Launch the receive half of the call (on the stream of its send)."""
         if st.ctx.destroyed:
             raise BufferStateError(f"low_latency_{op} receive hook: the Buffer was destroyed")
-        if getattr(st, f"_{op[:4]}_pending")[slot] is not mine:
+        if st.pending(op)[slot] is not mine:
             raise BufferStateError(f"this {op}'s receive hook was already called")
         with driver.on_device(st.device_id):
             K.launch_half(mod, kernel, blocks, stream, p, smem)

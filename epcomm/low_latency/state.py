@@ -222,16 +222,19 @@ class LowLatencyState(DispatchOps, CombineOps, FastPaths):
         return self.ctx.tensor(obj, name, dtype="int64", ndim=1, shape=(self.num_ranks,), allow_none=True,
                                framework=fw, writable=True)
 
+    def pending(self, op: str) -> list:
+        """Each slot's pending receive of ``op`` ("dispatch" or "combine"): its entry, else False."""
+        return self._disp_pending if op == "dispatch" else self._comb_pending
+
     def hook_pending(self, op: str, slot: int, T: int, H: int, E: int) -> None:
-        """The send half of ``op`` ("dispatch" or "combine") into ``slot`` was launched; its
-        receive waits for the hook.  The entry is a new object per call: a hook knows its own
-        (hooks.receive_hook)."""
-        getattr(self, f"_{op[:4]}_pending")[slot] = _Pending((T, H, E))
+        """The send half of ``op`` into ``slot`` was launched; its receive waits for the hook.
+        The entry is a new object per call: a hook knows its own (hooks.receive_hook)."""
+        self.pending(op)[slot] = _Pending((T, H, E))
         self._hooks_pending += 1
 
     def hook_called(self, op: str, slot: int) -> None:
         """The receive half of ``op`` into ``slot`` was launched."""
-        getattr(self, f"_{op[:4]}_pending")[slot] = False
+        self.pending(op)[slot] = False
         self._hooks_pending -= 1
 
     def check_hooks(self, what: str, T: int, H: int, E: int) -> None:
@@ -239,6 +242,8 @@ class LowLatencyState(DispatchOps, CombineOps, FastPaths):
         pending.  Where the regions sit depends on the layout, so a call's messages or rows can
         land where the pending receive, here or at a peer, has yet to read (the kernels' own
         wait for a layout change, ll_wait_layout_quiet, covers receives that ended)."""
+        if not self._hooks_pending:
+            return
         for op, pending in (("dispatch", self._disp_pending), ("combine", self._comb_pending)):
             for slot, held in enumerate(pending):
                 if held and held != (T, H, E):
