@@ -167,9 +167,10 @@ def mask_offset(num_ranks: int) -> int:
 class HeapLayout:
     """Byte offsets inside every rank's symmetric heap for one (T, H, E, R) (K is fixed at
     MAX_TOPK).  ``disp_send_end``: the end of the dispatch's put staging, the last place a
-    message header of this shape may sit.  ``total``: what every call needs; the LogFMT combine's group words come after it
-    (``lf_meta_off``, ``lf_stage_off``), up to ``lf_total``, the size hint (so a call without
-    LogFMT never needs them, and the offsets of everything else do not depend on them)."""
+    message header of this shape may sit.  ``total``: what every call needs; the LogFMT
+    combine's group words come after it (``lf_meta_off``, ``lf_stage_off``), up to
+    ``lf_total``, the size hint (so a call without LogFMT never needs them, and the offsets of
+    everything else do not depend on them)."""
 
     disp_flag_off: int
     comb_flag_off: int
